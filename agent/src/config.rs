@@ -1,0 +1,108 @@
+//! The agent's configuration: a TOML file, overridden by flags and `FLEET_*` environment variables.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// etcd client URLs.
+    pub etcd_endpoints: Vec<String>,
+    /// Key prefix of this cluster in etcd.
+    pub etcd_prefix: String,
+    /// Per-request etcd timeout, milliseconds.
+    pub etcd_request_timeout_ms: u64,
+    /// Address published for this machine (fleetctl's machine legend).
+    pub public_ip: String,
+    /// Metadata published for this machine, used by `MachineMetadata=` rules.
+    pub metadata: BTreeMap<String, String>,
+    /// Lifetime of the machine's lease; the machine counts as lost this long after its agent
+    /// last reached etcd.
+    pub lease_ttl_secs: i64,
+    /// Where unit files are materialised before being linked into systemd.
+    pub units_dir: PathBuf,
+    /// Runtime state of the agent itself (its lease id, to be reused after a restart).
+    pub state_dir: PathBuf,
+    pub machine_id_file: PathBuf,
+    /// D-Bus address of systemd's bus; empty for the system bus.
+    pub systemd_bus: String,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            etcd_endpoints: vec!["http://127.0.0.1:2379".into()],
+            etcd_prefix: fleet_model::schema::DEFAULT_PREFIX.into(),
+            etcd_request_timeout_ms: 5000,
+            public_ip: String::new(),
+            metadata: BTreeMap::new(),
+            lease_ttl_secs: 10,
+            units_dir: "/run/fleet/units".into(),
+            state_dir: "/run/fleet".into(),
+            machine_id_file: "/etc/machine-id".into(),
+            systemd_bus: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}: {source}")]
+    Parse { path: PathBuf, source: toml::de::Error },
+    #[error("metadata {0:?}: expected key=value[,key=value...]")]
+    Metadata(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl AgentConfig {
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let Some(path) = path else { return Ok(AgentConfig::default()) };
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.into(), source })
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.etcd_endpoints.is_empty() {
+            return Err(ConfigError::Invalid("etcd_endpoints is empty".into()));
+        }
+        if self.lease_ttl_secs < 2 {
+            return Err(ConfigError::Invalid(format!("lease_ttl_secs = {} is too short (minimum 2)", self.lease_ttl_secs)));
+        }
+        Ok(())
+    }
+}
+
+/// Parses fleet's `k=v,k=v` metadata syntax (spaces around items trimmed).
+pub fn parse_metadata(text: &str) -> Result<BTreeMap<String, String>, ConfigError> {
+    let mut out = BTreeMap::new();
+    for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (k, v) = item.split_once('=').ok_or_else(|| ConfigError::Metadata(item.to_string()))?;
+        let k = k.trim();
+        if k.is_empty() {
+            return Err(ConfigError::Metadata(item.to_string()));
+        }
+        out.insert(k.to_string(), v.trim().to_string());
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_file_and_metadata() {
+        let cfg: AgentConfig = toml::from_str("etcd_endpoints = [\"http://10.0.0.1:1\"]\nmetadata = { region = \"east\" }\nlease_ttl_secs = 4\n").expect("parses");
+        assert_eq!(cfg.etcd_endpoints, vec!["http://10.0.0.1:1".to_string()]);
+        assert_eq!(cfg.metadata.get("region").map(String::as_str), Some("east"));
+        assert_eq!(cfg.units_dir, PathBuf::from("/run/fleet/units"));
+        assert!(toml::from_str::<AgentConfig>("bogus = 1").is_err());
+        let md = parse_metadata(" region=east , disk = ssd,").expect("parses");
+        assert_eq!(md.len(), 2);
+        assert!(parse_metadata("novalue").is_err());
+    }
+}

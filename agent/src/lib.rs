@@ -1,0 +1,374 @@
+//! fleet-agent: makes one machine run exactly the units the engine scheduled to it.
+//!
+//! Boundaries: the agent reads only its own schedule prefix and the unit bodies it needs, writes
+//! only its machine record and its unit states (all on its one lease), and talks to nothing but
+//! etcd and the local systemd. It never decides placement.
+//!
+//! Concerns, each a small piece: [`presence`] (lease and machine record), [`reconcile`] (the pure
+//! diff of schedule against disk), [`systemd`] (D-Bus), and [`Agent`] joining them.
+
+pub mod config;
+pub mod presence;
+pub mod reconcile;
+pub mod systemd;
+
+use crate::config::AgentConfig;
+use crate::systemd::{ObservedUnit, Systemd, UnitChange};
+use etcd_client::{GetOptions, PutOptions, Txn, TxnOp};
+use fleet_model::etcd::{follow_prefix, is_transient, Change, Client, PrefixUpdate};
+use fleet_model::retry::RetryPolicy;
+use fleet_model::schema::{decode, encode, Key};
+use fleet_model::unit_file::content_hash;
+use fleet_model::{DesiredState, Keys, ScheduleEntry, UnitName, UnitStateRecord};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("unit directory {path}: {source}")]
+    UnitsDir { path: PathBuf, source: std::io::Error },
+    #[error("etcd: {0}")]
+    Etcd(String),
+    #[error(transparent)]
+    Systemd(#[from] systemd::SystemdError),
+}
+
+pub struct Agent {
+    client: Client,
+    keys: Keys,
+    machine: String,
+    systemd: Systemd,
+    units_dir: PathBuf,
+    /// This machine's schedule, as last seen in etcd.
+    schedule: BTreeMap<String, ScheduleEntry>,
+    /// Unit files on disk: name -> content hash.
+    files: BTreeMap<String, String>,
+    applied: BTreeMap<String, DesiredState>,
+    /// What is in etcd under `states/<machine>/`.
+    published: HashMap<String, UnitStateRecord>,
+    /// Units whose state must be (re)published once a lease is available.
+    unpublished: BTreeSet<String>,
+    lease: Option<i64>,
+    path_to_unit: HashMap<String, String>,
+    schedule_seen: bool,
+}
+
+impl Agent {
+    pub async fn new(cfg: &AgentConfig, client: Client, machine: String, systemd: Systemd) -> Result<Self, AgentError> {
+        let units_dir = cfg.units_dir.clone();
+        tokio::fs::create_dir_all(&units_dir).await.map_err(|source| AgentError::UnitsDir { path: units_dir.clone(), source })?;
+        let mut agent = Agent {
+            client,
+            keys: Keys::new(&cfg.etcd_prefix),
+            machine,
+            systemd,
+            units_dir,
+            schedule: BTreeMap::new(),
+            files: BTreeMap::new(),
+            applied: BTreeMap::new(),
+            published: HashMap::new(),
+            unpublished: BTreeSet::new(),
+            lease: None,
+            path_to_unit: HashMap::new(),
+            schedule_seen: false,
+        };
+        agent.read_files().await?;
+        agent.read_published().await?;
+        Ok(agent)
+    }
+
+    async fn read_files(&mut self) -> Result<(), AgentError> {
+        let err = |source| AgentError::UnitsDir { path: self.units_dir.clone(), source };
+        let mut dir = tokio::fs::read_dir(&self.units_dir).await.map_err(err)?;
+        while let Some(entry) = dir.next_entry().await.map_err(|source| AgentError::UnitsDir { path: self.units_dir.clone(), source })? {
+            let name = entry.file_name().to_string_lossy().to_string();
+            if UnitName::parse(&name).is_err() {
+                continue;
+            }
+            match tokio::fs::read_to_string(entry.path()).await {
+                Ok(text) => {
+                    self.path_to_unit.insert(systemd::unit_path(&name), name.clone());
+                    self.files.insert(name, content_hash(&text));
+                }
+                Err(e) => tracing::warn!(unit = %name, error = %e, "unreadable unit file; it will be rewritten"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Learns what an earlier run of this agent applied, so a failed unit it had launched is not
+    /// started again just because the agent restarted.
+    async fn read_published(&mut self) -> Result<(), AgentError> {
+        let prefix = self.keys.states_of(&self.machine);
+        let resp = RetryPolicy::default()
+            .run("read published states", is_transient, || {
+                let mut kv = self.client.kv_client();
+                let p = prefix.clone();
+                async move { kv.get(p, Some(GetOptions::new().with_prefix())).await }
+            })
+            .await
+            .map_err(|e| AgentError::Etcd(e.to_string()))?;
+        for kv in resp.kvs() {
+            if let (Some(Key::State(_, unit)), Ok(rec)) = (self.keys.decode(kv.key()), decode::<UnitStateRecord>(kv.value())) {
+                if self.files.get(unit.as_str()) == Some(&rec.hash) {
+                    self.applied.insert(unit.to_string(), rec.applied);
+                }
+                self.published.insert(unit.to_string(), rec);
+            }
+        }
+        // Whatever was published is republished (or deleted) under the current lease.
+        self.unpublished.extend(self.published.keys().cloned());
+        self.unpublished.extend(self.files.keys().cloned());
+        Ok(())
+    }
+
+    /// Runs until `shutdown` fires. Units keep running when the agent stops: a restarted agent
+    /// adopts them.
+    pub async fn run(mut self, mut lease_rx: watch::Receiver<Option<i64>>, mut shutdown: watch::Receiver<bool>) -> Result<(), AgentError> {
+        let (sched_tx, mut sched_rx) = mpsc::channel(64);
+        tokio::spawn(follow_prefix(self.client.clone(), self.keys.schedule_of(&self.machine), sched_tx));
+        let (change_tx, mut change_rx) = mpsc::unbounded_channel();
+        self.systemd.watch_changes(change_tx).await?;
+        self.lease = *lease_rx.borrow_and_update();
+        // Only armed while something failed to publish: an idle agent has no timers.
+        let mut retry_at: Option<tokio::time::Instant> = None;
+        loop {
+            let retry = async {
+                match retry_at {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => futures::future::pending().await,
+                }
+            };
+            tokio::select! {
+                update = sched_rx.recv() => {
+                    let Some(update) = update else { break };
+                    self.apply_schedule_update(update);
+                    while let Ok(more) = sched_rx.try_recv() {
+                        self.apply_schedule_update(more);
+                    }
+                    if self.schedule_seen {
+                        self.reconcile().await;
+                    }
+                }
+                change = change_rx.recv() => {
+                    let Some(change) = change else {
+                        return Err(AgentError::Etcd("lost the systemd bus connection".into()));
+                    };
+                    // Let a burst of signals settle into one batch.
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    self.note_change(change);
+                    while let Ok(more) = change_rx.try_recv() {
+                        self.note_change(more);
+                    }
+                }
+                changed = lease_rx.changed() => {
+                    if changed.is_err() { break; }
+                    let lease = *lease_rx.borrow_and_update();
+                    if lease.is_some() && lease != self.lease {
+                        // A new lease starts empty: everything must be published again.
+                        self.published.clear();
+                        self.unpublished.extend(self.files.keys().cloned());
+                    }
+                    self.lease = lease;
+                }
+                _ = retry => { retry_at = None; }
+                _ = shutdown.changed() => break,
+            }
+            if !self.unpublished.is_empty() && self.publish().await.is_err() && retry_at.is_none() {
+                retry_at = Some(tokio::time::Instant::now() + Duration::from_secs(1));
+            }
+        }
+        tracing::info!("agent stopping; units keep running");
+        Ok(())
+    }
+
+    fn note_change(&mut self, change: UnitChange) {
+        let name = match change {
+            UnitChange::Name(n) => Some(n),
+            UnitChange::Path(p) => self.path_to_unit.get(&p).cloned(),
+        };
+        if let Some(n) = name {
+            if self.files.contains_key(&n) || self.published.contains_key(&n) {
+                self.unpublished.insert(n);
+            }
+        }
+    }
+
+    fn apply_schedule_update(&mut self, update: PrefixUpdate) {
+        let apply = |sched: &mut BTreeMap<String, ScheduleEntry>, c: Change| match c {
+            Change::Put { key, value, .. } => {
+                if let Some(Key::Schedule(_, unit)) = self.keys.decode(&key) {
+                    match decode::<ScheduleEntry>(&value) {
+                        Ok(e) => {
+                            sched.insert(unit.to_string(), e);
+                        }
+                        Err(e) => tracing::error!(unit = %unit, error = %e, "unreadable schedule entry; ignoring"),
+                    }
+                }
+            }
+            Change::Delete { key } => {
+                if let Some(Key::Schedule(_, unit)) = self.keys.decode(&key) {
+                    sched.remove(unit.as_str());
+                }
+            }
+        };
+        match update {
+            PrefixUpdate::Snapshot { puts, .. } => {
+                let mut fresh = BTreeMap::new();
+                for c in puts {
+                    apply(&mut fresh, c);
+                }
+                self.schedule = fresh;
+                self.schedule_seen = true;
+            }
+            PrefixUpdate::Changes { changes, .. } => {
+                for c in changes {
+                    apply(&mut self.schedule, c);
+                }
+            }
+        }
+    }
+
+    async fn fetch_body(&self, hash: &str) -> Option<String> {
+        let key = self.keys.body(hash);
+        let got = RetryPolicy::default()
+            .run("read unit body", is_transient, || {
+                let mut kv = self.client.kv_client();
+                let k = key.clone();
+                async move { kv.get(k, None).await }
+            })
+            .await;
+        match got {
+            Ok(r) => r.kvs().first().and_then(|kv| String::from_utf8(kv.value().to_vec()).ok()),
+            Err(e) => {
+                tracing::warn!(hash, error = %e, "cannot read unit body");
+                None
+            }
+        }
+    }
+
+    /// One pass: stops, removals, writes, one `Reload`, starts.
+    async fn reconcile(&mut self) {
+        let plan = reconcile::plan(&self.schedule, &self.files, &self.applied);
+        if plan.is_empty() {
+            return;
+        }
+        tracing::debug!(?plan, "reconciling");
+        self.unpublished.extend(plan.touched().cloned());
+        for (unit, e) in self.systemd.for_each(&plan.stop, |s, n| async move { s.stop(&n).await }).await {
+            tracing::warn!(%unit, error = %e, "stop failed");
+        }
+        for n in &plan.stop {
+            self.applied.insert(n.clone(), DesiredState::Loaded);
+        }
+        if let Err(e) = self.systemd.disable(&plan.remove).await {
+            tracing::warn!(error = %e, "unlinking unit files failed");
+        }
+        for n in &plan.remove {
+            if let Err(e) = tokio::fs::remove_file(self.units_dir.join(n)).await {
+                tracing::warn!(unit = %n, error = %e, "cannot remove unit file");
+            }
+            self.files.remove(n);
+            self.applied.remove(n);
+        }
+        let mut linked = Vec::new();
+        for (name, hash) in &plan.write {
+            let Some(body) = self.fetch_body(hash).await else { continue };
+            if content_hash(&body) != *hash {
+                tracing::error!(unit = %name, hash, "unit body does not match its hash; not running it");
+                continue;
+            }
+            let path = self.units_dir.join(name);
+            let tmp = self.units_dir.join(format!(".{name}.tmp"));
+            let written = async {
+                tokio::fs::write(&tmp, body.as_bytes()).await?;
+                tokio::fs::rename(&tmp, &path).await
+            };
+            match written.await {
+                Ok(()) => {
+                    self.files.insert(name.clone(), hash.clone());
+                    self.path_to_unit.insert(systemd::unit_path(name), name.clone());
+                    self.applied.insert(name.clone(), DesiredState::Loaded);
+                    linked.push(path.to_string_lossy().to_string());
+                }
+                Err(e) => tracing::error!(unit = %name, error = %e, "cannot write unit file"),
+            }
+        }
+        if let Err(e) = self.systemd.link(&linked).await {
+            tracing::error!(error = %e, "linking unit files failed");
+        }
+        if !plan.remove.is_empty() || !linked.is_empty() {
+            if let Err(e) = self.systemd.reload().await {
+                tracing::error!(error = %e, "systemd reload failed");
+            }
+        }
+        for n in &plan.remove {
+            let _ = self.systemd.reset_failed(n).await;
+        }
+        let startable: Vec<String> = plan.start.iter().filter(|n| self.files.contains_key(*n)).cloned().collect();
+        for (unit, e) in self.systemd.for_each(&startable, |s, n| async move { s.start(&n).await }).await {
+            tracing::warn!(%unit, error = %e, "start failed");
+        }
+        for n in startable {
+            self.applied.insert(n, DesiredState::Launched);
+        }
+    }
+
+    /// Publishes the state of every unit in `unpublished`, in transactions on the lease.
+    async fn publish(&mut self) -> Result<(), AgentError> {
+        let Some(lease) = self.lease else { return Err(AgentError::Etcd("no lease".into())) };
+        let names: Vec<String> = self.unpublished.iter().cloned().collect();
+        let observed = self.systemd.observe(&names).await?;
+        let mut ops = Vec::new();
+        let mut next: Vec<(String, Option<UnitStateRecord>)> = Vec::new();
+        for name in &names {
+            let Ok(unit) = UnitName::parse(name) else { continue };
+            let key = self.keys.state(&self.machine, &unit);
+            match self.files.get(name) {
+                Some(hash) => {
+                    let o = observed.get(name).cloned().unwrap_or_else(|| ObservedUnit { load_state: "not-found".into(), active_state: "inactive".into(), sub_state: "dead".into() });
+                    let rec = UnitStateRecord {
+                        hash: hash.clone(),
+                        load_state: o.load_state,
+                        active_state: o.active_state,
+                        sub_state: o.sub_state,
+                        applied: self.applied.get(name).copied().unwrap_or(DesiredState::Loaded),
+                    };
+                    if self.published.get(name) != Some(&rec) {
+                        let value = encode(&rec).map_err(|e| AgentError::Etcd(e.to_string()))?;
+                        ops.push(TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease))));
+                        next.push((name.clone(), Some(rec)));
+                    }
+                }
+                None if self.published.contains_key(name) => {
+                    ops.push(TxnOp::delete(key, None));
+                    next.push((name.clone(), None));
+                }
+                None => {}
+            }
+        }
+        for (chunk_ops, chunk_next) in ops.chunks(100).zip(next.chunks(100)) {
+            let txn = Txn::new().and_then(chunk_ops.to_vec());
+            let mut kv = self.client.kv_client();
+            match tokio::time::timeout(Duration::from_secs(5), kv.txn(txn)).await {
+                Ok(Ok(_)) => {
+                    for (name, rec) in chunk_next {
+                        match rec {
+                            Some(r) => self.published.insert(name.clone(), r.clone()),
+                            None => self.published.remove(name),
+                        };
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot publish unit states");
+                    return Err(AgentError::Etcd(e.to_string()));
+                }
+                Err(_) => return Err(AgentError::Etcd("publishing unit states timed out".into())),
+            }
+        }
+        self.unpublished.clear();
+        Ok(())
+    }
+}

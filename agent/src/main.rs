@@ -1,0 +1,102 @@
+use anyhow::Context;
+use clap::Parser;
+use fleet_agent::config::{parse_metadata, AgentConfig};
+use fleet_agent::presence::Presence;
+use fleet_agent::systemd::Systemd;
+use fleet_agent::Agent;
+use fleet_model::etcd::{connect, EtcdConfig};
+use fleet_model::machine::parse_machine_id;
+use fleet_model::retry::RetryPolicy;
+use fleet_model::{Keys, MachineRecord};
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// Runs the units the fleet engine schedules to this machine under the local systemd.
+#[derive(Parser, Debug)]
+#[command(name = "fleet-agent", version)]
+struct Args {
+    /// TOML configuration file (see docs/configuration.md).
+    #[arg(long, env = "FLEET_AGENT_CONFIG")]
+    config: Option<PathBuf>,
+    /// etcd endpoints, comma-separated; overrides the file.
+    #[arg(long, env = "FLEET_ETCD_ENDPOINTS", value_delimiter = ',')]
+    etcd_endpoints: Option<Vec<String>>,
+    #[arg(long, env = "FLEET_ETCD_PREFIX")]
+    etcd_prefix: Option<String>,
+    #[arg(long, env = "FLEET_PUBLIC_IP")]
+    public_ip: Option<String>,
+    /// Machine metadata `k=v,k=v`; replaces the file's.
+    #[arg(long, env = "FLEET_METADATA")]
+    metadata: Option<String>,
+    #[arg(long, env = "FLEET_LEASE_TTL_SECS")]
+    lease_ttl_secs: Option<i64>,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let mut cfg = AgentConfig::load(args.config.as_deref())?;
+    if let Some(v) = args.etcd_endpoints { cfg.etcd_endpoints = v; }
+    if let Some(v) = args.etcd_prefix { cfg.etcd_prefix = v; }
+    if let Some(v) = args.public_ip { cfg.public_ip = v; }
+    if let Some(v) = args.metadata { cfg.metadata = parse_metadata(&v)?; }
+    if let Some(v) = args.lease_ttl_secs { cfg.lease_ttl_secs = v; }
+    cfg.validate()?;
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(run(cfg))
+}
+
+async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    let id_text = std::fs::read_to_string(&cfg.machine_id_file)
+        .with_context(|| format!("unable to determine local machine ID: cannot read {}", cfg.machine_id_file.display()))?;
+    let machine = parse_machine_id(&id_text).with_context(|| format!("in {}", cfg.machine_id_file.display()))?;
+    tokio::fs::create_dir_all(&cfg.state_dir).await.with_context(|| format!("cannot create {}", cfg.state_dir.display()))?;
+    let etcd = EtcdConfig { endpoints: cfg.etcd_endpoints.clone(), request_timeout: Duration::from_millis(cfg.etcd_request_timeout_ms) };
+    let client = connect(&etcd, RetryPolicy { attempts: 30, ..RetryPolicy::default() }).await?;
+    let systemd = Systemd::connect((!cfg.systemd_bus.is_empty()).then_some(cfg.systemd_bus.as_str())).await?;
+    let record = MachineRecord {
+        id: machine.clone(),
+        public_ip: cfg.public_ip.clone(),
+        metadata: cfg.metadata.clone(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    };
+    tracing::info!(%machine, ip = %cfg.public_ip, "fleet-agent starting");
+    let (lease_tx, lease_rx) = watch::channel(None);
+    let presence = Presence {
+        client: client.clone(),
+        keys: Keys::new(&cfg.etcd_prefix),
+        record,
+        ttl: cfg.lease_ttl_secs,
+        lease_file: cfg.state_dir.join("agent.lease"),
+    };
+    let presence_task = tokio::spawn(presence.run(lease_tx));
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        let _ = shutdown_tx.send(true);
+    });
+    let agent = Agent::new(&cfg, client, machine, systemd).await?;
+    let result = agent.run(lease_rx, shutdown_rx).await;
+    // The lease is left to expire rather than revoked: units keep running, and an agent restarted
+    // within the TTL takes the lease over without anyone noticing.
+    presence_task.abort();
+    result.context("agent failed")
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut t), Ok(mut i)) => {
+            tokio::select! { _ = t.recv() => {}, _ = i.recv() => {} }
+        }
+        _ => futures::future::pending::<()>().await,
+    }
+}

@@ -1,0 +1,151 @@
+//! The machine's presence in etcd: one lease that carries the machine record and every unit
+//! state this agent publishes, kept alive for as long as the agent runs.
+//!
+//! The lease id is saved under the state directory so a restarted agent takes over the same
+//! lease: nothing it published disappears and no unit is rescheduled because of the restart.
+
+use fleet_model::etcd::{is_transient, Client};
+use fleet_model::schema::encode;
+use fleet_model::{Keys, MachineRecord};
+use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+pub struct Presence {
+    pub client: Client,
+    pub keys: Keys,
+    pub record: MachineRecord,
+    pub ttl: i64,
+    pub lease_file: PathBuf,
+}
+
+impl Presence {
+    /// Registers and keeps the lease alive; publishes the current lease (or `None` while lost)
+    /// on `lease_tx`. Runs until `lease_tx` has no receivers.
+    pub async fn run(self, lease_tx: watch::Sender<Option<i64>>) {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            if lease_tx.is_closed() {
+                return;
+            }
+            match self.register().await {
+                Ok(lease) => {
+                    backoff = Duration::from_millis(200);
+                    tracing::info!(machine = %self.record.id, lease = format!("{lease:x}"), "registered");
+                    lease_tx.send_replace(Some(lease));
+                    self.keep_alive(lease).await;
+                    lease_tx.send_replace(None);
+                    tracing::warn!(machine = %self.record.id, "lease lost; registering again");
+                }
+                Err(e) => {
+                    tracing::warn!(machine = %self.record.id, error = %e, "cannot register");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(self.ttl.max(2) as u64));
+                }
+            }
+        }
+    }
+
+    async fn saved_lease(&self) -> Option<i64> {
+        let text = tokio::fs::read_to_string(&self.lease_file).await.ok()?;
+        let id = i64::from_str_radix(text.trim(), 16).ok()?;
+        let mut lc = self.client.lease_client();
+        let ttl = lc.time_to_live(id, None).await.ok()?.ttl();
+        (ttl > 0).then_some(id)
+    }
+
+    async fn register(&self) -> Result<i64, RegisterError> {
+        let lease = match self.saved_lease().await {
+            Some(l) => l,
+            None => self.client.lease_client().grant(self.ttl, None).await?.id(),
+        };
+        if let Err(e) = tokio::fs::write(&self.lease_file, format!("{lease:x}\n")).await {
+            tracing::warn!(path = %self.lease_file.display(), error = %e, "cannot save lease id; a restart will re-register");
+        }
+        let key = self.keys.machine(&self.record.id);
+        let value = encode(&self.record).map_err(|e| RegisterError::Encode(e.to_string()))?;
+        // Create, or take over our own earlier record: never overwrite a live foreign one, which
+        // would mean two machines share this machine id.
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key.clone(), value.clone(), Some(PutOptions::new().with_lease(lease)))])
+            .or_else([TxnOp::txn(
+                Txn::new()
+                    .when([Compare::lease(key.clone(), CompareOp::Equal, lease)])
+                    .and_then([TxnOp::put(key.clone(), value, Some(PutOptions::new().with_lease(lease)))]),
+            )]);
+        let resp = self.client.kv_client().txn(txn).await?;
+        let nested_ok = resp.op_responses().iter().any(|r| matches!(r, etcd_client::TxnOpResponse::Txn(t) if t.succeeded()));
+        if resp.succeeded() || nested_ok {
+            Ok(lease)
+        } else {
+            Err(RegisterError::Clash(self.record.id.clone()))
+        }
+    }
+
+    /// Returns when the lease is gone (expired, or not renewed within its TTL).
+    async fn keep_alive(&self, lease: i64) {
+        let ttl = Duration::from_secs(self.ttl as u64);
+        let period = ttl / 3;
+        let mut last_ok = Instant::now();
+        loop {
+            let mut lc = self.client.lease_client();
+            let stream = tokio::time::timeout(period, lc.keep_alive(lease)).await;
+            let (mut keeper, mut responses) = match stream {
+                Ok(Ok(s)) => s,
+                other => {
+                    let err = match other { Ok(Err(e)) => e.to_string(), _ => "timed out".into() };
+                    tracing::warn!(error = %err, "cannot open lease keepalive");
+                    if last_ok.elapsed() > ttl && !self.lease_alive(lease).await {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
+            loop {
+                let beat = async {
+                    keeper.keep_alive().await?;
+                    responses.message().await
+                };
+                match tokio::time::timeout(period, beat).await {
+                    Ok(Ok(Some(r))) if r.ttl() > 0 => last_ok = Instant::now(),
+                    Ok(Ok(Some(_))) => return,
+                    other => {
+                        let err = match other { Ok(Err(e)) => e.to_string(), Ok(Ok(None)) => "stream ended".into(), _ => "timed out".into() };
+                        tracing::warn!(error = %err, "lease keepalive failed");
+                        break;
+                    }
+                }
+                tokio::time::sleep(period).await;
+            }
+            if last_ok.elapsed() > ttl && !self.lease_alive(lease).await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    async fn lease_alive(&self, lease: i64) -> bool {
+        let mut lc = self.client.lease_client();
+        match tokio::time::timeout(Duration::from_secs(3), lc.time_to_live(lease, None)).await {
+            Ok(Ok(r)) => r.ttl() > 0,
+            // etcd unreachable: we cannot know, and etcd extends leases after an outage, so keep
+            // going rather than dropping every state we published.
+            Ok(Err(e)) if is_transient(&e) => true,
+            Err(_) => true,
+            Ok(Err(_)) => false,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegisterError {
+    #[error("etcd: {0}")]
+    Etcd(#[from] etcd_client::Error),
+    #[error("cannot encode machine record: {0}")]
+    Encode(String),
+    #[error("machine id {0} is already registered by another live agent (two machines share /etc/machine-id?); waiting for that registration to expire")]
+    Clash(String),
+}

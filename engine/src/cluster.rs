@@ -1,0 +1,161 @@
+//! The engine's in-memory view of the cluster, fed by one watch on the whole key prefix.
+//!
+//! Every engine replica keeps one, so API reads never touch etcd and the leader plans from it.
+//! Writers wait until the view has caught up with their own write before answering, so a client
+//! always reads its own writes.
+
+use fleet_model::etcd::{Change, PrefixUpdate};
+use fleet_model::schema::{decode, Key};
+use fleet_model::{Keys, MachineRecord, ScheduleEntry, UnitName, UnitRecord, UnitStateRecord};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+
+#[derive(Debug, Default, Clone)]
+pub struct ClusterView {
+    /// etcd revision this view reflects; 0 until the first snapshot arrived.
+    pub revision: i64,
+    pub units: BTreeMap<UnitName, UnitRecord>,
+    /// Unit bodies by hash, with the revision each was last written at.
+    pub bodies: HashMap<String, (String, i64)>,
+    pub machines: BTreeMap<String, MachineRecord>,
+    /// unit -> machine -> entry.
+    pub schedule: BTreeMap<UnitName, BTreeMap<String, ScheduleEntry>>,
+    /// unit -> machine -> state.
+    pub states: BTreeMap<UnitName, BTreeMap<String, UnitStateRecord>>,
+}
+
+impl ClusterView {
+    fn apply(&mut self, keys: &Keys, change: Change) {
+        match change {
+            Change::Put { key, value, mod_revision, .. } => match keys.decode(&key) {
+                Some(Key::Unit(name)) => match decode::<UnitRecord>(&value) {
+                    Ok(rec) => {
+                        self.units.insert(name, rec);
+                    }
+                    Err(e) => tracing::error!(unit = %name, error = %e, "unreadable unit record; ignoring"),
+                },
+                Some(Key::Body(hash)) => {
+                    self.bodies.insert(hash, (String::from_utf8_lossy(&value).into_owned(), mod_revision));
+                }
+                Some(Key::Machine(id)) => match decode::<MachineRecord>(&value) {
+                    Ok(rec) => {
+                        self.machines.insert(id, rec);
+                    }
+                    Err(e) => tracing::error!(machine = %id, error = %e, "unreadable machine record; ignoring"),
+                },
+                Some(Key::Schedule(m, unit)) => match decode::<ScheduleEntry>(&value) {
+                    Ok(e) => {
+                        self.schedule.entry(unit).or_default().insert(m, e);
+                    }
+                    Err(e) => tracing::error!(unit = %unit, error = %e, "unreadable schedule entry; ignoring"),
+                },
+                Some(Key::State(m, unit)) => match decode::<UnitStateRecord>(&value) {
+                    Ok(s) => {
+                        self.states.entry(unit).or_default().insert(m, s);
+                    }
+                    Err(e) => tracing::error!(unit = %unit, error = %e, "unreadable unit state; ignoring"),
+                },
+                None => {}
+            },
+            Change::Delete { key } => match keys.decode(&key) {
+                Some(Key::Unit(name)) => {
+                    self.units.remove(&name);
+                }
+                Some(Key::Body(hash)) => {
+                    self.bodies.remove(&hash);
+                }
+                Some(Key::Machine(id)) => {
+                    self.machines.remove(&id);
+                }
+                Some(Key::Schedule(m, unit)) => remove_nested(&mut self.schedule, &unit, &m),
+                Some(Key::State(m, unit)) => remove_nested(&mut self.states, &unit, &m),
+                None => {}
+            },
+        }
+    }
+
+    /// Bodies no unit refers to, with the revision they were last written at.
+    pub fn orphan_bodies(&self) -> Vec<(String, i64)> {
+        let used: BTreeSet<&str> = self.units.values().map(|u| u.hash.as_str()).collect();
+        self.bodies.iter().filter(|(h, _)| !used.contains(h.as_str())).map(|(h, (_, rev))| (h.clone(), *rev)).collect()
+    }
+}
+
+fn remove_nested<V>(map: &mut BTreeMap<UnitName, BTreeMap<String, V>>, unit: &UnitName, machine: &str) {
+    if let Some(inner) = map.get_mut(unit) {
+        inner.remove(machine);
+        if inner.is_empty() {
+            map.remove(unit);
+        }
+    }
+}
+
+/// A shared, watch-fed [`ClusterView`].
+#[derive(Clone)]
+pub struct Cluster {
+    view: Arc<RwLock<ClusterView>>,
+    revision: watch::Receiver<i64>,
+}
+
+impl Cluster {
+    /// Starts following `keys.prefix()` with `client`.
+    pub fn follow(client: fleet_model::etcd::Client, keys: Keys) -> Self {
+        let view = Arc::new(RwLock::new(ClusterView::default()));
+        let (rev_tx, rev_rx) = watch::channel(0);
+        let (tx, mut rx) = mpsc::channel(256);
+        tokio::spawn(fleet_model::etcd::follow_prefix(client, keys.prefix().to_string(), tx));
+        let shared = view.clone();
+        tokio::spawn(async move {
+            while let Some(update) = rx.recv().await {
+                let rev = {
+                    let Ok(mut v) = shared.write() else { return };
+                    match update {
+                        PrefixUpdate::Snapshot { revision, puts } => {
+                            let mut fresh = ClusterView::default();
+                            for c in puts {
+                                fresh.apply(&keys, c);
+                            }
+                            fresh.revision = revision;
+                            *v = fresh;
+                        }
+                        PrefixUpdate::Changes { revision, changes } => {
+                            for c in changes {
+                                v.apply(&keys, c);
+                            }
+                            v.revision = v.revision.max(revision);
+                        }
+                    }
+                    v.revision
+                };
+                if rev_tx.send(rev).is_err() {
+                    return;
+                }
+            }
+        });
+        Cluster { view, revision: rev_rx }
+    }
+
+    /// Runs `f` on the current view.
+    pub fn read<T>(&self, f: impl FnOnce(&ClusterView) -> T) -> T {
+        match self.view.read() {
+            Ok(v) => f(&v),
+            Err(poisoned) => f(&poisoned.into_inner()),
+        }
+    }
+
+    pub fn revision(&self) -> i64 {
+        *self.revision.borrow()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<i64> {
+        self.revision.clone()
+    }
+
+    /// Waits until the view reflects at least `revision`; false on timeout.
+    pub async fn caught_up(&self, revision: i64, timeout: Duration) -> bool {
+        let mut rx = self.revision.clone();
+        tokio::time::timeout(timeout, rx.wait_for(|r| *r >= revision)).await.map(|r| r.is_ok()).unwrap_or(false)
+    }
+}

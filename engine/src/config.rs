@@ -1,0 +1,65 @@
+//! The engine's configuration: a TOML file, overridden by flags and `FLEET_*` environment variables.
+
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineConfig {
+    pub etcd_endpoints: Vec<String>,
+    pub etcd_prefix: String,
+    pub etcd_request_timeout_ms: u64,
+    /// TCP addresses the API listens on.
+    pub listen: Vec<String>,
+    /// Lifetime of the leader's lease: a dead leader is replaced this long after it stopped.
+    pub election_ttl_secs: i64,
+    /// Name of this engine in elections and logs; defaults to the host name.
+    pub engine_id: String,
+    /// API page size.
+    pub token_limit: u16,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            etcd_endpoints: vec!["http://127.0.0.1:2379".into()],
+            etcd_prefix: fleet_model::schema::DEFAULT_PREFIX.into(),
+            etcd_request_timeout_ms: 5000,
+            listen: vec!["127.0.0.1:49153".into()],
+            election_ttl_secs: 5,
+            engine_id: String::new(),
+            token_limit: 100,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}: {source}")]
+    Parse { path: PathBuf, source: toml::de::Error },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl EngineConfig {
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let Some(path) = path else { return Ok(EngineConfig::default()) };
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.into(), source })
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.etcd_endpoints.is_empty() {
+            return Err(ConfigError::Invalid("etcd_endpoints is empty".into()));
+        }
+        if self.election_ttl_secs < 2 {
+            return Err(ConfigError::Invalid(format!("election_ttl_secs = {} is too short (minimum 2)", self.election_ttl_secs)));
+        }
+        if self.token_limit == 0 {
+            return Err(ConfigError::Invalid("token_limit must be at least 1".into()));
+        }
+        Ok(())
+    }
+}

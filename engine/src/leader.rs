@@ -1,0 +1,221 @@
+//! Leadership and the leader's reconcile loop.
+//!
+//! Engines campaign through etcd's election API on their own lease. The leader plans from the
+//! shared [`Cluster`] view and writes decisions in transactions that compare its election key's
+//! create revision, so a deposed leader's late writes are refused by etcd itself.
+
+use crate::cluster::Cluster;
+use crate::scheduler::{self, Decision, Snapshot};
+use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+use fleet_model::etcd::Client;
+use fleet_model::schema::encode;
+use fleet_model::Keys;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// etcd's default limit of operations per transaction is 128; one is left for headroom.
+const MAX_OPS_PER_TXN: usize = 120;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LeaderStatus {
+    pub engine_id: String,
+    pub leader: bool,
+    /// Id of the engine currently leading, if known.
+    pub leader_id: String,
+    /// Units the last pass could not place, with the reason.
+    pub unplaceable: std::collections::BTreeMap<String, String>,
+}
+
+pub type SharedStatus = Arc<Mutex<LeaderStatus>>;
+
+#[derive(Debug, thiserror::Error)]
+enum LeadError {
+    #[error("etcd: {0}")]
+    Etcd(#[from] etcd_client::Error),
+    #[error("lost leadership: {0}")]
+    Deposed(String),
+}
+
+pub struct Leader {
+    pub client: Client,
+    pub keys: Keys,
+    pub cluster: Cluster,
+    pub engine_id: String,
+    pub ttl: i64,
+    pub status: SharedStatus,
+}
+
+impl Leader {
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            let attempt = async {
+                let result = self.campaign_and_lead().await;
+                if let Err(e) = &result {
+                    tracing::warn!(error = %e, "not leading");
+                }
+            };
+            tokio::select! {
+                _ = attempt => {}
+                _ = shutdown.changed() => return,
+            }
+            self.set_leader(false, String::new());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    fn set_leader(&self, leader: bool, leader_id: String) {
+        if let Ok(mut s) = self.status.lock() {
+            s.leader = leader;
+            s.leader_id = leader_id;
+        }
+    }
+
+    async fn campaign_and_lead(&self) -> Result<(), LeadError> {
+        let mut lc = self.client.lease_client();
+        let lease = lc.grant(self.ttl, None).await?.id();
+        let (mut keeper, mut beats) = lc.keep_alive(lease).await?;
+        let (lost_tx, mut lost_rx) = watch::channel(false);
+        let period = Duration::from_millis((self.ttl as u64 * 1000) / 3);
+        let ttl = Duration::from_secs(self.ttl as u64);
+        let keepalive = tokio::spawn(async move {
+            let mut last_ok = tokio::time::Instant::now();
+            loop {
+                let beat = async {
+                    keeper.keep_alive().await?;
+                    beats.message().await
+                };
+                match tokio::time::timeout(period, beat).await {
+                    Ok(Ok(Some(r))) if r.ttl() > 0 => last_ok = tokio::time::Instant::now(),
+                    Ok(Ok(Some(_))) => break,
+                    _ if last_ok.elapsed() >= ttl => break,
+                    _ => {}
+                }
+                tokio::time::sleep(period).await;
+            }
+            let _ = lost_tx.send(true);
+        });
+        let _guard = AbortOnDrop(keepalive);
+
+        // Watch who leads while we wait, for `ps` and the API.
+        let observe = {
+            let mut ec = self.client.election_client();
+            let name = self.keys.leader();
+            let status = self.status.clone();
+            tokio::spawn(async move {
+                if let Ok(mut stream) = ec.observe(name).await {
+                    while let Ok(Some(resp)) = stream.message().await {
+                        if let (Some(kv), Ok(mut s)) = (resp.kv(), status.lock()) {
+                            s.leader_id = String::from_utf8_lossy(kv.value()).into_owned();
+                        }
+                    }
+                }
+            })
+        };
+        let _observe_guard = AbortOnDrop(observe);
+
+        let mut ec = self.client.election_client();
+        let campaign = ec.campaign(self.keys.leader(), self.engine_id.clone(), lease);
+        let won = tokio::select! {
+            r = campaign => r?,
+            _ = lost_rx.changed() => return Err(LeadError::Deposed("lease lost while campaigning".into())),
+        };
+        let Some(leader_key) = won.leader().cloned() else {
+            return Err(LeadError::Deposed("campaign returned no leader key".into()));
+        };
+        tracing::info!(engine = %self.engine_id, "leading");
+        self.set_leader(true, self.engine_id.clone());
+        let fence = Compare::create_revision(leader_key.key().to_vec(), CompareOp::Equal, leader_key.rev());
+
+        let result = self.lead(fence, &mut lost_rx).await;
+        // Resign so a follower takes over at once instead of after the lease expires.
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.client.lease_client().revoke(lease)).await;
+        result
+    }
+
+    async fn lead(&self, fence: Compare, lost: &mut watch::Receiver<bool>) -> Result<(), LeadError> {
+        let mut revisions = self.cluster.subscribe();
+        loop {
+            let seen = *revisions.borrow_and_update();
+            if seen > 0 {
+                self.pass(&fence).await?;
+            }
+            tokio::select! {
+                r = revisions.changed() => if r.is_err() { return Err(LeadError::Deposed("cluster view closed".into())) },
+                _ = lost.changed() => return Err(LeadError::Deposed("leader lease expired".into())),
+            }
+        }
+    }
+
+    /// One planning pass over the current view, then waits until the view shows its writes.
+    async fn pass(&self, fence: &Compare) -> Result<(), LeadError> {
+        let (outcome, orphans, view_rev) = self.cluster.read(|v| {
+            let out = scheduler::schedule(&Snapshot { units: &v.units, machines: &v.machines, schedule: &v.schedule });
+            (out, v.orphan_bodies(), v.revision)
+        });
+        if let Ok(mut s) = self.status.lock() {
+            if s.unplaceable.len() != outcome.unplaceable.len() || s.unplaceable.iter().zip(&outcome.unplaceable).any(|(a, b)| a.0 != b.0.as_str() || a.1 != b.1) {
+                for (u, why) in &outcome.unplaceable {
+                    tracing::info!(unit = %u, reason = %why, "cannot place unit");
+                }
+            }
+            s.unplaceable = outcome.unplaceable.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+        }
+        let mut ops = Vec::new();
+        for d in &outcome.decisions {
+            match d {
+                Decision::Put { unit, machine, entry } => {
+                    tracing::debug!(%unit, %machine, state = %entry.desired_state, "schedule");
+                    let value = encode(entry).map_err(|e| LeadError::Deposed(e.to_string()))?;
+                    ops.push(TxnOp::put(self.keys.schedule(machine, unit), value, None));
+                }
+                Decision::Remove { unit, machine, reason } => {
+                    tracing::debug!(%unit, %machine, ?reason, "unschedule");
+                    ops.push(TxnOp::delete(self.keys.schedule(machine, unit), None));
+                }
+            }
+        }
+        let mut last_rev = 0;
+        for chunk in ops.chunks(MAX_OPS_PER_TXN) {
+            last_rev = last_rev.max(self.fenced(fence, vec![], chunk.to_vec()).await?);
+        }
+        // A body is dropped only if it was last written before the view we planned from: a body
+        // written since may belong to a unit this view does not show yet.
+        for (hash, _) in orphans {
+            let guard = Compare::mod_revision(self.keys.body(&hash), CompareOp::Less, view_rev + 1);
+            match self.fenced(fence, vec![guard], vec![TxnOp::delete(self.keys.body(&hash), None)]).await {
+                Ok(rev) => last_rev = last_rev.max(rev),
+                Err(LeadError::Deposed(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if last_rev > 0 && !self.cluster.caught_up(last_rev, Duration::from_secs(10)).await {
+            tracing::warn!(revision = last_rev, "cluster view is slow to catch up");
+        }
+        Ok(())
+    }
+
+    /// Runs `ops` only while we still lead (and `extra` holds); returns the write's revision.
+    async fn fenced(&self, fence: &Compare, extra: Vec<Compare>, ops: Vec<TxnOp>) -> Result<i64, LeadError> {
+        let mut compares = vec![fence.clone()];
+        let guarded = !extra.is_empty();
+        compares.extend(extra);
+        let txn = Txn::new().when(compares).and_then(ops);
+        let resp = tokio::time::timeout(Duration::from_secs(10), self.client.kv_client().txn(txn))
+            .await
+            .map_err(|_| LeadError::Deposed("write timed out".into()))??;
+        if !resp.succeeded() {
+            return Err(LeadError::Deposed(if guarded { "guard failed".into() } else { "fenced write refused: another engine leads".into() }));
+        }
+        Ok(resp.header().map(|h| h.revision()).unwrap_or(0))
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

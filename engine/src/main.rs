@@ -1,0 +1,60 @@
+use anyhow::Context;
+use clap::Parser;
+use fleet_engine::config::EngineConfig;
+use std::path::PathBuf;
+use tokio::sync::watch;
+
+/// Schedules fleet units and serves the fleet REST API.
+#[derive(Parser, Debug)]
+#[command(name = "fleet-engine", version)]
+struct Args {
+    /// TOML configuration file (see docs/configuration.md).
+    #[arg(long, env = "FLEET_ENGINE_CONFIG")]
+    config: Option<PathBuf>,
+    #[arg(long, env = "FLEET_ETCD_ENDPOINTS", value_delimiter = ',')]
+    etcd_endpoints: Option<Vec<String>>,
+    #[arg(long, env = "FLEET_ETCD_PREFIX")]
+    etcd_prefix: Option<String>,
+    /// API listen addresses (host:port), comma-separated.
+    #[arg(long, env = "FLEET_LISTEN", value_delimiter = ',')]
+    listen: Option<Vec<String>>,
+    #[arg(long, env = "FLEET_ENGINE_ID")]
+    engine_id: Option<String>,
+    #[arg(long, env = "FLEET_ELECTION_TTL_SECS")]
+    election_ttl_secs: Option<i64>,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let mut cfg = EngineConfig::load(args.config.as_deref())?;
+    if let Some(v) = args.etcd_endpoints { cfg.etcd_endpoints = v; }
+    if let Some(v) = args.etcd_prefix { cfg.etcd_prefix = v; }
+    if let Some(v) = args.listen { cfg.listen = v; }
+    if let Some(v) = args.engine_id { cfg.engine_id = v; }
+    if let Some(v) = args.election_ttl_secs { cfg.election_ttl_secs = v; }
+    if cfg.engine_id.is_empty() {
+        cfg.engine_id = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "engine".into());
+    }
+    cfg.validate()?;
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(async move {
+            let (tx, rx) = watch::channel(false);
+            tokio::spawn(async move {
+                use tokio::signal::unix::{signal, SignalKind};
+                if let (Ok(mut t), Ok(mut i)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+                    tokio::select! { _ = t.recv() => {}, _ = i.recv() => {} }
+                    tracing::info!("stopping");
+                    let _ = tx.send(true);
+                }
+            });
+            fleet_engine::run(cfg, rx).await
+        })
+}

@@ -1,0 +1,165 @@
+//! Connecting to etcd and following a prefix, the same way from every fleet process.
+
+use crate::retry::{RetryError, RetryPolicy};
+use etcd_client::{EventType, GetOptions, WatchOptions};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+pub use etcd_client::Client;
+
+#[derive(Debug, Clone)]
+pub struct EtcdConfig {
+    pub endpoints: Vec<String>,
+    /// Per-request timeout.
+    pub request_timeout: Duration,
+}
+
+/// Connects with a connect timeout and a per-request timeout, retrying the first connection so a
+/// daemon started just before etcd does not exit.
+pub async fn connect(cfg: &EtcdConfig, policy: RetryPolicy) -> Result<Client, RetryError<etcd_client::Error>> {
+    let opts = etcd_client::ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(3))
+        .with_timeout(cfg.request_timeout)
+        .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
+        .with_keep_alive_while_idle(true);
+    let what = format!("connect to etcd at {}", cfg.endpoints.join(","));
+    policy
+        .run(&what, |_| true, || Client::connect(cfg.endpoints.clone(), Some(opts.clone())))
+        .await
+}
+
+/// Errors worth another attempt: the transport and unavailability, not a refused request.
+pub fn is_transient(e: &etcd_client::Error) -> bool {
+    use tonic::Code;
+    match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            matches!(s.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Aborted | Code::Cancelled)
+        }
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        _ => false,
+    }
+}
+
+/// One key's change, as seen by a prefix follower.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    Put { key: Vec<u8>, value: Vec<u8>, lease: i64, mod_revision: i64 },
+    Delete { key: Vec<u8> },
+}
+
+/// What a prefix follower delivers, in revision order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PrefixUpdate {
+    /// The whole prefix as of `revision`; replaces everything delivered before. Sent first, and
+    /// again whenever the watch fell behind etcd's compaction and history was lost.
+    Snapshot { revision: i64, puts: Vec<Change> },
+    /// Changes up to and including `revision`.
+    Changes { revision: i64, changes: Vec<Change> },
+}
+
+/// Follows `prefix` for as long as `tx` is open: a snapshot, then watch events from the next
+/// revision; reconnects with backoff from the last revision seen, and relists after compaction.
+/// This is the only way fleet processes read etcd continuously, so no one polls.
+pub async fn follow_prefix(client: Client, prefix: String, tx: mpsc::Sender<PrefixUpdate>) {
+    let policy = RetryPolicy { attempts: u32::MAX, ..RetryPolicy::default() };
+    let mut revision: Option<i64> = None;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if tx.is_closed() {
+            return;
+        }
+        let start = match revision {
+            Some(r) => r + 1,
+            None => {
+                let got = policy
+                    .run("list prefix", is_transient, || {
+                        let mut kv = client.kv_client();
+                        let p = prefix.clone();
+                        async move { kv.get(p, Some(GetOptions::new().with_prefix())).await }
+                    })
+                    .await;
+                let resp = match got {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::warn!(%prefix, error = %e, "cannot list prefix");
+                        tokio::time::sleep(backoff).await;
+                        continue;
+                    }
+                };
+                let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
+                let puts = resp
+                    .kvs()
+                    .iter()
+                    .map(|kv| Change::Put { key: kv.key().to_vec(), value: kv.value().to_vec(), lease: kv.lease(), mod_revision: kv.mod_revision() })
+                    .collect();
+                if tx.send(PrefixUpdate::Snapshot { revision: rev, puts }).await.is_err() {
+                    return;
+                }
+                revision = Some(rev);
+                rev + 1
+            }
+        };
+        let mut watch_client = client.watch_client();
+        let opts = WatchOptions::new().with_prefix().with_start_revision(start).with_progress_notify();
+        let mut stream = match watch_client.watch(prefix.clone(), Some(opts)).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(%prefix, error = %e, "cannot watch prefix; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        loop {
+            let msg = tokio::select! {
+                m = stream.message() => m,
+                _ = tx.closed() => return,
+            };
+            match msg {
+                Ok(Some(resp)) => {
+                    backoff = Duration::from_millis(100);
+                    if resp.compact_revision() > 0 {
+                        tracing::info!(%prefix, compacted = resp.compact_revision(), "watch fell behind compaction; relisting");
+                        revision = None;
+                        break;
+                    }
+                    if resp.canceled() {
+                        tracing::warn!(%prefix, reason = resp.cancel_reason(), "watch cancelled; rewatching");
+                        break;
+                    }
+                    let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
+                    let changes: Vec<Change> = resp
+                        .events()
+                        .iter()
+                        .filter_map(|ev| {
+                            let kv = ev.kv()?;
+                            Some(match ev.event_type() {
+                                EventType::Put => Change::Put { key: kv.key().to_vec(), value: kv.value().to_vec(), lease: kv.lease(), mod_revision: kv.mod_revision() },
+                                EventType::Delete => Change::Delete { key: kv.key().to_vec() },
+                            })
+                        })
+                        .collect();
+                    // Events of one revision arrive together; the header revision of a progress
+                    // notification tells us etcd has nothing newer for this prefix.
+                    let rev = resp.events().last().and_then(|e| e.kv()).map(|kv| kv.mod_revision()).unwrap_or(rev);
+                    if rev > revision.unwrap_or(0) {
+                        revision = Some(rev);
+                    }
+                    if tx.send(PrefixUpdate::Changes { revision: rev, changes }).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => {
+                    tracing::warn!(%prefix, "watch stream ended; rewatching");
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(%prefix, error = %e, "watch failed; rewatching");
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}

@@ -1,0 +1,70 @@
+//! Machines: identity, address and metadata, as an agent registers them.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+pub type MachineId = String;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MachineIdError {
+    #[error("machine id {0:?} is not 32 lowercase hex digits")]
+    Malformed(String),
+}
+
+/// Validates an `/etc/machine-id` value (trailing newline allowed).
+pub fn parse_machine_id(text: &str) -> Result<MachineId, MachineIdError> {
+    let id = text.trim();
+    if id.len() == 32 && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        Ok(id.to_string())
+    } else {
+        Err(MachineIdError::Malformed(id.to_string()))
+    }
+}
+
+/// What an agent publishes about its machine, on its lease.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MachineRecord {
+    pub id: MachineId,
+    #[serde(default)]
+    pub public_ip: String,
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    #[serde(default)]
+    pub version: String,
+}
+
+impl MachineRecord {
+    /// `0f1ee701.../10.0.0.1`, fleetctl's machine legend.
+    pub fn legend(&self, full: bool) -> String {
+        let id = if full || self.id.len() <= 8 {
+            self.id.clone()
+        } else {
+            format!("{}...", &self.id[..8])
+        };
+        if self.public_ip.is_empty() {
+            id
+        } else {
+            format!("{id}/{}", self.public_ip)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn machine_ids() {
+        assert!(parse_machine_id("0f1ee701000040008000000000000001\n").is_ok());
+        assert!(parse_machine_id("0F1EE701000040008000000000000001").is_err());
+        assert!(parse_machine_id("short").is_err());
+    }
+
+    #[test]
+    fn legend_like_fleetctl() {
+        let m = MachineRecord { id: "0f1ee701000040008000000000000001".into(), public_ip: "10.1.2.3".into(), ..Default::default() };
+        assert_eq!(m.legend(false), "0f1ee701.../10.1.2.3");
+        assert_eq!(m.legend(true), "0f1ee701000040008000000000000001/10.1.2.3");
+    }
+}

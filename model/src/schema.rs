@@ -1,0 +1,175 @@
+//! The etcd key layout and the records stored under it. See `docs/registry.md` for the why.
+//!
+//! ```text
+//! <P>units/<name>                UnitRecord        API; no lease
+//! <P>bodies/<hash>               canonical text    API; shared by every unit with that hash
+//! <P>machines/<id>               MachineRecord     agent; on the agent's lease
+//! <P>schedule/<id>/<name>        ScheduleEntry     engine leader; fenced by its election key
+//! <P>states/<id>/<name>          UnitStateRecord   agent; on the agent's lease
+//! <P>leader/...                  election keys     engines; each on its own lease
+//! ```
+
+use crate::{DesiredState, MachineId, UnitName};
+use serde::{Deserialize, Serialize};
+
+pub const DEFAULT_PREFIX: &str = "/fleet/";
+
+/// Where a key lives, decoded from its bytes. Keys outside the layout decode to `None` and are
+/// ignored, so a newer writer can add key kinds without breaking older readers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Key {
+    Unit(UnitName),
+    Body(String),
+    Machine(MachineId),
+    Schedule(MachineId, UnitName),
+    State(MachineId, UnitName),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub fn new(prefix: &str) -> Self {
+        let mut prefix = prefix.to_string();
+        if !prefix.ends_with('/') {
+            prefix.push('/');
+        }
+        Keys { prefix }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+    pub fn units(&self) -> String {
+        format!("{}units/", self.prefix)
+    }
+    pub fn unit(&self, name: &UnitName) -> String {
+        format!("{}units/{name}", self.prefix)
+    }
+    pub fn bodies(&self) -> String {
+        format!("{}bodies/", self.prefix)
+    }
+    pub fn body(&self, hash: &str) -> String {
+        format!("{}bodies/{hash}", self.prefix)
+    }
+    pub fn machines(&self) -> String {
+        format!("{}machines/", self.prefix)
+    }
+    pub fn machine(&self, id: &str) -> String {
+        format!("{}machines/{id}", self.prefix)
+    }
+    pub fn schedules(&self) -> String {
+        format!("{}schedule/", self.prefix)
+    }
+    /// Everything one agent has to do: the only prefix an agent watches.
+    pub fn schedule_of(&self, machine: &str) -> String {
+        format!("{}schedule/{machine}/", self.prefix)
+    }
+    pub fn schedule(&self, machine: &str, unit: &UnitName) -> String {
+        format!("{}schedule/{machine}/{unit}", self.prefix)
+    }
+    pub fn states(&self) -> String {
+        format!("{}states/", self.prefix)
+    }
+    pub fn states_of(&self, machine: &str) -> String {
+        format!("{}states/{machine}/", self.prefix)
+    }
+    pub fn state(&self, machine: &str, unit: &UnitName) -> String {
+        format!("{}states/{machine}/{unit}", self.prefix)
+    }
+    /// Election name used with etcd's election API.
+    pub fn leader(&self) -> String {
+        format!("{}leader", self.prefix)
+    }
+
+    pub fn decode(&self, key: &[u8]) -> Option<Key> {
+        let key = std::str::from_utf8(key).ok()?.strip_prefix(self.prefix.as_str())?;
+        let (kind, rest) = key.split_once('/')?;
+        match kind {
+            "units" => UnitName::parse(rest).ok().map(Key::Unit),
+            "bodies" => Some(Key::Body(rest.to_string())),
+            "machines" if !rest.contains('/') => Some(Key::Machine(rest.to_string())),
+            "schedule" | "states" => {
+                let (m, u) = rest.split_once('/')?;
+                let u = UnitName::parse(u).ok()?;
+                Some(if kind == "schedule" { Key::Schedule(m.to_string(), u) } else { Key::State(m.to_string(), u) })
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A unit as the user submitted it. The body lives under `bodies/<hash>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UnitRecord {
+    pub name: UnitName,
+    pub hash: String,
+    pub desired_state: DesiredState,
+}
+
+/// What one machine must do with one unit. Written only by the engine leader.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ScheduleEntry {
+    pub hash: String,
+    pub desired_state: DesiredState,
+}
+
+/// systemd's view of a unit on one machine, as its agent last saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UnitStateRecord {
+    pub hash: String,
+    pub load_state: String,
+    pub active_state: String,
+    pub sub_state: String,
+    /// What the agent has applied: `loaded` (file linked) or `launched` (start requested).
+    pub applied: DesiredState,
+}
+
+/// Serialises a record for etcd. Records are plain data; failure would be a programming error,
+/// but it is reported rather than panicking.
+pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, serde_json::Error> {
+    serde_json::to_vec(value)
+}
+
+pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, serde_json::Error> {
+    serde_json::from_slice(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn n(s: &str) -> UnitName {
+        UnitName::parse(s).expect("valid")
+    }
+
+    #[test]
+    fn keys_round_trip() {
+        let k = Keys::new("/t1");
+        let m = "0f1ee701000040008000000000000001";
+        assert_eq!(k.decode(k.unit(&n("a@1.service")).as_bytes()), Some(Key::Unit(n("a@1.service"))));
+        assert_eq!(k.decode(k.body("abc").as_bytes()), Some(Key::Body("abc".into())));
+        assert_eq!(k.decode(k.machine(m).as_bytes()), Some(Key::Machine(m.into())));
+        assert_eq!(k.decode(k.schedule(m, &n("x.service")).as_bytes()), Some(Key::Schedule(m.into(), n("x.service"))));
+        assert_eq!(k.decode(k.state(m, &n("x.service")).as_bytes()), Some(Key::State(m.into(), n("x.service"))));
+        assert!(k.schedule(m, &n("x.service")).starts_with(&k.schedule_of(m)));
+        assert_eq!(k.decode(b"/t1/leader/123"), None);
+        assert_eq!(k.decode(b"/other/units/x.service"), None);
+    }
+
+    #[test]
+    fn records_round_trip() {
+        let u = UnitRecord { name: n("a.service"), hash: "h".into(), desired_state: DesiredState::Launched };
+        let bytes = encode(&u).expect("encodes");
+        assert_eq!(std::str::from_utf8(&bytes).ok(), Some(r#"{"name":"a.service","hash":"h","desiredState":"launched"}"#));
+        assert_eq!(decode::<UnitRecord>(&bytes).ok(), Some(u));
+        let s = UnitStateRecord { hash: "h".into(), load_state: "loaded".into(), active_state: "active".into(), sub_state: "running".into(), applied: DesiredState::Launched };
+        assert_eq!(decode::<UnitStateRecord>(&encode(&s).expect("encodes")).ok(), Some(s));
+        assert!(decode::<UnitRecord>(br#"{"name":"bad","hash":"h","desiredState":"launched"}"#).is_err());
+    }
+}
