@@ -1,0 +1,194 @@
+//! A small client for fleet's `/fleet/v1` API.
+
+use anyhow::{anyhow, bail, Context, Result};
+use fleet_model::UnitOption;
+use reqwest::StatusCode;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Unit {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub options: Vec<UnitOption>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub desired_state: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub current_state: String,
+    #[serde(rename = "machineID", default, skip_serializing_if = "String::is_empty")]
+    pub machine_id: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UnitState {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub hash: String,
+    #[serde(rename = "machineID", default)]
+    pub machine_id: String,
+    #[serde(default)]
+    pub systemd_load_state: String,
+    #[serde(default)]
+    pub systemd_active_state: String,
+    #[serde(default)]
+    pub systemd_sub_state: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Machine {
+    pub id: String,
+    #[serde(default)]
+    pub primary_ip: String,
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl Machine {
+    pub fn legend(&self, full: bool) -> String {
+        fleet_model::MachineRecord { id: self.id.clone(), public_ip: self.primary_ip.clone(), ..Default::default() }.legend(full)
+    }
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: ErrorInner,
+}
+#[derive(Deserialize)]
+struct ErrorInner {
+    #[serde(default)]
+    message: String,
+}
+
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Client {
+    pub fn new(endpoint: &str, timeout: Duration) -> Result<Self> {
+        let endpoint = endpoint.trim_end_matches('/');
+        if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+            bail!("unsupported endpoint {endpoint:?}: expected http://host:port");
+        }
+        let http = reqwest::Client::builder().timeout(timeout).connect_timeout(timeout).build().context("cannot build HTTP client")?;
+        Ok(Client { http, base: format!("{endpoint}/fleet/v1") })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}/{}", self.base, path)
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder, what: &str) -> Result<reqwest::Response> {
+        // Idempotent or not, a request that never reached the server can be sent again.
+        let mut last = None;
+        for attempt in 0..3 {
+            let Some(r) = req.try_clone() else { break };
+            match r.send().await {
+                Ok(resp) => return Ok(resp),
+                Err(e) if e.is_connect() => {
+                    last = Some(e);
+                    tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+                }
+                Err(e) => return Err(anyhow!("{what}: {e}")),
+            }
+        }
+        Err(anyhow!("{what}: cannot reach the fleet API at {}: {}", self.base, last.map(|e| e.to_string()).unwrap_or_default()))
+    }
+
+    async fn error(resp: reqwest::Response) -> anyhow::Error {
+        let status = resp.status();
+        let msg = resp.json::<ErrorBody>().await.map(|b| b.error.message).unwrap_or_default();
+        anyhow!("API error {}: {}", status.as_u16(), if msg.is_empty() { status.canonical_reason().unwrap_or("") } else { &msg })
+    }
+
+    async fn pages<T: for<'de> Deserialize<'de>>(&self, path: &str, field: &str, query: &[(&str, &str)]) -> Result<Vec<T>> {
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let mut q: Vec<(&str, &str)> = query.to_vec();
+            if let Some(t) = &token {
+                q.push(("nextPageToken", t));
+            }
+            let resp = self.send(self.http.get(self.url(path)).query(&q), &format!("GET {path}")).await?;
+            if !resp.status().is_success() {
+                return Err(Self::error(resp).await);
+            }
+            let mut page: serde_json::Value = resp.json().await.with_context(|| format!("GET {path}: unreadable response"))?;
+            if let Some(items) = page.get_mut(field).map(serde_json::Value::take) {
+                out.extend(serde_json::from_value::<Vec<T>>(items).with_context(|| format!("GET {path}: unreadable {field}"))?);
+            }
+            match page.get("nextPageToken").and_then(|t| t.as_str()) {
+                Some(t) if !t.is_empty() => token = Some(t.to_string()),
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    pub async fn units(&self) -> Result<Vec<Unit>> {
+        self.pages("units", "units", &[]).await
+    }
+
+    pub async fn machines(&self) -> Result<Vec<Machine>> {
+        self.pages("machines", "machines", &[]).await
+    }
+
+    pub async fn states(&self, unit: Option<&str>) -> Result<Vec<UnitState>> {
+        match unit {
+            Some(u) => self.pages("state", "states", &[("unitName", u)]).await,
+            None => self.pages("state", "states", &[]).await,
+        }
+    }
+
+    pub async fn unit(&self, name: &str) -> Result<Option<Unit>> {
+        let resp = self.send(self.http.get(self.url(&format!("units/{}", encode(name)))), &format!("GET unit {name}")).await?;
+        match resp.status() {
+            StatusCode::NOT_FOUND => Ok(None),
+            s if s.is_success() => Ok(Some(resp.json().await.with_context(|| format!("unit {name}: unreadable response"))?)),
+            _ => Err(Self::error(resp).await),
+        }
+    }
+
+    pub async fn put(&self, unit: &Unit) -> Result<()> {
+        let resp = self
+            .send(self.http.put(self.url(&format!("units/{}", encode(&unit.name)))).json(unit), &format!("PUT unit {}", unit.name))
+            .await?;
+        if resp.status().is_success() {
+            Ok(())
+        } else {
+            Err(Self::error(resp).await)
+        }
+    }
+
+    pub async fn set_desired(&self, name: &str, state: &str) -> Result<()> {
+        self.put(&Unit { name: name.into(), desired_state: state.into(), ..Default::default() }).await
+    }
+
+    /// False if the unit did not exist.
+    pub async fn destroy(&self, name: &str) -> Result<bool> {
+        let resp = self.send(self.http.delete(self.url(&format!("units/{}", encode(name)))), &format!("DELETE unit {name}")).await?;
+        match resp.status() {
+            StatusCode::NOT_FOUND => Ok(false),
+            s if s.is_success() => Ok(true),
+            _ => Err(Self::error(resp).await),
+        }
+    }
+}
+
+/// Percent-encodes a unit name for a path segment (`@` becomes `%40`, as fleetctl sends it).
+fn encode(name: &str) -> String {
+    let mut out = String::new();
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}

@@ -1,0 +1,315 @@
+//! The lab: a real fleet cluster on one host.
+//!
+//! etcd and the engines run as host processes; every machine is a systemd-nspawn container
+//! booting real systemd, with its own network namespace and address on a private bridge, running
+//! `fleet-agent` as a systemd service. Everything the lab creates is named `fl*` and lives on
+//! 10.231.90.0/24 with etcd on port 12379, so it never collides with anything else on the host.
+//! Processes are tracked and stopped by PID; leftovers of an earlier run (namespaces, links, the
+//! bridge, stale sockets) are removed before a new one starts.
+
+pub mod net;
+pub mod process;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+pub const BRIDGE: &str = "fl-br0";
+pub const HOST_IP: &str = "10.231.90.1";
+pub const PREFIX_LEN: u8 = 24;
+pub const ETCD_CLIENT_PORT: u16 = 12379;
+pub const ETCD_PEER_PORT: u16 = 12380;
+pub const ENGINE_PORT: u16 = 12480;
+pub const ETCD_PREFIX: &str = "/fleet/";
+pub const LEASE_TTL_SECS: i64 = 5;
+
+/// Where the lab keeps its state; `FLEET_LAB_DIR` overrides.
+pub fn lab_dir() -> PathBuf {
+    std::env::var_os("FLEET_LAB_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/run/fleet-lab"))
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EtcdProc {
+    pub name: String,
+    pub pid: u32,
+    pub client_url: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EngineProc {
+    pub name: String,
+    pub pid: u32,
+    pub api_url: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MachineProc {
+    pub name: String,
+    pub pid: u32,
+    pub ip: String,
+    pub machine_id: String,
+    pub dir: PathBuf,
+}
+
+impl MachineProc {
+    /// D-Bus address of the machine's system bus, reachable from the host.
+    pub fn bus_address(&self) -> String {
+        format!("unix:path={}", self.dir.join("bus/system_bus_socket").display())
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct LabState {
+    pub etcd: Vec<EtcdProc>,
+    pub engines: Vec<EngineProc>,
+    pub machines: Vec<MachineProc>,
+    /// Directory holding the binaries the lab runs (a copy, so rebuilding does not disturb it).
+    pub bin_dir: PathBuf,
+}
+
+impl LabState {
+    pub fn path() -> PathBuf {
+        lab_dir().join("state.json")
+    }
+
+    pub fn load() -> Result<Option<LabState>> {
+        let p = Self::path();
+        match std::fs::read(&p) {
+            Ok(b) => Ok(Some(serde_json::from_slice(&b).with_context(|| format!("corrupt lab state {}", p.display()))?)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("cannot read {}", p.display())),
+        }
+    }
+
+    pub fn save(&self) -> Result<()> {
+        let p = Self::path();
+        std::fs::create_dir_all(lab_dir())?;
+        let tmp = p.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
+        std::fs::rename(&tmp, &p).with_context(|| format!("cannot write {}", p.display()))
+    }
+
+    pub fn etcd_endpoints(&self) -> Vec<String> {
+        self.etcd.iter().map(|e| e.client_url.clone()).collect()
+    }
+
+    pub fn api_url(&self) -> Option<&str> {
+        self.engines.first().map(|e| e.api_url.as_str())
+    }
+
+    pub fn machine(&self, name: &str) -> Option<&MachineProc> {
+        self.machines.iter().find(|m| m.name == name)
+    }
+}
+
+/// How a machine is booted.
+#[derive(Debug, Clone)]
+pub struct MachineSpec {
+    pub name: String,
+    pub ip: String,
+    pub machine_id: String,
+    pub metadata: Vec<(String, String)>,
+    pub etcd_prefix: String,
+    pub lease_ttl_secs: i64,
+}
+
+impl MachineSpec {
+    /// Lab machine number `n` (1-based): `fl-m<n>` at 10.231.90.(10+n).
+    pub fn numbered(n: u8) -> Self {
+        let name = format!("fl-m{n}");
+        MachineSpec {
+            machine_id: machine_id_for(&name, 0),
+            ip: format!("10.231.90.{}", 10 + n as u32),
+            metadata: vec![("hostname".into(), name.clone())],
+            name,
+            etcd_prefix: ETCD_PREFIX.into(),
+            lease_ttl_secs: LEASE_TTL_SECS,
+        }
+    }
+}
+
+/// A stable, valid machine id derived from a name and a generation (a rebooted-as-new machine
+/// gets a new generation).
+pub fn machine_id_for(name: &str, generation: u32) -> String {
+    let mut h: u128 = 0x6c62272e07bb014262b821756295c58d;
+    for b in name.bytes().chain(generation.to_le_bytes()) {
+        h ^= b as u128;
+        h = h.wrapping_mul(0x0000000001000000000000000000013B);
+    }
+    format!("{h:032x}")
+}
+
+fn uuid_of(machine_id: &str) -> String {
+    let m = machine_id;
+    format!("{}-{}-{}-{}-{}", &m[0..8], &m[8..12], &m[12..16], &m[16..20], &m[20..32])
+}
+
+/// The host's etcd client URL that machines use.
+pub fn etcd_bridge_url() -> String {
+    format!("http://{HOST_IP}:{ETCD_CLIENT_PORT}")
+}
+
+/// Starts a single-member etcd for the lab, listening on loopback and the bridge.
+pub fn start_etcd(name: &str) -> Result<EtcdProc> {
+    let dir = lab_dir().join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let client_urls = format!("http://127.0.0.1:{ETCD_CLIENT_PORT},{}", etcd_bridge_url());
+    let peer = format!("http://127.0.0.1:{ETCD_PEER_PORT}");
+    let mut cmd = Command::new("etcd");
+    cmd.args(["--name", name, "--data-dir"])
+        .arg(dir.join("data"))
+        .args(["--listen-client-urls", &client_urls, "--advertise-client-urls", &etcd_bridge_url()])
+        .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+        .args(["--initial-cluster", &format!("{name}={peer}"), "--initial-cluster-state", "new"])
+        .args(["--auto-compaction-retention", "1"]);
+    let pid = process::spawn_logged(cmd, &dir.join("etcd.log"))?;
+    Ok(EtcdProc { name: name.into(), pid, client_url: format!("http://127.0.0.1:{ETCD_CLIENT_PORT}") })
+}
+
+/// Waits until etcd answers a read.
+pub async fn wait_etcd(endpoints: &[String], timeout: Duration) -> Result<()> {
+    let until = Instant::now() + timeout;
+    loop {
+        let attempt = async {
+            let mut c = etcd_client::Client::connect(endpoints, None).await?;
+            c.get("/", None).await
+        };
+        match tokio::time::timeout(Duration::from_secs(2), attempt).await {
+            Ok(Ok(_)) => return Ok(()),
+            _ if Instant::now() > until => bail!("etcd at {} did not become ready within {timeout:?}", endpoints.join(",")),
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+/// Starts an engine process serving the API on `127.0.0.1:port` and the bridge address.
+pub fn start_engine(name: &str, bin_dir: &Path, etcd: &[String], prefix: &str, port: u16, election_ttl: i64) -> Result<EngineProc> {
+    let log = lab_dir().join(format!("{name}.log"));
+    let mut cmd = Command::new(bin_dir.join("fleet-engine"));
+    cmd.args(["--etcd-endpoints", &etcd.join(","), "--etcd-prefix", prefix, "--engine-id", name])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--election-ttl-secs", &election_ttl.to_string()]);
+    let pid = process::spawn_logged(cmd, &log)?;
+    Ok(EngineProc { name: name.into(), pid, api_url: format!("http://127.0.0.1:{port}") })
+}
+
+/// Boots a machine: network namespace and address, agent config, then systemd-nspawn.
+pub async fn boot_machine(spec: &MachineSpec, bin_dir: &Path, unit_template: &str) -> Result<MachineProc> {
+    let dir = lab_dir().join("machines").join(&spec.name);
+    let _ = std::fs::remove_dir_all(&dir);
+    for sub in ["bus", "fleet"] {
+        std::fs::create_dir_all(dir.join(sub))?;
+    }
+    net::add_machine_netns(&spec.name, &spec.ip)?;
+    let metadata: String = spec.metadata.iter().map(|(k, v)| format!("{k} = {v:?}\n")).collect();
+    let config = format!(
+        "etcd_endpoints = [{:?}]\netcd_prefix = {:?}\npublic_ip = {:?}\nlease_ttl_secs = {}\n\n[metadata]\n{metadata}",
+        etcd_bridge_url(),
+        spec.etcd_prefix,
+        spec.ip,
+        spec.lease_ttl_secs
+    );
+    std::fs::write(dir.join("fleet/agent.toml"), config)?;
+    let unit = unit_template.replace("/usr/bin/fleet-agent", "/opt/fleet/fleet-agent");
+    std::fs::write(dir.join("fleet-agent.service"), unit)?;
+
+    let mut cmd = Command::new("systemd-nspawn");
+    cmd.args(["-D", "/", "--volatile=yes", "--register=no", "--keep-unit", "-M", &spec.name])
+        .arg(format!("--uuid={}", uuid_of(&spec.machine_id)))
+        .arg(format!("--network-namespace-path=/run/netns/{}", spec.name))
+        .arg(format!("--bind={}:/run/dbus", dir.join("bus").display()))
+        .arg(format!("--bind-ro={}:/etc/fleet", dir.join("fleet").display()))
+        .arg(format!("--bind-ro={}:/etc/systemd/system/fleet-agent.service", dir.join("fleet-agent.service").display()))
+        .arg(format!("--bind-ro={}:/opt/fleet", bin_dir.display()))
+        .args(["--boot", "--quiet", "--"])
+        .args(["systemd.firstboot=off", "systemd.wants=fleet-agent.service"])
+        .args(MASKED.iter().map(|s| format!("systemd.mask={s}")));
+    let pid = process::spawn_logged(cmd, &dir.join("console.log"))?;
+    let m = MachineProc { name: spec.name.clone(), pid, ip: spec.ip.clone(), machine_id: spec.machine_id.clone(), dir };
+    wait_booted(&m, Duration::from_secs(60)).await?;
+    Ok(m)
+}
+
+/// Services installed on the host that must not start inside every machine.
+const MASKED: &[&str] = &[
+    "etcd.service",
+    "postgresql.service",
+    "docker.service",
+    "containerd.service",
+    "ssh.service",
+    "nginx.service",
+    "redis-server.service",
+    "memcached.service",
+    "cron.service",
+    "e2scrub_reap.service",
+    "systemd-networkd-wait-online.service",
+];
+
+/// Waits until the machine's systemd reports `running` or `degraded`.
+pub async fn wait_booted(m: &MachineProc, timeout: Duration) -> Result<()> {
+    let until = Instant::now() + timeout;
+    let mut last = String::from("no bus yet");
+    loop {
+        if !process::alive(m.pid) {
+            bail!("machine {} exited while booting; see {}", m.name, m.dir.join("console.log").display());
+        }
+        if m.dir.join("bus/system_bus_socket").exists() {
+            let state = async {
+                let conn = zbus::connection::Builder::address(m.bus_address().as_str())?.build().await?;
+                let proxy = zbus::Proxy::new(&conn, "org.freedesktop.systemd1", "/org/freedesktop/systemd1", "org.freedesktop.systemd1.Manager").await?;
+                proxy.get_property::<String>("SystemState").await.map_err(zbus::Error::from)
+            };
+            match tokio::time::timeout(Duration::from_secs(2), state).await {
+                Ok(Ok(s)) if s == "running" || s == "degraded" => return Ok(()),
+                Ok(Ok(s)) => last = s,
+                Ok(Err(e)) => last = e.to_string(),
+                Err(_) => last = "bus timeout".into(),
+            }
+        }
+        if Instant::now() > until {
+            bail!("machine {} did not boot within {timeout:?} (last: {last})", m.name);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Stops a machine: SIGTERM makes nspawn power the container off; SIGKILL after `grace`.
+pub fn stop_machine(m: &MachineProc, grace: Duration) {
+    process::stop(m.pid, "systemd-nspawn", grace);
+    net::del_machine_netns(&m.name);
+    let _ = std::fs::remove_file(m.dir.join("bus/system_bus_socket"));
+}
+
+/// Copies the built binaries into the lab, so a rebuild does not change what runs.
+pub fn install_binaries(target_dir: &Path) -> Result<PathBuf> {
+    let bin = lab_dir().join("bin");
+    std::fs::create_dir_all(&bin)?;
+    for b in ["fleet-agent", "fleet-engine", "fleetctl"] {
+        let src = target_dir.join(b);
+        let tmp = bin.join(format!(".{b}.tmp"));
+        std::fs::copy(&src, &tmp).with_context(|| format!("cannot copy {} (is the workspace built?)", src.display()))?;
+        std::fs::rename(&tmp, bin.join(b))?;
+    }
+    Ok(bin)
+}
+
+/// Stops everything in `state`, by PID, and removes what the lab created on the host.
+pub fn teardown(state: &LabState) {
+    for m in &state.machines {
+        stop_machine(m, Duration::from_secs(10));
+    }
+    for e in &state.engines {
+        process::stop(e.pid, "fleet-engine", Duration::from_secs(5));
+    }
+    for e in &state.etcd {
+        process::stop(e.pid, "etcd", Duration::from_secs(5));
+    }
+}
+
+/// Removes leftovers of any earlier run: namespaces, veths and the bridge named by the lab.
+pub fn clean_host() {
+    net::clean_all();
+}

@@ -1,0 +1,84 @@
+//! The lab's network: one bridge on the host and one namespace per machine, joined by a veth.
+
+use crate::{BRIDGE, HOST_IP, PREFIX_LEN};
+use anyhow::{bail, Context, Result};
+use std::process::Command;
+
+fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip").args(args).output().context("cannot run ip (is iproute2 installed?)")?;
+    if !out.status.success() {
+        bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+fn ip_quiet(args: &[&str]) {
+    let _ = Command::new("ip").args(args).output();
+}
+
+fn exists(link: &str) -> bool {
+    Command::new("ip").args(["link", "show", link]).output().map(|o| o.status.success()).unwrap_or(false)
+}
+
+pub fn ensure_bridge() -> Result<()> {
+    if !exists(BRIDGE) {
+        ip(&["link", "add", BRIDGE, "type", "bridge"])?;
+    }
+    ip_quiet(&["addr", "add", &format!("{HOST_IP}/{PREFIX_LEN}"), "dev", BRIDGE]);
+    ip(&["link", "set", BRIDGE, "up"])
+}
+
+fn host_veth(name: &str) -> String {
+    // Interface names are limited to 15 bytes.
+    let short: String = name.trim_start_matches("fl-").chars().take(11).collect();
+    format!("flh-{short}")
+}
+
+pub fn add_machine_netns(name: &str, addr: &str) -> Result<()> {
+    del_machine_netns(name);
+    let veth = host_veth(name);
+    ip(&["netns", "add", name])?;
+    ip(&["link", "add", &veth, "type", "veth", "peer", "name", "flc0", "netns", name])?;
+    ip(&["link", "set", &veth, "master", BRIDGE, "up"])?;
+    let ns = |args: &[&str]| {
+        let mut full = vec!["-n", name];
+        full.extend_from_slice(args);
+        ip(&full)
+    };
+    ns(&["link", "set", "flc0", "name", "eth0"])?;
+    ns(&["addr", "add", &format!("{addr}/{PREFIX_LEN}"), "dev", "eth0"])?;
+    ns(&["link", "set", "eth0", "up"])?;
+    ns(&["link", "set", "lo", "up"])?;
+    ns(&["route", "add", "default", "via", HOST_IP])
+}
+
+pub fn del_machine_netns(name: &str) {
+    ip_quiet(&["link", "del", &host_veth(name)]);
+    ip_quiet(&["netns", "del", name]);
+}
+
+/// Cuts a machine off the network (its veth down) or heals it.
+pub fn set_link(name: &str, up: bool) -> Result<()> {
+    ip(&["link", "set", &host_veth(name), if up { "up" } else { "down" }])
+}
+
+/// Removes every namespace, veth and bridge the lab may have left behind.
+pub fn clean_all() {
+    if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            if let Some(ns) = line.split_whitespace().next().filter(|n| n.starts_with("fl-")) {
+                ip_quiet(&["netns", "del", ns]);
+            }
+        }
+    }
+    if let Ok(out) = Command::new("ip").args(["-o", "link", "show"]).output() {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            if let Some(name) = line.split(':').nth(1).map(|s| s.trim().split('@').next().unwrap_or("").to_string()) {
+                if name.starts_with("flh-") {
+                    ip_quiet(&["link", "del", &name]);
+                }
+            }
+        }
+    }
+    ip_quiet(&["link", "del", BRIDGE]);
+}
