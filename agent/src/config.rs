@@ -49,9 +49,15 @@ impl Default for AgentConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("config file {path}: {source}")]
-    Parse { path: PathBuf, source: toml::de::Error },
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
     #[error("metadata {0:?}: expected key=value[,key=value...]")]
     Metadata(String),
     #[error("{0}")]
@@ -60,9 +66,17 @@ pub enum ConfigError {
 
 impl AgentConfig {
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
-        let Some(path) = path else { return Ok(AgentConfig::default()) };
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.into(), source })
+        let Some(path) = path else {
+            return Ok(AgentConfig::default());
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.into(),
+            source,
+        })
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -70,7 +84,10 @@ impl AgentConfig {
             return Err(ConfigError::Invalid("etcd_endpoints is empty".into()));
         }
         if self.lease_ttl_secs < 2 {
-            return Err(ConfigError::Invalid(format!("lease_ttl_secs = {} is too short (minimum 2)", self.lease_ttl_secs)));
+            return Err(ConfigError::Invalid(format!(
+                "lease_ttl_secs = {} is too short (minimum 2)",
+                self.lease_ttl_secs
+            )));
         }
         Ok(())
     }
@@ -80,7 +97,9 @@ impl AgentConfig {
 pub fn parse_metadata(text: &str) -> Result<BTreeMap<String, String>, ConfigError> {
     let mut out = BTreeMap::new();
     for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let (k, v) = item.split_once('=').ok_or_else(|| ConfigError::Metadata(item.to_string()))?;
+        let (k, v) = item
+            .split_once('=')
+            .ok_or_else(|| ConfigError::Metadata(item.to_string()))?;
         let k = k.trim();
         if k.is_empty() {
             return Err(ConfigError::Metadata(item.to_string()));

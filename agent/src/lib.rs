@@ -28,7 +28,10 @@ use tokio::sync::{mpsc, watch};
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error("unit directory {path}: {source}")]
-    UnitsDir { path: PathBuf, source: std::io::Error },
+    UnitsDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("etcd: {0}")]
     Etcd(String),
     #[error(transparent)]
@@ -56,9 +59,19 @@ pub struct Agent {
 }
 
 impl Agent {
-    pub async fn new(cfg: &AgentConfig, client: Client, machine: String, systemd: Systemd) -> Result<Self, AgentError> {
+    pub async fn new(
+        cfg: &AgentConfig,
+        client: Client,
+        machine: String,
+        systemd: Systemd,
+    ) -> Result<Self, AgentError> {
         let units_dir = cfg.units_dir.clone();
-        tokio::fs::create_dir_all(&units_dir).await.map_err(|source| AgentError::UnitsDir { path: units_dir.clone(), source })?;
+        tokio::fs::create_dir_all(&units_dir)
+            .await
+            .map_err(|source| AgentError::UnitsDir {
+                path: units_dir.clone(),
+                source,
+            })?;
         let mut agent = Agent {
             client,
             keys: Keys::new(&cfg.etcd_prefix),
@@ -80,19 +93,32 @@ impl Agent {
     }
 
     async fn read_files(&mut self) -> Result<(), AgentError> {
-        let err = |source| AgentError::UnitsDir { path: self.units_dir.clone(), source };
+        let err = |source| AgentError::UnitsDir {
+            path: self.units_dir.clone(),
+            source,
+        };
         let mut dir = tokio::fs::read_dir(&self.units_dir).await.map_err(err)?;
-        while let Some(entry) = dir.next_entry().await.map_err(|source| AgentError::UnitsDir { path: self.units_dir.clone(), source })? {
+        while let Some(entry) = dir
+            .next_entry()
+            .await
+            .map_err(|source| AgentError::UnitsDir {
+                path: self.units_dir.clone(),
+                source,
+            })?
+        {
             let name = entry.file_name().to_string_lossy().to_string();
             if UnitName::parse(&name).is_err() {
                 continue;
             }
             match tokio::fs::read_to_string(entry.path()).await {
                 Ok(text) => {
-                    self.path_to_unit.insert(systemd::unit_path(&name), name.clone());
+                    self.path_to_unit
+                        .insert(systemd::unit_path(&name), name.clone());
                     self.files.insert(name, content_hash(&text));
                 }
-                Err(e) => tracing::warn!(unit = %name, error = %e, "unreadable unit file; it will be rewritten"),
+                Err(e) => {
+                    tracing::warn!(unit = %name, error = %e, "unreadable unit file; it will be rewritten")
+                }
             }
         }
         Ok(())
@@ -111,7 +137,10 @@ impl Agent {
             .await
             .map_err(|e| AgentError::Etcd(e.to_string()))?;
         for kv in resp.kvs() {
-            if let (Some(Key::State(_, unit)), Ok(rec)) = (self.keys.decode(kv.key()), decode::<UnitStateRecord>(kv.value())) {
+            if let (Some(Key::State(_, unit)), Ok(rec)) = (
+                self.keys.decode(kv.key()),
+                decode::<UnitStateRecord>(kv.value()),
+            ) {
                 if self.files.get(unit.as_str()) == Some(&rec.hash) {
                     self.applied.insert(unit.to_string(), rec.applied);
                 }
@@ -126,9 +155,17 @@ impl Agent {
 
     /// Runs until `shutdown` fires. Units keep running when the agent stops: a restarted agent
     /// adopts them.
-    pub async fn run(mut self, mut lease_rx: watch::Receiver<Option<i64>>, mut shutdown: watch::Receiver<bool>) -> Result<(), AgentError> {
+    pub async fn run(
+        mut self,
+        mut lease_rx: watch::Receiver<Option<i64>>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), AgentError> {
         let (sched_tx, mut sched_rx) = mpsc::channel(64);
-        tokio::spawn(follow_prefix(self.client.clone(), self.keys.schedule_of(&self.machine), sched_tx));
+        tokio::spawn(follow_prefix(
+            self.client.clone(),
+            self.keys.schedule_of(&self.machine),
+            sched_tx,
+        ));
         let (change_tx, mut change_rx) = mpsc::unbounded_channel();
         self.systemd.watch_changes(change_tx).await?;
         self.lease = *lease_rx.borrow_and_update();
@@ -204,7 +241,9 @@ impl Agent {
                         Ok(e) => {
                             sched.insert(unit.to_string(), e);
                         }
-                        Err(e) => tracing::error!(unit = %unit, error = %e, "unreadable schedule entry; ignoring"),
+                        Err(e) => {
+                            tracing::error!(unit = %unit, error = %e, "unreadable schedule entry; ignoring")
+                        }
                     }
                 }
             }
@@ -241,7 +280,10 @@ impl Agent {
             })
             .await;
         match got {
-            Ok(r) => r.kvs().first().and_then(|kv| String::from_utf8(kv.value().to_vec()).ok()),
+            Ok(r) => r
+                .kvs()
+                .first()
+                .and_then(|kv| String::from_utf8(kv.value().to_vec()).ok()),
             Err(e) => {
                 tracing::warn!(hash, error = %e, "cannot read unit body");
                 None
@@ -257,7 +299,11 @@ impl Agent {
         }
         tracing::debug!(?plan, "reconciling");
         self.unpublished.extend(plan.touched().cloned());
-        for (unit, e) in self.systemd.for_each(&plan.stop, |s, n| async move { s.stop(&n).await }).await {
+        for (unit, e) in self
+            .systemd
+            .for_each(&plan.stop, |s, n| async move { s.stop(&n).await })
+            .await
+        {
             tracing::warn!(%unit, error = %e, "stop failed");
         }
         for n in &plan.stop {
@@ -275,7 +321,9 @@ impl Agent {
         }
         let mut linked = Vec::new();
         for (name, hash) in &plan.write {
-            let Some(body) = self.fetch_body(hash).await else { continue };
+            let Some(body) = self.fetch_body(hash).await else {
+                continue;
+            };
             if content_hash(&body) != *hash {
                 tracing::error!(unit = %name, hash, "unit body does not match its hash; not running it");
                 continue;
@@ -289,7 +337,8 @@ impl Agent {
             match written.await {
                 Ok(()) => {
                     self.files.insert(name.clone(), hash.clone());
-                    self.path_to_unit.insert(systemd::unit_path(name), name.clone());
+                    self.path_to_unit
+                        .insert(systemd::unit_path(name), name.clone());
                     self.applied.insert(name.clone(), DesiredState::Loaded);
                     linked.push(path.to_string_lossy().to_string());
                 }
@@ -307,8 +356,17 @@ impl Agent {
         for n in &plan.remove {
             let _ = self.systemd.reset_failed(n).await;
         }
-        let startable: Vec<String> = plan.start.iter().filter(|n| self.files.contains_key(*n)).cloned().collect();
-        for (unit, e) in self.systemd.for_each(&startable, |s, n| async move { s.start(&n).await }).await {
+        let startable: Vec<String> = plan
+            .start
+            .iter()
+            .filter(|n| self.files.contains_key(*n))
+            .cloned()
+            .collect();
+        for (unit, e) in self
+            .systemd
+            .for_each(&startable, |s, n| async move { s.start(&n).await })
+            .await
+        {
             tracing::warn!(%unit, error = %e, "start failed");
         }
         for n in startable {
@@ -318,27 +376,43 @@ impl Agent {
 
     /// Publishes the state of every unit in `unpublished`, in transactions on the lease.
     async fn publish(&mut self) -> Result<(), AgentError> {
-        let Some(lease) = self.lease else { return Err(AgentError::Etcd("no lease".into())) };
+        let Some(lease) = self.lease else {
+            return Err(AgentError::Etcd("no lease".into()));
+        };
         let names: Vec<String> = self.unpublished.iter().cloned().collect();
         let observed = self.systemd.observe(&names).await?;
         let mut ops = Vec::new();
         let mut next: Vec<(String, Option<UnitStateRecord>)> = Vec::new();
         for name in &names {
-            let Ok(unit) = UnitName::parse(name) else { continue };
+            let Ok(unit) = UnitName::parse(name) else {
+                continue;
+            };
             let key = self.keys.state(&self.machine, &unit);
             match self.files.get(name) {
                 Some(hash) => {
-                    let o = observed.get(name).cloned().unwrap_or_else(|| ObservedUnit { load_state: "not-found".into(), active_state: "inactive".into(), sub_state: "dead".into() });
+                    let o = observed.get(name).cloned().unwrap_or_else(|| ObservedUnit {
+                        load_state: "not-found".into(),
+                        active_state: "inactive".into(),
+                        sub_state: "dead".into(),
+                    });
                     let rec = UnitStateRecord {
                         hash: hash.clone(),
                         load_state: o.load_state,
                         active_state: o.active_state,
                         sub_state: o.sub_state,
-                        applied: self.applied.get(name).copied().unwrap_or(DesiredState::Loaded),
+                        applied: self
+                            .applied
+                            .get(name)
+                            .copied()
+                            .unwrap_or(DesiredState::Loaded),
                     };
                     if self.published.get(name) != Some(&rec) {
                         let value = encode(&rec).map_err(|e| AgentError::Etcd(e.to_string()))?;
-                        ops.push(TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease))));
+                        ops.push(TxnOp::put(
+                            key,
+                            value,
+                            Some(PutOptions::new().with_lease(lease)),
+                        ));
                         next.push((name.clone(), Some(rec)));
                     }
                 }

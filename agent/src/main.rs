@@ -35,16 +35,28 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
     let mut cfg = AgentConfig::load(args.config.as_deref())?;
-    if let Some(v) = args.etcd_endpoints { cfg.etcd_endpoints = v; }
-    if let Some(v) = args.etcd_prefix { cfg.etcd_prefix = v; }
-    if let Some(v) = args.public_ip { cfg.public_ip = v; }
-    if let Some(v) = args.metadata { cfg.metadata = parse_metadata(&v)?; }
-    if let Some(v) = args.lease_ttl_secs { cfg.lease_ttl_secs = v; }
+    if let Some(v) = args.etcd_endpoints {
+        cfg.etcd_endpoints = v;
+    }
+    if let Some(v) = args.etcd_prefix {
+        cfg.etcd_prefix = v;
+    }
+    if let Some(v) = args.public_ip {
+        cfg.public_ip = v;
+    }
+    if let Some(v) = args.metadata {
+        cfg.metadata = parse_metadata(&v)?;
+    }
+    if let Some(v) = args.lease_ttl_secs {
+        cfg.lease_ttl_secs = v;
+    }
     cfg.validate()?;
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -55,13 +67,31 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
-    let id_text = std::fs::read_to_string(&cfg.machine_id_file)
-        .with_context(|| format!("unable to determine local machine ID: cannot read {}", cfg.machine_id_file.display()))?;
-    let machine = parse_machine_id(&id_text).with_context(|| format!("in {}", cfg.machine_id_file.display()))?;
-    tokio::fs::create_dir_all(&cfg.state_dir).await.with_context(|| format!("cannot create {}", cfg.state_dir.display()))?;
-    let etcd = EtcdConfig { endpoints: cfg.etcd_endpoints.clone(), request_timeout: Duration::from_millis(cfg.etcd_request_timeout_ms) };
-    let client = connect(&etcd, RetryPolicy { attempts: 30, ..RetryPolicy::default() }).await?;
-    let systemd = Systemd::connect((!cfg.systemd_bus.is_empty()).then_some(cfg.systemd_bus.as_str())).await?;
+    let id_text = std::fs::read_to_string(&cfg.machine_id_file).with_context(|| {
+        format!(
+            "unable to determine local machine ID: cannot read {}",
+            cfg.machine_id_file.display()
+        )
+    })?;
+    let machine = parse_machine_id(&id_text)
+        .with_context(|| format!("in {}", cfg.machine_id_file.display()))?;
+    tokio::fs::create_dir_all(&cfg.state_dir)
+        .await
+        .with_context(|| format!("cannot create {}", cfg.state_dir.display()))?;
+    let etcd = EtcdConfig {
+        endpoints: cfg.etcd_endpoints.clone(),
+        request_timeout: Duration::from_millis(cfg.etcd_request_timeout_ms),
+    };
+    let client = connect(
+        &etcd,
+        RetryPolicy {
+            attempts: 30,
+            ..RetryPolicy::default()
+        },
+    )
+    .await?;
+    let systemd =
+        Systemd::connect((!cfg.systemd_bus.is_empty()).then_some(cfg.systemd_bus.as_str())).await?;
     let record = MachineRecord {
         id: machine.clone(),
         public_ip: cfg.public_ip.clone(),
@@ -93,7 +123,10 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(mut t), Ok(mut i)) => {
             tokio::select! { _ = t.recv() => {}, _ = i.recv() => {} }
         }

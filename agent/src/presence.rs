@@ -4,10 +4,10 @@
 //! The lease id is saved under the state directory so a restarted agent takes over the same
 //! lease: nothing it published disappears and no unit is rescheduled because of the restart.
 
+use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
 use fleet_model::etcd::{is_transient, Client};
 use fleet_model::schema::encode;
 use fleet_model::{Keys, MachineRecord};
-use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -69,14 +69,25 @@ impl Presence {
         // would mean two machines share this machine id.
         let txn = Txn::new()
             .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key.clone(), value.clone(), Some(PutOptions::new().with_lease(lease)))])
+            .and_then([TxnOp::put(
+                key.clone(),
+                value.clone(),
+                Some(PutOptions::new().with_lease(lease)),
+            )])
             .or_else([TxnOp::txn(
                 Txn::new()
                     .when([Compare::lease(key.clone(), CompareOp::Equal, lease)])
-                    .and_then([TxnOp::put(key.clone(), value, Some(PutOptions::new().with_lease(lease)))]),
+                    .and_then([TxnOp::put(
+                        key.clone(),
+                        value,
+                        Some(PutOptions::new().with_lease(lease)),
+                    )]),
             )]);
         let resp = self.client.kv_client().txn(txn).await?;
-        let nested_ok = resp.op_responses().iter().any(|r| matches!(r, etcd_client::TxnOpResponse::Txn(t) if t.succeeded()));
+        let nested_ok = resp
+            .op_responses()
+            .iter()
+            .any(|r| matches!(r, etcd_client::TxnOpResponse::Txn(t) if t.succeeded()));
         if resp.succeeded() || nested_ok {
             Ok(lease)
         } else {
@@ -95,7 +106,10 @@ impl Presence {
             let (mut keeper, mut responses) = match stream {
                 Ok(Ok(s)) => s,
                 other => {
-                    let err = match other { Ok(Err(e)) => e.to_string(), _ => "timed out".into() };
+                    let err = match other {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => "timed out".into(),
+                    };
                     tracing::warn!(error = %err, "cannot open lease keepalive");
                     if last_ok.elapsed() > ttl && !self.lease_alive(lease).await {
                         return;
@@ -113,7 +127,11 @@ impl Presence {
                     Ok(Ok(Some(r))) if r.ttl() > 0 => last_ok = Instant::now(),
                     Ok(Ok(Some(_))) => return,
                     other => {
-                        let err = match other { Ok(Err(e)) => e.to_string(), Ok(Ok(None)) => "stream ended".into(), _ => "timed out".into() };
+                        let err = match other {
+                            Ok(Err(e)) => e.to_string(),
+                            Ok(Ok(None)) => "stream ended".into(),
+                            _ => "timed out".into(),
+                        };
                         tracing::warn!(error = %err, "lease keepalive failed");
                         break;
                     }

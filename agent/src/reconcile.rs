@@ -16,12 +16,19 @@ pub struct Plan {
 
 impl Plan {
     pub fn is_empty(&self) -> bool {
-        self.stop.is_empty() && self.remove.is_empty() && self.write.is_empty() && self.start.is_empty()
+        self.stop.is_empty()
+            && self.remove.is_empty()
+            && self.write.is_empty()
+            && self.start.is_empty()
     }
 
     /// Every unit the plan touches, for state publishing.
     pub fn touched(&self) -> impl Iterator<Item = &String> {
-        self.stop.iter().chain(&self.remove).chain(self.write.iter().map(|(n, _)| n)).chain(&self.start)
+        self.stop
+            .iter()
+            .chain(&self.remove)
+            .chain(self.write.iter().map(|(n, _)| n))
+            .chain(&self.start)
     }
 }
 
@@ -51,7 +58,9 @@ pub fn plan(
         }
         match entry.desired_state {
             DesiredState::Launched if changed || !was_launched => p.start.push(name.clone()),
-            DesiredState::Loaded | DesiredState::Inactive if was_launched && !changed => p.stop.push(name.clone()),
+            DesiredState::Loaded | DesiredState::Inactive if was_launched && !changed => {
+                p.stop.push(name.clone())
+            }
             _ => {}
         }
     }
@@ -63,38 +72,76 @@ mod tests {
     use super::*;
 
     fn e(hash: &str, s: DesiredState) -> ScheduleEntry {
-        ScheduleEntry { hash: hash.into(), desired_state: s }
+        ScheduleEntry {
+            hash: hash.into(),
+            desired_state: s,
+        }
     }
     fn m<V: Clone>(items: &[(&str, V)]) -> BTreeMap<String, V> {
-        items.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()
+        items
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect()
     }
 
     #[test]
     fn new_units_are_written_then_started() {
-        let p = plan(&m(&[("a.service", e("h1", DesiredState::Launched)), ("b.service", e("h2", DesiredState::Loaded))]), &m::<String>(&[]), &m(&[]));
-        assert_eq!(p.write, vec![("a.service".into(), "h1".into()), ("b.service".into(), "h2".into())]);
+        let p = plan(
+            &m(&[
+                ("a.service", e("h1", DesiredState::Launched)),
+                ("b.service", e("h2", DesiredState::Loaded)),
+            ]),
+            &m::<String>(&[]),
+            &m(&[]),
+        );
+        assert_eq!(
+            p.write,
+            vec![
+                ("a.service".into(), "h1".into()),
+                ("b.service".into(), "h2".into())
+            ]
+        );
         assert_eq!(p.start, vec!["a.service".to_string()]);
         assert!(p.stop.is_empty() && p.remove.is_empty());
     }
 
     #[test]
     fn running_units_are_adopted_untouched() {
-        let p = plan(&m(&[("a.service", e("h1", DesiredState::Launched))]), &m(&[("a.service", "h1".to_string())]), &m(&[("a.service", DesiredState::Launched)]));
+        let p = plan(
+            &m(&[("a.service", e("h1", DesiredState::Launched))]),
+            &m(&[("a.service", "h1".to_string())]),
+            &m(&[("a.service", DesiredState::Launched)]),
+        );
         assert!(p.is_empty(), "{p:?}");
     }
 
     #[test]
     fn unscheduled_units_are_stopped_and_removed() {
-        let p = plan(&m(&[]), &m(&[("a.service", "h1".to_string())]), &m(&[("a.service", DesiredState::Launched)]));
-        assert_eq!((p.stop.clone(), p.remove.clone()), (vec!["a.service".to_string()], vec!["a.service".to_string()]));
+        let p = plan(
+            &m(&[]),
+            &m(&[("a.service", "h1".to_string())]),
+            &m(&[("a.service", DesiredState::Launched)]),
+        );
+        assert_eq!(
+            (p.stop.clone(), p.remove.clone()),
+            (vec!["a.service".to_string()], vec!["a.service".to_string()])
+        );
     }
 
     #[test]
     fn launched_to_loaded_stops_and_changed_hash_restarts() {
-        let p = plan(&m(&[("a.service", e("h1", DesiredState::Loaded))]), &m(&[("a.service", "h1".to_string())]), &m(&[("a.service", DesiredState::Launched)]));
+        let p = plan(
+            &m(&[("a.service", e("h1", DesiredState::Loaded))]),
+            &m(&[("a.service", "h1".to_string())]),
+            &m(&[("a.service", DesiredState::Launched)]),
+        );
         assert_eq!(p.stop, vec!["a.service".to_string()]);
         assert!(p.start.is_empty() && p.write.is_empty());
-        let p = plan(&m(&[("a.service", e("h2", DesiredState::Launched))]), &m(&[("a.service", "h1".to_string())]), &m(&[("a.service", DesiredState::Launched)]));
+        let p = plan(
+            &m(&[("a.service", e("h2", DesiredState::Launched))]),
+            &m(&[("a.service", "h1".to_string())]),
+            &m(&[("a.service", DesiredState::Launched)]),
+        );
         assert_eq!(p.stop, vec!["a.service".to_string()]);
         assert_eq!(p.write, vec![("a.service".into(), "h2".into())]);
         assert_eq!(p.start, vec!["a.service".to_string()]);
@@ -102,7 +149,11 @@ mod tests {
 
     #[test]
     fn loaded_unit_is_started_when_launched() {
-        let p = plan(&m(&[("a.service", e("h1", DesiredState::Launched))]), &m(&[("a.service", "h1".to_string())]), &m(&[("a.service", DesiredState::Loaded)]));
+        let p = plan(
+            &m(&[("a.service", e("h1", DesiredState::Launched))]),
+            &m(&[("a.service", "h1".to_string())]),
+            &m(&[("a.service", DesiredState::Loaded)]),
+        );
         assert_eq!(p.start, vec!["a.service".to_string()]);
         assert!(p.write.is_empty() && p.stop.is_empty());
     }

@@ -29,33 +29,49 @@ pub struct ClusterView {
 impl ClusterView {
     fn apply(&mut self, keys: &Keys, change: Change) {
         match change {
-            Change::Put { key, value, mod_revision, .. } => match keys.decode(&key) {
+            Change::Put {
+                key,
+                value,
+                mod_revision,
+                ..
+            } => match keys.decode(&key) {
                 Some(Key::Unit(name)) => match decode::<UnitRecord>(&value) {
                     Ok(rec) => {
                         self.units.insert(name, rec);
                     }
-                    Err(e) => tracing::error!(unit = %name, error = %e, "unreadable unit record; ignoring"),
+                    Err(e) => {
+                        tracing::error!(unit = %name, error = %e, "unreadable unit record; ignoring")
+                    }
                 },
                 Some(Key::Body(hash)) => {
-                    self.bodies.insert(hash, (String::from_utf8_lossy(&value).into_owned(), mod_revision));
+                    self.bodies.insert(
+                        hash,
+                        (String::from_utf8_lossy(&value).into_owned(), mod_revision),
+                    );
                 }
                 Some(Key::Machine(id)) => match decode::<MachineRecord>(&value) {
                     Ok(rec) => {
                         self.machines.insert(id, rec);
                     }
-                    Err(e) => tracing::error!(machine = %id, error = %e, "unreadable machine record; ignoring"),
+                    Err(e) => {
+                        tracing::error!(machine = %id, error = %e, "unreadable machine record; ignoring")
+                    }
                 },
                 Some(Key::Schedule(m, unit)) => match decode::<ScheduleEntry>(&value) {
                     Ok(e) => {
                         self.schedule.entry(unit).or_default().insert(m, e);
                     }
-                    Err(e) => tracing::error!(unit = %unit, error = %e, "unreadable schedule entry; ignoring"),
+                    Err(e) => {
+                        tracing::error!(unit = %unit, error = %e, "unreadable schedule entry; ignoring")
+                    }
                 },
                 Some(Key::State(m, unit)) => match decode::<UnitStateRecord>(&value) {
                     Ok(s) => {
                         self.states.entry(unit).or_default().insert(m, s);
                     }
-                    Err(e) => tracing::error!(unit = %unit, error = %e, "unreadable unit state; ignoring"),
+                    Err(e) => {
+                        tracing::error!(unit = %unit, error = %e, "unreadable unit state; ignoring")
+                    }
                 },
                 None => {}
             },
@@ -79,11 +95,19 @@ impl ClusterView {
     /// Bodies no unit refers to, with the revision they were last written at.
     pub fn orphan_bodies(&self) -> Vec<(String, i64)> {
         let used: BTreeSet<&str> = self.units.values().map(|u| u.hash.as_str()).collect();
-        self.bodies.iter().filter(|(h, _)| !used.contains(h.as_str())).map(|(h, (_, rev))| (h.clone(), *rev)).collect()
+        self.bodies
+            .iter()
+            .filter(|(h, _)| !used.contains(h.as_str()))
+            .map(|(h, (_, rev))| (h.clone(), *rev))
+            .collect()
     }
 }
 
-fn remove_nested<V>(map: &mut BTreeMap<UnitName, BTreeMap<String, V>>, unit: &UnitName, machine: &str) {
+fn remove_nested<V>(
+    map: &mut BTreeMap<UnitName, BTreeMap<String, V>>,
+    unit: &UnitName,
+    machine: &str,
+) {
     if let Some(inner) = map.get_mut(unit) {
         inner.remove(machine);
         if inner.is_empty() {
@@ -105,7 +129,11 @@ impl Cluster {
         let view = Arc::new(RwLock::new(ClusterView::default()));
         let (rev_tx, rev_rx) = watch::channel(0);
         let (tx, mut rx) = mpsc::channel(256);
-        tokio::spawn(fleet_model::etcd::follow_prefix(client, keys.prefix().to_string(), tx));
+        tokio::spawn(fleet_model::etcd::follow_prefix(
+            client,
+            keys.prefix().to_string(),
+            tx,
+        ));
         let shared = view.clone();
         tokio::spawn(async move {
             while let Some(update) = rx.recv().await {
@@ -134,7 +162,10 @@ impl Cluster {
                 }
             }
         });
-        Cluster { view, revision: rev_rx }
+        Cluster {
+            view,
+            revision: rev_rx,
+        }
     }
 
     /// Runs `f` on the current view.
@@ -156,6 +187,9 @@ impl Cluster {
     /// Waits until the view reflects at least `revision`; false on timeout.
     pub async fn caught_up(&self, revision: i64, timeout: Duration) -> bool {
         let mut rx = self.revision.clone();
-        tokio::time::timeout(timeout, rx.wait_for(|r| *r >= revision)).await.map(|r| r.is_ok()).unwrap_or(false)
+        tokio::time::timeout(timeout, rx.wait_for(|r| *r >= revision))
+            .await
+            .map(|r| r.is_ok())
+            .unwrap_or(false)
     }
 }

@@ -36,18 +36,32 @@ impl Default for EngineConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("config file {path}: {source}")]
-    Parse { path: PathBuf, source: toml::de::Error },
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
     #[error("{0}")]
     Invalid(String),
 }
 
 impl EngineConfig {
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
-        let Some(path) = path else { return Ok(EngineConfig::default()) };
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.into(), source })
+        let Some(path) = path else {
+            return Ok(EngineConfig::default());
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.into(),
+            source,
+        })
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -55,10 +69,15 @@ impl EngineConfig {
             return Err(ConfigError::Invalid("etcd_endpoints is empty".into()));
         }
         if self.election_ttl_secs < 2 {
-            return Err(ConfigError::Invalid(format!("election_ttl_secs = {} is too short (minimum 2)", self.election_ttl_secs)));
+            return Err(ConfigError::Invalid(format!(
+                "election_ttl_secs = {} is too short (minimum 2)",
+                self.election_ttl_secs
+            )));
         }
         if self.token_limit == 0 {
-            return Err(ConfigError::Invalid("token_limit must be at least 1".into()));
+            return Err(ConfigError::Invalid(
+                "token_limit must be at least 1".into(),
+            ));
         }
         Ok(())
     }

@@ -22,23 +22,55 @@ use tokio::sync::watch;
 
 /// Runs an engine until `shutdown` turns true.
 pub async fn run(cfg: EngineConfig, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
-    let etcd = EtcdConfig { endpoints: cfg.etcd_endpoints.clone(), request_timeout: Duration::from_millis(cfg.etcd_request_timeout_ms) };
-    let client = connect(&etcd, RetryPolicy { attempts: 30, ..RetryPolicy::default() }).await?;
+    let etcd = EtcdConfig {
+        endpoints: cfg.etcd_endpoints.clone(),
+        request_timeout: Duration::from_millis(cfg.etcd_request_timeout_ms),
+    };
+    let client = connect(
+        &etcd,
+        RetryPolicy {
+            attempts: 30,
+            ..RetryPolicy::default()
+        },
+    )
+    .await?;
     let keys = Keys::new(&cfg.etcd_prefix);
     let cluster = cluster::Cluster::follow(client.clone(), keys.clone());
-    let status = Arc::new(Mutex::new(leader::LeaderStatus { engine_id: cfg.engine_id.clone(), ..Default::default() }));
-    let api = api::Api { client: client.clone(), keys: keys.clone(), cluster: cluster.clone(), status: status.clone(), token_limit: cfg.token_limit };
+    let status = Arc::new(Mutex::new(leader::LeaderStatus {
+        engine_id: cfg.engine_id.clone(),
+        ..Default::default()
+    }));
+    let api = api::Api {
+        client: client.clone(),
+        keys: keys.clone(),
+        cluster: cluster.clone(),
+        status: status.clone(),
+        token_limit: cfg.token_limit,
+    };
     let mut servers = Vec::new();
     for addr in &cfg.listen {
-        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
         tracing::info!(%addr, "serving the fleet API");
         let app = api::router(api.clone());
         let mut stop = shutdown.clone();
         servers.push(tokio::spawn(async move {
-            axum::serve(listener, app).with_graceful_shutdown(async move { let _ = stop.wait_for(|s| *s).await; }).await
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await
         }));
     }
-    let leader = leader::Leader { client, keys, cluster, engine_id: cfg.engine_id.clone(), ttl: cfg.election_ttl_secs, status };
+    let leader = leader::Leader {
+        client,
+        keys,
+        cluster,
+        engine_id: cfg.engine_id.clone(),
+        ttl: cfg.election_ttl_secs,
+        status,
+    };
     let leading = tokio::spawn(leader.run(shutdown.clone()));
     let _ = shutdown.wait_for(|s| *s).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), leading).await;

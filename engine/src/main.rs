@@ -26,18 +26,32 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
     let mut cfg = EngineConfig::load(args.config.as_deref())?;
-    if let Some(v) = args.etcd_endpoints { cfg.etcd_endpoints = v; }
-    if let Some(v) = args.etcd_prefix { cfg.etcd_prefix = v; }
-    if let Some(v) = args.listen { cfg.listen = v; }
-    if let Some(v) = args.engine_id { cfg.engine_id = v; }
-    if let Some(v) = args.election_ttl_secs { cfg.election_ttl_secs = v; }
+    if let Some(v) = args.etcd_endpoints {
+        cfg.etcd_endpoints = v;
+    }
+    if let Some(v) = args.etcd_prefix {
+        cfg.etcd_prefix = v;
+    }
+    if let Some(v) = args.listen {
+        cfg.listen = v;
+    }
+    if let Some(v) = args.engine_id {
+        cfg.engine_id = v;
+    }
+    if let Some(v) = args.election_ttl_secs {
+        cfg.election_ttl_secs = v;
+    }
     if cfg.engine_id.is_empty() {
-        cfg.engine_id = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "engine".into());
+        cfg.engine_id = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "engine".into());
     }
     cfg.validate()?;
     tokio::runtime::Builder::new_multi_thread()
@@ -49,7 +63,10 @@ fn main() -> anyhow::Result<()> {
             let (tx, rx) = watch::channel(false);
             tokio::spawn(async move {
                 use tokio::signal::unix::{signal, SignalKind};
-                if let (Ok(mut t), Ok(mut i)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+                if let (Ok(mut t), Ok(mut i)) = (
+                    signal(SignalKind::terminate()),
+                    signal(SignalKind::interrupt()),
+                ) {
                     tokio::select! { _ = t.recv() => {}, _ = i.recv() => {} }
                     tracing::info!("stopping");
                     let _ = tx.send(true);

@@ -18,7 +18,11 @@ pub struct Unit {
     pub desired_state: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub current_state: String,
-    #[serde(rename = "machineID", default, skip_serializing_if = "String::is_empty")]
+    #[serde(
+        rename = "machineID",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
     pub machine_id: String,
 }
 
@@ -51,7 +55,12 @@ pub struct Machine {
 
 impl Machine {
     pub fn legend(&self, full: bool) -> String {
-        fleet_model::MachineRecord { id: self.id.clone(), public_ip: self.primary_ip.clone(), ..Default::default() }.legend(full)
+        fleet_model::MachineRecord {
+            id: self.id.clone(),
+            public_ip: self.primary_ip.clone(),
+            ..Default::default()
+        }
+        .legend(full)
     }
 }
 
@@ -76,8 +85,15 @@ impl Client {
         if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
             bail!("unsupported endpoint {endpoint:?}: expected http://host:port");
         }
-        let http = reqwest::Client::builder().timeout(timeout).connect_timeout(timeout).build().context("cannot build HTTP client")?;
-        Ok(Client { http, base: format!("{endpoint}/fleet/v1") })
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .build()
+            .context("cannot build HTTP client")?;
+        Ok(Client {
+            http,
+            base: format!("{endpoint}/fleet/v1"),
+        })
     }
 
     fn url(&self, path: &str) -> String {
@@ -98,16 +114,37 @@ impl Client {
                 Err(e) => return Err(anyhow!("{what}: {e}")),
             }
         }
-        Err(anyhow!("{what}: cannot reach the fleet API at {}: {}", self.base, last.map(|e| e.to_string()).unwrap_or_default()))
+        Err(anyhow!(
+            "{what}: cannot reach the fleet API at {}: {}",
+            self.base,
+            last.map(|e| e.to_string()).unwrap_or_default()
+        ))
     }
 
     async fn error(resp: reqwest::Response) -> anyhow::Error {
         let status = resp.status();
-        let msg = resp.json::<ErrorBody>().await.map(|b| b.error.message).unwrap_or_default();
-        anyhow!("API error {}: {}", status.as_u16(), if msg.is_empty() { status.canonical_reason().unwrap_or("") } else { &msg })
+        let msg = resp
+            .json::<ErrorBody>()
+            .await
+            .map(|b| b.error.message)
+            .unwrap_or_default();
+        anyhow!(
+            "API error {}: {}",
+            status.as_u16(),
+            if msg.is_empty() {
+                status.canonical_reason().unwrap_or("")
+            } else {
+                &msg
+            }
+        )
     }
 
-    async fn pages<T: for<'de> Deserialize<'de>>(&self, path: &str, field: &str, query: &[(&str, &str)]) -> Result<Vec<T>> {
+    async fn pages<T: for<'de> Deserialize<'de>>(
+        &self,
+        path: &str,
+        field: &str,
+        query: &[(&str, &str)],
+    ) -> Result<Vec<T>> {
         let mut out = Vec::new();
         let mut token: Option<String> = None;
         loop {
@@ -115,13 +152,24 @@ impl Client {
             if let Some(t) = &token {
                 q.push(("nextPageToken", t));
             }
-            let resp = self.send(self.http.get(self.url(path)).query(&q), &format!("GET {path}")).await?;
+            let resp = self
+                .send(
+                    self.http.get(self.url(path)).query(&q),
+                    &format!("GET {path}"),
+                )
+                .await?;
             if !resp.status().is_success() {
                 return Err(Self::error(resp).await);
             }
-            let mut page: serde_json::Value = resp.json().await.with_context(|| format!("GET {path}: unreadable response"))?;
+            let mut page: serde_json::Value = resp
+                .json()
+                .await
+                .with_context(|| format!("GET {path}: unreadable response"))?;
             if let Some(items) = page.get_mut(field).map(serde_json::Value::take) {
-                out.extend(serde_json::from_value::<Vec<T>>(items).with_context(|| format!("GET {path}: unreadable {field}"))?);
+                out.extend(
+                    serde_json::from_value::<Vec<T>>(items)
+                        .with_context(|| format!("GET {path}: unreadable {field}"))?,
+                );
             }
             match page.get("nextPageToken").and_then(|t| t.as_str()) {
                 Some(t) if !t.is_empty() => token = Some(t.to_string()),
@@ -146,17 +194,31 @@ impl Client {
     }
 
     pub async fn unit(&self, name: &str) -> Result<Option<Unit>> {
-        let resp = self.send(self.http.get(self.url(&format!("units/{}", encode(name)))), &format!("GET unit {name}")).await?;
+        let resp = self
+            .send(
+                self.http.get(self.url(&format!("units/{}", encode(name)))),
+                &format!("GET unit {name}"),
+            )
+            .await?;
         match resp.status() {
             StatusCode::NOT_FOUND => Ok(None),
-            s if s.is_success() => Ok(Some(resp.json().await.with_context(|| format!("unit {name}: unreadable response"))?)),
+            s if s.is_success() => {
+                Ok(Some(resp.json().await.with_context(|| {
+                    format!("unit {name}: unreadable response")
+                })?))
+            }
             _ => Err(Self::error(resp).await),
         }
     }
 
     pub async fn put(&self, unit: &Unit) -> Result<()> {
         let resp = self
-            .send(self.http.put(self.url(&format!("units/{}", encode(&unit.name)))).json(unit), &format!("PUT unit {}", unit.name))
+            .send(
+                self.http
+                    .put(self.url(&format!("units/{}", encode(&unit.name))))
+                    .json(unit),
+                &format!("PUT unit {}", unit.name),
+            )
             .await?;
         if resp.status().is_success() {
             Ok(())
@@ -166,12 +228,23 @@ impl Client {
     }
 
     pub async fn set_desired(&self, name: &str, state: &str) -> Result<()> {
-        self.put(&Unit { name: name.into(), desired_state: state.into(), ..Default::default() }).await
+        self.put(&Unit {
+            name: name.into(),
+            desired_state: state.into(),
+            ..Default::default()
+        })
+        .await
     }
 
     /// False if the unit did not exist.
     pub async fn destroy(&self, name: &str) -> Result<bool> {
-        let resp = self.send(self.http.delete(self.url(&format!("units/{}", encode(name)))), &format!("DELETE unit {name}")).await?;
+        let resp = self
+            .send(
+                self.http
+                    .delete(self.url(&format!("units/{}", encode(name)))),
+                &format!("DELETE unit {name}"),
+            )
+            .await?;
         match resp.status() {
             StatusCode::NOT_FOUND => Ok(false),
             s if s.is_success() => Ok(true),

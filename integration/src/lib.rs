@@ -9,6 +9,7 @@
 
 pub mod net;
 pub mod process;
+pub mod testkit;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -27,7 +28,9 @@ pub const LEASE_TTL_SECS: i64 = 5;
 
 /// Where the lab keeps its state; `FLEET_LAB_DIR` overrides.
 pub fn lab_dir() -> PathBuf {
-    std::env::var_os("FLEET_LAB_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/run/fleet-lab"))
+    std::env::var_os("FLEET_LAB_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/run/fleet-lab"))
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -56,7 +59,10 @@ pub struct MachineProc {
 impl MachineProc {
     /// D-Bus address of the machine's system bus, reachable from the host.
     pub fn bus_address(&self) -> String {
-        format!("unix:path={}", self.dir.join("bus/system_bus_socket").display())
+        format!(
+            "unix:path={}",
+            self.dir.join("bus/system_bus_socket").display()
+        )
     }
 }
 
@@ -77,7 +83,11 @@ impl LabState {
     pub fn load() -> Result<Option<LabState>> {
         let p = Self::path();
         match std::fs::read(&p) {
-            Ok(b) => Ok(Some(serde_json::from_slice(&b).with_context(|| format!("corrupt lab state {}", p.display()))?)),
+            Ok(b) => {
+                Ok(Some(serde_json::from_slice(&b).with_context(|| {
+                    format!("corrupt lab state {}", p.display())
+                })?))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e).with_context(|| format!("cannot read {}", p.display())),
         }
@@ -143,7 +153,14 @@ pub fn machine_id_for(name: &str, generation: u32) -> String {
 
 fn uuid_of(machine_id: &str) -> String {
     let m = machine_id;
-    format!("{}-{}-{}-{}-{}", &m[0..8], &m[8..12], &m[12..16], &m[16..20], &m[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &m[0..8],
+        &m[8..12],
+        &m[12..16],
+        &m[16..20],
+        &m[20..32]
+    )
 }
 
 /// The host's etcd client URL that machines use.
@@ -161,12 +178,31 @@ pub fn start_etcd(name: &str) -> Result<EtcdProc> {
     let mut cmd = Command::new("etcd");
     cmd.args(["--name", name, "--data-dir"])
         .arg(dir.join("data"))
-        .args(["--listen-client-urls", &client_urls, "--advertise-client-urls", &etcd_bridge_url()])
-        .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
-        .args(["--initial-cluster", &format!("{name}={peer}"), "--initial-cluster-state", "new"])
+        .args([
+            "--listen-client-urls",
+            &client_urls,
+            "--advertise-client-urls",
+            &etcd_bridge_url(),
+        ])
+        .args([
+            "--listen-peer-urls",
+            &peer,
+            "--initial-advertise-peer-urls",
+            &peer,
+        ])
+        .args([
+            "--initial-cluster",
+            &format!("{name}={peer}"),
+            "--initial-cluster-state",
+            "new",
+        ])
         .args(["--auto-compaction-retention", "1"]);
     let pid = process::spawn_logged(cmd, &dir.join("etcd.log"))?;
-    Ok(EtcdProc { name: name.into(), pid, client_url: format!("http://127.0.0.1:{ETCD_CLIENT_PORT}") })
+    Ok(EtcdProc {
+        name: name.into(),
+        pid,
+        client_url: format!("http://127.0.0.1:{ETCD_CLIENT_PORT}"),
+    })
 }
 
 /// Waits until etcd answers a read.
@@ -179,32 +215,61 @@ pub async fn wait_etcd(endpoints: &[String], timeout: Duration) -> Result<()> {
         };
         match tokio::time::timeout(Duration::from_secs(2), attempt).await {
             Ok(Ok(_)) => return Ok(()),
-            _ if Instant::now() > until => bail!("etcd at {} did not become ready within {timeout:?}", endpoints.join(",")),
+            _ if Instant::now() > until => bail!(
+                "etcd at {} did not become ready within {timeout:?}",
+                endpoints.join(",")
+            ),
             _ => tokio::time::sleep(Duration::from_millis(200)).await,
         }
     }
 }
 
 /// Starts an engine process serving the API on `127.0.0.1:port` and the bridge address.
-pub fn start_engine(name: &str, bin_dir: &Path, etcd: &[String], prefix: &str, port: u16, election_ttl: i64) -> Result<EngineProc> {
+pub fn start_engine(
+    name: &str,
+    bin_dir: &Path,
+    etcd: &[String],
+    prefix: &str,
+    port: u16,
+    election_ttl: i64,
+) -> Result<EngineProc> {
     let log = lab_dir().join(format!("{name}.log"));
     let mut cmd = Command::new(bin_dir.join("fleet-engine"));
-    cmd.args(["--etcd-endpoints", &etcd.join(","), "--etcd-prefix", prefix, "--engine-id", name])
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .args(["--election-ttl-secs", &election_ttl.to_string()]);
+    cmd.args([
+        "--etcd-endpoints",
+        &etcd.join(","),
+        "--etcd-prefix",
+        prefix,
+        "--engine-id",
+        name,
+    ])
+    .args(["--listen", &format!("127.0.0.1:{port}")])
+    .args(["--election-ttl-secs", &election_ttl.to_string()]);
     let pid = process::spawn_logged(cmd, &log)?;
-    Ok(EngineProc { name: name.into(), pid, api_url: format!("http://127.0.0.1:{port}") })
+    Ok(EngineProc {
+        name: name.into(),
+        pid,
+        api_url: format!("http://127.0.0.1:{port}"),
+    })
 }
 
 /// Boots a machine: network namespace and address, agent config, then systemd-nspawn.
-pub async fn boot_machine(spec: &MachineSpec, bin_dir: &Path, unit_template: &str) -> Result<MachineProc> {
+pub async fn boot_machine(
+    spec: &MachineSpec,
+    bin_dir: &Path,
+    unit_template: &str,
+) -> Result<MachineProc> {
     let dir = lab_dir().join("machines").join(&spec.name);
     let _ = std::fs::remove_dir_all(&dir);
     for sub in ["bus", "fleet"] {
         std::fs::create_dir_all(dir.join(sub))?;
     }
     net::add_machine_netns(&spec.name, &spec.ip)?;
-    let metadata: String = spec.metadata.iter().map(|(k, v)| format!("{k} = {v:?}\n")).collect();
+    let metadata: String = spec
+        .metadata
+        .iter()
+        .map(|(k, v)| format!("{k} = {v:?}\n"))
+        .collect();
     let config = format!(
         "etcd_endpoints = [{:?}]\netcd_prefix = {:?}\npublic_ip = {:?}\nlease_ttl_secs = {}\n\n[metadata]\n{metadata}",
         etcd_bridge_url(),
@@ -217,18 +282,38 @@ pub async fn boot_machine(spec: &MachineSpec, bin_dir: &Path, unit_template: &st
     std::fs::write(dir.join("fleet-agent.service"), unit)?;
 
     let mut cmd = Command::new("systemd-nspawn");
-    cmd.args(["-D", "/", "--volatile=yes", "--register=no", "--keep-unit", "-M", &spec.name])
-        .arg(format!("--uuid={}", uuid_of(&spec.machine_id)))
-        .arg(format!("--network-namespace-path=/run/netns/{}", spec.name))
-        .arg(format!("--bind={}:/run/dbus", dir.join("bus").display()))
-        .arg(format!("--bind-ro={}:/etc/fleet", dir.join("fleet").display()))
-        .arg(format!("--bind-ro={}:/etc/systemd/system/fleet-agent.service", dir.join("fleet-agent.service").display()))
-        .arg(format!("--bind-ro={}:/opt/fleet", bin_dir.display()))
-        .args(["--boot", "--quiet", "--"])
-        .args(["systemd.firstboot=off", "systemd.wants=fleet-agent.service"])
-        .args(MASKED.iter().map(|s| format!("systemd.mask={s}")));
+    cmd.args([
+        "-D",
+        "/",
+        "--volatile=yes",
+        "--register=no",
+        "--keep-unit",
+        "-M",
+        &spec.name,
+    ])
+    .arg(format!("--uuid={}", uuid_of(&spec.machine_id)))
+    .arg(format!("--network-namespace-path=/run/netns/{}", spec.name))
+    .arg(format!("--bind={}:/run/dbus", dir.join("bus").display()))
+    .arg(format!(
+        "--bind-ro={}:/etc/fleet",
+        dir.join("fleet").display()
+    ))
+    .arg(format!(
+        "--bind-ro={}:/etc/systemd/system/fleet-agent.service",
+        dir.join("fleet-agent.service").display()
+    ))
+    .arg(format!("--bind-ro={}:/opt/fleet", bin_dir.display()))
+    .args(["--boot", "--quiet", "--"])
+    .args(["systemd.firstboot=off", "systemd.wants=fleet-agent.service"])
+    .args(MASKED.iter().map(|s| format!("systemd.mask={s}")));
     let pid = process::spawn_logged(cmd, &dir.join("console.log"))?;
-    let m = MachineProc { name: spec.name.clone(), pid, ip: spec.ip.clone(), machine_id: spec.machine_id.clone(), dir };
+    let m = MachineProc {
+        name: spec.name.clone(),
+        pid,
+        ip: spec.ip.clone(),
+        machine_id: spec.machine_id.clone(),
+        dir,
+    };
     wait_booted(&m, Duration::from_secs(60)).await?;
     Ok(m)
 }
@@ -254,13 +339,27 @@ pub async fn wait_booted(m: &MachineProc, timeout: Duration) -> Result<()> {
     let mut last = String::from("no bus yet");
     loop {
         if !process::alive(m.pid) {
-            bail!("machine {} exited while booting; see {}", m.name, m.dir.join("console.log").display());
+            bail!(
+                "machine {} exited while booting; see {}",
+                m.name,
+                m.dir.join("console.log").display()
+            );
         }
         if m.dir.join("bus/system_bus_socket").exists() {
             let state = async {
-                let conn = zbus::connection::Builder::address(m.bus_address().as_str())?.build().await?;
-                let proxy = zbus::Proxy::new(&conn, "org.freedesktop.systemd1", "/org/freedesktop/systemd1", "org.freedesktop.systemd1.Manager").await?;
-                proxy.get_property::<String>("SystemState").await.map_err(zbus::Error::from)
+                let conn = zbus::connection::Builder::address(m.bus_address().as_str())?
+                    .build()
+                    .await?;
+                let proxy = zbus::Proxy::new(
+                    &conn,
+                    "org.freedesktop.systemd1",
+                    "/org/freedesktop/systemd1",
+                    "org.freedesktop.systemd1.Manager",
+                )
+                .await?;
+                proxy
+                    .get_property::<String>("SystemState")
+                    .await
             };
             match tokio::time::timeout(Duration::from_secs(2), state).await {
                 Ok(Ok(s)) if s == "running" || s == "degraded" => return Ok(()),
@@ -270,7 +369,10 @@ pub async fn wait_booted(m: &MachineProc, timeout: Duration) -> Result<()> {
             }
         }
         if Instant::now() > until {
-            bail!("machine {} did not boot within {timeout:?} (last: {last})", m.name);
+            bail!(
+                "machine {} did not boot within {timeout:?} (last: {last})",
+                m.name
+            );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -290,7 +392,8 @@ pub fn install_binaries(target_dir: &Path) -> Result<PathBuf> {
     for b in ["fleet-agent", "fleet-engine", "fleetctl"] {
         let src = target_dir.join(b);
         let tmp = bin.join(format!(".{b}.tmp"));
-        std::fs::copy(&src, &tmp).with_context(|| format!("cannot copy {} (is the workspace built?)", src.display()))?;
+        std::fs::copy(&src, &tmp)
+            .with_context(|| format!("cannot copy {} (is the workspace built?)", src.display()))?;
         std::fs::rename(&tmp, bin.join(b))?;
     }
     Ok(bin)

@@ -12,7 +12,11 @@ use std::time::{Duration, Instant};
 /// Spawns `cmd` in its own process group with output appended to `log`; returns its PID. The
 /// child is not waited for: it belongs to the lab, not to this process.
 pub fn spawn_logged(mut cmd: Command, log: &Path) -> Result<u32> {
-    let out = std::fs::OpenOptions::new().create(true).append(true).open(log).with_context(|| format!("cannot open {}", log.display()))?;
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("cannot open {}", log.display()))?;
     let err = out.try_clone()?;
     let child = cmd
         .stdin(Stdio::null())
@@ -27,7 +31,10 @@ pub fn spawn_logged(mut cmd: Command, log: &Path) -> Result<u32> {
 pub fn alive(pid: u32) -> bool {
     // A zombie has exited: treat it as gone.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('Z')).unwrap_or(false),
+        Ok(s) => !s
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+            .unwrap_or(false),
         Err(_) => false,
     }
 }
@@ -35,7 +42,12 @@ pub fn alive(pid: u32) -> bool {
 /// True if `pid` runs a program whose name contains `program`.
 pub fn runs(pid: u32, program: &str) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|c| c.split(|b| *b == 0).next().map(|argv0| String::from_utf8_lossy(argv0).contains(program)).unwrap_or(false))
+        .map(|c| {
+            c.split(|b| *b == 0)
+                .next()
+                .map(|argv0| String::from_utf8_lossy(argv0).contains(program))
+                .unwrap_or(false)
+        })
         .unwrap_or(false)
 }
 
@@ -68,5 +80,8 @@ pub fn stop(pid: u32, program: &str, grace: Duration) {
 }
 
 fn reap(pid: u32) {
-    let _ = nix::sys::wait::waitpid(Pid::from_raw(pid as i32), Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+    let _ = nix::sys::wait::waitpid(
+        Pid::from_raw(pid as i32),
+        Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+    );
 }

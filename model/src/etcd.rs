@@ -16,7 +16,10 @@ pub struct EtcdConfig {
 
 /// Connects with a connect timeout and a per-request timeout, retrying the first connection so a
 /// daemon started just before etcd does not exit.
-pub async fn connect(cfg: &EtcdConfig, policy: RetryPolicy) -> Result<Client, RetryError<etcd_client::Error>> {
+pub async fn connect(
+    cfg: &EtcdConfig,
+    policy: RetryPolicy,
+) -> Result<Client, RetryError<etcd_client::Error>> {
     let opts = etcd_client::ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(3))
         .with_timeout(cfg.request_timeout)
@@ -24,7 +27,11 @@ pub async fn connect(cfg: &EtcdConfig, policy: RetryPolicy) -> Result<Client, Re
         .with_keep_alive_while_idle(true);
     let what = format!("connect to etcd at {}", cfg.endpoints.join(","));
     policy
-        .run(&what, |_| true, || Client::connect(cfg.endpoints.clone(), Some(opts.clone())))
+        .run(
+            &what,
+            |_| true,
+            || Client::connect(cfg.endpoints.clone(), Some(opts.clone())),
+        )
         .await
 }
 
@@ -33,7 +40,14 @@ pub fn is_transient(e: &etcd_client::Error) -> bool {
     use tonic::Code;
     match e {
         etcd_client::Error::GRpcStatus(s) => {
-            matches!(s.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Aborted | Code::Cancelled)
+            matches!(
+                s.code(),
+                Code::Unavailable
+                    | Code::DeadlineExceeded
+                    | Code::Unknown
+                    | Code::Aborted
+                    | Code::Cancelled
+            )
         }
         etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
         _ => false,
@@ -43,8 +57,15 @@ pub fn is_transient(e: &etcd_client::Error) -> bool {
 /// One key's change, as seen by a prefix follower.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
-    Put { key: Vec<u8>, value: Vec<u8>, lease: i64, mod_revision: i64 },
-    Delete { key: Vec<u8> },
+    Put {
+        key: Vec<u8>,
+        value: Vec<u8>,
+        lease: i64,
+        mod_revision: i64,
+    },
+    Delete {
+        key: Vec<u8>,
+    },
 }
 
 /// What a prefix follower delivers, in revision order.
@@ -61,7 +82,10 @@ pub enum PrefixUpdate {
 /// revision; reconnects with backoff from the last revision seen, and relists after compaction.
 /// This is the only way fleet processes read etcd continuously, so no one polls.
 pub async fn follow_prefix(client: Client, prefix: String, tx: mpsc::Sender<PrefixUpdate>) {
-    let policy = RetryPolicy { attempts: u32::MAX, ..RetryPolicy::default() };
+    let policy = RetryPolicy {
+        attempts: u32::MAX,
+        ..RetryPolicy::default()
+    };
     let mut revision: Option<i64> = None;
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -90,9 +114,21 @@ pub async fn follow_prefix(client: Client, prefix: String, tx: mpsc::Sender<Pref
                 let puts = resp
                     .kvs()
                     .iter()
-                    .map(|kv| Change::Put { key: kv.key().to_vec(), value: kv.value().to_vec(), lease: kv.lease(), mod_revision: kv.mod_revision() })
+                    .map(|kv| Change::Put {
+                        key: kv.key().to_vec(),
+                        value: kv.value().to_vec(),
+                        lease: kv.lease(),
+                        mod_revision: kv.mod_revision(),
+                    })
                     .collect();
-                if tx.send(PrefixUpdate::Snapshot { revision: rev, puts }).await.is_err() {
+                if tx
+                    .send(PrefixUpdate::Snapshot {
+                        revision: rev,
+                        puts,
+                    })
+                    .await
+                    .is_err()
+                {
                     return;
                 }
                 revision = Some(rev);
@@ -100,7 +136,10 @@ pub async fn follow_prefix(client: Client, prefix: String, tx: mpsc::Sender<Pref
             }
         };
         let mut watch_client = client.watch_client();
-        let opts = WatchOptions::new().with_prefix().with_start_revision(start).with_progress_notify();
+        let opts = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(start)
+            .with_progress_notify();
         let mut stream = match watch_client.watch(prefix.clone(), Some(opts)).await {
             Ok(s) => s,
             Err(e) => {
@@ -134,18 +173,37 @@ pub async fn follow_prefix(client: Client, prefix: String, tx: mpsc::Sender<Pref
                         .filter_map(|ev| {
                             let kv = ev.kv()?;
                             Some(match ev.event_type() {
-                                EventType::Put => Change::Put { key: kv.key().to_vec(), value: kv.value().to_vec(), lease: kv.lease(), mod_revision: kv.mod_revision() },
-                                EventType::Delete => Change::Delete { key: kv.key().to_vec() },
+                                EventType::Put => Change::Put {
+                                    key: kv.key().to_vec(),
+                                    value: kv.value().to_vec(),
+                                    lease: kv.lease(),
+                                    mod_revision: kv.mod_revision(),
+                                },
+                                EventType::Delete => Change::Delete {
+                                    key: kv.key().to_vec(),
+                                },
                             })
                         })
                         .collect();
                     // Events of one revision arrive together; the header revision of a progress
                     // notification tells us etcd has nothing newer for this prefix.
-                    let rev = resp.events().last().and_then(|e| e.kv()).map(|kv| kv.mod_revision()).unwrap_or(rev);
+                    let rev = resp
+                        .events()
+                        .last()
+                        .and_then(|e| e.kv())
+                        .map(|kv| kv.mod_revision())
+                        .unwrap_or(rev);
                     if rev > revision.unwrap_or(0) {
                         revision = Some(rev);
                     }
-                    if tx.send(PrefixUpdate::Changes { revision: rev, changes }).await.is_err() {
+                    if tx
+                        .send(PrefixUpdate::Changes {
+                            revision: rev,
+                            changes,
+                        })
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                 }

@@ -14,7 +14,11 @@ pub enum MachineIdError {
 /// Validates an `/etc/machine-id` value (trailing newline allowed).
 pub fn parse_machine_id(text: &str) -> Result<MachineId, MachineIdError> {
     let id = text.trim();
-    if id.len() == 32 && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if id.len() == 32
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         Ok(id.to_string())
     } else {
         Err(MachineIdError::Malformed(id.to_string()))
@@ -63,7 +67,11 @@ mod tests {
 
     #[test]
     fn legend_like_fleetctl() {
-        let m = MachineRecord { id: "0f1ee701000040008000000000000001".into(), public_ip: "10.1.2.3".into(), ..Default::default() };
+        let m = MachineRecord {
+            id: "0f1ee701000040008000000000000001".into(),
+            public_ip: "10.1.2.3".into(),
+            ..Default::default()
+        };
         assert_eq!(m.legend(false), "0f1ee701.../10.1.2.3");
         assert_eq!(m.legend(true), "0f1ee701000040008000000000000001/10.1.2.3");
     }

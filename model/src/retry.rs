@@ -27,7 +27,11 @@ impl Default for RetryPolicy {
 #[derive(Debug, thiserror::Error)]
 pub enum RetryError<E: std::error::Error + 'static> {
     #[error("{what}: timed out after {timeout:?} ({attempts} attempts)")]
-    TimedOut { what: String, timeout: Duration, attempts: u32 },
+    TimedOut {
+        what: String,
+        timeout: Duration,
+        attempts: u32,
+    },
     #[error("{what}: {source}")]
     Failed {
         what: String,
@@ -58,11 +62,18 @@ impl RetryPolicy {
             match tokio::time::timeout(self.timeout, op()).await {
                 Ok(Ok(v)) => return Ok(v),
                 Ok(Err(e)) if last || !retryable(&e) => {
-                    return Err(RetryError::Failed { what: what.to_string(), source: e })
+                    return Err(RetryError::Failed {
+                        what: what.to_string(),
+                        source: e,
+                    })
                 }
                 Ok(Err(e)) => tracing::debug!(what, attempt, error = %e, "retrying"),
                 Err(_) if last => {
-                    return Err(RetryError::TimedOut { what: what.to_string(), timeout: self.timeout, attempts: attempt })
+                    return Err(RetryError::TimedOut {
+                        what: what.to_string(),
+                        timeout: self.timeout,
+                        attempts: attempt,
+                    })
                 }
                 Err(_) => tracing::debug!(what, attempt, "timed out, retrying"),
             }
@@ -82,17 +93,30 @@ mod tests {
     struct Boom(u32);
 
     fn fast() -> RetryPolicy {
-        RetryPolicy { attempts: 3, first_backoff: Duration::from_millis(1), max_backoff: Duration::from_millis(2), timeout: Duration::from_millis(50) }
+        RetryPolicy {
+            attempts: 3,
+            first_backoff: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(2),
+            timeout: Duration::from_millis(50),
+        }
     }
 
     #[tokio::test]
     async fn retries_until_success() {
         let calls = AtomicU32::new(0);
         let r = fast()
-            .run("op", |_: &Boom| true, || async {
-                let n = calls.fetch_add(1, Ordering::SeqCst);
-                if n < 2 { Err(Boom(n)) } else { Ok(n) }
-            })
+            .run(
+                "op",
+                |_: &Boom| true,
+                || async {
+                    let n = calls.fetch_add(1, Ordering::SeqCst);
+                    if n < 2 {
+                        Err(Boom(n))
+                    } else {
+                        Ok(n)
+                    }
+                },
+            )
             .await;
         assert_eq!(r.ok(), Some(2));
     }
@@ -101,12 +125,23 @@ mod tests {
     async fn final_errors_stop_and_timeouts_are_reported() {
         let calls = AtomicU32::new(0);
         let r: Result<(), _> = fast()
-            .run("op", |_: &Boom| false, || async { Err(Boom(calls.fetch_add(1, Ordering::SeqCst))) })
+            .run(
+                "op",
+                |_: &Boom| false,
+                || async { Err(Boom(calls.fetch_add(1, Ordering::SeqCst))) },
+            )
             .await;
         assert_eq!(calls.load(Ordering::SeqCst), 1);
         assert_eq!(r.map_err(|e| e.to_string()), Err("op: boom 0".to_string()));
         let r: Result<(), RetryError<Boom>> = fast()
-            .run("slow", |_| true, || async { tokio::time::sleep(Duration::from_secs(5)).await; Ok(()) })
+            .run(
+                "slow",
+                |_| true,
+                || async {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    Ok(())
+                },
+            )
             .await;
         assert!(matches!(r, Err(RetryError::TimedOut { attempts: 3, .. })));
     }

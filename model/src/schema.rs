@@ -85,7 +85,9 @@ impl Keys {
     }
 
     pub fn decode(&self, key: &[u8]) -> Option<Key> {
-        let key = std::str::from_utf8(key).ok()?.strip_prefix(self.prefix.as_str())?;
+        let key = std::str::from_utf8(key)
+            .ok()?
+            .strip_prefix(self.prefix.as_str())?;
         let (kind, rest) = key.split_once('/')?;
         match kind {
             "units" => UnitName::parse(rest).ok().map(Key::Unit),
@@ -94,7 +96,11 @@ impl Keys {
             "schedule" | "states" => {
                 let (m, u) = rest.split_once('/')?;
                 let u = UnitName::parse(u).ok()?;
-                Some(if kind == "schedule" { Key::Schedule(m.to_string(), u) } else { Key::State(m.to_string(), u) })
+                Some(if kind == "schedule" {
+                    Key::Schedule(m.to_string(), u)
+                } else {
+                    Key::State(m.to_string(), u)
+                })
             }
             _ => None,
         }
@@ -152,24 +158,60 @@ mod tests {
     fn keys_round_trip() {
         let k = Keys::new("/t1");
         let m = "0f1ee701000040008000000000000001";
-        assert_eq!(k.decode(k.unit(&n("a@1.service")).as_bytes()), Some(Key::Unit(n("a@1.service"))));
-        assert_eq!(k.decode(k.body("abc").as_bytes()), Some(Key::Body("abc".into())));
-        assert_eq!(k.decode(k.machine(m).as_bytes()), Some(Key::Machine(m.into())));
-        assert_eq!(k.decode(k.schedule(m, &n("x.service")).as_bytes()), Some(Key::Schedule(m.into(), n("x.service"))));
-        assert_eq!(k.decode(k.state(m, &n("x.service")).as_bytes()), Some(Key::State(m.into(), n("x.service"))));
-        assert!(k.schedule(m, &n("x.service")).starts_with(&k.schedule_of(m)));
+        assert_eq!(
+            k.decode(k.unit(&n("a@1.service")).as_bytes()),
+            Some(Key::Unit(n("a@1.service")))
+        );
+        assert_eq!(
+            k.decode(k.body("abc").as_bytes()),
+            Some(Key::Body("abc".into()))
+        );
+        assert_eq!(
+            k.decode(k.machine(m).as_bytes()),
+            Some(Key::Machine(m.into()))
+        );
+        assert_eq!(
+            k.decode(k.schedule(m, &n("x.service")).as_bytes()),
+            Some(Key::Schedule(m.into(), n("x.service")))
+        );
+        assert_eq!(
+            k.decode(k.state(m, &n("x.service")).as_bytes()),
+            Some(Key::State(m.into(), n("x.service")))
+        );
+        assert!(k
+            .schedule(m, &n("x.service"))
+            .starts_with(&k.schedule_of(m)));
         assert_eq!(k.decode(b"/t1/leader/123"), None);
         assert_eq!(k.decode(b"/other/units/x.service"), None);
     }
 
     #[test]
     fn records_round_trip() {
-        let u = UnitRecord { name: n("a.service"), hash: "h".into(), desired_state: DesiredState::Launched };
+        let u = UnitRecord {
+            name: n("a.service"),
+            hash: "h".into(),
+            desired_state: DesiredState::Launched,
+        };
         let bytes = encode(&u).expect("encodes");
-        assert_eq!(std::str::from_utf8(&bytes).ok(), Some(r#"{"name":"a.service","hash":"h","desiredState":"launched"}"#));
+        assert_eq!(
+            std::str::from_utf8(&bytes).ok(),
+            Some(r#"{"name":"a.service","hash":"h","desiredState":"launched"}"#)
+        );
         assert_eq!(decode::<UnitRecord>(&bytes).ok(), Some(u));
-        let s = UnitStateRecord { hash: "h".into(), load_state: "loaded".into(), active_state: "active".into(), sub_state: "running".into(), applied: DesiredState::Launched };
-        assert_eq!(decode::<UnitStateRecord>(&encode(&s).expect("encodes")).ok(), Some(s));
-        assert!(decode::<UnitRecord>(br#"{"name":"bad","hash":"h","desiredState":"launched"}"#).is_err());
+        let s = UnitStateRecord {
+            hash: "h".into(),
+            load_state: "loaded".into(),
+            active_state: "active".into(),
+            sub_state: "running".into(),
+            applied: DesiredState::Launched,
+        };
+        assert_eq!(
+            decode::<UnitStateRecord>(&encode(&s).expect("encodes")).ok(),
+            Some(s)
+        );
+        assert!(
+            decode::<UnitRecord>(br#"{"name":"bad","hash":"h","desiredState":"launched"}"#)
+                .is_err()
+        );
     }
 }

@@ -5,8 +5,19 @@ use std::fmt;
 
 const MAX_LEN: usize = 256;
 const SUFFIXES: &[&str] = &[
-    "automount", "busname", "device", "mount", "path", "scope", "service", "slice", "snapshot",
-    "socket", "swap", "target", "timer",
+    "automount",
+    "busname",
+    "device",
+    "mount",
+    "path",
+    "scope",
+    "service",
+    "slice",
+    "snapshot",
+    "socket",
+    "swap",
+    "target",
+    "timer",
 ];
 const TEMPLATE_SUFFIXES: &[&str] = &["path", "service", "socket", "target", "timer"];
 
@@ -60,10 +71,9 @@ impl UnitName {
         } else if !SUFFIXES.contains(&suffix) {
             return Err(UnitNameError::InvalidType(suffix.to_string()));
         }
-        if let Some(c) = stem
-            .chars()
-            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, ':' | '_' | '.' | '@' | '-' | '\\')))
-        {
+        if let Some(c) = stem.chars().find(|c| {
+            !(c.is_ascii_alphanumeric() || matches!(c, ':' | '_' | '.' | '@' | '-' | '\\'))
+        }) {
             return Err(UnitNameError::InvalidChar(c));
         }
         Ok(UnitName(name.to_string()))
@@ -140,7 +150,14 @@ mod tests {
 
     #[test]
     fn accepts_fleet_names() {
-        for n in ["hello.service", "a.b.socket", "web@1.service", "web@.service", "x\\x2d.mount", "a:b_c-d.timer"] {
+        for n in [
+            "hello.service",
+            "a.b.socket",
+            "web@1.service",
+            "web@.service",
+            "x\\x2d.mount",
+            "a:b_c-d.timer",
+        ] {
             assert!(UnitName::parse(n).is_ok(), "{n}");
         }
     }
@@ -158,7 +175,11 @@ mod tests {
             ("a/b.service", "invalid character '/' in unit name"),
         ];
         for (name, msg) in cases {
-            assert_eq!(UnitName::parse(name).map_err(|e| e.to_string()), Err(msg.to_string()), "{name}");
+            assert_eq!(
+                UnitName::parse(name).map_err(|e| e.to_string()),
+                Err(msg.to_string()),
+                "{name}"
+            );
         }
         let long = format!("{}.service", "a".repeat(250));
         assert_eq!(UnitName::parse(&long), Err(UnitNameError::TooLong));
@@ -169,10 +190,16 @@ mod tests {
         let i = UnitName::parse("web@a@b.service").expect("valid");
         assert_eq!(i.prefix(), "web");
         assert_eq!(i.instance(), Some("a@b"));
-        assert_eq!(i.template().map(|t| t.to_string()), Some("web@.service".into()));
+        assert_eq!(
+            i.template().map(|t| t.to_string()),
+            Some("web@.service".into())
+        );
         let t = UnitName::parse("web@.service").expect("valid");
         assert!(t.is_template() && !t.is_instance());
         let p = UnitName::parse("plain.service").expect("valid");
-        assert_eq!((p.prefix(), p.instance(), p.template()), ("plain", None, None));
+        assert_eq!(
+            (p.prefix(), p.instance(), p.template()),
+            ("plain", None, None)
+        );
     }
 }

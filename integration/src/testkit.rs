@@ -1,0 +1,167 @@
+//! Helpers for the scenario tests: find the lab, wait for conditions, look inside machines.
+//!
+//! Tests that need the lab skip when it is not up, except under `CI=true`, where a missing lab
+//! is a failure: CI must never pass by skipping.
+
+use crate::{LabState, MachineProc};
+use anyhow::{bail, Context, Result};
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+/// The running lab, or `None` (test skipped) outside CI.
+pub fn lab() -> Option<LabState> {
+    match LabState::load() {
+        Ok(Some(s)) if !s.etcd.is_empty() => Some(s),
+        other => {
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!("CI=true but the lab is not up ({other:?}); run the suite with ./lab test");
+            }
+            eprintln!("skipped: the lab is not up (run ./lab test)");
+            None
+        }
+    }
+}
+
+/// Polls `check` until it returns `Some`, failing with `what` after `timeout`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let until = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return Ok(v);
+        }
+        if Instant::now() > until {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub async fn etcd(state: &LabState) -> Result<etcd_client::Client> {
+    Ok(etcd_client::Client::connect(state.etcd_endpoints(), None).await?)
+}
+
+/// A key prefix no other test uses.
+pub fn unique_prefix(test: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("/fleet-test/{test}-{nanos:x}/")
+}
+
+/// All keys under `prefix`, as strings.
+pub async fn keys_under(client: &mut etcd_client::Client, prefix: &str) -> Result<Vec<String>> {
+    let resp = client
+        .get(
+            prefix,
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_keys_only(),
+            ),
+        )
+        .await?;
+    Ok(resp
+        .kvs()
+        .iter()
+        .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
+        .collect())
+}
+
+/// Runs the lab's fleetctl against `endpoint`.
+pub fn fleetctl(state: &LabState, endpoint: &str, args: &[&str]) -> Result<Output> {
+    Command::new(state.bin_dir.join("fleetctl"))
+        .args(args)
+        .env("FLEETCTL_ENDPOINT", endpoint)
+        .output()
+        .context("cannot run fleetctl")
+}
+
+pub fn text(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// A scratch directory for unit files.
+pub fn scratch(test: &str) -> Result<PathBuf> {
+    let d = std::env::temp_dir().join(format!("fleet-{test}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d)?;
+    Ok(d)
+}
+
+/// A connection to one machine's systemd, from the host.
+pub struct MachineBus {
+    conn: zbus::Connection,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnitProps {
+    pub load_state: String,
+    pub active_state: String,
+    pub sub_state: String,
+    pub main_pid: u32,
+}
+
+impl MachineBus {
+    pub async fn connect(m: &MachineProc) -> Result<Self> {
+        let conn = zbus::connection::Builder::address(m.bus_address().as_str())?
+            .build()
+            .await
+            .with_context(|| format!("bus of {}", m.name))?;
+        Ok(MachineBus { conn })
+    }
+
+    async fn manager(&self) -> Result<zbus::Proxy<'_>> {
+        Ok(zbus::Proxy::new(
+            &self.conn,
+            "org.freedesktop.systemd1",
+            "/org/freedesktop/systemd1",
+            "org.freedesktop.systemd1.Manager",
+        )
+        .await?)
+    }
+
+    /// systemd's view of `unit` (loading it if needed: a unit without a file is `not-found`).
+    pub async fn unit(&self, unit: &str) -> Result<UnitProps> {
+        let path: zbus::zvariant::OwnedObjectPath =
+            self.manager().await?.call("LoadUnit", &(unit,)).await?;
+        let u = zbus::Proxy::new(
+            &self.conn,
+            "org.freedesktop.systemd1",
+            path.clone(),
+            "org.freedesktop.systemd1.Unit",
+        )
+        .await?;
+        let s = zbus::Proxy::new(
+            &self.conn,
+            "org.freedesktop.systemd1",
+            path,
+            "org.freedesktop.systemd1.Service",
+        )
+        .await?;
+        Ok(UnitProps {
+            load_state: u.get_property("LoadState").await?,
+            active_state: u.get_property("ActiveState").await?,
+            sub_state: u.get_property("SubState").await?,
+            main_pid: s.get_property("MainPID").await.unwrap_or(0),
+        })
+    }
+
+    pub async fn restart(&self, unit: &str) -> Result<()> {
+        let _: zbus::zvariant::OwnedObjectPath = self
+            .manager()
+            .await?
+            .call("RestartUnit", &(unit, "replace"))
+            .await?;
+        Ok(())
+    }
+}
