@@ -357,9 +357,7 @@ pub async fn wait_booted(m: &MachineProc, timeout: Duration) -> Result<()> {
                     "org.freedesktop.systemd1.Manager",
                 )
                 .await?;
-                proxy
-                    .get_property::<String>("SystemState")
-                    .await
+                proxy.get_property::<String>("SystemState").await
             };
             match tokio::time::timeout(Duration::from_secs(2), state).await {
                 Ok(Ok(s)) if s == "running" || s == "degraded" => return Ok(()),
