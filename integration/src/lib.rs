@@ -168,21 +168,59 @@ pub fn etcd_bridge_url() -> String {
     format!("http://{HOST_IP}:{ETCD_CLIENT_PORT}")
 }
 
-/// Starts a single-member etcd for the lab, listening on loopback and the bridge.
+/// Starts the lab's single-member etcd, listening on loopback and the bridge.
 pub fn start_etcd(name: &str) -> Result<EtcdProc> {
+    start_etcd_on(name, ETCD_CLIENT_PORT, ETCD_PEER_PORT, true)
+}
+
+/// Starts a single-member etcd on the given ports (loopback only unless `on_bridge`), with a
+/// fresh data directory under the lab directory.
+pub fn start_etcd_on(
+    name: &str,
+    client_port: u16,
+    peer_port: u16,
+    on_bridge: bool,
+) -> Result<EtcdProc> {
     let dir = lab_dir().join(name);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
-    let client_urls = format!("http://127.0.0.1:{ETCD_CLIENT_PORT},{}", etcd_bridge_url());
-    let peer = format!("http://127.0.0.1:{ETCD_PEER_PORT}");
+    let local = format!("http://127.0.0.1:{client_port}");
+    let (client_urls, advertise) = if on_bridge {
+        (
+            format!("{local},http://{HOST_IP}:{client_port}"),
+            format!("http://{HOST_IP}:{client_port}"),
+        )
+    } else {
+        (local.clone(), local.clone())
+    };
+    let pid = process::spawn_logged(
+        etcd_command(name, &dir.join("data"), &client_urls, &advertise, peer_port),
+        &dir.join("etcd.log"),
+    )?;
+    Ok(EtcdProc {
+        name: name.into(),
+        pid,
+        client_url: local,
+    })
+}
+
+/// The command line of a single-member etcd; reusing `data` restarts an earlier member.
+pub fn etcd_command(
+    name: &str,
+    data: &Path,
+    client_urls: &str,
+    advertise: &str,
+    peer_port: u16,
+) -> Command {
+    let peer = format!("http://127.0.0.1:{peer_port}");
     let mut cmd = Command::new("etcd");
     cmd.args(["--name", name, "--data-dir"])
-        .arg(dir.join("data"))
+        .arg(data)
         .args([
             "--listen-client-urls",
-            &client_urls,
+            client_urls,
             "--advertise-client-urls",
-            &etcd_bridge_url(),
+            advertise,
         ])
         .args([
             "--listen-peer-urls",
@@ -190,19 +228,9 @@ pub fn start_etcd(name: &str) -> Result<EtcdProc> {
             "--initial-advertise-peer-urls",
             &peer,
         ])
-        .args([
-            "--initial-cluster",
-            &format!("{name}={peer}"),
-            "--initial-cluster-state",
-            "new",
-        ])
+        .args(["--initial-cluster", &format!("{name}={peer}")])
         .args(["--auto-compaction-retention", "1"]);
-    let pid = process::spawn_logged(cmd, &dir.join("etcd.log"))?;
-    Ok(EtcdProc {
-        name: name.into(),
-        pid,
-        client_url: format!("http://127.0.0.1:{ETCD_CLIENT_PORT}"),
-    })
+    cmd
 }
 
 /// Waits until etcd answers a read.

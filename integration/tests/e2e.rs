@@ -248,3 +248,91 @@ async fn cat_and_list_unit_files_show_what_was_submitted() -> anyhow::Result<()>
     assert!(out.status.success());
     Ok(())
 }
+
+/// etcd down: writes fail with one line naming the cause, and nothing is half-written. Uses its
+/// own etcd and engine so the shared lab is not disturbed.
+#[tokio::test]
+async fn etcd_down_is_reported_and_nothing_is_half_written() -> anyhow::Result<()> {
+    let Some(lab) = testkit::lab() else {
+        return Ok(());
+    };
+    struct Proc(u32, &'static str);
+    impl Drop for Proc {
+        fn drop(&mut self) {
+            fleet_integration::process::stop(self.0, self.1, Duration::from_secs(5));
+        }
+    }
+    let etcd = fleet_integration::start_etcd_on("etcd-e2e-down", 12479, 12478, false)?;
+    let etcd_guard = Proc(etcd.pid, "etcd");
+    fleet_integration::wait_etcd(&[etcd.client_url.clone()], T).await?;
+    let engine = fleet_integration::start_engine(
+        "t-etcd-down",
+        &lab.bin_dir,
+        &[etcd.client_url.clone()],
+        "/fleet/",
+        12584,
+        2,
+    )?;
+    let _engine_guard = Proc(engine.pid, "fleet-engine");
+    let api = engine.api_url.clone();
+    let dir = testkit::scratch("e2e-etcd-down")?;
+    let (a, b) = (dir.join("down-a.service"), dir.join("down-b.service"));
+    std::fs::write(&a, unit_file("a"))?;
+    std::fs::write(&b, unit_file("b"))?;
+    wait_for("engine API", T, || async {
+        fleetctl(&lab, &api, &["list-unit-files"])
+            .ok()
+            .filter(|o| o.status.success())
+    })
+    .await?;
+    let out = fleetctl(&lab, &api, &["submit", a.to_str().unwrap_or_default()])?;
+    assert!(out.status.success(), "{:?}", text(&out));
+
+    drop(etcd_guard);
+    let out = fleetctl(
+        &lab,
+        &api,
+        &[
+            "--request-timeout",
+            "20",
+            "submit",
+            b.to_str().unwrap_or_default(),
+        ],
+    )?;
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("etcd"), "error should name etcd: {stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+
+    // Back up (same data directory): the first unit is intact, the second was never written.
+    let data = fleet_integration::lab_dir().join("etcd-e2e-down/data");
+    let cmd = fleet_integration::etcd_command(
+        "etcd-e2e-down",
+        &data,
+        &etcd.client_url,
+        &etcd.client_url,
+        12478,
+    );
+    let pid = fleet_integration::process::spawn_logged(
+        cmd,
+        &fleet_integration::lab_dir().join("etcd-e2e-down/etcd2.log"),
+    )?;
+    let _etcd2 = Proc(pid, "etcd");
+    fleet_integration::wait_etcd(&[etcd.client_url.clone()], T).await?;
+    let mut client = etcd_client::Client::connect([etcd.client_url.clone()], None).await?;
+    let keys = keys_under(&mut client, "/fleet/").await?;
+    assert!(
+        keys.iter().any(|k| k.ends_with("units/down-a.service")),
+        "{keys:?}"
+    );
+    assert!(
+        !keys.iter().any(|k| k.contains("down-b")),
+        "half-written: {keys:?}"
+    );
+    assert_eq!(
+        keys.iter().filter(|k| k.contains("/bodies/")).count(),
+        1,
+        "{keys:?}"
+    );
+    Ok(())
+}
