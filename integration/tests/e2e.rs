@@ -264,11 +264,11 @@ async fn etcd_down_is_reported_and_nothing_is_half_written() -> anyhow::Result<(
     }
     let etcd = fleet_integration::start_etcd_on("etcd-e2e-down", 12479, 12478, false)?;
     let etcd_guard = Proc(etcd.pid, "etcd");
-    fleet_integration::wait_etcd(&[etcd.client_url.clone()], T).await?;
+    fleet_integration::wait_etcd(std::slice::from_ref(&etcd.client_url), T).await?;
     let engine = fleet_integration::start_engine(
         "t-etcd-down",
         &lab.bin_dir,
-        &[etcd.client_url.clone()],
+        std::slice::from_ref(&etcd.client_url),
         "/fleet/",
         12584,
         2,
@@ -318,7 +318,7 @@ async fn etcd_down_is_reported_and_nothing_is_half_written() -> anyhow::Result<(
         &fleet_integration::lab_dir().join("etcd-e2e-down/etcd2.log"),
     )?;
     let _etcd2 = Proc(pid, "etcd");
-    fleet_integration::wait_etcd(&[etcd.client_url.clone()], T).await?;
+    fleet_integration::wait_etcd(std::slice::from_ref(&etcd.client_url), T).await?;
     let mut client = etcd_client::Client::connect([etcd.client_url.clone()], None).await?;
     let keys = keys_under(&mut client, "/fleet/").await?;
     assert!(
