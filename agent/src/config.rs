@@ -27,6 +27,18 @@ pub struct AgentConfig {
     pub machine_id_file: PathBuf,
     /// D-Bus address of systemd's bus; empty for the system bus.
     pub systemd_bus: String,
+    /// What this machine offers to units that reserve resources (`MemoryMax=`, `CPUQuota=` in
+    /// `[X-Fleet]`). Unset: not advertised, such reservations are not limited here.
+    pub capacity: CapacityConfig,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CapacityConfig {
+    /// Bytes, with an optional K/M/G/T suffix: `"8G"`.
+    pub memory: String,
+    /// Percent of one CPU (`"400%"`) or cores (`"4"`).
+    pub cpu: String,
 }
 
 impl Default for AgentConfig {
@@ -42,6 +54,7 @@ impl Default for AgentConfig {
             state_dir: "/run/fleet".into(),
             machine_id_file: "/etc/machine-id".into(),
             systemd_bus: String::new(),
+            capacity: CapacityConfig::default(),
         }
     }
 }
@@ -49,15 +62,9 @@ impl Default for AgentConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("config file {path}: {source}")]
-    Parse {
-        path: PathBuf,
-        source: toml::de::Error,
-    },
+    Parse { path: PathBuf, source: toml::de::Error },
     #[error("metadata {0:?}: expected key=value[,key=value...]")]
     Metadata(String),
     #[error("{0}")]
@@ -69,17 +76,26 @@ impl AgentConfig {
         let Some(path) = path else {
             return Ok(AgentConfig::default());
         };
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.into(),
-            source,
-        })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: path.into(),
-            source,
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.into(), source })
+    }
+
+    pub fn capacity(&self) -> Result<fleet_model::rules::Resources, ConfigError> {
+        let parse = |what: &str, v: &str, f: fn(&str) -> Option<u64>| {
+            if v.trim().is_empty() {
+                Ok(0)
+            } else {
+                f(v).ok_or_else(|| ConfigError::Invalid(format!("capacity.{what} = {v:?} is not a valid amount")))
+            }
+        };
+        Ok(fleet_model::rules::Resources {
+            memory: parse("memory", &self.capacity.memory, fleet_model::rules::parse_bytes)?,
+            cpu: parse("cpu", &self.capacity.cpu, fleet_model::rules::parse_cpu)?,
         })
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.capacity()?;
         if self.etcd_endpoints.is_empty() {
             return Err(ConfigError::Invalid("etcd_endpoints is empty".into()));
         }
@@ -97,9 +113,7 @@ impl AgentConfig {
 pub fn parse_metadata(text: &str) -> Result<BTreeMap<String, String>, ConfigError> {
     let mut out = BTreeMap::new();
     for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let (k, v) = item
-            .split_once('=')
-            .ok_or_else(|| ConfigError::Metadata(item.to_string()))?;
+        let (k, v) = item.split_once('=').ok_or_else(|| ConfigError::Metadata(item.to_string()))?;
         let k = k.trim();
         if k.is_empty() {
             return Err(ConfigError::Metadata(item.to_string()));
@@ -115,7 +129,10 @@ mod tests {
 
     #[test]
     fn parses_file_and_metadata() {
-        let cfg: AgentConfig = toml::from_str("etcd_endpoints = [\"http://10.0.0.1:1\"]\nmetadata = { region = \"east\" }\nlease_ttl_secs = 4\n").expect("parses");
+        let cfg: AgentConfig = toml::from_str(
+            "etcd_endpoints = [\"http://10.0.0.1:1\"]\nmetadata = { region = \"east\" }\nlease_ttl_secs = 4\n",
+        )
+        .expect("parses");
         assert_eq!(cfg.etcd_endpoints, vec!["http://10.0.0.1:1".to_string()]);
         assert_eq!(cfg.metadata.get("region").map(String::as_str), Some("east"));
         assert_eq!(cfg.units_dir, PathBuf::from("/run/fleet/units"));

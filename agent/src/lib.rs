@@ -28,10 +28,7 @@ use tokio::sync::{mpsc, watch};
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error("unit directory {path}: {source}")]
-    UnitsDir {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    UnitsDir { path: PathBuf, source: std::io::Error },
     #[error("etcd: {0}")]
     Etcd(String),
     #[error(transparent)]
@@ -59,19 +56,11 @@ pub struct Agent {
 }
 
 impl Agent {
-    pub async fn new(
-        cfg: &AgentConfig,
-        client: Client,
-        machine: String,
-        systemd: Systemd,
-    ) -> Result<Self, AgentError> {
+    pub async fn new(cfg: &AgentConfig, client: Client, machine: String, systemd: Systemd) -> Result<Self, AgentError> {
         let units_dir = cfg.units_dir.clone();
         tokio::fs::create_dir_all(&units_dir)
             .await
-            .map_err(|source| AgentError::UnitsDir {
-                path: units_dir.clone(),
-                source,
-            })?;
+            .map_err(|source| AgentError::UnitsDir { path: units_dir.clone(), source })?;
         let mut agent = Agent {
             client,
             keys: Keys::new(&cfg.etcd_prefix),
@@ -93,18 +82,10 @@ impl Agent {
     }
 
     async fn read_files(&mut self) -> Result<(), AgentError> {
-        let err = |source| AgentError::UnitsDir {
-            path: self.units_dir.clone(),
-            source,
-        };
+        let err = |source| AgentError::UnitsDir { path: self.units_dir.clone(), source };
         let mut dir = tokio::fs::read_dir(&self.units_dir).await.map_err(err)?;
-        while let Some(entry) = dir
-            .next_entry()
-            .await
-            .map_err(|source| AgentError::UnitsDir {
-                path: self.units_dir.clone(),
-                source,
-            })?
+        while let Some(entry) =
+            dir.next_entry().await.map_err(|source| AgentError::UnitsDir { path: self.units_dir.clone(), source })?
         {
             let name = entry.file_name().to_string_lossy().to_string();
             if UnitName::parse(&name).is_err() {
@@ -112,8 +93,7 @@ impl Agent {
             }
             match tokio::fs::read_to_string(entry.path()).await {
                 Ok(text) => {
-                    self.path_to_unit
-                        .insert(systemd::unit_path(&name), name.clone());
+                    self.path_to_unit.insert(systemd::unit_path(&name), name.clone());
                     self.files.insert(name, content_hash(&text));
                 }
                 Err(e) => {
@@ -137,10 +117,9 @@ impl Agent {
             .await
             .map_err(|e| AgentError::Etcd(e.to_string()))?;
         for kv in resp.kvs() {
-            if let (Some(Key::State(_, unit)), Ok(rec)) = (
-                self.keys.decode(kv.key()),
-                decode::<UnitStateRecord>(kv.value()),
-            ) {
+            if let (Some(Key::State(_, unit)), Ok(rec)) =
+                (self.keys.decode(kv.key()), decode::<UnitStateRecord>(kv.value()))
+            {
                 if self.files.get(unit.as_str()) == Some(&rec.hash) {
                     self.applied.insert(unit.to_string(), rec.applied);
                 }
@@ -161,11 +140,7 @@ impl Agent {
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<(), AgentError> {
         let (sched_tx, mut sched_rx) = mpsc::channel(64);
-        tokio::spawn(follow_prefix(
-            self.client.clone(),
-            self.keys.schedule_of(&self.machine),
-            sched_tx,
-        ));
+        tokio::spawn(follow_prefix(self.client.clone(), self.keys.schedule_of(&self.machine), sched_tx));
         let (change_tx, mut change_rx) = mpsc::unbounded_channel();
         self.systemd.watch_changes(change_tx).await?;
         self.lease = *lease_rx.borrow_and_update();
@@ -280,10 +255,7 @@ impl Agent {
             })
             .await;
         match got {
-            Ok(r) => r
-                .kvs()
-                .first()
-                .and_then(|kv| String::from_utf8(kv.value().to_vec()).ok()),
+            Ok(r) => r.kvs().first().and_then(|kv| String::from_utf8(kv.value().to_vec()).ok()),
             Err(e) => {
                 tracing::warn!(hash, error = %e, "cannot read unit body");
                 None
@@ -299,11 +271,7 @@ impl Agent {
         }
         tracing::debug!(?plan, "reconciling");
         self.unpublished.extend(plan.touched().cloned());
-        for (unit, e) in self
-            .systemd
-            .for_each(&plan.stop, |s, n| async move { s.stop(&n).await })
-            .await
-        {
+        for (unit, e) in self.systemd.for_each(&plan.stop, |s, n| async move { s.stop(&n).await }).await {
             tracing::warn!(%unit, error = %e, "stop failed");
         }
         for n in &plan.stop {
@@ -337,8 +305,7 @@ impl Agent {
             match written.await {
                 Ok(()) => {
                     self.files.insert(name.clone(), hash.clone());
-                    self.path_to_unit
-                        .insert(systemd::unit_path(name), name.clone());
+                    self.path_to_unit.insert(systemd::unit_path(name), name.clone());
                     self.applied.insert(name.clone(), DesiredState::Loaded);
                     linked.push(path.to_string_lossy().to_string());
                 }
@@ -356,17 +323,8 @@ impl Agent {
         for n in &plan.remove {
             let _ = self.systemd.reset_failed(n).await;
         }
-        let startable: Vec<String> = plan
-            .start
-            .iter()
-            .filter(|n| self.files.contains_key(*n))
-            .cloned()
-            .collect();
-        for (unit, e) in self
-            .systemd
-            .for_each(&startable, |s, n| async move { s.start(&n).await })
-            .await
-        {
+        let startable: Vec<String> = plan.start.iter().filter(|n| self.files.contains_key(*n)).cloned().collect();
+        for (unit, e) in self.systemd.for_each(&startable, |s, n| async move { s.start(&n).await }).await {
             tracing::warn!(%unit, error = %e, "start failed");
         }
         for n in startable {
@@ -400,19 +358,11 @@ impl Agent {
                         load_state: o.load_state,
                         active_state: o.active_state,
                         sub_state: o.sub_state,
-                        applied: self
-                            .applied
-                            .get(name)
-                            .copied()
-                            .unwrap_or(DesiredState::Loaded),
+                        applied: self.applied.get(name).copied().unwrap_or(DesiredState::Loaded),
                     };
                     if self.published.get(name) != Some(&rec) {
                         let value = encode(&rec).map_err(|e| AgentError::Etcd(e.to_string()))?;
-                        ops.push(TxnOp::put(
-                            key,
-                            value,
-                            Some(PutOptions::new().with_lease(lease)),
-                        ));
+                        ops.push(TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease))));
                         next.push((name.clone(), Some(rec)));
                     }
                 }

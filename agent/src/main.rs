@@ -35,9 +35,7 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
@@ -68,13 +66,9 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let id_text = std::fs::read_to_string(&cfg.machine_id_file).with_context(|| {
-        format!(
-            "unable to determine local machine ID: cannot read {}",
-            cfg.machine_id_file.display()
-        )
+        format!("unable to determine local machine ID: cannot read {}", cfg.machine_id_file.display())
     })?;
-    let machine = parse_machine_id(&id_text)
-        .with_context(|| format!("in {}", cfg.machine_id_file.display()))?;
+    let machine = parse_machine_id(&id_text).with_context(|| format!("in {}", cfg.machine_id_file.display()))?;
     tokio::fs::create_dir_all(&cfg.state_dir)
         .await
         .with_context(|| format!("cannot create {}", cfg.state_dir.display()))?;
@@ -82,21 +76,14 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         endpoints: cfg.etcd_endpoints.clone(),
         request_timeout: Duration::from_millis(cfg.etcd_request_timeout_ms),
     };
-    let client = connect(
-        &etcd,
-        RetryPolicy {
-            attempts: 30,
-            ..RetryPolicy::default()
-        },
-    )
-    .await?;
-    let systemd =
-        Systemd::connect((!cfg.systemd_bus.is_empty()).then_some(cfg.systemd_bus.as_str())).await?;
+    let client = connect(&etcd, RetryPolicy { attempts: 30, ..RetryPolicy::default() }).await?;
+    let systemd = Systemd::connect((!cfg.systemd_bus.is_empty()).then_some(cfg.systemd_bus.as_str())).await?;
     let record = MachineRecord {
         id: machine.clone(),
         public_ip: cfg.public_ip.clone(),
         metadata: cfg.metadata.clone(),
         version: env!("CARGO_PKG_VERSION").into(),
+        capacity: cfg.capacity()?,
     };
     tracing::info!(%machine, ip = %cfg.public_ip, "fleet-agent starting");
     let (lease_tx, lease_rx) = watch::channel(None);
@@ -123,10 +110,7 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
         (Ok(mut t), Ok(mut i)) => {
             tokio::select! { _ = t.recv() => {}, _ = i.recv() => {} }
         }

@@ -69,25 +69,17 @@ impl Presence {
         // would mean two machines share this machine id.
         let txn = Txn::new()
             .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(
-                key.clone(),
-                value.clone(),
-                Some(PutOptions::new().with_lease(lease)),
-            )])
+            .and_then([TxnOp::put(key.clone(), value.clone(), Some(PutOptions::new().with_lease(lease)))])
             .or_else([TxnOp::txn(
-                Txn::new()
-                    .when([Compare::lease(key.clone(), CompareOp::Equal, lease)])
-                    .and_then([TxnOp::put(
-                        key.clone(),
-                        value,
-                        Some(PutOptions::new().with_lease(lease)),
-                    )]),
+                Txn::new().when([Compare::lease(key.clone(), CompareOp::Equal, lease)]).and_then([TxnOp::put(
+                    key.clone(),
+                    value,
+                    Some(PutOptions::new().with_lease(lease)),
+                )]),
             )]);
         let resp = self.client.kv_client().txn(txn).await?;
-        let nested_ok = resp
-            .op_responses()
-            .iter()
-            .any(|r| matches!(r, etcd_client::TxnOpResponse::Txn(t) if t.succeeded()));
+        let nested_ok =
+            resp.op_responses().iter().any(|r| matches!(r, etcd_client::TxnOpResponse::Txn(t) if t.succeeded()));
         if resp.succeeded() || nested_ok {
             Ok(lease)
         } else {

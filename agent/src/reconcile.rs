@@ -16,19 +16,12 @@ pub struct Plan {
 
 impl Plan {
     pub fn is_empty(&self) -> bool {
-        self.stop.is_empty()
-            && self.remove.is_empty()
-            && self.write.is_empty()
-            && self.start.is_empty()
+        self.stop.is_empty() && self.remove.is_empty() && self.write.is_empty() && self.start.is_empty()
     }
 
     /// Every unit the plan touches, for state publishing.
     pub fn touched(&self) -> impl Iterator<Item = &String> {
-        self.stop
-            .iter()
-            .chain(&self.remove)
-            .chain(self.write.iter().map(|(n, _)| n))
-            .chain(&self.start)
+        self.stop.iter().chain(&self.remove).chain(self.write.iter().map(|(n, _)| n)).chain(&self.start)
     }
 }
 
@@ -58,9 +51,7 @@ pub fn plan(
         }
         match entry.desired_state {
             DesiredState::Launched if changed || !was_launched => p.start.push(name.clone()),
-            DesiredState::Loaded | DesiredState::Inactive if was_launched && !changed => {
-                p.stop.push(name.clone())
-            }
+            DesiredState::Loaded | DesiredState::Inactive if was_launched && !changed => p.stop.push(name.clone()),
             _ => {}
         }
     }
@@ -72,35 +63,20 @@ mod tests {
     use super::*;
 
     fn e(hash: &str, s: DesiredState) -> ScheduleEntry {
-        ScheduleEntry {
-            hash: hash.into(),
-            desired_state: s,
-        }
+        ScheduleEntry { hash: hash.into(), desired_state: s }
     }
     fn m<V: Clone>(items: &[(&str, V)]) -> BTreeMap<String, V> {
-        items
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.clone()))
-            .collect()
+        items.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()
     }
 
     #[test]
     fn new_units_are_written_then_started() {
         let p = plan(
-            &m(&[
-                ("a.service", e("h1", DesiredState::Launched)),
-                ("b.service", e("h2", DesiredState::Loaded)),
-            ]),
+            &m(&[("a.service", e("h1", DesiredState::Launched)), ("b.service", e("h2", DesiredState::Loaded))]),
             &m::<String>(&[]),
             &m(&[]),
         );
-        assert_eq!(
-            p.write,
-            vec![
-                ("a.service".into(), "h1".into()),
-                ("b.service".into(), "h2".into())
-            ]
-        );
+        assert_eq!(p.write, vec![("a.service".into(), "h1".into()), ("b.service".into(), "h2".into())]);
         assert_eq!(p.start, vec!["a.service".to_string()]);
         assert!(p.stop.is_empty() && p.remove.is_empty());
     }
@@ -117,15 +93,8 @@ mod tests {
 
     #[test]
     fn unscheduled_units_are_stopped_and_removed() {
-        let p = plan(
-            &m(&[]),
-            &m(&[("a.service", "h1".to_string())]),
-            &m(&[("a.service", DesiredState::Launched)]),
-        );
-        assert_eq!(
-            (p.stop.clone(), p.remove.clone()),
-            (vec!["a.service".to_string()], vec!["a.service".to_string()])
-        );
+        let p = plan(&m(&[]), &m(&[("a.service", "h1".to_string())]), &m(&[("a.service", DesiredState::Launched)]));
+        assert_eq!((p.stop.clone(), p.remove.clone()), (vec!["a.service".to_string()], vec!["a.service".to_string()]));
     }
 
     #[test]

@@ -17,10 +17,7 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug, thiserror::Error)]
 pub enum SystemdError {
     #[error("cannot connect to the systemd bus {address}: {source}")]
-    Connect {
-        address: String,
-        source: zbus::Error,
-    },
+    Connect { address: String, source: zbus::Error },
     #[error("systemd {call} failed: {source}")]
     Call { call: String, source: zbus::Error },
     #[error("systemd {call} timed out after {CALL_TIMEOUT:?}")]
@@ -44,28 +41,13 @@ pub trait Manager {
         runtime: bool,
         force: bool,
     ) -> zbus::Result<Vec<(String, String, String)>>;
-    fn disable_unit_files(
-        &self,
-        files: &[&str],
-        runtime: bool,
-    ) -> zbus::Result<Vec<(String, String, String)>>;
+    fn disable_unit_files(&self, files: &[&str], runtime: bool) -> zbus::Result<Vec<(String, String, String)>>;
     #[allow(clippy::type_complexity)]
     fn list_units_by_names(
         &self,
         names: &[&str],
     ) -> zbus::Result<
-        Vec<(
-            String,
-            String,
-            String,
-            String,
-            String,
-            String,
-            OwnedObjectPath,
-            u32,
-            String,
-            OwnedObjectPath,
-        )>,
+        Vec<(String, String, String, String, String, String, OwnedObjectPath, u32, String, OwnedObjectPath)>,
     >;
     #[zbus(property)]
     fn system_state(&self) -> zbus::Result<String>;
@@ -82,10 +64,7 @@ pub struct ObservedUnit {
 impl ObservedUnit {
     /// Running or on its way: starting it again would be a no-op.
     pub fn is_up(&self) -> bool {
-        matches!(
-            self.active_state.as_str(),
-            "active" | "activating" | "reloading"
-        )
+        matches!(self.active_state.as_str(), "active" | "activating" | "reloading")
     }
 }
 
@@ -95,19 +74,11 @@ pub struct Systemd {
     manager: ManagerProxy<'static>,
 }
 
-async fn timed<T>(
-    call: &str,
-    fut: impl std::future::Future<Output = zbus::Result<T>>,
-) -> Result<T, SystemdError> {
+async fn timed<T>(call: &str, fut: impl std::future::Future<Output = zbus::Result<T>>) -> Result<T, SystemdError> {
     match tokio::time::timeout(CALL_TIMEOUT, fut).await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(source)) => Err(SystemdError::Call {
-            call: call.to_string(),
-            source,
-        }),
-        Err(_) => Err(SystemdError::Timeout {
-            call: call.to_string(),
-        }),
+        Ok(Err(source)) => Err(SystemdError::Call { call: call.to_string(), source }),
+        Err(_) => Err(SystemdError::Timeout { call: call.to_string() }),
     }
 }
 
@@ -126,17 +97,8 @@ impl Systemd {
         };
         let (conn, manager) = match tokio::time::timeout(CALL_TIMEOUT, connect).await {
             Ok(Ok(v)) => v,
-            Ok(Err(source)) => {
-                return Err(SystemdError::Connect {
-                    address: shown,
-                    source,
-                })
-            }
-            Err(_) => {
-                return Err(SystemdError::Timeout {
-                    call: format!("connect to {shown}"),
-                })
-            }
+            Ok(Err(source)) => return Err(SystemdError::Connect { address: shown, source }),
+            Err(_) => return Err(SystemdError::Timeout { call: format!("connect to {shown}") }),
         };
         Ok(Systemd { conn, manager })
     }
@@ -154,12 +116,7 @@ impl Systemd {
             return Ok(());
         }
         let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
-        timed(
-            "LinkUnitFiles",
-            self.manager.link_unit_files(&refs, true, true),
-        )
-        .await
-        .map(|_| ())
+        timed("LinkUnitFiles", self.manager.link_unit_files(&refs, true, true)).await.map(|_| ())
     }
 
     pub async fn disable(&self, names: &[String]) -> Result<(), SystemdError> {
@@ -167,45 +124,27 @@ impl Systemd {
             return Ok(());
         }
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-        timed(
-            "DisableUnitFiles",
-            self.manager.disable_unit_files(&refs, true),
-        )
-        .await
-        .map(|_| ())
+        timed("DisableUnitFiles", self.manager.disable_unit_files(&refs, true)).await.map(|_| ())
     }
 
     pub async fn start(&self, name: &str) -> Result<(), SystemdError> {
-        timed(
-            &format!("StartUnit {name}"),
-            self.manager.start_unit(name, "replace"),
-        )
-        .await
-        .map(|_| ())
+        timed(&format!("StartUnit {name}"), self.manager.start_unit(name, "replace")).await.map(|_| ())
     }
 
     pub async fn stop(&self, name: &str) -> Result<(), SystemdError> {
-        match timed(
-            &format!("StopUnit {name}"),
-            self.manager.stop_unit(name, "replace"),
-        )
-        .await
-        {
+        match timed(&format!("StopUnit {name}"), self.manager.stop_unit(name, "replace")).await {
             // Stopping a unit systemd no longer knows is already done.
-            Err(SystemdError::Call {
-                source: zbus::Error::MethodError(n, _, _),
-                ..
-            }) if n.as_str() == "org.freedesktop.systemd1.NoSuchUnit" => Ok(()),
+            Err(SystemdError::Call { source: zbus::Error::MethodError(n, _, _), .. })
+                if n.as_str() == "org.freedesktop.systemd1.NoSuchUnit" =>
+            {
+                Ok(())
+            }
             other => other.map(|_| ()),
         }
     }
 
     pub async fn reset_failed(&self, name: &str) -> Result<(), SystemdError> {
-        timed(
-            &format!("ResetFailedUnit {name}"),
-            self.manager.reset_failed_unit(name),
-        )
-        .await
+        timed(&format!("ResetFailedUnit {name}"), self.manager.reset_failed_unit(name)).await
     }
 
     /// Runs `op` on every name with at most [`MAX_IN_FLIGHT`] calls pending.
@@ -230,22 +169,12 @@ impl Systemd {
     }
 
     /// Current states of `names`, in batches.
-    pub async fn observe(
-        &self,
-        names: &[String],
-    ) -> Result<HashMap<String, ObservedUnit>, SystemdError> {
+    pub async fn observe(&self, names: &[String]) -> Result<HashMap<String, ObservedUnit>, SystemdError> {
         let mut out = HashMap::new();
         for chunk in names.chunks(500) {
             let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
             for u in timed("ListUnitsByNames", self.manager.list_units_by_names(&refs)).await? {
-                out.insert(
-                    u.0,
-                    ObservedUnit {
-                        load_state: u.2,
-                        active_state: u.3,
-                        sub_state: u.4,
-                    },
-                );
+                out.insert(u.0, ObservedUnit { load_state: u.2, active_state: u.3, sub_state: u.4 });
             }
         }
         Ok(out)
@@ -254,40 +183,23 @@ impl Systemd {
     /// Subscribes to systemd's signals and sends the object path of every unit whose properties
     /// change, and the name of every unit whose job finishes. Ends when `tx` closes or the bus
     /// connection is lost (the sender then drops, which the caller sees as a closed channel).
-    pub async fn watch_changes(
-        &self,
-        tx: mpsc::UnboundedSender<UnitChange>,
-    ) -> Result<(), SystemdError> {
+    pub async fn watch_changes(&self, tx: mpsc::UnboundedSender<UnitChange>) -> Result<(), SystemdError> {
         timed("Subscribe", self.manager.subscribe()).await?;
         let props = zbus::MatchRule::builder()
             .msg_type(zbus::message::Type::Signal)
             .interface("org.freedesktop.DBus.Properties")
             .and_then(|b| b.member("PropertiesChanged"))
             .and_then(|b| b.path_namespace("/org/freedesktop/systemd1/unit"))
-            .map_err(|source| SystemdError::Call {
-                call: "match rule".into(),
-                source,
-            })?
+            .map_err(|source| SystemdError::Call { call: "match rule".into(), source })?
             .build();
         let jobs = zbus::MatchRule::builder()
             .msg_type(zbus::message::Type::Signal)
             .interface("org.freedesktop.systemd1.Manager")
             .and_then(|b| b.member("JobRemoved"))
-            .map_err(|source| SystemdError::Call {
-                call: "match rule".into(),
-                source,
-            })?
+            .map_err(|source| SystemdError::Call { call: "match rule".into(), source })?
             .build();
-        let mut props = timed(
-            "AddMatch",
-            zbus::MessageStream::for_match_rule(props, &self.conn, Some(1024)),
-        )
-        .await?;
-        let mut jobs = timed(
-            "AddMatch",
-            zbus::MessageStream::for_match_rule(jobs, &self.conn, Some(1024)),
-        )
-        .await?;
+        let mut props = timed("AddMatch", zbus::MessageStream::for_match_rule(props, &self.conn, Some(1024))).await?;
+        let mut jobs = timed("AddMatch", zbus::MessageStream::for_match_rule(jobs, &self.conn, Some(1024))).await?;
         tokio::spawn(async move {
             loop {
                 let change = tokio::select! {
@@ -346,17 +258,8 @@ mod tests {
 
     #[test]
     fn unit_paths_escape_like_systemd() {
-        assert_eq!(
-            unit_path("hello.service"),
-            "/org/freedesktop/systemd1/unit/hello_2eservice"
-        );
-        assert_eq!(
-            unit_path("web@1.service"),
-            "/org/freedesktop/systemd1/unit/web_401_2eservice"
-        );
-        assert_eq!(
-            unit_path("1a-b.service"),
-            "/org/freedesktop/systemd1/unit/_31a_2db_2eservice"
-        );
+        assert_eq!(unit_path("hello.service"), "/org/freedesktop/systemd1/unit/hello_2eservice");
+        assert_eq!(unit_path("web@1.service"), "/org/freedesktop/systemd1/unit/web_401_2eservice");
+        assert_eq!(unit_path("1a-b.service"), "/org/freedesktop/systemd1/unit/_31a_2db_2eservice");
     }
 }

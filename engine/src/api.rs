@@ -33,30 +33,23 @@ pub fn router(api: Api) -> Router {
     let v1 = Router::new()
         .route(
             "/units",
-            get(list_units).fallback(|| async {
-                method_not_allowed("only GET supported against this resource")
-            }),
+            get(list_units).fallback(|| async { method_not_allowed("only GET supported against this resource") }),
         )
         .route(
             "/units/{name}",
             get(get_unit)
                 .put(put_unit)
                 .delete(delete_unit)
-                .fallback(|| async {
-                    method_not_allowed("only GET, PUT and DELETE supported against this resource")
-                }),
+                .fallback(|| async { method_not_allowed("only GET, PUT and DELETE supported against this resource") }),
         )
         .route(
             "/state",
-            get(list_states).fallback(|| async {
-                method_not_allowed("only GET supported against this resource")
-            }),
+            get(list_states).fallback(|| async { method_not_allowed("only GET supported against this resource") }),
         )
         .route(
             "/machines",
-            get(list_machines).fallback(|| async {
-                method_not_allowed("only GET and PATCH supported against this resource")
-            }),
+            get(list_machines)
+                .fallback(|| async { method_not_allowed("only GET and PATCH supported against this resource") }),
         );
     Router::new()
         .nest("/fleet/v1", v1)
@@ -81,10 +74,7 @@ pub struct ApiError {
 
 impl ApiError {
     fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            message: message.into(),
-        }
+        ApiError { status, message: message.into() }
     }
     fn bad_request(message: impl Into<String>) -> Self {
         ApiError::new(StatusCode::BAD_REQUEST, message)
@@ -96,8 +86,7 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body =
-            serde_json::json!({"error": {"code": self.status.as_u16(), "message": self.message}});
+        let body = serde_json::json!({"error": {"code": self.status.as_u16(), "message": self.message}});
         (self.status, Json(body)).into_response()
     }
 }
@@ -109,10 +98,7 @@ fn method_not_allowed(msg: &str) -> ApiError {
 impl From<etcd_client::Error> for ApiError {
     fn from(e: etcd_client::Error) -> Self {
         if fleet_model::etcd::is_transient(&e) {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "fleet server unable to communicate with etcd",
-            )
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "fleet server unable to communicate with etcd")
         } else {
             ApiError::internal(format!("etcd: {e}"))
         }
@@ -130,11 +116,7 @@ pub struct ApiUnit {
     pub desired_state: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub current_state: String,
-    #[serde(
-        rename = "machineID",
-        default,
-        skip_serializing_if = "String::is_empty"
-    )]
+    #[serde(rename = "machineID", default, skip_serializing_if = "String::is_empty")]
     pub machine_id: String,
 }
 
@@ -163,25 +145,14 @@ pub struct ApiMachine {
 /// A unit as the API shows it: stored options and desired state, plus where it is scheduled
 /// and how far its machine got (`currentState`).
 fn api_unit(v: &ClusterView, rec: &UnitRecord) -> ApiUnit {
-    let options = v
-        .bodies
-        .get(&rec.hash)
-        .and_then(|(text, _)| UnitFile::parse(text).ok())
-        .map(|f| f.options)
-        .unwrap_or_default();
+    let options =
+        v.bodies.get(&rec.hash).and_then(|(text, _)| UnitFile::parse(text).ok()).map(|f| f.options).unwrap_or_default();
     let placement = v.schedule.get(&rec.name).and_then(|e| e.iter().next());
     let (current, machine) = match placement {
         None => (DesiredState::Inactive, String::new()),
         Some((m, _)) => {
-            let state = v
-                .states
-                .get(&rec.name)
-                .and_then(|s| s.get(m))
-                .filter(|s| s.hash == rec.hash);
-            (
-                state.map(|s| s.applied).unwrap_or(DesiredState::Inactive),
-                m.clone(),
-            )
+            let state = v.states.get(&rec.name).and_then(|s| s.get(m)).filter(|s| s.hash == rec.hash);
+            (state.map(|s| s.applied).unwrap_or(DesiredState::Inactive), m.clone())
         }
     };
     ApiUnit {
@@ -212,19 +183,12 @@ fn page_of(token: Option<&str>, limit: u16) -> Result<u16, ApiError> {
     if bytes.len() != 4 {
         return Err(ApiError::bad_request("invalid page token"));
     }
-    let (l, p) = (
-        u16::from_le_bytes([bytes[0], bytes[1]]),
-        u16::from_le_bytes([bytes[2], bytes[3]]),
-    );
+    let (l, p) = (u16::from_le_bytes([bytes[0], bytes[1]]), u16::from_le_bytes([bytes[2], bytes[3]]));
     if l != limit {
-        return Err(ApiError::bad_request(format!(
-            "token limit must be {limit}"
-        )));
+        return Err(ApiError::bad_request(format!("token limit must be {limit}")));
     }
     if p == 0 {
-        return Err(ApiError::bad_request(
-            "token page must be greater than zero",
-        ));
+        return Err(ApiError::bad_request("token page must be greater than zero"));
     }
     Ok(p)
 }
@@ -244,30 +208,19 @@ fn paginate<T>(items: Vec<T>, page: u16, limit: u16) -> (Vec<T>, Option<String>)
 
 fn ready(api: &Api) -> Result<(), ApiError> {
     if api.cluster.revision() == 0 {
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "fleet server unable to communicate with etcd",
-        ));
+        return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "fleet server unable to communicate with etcd"));
     }
     Ok(())
 }
 
-async fn list_units(
-    State(api): State<Api>,
-    Query(q): Query<PageQuery>,
-) -> Result<Response, ApiError> {
+async fn list_units(State(api): State<Api>, Query(q): Query<PageQuery>) -> Result<Response, ApiError> {
     ready(&api)?;
     let page = page_of(q.next_page_token.as_deref(), api.token_limit)?;
-    let units: Vec<ApiUnit> = api
-        .cluster
-        .read(|v| v.units.values().map(|u| api_unit(v, u)).collect());
+    let units: Vec<ApiUnit> = api.cluster.read(|v| v.units.values().map(|u| api_unit(v, u)).collect());
     let (units, next) = paginate(units, page, api.token_limit);
     let mut body = serde_json::Map::new();
     if !units.is_empty() {
-        body.insert(
-            "units".into(),
-            serde_json::to_value(units).map_err(|e| ApiError::internal(e.to_string()))?,
-        );
+        body.insert("units".into(), serde_json::to_value(units).map_err(|e| ApiError::internal(e.to_string()))?);
     }
     if let Some(t) = next {
         body.insert("nextPageToken".into(), t.into());
@@ -301,22 +254,15 @@ async fn put_unit(
             format!("expected 1 Content-Type, got {}", types.len()),
         ));
     }
-    let media = types[0]
-        .to_str()
-        .unwrap_or("")
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
+    let media = types[0].to_str().unwrap_or("").split(';').next().unwrap_or("").trim().to_ascii_lowercase();
     if media != "application/json" {
         return Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "only acceptable Content-Type is application/json",
         ));
     }
-    let req: ApiUnit = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request(format!("unable to decode body: {e}")))?;
+    let req: ApiUnit =
+        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("unable to decode body: {e}")))?;
     if !req.name.is_empty() && req.name != url_name {
         return Err(ApiError::bad_request(format!(
             "name in URL {url_name:?} differs from unit name in request body {:?}",
@@ -326,37 +272,24 @@ async fn put_unit(
     let name = parse_name(&url_name)?;
     let desired = match req.desired_state.as_str() {
         "" => None,
-        s => Some(
-            s.parse::<DesiredState>()
-                .map_err(|e| ApiError::bad_request(e.to_string()))?,
-        ),
+        s => Some(s.parse::<DesiredState>().map_err(|e| ApiError::bad_request(e.to_string()))?),
     };
     if name.is_template() && desired.is_some_and(|d| d != DesiredState::Inactive) {
-        return Err(ApiError::bad_request(format!(
-            "cannot activate template {:?}",
-            name.as_str()
-        )));
+        return Err(ApiError::bad_request(format!("cannot activate template {:?}", name.as_str())));
     }
     ready(&api)?;
     let key = api.keys.unit(&name);
     // Optimistic concurrency: read, decide, write only if the unit did not change meanwhile.
     for _ in 0..5 {
         let resp = api.client.kv_client().get(key.clone(), None).await?;
-        let existing = resp
-            .kvs()
-            .first()
-            .map(|kv| (decode::<UnitRecord>(kv.value()), kv.mod_revision()));
-        let new_file =
-            (!req.options.is_empty()).then(|| UnitFile::from_options(req.options.clone()));
+        let existing = resp.kvs().first().map(|kv| (decode::<UnitRecord>(kv.value()), kv.mod_revision()));
+        let new_file = (!req.options.is_empty()).then(|| UnitFile::from_options(req.options.clone()));
         if let Some(f) = &new_file {
             validate_options(f)?;
         }
         let (status, record, body_text, guard) = match (existing, new_file) {
             (None, None) => {
-                return Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    "unit does not exist and options field empty",
-                ))
+                return Err(ApiError::new(StatusCode::CONFLICT, "unit does not exist and options field empty"))
             }
             (None, Some(f)) => {
                 let rec = UnitRecord {
@@ -371,11 +304,7 @@ async fn put_unit(
                     Compare::create_revision(key.clone(), CompareOp::Equal, 0),
                 )
             }
-            (Some((Err(e), _)), _) => {
-                return Err(ApiError::internal(format!(
-                    "stored unit is unreadable: {e}"
-                )))
-            }
+            (Some((Err(e), _)), _) => return Err(ApiError::internal(format!("stored unit is unreadable: {e}"))),
             (Some((Ok(old), rev)), Some(f)) if f.hash() != old.hash => {
                 let rec = UnitRecord {
                     name: name.clone(),
@@ -401,10 +330,7 @@ async fn put_unit(
                 }
                 (
                     StatusCode::NO_CONTENT,
-                    UnitRecord {
-                        desired_state: d,
-                        ..old
-                    },
+                    UnitRecord { desired_state: d, ..old },
                     None,
                     Compare::mod_revision(key.clone(), CompareOp::Equal, rev),
                 )
@@ -414,41 +340,25 @@ async fn put_unit(
         if let Some(text) = body_text {
             ops.push(TxnOp::put(api.keys.body(&record.hash), text, None));
         }
-        ops.push(TxnOp::put(
-            key.clone(),
-            encode(&record).map_err(|e| ApiError::internal(e.to_string()))?,
-            None,
-        ));
-        let resp = api
-            .client
-            .kv_client()
-            .txn(Txn::new().when([guard]).and_then(ops))
-            .await?;
+        ops.push(TxnOp::put(key.clone(), encode(&record).map_err(|e| ApiError::internal(e.to_string()))?, None));
+        let resp = api.client.kv_client().txn(Txn::new().when([guard]).and_then(ops)).await?;
         if resp.succeeded() {
             let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
             api.cluster.caught_up(rev, Duration::from_secs(5)).await;
             return Ok(status.into_response());
         }
     }
-    Err(ApiError::new(
-        StatusCode::CONFLICT,
-        format!("unit {name} changed concurrently; try again"),
-    ))
+    Err(ApiError::new(StatusCode::CONFLICT, format!("unit {name} changed concurrently; try again")))
 }
 
 /// Rejects unit files fleet could not run.
 fn validate_options(f: &UnitFile) -> Result<(), ApiError> {
     for o in &f.options {
         if o.section.is_empty() || o.name.is_empty() {
-            return Err(ApiError::bad_request(
-                "unit option with empty section or name",
-            ));
+            return Err(ApiError::bad_request("unit option with empty section or name"));
         }
         if o.section.contains(['[', ']', '\n']) || o.name.contains(['=', '\n']) {
-            return Err(ApiError::bad_request(format!(
-                "invalid unit option [{}] {}",
-                o.section, o.name
-            )));
+            return Err(ApiError::bad_request(format!("invalid unit option [{}] {}", o.section, o.name)));
         }
         if o.value.len() >= fleet_model::unit_file::MAX_LINE {
             return Err(ApiError::bad_request(format!(
@@ -462,32 +372,20 @@ fn validate_options(f: &UnitFile) -> Result<(), ApiError> {
     Ok(())
 }
 
-async fn delete_unit(
-    State(api): State<Api>,
-    Path(name): Path<String>,
-) -> Result<Response, ApiError> {
+async fn delete_unit(State(api): State<Api>, Path(name): Path<String>) -> Result<Response, ApiError> {
     let name = parse_name(&name)?;
     ready(&api)?;
-    let resp = api
-        .client
-        .kv_client()
-        .delete(api.keys.unit(&name), None)
-        .await?;
+    let resp = api.client.kv_client().delete(api.keys.unit(&name), None).await?;
     if resp.deleted() == 0 {
         return Err(ApiError::new(StatusCode::NOT_FOUND, "unit does not exist"));
     }
     if let Some(h) = resp.header() {
-        api.cluster
-            .caught_up(h.revision(), Duration::from_secs(5))
-            .await;
+        api.cluster.caught_up(h.revision(), Duration::from_secs(5)).await;
     }
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-async fn list_states(
-    State(api): State<Api>,
-    Query(q): Query<PageQuery>,
-) -> Result<Response, ApiError> {
+async fn list_states(State(api): State<Api>, Query(q): Query<PageQuery>) -> Result<Response, ApiError> {
     ready(&api)?;
     let page = page_of(q.next_page_token.as_deref(), api.token_limit)?;
     let states: Vec<ApiUnitState> = api.cluster.read(|v| {
@@ -495,26 +393,23 @@ async fn list_states(
             .iter()
             .filter(|(u, _)| q.unit_name.as_deref().is_none_or(|n| n == u.as_str()))
             .flat_map(|(u, per)| {
-                per.iter()
-                    .filter(|(m, _)| q.machine_id.as_deref().is_none_or(|id| id == m.as_str()))
-                    .map(move |(m, s)| ApiUnitState {
+                per.iter().filter(|(m, _)| q.machine_id.as_deref().is_none_or(|id| id == m.as_str())).map(
+                    move |(m, s)| ApiUnitState {
                         name: u.to_string(),
                         hash: s.hash.clone(),
                         machine_id: m.clone(),
                         systemd_load_state: s.load_state.clone(),
                         systemd_active_state: s.active_state.clone(),
                         systemd_sub_state: s.sub_state.clone(),
-                    })
+                    },
+                )
             })
             .collect()
     });
     let (states, next) = paginate(states, page, api.token_limit);
     let mut body = serde_json::Map::new();
     if !states.is_empty() {
-        body.insert(
-            "states".into(),
-            serde_json::to_value(states).map_err(|e| ApiError::internal(e.to_string()))?,
-        );
+        body.insert("states".into(), serde_json::to_value(states).map_err(|e| ApiError::internal(e.to_string()))?);
     }
     if let Some(t) = next {
         body.insert("nextPageToken".into(), t.into());
@@ -522,29 +417,19 @@ async fn list_states(
     Ok(Json(body).into_response())
 }
 
-async fn list_machines(
-    State(api): State<Api>,
-    Query(q): Query<PageQuery>,
-) -> Result<Response, ApiError> {
+async fn list_machines(State(api): State<Api>, Query(q): Query<PageQuery>) -> Result<Response, ApiError> {
     ready(&api)?;
     let page = page_of(q.next_page_token.as_deref(), api.token_limit)?;
     let machines: Vec<ApiMachine> = api.cluster.read(|v| {
         v.machines
             .values()
-            .map(|m| ApiMachine {
-                id: m.id.clone(),
-                primary_ip: m.public_ip.clone(),
-                metadata: m.metadata.clone(),
-            })
+            .map(|m| ApiMachine { id: m.id.clone(), primary_ip: m.public_ip.clone(), metadata: m.metadata.clone() })
             .collect()
     });
     let (machines, next) = paginate(machines, page, api.token_limit);
     let mut body = serde_json::Map::new();
     if !machines.is_empty() {
-        body.insert(
-            "machines".into(),
-            serde_json::to_value(machines).map_err(|e| ApiError::internal(e.to_string()))?,
-        );
+        body.insert("machines".into(), serde_json::to_value(machines).map_err(|e| ApiError::internal(e.to_string()))?);
     }
     if let Some(t) = next {
         body.insert("nextPageToken".into(), t.into());
@@ -570,10 +455,7 @@ mod tests {
     fn page_tokens_match_fleet() {
         assert_eq!(token(100, 2), "ZAACAA==");
         assert_eq!(page_of(Some("ZAACAA=="), 100).ok(), Some(2));
-        assert_eq!(
-            page_of(Some("EwBMLg=="), 100).map_err(|e| e.message),
-            Err("token limit must be 100".to_string())
-        );
+        assert_eq!(page_of(Some("EwBMLg=="), 100).map_err(|e| e.message), Err("token limit must be 100".to_string()));
         assert!(page_of(Some("ZAAAAA=="), 100).is_err());
         assert!(page_of(Some("!!"), 100).is_err());
         let (first, next) = paginate((0..5).collect::<Vec<_>>(), 1, 2);
@@ -593,9 +475,7 @@ mod tests {
         };
         assert_eq!(
             serde_json::to_string(&u).ok().as_deref(),
-            Some(
-                r#"{"name":"a.service","desiredState":"launched","currentState":"inactive","machineID":"m"}"#
-            )
+            Some(r#"{"name":"a.service","desiredState":"launched","currentState":"inactive","machineID":"m"}"#)
         );
     }
 }

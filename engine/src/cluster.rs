@@ -5,8 +5,9 @@
 //! always reads its own writes.
 
 use fleet_model::etcd::{Change, PrefixUpdate};
+use fleet_model::rules::Rules;
 use fleet_model::schema::{decode, Key};
-use fleet_model::{Keys, MachineRecord, ScheduleEntry, UnitName, UnitRecord, UnitStateRecord};
+use fleet_model::{Keys, MachineRecord, ScheduleEntry, UnitFile, UnitName, UnitRecord, UnitStateRecord};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -24,19 +25,19 @@ pub struct ClusterView {
     pub schedule: BTreeMap<UnitName, BTreeMap<String, ScheduleEntry>>,
     /// unit -> machine -> state.
     pub states: BTreeMap<UnitName, BTreeMap<String, UnitStateRecord>>,
+    /// Parsed `[X-Fleet]` rules of each unit whose body is known (or why they are invalid).
+    pub rules: HashMap<UnitName, Result<Rules, String>>,
+    /// Why the leader could not place a unit, as it last recorded.
+    pub why: BTreeMap<UnitName, String>,
 }
 
 impl ClusterView {
     fn apply(&mut self, keys: &Keys, change: Change) {
         match change {
-            Change::Put {
-                key,
-                value,
-                mod_revision,
-                ..
-            } => match keys.decode(&key) {
+            Change::Put { key, value, mod_revision, .. } => match keys.decode(&key) {
                 Some(Key::Unit(name)) => match decode::<UnitRecord>(&value) {
                     Ok(rec) => {
+                        self.rules.remove(&name);
                         self.units.insert(name, rec);
                     }
                     Err(e) => {
@@ -44,10 +45,10 @@ impl ClusterView {
                     }
                 },
                 Some(Key::Body(hash)) => {
-                    self.bodies.insert(
-                        hash,
-                        (String::from_utf8_lossy(&value).into_owned(), mod_revision),
-                    );
+                    self.bodies.insert(hash, (String::from_utf8_lossy(&value).into_owned(), mod_revision));
+                }
+                Some(Key::Why(unit)) => {
+                    self.why.insert(unit, String::from_utf8_lossy(&value).into_owned());
                 }
                 Some(Key::Machine(id)) => match decode::<MachineRecord>(&value) {
                     Ok(rec) => {
@@ -78,6 +79,10 @@ impl ClusterView {
             Change::Delete { key } => match keys.decode(&key) {
                 Some(Key::Unit(name)) => {
                     self.units.remove(&name);
+                    self.rules.remove(&name);
+                }
+                Some(Key::Why(unit)) => {
+                    self.why.remove(&unit);
                 }
                 Some(Key::Body(hash)) => {
                     self.bodies.remove(&hash);
@@ -92,22 +97,28 @@ impl ClusterView {
         }
     }
 
+    /// Parses the rules of units that have a body but no parsed rules yet. Run after each batch
+    /// of changes, since a unit and its body arrive in one transaction in either order.
+    fn parse_missing_rules(&mut self) {
+        let missing: Vec<UnitName> = self.units.keys().filter(|u| !self.rules.contains_key(*u)).cloned().collect();
+        for name in missing {
+            let Some(rec) = self.units.get(&name) else { continue };
+            let Some((text, _)) = self.bodies.get(&rec.hash) else { continue };
+            let rules = UnitFile::parse(text)
+                .map_err(|e| format!("invalid unit file: {e}"))
+                .and_then(|f| Rules::parse(&name, &f).map_err(|e| e.to_string()));
+            self.rules.insert(name, rules);
+        }
+    }
+
     /// Bodies no unit refers to, with the revision they were last written at.
     pub fn orphan_bodies(&self) -> Vec<(String, i64)> {
         let used: BTreeSet<&str> = self.units.values().map(|u| u.hash.as_str()).collect();
-        self.bodies
-            .iter()
-            .filter(|(h, _)| !used.contains(h.as_str()))
-            .map(|(h, (_, rev))| (h.clone(), *rev))
-            .collect()
+        self.bodies.iter().filter(|(h, _)| !used.contains(h.as_str())).map(|(h, (_, rev))| (h.clone(), *rev)).collect()
     }
 }
 
-fn remove_nested<V>(
-    map: &mut BTreeMap<UnitName, BTreeMap<String, V>>,
-    unit: &UnitName,
-    machine: &str,
-) {
+fn remove_nested<V>(map: &mut BTreeMap<UnitName, BTreeMap<String, V>>, unit: &UnitName, machine: &str) {
     if let Some(inner) = map.get_mut(unit) {
         inner.remove(machine);
         if inner.is_empty() {
@@ -129,11 +140,7 @@ impl Cluster {
         let view = Arc::new(RwLock::new(ClusterView::default()));
         let (rev_tx, rev_rx) = watch::channel(0);
         let (tx, mut rx) = mpsc::channel(256);
-        tokio::spawn(fleet_model::etcd::follow_prefix(
-            client,
-            keys.prefix().to_string(),
-            tx,
-        ));
+        tokio::spawn(fleet_model::etcd::follow_prefix(client, keys.prefix().to_string(), tx));
         let shared = view.clone();
         tokio::spawn(async move {
             while let Some(update) = rx.recv().await {
@@ -146,12 +153,14 @@ impl Cluster {
                                 fresh.apply(&keys, c);
                             }
                             fresh.revision = revision;
+                            fresh.parse_missing_rules();
                             *v = fresh;
                         }
                         PrefixUpdate::Changes { revision, changes } => {
                             for c in changes {
                                 v.apply(&keys, c);
                             }
+                            v.parse_missing_rules();
                             v.revision = v.revision.max(revision);
                         }
                     }
@@ -162,10 +171,7 @@ impl Cluster {
                 }
             }
         });
-        Cluster {
-            view,
-            revision: rev_rx,
-        }
+        Cluster { view, revision: rev_rx }
     }
 
     /// Runs `f` on the current view.
@@ -187,9 +193,6 @@ impl Cluster {
     /// Waits until the view reflects at least `revision`; false on timeout.
     pub async fn caught_up(&self, revision: i64, timeout: Duration) -> bool {
         let mut rx = self.revision.clone();
-        tokio::time::timeout(timeout, rx.wait_for(|r| *r >= revision))
-            .await
-            .map(|r| r.is_ok())
-            .unwrap_or(false)
+        tokio::time::timeout(timeout, rx.wait_for(|r| *r >= revision)).await.map(|r| r.is_ok()).unwrap_or(false)
     }
 }

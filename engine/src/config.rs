@@ -36,15 +36,9 @@ impl Default for EngineConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("config file {path}: {source}")]
-    Parse {
-        path: PathBuf,
-        source: toml::de::Error,
-    },
+    Parse { path: PathBuf, source: toml::de::Error },
     #[error("{0}")]
     Invalid(String),
 }
@@ -54,14 +48,8 @@ impl EngineConfig {
         let Some(path) = path else {
             return Ok(EngineConfig::default());
         };
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.into(),
-            source,
-        })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: path.into(),
-            source,
-        })
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.into(), source })
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -75,9 +63,7 @@ impl EngineConfig {
             )));
         }
         if self.token_limit == 0 {
-            return Err(ConfigError::Invalid(
-                "token_limit must be at least 1".into(),
-            ));
+            return Err(ConfigError::Invalid("token_limit must be at least 1".into()));
         }
         Ok(())
     }

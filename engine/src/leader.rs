@@ -126,27 +126,15 @@ impl Leader {
         };
         tracing::info!(engine = %self.engine_id, "leading");
         self.set_leader(true, self.engine_id.clone());
-        let fence = Compare::create_revision(
-            leader_key.key().to_vec(),
-            CompareOp::Equal,
-            leader_key.rev(),
-        );
+        let fence = Compare::create_revision(leader_key.key().to_vec(), CompareOp::Equal, leader_key.rev());
 
         let result = self.lead(fence, &mut lost_rx).await;
         // Resign so a follower takes over at once instead of after the lease expires.
-        let _ = tokio::time::timeout(
-            Duration::from_secs(2),
-            self.client.lease_client().revoke(lease),
-        )
-        .await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.client.lease_client().revoke(lease)).await;
         result
     }
 
-    async fn lead(
-        &self,
-        fence: Compare,
-        lost: &mut watch::Receiver<bool>,
-    ) -> Result<(), LeadError> {
+    async fn lead(&self, fence: Compare, lost: &mut watch::Receiver<bool>) -> Result<(), LeadError> {
         let mut revisions = self.cluster.subscribe();
         loop {
             let seen = *revisions.borrow_and_update();
@@ -162,48 +150,44 @@ impl Leader {
 
     /// One planning pass over the current view, then waits until the view shows its writes.
     async fn pass(&self, fence: &Compare) -> Result<(), LeadError> {
-        let (outcome, orphans, view_rev) = self.cluster.read(|v| {
+        let (outcome, why_ops, orphans, view_rev) = self.cluster.read(|v| {
             let out = scheduler::schedule(&Snapshot {
                 units: &v.units,
+                rules: &v.rules,
                 machines: &v.machines,
                 schedule: &v.schedule,
             });
-            (out, v.orphan_bodies(), v.revision)
+            // Record why units are not placed, and forget the reason once they are.
+            let mut why_ops = Vec::new();
+            for (u, why) in &out.unplaceable {
+                if v.why.get(u) != Some(why) {
+                    why_ops.push(TxnOp::put(self.keys.why(u), why.as_str(), None));
+                }
+            }
+            for u in v.why.keys().filter(|u| !out.unplaceable.contains_key(*u)) {
+                why_ops.push(TxnOp::delete(self.keys.why(u), None));
+            }
+            (out, why_ops, v.orphan_bodies(), v.revision)
         });
         if let Ok(mut s) = self.status.lock() {
             if s.unplaceable.len() != outcome.unplaceable.len()
-                || s.unplaceable
-                    .iter()
-                    .zip(&outcome.unplaceable)
-                    .any(|(a, b)| a.0 != b.0.as_str() || a.1 != b.1)
+                || s.unplaceable.iter().zip(&outcome.unplaceable).any(|(a, b)| a.0 != b.0.as_str() || a.1 != b.1)
             {
                 for (u, why) in &outcome.unplaceable {
                     tracing::info!(unit = %u, reason = %why, "cannot place unit");
                 }
             }
-            s.unplaceable = outcome
-                .unplaceable
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.clone()))
-                .collect();
+            s.unplaceable = outcome.unplaceable.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
         }
-        let mut ops = Vec::new();
+        let mut ops = why_ops;
         for d in &outcome.decisions {
             match d {
-                Decision::Put {
-                    unit,
-                    machine,
-                    entry,
-                } => {
+                Decision::Put { unit, machine, entry } => {
                     tracing::debug!(%unit, %machine, state = %entry.desired_state, "schedule");
                     let value = encode(entry).map_err(|e| LeadError::Deposed(e.to_string()))?;
                     ops.push(TxnOp::put(self.keys.schedule(machine, unit), value, None));
                 }
-                Decision::Remove {
-                    unit,
-                    machine,
-                    reason,
-                } => {
+                Decision::Remove { unit, machine, reason } => {
                     tracing::debug!(%unit, %machine, ?reason, "unschedule");
                     ops.push(TxnOp::delete(self.keys.schedule(machine, unit), None));
                 }
@@ -217,37 +201,20 @@ impl Leader {
         // written since may belong to a unit this view does not show yet.
         for (hash, _) in orphans {
             let guard = Compare::mod_revision(self.keys.body(&hash), CompareOp::Less, view_rev + 1);
-            match self
-                .fenced(
-                    fence,
-                    vec![guard],
-                    vec![TxnOp::delete(self.keys.body(&hash), None)],
-                )
-                .await
-            {
+            match self.fenced(fence, vec![guard], vec![TxnOp::delete(self.keys.body(&hash), None)]).await {
                 Ok(rev) => last_rev = last_rev.max(rev),
                 Err(LeadError::Deposed(_)) => {}
                 Err(e) => return Err(e),
             }
         }
-        if last_rev > 0
-            && !self
-                .cluster
-                .caught_up(last_rev, Duration::from_secs(10))
-                .await
-        {
+        if last_rev > 0 && !self.cluster.caught_up(last_rev, Duration::from_secs(10)).await {
             tracing::warn!(revision = last_rev, "cluster view is slow to catch up");
         }
         Ok(())
     }
 
     /// Runs `ops` only while we still lead (and `extra` holds); returns the write's revision.
-    async fn fenced(
-        &self,
-        fence: &Compare,
-        extra: Vec<Compare>,
-        ops: Vec<TxnOp>,
-    ) -> Result<i64, LeadError> {
+    async fn fenced(&self, fence: &Compare, extra: Vec<Compare>, ops: Vec<TxnOp>) -> Result<i64, LeadError> {
         let mut compares = vec![fence.clone()];
         let guarded = !extra.is_empty();
         compares.extend(extra);

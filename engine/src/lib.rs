@@ -26,20 +26,10 @@ pub async fn run(cfg: EngineConfig, mut shutdown: watch::Receiver<bool>) -> anyh
         endpoints: cfg.etcd_endpoints.clone(),
         request_timeout: Duration::from_millis(cfg.etcd_request_timeout_ms),
     };
-    let client = connect(
-        &etcd,
-        RetryPolicy {
-            attempts: 30,
-            ..RetryPolicy::default()
-        },
-    )
-    .await?;
+    let client = connect(&etcd, RetryPolicy { attempts: 30, ..RetryPolicy::default() }).await?;
     let keys = Keys::new(&cfg.etcd_prefix);
     let cluster = cluster::Cluster::follow(client.clone(), keys.clone());
-    let status = Arc::new(Mutex::new(leader::LeaderStatus {
-        engine_id: cfg.engine_id.clone(),
-        ..Default::default()
-    }));
+    let status = Arc::new(Mutex::new(leader::LeaderStatus { engine_id: cfg.engine_id.clone(), ..Default::default() }));
     let api = api::Api {
         client: client.clone(),
         keys: keys.clone(),
@@ -49,9 +39,7 @@ pub async fn run(cfg: EngineConfig, mut shutdown: watch::Receiver<bool>) -> anyh
     };
     let mut servers = Vec::new();
     for addr in &cfg.listen {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on {addr}"))?;
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
         tracing::info!(%addr, "serving the fleet API");
         let app = api::router(api.clone());
         let mut stop = shutdown.clone();
@@ -63,14 +51,8 @@ pub async fn run(cfg: EngineConfig, mut shutdown: watch::Receiver<bool>) -> anyh
                 .await
         }));
     }
-    let leader = leader::Leader {
-        client,
-        keys,
-        cluster,
-        engine_id: cfg.engine_id.clone(),
-        ttl: cfg.election_ttl_secs,
-        status,
-    };
+    let leader =
+        leader::Leader { client, keys, cluster, engine_id: cfg.engine_id.clone(), ttl: cfg.election_ttl_secs, status };
     let leading = tokio::spawn(leader.run(shutdown.clone()));
     let _ = shutdown.wait_for(|s| *s).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), leading).await;

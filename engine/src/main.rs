@@ -26,9 +26,7 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
@@ -63,10 +61,7 @@ fn main() -> anyhow::Result<()> {
             let (tx, rx) = watch::channel(false);
             tokio::spawn(async move {
                 use tokio::signal::unix::{signal, SignalKind};
-                if let (Ok(mut t), Ok(mut i)) = (
-                    signal(SignalKind::terminate()),
-                    signal(SignalKind::interrupt()),
-                ) {
+                if let (Ok(mut t), Ok(mut i)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
                     tokio::select! { _ = t.recv() => {}, _ = i.recv() => {} }
                     tracing::info!("stopping");
                     let _ = tx.send(true);

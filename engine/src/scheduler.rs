@@ -1,15 +1,26 @@
 //! Placement as a pure function: a snapshot of the cluster in, decisions out.
 //!
-//! No I/O and no clock, so every rule is tested with tables and properties and the leader only
-//! has to write what this returns. Placement is sticky: a unit with a valid placement is never
-//! moved by a later pass.
+//! No I/O and no clock, so every rule is tested with tables and properties, and the leader only
+//! writes what this returns. Placement is sticky: a unit whose placement still satisfies its
+//! rules is never moved. A pass runs in four steps:
+//!
+//! 1. keep every existing placement that is still valid (machine alive, rules hold, no conflict
+//!    with a unit kept before it in name order, capacity not exceeded, MachineOf peers present);
+//! 2. place global units on every eligible machine;
+//! 3. place the other units, peers before their followers, on the best eligible machine
+//!    (`Replaces` takeover first, then fewest replicas in the `SpreadBy` domain, then least
+//!    utilised, then fewest units, then machine id), displacing units a placed unit `Replaces`;
+//! 4. explain every unit that wants a machine and got none.
 
+use fleet_model::rules::{Resources, Rules};
 use fleet_model::{DesiredState, MachineRecord, ScheduleEntry, UnitName, UnitRecord};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-/// What the scheduler sees.
+/// What the scheduler sees. `rules` holds each unit's parsed `[X-Fleet]` rules, or why they could
+/// not be read (such a unit is never placed).
 pub struct Snapshot<'a> {
     pub units: &'a BTreeMap<UnitName, UnitRecord>,
+    pub rules: &'a HashMap<UnitName, Result<Rules, String>>,
     pub machines: &'a BTreeMap<String, MachineRecord>,
     pub schedule: &'a BTreeMap<UnitName, BTreeMap<String, ScheduleEntry>>,
 }
@@ -17,26 +28,22 @@ pub struct Snapshot<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     /// Write a schedule entry (new placement, or a changed hash or desired state).
-    Put {
-        unit: UnitName,
-        machine: String,
-        entry: ScheduleEntry,
-    },
+    Put { unit: UnitName, machine: String, entry: ScheduleEntry },
     /// Delete a schedule entry.
-    Remove {
-        unit: UnitName,
-        machine: String,
-        reason: Reason,
-    },
+    Remove { unit: UnitName, machine: String, reason: Reason },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reason {
     UnitGone,
     UnitInactive,
     MachineLost,
     Duplicate,
     Template,
+    /// Its rules no longer hold on that machine.
+    RulesBroken(String),
+    /// A unit that `Replaces` it took its machine.
+    Displaced(UnitName),
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -46,324 +53,873 @@ pub struct Outcome {
     pub unplaceable: BTreeMap<UnitName, String>,
 }
 
-pub fn schedule(snap: &Snapshot<'_>) -> Outcome {
-    let mut out = Outcome::default();
-    let mut load: HashMap<&str, usize> = snap.machines.keys().map(|m| (m.as_str(), 0)).collect();
-    let mut kept: BTreeMap<&UnitName, &str> = BTreeMap::new();
+/// Why one machine cannot take one unit.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Fail {
+    MachineId(String),
+    Metadata(String),
+    Peer(String),
+    Conflict(String),
+    Capacity,
+    MaxPerMachine(u32),
+    Displaced(String),
+}
 
-    for (unit, entries) in snap.schedule {
-        let record = snap.units.get(unit);
-        for machine in entries.keys() {
-            let reason = match record {
-                None => Some(Reason::UnitGone),
-                Some(_) if unit.is_template() => Some(Reason::Template),
-                Some(r) if r.desired_state == DesiredState::Inactive => Some(Reason::UnitInactive),
-                Some(_) if !snap.machines.contains_key(machine) => Some(Reason::MachineLost),
-                Some(_) if kept.contains_key(unit) => Some(Reason::Duplicate),
-                Some(_) => None,
-            };
-            match reason {
-                Some(reason) => out.decisions.push(Decision::Remove {
-                    unit: unit.clone(),
-                    machine: machine.clone(),
-                    reason,
-                }),
-                None => {
-                    kept.insert(unit, machine);
-                    if let Some(n) = load.get_mut(machine.as_str()) {
-                        *n += 1;
+/// Units on machines as the pass goes.
+#[derive(Default)]
+struct Placement {
+    on: BTreeMap<String, BTreeSet<UnitName>>,
+    used: HashMap<String, Resources>,
+    at: BTreeMap<UnitName, BTreeSet<String>>,
+}
+
+impl Placement {
+    fn add(&mut self, unit: &UnitName, machine: &str, reserve: Resources) {
+        self.on.entry(machine.to_string()).or_default().insert(unit.clone());
+        let u = self.used.entry(machine.to_string()).or_default();
+        u.memory += reserve.memory;
+        u.cpu += reserve.cpu;
+        self.at.entry(unit.clone()).or_default().insert(machine.to_string());
+    }
+
+    fn remove(&mut self, unit: &UnitName, machine: &str, reserve: Resources) {
+        if let Some(s) = self.on.get_mut(machine) {
+            s.remove(unit);
+        }
+        if let Some(u) = self.used.get_mut(machine) {
+            u.memory = u.memory.saturating_sub(reserve.memory);
+            u.cpu = u.cpu.saturating_sub(reserve.cpu);
+        }
+        if let Some(s) = self.at.get_mut(unit) {
+            s.remove(machine);
+            if s.is_empty() {
+                self.at.remove(unit);
+            }
+        }
+    }
+
+    fn count(&self, machine: &str) -> usize {
+        self.on.get(machine).map(|s| s.len()).unwrap_or(0)
+    }
+}
+
+/// Instances of one template form a group (for `MaxPerMachine` and `SpreadBy`).
+fn group(unit: &UnitName) -> String {
+    unit.template().map(|t| t.to_string()).unwrap_or_else(|| unit.to_string())
+}
+
+fn short(machine: &str) -> &str {
+    &machine[..machine.len().min(8)]
+}
+
+struct Pass<'a> {
+    snap: &'a Snapshot<'a>,
+    p: Placement,
+    out: Outcome,
+}
+
+impl<'a> Pass<'a> {
+    fn rules(&self, u: &UnitName) -> Option<&'a Rules> {
+        self.snap.rules.get(u).and_then(|r| r.as_ref().ok())
+    }
+
+    fn reserve(&self, u: &UnitName) -> Resources {
+        self.rules(u).map(|r| r.reserve).unwrap_or_default()
+    }
+
+    fn mutual_replace(&self, a: &UnitName, b: &UnitName) -> bool {
+        match (self.rules(a), self.rules(b)) {
+            (Some(ra), Some(rb)) => {
+                ra.replaces_unit(a.as_str(), b.as_str()) && rb.replaces_unit(b.as_str(), a.as_str())
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether `unit` may run on `machine` next to what is placed there now. `check_peers` is off
+    /// while keeping existing placements (peers are checked once everything is kept).
+    fn eligible(&self, unit: &UnitName, rules: &Rules, machine: &MachineRecord, check_peers: bool) -> Result<(), Fail> {
+        if !rules.machine_id_matches(&machine.id) {
+            return Err(Fail::MachineId(rules.machine_id.clone().unwrap_or_default()));
+        }
+        rules.metadata_matches(&machine.metadata).map_err(Fail::Metadata)?;
+        if check_peers {
+            if let Some(peer) = rules.machine_of.iter().find(|p| {
+                !self
+                    .p
+                    .at
+                    .get(&UnitName::parse(p).unwrap_or_else(|_| unit.clone()))
+                    .is_some_and(|ms| ms.contains(&machine.id))
+            }) {
+                return Err(Fail::Peer(peer.clone()));
+            }
+        }
+        let here = self.p.on.get(&machine.id);
+        for other in here.into_iter().flatten().filter(|o| *o != unit) {
+            let other_rules = self.rules(other);
+            let clash = rules.conflicts_with(unit.as_str(), other.as_str())
+                || other_rules.is_some_and(|r| r.conflicts_with(other.as_str(), unit.as_str()));
+            if clash {
+                return Err(Fail::Conflict(other.to_string()));
+            }
+        }
+        let cap = machine.capacity;
+        let used = self.p.used.get(&machine.id).copied().unwrap_or_default();
+        let over = |cap: u64, used: u64, want: u64| cap > 0 && want > 0 && used + want > cap;
+        if over(cap.memory, used.memory, rules.reserve.memory) || over(cap.cpu, used.cpu, rules.reserve.cpu) {
+            return Err(Fail::Capacity);
+        }
+        if let Some(max) = rules.max_per_machine {
+            let g = group(unit);
+            let n = here.into_iter().flatten().filter(|o| *o != unit && group(o) == g).count();
+            if n >= max as usize {
+                return Err(Fail::MaxPerMachine(max));
+            }
+        }
+        Ok(())
+    }
+
+    /// Utilisation of a machine in permille of its most used advertised resource.
+    fn utilisation(&self, machine: &MachineRecord) -> u64 {
+        let used = self.p.used.get(&machine.id).copied().unwrap_or_default();
+        let frac = |used: u64, cap: u64| used.saturating_mul(1000).checked_div(cap).unwrap_or(0);
+        frac(used.memory, machine.capacity.memory).max(frac(used.cpu, machine.capacity.cpu))
+    }
+
+    fn spread_count(&self, unit: &UnitName, key: &str, machine: &MachineRecord) -> usize {
+        let domain = machine.metadata.get(key);
+        let g = group(unit);
+        self.snap
+            .machines
+            .values()
+            .filter(|m| m.metadata.get(key) == domain)
+            .map(|m| {
+                self.p.on.get(&m.id).map(|s| s.iter().filter(|o| *o != unit && group(o) == g).count()).unwrap_or(0)
+            })
+            .sum()
+    }
+
+    fn keep_existing(&mut self) {
+        // First pass: machine-local rules (id, metadata, capacity, conflicts with earlier kept).
+        for (unit, entries) in self.snap.schedule {
+            let record = self.snap.units.get(unit);
+            let rules = self.snap.rules.get(unit);
+            for machine in entries.keys() {
+                let reason = match (record, rules) {
+                    (None, _) => Some(Reason::UnitGone),
+                    _ if unit.is_template() => Some(Reason::Template),
+                    (Some(r), _) if r.desired_state == DesiredState::Inactive => Some(Reason::UnitInactive),
+                    _ if !self.snap.machines.contains_key(machine) => Some(Reason::MachineLost),
+                    (_, None) => Some(Reason::RulesBroken("unit file not available".into())),
+                    (_, Some(Err(e))) => Some(Reason::RulesBroken(e.clone())),
+                    (_, Some(Ok(r))) if !r.global && self.p.at.contains_key(unit) => Some(Reason::Duplicate),
+                    (_, Some(Ok(r))) => {
+                        let m = &self.snap.machines[machine];
+                        match self.eligible(unit, r, m, false) {
+                            Ok(()) => None,
+                            Err(f) => Some(Reason::RulesBroken(describe_one(&f))),
+                        }
                     }
+                };
+                match reason {
+                    Some(reason) => self.out.decisions.push(Decision::Remove {
+                        unit: unit.clone(),
+                        machine: machine.clone(),
+                        reason,
+                    }),
+                    None => self.p.add(unit, machine, self.reserve(unit)),
                 }
             }
         }
-    }
-
-    for (name, unit) in snap.units {
-        if unit.desired_state == DesiredState::Inactive {
-            continue;
-        }
-        if name.is_template() {
-            out.unplaceable.insert(
-                name.clone(),
-                format!(
-                    "{name} is a template; start an instance such as {}",
-                    name.as_str().replacen("@.", "@1.", 1)
-                ),
-            );
-            continue;
-        }
-        let entry = ScheduleEntry {
-            hash: unit.hash.clone(),
-            desired_state: unit.desired_state,
-        };
-        if let Some(machine) = kept.get(name) {
-            let current = snap.schedule.get(name).and_then(|e| e.get(*machine));
-            if current != Some(&entry) {
-                out.decisions.push(Decision::Put {
-                    unit: name.clone(),
-                    machine: machine.to_string(),
-                    entry,
+        // Then MachineOf, until nothing changes: a follower whose peer left follows it.
+        loop {
+            let mut evict = Vec::new();
+            for (unit, machines) in &self.p.at {
+                let Some(r) = self.rules(unit) else { continue };
+                for m in machines {
+                    if let Some(peer) = r.machine_of.iter().find(|p| {
+                        !UnitName::parse(p).ok().and_then(|p| self.p.at.get(&p)).is_some_and(|ms| ms.contains(m))
+                    }) {
+                        evict.push((unit.clone(), m.clone(), peer.clone()));
+                    }
+                }
+            }
+            if evict.is_empty() {
+                break;
+            }
+            for (unit, m, peer) in evict {
+                let reserve = self.reserve(&unit);
+                self.p.remove(&unit, &m, reserve);
+                self.out.decisions.push(Decision::Remove {
+                    unit,
+                    machine: m,
+                    reason: Reason::RulesBroken(format!("MachineOf {peer} is no longer there")),
                 });
             }
-            continue;
         }
-        // Least loaded; ties go to the smallest machine id so the choice is deterministic.
-        let Some(machine) = snap
-            .machines
-            .keys()
-            .min_by_key(|m| (load.get(m.as_str()).copied().unwrap_or(0), m.as_str()))
+    }
+
+    fn wanted(&self) -> impl Iterator<Item = (&'a UnitName, &'a UnitRecord)> {
+        self.snap.units.iter().filter(|(_, r)| r.desired_state != DesiredState::Inactive)
+    }
+
+    fn place_globals(&mut self) {
+        let globals: Vec<&UnitName> = self
+            .wanted()
+            .filter(|(n, _)| self.rules(n).is_some_and(|r| r.global) && !n.is_template())
+            .map(|(n, _)| n)
+            .collect();
+        for unit in globals {
+            let Some(rules) = self.rules(unit) else { continue };
+            let mut fails = Vec::new();
+            for m in self.snap.machines.values() {
+                if self.p.at.get(unit).is_some_and(|ms| ms.contains(&m.id)) {
+                    continue;
+                }
+                match self.eligible(unit, rules, m, true) {
+                    Ok(()) => {
+                        self.p.add(unit, &m.id, rules.reserve);
+                        self.put(unit, &m.id);
+                    }
+                    Err(f) => fails.push((m.id.clone(), f)),
+                }
+            }
+            if !self.p.at.contains_key(unit) {
+                self.out.unplaceable.insert(unit.clone(), explain(&fails, self.snap.machines.len()));
+            }
+        }
+    }
+
+    fn put(&mut self, unit: &UnitName, machine: &str) {
+        if let Some(rec) = self.snap.units.get(unit) {
+            let entry = ScheduleEntry { hash: rec.hash.clone(), desired_state: rec.desired_state };
+            self.out.decisions.push(Decision::Put { unit: unit.clone(), machine: machine.to_string(), entry });
+        }
+    }
+
+    fn place_others(&mut self) {
+        let mut pending: Vec<(UnitName, Option<String>)> = self
+            .wanted()
+            .filter(|(n, _)| !self.p.at.contains_key(*n) && self.rules(n).is_some_and(|r| !r.global))
+            .map(|(n, _)| (n.clone(), None))
+            .collect();
+        for (n, _) in self.wanted() {
+            if n.is_template() {
+                self.out.unplaceable.insert(
+                    n.clone(),
+                    format!(
+                        "{n} is a template and is never scheduled; start an instance such as {}",
+                        n.as_str().replacen("@.", "@1.", 1)
+                    ),
+                );
+            } else if let Some(Err(e)) = self.snap.rules.get(n) {
+                self.out.unplaceable.insert(n.clone(), e.clone());
+            } else if !self.snap.rules.contains_key(n) {
+                self.out.unplaceable.insert(n.clone(), "unit file not available".into());
+            }
+        }
+        pending.retain(|(n, _)| !n.is_template());
+        let mut guard = 0;
+        while !pending.is_empty() && guard < 10_000 {
+            guard += 1;
+            let mut deferred = Vec::new();
+            let mut progress = false;
+            for (unit, excluded) in std::mem::take(&mut pending) {
+                let Some(rules) = self.rules(&unit) else { continue };
+                // Followers wait for their peers to be placed in this pass.
+                let waiting = rules.machine_of.iter().any(|p| {
+                    UnitName::parse(p).is_ok_and(|p| !self.p.at.contains_key(&p) && pending_contains(&deferred, &p))
+                });
+                if waiting {
+                    deferred.push((unit, excluded));
+                    continue;
+                }
+                progress = true;
+                self.place_one(&unit, rules, excluded.as_deref(), &mut deferred);
+            }
+            if !progress {
+                // Peers that can never be placed: explain the followers.
+                for (unit, _) in &deferred {
+                    let Some(rules) = self.rules(unit) else { continue };
+                    let peers: Vec<&str> = rules.machine_of.iter().map(String::as_str).collect();
+                    self.out
+                        .unplaceable
+                        .insert(unit.clone(), format!("MachineOf {} cannot be placed", peers.join(", ")));
+                }
+                break;
+            }
+            pending = deferred;
+        }
+    }
+
+    fn place_one(
+        &mut self,
+        unit: &UnitName,
+        rules: &Rules,
+        excluded: Option<&str>,
+        pending: &mut Vec<(UnitName, Option<String>)>,
+    ) {
+        let mut fails = Vec::new();
+        let mut best: Option<(&MachineRecord, Preference)> = None;
+        for m in self.snap.machines.values() {
+            if excluded == Some(m.id.as_str()) {
+                fails.push((m.id.clone(), Fail::Displaced(String::new())));
+                continue;
+            }
+            // Units this one replaces do not count as conflicts: they will be moved away.
+            if let Err(f) = self.eligible_replacing(unit, rules, m) {
+                fails.push((m.id.clone(), f));
+                continue;
+            }
+            let takes_over = self.replaceable_on(unit, rules, &m.id).next().is_some();
+            let spread = rules.spread_by.as_deref().map(|k| self.spread_count(unit, k, m)).unwrap_or(0);
+            let key = (!takes_over, spread, self.utilisation(m), self.p.count(&m.id));
+            if best.as_ref().is_none_or(|(_, b)| key < *b) {
+                best = Some((m, key));
+            }
+        }
+        let Some((m, _)) = best else {
+            self.out.unplaceable.insert(unit.clone(), explain(&fails, self.snap.machines.len()));
+            return;
+        };
+        let machine = m.id.clone();
+        let displaced: Vec<UnitName> = self.replaceable_on(unit, rules, &machine).collect();
+        for other in displaced {
+            let reserve = self.reserve(&other);
+            self.p.remove(&other, &machine, reserve);
+            self.out
+                .decisions
+                .retain(|d| !matches!(d, Decision::Put { unit: u, machine: mm, .. } if *u == other && *mm == machine));
+            self.out.decisions.push(Decision::Remove {
+                unit: other.clone(),
+                machine: machine.clone(),
+                reason: Reason::Displaced(unit.clone()),
+            });
+            pending.push((other, Some(machine.clone())));
+        }
+        self.p.add(unit, &machine, rules.reserve);
+        self.put(unit, &machine);
+    }
+
+    /// Units on `machine` that `unit` replaces (never a mutual pair, never a global unit).
+    fn replaceable_on<'b>(
+        &'b self,
+        unit: &'b UnitName,
+        rules: &'b Rules,
+        machine: &str,
+    ) -> impl Iterator<Item = UnitName> + 'b {
+        self.p
+            .on
+            .get(machine)
+            .into_iter()
+            .flatten()
+            .filter(move |o| {
+                rules.replaces_unit(unit.as_str(), o.as_str())
+                    && !self.mutual_replace(unit, o)
+                    && self.rules(o).is_some_and(|r| !r.global)
+            })
+            .cloned()
+            .collect::<Vec<_>>()
+            .into_iter()
+    }
+
+    fn eligible_replacing(&mut self, unit: &UnitName, rules: &Rules, m: &MachineRecord) -> Result<(), Fail> {
+        let replaced: Vec<UnitName> = self.replaceable_on(unit, rules, &m.id).collect();
+        for o in &replaced {
+            let r = self.reserve(o);
+            self.p.remove(o, &m.id, r);
+        }
+        let result = self.eligible(unit, rules, m, true);
+        for o in &replaced {
+            let r = self.reserve(o);
+            self.p.add(o, &m.id, r);
+        }
+        result
+    }
+}
+
+/// How much a machine is preferred: smaller is better (takeover, spread, utilisation, units).
+type Preference = (bool, usize, u64, usize);
+
+fn pending_contains(list: &[(UnitName, Option<String>)], unit: &UnitName) -> bool {
+    list.iter().any(|(u, _)| u == unit)
+}
+
+fn describe_one(f: &Fail) -> String {
+    match f {
+        Fail::MachineId(id) => format!("MachineID={id} does not match"),
+        Fail::Metadata(req) => format!("metadata {req} not matched"),
+        Fail::Peer(p) => format!("MachineOf {p} is not there"),
+        Fail::Conflict(u) => format!("conflicts with {u}"),
+        Fail::Capacity => "not enough capacity".into(),
+        Fail::MaxPerMachine(n) => format!("MaxPerMachine={n} reached"),
+        Fail::Displaced(_) => "displaced from this machine".into(),
+    }
+}
+
+/// One line saying why no machine could take a unit, grouping machines by cause:
+/// "no machine has metadata region=us-west", "conflicts with web@1 on m1, m2, m3".
+fn explain(fails: &[(String, Fail)], machines: usize) -> String {
+    if machines == 0 {
+        return "no machines are available".into();
+    }
+    let mut by: BTreeMap<&Fail, Vec<&str>> = BTreeMap::new();
+    for (m, f) in fails {
+        by.entry(f).or_default().push(short(m));
+    }
+    let parts: Vec<String> = by
+        .iter()
+        .map(|(f, ms)| {
+            let all = ms.len() == machines;
+            match f {
+                Fail::MachineId(id) if all => format!("no machine has id {id}"),
+                Fail::Metadata(req) if all => format!("no machine has metadata {req}"),
+                Fail::Peer(p) if all => format!("MachineOf {p}: {p} is not scheduled"),
+                other => format!("{} on {}", describe_one(other), ms.join(", ")),
+            }
+        })
+        .collect();
+    if parts.is_empty() {
+        "no eligible machine".into()
+    } else {
+        parts.join("; ")
+    }
+}
+
+pub fn schedule(snap: &Snapshot<'_>) -> Outcome {
+    let mut pass = Pass { snap, p: Placement::default(), out: Outcome::default() };
+    pass.keep_existing();
+    // Kept placements whose desired state or hash changed are rewritten in place.
+    let kept: Vec<(UnitName, String)> =
+        pass.p.at.iter().flat_map(|(u, ms)| ms.iter().map(move |m| (u.clone(), m.clone()))).collect();
+    for (unit, machine) in kept {
+        let (Some(rec), Some(current)) =
+            (snap.units.get(&unit), snap.schedule.get(&unit).and_then(|e| e.get(&machine)))
         else {
-            out.unplaceable
-                .insert(name.clone(), "no machines are available".into());
             continue;
         };
-        if let Some(n) = load.get_mut(machine.as_str()) {
-            *n += 1;
+        if current.hash != rec.hash || current.desired_state != rec.desired_state {
+            pass.put(&unit, &machine);
         }
-        out.decisions.push(Decision::Put {
-            unit: name.clone(),
-            machine: machine.clone(),
-            entry,
-        });
     }
-    out
+    pass.place_globals();
+    pass.place_others();
+    // A displaced unit that found no new machine is not "unplaceable" silently: say who took it.
+    let displaced: Vec<(UnitName, UnitName)> = pass
+        .out
+        .decisions
+        .iter()
+        .filter_map(|d| match d {
+            Decision::Remove { unit, reason: Reason::Displaced(by), .. } => Some((unit.clone(), by.clone())),
+            _ => None,
+        })
+        .collect();
+    for (unit, by) in displaced {
+        if let Some(why) = pass.out.unplaceable.get_mut(&unit) {
+            *why = format!("displaced by {by}; {why}");
+        }
+    }
+    pass.out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fleet_model::UnitFile;
 
-    fn name(s: &str) -> UnitName {
+    /// A test cluster: units given as `[X-Fleet]` text, machines with metadata and capacity.
+    #[derive(Default, Clone, Debug)]
+    struct World {
+        units: BTreeMap<UnitName, UnitRecord>,
+        rules: HashMap<UnitName, Result<Rules, String>>,
+        machines: BTreeMap<String, MachineRecord>,
+        schedule: BTreeMap<UnitName, BTreeMap<String, ScheduleEntry>>,
+    }
+
+    fn n(s: &str) -> UnitName {
         UnitName::parse(s).expect("valid name")
     }
-    fn unit(n: &str, s: DesiredState) -> (UnitName, UnitRecord) {
-        (
-            name(n),
-            UnitRecord {
-                name: name(n),
-                hash: format!("h-{n}"),
-                desired_state: s,
-            },
-        )
-    }
-    fn machines(ids: &[&str]) -> BTreeMap<String, MachineRecord> {
-        ids.iter()
-            .map(|i| {
-                (
-                    i.to_string(),
-                    MachineRecord {
-                        id: i.to_string(),
-                        ..Default::default()
-                    },
-                )
-            })
-            .collect()
-    }
-    fn placed(out: &Outcome) -> BTreeMap<String, String> {
-        out.decisions
-            .iter()
-            .filter_map(|d| match d {
-                Decision::Put { unit, machine, .. } => Some((unit.to_string(), machine.clone())),
-                _ => None,
-            })
-            .collect()
-    }
 
-    #[test]
-    fn spreads_over_least_loaded_machines() {
-        let units: BTreeMap<_, _> = ["a.service", "b.service", "c.service"]
-            .iter()
-            .map(|n| unit(n, DesiredState::Launched))
-            .collect();
-        let ms = machines(&["m1", "m2", "m3"]);
-        let out = schedule(&Snapshot {
-            units: &units,
-            machines: &ms,
-            schedule: &BTreeMap::new(),
-        });
-        let p = placed(&out);
-        assert_eq!(p.len(), 3);
-        let mut used: Vec<_> = p.values().cloned().collect();
-        used.sort();
-        assert_eq!(used, vec!["m1", "m2", "m3"]);
-    }
-
-    #[test]
-    fn existing_placements_count_and_stick() {
-        let units: BTreeMap<_, _> = [
-            unit("a.service", DesiredState::Launched),
-            unit("b.service", DesiredState::Launched),
-        ]
-        .into_iter()
-        .collect();
-        let ms = machines(&["m1", "m2"]);
-        let mut sched = BTreeMap::new();
-        sched.insert(
-            name("a.service"),
-            BTreeMap::from([(
-                "m2".to_string(),
-                ScheduleEntry {
-                    hash: "h-a.service".into(),
-                    desired_state: DesiredState::Launched,
-                },
-            )]),
-        );
-        let out = schedule(&Snapshot {
-            units: &units,
-            machines: &ms,
-            schedule: &sched,
-        });
-        assert_eq!(
-            out.decisions,
-            vec![Decision::Put {
-                unit: name("b.service"),
-                machine: "m1".into(),
-                entry: ScheduleEntry {
-                    hash: "h-b.service".into(),
-                    desired_state: DesiredState::Launched
+    impl World {
+        fn machine(mut self, id: &str, md: &[(&str, &str)]) -> Self {
+            let metadata = md.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            self.machines.insert(id.into(), MachineRecord { id: id.into(), metadata, ..Default::default() });
+            self
+        }
+        fn capacity(mut self, id: &str, memory: u64, cpu: u64) -> Self {
+            if let Some(m) = self.machines.get_mut(id) {
+                m.capacity = Resources { memory, cpu };
+            }
+            self
+        }
+        fn unit(mut self, name: &str, xfleet: &str) -> Self {
+            self.unit_in(name, xfleet, DesiredState::Launched);
+            self
+        }
+        fn unit_in(&mut self, name: &str, xfleet: &str, state: DesiredState) {
+            let text = format!("[Service]\nExecStart=/bin/true\n\n[X-Fleet]\n{xfleet}");
+            let file = UnitFile::parse(&text).expect("unit file");
+            let name = n(name);
+            self.rules.insert(name.clone(), Rules::parse(&name, &file).map_err(|e| e.to_string()));
+            self.units.insert(name.clone(), UnitRecord { name, hash: file.hash(), desired_state: state });
+        }
+        fn run(&self) -> Outcome {
+            schedule(&Snapshot {
+                units: &self.units,
+                rules: &self.rules,
+                machines: &self.machines,
+                schedule: &self.schedule,
+            })
+        }
+        /// Applies an outcome to the schedule, as the leader's writes would.
+        fn apply(&mut self, out: &Outcome) {
+            for d in &out.decisions {
+                match d {
+                    Decision::Put { unit, machine, entry } => {
+                        self.schedule.entry(unit.clone()).or_default().insert(machine.clone(), entry.clone());
+                    }
+                    Decision::Remove { unit, machine, .. } => {
+                        if let Some(e) = self.schedule.get_mut(unit) {
+                            e.remove(machine);
+                            if e.is_empty() {
+                                self.schedule.remove(unit);
+                            }
+                        }
+                    }
                 }
-            }]
-        );
-    }
-
-    #[test]
-    fn lost_machine_units_move_and_stale_entries_go() {
-        let units: BTreeMap<_, _> = [
-            unit("a.service", DesiredState::Launched),
-            unit("off.service", DesiredState::Inactive),
-        ]
-        .into_iter()
-        .collect();
-        let ms = machines(&["m1"]);
-        let e = |n: &str| ScheduleEntry {
-            hash: format!("h-{n}"),
-            desired_state: DesiredState::Launched,
-        };
-        let mut sched = BTreeMap::new();
-        sched.insert(
-            name("a.service"),
-            BTreeMap::from([("gone".to_string(), e("a.service"))]),
-        );
-        sched.insert(
-            name("off.service"),
-            BTreeMap::from([("m1".to_string(), e("off.service"))]),
-        );
-        sched.insert(
-            name("deleted.service"),
-            BTreeMap::from([("m1".to_string(), e("deleted.service"))]),
-        );
-        let out = schedule(&Snapshot {
-            units: &units,
-            machines: &ms,
-            schedule: &sched,
-        });
-        let removed: Vec<_> = out
-            .decisions
-            .iter()
-            .filter_map(|d| match d {
-                Decision::Remove { unit, reason, .. } => Some((unit.to_string(), *reason)),
-                _ => None,
-            })
-            .collect();
-        assert_eq!(
-            removed,
-            vec![
-                ("a.service".into(), Reason::MachineLost),
-                ("deleted.service".into(), Reason::UnitGone),
-                ("off.service".into(), Reason::UnitInactive)
-            ]
-        );
-        assert_eq!(
-            placed(&out),
-            BTreeMap::from([("a.service".to_string(), "m1".to_string())])
-        );
-    }
-
-    #[test]
-    fn desired_state_changes_update_in_place() {
-        let units: BTreeMap<_, _> = [unit("a.service", DesiredState::Loaded)]
-            .into_iter()
-            .collect();
-        let ms = machines(&["m1", "m2"]);
-        let mut sched = BTreeMap::new();
-        sched.insert(
-            name("a.service"),
-            BTreeMap::from([(
-                "m2".to_string(),
-                ScheduleEntry {
-                    hash: "h-a.service".into(),
-                    desired_state: DesiredState::Launched,
-                },
-            )]),
-        );
-        let out = schedule(&Snapshot {
-            units: &units,
-            machines: &ms,
-            schedule: &sched,
-        });
-        assert_eq!(
-            placed(&out),
-            BTreeMap::from([("a.service".to_string(), "m2".to_string())])
-        );
-    }
-
-    #[test]
-    fn nothing_to_place_without_machines_or_for_templates() {
-        let units: BTreeMap<_, _> = [
-            unit("a.service", DesiredState::Launched),
-            unit("t@.service", DesiredState::Launched),
-        ]
-        .into_iter()
-        .collect();
-        let out = schedule(&Snapshot {
-            units: &units,
-            machines: &BTreeMap::new(),
-            schedule: &BTreeMap::new(),
-        });
-        assert!(out.decisions.is_empty());
-        assert_eq!(
-            out.unplaceable.get(&name("a.service")).map(String::as_str),
-            Some("no machines are available")
-        );
-        assert!(out.unplaceable.contains_key(&name("t@.service")));
-    }
-
-    #[test]
-    fn a_second_pass_over_its_own_result_decides_nothing() {
-        let units: BTreeMap<_, _> = (0..50)
-            .map(|i| unit(&format!("u{i}.service"), DesiredState::Launched))
-            .collect();
-        let ms = machines(&["m1", "m2", "m3", "m4"]);
-        let out = schedule(&Snapshot {
-            units: &units,
-            machines: &ms,
-            schedule: &BTreeMap::new(),
-        });
-        let mut sched: BTreeMap<UnitName, BTreeMap<String, ScheduleEntry>> = BTreeMap::new();
-        for d in out.decisions {
-            if let Decision::Put {
-                unit,
-                machine,
-                entry,
-            } = d
-            {
-                sched.entry(unit).or_default().insert(machine, entry);
             }
         }
-        let counts: Vec<usize> = ms
-            .keys()
-            .map(|m| sched.values().filter(|e| e.contains_key(m)).count())
-            .collect();
-        assert!(
-            counts.iter().max().copied().unwrap_or(0) - counts.iter().min().copied().unwrap_or(0)
-                <= 1,
-            "{counts:?}"
+        /// Runs passes until nothing changes (as the event-driven leader does), returning the
+        /// final placement and the last pass's unplaceable reasons.
+        fn settle(&mut self) -> (BTreeMap<String, Vec<String>>, BTreeMap<UnitName, String>) {
+            let mut last = Outcome::default();
+            for _ in 0..10 {
+                last = self.run();
+                if last.decisions.is_empty() {
+                    break;
+                }
+                let out = last.clone();
+                self.apply(&out);
+            }
+            assert!(last.decisions.is_empty(), "scheduler did not settle: {:?}", last.decisions);
+            let placed = self.schedule.iter().map(|(u, e)| (u.to_string(), e.keys().cloned().collect())).collect();
+            (placed, last.unplaceable)
+        }
+    }
+
+    fn three() -> World {
+        World::default()
+            .machine("m1", &[("region", "east"), ("disk", "ssd"), ("rack", "a"), ("size", "100")])
+            .machine("m2", &[("region", "west"), ("disk", "ssd"), ("rack", "a"), ("size", "200")])
+            .machine("m3", &[("region", "west"), ("disk", "hdd"), ("rack", "b"), ("size", "300")])
+    }
+
+    fn on(p: &BTreeMap<String, Vec<String>>, unit: &str) -> Vec<String> {
+        p.get(unit).cloned().unwrap_or_default()
+    }
+
+    #[test]
+    fn least_loaded_spreading_and_stickiness() {
+        let mut w = three().unit("a.service", "").unit("b.service", "").unit("c.service", "");
+        let (p, _) = w.settle();
+        let used: BTreeSet<String> = p.values().flatten().cloned().collect();
+        assert_eq!(used.len(), 3, "{p:?}");
+        // A new machine attracts new units but moves nothing.
+        let mut w = w.machine("m0", &[]).unit("d.service", "");
+        let before = w.schedule.clone();
+        let (p, _) = w.settle();
+        assert_eq!(on(&p, "d.service"), vec!["m0"]);
+        for (u, e) in before {
+            assert_eq!(w.schedule.get(&u), Some(&e), "{u} moved");
+        }
+    }
+
+    #[test]
+    fn machine_id_full_and_prefix_and_missing() {
+        let mut w = World::default()
+            .machine("0f1ee701000040008000000000000001", &[])
+            .machine("0f1ee702000040008000000000000002", &[])
+            .unit("a.service", "MachineID=0f1ee702000040008000000000000002\n")
+            .unit("b.service", "MachineID=0f1ee701\n")
+            .unit("c.service", "MachineID=ffffffff\n");
+        let (p, why) = w.settle();
+        assert_eq!(on(&p, "a.service"), vec!["0f1ee702000040008000000000000002"]);
+        assert_eq!(on(&p, "b.service"), vec!["0f1ee701000040008000000000000001"]);
+        assert_eq!(why.get(&n("c.service")).map(String::as_str), Some("no machine has id ffffffff"));
+    }
+
+    #[test]
+    fn metadata_rules_and_reasons() {
+        let mut w = three()
+            .unit("east.service", "MachineMetadata=region=east\n")
+            .unit("westhdd.service", "MachineMetadata=region=west\nMachineMetadata=disk=hdd\n")
+            .unit("notm1.service", "MachineMetadata=region!=east\nMachineMetadata=disk=ssd\n")
+            .unit("big.service", "MachineMetadata=size>=250\n")
+            .unit("either.service", "MachineMetadata=rack=b|c\n")
+            .unit("nowhere.service", "MachineMetadata=region=us-west\n");
+        let (p, why) = w.settle();
+        assert_eq!(on(&p, "east.service"), vec!["m1"]);
+        assert_eq!(on(&p, "westhdd.service"), vec!["m3"]);
+        assert_eq!(on(&p, "notm1.service"), vec!["m2"]);
+        assert_eq!(on(&p, "big.service"), vec!["m3"]);
+        assert_eq!(on(&p, "either.service"), vec!["m3"]);
+        assert_eq!(why.get(&n("nowhere.service")).map(String::as_str), Some("no machine has metadata region=us-west"));
+    }
+
+    #[test]
+    fn conflicts_both_directions_and_surplus_explained() {
+        let mut w = three();
+        for i in 0..5 {
+            w = w.unit(&format!("web@{i}.service"), "Conflicts=web@*.service\n");
+        }
+        let (p, why) = w.settle();
+        let placed: Vec<_> = p.iter().filter(|(u, _)| u.starts_with("web@")).collect();
+        assert_eq!(placed.len(), 3);
+        let ms: BTreeSet<_> = placed.iter().flat_map(|(_, m)| m.iter()).collect();
+        assert_eq!(ms.len(), 3);
+        assert_eq!(why.get(&n("web@3.service")).map(String::as_str), Some("conflicts with web@0.service on m1; conflicts with web@1.service on m2; conflicts with web@2.service on m3"));
+        // One-way: a unit without Conflicts is kept away by another's pattern.
+        let mut w =
+            World::default().machine("m1", &[]).unit("a.service", "Conflicts=b.service\n").unit("b.service", "");
+        let (p, why) = w.settle();
+        assert_eq!(on(&p, "a.service"), vec!["m1"]);
+        assert!(on(&p, "b.service").is_empty());
+        assert!(why[&n("b.service")].contains("conflicts with a.service"));
+    }
+
+    #[test]
+    fn machine_of_follows_its_peers() {
+        let mut w = three()
+            .unit("ping.service", "")
+            .unit("pong.service", "MachineOf=ping.service\n")
+            .unit("lonely.service", "MachineOf=nope.service\n");
+        let (p, why) = w.settle();
+        assert_eq!(on(&p, "pong.service"), on(&p, "ping.service"));
+        assert!(why[&n("lonely.service")].contains("nope.service"));
+        // The peer's machine is lost: both move, together.
+        let first = on(&p, "ping.service")[0].clone();
+        w.machines.remove(&first);
+        let (p, _) = w.settle();
+        assert_ne!(on(&p, "ping.service"), vec![first]);
+        assert_eq!(on(&p, "pong.service"), on(&p, "ping.service"));
+    }
+
+    #[test]
+    fn global_units_land_on_exactly_the_eligible_machines() {
+        let mut w = three()
+            .unit("g.service", "Global=true\nMachineMetadata=region=west\n")
+            .unit("all.service", "Global=true\n")
+            .unit("cg0.service", "Global=true\nConflicts=cg*.service\n")
+            .unit("cg1.service", "Global=true\nConflicts=cg*.service\n");
+        let (p, _) = w.settle();
+        assert_eq!(on(&p, "g.service"), vec!["m2", "m3"]);
+        assert_eq!(on(&p, "all.service"), vec!["m1", "m2", "m3"]);
+        // Mutually conflicting globals: the first in name order wins everywhere.
+        assert_eq!(on(&p, "cg0.service"), vec!["m1", "m2", "m3"]);
+        assert!(on(&p, "cg1.service").is_empty());
+        // A machine whose metadata stops matching loses the unit; a new one gains it.
+        if let Some(m) = w.machines.get_mut("m2") {
+            m.metadata.insert("region".into(), "east".into());
+        }
+        let w = w.machine("m4", &[("region", "west")]);
+        let mut w = w;
+        let (p, _) = w.settle();
+        assert_eq!(on(&p, "g.service"), vec!["m3", "m4"]);
+    }
+
+    #[test]
+    fn replaces_takes_the_machine_and_moves_the_other_unit() {
+        let mut w = World::default().machine("A", &[]).machine("B", &[]).unit("replace.0.service", "MachineID=A\n");
+        w.settle();
+        // replace.0 is pinned to A, so it cannot move: kick0 may not displace it there.
+        let mut w = World::default().machine("A", &[]).machine("B", &[]).unit("replace.0.service", "");
+        w.settle();
+        let before = w.schedule[&n("replace.0.service")].keys().next().cloned().unwrap_or_default();
+        let mut w = w.unit("kick0.service", "Replaces=replace.0.service\n");
+        let (p, _) = w.settle();
+        assert_eq!(on(&p, "kick0.service"), vec![before.clone()]);
+        assert_eq!(on(&p, "replace.0.service").len(), 1);
+        assert_ne!(on(&p, "replace.0.service"), vec![before]);
+        // Circular replacement moves nothing.
+        let mut w = World::default()
+            .machine("A", &[])
+            .unit("x.service", "Replaces=y.service\n")
+            .unit("y.service", "Replaces=x.service\n");
+        let (p, _) = w.settle();
+        assert_eq!((on(&p, "x.service"), on(&p, "y.service")), (vec!["A".to_string()], vec!["A".to_string()]));
+    }
+
+    #[test]
+    fn capacity_and_least_utilised() {
+        let mut w = World::default().machine("m1", &[]).machine("m2", &[]).capacity("m1", 1 << 30, 100).capacity(
+            "m2",
+            4 << 30,
+            400,
         );
-        let again = schedule(&Snapshot {
-            units: &units,
-            machines: &ms,
-            schedule: &sched,
-        });
-        assert!(again.decisions.is_empty());
+        for i in 0..5 {
+            w = w.unit(&format!("mem{i}.service"), "MemoryMax=1G\n");
+        }
+        let (p, why) = w.settle();
+        let per = |m: &str| p.values().filter(|v| v.contains(&m.to_string())).count();
+        assert_eq!((per("m1"), per("m2")), (1, 4), "{p:?}");
+        let w2 = w.clone().unit("more.service", "MemoryMax=1G\n");
+        let mut w2 = w2;
+        let (_, why2) = w2.settle();
+        assert_eq!(why2.get(&n("more.service")).map(String::as_str), Some("not enough capacity on m1, m2"));
+        assert!(why.is_empty());
+        // CPU: 50% units fill m1 (100%) with two.
+        let mut w = World::default().machine("m1", &[]).capacity("m1", 0, 100);
+        for i in 0..3 {
+            w = w.unit(&format!("cpu{i}.service"), "CPUQuota=50%\n");
+        }
+        let (p, why) = w.settle();
+        assert_eq!(p.len(), 2);
+        assert_eq!(why.len(), 1);
+    }
+
+    #[test]
+    fn max_per_machine_and_spread_by() {
+        let mut w = World::default()
+            .machine("m1", &[("rack", "a")])
+            .machine("m2", &[("rack", "a")])
+            .machine("m3", &[("rack", "b")]);
+        for i in 0..5 {
+            w = w.unit(&format!("app@{i}.service"), "MaxPerMachine=1\n");
+        }
+        let (p, why) = w.settle();
+        assert_eq!(p.len(), 3);
+        assert_eq!(why.len(), 2);
+        assert!(why.values().all(|r| r.contains("MaxPerMachine=1 reached")), "{why:?}");
+        let mut w = World::default()
+            .machine("m1", &[("rack", "a")])
+            .machine("m2", &[("rack", "a")])
+            .machine("m3", &[("rack", "b")])
+            .unit("filler.service", "")
+            .unit("filler2.service", "");
+        w.settle();
+        let mut w = w.unit("db@1.service", "SpreadBy=rack\n").unit("db@2.service", "SpreadBy=rack\n");
+        let (p, _) = w.settle();
+        let racks: BTreeSet<&str> = ["db@1.service", "db@2.service"]
+            .iter()
+            .map(|u| w.machines[&on(&p, u)[0]].metadata["rack"].as_str())
+            .collect();
+        assert_eq!(racks.len(), 2, "replicas share a rack: {p:?}");
+    }
+
+    #[test]
+    fn invalid_units_templates_and_inactive() {
+        let mut w = three().unit("t@.service", "").unit("ok.service", "");
+        w.unit_in("off.service", "", DesiredState::Inactive);
+        w.rules.insert(n("broken.service"), Err("unrecognized requirement in [X-Fleet] section: \"Bogus\"".into()));
+        w.units.insert(
+            n("broken.service"),
+            UnitRecord { name: n("broken.service"), hash: "x".into(), desired_state: DesiredState::Launched },
+        );
+        let (p, why) = w.settle();
+        assert_eq!(p.keys().cloned().collect::<Vec<_>>(), vec!["ok.service".to_string()]);
+        assert!(why[&n("t@.service")].contains("template"));
+        assert!(why[&n("broken.service")].contains("Bogus"));
+        assert!(!why.contains_key(&n("off.service")));
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn world() -> impl Strategy<Value = World> {
+            let machines = proptest::collection::vec((0u8..3, 0u8..2, prop::option::of(1u64..6)), 1..6);
+            let units = proptest::collection::vec((0u8..8, 0u8..4, any::<bool>(), 0u8..3), 0..25);
+            (machines, units).prop_map(|(ms, us)| {
+                let mut w = World::default();
+                for (i, (region, rack, cap)) in ms.into_iter().enumerate() {
+                    let id = format!("m{i}");
+                    w = w.machine(
+                        &id,
+                        &[("region", ["east", "west", "north"][region as usize]), ("rack", ["a", "b"][rack as usize])],
+                    );
+                    if let Some(c) = cap {
+                        w = w.capacity(&id, c << 30, 0);
+                    }
+                }
+                for (i, (kind, region, global, mem)) in us.into_iter().enumerate() {
+                    let region = ["east", "west", "north", "south"][region as usize];
+                    let mut x = String::new();
+                    match kind {
+                        0 => x.push_str(&format!("MachineMetadata=region={region}\n")),
+                        1 => x.push_str("Conflicts=c@*.service\n"),
+                        2 => x.push_str("MaxPerMachine=1\n"),
+                        3 => x.push_str(&format!("MachineOf=u{}.service\n", i.saturating_sub(1))),
+                        4 => x.push_str("SpreadBy=rack\n"),
+                        _ => {}
+                    }
+                    if mem > 0 {
+                        x.push_str(&format!("MemoryMax={mem}G\n"));
+                    }
+                    let name = if kind == 1 {
+                        format!("c@{i}.service")
+                    } else if kind == 2 {
+                        format!("p@{i}.service")
+                    } else {
+                        format!("u{i}.service")
+                    };
+                    if global && kind != 2 && kind != 3 && kind != 4 {
+                        x.push_str("Global=true\n");
+                    }
+                    w = w.unit(&name, &x);
+                }
+                w
+            })
+        }
+
+        proptest! {
+            #[test]
+            fn decisions_never_violate_a_rule(mut w in world()) {
+                let (placed, _) = w.settle();
+                let on_machine = |m: &str| -> Vec<String> { placed.iter().filter(|(_, ms)| ms.iter().any(|x| x == m)).map(|(u, _)| u.clone()).collect() };
+                for m in w.machines.values() {
+                    let here = on_machine(&m.id);
+                    let mut mem = 0;
+                    for u in &here {
+                        let name = n(u);
+                        let rules = w.rules[&name].as_ref().expect("valid rules");
+                        prop_assert!(rules.metadata_matches(&m.metadata).is_ok(), "{u} on {} breaks metadata", m.id);
+                        for other in &here {
+                            prop_assert!(!rules.conflicts_with(u, other), "{u} and {other} conflict on {}", m.id);
+                        }
+                        for peer in &rules.machine_of {
+                            prop_assert!(here.contains(peer), "{u} on {} without its peer {peer}", m.id);
+                        }
+                        if let Some(max) = rules.max_per_machine {
+                            prop_assert!(here.iter().filter(|o| group(&n(o)) == group(&name)).count() <= max as usize);
+                        }
+                        mem += rules.reserve.memory;
+                    }
+                    if m.capacity.memory > 0 {
+                        prop_assert!(mem <= m.capacity.memory, "{} over capacity", m.id);
+                    }
+                }
+                for (u, ms) in &placed {
+                    let rules = w.rules[&n(u)].as_ref().expect("valid rules");
+                    if rules.global {
+                        // Exactly the eligible set: every machine it is not on has a reason.
+                        for m in w.machines.values().filter(|m| !ms.contains(&m.id)) {
+                            let meta_ok = rules.metadata_matches(&m.metadata).is_ok();
+                            let here = on_machine(&m.id);
+                            let blocked = here.iter().any(|o| rules.conflicts_with(u, o) || w.rules[&n(o)].as_ref().is_ok_and(|r| r.conflicts_with(o, u)));
+                            let cap = m.capacity.memory > 0 && rules.reserve.memory > 0;
+                            prop_assert!(!meta_ok || blocked || cap, "global {u} missing from eligible {}", m.id);
+                        }
+                    } else {
+                        prop_assert_eq!(ms.len(), 1, "{} placed twice", u);
+                    }
+                }
+            }
+
+            #[test]
+            fn a_settled_schedule_is_stable(mut w in world()) {
+                w.settle();
+                prop_assert!(w.run().decisions.is_empty());
+            }
+        }
     }
 }

@@ -18,11 +18,7 @@ pub struct Unit {
     pub desired_state: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub current_state: String,
-    #[serde(
-        rename = "machineID",
-        default,
-        skip_serializing_if = "String::is_empty"
-    )]
+    #[serde(rename = "machineID", default, skip_serializing_if = "String::is_empty")]
     pub machine_id: String,
 }
 
@@ -55,12 +51,8 @@ pub struct Machine {
 
 impl Machine {
     pub fn legend(&self, full: bool) -> String {
-        fleet_model::MachineRecord {
-            id: self.id.clone(),
-            public_ip: self.primary_ip.clone(),
-            ..Default::default()
-        }
-        .legend(full)
+        fleet_model::MachineRecord { id: self.id.clone(), public_ip: self.primary_ip.clone(), ..Default::default() }
+            .legend(full)
     }
 }
 
@@ -90,10 +82,7 @@ impl Client {
             .connect_timeout(timeout)
             .build()
             .context("cannot build HTTP client")?;
-        Ok(Client {
-            http,
-            base: format!("{endpoint}/fleet/v1"),
-        })
+        Ok(Client { http, base: format!("{endpoint}/fleet/v1") })
     }
 
     fn url(&self, path: &str) -> String {
@@ -123,19 +112,11 @@ impl Client {
 
     async fn error(resp: reqwest::Response) -> anyhow::Error {
         let status = resp.status();
-        let msg = resp
-            .json::<ErrorBody>()
-            .await
-            .map(|b| b.error.message)
-            .unwrap_or_default();
+        let msg = resp.json::<ErrorBody>().await.map(|b| b.error.message).unwrap_or_default();
         anyhow!(
             "API error {}: {}",
             status.as_u16(),
-            if msg.is_empty() {
-                status.canonical_reason().unwrap_or("")
-            } else {
-                &msg
-            }
+            if msg.is_empty() { status.canonical_reason().unwrap_or("") } else { &msg }
         )
     }
 
@@ -152,19 +133,12 @@ impl Client {
             if let Some(t) = &token {
                 q.push(("nextPageToken", t));
             }
-            let resp = self
-                .send(
-                    self.http.get(self.url(path)).query(&q),
-                    &format!("GET {path}"),
-                )
-                .await?;
+            let resp = self.send(self.http.get(self.url(path)).query(&q), &format!("GET {path}")).await?;
             if !resp.status().is_success() {
                 return Err(Self::error(resp).await);
             }
-            let mut page: serde_json::Value = resp
-                .json()
-                .await
-                .with_context(|| format!("GET {path}: unreadable response"))?;
+            let mut page: serde_json::Value =
+                resp.json().await.with_context(|| format!("GET {path}: unreadable response"))?;
             if let Some(items) = page.get_mut(field).map(serde_json::Value::take) {
                 out.extend(
                     serde_json::from_value::<Vec<T>>(items)
@@ -194,18 +168,12 @@ impl Client {
     }
 
     pub async fn unit(&self, name: &str) -> Result<Option<Unit>> {
-        let resp = self
-            .send(
-                self.http.get(self.url(&format!("units/{}", encode(name)))),
-                &format!("GET unit {name}"),
-            )
-            .await?;
+        let resp =
+            self.send(self.http.get(self.url(&format!("units/{}", encode(name)))), &format!("GET unit {name}")).await?;
         match resp.status() {
             StatusCode::NOT_FOUND => Ok(None),
             s if s.is_success() => {
-                Ok(Some(resp.json().await.with_context(|| {
-                    format!("unit {name}: unreadable response")
-                })?))
+                Ok(Some(resp.json().await.with_context(|| format!("unit {name}: unreadable response"))?))
             }
             _ => Err(Self::error(resp).await),
         }
@@ -214,9 +182,7 @@ impl Client {
     pub async fn put(&self, unit: &Unit) -> Result<()> {
         let resp = self
             .send(
-                self.http
-                    .put(self.url(&format!("units/{}", encode(&unit.name))))
-                    .json(unit),
+                self.http.put(self.url(&format!("units/{}", encode(&unit.name)))).json(unit),
                 &format!("PUT unit {}", unit.name),
             )
             .await?;
@@ -228,22 +194,13 @@ impl Client {
     }
 
     pub async fn set_desired(&self, name: &str, state: &str) -> Result<()> {
-        self.put(&Unit {
-            name: name.into(),
-            desired_state: state.into(),
-            ..Default::default()
-        })
-        .await
+        self.put(&Unit { name: name.into(), desired_state: state.into(), ..Default::default() }).await
     }
 
     /// False if the unit did not exist.
     pub async fn destroy(&self, name: &str) -> Result<bool> {
         let resp = self
-            .send(
-                self.http
-                    .delete(self.url(&format!("units/{}", encode(name)))),
-                &format!("DELETE unit {name}"),
-            )
+            .send(self.http.delete(self.url(&format!("units/{}", encode(name)))), &format!("DELETE unit {name}"))
             .await?;
         match resp.status() {
             StatusCode::NOT_FOUND => Ok(false),

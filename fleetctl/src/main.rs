@@ -15,27 +15,13 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "fleetctl",
-    version,
-    about = "fleetctl: run systemd units across a fleet cluster"
-)]
+#[command(name = "fleetctl", version, about = "fleetctl: run systemd units across a fleet cluster")]
 struct Cli {
     /// fleet API endpoint.
-    #[arg(
-        long,
-        global = true,
-        env = "FLEETCTL_ENDPOINT",
-        default_value = "http://127.0.0.1:49153"
-    )]
+    #[arg(long, global = true, env = "FLEETCTL_ENDPOINT", default_value = "http://127.0.0.1:49153")]
     endpoint: String,
     /// Seconds to wait for each API request.
-    #[arg(
-        long,
-        global = true,
-        env = "FLEETCTL_REQUEST_TIMEOUT",
-        default_value_t = 10.0
-    )]
+    #[arg(long, global = true, env = "FLEETCTL_REQUEST_TIMEOUT", default_value_t = 10.0)]
     request_timeout: f64,
     #[command(subcommand)]
     command: Command,
@@ -143,16 +129,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     let ctl = Ctl { api };
     match cli.command {
         Command::Submit { replace, units } => ctl.submit(&units, replace, None).await,
-        Command::Load {
-            block,
-            replace,
-            units,
-        } => ctl.submit(&units, replace, Some(("loaded", block))).await,
-        Command::Start {
-            block,
-            replace,
-            units,
-        } => ctl.submit(&units, replace, Some(("launched", block))).await,
+        Command::Load { block, replace, units } => ctl.submit(&units, replace, Some(("loaded", block))).await,
+        Command::Start { block, replace, units } => ctl.submit(&units, replace, Some(("launched", block))).await,
         Command::Stop { block, units } => ctl.stop(&units, &block).await,
         Command::Unload { block, units } => ctl.unload(&units, &block).await,
         Command::Destroy { block, units } => ctl.destroy(&units, &block).await,
@@ -166,19 +144,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
 
 /// `foo` -> `foo.service`, `dir/bar.socket` -> `bar.socket`, as the original mangles names.
 fn unit_name_of(arg: &str) -> String {
-    let base = Path::new(arg)
-        .file_name()
-        .map(|b| b.to_string_lossy().into_owned())
-        .unwrap_or_else(|| arg.to_string());
-    const KNOWN: &[&str] = &[
-        ".service",
-        ".socket",
-        ".timer",
-        ".path",
-        ".device",
-        ".mount",
-        ".automount",
-    ];
+    let base = Path::new(arg).file_name().map(|b| b.to_string_lossy().into_owned()).unwrap_or_else(|| arg.to_string());
+    const KNOWN: &[&str] = &[".service", ".socket", ".timer", ".path", ".device", ".mount", ".automount"];
     if KNOWN.iter().any(|s| base.ends_with(s)) {
         base
     } else {
@@ -187,8 +154,7 @@ fn unit_name_of(arg: &str) -> String {
 }
 
 fn read_unit_file(path: &Path) -> Result<UnitFile> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read unit file {}", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read unit file {}", path.display()))?;
     UnitFile::parse(&text).with_context(|| format!("unit file {}", path.display()))
 }
 
@@ -197,19 +163,13 @@ struct Ctl {
 }
 
 fn deadline(block: &Block) -> Option<Instant> {
-    (block.block_attempts > 0)
-        .then(|| Instant::now() + Duration::from_secs(2 * block.block_attempts as u64))
+    (block.block_attempts > 0).then(|| Instant::now() + Duration::from_secs(2 * block.block_attempts as u64))
 }
 
 impl Ctl {
     /// Finds or creates each unit (from the cluster, a local file, or a template), then sets the
     /// desired state if one is given, and waits for it unless told not to.
-    async fn submit(
-        &self,
-        args: &[String],
-        replace: bool,
-        target: Option<(&str, Block)>,
-    ) -> Result<ExitCode> {
+    async fn submit(&self, args: &[String], replace: bool, target: Option<(&str, Block)>) -> Result<ExitCode> {
         if args.is_empty() {
             println!("No units given");
             return Ok(ExitCode::SUCCESS);
@@ -227,38 +187,21 @@ impl Ctl {
             return Ok(ExitCode::SUCCESS);
         };
         for name in &names {
-            let unit = self
-                .api
-                .unit(name)
-                .await?
-                .with_context(|| format!("unit {name} disappeared"))?;
+            let unit = self.api.unit(name).await?.with_context(|| format!("unit {name} disappeared"))?;
             if unit.desired_state != state {
-                self.api
-                    .set_desired(name, state)
-                    .await
-                    .with_context(|| format!("cannot set {name} to {state}"))?;
+                self.api.set_desired(name, state).await.with_context(|| format!("cannot set {name} to {state}"))?;
             }
             if block.no_block {
-                println!(
-                    "Triggered unit {name} {}",
-                    if state == "launched" { "start" } else { "load" }
-                );
+                println!("Triggered unit {name} {}", if state == "launched" { "start" } else { "load" });
             }
         }
         if block.no_block {
             return Ok(ExitCode::SUCCESS);
         }
-        self.wait_all(&names, state, state == "launched", &block)
-            .await
+        self.wait_all(&names, state, state == "launched", &block).await
     }
 
-    async fn ensure_unit(
-        &self,
-        arg: &str,
-        name: &str,
-        replace: bool,
-        target: Option<&str>,
-    ) -> Result<()> {
+    async fn ensure_unit(&self, arg: &str, name: &str, replace: bool, target: Option<&str>) -> Result<()> {
         let local = Path::new(arg);
         let existing = self.api.unit(name).await?;
         if let Some(unit) = existing {
@@ -276,7 +219,10 @@ impl Ctl {
                         _ => true,
                     };
                     if !allowed {
-                        eprintln!("Warning: can not replace Unit({name}) in state '{}', use the appropriate command", unit.desired_state);
+                        eprintln!(
+                            "Warning: can not replace Unit({name}) in state '{}', use the appropriate command",
+                            unit.desired_state
+                        );
                         return Ok(());
                     }
                     self.api
@@ -297,9 +243,9 @@ impl Ctl {
             read_unit_file(local)?
         } else {
             let parsed = UnitName::parse(name)?;
-            let template = parsed.template().with_context(|| {
-                format!("unable to find Unit({name}) in Registry or on filesystem")
-            })?;
+            let template = parsed
+                .template()
+                .with_context(|| format!("unable to find Unit({name}) in Registry or on filesystem"))?;
             match self.api.unit(template.as_str()).await? {
                 Some(t) => UnitFile::from_options(t.options),
                 None => {
@@ -314,36 +260,18 @@ impl Ctl {
                 }
             }
         };
-        self.api
-            .put(&Unit {
-                name: name.into(),
-                options: file.options,
-                ..Default::default()
-            })
-            .await?;
+        self.api.put(&Unit { name: name.into(), options: file.options, ..Default::default() }).await?;
         println!("Unit {name} inactive");
         Ok(())
     }
 
     async fn machines(&self) -> Result<HashMap<String, Machine>> {
-        Ok(self
-            .api
-            .machines()
-            .await?
-            .into_iter()
-            .map(|m| (m.id.clone(), m))
-            .collect())
+        Ok(self.api.machines().await?.into_iter().map(|m| (m.id.clone(), m)).collect())
     }
 
     /// Waits until every unit reports `state` (and systemd `active` when `active` is set), then
     /// prints where each landed.
-    async fn wait_all(
-        &self,
-        names: &[String],
-        state: &str,
-        active: bool,
-        block: &Block,
-    ) -> Result<ExitCode> {
+    async fn wait_all(&self, names: &[String], state: &str, active: bool, block: &Block) -> Result<ExitCode> {
         let until = deadline(block);
         let mut pending: Vec<String> = names.to_vec();
         let mut delay = Duration::from_millis(20);
@@ -367,10 +295,10 @@ impl Ctl {
                         String::new()
                     } else {
                         let ms = self.machines().await?;
-                        let m = ms.get(&unit.machine_id).cloned().unwrap_or(Machine {
-                            id: unit.machine_id.clone(),
-                            ..Default::default()
-                        });
+                        let m = ms
+                            .get(&unit.machine_id)
+                            .cloned()
+                            .unwrap_or(Machine { id: unit.machine_id.clone(), ..Default::default() });
                         format!(" on {}", m.legend(false))
                     };
                     println!("Unit {name} {state}{legend}");
@@ -433,10 +361,8 @@ impl Ctl {
                 return Ok(code);
             }
             // "loaded" only says the agent asked systemd to stop; wait until systemd says it did.
-            self.wait_states(&waiting, block, |s| {
-                matches!(s.systemd_active_state.as_str(), "inactive" | "failed")
-            })
-            .await?;
+            self.wait_states(&waiting, block, |s| matches!(s.systemd_active_state.as_str(), "inactive" | "failed"))
+                .await?;
         }
         eprintln!("Successfully stopped units [{}].", waiting.join(" "));
         Ok(ExitCode::SUCCESS)
@@ -449,10 +375,7 @@ impl Ctl {
             return Ok(ExitCode::SUCCESS);
         }
         let mut waiting = Vec::new();
-        for u in units
-            .iter()
-            .filter(|u| u.current_state != "inactive" || u.desired_state != "inactive")
-        {
+        for u in units.iter().filter(|u| u.current_state != "inactive" || u.desired_state != "inactive") {
             self.api.set_desired(&u.name, "inactive").await?;
             if block.no_block {
                 println!("Triggered unit {} unload", u.name);
@@ -495,29 +418,17 @@ impl Ctl {
         if !block.no_block && !destroyed.is_empty() {
             self.wait_states(&destroyed, block, |_| false).await?;
         }
-        Ok(if failed {
-            ExitCode::from(1)
-        } else {
-            ExitCode::SUCCESS
-        })
+        Ok(if failed { ExitCode::from(1) } else { ExitCode::SUCCESS })
     }
 
     /// Waits until every reported state of `names` satisfies `done` (`|_| false`: until none is
     /// reported at all).
-    async fn wait_states(
-        &self,
-        names: &[String],
-        block: &Block,
-        done: impl Fn(&UnitState) -> bool,
-    ) -> Result<()> {
+    async fn wait_states(&self, names: &[String], block: &Block, done: impl Fn(&UnitState) -> bool) -> Result<()> {
         let until = deadline(block);
         let mut delay = Duration::from_millis(20);
         loop {
             let states = self.api.states(None).await?;
-            let pending: Vec<&UnitState> = states
-                .iter()
-                .filter(|s| names.contains(&s.name) && !done(s))
-                .collect();
+            let pending: Vec<&UnitState> = states.iter().filter(|s| names.contains(&s.name) && !done(s)).collect();
             if pending.is_empty() {
                 return Ok(());
             }
@@ -548,11 +459,7 @@ impl Ctl {
     }
 
     async fn list_units(&self, f: &ListFlags) -> Result<ExitCode> {
-        let fields = fields(
-            f,
-            "unit,machine,active,sub",
-            &["active", "hash", "load", "machine", "sub", "unit"],
-        )?;
+        let fields = fields(f, "unit,machine,active,sub", &["active", "hash", "load", "machine", "sub", "unit"])?;
         let (mut states, machines) = tokio::try_join!(self.api.states(None), self.machines())
             .context("Error retrieving list of units from repository")?;
         states.sort_by(|a, b| (&a.name, &a.machine_id).cmp(&(&b.name, &b.machine_id)));
@@ -580,9 +487,7 @@ impl Ctl {
         let fields = fields(
             f,
             "unit,hash,dstate,state,target",
-            &[
-                "desc", "dstate", "global", "hash", "state", "target", "tmachine",
-            ],
+            &["desc", "dstate", "global", "hash", "state", "target", "tmachine"],
         )?;
         let (mut units, machines) = tokio::try_join!(self.api.units(), self.machines())
             .context("Error retrieving list of units from repository")?;
@@ -600,10 +505,7 @@ impl Ctl {
                         "state" => dash(&u.current_state),
                         "target" | "tmachine" => machine_legend(&machines, &u.machine_id, f.full),
                         "global" => "false".into(),
-                        _ => file
-                            .description()
-                            .map(str::to_string)
-                            .unwrap_or_else(|| "-".into()),
+                        _ => file.description().map(str::to_string).unwrap_or_else(|| "-".into()),
                     })
                     .collect()
             })
@@ -643,10 +545,7 @@ impl Ctl {
                             if md.is_empty() {
                                 "-".into()
                             } else {
-                                md.iter()
-                                    .map(|(k, v)| format!("{k}={v}"))
-                                    .collect::<Vec<_>>()
-                                    .join(",")
+                                md.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
                             }
                         }
                     })
@@ -677,10 +576,7 @@ fn fields(f: &ListFlags, default: &str, valid: &[&str]) -> Result<Vec<String>> {
 
 fn print_table(fields: &[String], rows: &[Vec<String>], no_legend: bool) {
     let header: Vec<String> = fields.iter().map(|f| f.to_uppercase()).collect();
-    print!(
-        "{}",
-        table::render((!no_legend).then_some(header.as_slice()), rows)
-    );
+    print!("{}", table::render((!no_legend).then_some(header.as_slice()), rows));
 }
 
 fn dash(s: &str) -> String {
@@ -713,14 +609,7 @@ fn machine_legend(machines: &HashMap<String, Machine>, id: &str, full: bool) -> 
     if id.is_empty() {
         return "-".into();
     }
-    machines
-        .get(id)
-        .cloned()
-        .unwrap_or(Machine {
-            id: id.to_string(),
-            ..Default::default()
-        })
-        .legend(full)
+    machines.get(id).cloned().unwrap_or(Machine { id: id.to_string(), ..Default::default() }).legend(full)
 }
 
 #[cfg(test)]
@@ -737,22 +626,12 @@ mod tests {
 
     #[test]
     fn field_lists_are_checked() {
-        let f = |s: &str| ListFlags {
-            fields: Some(s.into()),
-            full: false,
-            no_legend: false,
-        };
+        let f = |s: &str| ListFlags { fields: Some(s.into()), full: false, no_legend: false };
         assert!(fields(&f("unit,bogus"), "", &["hash"]).is_err());
         assert_eq!(
-            fields(&f(""), "", &[])
-                .map_err(|e| e.to_string())
-                .err()
-                .as_deref(),
+            fields(&f(""), "", &[]).map_err(|e| e.to_string()).err().as_deref(),
             Some("Must define output format")
         );
-        assert_eq!(
-            fields(&f("unit,hash"), "", &["hash"]).ok(),
-            Some(vec!["unit".to_string(), "hash".to_string()])
-        );
+        assert_eq!(fields(&f("unit,hash"), "", &["hash"]).ok(), Some(vec!["unit".to_string(), "hash".to_string()]));
     }
 }

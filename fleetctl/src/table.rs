@@ -41,12 +41,10 @@ mod tests {
     fn matches_the_originals_bytes() {
         let h = s(&["UNIT", "MACHINE", "ACTIVE", "SUB"]);
         assert_eq!(render(Some(&h), &[]), "UNIT\tMACHINE\tACTIVE\tSUB\n");
-        let rows = vec![s(&[
-            "hello.service",
-            "0f1ee701.../10.231.77.11",
-            "active",
-            "running",
-        ])];
-        assert_eq!(render(Some(&h), &rows), "UNIT\t\tMACHINE\t\t\t\tACTIVE\tSUB\nhello.service\t0f1ee701.../10.231.77.11\tactive\trunning\n");
+        let rows = vec![s(&["hello.service", "0f1ee701.../10.231.77.11", "active", "running"])];
+        assert_eq!(
+            render(Some(&h), &rows),
+            "UNIT\t\tMACHINE\t\t\t\tACTIVE\tSUB\nhello.service\t0f1ee701.../10.231.77.11\tactive\trunning\n"
+        );
     }
 }

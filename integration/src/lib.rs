@@ -28,9 +28,7 @@ pub const LEASE_TTL_SECS: i64 = 5;
 
 /// Where the lab keeps its state; `FLEET_LAB_DIR` overrides.
 pub fn lab_dir() -> PathBuf {
-    std::env::var_os("FLEET_LAB_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/run/fleet-lab"))
+    std::env::var_os("FLEET_LAB_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/run/fleet-lab"))
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -59,10 +57,7 @@ pub struct MachineProc {
 impl MachineProc {
     /// D-Bus address of the machine's system bus, reachable from the host.
     pub fn bus_address(&self) -> String {
-        format!(
-            "unix:path={}",
-            self.dir.join("bus/system_bus_socket").display()
-        )
+        format!("unix:path={}", self.dir.join("bus/system_bus_socket").display())
     }
 }
 
@@ -84,9 +79,7 @@ impl LabState {
         let p = Self::path();
         match std::fs::read(&p) {
             Ok(b) => {
-                Ok(Some(serde_json::from_slice(&b).with_context(|| {
-                    format!("corrupt lab state {}", p.display())
-                })?))
+                Ok(Some(serde_json::from_slice(&b).with_context(|| format!("corrupt lab state {}", p.display()))?))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e).with_context(|| format!("cannot read {}", p.display())),
@@ -153,14 +146,7 @@ pub fn machine_id_for(name: &str, generation: u32) -> String {
 
 fn uuid_of(machine_id: &str) -> String {
     let m = machine_id;
-    format!(
-        "{}-{}-{}-{}-{}",
-        &m[0..8],
-        &m[8..12],
-        &m[12..16],
-        &m[16..20],
-        &m[20..32]
-    )
+    format!("{}-{}-{}-{}-{}", &m[0..8], &m[8..12], &m[12..16], &m[16..20], &m[20..32])
 }
 
 /// The host's etcd client URL that machines use.
@@ -175,21 +161,13 @@ pub fn start_etcd(name: &str) -> Result<EtcdProc> {
 
 /// Starts a single-member etcd on the given ports (loopback only unless `on_bridge`), with a
 /// fresh data directory under the lab directory.
-pub fn start_etcd_on(
-    name: &str,
-    client_port: u16,
-    peer_port: u16,
-    on_bridge: bool,
-) -> Result<EtcdProc> {
+pub fn start_etcd_on(name: &str, client_port: u16, peer_port: u16, on_bridge: bool) -> Result<EtcdProc> {
     let dir = lab_dir().join(name);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let local = format!("http://127.0.0.1:{client_port}");
     let (client_urls, advertise) = if on_bridge {
-        (
-            format!("{local},http://{HOST_IP}:{client_port}"),
-            format!("http://{HOST_IP}:{client_port}"),
-        )
+        (format!("{local},http://{HOST_IP}:{client_port}"), format!("http://{HOST_IP}:{client_port}"))
     } else {
         (local.clone(), local.clone())
     };
@@ -197,37 +175,17 @@ pub fn start_etcd_on(
         etcd_command(name, &dir.join("data"), &client_urls, &advertise, peer_port),
         &dir.join("etcd.log"),
     )?;
-    Ok(EtcdProc {
-        name: name.into(),
-        pid,
-        client_url: local,
-    })
+    Ok(EtcdProc { name: name.into(), pid, client_url: local })
 }
 
 /// The command line of a single-member etcd; reusing `data` restarts an earlier member.
-pub fn etcd_command(
-    name: &str,
-    data: &Path,
-    client_urls: &str,
-    advertise: &str,
-    peer_port: u16,
-) -> Command {
+pub fn etcd_command(name: &str, data: &Path, client_urls: &str, advertise: &str, peer_port: u16) -> Command {
     let peer = format!("http://127.0.0.1:{peer_port}");
     let mut cmd = Command::new("etcd");
     cmd.args(["--name", name, "--data-dir"])
         .arg(data)
-        .args([
-            "--listen-client-urls",
-            client_urls,
-            "--advertise-client-urls",
-            advertise,
-        ])
-        .args([
-            "--listen-peer-urls",
-            &peer,
-            "--initial-advertise-peer-urls",
-            &peer,
-        ])
+        .args(["--listen-client-urls", client_urls, "--advertise-client-urls", advertise])
+        .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
         .args(["--initial-cluster", &format!("{name}={peer}")])
         .args(["--auto-compaction-retention", "1"]);
     cmd
@@ -243,10 +201,9 @@ pub async fn wait_etcd(endpoints: &[String], timeout: Duration) -> Result<()> {
         };
         match tokio::time::timeout(Duration::from_secs(2), attempt).await {
             Ok(Ok(_)) => return Ok(()),
-            _ if Instant::now() > until => bail!(
-                "etcd at {} did not become ready within {timeout:?}",
-                endpoints.join(",")
-            ),
+            _ if Instant::now() > until => {
+                bail!("etcd at {} did not become ready within {timeout:?}", endpoints.join(","))
+            }
             _ => tokio::time::sleep(Duration::from_millis(200)).await,
         }
     }
@@ -263,41 +220,22 @@ pub fn start_engine(
 ) -> Result<EngineProc> {
     let log = lab_dir().join(format!("{name}.log"));
     let mut cmd = Command::new(bin_dir.join("fleet-engine"));
-    cmd.args([
-        "--etcd-endpoints",
-        &etcd.join(","),
-        "--etcd-prefix",
-        prefix,
-        "--engine-id",
-        name,
-    ])
-    .args(["--listen", &format!("127.0.0.1:{port}")])
-    .args(["--election-ttl-secs", &election_ttl.to_string()]);
+    cmd.args(["--etcd-endpoints", &etcd.join(","), "--etcd-prefix", prefix, "--engine-id", name])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--election-ttl-secs", &election_ttl.to_string()]);
     let pid = process::spawn_logged(cmd, &log)?;
-    Ok(EngineProc {
-        name: name.into(),
-        pid,
-        api_url: format!("http://127.0.0.1:{port}"),
-    })
+    Ok(EngineProc { name: name.into(), pid, api_url: format!("http://127.0.0.1:{port}") })
 }
 
 /// Boots a machine: network namespace and address, agent config, then systemd-nspawn.
-pub async fn boot_machine(
-    spec: &MachineSpec,
-    bin_dir: &Path,
-    unit_template: &str,
-) -> Result<MachineProc> {
+pub async fn boot_machine(spec: &MachineSpec, bin_dir: &Path, unit_template: &str) -> Result<MachineProc> {
     let dir = lab_dir().join("machines").join(&spec.name);
     let _ = std::fs::remove_dir_all(&dir);
     for sub in ["bus", "fleet"] {
         std::fs::create_dir_all(dir.join(sub))?;
     }
     net::add_machine_netns(&spec.name, &spec.ip)?;
-    let metadata: String = spec
-        .metadata
-        .iter()
-        .map(|(k, v)| format!("{k} = {v:?}\n"))
-        .collect();
+    let metadata: String = spec.metadata.iter().map(|(k, v)| format!("{k} = {v:?}\n")).collect();
     let config = format!(
         "etcd_endpoints = [{:?}]\netcd_prefix = {:?}\npublic_ip = {:?}\nlease_ttl_secs = {}\n\n[metadata]\n{metadata}",
         etcd_bridge_url(),
@@ -310,38 +248,18 @@ pub async fn boot_machine(
     std::fs::write(dir.join("fleet-agent.service"), unit)?;
 
     let mut cmd = Command::new("systemd-nspawn");
-    cmd.args([
-        "-D",
-        "/",
-        "--volatile=yes",
-        "--register=no",
-        "--keep-unit",
-        "-M",
-        &spec.name,
-    ])
-    .arg(format!("--uuid={}", uuid_of(&spec.machine_id)))
-    .arg(format!("--network-namespace-path=/run/netns/{}", spec.name))
-    .arg(format!("--bind={}:/run/dbus", dir.join("bus").display()))
-    .arg(format!(
-        "--bind-ro={}:/etc/fleet",
-        dir.join("fleet").display()
-    ))
-    .arg(format!(
-        "--bind-ro={}:/etc/systemd/system/fleet-agent.service",
-        dir.join("fleet-agent.service").display()
-    ))
-    .arg(format!("--bind-ro={}:/opt/fleet", bin_dir.display()))
-    .args(["--boot", "--quiet", "--"])
-    .args(["systemd.firstboot=off", "systemd.wants=fleet-agent.service"])
-    .args(MASKED.iter().map(|s| format!("systemd.mask={s}")));
+    cmd.args(["-D", "/", "--volatile=yes", "--register=no", "--keep-unit", "-M", &spec.name])
+        .arg(format!("--uuid={}", uuid_of(&spec.machine_id)))
+        .arg(format!("--network-namespace-path=/run/netns/{}", spec.name))
+        .arg(format!("--bind={}:/run/dbus", dir.join("bus").display()))
+        .arg(format!("--bind-ro={}:/etc/fleet", dir.join("fleet").display()))
+        .arg(format!("--bind-ro={}:/etc/systemd/system/fleet-agent.service", dir.join("fleet-agent.service").display()))
+        .arg(format!("--bind-ro={}:/opt/fleet", bin_dir.display()))
+        .args(["--boot", "--quiet", "--"])
+        .args(["systemd.firstboot=off", "systemd.wants=fleet-agent.service"])
+        .args(MASKED.iter().map(|s| format!("systemd.mask={s}")));
     let pid = process::spawn_logged(cmd, &dir.join("console.log"))?;
-    let m = MachineProc {
-        name: spec.name.clone(),
-        pid,
-        ip: spec.ip.clone(),
-        machine_id: spec.machine_id.clone(),
-        dir,
-    };
+    let m = MachineProc { name: spec.name.clone(), pid, ip: spec.ip.clone(), machine_id: spec.machine_id.clone(), dir };
     wait_booted(&m, Duration::from_secs(60)).await?;
     Ok(m)
 }
@@ -367,17 +285,11 @@ pub async fn wait_booted(m: &MachineProc, timeout: Duration) -> Result<()> {
     let mut last = String::from("no bus yet");
     loop {
         if !process::alive(m.pid) {
-            bail!(
-                "machine {} exited while booting; see {}",
-                m.name,
-                m.dir.join("console.log").display()
-            );
+            bail!("machine {} exited while booting; see {}", m.name, m.dir.join("console.log").display());
         }
         if m.dir.join("bus/system_bus_socket").exists() {
             let state = async {
-                let conn = zbus::connection::Builder::address(m.bus_address().as_str())?
-                    .build()
-                    .await?;
+                let conn = zbus::connection::Builder::address(m.bus_address().as_str())?.build().await?;
                 let proxy = zbus::Proxy::new(
                     &conn,
                     "org.freedesktop.systemd1",
@@ -395,10 +307,7 @@ pub async fn wait_booted(m: &MachineProc, timeout: Duration) -> Result<()> {
             }
         }
         if Instant::now() > until {
-            bail!(
-                "machine {} did not boot within {timeout:?} (last: {last})",
-                m.name
-            );
+            bail!("machine {} did not boot within {timeout:?} (last: {last})", m.name);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

@@ -8,10 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 #[derive(Parser)]
-#[command(
-    name = "lab",
-    about = "A real multi-machine fleet cluster on this host"
-)]
+#[command(name = "lab", about = "A real multi-machine fleet cluster on this host")]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -39,10 +36,7 @@ enum Cmd {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     match cli.command {
         Cmd::Up { machines, metadata } => rt.block_on(up(machines, &metadata)).map(|_| ()),
         Cmd::Down => down(),
@@ -54,9 +48,7 @@ fn main() -> Result<()> {
 
 fn target_dir() -> Result<PathBuf> {
     let exe = std::env::current_exe().context("cannot locate fleet-lab")?;
-    exe.parent()
-        .map(PathBuf::from)
-        .context("fleet-lab has no parent directory")
+    exe.parent().map(PathBuf::from).context("fleet-lab has no parent directory")
 }
 
 fn repo_dir() -> PathBuf {
@@ -70,8 +62,7 @@ fn down() -> Result<()> {
     lab::clean_host();
     let dir = lab::lab_dir();
     if dir.exists() {
-        std::fs::remove_dir_all(&dir)
-            .with_context(|| format!("cannot remove {}", dir.display()))?;
+        std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
     }
     println!("lab is down");
     Ok(())
@@ -83,14 +74,11 @@ async fn up(machines: u8, metadata: &[String]) -> Result<LabState> {
     }
     let mut extra: Vec<(String, Vec<(String, String)>)> = Vec::new();
     for m in metadata {
-        let (name, kvs) = m
-            .split_once(':')
-            .with_context(|| format!("--metadata {m:?}: expected NAME:key=value,..."))?;
+        let (name, kvs) =
+            m.split_once(':').with_context(|| format!("--metadata {m:?}: expected NAME:key=value,..."))?;
         let mut pairs = Vec::new();
         for kv in kvs.split(',').filter(|s| !s.is_empty()) {
-            let (k, v) = kv
-                .split_once('=')
-                .with_context(|| format!("--metadata {m:?}: {kv:?} is not key=value"))?;
+            let (k, v) = kv.split_once('=').with_context(|| format!("--metadata {m:?}: {kv:?} is not key=value"))?;
             pairs.push((k.trim().to_string(), v.trim().to_string()));
         }
         extra.push((name.to_string(), pairs));
@@ -99,10 +87,7 @@ async fn up(machines: u8, metadata: &[String]) -> Result<LabState> {
     down()?;
     std::fs::create_dir_all(lab::lab_dir())?;
     let bin_dir = lab::install_binaries(&target_dir()?)?;
-    let mut state = LabState {
-        bin_dir: bin_dir.clone(),
-        ..Default::default()
-    };
+    let mut state = LabState { bin_dir: bin_dir.clone(), ..Default::default() };
     lab::net::ensure_bridge()?;
     state.etcd.push(lab::start_etcd("etcd1")?);
     state.save()?;
@@ -138,10 +123,7 @@ async fn up(machines: u8, metadata: &[String]) -> Result<LabState> {
             }
             Err(e) => {
                 state.save()?;
-                return Err(e.context(format!(
-                    "machine {} failed to boot; `./lab down` cleans up",
-                    spec.name
-                )));
+                return Err(e.context(format!("machine {} failed to boot; `./lab down` cleans up", spec.name)));
             }
         }
     }
@@ -159,46 +141,34 @@ async fn api_get(url: &str) -> Option<serde_json::Value> {
 async fn reqwest_free_get(url: &str) -> Option<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rest = url.strip_prefix("http://")?;
-    let (host, path) = rest
-        .split_once('/')
-        .map(|(h, p)| (h, format!("/{p}")))
-        .unwrap_or((rest, "/".into()));
+    let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((rest, "/".into()));
     let fut = async {
         let mut s = tokio::net::TcpStream::connect(host).await.ok()?;
-        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
-            .await
-            .ok()?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes()).await.ok()?;
         let mut buf = Vec::new();
         s.read_to_end(&mut buf).await.ok()?;
         let text = String::from_utf8_lossy(&buf).into_owned();
         text.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
     };
-    tokio::time::timeout(Duration::from_secs(3), fut)
-        .await
-        .ok()
-        .flatten()
+    tokio::time::timeout(Duration::from_secs(3), fut).await.ok().flatten()
 }
 
 async fn wait_machines(state: &LabState, n: usize, timeout: Duration) -> Result<()> {
-    let url = format!(
-        "{}/fleet/v1/machines",
-        state.api_url().context("no engine")?
-    );
+    let url = format!("{}/fleet/v1/machines", state.api_url().context("no engine")?);
     let until = Instant::now() + timeout;
     loop {
         let count = api_get(&url)
             .await
-            .and_then(|v| {
-                v.get("machines")
-                    .and_then(|m| m.as_array())
-                    .map(|a| a.len())
-            })
+            .and_then(|v| v.get("machines").and_then(|m| m.as_array()).map(|a| a.len()))
             .unwrap_or(0);
         if count >= n {
             return Ok(());
         }
         if Instant::now() > until {
-            bail!("only {count} of {n} machines registered within {timeout:?}; see {}/machines/*/console.log", lab::lab_dir().display());
+            bail!(
+                "only {count} of {n} machines registered within {timeout:?}; see {}/machines/*/console.log",
+                lab::lab_dir().display()
+            );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -207,21 +177,14 @@ async fn wait_machines(state: &LabState, n: usize, timeout: Duration) -> Result<
 async fn print_ps(state: &LabState) {
     for e in &state.etcd {
         let up = process::alive(e.pid);
-        println!(
-            "etcd {} {} {}",
-            e.name,
-            e.client_url,
-            if up { "up" } else { "down" }
-        );
+        println!("etcd {} {} {}", e.name, e.client_url, if up { "up" } else { "down" });
     }
     for e in &state.engines {
         let role = if !process::alive(e.pid) {
             "down".to_string()
         } else {
             match api_get(&format!("{}/engine/status", e.api_url)).await {
-                Some(v) if v.get("leader").and_then(|l| l.as_bool()) == Some(true) => {
-                    "leader".into()
-                }
+                Some(v) if v.get("leader").and_then(|l| l.as_bool()) == Some(true) => "leader".into(),
                 Some(_) => "follower".into(),
                 None => "starting".into(),
             }
@@ -229,13 +192,7 @@ async fn print_ps(state: &LabState) {
         println!("engine {} {} {role}", e.name, e.api_url);
     }
     for m in &state.machines {
-        println!(
-            "machine {} {} {} {}",
-            m.name,
-            m.ip,
-            m.machine_id,
-            if process::alive(m.pid) { "up" } else { "down" }
-        );
+        println!("machine {} {} {} {}", m.name, m.ip, m.machine_id, if process::alive(m.pid) { "up" } else { "down" });
     }
 }
 
@@ -249,10 +206,7 @@ async fn ps() -> Result<()> {
 
 fn env() -> Result<()> {
     let state = LabState::load()?.context("lab is not up: run ./lab up")?;
-    println!(
-        "export FLEETCTL_ENDPOINT={}",
-        state.api_url().context("lab has no engine")?
-    );
+    println!("export FLEETCTL_ENDPOINT={}", state.api_url().context("lab has no engine")?);
     println!("export PATH=\"{}:$PATH\"", state.bin_dir.display());
     Ok(())
 }
@@ -262,15 +216,8 @@ async fn demo() -> Result<()> {
     let api = state.api_url().context("lab has no engine")?.to_string();
     let fleetctl = state.bin_dir.join("fleetctl");
     let example = repo_dir().join("examples/hello.service");
-    for args in [
-        vec!["start".to_string(), example.display().to_string()],
-        vec!["list-units".to_string()],
-    ] {
-        println!(
-            "$ fleetctl {}",
-            args.join(" ")
-                .replace(&format!("{}/", repo_dir().display()), "")
-        );
+    for args in [vec!["start".to_string(), example.display().to_string()], vec!["list-units".to_string()]] {
+        println!("$ fleetctl {}", args.join(" ").replace(&format!("{}/", repo_dir().display()), ""));
         let status = Command::new(&fleetctl)
             .args(&args)
             .env("FLEETCTL_ENDPOINT", &api)

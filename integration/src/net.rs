@@ -5,16 +5,9 @@ use anyhow::{bail, Context, Result};
 use std::process::Command;
 
 fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .context("cannot run ip (is iproute2 installed?)")?;
+    let out = Command::new("ip").args(args).output().context("cannot run ip (is iproute2 installed?)")?;
     if !out.status.success() {
-        bail!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(())
 }
@@ -24,24 +17,14 @@ fn ip_quiet(args: &[&str]) {
 }
 
 fn exists(link: &str) -> bool {
-    Command::new("ip")
-        .args(["link", "show", link])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
+    Command::new("ip").args(["link", "show", link]).output().map(|o| o.status.success()).unwrap_or(false)
 }
 
 pub fn ensure_bridge() -> Result<()> {
     if !exists(BRIDGE) {
         ip(&["link", "add", BRIDGE, "type", "bridge"])?;
     }
-    ip_quiet(&[
-        "addr",
-        "add",
-        &format!("{HOST_IP}/{PREFIX_LEN}"),
-        "dev",
-        BRIDGE,
-    ]);
+    ip_quiet(&["addr", "add", &format!("{HOST_IP}/{PREFIX_LEN}"), "dev", BRIDGE]);
     ip(&["link", "set", BRIDGE, "up"])
 }
 
@@ -55,9 +38,7 @@ pub fn add_machine_netns(name: &str, addr: &str) -> Result<()> {
     del_machine_netns(name);
     let veth = host_veth(name);
     ip(&["netns", "add", name])?;
-    ip(&[
-        "link", "add", &veth, "type", "veth", "peer", "name", "flc0", "netns", name,
-    ])?;
+    ip(&["link", "add", &veth, "type", "veth", "peer", "name", "flc0", "netns", name])?;
     ip(&["link", "set", &veth, "master", BRIDGE, "up"])?;
     let ns = |args: &[&str]| {
         let mut full = vec!["-n", name];
@@ -65,13 +46,7 @@ pub fn add_machine_netns(name: &str, addr: &str) -> Result<()> {
         ip(&full)
     };
     ns(&["link", "set", "flc0", "name", "eth0"])?;
-    ns(&[
-        "addr",
-        "add",
-        &format!("{addr}/{PREFIX_LEN}"),
-        "dev",
-        "eth0",
-    ])?;
+    ns(&["addr", "add", &format!("{addr}/{PREFIX_LEN}"), "dev", "eth0"])?;
     ns(&["link", "set", "eth0", "up"])?;
     ns(&["link", "set", "lo", "up"])?;
     ns(&["route", "add", "default", "via", HOST_IP])
@@ -84,34 +59,21 @@ pub fn del_machine_netns(name: &str) {
 
 /// Cuts a machine off the network (its veth down) or heals it.
 pub fn set_link(name: &str, up: bool) -> Result<()> {
-    ip(&[
-        "link",
-        "set",
-        &host_veth(name),
-        if up { "up" } else { "down" },
-    ])
+    ip(&["link", "set", &host_veth(name), if up { "up" } else { "down" }])
 }
 
 /// Removes every namespace, veth and bridge the lab may have left behind.
 pub fn clean_all() {
     if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
         for line in String::from_utf8_lossy(&out.stdout).lines() {
-            if let Some(ns) = line
-                .split_whitespace()
-                .next()
-                .filter(|n| n.starts_with("fl-"))
-            {
+            if let Some(ns) = line.split_whitespace().next().filter(|n| n.starts_with("fl-")) {
                 ip_quiet(&["netns", "del", ns]);
             }
         }
     }
     if let Ok(out) = Command::new("ip").args(["-o", "link", "show"]).output() {
         for line in String::from_utf8_lossy(&out.stdout).lines() {
-            if let Some(name) = line
-                .split(':')
-                .nth(1)
-                .map(|s| s.trim().split('@').next().unwrap_or("").to_string())
-            {
+            if let Some(name) = line.split(':').nth(1).map(|s| s.trim().split('@').next().unwrap_or("").to_string()) {
                 if name.starts_with("flh-") {
                     ip_quiet(&["link", "del", &name]);
                 }

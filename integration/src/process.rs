@@ -31,10 +31,7 @@ pub fn spawn_logged(mut cmd: Command, log: &Path) -> Result<u32> {
 pub fn alive(pid: u32) -> bool {
     // A zombie has exited: treat it as gone.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !s
-            .rsplit_once(')')
-            .map(|(_, rest)| rest.trim_start().starts_with('Z'))
-            .unwrap_or(false),
+        Ok(s) => !s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('Z')).unwrap_or(false),
         Err(_) => false,
     }
 }
@@ -43,10 +40,7 @@ pub fn alive(pid: u32) -> bool {
 pub fn runs(pid: u32, program: &str) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline"))
         .map(|c| {
-            c.split(|b| *b == 0)
-                .next()
-                .map(|argv0| String::from_utf8_lossy(argv0).contains(program))
-                .unwrap_or(false)
+            c.split(|b| *b == 0).next().map(|argv0| String::from_utf8_lossy(argv0).contains(program)).unwrap_or(false)
         })
         .unwrap_or(false)
 }
@@ -80,8 +74,5 @@ pub fn stop(pid: u32, program: &str, grace: Duration) {
 }
 
 fn reap(pid: u32) {
-    let _ = nix::sys::wait::waitpid(
-        Pid::from_raw(pid as i32),
-        Some(nix::sys::wait::WaitPidFlag::WNOHANG),
-    );
+    let _ = nix::sys::wait::waitpid(Pid::from_raw(pid as i32), Some(nix::sys::wait::WaitPidFlag::WNOHANG));
 }

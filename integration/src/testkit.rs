@@ -48,30 +48,14 @@ pub async fn etcd(state: &LabState) -> Result<etcd_client::Client> {
 
 /// A key prefix no other test uses.
 pub fn unique_prefix(test: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     format!("/fleet-test/{test}-{nanos:x}/")
 }
 
 /// All keys under `prefix`, as strings.
 pub async fn keys_under(client: &mut etcd_client::Client, prefix: &str) -> Result<Vec<String>> {
-    let resp = client
-        .get(
-            prefix,
-            Some(
-                etcd_client::GetOptions::new()
-                    .with_prefix()
-                    .with_keys_only(),
-            ),
-        )
-        .await?;
-    Ok(resp
-        .kvs()
-        .iter()
-        .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
-        .collect())
+    let resp = client.get(prefix, Some(etcd_client::GetOptions::new().with_prefix().with_keys_only())).await?;
+    Ok(resp.kvs().iter().map(|kv| String::from_utf8_lossy(kv.key()).into_owned()).collect())
 }
 
 /// Runs the lab's fleetctl against `endpoint`.
@@ -84,10 +68,7 @@ pub fn fleetctl(state: &LabState, endpoint: &str, args: &[&str]) -> Result<Outpu
 }
 
 pub fn text(o: &Output) -> (String, String) {
-    (
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
+    (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
 }
 
 /// A scratch directory for unit files.
@@ -132,22 +113,11 @@ impl MachineBus {
 
     /// systemd's view of `unit` (loading it if needed: a unit without a file is `not-found`).
     pub async fn unit(&self, unit: &str) -> Result<UnitProps> {
-        let path: zbus::zvariant::OwnedObjectPath =
-            self.manager().await?.call("LoadUnit", &(unit,)).await?;
-        let u = zbus::Proxy::new(
-            &self.conn,
-            "org.freedesktop.systemd1",
-            path.clone(),
-            "org.freedesktop.systemd1.Unit",
-        )
-        .await?;
-        let s = zbus::Proxy::new(
-            &self.conn,
-            "org.freedesktop.systemd1",
-            path,
-            "org.freedesktop.systemd1.Service",
-        )
-        .await?;
+        let path: zbus::zvariant::OwnedObjectPath = self.manager().await?.call("LoadUnit", &(unit,)).await?;
+        let u = zbus::Proxy::new(&self.conn, "org.freedesktop.systemd1", path.clone(), "org.freedesktop.systemd1.Unit")
+            .await?;
+        let s =
+            zbus::Proxy::new(&self.conn, "org.freedesktop.systemd1", path, "org.freedesktop.systemd1.Service").await?;
         Ok(UnitProps {
             load_state: u.get_property("LoadState").await?,
             active_state: u.get_property("ActiveState").await?,
@@ -157,11 +127,7 @@ impl MachineBus {
     }
 
     pub async fn restart(&self, unit: &str) -> Result<()> {
-        let _: zbus::zvariant::OwnedObjectPath = self
-            .manager()
-            .await?
-            .call("RestartUnit", &(unit, "replace"))
-            .await?;
+        let _: zbus::zvariant::OwnedObjectPath = self.manager().await?.call("RestartUnit", &(unit, "replace")).await?;
         Ok(())
     }
 }

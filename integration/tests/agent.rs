@@ -43,10 +43,7 @@ async fn agent_runs_its_schedule_and_adopts_units_after_restart() -> anyhow::Res
         etcd_prefix: prefix.clone(),
         lease_ttl_secs: 5,
     };
-    let unit_text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../agent/fleet-agent.service"
-    ))?;
+    let unit_text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../agent/fleet-agent.service"))?;
     let machine = Machine(boot_machine(&spec, &lab.bin_dir, &unit_text).await?);
     let id = machine.0.machine_id.clone();
     let mut etcd = testkit::etcd(&lab).await?;
@@ -55,66 +52,32 @@ async fn agent_runs_its_schedule_and_adopts_units_after_restart() -> anyhow::Res
     let rec = wait_for("machine registration", T, || {
         let mut etcd = etcd.clone();
         let key = keys.machine(&id);
-        async move {
-            etcd.get(key, None)
-                .await
-                .ok()?
-                .kvs()
-                .first()
-                .map(|kv| (kv.lease(), kv.value().to_vec()))
-        }
+        async move { etcd.get(key, None).await.ok()?.kvs().first().map(|kv| (kv.lease(), kv.value().to_vec())) }
     })
     .await?;
     assert_ne!(rec.0, 0, "machine record must be on a lease");
     let machine_rec: fleet_model::MachineRecord = decode(&rec.1)?;
     assert_eq!(machine_rec.public_ip, "10.231.90.201");
-    assert_eq!(
-        machine_rec.metadata.get("role").map(String::as_str),
-        Some("test")
-    );
+    assert_eq!(machine_rec.metadata.get("role").map(String::as_str), Some("test"));
 
     // Schedule one unit launched and one loaded.
     let web = UnitName::parse("agent-web.service")?;
     let idle = UnitName::parse("agent-idle.service")?;
-    let file = UnitFile::parse(
-        "[Unit]\nDescription=agent test\n\n[Service]\nExecStart=/bin/sleep infinity\n",
-    )?;
+    let file = UnitFile::parse("[Unit]\nDescription=agent test\n\n[Service]\nExecStart=/bin/sleep infinity\n")?;
     let hash = file.hash();
     etcd.put(keys.body(&hash), file.canonical(), None).await?;
-    let entry = |s| ScheduleEntry {
-        hash: hash.clone(),
-        desired_state: s,
-    };
-    etcd.put(
-        keys.schedule(&id, &web),
-        encode(&entry(DesiredState::Launched))?,
-        None,
-    )
-    .await?;
-    etcd.put(
-        keys.schedule(&id, &idle),
-        encode(&entry(DesiredState::Loaded))?,
-        None,
-    )
-    .await?;
+    let entry = |s| ScheduleEntry { hash: hash.clone(), desired_state: s };
+    etcd.put(keys.schedule(&id, &web), encode(&entry(DesiredState::Launched))?, None).await?;
+    etcd.put(keys.schedule(&id, &idle), encode(&entry(DesiredState::Loaded))?, None).await?;
 
     let bus = MachineBus::connect(&machine.0).await?;
     let running = wait_for("agent-web active", T, || async {
-        bus.unit(web.as_str())
-            .await
-            .ok()
-            .filter(|p| p.active_state == "active")
+        bus.unit(web.as_str()).await.ok().filter(|p| p.active_state == "active")
     })
     .await?;
     assert!(running.main_pid > 0);
     let idle_props = bus.unit(idle.as_str()).await?;
-    assert_eq!(
-        (
-            idle_props.load_state.as_str(),
-            idle_props.active_state.as_str()
-        ),
-        ("loaded", "inactive")
-    );
+    assert_eq!((idle_props.load_state.as_str(), idle_props.active_state.as_str()), ("loaded", "inactive"));
 
     // States are published on the agent's lease.
     let st = wait_for("published state of agent-web", T, || {
@@ -122,33 +85,15 @@ async fn agent_runs_its_schedule_and_adopts_units_after_restart() -> anyhow::Res
         let keys = keys.clone();
         let id = id.clone();
         let web = web.clone();
-        async move {
-            state_of(&mut etcd, &keys, &id, &web)
-                .await
-                .filter(|s| s.active_state == "active")
-        }
+        async move { state_of(&mut etcd, &keys, &id, &web).await.filter(|s| s.active_state == "active") }
     })
     .await?;
     assert_eq!(
-        (
-            st.load_state.as_str(),
-            st.sub_state.as_str(),
-            st.applied,
-            st.hash.as_str()
-        ),
+        (st.load_state.as_str(), st.sub_state.as_str(), st.applied, st.hash.as_str()),
         ("loaded", "running", DesiredState::Launched, hash.as_str())
     );
-    let lease_of_state = etcd
-        .get(keys.state(&id, &web), None)
-        .await?
-        .kvs()
-        .first()
-        .map(|kv| kv.lease());
-    assert_eq!(
-        lease_of_state,
-        Some(rec.0),
-        "states share the machine's one lease"
-    );
+    let lease_of_state = etcd.get(keys.state(&id, &web), None).await?.kvs().first().map(|kv| kv.lease());
+    assert_eq!(lease_of_state, Some(rec.0), "states share the machine's one lease");
 
     // Restart the agent: the unit keeps running with the same MainPID, the lease is kept.
     let agent_before = bus.unit("fleet-agent.service").await?.main_pid;
@@ -168,30 +113,13 @@ async fn agent_runs_its_schedule_and_adopts_units_after_restart() -> anyhow::Res
         ("active", running.main_pid),
         "unit was restarted by the agent restart"
     );
-    let lease_after = etcd
-        .get(keys.machine(&id), None)
-        .await?
-        .kvs()
-        .first()
-        .map(|kv| kv.lease());
-    assert_eq!(
-        lease_after,
-        Some(rec.0),
-        "restarted agent took over its lease"
-    );
+    let lease_after = etcd.get(keys.machine(&id), None).await?.kvs().first().map(|kv| kv.lease());
+    assert_eq!(lease_after, Some(rec.0), "restarted agent took over its lease");
 
     // Launched -> loaded stops the unit; its state says so.
-    etcd.put(
-        keys.schedule(&id, &web),
-        encode(&entry(DesiredState::Loaded))?,
-        None,
-    )
-    .await?;
+    etcd.put(keys.schedule(&id, &web), encode(&entry(DesiredState::Loaded))?, None).await?;
     wait_for("agent-web stopped", T, || async {
-        bus.unit(web.as_str())
-            .await
-            .ok()
-            .filter(|p| p.active_state == "inactive")
+        bus.unit(web.as_str()).await.ok().filter(|p| p.active_state == "inactive")
     })
     .await?;
     wait_for("published inactive state", T, || {
@@ -210,10 +138,7 @@ async fn agent_runs_its_schedule_and_adopts_units_after_restart() -> anyhow::Res
     etcd.delete(keys.schedule(&id, &idle), None).await?;
     for u in [&web, &idle] {
         wait_for(&format!("{u} unloaded"), T, || async {
-            bus.unit(u.as_str())
-                .await
-                .ok()
-                .filter(|p| p.load_state == "not-found")
+            bus.unit(u.as_str()).await.ok().filter(|p| p.load_state == "not-found")
         })
         .await?;
     }
@@ -221,13 +146,10 @@ async fn agent_runs_its_schedule_and_adopts_units_after_restart() -> anyhow::Res
         let mut etcd = etcd.clone();
         let prefix = keys.states_of(&id);
         async move {
-            etcd.get(
-                prefix,
-                Some(GetOptions::new().with_prefix().with_count_only()),
-            )
-            .await
-            .ok()
-            .filter(|r| r.count() == 0)
+            etcd.get(prefix, Some(GetOptions::new().with_prefix().with_count_only()))
+                .await
+                .ok()
+                .filter(|r| r.count() == 0)
         }
     })
     .await?;
@@ -235,10 +157,6 @@ async fn agent_runs_its_schedule_and_adopts_units_after_restart() -> anyhow::Res
     // Clean up this test's keys (the machine record goes with the lease when the machine stops).
     drop(bus);
     drop(machine);
-    etcd.delete(
-        prefix.as_str(),
-        Some(etcd_client::DeleteOptions::new().with_prefix()),
-    )
-    .await?;
+    etcd.delete(prefix.as_str(), Some(etcd_client::DeleteOptions::new().with_prefix())).await?;
     Ok(())
 }

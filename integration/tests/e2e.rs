@@ -31,24 +31,11 @@ async fn three_units_spread_over_three_machines_then_leave_no_trace() -> anyhow:
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "start failed: {stdout}\n{stderr}");
     for n in &names {
-        assert!(
-            stdout.contains(&format!("Unit {n} launched on ")),
-            "{stdout}"
-        );
+        assert!(stdout.contains(&format!("Unit {n} launched on ")), "{stdout}");
     }
 
     // list-units: three active rows on three distinct machines.
-    let out = fleetctl(
-        &lab,
-        &api,
-        &[
-            "list-units",
-            "--no-legend",
-            "--full",
-            "--fields",
-            "unit,machine,active,sub",
-        ],
-    )?;
+    let out = fleetctl(&lab, &api, &["list-units", "--no-legend", "--full", "--fields", "unit,machine,active,sub"])?;
     let (stdout, _) = text(&out);
     let rows: Vec<Vec<&str>> = stdout
         .lines()
@@ -56,24 +43,14 @@ async fn three_units_spread_over_three_machines_then_leave_no_trace() -> anyhow:
         .filter(|r: &Vec<&str>| names.iter().any(|n| n == r[0]))
         .collect();
     assert_eq!(rows.len(), 3, "{stdout}");
-    assert!(
-        rows.iter().all(|r| r[2] == "active" && r[3] == "running"),
-        "{stdout}"
-    );
-    let machines: BTreeSet<&str> = rows
-        .iter()
-        .map(|r| r[1].split('/').next().unwrap_or(""))
-        .collect();
+    assert!(rows.iter().all(|r| r[2] == "active" && r[3] == "running"), "{stdout}");
+    let machines: BTreeSet<&str> = rows.iter().map(|r| r[1].split('/').next().unwrap_or("")).collect();
     assert_eq!(machines.len(), 3, "units not spread: {stdout}");
 
     // systemd inside each machine agrees.
     for r in &rows {
         let id = r[1].split('/').next().unwrap_or("");
-        let m = lab
-            .machines
-            .iter()
-            .find(|m| m.machine_id == id)
-            .expect("row names a lab machine");
+        let m = lab.machines.iter().find(|m| m.machine_id == id).expect("row names a lab machine");
         let props = MachineBus::connect(m).await?.unit(r[0]).await?;
         assert_eq!(
             (props.load_state.as_str(), props.active_state.as_str()),
@@ -88,23 +65,12 @@ async fn three_units_spread_over_three_machines_then_leave_no_trace() -> anyhow:
     stop.extend(names.iter().map(String::as_str));
     let out = fleetctl(&lab, &api, &stop)?;
     assert!(out.status.success(), "{:?}", text(&out));
-    assert!(
-        text(&out).1.contains("Successfully stopped units"),
-        "{:?}",
-        text(&out)
-    );
+    assert!(text(&out).1.contains("Successfully stopped units"), "{:?}", text(&out));
     for r in &rows {
-        let m = lab
-            .machines
-            .iter()
-            .find(|m| m.machine_id == r[1].split('/').next().unwrap_or(""))
-            .expect("lab machine");
+        let m =
+            lab.machines.iter().find(|m| m.machine_id == r[1].split('/').next().unwrap_or("")).expect("lab machine");
         let props = MachineBus::connect(m).await?.unit(r[0]).await?;
-        assert_eq!(
-            props.active_state, "inactive",
-            "{} still running on {}",
-            r[0], m.name
-        );
+        assert_eq!(props.active_state, "inactive", "{} still running on {}", r[0], m.name);
     }
 
     let mut destroy = vec!["destroy"];
@@ -126,10 +92,7 @@ async fn three_units_spread_over_three_machines_then_leave_no_trace() -> anyhow:
         let bus = MachineBus::connect(m).await?;
         for n in &names {
             let props = wait_for(&format!("{n} gone from {}", m.name), T, || async {
-                bus.unit(n)
-                    .await
-                    .ok()
-                    .filter(|p| p.load_state == "not-found")
+                bus.unit(n).await.ok().filter(|p| p.load_state == "not-found")
             })
             .await?;
             assert_eq!(props.active_state, "inactive");
@@ -153,20 +116,13 @@ async fn bad_input_is_refused_with_one_line_and_nothing_written() -> anyhow::Res
     let out = fleetctl(&lab, &api, &["start", bad.to_str().unwrap_or_default()])?;
     let (_, stderr) = text(&out);
     assert!(!out.status.success());
-    assert!(
-        stderr.contains("invalid character ' ' in unit name"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("invalid character ' ' in unit name"), "{stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
 
     // Unreadable unit file (not a unit file at all).
     let garbage = dir.join("e2e-garbage.service");
     std::fs::write(&garbage, "[Service]\nthis is not an assignment\n")?;
-    let out = fleetctl(
-        &lab,
-        &api,
-        &["submit", garbage.to_str().unwrap_or_default()],
-    )?;
+    let out = fleetctl(&lab, &api, &["submit", garbage.to_str().unwrap_or_default()])?;
     let (_, stderr) = text(&out);
     assert!(!out.status.success());
     assert!(stderr.contains("line 2"), "{stderr}");
@@ -177,13 +133,7 @@ async fn bad_input_is_refused_with_one_line_and_nothing_written() -> anyhow::Res
     assert!(text(&out).1.contains("Unit e2e-nosuch.service not found"));
     let out = fleetctl(&lab, &api, &["start", "e2e-nosuch.service"])?;
     assert_eq!(out.status.code(), Some(1));
-    assert!(
-        text(&out)
-            .1
-            .contains("unable to find Unit(e2e-nosuch.service)"),
-        "{:?}",
-        text(&out)
-    );
+    assert!(text(&out).1.contains("unable to find Unit(e2e-nosuch.service)"), "{:?}", text(&out));
     let out = fleetctl(&lab, &api, &["destroy", "e2e-nosuch.service"])?;
     assert_eq!(out.status.code(), Some(0));
     assert!(text(&out).1.contains("Units not found in registry"));
@@ -192,10 +142,7 @@ async fn bad_input_is_refused_with_one_line_and_nothing_written() -> anyhow::Res
     let out = fleetctl(&lab, "http://127.0.0.1:9", &["list-units"])?;
     let (_, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr.contains("cannot reach the fleet API at http://127.0.0.1:9"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("cannot reach the fleet API at http://127.0.0.1:9"), "{stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
 
     let left: Vec<String> = keys_under(&mut etcd, fleet_integration::ETCD_PREFIX)
@@ -222,26 +169,10 @@ async fn cat_and_list_unit_files_show_what_was_submitted() -> anyhow::Result<()>
     assert_eq!(text(&out).0.trim(), "Unit e2e-cat.service inactive");
     let out = fleetctl(&lab, &api, &["cat", "e2e-cat.service"])?;
     assert_eq!(text(&out).0.trim(), body.trim());
-    let out = fleetctl(
-        &lab,
-        &api,
-        &[
-            "list-unit-files",
-            "--no-legend",
-            "--fields",
-            "unit,dstate,state,target,desc",
-        ],
-    )?;
-    let line = text(&out)
-        .0
-        .lines()
-        .find(|l| l.starts_with("e2e-cat.service"))
-        .map(str::to_string)
-        .unwrap_or_default();
+    let out = fleetctl(&lab, &api, &["list-unit-files", "--no-legend", "--fields", "unit,dstate,state,target,desc"])?;
+    let line = text(&out).0.lines().find(|l| l.starts_with("e2e-cat.service")).map(str::to_string).unwrap_or_default();
     assert_eq!(
-        line.split('\t')
-            .filter(|s| !s.is_empty())
-            .collect::<Vec<_>>(),
+        line.split('\t').filter(|s| !s.is_empty()).collect::<Vec<_>>(),
         vec!["e2e-cat.service", "inactive", "inactive", "-", "cat me"]
     );
     let out = fleetctl(&lab, &api, &["destroy", "e2e-cat.service"])?;
@@ -280,25 +211,14 @@ async fn etcd_down_is_reported_and_nothing_is_half_written() -> anyhow::Result<(
     std::fs::write(&a, unit_file("a"))?;
     std::fs::write(&b, unit_file("b"))?;
     wait_for("engine API", T, || async {
-        fleetctl(&lab, &api, &["list-unit-files"])
-            .ok()
-            .filter(|o| o.status.success())
+        fleetctl(&lab, &api, &["list-unit-files"]).ok().filter(|o| o.status.success())
     })
     .await?;
     let out = fleetctl(&lab, &api, &["submit", a.to_str().unwrap_or_default()])?;
     assert!(out.status.success(), "{:?}", text(&out));
 
     drop(etcd_guard);
-    let out = fleetctl(
-        &lab,
-        &api,
-        &[
-            "--request-timeout",
-            "20",
-            "submit",
-            b.to_str().unwrap_or_default(),
-        ],
-    )?;
+    let out = fleetctl(&lab, &api, &["--request-timeout", "20", "submit", b.to_str().unwrap_or_default()])?;
     let (_, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("etcd"), "error should name etcd: {stderr}");
@@ -306,33 +226,15 @@ async fn etcd_down_is_reported_and_nothing_is_half_written() -> anyhow::Result<(
 
     // Back up (same data directory): the first unit is intact, the second was never written.
     let data = fleet_integration::lab_dir().join("etcd-e2e-down/data");
-    let cmd = fleet_integration::etcd_command(
-        "etcd-e2e-down",
-        &data,
-        &etcd.client_url,
-        &etcd.client_url,
-        12478,
-    );
-    let pid = fleet_integration::process::spawn_logged(
-        cmd,
-        &fleet_integration::lab_dir().join("etcd-e2e-down/etcd2.log"),
-    )?;
+    let cmd = fleet_integration::etcd_command("etcd-e2e-down", &data, &etcd.client_url, &etcd.client_url, 12478);
+    let pid =
+        fleet_integration::process::spawn_logged(cmd, &fleet_integration::lab_dir().join("etcd-e2e-down/etcd2.log"))?;
     let _etcd2 = Proc(pid, "etcd");
     fleet_integration::wait_etcd(std::slice::from_ref(&etcd.client_url), T).await?;
     let mut client = etcd_client::Client::connect([etcd.client_url.clone()], None).await?;
     let keys = keys_under(&mut client, "/fleet/").await?;
-    assert!(
-        keys.iter().any(|k| k.ends_with("units/down-a.service")),
-        "{keys:?}"
-    );
-    assert!(
-        !keys.iter().any(|k| k.contains("down-b")),
-        "half-written: {keys:?}"
-    );
-    assert_eq!(
-        keys.iter().filter(|k| k.contains("/bodies/")).count(),
-        1,
-        "{keys:?}"
-    );
+    assert!(keys.iter().any(|k| k.ends_with("units/down-a.service")), "{keys:?}");
+    assert!(!keys.iter().any(|k| k.contains("down-b")), "half-written: {keys:?}");
+    assert_eq!(keys.iter().filter(|k| k.contains("/bodies/")).count(), 1, "{keys:?}");
     Ok(())
 }

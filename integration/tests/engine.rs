@@ -20,19 +20,11 @@ impl Drop for Engine {
 }
 
 async fn status(e: &EngineProc) -> Option<serde_json::Value> {
-    reqwest::get(format!("{}/engine/status", e.api_url))
-        .await
-        .ok()?
-        .json()
-        .await
-        .ok()
+    reqwest::get(format!("{}/engine/status", e.api_url)).await.ok()?.json().await.ok()
 }
 
 async fn is_leader(e: &EngineProc) -> bool {
-    status(e)
-        .await
-        .and_then(|s| s.get("leader").and_then(|l| l.as_bool()))
-        .unwrap_or(false)
+    status(e).await.and_then(|s| s.get("leader").and_then(|l| l.as_bool())).unwrap_or(false)
 }
 
 /// A machine record kept alive on its own lease until `expire` is called.
@@ -45,17 +37,8 @@ impl FakeMachine {
     async fn register(etcd: &etcd_client::Client, keys: &Keys, id: &str) -> anyhow::Result<Self> {
         let mut c = etcd.clone();
         let lease = c.lease_grant(2, None).await?.id();
-        let rec = MachineRecord {
-            id: id.into(),
-            public_ip: "192.0.2.1".into(),
-            ..Default::default()
-        };
-        c.put(
-            keys.machine(id),
-            encode(&rec)?,
-            Some(PutOptions::new().with_lease(lease)),
-        )
-        .await?;
+        let rec = MachineRecord { id: id.into(), public_ip: "192.0.2.1".into(), ..Default::default() };
+        c.put(keys.machine(id), encode(&rec)?, Some(PutOptions::new().with_lease(lease))).await?;
         let (mut k, mut s) = c.lease_keep_alive(lease).await?;
         let keeper = tokio::spawn(async move {
             loop {
@@ -65,10 +48,7 @@ impl FakeMachine {
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         });
-        Ok(FakeMachine {
-            id: id.into(),
-            keeper,
-        })
+        Ok(FakeMachine { id: id.into(), keeper })
     }
 
     /// Stops renewing, as if the machine died: etcd expires it within the lease TTL.
@@ -78,18 +58,13 @@ impl FakeMachine {
 }
 
 async fn schedule(etcd: &mut etcd_client::Client, keys: &Keys) -> BTreeMap<String, String> {
-    let Ok(resp) = etcd
-        .get(keys.schedules(), Some(GetOptions::new().with_prefix()))
-        .await
-    else {
+    let Ok(resp) = etcd.get(keys.schedules(), Some(GetOptions::new().with_prefix())).await else {
         return BTreeMap::new();
     };
     resp.kvs()
         .iter()
         .filter_map(|kv| match keys.decode(kv.key()) {
-            Some(Key::Schedule(m, u)) if decode::<ScheduleEntry>(kv.value()).is_ok() => {
-                Some((u.to_string(), m))
-            }
+            Some(Key::Schedule(m, u)) if decode::<ScheduleEntry>(kv.value()).is_ok() => Some((u.to_string(), m)),
             _ => None,
         })
         .collect()
@@ -100,11 +75,7 @@ async fn start_units(api: &str, names: &[String]) -> anyhow::Result<()> {
     for n in names {
         let body = serde_json::json!({"desiredState": "launched", "options": [
             {"section": "Service", "name": "ExecStart", "value": format!("/bin/sleep {}", n.len())}]});
-        let resp = http
-            .put(format!("{api}/fleet/v1/units/{n}"))
-            .json(&body)
-            .send()
-            .await?;
+        let resp = http.put(format!("{api}/fleet/v1/units/{n}")).json(&body).send().await?;
         anyhow::ensure!(resp.status().as_u16() == 201, "PUT {n}: {}", resp.status());
     }
     Ok(())
@@ -125,22 +96,8 @@ async fn one_leader_and_a_follower_takes_over_when_it_is_killed() -> anyhow::Res
     };
     let prefix = testkit::unique_prefix("election");
     let etcd = lab.etcd_endpoints();
-    let a = Engine(start_engine(
-        "t-elect-a",
-        &lab.bin_dir,
-        &etcd,
-        &prefix,
-        12581,
-        2,
-    )?);
-    let b = Engine(start_engine(
-        "t-elect-b",
-        &lab.bin_dir,
-        &etcd,
-        &prefix,
-        12582,
-        2,
-    )?);
+    let a = Engine(start_engine("t-elect-a", &lab.bin_dir, &etcd, &prefix, 12581, 2)?);
+    let b = Engine(start_engine("t-elect-b", &lab.bin_dir, &etcd, &prefix, 12582, 2)?);
     let (leader, follower) = wait_for("one leader", T, || async {
         match (is_leader(&a.0).await, is_leader(&b.0).await) {
             (true, false) => Some((&a, &b)),
@@ -153,25 +110,14 @@ async fn one_leader_and_a_follower_takes_over_when_it_is_killed() -> anyhow::Res
     let followers_view = wait_for("follower sees the leader", T, || async {
         status(&follower.0)
             .await
-            .and_then(|s| {
-                s.get("leaderId")
-                    .and_then(|l| l.as_str())
-                    .map(str::to_string)
-            })
+            .and_then(|s| s.get("leaderId").and_then(|l| l.as_str()).map(str::to_string))
             .filter(|l| !l.is_empty())
     })
     .await?;
     assert_eq!(followers_view, leader.0.name);
 
-    assert!(process::signal(
-        leader.0.pid,
-        "fleet-engine",
-        nix::sys::signal::Signal::SIGKILL
-    ));
-    wait_for("the follower to lead", T, || async {
-        is_leader(&follower.0).await.then_some(())
-    })
-    .await?;
+    assert!(process::signal(leader.0.pid, "fleet-engine", nix::sys::signal::Signal::SIGKILL));
+    wait_for("the follower to lead", T, || async { is_leader(&follower.0).await.then_some(()) }).await?;
     Ok(())
 }
 
@@ -183,24 +129,14 @@ async fn places_on_least_loaded_machines_and_moves_units_off_lost_ones() -> anyh
     let prefix = testkit::unique_prefix("placement");
     let keys = Keys::new(&prefix);
     let mut etcd = testkit::etcd(&lab).await?;
-    let engine = Engine(start_engine(
-        "t-place",
-        &lab.bin_dir,
-        &lab.etcd_endpoints(),
-        &prefix,
-        12583,
-        2,
-    )?);
+    let engine = Engine(start_engine("t-place", &lab.bin_dir, &lab.etcd_endpoints(), &prefix, 12583, 2)?);
     let api = engine.0.api_url.clone();
     let machines = [
         FakeMachine::register(&etcd, &keys, "aaaa0000000000000000000000000001").await?,
         FakeMachine::register(&etcd, &keys, "aaaa0000000000000000000000000002").await?,
         FakeMachine::register(&etcd, &keys, "aaaa0000000000000000000000000003").await?,
     ];
-    wait_for("engine ready", T, || async {
-        is_leader(&engine.0).await.then_some(())
-    })
-    .await?;
+    wait_for("engine ready", T, || async { is_leader(&engine.0).await.then_some(()) }).await?;
 
     let first: Vec<String> = (1..=3).map(|i| format!("place-{i}.service")).collect();
     start_units(&api, &first).await?;
@@ -210,11 +146,7 @@ async fn places_on_least_loaded_machines_and_moves_units_off_lost_ones() -> anyh
         async move { Some(schedule(&mut etcd, &keys).await).filter(|s| s.len() == 3) }
     })
     .await?;
-    assert_eq!(
-        per_machine(&s).values().copied().collect::<Vec<_>>(),
-        vec![1, 1, 1],
-        "{s:?}"
-    );
+    assert_eq!(per_machine(&s).values().copied().collect::<Vec<_>>(), vec![1, 1, 1], "{s:?}");
 
     let second: Vec<String> = (4..=6).map(|i| format!("place-{i}.service")).collect();
     start_units(&api, &second).await?;
@@ -224,52 +156,29 @@ async fn places_on_least_loaded_machines_and_moves_units_off_lost_ones() -> anyh
         async move { Some(schedule(&mut etcd, &keys).await).filter(|s| s.len() == 6) }
     })
     .await?;
-    assert_eq!(
-        per_machine(&s).values().copied().collect::<Vec<_>>(),
-        vec![2, 2, 2],
-        "{s:?}"
-    );
+    assert_eq!(per_machine(&s).values().copied().collect::<Vec<_>>(), vec![2, 2, 2], "{s:?}");
     for u in &first {
         assert!(s.contains_key(u), "{u} moved or vanished: {s:?}");
     }
 
     // Machine 3 dies: after its lease expires its units move to the others; nothing else moves.
     let lost = &machines[2];
-    let on_lost: Vec<String> = s
-        .iter()
-        .filter(|(_, m)| **m == lost.id)
-        .map(|(u, _)| u.clone())
-        .collect();
+    let on_lost: Vec<String> = s.iter().filter(|(_, m)| **m == lost.id).map(|(u, _)| u.clone()).collect();
     lost.expire();
     let moved = wait_for("units of the lost machine rescheduled", T, || {
         let mut etcd = etcd.clone();
         let keys = keys.clone();
         let lost = lost.id.clone();
-        async move {
-            Some(schedule(&mut etcd, &keys).await)
-                .filter(|s| s.len() == 6 && s.values().all(|m| *m != lost))
-        }
+        async move { Some(schedule(&mut etcd, &keys).await).filter(|s| s.len() == 6 && s.values().all(|m| *m != lost)) }
     })
     .await?;
-    assert_eq!(
-        per_machine(&moved).values().copied().collect::<Vec<_>>(),
-        vec![3, 3],
-        "{moved:?}"
-    );
+    assert_eq!(per_machine(&moved).values().copied().collect::<Vec<_>>(), vec![3, 3], "{moved:?}");
     for (u, m) in &s {
         if !on_lost.contains(u) {
-            assert_eq!(
-                moved.get(u),
-                Some(m),
-                "{u} moved although its machine is alive"
-            );
+            assert_eq!(moved.get(u), Some(m), "{u} moved although its machine is alive");
         }
     }
     drop(engine);
-    etcd.delete(
-        prefix.as_str(),
-        Some(etcd_client::DeleteOptions::new().with_prefix()),
-    )
-    .await?;
+    etcd.delete(prefix.as_str(), Some(etcd_client::DeleteOptions::new().with_prefix())).await?;
     Ok(())
 }

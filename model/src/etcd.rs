@@ -16,23 +16,14 @@ pub struct EtcdConfig {
 
 /// Connects with a connect timeout and a per-request timeout, retrying the first connection so a
 /// daemon started just before etcd does not exit.
-pub async fn connect(
-    cfg: &EtcdConfig,
-    policy: RetryPolicy,
-) -> Result<Client, RetryError<etcd_client::Error>> {
+pub async fn connect(cfg: &EtcdConfig, policy: RetryPolicy) -> Result<Client, RetryError<etcd_client::Error>> {
     let opts = etcd_client::ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(3))
         .with_timeout(cfg.request_timeout)
         .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
         .with_keep_alive_while_idle(true);
     let what = format!("connect to etcd at {}", cfg.endpoints.join(","));
-    policy
-        .run(
-            &what,
-            |_| true,
-            || Client::connect(cfg.endpoints.clone(), Some(opts.clone())),
-        )
-        .await
+    policy.run(&what, |_| true, || Client::connect(cfg.endpoints.clone(), Some(opts.clone()))).await
 }
 
 /// Errors worth another attempt: the transport and unavailability, not a refused request.
@@ -42,11 +33,7 @@ pub fn is_transient(e: &etcd_client::Error) -> bool {
         etcd_client::Error::GRpcStatus(s) => {
             matches!(
                 s.code(),
-                Code::Unavailable
-                    | Code::DeadlineExceeded
-                    | Code::Unknown
-                    | Code::Aborted
-                    | Code::Cancelled
+                Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Aborted | Code::Cancelled
             )
         }
         etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
@@ -57,15 +44,8 @@ pub fn is_transient(e: &etcd_client::Error) -> bool {
 /// One key's change, as seen by a prefix follower.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
-    Put {
-        key: Vec<u8>,
-        value: Vec<u8>,
-        lease: i64,
-        mod_revision: i64,
-    },
-    Delete {
-        key: Vec<u8>,
-    },
+    Put { key: Vec<u8>, value: Vec<u8>, lease: i64, mod_revision: i64 },
+    Delete { key: Vec<u8> },
 }
 
 /// What a prefix follower delivers, in revision order.
@@ -82,10 +62,7 @@ pub enum PrefixUpdate {
 /// revision; reconnects with backoff from the last revision seen, and relists after compaction.
 /// This is the only way fleet processes read etcd continuously, so no one polls.
 pub async fn follow_prefix(client: Client, prefix: String, tx: mpsc::Sender<PrefixUpdate>) {
-    let policy = RetryPolicy {
-        attempts: u32::MAX,
-        ..RetryPolicy::default()
-    };
+    let policy = RetryPolicy { attempts: u32::MAX, ..RetryPolicy::default() };
     let mut revision: Option<i64> = None;
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -121,14 +98,7 @@ pub async fn follow_prefix(client: Client, prefix: String, tx: mpsc::Sender<Pref
                         mod_revision: kv.mod_revision(),
                     })
                     .collect();
-                if tx
-                    .send(PrefixUpdate::Snapshot {
-                        revision: rev,
-                        puts,
-                    })
-                    .await
-                    .is_err()
-                {
+                if tx.send(PrefixUpdate::Snapshot { revision: rev, puts }).await.is_err() {
                     return;
                 }
                 revision = Some(rev);
@@ -136,10 +106,7 @@ pub async fn follow_prefix(client: Client, prefix: String, tx: mpsc::Sender<Pref
             }
         };
         let mut watch_client = client.watch_client();
-        let opts = WatchOptions::new()
-            .with_prefix()
-            .with_start_revision(start)
-            .with_progress_notify();
+        let opts = WatchOptions::new().with_prefix().with_start_revision(start).with_progress_notify();
         let mut stream = match watch_client.watch(prefix.clone(), Some(opts)).await {
             Ok(s) => s,
             Err(e) => {
@@ -179,31 +146,17 @@ pub async fn follow_prefix(client: Client, prefix: String, tx: mpsc::Sender<Pref
                                     lease: kv.lease(),
                                     mod_revision: kv.mod_revision(),
                                 },
-                                EventType::Delete => Change::Delete {
-                                    key: kv.key().to_vec(),
-                                },
+                                EventType::Delete => Change::Delete { key: kv.key().to_vec() },
                             })
                         })
                         .collect();
                     // Events of one revision arrive together; the header revision of a progress
                     // notification tells us etcd has nothing newer for this prefix.
-                    let rev = resp
-                        .events()
-                        .last()
-                        .and_then(|e| e.kv())
-                        .map(|kv| kv.mod_revision())
-                        .unwrap_or(rev);
+                    let rev = resp.events().last().and_then(|e| e.kv()).map(|kv| kv.mod_revision()).unwrap_or(rev);
                     if rev > revision.unwrap_or(0) {
                         revision = Some(rev);
                     }
-                    if tx
-                        .send(PrefixUpdate::Changes {
-                            revision: rev,
-                            changes,
-                        })
-                        .await
-                        .is_err()
-                    {
+                    if tx.send(PrefixUpdate::Changes { revision: rev, changes }).await.is_err() {
                         return;
                     }
                 }

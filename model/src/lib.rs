@@ -8,6 +8,7 @@
 pub mod etcd;
 pub mod machine;
 pub mod retry;
+pub mod rules;
 pub mod schema;
 pub mod unit_file;
 pub mod unit_name;
@@ -21,9 +22,7 @@ use serde::{Deserialize, Serialize};
 
 /// The state a user wants a unit in, cluster-wide. Adjacent states only: fleet walks through
 /// `loaded` on its way from `inactive` to `launched` by itself.
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DesiredState {
     #[default]
@@ -70,11 +69,7 @@ mod tests {
 
     #[test]
     fn desired_state_parses_and_prints() {
-        for s in [
-            DesiredState::Inactive,
-            DesiredState::Loaded,
-            DesiredState::Launched,
-        ] {
+        for s in [DesiredState::Inactive, DesiredState::Loaded, DesiredState::Launched] {
             assert_eq!(s.as_str().parse::<DesiredState>(), Ok(s));
             assert_eq!(serde_json::to_string(&s).ok(), Some(format!("\"{s}\"")));
         }

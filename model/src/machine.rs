@@ -14,11 +14,7 @@ pub enum MachineIdError {
 /// Validates an `/etc/machine-id` value (trailing newline allowed).
 pub fn parse_machine_id(text: &str) -> Result<MachineId, MachineIdError> {
     let id = text.trim();
-    if id.len() == 32
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    {
+    if id.len() == 32 && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
         Ok(id.to_string())
     } else {
         Err(MachineIdError::Malformed(id.to_string()))
@@ -36,16 +32,15 @@ pub struct MachineRecord {
     pub metadata: BTreeMap<String, String>,
     #[serde(default)]
     pub version: String,
+    /// What the machine offers to units that reserve resources; zero means not advertised.
+    #[serde(default, skip_serializing_if = "crate::rules::Resources::is_zero")]
+    pub capacity: crate::rules::Resources,
 }
 
 impl MachineRecord {
     /// `0f1ee701.../10.0.0.1`, fleetctl's machine legend.
     pub fn legend(&self, full: bool) -> String {
-        let id = if full || self.id.len() <= 8 {
-            self.id.clone()
-        } else {
-            format!("{}...", &self.id[..8])
-        };
+        let id = if full || self.id.len() <= 8 { self.id.clone() } else { format!("{}...", &self.id[..8]) };
         if self.public_ip.is_empty() {
             id
         } else {

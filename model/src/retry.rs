@@ -27,11 +27,7 @@ impl Default for RetryPolicy {
 #[derive(Debug, thiserror::Error)]
 pub enum RetryError<E: std::error::Error + 'static> {
     #[error("{what}: timed out after {timeout:?} ({attempts} attempts)")]
-    TimedOut {
-        what: String,
-        timeout: Duration,
-        attempts: u32,
-    },
+    TimedOut { what: String, timeout: Duration, attempts: u32 },
     #[error("{what}: {source}")]
     Failed {
         what: String,
@@ -62,10 +58,7 @@ impl RetryPolicy {
             match tokio::time::timeout(self.timeout, op()).await {
                 Ok(Ok(v)) => return Ok(v),
                 Ok(Err(e)) if last || !retryable(&e) => {
-                    return Err(RetryError::Failed {
-                        what: what.to_string(),
-                        source: e,
-                    })
+                    return Err(RetryError::Failed { what: what.to_string(), source: e })
                 }
                 Ok(Err(e)) => tracing::debug!(what, attempt, error = %e, "retrying"),
                 Err(_) if last => {
@@ -124,13 +117,8 @@ mod tests {
     #[tokio::test]
     async fn final_errors_stop_and_timeouts_are_reported() {
         let calls = AtomicU32::new(0);
-        let r: Result<(), _> = fast()
-            .run(
-                "op",
-                |_: &Boom| false,
-                || async { Err(Boom(calls.fetch_add(1, Ordering::SeqCst))) },
-            )
-            .await;
+        let r: Result<(), _> =
+            fast().run("op", |_: &Boom| false, || async { Err(Boom(calls.fetch_add(1, Ordering::SeqCst))) }).await;
         assert_eq!(calls.load(Ordering::SeqCst), 1);
         assert_eq!(r.map_err(|e| e.to_string()), Err("op: boom 0".to_string()));
         let r: Result<(), RetryError<Boom>> = fast()

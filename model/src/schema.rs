@@ -6,6 +6,7 @@
 //! <P>machines/<id>               MachineRecord     agent; on the agent's lease
 //! <P>schedule/<id>/<name>        ScheduleEntry     engine leader; fenced by its election key
 //! <P>states/<id>/<name>          UnitStateRecord   agent; on the agent's lease
+//! <P>why/<name>                  text              engine leader; why a unit is not placed
 //! <P>leader/...                  election keys     engines; each on its own lease
 //! ```
 
@@ -23,6 +24,8 @@ pub enum Key {
     Machine(MachineId),
     Schedule(MachineId, UnitName),
     State(MachineId, UnitName),
+    /// Why the leader could not place a unit.
+    Why(UnitName),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,28 +82,26 @@ impl Keys {
     pub fn state(&self, machine: &str, unit: &UnitName) -> String {
         format!("{}states/{machine}/{unit}", self.prefix)
     }
+    pub fn why(&self, unit: &UnitName) -> String {
+        format!("{}why/{unit}", self.prefix)
+    }
     /// Election name used with etcd's election API.
     pub fn leader(&self) -> String {
         format!("{}leader", self.prefix)
     }
 
     pub fn decode(&self, key: &[u8]) -> Option<Key> {
-        let key = std::str::from_utf8(key)
-            .ok()?
-            .strip_prefix(self.prefix.as_str())?;
+        let key = std::str::from_utf8(key).ok()?.strip_prefix(self.prefix.as_str())?;
         let (kind, rest) = key.split_once('/')?;
         match kind {
             "units" => UnitName::parse(rest).ok().map(Key::Unit),
+            "why" => UnitName::parse(rest).ok().map(Key::Why),
             "bodies" => Some(Key::Body(rest.to_string())),
             "machines" if !rest.contains('/') => Some(Key::Machine(rest.to_string())),
             "schedule" | "states" => {
                 let (m, u) = rest.split_once('/')?;
                 let u = UnitName::parse(u).ok()?;
-                Some(if kind == "schedule" {
-                    Key::Schedule(m.to_string(), u)
-                } else {
-                    Key::State(m.to_string(), u)
-                })
+                Some(if kind == "schedule" { Key::Schedule(m.to_string(), u) } else { Key::State(m.to_string(), u) })
             }
             _ => None,
         }
@@ -158,40 +159,20 @@ mod tests {
     fn keys_round_trip() {
         let k = Keys::new("/t1");
         let m = "0f1ee701000040008000000000000001";
-        assert_eq!(
-            k.decode(k.unit(&n("a@1.service")).as_bytes()),
-            Some(Key::Unit(n("a@1.service")))
-        );
-        assert_eq!(
-            k.decode(k.body("abc").as_bytes()),
-            Some(Key::Body("abc".into()))
-        );
-        assert_eq!(
-            k.decode(k.machine(m).as_bytes()),
-            Some(Key::Machine(m.into()))
-        );
-        assert_eq!(
-            k.decode(k.schedule(m, &n("x.service")).as_bytes()),
-            Some(Key::Schedule(m.into(), n("x.service")))
-        );
-        assert_eq!(
-            k.decode(k.state(m, &n("x.service")).as_bytes()),
-            Some(Key::State(m.into(), n("x.service")))
-        );
-        assert!(k
-            .schedule(m, &n("x.service"))
-            .starts_with(&k.schedule_of(m)));
+        assert_eq!(k.decode(k.unit(&n("a@1.service")).as_bytes()), Some(Key::Unit(n("a@1.service"))));
+        assert_eq!(k.decode(k.body("abc").as_bytes()), Some(Key::Body("abc".into())));
+        assert_eq!(k.decode(k.machine(m).as_bytes()), Some(Key::Machine(m.into())));
+        assert_eq!(k.decode(k.schedule(m, &n("x.service")).as_bytes()), Some(Key::Schedule(m.into(), n("x.service"))));
+        assert_eq!(k.decode(k.state(m, &n("x.service")).as_bytes()), Some(Key::State(m.into(), n("x.service"))));
+        assert!(k.schedule(m, &n("x.service")).starts_with(&k.schedule_of(m)));
+        assert_eq!(k.decode(k.why(&n("x.service")).as_bytes()), Some(Key::Why(n("x.service"))));
         assert_eq!(k.decode(b"/t1/leader/123"), None);
         assert_eq!(k.decode(b"/other/units/x.service"), None);
     }
 
     #[test]
     fn records_round_trip() {
-        let u = UnitRecord {
-            name: n("a.service"),
-            hash: "h".into(),
-            desired_state: DesiredState::Launched,
-        };
+        let u = UnitRecord { name: n("a.service"), hash: "h".into(), desired_state: DesiredState::Launched };
         let bytes = encode(&u).expect("encodes");
         assert_eq!(
             std::str::from_utf8(&bytes).ok(),
@@ -205,13 +186,7 @@ mod tests {
             sub_state: "running".into(),
             applied: DesiredState::Launched,
         };
-        assert_eq!(
-            decode::<UnitStateRecord>(&encode(&s).expect("encodes")).ok(),
-            Some(s)
-        );
-        assert!(
-            decode::<UnitRecord>(br#"{"name":"bad","hash":"h","desiredState":"launched"}"#)
-                .is_err()
-        );
+        assert_eq!(decode::<UnitStateRecord>(&encode(&s).expect("encodes")).ok(), Some(s));
+        assert!(decode::<UnitRecord>(br#"{"name":"bad","hash":"h","desiredState":"launched"}"#).is_err());
     }
 }

@@ -65,10 +65,7 @@ impl UnitFile {
             // Text before the first section header is ignored, as systemd and fleet do.
             let Some(sec) = &section else { continue };
             let Some((name, value)) = line.split_once('=') else {
-                return Err(UnitFileError::NoAssignment {
-                    line: line_no,
-                    text: line.to_string(),
-                });
+                return Err(UnitFileError::NoAssignment { line: line_no, text: line.to_string() });
             };
             let name = name.trim();
             if name.is_empty() {
@@ -134,15 +131,8 @@ impl UnitFile {
     }
 
     /// Values of `name` in `section`, in file order.
-    pub fn values<'a>(
-        &'a self,
-        section: &'a str,
-        name: &'a str,
-    ) -> impl Iterator<Item = &'a str> + 'a {
-        self.options
-            .iter()
-            .filter(move |o| o.section == section && o.name == name)
-            .map(|o| o.value.as_str())
+    pub fn values<'a>(&'a self, section: &'a str, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.options.iter().filter(move |o| o.section == section && o.name == name).map(|o| o.value.as_str())
     }
 
     /// The first `[Unit] Description=`.
@@ -168,20 +158,14 @@ mod tests {
         assert_eq!(f.canonical(), HELLO);
         assert_eq!(f.hash(), hex::encode(Sha1::digest(HELLO.as_bytes())));
         // The hash is stable across releases: stored bodies are addressed by it.
-        assert_eq!(
-            content_hash("[Service]\nExecStart=/bin/true\n"),
-            "86943ac9f3754cb90f8dd38bf6da7b0cad074592"
-        );
+        assert_eq!(content_hash("[Service]\nExecStart=/bin/true\n"), "86943ac9f3754cb90f8dd38bf6da7b0cad074592");
     }
 
     #[test]
     fn comments_whitespace_and_order() {
         let text = "# top\nignored before sections\n[Service]\n ExecStart = /bin/a \n; c\nExecStart=/bin/b\n[Unit]\nDescription=d\n[Service]\nUser=x\n";
         let f = UnitFile::parse(text).expect("parses");
-        assert_eq!(
-            f.canonical(),
-            "[Service]\nExecStart=/bin/a\nExecStart=/bin/b\nUser=x\n\n[Unit]\nDescription=d\n"
-        );
+        assert_eq!(f.canonical(), "[Service]\nExecStart=/bin/a\nExecStart=/bin/b\nUser=x\n\n[Unit]\nDescription=d\n");
         assert_eq!(f.description(), Some("d"));
         // Canonicalising groups a section's options together; doing it again changes nothing.
         let again = UnitFile::parse(&f.canonical()).expect("reparses");
@@ -191,8 +175,7 @@ mod tests {
 
     #[test]
     fn continuation_keeps_backslash_and_newline() {
-        let f =
-            UnitFile::parse("[Service]\nExecStart=/bin/sh -c \\\n   'echo hi'\n").expect("parses");
+        let f = UnitFile::parse("[Service]\nExecStart=/bin/sh -c \\\n   'echo hi'\n").expect("parses");
         assert_eq!(f.options[0].value, "/bin/sh -c \\\n   'echo hi'");
         assert_eq!(UnitFile::parse(&f.canonical()).expect("reparses"), f);
     }
@@ -203,15 +186,9 @@ mod tests {
             UnitFile::parse("[Service]\nExecStart\n").map_err(|e| e.to_string()),
             Err("line 2: expected Name=Value, got \"ExecStart\"".into())
         );
-        assert_eq!(
-            UnitFile::parse("[Service] x\n"),
-            Err(UnitFileError::TextAfterSection { line: 1 })
-        );
+        assert_eq!(UnitFile::parse("[Service] x\n"), Err(UnitFileError::TextAfterSection { line: 1 }));
         assert_eq!(UnitFile::parse("# nothing\n"), Err(UnitFileError::Empty));
         let long = format!("[Service]\nExecStart={}\n", "x".repeat(MAX_LINE));
-        assert_eq!(
-            UnitFile::parse(&long),
-            Err(UnitFileError::LineTooLong { line: 2 })
-        );
+        assert_eq!(UnitFile::parse(&long), Err(UnitFileError::LineTooLong { line: 2 }));
     }
 }

@@ -71,9 +71,9 @@ impl UnitName {
         } else if !SUFFIXES.contains(&suffix) {
             return Err(UnitNameError::InvalidType(suffix.to_string()));
         }
-        if let Some(c) = stem.chars().find(|c| {
-            !(c.is_ascii_alphanumeric() || matches!(c, ':' | '_' | '.' | '@' | '-' | '\\'))
-        }) {
+        if let Some(c) =
+            stem.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, ':' | '_' | '.' | '@' | '-' | '\\')))
+        {
             return Err(UnitNameError::InvalidChar(c));
         }
         Ok(UnitName(name.to_string()))
@@ -113,8 +113,7 @@ impl UnitName {
 
     /// `foo@.service` for `foo@bar.service`.
     pub fn template(&self) -> Option<UnitName> {
-        self.is_instance()
-            .then(|| UnitName(format!("{}@.{}", self.prefix(), self.suffix())))
+        self.is_instance().then(|| UnitName(format!("{}@.{}", self.prefix(), self.suffix())))
     }
 }
 
@@ -150,14 +149,7 @@ mod tests {
 
     #[test]
     fn accepts_fleet_names() {
-        for n in [
-            "hello.service",
-            "a.b.socket",
-            "web@1.service",
-            "web@.service",
-            "x\\x2d.mount",
-            "a:b_c-d.timer",
-        ] {
+        for n in ["hello.service", "a.b.socket", "web@1.service", "web@.service", "x\\x2d.mount", "a:b_c-d.timer"] {
             assert!(UnitName::parse(n).is_ok(), "{n}");
         }
     }
@@ -175,11 +167,7 @@ mod tests {
             ("a/b.service", "invalid character '/' in unit name"),
         ];
         for (name, msg) in cases {
-            assert_eq!(
-                UnitName::parse(name).map_err(|e| e.to_string()),
-                Err(msg.to_string()),
-                "{name}"
-            );
+            assert_eq!(UnitName::parse(name).map_err(|e| e.to_string()), Err(msg.to_string()), "{name}");
         }
         let long = format!("{}.service", "a".repeat(250));
         assert_eq!(UnitName::parse(&long), Err(UnitNameError::TooLong));
@@ -190,16 +178,10 @@ mod tests {
         let i = UnitName::parse("web@a@b.service").expect("valid");
         assert_eq!(i.prefix(), "web");
         assert_eq!(i.instance(), Some("a@b"));
-        assert_eq!(
-            i.template().map(|t| t.to_string()),
-            Some("web@.service".into())
-        );
+        assert_eq!(i.template().map(|t| t.to_string()), Some("web@.service".into()));
         let t = UnitName::parse("web@.service").expect("valid");
         assert!(t.is_template() && !t.is_instance());
         let p = UnitName::parse("plain.service").expect("valid");
-        assert_eq!(
-            (p.prefix(), p.instance(), p.template()),
-            ("plain", None, None)
-        );
+        assert_eq!((p.prefix(), p.instance(), p.template()), ("plain", None, None));
     }
 }
