@@ -288,6 +288,7 @@ impl Agent {
             self.applied.remove(n);
         }
         let mut linked = Vec::new();
+        let mut installable = Vec::new();
         for (name, hash) in &plan.write {
             let Some(body) = self.fetch_body(hash).await else {
                 continue;
@@ -307,6 +308,11 @@ impl Agent {
                     self.files.insert(name.clone(), hash.clone());
                     self.path_to_unit.insert(systemd::unit_path(name), name.clone());
                     self.applied.insert(name.clone(), DesiredState::Loaded);
+                    if fleet_model::UnitFile::parse(&body)
+                        .is_ok_and(|f| f.options.iter().any(|o| o.section == "Install"))
+                    {
+                        installable.push(path.to_string_lossy().to_string());
+                    }
                     linked.push(path.to_string_lossy().to_string());
                 }
                 Err(e) => tracing::error!(unit = %name, error = %e, "cannot write unit file"),
@@ -314,6 +320,9 @@ impl Agent {
         }
         if let Err(e) = self.systemd.link(&linked).await {
             tracing::error!(error = %e, "linking unit files failed");
+        }
+        if let Err(e) = self.systemd.enable(&installable).await {
+            tracing::error!(error = %e, "enabling unit files failed");
         }
         if !plan.remove.is_empty() || !linked.is_empty() {
             if let Err(e) = self.systemd.reload().await {

@@ -41,6 +41,12 @@ pub trait Manager {
         runtime: bool,
         force: bool,
     ) -> zbus::Result<Vec<(String, String, String)>>;
+    fn enable_unit_files(
+        &self,
+        files: &[&str],
+        runtime: bool,
+        force: bool,
+    ) -> zbus::Result<(bool, Vec<(String, String, String)>)>;
     fn disable_unit_files(&self, files: &[&str], runtime: bool) -> zbus::Result<Vec<(String, String, String)>>;
     #[allow(clippy::type_complexity)]
     fn list_units_by_names(
@@ -117,6 +123,16 @@ impl Systemd {
         }
         let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
         timed("LinkUnitFiles", self.manager.link_unit_files(&refs, true, true)).await.map(|_| ())
+    }
+
+    /// Enables (at runtime) units that have an `[Install]` section, as the original fleet did, so
+    /// their `WantedBy=` dependencies take effect.
+    pub async fn enable(&self, paths: &[String]) -> Result<(), SystemdError> {
+        if paths.is_empty() {
+            return Ok(());
+        }
+        let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
+        timed("EnableUnitFiles", self.manager.enable_unit_files(&refs, true, true)).await.map(|_| ())
     }
 
     pub async fn disable(&self, names: &[String]) -> Result<(), SystemdError> {

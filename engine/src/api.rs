@@ -14,6 +14,7 @@ use axum::{Json, Router};
 use base64::Engine as _;
 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 use fleet_model::etcd::Client;
+use fleet_model::rules::Rules;
 use fleet_model::schema::{decode, encode};
 use fleet_model::{DesiredState, Keys, UnitFile, UnitName, UnitOption, UnitRecord};
 use serde::{Deserialize, Serialize};
@@ -118,6 +119,9 @@ pub struct ApiUnit {
     pub current_state: String,
     #[serde(rename = "machineID", default, skip_serializing_if = "String::is_empty")]
     pub machine_id: String,
+    /// Not in the original API: why the engine could not place the unit.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -147,20 +151,24 @@ pub struct ApiMachine {
 fn api_unit(v: &ClusterView, rec: &UnitRecord) -> ApiUnit {
     let options =
         v.bodies.get(&rec.hash).and_then(|(text, _)| UnitFile::parse(text).ok()).map(|f| f.options).unwrap_or_default();
+    let global = matches!(v.rules.get(&rec.name), Some(Ok(r)) if r.global);
     let placement = v.schedule.get(&rec.name).and_then(|e| e.iter().next());
     let (current, machine) = match placement {
-        None => (DesiredState::Inactive, String::new()),
+        // A global unit has no single machine; its per-machine states are in /state.
+        _ if global => (String::new(), String::new()),
+        None => (DesiredState::Inactive.to_string(), String::new()),
         Some((m, _)) => {
             let state = v.states.get(&rec.name).and_then(|s| s.get(m)).filter(|s| s.hash == rec.hash);
-            (state.map(|s| s.applied).unwrap_or(DesiredState::Inactive), m.clone())
+            (state.map(|s| s.applied).unwrap_or(DesiredState::Inactive).to_string(), m.clone())
         }
     };
     ApiUnit {
         name: rec.name.to_string(),
         options,
         desired_state: rec.desired_state.to_string(),
-        current_state: current.to_string(),
+        current_state: current,
         machine_id: machine,
+        reason: v.why.get(&rec.name).cloned().unwrap_or_default(),
     }
 }
 
@@ -286,6 +294,14 @@ async fn put_unit(
         let new_file = (!req.options.is_empty()).then(|| UnitFile::from_options(req.options.clone()));
         if let Some(f) = &new_file {
             validate_options(f)?;
+            // A template's specifiers only mean something in an instance: check it as one.
+            let as_instance = match name.is_template() {
+                true => UnitName::parse(&format!("{}@instance.{}", name.prefix(), name.suffix()))
+                    .unwrap_or_else(|_| name.clone()),
+                false => name.clone(),
+            };
+            let rules = Rules::parse(&as_instance, f).map_err(|e| ApiError::bad_request(e.to_string()))?;
+            check_replace_cycles(&api, &name, &rules)?;
         }
         let (status, record, body_text, guard) = match (existing, new_file) {
             (None, None) => {
@@ -349,6 +365,26 @@ async fn put_unit(
         }
     }
     Err(ApiError::new(StatusCode::CONFLICT, format!("unit {name} changed concurrently; try again")))
+}
+
+/// Refuses a unit that would replace a unit which replaces it: neither could ever settle.
+fn check_replace_cycles(api: &Api, name: &UnitName, rules: &Rules) -> Result<(), ApiError> {
+    if rules.replaces.is_empty() {
+        return Ok(());
+    }
+    api.cluster.read(|v| {
+        for (other, r) in v.rules.iter().filter(|(o, _)| *o != name) {
+            if let Ok(r) = r {
+                if rules.replaces_unit(name.as_str(), other.as_str()) && r.replaces_unit(other.as_str(), name.as_str())
+                {
+                    return Err(ApiError::bad_request(format!(
+                        "circular Replaces: {name} and {other} replace each other"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    })
 }
 
 /// Rejects unit files fleet could not run.

@@ -20,6 +20,18 @@ pub struct Unit {
     pub current_state: String,
     #[serde(rename = "machineID", default, skip_serializing_if = "String::is_empty")]
     pub machine_id: String,
+    /// Why the engine could not place the unit (not in the original API).
+    #[serde(default, skip_serializing)]
+    pub reason: String,
+}
+
+impl Unit {
+    /// A `Global=true` unit runs on every eligible machine and is never waited for.
+    pub fn is_global(&self) -> bool {
+        let Ok(name) = fleet_model::UnitName::parse(&self.name) else { return false };
+        fleet_model::rules::Rules::parse(&name, &fleet_model::UnitFile::from_options(self.options.clone()))
+            .is_ok_and(|r| r.global)
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -94,6 +94,8 @@ enum Command {
     },
     /// Print a unit's file.
     Cat { units: Vec<String> },
+    /// Where units are scheduled, what systemd reports there, and why a unit is not placed.
+    Status { units: Vec<String> },
     /// One row per unit per machine that reports it.
     ListUnits(ListFlags),
     /// One row per unit in the cluster.
@@ -135,6 +137,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Unload { block, units } => ctl.unload(&units, &block).await,
         Command::Destroy { block, units } => ctl.destroy(&units, &block).await,
         Command::Cat { units } => ctl.cat(&units).await,
+        Command::Status { units } => ctl.status(&units).await,
         Command::ListUnits(f) => ctl.list_units(&f).await,
         Command::ListUnitFiles(f) => ctl.list_unit_files(&f).await,
         Command::ListMachines(f) => ctl.list_machines(&f).await,
@@ -186,19 +189,25 @@ impl Ctl {
         let Some((state, block)) = target else {
             return Ok(ExitCode::SUCCESS);
         };
+        let verb = if state == "launched" { "start" } else { "load" };
+        let mut waiting = Vec::new();
         for name in &names {
             let unit = self.api.unit(name).await?.with_context(|| format!("unit {name} disappeared"))?;
             if unit.desired_state != state {
                 self.api.set_desired(name, state).await.with_context(|| format!("cannot set {name} to {state}"))?;
             }
-            if block.no_block {
-                println!("Triggered unit {name} {}", if state == "launched" { "start" } else { "load" });
+            if unit.is_global() {
+                println!("Triggered global unit {name} {verb}");
+            } else if block.no_block {
+                println!("Triggered unit {name} {verb}");
+            } else {
+                waiting.push(name.clone());
             }
         }
         if block.no_block {
             return Ok(ExitCode::SUCCESS);
         }
-        self.wait_all(&names, state, state == "launched", &block).await
+        self.wait_all(&waiting, state, state == "launched", &block).await
     }
 
     async fn ensure_unit(&self, arg: &str, name: &str, replace: bool, target: Option<&str>) -> Result<()> {
@@ -273,6 +282,10 @@ impl Ctl {
     /// prints where each landed.
     async fn wait_all(&self, names: &[String], state: &str, active: bool, block: &Block) -> Result<ExitCode> {
         let until = deadline(block);
+        // Waiting forever for a unit the engine says it cannot place would hang like the
+        // original did; give the engine a while to change its mind, then report why.
+        let unplaceable_grace = Duration::from_secs(10);
+        let mut unplaceable_since: HashMap<String, Instant> = HashMap::new();
         let mut pending: Vec<String> = names.to_vec();
         let mut delay = Duration::from_millis(20);
         while !pending.is_empty() {
@@ -281,6 +294,16 @@ impl Ctl {
                 let Some(unit) = self.api.unit(&name).await? else {
                     bail!("unit {name} was destroyed while waiting for it")
                 };
+                if unit.current_state == "inactive" && !unit.reason.is_empty() {
+                    let since = *unplaceable_since.entry(name.clone()).or_insert_with(Instant::now);
+                    let out_of_time = until.map_or(since.elapsed() >= unplaceable_grace, |u| Instant::now() >= u);
+                    if out_of_time {
+                        eprintln!("Error waiting for units: unit {name} cannot be placed: {}", unit.reason);
+                        return Ok(ExitCode::from(1));
+                    }
+                } else {
+                    unplaceable_since.remove(&name);
+                }
                 let mut reached = unit.current_state == state;
                 if reached && active {
                     let states = self.api.states(Some(&name)).await?;
@@ -340,6 +363,11 @@ impl Ctl {
         }
         let mut waiting = Vec::new();
         for u in &units {
+            if u.is_global() {
+                self.api.set_desired(&u.name, "loaded").await?;
+                println!("Triggered global unit {} stop", u.name);
+                continue;
+            }
             match u.current_state.as_str() {
                 "inactive" => {
                     eprintln!("Unable to stop unit {} in state inactive", u.name);
@@ -375,7 +403,13 @@ impl Ctl {
             return Ok(ExitCode::SUCCESS);
         }
         let mut waiting = Vec::new();
-        for u in units.iter().filter(|u| u.current_state != "inactive" || u.desired_state != "inactive") {
+        for u in units.iter().filter(|u| u.is_global()) {
+            self.api.set_desired(&u.name, "inactive").await?;
+            println!("Triggered global unit {} unload", u.name);
+        }
+        for u in
+            units.iter().filter(|u| !u.is_global() && (u.current_state != "inactive" || u.desired_state != "inactive"))
+        {
             self.api.set_desired(&u.name, "inactive").await?;
             if block.no_block {
                 println!("Triggered unit {} unload", u.name);
@@ -440,6 +474,44 @@ impl Ctl {
         }
     }
 
+    async fn status(&self, args: &[String]) -> Result<ExitCode> {
+        if args.is_empty() {
+            eprintln!("One unit file must be provided");
+            return Ok(ExitCode::from(1));
+        }
+        let machines = self.machines().await?;
+        for (i, arg) in args.iter().enumerate() {
+            let name = unit_name_of(arg);
+            let Some(u) = self.api.unit(&name).await? else {
+                eprintln!("Unit {name} does not exist.");
+                return Ok(ExitCode::from(1));
+            };
+            if i > 0 {
+                println!();
+            }
+            let file = UnitFile::from_options(u.options.clone());
+            match file.description() {
+                Some(d) => println!("● {name} - {d}"),
+                None => println!("● {name}"),
+            }
+            let current = if u.is_global() { "global".to_string() } else { dash(&u.current_state) };
+            println!("   Desired: {}  Current: {current}", u.desired_state);
+            for s in self.api.states(Some(&name)).await? {
+                println!(
+                    "   Machine: {}  {} {} ({})",
+                    machine_legend(&machines, &s.machine_id, false),
+                    s.systemd_load_state,
+                    s.systemd_active_state,
+                    s.systemd_sub_state
+                );
+            }
+            if !u.reason.is_empty() {
+                println!("   Not placed: {}", u.reason);
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+
     async fn cat(&self, args: &[String]) -> Result<ExitCode> {
         if args.len() != 1 {
             eprintln!("One unit file must be provided");
@@ -487,7 +559,7 @@ impl Ctl {
         let fields = fields(
             f,
             "unit,hash,dstate,state,target",
-            &["desc", "dstate", "global", "hash", "state", "target", "tmachine"],
+            &["desc", "dstate", "global", "hash", "reason", "state", "target", "tmachine"],
         )?;
         let (mut units, machines) = tokio::try_join!(self.api.units(), self.machines())
             .context("Error retrieving list of units from repository")?;
@@ -496,15 +568,19 @@ impl Ctl {
             .iter()
             .map(|u| {
                 let file = UnitFile::from_options(u.options.clone());
+                let global = u.is_global();
                 fields
                     .iter()
                     .map(|c| match c.as_str() {
                         "unit" => u.name.clone(),
                         "hash" => short_hash(&file.hash(), f.full),
                         "dstate" => u.desired_state.clone(),
+                        "state" if global => "-".into(),
                         "state" => dash(&u.current_state),
+                        "target" | "tmachine" if global => "global".into(),
                         "target" | "tmachine" => machine_legend(&machines, &u.machine_id, f.full),
-                        "global" => "false".into(),
+                        "global" => global.to_string(),
+                        "reason" => dash(&u.reason),
                         _ => file.description().map(str::to_string).unwrap_or_else(|| "-".into()),
                     })
                     .collect()

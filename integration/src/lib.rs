@@ -116,6 +116,8 @@ pub struct MachineSpec {
     pub metadata: Vec<(String, String)>,
     pub etcd_prefix: String,
     pub lease_ttl_secs: i64,
+    /// Advertised capacity: memory and CPU as the agent's config spells them.
+    pub capacity: (String, String),
 }
 
 impl MachineSpec {
@@ -129,6 +131,7 @@ impl MachineSpec {
             name,
             etcd_prefix: ETCD_PREFIX.into(),
             lease_ttl_secs: LEASE_TTL_SECS,
+            capacity: ("2G".into(), "200%".into()),
         }
     }
 }
@@ -237,11 +240,13 @@ pub async fn boot_machine(spec: &MachineSpec, bin_dir: &Path, unit_template: &st
     net::add_machine_netns(&spec.name, &spec.ip)?;
     let metadata: String = spec.metadata.iter().map(|(k, v)| format!("{k} = {v:?}\n")).collect();
     let config = format!(
-        "etcd_endpoints = [{:?}]\netcd_prefix = {:?}\npublic_ip = {:?}\nlease_ttl_secs = {}\n\n[metadata]\n{metadata}",
+        "etcd_endpoints = [{:?}]\netcd_prefix = {:?}\npublic_ip = {:?}\nlease_ttl_secs = {}\n\n[capacity]\nmemory = {:?}\ncpu = {:?}\n\n[metadata]\n{metadata}",
         etcd_bridge_url(),
         spec.etcd_prefix,
         spec.ip,
-        spec.lease_ttl_secs
+        spec.lease_ttl_secs,
+        spec.capacity.0,
+        spec.capacity.1,
     );
     std::fs::write(dir.join("fleet/agent.toml"), config)?;
     let unit = unit_template.replace("/usr/bin/fleet-agent", "/opt/fleet/fleet-agent");

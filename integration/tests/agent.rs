@@ -42,6 +42,7 @@ async fn agent_runs_its_schedule_and_adopts_units_after_restart() -> anyhow::Res
         metadata: vec![("role".into(), "test".into())],
         etcd_prefix: prefix.clone(),
         lease_ttl_secs: 5,
+        capacity: (String::new(), String::new()),
     };
     let unit_text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../agent/fleet-agent.service"))?;
     let machine = Machine(boot_machine(&spec, &lab.bin_dir, &unit_text).await?);
