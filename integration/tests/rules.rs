@@ -167,7 +167,7 @@ async fn conflicts_spread_and_explain_the_surplus() {
     assert!(active.contains_key(&surplus));
     // One-way conflicts keep a unit without Conflicts away too.
     let m1 = c.lab.machine("fl-m1").expect("fl-m1").machine_id.clone();
-    let a = c.file("ow-a.service", &format!("MachineMetadata=hostname=fl-m1\nConflicts=ow-b.service\n"));
+    let a = c.file("ow-a.service", "MachineMetadata=hostname=fl-m1\nConflicts=ow-b.service\n");
     let b = c.file("ow-b.service", &format!("MachineID={m1}\n"));
     c.ok(&["start", &a]);
     let (ok, _, err) = c.ctl(&["start", "--block-attempts", "2", &b]);
@@ -248,7 +248,7 @@ async fn capacity_max_per_machine_and_spread() {
     let active = c.wait_active(3).await;
     assert_eq!(active.values().flatten().collect::<std::collections::BTreeSet<_>>().len(), 3);
     let mut args = vec!["destroy".to_string()];
-    args.extend(c.units.drain(..));
+    args.append(&mut c.units);
     c.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
 
     let t = c.file("one@.service", "MaxPerMachine=1\n");
