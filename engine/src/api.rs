@@ -508,6 +508,7 @@ mod tests {
             desired_state: "launched".into(),
             current_state: "inactive".into(),
             machine_id: "m".into(),
+            reason: String::new(),
         };
         assert_eq!(
             serde_json::to_string(&u).ok().as_deref(),
