@@ -140,7 +140,7 @@ impl Agent {
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<(), AgentError> {
         let (sched_tx, mut sched_rx) = mpsc::channel(64);
-        tokio::spawn(follow_prefix(self.client.clone(), self.keys.schedule_of(&self.machine), sched_tx));
+        tokio::spawn(follow_prefix(self.client.clone(), self.keys.schedule_of(&self.machine), sched_tx, None));
         let (change_tx, mut change_rx) = mpsc::unbounded_channel();
         self.systemd.watch_changes(change_tx).await?;
         self.lease = *lease_rx.borrow_and_update();

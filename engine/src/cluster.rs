@@ -13,6 +13,9 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
+/// How often the view is rebuilt from a fresh list, in case a watch event was ever missed.
+pub const RESYNC: Duration = Duration::from_secs(300);
+
 #[derive(Debug, Default, Clone)]
 pub struct ClusterView {
     /// etcd revision this view reflects; 0 until the first snapshot arrived.
@@ -140,7 +143,7 @@ impl Cluster {
         let view = Arc::new(RwLock::new(ClusterView::default()));
         let (rev_tx, rev_rx) = watch::channel(0);
         let (tx, mut rx) = mpsc::channel(256);
-        tokio::spawn(fleet_model::etcd::follow_prefix(client, keys.prefix().to_string(), tx));
+        tokio::spawn(fleet_model::etcd::follow_prefix(client, keys.prefix().to_string(), tx, Some(RESYNC)));
         let shared = view.clone();
         tokio::spawn(async move {
             while let Some(update) = rx.recv().await {

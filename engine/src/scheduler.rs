@@ -464,8 +464,13 @@ fn explain(fails: &[(String, Fail)], machines: usize) -> String {
         return "no machines are available".into();
     }
     let mut by: BTreeMap<&Fail, Vec<&str>> = BTreeMap::new();
+    // Conflicts read best as one list: "conflicts with a on m1, b on m2".
+    let mut conflicts: Vec<String> = Vec::new();
     for (m, f) in fails {
-        by.entry(f).or_default().push(short(m));
+        match f {
+            Fail::Conflict(u) => conflicts.push(format!("{u} on {}", short(m))),
+            _ => by.entry(f).or_default().push(short(m)),
+        }
     }
     let parts: Vec<String> = by
         .iter()
@@ -479,6 +484,10 @@ fn explain(fails: &[(String, Fail)], machines: usize) -> String {
             }
         })
         .collect();
+    let mut parts = parts;
+    if !conflicts.is_empty() {
+        parts.insert(0, format!("conflicts with {}", conflicts.join(", ")));
+    }
     if parts.is_empty() {
         "no eligible machine".into()
     } else {
@@ -677,7 +686,10 @@ mod tests {
         assert_eq!(placed.len(), 3);
         let ms: BTreeSet<_> = placed.iter().flat_map(|(_, m)| m.iter()).collect();
         assert_eq!(ms.len(), 3);
-        assert_eq!(why.get(&n("web@3.service")).map(String::as_str), Some("conflicts with web@0.service on m1; conflicts with web@1.service on m2; conflicts with web@2.service on m3"));
+        assert_eq!(
+            why.get(&n("web@3.service")).map(String::as_str),
+            Some("conflicts with web@0.service on m1, web@1.service on m2, web@2.service on m3")
+        );
         // One-way: a unit without Conflicts is kept away by another's pattern.
         let mut w =
             World::default().machine("m1", &[]).unit("a.service", "Conflicts=b.service\n").unit("b.service", "");

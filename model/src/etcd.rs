@@ -61,7 +61,10 @@ pub enum PrefixUpdate {
 /// Follows `prefix` for as long as `tx` is open: a snapshot, then watch events from the next
 /// revision; reconnects with backoff from the last revision seen, and relists after compaction.
 /// This is the only way fleet processes read etcd continuously, so no one polls.
-pub async fn follow_prefix(client: Client, prefix: String, tx: mpsc::Sender<PrefixUpdate>) {
+///
+/// With `resync`, the prefix is also relisted that often as a safety net against a missed event
+/// (engines use it; agents do not, so an idle agent has no timers).
+pub async fn follow_prefix(client: Client, prefix: String, tx: mpsc::Sender<PrefixUpdate>, resync: Option<Duration>) {
     let policy = RetryPolicy { attempts: u32::MAX, ..RetryPolicy::default() };
     let mut revision: Option<i64> = None;
     let mut backoff = Duration::from_millis(100);
@@ -116,10 +119,22 @@ pub async fn follow_prefix(client: Client, prefix: String, tx: mpsc::Sender<Pref
                 continue;
             }
         };
+        let resync_at = resync.map(|d| tokio::time::Instant::now() + d);
         loop {
+            let due = async {
+                match resync_at {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            };
             let msg = tokio::select! {
                 m = stream.message() => m,
                 _ = tx.closed() => return,
+                _ = due => {
+                    tracing::debug!(%prefix, "periodic resync");
+                    revision = None;
+                    break;
+                }
             };
             match msg {
                 Ok(Some(resp)) => {

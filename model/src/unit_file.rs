@@ -192,3 +192,53 @@ mod tests {
         assert_eq!(UnitFile::parse(&long), Err(UnitFileError::LineTooLong { line: 2 }));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn option() -> impl Strategy<Value = UnitOption> {
+        (
+            prop_oneof![
+                Just("Unit".to_string()),
+                Just("Service".to_string()),
+                Just("X-Fleet".to_string()),
+                Just("Install".to_string()),
+                "[A-Z][A-Za-z-]{0,8}"
+            ],
+            "[A-Za-z][A-Za-z0-9_-]{0,12}",
+            // Values as a file can hold them: no surrounding whitespace, no trailing backslash.
+            "([!-~]([ -~]{0,30}[!-\\[\\]-~])?)?",
+        )
+            .prop_map(|(section, name, value)| UnitOption { section, name, value })
+    }
+
+    proptest! {
+        #[test]
+        fn parse_serialise_parse_is_identity(opts in proptest::collection::vec(option(), 1..20)) {
+            let file = UnitFile::from_options(opts);
+            let text = file.canonical();
+            let parsed = UnitFile::parse(&text).expect("canonical text parses");
+            prop_assert_eq!(parsed.canonical(), text.clone());
+            prop_assert_eq!(UnitFile::parse(&parsed.canonical()).expect("reparses"), parsed);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let text = String::from_utf8_lossy(&bytes);
+            if let Ok(f) = UnitFile::parse(&text) {
+                let name = crate::UnitName::parse("fuzz@x.service").expect("name");
+                let _ = crate::rules::Rules::parse(&name, &f);
+                let _ = UnitFile::parse(&f.canonical());
+            }
+        }
+
+        #[test]
+        fn arbitrary_xfleet_values_never_panic(key in prop_oneof![Just("MachineMetadata"), Just("Conflicts"), Just("MemoryMax"), Just("CPUQuota"), Just("MachineOf"), Just("Replaces"), Just("MaxPerMachine"), Just("SpreadBy"), Just("MachineID")], value in "[ -~]{0,40}") {
+            let f = UnitFile::from_options(vec![UnitOption { section: "X-Fleet".into(), name: key.into(), value }]);
+            let name = crate::UnitName::parse("fuzz@x.service").expect("name");
+            let _ = crate::rules::Rules::parse(&name, &f);
+        }
+    }
+}
