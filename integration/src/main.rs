@@ -56,13 +56,32 @@ fn repo_dir() -> PathBuf {
 }
 
 fn down() -> Result<()> {
-    if let Some(state) = LabState::load()? {
-        lab::teardown(&state);
+    // A corrupt state file must not stop the cleanup: everything is named and found anyway.
+    match LabState::load() {
+        Ok(Some(state)) => lab::teardown(&state),
+        Ok(None) => {}
+        Err(e) => eprintln!("lab: ignoring unreadable state: {e:#}"),
     }
     lab::clean_host();
     let dir = lab::lab_dir();
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
+    let mut last = None;
+    for _ in 0..5 {
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {
+                last = None;
+                break;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                last = None;
+                break;
+            }
+            Err(e) => last = Some(e),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    if let Some(e) = last {
+        // What is left is overwritten by the next `up`; say so rather than fail.
+        eprintln!("lab: could not remove all of {}: {e}", dir.display());
     }
     println!("lab is down");
     Ok(())
