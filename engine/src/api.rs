@@ -44,6 +44,12 @@ pub fn router(api: Api) -> Router {
                 .fallback(|| async { method_not_allowed("only GET, PUT and DELETE supported against this resource") }),
         )
         .route(
+            "/units/{name}/move",
+            axum::routing::post(move_unit)
+                .delete(forget_move)
+                .fallback(|| async { method_not_allowed("only POST and DELETE supported against this resource") }),
+        )
+        .route(
             "/state",
             get(list_states).fallback(|| async { method_not_allowed("only GET supported against this resource") }),
         )
@@ -122,6 +128,9 @@ pub struct ApiUnit {
     /// Not in the original API: why the engine could not place the unit.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub reason: String,
+    /// Not in the original API: why the engine refused the last move request.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub move_refused: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -169,6 +178,7 @@ fn api_unit(v: &ClusterView, rec: &UnitRecord) -> ApiUnit {
         current_state: current,
         machine_id: machine,
         reason: v.why.get(&rec.name).cloned().unwrap_or_default(),
+        move_refused: v.moves.get(&rec.name).map(|m| m.refused.clone()).unwrap_or_default(),
     }
 }
 
@@ -408,6 +418,69 @@ fn validate_options(f: &UnitFile) -> Result<(), ApiError> {
     Ok(())
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct MoveBody {
+    #[serde(rename = "machineID", default)]
+    machine_id: String,
+}
+
+/// Not in the original API: asks the leader to move a placed unit to `machineID` (full id or
+/// unique prefix), or to the best other machine when none is given. 202: the request is stored;
+/// the unit's `machineID` changes when it is done, or `moveRefused` says why it was not.
+async fn move_unit(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let name = parse_name(&name)?;
+    ready(&api)?;
+    let req: MoveBody = if body.is_empty() {
+        MoveBody::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("unable to decode body: {e}")))?
+    };
+    let request = api.cluster.read(|v| {
+        if !v.units.contains_key(&name) {
+            return Err(ApiError::new(StatusCode::NOT_FOUND, "unit does not exist"));
+        }
+        if matches!(v.rules.get(&name), Some(Ok(r)) if r.global) {
+            return Err(ApiError::bad_request(format!("{name} is global: it runs on every eligible machine")));
+        }
+        let Some(from) = v.schedule.get(&name).and_then(|e| e.keys().next()).cloned() else {
+            return Err(ApiError::new(StatusCode::CONFLICT, format!("{name} is not scheduled to any machine")));
+        };
+        let to = if req.machine_id.is_empty() {
+            String::new()
+        } else {
+            let matches: Vec<&String> = v.machines.keys().filter(|m| m.starts_with(&req.machine_id)).collect();
+            match matches.as_slice() {
+                [one] => (*one).clone(),
+                [] => return Err(ApiError::bad_request(format!("no machine matches {:?}", req.machine_id))),
+                _ => return Err(ApiError::bad_request(format!("machine id {:?} is ambiguous", req.machine_id))),
+            }
+        };
+        if to == from {
+            return Err(ApiError::bad_request(format!("{name} already runs on {to}")));
+        }
+        Ok(fleet_model::schema::MoveRequest { from, to, refused: String::new() })
+    })?;
+    let value = encode(&request).map_err(|e| ApiError::internal(e.to_string()))?;
+    let resp = api.client.kv_client().put(api.keys.moves(&name), value, None).await?;
+    if let Some(h) = resp.header() {
+        api.cluster.caught_up(h.revision(), Duration::from_secs(5)).await;
+    }
+    Ok((StatusCode::ACCEPTED, Json(serde_json::json!({"from": request.from, "machineID": request.to}))).into_response())
+}
+
+/// Forgets a (refused) move request.
+async fn forget_move(State(api): State<Api>, Path(name): Path<String>) -> Result<Response, ApiError> {
+    let name = parse_name(&name)?;
+    ready(&api)?;
+    api.client.kv_client().delete(api.keys.moves(&name), None).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
 async fn delete_unit(State(api): State<Api>, Path(name): Path<String>) -> Result<Response, ApiError> {
     let name = parse_name(&name)?;
     ready(&api)?;
@@ -509,6 +582,7 @@ mod tests {
             current_state: "inactive".into(),
             machine_id: "m".into(),
             reason: String::new(),
+            move_refused: String::new(),
         };
         assert_eq!(
             serde_json::to_string(&u).ok().as_deref(),

@@ -6,7 +6,7 @@
 
 use fleet_model::etcd::{Change, PrefixUpdate};
 use fleet_model::rules::Rules;
-use fleet_model::schema::{decode, Key};
+use fleet_model::schema::{decode, Key, MoveRequest};
 use fleet_model::{Keys, MachineRecord, ScheduleEntry, UnitFile, UnitName, UnitRecord, UnitStateRecord};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
@@ -32,6 +32,8 @@ pub struct ClusterView {
     pub rules: HashMap<UnitName, Result<Rules, String>>,
     /// Why the leader could not place a unit, as it last recorded.
     pub why: BTreeMap<UnitName, String>,
+    /// Users' pending (or refused) move requests.
+    pub moves: BTreeMap<UnitName, MoveRequest>,
 }
 
 impl ClusterView {
@@ -53,6 +55,12 @@ impl ClusterView {
                 Some(Key::Why(unit)) => {
                     self.why.insert(unit, String::from_utf8_lossy(&value).into_owned());
                 }
+                Some(Key::Move(unit)) => match decode::<MoveRequest>(&value) {
+                    Ok(m) => {
+                        self.moves.insert(unit, m);
+                    }
+                    Err(e) => tracing::error!(unit = %unit, error = %e, "unreadable move request; ignoring"),
+                },
                 Some(Key::Machine(id)) => match decode::<MachineRecord>(&value) {
                     Ok(rec) => {
                         self.machines.insert(id, rec);
@@ -86,6 +94,9 @@ impl ClusterView {
                 }
                 Some(Key::Why(unit)) => {
                     self.why.remove(&unit);
+                }
+                Some(Key::Move(unit)) => {
+                    self.moves.remove(&unit);
                 }
                 Some(Key::Body(hash)) => {
                     self.bodies.remove(&hash);

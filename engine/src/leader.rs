@@ -5,10 +5,11 @@
 //! create revision, so a deposed leader's late writes are refused by etcd itself.
 
 use crate::cluster::Cluster;
-use crate::scheduler::{self, Decision, Snapshot};
+use crate::scheduler::{self, Decision, MoveOutcome, Snapshot};
 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 use fleet_model::etcd::Client;
 use fleet_model::schema::encode;
+use fleet_model::schema::MoveRequest;
 use fleet_model::Keys;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -156,9 +157,24 @@ impl Leader {
                 rules: &v.rules,
                 machines: &v.machines,
                 schedule: &v.schedule,
+                moves: &v.moves,
             });
             // Record why units are not placed, and forget the reason once they are.
             let mut why_ops = Vec::new();
+            for (u, result) in &out.moves {
+                match result {
+                    MoveOutcome::Done => why_ops.push(TxnOp::delete(self.keys.moves(u), None)),
+                    MoveOutcome::Refused(why) => {
+                        let Some(req) = v.moves.get(u) else { continue };
+                        if req.refused != *why {
+                            let refused = MoveRequest { refused: why.clone(), ..req.clone() };
+                            if let Ok(value) = encode(&refused) {
+                                why_ops.push(TxnOp::put(self.keys.moves(u), value, None));
+                            }
+                        }
+                    }
+                }
+            }
             for (u, why) in &out.unplaceable {
                 if v.why.get(u) != Some(why) {
                     why_ops.push(TxnOp::put(self.keys.why(u), why.as_str(), None));

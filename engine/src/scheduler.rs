@@ -13,6 +13,7 @@
 //! 4. explain every unit that wants a machine and got none.
 
 use fleet_model::rules::{Resources, Rules};
+use fleet_model::schema::MoveRequest;
 use fleet_model::{DesiredState, MachineRecord, ScheduleEntry, UnitName, UnitRecord};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -23,6 +24,7 @@ pub struct Snapshot<'a> {
     pub rules: &'a HashMap<UnitName, Result<Rules, String>>,
     pub machines: &'a BTreeMap<String, MachineRecord>,
     pub schedule: &'a BTreeMap<UnitName, BTreeMap<String, ScheduleEntry>>,
+    pub moves: &'a BTreeMap<UnitName, MoveRequest>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +46,15 @@ pub enum Reason {
     RulesBroken(String),
     /// A unit that `Replaces` it took its machine.
     Displaced(UnitName),
+    /// A user asked to move it.
+    Moved,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MoveOutcome {
+    /// Done or no longer relevant: the request can be deleted.
+    Done,
+    Refused(String),
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -51,6 +62,8 @@ pub struct Outcome {
     pub decisions: Vec<Decision>,
     /// Units that want a machine but got none, and why.
     pub unplaceable: BTreeMap<UnitName, String>,
+    /// What became of users' move requests.
+    pub moves: BTreeMap<UnitName, MoveOutcome>,
 }
 
 /// Why one machine cannot take one unit.
@@ -352,17 +365,17 @@ impl<'a> Pass<'a> {
         }
     }
 
-    fn place_one(
+    /// The preferred eligible machine among those `allowed`, or why each machine was not.
+    fn best_machine(
         &mut self,
         unit: &UnitName,
         rules: &Rules,
-        excluded: Option<&str>,
-        pending: &mut Vec<(UnitName, Option<String>)>,
-    ) {
+        allowed: impl Fn(&str) -> bool,
+    ) -> Result<&'a MachineRecord, Vec<(String, Fail)>> {
         let mut fails = Vec::new();
-        let mut best: Option<(&MachineRecord, Preference)> = None;
+        let mut best: Option<(&'a MachineRecord, Preference)> = None;
         for m in self.snap.machines.values() {
-            if excluded == Some(m.id.as_str()) {
+            if !allowed(&m.id) {
                 fails.push((m.id.clone(), Fail::Displaced(String::new())));
                 continue;
             }
@@ -378,10 +391,85 @@ impl<'a> Pass<'a> {
                 best = Some((m, key));
             }
         }
-        let Some((m, _)) = best else {
-            self.out.unplaceable.insert(unit.clone(), explain(&fails, self.snap.machines.len()));
-            return;
+        best.map(|(m, _)| m).ok_or(fails)
+    }
+
+    /// Users' move requests: take the unit off its machine and place it on the requested one
+    /// (or the best other one), or refuse with the reason and leave it where it runs.
+    fn do_moves(&mut self) {
+        for (unit, req) in self.snap.moves {
+            if !req.refused.is_empty() {
+                if !self.snap.units.contains_key(unit) {
+                    self.out.moves.insert(unit.clone(), MoveOutcome::Done);
+                }
+                continue;
+            }
+            let Some(rules) = self.rules(unit) else {
+                self.out.moves.insert(unit.clone(), MoveOutcome::Done);
+                continue;
+            };
+            if rules.global {
+                self.out.moves.insert(
+                    unit.clone(),
+                    MoveOutcome::Refused(format!("{unit} is global: it runs on every eligible machine")),
+                );
+                continue;
+            }
+            if !self.p.at.get(unit).is_some_and(|ms| ms.contains(&req.from)) {
+                // Already moved, unscheduled or destroyed.
+                self.out.moves.insert(unit.clone(), MoveOutcome::Done);
+                continue;
+            }
+            let reserve = rules.reserve;
+            self.p.remove(unit, &req.from, reserve);
+            let to = req.to.clone();
+            let from = req.from.clone();
+            let target =
+                self.best_machine(unit, rules, |m| m != from && (to.is_empty() || m == to)).map(|m| m.id.clone());
+            match target {
+                Ok(machine) => {
+                    self.out.decisions.push(Decision::Remove {
+                        unit: unit.clone(),
+                        machine: from,
+                        reason: Reason::Moved,
+                    });
+                    self.p.add(unit, &machine, reserve);
+                    self.put(unit, &machine);
+                    self.out.moves.insert(unit.clone(), MoveOutcome::Done);
+                }
+                Err(fails) => {
+                    self.p.add(unit, &from, reserve);
+                    let fails: Vec<_> =
+                        fails.into_iter().filter(|(m, _)| *m != from && (to.is_empty() || *m == to)).collect();
+                    let whereto = if to.is_empty() { "another machine".to_string() } else { short(&to).to_string() };
+                    let why = if fails.is_empty() {
+                        format!("machine {whereto} is not in the cluster")
+                    } else {
+                        explain(&fails, fails.len())
+                    };
+                    self.out
+                        .moves
+                        .insert(unit.clone(), MoveOutcome::Refused(format!("cannot move {unit} to {whereto}: {why}")));
+                }
+            }
+        }
+    }
+
+    fn place_one(
+        &mut self,
+        unit: &UnitName,
+        rules: &Rules,
+        excluded: Option<&str>,
+        pending: &mut Vec<(UnitName, Option<String>)>,
+    ) {
+        let best = match self.best_machine(unit, rules, |m| excluded != Some(m)) {
+            Ok(m) => m,
+            Err(fails) => {
+                self.out.unplaceable.insert(unit.clone(), explain(&fails, self.snap.machines.len()));
+                return;
+            }
         };
+        let m = best;
         let machine = m.id.clone();
         let displaced: Vec<UnitName> = self.replaceable_on(unit, rules, &machine).collect();
         for other in displaced {
@@ -512,6 +600,7 @@ pub fn schedule(snap: &Snapshot<'_>) -> Outcome {
         }
     }
     pass.place_globals();
+    pass.do_moves();
     pass.place_others();
     // A displaced unit that found no new machine is not "unplaceable" silently: say who took it.
     let displaced: Vec<(UnitName, UnitName)> = pass
@@ -543,6 +632,7 @@ mod tests {
         rules: HashMap<UnitName, Result<Rules, String>>,
         machines: BTreeMap<String, MachineRecord>,
         schedule: BTreeMap<UnitName, BTreeMap<String, ScheduleEntry>>,
+        moves: BTreeMap<UnitName, MoveRequest>,
     }
 
     fn n(s: &str) -> UnitName {
@@ -578,6 +668,7 @@ mod tests {
                 rules: &self.rules,
                 machines: &self.machines,
                 schedule: &self.schedule,
+                moves: &self.moves,
             })
         }
         /// Applies an outcome to the schedule, as the leader's writes would.
@@ -832,6 +923,43 @@ mod tests {
         assert!(why[&n("t@.service")].contains("template"));
         assert!(why[&n("broken.service")].contains("Bogus"));
         assert!(!why.contains_key(&n("off.service")));
+    }
+
+    #[test]
+    fn moves_go_where_asked_or_are_refused_in_place() {
+        let mut w = three().unit("a.service", "MachineMetadata=disk=ssd\n").unit("f.service", "MachineOf=a.service\n");
+        let (p, _) = w.settle();
+        let from = on(&p, "a.service")[0].clone();
+        // To a named machine that fits: the unit and its follower move.
+        let to = if from == "m1" { "m2" } else { "m1" };
+        w.moves.insert(n("a.service"), MoveRequest { from: from.clone(), to: to.into(), refused: String::new() });
+        let out = w.run();
+        assert_eq!(out.moves.get(&n("a.service")), Some(&MoveOutcome::Done));
+        w.apply(&out);
+        w.moves.clear();
+        let (p, _) = w.settle();
+        assert_eq!((on(&p, "a.service"), on(&p, "f.service")), (vec![to.to_string()], vec![to.to_string()]));
+        // To a machine its rules forbid: refused, and it stays.
+        w.moves.insert(n("a.service"), MoveRequest { from: to.into(), to: "m3".into(), refused: String::new() });
+        let out = w.run();
+        match out.moves.get(&n("a.service")) {
+            Some(MoveOutcome::Refused(why)) => {
+                assert_eq!(why, "cannot move a.service to m3: no machine has metadata disk=ssd")
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        assert!(out
+            .decisions
+            .iter()
+            .all(|d| !matches!(d, Decision::Remove { unit, .. } if unit.as_str() == "a.service")));
+        // Anywhere else: the best other machine.
+        w.moves.insert(n("a.service"), MoveRequest { from: to.into(), to: String::new(), refused: String::new() });
+        let out = w.run();
+        assert_eq!(out.moves.get(&n("a.service")), Some(&MoveOutcome::Done));
+        w.apply(&out);
+        w.moves.clear();
+        let (p, _) = w.settle();
+        assert_eq!(on(&p, "a.service"), vec![from]);
     }
 
     mod properties {

@@ -23,6 +23,9 @@ pub struct Unit {
     /// Why the engine could not place the unit (not in the original API).
     #[serde(default, skip_serializing)]
     pub reason: String,
+    /// Why the engine refused the last move request (not in the original API).
+    #[serde(default, skip_serializing)]
+    pub move_refused: String,
 }
 
 impl Unit {
@@ -207,6 +210,28 @@ impl Client {
 
     pub async fn set_desired(&self, name: &str, state: &str) -> Result<()> {
         self.put(&Unit { name: name.into(), desired_state: state.into(), ..Default::default() }).await
+    }
+
+    /// Asks the engine to move a unit (to `machine`, a full id or unique prefix, if given).
+    pub async fn request_move(&self, name: &str, machine: Option<&str>) -> Result<()> {
+        let body = serde_json::json!({ "machineID": machine.unwrap_or("") });
+        let url = self.url(&format!("units/{}/move", encode(name)));
+        let resp = self.send(self.http.post(url).json(&body), &format!("move unit {name}")).await?;
+        if resp.status().is_success() {
+            Ok(())
+        } else {
+            Err(Self::error(resp).await)
+        }
+    }
+
+    pub async fn forget_move(&self, name: &str) -> Result<()> {
+        let url = self.url(&format!("units/{}/move", encode(name)));
+        let resp = self.send(self.http.delete(url), &format!("forget move of {name}")).await?;
+        if resp.status().is_success() {
+            Ok(())
+        } else {
+            Err(Self::error(resp).await)
+        }
     }
 
     /// False if the unit did not exist.

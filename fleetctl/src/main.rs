@@ -94,6 +94,13 @@ enum Command {
     },
     /// Print a unit's file.
     Cat { units: Vec<String> },
+    /// Move a unit to another machine (MACHINE: full id or unique prefix), or to the best other one.
+    Move {
+        #[command(flatten)]
+        block: Block,
+        unit: String,
+        machine: Option<String>,
+    },
     /// Where units are scheduled, what systemd reports there, and why a unit is not placed.
     Status { units: Vec<String> },
     /// One row per unit per machine that reports it.
@@ -138,6 +145,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Destroy { block, units } => ctl.destroy(&units, &block).await,
         Command::Cat { units } => ctl.cat(&units).await,
         Command::Status { units } => ctl.status(&units).await,
+        Command::Move { block, unit, machine } => ctl.move_unit(&unit, machine.as_deref(), &block).await,
         Command::ListUnits(f) => ctl.list_units(&f).await,
         Command::ListUnitFiles(f) => ctl.list_unit_files(&f).await,
         Command::ListMachines(f) => ctl.list_machines(&f).await,
@@ -468,6 +476,50 @@ impl Ctl {
             }
             if until.is_some_and(|u| Instant::now() >= u) {
                 bail!("timed out waiting for {} to stop", pending[0].name);
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(250));
+        }
+    }
+
+    /// Moves a running unit; waits until it runs on its new machine unless told not to.
+    async fn move_unit(&self, arg: &str, machine: Option<&str>, block: &Block) -> Result<ExitCode> {
+        let name = unit_name_of(arg);
+        let Some(unit) = self.api.unit(&name).await? else {
+            eprintln!("Unit {name} does not exist.");
+            return Ok(ExitCode::from(1));
+        };
+        let from = unit.machine_id.clone();
+        self.api.request_move(&name, machine).await.with_context(|| format!("cannot move {name}"))?;
+        if block.no_block {
+            println!("Triggered unit {name} move");
+            return Ok(ExitCode::SUCCESS);
+        }
+        let until = deadline(block);
+        let mut delay = Duration::from_millis(20);
+        loop {
+            let Some(u) = self.api.unit(&name).await? else { bail!("unit {name} was destroyed while moving it") };
+            if !u.move_refused.is_empty() {
+                eprintln!("Error moving unit: {}", u.move_refused);
+                let _ = self.api.forget_move(&name).await;
+                return Ok(ExitCode::from(1));
+            }
+            if !u.machine_id.is_empty() && u.machine_id != from && u.current_state == u.desired_state {
+                let running = u.desired_state != "launched"
+                    || self
+                        .api
+                        .states(Some(&name))
+                        .await?
+                        .iter()
+                        .any(|s| s.machine_id == u.machine_id && s.systemd_active_state == "active");
+                if running {
+                    println!("Unit {name} moved to {}", machine_legend(&self.machines().await?, &u.machine_id, false));
+                    return Ok(ExitCode::SUCCESS);
+                }
+            }
+            if until.is_some_and(|t| Instant::now() >= t) {
+                eprintln!("Error moving unit: timed out waiting for {name} to run on its new machine");
+                return Ok(ExitCode::from(1));
             }
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_millis(250));

@@ -315,3 +315,38 @@ async fn templates_install_sections_and_bad_rules() {
     let (ok, _, err) = c.ctl(&["submit", &combo]);
     assert!(!ok && err.contains("Global cannot be used with MachineOf"), "{err}");
 }
+
+#[tokio::test]
+async fn move_goes_where_asked_and_refuses_what_rules_forbid() {
+    let Some(mut c) = Ctx::new("rules-move") else { return };
+    let m3 = c.lab.machine("fl-m3").expect("fl-m3").machine_id.clone();
+    let m1 = c.lab.machine("fl-m1").expect("fl-m1").machine_id.clone();
+    let a = c.file("mv-a.service", "MachineMetadata=hostname!=fl-m3\n");
+    let b = c.file("mv-b.service", "MachineMetadata=hostname=fl-m3\n");
+    let f = c.file("mv-f.service", "MachineOf=mv-a.service\n");
+    c.ok(&["start", &a, &b, &f]);
+    let before = c.wait_active(3).await;
+    let from = before["mv-a.service"][0].clone();
+    let (to_name, to_id) = if from == "fl-m1" {
+        ("fl-m2", c.lab.machine("fl-m2").expect("fl-m2").machine_id.clone())
+    } else {
+        ("fl-m1", m1.clone())
+    };
+    let out = c.ok(&["move", "mv-a.service", &to_id[..8]]);
+    assert!(out.contains("Unit mv-a.service moved to "), "{out}");
+    let after = wait_for("follower follows", T, || async {
+        let a = c.active();
+        (a.get("mv-f.service") == Some(&vec![to_name.to_string()]) && a.values().map(Vec::len).sum::<usize>() == 3)
+            .then_some(a)
+    })
+    .await
+    .expect("moved");
+    assert_eq!(after["mv-a.service"], vec![to_name]);
+    assert_eq!(after["mv-b.service"], before["mv-b.service"], "unrelated unit moved");
+    // Its rules forbid fl-m3: refused, and it keeps running where it is.
+    let (ok, _, err) = c.ctl(&["move", "mv-a.service", &m3]);
+    assert!(!ok && err.contains("cannot move mv-a.service to") && err.contains("hostname!=fl-m3"), "{err}");
+    assert_eq!(c.active()["mv-a.service"], vec![to_name]);
+    let (ok, _, err) = c.ctl(&["move", "mv-nosuch.service"]);
+    assert!(!ok && err.contains("does not exist"), "{err}");
+}

@@ -7,6 +7,7 @@
 //! <P>schedule/<id>/<name>        ScheduleEntry     engine leader; fenced by its election key
 //! <P>states/<id>/<name>          UnitStateRecord   agent; on the agent's lease
 //! <P>why/<name>                  text              engine leader; why a unit is not placed
+//! <P>moves/<name>                MoveRequest       API (a user's move); leader deletes or refuses it
 //! <P>leader/...                  election keys     engines; each on its own lease
 //! ```
 
@@ -26,6 +27,8 @@ pub enum Key {
     State(MachineId, UnitName),
     /// Why the leader could not place a unit.
     Why(UnitName),
+    /// A user's request to move a unit.
+    Move(UnitName),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,6 +85,9 @@ impl Keys {
     pub fn state(&self, machine: &str, unit: &UnitName) -> String {
         format!("{}states/{machine}/{unit}", self.prefix)
     }
+    pub fn moves(&self, unit: &UnitName) -> String {
+        format!("{}moves/{unit}", self.prefix)
+    }
     pub fn why(&self, unit: &UnitName) -> String {
         format!("{}why/{unit}", self.prefix)
     }
@@ -96,6 +102,7 @@ impl Keys {
         match kind {
             "units" => UnitName::parse(rest).ok().map(Key::Unit),
             "why" => UnitName::parse(rest).ok().map(Key::Why),
+            "moves" => UnitName::parse(rest).ok().map(Key::Move),
             "bodies" => Some(Key::Body(rest.to_string())),
             "machines" if !rest.contains('/') => Some(Key::Machine(rest.to_string())),
             "schedule" | "states" => {
@@ -123,6 +130,18 @@ pub struct UnitRecord {
 pub struct ScheduleEntry {
     pub hash: String,
     pub desired_state: DesiredState,
+}
+
+/// A user's request to move a unit off `from` (to `to`, or anywhere else when empty). The leader
+/// deletes it once done, or fills in `refused` when the move is impossible.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MoveRequest {
+    pub from: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub to: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub refused: String,
 }
 
 /// systemd's view of a unit on one machine, as its agent last saw it.
@@ -166,6 +185,7 @@ mod tests {
         assert_eq!(k.decode(k.state(m, &n("x.service")).as_bytes()), Some(Key::State(m.into(), n("x.service"))));
         assert!(k.schedule(m, &n("x.service")).starts_with(&k.schedule_of(m)));
         assert_eq!(k.decode(k.why(&n("x.service")).as_bytes()), Some(Key::Why(n("x.service"))));
+        assert_eq!(k.decode(k.moves(&n("x.service")).as_bytes()), Some(Key::Move(n("x.service"))));
         assert_eq!(k.decode(b"/t1/leader/123"), None);
         assert_eq!(k.decode(b"/other/units/x.service"), None);
     }
