@@ -27,6 +27,9 @@ pub struct AgentConfig {
     pub machine_id_file: PathBuf,
     /// D-Bus address of systemd's bus; empty for the system bus.
     pub systemd_bus: String,
+    /// Where the agent serves unit status and journal lines to the engines: `host:port`, empty
+    /// for `<public_ip>:49154`, or `off`.
+    pub api_listen: String,
     /// What this machine offers to units that reserve resources (`MemoryMax=`, `CPUQuota=` in
     /// `[X-Fleet]`). Unset: not advertised, such reservations are not limited here.
     pub capacity: CapacityConfig,
@@ -55,6 +58,7 @@ impl Default for AgentConfig {
             machine_id_file: "/etc/machine-id".into(),
             systemd_bus: String::new(),
             capacity: CapacityConfig::default(),
+            api_listen: String::new(),
         }
     }
 }
@@ -78,6 +82,16 @@ impl AgentConfig {
         };
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
         toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.into(), source })
+    }
+
+    /// The address the agent API listens on, if any.
+    pub fn api_address(&self) -> Option<String> {
+        match self.api_listen.trim() {
+            "off" => None,
+            "" if self.public_ip.is_empty() => None,
+            "" => Some(format!("{}:49154", self.public_ip)),
+            a => Some(a.to_string()),
+        }
     }
 
     pub fn capacity(&self) -> Result<fleet_model::rules::Resources, ConfigError> {

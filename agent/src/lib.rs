@@ -11,6 +11,7 @@ pub mod config;
 pub mod presence;
 pub mod reconcile;
 pub mod systemd;
+pub mod unit_api;
 
 use crate::config::AgentConfig;
 use crate::systemd::{ObservedUnit, Systemd, UnitChange};

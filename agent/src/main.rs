@@ -84,7 +84,27 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         metadata: cfg.metadata.clone(),
         version: env!("CARGO_PKG_VERSION").into(),
         capacity: cfg.capacity()?,
+        agent_url: String::new(),
     };
+    let mut record = record;
+    if let Some(addr) = cfg.api_address() {
+        let listener =
+            tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+        let local = listener.local_addr().context("agent API address")?;
+        let host = if local.ip().is_unspecified() && !cfg.public_ip.is_empty() {
+            cfg.public_ip.clone()
+        } else {
+            local.ip().to_string()
+        };
+        record.agent_url = format!("http://{host}:{}", local.port());
+        let app = fleet_agent::unit_api::router(fleet_agent::unit_api::UnitApi { units_dir: cfg.units_dir.clone() });
+        tracing::info!(%addr, "serving unit status and journals");
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "agent API stopped");
+            }
+        });
+    }
     tracing::info!(%machine, ip = %cfg.public_ip, "fleet-agent starting");
     let (lease_tx, lease_rx) = watch::channel(None);
     let presence = Presence {

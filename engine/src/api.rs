@@ -43,6 +43,8 @@ pub fn router(api: Api) -> Router {
                 .delete(delete_unit)
                 .fallback(|| async { method_not_allowed("only GET, PUT and DELETE supported against this resource") }),
         )
+        .route("/units/{name}/status", get(unit_status))
+        .route("/units/{name}/journal", get(unit_journal))
         .route(
             "/units/{name}/move",
             axum::routing::post(move_unit)
@@ -54,16 +56,38 @@ pub fn router(api: Api) -> Router {
             get(list_states).fallback(|| async { method_not_allowed("only GET supported against this resource") }),
         )
         .route(
+            "/state/{name}",
+            get(get_state).fallback(|| async { method_not_allowed("only GET supported against this resource") }),
+        )
+        .route(
             "/machines",
             get(list_machines)
+                .patch(patch_machines)
                 .fallback(|| async { method_not_allowed("only GET and PATCH supported against this resource") }),
+        )
+        .route(
+            "/discovery",
+            get(discovery)
+                .fallback(|| async { ApiError::bad_request("only HTTP GET supported against this resource") }),
         );
+    let not_allowed = || async { ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "") };
     Router::new()
-        .nest("/fleet/v1", v1)
+        .nest("/fleet/v1", v1.clone())
+        // The original's legacy prefix, with the same handlers.
+        .nest("/v1-alpha", v1)
+        .route("/", axum::routing::any(not_allowed))
+        .route("/fleet/v1", axum::routing::any(not_allowed))
         .route("/engine/status", get(engine_status))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "") })
         .layer(axum::middleware::map_response(server_header))
         .with_state(api)
+}
+
+/// fleet's discovery document (Google discovery format); `$ENDPOINT` is left for clients to fill.
+pub const DISCOVERY: &str = include_str!("discovery.json");
+
+async fn discovery() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], DISCOVERY).into_response()
 }
 
 async fn server_header(mut resp: Response) -> Response {
@@ -149,7 +173,7 @@ pub struct ApiUnitState {
 #[serde(rename_all = "camelCase")]
 pub struct ApiMachine {
     pub id: String,
-    #[serde(skip_serializing_if = "String::is_empty")]
+    #[serde(rename = "primaryIP", skip_serializing_if = "String::is_empty")]
     pub primary_ip: String,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub metadata: BTreeMap<String, String>,
@@ -524,6 +548,200 @@ async fn list_states(State(api): State<Api>, Query(q): Query<PageQuery>) -> Resu
         body.insert("nextPageToken".into(), t.into());
     }
     Ok(Json(body).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+struct ProxyQuery {
+    #[serde(rename = "machineID")]
+    machine_id: Option<String>,
+    lines: Option<u32>,
+    follow: Option<bool>,
+    output: Option<String>,
+}
+
+/// The agents (machine id, agent URL) that report `unit`, limited to `machine` if given.
+fn agents_of(api: &Api, unit: &UnitName, machine: Option<&str>) -> Result<Vec<(String, String)>, ApiError> {
+    api.cluster.read(|v| {
+        if !v.units.contains_key(unit) {
+            return Err(ApiError::new(StatusCode::NOT_FOUND, "unit does not exist"));
+        }
+        let placed: Vec<&String> = v.schedule.get(unit).map(|e| e.keys().collect()).unwrap_or_default();
+        let chosen: Vec<&String> =
+            placed.into_iter().filter(|m| machine.is_none_or(|want| m.starts_with(want))).collect();
+        if chosen.is_empty() {
+            return Err(ApiError::new(StatusCode::CONFLICT, format!("{unit} does not appear to be loaded")));
+        }
+        Ok(chosen
+            .into_iter()
+            .map(|m| (m.clone(), v.machines.get(m).map(|r| r.agent_url.clone()).unwrap_or_default()))
+            .collect())
+    })
+}
+
+fn agent_client() -> Result<reqwest::Client, ApiError> {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(3))
+        .build()
+        .map_err(|e| ApiError::internal(format!("cannot build agent client: {e}")))
+}
+
+/// Not in the original API: `systemctl status` of a unit on its machine(s), fetched from the
+/// agents: `{"statuses":[{"machineID","exitCode","output"}]}`.
+async fn unit_status(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    Query(q): Query<ProxyQuery>,
+) -> Result<Response, ApiError> {
+    ready(&api)?;
+    let name = parse_name(&name)?;
+    let client = agent_client()?;
+    let mut statuses = Vec::new();
+    for (machine, url) in agents_of(&api, &name, q.machine_id.as_deref())? {
+        if url.is_empty() {
+            return Err(ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                format!("the agent of machine {machine} serves no status"),
+            ));
+        }
+        let resp = client
+            .get(format!("{url}/units/{}/status", percent(name.as_str())))
+            .timeout(Duration::from_secs(15))
+            .send()
+            .await
+            .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, format!("agent of machine {machine}: {e}")))?;
+        let mut body: serde_json::Value = resp
+            .json()
+            .await
+            .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, format!("agent of machine {machine}: {e}")))?;
+        if let Some(o) = body.as_object_mut() {
+            o.insert("machineID".into(), machine.into());
+        }
+        statuses.push(body);
+    }
+    Ok(Json(serde_json::json!({ "statuses": statuses })).into_response())
+}
+
+/// Not in the original API: a unit's journal from its machine's agent, streamed as text; with
+/// `follow=true` it stays open. A global unit needs `machineID`.
+async fn unit_journal(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    Query(q): Query<ProxyQuery>,
+) -> Result<Response, ApiError> {
+    ready(&api)?;
+    let name = parse_name(&name)?;
+    let agents = agents_of(&api, &name, q.machine_id.as_deref())?;
+    let [(machine, url)] = agents.as_slice() else {
+        return Err(ApiError::bad_request(format!(
+            "Unable to retrieve journal of global unit {name}: name a machine with machineID"
+        )));
+    };
+    if url.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            format!("the agent of machine {machine} serves no journal"),
+        ));
+    }
+    let mut req = agent_client()?.get(format!("{url}/units/{}/journal", percent(name.as_str()))).query(&[
+        ("lines", q.lines.unwrap_or(10).to_string()),
+        ("follow", q.follow.unwrap_or(false).to_string()),
+        ("output", q.output.clone().unwrap_or_else(|| "short".into())),
+    ]);
+    if !q.follow.unwrap_or(false) {
+        req = req.timeout(Duration::from_secs(30));
+    }
+    let resp = req
+        .send()
+        .await
+        .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, format!("agent of machine {machine}: {e}")))?;
+    if !resp.status().is_success() {
+        let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+        let text = resp.text().await.unwrap_or_default();
+        return Err(ApiError::new(status, format!("agent of machine {machine}: {text}")));
+    }
+    Ok(Response::builder()
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(axum::body::Body::from_stream(resp.bytes_stream()))
+        .unwrap_or_else(|e| ApiError::internal(e.to_string()).into_response()))
+}
+
+fn percent(name: &str) -> String {
+    name.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':') {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+async fn get_state(State(api): State<Api>, Path(name): Path<String>) -> Result<Response, ApiError> {
+    ready(&api)?;
+    let name = parse_name(&name)?;
+    api.cluster
+        .read(|v| {
+            v.states.get(&name).and_then(|per| per.iter().next()).map(|(m, s)| ApiUnitState {
+                name: name.to_string(),
+                hash: s.hash.clone(),
+                machine_id: m.clone(),
+                systemd_load_state: s.load_state.clone(),
+                systemd_active_state: s.active_state.clone(),
+                systemd_sub_state: s.sub_state.clone(),
+            })
+        })
+        .map(|s| Json(s).into_response())
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unit state does not exist"))
+}
+
+/// One operation of a machine metadata PATCH, in the shape the original accepted: the value is
+/// `{"value": "x"}` (field name `value` or `Value`); a plain string is accepted too.
+#[derive(Debug, Deserialize)]
+struct MetadataOp {
+    op: String,
+    path: String,
+    #[serde(default, alias = "Value")]
+    value: Option<serde_json::Value>,
+}
+
+/// `PATCH /machines`: add/replace/remove metadata keys. Every operation is validated first and
+/// all are applied in one etcd transaction, so a bad operation changes nothing.
+async fn patch_machines(State(api): State<Api>, body: axum::body::Bytes) -> Result<Response, ApiError> {
+    let ops: Vec<MetadataOp> =
+        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("unable to decode body: {e}")))?;
+    let mut writes = Vec::new();
+    for op in &ops {
+        let parts: Vec<&str> = op.path.split('/').collect();
+        let valid_key =
+            |k: &str| !k.is_empty() && k.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+        let (machine, key) = match parts.as_slice() {
+            ["", m, "metadata", k] if !m.is_empty() && valid_key(k) => (*m, *k),
+            _ => return Err(ApiError::bad_request("machine metadata path invalid")),
+        };
+        let value = match op.value.as_ref() {
+            Some(serde_json::Value::String(s)) => s.clone(),
+            Some(serde_json::Value::Object(o)) => o.get("value").and_then(|v| v.as_str()).unwrap_or("").to_string(),
+            _ => String::new(),
+        };
+        match op.op.as_str() {
+            "add" | "replace" if value.is_empty() => {
+                return Err(ApiError::bad_request("invalid value: add and replace require a value"))
+            }
+            "add" | "replace" => writes.push(TxnOp::put(api.keys.metadata(machine, key), value, None)),
+            // An empty value is a tombstone: it also hides a key from the machine's own config.
+            "remove" => writes.push(TxnOp::put(api.keys.metadata(machine, key), "", None)),
+            _ => return Err(ApiError::bad_request("invalid op: expect add, remove, or replace")),
+        }
+    }
+    ready(&api)?;
+    if !writes.is_empty() {
+        let resp = api.client.kv_client().txn(Txn::new().and_then(writes)).await?;
+        if let Some(h) = resp.header() {
+            api.cluster.caught_up(h.revision(), Duration::from_secs(5)).await;
+        }
+    }
+    Ok((StatusCode::NO_CONTENT, [(header::CONTENT_TYPE, "application/json")]).into_response())
 }
 
 async fn list_machines(State(api): State<Api>, Query(q): Query<PageQuery>) -> Result<Response, ApiError> {

@@ -23,7 +23,12 @@ pub struct ClusterView {
     pub units: BTreeMap<UnitName, UnitRecord>,
     /// Unit bodies by hash, with the revision each was last written at.
     pub bodies: HashMap<String, (String, i64)>,
+    /// Live machines, with metadata set through the API merged over what their agents publish.
     pub machines: BTreeMap<String, MachineRecord>,
+    /// Machine records exactly as their agents published them.
+    pub published_machines: BTreeMap<String, MachineRecord>,
+    /// Metadata set through the API: machine -> key -> value (empty value: key removed).
+    pub dynamic_metadata: BTreeMap<String, BTreeMap<String, String>>,
     /// unit -> machine -> entry.
     pub schedule: BTreeMap<UnitName, BTreeMap<String, ScheduleEntry>>,
     /// unit -> machine -> state.
@@ -55,6 +60,13 @@ impl ClusterView {
                 Some(Key::Why(unit)) => {
                     self.why.insert(unit, String::from_utf8_lossy(&value).into_owned());
                 }
+                Some(Key::Metadata(m, k)) => {
+                    self.dynamic_metadata
+                        .entry(m.clone())
+                        .or_default()
+                        .insert(k, String::from_utf8_lossy(&value).into_owned());
+                    self.merge_machine(&m);
+                }
                 Some(Key::Move(unit)) => match decode::<MoveRequest>(&value) {
                     Ok(m) => {
                         self.moves.insert(unit, m);
@@ -63,7 +75,8 @@ impl ClusterView {
                 },
                 Some(Key::Machine(id)) => match decode::<MachineRecord>(&value) {
                     Ok(rec) => {
-                        self.machines.insert(id, rec);
+                        self.published_machines.insert(id.clone(), rec);
+                        self.merge_machine(&id);
                     }
                     Err(e) => {
                         tracing::error!(machine = %id, error = %e, "unreadable machine record; ignoring")
@@ -98,10 +111,17 @@ impl ClusterView {
                 Some(Key::Move(unit)) => {
                     self.moves.remove(&unit);
                 }
+                Some(Key::Metadata(m, k)) => {
+                    if let Some(md) = self.dynamic_metadata.get_mut(&m) {
+                        md.remove(&k);
+                    }
+                    self.merge_machine(&m);
+                }
                 Some(Key::Body(hash)) => {
                     self.bodies.remove(&hash);
                 }
                 Some(Key::Machine(id)) => {
+                    self.published_machines.remove(&id);
                     self.machines.remove(&id);
                 }
                 Some(Key::Schedule(m, unit)) => remove_nested(&mut self.schedule, &unit, &m),
@@ -109,6 +129,20 @@ impl ClusterView {
                 None => {}
             },
         }
+    }
+
+    /// Recomputes a live machine's effective metadata: the agent's, overridden by the API's.
+    fn merge_machine(&mut self, id: &str) {
+        let Some(rec) = self.published_machines.get(id) else { return };
+        let mut rec = rec.clone();
+        for (k, v) in self.dynamic_metadata.get(id).into_iter().flatten() {
+            if v.is_empty() {
+                rec.metadata.remove(k);
+            } else {
+                rec.metadata.insert(k.clone(), v.clone());
+            }
+        }
+        self.machines.insert(id.to_string(), rec);
     }
 
     /// Parses the rules of units that have a body but no parsed rules yet. Run after each batch

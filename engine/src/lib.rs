@@ -20,6 +20,31 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
 
+/// `unix:/run/fleet.sock` or `/run/fleet.sock` name a unix socket; anything else is host:port.
+fn unix_path(addr: &str) -> Option<&str> {
+    addr.strip_prefix("unix://")
+        .or_else(|| addr.strip_prefix("unix:"))
+        .or_else(|| addr.starts_with('/').then_some(addr))
+}
+
+/// Binds a unix socket with mode 0660, replacing a stale socket file but never a live one.
+async fn bind_unix(path: &str) -> anyhow::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if std::path::Path::new(path).exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            anyhow::bail!("cannot listen on {path}: another server is serving it");
+        }
+        std::fs::remove_file(path).with_context(|| format!("cannot remove stale socket {path}"))?;
+    }
+    if let Some(dir) = std::path::Path::new(path).parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let listener = tokio::net::UnixListener::bind(path).with_context(|| format!("cannot listen on {path}"))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("cannot set the mode of {path}"))?;
+    Ok(listener)
+}
+
 /// Runs an engine until `shutdown` turns true.
 pub async fn run(cfg: EngineConfig, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
     let etcd = EtcdConfig {
@@ -39,17 +64,21 @@ pub async fn run(cfg: EngineConfig, mut shutdown: watch::Receiver<bool>) -> anyh
     };
     let mut servers = Vec::new();
     for addr in &cfg.listen {
-        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
-        tracing::info!(%addr, "serving the fleet API");
         let app = api::router(api.clone());
         let mut stop = shutdown.clone();
-        servers.push(tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                })
-                .await
-        }));
+        let stopped = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        if let Some(path) = unix_path(addr) {
+            let listener = bind_unix(path).await?;
+            tracing::info!(socket = %path, "serving the fleet API");
+            servers.push(tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(stopped).await }));
+        } else {
+            let listener =
+                tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+            tracing::info!(%addr, "serving the fleet API");
+            servers.push(tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(stopped).await }));
+        }
     }
     let leader =
         leader::Leader { client, keys, cluster, engine_id: cfg.engine_id.clone(), ttl: cfg.election_ttl_secs, status };

@@ -22,6 +22,9 @@ struct Args {
     engine_id: Option<String>,
     #[arg(long, env = "FLEET_ELECTION_TTL_SECS")]
     election_ttl_secs: Option<i64>,
+    /// API page size.
+    #[arg(long, env = "FLEET_TOKEN_LIMIT")]
+    token_limit: Option<u16>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -42,6 +45,9 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(v) = args.engine_id {
         cfg.engine_id = v;
+    }
+    if let Some(v) = args.token_limit {
+        cfg.token_limit = v;
     }
     if let Some(v) = args.election_ttl_secs {
         cfg.election_ttl_secs = v;

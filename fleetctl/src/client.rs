@@ -58,7 +58,7 @@ pub struct UnitState {
 #[serde(rename_all = "camelCase")]
 pub struct Machine {
     pub id: String,
-    #[serde(default)]
+    #[serde(rename = "primaryIP", default)]
     pub primary_ip: String,
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
@@ -69,6 +69,17 @@ impl Machine {
         fleet_model::MachineRecord { id: self.id.clone(), public_ip: self.primary_ip.clone(), ..Default::default() }
             .legend(full)
     }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentStatus {
+    #[serde(rename = "machineID", default)]
+    pub machine_id: String,
+    #[serde(default)]
+    pub exit_code: i32,
+    #[serde(default)]
+    pub output: String,
 }
 
 #[derive(Deserialize)]
@@ -84,20 +95,26 @@ struct ErrorInner {
 pub struct Client {
     http: reqwest::Client,
     base: String,
+    /// The endpoint as the user gave it, for error messages.
+    shown: String,
 }
 
 impl Client {
     pub fn new(endpoint: &str, timeout: Duration) -> Result<Self> {
         let endpoint = endpoint.trim_end_matches('/');
-        if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
-            bail!("unsupported endpoint {endpoint:?}: expected http://host:port");
-        }
-        let http = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout)
-            .build()
-            .context("cannot build HTTP client")?;
-        Ok(Client { http, base: format!("{endpoint}/fleet/v1") })
+        let builder = reqwest::Client::builder().timeout(timeout).connect_timeout(timeout);
+        // unix:///var/run/fleet.sock (or file://), as the original accepted.
+        let socket = endpoint.strip_prefix("unix://").or_else(|| endpoint.strip_prefix("file://"));
+        let (builder, base) = match socket {
+            Some(path) if path.starts_with('/') => (builder.unix_socket(path), "http://domain-sock".to_string()),
+            Some(_) => bail!("unix endpoint {endpoint:?}: the socket path must be absolute (unix:///path)"),
+            None if endpoint.starts_with("http://") || endpoint.starts_with("https://") => {
+                (builder, endpoint.to_string())
+            }
+            None => bail!("unsupported endpoint {endpoint:?}: expected http://host:port or unix:///path"),
+        };
+        let http = builder.build().context("cannot build HTTP client")?;
+        Ok(Client { http, base: format!("{base}/fleet/v1"), shown: endpoint.to_string() })
     }
 
     fn url(&self, path: &str) -> String {
@@ -120,7 +137,7 @@ impl Client {
         }
         Err(anyhow!(
             "{what}: cannot reach the fleet API at {}: {}",
-            self.base,
+            self.shown,
             last.map(|e| e.to_string()).unwrap_or_default()
         ))
     }
@@ -232,6 +249,52 @@ impl Client {
         } else {
             Err(Self::error(resp).await)
         }
+    }
+
+    /// `systemctl status` of a unit from the agents of its machines.
+    pub async fn unit_status(&self, name: &str) -> Result<Vec<AgentStatus>> {
+        let url = self.url(&format!("units/{}/status", encode(name)));
+        let resp = self.send(self.http.get(url), &format!("status of {name}")).await?;
+        if !resp.status().is_success() {
+            return Err(Self::error(resp).await);
+        }
+        #[derive(Deserialize)]
+        struct Page {
+            #[serde(default)]
+            statuses: Vec<AgentStatus>,
+        }
+        Ok(resp.json::<Page>().await.with_context(|| format!("status of {name}: unreadable response"))?.statuses)
+    }
+
+    /// Copies a unit's journal to `out` as it arrives (forever with `follow`).
+    pub async fn journal(
+        &self,
+        name: &str,
+        lines: u32,
+        follow: bool,
+        output: &str,
+        machine: Option<&str>,
+        out: &mut impl std::io::Write,
+    ) -> Result<()> {
+        let url = self.url(&format!("units/{}/journal", encode(name)));
+        let mut q = vec![("lines", lines.to_string()), ("follow", follow.to_string()), ("output", output.to_string())];
+        if let Some(m) = machine {
+            q.push(("machineID", m.to_string()));
+        }
+        let mut req = self.http.get(url).query(&q);
+        if follow {
+            // Following has no end; only the connection set-up is bounded.
+            req = req.timeout(Duration::from_secs(365 * 24 * 3600));
+        }
+        let mut resp = self.send(req, &format!("journal of {name}")).await?;
+        if !resp.status().is_success() {
+            return Err(Self::error(resp).await);
+        }
+        while let Some(chunk) = resp.chunk().await.with_context(|| format!("journal of {name}"))? {
+            out.write_all(&chunk)?;
+            out.flush()?;
+        }
+        Ok(())
     }
 
     /// False if the unit did not exist.

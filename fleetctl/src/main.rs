@@ -15,8 +15,17 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 #[derive(Parser, Debug)]
-#[command(name = "fleetctl", version, about = "fleetctl: run systemd units across a fleet cluster")]
+#[command(
+    name = "fleetctl",
+    version,
+    about = "fleetctl: run systemd units across a fleet cluster",
+    before_help = concat!("fleetctl version ", env!("CARGO_PKG_VERSION")),
+    infer_subcommands = true
+)]
 struct Cli {
+    /// Output format of list and status commands.
+    #[arg(short = 'o', long = "format", global = true, value_enum, default_value = "table")]
+    format: Format,
     /// fleet API endpoint.
     #[arg(long, global = true, env = "FLEETCTL_ENDPOINT", default_value = "http://127.0.0.1:49153")]
     endpoint: String,
@@ -25,6 +34,12 @@ struct Cli {
     request_timeout: f64,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Table,
+    Json,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -101,8 +116,49 @@ enum Command {
         unit: String,
         machine: Option<String>,
     },
-    /// Where units are scheduled, what systemd reports there, and why a unit is not placed.
+    /// `systemctl status` of units on their machines (through the agents; no SSH), and why a unit
+    /// is not placed.
     Status { units: Vec<String> },
+    /// Journal lines of a unit on its machine (through its agent; no SSH).
+    Journal {
+        /// Number of recent lines to show.
+        #[arg(long, short = 'n', default_value_t = 10)]
+        lines: u32,
+        /// Keep printing new lines.
+        #[arg(long, short = 'f', visible_alias = "f")]
+        follow: bool,
+        /// journalctl output mode (short, short-iso, json, cat, ...).
+        #[arg(long, default_value = "short")]
+        output: String,
+        /// Accepted for compatibility; the agent reads the journal itself.
+        #[arg(long, hide = true)]
+        sudo: bool,
+        /// For a global unit: the machine to read (full id or unique prefix).
+        #[arg(long)]
+        machine: Option<String>,
+        unit: String,
+    },
+    /// Restart units: stop (waiting until stopped), then start (waiting until active).
+    Restart {
+        #[command(flatten)]
+        block: Block,
+        units: Vec<String>,
+    },
+    /// Wait until units reach a state: active (launched and running), launched, loaded or inactive.
+    Wait {
+        #[arg(long = "for", default_value = "active")]
+        state: String,
+        #[command(flatten)]
+        block: Block,
+        units: Vec<String>,
+    },
+    /// Deprecated (signed units were removed from fleet); exits 2.
+    #[command(hide = true)]
+    Verify { units: Vec<String> },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completion { shell: clap_complete::Shell },
+    /// Print fleetctl's man page (roff).
+    Man,
     /// One row per unit per machine that reports it.
     ListUnits(ListFlags),
     /// One row per unit in the cluster.
@@ -126,16 +182,35 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
-    if let Command::Version = cli.command {
-        println!("fleetctl version {}", env!("CARGO_PKG_VERSION"));
-        return Ok(ExitCode::SUCCESS);
+    match &cli.command {
+        Command::Version => {
+            println!("fleetctl version {}", env!("CARGO_PKG_VERSION"));
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Verify { .. } => {
+            eprintln!("WARNING: The signed/verified units feature is DEPRECATED and cannot be used.");
+            return Ok(ExitCode::from(2));
+        }
+        Command::Completion { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(*shell, &mut Cli::command(), "fleetctl", &mut std::io::stdout());
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Man => {
+            use clap::CommandFactory;
+            clap_mangen::Man::new(Cli::command())
+                .render(&mut std::io::stdout())
+                .context("cannot write the man page")?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        _ => {}
     }
     if !(cli.request_timeout > 0.0 && cli.request_timeout.is_finite()) {
         bail!("--request-timeout must be a positive number of seconds");
     }
     let api = Client::new(&cli.endpoint, Duration::from_secs_f64(cli.request_timeout))
         .context("Unable to initialize client")?;
-    let ctl = Ctl { api };
+    let ctl = Ctl { api, json: cli.format == Format::Json };
     match cli.command {
         Command::Submit { replace, units } => ctl.submit(&units, replace, None).await,
         Command::Load { block, replace, units } => ctl.submit(&units, replace, Some(("loaded", block))).await,
@@ -145,11 +220,16 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Destroy { block, units } => ctl.destroy(&units, &block).await,
         Command::Cat { units } => ctl.cat(&units).await,
         Command::Status { units } => ctl.status(&units).await,
+        Command::Journal { lines, follow, output, sudo: _, machine, unit } => {
+            ctl.journal(&unit, lines, follow, &output, machine.as_deref()).await
+        }
+        Command::Restart { block, units } => ctl.restart(&units, &block).await,
+        Command::Wait { state, block, units } => ctl.wait(&units, &state, &block).await,
         Command::Move { block, unit, machine } => ctl.move_unit(&unit, machine.as_deref(), &block).await,
         Command::ListUnits(f) => ctl.list_units(&f).await,
         Command::ListUnitFiles(f) => ctl.list_unit_files(&f).await,
         Command::ListMachines(f) => ctl.list_machines(&f).await,
-        Command::Version => Ok(ExitCode::SUCCESS),
+        Command::Version | Command::Verify { .. } | Command::Completion { .. } | Command::Man => Ok(ExitCode::SUCCESS),
     }
 }
 
@@ -171,6 +251,7 @@ fn read_unit_file(path: &Path) -> Result<UnitFile> {
 
 struct Ctl {
     api: Client,
+    json: bool,
 }
 
 fn deadline(block: &Block) -> Option<Instant> {
@@ -296,6 +377,7 @@ impl Ctl {
         let mut unplaceable_since: HashMap<String, Instant> = HashMap::new();
         let mut pending: Vec<String> = names.to_vec();
         let mut delay = Duration::from_millis(20);
+        let mut progress = Progress::new();
         while !pending.is_empty() {
             let mut still = Vec::new();
             for name in pending {
@@ -332,6 +414,7 @@ impl Ctl {
                             .unwrap_or(Machine { id: unit.machine_id.clone(), ..Default::default() });
                         format!(" on {}", m.legend(false))
                     };
+                    progress.clear();
                     println!("Unit {name} {state}{legend}");
                 } else {
                     still.push(name);
@@ -347,6 +430,7 @@ impl Ctl {
                 }
                 return Ok(ExitCode::from(1));
             }
+            progress.tick(&format!("waiting for {} unit(s) to be {state}: {}", pending.len(), pending.join(" ")));
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_millis(250));
         }
@@ -531,37 +615,138 @@ impl Ctl {
             eprintln!("One unit file must be provided");
             return Ok(ExitCode::from(1));
         }
-        let machines = self.machines().await?;
+        let mut code = ExitCode::SUCCESS;
+        let mut json = Vec::new();
         for (i, arg) in args.iter().enumerate() {
             let name = unit_name_of(arg);
             let Some(u) = self.api.unit(&name).await? else {
                 eprintln!("Unit {name} does not exist.");
                 return Ok(ExitCode::from(1));
             };
+            let loaded = u.is_global() || u.current_state != "inactive";
+            let statuses = if loaded { self.api.unit_status(&name).await.ok() } else { None };
+            if self.json {
+                json.push(serde_json::json!({
+                    "name": name, "desiredState": u.desired_state, "currentState": u.current_state,
+                    "machineID": u.machine_id, "reason": u.reason,
+                    "statuses": statuses.clone().unwrap_or_default(),
+                }));
+                continue;
+            }
+            let Some(statuses) = statuses.filter(|s| !s.is_empty()) else {
+                match u.reason.as_str() {
+                    "" => eprintln!("Unit {name} does not appear to be loaded."),
+                    why => eprintln!("Unit {name} does not appear to be loaded: {why}"),
+                }
+                return Ok(ExitCode::from(1));
+            };
             if i > 0 {
                 println!();
             }
-            let file = UnitFile::from_options(u.options.clone());
-            match file.description() {
-                Some(d) => println!("● {name} - {d}"),
-                None => println!("● {name}"),
-            }
-            let current = if u.is_global() { "global".to_string() } else { dash(&u.current_state) };
-            println!("   Desired: {}  Current: {current}", u.desired_state);
-            for s in self.api.states(Some(&name)).await? {
-                println!(
-                    "   Machine: {}  {} {} ({})",
-                    machine_legend(&machines, &s.machine_id, false),
-                    s.systemd_load_state,
-                    s.systemd_active_state,
-                    s.systemd_sub_state
-                );
-            }
-            if !u.reason.is_empty() {
-                println!("   Not placed: {}", u.reason);
+            for s in statuses {
+                print!("{}", s.output);
+                if s.exit_code != 0 && code == ExitCode::SUCCESS {
+                    code = ExitCode::from(s.exit_code.clamp(1, 255) as u8);
+                }
             }
         }
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&json)?);
+        }
+        Ok(code)
+    }
+
+    async fn journal(
+        &self,
+        arg: &str,
+        lines: u32,
+        follow: bool,
+        output: &str,
+        machine: Option<&str>,
+    ) -> Result<ExitCode> {
+        let name = unit_name_of(arg);
+        let Some(u) = self.api.unit(&name).await? else {
+            eprintln!("Unit {name} does not exist.");
+            return Ok(ExitCode::from(1));
+        };
+        if u.is_global() && machine.is_none() {
+            eprintln!("Unable to retrieve journal of global unit {name}: name a machine with --machine.");
+            return Ok(ExitCode::from(1));
+        }
+        if !u.is_global() && u.current_state == "inactive" {
+            eprintln!("Unit {name} does not appear to be running.");
+            return Ok(ExitCode::from(1));
+        }
+        self.api.journal(&name, lines, follow, output, machine, &mut std::io::stdout()).await?;
         Ok(ExitCode::SUCCESS)
+    }
+
+    /// Stops each launched unit and waits until systemd reports it stopped, then starts it again
+    /// and waits until it is active. Loaded units are just started.
+    async fn restart(&self, args: &[String], block: &Block) -> Result<ExitCode> {
+        let units = self.found(args).await?;
+        let mut start = Vec::new();
+        for u in &units {
+            if u.is_global() {
+                self.api.set_desired(&u.name, "loaded").await?;
+                self.wait_states(std::slice::from_ref(&u.name), block, |s| s.systemd_active_state != "active").await?;
+                self.api.set_desired(&u.name, "launched").await?;
+                println!("Triggered global unit {} restart", u.name);
+                continue;
+            }
+            match u.current_state.as_str() {
+                "inactive" => eprintln!("Unable to restart unit {} in state inactive", u.name),
+                "loaded" => start.push(u.name.clone()),
+                _ => {
+                    self.api.set_desired(&u.name, "loaded").await?;
+                    let stopped = self
+                        .wait_all(
+                            std::slice::from_ref(&u.name),
+                            "loaded",
+                            false,
+                            &Block { no_block: false, ..block.clone() },
+                        )
+                        .await?;
+                    if stopped != ExitCode::SUCCESS {
+                        return Ok(stopped);
+                    }
+                    self.wait_states(std::slice::from_ref(&u.name), block, |s| {
+                        matches!(s.systemd_active_state.as_str(), "inactive" | "failed")
+                    })
+                    .await?;
+                    start.push(u.name.clone());
+                }
+            }
+        }
+        for n in &start {
+            self.api.set_desired(n, "launched").await?;
+        }
+        if block.no_block {
+            for n in &start {
+                println!("Triggered unit {n} start");
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        self.wait_all(&start, "launched", true, block).await
+    }
+
+    /// `fleetctl wait --for STATE UNIT...`: blocks until every unit is there.
+    async fn wait(&self, args: &[String], state: &str, block: &Block) -> Result<ExitCode> {
+        let (target, active) = match state {
+            "active" => ("launched", true),
+            "launched" | "loaded" | "inactive" => (state, false),
+            other => bail!("--for {other:?}: expected active, launched, loaded or inactive"),
+        };
+        let mut names = Vec::new();
+        for arg in args {
+            let name = unit_name_of(arg);
+            if self.api.unit(&name).await?.is_none() {
+                eprintln!("Unit {name} does not exist.");
+                return Ok(ExitCode::from(1));
+            }
+            names.push(name);
+        }
+        self.wait_all(&names, target, active, &Block { no_block: false, ..block.clone() }).await
     }
 
     async fn cat(&self, args: &[String]) -> Result<ExitCode> {
@@ -603,7 +788,7 @@ impl Ctl {
                     .collect()
             })
             .collect();
-        print_table(&fields, &rows, f.no_legend);
+        self.emit(&fields, &rows, f.no_legend)?;
         Ok(ExitCode::SUCCESS)
     }
 
@@ -638,7 +823,7 @@ impl Ctl {
                     .collect()
             })
             .collect();
-        print_table(&fields, &rows, f.no_legend);
+        self.emit(&fields, &rows, f.no_legend)?;
         Ok(ExitCode::SUCCESS)
     }
 
@@ -680,7 +865,7 @@ impl Ctl {
                     .collect()
             })
             .collect();
-        print_table(&fields, &rows, f.no_legend);
+        self.emit(&fields, &rows, f.no_legend)?;
         Ok(ExitCode::SUCCESS)
     }
 }
@@ -702,9 +887,69 @@ fn fields(f: &ListFlags, default: &str, valid: &[&str]) -> Result<Vec<String>> {
     Ok(out)
 }
 
+impl Ctl {
+    /// Rows as a table (the original's format) or, with `-o json`, as an array of objects keyed
+    /// by field name.
+    fn emit(&self, fields: &[String], rows: &[Vec<String>], no_legend: bool) -> Result<()> {
+        if self.json {
+            let objs: Vec<serde_json::Map<String, serde_json::Value>> = rows
+                .iter()
+                .map(|r| fields.iter().cloned().zip(r.iter().map(|v| serde_json::Value::String(v.clone()))).collect())
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&objs)?);
+        } else {
+            print_table(fields, rows, no_legend);
+        }
+        Ok(())
+    }
+}
+
 fn print_table(fields: &[String], rows: &[Vec<String>], no_legend: bool) {
     let header: Vec<String> = fields.iter().map(|f| f.to_uppercase()).collect();
     print!("{}", table::render((!no_legend).then_some(header.as_slice()), rows));
+}
+
+/// A one-line spinner on stderr while a command waits, only on a terminal; erased when done.
+struct Progress {
+    on: bool,
+    frame: usize,
+    started: Instant,
+}
+
+impl Progress {
+    fn new() -> Self {
+        use std::io::IsTerminal;
+        Progress { on: std::io::stderr().is_terminal(), frame: 0, started: Instant::now() }
+    }
+
+    fn tick(&mut self, what: &str) {
+        // Quick waits stay silent.
+        if !self.on || self.started.elapsed() < Duration::from_millis(500) {
+            return;
+        }
+        const FRAMES: [char; 4] = ['|', '/', '-', '\\'];
+        self.frame += 1;
+        let mut line: String = what.chars().take(100).collect();
+        if line.len() < what.len() {
+            line.push_str("...");
+        }
+        eprint!("\r\x1b[K{} {line} ({}s)", FRAMES[self.frame % 4], self.started.elapsed().as_secs());
+    }
+}
+
+impl Progress {
+    fn clear(&mut self) {
+        if self.on && self.frame > 0 {
+            eprint!("\r\x1b[K");
+            self.frame = 0;
+        }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        self.clear();
+    }
 }
 
 fn dash(s: &str) -> String {

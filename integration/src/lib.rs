@@ -213,6 +213,11 @@ pub async fn wait_etcd(endpoints: &[String], timeout: Duration) -> Result<()> {
 }
 
 /// Starts an engine process serving the API on `127.0.0.1:port` and the bridge address.
+/// The unix socket an engine started by the lab also serves the API on.
+pub fn engine_socket(name: &str) -> PathBuf {
+    lab_dir().join(format!("{name}.sock"))
+}
+
 pub fn start_engine(
     name: &str,
     bin_dir: &Path,
@@ -224,7 +229,7 @@ pub fn start_engine(
     let log = lab_dir().join(format!("{name}.log"));
     let mut cmd = Command::new(bin_dir.join("fleet-engine"));
     cmd.args(["--etcd-endpoints", &etcd.join(","), "--etcd-prefix", prefix, "--engine-id", name])
-        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--listen", &format!("127.0.0.1:{port},{}", engine_socket(name).display())])
         .args(["--election-ttl-secs", &election_ttl.to_string()]);
     let pid = process::spawn_logged(cmd, &log)?;
     Ok(EngineProc { name: name.into(), pid, api_url: format!("http://127.0.0.1:{port}") })
@@ -240,7 +245,7 @@ pub async fn boot_machine(spec: &MachineSpec, bin_dir: &Path, unit_template: &st
     net::add_machine_netns(&spec.name, &spec.ip)?;
     let metadata: String = spec.metadata.iter().map(|(k, v)| format!("{k} = {v:?}\n")).collect();
     let config = format!(
-        "etcd_endpoints = [{:?}]\netcd_prefix = {:?}\npublic_ip = {:?}\nlease_ttl_secs = {}\n\n[capacity]\nmemory = {:?}\ncpu = {:?}\n\n[metadata]\n{metadata}",
+        "etcd_endpoints = [{:?}]\netcd_prefix = {:?}\npublic_ip = {:?}\nlease_ttl_secs = {}\napi_listen = \"0.0.0.0:12490\"\n\n[capacity]\nmemory = {:?}\ncpu = {:?}\n\n[metadata]\n{metadata}",
         etcd_bridge_url(),
         spec.etcd_prefix,
         spec.ip,

@@ -35,6 +35,9 @@ pub struct MachineRecord {
     /// What the machine offers to units that reserve resources; zero means not advertised.
     #[serde(default, skip_serializing_if = "crate::rules::Resources::is_zero")]
     pub capacity: crate::rules::Resources,
+    /// Where the agent serves unit status and journals (`http://ip:port`), if it does.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub agent_url: String,
 }
 
 impl MachineRecord {

@@ -8,6 +8,7 @@
 //! <P>states/<id>/<name>          UnitStateRecord   agent; on the agent's lease
 //! <P>why/<name>                  text              engine leader; why a unit is not placed
 //! <P>moves/<name>                MoveRequest       API (a user's move); leader deletes or refuses it
+//! <P>metadata/<id>/<key>         text              API (PATCH machines); overrides the agent's metadata
 //! <P>leader/...                  election keys     engines; each on its own lease
 //! ```
 
@@ -29,6 +30,8 @@ pub enum Key {
     Why(UnitName),
     /// A user's request to move a unit.
     Move(UnitName),
+    /// Metadata set through the API for a machine (overrides its config; empty = removed).
+    Metadata(MachineId, String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,6 +88,10 @@ impl Keys {
     pub fn state(&self, machine: &str, unit: &UnitName) -> String {
         format!("{}states/{machine}/{unit}", self.prefix)
     }
+    /// Metadata set through the API, kept without a lease so it survives the machine rejoining.
+    pub fn metadata(&self, machine: &str, key: &str) -> String {
+        format!("{}metadata/{machine}/{key}", self.prefix)
+    }
     pub fn moves(&self, unit: &UnitName) -> String {
         format!("{}moves/{unit}", self.prefix)
     }
@@ -103,6 +110,10 @@ impl Keys {
             "units" => UnitName::parse(rest).ok().map(Key::Unit),
             "why" => UnitName::parse(rest).ok().map(Key::Why),
             "moves" => UnitName::parse(rest).ok().map(Key::Move),
+            "metadata" => {
+                let (m, k) = rest.split_once('/')?;
+                Some(Key::Metadata(m.to_string(), k.to_string()))
+            }
             "bodies" => Some(Key::Body(rest.to_string())),
             "machines" if !rest.contains('/') => Some(Key::Machine(rest.to_string())),
             "schedule" | "states" => {
@@ -186,6 +197,7 @@ mod tests {
         assert!(k.schedule(m, &n("x.service")).starts_with(&k.schedule_of(m)));
         assert_eq!(k.decode(k.why(&n("x.service")).as_bytes()), Some(Key::Why(n("x.service"))));
         assert_eq!(k.decode(k.moves(&n("x.service")).as_bytes()), Some(Key::Move(n("x.service"))));
+        assert_eq!(k.decode(k.metadata(m, "rack").as_bytes()), Some(Key::Metadata(m.into(), "rack".into())));
         assert_eq!(k.decode(b"/t1/leader/123"), None);
         assert_eq!(k.decode(b"/other/units/x.service"), None);
     }

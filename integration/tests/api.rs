@@ -1,0 +1,261 @@
+//! Contract tests of the `/fleet/v1` REST API: every endpoint, status code, error body, paging,
+//! and the shapes fleet's clients send and expect. Runs its own engine (page size 2) on its own
+//! key prefix of the lab's etcd; machines and unit states are written straight into etcd.
+
+use etcd_client::PutOptions;
+use fleet_integration::testkit::{self, wait_for};
+use fleet_integration::{lab_dir, process};
+use fleet_model::schema::encode;
+use fleet_model::{DesiredState, Keys, MachineRecord, UnitName, UnitStateRecord};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(30);
+
+struct Engine(u32);
+impl Drop for Engine {
+    fn drop(&mut self) {
+        process::stop(self.0, "fleet-engine", Duration::from_secs(5));
+    }
+}
+
+struct Api {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Api {
+    async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (StatusCode, Option<String>, Value) {
+        let url = format!("{}{path}", self.base);
+        let mut req = self.http.request(method.parse().expect("method"), url);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.expect("request");
+        let status = resp.status();
+        let ctype = resp.headers().get("content-type").and_then(|v| v.to_str().ok()).map(str::to_string);
+        let text = resp.text().await.unwrap_or_default();
+        (status, ctype, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+}
+
+fn message(v: &Value) -> &str {
+    v["error"]["message"].as_str().unwrap_or("")
+}
+
+#[tokio::test]
+async fn the_fleet_v1_contract() {
+    let Some(lab) = testkit::lab() else { return };
+    let prefix = testkit::unique_prefix("api");
+    let keys = Keys::new(&prefix);
+    let port = 12585;
+    let mut cmd = std::process::Command::new(lab.bin_dir.join("fleet-engine"));
+    cmd.args(["--etcd-endpoints", &lab.etcd_endpoints().join(","), "--etcd-prefix", &prefix, "--engine-id", "t-api"])
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--token-limit", "2"]);
+    let _engine = Engine(process::spawn_logged(cmd, &lab_dir().join("t-api.log")).expect("engine starts"));
+    let api = Api { base: format!("http://127.0.0.1:{port}"), http: reqwest::Client::new() };
+    wait_for("API", T, || async {
+        api.http.get(format!("{}/fleet/v1/units", api.base)).send().await.ok().filter(|r| r.status().is_success())
+    })
+    .await
+    .expect("API up");
+    let mut etcd = testkit::etcd(&lab).await.expect("etcd");
+
+    // Empty collections are `{}`, JSON, with fleet's Server header.
+    let resp = api.http.get(format!("{}/fleet/v1/units", api.base)).send().await.expect("GET");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(resp.headers()["server"].to_str().unwrap_or("").starts_with("fleetd/"));
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    assert_eq!(resp.json::<Value>().await.ok(), Some(json!({})));
+
+    // PUT: content type, body, names, existence, states.
+    let opts = json!([{"section": "Service", "name": "ExecStart", "value": "/bin/sleep 1000"}]);
+    let raw = api.http.put(format!("{}/fleet/v1/units/a.service", api.base)).body("{}").send().await.expect("PUT");
+    assert_eq!(raw.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let raw = api
+        .http
+        .put(format!("{}/fleet/v1/units/a.service", api.base))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .expect("PUT");
+    assert_eq!(raw.status(), StatusCode::BAD_REQUEST);
+    let (s, _, b) =
+        api.call("PUT", "/fleet/v1/units/a.service", Some(json!({"name": "b.service", "options": opts}))).await;
+    assert_eq!(
+        (s, message(&b)),
+        (StatusCode::BAD_REQUEST, "name in URL \"a.service\" differs from unit name in request body \"b.service\"")
+    );
+    let (s, _, b) = api.call("PUT", "/fleet/v1/units/bad%20name.service", Some(json!({"options": opts}))).await;
+    assert_eq!((s, message(&b)), (StatusCode::BAD_REQUEST, "invalid character ' ' in unit name"));
+    let (s, _, b) = api.call("PUT", "/fleet/v1/units/a.service", Some(json!({"desiredState": "launched"}))).await;
+    assert_eq!((s, message(&b)), (StatusCode::CONFLICT, "unit does not exist and options field empty"));
+    let (s, _, b) =
+        api.call("PUT", "/fleet/v1/units/a.service", Some(json!({"options": opts, "desiredState": "running"}))).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+    let (s, _, b) =
+        api.call("PUT", "/fleet/v1/units/t@.service", Some(json!({"options": opts, "desiredState": "launched"}))).await;
+    assert_eq!((s, message(&b)), (StatusCode::BAD_REQUEST, "cannot activate template \"t@.service\""));
+    let bad_rules = json!([{"section": "X-Fleet", "name": "Bogus", "value": "1"}, {"section": "Service", "name": "ExecStart", "value": "/bin/true"}]);
+    let (s, _, b) = api.call("PUT", "/fleet/v1/units/a.service", Some(json!({"options": bad_rules}))).await;
+    assert_eq!((s, message(&b)), (StatusCode::BAD_REQUEST, "unrecognized requirement in [X-Fleet] section: \"Bogus\""));
+    let (s, _, _) = api.call("PUT", "/fleet/v1/units/a.service", Some(json!({"options": opts}))).await;
+    assert_eq!(s, StatusCode::CREATED);
+    let (s, _, b) = api.call("PUT", "/fleet/v1/units/a.service", Some(json!({"options": opts}))).await;
+    assert_eq!((s, message(&b)), (StatusCode::CONFLICT, "must provide DesiredState to update existing unit"));
+    let (s, _, _) = api.call("PUT", "/fleet/v1/units/a.service", Some(json!({"desiredState": "loaded"}))).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    // GET one: fleet's field names; `@` percent-encoded like fleetctl sends it.
+    let (s, _, _) = api.call("PUT", "/fleet/v1/units/web%401.service", Some(json!({"options": opts}))).await;
+    assert_eq!(s, StatusCode::CREATED);
+    let (s, _, b) = api.call("GET", "/fleet/v1/units/web%401.service?alt=json", None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        b,
+        json!({"name": "web@1.service", "options": opts, "desiredState": "inactive", "currentState": "inactive"})
+    );
+    let (s, _, b) = api.call("GET", "/fleet/v1/units/nope.service", None).await;
+    assert_eq!((s, b), (StatusCode::NOT_FOUND, json!({"error": {"code": 404, "message": "unit does not exist"}})));
+    // Replacing contents resets the desired state unless one is given.
+    let opts2 = json!([{"section": "Service", "name": "ExecStart", "value": "/bin/sleep 2000"}]);
+    let (s, _, _) = api.call("PUT", "/fleet/v1/units/a.service", Some(json!({"options": opts2}))).await;
+    assert_eq!(s, StatusCode::CREATED);
+    assert_eq!(api.call("GET", "/fleet/v1/units/a.service", None).await.2["desiredState"], "inactive");
+
+    // Paging with a page size of 2: tokens like the original's, and its errors.
+    for n in ["c.service", "d.service", "e.service"] {
+        assert_eq!(
+            api.call("PUT", &format!("/fleet/v1/units/{n}"), Some(json!({"options": opts}))).await.0,
+            StatusCode::CREATED
+        );
+    }
+    let mut names = Vec::new();
+    let mut token: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let path = match &token {
+            Some(t) => format!("/fleet/v1/units?nextPageToken={t}"),
+            None => "/fleet/v1/units".into(),
+        };
+        let (s, _, b) = api.call("GET", &path, None).await;
+        assert_eq!(s, StatusCode::OK);
+        pages += 1;
+        names.extend(b["units"].as_array().into_iter().flatten().map(|u| u["name"].as_str().unwrap_or("").to_string()));
+        match b["nextPageToken"].as_str() {
+            Some(t) => token = Some(t.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(names, vec!["a.service", "c.service", "d.service", "e.service", "web@1.service"]);
+    assert_eq!(pages, 3);
+    assert_eq!(
+        api.call("GET", "/fleet/v1/units?nextPageToken=AgACAA==", None).await.2["units"].as_array().map(Vec::len),
+        Some(2)
+    );
+    let (s, ctype, b) = api.call("GET", "/fleet/v1/machines?nextPageToken=EwBMLg==", None).await;
+    assert_eq!((s, message(&b)), (StatusCode::BAD_REQUEST, "token limit must be 2"));
+    assert_eq!(ctype.as_deref(), Some("application/json"));
+    assert_eq!(api.call("GET", "/fleet/v1/units?nextPageToken=AgAAAA==", None).await.0, StatusCode::BAD_REQUEST);
+    assert_eq!(api.call("GET", "/fleet/v1/state?nextPageToken=%%%", None).await.0, StatusCode::BAD_REQUEST);
+
+    // Machines and states, as agents would publish them.
+    let m1 = "aaaa0000000000000000000000000001";
+    let m2 = "aaaa0000000000000000000000000002";
+    let lease = etcd.lease_grant(60, None).await.expect("lease").id();
+    for (m, ip) in [(m1, "192.0.2.1"), (m2, "192.0.2.2")] {
+        let rec = MachineRecord {
+            id: m.into(),
+            public_ip: ip.into(),
+            metadata: [("hostname".to_string(), m[28..].to_string())].into(),
+            ..Default::default()
+        };
+        etcd.put(keys.machine(m), encode(&rec).expect("encode"), Some(PutOptions::new().with_lease(lease)))
+            .await
+            .expect("put");
+    }
+    let st = UnitStateRecord {
+        hash: "h".into(),
+        load_state: "loaded".into(),
+        active_state: "active".into(),
+        sub_state: "running".into(),
+        applied: DesiredState::Launched,
+    };
+    let c = UnitName::parse("c.service").expect("name");
+    etcd.put(keys.state(m2, &c), encode(&st).expect("encode"), None).await.expect("put");
+    let b = wait_for("machines listed", T, || async {
+        Some(api.call("GET", "/fleet/v1/machines", None).await.2)
+            .filter(|b| b["machines"].as_array().map(Vec::len) == Some(2))
+    })
+    .await
+    .expect("machines");
+    assert_eq!(b["machines"][0], json!({"id": m1, "primaryIP": "192.0.2.1", "metadata": {"hostname": "0001"}}));
+    let (s, _, b) = api.call("GET", &format!("/fleet/v1/state?unitName=c.service&machineID={m2}"), None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        b["states"][0],
+        json!({"name": "c.service", "hash": "h", "machineID": m2, "systemdLoadState": "loaded", "systemdActiveState": "active", "systemdSubState": "running"})
+    );
+    assert_eq!(api.call("GET", &format!("/fleet/v1/state?machineID={m1}"), None).await.2, json!({}));
+    assert_eq!(api.call("GET", "/fleet/v1/state/c.service", None).await.2["machineID"], m2);
+    let (s, _, b) = api.call("GET", "/fleet/v1/state/d.service", None).await;
+    assert_eq!((s, message(&b)), (StatusCode::NOT_FOUND, "unit state does not exist"));
+
+    // Metadata PATCH: the original's value shape, validation first, removal hides config keys.
+    let patch = json!([
+        {"op": "add", "path": format!("/{m1}/metadata/foo"), "Value": {"value": "bar"}},
+        {"op": "replace", "path": format!("/{m2}/metadata/ping"), "value": "splat"},
+        {"op": "remove", "path": format!("/{m2}/metadata/hostname")}
+    ]);
+    let (s, ctype, _) = api.call("PATCH", "/fleet/v1/machines", Some(patch)).await;
+    assert_eq!((s, ctype.as_deref()), (StatusCode::NO_CONTENT, Some("application/json")));
+    let b = api.call("GET", "/fleet/v1/machines", None).await.2;
+    assert_eq!(b["machines"][0]["metadata"], json!({"foo": "bar", "hostname": "0001"}));
+    assert_eq!(b["machines"][1]["metadata"], json!({"ping": "splat"}));
+    for (bad, msg) in [
+        (
+            json!([{"op": "noop", "path": format!("/{m1}/metadata/foo"), "value": "x"}]),
+            "invalid op: expect add, remove, or replace",
+        ),
+        (json!([{"op": "add", "path": format!("/{m1}/foo"), "value": "x"}]), "machine metadata path invalid"),
+        (
+            json!([{"op": "add", "path": format!("/{m1}/metadata/foo"), "value": {"value": ""}}]),
+            "invalid value: add and replace require a value",
+        ),
+    ] {
+        let (s, ctype, b) = api.call("PATCH", "/fleet/v1/machines", Some(bad)).await;
+        assert_eq!((s, message(&b), ctype.as_deref()), (StatusCode::BAD_REQUEST, msg, Some("application/json")));
+    }
+
+    // Discovery, methods, unknown paths, the legacy prefix.
+    let (s, _, b) = api.call("GET", "/fleet/v1/discovery", None).await;
+    assert_eq!(
+        (s, b["kind"].as_str(), b["id"].as_str()),
+        (StatusCode::OK, Some("discovery#restDescription"), Some("fleet:v1"))
+    );
+    assert_eq!(b["resources"]["Units"]["methods"]["Set"]["httpMethod"], "PUT");
+    let (s, _, b) = api.call("POST", "/fleet/v1/discovery", None).await;
+    assert_eq!((s, message(&b)), (StatusCode::BAD_REQUEST, "only HTTP GET supported against this resource"));
+    let (s, _, b) = api.call("POST", "/fleet/v1/units", None).await;
+    assert_eq!((s, message(&b)), (StatusCode::METHOD_NOT_ALLOWED, "only GET supported against this resource"));
+    let (s, _, b) = api.call("POST", "/fleet/v1/units/a.service", None).await;
+    assert_eq!(
+        (s, message(&b)),
+        (StatusCode::METHOD_NOT_ALLOWED, "only GET, PUT and DELETE supported against this resource")
+    );
+    assert_eq!(api.call("DELETE", "/fleet/v1/machines", None).await.0, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(api.call("GET", "/", None).await.0, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(api.call("GET", "/fleet/v1", None).await.0, StatusCode::METHOD_NOT_ALLOWED);
+    let (s, _, b) = api.call("GET", "/fleet/v1/nothing", None).await;
+    assert_eq!((s, b["error"]["code"].as_u64()), (StatusCode::NOT_FOUND, Some(404)));
+    assert_eq!(api.call("GET", "/v1-alpha/units/a.service", None).await.2["name"], "a.service");
+
+    // DELETE.
+    assert_eq!(api.call("DELETE", "/fleet/v1/units/a.service", None).await.0, StatusCode::NO_CONTENT);
+    assert_eq!(api.call("DELETE", "/fleet/v1/units/a.service", None).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(api.call("GET", "/fleet/v1/units/a.service", None).await.0, StatusCode::NOT_FOUND);
+
+    etcd.lease_revoke(lease).await.ok();
+    etcd.delete(prefix.as_str(), Some(etcd_client::DeleteOptions::new().with_prefix())).await.ok();
+}
