@@ -66,6 +66,10 @@ pub fn router(api: Api) -> Router {
                 .fallback(|| async { method_not_allowed("only GET and PATCH supported against this resource") }),
         )
         .route(
+            "/openapi.json",
+            get(|| async { ([(header::CONTENT_TYPE, "application/json")], crate::openapi::document()) }),
+        )
+        .route(
             "/discovery",
             get(discovery)
                 .fallback(|| async { ApiError::bad_request("only HTTP GET supported against this resource") }),

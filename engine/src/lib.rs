@@ -9,6 +9,7 @@ pub mod api;
 pub mod cluster;
 pub mod config;
 pub mod leader;
+pub mod openapi;
 pub mod scheduler;
 
 use anyhow::Context;

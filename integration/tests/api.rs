@@ -256,6 +256,36 @@ async fn the_fleet_v1_contract() {
     assert_eq!(api.call("DELETE", "/fleet/v1/units/a.service", None).await.0, StatusCode::NOT_FOUND);
     assert_eq!(api.call("GET", "/fleet/v1/units/a.service", None).await.0, StatusCode::NOT_FOUND);
 
+    // The served OpenAPI document describes what the server does: every operation it lists
+    // answers a plain request with one of its documented statuses.
+    assert_eq!(
+        api.call("PUT", "/fleet/v1/units/oa.service", Some(json!({"options": opts}))).await.0,
+        StatusCode::CREATED
+    );
+    let (s, _, doc) = api.call("GET", "/fleet/v1/openapi.json", None).await;
+    assert_eq!(s, StatusCode::OK);
+    let paths = doc["paths"].as_object().expect("paths");
+    let operations: usize = paths.values().map(|ops| ops.as_object().map(|o| o.len()).unwrap_or(0)).sum();
+    assert!(operations >= 15, "only {operations} operations documented");
+    for (path, ops) in paths {
+        for (method, op) in ops.as_object().expect("operations") {
+            let url = path.replace("{name}", "oa.service");
+            let body = match method.as_str() {
+                "put" => Some(json!({"desiredState": "loaded"})),
+                "patch" => Some(json!([])),
+                "post" => Some(json!({})),
+                _ => None,
+            };
+            let (status, _, _) = api.call(&method.to_uppercase(), &url, body).await;
+            let documented: Vec<&String> = op["responses"].as_object().expect("responses").keys().collect();
+            assert!(
+                documented.iter().any(|c| *c == status.as_str()),
+                "{} {url} answered {status}, documented {documented:?}",
+                method.to_uppercase()
+            );
+        }
+    }
+
     etcd.lease_revoke(lease).await.ok();
     etcd.delete(prefix.as_str(), Some(etcd_client::DeleteOptions::new().with_prefix())).await.ok();
 }

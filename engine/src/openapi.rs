@@ -1,0 +1,249 @@
+//! The OpenAPI description of the engine's API, generated from these definitions with utoipa and
+//! served at `/fleet/v1/openapi.json`. A contract test sends a request to every operation listed
+//! here and checks the server answers with one of the documented statuses, and a unit test keeps
+//! `docs/openapi.json` equal to what is generated.
+#![allow(dead_code)]
+
+use serde::Serialize;
+use std::collections::BTreeMap;
+use utoipa::{OpenApi, ToSchema};
+
+#[derive(Serialize, ToSchema)]
+pub struct UnitOption {
+    section: String,
+    name: String,
+    value: String,
+}
+
+/// A unit. `currentState` and `machineID` are derived from the schedule; `reason` and
+/// `moveRefused` are fleet-rs additions.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Unit {
+    name: String,
+    options: Vec<UnitOption>,
+    #[schema(example = "launched")]
+    desired_state: String,
+    current_state: Option<String>,
+    #[serde(rename = "machineID")]
+    machine_id: Option<String>,
+    reason: Option<String>,
+    move_refused: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UnitPage {
+    units: Option<Vec<Unit>>,
+    next_page_token: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UnitState {
+    name: String,
+    hash: String,
+    #[serde(rename = "machineID")]
+    machine_id: String,
+    systemd_load_state: String,
+    systemd_active_state: String,
+    systemd_sub_state: String,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UnitStatePage {
+    states: Option<Vec<UnitState>>,
+    next_page_token: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Machine {
+    id: String,
+    #[serde(rename = "primaryIP")]
+    primary_ip: Option<String>,
+    metadata: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MachinePage {
+    machines: Option<Vec<Machine>>,
+    next_page_token: Option<String>,
+}
+
+/// One metadata operation. `path` is `/<machine id>/metadata/<key>`; `value` is `{"value":"x"}`
+/// (as the original fleet accepted; the field may be spelled `Value`) or a plain string.
+#[derive(Serialize, ToSchema)]
+pub struct MetadataOp {
+    #[schema(example = "add")]
+    op: String,
+    path: String,
+    value: Option<serde_json::Value>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ErrorDetail {
+    code: u16,
+    message: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Error {
+    error: ErrorDetail,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct MoveRequest {
+    #[serde(rename = "machineID")]
+    machine_id: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentStatus {
+    #[serde(rename = "machineID")]
+    machine_id: String,
+    exit_code: i32,
+    output: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct UnitStatuses {
+    statuses: Vec<AgentStatus>,
+}
+
+#[utoipa::path(get, path = "/fleet/v1/units", params(("nextPageToken" = Option<String>, Query)),
+    responses((status = 200, body = UnitPage), (status = 400, body = Error), (status = 503, body = Error)))]
+fn list_units() {}
+
+#[utoipa::path(get, path = "/fleet/v1/units/{name}", params(("name" = String, Path)),
+    responses((status = 200, body = Unit), (status = 400, body = Error), (status = 404, body = Error)))]
+fn get_unit() {}
+
+/// Create a unit (201), replace its contents (201) or change its desired state (204).
+#[utoipa::path(put, path = "/fleet/v1/units/{name}", params(("name" = String, Path)), request_body = Unit,
+    responses((status = 201), (status = 204), (status = 400, body = Error), (status = 409, body = Error),
+        (status = 415, body = Error), (status = 503, body = Error)))]
+fn put_unit() {}
+
+#[utoipa::path(delete, path = "/fleet/v1/units/{name}", params(("name" = String, Path)),
+    responses((status = 204), (status = 400, body = Error), (status = 404, body = Error)))]
+fn delete_unit() {}
+
+#[utoipa::path(post, path = "/fleet/v1/units/{name}/move", params(("name" = String, Path)), request_body = MoveRequest,
+    responses((status = 202), (status = 400, body = Error), (status = 404, body = Error), (status = 409, body = Error)))]
+fn move_unit() {}
+
+#[utoipa::path(delete, path = "/fleet/v1/units/{name}/move", params(("name" = String, Path)),
+    responses((status = 204), (status = 400, body = Error)))]
+fn forget_move() {}
+
+#[utoipa::path(get, path = "/fleet/v1/units/{name}/status", params(("name" = String, Path), ("machineID" = Option<String>, Query)),
+    responses((status = 200, body = UnitStatuses), (status = 400, body = Error), (status = 404, body = Error),
+        (status = 409, body = Error), (status = 502, body = Error)))]
+fn unit_status() {}
+
+#[utoipa::path(get, path = "/fleet/v1/units/{name}/journal",
+    params(("name" = String, Path), ("machineID" = Option<String>, Query), ("lines" = Option<u32>, Query),
+        ("follow" = Option<bool>, Query), ("output" = Option<String>, Query)),
+    responses((status = 200, content_type = "text/plain"), (status = 400, body = Error), (status = 404, body = Error),
+        (status = 409, body = Error), (status = 502, body = Error)))]
+fn unit_journal() {}
+
+#[utoipa::path(get, path = "/fleet/v1/state",
+    params(("nextPageToken" = Option<String>, Query), ("unitName" = Option<String>, Query), ("machineID" = Option<String>, Query)),
+    responses((status = 200, body = UnitStatePage), (status = 400, body = Error)))]
+fn list_states() {}
+
+#[utoipa::path(get, path = "/fleet/v1/state/{name}", params(("name" = String, Path)),
+    responses((status = 200, body = UnitState), (status = 400, body = Error), (status = 404, body = Error)))]
+fn get_state() {}
+
+#[utoipa::path(get, path = "/fleet/v1/machines", params(("nextPageToken" = Option<String>, Query)),
+    responses((status = 200, body = MachinePage), (status = 400, body = Error)))]
+fn list_machines() {}
+
+/// Add, replace or remove machine metadata; all operations or none.
+#[utoipa::path(patch, path = "/fleet/v1/machines", request_body = Vec<MetadataOp>,
+    responses((status = 204), (status = 400, body = Error)))]
+fn patch_machines() {}
+
+/// fleet's discovery document (Google discovery format).
+#[utoipa::path(get, path = "/fleet/v1/discovery", responses((status = 200, body = Object)))]
+fn discovery() {}
+
+/// This document.
+#[utoipa::path(get, path = "/fleet/v1/openapi.json", responses((status = 200, body = Object)))]
+fn openapi_json() {}
+
+/// Which engine leads and which units it could not place (fleet-rs addition).
+#[utoipa::path(get, path = "/engine/status", responses((status = 200, body = Object)))]
+fn engine_status() {}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "fleet API",
+        description = "fleet's /fleet/v1 REST API, compatible with CoreOS fleet, plus fleet-rs additions."
+    ),
+    paths(
+        list_units,
+        get_unit,
+        put_unit,
+        delete_unit,
+        move_unit,
+        forget_move,
+        unit_status,
+        unit_journal,
+        list_states,
+        get_state,
+        list_machines,
+        patch_machines,
+        discovery,
+        openapi_json,
+        engine_status
+    ),
+    components(schemas(
+        Unit,
+        UnitOption,
+        UnitPage,
+        UnitState,
+        UnitStatePage,
+        Machine,
+        MachinePage,
+        MetadataOp,
+        Error,
+        ErrorDetail,
+        MoveRequest,
+        AgentStatus,
+        UnitStatuses
+    ))
+)]
+pub struct ApiDoc;
+
+/// The document as served, pretty-printed with a trailing newline (the checked-in form).
+pub fn document() -> String {
+    let mut doc = ApiDoc::openapi();
+    doc.info.version = "v1".into();
+    let mut text = doc.to_pretty_json().unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
+    text.push('\n');
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn checked_in_document_is_current() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/openapi.json");
+        let generated = super::document();
+        if std::env::var_os("UPDATE_OPENAPI").is_some() {
+            std::fs::write(path, &generated).expect("write docs/openapi.json");
+        }
+        let checked_in = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            checked_in == generated,
+            "docs/openapi.json is stale: run UPDATE_OPENAPI=1 cargo test -p fleet-engine openapi"
+        );
+    }
+}
