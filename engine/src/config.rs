@@ -17,6 +17,12 @@ pub struct EngineConfig {
     pub engine_id: String,
     /// API page size.
     pub token_limit: u16,
+    /// Addresses (host:port) serving the API over TLS; needs `tls_cert_file` and `tls_key_file`.
+    pub listen_tls: Vec<String>,
+    pub tls_cert_file: String,
+    pub tls_key_file: String,
+    /// With this CA, TLS clients must present a certificate it signed (mutual TLS).
+    pub tls_client_ca_file: String,
 }
 
 impl Default for EngineConfig {
@@ -29,6 +35,10 @@ impl Default for EngineConfig {
             election_ttl_secs: 5,
             engine_id: String::new(),
             token_limit: 100,
+            listen_tls: Vec::new(),
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
+            tls_client_ca_file: String::new(),
         }
     }
 }
@@ -61,6 +71,9 @@ impl EngineConfig {
                 "election_ttl_secs = {} is too short (minimum 2)",
                 self.election_ttl_secs
             )));
+        }
+        if !self.listen_tls.is_empty() && (self.tls_cert_file.is_empty() || self.tls_key_file.is_empty()) {
+            return Err(ConfigError::Invalid("listen_tls needs tls_cert_file and tls_key_file".into()));
         }
         if self.token_limit == 0 {
             return Err(ConfigError::Invalid("token_limit must be at least 1".into()));

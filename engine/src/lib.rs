@@ -11,6 +11,7 @@ pub mod config;
 pub mod leader;
 pub mod openapi;
 pub mod scheduler;
+pub mod tls;
 
 use anyhow::Context;
 use config::EngineConfig;
@@ -79,6 +80,27 @@ pub async fn run(cfg: EngineConfig, mut shutdown: watch::Receiver<bool>) -> anyh
                 tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
             tracing::info!(%addr, "serving the fleet API");
             servers.push(tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(stopped).await }));
+        }
+    }
+    if !cfg.listen_tls.is_empty() {
+        let client_ca = (!cfg.tls_client_ca_file.is_empty()).then(|| std::path::Path::new(&cfg.tls_client_ca_file));
+        let tls = tls::server_config(cfg.tls_cert_file.as_ref(), cfg.tls_key_file.as_ref(), client_ca)?;
+        for addr in &cfg.listen_tls {
+            let sock: std::net::SocketAddr =
+                addr.parse().with_context(|| format!("listen_tls {addr:?}: expected ip:port"))?;
+            let handle = axum_server::Handle::new();
+            let app = api::router(api.clone());
+            let config = axum_server::tls_rustls::RustlsConfig::from_config(tls.clone());
+            tracing::info!(%addr, mutual = client_ca.is_some(), "serving the fleet API over TLS");
+            let mut stop = shutdown.clone();
+            let h = handle.clone();
+            tokio::spawn(async move {
+                let _ = stop.wait_for(|s| *s).await;
+                h.graceful_shutdown(Some(Duration::from_secs(5)));
+            });
+            servers.push(tokio::spawn(async move {
+                axum_server::bind_rustls(sock, config).handle(handle).serve(app.into_make_service()).await
+            }));
         }
     }
     let leader =

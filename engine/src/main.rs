@@ -25,6 +25,15 @@ struct Args {
     /// API page size.
     #[arg(long, env = "FLEET_TOKEN_LIMIT")]
     token_limit: Option<u16>,
+    /// TLS API listen addresses (host:port), comma-separated.
+    #[arg(long, env = "FLEET_LISTEN_TLS", value_delimiter = ',')]
+    listen_tls: Option<Vec<String>>,
+    #[arg(long, env = "FLEET_TLS_CERT_FILE")]
+    tls_cert_file: Option<String>,
+    #[arg(long, env = "FLEET_TLS_KEY_FILE")]
+    tls_key_file: Option<String>,
+    #[arg(long, env = "FLEET_TLS_CLIENT_CA_FILE")]
+    tls_client_ca_file: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -45,6 +54,18 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(v) = args.engine_id {
         cfg.engine_id = v;
+    }
+    if let Some(v) = args.listen_tls {
+        cfg.listen_tls = v;
+    }
+    if let Some(v) = args.tls_cert_file {
+        cfg.tls_cert_file = v;
+    }
+    if let Some(v) = args.tls_key_file {
+        cfg.tls_key_file = v;
+    }
+    if let Some(v) = args.tls_client_ca_file {
+        cfg.tls_client_ca_file = v;
     }
     if let Some(v) = args.token_limit {
         cfg.token_limit = v;

@@ -32,6 +32,15 @@ struct Cli {
     /// Seconds to wait for each API request.
     #[arg(long, global = true, env = "FLEETCTL_REQUEST_TIMEOUT", default_value_t = 10.0)]
     request_timeout: f64,
+    /// CA certificate (PEM) to verify an https:// endpoint with.
+    #[arg(long, global = true, env = "FLEETCTL_CA_FILE")]
+    ca_file: Option<String>,
+    /// Client certificate (PEM) for endpoints that require one.
+    #[arg(long, global = true, env = "FLEETCTL_CERT_FILE")]
+    cert_file: Option<String>,
+    /// Private key (PEM) of --cert-file.
+    #[arg(long, global = true, env = "FLEETCTL_KEY_FILE")]
+    key_file: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -208,7 +217,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     if !(cli.request_timeout > 0.0 && cli.request_timeout.is_finite()) {
         bail!("--request-timeout must be a positive number of seconds");
     }
-    let api = Client::new(&cli.endpoint, Duration::from_secs_f64(cli.request_timeout))
+    let tls = client::TlsFiles {
+        ca_file: cli.ca_file.clone(),
+        cert_file: cli.cert_file.clone(),
+        key_file: cli.key_file.clone(),
+    };
+    let api = Client::new(&cli.endpoint, Duration::from_secs_f64(cli.request_timeout), &tls)
         .context("Unable to initialize client")?;
     let ctl = Ctl { api, json: cli.format == Format::Json };
     match cli.command {
