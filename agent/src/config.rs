@@ -27,6 +27,10 @@ pub struct AgentConfig {
     pub machine_id_file: PathBuf,
     /// D-Bus address of systemd's bus; empty for the system bus.
     pub systemd_bus: String,
+    /// On a graceful stop (SIGTERM), stop and unload every unit and give up the lease so the
+    /// engine places them elsewhere at once. Default: leave units running and let the lease
+    /// expire, so a restarted agent adopts them (the original fleet always purged).
+    pub stop_units_on_exit: bool,
     /// Where the agent serves unit status and journal lines to the engines: `host:port`, empty
     /// for `<public_ip>:49154`, or `off`.
     pub api_listen: String,
@@ -59,6 +63,7 @@ impl Default for AgentConfig {
             systemd_bus: String::new(),
             capacity: CapacityConfig::default(),
             api_listen: String::new(),
+            stop_units_on_exit: false,
         }
     }
 }

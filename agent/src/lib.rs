@@ -54,6 +54,18 @@ pub struct Agent {
     lease: Option<i64>,
     path_to_unit: HashMap<String, String>,
     schedule_seen: bool,
+    /// Units whose `[X-Fleet]` says `Exclusive=true`: stopped while the lease is in doubt.
+    exclusive: BTreeSet<String>,
+    /// The lease was lost or is in doubt: relist the schedule and stop what is no longer ours
+    /// before the machine registers again.
+    cleanup_needed: bool,
+    stop_units_on_exit: bool,
+}
+
+/// Whether a unit file's `[X-Fleet]` section makes it exclusive.
+fn is_exclusive(name: &str, text: &str) -> bool {
+    let (Ok(unit), Ok(file)) = (UnitName::parse(name), fleet_model::UnitFile::parse(text)) else { return false };
+    fleet_model::rules::Rules::parse(&unit, &file).is_ok_and(|r| r.exclusive)
 }
 
 impl Agent {
@@ -76,6 +88,9 @@ impl Agent {
             lease: None,
             path_to_unit: HashMap::new(),
             schedule_seen: false,
+            exclusive: BTreeSet::new(),
+            cleanup_needed: false,
+            stop_units_on_exit: cfg.stop_units_on_exit,
         };
         agent.read_files().await?;
         agent.read_published().await?;
@@ -94,6 +109,9 @@ impl Agent {
             }
             match tokio::fs::read_to_string(entry.path()).await {
                 Ok(text) => {
+                    if is_exclusive(&name, &text) {
+                        self.exclusive.insert(name.clone());
+                    }
                     self.path_to_unit.insert(systemd::unit_path(&name), name.clone());
                     self.files.insert(name, content_hash(&text));
                 }
@@ -138,6 +156,7 @@ impl Agent {
     pub async fn run(
         mut self,
         mut lease_rx: watch::Receiver<Option<i64>>,
+        cleaned: watch::Sender<u64>,
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<(), AgentError> {
         let (sched_tx, mut sched_rx) = mpsc::channel(64);
@@ -184,16 +203,44 @@ impl Agent {
                         self.published.clear();
                         self.unpublished.extend(self.files.keys().cloned());
                     }
+                    let was = self.lease;
                     self.lease = lease;
+                    match (was, lease) {
+                        (Some(_), None) => {
+                            self.stop_exclusive().await;
+                            self.cleanup_needed = true;
+                        }
+                        // Back with a lease: exclusive units still scheduled here start again.
+                        (None, Some(_)) if self.schedule_seen => self.reconcile().await,
+                        _ => {}
+                    }
                 }
                 _ = retry => { retry_at = None; }
                 _ = shutdown.changed() => break,
+            }
+            if self.cleanup_needed {
+                if self.clean_up().await {
+                    self.cleanup_needed = false;
+                    cleaned.send_modify(|g| *g += 1);
+                } else if retry_at.is_none() {
+                    retry_at = Some(tokio::time::Instant::now() + Duration::from_secs(1));
+                }
             }
             if !self.unpublished.is_empty() && self.publish().await.is_err() && retry_at.is_none() {
                 retry_at = Some(tokio::time::Instant::now() + Duration::from_secs(1));
             }
         }
-        tracing::info!("agent stopping; units keep running");
+        if self.stop_units_on_exit {
+            tracing::info!("agent stopping: stopping and unloading every unit, giving up the lease");
+            self.schedule.clear();
+            self.reconcile().await;
+            let _ = self.publish().await;
+            if let Some(lease) = self.lease {
+                let _ = tokio::time::timeout(Duration::from_secs(3), self.client.lease_client().revoke(lease)).await;
+            }
+        } else {
+            tracing::info!("agent stopping; units keep running");
+        }
         Ok(())
     }
 
@@ -246,6 +293,48 @@ impl Agent {
         }
     }
 
+    /// Stops exclusive units: the lease is in doubt, so the engine may soon place them elsewhere.
+    async fn stop_exclusive(&mut self) {
+        let running: Vec<String> =
+            self.exclusive.iter().filter(|n| self.applied.get(*n) == Some(&DesiredState::Launched)).cloned().collect();
+        if running.is_empty() {
+            return;
+        }
+        tracing::warn!(units = ?running, "lease in doubt: stopping exclusive units");
+        for (unit, e) in self.systemd.for_each(&running, |s, n| async move { s.stop(&n).await }).await {
+            tracing::error!(%unit, error = %e, "cannot stop exclusive unit");
+        }
+        for n in running {
+            self.applied.insert(n.clone(), DesiredState::Loaded);
+            self.unpublished.insert(n);
+        }
+    }
+
+    /// Reads this machine's schedule afresh and applies it, stopping whatever is no longer
+    /// scheduled here. False if etcd could not be read (try again later).
+    async fn clean_up(&mut self) -> bool {
+        let prefix = self.keys.schedule_of(&self.machine);
+        let mut kv = self.client.kv_client();
+        let got =
+            tokio::time::timeout(Duration::from_secs(3), kv.get(prefix, Some(GetOptions::new().with_prefix()))).await;
+        let Ok(Ok(resp)) = got else { return false };
+        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        let puts = resp
+            .kvs()
+            .iter()
+            .map(|kv| Change::Put {
+                key: kv.key().to_vec(),
+                value: kv.value().to_vec(),
+                lease: kv.lease(),
+                mod_revision: kv.mod_revision(),
+            })
+            .collect();
+        self.apply_schedule_update(PrefixUpdate::Snapshot { revision, puts });
+        self.reconcile().await;
+        tracing::info!(units = self.schedule.len(), "schedule relisted; units no longer scheduled here are stopped");
+        true
+    }
+
     async fn fetch_body(&self, hash: &str) -> Option<String> {
         let key = self.keys.body(hash);
         let got = RetryPolicy::default()
@@ -287,6 +376,7 @@ impl Agent {
             }
             self.files.remove(n);
             self.applied.remove(n);
+            self.exclusive.remove(n);
         }
         let mut linked = Vec::new();
         let mut installable = Vec::new();
@@ -309,6 +399,11 @@ impl Agent {
                     self.files.insert(name.clone(), hash.clone());
                     self.path_to_unit.insert(systemd::unit_path(name), name.clone());
                     self.applied.insert(name.clone(), DesiredState::Loaded);
+                    if is_exclusive(name, &body) {
+                        self.exclusive.insert(name.clone());
+                    } else {
+                        self.exclusive.remove(name);
+                    }
                     if fleet_model::UnitFile::parse(&body)
                         .is_ok_and(|f| f.options.iter().any(|o| o.section == "Install"))
                     {
@@ -333,7 +428,13 @@ impl Agent {
         for n in &plan.remove {
             let _ = self.systemd.reset_failed(n).await;
         }
-        let startable: Vec<String> = plan.start.iter().filter(|n| self.files.contains_key(*n)).cloned().collect();
+        // While the lease is in doubt an exclusive unit may already run elsewhere: do not start it.
+        let startable: Vec<String> = plan
+            .start
+            .iter()
+            .filter(|n| self.files.contains_key(*n) && (self.lease.is_some() || !self.exclusive.contains(*n)))
+            .cloned()
+            .collect();
         for (unit, e) in self.systemd.for_each(&startable, |s, n| async move { s.start(&n).await }).await {
             tracing::warn!(%unit, error = %e, "start failed");
         }

@@ -85,6 +85,7 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         version: env!("CARGO_PKG_VERSION").into(),
         capacity: cfg.capacity()?,
         agent_url: String::new(),
+        lease_ttl: cfg.lease_ttl_secs,
     };
     let mut record = record;
     if let Some(addr) = cfg.api_address() {
@@ -107,7 +108,9 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     }
     tracing::info!(%machine, ip = %cfg.public_ip, "fleet-agent starting");
     let (lease_tx, lease_rx) = watch::channel(None);
+    let (cleaned_tx, cleaned_rx) = watch::channel(0u64);
     let presence = Presence {
+        cleaned: cleaned_rx,
         client: client.clone(),
         keys: Keys::new(&cfg.etcd_prefix),
         record,
@@ -121,7 +124,7 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         let _ = shutdown_tx.send(true);
     });
     let agent = Agent::new(&cfg, client, machine, systemd).await?;
-    let result = agent.run(lease_rx, shutdown_rx).await;
+    let result = agent.run(lease_rx, cleaned_tx, shutdown_rx).await;
     // The lease is left to expire rather than revoked: units keep running, and an agent restarted
     // within the TTL takes the lease over without anyone noticing.
     presence_task.abort();

@@ -13,6 +13,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 pub struct Presence {
+    /// Bumped by the agent once it has stopped every unit no longer scheduled to it; a machine
+    /// that lost its lease registers again only after that, so duplicates end before it rejoins.
+    pub cleaned: watch::Receiver<u64>,
     pub client: Client,
     pub keys: Keys,
     pub record: MachineRecord,
@@ -23,7 +26,7 @@ pub struct Presence {
 impl Presence {
     /// Registers and keeps the lease alive; publishes the current lease (or `None` while lost)
     /// on `lease_tx`. Runs until `lease_tx` has no receivers.
-    pub async fn run(self, lease_tx: watch::Sender<Option<i64>>) {
+    pub async fn run(mut self, lease_tx: watch::Sender<Option<i64>>) {
         let mut backoff = Duration::from_millis(200);
         loop {
             if lease_tx.is_closed() {
@@ -34,9 +37,15 @@ impl Presence {
                     backoff = Duration::from_millis(200);
                     tracing::info!(machine = %self.record.id, lease = format!("{lease:x}"), "registered");
                     lease_tx.send_replace(Some(lease));
-                    self.keep_alive(lease).await;
+                    let before = *self.cleaned.borrow_and_update();
+                    self.keep_alive(lease, &lease_tx).await;
                     lease_tx.send_replace(None);
-                    tracing::warn!(machine = %self.record.id, "lease lost; registering again");
+                    tracing::warn!(machine = %self.record.id, "lease lost; stopping units no longer scheduled here before registering again");
+                    let cleaned =
+                        tokio::time::timeout(Duration::from_secs(60), self.cleaned.wait_for(|g| *g > before)).await;
+                    if cleaned.is_err() {
+                        tracing::warn!("the agent did not finish its clean-up within 60 s; registering anyway");
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(machine = %self.record.id, error = %e, "cannot register");
@@ -88,10 +97,19 @@ impl Presence {
     }
 
     /// Returns when the lease is gone (expired, or not renewed within its TTL).
-    async fn keep_alive(&self, lease: i64) {
+    /// Returns when the lease is gone. While renewals fail for longer than the TTL the lease is
+    /// in doubt: `None` is published (the agent stops its exclusive units), and the lease again
+    /// once a renewal succeeds.
+    async fn keep_alive(&self, lease: i64, lease_tx: &watch::Sender<Option<i64>>) {
         let ttl = Duration::from_secs(self.ttl as u64);
         let period = ttl / 3;
         let mut last_ok = Instant::now();
+        let doubt = |last_ok: Instant| {
+            if last_ok.elapsed() > ttl && lease_tx.borrow().is_some() {
+                tracing::warn!(lease = format!("{lease:x}"), "lease not renewed for its TTL; it is in doubt");
+                lease_tx.send_replace(None);
+            }
+        };
         loop {
             let mut lc = self.client.lease_client();
             let stream = tokio::time::timeout(period, lc.keep_alive(lease)).await;
@@ -103,6 +121,7 @@ impl Presence {
                         _ => "timed out".into(),
                     };
                     tracing::warn!(error = %err, "cannot open lease keepalive");
+                    doubt(last_ok);
                     if last_ok.elapsed() > ttl && !self.lease_alive(lease).await {
                         return;
                     }
@@ -116,7 +135,13 @@ impl Presence {
                     responses.message().await
                 };
                 match tokio::time::timeout(period, beat).await {
-                    Ok(Ok(Some(r))) if r.ttl() > 0 => last_ok = Instant::now(),
+                    Ok(Ok(Some(r))) if r.ttl() > 0 => {
+                        last_ok = Instant::now();
+                        if lease_tx.borrow().is_none() {
+                            tracing::info!("lease renewed again");
+                            lease_tx.send_replace(Some(lease));
+                        }
+                    }
                     Ok(Ok(Some(_))) => return,
                     other => {
                         let err = match other {
@@ -125,11 +150,13 @@ impl Presence {
                             _ => "timed out".into(),
                         };
                         tracing::warn!(error = %err, "lease keepalive failed");
+                        doubt(last_ok);
                         break;
                     }
                 }
                 tokio::time::sleep(period).await;
             }
+            doubt(last_ok);
             if last_ok.elapsed() > ttl && !self.lease_alive(lease).await {
                 return;
             }

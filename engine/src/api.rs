@@ -70,6 +70,12 @@ pub fn router(api: Api) -> Router {
             get(|| async { ([(header::CONTENT_TYPE, "application/json")], crate::openapi::document()) }),
         )
         .route(
+            "/machines/{id}/drain",
+            axum::routing::post(drain_machine)
+                .delete(undrain_machine)
+                .fallback(|| async { method_not_allowed("only POST and DELETE supported against this resource") }),
+        )
+        .route(
             "/discovery",
             get(discovery)
                 .fallback(|| async { ApiError::bad_request("only HTTP GET supported against this resource") }),
@@ -181,6 +187,9 @@ pub struct ApiMachine {
     pub primary_ip: String,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub metadata: BTreeMap<String, String>,
+    /// Not in the original API: the machine is being drained.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub drained: bool,
 }
 
 /// A unit as the API shows it: stored options and desired state, plus where it is scheduled
@@ -748,13 +757,54 @@ async fn patch_machines(State(api): State<Api>, body: axum::body::Bytes) -> Resu
     Ok((StatusCode::NO_CONTENT, [(header::CONTENT_TYPE, "application/json")]).into_response())
 }
 
+/// The one live machine whose id starts with `prefix`.
+fn machine_by_prefix(api: &Api, prefix: &str) -> Result<String, ApiError> {
+    api.cluster.read(|v| {
+        let found: Vec<&String> = v.machines.keys().chain(v.drained.iter()).filter(|m| m.starts_with(prefix)).collect();
+        let mut found: Vec<&String> =
+            found.into_iter().collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+        match found.len() {
+            1 => Ok(found.remove(0).clone()),
+            0 => Err(ApiError::new(StatusCode::NOT_FOUND, format!("no machine matches {prefix:?}"))),
+            _ => Err(ApiError::bad_request(format!("machine id {prefix:?} is ambiguous"))),
+        }
+    })
+}
+
+/// Not in the original API: drain a machine. Its units are moved elsewhere and it takes no
+/// new ones until undrained (DELETE).
+async fn drain_machine(State(api): State<Api>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    ready(&api)?;
+    let id = machine_by_prefix(&api, &id)?;
+    let resp = api.client.kv_client().put(api.keys.drain(&id), "", None).await?;
+    if let Some(h) = resp.header() {
+        api.cluster.caught_up(h.revision(), Duration::from_secs(5)).await;
+    }
+    Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "id": id }))).into_response())
+}
+
+async fn undrain_machine(State(api): State<Api>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    ready(&api)?;
+    let id = machine_by_prefix(&api, &id)?;
+    let resp = api.client.kv_client().delete(api.keys.drain(&id), None).await?;
+    if let Some(h) = resp.header() {
+        api.cluster.caught_up(h.revision(), Duration::from_secs(5)).await;
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
 async fn list_machines(State(api): State<Api>, Query(q): Query<PageQuery>) -> Result<Response, ApiError> {
     ready(&api)?;
     let page = page_of(q.next_page_token.as_deref(), api.token_limit)?;
     let machines: Vec<ApiMachine> = api.cluster.read(|v| {
         v.machines
             .values()
-            .map(|m| ApiMachine { id: m.id.clone(), primary_ip: m.public_ip.clone(), metadata: m.metadata.clone() })
+            .map(|m| ApiMachine {
+                id: m.id.clone(),
+                primary_ip: m.public_ip.clone(),
+                metadata: m.metadata.clone(),
+                drained: v.drained.contains(&m.id),
+            })
             .collect()
     });
     let (machines, next) = paginate(machines, page, api.token_limit);

@@ -37,6 +37,8 @@ pub struct ClusterView {
     pub rules: HashMap<UnitName, Result<Rules, String>>,
     /// Why the leader could not place a unit, as it last recorded.
     pub why: BTreeMap<UnitName, String>,
+    /// Machines being drained.
+    pub drained: BTreeSet<String>,
     /// Users' pending (or refused) move requests.
     pub moves: BTreeMap<UnitName, MoveRequest>,
 }
@@ -59,6 +61,9 @@ impl ClusterView {
                 }
                 Some(Key::Why(unit)) => {
                     self.why.insert(unit, String::from_utf8_lossy(&value).into_owned());
+                }
+                Some(Key::Drain(m)) => {
+                    self.drained.insert(m);
                 }
                 Some(Key::Metadata(m, k)) => {
                     self.dynamic_metadata
@@ -110,6 +115,9 @@ impl ClusterView {
                 }
                 Some(Key::Move(unit)) => {
                     self.moves.remove(&unit);
+                }
+                Some(Key::Drain(m)) => {
+                    self.drained.remove(&m);
                 }
                 Some(Key::Metadata(m, k)) => {
                     if let Some(md) = self.dynamic_metadata.get_mut(&m) {

@@ -46,6 +46,54 @@ pub struct Leader {
     pub engine_id: String,
     pub ttl: i64,
     pub status: SharedStatus,
+    pub fences: Mutex<Fences>,
+}
+
+/// Extra wait, beyond a lost machine's lease TTL, before its exclusive units are placed elsewhere:
+/// covers the agent's own clock and the time its units take to stop.
+pub const FENCE_MARGIN: Duration = Duration::from_secs(3);
+/// Lease TTL assumed for a machine this engine never saw (lost before it started leading).
+const UNKNOWN_TTL: i64 = 30;
+
+/// When machines were lost, as this engine saw it: the clock for exclusive units' fences.
+#[derive(Debug, Default)]
+pub struct Fences {
+    known: std::collections::HashMap<String, i64>,
+    lost_at: std::collections::HashMap<String, (tokio::time::Instant, i64)>,
+    started: bool,
+    /// When the next fence expires, so the leader plans again then.
+    pub next_expiry: Option<tokio::time::Instant>,
+}
+
+impl Fences {
+    /// Updates with the live machines (id -> lease TTL) and machines still referenced by the
+    /// schedule; returns the machines whose fence has not expired.
+    fn update(
+        &mut self,
+        live: &std::collections::BTreeMap<String, fleet_model::MachineRecord>,
+        scheduled: impl Iterator<Item = String>,
+    ) -> std::collections::BTreeSet<String> {
+        let now = tokio::time::Instant::now();
+        if !self.started {
+            // A new leader cannot know when machines it never saw were lost: assume just now.
+            self.started = true;
+            for m in scheduled.filter(|m| !live.contains_key(m)) {
+                self.lost_at.entry(m).or_insert((now, UNKNOWN_TTL));
+            }
+        }
+        for (m, ttl) in &self.known {
+            if !live.contains_key(m) {
+                self.lost_at.entry(m.clone()).or_insert((now, *ttl));
+            }
+        }
+        self.known =
+            live.iter().map(|(id, r)| (id.clone(), if r.lease_ttl > 0 { r.lease_ttl } else { UNKNOWN_TTL })).collect();
+        self.lost_at.retain(|m, _| !live.contains_key(m));
+        let expiry = |(t, ttl): &(tokio::time::Instant, i64)| *t + Duration::from_secs(*ttl as u64) + FENCE_MARGIN;
+        self.lost_at.retain(|_, v| expiry(v) > now);
+        self.next_expiry = self.lost_at.values().map(expiry).min();
+        self.lost_at.keys().cloned().collect()
+    }
 }
 
 impl Leader {
@@ -142,9 +190,17 @@ impl Leader {
             if seen > 0 {
                 self.pass(&fence).await?;
             }
+            let next_fence = self.fences.lock().ok().and_then(|f| f.next_expiry);
+            let fence_expired = async {
+                match next_fence {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 r = revisions.changed() => if r.is_err() { return Err(LeadError::Deposed("cluster view closed".into())) },
                 _ = lost.changed() => return Err(LeadError::Deposed("leader lease expired".into())),
+                _ = fence_expired => {}
             }
         }
     }
@@ -152,7 +208,13 @@ impl Leader {
     /// One planning pass over the current view, then waits until the view shows its writes.
     async fn pass(&self, fence: &Compare) -> Result<(), LeadError> {
         let (outcome, why_ops, orphans, view_rev) = self.cluster.read(|v| {
+            let fencing = match self.fences.lock() {
+                Ok(mut f) => f.update(&v.machines, v.schedule.values().flat_map(|e| e.keys().cloned())),
+                Err(_) => Default::default(),
+            };
             let out = scheduler::schedule(&Snapshot {
+                drained: &v.drained,
+                fencing: &fencing,
                 units: &v.units,
                 rules: &v.rules,
                 machines: &v.machines,

@@ -103,8 +103,15 @@ pub async fn run(cfg: EngineConfig, mut shutdown: watch::Receiver<bool>) -> anyh
             }));
         }
     }
-    let leader =
-        leader::Leader { client, keys, cluster, engine_id: cfg.engine_id.clone(), ttl: cfg.election_ttl_secs, status };
+    let leader = leader::Leader {
+        client,
+        keys,
+        cluster,
+        engine_id: cfg.engine_id.clone(),
+        ttl: cfg.election_ttl_secs,
+        status,
+        fences: Default::default(),
+    };
     let leading = tokio::spawn(leader.run(shutdown.clone()));
     let _ = shutdown.wait_for(|s| *s).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), leading).await;

@@ -63,6 +63,8 @@ pub struct Machine {
     #[serde(rename = "primaryIP")]
     primary_ip: Option<String>,
     metadata: Option<BTreeMap<String, String>>,
+    /// fleet-rs addition: the machine is being drained.
+    drained: Option<bool>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -169,6 +171,16 @@ fn list_machines() {}
     responses((status = 204), (status = 400, body = Error)))]
 fn patch_machines() {}
 
+/// Drain a machine (fleet-rs addition): its units move elsewhere and it takes no new ones.
+#[utoipa::path(post, path = "/fleet/v1/machines/{id}/drain", params(("id" = String, Path, description = "machine id or unique prefix")),
+    responses((status = 202), (status = 400, body = Error), (status = 404, body = Error)))]
+fn drain_machine() {}
+
+/// Undrain a machine.
+#[utoipa::path(delete, path = "/fleet/v1/machines/{id}/drain", params(("id" = String, Path)),
+    responses((status = 204), (status = 400, body = Error), (status = 404, body = Error)))]
+fn undrain_machine() {}
+
 /// fleet's discovery document (Google discovery format).
 #[utoipa::path(get, path = "/fleet/v1/discovery", responses((status = 200, body = Object)))]
 fn discovery() {}
@@ -200,6 +212,8 @@ fn engine_status() {}
         get_state,
         list_machines,
         patch_machines,
+        drain_machine,
+        undrain_machine,
         discovery,
         openapi_json,
         engine_status

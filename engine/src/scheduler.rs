@@ -25,6 +25,11 @@ pub struct Snapshot<'a> {
     pub machines: &'a BTreeMap<String, MachineRecord>,
     pub schedule: &'a BTreeMap<UnitName, BTreeMap<String, ScheduleEntry>>,
     pub moves: &'a BTreeMap<UnitName, MoveRequest>,
+    /// Machines being drained: they keep nothing and take nothing.
+    pub drained: &'a BTreeSet<String>,
+    /// Lost machines whose exclusive units may still be running: lost less than their lease TTL
+    /// plus a margin ago, so their agent may not have stopped them yet.
+    pub fencing: &'a BTreeSet<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,6 +53,8 @@ pub enum Reason {
     Displaced(UnitName),
     /// A user asked to move it.
     Moved,
+    /// Its machine is being drained.
+    Drained,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,6 +83,7 @@ enum Fail {
     Capacity,
     MaxPerMachine(u32),
     Displaced(String),
+    Draining,
 }
 
 /// Units on machines as the pass goes.
@@ -129,6 +137,8 @@ struct Pass<'a> {
     snap: &'a Snapshot<'a>,
     p: Placement,
     out: Outcome,
+    /// Exclusive units waiting for a lost machine's fence, and that machine.
+    fenced: BTreeMap<UnitName, String>,
 }
 
 impl<'a> Pass<'a> {
@@ -152,6 +162,9 @@ impl<'a> Pass<'a> {
     /// Whether `unit` may run on `machine` next to what is placed there now. `check_peers` is off
     /// while keeping existing placements (peers are checked once everything is kept).
     fn eligible(&self, unit: &UnitName, rules: &Rules, machine: &MachineRecord, check_peers: bool) -> Result<(), Fail> {
+        if self.snap.drained.contains(&machine.id) {
+            return Err(Fail::Draining);
+        }
         if !rules.machine_id_matches(&machine.id) {
             return Err(Fail::MachineId(rules.machine_id.clone().unwrap_or_default()));
         }
@@ -222,7 +235,17 @@ impl<'a> Pass<'a> {
                     (None, _) => Some(Reason::UnitGone),
                     _ if unit.is_template() => Some(Reason::Template),
                     (Some(r), _) if r.desired_state == DesiredState::Inactive => Some(Reason::UnitInactive),
+                    (_, Some(Ok(r)))
+                        if r.exclusive
+                            && !self.snap.machines.contains_key(machine)
+                            && self.snap.fencing.contains(machine) =>
+                    {
+                        // It may still run there: wait until its agent has certainly stopped it.
+                        self.fenced.insert(unit.clone(), machine.clone());
+                        continue;
+                    }
                     _ if !self.snap.machines.contains_key(machine) => Some(Reason::MachineLost),
+                    _ if self.snap.drained.contains(machine) => Some(Reason::Drained),
                     (_, None) => Some(Reason::RulesBroken("unit file not available".into())),
                     (_, Some(Err(e))) => Some(Reason::RulesBroken(e.clone())),
                     (_, Some(Ok(r))) if !r.global && self.p.at.contains_key(unit) => Some(Reason::Duplicate),
@@ -311,9 +334,17 @@ impl<'a> Pass<'a> {
     }
 
     fn place_others(&mut self) {
+        for (unit, machine) in &self.fenced {
+            self.out.unplaceable.insert(
+                unit.clone(),
+                format!("exclusive: waiting until lost machine {} has certainly stopped it", short(machine)),
+            );
+        }
         let mut pending: Vec<(UnitName, Option<String>)> = self
             .wanted()
-            .filter(|(n, _)| !self.p.at.contains_key(*n) && self.rules(n).is_some_and(|r| !r.global))
+            .filter(|(n, _)| {
+                !self.p.at.contains_key(*n) && !self.fenced.contains_key(*n) && self.rules(n).is_some_and(|r| !r.global)
+            })
             .map(|(n, _)| (n.clone(), None))
             .collect();
         for (n, _) in self.wanted() {
@@ -542,6 +573,7 @@ fn describe_one(f: &Fail) -> String {
         Fail::Capacity => "not enough capacity".into(),
         Fail::MaxPerMachine(n) => format!("MaxPerMachine={n} reached"),
         Fail::Displaced(_) => "displaced from this machine".into(),
+        Fail::Draining => "draining".into(),
     }
 }
 
@@ -584,7 +616,7 @@ fn explain(fails: &[(String, Fail)], machines: usize) -> String {
 }
 
 pub fn schedule(snap: &Snapshot<'_>) -> Outcome {
-    let mut pass = Pass { snap, p: Placement::default(), out: Outcome::default() };
+    let mut pass = Pass { snap, p: Placement::default(), out: Outcome::default(), fenced: BTreeMap::new() };
     pass.keep_existing();
     // Kept placements whose desired state or hash changed are rewritten in place.
     let kept: Vec<(UnitName, String)> =
@@ -633,6 +665,8 @@ mod tests {
         machines: BTreeMap<String, MachineRecord>,
         schedule: BTreeMap<UnitName, BTreeMap<String, ScheduleEntry>>,
         moves: BTreeMap<UnitName, MoveRequest>,
+        drained: BTreeSet<String>,
+        fencing: BTreeSet<String>,
     }
 
     fn n(s: &str) -> UnitName {
@@ -669,6 +703,8 @@ mod tests {
                 machines: &self.machines,
                 schedule: &self.schedule,
                 moves: &self.moves,
+                drained: &self.drained,
+                fencing: &self.fencing,
             })
         }
         /// Applies an outcome to the schedule, as the leader's writes would.
@@ -960,6 +996,45 @@ mod tests {
         w.moves.clear();
         let (p, _) = w.settle();
         assert_eq!(on(&p, "a.service"), vec![from]);
+    }
+
+    #[test]
+    fn draining_empties_a_machine_and_keeps_it_empty() {
+        let mut w = three()
+            .unit("a.service", "")
+            .unit("b.service", "")
+            .unit("c.service", "")
+            .unit("g.service", "Global=true\n");
+        w.settle();
+        w.drained.insert("m2".into());
+        let (p, _) = w.settle();
+        assert!(p.values().all(|ms| !ms.contains(&"m2".to_string())), "{p:?}");
+        assert_eq!(p.len(), 4);
+        let mut w = w.unit("d.service", "MachineMetadata=size=200\n");
+        let (_, why) = w.settle();
+        assert_eq!(
+            why.get(&n("d.service")).map(String::as_str),
+            Some("metadata size=200 not matched on m1, m3; draining on m2")
+        );
+    }
+
+    #[test]
+    fn exclusive_units_wait_for_the_fence_of_a_lost_machine() {
+        let mut w = three().unit("x.service", "Exclusive=true\n").unit("o.service", "");
+        let (p, _) = w.settle();
+        let (xm, om) = (on(&p, "x.service")[0].clone(), on(&p, "o.service")[0].clone());
+        w.machines.remove(&xm);
+        w.machines.remove(&om);
+        w.fencing.insert(xm.clone());
+        w.fencing.insert(om.clone());
+        let (p, why) = w.settle();
+        assert_eq!(on(&p, "x.service"), vec![xm.clone()], "entry kept while fenced");
+        assert!(why[&n("x.service")].contains("exclusive"), "{why:?}");
+        assert_ne!(on(&p, "o.service"), vec![om], "ordinary units move at once");
+        w.fencing.clear();
+        let (p, _) = w.settle();
+        assert_ne!(on(&p, "x.service"), vec![xm]);
+        assert_eq!(on(&p, "x.service").len(), 1);
     }
 
     mod properties {

@@ -267,6 +267,21 @@ impl Client {
         }
     }
 
+    /// Drains (or with `undo`, undrains) a machine; returns its full id.
+    pub async fn drain(&self, machine: &str, undo: bool) -> Result<String> {
+        let url = self.url(&format!("machines/{}/drain", encode(machine)));
+        let req = if undo { self.http.delete(url) } else { self.http.post(url) };
+        let resp = self.send(req, &format!("drain {machine}")).await?;
+        if !resp.status().is_success() {
+            return Err(Self::error(resp).await);
+        }
+        if undo {
+            return Ok(machine.to_string());
+        }
+        let v: serde_json::Value = resp.json().await.context("drain: unreadable response")?;
+        Ok(v["id"].as_str().unwrap_or(machine).to_string())
+    }
+
     pub async fn forget_move(&self, name: &str) -> Result<()> {
         let url = self.url(&format!("units/{}/move", encode(name)));
         let resp = self.send(self.http.delete(url), &format!("forget move of {name}")).await?;

@@ -125,6 +125,14 @@ enum Command {
         unit: String,
         machine: Option<String>,
     },
+    /// Move every unit off a machine (full id or unique prefix) and keep new ones away.
+    Drain {
+        #[command(flatten)]
+        block: Block,
+        machine: String,
+    },
+    /// Let a drained machine take units again.
+    Undrain { machine: String },
     /// `systemctl status` of units on their machines (through the agents; no SSH), and why a unit
     /// is not placed.
     Status { units: Vec<String> },
@@ -238,6 +246,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             ctl.journal(&unit, lines, follow, &output, machine.as_deref()).await
         }
         Command::Restart { block, units } => ctl.restart(&units, &block).await,
+        Command::Drain { block, machine } => ctl.drain(&machine, &block).await,
+        Command::Undrain { machine } => {
+            ctl.api.drain(&machine, true).await?;
+            println!("Machine {machine} undrained");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Wait { state, block, units } => ctl.wait(&units, &state, &block).await,
         Command::Move { block, unit, machine } => ctl.move_unit(&unit, machine.as_deref(), &block).await,
         Command::ListUnits(f) => ctl.list_units(&f).await,
@@ -742,6 +756,32 @@ impl Ctl {
             return Ok(ExitCode::SUCCESS);
         }
         self.wait_all(&start, "launched", true, block).await
+    }
+
+    /// Drains a machine and waits until no unit is scheduled to it or reported by it.
+    async fn drain(&self, machine: &str, block: &Block) -> Result<ExitCode> {
+        let id = self.api.drain(machine, false).await.with_context(|| format!("cannot drain {machine}"))?;
+        if block.no_block {
+            println!("Triggered drain of machine {id}");
+            return Ok(ExitCode::SUCCESS);
+        }
+        let until = deadline(block);
+        let mut progress = Progress::new();
+        loop {
+            let scheduled = self.api.units().await?.into_iter().filter(|u| u.machine_id == id).count();
+            let reported = self.api.states(None).await?.into_iter().filter(|s| s.machine_id == id).count();
+            if scheduled == 0 && reported == 0 {
+                progress.clear();
+                println!("Machine {id} drained");
+                return Ok(ExitCode::SUCCESS);
+            }
+            if until.is_some_and(|t| Instant::now() >= t) {
+                eprintln!("Error draining machine: {} unit(s) still on {id}", scheduled.max(reported));
+                return Ok(ExitCode::from(1));
+            }
+            progress.tick(&format!("draining {id}: {} unit(s) left", scheduled.max(reported)));
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// `fleetctl wait --for STATE UNIT...`: blocks until every unit is there.

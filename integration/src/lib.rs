@@ -7,6 +7,7 @@
 //! Processes are tracked and stopped by PID; leftovers of an earlier run (namespaces, links, the
 //! bridge, stale sockets) are removed before a new one starts.
 
+pub mod faults;
 pub mod net;
 pub mod process;
 pub mod testkit;
@@ -36,6 +37,15 @@ pub struct EtcdProc {
     pub name: String,
     pub pid: u32,
     pub client_url: String,
+    /// The member's ports and the cluster it belongs to, to restart it in place.
+    #[serde(default)]
+    pub client_port: u16,
+    #[serde(default)]
+    pub peer_port: u16,
+    #[serde(default)]
+    pub cluster: String,
+    #[serde(default)]
+    pub on_bridge: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -43,6 +53,9 @@ pub struct EngineProc {
     pub name: String,
     pub pid: u32,
     pub api_url: String,
+    /// Its command line, to start it again.
+    #[serde(default)]
+    pub args: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -52,6 +65,9 @@ pub struct MachineProc {
     pub ip: String,
     pub machine_id: String,
     pub dir: PathBuf,
+    /// How it was booted, to boot it again.
+    #[serde(default)]
+    pub spec: Option<MachineSpec>,
 }
 
 impl MachineProc {
@@ -108,8 +124,11 @@ impl LabState {
 }
 
 /// How a machine is booted.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MachineSpec {
+    /// etcd client URLs as the machine reaches them (bridge addresses).
+    #[serde(default)]
+    pub etcd_endpoints: Vec<String>,
     pub name: String,
     pub ip: String,
     pub machine_id: String,
@@ -132,6 +151,7 @@ impl MachineSpec {
             etcd_prefix: ETCD_PREFIX.into(),
             lease_ttl_secs: LEASE_TTL_SECS,
             capacity: ("2G".into(), "200%".into()),
+            etcd_endpoints: vec![etcd_bridge_url()],
         }
     }
 }
@@ -165,23 +185,64 @@ pub fn start_etcd(name: &str) -> Result<EtcdProc> {
 /// Starts a single-member etcd on the given ports (loopback only unless `on_bridge`), with a
 /// fresh data directory under the lab directory.
 pub fn start_etcd_on(name: &str, client_port: u16, peer_port: u16, on_bridge: bool) -> Result<EtcdProc> {
-    let dir = lab_dir().join(name);
-    let _ = std::fs::remove_dir_all(&dir);
+    let cluster = format!("{name}=http://127.0.0.1:{peer_port}");
+    let member = EtcdProc {
+        name: name.into(),
+        pid: 0,
+        client_url: format!("http://127.0.0.1:{client_port}"),
+        client_port,
+        peer_port,
+        cluster,
+        on_bridge,
+    };
+    start_etcd_member(member, true)
+}
+
+/// Starts an etcd cluster of `n` members (`etcd1`..): member i listens for clients on
+/// 12379 + 10·(i-1) (loopback and bridge) and for peers on the next port.
+pub fn start_etcd_cluster(n: u8) -> Result<Vec<EtcdProc>> {
+    let ports: Vec<(String, u16)> =
+        (1..=n).map(|i| (format!("etcd{i}"), ETCD_CLIENT_PORT + 10 * (i as u16 - 1))).collect();
+    let cluster: Vec<String> = ports.iter().map(|(name, p)| format!("{name}=http://127.0.0.1:{}", p + 1)).collect();
+    ports
+        .into_iter()
+        .map(|(name, port)| {
+            let member = EtcdProc {
+                name,
+                pid: 0,
+                client_url: format!("http://127.0.0.1:{port}"),
+                client_port: port,
+                peer_port: port + 1,
+                cluster: cluster.join(","),
+                on_bridge: true,
+            };
+            start_etcd_member(member, true)
+        })
+        .collect()
+}
+
+/// Starts (`fresh`: with a new data directory) or restarts a member in place.
+pub fn start_etcd_member(mut member: EtcdProc, fresh: bool) -> Result<EtcdProc> {
+    let dir = lab_dir().join(&member.name);
+    if fresh {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     std::fs::create_dir_all(&dir)?;
-    let local = format!("http://127.0.0.1:{client_port}");
-    let (client_urls, advertise) = if on_bridge {
-        (format!("{local},http://{HOST_IP}:{client_port}"), format!("http://{HOST_IP}:{client_port}"))
+    let local = format!("http://127.0.0.1:{}", member.client_port);
+    let (client_urls, advertise) = if member.on_bridge {
+        let bridge = format!("http://{HOST_IP}:{}", member.client_port);
+        (format!("{local},{bridge}"), bridge)
     } else {
         (local.clone(), local.clone())
     };
-    let pid = process::spawn_logged(
-        etcd_command(name, &dir.join("data"), &client_urls, &advertise, peer_port),
-        &dir.join("etcd.log"),
-    )?;
-    Ok(EtcdProc { name: name.into(), pid, client_url: local })
+    let mut cmd = etcd_command(&member.name, &dir.join("data"), &client_urls, &advertise, member.peer_port);
+    cmd.args(["--initial-cluster", &member.cluster, "--initial-cluster-state", if fresh { "new" } else { "existing" }]);
+    member.pid = process::spawn_logged(cmd, &dir.join("etcd.log"))?;
+    Ok(member)
 }
 
-/// The command line of a single-member etcd; reusing `data` restarts an earlier member.
+/// The command line of one etcd member (without its `--initial-cluster` flags when `data` already
+/// holds a member: etcd then ignores them).
 pub fn etcd_command(name: &str, data: &Path, client_urls: &str, advertise: &str, peer_port: u16) -> Command {
     let peer = format!("http://127.0.0.1:{peer_port}");
     let mut cmd = Command::new("etcd");
@@ -189,7 +250,6 @@ pub fn etcd_command(name: &str, data: &Path, client_urls: &str, advertise: &str,
         .arg(data)
         .args(["--listen-client-urls", client_urls, "--advertise-client-urls", advertise])
         .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
-        .args(["--initial-cluster", &format!("{name}={peer}")])
         .args(["--auto-compaction-retention", "1"]);
     cmd
 }
@@ -213,6 +273,13 @@ pub async fn wait_etcd(endpoints: &[String], timeout: Duration) -> Result<()> {
 }
 
 /// Starts an engine process serving the API on `127.0.0.1:port` and the bridge address.
+/// Starts an engine process from its recorded command line.
+pub fn spawn_engine(engine: &EngineProc, bin_dir: &Path) -> Result<u32> {
+    let mut cmd = Command::new(bin_dir.join("fleet-engine"));
+    cmd.args(&engine.args);
+    process::spawn_logged(cmd, &lab_dir().join(format!("{}.log", engine.name)))
+}
+
 /// The unix socket an engine started by the lab also serves the API on.
 pub fn engine_socket(name: &str) -> PathBuf {
     lab_dir().join(format!("{name}.sock"))
@@ -226,13 +293,24 @@ pub fn start_engine(
     port: u16,
     election_ttl: i64,
 ) -> Result<EngineProc> {
-    let log = lab_dir().join(format!("{name}.log"));
-    let mut cmd = Command::new(bin_dir.join("fleet-engine"));
-    cmd.args(["--etcd-endpoints", &etcd.join(","), "--etcd-prefix", prefix, "--engine-id", name])
-        .args(["--listen", &format!("127.0.0.1:{port},{}", engine_socket(name).display())])
-        .args(["--election-ttl-secs", &election_ttl.to_string()]);
-    let pid = process::spawn_logged(cmd, &log)?;
-    Ok(EngineProc { name: name.into(), pid, api_url: format!("http://127.0.0.1:{port}") })
+    let args: Vec<String> = [
+        "--etcd-endpoints",
+        &etcd.join(","),
+        "--etcd-prefix",
+        prefix,
+        "--engine-id",
+        name,
+        "--listen",
+        &format!("127.0.0.1:{port},{}", engine_socket(name).display()),
+        "--election-ttl-secs",
+        &election_ttl.to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut engine = EngineProc { name: name.into(), pid: 0, api_url: format!("http://127.0.0.1:{port}"), args };
+    engine.pid = spawn_engine(&engine, bin_dir)?;
+    Ok(engine)
 }
 
 /// Boots a machine: network namespace and address, agent config, then systemd-nspawn.
@@ -245,8 +323,8 @@ pub async fn boot_machine(spec: &MachineSpec, bin_dir: &Path, unit_template: &st
     net::add_machine_netns(&spec.name, &spec.ip)?;
     let metadata: String = spec.metadata.iter().map(|(k, v)| format!("{k} = {v:?}\n")).collect();
     let config = format!(
-        "etcd_endpoints = [{:?}]\netcd_prefix = {:?}\npublic_ip = {:?}\nlease_ttl_secs = {}\napi_listen = \"0.0.0.0:12490\"\n\n[capacity]\nmemory = {:?}\ncpu = {:?}\n\n[metadata]\n{metadata}",
-        etcd_bridge_url(),
+        "etcd_endpoints = [{}]\netcd_prefix = {:?}\npublic_ip = {:?}\nlease_ttl_secs = {}\napi_listen = \"0.0.0.0:12490\"\n\n[capacity]\nmemory = {:?}\ncpu = {:?}\n\n[metadata]\n{metadata}",
+        spec.etcd_endpoints.iter().map(|e| format!("{e:?}")).collect::<Vec<_>>().join(", "),
         spec.etcd_prefix,
         spec.ip,
         spec.lease_ttl_secs,
@@ -269,7 +347,14 @@ pub async fn boot_machine(spec: &MachineSpec, bin_dir: &Path, unit_template: &st
         .args(["systemd.firstboot=off", "systemd.wants=fleet-agent.service"])
         .args(MASKED.iter().map(|s| format!("systemd.mask={s}")));
     let pid = process::spawn_logged(cmd, &dir.join("console.log"))?;
-    let m = MachineProc { name: spec.name.clone(), pid, ip: spec.ip.clone(), machine_id: spec.machine_id.clone(), dir };
+    let m = MachineProc {
+        name: spec.name.clone(),
+        pid,
+        ip: spec.ip.clone(),
+        machine_id: spec.machine_id.clone(),
+        dir,
+        spec: Some(spec.clone()),
+    };
     wait_booted(&m, Duration::from_secs(60)).await?;
     Ok(m)
 }

@@ -20,6 +20,12 @@ enum Cmd {
     Up {
         #[arg(long, default_value_t = 3)]
         machines: u8,
+        /// Members of the etcd cluster.
+        #[arg(long, default_value_t = 1)]
+        etcd: u8,
+        /// Engine replicas (one leads).
+        #[arg(long, default_value_t = 1)]
+        engines: u8,
         /// Extra metadata for a machine: NAME:key=value,key=value (repeatable).
         #[arg(long)]
         metadata: Vec<String>,
@@ -32,13 +38,35 @@ enum Cmd {
     Env,
     /// `up`, then start examples/hello.service and list units.
     Demo,
+    /// SIGKILL a part: engine|agent|machine|etcd NAME (an agent is restarted by its systemd).
+    Kill { kind: String, name: String },
+    /// Bring a killed part back: engine|agent|machine|etcd NAME.
+    Start { kind: String, name: String },
+    /// Cut a machine off the network.
+    Cut { name: String },
+    /// Reconnect a machine that was cut off.
+    Heal { name: String },
 }
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     match cli.command {
-        Cmd::Up { machines, metadata } => rt.block_on(up(machines, &metadata)).map(|_| ()),
+        Cmd::Up { machines, etcd, engines, metadata } => {
+            rt.block_on(up(machines, etcd, engines, &metadata)).map(|_| ())
+        }
+        Cmd::Kill { kind, name } => rt.block_on(async {
+            let mut state = LabState::load()?.context("lab is not up")?;
+            lab::faults::kill(&mut state, kind.parse()?, &name).await
+        }),
+        Cmd::Start { kind, name } => rt.block_on(async {
+            let mut state = LabState::load()?.context("lab is not up")?;
+            let unit = std::fs::read_to_string(repo_dir().join("agent/fleet-agent.service"))
+                .context("cannot read agent/fleet-agent.service")?;
+            lab::faults::start(&mut state, kind.parse()?, &name, &unit).await
+        }),
+        Cmd::Cut { name } => lab::faults::set_cut(&LabState::load()?.context("lab is not up")?, &name, true),
+        Cmd::Heal { name } => lab::faults::set_cut(&LabState::load()?.context("lab is not up")?, &name, false),
         Cmd::Down => down(),
         Cmd::Ps => rt.block_on(ps()),
         Cmd::Env => env(),
@@ -87,9 +115,12 @@ fn down() -> Result<()> {
     Ok(())
 }
 
-async fn up(machines: u8, metadata: &[String]) -> Result<LabState> {
+async fn up(machines: u8, etcd: u8, engines: u8, metadata: &[String]) -> Result<LabState> {
     if machines == 0 || machines > 200 {
         bail!("--machines must be between 1 and 200");
+    }
+    if !(1..=5).contains(&etcd) || !(1..=5).contains(&engines) {
+        bail!("--etcd and --engines must be between 1 and 5");
     }
     let mut extra: Vec<(String, Vec<(String, String)>)> = Vec::new();
     for m in metadata {
@@ -108,23 +139,29 @@ async fn up(machines: u8, metadata: &[String]) -> Result<LabState> {
     let bin_dir = lab::install_binaries(&target_dir()?)?;
     let mut state = LabState { bin_dir: bin_dir.clone(), ..Default::default() };
     lab::net::ensure_bridge()?;
-    state.etcd.push(lab::start_etcd("etcd1")?);
+    state.etcd = lab::start_etcd_cluster(etcd)?;
     state.save()?;
     lab::wait_etcd(&state.etcd_endpoints(), Duration::from_secs(30)).await?;
-    state.engines.push(lab::start_engine(
-        "e1",
-        &bin_dir,
-        &state.etcd_endpoints(),
-        lab::ETCD_PREFIX,
-        lab::ENGINE_PORT,
-        5,
-    )?);
-    state.save()?;
+    for i in 1..=engines {
+        let port = lab::ENGINE_PORT + i as u16 - 1;
+        state.engines.push(lab::start_engine(
+            &format!("e{i}"),
+            &bin_dir,
+            &state.etcd_endpoints(),
+            lab::ETCD_PREFIX,
+            port,
+            5,
+        )?);
+        state.save()?;
+    }
+    let bridge_urls: Vec<String> =
+        state.etcd.iter().map(|e| format!("http://{}:{}", lab::HOST_IP, e.client_port)).collect();
     let unit = std::fs::read_to_string(repo_dir().join("agent/fleet-agent.service"))
         .context("cannot read agent/fleet-agent.service")?;
     let specs: Vec<MachineSpec> = (1..=machines)
         .map(|n| {
             let mut s = MachineSpec::numbered(n);
+            s.etcd_endpoints = bridge_urls.clone();
             for (name, kvs) in &extra {
                 if *name == s.name {
                     s.metadata.extend(kvs.iter().cloned());
@@ -211,7 +248,14 @@ async fn print_ps(state: &LabState) {
         println!("engine {} {} {role}", e.name, e.api_url);
     }
     for m in &state.machines {
-        println!("machine {} {} {} {}", m.name, m.ip, m.machine_id, if process::alive(m.pid) { "up" } else { "down" });
+        let st = if !process::alive(m.pid) {
+            "down"
+        } else if lab::net::is_cut(&m.name) {
+            "cut"
+        } else {
+            "up"
+        };
+        println!("machine {} {} {} {st}", m.name, m.ip, m.machine_id);
     }
 }
 
@@ -231,7 +275,7 @@ fn env() -> Result<()> {
 }
 
 async fn demo() -> Result<()> {
-    let state = up(3, &[]).await?;
+    let state = up(3, 1, 1, &[]).await?;
     let api = state.api_url().context("lab has no engine")?.to_string();
     let fleetctl = state.bin_dir.join("fleetctl");
     let example = repo_dir().join("examples/hello.service");

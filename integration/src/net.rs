@@ -62,6 +62,15 @@ pub fn set_link(name: &str, up: bool) -> Result<()> {
     ip(&["link", "set", &host_veth(name), if up { "up" } else { "down" }])
 }
 
+/// True if the machine's veth is administratively down (it was cut off).
+pub fn is_cut(name: &str) -> bool {
+    let Ok(out) = Command::new("ip").args(["-o", "link", "show", &host_veth(name)]).output() else { return false };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let flags =
+        text.split_once('<').and_then(|(_, r)| r.split_once('>')).map(|(f, _)| f.to_string()).unwrap_or_default();
+    out.status.success() && !flags.split(',').any(|f| f == "UP")
+}
+
 /// Removes every namespace, veth and bridge the lab may have left behind.
 pub fn clean_all() {
     if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {

@@ -43,6 +43,17 @@ async fn agent_runs_its_schedule_and_adopts_units_after_restart() -> anyhow::Res
         etcd_prefix: prefix.clone(),
         lease_ttl_secs: 5,
         capacity: (String::new(), String::new()),
+        etcd_endpoints: lab
+            .etcd
+            .iter()
+            .map(|e| {
+                format!(
+                    "http://{}:{}",
+                    fleet_integration::HOST_IP,
+                    e.client_port.max(fleet_integration::ETCD_CLIENT_PORT)
+                )
+            })
+            .collect(),
     };
     let unit_text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../agent/fleet-agent.service"))?;
     let machine = Machine(boot_machine(&spec, &lab.bin_dir, &unit_text).await?);

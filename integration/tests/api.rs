@@ -269,7 +269,7 @@ async fn the_fleet_v1_contract() {
     assert!(operations >= 15, "only {operations} operations documented");
     for (path, ops) in paths {
         for (method, op) in ops.as_object().expect("operations") {
-            let url = path.replace("{name}", "oa.service");
+            let url = path.replace("{name}", "oa.service").replace("{id}", m1);
             let body = match method.as_str() {
                 "put" => Some(json!({"desiredState": "loaded"})),
                 "patch" => Some(json!([])),

@@ -35,6 +35,10 @@ pub struct MachineRecord {
     /// What the machine offers to units that reserve resources; zero means not advertised.
     #[serde(default, skip_serializing_if = "crate::rules::Resources::is_zero")]
     pub capacity: crate::rules::Resources,
+    /// The lifetime of the agent's lease: how long after its last renewal the machine counts
+    /// as lost (and its exclusive units are stopped by the agent itself).
+    #[serde(default)]
+    pub lease_ttl: i64,
     /// Where the agent serves unit status and journals (`http://ip:port`), if it does.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub agent_url: String,

@@ -139,6 +139,9 @@ pub struct Rules {
     pub reserve: Resources,
     pub max_per_machine: Option<u32>,
     pub spread_by: Option<String>,
+    /// Never active on two machines at once, even across a partition: its agent stops it when it
+    /// cannot renew its lease, and the engine waits that long before placing it elsewhere.
+    pub exclusive: bool,
 }
 
 /// Splits fleet's quoted multi-values: `"a=b" "c=d"` -> `a=b`, `c=d`; unquoted: one value.
@@ -275,6 +278,7 @@ impl Rules {
                     }
                 }
                 "Global" => r.global = truthy(&raw),
+                "Exclusive" => r.exclusive = truthy(&raw),
                 "Replaces" => {
                     if reset {
                         r.replaces.clear();
@@ -336,6 +340,9 @@ impl Rules {
         ];
         if let Some((_, _, a, b)) = combos.iter().find(|(a, b, _, _)| *a && *b) {
             return Err(RuleError::Combination(a, b));
+        }
+        if self.global && self.exclusive {
+            return Err(RuleError::Combination("Global", "Exclusive"));
         }
         if self.global && (self.max_per_machine.is_some() || self.spread_by.is_some()) {
             return Err(RuleError::Combination(

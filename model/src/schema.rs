@@ -9,6 +9,7 @@
 //! <P>why/<name>                  text              engine leader; why a unit is not placed
 //! <P>moves/<name>                MoveRequest       API (a user's move); leader deletes or refuses it
 //! <P>metadata/<id>/<key>         text              API (PATCH machines); overrides the agent's metadata
+//! <P>drain/<id>                  empty             API (fleetctl drain); the machine takes no units
 //! <P>leader/...                  election keys     engines; each on its own lease
 //! ```
 
@@ -32,6 +33,8 @@ pub enum Key {
     Move(UnitName),
     /// Metadata set through the API for a machine (overrides its config; empty = removed).
     Metadata(MachineId, String),
+    /// A machine being drained: nothing may run there.
+    Drain(MachineId),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,6 +91,9 @@ impl Keys {
     pub fn state(&self, machine: &str, unit: &UnitName) -> String {
         format!("{}states/{machine}/{unit}", self.prefix)
     }
+    pub fn drain(&self, machine: &str) -> String {
+        format!("{}drain/{machine}", self.prefix)
+    }
     /// Metadata set through the API, kept without a lease so it survives the machine rejoining.
     pub fn metadata(&self, machine: &str, key: &str) -> String {
         format!("{}metadata/{machine}/{key}", self.prefix)
@@ -110,6 +116,7 @@ impl Keys {
             "units" => UnitName::parse(rest).ok().map(Key::Unit),
             "why" => UnitName::parse(rest).ok().map(Key::Why),
             "moves" => UnitName::parse(rest).ok().map(Key::Move),
+            "drain" if !rest.contains('/') => Some(Key::Drain(rest.to_string())),
             "metadata" => {
                 let (m, k) = rest.split_once('/')?;
                 Some(Key::Metadata(m.to_string(), k.to_string()))
@@ -198,6 +205,7 @@ mod tests {
         assert_eq!(k.decode(k.why(&n("x.service")).as_bytes()), Some(Key::Why(n("x.service"))));
         assert_eq!(k.decode(k.moves(&n("x.service")).as_bytes()), Some(Key::Move(n("x.service"))));
         assert_eq!(k.decode(k.metadata(m, "rack").as_bytes()), Some(Key::Metadata(m.into(), "rack".into())));
+        assert_eq!(k.decode(k.drain(m).as_bytes()), Some(Key::Drain(m.into())));
         assert_eq!(k.decode(b"/t1/leader/123"), None);
         assert_eq!(k.decode(b"/other/units/x.service"), None);
     }

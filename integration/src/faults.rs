@@ -1,0 +1,134 @@
+//! Fault injection: kill and start etcd members, engines, agents and machines, and cut a
+//! machine's network. Everything is addressed by the names `lab ps` prints and acts by PID (or,
+//! for an agent, through its machine's systemd), and the lab state is updated so `ps` stays true.
+
+use crate::{boot_machine, net, process, spawn_engine, start_etcd_member, LabState};
+use anyhow::{bail, Context, Result};
+use nix::sys::signal::Signal;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Etcd,
+    Engine,
+    Agent,
+    Machine,
+}
+
+impl std::str::FromStr for Kind {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "etcd" => Kind::Etcd,
+            "engine" => Kind::Engine,
+            "agent" => Kind::Agent,
+            "machine" => Kind::Machine,
+            other => bail!("unknown kind {other:?}: expected engine, agent, machine or etcd"),
+        })
+    }
+}
+
+async fn agent_call(state: &LabState, machine: &str, method: &str) -> Result<()> {
+    let m = state.machine(machine).with_context(|| format!("no machine named {machine}"))?;
+    let conn = zbus::connection::Builder::address(m.bus_address().as_str())?
+        .build()
+        .await
+        .with_context(|| format!("cannot reach the systemd of {machine}"))?;
+    let manager = zbus::Proxy::new(
+        &conn,
+        "org.freedesktop.systemd1",
+        "/org/freedesktop/systemd1",
+        "org.freedesktop.systemd1.Manager",
+    )
+    .await?;
+    match method {
+        "kill" => {
+            manager.call::<_, _, ()>("KillUnit", &("fleet-agent.service", "main", Signal::SIGKILL as i32)).await?
+        }
+        _ => {
+            let _: zbus::zvariant::OwnedObjectPath =
+                manager.call("StartUnit", &("fleet-agent.service", "replace")).await?;
+        }
+    }
+    Ok(())
+}
+
+/// SIGKILLs one part of the lab. An agent killed this way is restarted by its machine's systemd
+/// (`Restart=always`), as on a real host.
+pub async fn kill(state: &mut LabState, kind: Kind, name: &str) -> Result<()> {
+    match kind {
+        Kind::Etcd => {
+            let e =
+                state.etcd.iter().find(|e| e.name == name).with_context(|| format!("no etcd member named {name}"))?;
+            process::signal(e.pid, "etcd", Signal::SIGKILL);
+            wait_dead(e.pid).await;
+        }
+        Kind::Engine => {
+            let e = state.engines.iter().find(|e| e.name == name).with_context(|| format!("no engine named {name}"))?;
+            process::signal(e.pid, "fleet-engine", Signal::SIGKILL);
+            wait_dead(e.pid).await;
+        }
+        Kind::Agent => agent_call(state, name, "kill").await?,
+        Kind::Machine => {
+            let m = state.machine(name).with_context(|| format!("no machine named {name}"))?;
+            process::signal(m.pid, "systemd-nspawn", Signal::SIGKILL);
+            wait_dead(m.pid).await;
+            let _ = std::fs::remove_file(m.dir.join("bus/system_bus_socket"));
+        }
+    }
+    Ok(())
+}
+
+async fn wait_dead(pid: u32) {
+    for _ in 0..100 {
+        if !process::alive(pid) {
+            return;
+        }
+        let _ =
+            nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Brings a killed part back (a no-op if it runs).
+pub async fn start(state: &mut LabState, kind: Kind, name: &str, unit_template: &str) -> Result<()> {
+    match kind {
+        Kind::Etcd => {
+            let i = state
+                .etcd
+                .iter()
+                .position(|e| e.name == name)
+                .with_context(|| format!("no etcd member named {name}"))?;
+            if !process::alive(state.etcd[i].pid) {
+                state.etcd[i] = start_etcd_member(state.etcd[i].clone(), false)?;
+            }
+        }
+        Kind::Engine => {
+            let bin = state.bin_dir.clone();
+            let e =
+                state.engines.iter_mut().find(|e| e.name == name).with_context(|| format!("no engine named {name}"))?;
+            if !process::alive(e.pid) {
+                e.pid = spawn_engine(e, &bin)?;
+            }
+        }
+        Kind::Agent => agent_call(state, name, "start").await?,
+        Kind::Machine => {
+            let i = state
+                .machines
+                .iter()
+                .position(|m| m.name == name)
+                .with_context(|| format!("no machine named {name}"))?;
+            if !process::alive(state.machines[i].pid) {
+                let spec = state.machines[i].spec.clone().context("machine has no recorded spec")?;
+                state.machines[i] = boot_machine(&spec, &state.bin_dir.clone(), unit_template).await?;
+            }
+        }
+    }
+    state.save()
+}
+
+/// Takes a machine's network down (`up` false) or up, at its veth on the bridge.
+pub fn set_cut(state: &LabState, name: &str, cut: bool) -> Result<()> {
+    state.machine(name).with_context(|| format!("no machine named {name}"))?;
+    net::set_link(name, !cut)
+}

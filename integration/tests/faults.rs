@@ -1,0 +1,306 @@
+//! Fault scenarios on a lab with a 3-member etcd cluster, two engines and three machines
+//! (`./lab up --etcd 3 --engines 2`; `./lab test` runs these in a second phase). Each test breaks
+//! something with the same functions as `./lab kill|start|cut|heal` and checks what systemd
+//! inside the machines says, not only what fleet reports. Test names start with `fault_`.
+
+use fleet_integration::faults::{self, Kind};
+use fleet_integration::testkit::{self, fleetctl, text, wait_for, MachineBus};
+use fleet_integration::{LabState, MachineProc};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+const T: Duration = Duration::from_secs(60);
+
+fn unit_template() -> String {
+    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../agent/fleet-agent.service"))
+        .expect("agent unit file")
+}
+
+struct Lab {
+    state: LabState,
+    dir: std::path::PathBuf,
+    units: Vec<String>,
+}
+
+/// The fault lab, or a skip (a failure under CI=true) when the lab is not the fault lab.
+fn fault_lab(test: &str) -> Option<Lab> {
+    let state = testkit::lab()?;
+    if state.engines.len() < 2 || state.etcd.len() < 3 {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("fault tests need ./lab up --etcd 3 --engines 2 (./lab test runs them so)");
+        }
+        eprintln!("skipped: not the fault lab");
+        return None;
+    }
+    Some(Lab { state, dir: testkit::scratch(test).ok()?, units: Vec::new() })
+}
+
+impl Lab {
+    fn api(&self) -> String {
+        // Any live engine serves the API.
+        self.state
+            .engines
+            .iter()
+            .find(|e| fleet_integration::process::alive(e.pid))
+            .map(|e| e.api_url.clone())
+            .unwrap_or_default()
+    }
+    fn ctl(&self, args: &[&str]) -> (bool, String, String) {
+        let out = fleetctl(&self.state, &self.api(), args).expect("fleetctl runs");
+        let (o, e) = text(&out);
+        (out.status.success(), o, e)
+    }
+    fn ok(&self, args: &[&str]) -> String {
+        let (ok, o, e) = self.ctl(args);
+        assert!(ok, "fleetctl {args:?}:\n{o}\n{e}");
+        o
+    }
+    fn file(&mut self, name: &str, xfleet: &str) -> String {
+        let p = self.dir.join(name);
+        std::fs::write(&p, format!("[Service]\nExecStart=/bin/sleep infinity\n\n[X-Fleet]\n{xfleet}")).expect("write");
+        self.units.push(name.into());
+        p.display().to_string()
+    }
+    fn machine(&self, name: &str) -> MachineProc {
+        self.state.machine(name).expect("machine").clone()
+    }
+    fn name_of(&self, id: &str) -> String {
+        self.state.machines.iter().find(|m| m.machine_id == id).map(|m| m.name.clone()).unwrap_or_default()
+    }
+    /// unit -> machine name, from fleet.
+    fn placement(&self) -> BTreeMap<String, String> {
+        self.ok(&["list-unit-files", "--no-legend", "--full", "--fields", "unit,target"])
+            .lines()
+            .filter_map(|l| {
+                let c: Vec<&str> = l.split_whitespace().collect();
+                (c.len() == 2 && self.units.iter().any(|u| u == c[0]))
+                    .then(|| (c[0].to_string(), self.name_of(c[1].split('/').next().unwrap_or(""))))
+            })
+            .collect()
+    }
+    /// Where systemd itself reports each of our units active, and its MainPID there.
+    async fn active_in_systemd(&self) -> BTreeMap<String, Vec<(String, u32)>> {
+        let mut out: BTreeMap<String, Vec<(String, u32)>> = BTreeMap::new();
+        for m in &self.state.machines {
+            if !fleet_integration::process::alive(m.pid) {
+                continue;
+            }
+            let Ok(bus) = MachineBus::connect(m).await else { continue };
+            for u in &self.units {
+                if let Ok(p) = bus.unit(u).await {
+                    if p.active_state == "active" {
+                        out.entry(u.clone()).or_default().push((m.name.clone(), p.main_pid));
+                    }
+                }
+            }
+        }
+        out
+    }
+    async fn all_active_once(&self) -> BTreeMap<String, Vec<(String, u32)>> {
+        let want = self.units.len();
+        wait_for("every unit active on exactly one machine", T, || async {
+            let a = self.active_in_systemd().await;
+            (a.len() == want && a.values().all(|v| v.len() == 1)).then_some(a)
+        })
+        .await
+        .expect("units active")
+    }
+    async fn leader(&self) -> Option<String> {
+        for e in &self.state.engines {
+            let Ok(resp) = reqwest::get(format!("{}/engine/status", e.api_url)).await else { continue };
+            if let Ok(v) = resp.json::<serde_json::Value>().await {
+                if v["leader"] == true {
+                    return Some(e.name.clone());
+                }
+            }
+        }
+        None
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if !self.units.is_empty() {
+            let mut args = vec!["destroy".to_string()];
+            args.extend(self.units.iter().cloned());
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            let _ = fleetctl(&self.state, &self.api(), &refs);
+        }
+    }
+}
+
+#[tokio::test]
+async fn fault_engine_leader_killed_restarts_nothing() {
+    let Some(mut lab) = fault_lab("fault-leader") else { return };
+    let files: Vec<String> = (0..6).map(|i| lab.file(&format!("fl-ld-{i}.service"), "")).collect();
+    let mut args = vec!["start"];
+    args.extend(files.iter().map(String::as_str));
+    lab.ok(&args);
+    let before = lab.all_active_once().await;
+    let leader = wait_for("a leader", T, || lab.leader()).await.expect("leader");
+    faults::kill(&mut lab.state, Kind::Engine, &leader).await.expect("kill");
+    let killed_at = Instant::now();
+    let next = wait_for("another leader", T, || async { lab.leader().await.filter(|l| *l != leader) })
+        .await
+        .expect("new leader");
+    eprintln!("{next} leads {:?} after {leader} was killed", killed_at.elapsed());
+    // The new leader places new units, and restarted none of the old ones.
+    let extra = lab.file("fl-ld-new.service", "");
+    lab.ok(&["start", &extra]);
+    let after = lab.all_active_once().await;
+    for (u, where_pid) in &before {
+        assert_eq!(after.get(u), Some(where_pid), "{u} was moved or restarted by the leader change");
+    }
+    faults::start(&mut lab.state, Kind::Engine, &leader, &unit_template()).await.expect("start engine");
+}
+
+#[tokio::test]
+async fn fault_agent_killed_and_restarted_adopts_its_units() {
+    let Some(mut lab) = fault_lab("fault-agent") else { return };
+    let files: Vec<String> =
+        (0..3).map(|i| lab.file(&format!("fl-ag-{i}.service"), "MachineMetadata=hostname=fl-m1\n")).collect();
+    let mut args = vec!["start"];
+    args.extend(files.iter().map(String::as_str));
+    lab.ok(&args);
+    let before = lab.all_active_once().await;
+    let bus = MachineBus::connect(&lab.machine("fl-m1")).await.expect("bus");
+    let agent_pid = bus.unit("fleet-agent.service").await.expect("agent").main_pid;
+    faults::kill(&mut lab.state, Kind::Agent, "fl-m1").await.expect("kill agent");
+    wait_for("agent restarted by systemd", T, || async {
+        bus.unit("fleet-agent.service")
+            .await
+            .ok()
+            .filter(|p| p.active_state == "active" && p.main_pid != agent_pid && p.main_pid != 0)
+    })
+    .await
+    .expect("agent back");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(lab.active_in_systemd().await, before, "units restarted or moved by an agent restart");
+    assert_eq!(lab.ok(&["list-machines", "--no-legend"]).lines().count(), 3);
+}
+
+#[tokio::test]
+async fn fault_machine_lost_units_come_back_elsewhere_and_nothing_moves_back() {
+    let Some(mut lab) = fault_lab("fault-machine") else { return };
+    let files: Vec<String> =
+        (0..3).map(|i| lab.file(&format!("fl-mc-{i}.service"), "Conflicts=fl-mc-*.service\n")).collect();
+    let pinned = lab.file("fl-mc-pin.service", &format!("MachineID={}\n", lab.machine("fl-m3").machine_id));
+    let mut args = vec!["start"];
+    args.extend(files.iter().map(String::as_str));
+    args.push(&pinned);
+    lab.ok(&args);
+    let before = lab.all_active_once().await;
+    // Kill fl-m3: only two machines remain, so of the three conflicting units one must wait, and
+    // the pinned unit waits for its machine.
+    faults::kill(&mut lab.state, Kind::Machine, "fl-m3").await.expect("kill machine");
+    let lost_at = Instant::now();
+    let moved = wait_for("units of fl-m3 handled", T, || async {
+        let p = lab.placement();
+        (!p.values().any(|m| m == "fl-m3") && lab.ok(&["list-machines", "--no-legend"]).lines().count() == 2)
+            .then_some(p)
+    })
+    .await
+    .expect("fl-m3 lost");
+    eprintln!("fl-m3 lost -> schedule updated after {:?}", lost_at.elapsed());
+    assert!(!moved.contains_key("fl-mc-pin.service"), "pinned unit must wait for its machine: {moved:?}");
+    for (u, v) in &before {
+        if v[0].0 != "fl-m3" {
+            assert_eq!(moved.get(u), Some(&v[0].0), "{u} moved although its machine lives");
+        }
+    }
+    // Back: the pinned unit returns; nothing else moves.
+    faults::start(&mut lab.state, Kind::Machine, "fl-m3", &unit_template()).await.expect("boot fl-m3");
+    let after = lab.all_active_once().await;
+    assert_eq!(after["fl-mc-pin.service"][0].0, "fl-m3");
+    for (u, v) in &before {
+        if v[0].0 != "fl-m3" {
+            assert_eq!(after[u][0], v[0], "{u} moved or restarted when fl-m3 came back");
+        }
+    }
+}
+
+#[tokio::test]
+async fn fault_cut_machine_duplicates_end_at_heal_and_exclusive_never_runs_twice() {
+    let Some(mut lab) = fault_lab("fault-cut") else { return };
+    let plain = lab.file("fl-cut-plain.service", "MachineMetadata=hostname!=fl-m1\n");
+    let excl = lab.file("fl-cut-excl.service", "Exclusive=true\nMachineMetadata=hostname!=fl-m1\n");
+    lab.ok(&["start", &plain, &excl]);
+    let before = lab.all_active_once().await;
+    // Cut the machine running the exclusive unit (the plain one may run there too).
+    let victim = before["fl-cut-excl.service"][0].0.clone();
+    faults::set_cut(&lab.state, &victim, true).expect("cut");
+    let cut_at = Instant::now();
+    let mut exclusive_twice = Vec::new();
+    let mut duplicate_plain_seen = false;
+    // While cut: the exclusive unit is never active twice; the other units come back elsewhere.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let a = lab.active_in_systemd().await;
+        if a.get("fl-cut-excl.service").map(Vec::len).unwrap_or(0) > 1 {
+            exclusive_twice.push(format!("{:?}: {:?}", cut_at.elapsed(), a["fl-cut-excl.service"]));
+        }
+        duplicate_plain_seen |= a.get("fl-cut-plain.service").map(Vec::len).unwrap_or(0) > 1;
+        let excl_elsewhere = a.get("fl-cut-excl.service").is_some_and(|v| v.len() == 1 && v[0].0 != victim);
+        let plain_elsewhere = a.get("fl-cut-plain.service").is_some_and(|v| v.iter().any(|(m, _)| *m != victim));
+        if excl_elsewhere && plain_elsewhere {
+            break;
+        }
+        assert!(Instant::now() < deadline, "units did not come back elsewhere while {victim} was cut: {a:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(exclusive_twice.is_empty(), "exclusive unit active on two machines: {exclusive_twice:?}");
+    eprintln!(
+        "cut {victim}: units elsewhere after {:?} (plain duplicated while cut: {duplicate_plain_seen})",
+        cut_at.elapsed()
+    );
+    // Heal: the cut machine stops what is no longer scheduled to it, within seconds.
+    faults::set_cut(&lab.state, &victim, false).expect("heal");
+    let healed_at = Instant::now();
+    wait_for("duplicates to end after the heal", Duration::from_secs(30), || async {
+        let a = lab.active_in_systemd().await;
+        (a.len() == 2 && a.values().all(|v| v.len() == 1 && v[0].0 != victim)).then_some(())
+    })
+    .await
+    .expect("duplicates end");
+    eprintln!("duplicates ended {:?} after the heal", healed_at.elapsed());
+    wait_for("the machine to rejoin", T, || async {
+        (lab.ok(&["list-machines", "--no-legend"]).lines().count() == 3).then_some(())
+    })
+    .await
+    .expect("rejoined");
+}
+
+#[tokio::test]
+async fn fault_etcd_member_lost_changes_nothing() {
+    let Some(mut lab) = fault_lab("fault-etcd") else { return };
+    let a = lab.file("fl-et-a.service", "");
+    lab.ok(&["start", &a]);
+    let before = lab.all_active_once().await;
+    faults::kill(&mut lab.state, Kind::Etcd, "etcd2").await.expect("kill etcd2");
+    let b = lab.file("fl-et-b.service", "");
+    lab.ok(&["start", &b]);
+    let after = lab.all_active_once().await;
+    assert_eq!(after["fl-et-a.service"], before["fl-et-a.service"]);
+    faults::start(&mut lab.state, Kind::Etcd, "etcd2", &unit_template()).await.expect("start etcd2");
+    fleet_integration::wait_etcd(&lab.state.etcd_endpoints(), T).await.expect("etcd back");
+    assert_eq!(lab.active_in_systemd().await, after);
+}
+
+#[tokio::test]
+async fn fault_drain_moves_units_away_and_keeps_the_machine_empty() {
+    let Some(mut lab) = fault_lab("fault-drain") else { return };
+    let files: Vec<String> = (0..4).map(|i| lab.file(&format!("fl-dr-{i}.service"), "")).collect();
+    let mut args = vec!["start"];
+    args.extend(files.iter().map(String::as_str));
+    lab.ok(&args);
+    lab.all_active_once().await;
+    let m2 = lab.machine("fl-m2").machine_id;
+    let out = lab.ok(&["drain", &m2[..8]]);
+    assert!(out.contains("drained"), "{out}");
+    let a = lab.all_active_once().await;
+    assert!(a.values().all(|v| v[0].0 != "fl-m2"), "{a:?}");
+    let extra = lab.file("fl-dr-new.service", "");
+    lab.ok(&["start", &extra]);
+    assert_ne!(lab.all_active_once().await["fl-dr-new.service"][0].0, "fl-m2");
+    lab.ok(&["undrain", &m2]);
+}
