@@ -132,6 +132,36 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// An etcd call with retries on transient errors: with several members, a request can land on a
+/// dead one, and the next attempt picks another.
+async fn etcd<T, F, Fut>(what: &str, op: F) -> Result<T, ApiError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    let policy = fleet_model::retry::RetryPolicy {
+        attempts: 4,
+        first_backoff: Duration::from_millis(100),
+        max_backoff: Duration::from_secs(1),
+        timeout: Duration::from_secs(3),
+    };
+    policy.run(what, fleet_model::etcd::is_transient, op).await.map_err(|e| match e {
+        fleet_model::retry::RetryError::Failed { source, .. } => ApiError::from(source),
+        fleet_model::retry::RetryError::TimedOut { .. } => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "fleet server unable to communicate with etcd")
+        }
+    })
+}
+
+/// Waits until this replica's view shows `revision`; if its watch seems stuck (a dead etcd
+/// member), restarts the watch and waits once more.
+async fn settle(api: &Api, revision: i64) {
+    if !api.cluster.caught_up(revision, Duration::from_secs(1)).await {
+        api.cluster.kick();
+        api.cluster.caught_up(revision, Duration::from_secs(5)).await;
+    }
+}
+
 fn method_not_allowed(msg: &str) -> ApiError {
     ApiError::new(StatusCode::METHOD_NOT_ALLOWED, msg)
 }
@@ -336,7 +366,12 @@ async fn put_unit(
     let key = api.keys.unit(&name);
     // Optimistic concurrency: read, decide, write only if the unit did not change meanwhile.
     for _ in 0..5 {
-        let resp = api.client.kv_client().get(key.clone(), None).await?;
+        let resp = etcd("read unit", || {
+            let mut kv = api.client.kv_client();
+            let k = key.clone();
+            async move { kv.get(k, None).await }
+        })
+        .await?;
         let existing = resp.kvs().first().map(|kv| (decode::<UnitRecord>(kv.value()), kv.mod_revision()));
         let new_file = (!req.options.is_empty()).then(|| UnitFile::from_options(req.options.clone()));
         if let Some(f) = &new_file {
@@ -404,10 +439,16 @@ async fn put_unit(
             ops.push(TxnOp::put(api.keys.body(&record.hash), text, None));
         }
         ops.push(TxnOp::put(key.clone(), encode(&record).map_err(|e| ApiError::internal(e.to_string()))?, None));
-        let resp = api.client.kv_client().txn(Txn::new().when([guard]).and_then(ops)).await?;
+        let txn = Txn::new().when([guard]).and_then(ops);
+        let resp = etcd("write unit", || {
+            let mut kv = api.client.kv_client();
+            let t = txn.clone();
+            async move { kv.txn(t).await }
+        })
+        .await?;
         if resp.succeeded() {
             let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
-            api.cluster.caught_up(rev, Duration::from_secs(5)).await;
+            settle(&api, rev).await;
             return Ok(status.into_response());
         }
     }
@@ -503,9 +544,15 @@ async fn move_unit(
         Ok(fleet_model::schema::MoveRequest { from, to, refused: String::new() })
     })?;
     let value = encode(&request).map_err(|e| ApiError::internal(e.to_string()))?;
-    let resp = api.client.kv_client().put(api.keys.moves(&name), value, None).await?;
+    let key = api.keys.moves(&name);
+    let resp = etcd("write move request", || {
+        let mut kv = api.client.kv_client();
+        let (k, v) = (key.clone(), value.clone());
+        async move { kv.put(k, v, None).await }
+    })
+    .await?;
     if let Some(h) = resp.header() {
-        api.cluster.caught_up(h.revision(), Duration::from_secs(5)).await;
+        settle(&api, h.revision()).await;
     }
     Ok((StatusCode::ACCEPTED, Json(serde_json::json!({"from": request.from, "machineID": request.to}))).into_response())
 }
@@ -514,19 +561,31 @@ async fn move_unit(
 async fn forget_move(State(api): State<Api>, Path(name): Path<String>) -> Result<Response, ApiError> {
     let name = parse_name(&name)?;
     ready(&api)?;
-    api.client.kv_client().delete(api.keys.moves(&name), None).await?;
+    let key = api.keys.moves(&name);
+    etcd("delete move request", || {
+        let mut kv = api.client.kv_client();
+        let k = key.clone();
+        async move { kv.delete(k, None).await }
+    })
+    .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 async fn delete_unit(State(api): State<Api>, Path(name): Path<String>) -> Result<Response, ApiError> {
     let name = parse_name(&name)?;
     ready(&api)?;
-    let resp = api.client.kv_client().delete(api.keys.unit(&name), None).await?;
+    let key = api.keys.unit(&name);
+    let resp = etcd("delete unit", || {
+        let mut kv = api.client.kv_client();
+        let k = key.clone();
+        async move { kv.delete(k, None).await }
+    })
+    .await?;
     if resp.deleted() == 0 {
         return Err(ApiError::new(StatusCode::NOT_FOUND, "unit does not exist"));
     }
     if let Some(h) = resp.header() {
-        api.cluster.caught_up(h.revision(), Duration::from_secs(5)).await;
+        settle(&api, h.revision()).await;
     }
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -749,9 +808,15 @@ async fn patch_machines(State(api): State<Api>, body: axum::body::Bytes) -> Resu
     }
     ready(&api)?;
     if !writes.is_empty() {
-        let resp = api.client.kv_client().txn(Txn::new().and_then(writes)).await?;
+        let txn = Txn::new().and_then(writes);
+        let resp = etcd("write metadata", || {
+            let mut kv = api.client.kv_client();
+            let t = txn.clone();
+            async move { kv.txn(t).await }
+        })
+        .await?;
         if let Some(h) = resp.header() {
-            api.cluster.caught_up(h.revision(), Duration::from_secs(5)).await;
+            settle(&api, h.revision()).await;
         }
     }
     Ok((StatusCode::NO_CONTENT, [(header::CONTENT_TYPE, "application/json")]).into_response())
@@ -776,9 +841,15 @@ fn machine_by_prefix(api: &Api, prefix: &str) -> Result<String, ApiError> {
 async fn drain_machine(State(api): State<Api>, Path(id): Path<String>) -> Result<Response, ApiError> {
     ready(&api)?;
     let id = machine_by_prefix(&api, &id)?;
-    let resp = api.client.kv_client().put(api.keys.drain(&id), "", None).await?;
+    let key = api.keys.drain(&id);
+    let resp = etcd("write drain", || {
+        let mut kv = api.client.kv_client();
+        let k = key.clone();
+        async move { kv.put(k, "", None).await }
+    })
+    .await?;
     if let Some(h) = resp.header() {
-        api.cluster.caught_up(h.revision(), Duration::from_secs(5)).await;
+        settle(&api, h.revision()).await;
     }
     Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "id": id }))).into_response())
 }
@@ -786,9 +857,15 @@ async fn drain_machine(State(api): State<Api>, Path(id): Path<String>) -> Result
 async fn undrain_machine(State(api): State<Api>, Path(id): Path<String>) -> Result<Response, ApiError> {
     ready(&api)?;
     let id = machine_by_prefix(&api, &id)?;
-    let resp = api.client.kv_client().delete(api.keys.drain(&id), None).await?;
+    let key = api.keys.drain(&id);
+    let resp = etcd("delete drain", || {
+        let mut kv = api.client.kv_client();
+        let k = key.clone();
+        async move { kv.delete(k, None).await }
+    })
+    .await?;
     if let Some(h) = resp.header() {
-        api.cluster.caught_up(h.revision(), Duration::from_secs(5)).await;
+        settle(&api, h.revision()).await;
     }
     Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -188,6 +188,7 @@ fn remove_nested<V>(map: &mut BTreeMap<UnitName, BTreeMap<String, V>>, unit: &Un
 pub struct Cluster {
     view: Arc<RwLock<ClusterView>>,
     revision: watch::Receiver<i64>,
+    kick: Arc<tokio::sync::Notify>,
 }
 
 impl Cluster {
@@ -196,7 +197,14 @@ impl Cluster {
         let view = Arc::new(RwLock::new(ClusterView::default()));
         let (rev_tx, rev_rx) = watch::channel(0);
         let (tx, mut rx) = mpsc::channel(256);
-        tokio::spawn(fleet_model::etcd::follow_prefix(client, keys.prefix().to_string(), tx, Some(RESYNC)));
+        let kick = Arc::new(tokio::sync::Notify::new());
+        tokio::spawn(fleet_model::etcd::follow_prefix_kickable(
+            client,
+            keys.prefix().to_string(),
+            tx,
+            Some(RESYNC),
+            Some(kick.clone()),
+        ));
         let shared = view.clone();
         tokio::spawn(async move {
             while let Some(update) = rx.recv().await {
@@ -227,7 +235,7 @@ impl Cluster {
                 }
             }
         });
-        Cluster { view, revision: rev_rx }
+        Cluster { view, revision: rev_rx, kick }
     }
 
     /// Runs `f` on the current view.
@@ -244,6 +252,12 @@ impl Cluster {
 
     pub fn subscribe(&self) -> watch::Receiver<i64> {
         self.revision.clone()
+    }
+
+    /// Restarts the watch from the last revision seen: used when the view lags a write, which
+    /// means the watch stream sits on an etcd member that went away.
+    pub fn kick(&self) {
+        self.kick.notify_one();
     }
 
     /// Waits until the view reflects at least `revision`; false on timeout.

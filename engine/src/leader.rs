@@ -285,8 +285,10 @@ impl Leader {
                 Err(e) => return Err(e),
             }
         }
-        if last_rev > 0 && !self.cluster.caught_up(last_rev, Duration::from_secs(10)).await {
-            tracing::warn!(revision = last_rev, "cluster view is slow to catch up");
+        if last_rev > 0 && !self.cluster.caught_up(last_rev, Duration::from_secs(2)).await {
+            tracing::warn!(revision = last_rev, "cluster view is slow to catch up; rewatching");
+            self.cluster.kick();
+            self.cluster.caught_up(last_rev, Duration::from_secs(10)).await;
         }
         Ok(())
     }

@@ -153,6 +153,11 @@ impl Client {
         for attempt in 0..3 {
             let Some(r) = req.try_clone() else { break };
             match r.send().await {
+                // The engine could not reach etcd this time (a member may have just died): the
+                // request changed nothing, so it can be sent again.
+                Ok(resp) if resp.status() == StatusCode::SERVICE_UNAVAILABLE && attempt < 2 => {
+                    tokio::time::sleep(Duration::from_millis(300 << attempt)).await;
+                }
                 Ok(resp) => return Ok(resp),
                 Err(e) if e.is_connect() => {
                     last = Some(e);

@@ -71,6 +71,13 @@ pub async fn kill(state: &mut LabState, kind: Kind, name: &str) -> Result<()> {
         Kind::Agent => agent_call(state, name, "kill").await?,
         Kind::Machine => {
             let m = state.machine(name).with_context(|| format!("no machine named {name}"))?;
+            // Power loss: kill the container's init first (killing only nspawn would orphan the
+            // running machine), which takes its whole PID namespace with it.
+            if process::runs(m.pid, "systemd-nspawn") {
+                for child in process::children(m.pid) {
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child as i32), Signal::SIGKILL);
+                }
+            }
             process::signal(m.pid, "systemd-nspawn", Signal::SIGKILL);
             wait_dead(m.pid).await;
             let _ = std::fs::remove_file(m.dir.join("bus/system_bus_socket"));

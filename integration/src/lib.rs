@@ -410,7 +410,12 @@ pub async fn wait_booted(m: &MachineProc, timeout: Duration) -> Result<()> {
 
 /// Stops a machine: SIGTERM makes nspawn power the container off; SIGKILL after `grace`.
 pub fn stop_machine(m: &MachineProc, grace: Duration) {
+    let inits = if process::runs(m.pid, "systemd-nspawn") { process::children(m.pid) } else { Vec::new() };
     process::stop(m.pid, "systemd-nspawn", grace);
+    // If nspawn had to be killed, its machine would live on as an orphan: kill that too.
+    for init in inits.into_iter().filter(|p| process::alive(*p)) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(init as i32), nix::sys::signal::Signal::SIGKILL);
+    }
     net::del_machine_netns(&m.name);
     let _ = std::fs::remove_file(m.dir.join("bus/system_bus_socket"));
 }

@@ -76,3 +76,10 @@ pub fn stop(pid: u32, program: &str, grace: Duration) {
 fn reap(pid: u32) {
     let _ = nix::sys::wait::waitpid(Pid::from_raw(pid as i32), Some(nix::sys::wait::WaitPidFlag::WNOHANG));
 }
+
+/// Direct children of `pid`.
+pub fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .map(|s| s.split_whitespace().filter_map(|c| c.parse().ok()).collect())
+        .unwrap_or_default()
+}

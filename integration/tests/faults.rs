@@ -184,7 +184,7 @@ async fn fault_machine_lost_units_come_back_elsewhere_and_nothing_moves_back() {
     let Some(mut lab) = fault_lab("fault-machine") else { return };
     let files: Vec<String> =
         (0..3).map(|i| lab.file(&format!("fl-mc-{i}.service"), "Conflicts=fl-mc-*.service\n")).collect();
-    let pinned = lab.file("fl-mc-pin.service", &format!("MachineID={}\n", lab.machine("fl-m3").machine_id));
+    let pinned = lab.file("fl-pinned.service", &format!("MachineID={}\n", lab.machine("fl-m3").machine_id));
     let mut args = vec!["start"];
     args.extend(files.iter().map(String::as_str));
     args.push(&pinned);
@@ -202,7 +202,11 @@ async fn fault_machine_lost_units_come_back_elsewhere_and_nothing_moves_back() {
     .await
     .expect("fl-m3 lost");
     eprintln!("fl-m3 lost -> schedule updated after {:?}", lost_at.elapsed());
-    assert!(!moved.contains_key("fl-mc-pin.service"), "pinned unit must wait for its machine: {moved:?}");
+    assert_eq!(
+        moved.get("fl-pinned.service").map(String::as_str),
+        Some(""),
+        "pinned unit must wait for its machine: {moved:?}"
+    );
     for (u, v) in &before {
         if v[0].0 != "fl-m3" {
             assert_eq!(moved.get(u), Some(&v[0].0), "{u} moved although its machine lives");
@@ -211,7 +215,7 @@ async fn fault_machine_lost_units_come_back_elsewhere_and_nothing_moves_back() {
     // Back: the pinned unit returns; nothing else moves.
     faults::start(&mut lab.state, Kind::Machine, "fl-m3", &unit_template()).await.expect("boot fl-m3");
     let after = lab.all_active_once().await;
-    assert_eq!(after["fl-mc-pin.service"][0].0, "fl-m3");
+    assert_eq!(after["fl-pinned.service"][0].0, "fl-m3");
     for (u, v) in &before {
         if v[0].0 != "fl-m3" {
             assert_eq!(after[u][0], v[0], "{u} moved or restarted when fl-m3 came back");

@@ -65,6 +65,18 @@ pub enum PrefixUpdate {
 /// With `resync`, the prefix is also relisted that often as a safety net against a missed event
 /// (engines use it; agents do not, so an idle agent has no timers).
 pub async fn follow_prefix(client: Client, prefix: String, tx: mpsc::Sender<PrefixUpdate>, resync: Option<Duration>) {
+    follow_prefix_kickable(client, prefix, tx, resync, None).await
+}
+
+/// [`follow_prefix`], restarting the watch (from the last revision seen) whenever `kick` is
+/// notified.
+pub async fn follow_prefix_kickable(
+    client: Client,
+    prefix: String,
+    tx: mpsc::Sender<PrefixUpdate>,
+    resync: Option<Duration>,
+    kick: Option<std::sync::Arc<tokio::sync::Notify>>,
+) {
     let policy = RetryPolicy { attempts: u32::MAX, ..RetryPolicy::default() };
     let mut revision: Option<i64> = None;
     let mut backoff = Duration::from_millis(100);
@@ -133,6 +145,16 @@ pub async fn follow_prefix(client: Client, prefix: String, tx: mpsc::Sender<Pref
                 _ = due => {
                     tracing::debug!(%prefix, "periodic resync");
                     revision = None;
+                    break;
+                }
+                _ = async {
+                    match &kick {
+                        Some(k) => k.notified().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    tracing::info!(%prefix, "watch lags a write; rewatching");
+                    backoff = Duration::from_millis(10);
                     break;
                 }
             };
