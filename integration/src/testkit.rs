@@ -126,6 +126,25 @@ impl MachineBus {
         })
     }
 
+    /// ActiveState of many units in one call (units systemd does not know are left out).
+    pub async fn active_states(&self, units: &[String]) -> Result<std::collections::HashMap<String, String>> {
+        let names: Vec<&str> = units.iter().map(String::as_str).collect();
+        type Row = (
+            String,
+            String,
+            String,
+            String,
+            String,
+            String,
+            zbus::zvariant::OwnedObjectPath,
+            u32,
+            String,
+            zbus::zvariant::OwnedObjectPath,
+        );
+        let rows: Vec<Row> = self.manager().await?.call("ListUnitsByNames", &(names,)).await?;
+        Ok(rows.into_iter().filter(|r| r.2 != "not-found").map(|r| (r.0, r.3)).collect())
+    }
+
     pub async fn restart(&self, unit: &str) -> Result<()> {
         let _: zbus::zvariant::OwnedObjectPath = self.manager().await?.call("RestartUnit", &(unit, "replace")).await?;
         Ok(())

@@ -176,7 +176,7 @@ async fn fault_agent_killed_and_restarted_adopts_its_units() {
     .expect("agent back");
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(lab.active_in_systemd().await, before, "units restarted or moved by an agent restart");
-    assert_eq!(lab.ok(&["list-machines", "--no-legend"]).lines().count(), 3);
+    assert_eq!(lab.ok(&["list-machines", "--no-legend"]).lines().count(), lab.state.machines.len());
 }
 
 #[tokio::test]
@@ -307,4 +307,232 @@ async fn fault_drain_moves_units_away_and_keeps_the_machine_empty() {
     lab.ok(&["start", &extra]);
     assert_ne!(lab.all_active_once().await["fl-dr-new.service"][0].0, "fl-m2");
     lab.ok(&["undrain", &m2]);
+}
+
+/// A small, seeded xorshift: the seed is printed so a failing run can be replayed with
+/// `FLEET_CHAOS_SEED=<seed>`.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// What the checker sees: for each sample, unit -> machines where systemd reports it active.
+type Sample = BTreeMap<String, Vec<String>>;
+
+async fn sample(state: &LabState, units: &[String]) -> Sample {
+    let mut out: Sample = BTreeMap::new();
+    for m in &state.machines {
+        if !fleet_integration::process::alive(m.pid) {
+            continue;
+        }
+        let Ok(bus) = MachineBus::connect(m).await else { continue };
+        if let Ok(states) = bus.active_states(units).await {
+            for (u, st) in states {
+                if st == "active" {
+                    out.entry(u).or_default().push(m.name.clone());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Chaos: a few hundred units on the lab's machines, then a seeded random sequence of faults
+/// (leader killed, agent killed, machine cut and healed, etcd member killed, machine killed and
+/// rebooted), with a checker reading every machine's own systemd throughout.
+/// `FLEET_CHAOS_SECS` sets how long faults are injected (default 60; a soak can run for hours).
+#[tokio::test]
+async fn fault_chaos() {
+    let Some(mut lab) = fault_lab("fault-chaos") else { return };
+    let seed: u64 = std::env::var("FLEET_CHAOS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1) | 1
+    });
+    let secs: u64 = std::env::var("FLEET_CHAOS_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
+    eprintln!("chaos seed {seed} ({secs} s of faults); replay with FLEET_CHAOS_SEED={seed}");
+    let mut rng = Rng(seed);
+
+    // 200 ordinary units (from one template), 6 exclusive ones, 4 conflicting pairs.
+    let tpl = lab.dir.join("ch@.service");
+    std::fs::write(&tpl, "[Service]\nExecStart=/bin/sleep infinity\n").expect("write");
+    lab.ok(&["submit", tpl.to_str().unwrap_or_default()]);
+    let plain: Vec<String> = (0..200).map(|i| format!("ch@{i}.service")).collect();
+    lab.units.extend(plain.iter().cloned());
+    let exclusive: Vec<String> = (0..6).map(|i| format!("chx-{i}.service")).collect();
+    let mut files = Vec::new();
+    for x in &exclusive {
+        files.push(lab.file(x, "Exclusive=true\n"));
+    }
+    let mut pairs = Vec::new();
+    for i in 0..4 {
+        let (a, b) = (format!("chc-{i}-a.service"), format!("chc-{i}-b.service"));
+        files.push(lab.file(&a, &format!("Conflicts={b}\n")));
+        files.push(lab.file(&b, ""));
+        pairs.push((a, b));
+    }
+    for chunk in plain.chunks(50) {
+        let mut args = vec!["start", "--no-block"];
+        args.extend(chunk.iter().map(String::as_str));
+        lab.ok(&args);
+    }
+    let mut args = vec!["start", "--no-block"];
+    args.extend(files.iter().map(String::as_str));
+    lab.ok(&args);
+    let units = lab.units.clone();
+    let settled = |s: &Sample| units.iter().all(|u| s.get(u).map(Vec::len) == Some(1));
+    let state = lab.state.clone();
+    let first = wait_for("all chaos units active once", Duration::from_secs(120), || async {
+        let s = sample(&state, &units).await;
+        settled(&s).then_some(s)
+    })
+    .await
+    .expect("chaos units start");
+    let submitted = lab.ok(&["list-unit-files", "--no-legend"]).lines().count();
+    let pids_before = main_pids(&lab.state, &first).await;
+
+    // The checker: runs until told to stop, recording violations.
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let (cut_tx, cut_rx) = tokio::sync::watch::channel::<(Option<String>, Option<Instant>)>((None, None));
+    let checker = {
+        let (state, units, exclusive, pairs) = (lab.state.clone(), units.clone(), exclusive.clone(), pairs.clone());
+        tokio::spawn(async move {
+            let mut violations = Vec::new();
+            let start = Instant::now();
+            let mut samples = 0;
+            while !*stop_rx.borrow() {
+                let s = sample(&state, &units).await;
+                samples += 1;
+                let (cut, healed_at) = cut_rx.borrow().clone();
+                let t = start.elapsed();
+                for x in &exclusive {
+                    if s.get(x).map(Vec::len).unwrap_or(0) > 1 {
+                        violations.push(format!("{t:?}: exclusive {x} active on {:?}", s[x]));
+                    }
+                }
+                for (a, b) in &pairs {
+                    if let (Some(ma), Some(mb)) = (s.get(a), s.get(b)) {
+                        if ma.iter().any(|m| mb.contains(m)) {
+                            violations.push(format!("{t:?}: conflicting {a} and {b} together on {ma:?}"));
+                        }
+                    }
+                }
+                // An ordinary unit may run twice only while a machine is cut off, and for a few
+                // seconds after the heal.
+                let grace = healed_at.is_some_and(|h| h.elapsed() < Duration::from_secs(10));
+                for (u, ms) in &s {
+                    if ms.len() > 1 && cut.as_ref().is_none_or(|c| !ms.contains(c)) && !grace {
+                        violations.push(format!("{t:?}: {u} active on {ms:?} with no machine cut"));
+                    }
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+                    _ = stop_rx.changed() => {}
+                }
+            }
+            (violations, samples)
+        })
+    };
+
+    // Faults, one at a time, each undone before the next.
+    let template = unit_template();
+    let machines: Vec<String> = lab.state.machines.iter().map(|m| m.name.clone()).collect();
+    let mut touched = std::collections::BTreeSet::new();
+    let until = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < until {
+        let m = machines[rng.below(machines.len() as u64) as usize].clone();
+        match rng.below(5) {
+            0 => {
+                if let Some(leader) = lab.leader().await {
+                    eprintln!("chaos: kill engine {leader}");
+                    faults::kill(&mut lab.state, Kind::Engine, &leader).await.expect("kill engine");
+                    tokio::time::sleep(Duration::from_secs(3 + rng.below(4))).await;
+                    faults::start(&mut lab.state, Kind::Engine, &leader, &template).await.expect("start engine");
+                }
+            }
+            1 => {
+                eprintln!("chaos: kill agent on {m}");
+                faults::kill(&mut lab.state, Kind::Agent, &m).await.expect("kill agent");
+            }
+            2 => {
+                eprintln!("chaos: cut {m}");
+                touched.insert(m.clone());
+                let _ = cut_tx.send((Some(m.clone()), None));
+                faults::set_cut(&lab.state, &m, true).expect("cut");
+                tokio::time::sleep(Duration::from_secs(4 + rng.below(10))).await;
+                faults::set_cut(&lab.state, &m, false).expect("heal");
+                let _ = cut_tx.send((Some(m.clone()), Some(Instant::now())));
+                eprintln!("chaos: healed {m}");
+            }
+            3 => {
+                let e = format!("etcd{}", 1 + rng.below(lab.state.etcd.len() as u64));
+                eprintln!("chaos: kill {e}");
+                faults::kill(&mut lab.state, Kind::Etcd, &e).await.expect("kill etcd");
+                tokio::time::sleep(Duration::from_secs(2 + rng.below(5))).await;
+                faults::start(&mut lab.state, Kind::Etcd, &e, &template).await.expect("start etcd");
+            }
+            _ => {
+                eprintln!("chaos: power off {m}");
+                touched.insert(m.clone());
+                faults::kill(&mut lab.state, Kind::Machine, &m).await.expect("kill machine");
+                tokio::time::sleep(Duration::from_secs(2 + rng.below(8))).await;
+                faults::start(&mut lab.state, Kind::Machine, &m, &template).await.expect("boot machine");
+                eprintln!("chaos: {m} back");
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1 + rng.below(4))).await;
+    }
+    let last_fault = Instant::now();
+    let state = lab.state.clone();
+    let end = wait_for("every unit active exactly once after the last fault", Duration::from_secs(90), || async {
+        let s = sample(&state, &units).await;
+        settled(&s).then_some(s)
+    })
+    .await;
+    let _ = stop_tx.send(true);
+    let (violations, samples) = checker.await.expect("checker");
+    let end = end.unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+    eprintln!("chaos: settled {:?} after the last fault; {samples} samples", last_fault.elapsed());
+    assert!(
+        violations.is_empty(),
+        "seed {seed}: {} violations, first: {:?}",
+        violations.len(),
+        &violations[..violations.len().min(10)]
+    );
+    assert_eq!(lab.ok(&["list-unit-files", "--no-legend"]).lines().count(), submitted, "seed {seed}: units lost");
+    // Units that started on machines never cut or powered off stayed where they were: leader
+    // changes, agent restarts and etcd faults moved nothing.
+    let pids_after = main_pids(&lab.state, &end).await;
+    for (u, ms) in &first {
+        if !touched.contains(&ms[0]) {
+            assert_eq!(
+                end.get(u),
+                Some(ms),
+                "seed {seed}: {u} moved although its machine was never cut or powered off"
+            );
+            assert_eq!(pids_after.get(u), pids_before.get(u), "seed {seed}: {u} was restarted (MainPID changed)");
+        }
+    }
+}
+
+/// MainPID of each unit on the machine where it is active.
+async fn main_pids(state: &LabState, placed: &Sample) -> BTreeMap<String, u32> {
+    let mut out = BTreeMap::new();
+    for m in &state.machines {
+        let Ok(bus) = MachineBus::connect(m).await else { continue };
+        for (u, ms) in placed {
+            if ms.first() == Some(&m.name) {
+                if let Ok(p) = bus.unit(u).await {
+                    out.insert(u.clone(), p.main_pid);
+                }
+            }
+        }
+    }
+    out
 }
