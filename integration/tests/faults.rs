@@ -537,3 +537,85 @@ async fn main_pids(state: &LabState, placed: &Sample) -> BTreeMap<String, u32> {
     }
     out
 }
+
+/// Two machines with one machine-id: the second refuses to register and says why, and the
+/// first keeps its record (reference scenario 30).
+#[tokio::test]
+async fn fault_machine_id_clash_is_refused() {
+    let Some(lab) = fault_lab("fault-clash") else { return };
+    let m1 = lab.machine("fl-m1");
+    let mut spec = m1.spec.clone().expect("spec");
+    spec.name = "fl-t2".into();
+    spec.ip = "10.231.90.202".into();
+    spec.metadata = vec![("hostname".into(), "fl-t2".into())];
+    let twin = fleet_integration::boot_machine(&spec, &lab.state.bin_dir, &unit_template()).await.expect("boot twin");
+    struct Stop(MachineProc);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            fleet_integration::stop_machine(&self.0, Duration::from_secs(10));
+        }
+    }
+    let twin = Stop(twin);
+    let init = fleet_integration::process::children(twin.0.pid).first().copied().expect("container init");
+    let said = wait_for("the twin's agent to explain", T, || async move {
+        let out = std::process::Command::new("nsenter")
+            .args(["-t", &init.to_string(), "-a", "journalctl", "-u", "fleet-agent", "--no-pager"])
+            .output()
+            .ok()?;
+        let log = String::from_utf8_lossy(&out.stdout).into_owned();
+        log.contains("is already registered by another live agent").then_some(log)
+    })
+    .await
+    .expect("the twin says why it does not register");
+    assert!(said.contains(&m1.machine_id));
+    // The record is still fl-m1's.
+    let listed = lab.ok(&["list-machines", "--no-legend", "--full"]);
+    let row = listed.lines().find(|l| l.starts_with(&m1.machine_id)).unwrap_or_default().to_string();
+    assert!(row.contains(&m1.ip) && !listed.contains("10.231.90.202"), "{listed}");
+}
+
+/// `systemctl stop fleet-agent` (an upgrade) leaves units running; the agent started again
+/// within the lease TTL takes its lease over and restarts nothing (reference scenarios 29 and 38,
+/// with the original's purge-on-stop deliberately not kept).
+#[tokio::test]
+async fn fault_agent_stopped_and_started_again_restarts_nothing() {
+    let Some(mut lab) = fault_lab("fault-upgrade") else { return };
+    let f = lab.file("fl-up-a.service", "MachineMetadata=hostname=fl-m2\n");
+    lab.ok(&["start", &f]);
+    let before = lab.all_active_once().await;
+    let bus = MachineBus::connect(&lab.machine("fl-m2")).await.expect("bus");
+    let _: zbus::zvariant::OwnedObjectPath = zbus::Proxy::new(
+        &zbus::connection::Builder::address(lab.machine("fl-m2").bus_address().as_str()).expect("addr").build().await.expect("bus"),
+        "org.freedesktop.systemd1",
+        "/org/freedesktop/systemd1",
+        "org.freedesktop.systemd1.Manager",
+    )
+    .await
+    .expect("manager")
+    .call("StopUnit", &("fleet-agent.service", "replace"))
+    .await
+    .expect("stop agent");
+    let stopped = wait_for("agent stopped", T, || async { bus.unit("fleet-agent.service").await.ok().filter(|p| p.active_state == "inactive") })
+        .await
+        .expect("agent stops cleanly");
+    assert_eq!(stopped.active_state, "inactive", "a graceful stop is not a failure");
+    assert_eq!(lab.active_in_systemd().await, before, "stopping the agent stopped units");
+    faults::start(&mut lab.state, Kind::Agent, "fl-m2", &unit_template()).await.expect("start agent");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(lab.active_in_systemd().await, before, "units restarted or moved");
+}
+
+/// Regression (original bugs#8, #412): a unit destroyed and submitted again on the same machine
+/// must not be stuck `not-found`.
+#[tokio::test]
+async fn fault_destroy_and_resubmit_on_the_same_machine() {
+    let Some(mut lab) = fault_lab("fault-resubmit") else { return };
+    let f = lab.file("fl-rs.service", "MachineMetadata=hostname=fl-m1\n");
+    for _ in 0..3 {
+        lab.ok(&["start", &f]);
+        let a = lab.all_active_once().await;
+        assert_eq!(a["fl-rs.service"][0].0, "fl-m1");
+        lab.ok(&["destroy", "fl-rs.service"]);
+        assert!(lab.active_in_systemd().await.is_empty());
+    }
+}
