@@ -318,18 +318,7 @@ impl Agent {
         let got =
             tokio::time::timeout(Duration::from_secs(3), kv.get(prefix, Some(GetOptions::new().with_prefix()))).await;
         let Ok(Ok(resp)) = got else { return false };
-        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-        let puts = resp
-            .kvs()
-            .iter()
-            .map(|kv| Change::Put {
-                key: kv.key().to_vec(),
-                value: kv.value().to_vec(),
-                lease: kv.lease(),
-                mod_revision: kv.mod_revision(),
-            })
-            .collect();
-        self.apply_schedule_update(PrefixUpdate::Snapshot { revision, puts });
+        self.apply_schedule_update(PrefixUpdate::snapshot(&resp));
         self.reconcile().await;
         tracing::info!(units = self.schedule.len(), "schedule relisted; units no longer scheduled here are stopped");
         true

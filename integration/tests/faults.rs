@@ -585,7 +585,11 @@ async fn fault_agent_stopped_and_started_again_restarts_nothing() {
     let before = lab.all_active_once().await;
     let bus = MachineBus::connect(&lab.machine("fl-m2")).await.expect("bus");
     let _: zbus::zvariant::OwnedObjectPath = zbus::Proxy::new(
-        &zbus::connection::Builder::address(lab.machine("fl-m2").bus_address().as_str()).expect("addr").build().await.expect("bus"),
+        &zbus::connection::Builder::address(lab.machine("fl-m2").bus_address().as_str())
+            .expect("addr")
+            .build()
+            .await
+            .expect("bus"),
         "org.freedesktop.systemd1",
         "/org/freedesktop/systemd1",
         "org.freedesktop.systemd1.Manager",
@@ -595,9 +599,11 @@ async fn fault_agent_stopped_and_started_again_restarts_nothing() {
     .call("StopUnit", &("fleet-agent.service", "replace"))
     .await
     .expect("stop agent");
-    let stopped = wait_for("agent stopped", T, || async { bus.unit("fleet-agent.service").await.ok().filter(|p| p.active_state == "inactive") })
-        .await
-        .expect("agent stops cleanly");
+    let stopped = wait_for("agent stopped", T, || async {
+        bus.unit("fleet-agent.service").await.ok().filter(|p| p.active_state == "inactive")
+    })
+    .await
+    .expect("agent stops cleanly");
     assert_eq!(stopped.active_state, "inactive", "a graceful stop is not a failure");
     assert_eq!(lab.active_in_systemd().await, before, "stopping the agent stopped units");
     faults::start(&mut lab.state, Kind::Agent, "fl-m2", &unit_template()).await.expect("start agent");

@@ -58,6 +58,23 @@ pub enum PrefixUpdate {
     Changes { revision: i64, changes: Vec<Change> },
 }
 
+impl PrefixUpdate {
+    /// A snapshot from a prefix listing.
+    pub fn snapshot(resp: &etcd_client::GetResponse) -> PrefixUpdate {
+        let puts = resp
+            .kvs()
+            .iter()
+            .map(|kv| Change::Put {
+                key: kv.key().to_vec(),
+                value: kv.value().to_vec(),
+                lease: kv.lease(),
+                mod_revision: kv.mod_revision(),
+            })
+            .collect();
+        PrefixUpdate::Snapshot { revision: resp.header().map(|h| h.revision()).unwrap_or(0), puts }
+    }
+}
+
 /// Follows `prefix` for as long as `tx` is open: a snapshot, then watch events from the next
 /// revision; reconnects with backoff from the last revision seen, and relists after compaction.
 /// This is the only way fleet processes read etcd continuously, so no one polls.
@@ -102,18 +119,9 @@ pub async fn follow_prefix_kickable(
                         continue;
                     }
                 };
+                let snapshot = PrefixUpdate::snapshot(&resp);
                 let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
-                let puts = resp
-                    .kvs()
-                    .iter()
-                    .map(|kv| Change::Put {
-                        key: kv.key().to_vec(),
-                        value: kv.value().to_vec(),
-                        lease: kv.lease(),
-                        mod_revision: kv.mod_revision(),
-                    })
-                    .collect();
-                if tx.send(PrefixUpdate::Snapshot { revision: rev, puts }).await.is_err() {
+                if tx.send(snapshot).await.is_err() {
                     return;
                 }
                 revision = Some(rev);
