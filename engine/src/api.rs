@@ -320,10 +320,43 @@ fn parse_name(name: &str) -> Result<UnitName, ApiError> {
 async fn get_unit(State(api): State<Api>, Path(name): Path<String>) -> Result<Response, ApiError> {
     ready(&api)?;
     let name = parse_name(&name)?;
-    api.cluster
-        .read(|v| v.units.get(&name).map(|u| api_unit(v, u)))
-        .map(|u| Json(u).into_response())
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unit does not exist"))
+    if let Some(u) = api.cluster.read(|v| v.units.get(&name).map(|u| api_unit(v, u))) {
+        return Ok(Json(u).into_response());
+    }
+    // Not in this replica's view. Before saying 404, ask etcd itself: the view may lag a write
+    // just made through another path (its watch can sit on an etcd member that died).
+    let key = api.keys.unit(&name);
+    let resp = etcd("read unit", || {
+        let mut kv = api.client.kv_client();
+        let k = key.clone();
+        async move { kv.get(k, None).await }
+    })
+    .await?;
+    let Some(rec) = resp.kvs().first().and_then(|kv| decode::<UnitRecord>(kv.value()).ok()) else {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "unit does not exist"));
+    };
+    api.cluster.kick();
+    let body_key = api.keys.body(&rec.hash);
+    let body = etcd("read unit body", || {
+        let mut kv = api.client.kv_client();
+        let k = body_key.clone();
+        async move { kv.get(k, None).await }
+    })
+    .await?;
+    let options = body
+        .kvs()
+        .first()
+        .and_then(|kv| UnitFile::parse(&String::from_utf8_lossy(kv.value())).ok())
+        .map(|f| f.options)
+        .unwrap_or_default();
+    Ok(Json(ApiUnit {
+        name: rec.name.to_string(),
+        options,
+        desired_state: rec.desired_state.to_string(),
+        current_state: DesiredState::Inactive.to_string(),
+        ..Default::default()
+    })
+    .into_response())
 }
 
 async fn put_unit(

@@ -41,6 +41,10 @@ pub fn is_transient(e: &etcd_client::Error) -> bool {
     }
 }
 
+/// Longest wait between attempts to re-establish a watch. Short: with several etcd members a
+/// failed attempt usually just picked a dead one, and the next may pick a live one.
+const MAX_REWATCH_BACKOFF: Duration = Duration::from_secs(1);
+
 /// One key's change, as seen by a prefix follower.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
@@ -135,7 +139,7 @@ pub async fn follow_prefix_kickable(
             Err(e) => {
                 tracing::warn!(%prefix, error = %e, "cannot watch prefix; retrying");
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                backoff = (backoff * 2).min(MAX_REWATCH_BACKOFF);
                 continue;
             }
         };
@@ -216,6 +220,6 @@ pub async fn follow_prefix_kickable(
             }
         }
         tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        backoff = (backoff * 2).min(MAX_REWATCH_BACKOFF);
     }
 }
