@@ -418,36 +418,23 @@ async fn put_unit(
             let rules = Rules::parse(&as_instance, f).map_err(|e| ApiError::bad_request(e.to_string()))?;
             check_replace_cycles(&api, &name, &rules)?;
         }
+        // New unit, or new contents: the body's desired state or `inactive`, guarded by what was read.
+        let fresh = |f: &UnitFile, guard: Compare| {
+            let rec = UnitRecord {
+                name: name.clone(),
+                hash: f.hash(),
+                desired_state: desired.unwrap_or(DesiredState::Inactive),
+            };
+            (StatusCode::CREATED, rec, Some(f.canonical()), guard)
+        };
         let (status, record, body_text, guard) = match (existing, new_file) {
             (None, None) => {
                 return Err(ApiError::new(StatusCode::CONFLICT, "unit does not exist and options field empty"))
             }
-            (None, Some(f)) => {
-                let rec = UnitRecord {
-                    name: name.clone(),
-                    hash: f.hash(),
-                    desired_state: desired.unwrap_or(DesiredState::Inactive),
-                };
-                (
-                    StatusCode::CREATED,
-                    rec,
-                    Some(f.canonical()),
-                    Compare::create_revision(key.clone(), CompareOp::Equal, 0),
-                )
-            }
+            (None, Some(f)) => fresh(&f, Compare::create_revision(key.clone(), CompareOp::Equal, 0)),
             (Some((Err(e), _)), _) => return Err(ApiError::internal(format!("stored unit is unreadable: {e}"))),
             (Some((Ok(old), rev)), Some(f)) if f.hash() != old.hash => {
-                let rec = UnitRecord {
-                    name: name.clone(),
-                    hash: f.hash(),
-                    desired_state: desired.unwrap_or(DesiredState::Inactive),
-                };
-                (
-                    StatusCode::CREATED,
-                    rec,
-                    Some(f.canonical()),
-                    Compare::mod_revision(key.clone(), CompareOp::Equal, rev),
-                )
+                fresh(&f, Compare::mod_revision(key.clone(), CompareOp::Equal, rev))
             }
             (Some((Ok(old), rev)), _) => {
                 let Some(d) = desired else {
