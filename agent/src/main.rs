@@ -39,32 +39,38 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let mut cfg = AgentConfig::load(args.config.as_deref())?;
-    if let Some(v) = args.etcd_endpoints {
-        cfg.etcd_endpoints = v;
-    }
-    if let Some(v) = args.etcd_prefix {
-        cfg.etcd_prefix = v;
-    }
-    if let Some(v) = args.public_ip {
-        cfg.public_ip = v;
-    }
-    if let Some(v) = args.metadata {
-        cfg.metadata = parse_metadata(&v)?;
-    }
-    if let Some(v) = args.lease_ttl_secs {
-        cfg.lease_ttl_secs = v;
-    }
-    cfg.validate()?;
+    let cfg = load_config(&args)?;
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?
-        .block_on(run(cfg))
+        .block_on(run(cfg, args))
 }
 
-async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+/// The file, then flags and environment over it; read again on SIGHUP.
+fn load_config(args: &Args) -> anyhow::Result<AgentConfig> {
+    let mut cfg = AgentConfig::load(args.config.as_deref())?;
+    if let Some(v) = &args.etcd_endpoints {
+        cfg.etcd_endpoints = v.clone();
+    }
+    if let Some(v) = &args.etcd_prefix {
+        cfg.etcd_prefix = v.clone();
+    }
+    if let Some(v) = &args.public_ip {
+        cfg.public_ip = v.clone();
+    }
+    if let Some(v) = &args.metadata {
+        cfg.metadata = parse_metadata(v)?;
+    }
+    if let Some(v) = args.lease_ttl_secs {
+        cfg.lease_ttl_secs = v;
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+async fn run(cfg: AgentConfig, args: Args) -> anyhow::Result<()> {
     let id_text = std::fs::read_to_string(&cfg.machine_id_file).with_context(|| {
         format!("unable to determine local machine ID: cannot read {}", cfg.machine_id_file.display())
     })?;
@@ -109,14 +115,16 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     tracing::info!(%machine, ip = %cfg.public_ip, "fleet-agent starting");
     let (lease_tx, lease_rx) = watch::channel(None);
     let (cleaned_tx, cleaned_rx) = watch::channel(0u64);
+    let (record_tx, record_rx) = watch::channel(record);
     let presence = Presence {
         cleaned: cleaned_rx,
         client: client.clone(),
         keys: Keys::new(&cfg.etcd_prefix),
-        record,
+        record: record_rx,
         ttl: cfg.lease_ttl_secs,
         lease_file: cfg.state_dir.join("agent.lease"),
     };
+    tokio::spawn(reload_on_hangup(args, cfg.clone(), record_tx, lease_rx.clone(), client.clone()));
     let presence_task = tokio::spawn(presence.run(lease_tx));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     tokio::spawn(async move {
@@ -139,4 +147,92 @@ async fn wait_for_signal() {
         }
         _ => futures::future::pending::<()>().await,
     }
+}
+
+/// SIGHUP (`systemctl reload fleet-agent`): reads the configuration again and publishes the
+/// machine's new metadata, address and capacity at once, without touching any unit. Settings that
+/// shape the agent itself (etcd, directories, lease TTL, API address) take effect on restart.
+async fn reload_on_hangup(
+    args: Args,
+    mut current: AgentConfig,
+    record_tx: watch::Sender<MachineRecord>,
+    lease_rx: watch::Receiver<Option<i64>>,
+    client: fleet_model::etcd::Client,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP; configuration reload disabled");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        tracing::info!("Reloading configuration");
+        let new = match load_config(&args) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = format!("{e:#}"), "configuration not reloaded; keeping the running one");
+                continue;
+            }
+        };
+        let capacity = match new.capacity() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "configuration not reloaded; keeping the running one");
+                continue;
+            }
+        };
+        let needs_restart = [
+            ("etcd_endpoints", new.etcd_endpoints != current.etcd_endpoints),
+            ("etcd_prefix", new.etcd_prefix != current.etcd_prefix),
+            ("lease_ttl_secs", new.lease_ttl_secs != current.lease_ttl_secs),
+            ("units_dir", new.units_dir != current.units_dir),
+            ("state_dir", new.state_dir != current.state_dir),
+            ("machine_id_file", new.machine_id_file != current.machine_id_file),
+            ("systemd_bus", new.systemd_bus != current.systemd_bus),
+            ("api_listen", new.api_listen != current.api_listen),
+            ("stop_units_on_exit", new.stop_units_on_exit != current.stop_units_on_exit),
+        ];
+        for (field, _) in needs_restart.iter().filter(|(_, changed)| *changed) {
+            tracing::warn!(field, "changed setting takes effect when the agent restarts");
+        }
+        record_tx.send_modify(|r| {
+            r.metadata = new.metadata.clone();
+            r.public_ip = new.public_ip.clone();
+            r.capacity = capacity;
+        });
+        let record = record_tx.borrow().clone();
+        let lease = *lease_rx.borrow();
+        match lease {
+            Some(lease) => match republish(&client, &Keys::new(&current.etcd_prefix), &record, lease).await {
+                Ok(()) => tracing::info!(metadata = ?record.metadata, "machine record updated"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot publish the reloaded machine record now; it is published when the machine registers again")
+                }
+            },
+            None => tracing::info!("no lease at the moment; the reloaded record is published on registration"),
+        }
+        current.metadata = new.metadata;
+        current.public_ip = new.public_ip;
+        current.capacity = new.capacity;
+    }
+}
+
+/// Rewrites the machine record, only while it is still held under this agent's lease.
+async fn republish(
+    client: &fleet_model::etcd::Client,
+    keys: &Keys,
+    record: &MachineRecord,
+    lease: i64,
+) -> anyhow::Result<()> {
+    use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
+    let key = keys.machine(&record.id);
+    let value = fleet_model::schema::encode(record)?;
+    let txn = Txn::new().when([Compare::lease(key.clone(), CompareOp::Equal, lease)]).and_then([TxnOp::put(
+        key,
+        value,
+        Some(PutOptions::new().with_lease(lease)),
+    )]);
+    let resp =
+        tokio::time::timeout(Duration::from_secs(5), client.kv_client().txn(txn)).await.context("etcd timed out")??;
+    anyhow::ensure!(resp.succeeded(), "the machine record is no longer held by this agent's lease");
+    Ok(())
 }

@@ -18,7 +18,8 @@ pub struct Presence {
     pub cleaned: watch::Receiver<u64>,
     pub client: Client,
     pub keys: Keys,
-    pub record: MachineRecord,
+    /// The record to publish; a configuration reload replaces it.
+    pub record: watch::Receiver<MachineRecord>,
     pub ttl: i64,
     pub lease_file: PathBuf,
 }
@@ -35,12 +36,12 @@ impl Presence {
             match self.register().await {
                 Ok(lease) => {
                     backoff = Duration::from_millis(200);
-                    tracing::info!(machine = %self.record.id, lease = format!("{lease:x}"), "registered");
+                    tracing::info!(machine = %self.id(), lease = format!("{lease:x}"), "registered");
                     lease_tx.send_replace(Some(lease));
                     let before = *self.cleaned.borrow_and_update();
                     self.keep_alive(lease, &lease_tx).await;
                     lease_tx.send_replace(None);
-                    tracing::warn!(machine = %self.record.id, "lease lost; stopping units no longer scheduled here before registering again");
+                    tracing::warn!(machine = %self.id(), "lease lost; stopping units no longer scheduled here before registering again");
                     let cleaned =
                         tokio::time::timeout(Duration::from_secs(60), self.cleaned.wait_for(|g| *g > before)).await;
                     if cleaned.is_err() {
@@ -48,12 +49,16 @@ impl Presence {
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(machine = %self.record.id, error = %e, "cannot register");
+                    tracing::warn!(machine = %self.id(), error = %e, "cannot register");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(self.ttl.max(2) as u64));
                 }
             }
         }
+    }
+
+    fn id(&self) -> String {
+        self.record.borrow().id.clone()
     }
 
     async fn saved_lease(&self) -> Option<i64> {
@@ -72,8 +77,9 @@ impl Presence {
         if let Err(e) = tokio::fs::write(&self.lease_file, format!("{lease:x}\n")).await {
             tracing::warn!(path = %self.lease_file.display(), error = %e, "cannot save lease id; a restart will re-register");
         }
-        let key = self.keys.machine(&self.record.id);
-        let value = encode(&self.record).map_err(|e| RegisterError::Encode(e.to_string()))?;
+        let record = self.record.borrow().clone();
+        let key = self.keys.machine(&record.id);
+        let value = encode(&record).map_err(|e| RegisterError::Encode(e.to_string()))?;
         // Create, or take over our own earlier record: never overwrite a live foreign one, which
         // would mean two machines share this machine id.
         let txn = Txn::new()
@@ -92,7 +98,7 @@ impl Presence {
         if resp.succeeded() || nested_ok {
             Ok(lease)
         } else {
-            Err(RegisterError::Clash(self.record.id.clone()))
+            Err(RegisterError::Clash(record.id))
         }
     }
 

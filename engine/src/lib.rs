@@ -47,8 +47,11 @@ async fn bind_unix(path: &str) -> anyhow::Result<tokio::net::UnixListener> {
     Ok(listener)
 }
 
-/// Runs an engine until `shutdown` turns true.
-pub async fn run(cfg: EngineConfig, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+/// Runs an engine until `shutdown` turns true. A new value on `config` (SIGHUP) reloads the TLS
+/// certificate, key and client CA (certificate rotation without a restart); other changed settings
+/// are logged as taking effect on restart.
+pub async fn run(mut config: watch::Receiver<EngineConfig>, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let cfg = config.borrow_and_update().clone();
     let etcd = EtcdConfig {
         endpoints: cfg.etcd_endpoints.clone(),
         request_timeout: Duration::from_millis(cfg.etcd_request_timeout_ms),
@@ -82,15 +85,18 @@ pub async fn run(cfg: EngineConfig, mut shutdown: watch::Receiver<bool>) -> anyh
             servers.push(tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(stopped).await }));
         }
     }
+    let mut tls_reloadable = None;
     if !cfg.listen_tls.is_empty() {
         let client_ca = (!cfg.tls_client_ca_file.is_empty()).then(|| std::path::Path::new(&cfg.tls_client_ca_file));
         let tls = tls::server_config(cfg.tls_cert_file.as_ref(), cfg.tls_key_file.as_ref(), client_ca)?;
+        let tls = axum_server::tls_rustls::RustlsConfig::from_config(tls);
+        tls_reloadable = Some(tls.clone());
         for addr in &cfg.listen_tls {
             let sock: std::net::SocketAddr =
                 addr.parse().with_context(|| format!("listen_tls {addr:?}: expected ip:port"))?;
             let handle = axum_server::Handle::new();
             let app = api::router(api.clone());
-            let config = axum_server::tls_rustls::RustlsConfig::from_config(tls.clone());
+            let config = tls.clone();
             tracing::info!(%addr, mutual = client_ca.is_some(), "serving the fleet API over TLS");
             let mut stop = shutdown.clone();
             let h = handle.clone();
@@ -113,6 +119,14 @@ pub async fn run(cfg: EngineConfig, mut shutdown: watch::Receiver<bool>) -> anyh
         fences: Default::default(),
     };
     let leading = tokio::spawn(leader.run(shutdown.clone()));
+    tokio::spawn(async move {
+        let mut running = cfg;
+        while config.changed().await.is_ok() {
+            let new = config.borrow_and_update().clone();
+            apply_reload(&running, &new, tls_reloadable.as_ref());
+            running = new;
+        }
+    });
     let _ = shutdown.wait_for(|s| *s).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), leading).await;
     for s in servers {
@@ -123,4 +137,29 @@ pub async fn run(cfg: EngineConfig, mut shutdown: watch::Receiver<bool>) -> anyh
         }
     }
     Ok(())
+}
+
+fn apply_reload(running: &EngineConfig, new: &EngineConfig, tls: Option<&axum_server::tls_rustls::RustlsConfig>) {
+    if let Some(tls) = tls {
+        let client_ca = (!new.tls_client_ca_file.is_empty()).then(|| std::path::Path::new(&new.tls_client_ca_file));
+        match tls::server_config(new.tls_cert_file.as_ref(), new.tls_key_file.as_ref(), client_ca) {
+            Ok(c) => {
+                tls.reload_from_config(c);
+                tracing::info!(cert = %new.tls_cert_file, "TLS certificate reloaded");
+            }
+            Err(e) => tracing::error!(error = %e, "TLS certificate not reloaded; keeping the running one"),
+        }
+    }
+    let changed = [
+        ("etcd_endpoints", running.etcd_endpoints != new.etcd_endpoints),
+        ("etcd_prefix", running.etcd_prefix != new.etcd_prefix),
+        ("listen", running.listen != new.listen),
+        ("listen_tls", running.listen_tls != new.listen_tls),
+        ("engine_id", running.engine_id != new.engine_id),
+        ("election_ttl_secs", running.election_ttl_secs != new.election_ttl_secs),
+        ("token_limit", running.token_limit != new.token_limit),
+    ];
+    for (field, _) in changed.iter().filter(|(_, c)| *c) {
+        tracing::warn!(field, "changed setting takes effect when the engine restarts");
+    }
 }

@@ -42,43 +42,7 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let mut cfg = EngineConfig::load(args.config.as_deref())?;
-    if let Some(v) = args.etcd_endpoints {
-        cfg.etcd_endpoints = v;
-    }
-    if let Some(v) = args.etcd_prefix {
-        cfg.etcd_prefix = v;
-    }
-    if let Some(v) = args.listen {
-        cfg.listen = v;
-    }
-    if let Some(v) = args.engine_id {
-        cfg.engine_id = v;
-    }
-    if let Some(v) = args.listen_tls {
-        cfg.listen_tls = v;
-    }
-    if let Some(v) = args.tls_cert_file {
-        cfg.tls_cert_file = v;
-    }
-    if let Some(v) = args.tls_key_file {
-        cfg.tls_key_file = v;
-    }
-    if let Some(v) = args.tls_client_ca_file {
-        cfg.tls_client_ca_file = v;
-    }
-    if let Some(v) = args.token_limit {
-        cfg.token_limit = v;
-    }
-    if let Some(v) = args.election_ttl_secs {
-        cfg.election_ttl_secs = v;
-    }
-    if cfg.engine_id.is_empty() {
-        cfg.engine_id = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_string())
-            .unwrap_or_else(|_| "engine".into());
-    }
-    cfg.validate()?;
+    let cfg = load_config(&args)?;
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -94,6 +58,69 @@ fn main() -> anyhow::Result<()> {
                     let _ = tx.send(true);
                 }
             });
-            fleet_engine::run(cfg, rx).await
+            let (config_tx, config_rx) = watch::channel(cfg);
+            tokio::spawn(reload_on_hangup(args, config_tx));
+            fleet_engine::run(config_rx, rx).await
         })
+}
+
+/// SIGHUP (`systemctl reload fleet-engine`): reads the configuration again; the engine applies
+/// what it can while running (see `fleet_engine::run`).
+async fn reload_on_hangup(args: Args, config_tx: watch::Sender<EngineConfig>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP; configuration reload disabled");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        tracing::info!("Reloading configuration");
+        match load_config(&args) {
+            Ok(cfg) => {
+                config_tx.send_replace(cfg);
+            }
+            Err(e) => tracing::error!(error = format!("{e:#}"), "configuration not reloaded; keeping the running one"),
+        }
+    }
+}
+
+/// The file, then flags and environment over it; read again on SIGHUP.
+fn load_config(args: &Args) -> anyhow::Result<EngineConfig> {
+    let mut cfg = EngineConfig::load(args.config.as_deref())?;
+    if let Some(v) = &args.etcd_endpoints {
+        cfg.etcd_endpoints = v.clone();
+    }
+    if let Some(v) = &args.etcd_prefix {
+        cfg.etcd_prefix = v.clone();
+    }
+    if let Some(v) = &args.listen {
+        cfg.listen = v.clone();
+    }
+    if let Some(v) = &args.engine_id {
+        cfg.engine_id = v.clone();
+    }
+    if let Some(v) = &args.listen_tls {
+        cfg.listen_tls = v.clone();
+    }
+    if let Some(v) = &args.tls_cert_file {
+        cfg.tls_cert_file = v.clone();
+    }
+    if let Some(v) = &args.tls_key_file {
+        cfg.tls_key_file = v.clone();
+    }
+    if let Some(v) = &args.tls_client_ca_file {
+        cfg.tls_client_ca_file = v.clone();
+    }
+    if let Some(v) = args.token_limit {
+        cfg.token_limit = v;
+    }
+    if let Some(v) = args.election_ttl_secs {
+        cfg.election_ttl_secs = v;
+    }
+    if cfg.engine_id.is_empty() {
+        cfg.engine_id = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "engine".into());
+    }
+    cfg.validate()?;
+    Ok(cfg)
 }

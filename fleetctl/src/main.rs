@@ -310,6 +310,21 @@ impl Ctl {
         let mut waiting = Vec::new();
         for name in &names {
             let unit = self.api.unit(name).await?.with_context(|| format!("unit {name} disappeared"))?;
+            if state == "launched"
+                && unit.desired_state == "launched"
+                && !unit.is_global()
+                && self.has_failed(name).await?
+            {
+                // `systemctl start` semantics: starting a failed unit runs it again (the original
+                // fleet did nothing, since its desired state had not changed).
+                eprintln!("Unit {name} has failed; starting it again");
+                let again =
+                    self.restart(std::slice::from_ref(name), &Block { no_block: false, ..block.clone() }).await?;
+                if again != ExitCode::SUCCESS {
+                    return Ok(again);
+                }
+                continue;
+            }
             if unit.desired_state != state {
                 self.api.set_desired(name, state).await.with_context(|| format!("cannot set {name} to {state}"))?;
             }
@@ -325,6 +340,10 @@ impl Ctl {
             return Ok(ExitCode::SUCCESS);
         }
         self.wait_all(&waiting, state, state == "launched", &block).await
+    }
+
+    async fn has_failed(&self, name: &str) -> Result<bool> {
+        Ok(self.api.states(Some(name)).await?.iter().any(|s| s.systemd_active_state == "failed"))
     }
 
     async fn ensure_unit(&self, arg: &str, name: &str, replace: bool, target: Option<&str>) -> Result<()> {
@@ -403,6 +422,7 @@ impl Ctl {
         // original did; give the engine a while to change its mind, then report why.
         let unplaceable_grace = Duration::from_secs(10);
         let mut unplaceable_since: HashMap<String, Instant> = HashMap::new();
+        let mut failed_since: HashMap<String, Instant> = HashMap::new();
         let mut pending: Vec<String> = names.to_vec();
         let mut delay = Duration::from_millis(20);
         let mut progress = Progress::new();
@@ -425,11 +445,21 @@ impl Ctl {
                 let mut reached = unit.current_state == state;
                 if reached && active {
                     let states = self.api.states(Some(&name)).await?;
-                    reached = states.iter().any(|s| {
-                        s.machine_id == unit.machine_id
-                            && s.systemd_active_state == "active"
-                            && s.systemd_load_state == "loaded"
-                    });
+                    let here = states.iter().filter(|s| s.machine_id == unit.machine_id);
+                    reached =
+                        here.clone().any(|s| s.systemd_active_state == "active" && s.systemd_load_state == "loaded");
+                    // A failed unit will not become active by waiting (the original waited forever);
+                    // a short grace lets a state published just before the start be replaced.
+                    if here.clone().any(|s| s.systemd_active_state == "failed") {
+                        let since = *failed_since.entry(name.clone()).or_insert_with(Instant::now);
+                        if since.elapsed() >= Duration::from_secs(2) {
+                            progress.clear();
+                            eprintln!("Unit {name} failed on its machine; see `fleetctl status {name}` and `fleetctl journal {name}`");
+                            return Ok(ExitCode::from(1));
+                        }
+                    } else {
+                        failed_since.remove(&name);
+                    }
                 }
                 if reached {
                     let legend = if unit.machine_id.is_empty() {

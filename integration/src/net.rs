@@ -24,9 +24,15 @@ pub fn ensure_bridge() -> Result<()> {
     if !exists(BRIDGE) {
         ip(&["link", "add", BRIDGE, "type", "bridge"])?;
     }
+    // A bridge without a MAC of its own takes the lowest of its ports' MACs, so a machine booted
+    // or killed would change the gateway's MAC under every other machine's ARP cache and cut
+    // them all off for seconds. A fixed, locally administered address keeps it stable.
+    ip(&["link", "set", BRIDGE, "address", BRIDGE_MAC])?;
     ip_quiet(&["addr", "add", &format!("{HOST_IP}/{PREFIX_LEN}"), "dev", BRIDGE]);
     ip(&["link", "set", BRIDGE, "up"])
 }
+
+const BRIDGE_MAC: &str = "02:66:6c:5a:90:01";
 
 fn host_veth(name: &str) -> String {
     // Interface names are limited to 15 bytes.
