@@ -16,6 +16,7 @@ use fleet_model::rules::{Resources, Rules};
 use fleet_model::schema::MoveRequest;
 use fleet_model::{DesiredState, MachineRecord, ScheduleEntry, UnitName, UnitRecord};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::Bound::{Excluded, Unbounded};
 
 /// What the scheduler sees. `rules` holds each unit's parsed `[X-Fleet]` rules, or why they could
 /// not be read (such a unit is never placed).
@@ -86,24 +87,60 @@ enum Fail {
     Draining,
 }
 
+/// A live machine's place in the least-loaded order: (utilisation in per mille, unit count, id).
+type LoadKey = (u64, usize, String);
+
 /// Units on machines as the pass goes.
 #[derive(Default)]
 struct Placement {
     on: BTreeMap<String, BTreeSet<UnitName>>,
     used: HashMap<String, Resources>,
     at: BTreeMap<UnitName, BTreeSet<String>>,
+    /// Capacity of each live machine.
+    capacity: HashMap<String, Resources>,
+    /// Live machines in least-loaded order, kept up to date by `add`/`remove`, so placing a unit
+    /// without machine-wide preferences costs O(log machines) instead of a scan of every machine.
+    by_load: BTreeSet<LoadKey>,
 }
 
 impl Placement {
+    fn new(machines: &BTreeMap<String, MachineRecord>) -> Self {
+        let mut p = Placement::default();
+        for m in machines.values() {
+            p.capacity.insert(m.id.clone(), m.capacity);
+            p.by_load.insert((0, 0, m.id.clone()));
+        }
+        p
+    }
+
+    fn load_key(&self, machine: &str) -> Option<LoadKey> {
+        let cap = self.capacity.get(machine)?;
+        let used = self.used.get(machine).copied().unwrap_or_default();
+        let frac = |used: u64, cap: u64| used.saturating_mul(1000).checked_div(cap).unwrap_or(0);
+        Some((frac(used.memory, cap.memory).max(frac(used.cpu, cap.cpu)), self.count(machine), machine.to_string()))
+    }
+
+    fn reindex(&mut self, before: Option<LoadKey>, machine: &str) {
+        if let Some(k) = before {
+            self.by_load.remove(&k);
+        }
+        if let Some(k) = self.load_key(machine) {
+            self.by_load.insert(k);
+        }
+    }
+
     fn add(&mut self, unit: &UnitName, machine: &str, reserve: Resources) {
+        let before = self.load_key(machine);
         self.on.entry(machine.to_string()).or_default().insert(unit.clone());
         let u = self.used.entry(machine.to_string()).or_default();
         u.memory += reserve.memory;
         u.cpu += reserve.cpu;
         self.at.entry(unit.clone()).or_default().insert(machine.to_string());
+        self.reindex(before, machine);
     }
 
     fn remove(&mut self, unit: &UnitName, machine: &str, reserve: Resources) {
+        let before = self.load_key(machine);
         if let Some(s) = self.on.get_mut(machine) {
             s.remove(unit);
         }
@@ -117,6 +154,7 @@ impl Placement {
                 self.at.remove(unit);
             }
         }
+        self.reindex(before, machine);
     }
 
     fn count(&self, machine: &str) -> usize {
@@ -403,6 +441,27 @@ impl<'a> Pass<'a> {
         rules: &Rules,
         allowed: impl Fn(&str) -> bool,
     ) -> Result<&'a MachineRecord, Vec<(String, Fail)>> {
+        if rules.replaces.is_empty() && rules.spread_by.is_none() {
+            // Every machine's preference is its load key: the first eligible machine in load
+            // order is the best one. Only when none is eligible does the full scan below run,
+            // to say why of each.
+            let mut after: Option<LoadKey> = None;
+            loop {
+                let next = match &after {
+                    None => self.p.by_load.iter().next().cloned(),
+                    Some(k) => self.p.by_load.range((Excluded(k.clone()), Unbounded)).next().cloned(),
+                };
+                let Some(key) = next else { break };
+                if allowed(&key.2) {
+                    if let Some(m) = self.snap.machines.get(&key.2) {
+                        if self.eligible_replacing(unit, rules, m).is_ok() {
+                            return Ok(m);
+                        }
+                    }
+                }
+                after = Some(key);
+            }
+        }
         let mut fails = Vec::new();
         let mut best: Option<(&'a MachineRecord, Preference)> = None;
         for m in self.snap.machines.values() {
@@ -616,7 +675,7 @@ fn explain(fails: &[(String, Fail)], machines: usize) -> String {
 }
 
 pub fn schedule(snap: &Snapshot<'_>) -> Outcome {
-    let mut pass = Pass { snap, p: Placement::default(), out: Outcome::default(), fenced: BTreeMap::new() };
+    let mut pass = Pass { snap, p: Placement::new(snap.machines), out: Outcome::default(), fenced: BTreeMap::new() };
     pass.keep_existing();
     // Kept placements whose desired state or hash changed are rewritten in place.
     let kept: Vec<(UnitName, String)> =
@@ -768,6 +827,41 @@ mod tests {
         for (u, e) in before {
             assert_eq!(w.schedule.get(&u), Some(&e), "{u} moved");
         }
+    }
+
+    /// At scale, plain units are levelled exactly; units with conflicts, capacity and a unit
+    /// that conflicts with everything still obey their rules while taking the load-ordered path.
+    #[test]
+    fn thousands_of_machines_are_levelled_exactly_and_rules_still_hold() {
+        let mut w = World::default();
+        for i in 0..2000 {
+            w = w.machine(&format!("m{i:05}"), &[("rack", if i % 2 == 0 { "even" } else { "odd" })]);
+            w = w.capacity(&format!("m{i:05}"), 4 << 30, 400);
+        }
+        for i in 0..20_000 {
+            w.unit_in(&format!("u{i:06}.service"), "", DesiredState::Launched);
+        }
+        w.unit_in("hog.service", "Conflicts=u*.service\nMemoryMax=3G\n", DesiredState::Launched);
+        w.unit_in("odd.service", "MachineMetadata=rack=odd\n", DesiredState::Launched);
+        let out = w.run();
+        assert!(out.unplaceable.is_empty(), "{:?}", out.unplaceable);
+        w.apply(&out);
+        let mut per_machine: BTreeMap<String, usize> = BTreeMap::new();
+        for ms in w.schedule.values() {
+            for m in ms.keys() {
+                *per_machine.entry(m.clone()).or_default() += 1;
+            }
+        }
+        let hog = w.schedule[&n("hog.service")].keys().next().cloned().unwrap_or_default();
+        let plain: BTreeSet<usize> =
+            per_machine.iter().filter(|(m, _)| **m != hog).map(|(_, c)| *c).collect::<BTreeSet<_>>();
+        assert!(plain.iter().all(|c| *c == 10 || *c == 11), "{plain:?}");
+        let on_hog: Vec<&UnitName> =
+            w.schedule.iter().filter(|(_, ms)| ms.contains_key(&hog)).map(|(u, _)| u).collect();
+        assert_eq!(on_hog, vec![&n("hog.service")], "a unit conflicting with u* shares its machine");
+        let odd = w.schedule[&n("odd.service")].keys().next().cloned().unwrap_or_default();
+        assert_eq!(w.machines[&odd].metadata["rack"], "odd");
+        assert!(w.run().decisions.is_empty(), "a second pass changes nothing");
     }
 
     #[test]
