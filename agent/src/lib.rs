@@ -8,12 +8,14 @@
 //! diff of schedule against disk), [`systemd`] (D-Bus), and [`Agent`] joining them.
 
 pub mod config;
+pub mod driver;
 pub mod presence;
 pub mod reconcile;
 pub mod systemd;
 pub mod unit_api;
 
 use crate::config::AgentConfig;
+use crate::driver::{for_each, UnitDriver};
 use crate::systemd::{ObservedUnit, Systemd, UnitChange};
 use etcd_client::{GetOptions, PutOptions, Txn, TxnOp};
 use fleet_model::etcd::{follow_prefix, is_transient, Change, Client, PrefixUpdate};
@@ -21,6 +23,7 @@ use fleet_model::retry::RetryPolicy;
 use fleet_model::schema::{decode, encode, Key};
 use fleet_model::unit_file::content_hash;
 use fleet_model::{DesiredState, Keys, ScheduleEntry, UnitName, UnitStateRecord};
+use futures::StreamExt;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -36,16 +39,19 @@ pub enum AgentError {
     Systemd(#[from] systemd::SystemdError),
 }
 
-pub struct Agent {
+/// The agent, over a service manager: the real [`Systemd`] unless a benchmark says otherwise.
+pub struct Agent<D: UnitDriver = Systemd> {
     client: Client,
     keys: Keys,
     machine: String,
-    systemd: Systemd,
+    systemd: D,
     units_dir: PathBuf,
     /// This machine's schedule, as last seen in etcd.
     schedule: BTreeMap<String, ScheduleEntry>,
     /// Unit files on disk: name -> content hash.
     files: BTreeMap<String, String>,
+    /// Bodies read from etcd, by hash, while units scheduled here use them.
+    bodies: HashMap<String, String>,
     applied: BTreeMap<String, DesiredState>,
     /// What is in etcd under `states/<machine>/`.
     published: HashMap<String, UnitStateRecord>,
@@ -68,8 +74,8 @@ fn is_exclusive(name: &str, text: &str) -> bool {
     fleet_model::rules::Rules::parse(&unit, &file).is_ok_and(|r| r.exclusive)
 }
 
-impl Agent {
-    pub async fn new(cfg: &AgentConfig, client: Client, machine: String, systemd: Systemd) -> Result<Self, AgentError> {
+impl<D: UnitDriver> Agent<D> {
+    pub async fn new(cfg: &AgentConfig, client: Client, machine: String, systemd: D) -> Result<Self, AgentError> {
         let units_dir = cfg.units_dir.clone();
         tokio::fs::create_dir_all(&units_dir)
             .await
@@ -82,6 +88,7 @@ impl Agent {
             units_dir,
             schedule: BTreeMap::new(),
             files: BTreeMap::new(),
+            bodies: HashMap::new(),
             applied: BTreeMap::new(),
             published: HashMap::new(),
             unpublished: BTreeSet::new(),
@@ -301,7 +308,7 @@ impl Agent {
             return;
         }
         tracing::warn!(units = ?running, "lease in doubt: stopping exclusive units");
-        for (unit, e) in self.systemd.for_each(&running, |s, n| async move { s.stop(&n).await }).await {
+        for (unit, e) in for_each(&self.systemd, &running, |s, n| async move { s.stop(&n).await }).await {
             tracing::error!(%unit, error = %e, "cannot stop exclusive unit");
         }
         for n in running {
@@ -350,7 +357,7 @@ impl Agent {
         }
         tracing::debug!(?plan, "reconciling");
         self.unpublished.extend(plan.touched().cloned());
-        for (unit, e) in self.systemd.for_each(&plan.stop, |s, n| async move { s.stop(&n).await }).await {
+        for (unit, e) in for_each(&self.systemd, &plan.stop, |s, n| async move { s.stop(&n).await }).await {
             tracing::warn!(%unit, error = %e, "stop failed");
         }
         for n in &plan.stop {
@@ -369,8 +376,22 @@ impl Agent {
         }
         let mut linked = Vec::new();
         let mut installable = Vec::new();
+        // Many units share a body (instances of one template): read each distinct body once,
+        // a few at a time.
+        let missing: BTreeSet<String> =
+            plan.write.iter().map(|(_, h)| h).filter(|h| !self.bodies.contains_key(*h)).cloned().collect();
+        let this = &*self;
+        let fetched: Vec<(String, Option<String>)> = futures::stream::iter(missing)
+            .map(|h| async move {
+                let body = this.fetch_body(&h).await;
+                (h, body)
+            })
+            .buffer_unordered(16)
+            .collect()
+            .await;
+        self.bodies.extend(fetched.into_iter().filter_map(|(h, b)| b.map(|b| (h, b))));
         for (name, hash) in &plan.write {
-            let Some(body) = self.fetch_body(hash).await else {
+            let Some(body) = self.bodies.get(hash).cloned() else {
                 continue;
             };
             if content_hash(&body) != *hash {
@@ -424,12 +445,14 @@ impl Agent {
             .filter(|n| self.files.contains_key(*n) && (self.lease.is_some() || !self.exclusive.contains(*n)))
             .cloned()
             .collect();
-        for (unit, e) in self.systemd.for_each(&startable, |s, n| async move { s.start(&n).await }).await {
+        for (unit, e) in for_each(&self.systemd, &startable, |s, n| async move { s.start(&n).await }).await {
             tracing::warn!(%unit, error = %e, "start failed");
         }
         for n in startable {
             self.applied.insert(n, DesiredState::Launched);
         }
+        let wanted: BTreeSet<&String> = self.schedule.values().map(|e| &e.hash).collect();
+        self.bodies.retain(|h, _| wanted.contains(h));
     }
 
     /// Publishes the state of every unit in `unpublished`, in transactions on the lease.

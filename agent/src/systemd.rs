@@ -22,6 +22,9 @@ pub enum SystemdError {
     Call { call: String, source: zbus::Error },
     #[error("systemd {call} timed out after {CALL_TIMEOUT:?}")]
     Timeout { call: String },
+    /// From the in-memory driver of the benchmarks.
+    #[error("simulated systemd: {0}")]
+    Simulated(String),
 }
 
 #[zbus::proxy(
@@ -163,27 +166,6 @@ impl Systemd {
         timed(&format!("ResetFailedUnit {name}"), self.manager.reset_failed_unit(name)).await
     }
 
-    /// Runs `op` on every name with at most [`MAX_IN_FLIGHT`] calls pending.
-    pub async fn for_each<'a, F, Fut>(
-        &self,
-        names: impl IntoIterator<Item = &'a String>,
-        op: F,
-    ) -> Vec<(String, SystemdError)>
-    where
-        F: Fn(Systemd, String) -> Fut,
-        Fut: std::future::Future<Output = Result<(), SystemdError>>,
-    {
-        futures::stream::iter(names.into_iter().cloned())
-            .map(|n| {
-                let fut = op(self.clone(), n.clone());
-                async move { fut.await.err().map(|e| (n, e)) }
-            })
-            .buffer_unordered(MAX_IN_FLIGHT)
-            .filter_map(|r| async move { r })
-            .collect()
-            .await
-    }
-
     /// Current states of `names`, in batches.
     pub async fn observe(&self, names: &[String]) -> Result<HashMap<String, ObservedUnit>, SystemdError> {
         let mut out = HashMap::new();
@@ -277,5 +259,35 @@ mod tests {
         assert_eq!(unit_path("hello.service"), "/org/freedesktop/systemd1/unit/hello_2eservice");
         assert_eq!(unit_path("web@1.service"), "/org/freedesktop/systemd1/unit/web_401_2eservice");
         assert_eq!(unit_path("1a-b.service"), "/org/freedesktop/systemd1/unit/_31a_2db_2eservice");
+    }
+}
+
+impl crate::driver::UnitDriver for Systemd {
+    async fn reload(&self) -> Result<(), SystemdError> {
+        Systemd::reload(self).await
+    }
+    async fn link(&self, paths: &[String]) -> Result<(), SystemdError> {
+        Systemd::link(self, paths).await
+    }
+    async fn enable(&self, paths: &[String]) -> Result<(), SystemdError> {
+        Systemd::enable(self, paths).await
+    }
+    async fn disable(&self, names: &[String]) -> Result<(), SystemdError> {
+        Systemd::disable(self, names).await
+    }
+    async fn start(&self, name: &str) -> Result<(), SystemdError> {
+        Systemd::start(self, name).await
+    }
+    async fn stop(&self, name: &str) -> Result<(), SystemdError> {
+        Systemd::stop(self, name).await
+    }
+    async fn reset_failed(&self, name: &str) -> Result<(), SystemdError> {
+        Systemd::reset_failed(self, name).await
+    }
+    async fn observe(&self, names: &[String]) -> Result<HashMap<String, ObservedUnit>, SystemdError> {
+        Systemd::observe(self, names).await
+    }
+    async fn watch_changes(&self, tx: mpsc::UnboundedSender<UnitChange>) -> Result<(), SystemdError> {
+        Systemd::watch_changes(self, tx).await
     }
 }
