@@ -34,7 +34,9 @@ pub fn router(api: Api) -> Router {
     let v1 = Router::new()
         .route(
             "/units",
-            get(list_units).fallback(|| async { method_not_allowed("only GET supported against this resource") }),
+            get(list_units)
+                .post(create_units)
+                .fallback(|| async { method_not_allowed("only GET and POST supported against this resource") }),
         )
         .route(
             "/units/{name}",
@@ -359,12 +361,7 @@ async fn get_unit(State(api): State<Api>, Path(name): Path<String>) -> Result<Re
     .into_response())
 }
 
-async fn put_unit(
-    State(api): State<Api>,
-    Path(url_name): Path<String>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Result<Response, ApiError> {
+fn check_json(headers: &HeaderMap) -> Result<(), ApiError> {
     let types: Vec<_> = headers.get_all(header::CONTENT_TYPE).iter().collect();
     if types.len() != 1 {
         return Err(ApiError::new(
@@ -379,6 +376,16 @@ async fn put_unit(
             "only acceptable Content-Type is application/json",
         ));
     }
+    Ok(())
+}
+
+async fn put_unit(
+    State(api): State<Api>,
+    Path(url_name): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    check_json(&headers)?;
     let req: ApiUnit =
         serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("unable to decode body: {e}")))?;
     if !req.name.is_empty() && req.name != url_name {
@@ -473,6 +480,99 @@ async fn put_unit(
         }
     }
     Err(ApiError::new(StatusCode::CONFLICT, format!("unit {name} changed concurrently; try again")))
+}
+
+/// Most units one `POST /fleet/v1/units` may create.
+pub const MAX_UNITS_PER_REQUEST: usize = 10_000;
+/// Units per etcd transaction (a unit and its body are two operations, under etcd's 128).
+const UNITS_PER_TXN: usize = 60;
+
+#[derive(Debug, Deserialize)]
+struct CreateUnits {
+    units: Vec<ApiUnit>,
+}
+
+/// Not in the original API: creates many new units in one request, as many small transactions
+/// (each unit with its body, guarded so an existing unit is never overwritten). Everything is
+/// validated before anything is written; a unit that already exists is refused with 409 and the
+/// units of that transaction are not written (those of earlier transactions are).
+async fn create_units(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    check_json(&headers)?;
+    let req: CreateUnits =
+        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("unable to decode body: {e}")))?;
+    if req.units.is_empty() {
+        return Err(ApiError::bad_request("units is empty"));
+    }
+    if req.units.len() > MAX_UNITS_PER_REQUEST {
+        return Err(ApiError::bad_request(format!(
+            "{} units in one request; at most {MAX_UNITS_PER_REQUEST}",
+            req.units.len()
+        )));
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut records = Vec::with_capacity(req.units.len());
+    for (i, u) in req.units.iter().enumerate() {
+        let at = |e: String| ApiError::bad_request(format!("units[{i}] ({}): {e}", u.name));
+        let name = UnitName::parse(&u.name).map_err(|e| at(e.to_string()))?;
+        if !seen.insert(name.clone()) {
+            return Err(at("named twice in this request".into()));
+        }
+        if u.options.is_empty() {
+            return Err(at("options field empty".into()));
+        }
+        let desired = match u.desired_state.as_str() {
+            "" => DesiredState::Inactive,
+            s => s.parse::<DesiredState>().map_err(|e| at(e.to_string()))?,
+        };
+        if name.is_template() && desired != DesiredState::Inactive {
+            return Err(at("cannot activate a template".into()));
+        }
+        let f = UnitFile::from_options(u.options.clone());
+        validate_options(&f).map_err(|e| at(e.message))?;
+        if !name.is_template() {
+            let rules = Rules::parse(&name, &f).map_err(|e| at(e.to_string()))?;
+            check_replace_cycles(&api, &name, &rules).map_err(|e| at(e.message))?;
+        }
+        records.push((UnitRecord { name, hash: f.hash(), desired_state: desired }, f.canonical()));
+    }
+    ready(&api)?;
+    let mut last_rev = 0;
+    for chunk in records.chunks(UNITS_PER_TXN) {
+        let mut guards = Vec::new();
+        let mut ops = Vec::new();
+        let mut bodies = std::collections::HashSet::new();
+        for (rec, text) in chunk {
+            let key = api.keys.unit(&rec.name);
+            guards.push(Compare::create_revision(key.clone(), CompareOp::Equal, 0));
+            if bodies.insert(rec.hash.clone()) {
+                ops.push(TxnOp::put(api.keys.body(&rec.hash), text.as_str(), None));
+            }
+            ops.push(TxnOp::put(key, encode(rec).map_err(|e| ApiError::internal(e.to_string()))?, None));
+        }
+        let txn = Txn::new().when(guards).and_then(ops);
+        let resp = etcd("write units", || {
+            let mut kv = api.client.kv_client();
+            let t = txn.clone();
+            async move { kv.txn(t).await }
+        })
+        .await?;
+        if !resp.succeeded() {
+            let existing: Vec<String> = api.cluster.read(|v| {
+                chunk.iter().filter(|(r, _)| v.units.contains_key(&r.name)).map(|(r, _)| r.name.to_string()).collect()
+            });
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!("units already exist: {}; units before them in the request were created", existing.join(" ")),
+            ));
+        }
+        last_rev = resp.header().map(|h| h.revision()).unwrap_or(last_rev);
+    }
+    settle(&api, last_rev).await;
+    Ok((StatusCode::CREATED, Json(serde_json::json!({ "created": records.len() }))).into_response())
 }
 
 /// Refuses a unit that would replace a unit which replaces it: neither could ever settle.

@@ -123,6 +123,23 @@ fn list_units() {}
     responses((status = 200, body = Unit), (status = 400, body = Error), (status = 404, body = Error)))]
 fn get_unit() {}
 
+#[derive(Serialize, ToSchema)]
+pub struct CreateUnits {
+    units: Vec<Unit>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Created {
+    created: usize,
+}
+
+/// Not in the original API: create up to 10,000 new units in one request (each with `name`,
+/// `options` and optionally `desiredState`). All are validated first; 409 if one exists already.
+#[utoipa::path(post, path = "/fleet/v1/units", request_body = CreateUnits,
+    responses((status = 201, body = Created), (status = 400, body = Error), (status = 409, body = Error),
+        (status = 415, body = Error), (status = 503, body = Error)))]
+fn create_units() {}
+
 /// Create a unit (201), replace its contents (201) or change its desired state (204).
 #[utoipa::path(put, path = "/fleet/v1/units/{name}", params(("name" = String, Path)), request_body = Unit,
     responses((status = 201), (status = 204), (status = 400, body = Error), (status = 409, body = Error),
@@ -201,6 +218,7 @@ fn engine_status() {}
     ),
     paths(
         list_units,
+        create_units,
         get_unit,
         put_unit,
         delete_unit,
@@ -220,6 +238,8 @@ fn engine_status() {}
     ),
     components(schemas(
         Unit,
+        CreateUnits,
+        Created,
         UnitOption,
         UnitPage,
         UnitState,

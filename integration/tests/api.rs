@@ -191,8 +191,13 @@ async fn the_fleet_v1_contract() {
     .await
     .expect("machines");
     assert_eq!(b["machines"][0], json!({"id": m1, "primaryIP": "192.0.2.1", "metadata": {"hostname": "0001"}}));
-    let (s, _, b) = api.call("GET", &format!("/fleet/v1/state?unitName=c.service&machineID={m2}"), None).await;
-    assert_eq!(s, StatusCode::OK);
+    // The state was written straight to etcd: wait until the engine's view has it.
+    let b = wait_for("the state in the view", T, || async {
+        let (s, _, b) = api.call("GET", &format!("/fleet/v1/state?unitName=c.service&machineID={m2}"), None).await;
+        (s == StatusCode::OK && !b["states"].is_null()).then_some(b)
+    })
+    .await
+    .expect("state listed");
     assert_eq!(
         b["states"][0],
         json!({"name": "c.service", "hash": "h", "machineID": m2, "systemdLoadState": "loaded", "systemdActiveState": "active", "systemdSubState": "running"})
@@ -237,8 +242,24 @@ async fn the_fleet_v1_contract() {
     assert_eq!(b["resources"]["Units"]["methods"]["Set"]["httpMethod"], "PUT");
     let (s, _, b) = api.call("POST", "/fleet/v1/discovery", None).await;
     assert_eq!((s, message(&b)), (StatusCode::BAD_REQUEST, "only HTTP GET supported against this resource"));
-    let (s, _, b) = api.call("POST", "/fleet/v1/units", None).await;
-    assert_eq!((s, message(&b)), (StatusCode::METHOD_NOT_ALLOWED, "only GET supported against this resource"));
+    let (s, _, b) = api.call("DELETE", "/fleet/v1/units", None).await;
+    assert_eq!((s, message(&b)), (StatusCode::METHOD_NOT_ALLOWED, "only GET and POST supported against this resource"));
+
+    // POST /units creates many units; all are checked before anything is written.
+    let batch = |names: &[&str]| json!({"units": names.iter().map(|n| json!({"name": n, "options": opts, "desiredState": "loaded"})).collect::<Vec<_>>()});
+    let (s, _, b) = api.call("POST", "/fleet/v1/units", Some(batch(&["b1.service", "b2.service", "bad name"]))).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(message(&b).starts_with("units[2] (bad name)"), "{b}");
+    assert_eq!(api.call("GET", "/fleet/v1/units/b1.service", None).await.0, StatusCode::NOT_FOUND);
+    let (s, _, b) = api.call("POST", "/fleet/v1/units", Some(batch(&["b1.service", "b2.service"]))).await;
+    assert_eq!((s, b["created"].as_u64()), (StatusCode::CREATED, Some(2)));
+    assert_eq!(api.call("GET", "/fleet/v1/units/b2.service", None).await.2["desiredState"], "loaded");
+    let (s, _, b) = api.call("POST", "/fleet/v1/units", Some(batch(&["b2.service"]))).await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    assert!(message(&b).contains("b2.service"), "{b}");
+    for n in ["b1.service", "b2.service"] {
+        assert_eq!(api.call("DELETE", &format!("/fleet/v1/units/{n}"), None).await.0, StatusCode::NO_CONTENT);
+    }
     let (s, _, b) = api.call("POST", "/fleet/v1/units/a.service", None).await;
     assert_eq!(
         (s, message(&b)),
