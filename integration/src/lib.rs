@@ -10,6 +10,7 @@
 pub mod faults;
 pub mod net;
 pub mod process;
+pub mod sim;
 pub mod testkit;
 
 use anyhow::{bail, Context, Result};

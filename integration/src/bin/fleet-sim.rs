@@ -1,0 +1,62 @@
+//! Runs one scale simulation (see `fleet_integration::sim`) and prints its report as JSON.
+
+use anyhow::Context;
+use clap::Parser;
+use fleet_integration::sim::{run, SimConfig};
+use std::path::PathBuf;
+
+/// Thousands of simulated machines (real agent code, in-memory systemd) against a real etcd and
+/// a real fleet-engine. For benchmarks only: `./lab bench` drives it.
+#[derive(Parser, Debug)]
+#[command(name = "fleet-sim")]
+struct Args {
+    #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:12379")]
+    etcd_endpoints: Vec<String>,
+    #[arg(long, default_value = "/fleet-sim")]
+    prefix: String,
+    #[arg(long, default_value_t = 1000)]
+    machines: usize,
+    #[arg(long, default_value_t = 10_000)]
+    units: usize,
+    #[arg(long, default_value_t = 10)]
+    lease_ttl_secs: i64,
+    #[arg(long, default_value_t = 5)]
+    election_ttl_secs: i64,
+    /// Directory holding fleet-engine and fleetctl (default: next to this binary).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    #[arg(long, default_value_t = 12570)]
+    api_port: u16,
+    /// Also measure idle cost, machine loss and leader loss.
+    #[arg(long)]
+    faults: bool,
+    #[arg(long, default_value_t = 30)]
+    idle_secs: u64,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let a = Args::parse();
+    let bin_dir = match a.bin_dir {
+        Some(d) => d,
+        None => std::env::current_exe()?.parent().context("binary directory")?.to_path_buf(),
+    };
+    let cfg = SimConfig {
+        etcd_endpoints: a.etcd_endpoints,
+        prefix: a.prefix,
+        machines: a.machines,
+        units: a.units,
+        lease_ttl_secs: a.lease_ttl_secs,
+        election_ttl_secs: a.election_ttl_secs,
+        bin_dir,
+        api_port: a.api_port,
+        faults: a.faults,
+        idle_secs: a.idle_secs,
+    };
+    let report = tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(cfg))?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}

@@ -1,0 +1,443 @@
+//! `fleet-sim`: thousands of machines in one process, for the scale benchmarks.
+//!
+//! Each simulated machine is the real agent code ([`fleet_agent::Agent`] and its
+//! [`Presence`]) with its own etcd lease and its own schedule watch, exactly as a real agent uses
+//! etcd; only the service manager is the in-memory [`SimulatedSystemd`]. The engine is the real
+//! `fleet-engine` binary. Agents share a small pool of etcd connections (as many machines'
+//! connections would share etcd's gRPC server), which keeps the host's socket count sane.
+
+use anyhow::{bail, Context, Result};
+use fleet_agent::config::AgentConfig;
+use fleet_agent::driver::SimulatedSystemd;
+use fleet_agent::presence::Presence;
+use fleet_agent::Agent;
+use fleet_model::etcd::{connect, Client, EtcdConfig};
+use fleet_model::retry::RetryPolicy;
+use fleet_model::schema::{decode, Key};
+use fleet_model::{Keys, MachineRecord, UnitStateRecord};
+use futures::StreamExt;
+use serde::Serialize;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    pub etcd_endpoints: Vec<String>,
+    pub prefix: String,
+    pub machines: usize,
+    pub units: usize,
+    /// Lease TTL of every simulated machine.
+    pub lease_ttl_secs: i64,
+    pub election_ttl_secs: i64,
+    /// Where `fleet-engine` and `fleetctl` are.
+    pub bin_dir: PathBuf,
+    pub api_port: u16,
+    /// Also measure machine loss, leader loss and idle cost (slower).
+    pub faults: bool,
+    pub idle_secs: u64,
+}
+
+/// What one run measured. Times in seconds unless named otherwise.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SimReport {
+    pub machines: usize,
+    pub units: usize,
+    pub machines_up_secs: f64,
+    pub submit_secs: f64,
+    /// From the first request of the submission until every unit reports active.
+    pub converge_secs: f64,
+    /// Schedule entries written per second, first to last.
+    pub placements_per_sec: f64,
+    /// etcd revisions (write transactions) per unit, from submission to convergence.
+    pub txns_per_unit: f64,
+    /// Keys written (put events) per unit, from submission to convergence.
+    pub keys_per_unit: f64,
+    pub list_units_secs: f64,
+    pub list_units_rows: usize,
+    pub machine_lost_secs: Option<f64>,
+    pub leader_lost_secs: Option<f64>,
+    pub idle_writes_per_min: Option<f64>,
+    pub idle_engine_cpu_secs_per_min: Option<f64>,
+    pub idle_sim_cpu_secs_per_min: Option<f64>,
+    /// Units active on two machines at the end (must be 0), and units never active (must be 0).
+    pub duplicates: usize,
+    pub missing: usize,
+}
+
+struct SimMachine {
+    id: String,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// A child process killed when dropped.
+struct Child(std::process::Child);
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn machine_id(i: usize) -> String {
+    format!("5eed{:028x}", i)
+}
+
+fn cpu_secs(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
+    let Some((_, rest)) = stat.rsplit_once(')') else { return 0.0 };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // Fields after the name: state is 0, utime 11, stime 12 (clock ticks, 100 per second here).
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+async fn start_engine(cfg: &SimConfig, name: &str, port: u16) -> Result<Child> {
+    let log = std::fs::File::create(std::env::temp_dir().join(format!("fleet-sim-{name}.log")))?;
+    let child = std::process::Command::new(cfg.bin_dir.join("fleet-engine"))
+        .args(["--etcd-endpoints", &cfg.etcd_endpoints.join(",")])
+        .args(["--etcd-prefix", &cfg.prefix])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--engine-id", name])
+        .args(["--election-ttl-secs", &cfg.election_ttl_secs.to_string()])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("cannot start {}", cfg.bin_dir.join("fleet-engine").display()))?;
+    Ok(Child(child))
+}
+
+async fn leader_of(http: &reqwest::Client, port: u16) -> Option<bool> {
+    let v: serde_json::Value =
+        http.get(format!("http://127.0.0.1:{port}/engine/status")).send().await.ok()?.json().await.ok()?;
+    v["leader"].as_bool()
+}
+
+async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let until = Instant::now() + timeout;
+    while !check().await {
+        if Instant::now() > until {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+async fn start_machine(cfg: &SimConfig, client: Client, i: usize, dir: &Path) -> Result<SimMachine> {
+    let id = machine_id(i);
+    let units_dir = dir.join(&id);
+    std::fs::create_dir_all(&units_dir)?;
+    let agent_cfg = AgentConfig {
+        etcd_prefix: cfg.prefix.clone(),
+        units_dir: units_dir.clone(),
+        state_dir: units_dir.clone(),
+        lease_ttl_secs: cfg.lease_ttl_secs,
+        ..AgentConfig::default()
+    };
+    let record = MachineRecord {
+        id: id.clone(),
+        public_ip: format!("10.{}.{}.{}", (i >> 16) & 255, (i >> 8) & 255, i & 255),
+        metadata: [("sim".to_string(), "yes".to_string())].into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        lease_ttl: cfg.lease_ttl_secs,
+        ..Default::default()
+    };
+    let (_record_tx, record_rx) = watch::channel(record);
+    let (lease_tx, lease_rx) = watch::channel(None);
+    let (cleaned_tx, cleaned_rx) = watch::channel(0u64);
+    let presence = Presence {
+        cleaned: cleaned_rx,
+        client: client.clone(),
+        keys: Keys::new(&cfg.prefix),
+        record: record_rx,
+        ttl: cfg.lease_ttl_secs,
+        lease_file: units_dir.join(".lease"),
+    };
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let driver = SimulatedSystemd::new(Duration::from_millis(4));
+    let agent = Agent::new(&agent_cfg, client, id.clone(), driver).await?;
+    let presence_task = tokio::spawn(async move {
+        let _keep = _record_tx;
+        presence.run(lease_tx).await
+    });
+    let agent_task = tokio::spawn(async move {
+        if let Err(e) = agent.run(lease_rx, cleaned_tx, shutdown_rx).await {
+            tracing::warn!(error = %e, "simulated agent stopped");
+        }
+    });
+    Ok(SimMachine { id, shutdown, tasks: vec![presence_task, agent_task] })
+}
+
+impl SimMachine {
+    /// Power loss: the tasks stop, the lease is left to expire.
+    fn kill(&self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Counts of unit states from a watch on `states/`.
+#[derive(Default)]
+struct Observed {
+    /// unit -> machines where it is active.
+    active: HashMap<String, HashSet<String>>,
+    placed: usize,
+    first_placed: Option<Instant>,
+    last_placed: Option<Instant>,
+    puts: u64,
+}
+
+impl Observed {
+    fn all_active(&self, units: usize) -> bool {
+        self.active.values().filter(|m| !m.is_empty()).count() >= units
+    }
+}
+
+fn follow(client: Client, keys: Keys, from: i64) -> watch::Receiver<std::sync::Arc<std::sync::Mutex<Observed>>> {
+    let observed = std::sync::Arc::new(std::sync::Mutex::new(Observed::default()));
+    let (tx, rx) = watch::channel(observed.clone());
+    tokio::spawn(async move {
+        let mut wc = client.watch_client();
+        let opts = etcd_client::WatchOptions::new().with_prefix().with_start_revision(from);
+        let Ok(mut stream) = wc.watch(keys.prefix().to_string(), Some(opts)).await else { return };
+        while let Ok(Some(resp)) = stream.message().await {
+            {
+                let mut o = observed.lock().unwrap_or_else(|e| e.into_inner());
+                let now = Instant::now();
+                for ev in resp.events() {
+                    let Some(kv) = ev.kv() else { continue };
+                    let put = ev.event_type() == etcd_client::EventType::Put;
+                    if put {
+                        o.puts += 1;
+                    }
+                    match keys.decode(kv.key()) {
+                        Some(Key::Schedule(_, _)) if put && kv.version() == 1 => {
+                            o.placed += 1;
+                            o.first_placed.get_or_insert(now);
+                            o.last_placed = Some(now);
+                        }
+                        Some(Key::State(m, u)) => {
+                            let active = put
+                                && decode::<UnitStateRecord>(kv.value()).is_ok_and(|s| s.active_state == "active");
+                            let set = o.active.entry(u.to_string()).or_default();
+                            if active {
+                                set.insert(m);
+                            } else {
+                                set.remove(&m);
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            if tx.send(observed.clone()).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+async fn revision(client: &Client, keys: &Keys) -> Result<i64> {
+    let mut kv = client.kv_client();
+    let r = kv.get(keys.prefix(), Some(etcd_client::GetOptions::new().with_count_only())).await?;
+    Ok(r.header().map(|h| h.revision()).unwrap_or(0))
+}
+
+async fn submit(http: &reqwest::Client, api: &str, names: &[String]) -> Result<()> {
+    let units: Vec<serde_json::Value> = names
+        .iter()
+        .map(|n| {
+            serde_json::json!({
+                "name": n,
+                "desiredState": "launched",
+                "options": [{"section": "Service", "name": "ExecStart", "value": "/bin/sleep infinity"}],
+            })
+        })
+        .collect();
+    let resp = http
+        .post(format!("{api}/fleet/v1/units"))
+        .json(&serde_json::json!({ "units": units }))
+        .send()
+        .await
+        .context("POST /fleet/v1/units")?;
+    if !resp.status().is_success() {
+        bail!("POST /fleet/v1/units: {} {}", resp.status(), resp.text().await.unwrap_or_default());
+    }
+    Ok(())
+}
+
+/// Runs one simulation and cleans up its etcd prefix, processes and files.
+pub async fn run(cfg: SimConfig) -> Result<SimReport> {
+    let keys = Keys::new(&cfg.prefix);
+    let etcd = EtcdConfig { endpoints: cfg.etcd_endpoints.clone(), request_timeout: Duration::from_secs(10) };
+    let mut pool = Vec::new();
+    for _ in 0..8 {
+        pool.push(connect(&etcd, RetryPolicy::default()).await.context("etcd")?);
+    }
+    let admin = pool[0].clone();
+    admin.kv_client().delete(keys.prefix(), Some(etcd_client::DeleteOptions::new().with_prefix())).await?;
+    let dir = std::env::temp_dir().join(format!("fleet-sim-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(120)).build()?;
+    let mut report = SimReport { machines: cfg.machines, units: cfg.units, ..Default::default() };
+
+    let mut engine = start_engine(&cfg, "sim-e1", cfg.api_port).await?;
+    let api = format!("http://127.0.0.1:{}", cfg.api_port);
+    wait_until("the engine to lead", Duration::from_secs(30), || async {
+        leader_of(&http, cfg.api_port).await == Some(true)
+    })
+    .await?;
+
+    let started = Instant::now();
+    let machines: Vec<SimMachine> = futures::stream::iter(0..cfg.machines)
+        .map(|i| {
+            let client = pool[i % pool.len()].clone();
+            let cfg = &cfg;
+            let dir = &dir;
+            async move { start_machine(cfg, client, i, dir).await }
+        })
+        .buffer_unordered(64)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<_>>()?;
+    wait_until("every machine registered", Duration::from_secs(300), || async {
+        let mut kv = admin.kv_client();
+        let opts = etcd_client::GetOptions::new().with_prefix().with_count_only();
+        kv.get(keys.machines(), Some(opts)).await.map(|r| r.count() as usize >= cfg.machines).unwrap_or(false)
+    })
+    .await?;
+    report.machines_up_secs = started.elapsed().as_secs_f64();
+    tracing::info!(machines = cfg.machines, secs = report.machines_up_secs, "machines up");
+
+    let from = revision(&admin, &keys).await? + 1;
+    let mut observed = follow(admin.clone(), keys.clone(), from);
+    let names: Vec<String> = (0..cfg.units).map(|i| format!("sim-{i:06}.service")).collect();
+    let t0 = Instant::now();
+    let results: Vec<Result<()>> = futures::stream::iter(names.chunks(5_000))
+        .map(|chunk| submit(&http, &api, chunk))
+        .buffer_unordered(2)
+        .collect()
+        .await;
+    for r in results {
+        r?;
+    }
+    report.submit_secs = t0.elapsed().as_secs_f64();
+    let until = t0 + Duration::from_secs(600);
+    loop {
+        let done = {
+            let o = observed.borrow_and_update().clone();
+            let o = o.lock().unwrap_or_else(|e| e.into_inner());
+            o.all_active(cfg.units)
+        };
+        if done {
+            break;
+        }
+        if Instant::now() > until {
+            bail!("units did not all become active within 600 s");
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(200), observed.changed()).await;
+    }
+    report.converge_secs = t0.elapsed().as_secs_f64();
+    let to = revision(&admin, &keys).await?;
+    {
+        let o = observed.borrow().clone();
+        let o = o.lock().unwrap_or_else(|e| e.into_inner());
+        if let (Some(a), Some(b)) = (o.first_placed, o.last_placed) {
+            report.placements_per_sec = o.placed as f64 / (b - a).as_secs_f64().max(0.001);
+        }
+        report.keys_per_unit = o.puts as f64 / cfg.units as f64;
+    }
+    report.txns_per_unit = (to - from + 1) as f64 / cfg.units as f64;
+    tracing::info!(secs = report.converge_secs, "converged");
+
+    let t = Instant::now();
+    let out = std::process::Command::new(cfg.bin_dir.join("fleetctl"))
+        .args(["--endpoint", &api, "list-units", "--no-legend"])
+        .output()
+        .context("fleetctl list-units")?;
+    report.list_units_secs = t.elapsed().as_secs_f64();
+    report.list_units_rows = String::from_utf8_lossy(&out.stdout).lines().count();
+
+    if cfg.faults {
+        // Idle: nothing changes; count etcd writes and CPU over a window.
+        let (rev0, e0, s0) = (revision(&admin, &keys).await?, cpu_secs(engine.0.id()), cpu_secs(std::process::id()));
+        tokio::time::sleep(Duration::from_secs(cfg.idle_secs)).await;
+        let (rev1, e1, s1) = (revision(&admin, &keys).await?, cpu_secs(engine.0.id()), cpu_secs(std::process::id()));
+        let per_min = 60.0 / cfg.idle_secs as f64;
+        report.idle_writes_per_min = Some((rev1 - rev0) as f64 * per_min);
+        report.idle_engine_cpu_secs_per_min = Some((e1 - e0) * per_min);
+        report.idle_sim_cpu_secs_per_min = Some((s1 - s0) * per_min);
+
+        // A machine lost: its units active elsewhere.
+        let victim = &machines[0];
+        let theirs: Vec<String> = {
+            let o = observed.borrow().clone();
+            let o = o.lock().unwrap_or_else(|e| e.into_inner());
+            o.active.iter().filter(|(_, ms)| ms.contains(&victim.id)).map(|(u, _)| u.clone()).collect()
+        };
+        let t = Instant::now();
+        victim.kill();
+        let vid = victim.id.clone();
+        let moved = |o: &Observed| theirs.iter().all(|u| o.active.get(u).is_some_and(|ms| ms.iter().any(|m| *m != vid)));
+        loop {
+            let done = {
+                let o = observed.borrow_and_update().clone();
+                let o = o.lock().unwrap_or_else(|e| e.into_inner());
+                moved(&o)
+            };
+            if done || t.elapsed() > Duration::from_secs(120) {
+                break;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(100), observed.changed()).await;
+        }
+        report.machine_lost_secs = Some(t.elapsed().as_secs_f64());
+
+        // The leader lost: a standby engine takes over and places a new unit.
+        let standby_port = cfg.api_port + 1;
+        let _standby = start_engine(&cfg, "sim-e2", standby_port).await?;
+        wait_until("the standby engine to serve", Duration::from_secs(30), || async {
+            leader_of(&http, standby_port).await == Some(false)
+        })
+        .await?;
+        let t = Instant::now();
+        let _ = engine.0.kill();
+        let _ = engine.0.wait();
+        let standby_api = format!("http://127.0.0.1:{standby_port}");
+        submit(&http, &standby_api, &["sim-after-failover.service".to_string()]).await?;
+        wait_until("a unit placed by the new leader", Duration::from_secs(60), || async {
+            let o = observed.borrow().clone();
+            let o = o.lock().unwrap_or_else(|e| e.into_inner());
+            o.active.get("sim-after-failover.service").is_some_and(|m| !m.is_empty())
+        })
+        .await?;
+        report.leader_lost_secs = Some(t.elapsed().as_secs_f64());
+    }
+
+    {
+        let o = observed.borrow().clone();
+        let o = o.lock().unwrap_or_else(|e| e.into_inner());
+        report.duplicates = o.active.values().filter(|m| m.len() > 1).count();
+        report.missing = names.iter().filter(|n| o.active.get(*n).is_none_or(|m| m.is_empty())).count();
+    }
+
+    for m in &machines {
+        let _ = m.shutdown.send(true);
+        m.kill();
+    }
+    drop(engine);
+    let _ = admin.kv_client().delete(keys.prefix(), Some(etcd_client::DeleteOptions::new().with_prefix())).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(report)
+}
