@@ -18,7 +18,7 @@ use crate::config::AgentConfig;
 use crate::driver::{for_each, UnitDriver};
 use crate::systemd::{ObservedUnit, Systemd, UnitChange};
 use etcd_client::{GetOptions, PutOptions, Txn, TxnOp};
-use fleet_model::etcd::{follow_prefix, is_transient, Change, Client, PrefixUpdate};
+use fleet_model::etcd::{follow_prefix, is_transient, list_prefix, Change, Client, PrefixUpdate};
 use fleet_model::retry::RetryPolicy;
 use fleet_model::schema::{decode, encode, Key};
 use fleet_model::unit_file::content_hash;
@@ -321,11 +321,9 @@ impl<D: UnitDriver> Agent<D> {
     /// scheduled here. False if etcd could not be read (try again later).
     async fn clean_up(&mut self) -> bool {
         let prefix = self.keys.schedule_of(&self.machine);
-        let mut kv = self.client.kv_client();
-        let got =
-            tokio::time::timeout(Duration::from_secs(3), kv.get(prefix, Some(GetOptions::new().with_prefix()))).await;
-        let Ok(Ok(resp)) = got else { return false };
-        self.apply_schedule_update(PrefixUpdate::snapshot(&resp));
+        let got = tokio::time::timeout(Duration::from_secs(10), list_prefix(&self.client, &prefix)).await;
+        let Ok(Ok(snapshot)) = got else { return false };
+        self.apply_schedule_update(snapshot);
         self.reconcile().await;
         tracing::info!(units = self.schedule.len(), "schedule relisted; units no longer scheduled here are stopped");
         true

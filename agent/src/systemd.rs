@@ -250,18 +250,6 @@ pub fn unit_path(name: &str) -> String {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn unit_paths_escape_like_systemd() {
-        assert_eq!(unit_path("hello.service"), "/org/freedesktop/systemd1/unit/hello_2eservice");
-        assert_eq!(unit_path("web@1.service"), "/org/freedesktop/systemd1/unit/web_401_2eservice");
-        assert_eq!(unit_path("1a-b.service"), "/org/freedesktop/systemd1/unit/_31a_2db_2eservice");
-    }
-}
-
 impl crate::driver::UnitDriver for Systemd {
     async fn reload(&self) -> Result<(), SystemdError> {
         Systemd::reload(self).await
@@ -289,5 +277,17 @@ impl crate::driver::UnitDriver for Systemd {
     }
     async fn watch_changes(&self, tx: mpsc::UnboundedSender<UnitChange>) -> Result<(), SystemdError> {
         Systemd::watch_changes(self, tx).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unit_paths_escape_like_systemd() {
+        assert_eq!(unit_path("hello.service"), "/org/freedesktop/systemd1/unit/hello_2eservice");
+        assert_eq!(unit_path("web@1.service"), "/org/freedesktop/systemd1/unit/web_401_2eservice");
+        assert_eq!(unit_path("1a-b.service"), "/org/freedesktop/systemd1/unit/_31a_2db_2eservice");
     }
 }

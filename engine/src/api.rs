@@ -147,12 +147,47 @@ where
         max_backoff: Duration::from_secs(1),
         timeout: Duration::from_secs(3),
     };
-    policy.run(what, fleet_model::etcd::is_transient, op).await.map_err(|e| match e {
-        fleet_model::retry::RetryError::Failed { source, .. } => ApiError::from(source),
-        fleet_model::retry::RetryError::TimedOut { .. } => {
-            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "fleet server unable to communicate with etcd")
-        }
-    })
+    policy
+        .run(what, fleet_model::etcd::is_transient, op)
+        .await
+        .map_err(|e| {
+            tracing::warn!(error = %e, "API request failed on etcd");
+            e
+        })
+        .map_err(|e| match e {
+            fleet_model::retry::RetryError::Failed { source, .. } => ApiError::from(source),
+            fleet_model::retry::RetryError::TimedOut { .. } => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "fleet server unable to communicate with etcd")
+            }
+        })
+}
+
+/// [`etcd`] for bulk writes, which may queue behind a busy cluster's other writers: longer
+/// attempts, same error mapping.
+async fn etcd_patient<T, F, Fut>(what: &str, op: F) -> Result<T, ApiError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    let policy = fleet_model::retry::RetryPolicy {
+        attempts: 4,
+        first_backoff: Duration::from_millis(100),
+        max_backoff: Duration::from_secs(1),
+        timeout: Duration::from_secs(30),
+    };
+    policy
+        .run(what, fleet_model::etcd::is_transient, op)
+        .await
+        .map_err(|e| {
+            tracing::warn!(error = %e, "API request failed on etcd");
+            e
+        })
+        .map_err(|e| match e {
+            fleet_model::retry::RetryError::Failed { source, .. } => ApiError::from(source),
+            fleet_model::retry::RetryError::TimedOut { .. } => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "fleet server unable to communicate with etcd")
+            }
+        })
 }
 
 /// Waits until this replica's view shows `revision`; if its watch seems stuck (a dead etcd
@@ -540,8 +575,59 @@ async fn create_units(
         records.push((UnitRecord { name, hash: f.hash(), desired_state: desired }, f.canonical()));
     }
     ready(&api)?;
+    tracing::debug!(units = records.len(), "creating units");
     let mut last_rev = 0;
     for chunk in records.chunks(UNITS_PER_TXN) {
+        let mut chunk: Vec<&(UnitRecord, String)> = chunk.iter().collect();
+        // A unit that exists with the same contents and desired state counts as created, so a
+        // client may retry a request whose answer it did not get.
+        for _ in 0..3 {
+            match write_new_units(&api, &chunk).await? {
+                Ok(rev) => {
+                    last_rev = rev;
+                    chunk.clear();
+                    break;
+                }
+                Err(existing) => {
+                    let differing: Vec<String> = existing
+                        .iter()
+                        .filter(|(name, stored)| {
+                            chunk.iter().any(|(r, _)| r.name.as_str() == name.as_str() && Some(r) != stored.as_ref())
+                        })
+                        .map(|(n, _)| n.clone())
+                        .collect();
+                    if !differing.is_empty() {
+                        return Err(ApiError::new(
+                            StatusCode::CONFLICT,
+                            format!(
+                                "units already exist with other contents or state: {}; units before them in the request were created",
+                                differing.join(" ")
+                            ),
+                        ));
+                    }
+                    chunk.retain(|(r, _)| !existing.iter().any(|(n, _)| n.as_str() == r.name.as_str()));
+                    if chunk.is_empty() {
+                        break;
+                    }
+                }
+            }
+        }
+        if !chunk.is_empty() {
+            return Err(ApiError::new(StatusCode::CONFLICT, "units changed concurrently; try again"));
+        }
+    }
+    tracing::debug!(units = records.len(), revision = last_rev, "units created; settling");
+    settle(&api, last_rev).await;
+    Ok((StatusCode::CREATED, Json(serde_json::json!({ "created": records.len() }))).into_response())
+}
+
+/// Writes units that must not exist yet, in one transaction. `Ok(revision)`, or the units of
+/// `chunk` that exist already with what is stored for them.
+async fn write_new_units(
+    api: &Api,
+    chunk: &[&(UnitRecord, String)],
+) -> Result<Result<i64, Vec<(String, Option<UnitRecord>)>>, ApiError> {
+    {
         let mut guards = Vec::new();
         let mut ops = Vec::new();
         let mut bodies = std::collections::HashSet::new();
@@ -554,25 +640,30 @@ async fn create_units(
             ops.push(TxnOp::put(key, encode(rec).map_err(|e| ApiError::internal(e.to_string()))?, None));
         }
         let txn = Txn::new().when(guards).and_then(ops);
-        let resp = etcd("write units", || {
+        let resp = etcd_patient("write units", || {
             let mut kv = api.client.kv_client();
             let t = txn.clone();
             async move { kv.txn(t).await }
         })
         .await?;
-        if !resp.succeeded() {
-            let existing: Vec<String> = api.cluster.read(|v| {
-                chunk.iter().filter(|(r, _)| v.units.contains_key(&r.name)).map(|(r, _)| r.name.to_string()).collect()
-            });
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                format!("units already exist: {}; units before them in the request were created", existing.join(" ")),
-            ));
+        if resp.succeeded() {
+            return Ok(Ok(resp.header().map(|h| h.revision()).unwrap_or(0)));
         }
-        last_rev = resp.header().map(|h| h.revision()).unwrap_or(last_rev);
+        let mut existing = Vec::new();
+        for (rec, _) in chunk {
+            let key = api.keys.unit(&rec.name);
+            let got = etcd_patient("read unit", || {
+                let mut kv = api.client.kv_client();
+                let k = key.clone();
+                async move { kv.get(k, None).await }
+            })
+            .await?;
+            if let Some(kv) = got.kvs().first() {
+                existing.push((rec.name.to_string(), decode::<UnitRecord>(kv.value()).ok()));
+            }
+        }
+        Ok(Err(existing))
     }
-    settle(&api, last_rev).await;
-    Ok((StatusCode::CREATED, Json(serde_json::json!({ "created": records.len() }))).into_response())
 }
 
 /// Refuses a unit that would replace a unit which replaces it: neither could ever settle.

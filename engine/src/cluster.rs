@@ -14,12 +14,15 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
 /// How often the view is rebuilt from a fresh list, in case a watch event was ever missed.
-pub const RESYNC: Duration = Duration::from_secs(300);
+pub const RESYNC: Duration = Duration::from_secs(1800);
 
 #[derive(Debug, Default, Clone)]
 pub struct ClusterView {
     /// etcd revision this view reflects; 0 until the first snapshot arrived.
     pub revision: i64,
+    /// Bumped by every change that can alter a placement (everything but unit states and the
+    /// leader's own notes), so the leader does not re-plan for each state an agent reports.
+    pub plan_generation: u64,
     pub units: BTreeMap<UnitName, UnitRecord>,
     /// Unit bodies by hash, with the revision each was last written at.
     pub bodies: HashMap<String, (String, i64)>,
@@ -41,15 +44,27 @@ pub struct ClusterView {
     pub drained: BTreeSet<String>,
     /// Users' pending (or refused) move requests.
     pub moves: BTreeMap<UnitName, MoveRequest>,
+    /// Units whose rules are not parsed yet (their body may not have arrived).
+    rules_missing: BTreeSet<UnitName>,
 }
 
 impl ClusterView {
     fn apply(&mut self, keys: &Keys, change: Change) {
+        let key = match &change {
+            Change::Put { key, .. } | Change::Delete { key } => key,
+        };
+        if !matches!(keys.decode(key), Some(Key::State(..)) | Some(Key::Why(_))) {
+            self.plan_generation += 1;
+        }
         match change {
             Change::Put { key, value, mod_revision, .. } => match keys.decode(&key) {
                 Some(Key::Unit(name)) => match decode::<UnitRecord>(&value) {
                     Ok(rec) => {
-                        self.rules.remove(&name);
+                        // Rules depend only on the name and the body: a new desired state keeps them.
+                        if self.units.get(&name).is_none_or(|old| old.hash != rec.hash) {
+                            self.rules.remove(&name);
+                            self.rules_missing.insert(name.clone());
+                        }
                         self.units.insert(name, rec);
                     }
                     Err(e) => {
@@ -109,6 +124,7 @@ impl ClusterView {
                 Some(Key::Unit(name)) => {
                     self.units.remove(&name);
                     self.rules.remove(&name);
+                    self.rules_missing.remove(&name);
                 }
                 Some(Key::Why(unit)) => {
                     self.why.remove(&unit);
@@ -156,10 +172,16 @@ impl ClusterView {
     /// Parses the rules of units that have a body but no parsed rules yet. Run after each batch
     /// of changes, since a unit and its body arrive in one transaction in either order.
     fn parse_missing_rules(&mut self) {
-        let missing: Vec<UnitName> = self.units.keys().filter(|u| !self.rules.contains_key(*u)).cloned().collect();
+        // Only units written since the last batch: a scan of every unit here would make a
+        // stream of small batches quadratic in the number of units.
+        let missing: Vec<UnitName> = self.rules_missing.iter().cloned().collect();
         for name in missing {
-            let Some(rec) = self.units.get(&name) else { continue };
+            let Some(rec) = self.units.get(&name) else {
+                self.rules_missing.remove(&name);
+                continue;
+            };
             let Some((text, _)) = self.bodies.get(&rec.hash) else { continue };
+            self.rules_missing.remove(&name);
             let rules = UnitFile::parse(text)
                 .map_err(|e| format!("invalid unit file: {e}"))
                 .and_then(|f| Rules::parse(&name, &f).map_err(|e| e.to_string()));
@@ -188,6 +210,7 @@ fn remove_nested<V>(map: &mut BTreeMap<UnitName, BTreeMap<String, V>>, unit: &Un
 pub struct Cluster {
     view: Arc<RwLock<ClusterView>>,
     revision: watch::Receiver<i64>,
+    plan: watch::Receiver<u64>,
     kick: Arc<tokio::sync::Notify>,
 }
 
@@ -196,6 +219,7 @@ impl Cluster {
     pub fn follow(client: fleet_model::etcd::Client, keys: Keys) -> Self {
         let view = Arc::new(RwLock::new(ClusterView::default()));
         let (rev_tx, rev_rx) = watch::channel(0);
+        let (plan_tx, plan_rx) = watch::channel(0u64);
         let (tx, mut rx) = mpsc::channel(256);
         let kick = Arc::new(tokio::sync::Notify::new());
         tokio::spawn(fleet_model::etcd::follow_prefix_kickable(
@@ -208,8 +232,10 @@ impl Cluster {
         let shared = view.clone();
         tokio::spawn(async move {
             while let Some(update) = rx.recv().await {
-                let rev = {
-                    let Ok(mut v) = shared.write() else { return };
+                // Waiting for the lock (a leader pass may hold it for a while at scale) and
+                // applying a large batch are blocking work: keep them off the async workers.
+                let applied = tokio::task::block_in_place(|| {
+                    let Ok(mut v) = shared.write() else { return None };
                     match update {
                         PrefixUpdate::Snapshot { revision, puts } => {
                             let mut fresh = ClusterView::default();
@@ -217,6 +243,7 @@ impl Cluster {
                                 fresh.apply(&keys, c);
                             }
                             fresh.revision = revision;
+                            fresh.plan_generation = v.plan_generation + 1;
                             fresh.parse_missing_rules();
                             *v = fresh;
                         }
@@ -228,14 +255,16 @@ impl Cluster {
                             v.revision = v.revision.max(revision);
                         }
                     }
-                    v.revision
-                };
+                    Some((v.revision, v.plan_generation))
+                });
+                let Some((rev, generation)) = applied else { return };
+                plan_tx.send_if_modified(|g| std::mem::replace(g, generation) != generation);
                 if rev_tx.send(rev).is_err() {
                     return;
                 }
             }
         });
-        Cluster { view, revision: rev_rx, kick }
+        Cluster { view, revision: rev_rx, plan: plan_rx, kick }
     }
 
     /// Runs `f` on the current view.
@@ -248,6 +277,12 @@ impl Cluster {
 
     pub fn revision(&self) -> i64 {
         *self.revision.borrow()
+    }
+
+    /// Changes when something that can alter a placement changed (see
+    /// [`ClusterView::plan_generation`]).
+    pub fn subscribe_plan(&self) -> watch::Receiver<u64> {
+        self.plan.clone()
     }
 
     pub fn subscribe(&self) -> watch::Receiver<i64> {

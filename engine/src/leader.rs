@@ -184,10 +184,10 @@ impl Leader {
     }
 
     async fn lead(&self, fence: Compare, lost: &mut watch::Receiver<bool>) -> Result<(), LeadError> {
-        let mut revisions = self.cluster.subscribe();
+        let mut revisions = self.cluster.subscribe_plan();
         loop {
-            let seen = *revisions.borrow_and_update();
-            if seen > 0 {
+            revisions.borrow_and_update();
+            if self.cluster.revision() > 0 {
                 self.pass(&fence).await?;
             }
             let next_fence = self.fences.lock().ok().and_then(|f| f.next_expiry);
@@ -207,45 +207,48 @@ impl Leader {
 
     /// One planning pass over the current view, then waits until the view shows its writes.
     async fn pass(&self, fence: &Compare) -> Result<(), LeadError> {
-        let (outcome, why_ops, orphans, view_rev) = self.cluster.read(|v| {
-            let fencing = match self.fences.lock() {
-                Ok(mut f) => f.update(&v.machines, v.schedule.values().flat_map(|e| e.keys().cloned())),
-                Err(_) => Default::default(),
-            };
-            let out = scheduler::schedule(&Snapshot {
-                drained: &v.drained,
-                fencing: &fencing,
-                units: &v.units,
-                rules: &v.rules,
-                machines: &v.machines,
-                schedule: &v.schedule,
-                moves: &v.moves,
-            });
-            // Record why units are not placed, and forget the reason once they are.
-            let mut why_ops = Vec::new();
-            for (u, result) in &out.moves {
-                match result {
-                    MoveOutcome::Done => why_ops.push(TxnOp::delete(self.keys.moves(u), None)),
-                    MoveOutcome::Refused(why) => {
-                        let Some(req) = v.moves.get(u) else { continue };
-                        if req.refused != *why {
-                            let refused = MoveRequest { refused: why.clone(), ..req.clone() };
-                            if let Ok(value) = encode(&refused) {
-                                why_ops.push(TxnOp::put(self.keys.moves(u), value, None));
+        // A pass over a large cluster is CPU work under the view's lock: off the async workers.
+        let (outcome, why_ops, orphans, view_rev) = tokio::task::block_in_place(|| {
+            self.cluster.read(|v| {
+                let fencing = match self.fences.lock() {
+                    Ok(mut f) => f.update(&v.machines, v.schedule.values().flat_map(|e| e.keys().cloned())),
+                    Err(_) => Default::default(),
+                };
+                let out = scheduler::schedule(&Snapshot {
+                    drained: &v.drained,
+                    fencing: &fencing,
+                    units: &v.units,
+                    rules: &v.rules,
+                    machines: &v.machines,
+                    schedule: &v.schedule,
+                    moves: &v.moves,
+                });
+                // Record why units are not placed, and forget the reason once they are.
+                let mut why_ops = Vec::new();
+                for (u, result) in &out.moves {
+                    match result {
+                        MoveOutcome::Done => why_ops.push(TxnOp::delete(self.keys.moves(u), None)),
+                        MoveOutcome::Refused(why) => {
+                            let Some(req) = v.moves.get(u) else { continue };
+                            if req.refused != *why {
+                                let refused = MoveRequest { refused: why.clone(), ..req.clone() };
+                                if let Ok(value) = encode(&refused) {
+                                    why_ops.push(TxnOp::put(self.keys.moves(u), value, None));
+                                }
                             }
                         }
                     }
                 }
-            }
-            for (u, why) in &out.unplaceable {
-                if v.why.get(u) != Some(why) {
-                    why_ops.push(TxnOp::put(self.keys.why(u), why.as_str(), None));
+                for (u, why) in &out.unplaceable {
+                    if v.why.get(u) != Some(why) {
+                        why_ops.push(TxnOp::put(self.keys.why(u), why.as_str(), None));
+                    }
                 }
-            }
-            for u in v.why.keys().filter(|u| !out.unplaceable.contains_key(*u)) {
-                why_ops.push(TxnOp::delete(self.keys.why(u), None));
-            }
-            (out, why_ops, v.orphan_bodies(), v.revision)
+                for u in v.why.keys().filter(|u| !out.unplaceable.contains_key(*u)) {
+                    why_ops.push(TxnOp::delete(self.keys.why(u), None));
+                }
+                (out, why_ops, v.orphan_bodies(), v.revision)
+            })
         });
         if let Ok(mut s) = self.status.lock() {
             if s.unplaceable.len() != outcome.unplaceable.len()

@@ -58,7 +58,11 @@ pub async fn run(mut config: watch::Receiver<EngineConfig>, mut shutdown: watch:
     };
     let client = connect(&etcd, RetryPolicy { attempts: 30, ..RetryPolicy::default() }).await?;
     let keys = Keys::new(&cfg.etcd_prefix);
-    let cluster = cluster::Cluster::follow(client.clone(), keys.clone());
+    // The watch gets a connection of its own: HTTP/2 flow control is shared per connection, so
+    // a burst of watch events not yet consumed would otherwise stall the API's and the leader's
+    // writes behind it.
+    let watch_client = connect(&etcd, RetryPolicy { attempts: 30, ..RetryPolicy::default() }).await?;
+    let cluster = cluster::Cluster::follow(watch_client, keys.clone());
     let status = Arc::new(Mutex::new(leader::LeaderStatus { engine_id: cfg.engine_id.clone(), ..Default::default() }));
     let api = api::Api {
         client: client.clone(),

@@ -102,7 +102,7 @@ async fn start_engine(cfg: &SimConfig, name: &str, port: u16) -> Result<Child> {
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .args(["--engine-id", name])
         .args(["--election-ttl-secs", &cfg.election_ttl_secs.to_string()])
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", std::env::var("FLEET_SIM_ENGINE_LOG").unwrap_or_else(|_| "warn".into()))
         .stdout(std::process::Stdio::null())
         .stderr(log)
         .spawn()
@@ -226,8 +226,8 @@ fn follow(client: Client, keys: Keys, from: i64) -> watch::Receiver<std::sync::A
                             o.last_placed = Some(now);
                         }
                         Some(Key::State(m, u)) => {
-                            let active = put
-                                && decode::<UnitStateRecord>(kv.value()).is_ok_and(|s| s.active_state == "active");
+                            let active =
+                                put && decode::<UnitStateRecord>(kv.value()).is_ok_and(|s| s.active_state == "active");
                             let set = o.active.entry(u.to_string()).or_default();
                             if active {
                                 set.insert(m);
@@ -264,16 +264,21 @@ async fn submit(http: &reqwest::Client, api: &str, names: &[String]) -> Result<(
             })
         })
         .collect();
-    let resp = http
-        .post(format!("{api}/fleet/v1/units"))
-        .json(&serde_json::json!({ "units": units }))
-        .send()
-        .await
-        .context("POST /fleet/v1/units")?;
-    if !resp.status().is_success() {
-        bail!("POST /fleet/v1/units: {} {}", resp.status(), resp.text().await.unwrap_or_default());
+    let body = serde_json::json!({ "units": units });
+    // An engine that just started answers 503 until its view is loaded; retry as fleetctl does.
+    // The request is idempotent: units created by an earlier attempt count as created.
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let resp = http.post(format!("{api}/fleet/v1/units")).json(&body).send().await;
+        match resp {
+            Ok(r) if r.status().is_success() => return Ok(()),
+            Ok(r) if r.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE && Instant::now() < until => {}
+            Ok(r) => bail!("POST /fleet/v1/units: {} {}", r.status(), r.text().await.unwrap_or_default()),
+            Err(e) if Instant::now() < until => tracing::warn!(error = %e, "POST /fleet/v1/units; retrying"),
+            Err(e) => return Err(e).context("POST /fleet/v1/units"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    Ok(())
 }
 
 /// Runs one simulation and cleans up its etcd prefix, processes and files.
@@ -390,7 +395,8 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport> {
         let t = Instant::now();
         victim.kill();
         let vid = victim.id.clone();
-        let moved = |o: &Observed| theirs.iter().all(|u| o.active.get(u).is_some_and(|ms| ms.iter().any(|m| *m != vid)));
+        let moved =
+            |o: &Observed| theirs.iter().all(|u| o.active.get(u).is_some_and(|ms| ms.iter().any(|m| *m != vid)));
         loop {
             let done = {
                 let o = observed.borrow_and_update().clone();

@@ -79,6 +79,57 @@ impl PrefixUpdate {
     }
 }
 
+/// Keys per page when listing a prefix: a page stays far below gRPC's 4 MiB message limit even
+/// with large unit bodies, however many keys the prefix holds.
+const LIST_PAGE: i64 = 1000;
+
+/// The first key after every key starting with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+/// Lists every key under `prefix` as one consistent snapshot (all pages read at the revision of
+/// the first), in pages of [`LIST_PAGE`] keys.
+pub async fn list_prefix(client: &Client, prefix: &str) -> Result<PrefixUpdate, etcd_client::Error> {
+    let end = prefix_end(prefix.as_bytes());
+    let mut kv = client.kv_client();
+    let mut from = prefix.as_bytes().to_vec();
+    let mut revision = 0;
+    let mut puts = Vec::new();
+    loop {
+        let mut opts = GetOptions::new().with_range(end.clone()).with_limit(LIST_PAGE);
+        if revision > 0 {
+            opts = opts.with_revision(revision);
+        }
+        let resp = kv.get(from.clone(), Some(opts)).await?;
+        if revision == 0 {
+            revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        }
+        for kv in resp.kvs() {
+            puts.push(Change::Put {
+                key: kv.key().to_vec(),
+                value: kv.value().to_vec(),
+                lease: kv.lease(),
+                mod_revision: kv.mod_revision(),
+            });
+        }
+        match resp.kvs().last() {
+            Some(last) if resp.more() => {
+                from = last.key().to_vec();
+                from.push(0);
+            }
+            _ => return Ok(PrefixUpdate::Snapshot { revision, puts }),
+        }
+    }
+}
+
 /// Follows `prefix` for as long as `tx` is open: a snapshot, then watch events from the next
 /// revision; reconnects with backoff from the last revision seen, and relists after compaction.
 /// This is the only way fleet processes read etcd continuously, so no one polls.
@@ -108,14 +159,8 @@ pub async fn follow_prefix_kickable(
         let start = match revision {
             Some(r) => r + 1,
             None => {
-                let got = policy
-                    .run("list prefix", is_transient, || {
-                        let mut kv = client.kv_client();
-                        let p = prefix.clone();
-                        async move { kv.get(p, Some(GetOptions::new().with_prefix())).await }
-                    })
-                    .await;
-                let resp = match got {
+                let got = policy.run("list prefix", is_transient, || list_prefix(&client, &prefix)).await;
+                let snapshot = match got {
                     Ok(r) => r,
                     Err(e) => {
                         tracing::warn!(%prefix, error = %e, "cannot list prefix");
@@ -123,8 +168,9 @@ pub async fn follow_prefix_kickable(
                         continue;
                     }
                 };
-                let snapshot = PrefixUpdate::snapshot(&resp);
-                let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
+                let rev = match &snapshot {
+                    PrefixUpdate::Snapshot { revision, .. } | PrefixUpdate::Changes { revision, .. } => *revision,
+                };
                 if tx.send(snapshot).await.is_err() {
                     return;
                 }
@@ -182,6 +228,13 @@ pub async fn follow_prefix_kickable(
                         tracing::warn!(%prefix, reason = resp.cancel_reason(), "watch cancelled; rewatching");
                         break;
                     }
+                    // The response confirming a new watch carries the store's current revision
+                    // in its header, not the revision the watch has delivered up to: taking it
+                    // as progress would skip every event still queued behind it (and a rewatch
+                    // would then start after them, losing them for good).
+                    if resp.created() && resp.events().is_empty() {
+                        continue;
+                    }
                     let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
                     let changes: Vec<Change> = resp
                         .events()
@@ -221,5 +274,17 @@ pub async fn follow_prefix_kickable(
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(MAX_REWATCH_BACKOFF);
+    }
+}
+
+#[cfg(test)]
+mod list_tests {
+    use super::prefix_end;
+
+    #[test]
+    fn prefix_end_is_the_first_key_after_the_prefix() {
+        assert_eq!(prefix_end(b"/fleet/"), b"/fleet0".to_vec());
+        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(prefix_end(b"\xff"), vec![0]);
     }
 }
