@@ -26,8 +26,11 @@ use fleet_model::{DesiredState, Keys, ScheduleEntry, UnitName, UnitStateRecord};
 use futures::StreamExt;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
+
+/// How long a unit may stay `activating`/`deactivating` before that is published.
+const TRANSIENT_GRACE: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -57,6 +60,8 @@ pub struct Agent<D: UnitDriver = Systemd> {
     published: HashMap<String, UnitStateRecord>,
     /// Units whose state must be (re)published once a lease is available.
     unpublished: BTreeSet<String>,
+    /// Units seen starting or stopping, and since when (their state is published once settled).
+    transient_since: HashMap<String, Instant>,
     lease: Option<i64>,
     path_to_unit: HashMap<String, String>,
     schedule_seen: bool,
@@ -92,6 +97,7 @@ impl<D: UnitDriver> Agent<D> {
             applied: BTreeMap::new(),
             published: HashMap::new(),
             unpublished: BTreeSet::new(),
+            transient_since: HashMap::new(),
             lease: None,
             path_to_unit: HashMap::new(),
             schedule_seen: false,
@@ -233,8 +239,12 @@ impl<D: UnitDriver> Agent<D> {
                     retry_at = Some(tokio::time::Instant::now() + Duration::from_secs(1));
                 }
             }
-            if !self.unpublished.is_empty() && self.publish().await.is_err() && retry_at.is_none() {
-                retry_at = Some(tokio::time::Instant::now() + Duration::from_secs(1));
+            if !self.unpublished.is_empty() {
+                // Failed, or states deferred while units start: look again in a moment.
+                let failed = self.publish().await.is_err();
+                if (failed || !self.unpublished.is_empty()) && retry_at.is_none() {
+                    retry_at = Some(tokio::time::Instant::now() + TRANSIENT_GRACE);
+                }
             }
         }
         if self.stop_units_on_exit {
@@ -460,6 +470,7 @@ impl<D: UnitDriver> Agent<D> {
         };
         let names: Vec<String> = self.unpublished.iter().cloned().collect();
         let observed = self.systemd.observe(&names).await?;
+        let mut deferred = BTreeSet::new();
         let mut ops = Vec::new();
         let mut next: Vec<(String, Option<UnitStateRecord>)> = Vec::new();
         for name in &names {
@@ -474,6 +485,18 @@ impl<D: UnitDriver> Agent<D> {
                         active_state: "inactive".into(),
                         sub_state: "dead".into(),
                     });
+                    // A unit on its way up or down is reported once it gets there (systemd
+                    // signals that), which saves a write per start; one that stays in between
+                    // for a second is reported as it is.
+                    if matches!(o.active_state.as_str(), "activating" | "deactivating") {
+                        let since = *self.transient_since.entry(name.clone()).or_insert_with(Instant::now);
+                        if since.elapsed() < TRANSIENT_GRACE {
+                            deferred.insert(name.clone());
+                            continue;
+                        }
+                    } else {
+                        self.transient_since.remove(name);
+                    }
                     let rec = UnitStateRecord {
                         hash: hash.clone(),
                         load_state: o.load_state,
@@ -513,7 +536,7 @@ impl<D: UnitDriver> Agent<D> {
                 Err(_) => return Err(AgentError::Etcd("publishing unit states timed out".into())),
             }
         }
-        self.unpublished.clear();
+        self.unpublished = deferred;
         Ok(())
     }
 }
