@@ -41,6 +41,10 @@ enum LeadError {
 
 pub struct Leader {
     pub client: Client,
+    /// A connection without a per-request timeout, for the campaign: a campaign blocks for as long
+    /// as another engine leads, and a timeout would make every follower campaign again (two
+    /// etcd writes) every few seconds of an idle cluster.
+    pub election: Client,
     pub keys: Keys,
     pub cluster: Cluster,
     pub engine_id: String,
@@ -164,7 +168,7 @@ impl Leader {
         };
         let _observe_guard = AbortOnDrop(observe);
 
-        let mut ec = self.client.election_client();
+        let mut ec = self.election.election_client();
         let campaign = ec.campaign(self.keys.leader(), self.engine_id.clone(), lease);
         let won = tokio::select! {
             r = campaign => r?,

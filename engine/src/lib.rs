@@ -113,7 +113,13 @@ pub async fn run(mut config: watch::Receiver<EngineConfig>, mut shutdown: watch:
             }));
         }
     }
+    let election = connect(
+        &EtcdConfig { request_timeout: Duration::from_secs(365 * 24 * 3600), ..etcd.clone() },
+        RetryPolicy { attempts: 30, ..RetryPolicy::default() },
+    )
+    .await?;
     let leader = leader::Leader {
+        election,
         client,
         keys,
         cluster,

@@ -194,6 +194,8 @@ struct Observed {
     first_placed: Option<Instant>,
     last_placed: Option<Instant>,
     puts: u64,
+    /// Puts and deletes under the prefix.
+    writes: u64,
 }
 
 impl Observed {
@@ -216,6 +218,7 @@ fn follow(client: Client, keys: Keys, from: i64) -> watch::Receiver<std::sync::A
                 for ev in resp.events() {
                     let Some(kv) = ev.kv() else { continue };
                     let put = ev.event_type() == etcd_client::EventType::Put;
+                    o.writes += 1;
                     if put {
                         o.puts += 1;
                     }
@@ -377,9 +380,16 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport> {
 
     if cfg.faults {
         // Idle: nothing changes; count etcd writes and CPU over a window.
-        let (rev0, e0, s0) = (revision(&admin, &keys).await?, cpu_secs(engine.0.id()), cpu_secs(std::process::id()));
+        // Writes are counted under this simulation's prefix (etcd's revision is shared with
+        // whatever else uses the same etcd).
+        let writes = || {
+            let o = observed.borrow().clone();
+            let n = o.lock().unwrap_or_else(|e| e.into_inner()).writes;
+            n
+        };
+        let (rev0, e0, s0) = (writes(), cpu_secs(engine.0.id()), cpu_secs(std::process::id()));
         tokio::time::sleep(Duration::from_secs(cfg.idle_secs)).await;
-        let (rev1, e1, s1) = (revision(&admin, &keys).await?, cpu_secs(engine.0.id()), cpu_secs(std::process::id()));
+        let (rev1, e1, s1) = (writes(), cpu_secs(engine.0.id()), cpu_secs(std::process::id()));
         let per_min = 60.0 / cfg.idle_secs as f64;
         report.idle_writes_per_min = Some((rev1 - rev0) as f64 * per_min);
         report.idle_engine_cpu_secs_per_min = Some((e1 - e0) * per_min);
