@@ -148,8 +148,12 @@ impl UnitDriver for SimulatedSystemd {
     }
 
     async fn start(&self, name: &str) -> Result<(), SystemdError> {
-        let Some(fails) = self.with(|s| s.units.contains_key(name).then(|| s.linked.get(name).copied()).flatten())
-        else {
+        // Like systemd since v247: a newly linked unit is loaded on first use, without a reload.
+        let Some(fails) = self.with(|s| {
+            let fails = s.linked.get(name).copied()?;
+            s.units.entry(name.to_string()).or_insert_with(|| observed("loaded", "inactive", "dead"));
+            Some(fails)
+        }) else {
             return Err(unknown("StartUnit", name));
         };
         self.set(name, observed("loaded", "activating", "start"));

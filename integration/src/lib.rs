@@ -7,6 +7,7 @@
 //! Processes are tracked and stopped by PID; leftovers of an earlier run (namespaces, links, the
 //! bridge, stale sockets) are removed before a new one starts.
 
+pub mod bench;
 pub mod faults;
 pub mod net;
 pub mod process;

@@ -46,6 +46,19 @@ enum Cmd {
     Cut { name: String },
     /// Reconnect a machine that was cut off.
     Heal { name: String },
+    /// The scale benchmark: simulated clusters of 1k/10k/100k units, then real systemd on a
+    /// 5-machine lab; writes docs/performance.md (replaces any running lab).
+    Bench {
+        /// One simulated size instead of the three: machines...
+        #[arg(long, requires = "units")]
+        machines: Option<usize>,
+        /// ...and units.
+        #[arg(long, requires = "machines")]
+        units: Option<usize>,
+        /// Skip the real-systemd measures on the lab.
+        #[arg(long)]
+        no_lab: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -71,6 +84,19 @@ fn main() -> Result<()> {
         Cmd::Ps => rt.block_on(ps()),
         Cmd::Env => env(),
         Cmd::Demo => rt.block_on(demo()),
+        Cmd::Bench { machines, units, no_lab } => rt.block_on(async {
+            let sizes = match (machines, units) {
+                (Some(m), Some(u)) => vec![(m, u)],
+                _ => vec![(100, 1_000), (1_000, 10_000), (10_000, 100_000)],
+            };
+            let lab = if no_lab { None } else { Some(up(5, 1, 1, &[]).await?) };
+            let out = repo_dir().join("docs/performance.md");
+            let result = lab::bench::bench(&sizes, &target_dir()?, lab.as_ref(), &out).await;
+            if lab.is_some() {
+                down()?;
+            }
+            result
+        }),
     }
 }
 

@@ -1,0 +1,508 @@
+//! `./lab bench`: the scale benchmark. Simulated clusters of growing size (`fleet-sim`, against a
+//! dedicated single-member etcd) and measures on the lab's real machines (real systemd), written
+//! as a table to `docs/performance.md`.
+
+use crate::sim::{run as run_sim, SimConfig, SimReport};
+use crate::{process, LabState, MachineProc};
+use anyhow::{bail, Context, Result};
+use fleet_model::schema::{decode, Key};
+use fleet_model::{Keys, UnitStateRecord};
+use futures::StreamExt;
+use std::collections::{HashMap, HashSet};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const BENCH_ETCD_PORT: u16 = 12600;
+
+/// What the real-systemd part measured.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct LabReport {
+    pub machines: usize,
+    pub latency_p50_ms: f64,
+    pub latency_p99_ms: f64,
+    pub thousand_units_secs: f64,
+    pub destroy_thousand_secs: f64,
+    pub agent_rss_mib_with_1000_units: f64,
+    pub agent_idle_cpu_secs_per_min: f64,
+    pub agent_idle_wakeups_per_min: f64,
+}
+
+/// A dedicated etcd for the simulations, on tmpfs, killed (by PID) when dropped.
+struct BenchEtcd {
+    child: std::process::Child,
+    dir: PathBuf,
+}
+
+impl BenchEtcd {
+    fn start() -> Result<Self> {
+        let dir = PathBuf::from("/dev/shm/fl-bench-etcd");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let log = std::fs::File::create(dir.with_extension("log"))?;
+        let client = format!("http://127.0.0.1:{BENCH_ETCD_PORT}");
+        let peer = format!("http://127.0.0.1:{}", BENCH_ETCD_PORT + 1);
+        let child = std::process::Command::new("etcd")
+            .args(["--name", "flbench", "--data-dir"])
+            .arg(&dir)
+            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("flbench={peer}")])
+            .args(["--quota-backend-bytes", "8589934592", "--auto-compaction-retention", "1"])
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("cannot start etcd for the benchmark")?;
+        Ok(BenchEtcd { child, dir })
+    }
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{BENCH_ETCD_PORT}")
+    }
+}
+
+impl Drop for BenchEtcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Runs the simulated sizes, then the lab measures if `lab` is given, and writes `out`.
+pub async fn bench(sizes: &[(usize, usize)], bin_dir: &Path, lab: Option<&LabState>, out: &Path) -> Result<()> {
+    let etcd = BenchEtcd::start()?;
+    crate::wait_etcd(&[etcd.endpoint()], Duration::from_secs(30)).await?;
+    let mut sims = Vec::new();
+    for (i, (machines, units)) in sizes.iter().enumerate() {
+        eprintln!("bench: {machines} simulated machines, {units} units");
+        let report = run_sim(SimConfig {
+            etcd_endpoints: vec![etcd.endpoint()],
+            prefix: format!("/fleet-bench-{i}/"),
+            machines: *machines,
+            units: *units,
+            lease_ttl_secs: 10,
+            election_ttl_secs: 5,
+            bin_dir: bin_dir.to_path_buf(),
+            api_port: 12570,
+            faults: true,
+            idle_secs: 30,
+        })
+        .await
+        .with_context(|| format!("simulation of {machines} machines, {units} units"))?;
+        eprintln!("{}", serde_json::to_string(&report)?);
+        sims.push(report);
+    }
+    drop(etcd);
+    let lab_report = match lab {
+        Some(state) => {
+            eprintln!("bench: real systemd on {} lab machines", state.machines.len());
+            let r = lab_measures(state).await?;
+            eprintln!("{}", serde_json::to_string(&r)?);
+            Some(r)
+        }
+        None => None,
+    };
+    std::fs::write(out, render(&sims, lab_report.as_ref()))?;
+    eprintln!("bench: wrote {}", out.display());
+    Ok(())
+}
+
+fn unit_json(name: &str, xfleet: &str) -> serde_json::Value {
+    let mut options =
+        vec![serde_json::json!({"section": "Service", "name": "ExecStart", "value": "/bin/sleep infinity"})];
+    if !xfleet.is_empty() {
+        let (k, v) = xfleet.split_once('=').unwrap_or((xfleet, ""));
+        options.push(serde_json::json!({"section": "X-Fleet", "name": k, "value": v}));
+    }
+    serde_json::json!({"name": name, "desiredState": "launched", "options": options})
+}
+
+/// Unit name -> active somewhere, from a watch on the lab's states.
+type Active = std::sync::Arc<std::sync::Mutex<HashMap<String, HashSet<String>>>>;
+
+async fn watch_active(client: etcd_client::Client, keys: Keys) -> Result<(Active, tokio::task::JoinHandle<()>)> {
+    let active: Active = Default::default();
+    let mut kv = client.kv_client();
+    let rev = kv.get(keys.prefix(), Some(etcd_client::GetOptions::new().with_count_only())).await?;
+    let from = rev.header().map(|h| h.revision()).unwrap_or(0) + 1;
+    let mut wc = client.watch_client();
+    let opts = etcd_client::WatchOptions::new().with_prefix().with_start_revision(from);
+    let mut stream = wc.watch(keys.states(), Some(opts)).await?;
+    let shared = active.clone();
+    let task = tokio::spawn(async move {
+        let _keep = wc;
+        while let Ok(Some(resp)) = stream.message().await {
+            let mut a = shared.lock().unwrap_or_else(|e| e.into_inner());
+            for ev in resp.events() {
+                let Some(kv) = ev.kv() else { continue };
+                if let Some(Key::State(m, u)) = keys.decode(kv.key()) {
+                    let up = ev.event_type() == etcd_client::EventType::Put
+                        && decode::<UnitStateRecord>(kv.value()).is_ok_and(|s| s.active_state == "active");
+                    let set = a.entry(u.to_string()).or_default();
+                    if up {
+                        set.insert(m);
+                    } else {
+                        set.remove(&m);
+                    }
+                }
+            }
+        }
+    });
+    Ok((active, task))
+}
+
+async fn wait_active(active: &Active, names: &[String], want: bool, timeout: Duration) -> Result<()> {
+    let until = Instant::now() + timeout;
+    loop {
+        let done = {
+            let a = active.lock().unwrap_or_else(|e| e.into_inner());
+            names.iter().all(|n| a.get(n).is_some_and(|m| !m.is_empty()) == want)
+        };
+        if done {
+            return Ok(());
+        }
+        if Instant::now() > until {
+            let a = active.lock().unwrap_or_else(|e| e.into_inner());
+            let pending: Vec<&String> =
+                names.iter().filter(|n| a.get(*n).is_some_and(|m| !m.is_empty()) != want).collect();
+            bail!(
+                "timed out waiting for {} units to become {}; {} did not, e.g. {:?}",
+                names.len(),
+                if want { "active" } else { "gone" },
+                pending.len(),
+                pending.first()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+fn agent_pid(m: &MachineProc) -> Option<u32> {
+    let mut queue = vec![m.pid];
+    while let Some(p) = queue.pop() {
+        if std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "fleet-agent") {
+            return Some(p);
+        }
+        queue.extend(process::children(p));
+    }
+    None
+}
+
+fn status_field(pid: u32, field: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0.0)
+}
+
+/// Context switches of each thread of `pid` (each is a wakeup), by thread id.
+fn wakeups(pid: u32) -> HashMap<u32, f64> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return HashMap::new() };
+    tasks
+        .flatten()
+        .filter_map(|t| t.file_name().to_str().and_then(|s| s.parse::<u32>().ok()))
+        .map(|tid| {
+            let s = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap_or_default();
+            let n = s
+                .lines()
+                .filter(|l| l.starts_with("voluntary_ctxt_switches") || l.starts_with("nonvoluntary_ctxt_switches"))
+                .filter_map(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()))
+                .sum::<f64>();
+            (tid, n)
+        })
+        .collect()
+}
+
+/// Wakeups between two samples, over threads alive in both (idle blocking-pool threads exit).
+fn wakeups_between(a: &HashMap<u32, f64>, b: &HashMap<u32, f64>) -> f64 {
+    b.iter().filter_map(|(tid, n)| a.get(tid).map(|m| n - m)).sum()
+}
+
+fn cpu_secs(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
+    let Some((_, rest)) = stat.rsplit_once(')') else { return 0.0 };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (t(11) + t(12)) / 100.0
+}
+
+async fn lab_measures(state: &LabState) -> Result<LabReport> {
+    let api = state.api_url().context("the lab has no engine")?.to_string();
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(120)).build()?;
+    let client = etcd_client::Client::connect(state.etcd_endpoints(), None).await?;
+    let keys = Keys::new(crate::ETCD_PREFIX);
+    let (active, watcher) = watch_active(client, keys).await?;
+    let mut report = LabReport { machines: state.machines.len(), ..Default::default() };
+    let mut created: Vec<String> = Vec::new();
+
+    // Latency of one unit: PUT (as `fleetctl start` does) until its agent reports it active.
+    let mut samples = Vec::new();
+    for i in 0..100 {
+        let name = format!("bench-lat-{i:03}.service");
+        let t = Instant::now();
+        let resp = http.put(format!("{api}/fleet/v1/units/{name}")).json(&unit_json(&name, "")).send().await?;
+        if !resp.status().is_success() {
+            bail!("PUT {name}: {}", resp.status());
+        }
+        created.push(name.clone());
+        wait_active(&active, std::slice::from_ref(&name), true, Duration::from_secs(30)).await?;
+        samples.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    samples.sort_by(|a, b| a.total_cmp(b));
+    report.latency_p50_ms = samples[samples.len() / 2];
+    report.latency_p99_ms = samples[(samples.len() * 99 / 100).min(samples.len() - 1)];
+
+    eprintln!("bench: latency p50 {:.0} ms, p99 {:.0} ms", report.latency_p50_ms, report.latency_p99_ms);
+    // 1,000 units across the machines, submitted in one request, until all are active.
+    let names: Vec<String> = (0..1000).map(|i| format!("bench-k-{i:04}.service")).collect();
+    let t = Instant::now();
+    let body = serde_json::json!({"units": names.iter().map(|n| unit_json(n, "")).collect::<Vec<_>>()});
+    let resp = http.post(format!("{api}/fleet/v1/units")).json(&body).send().await?;
+    if !resp.status().is_success() {
+        bail!("POST 1,000 units: {} {}", resp.status(), resp.text().await.unwrap_or_default());
+    }
+    wait_active(&active, &names, true, Duration::from_secs(300)).await?;
+    report.thousand_units_secs = t.elapsed().as_secs_f64();
+
+    eprintln!("bench: 1,000 units active in {:.1} s", report.thousand_units_secs);
+    // Destroy them all (the original took ~170 s for 100) until systemd stopped every one.
+    let t = Instant::now();
+    delete_all(&http, &api, &names).await?;
+    wait_active(&active, &names, false, Duration::from_secs(300)).await?;
+    report.destroy_thousand_secs = t.elapsed().as_secs_f64();
+
+    eprintln!("bench: 1,000 units destroyed in {:.1} s", report.destroy_thousand_secs);
+    // 1,000 units on one machine: the agent's memory, then its cost while nothing changes.
+    let m = state.machines.first().context("the lab has no machine")?;
+    let pinned: Vec<String> = (0..1000).map(|i| format!("bench-r-{i:04}.service")).collect();
+    let hostname = format!("MachineMetadata=hostname={}", m.name);
+    let body = serde_json::json!({"units": pinned.iter().map(|n| unit_json(n, &hostname)).collect::<Vec<_>>()});
+    let resp = http.post(format!("{api}/fleet/v1/units")).json(&body).send().await?;
+    if !resp.status().is_success() {
+        bail!("POST 1,000 pinned units: {}", resp.status());
+    }
+    wait_active(&active, &pinned, true, Duration::from_secs(300)).await?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let pid = agent_pid(m).context("cannot find the agent of the first machine")?;
+    report.agent_rss_mib_with_1000_units = status_field(pid, "VmRSS:") / 1024.0;
+    let (c0, w0) = (cpu_secs(pid), wakeups(pid));
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let (c1, w1) = (cpu_secs(pid), wakeups(pid));
+    report.agent_idle_cpu_secs_per_min = c1 - c0;
+    report.agent_idle_wakeups_per_min = wakeups_between(&w0, &w1);
+    delete_all(&http, &api, &pinned).await?;
+    delete_all(&http, &api, &created).await?;
+    wait_active(&active, &pinned, false, Duration::from_secs(300)).await?;
+    watcher.abort();
+    Ok(report)
+}
+
+async fn delete_all(http: &reqwest::Client, api: &str, names: &[String]) -> Result<()> {
+    let failures: Vec<String> = futures::stream::iter(names)
+        .map(|n| async move {
+            match http.delete(format!("{api}/fleet/v1/units/{n}")).send().await {
+                Ok(r) if r.status().is_success() || r.status() == reqwest::StatusCode::NOT_FOUND => None,
+                Ok(r) => Some(format!("{n}: {}", r.status())),
+                Err(e) => Some(format!("{n}: {e}")),
+            }
+        })
+        .buffer_unordered(16)
+        .filter_map(|r| async move { r })
+        .collect()
+        .await;
+    if let Some(f) = failures.first() {
+        bail!("DELETE failed for {} units, e.g. {f}", failures.len());
+    }
+    Ok(())
+}
+
+fn host() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| s.lines().next().and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok())))
+        .map(|kb| kb / 1024.0 / 1024.0)
+        .unwrap_or(0.0);
+    let etcd = std::process::Command::new("etcd")
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).lines().next().map(str::to_string))
+        .unwrap_or_default();
+    format!("{cores} cores ({cpu}), {mem:.0} GiB RAM; {etcd}")
+}
+
+fn opt(v: Option<f64>, digits: usize) -> String {
+    v.map(|v| format!("{v:.digits$}")).unwrap_or_else(|| "-".into())
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "**missed**"
+    }
+}
+
+/// The results as markdown: one table per part, each measure next to its target.
+pub fn render(sims: &[SimReport], lab: Option<&LabReport>) -> String {
+    let mut md = String::new();
+    let date = std::process::Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d %H:%M UTC")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let _ = writeln!(md, "# Performance\n");
+    let _ = writeln!(
+        md,
+        "Written by `./lab bench` on {date}, on {}. Release build. Everything (etcd, the engine, \
+         the simulated machines or the lab's machines) shares this one host; the machine is shared \
+         with other work and noisy, so numbers move by tens of percent between runs.\n",
+        host()
+    );
+    let _ = writeln!(md, "## Simulated clusters (fleet-sim)\n");
+    let _ = writeln!(
+        md,
+        "Each machine is the real agent code with its own etcd lease and schedule watch; only systemd \
+         is replaced by the in-memory `SimulatedSystemd` (a start takes 4 ms). Real etcd (one member, \
+         data on tmpfs), real `fleet-engine`. Units are submitted with `POST /fleet/v1/units`, 5,000 \
+         per request. Lease TTL 10 s, election TTL 5 s.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| machines | units | submit (s) | submitted -> all active (s) | placements/s | etcd txns per unit | keys written per unit | `fleetctl list-units` (s) | machine lost -> units active elsewhere (s) | leader killed -> new leader placed a unit (s) | idle etcd writes/min | idle engine CPU s/min | idle CPU of all simulated agents s/min |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for r in sims {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {:.1} | {:.1} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {} | {} |",
+            r.machines,
+            r.units,
+            r.submit_secs,
+            r.converge_secs,
+            r.placements_per_sec,
+            r.txns_per_unit,
+            r.keys_per_unit,
+            r.list_units_secs,
+            opt(r.machine_lost_secs, 1),
+            opt(r.leader_lost_secs, 1),
+            opt(r.idle_writes_per_min, 0),
+            opt(r.idle_engine_cpu_secs_per_min, 2),
+            opt(r.idle_sim_cpu_secs_per_min, 2),
+        );
+    }
+    let _ = writeln!(md, "\n## Against the targets\n");
+    let _ = writeln!(md, "| measure | target | result | |\n|---|---|---|---|");
+    if let Some(big) = sims.iter().max_by_key(|r| r.units) {
+        let size = format!("{} machines, {} units", big.machines, big.units);
+        let rows: Vec<(String, String, String, bool)> = vec![
+            (
+                "cluster size".into(),
+                "10,000 machines, 100,000 units, one etcd".into(),
+                size.clone(),
+                big.machines >= 10_000 && big.units >= 100_000,
+            ),
+            (
+                format!("convergence, {size}"),
+                "<= 60 s".into(),
+                format!("{:.1} s", big.converge_secs),
+                big.converge_secs <= 60.0,
+            ),
+            (
+                "placement throughput".into(),
+                ">= 5,000/s".into(),
+                format!("{:.0}/s", big.placements_per_sec),
+                big.placements_per_sec >= 5000.0,
+            ),
+            (
+                "etcd writes per placed unit".into(),
+                "<= 3".into(),
+                format!("{:.2} keys ({:.2} transactions)", big.keys_per_unit, big.txns_per_unit),
+                big.keys_per_unit <= 3.05,
+            ),
+            (
+                format!("machine lost -> units active elsewhere ({size})"),
+                "<= lease TTL (10 s) + 1 s".into(),
+                opt(big.machine_lost_secs, 1) + " s",
+                big.machine_lost_secs.is_some_and(|s| s <= 11.0),
+            ),
+            (
+                format!("engine leader lost -> new leader placing ({size})"),
+                "<= election TTL (5 s) + 1 s".into(),
+                opt(big.leader_lost_secs, 1) + " s",
+                big.leader_lost_secs.is_some_and(|s| s <= 6.0),
+            ),
+            (
+                format!("`fleetctl list-units`, {} units", big.units),
+                "<= 2 s".into(),
+                format!("{:.2} s", big.list_units_secs),
+                big.list_units_secs <= 2.0,
+            ),
+            (
+                "idle cluster: etcd writes".into(),
+                "next to nothing (original: ~9,000/min at 1,000 units)".into(),
+                opt(big.idle_writes_per_min, 0) + "/min",
+                big.idle_writes_per_min == Some(0.0),
+            ),
+        ];
+        for (m, t, r, ok) in rows {
+            let _ = writeln!(md, "| {m} | {t} | {r} | {} |", verdict(ok));
+        }
+    }
+    if let Some(l) = lab {
+        let rows: Vec<(String, String, String, bool)> = vec![
+            (
+                "real systemd: submit -> active, one unit, p50 / p99".into(),
+                "<= 50 ms / <= 250 ms".into(),
+                format!("{:.0} ms / {:.0} ms", l.latency_p50_ms, l.latency_p99_ms),
+                l.latency_p50_ms <= 50.0 && l.latency_p99_ms <= 250.0,
+            ),
+            (
+                format!("real systemd: 1,000 units across {} machines until all active", l.machines),
+                "<= 10 s".into(),
+                format!("{:.1} s", l.thousand_units_secs),
+                l.thousand_units_secs <= 10.0,
+            ),
+            (
+                "real systemd: destroy 1,000 units until all stopped".into(),
+                "(original: ~170 s for 100)".into(),
+                format!("{:.1} s", l.destroy_thousand_secs),
+                true,
+            ),
+            (
+                "agent resident memory with 1,000 units on its machine".into(),
+                "<= 20 MiB".into(),
+                format!("{:.1} MiB", l.agent_rss_mib_with_1000_units),
+                l.agent_rss_mib_with_1000_units <= 20.0,
+            ),
+            (
+                "agent when idle (1,000 units)".into(),
+                "no periodic wakeups beyond lease keepalive".into(),
+                format!(
+                    "{:.2} CPU s/min, {:.0} thread wakeups/min (lab lease TTL 5 s: a keepalive every 1.7 s)",
+                    l.agent_idle_cpu_secs_per_min, l.agent_idle_wakeups_per_min
+                ),
+                l.agent_idle_cpu_secs_per_min < 0.5,
+            ),
+        ];
+        for (m, t, r, ok) in rows {
+            let _ = writeln!(md, "| {m} | {t} | {r} | {} |", verdict(ok));
+        }
+    }
+    md.push_str(include_str!("../../docs/performance-notes.md"));
+    md
+}
