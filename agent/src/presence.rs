@@ -110,6 +110,11 @@ impl Presence {
         let ttl = Duration::from_secs(self.ttl as u64);
         let period = ttl / 3;
         let mut last_ok = Instant::now();
+        // Reopening a keepalive after a failure backs off (with jitter): when etcd is overloaded
+        // or back from an outage, thousands of agents retrying every half second in step would
+        // keep it down.
+        let mut retry = Duration::from_millis(250);
+        let max_retry = (period / 2).max(Duration::from_millis(500));
         let doubt = |last_ok: Instant| {
             if last_ok.elapsed() > ttl && lease_tx.borrow().is_some() {
                 tracing::warn!(lease = format!("{lease:x}"), "lease not renewed for its TTL; it is in doubt");
@@ -131,7 +136,8 @@ impl Presence {
                     if last_ok.elapsed() > ttl && !self.lease_alive(lease).await {
                         return;
                     }
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    tokio::time::sleep(jittered(retry)).await;
+                    retry = (retry * 2).min(max_retry);
                     continue;
                 }
             };
@@ -143,6 +149,7 @@ impl Presence {
                 match tokio::time::timeout(period, beat).await {
                     Ok(Ok(Some(r))) if r.ttl() > 0 => {
                         last_ok = Instant::now();
+                        retry = Duration::from_millis(250);
                         if lease_tx.borrow().is_none() {
                             tracing::info!("lease renewed again");
                             lease_tx.send_replace(Some(lease));
@@ -166,7 +173,8 @@ impl Presence {
             if last_ok.elapsed() > ttl && !self.lease_alive(lease).await {
                 return;
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            tokio::time::sleep(jittered(retry)).await;
+            retry = (retry * 2).min(max_retry);
         }
     }
 
@@ -191,4 +199,15 @@ pub enum RegisterError {
     Encode(String),
     #[error("machine id {0} is already registered by another live agent (two machines share /etc/machine-id?); waiting for that registration to expire")]
     Clash(String),
+}
+
+/// `d` scaled by a factor in [0.5, 1.5), so agents that failed together do not retry together.
+fn jittered(d: Duration) -> Duration {
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|t| t.subsec_nanos()).unwrap_or(0);
+    let mut x = u64::from(nanos) ^ (std::process::id() as u64).rotate_left(32) ^ (&d as *const Duration as u64);
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    d.mul_f64(0.5 + (x % 1000) as f64 / 1000.0)
 }

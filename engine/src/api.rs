@@ -321,7 +321,9 @@ fn token(limit: u16, page: u16) -> String {
     base64::engine::general_purpose::URL_SAFE.encode(b)
 }
 
-fn paginate<T>(items: Vec<T>, page: u16, limit: u16) -> (Vec<T>, Option<String>) {
+/// One page of `items`. Callers pass a lazy iterator and build the (costly) API objects after
+/// paging, so a page costs a skip over the view, not a copy of all of it.
+fn paginate<T>(items: impl IntoIterator<Item = T>, page: u16, limit: u16) -> (Vec<T>, Option<String>) {
     let start = (page as usize - 1) * limit as usize;
     let chunk: Vec<T> = items.into_iter().skip(start).take(limit as usize).collect();
     let next = (chunk.len() == limit as usize).then(|| token(limit, page + 1));
@@ -338,8 +340,10 @@ fn ready(api: &Api) -> Result<(), ApiError> {
 async fn list_units(State(api): State<Api>, Query(q): Query<PageQuery>) -> Result<Response, ApiError> {
     ready(&api)?;
     let page = page_of(q.next_page_token.as_deref(), api.token_limit)?;
-    let units: Vec<ApiUnit> = api.cluster.read(|v| v.units.values().map(|u| api_unit(v, u)).collect());
-    let (units, next) = paginate(units, page, api.token_limit);
+    let (units, next) = api.cluster.read(|v| {
+        let (page, next) = paginate(v.units.values(), page, api.token_limit);
+        (page.into_iter().map(|u| api_unit(v, u)).collect::<Vec<ApiUnit>>(), next)
+    });
     let mut body = serde_json::Map::new();
     if !units.is_empty() {
         body.insert("units".into(), serde_json::to_value(units).map_err(|e| ApiError::internal(e.to_string()))?);
@@ -804,25 +808,29 @@ async fn delete_unit(State(api): State<Api>, Path(name): Path<String>) -> Result
 async fn list_states(State(api): State<Api>, Query(q): Query<PageQuery>) -> Result<Response, ApiError> {
     ready(&api)?;
     let page = page_of(q.next_page_token.as_deref(), api.token_limit)?;
-    let states: Vec<ApiUnitState> = api.cluster.read(|v| {
-        v.states
-            .iter()
-            .filter(|(u, _)| q.unit_name.as_deref().is_none_or(|n| n == u.as_str()))
-            .flat_map(|(u, per)| {
-                per.iter().filter(|(m, _)| q.machine_id.as_deref().is_none_or(|id| id == m.as_str())).map(
-                    move |(m, s)| ApiUnitState {
-                        name: u.to_string(),
-                        hash: s.hash.clone(),
-                        machine_id: m.clone(),
-                        systemd_load_state: s.load_state.clone(),
-                        systemd_active_state: s.active_state.clone(),
-                        systemd_sub_state: s.sub_state.clone(),
-                    },
-                )
+    let (states, next) = api.cluster.read(|v| {
+        let matching =
+            v.states.iter().filter(|(u, _)| q.unit_name.as_deref().is_none_or(|n| n == u.as_str())).flat_map(
+                |(u, per)| {
+                    per.iter()
+                        .filter(|(m, _)| q.machine_id.as_deref().is_none_or(|id| id == m.as_str()))
+                        .map(move |(m, s)| (u, m, s))
+                },
+            );
+        let (page, next) = paginate(matching, page, api.token_limit);
+        let states: Vec<ApiUnitState> = page
+            .into_iter()
+            .map(|(u, m, s)| ApiUnitState {
+                name: u.to_string(),
+                hash: s.hash.clone(),
+                machine_id: m.clone(),
+                systemd_load_state: s.load_state.clone(),
+                systemd_active_state: s.active_state.clone(),
+                systemd_sub_state: s.sub_state.clone(),
             })
-            .collect()
+            .collect();
+        (states, next)
     });
-    let (states, next) = paginate(states, page, api.token_limit);
     let mut body = serde_json::Map::new();
     if !states.is_empty() {
         body.insert("states".into(), serde_json::to_value(states).map_err(|e| ApiError::internal(e.to_string()))?);

@@ -23,6 +23,9 @@ pub struct EngineConfig {
     pub tls_key_file: String,
     /// With this CA, TLS clients must present a certificate it signed (mutual TLS).
     pub tls_client_ca_file: String,
+    /// Take part in leader elections. `false` makes an API-only replica: it serves the API from
+    /// its own view and never places units (more API capacity without more candidates).
+    pub lead: bool,
 }
 
 impl Default for EngineConfig {
@@ -39,6 +42,7 @@ impl Default for EngineConfig {
             tls_cert_file: String::new(),
             tls_key_file: String::new(),
             tls_client_ca_file: String::new(),
+            lead: true,
         }
     }
 }

@@ -11,12 +11,15 @@ use fleet_model::etcd::Client;
 use fleet_model::schema::encode;
 use fleet_model::schema::MoveRequest;
 use fleet_model::Keys;
+use futures::StreamExt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
 
 /// etcd's default limit of operations per transaction is 128; one is left for headroom.
 const MAX_OPS_PER_TXN: usize = 120;
+/// Schedule transactions in flight at once while placing many units.
+const PUTS_IN_FLIGHT: usize = 8;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -264,13 +267,18 @@ impl Leader {
             }
             s.unplaceable = outcome.unplaceable.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
         }
+        // Removals first, in order, so a unit leaves its old machine's schedule before it appears
+        // on a new one (an exclusive unit must never be scheduled twice); then the new entries,
+        // several transactions in flight, since a large placement is otherwise bound by one
+        // etcd round trip per transaction.
         let mut ops = why_ops;
+        let mut puts = Vec::new();
         for d in &outcome.decisions {
             match d {
                 Decision::Put { unit, machine, entry } => {
                     tracing::debug!(%unit, %machine, state = %entry.desired_state, "schedule");
                     let value = encode(entry).map_err(|e| LeadError::Deposed(e.to_string()))?;
-                    ops.push(TxnOp::put(self.keys.schedule(machine, unit), value, None));
+                    puts.push(TxnOp::put(self.keys.schedule(machine, unit), value, None));
                 }
                 Decision::Remove { unit, machine, reason } => {
                     tracing::debug!(%unit, %machine, ?reason, "unschedule");
@@ -281,6 +289,13 @@ impl Leader {
         let mut last_rev = 0;
         for chunk in ops.chunks(MAX_OPS_PER_TXN) {
             last_rev = last_rev.max(self.fenced(fence, vec![], chunk.to_vec()).await?);
+        }
+        let chunks: Vec<Vec<TxnOp>> = puts.chunks(MAX_OPS_PER_TXN).map(<[TxnOp]>::to_vec).collect();
+        let writes: Vec<_> = chunks.into_iter().map(|chunk| self.fenced(fence, vec![], chunk)).collect();
+        let written: Vec<Result<i64, LeadError>> =
+            futures::stream::iter(writes).buffer_unordered(PUTS_IN_FLIGHT).collect().await;
+        for rev in written {
+            last_rev = last_rev.max(rev?);
         }
         // A body is dropped only if it was last written before the view we planned from: a body
         // written since may belong to a unit this view does not show yet.

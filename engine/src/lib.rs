@@ -128,7 +128,12 @@ pub async fn run(mut config: watch::Receiver<EngineConfig>, mut shutdown: watch:
         status,
         fences: Default::default(),
     };
-    let leading = tokio::spawn(leader.run(shutdown.clone()));
+    let leading = if cfg.lead {
+        tokio::spawn(leader.run(shutdown.clone()))
+    } else {
+        tracing::info!("API only: not taking part in elections");
+        tokio::spawn(async {})
+    };
     tokio::spawn(async move {
         let mut running = cfg;
         while config.changed().await.is_ok() {
@@ -168,6 +173,7 @@ fn apply_reload(running: &EngineConfig, new: &EngineConfig, tls: Option<&axum_se
         ("engine_id", running.engine_id != new.engine_id),
         ("election_ttl_secs", running.election_ttl_secs != new.election_ttl_secs),
         ("token_limit", running.token_limit != new.token_limit),
+        ("lead", running.lead != new.lead),
     ];
     for (field, _) in changed.iter().filter(|(_, c)| *c) {
         tracing::warn!(field, "changed setting takes effect when the engine restarts");

@@ -34,6 +34,9 @@ struct Args {
     tls_key_file: Option<String>,
     #[arg(long, env = "FLEET_TLS_CLIENT_CA_FILE")]
     tls_client_ca_file: Option<String>,
+    /// Serve the API only; never campaign to lead.
+    #[arg(long)]
+    no_lead: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -115,6 +118,9 @@ fn load_config(args: &Args) -> anyhow::Result<EngineConfig> {
     }
     if let Some(v) = args.election_ttl_secs {
         cfg.election_ttl_secs = v;
+    }
+    if args.no_lead {
+        cfg.lead = false;
     }
     if cfg.engine_id.is_empty() {
         cfg.engine_id = std::fs::read_to_string("/proc/sys/kernel/hostname")

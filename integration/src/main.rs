@@ -58,6 +58,9 @@ enum Cmd {
         /// Skip the real-systemd measures on the lab.
         #[arg(long)]
         no_lab: bool,
+        /// Measure nothing: write docs/performance.md from the output of an earlier run.
+        #[arg(long)]
+        render_from: Option<PathBuf>,
     },
 }
 
@@ -84,7 +87,10 @@ fn main() -> Result<()> {
         Cmd::Ps => rt.block_on(ps()),
         Cmd::Env => env(),
         Cmd::Demo => rt.block_on(demo()),
-        Cmd::Bench { machines, units, no_lab } => rt.block_on(async {
+        Cmd::Bench { render_from: Some(log), .. } => {
+            lab::bench::render_from_log(&log, &repo_dir().join("docs/performance.md"))
+        }
+        Cmd::Bench { machines, units, no_lab, render_from: None } => rt.block_on(async {
             let sizes = match (machines, units) {
                 (Some(m), Some(u)) => vec![(m, u)],
                 _ => vec![(100, 1_000), (1_000, 10_000), (10_000, 100_000)],

@@ -40,15 +40,16 @@ pub struct SimConfig {
 }
 
 /// What one run measured. Times in seconds unless named otherwise.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 pub struct SimReport {
     pub machines: usize,
     pub units: usize,
     pub machines_up_secs: f64,
     pub submit_secs: f64,
-    /// From the first request of the submission until every unit reports active.
+    /// From the first request of the submission until every unit reports active (units are all
+    /// stored before the leader starts placing them).
     pub converge_secs: f64,
-    /// Schedule entries written per second, first to last.
+    /// Schedule entries written per second by the leader, first to last.
     pub placements_per_sec: f64,
     /// etcd revisions (write transactions) per unit, from submission to convergence.
     pub txns_per_unit: f64,
@@ -64,6 +65,9 @@ pub struct SimReport {
     /// Units active on two machines at the end (must be 0), and units never active (must be 0).
     pub duplicates: usize,
     pub missing: usize,
+    /// Why the run did not finish, if it did not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 struct SimMachine {
@@ -94,7 +98,7 @@ fn cpu_secs(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
-async fn start_engine(cfg: &SimConfig, name: &str, port: u16) -> Result<Child> {
+async fn start_engine(cfg: &SimConfig, name: &str, port: u16, lead: bool) -> Result<Child> {
     let log = std::fs::File::create(std::env::temp_dir().join(format!("fleet-sim-{name}.log")))?;
     let child = std::process::Command::new(cfg.bin_dir.join("fleet-engine"))
         .args(["--etcd-endpoints", &cfg.etcd_endpoints.join(",")])
@@ -102,6 +106,7 @@ async fn start_engine(cfg: &SimConfig, name: &str, port: u16) -> Result<Child> {
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .args(["--engine-id", name])
         .args(["--election-ttl-secs", &cfg.election_ttl_secs.to_string()])
+        .args(if lead { &[][..] } else { &["--no-lead"][..] })
         .env("RUST_LOG", std::env::var("FLEET_SIM_ENGINE_LOG").unwrap_or_else(|_| "warn".into()))
         .stdout(std::process::Stdio::null())
         .stderr(log)
@@ -289,7 +294,9 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport> {
     let keys = Keys::new(&cfg.prefix);
     let etcd = EtcdConfig { endpoints: cfg.etcd_endpoints.clone(), request_timeout: Duration::from_secs(10) };
     let mut pool = Vec::new();
-    for _ in 0..8 {
+    // Enough connections that no one carries more than ~250 streams (a watch and a keepalive
+    // per machine): gRPC servers cap concurrent streams per connection.
+    for _ in 0..(cfg.machines / 125).clamp(8, 128) {
         pool.push(connect(&etcd, RetryPolicy::default()).await.context("etcd")?);
     }
     let admin = pool[0].clone();
@@ -300,10 +307,12 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport> {
     let http = reqwest::Client::builder().timeout(Duration::from_secs(120)).build()?;
     let mut report = SimReport { machines: cfg.machines, units: cfg.units, ..Default::default() };
 
-    let mut engine = start_engine(&cfg, "sim-e1", cfg.api_port).await?;
+    // Units go in through an API-only replica and are placed by a leader started once they are
+    // all stored, so placement throughput is the engine's own, not the submission rate.
+    let api_engine = start_engine(&cfg, "sim-api", cfg.api_port, false).await?;
     let api = format!("http://127.0.0.1:{}", cfg.api_port);
-    wait_until("the engine to lead", Duration::from_secs(30), || async {
-        leader_of(&http, cfg.api_port).await == Some(true)
+    wait_until("the API replica to serve", Duration::from_secs(30), || async {
+        leader_of(&http, cfg.api_port).await == Some(false)
     })
     .await?;
 
@@ -342,6 +351,8 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport> {
         r?;
     }
     report.submit_secs = t0.elapsed().as_secs_f64();
+    let leader_port = cfg.api_port + 1;
+    let mut engine = start_engine(&cfg, "sim-e1", leader_port, true).await?;
     let until = t0 + Duration::from_secs(600);
     loop {
         let done = {
@@ -387,9 +398,10 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport> {
             let n = o.lock().unwrap_or_else(|e| e.into_inner()).writes;
             n
         };
-        let (rev0, e0, s0) = (writes(), cpu_secs(engine.0.id()), cpu_secs(std::process::id()));
+        let engines_cpu = || cpu_secs(engine.0.id()) + cpu_secs(api_engine.0.id());
+        let (rev0, e0, s0) = (writes(), engines_cpu(), cpu_secs(std::process::id()));
         tokio::time::sleep(Duration::from_secs(cfg.idle_secs)).await;
-        let (rev1, e1, s1) = (writes(), cpu_secs(engine.0.id()), cpu_secs(std::process::id()));
+        let (rev1, e1, s1) = (writes(), engines_cpu(), cpu_secs(std::process::id()));
         let per_min = 60.0 / cfg.idle_secs as f64;
         report.idle_writes_per_min = Some((rev1 - rev0) as f64 * per_min);
         report.idle_engine_cpu_secs_per_min = Some((e1 - e0) * per_min);
@@ -421,8 +433,8 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport> {
         report.machine_lost_secs = Some(t.elapsed().as_secs_f64());
 
         // The leader lost: a standby engine takes over and places a new unit.
-        let standby_port = cfg.api_port + 1;
-        let _standby = start_engine(&cfg, "sim-e2", standby_port).await?;
+        let standby_port = cfg.api_port + 2;
+        let _standby = start_engine(&cfg, "sim-e2", standby_port, true).await?;
         wait_until("the standby engine to serve", Duration::from_secs(30), || async {
             leader_of(&http, standby_port).await == Some(false)
         })
@@ -430,8 +442,7 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport> {
         let t = Instant::now();
         let _ = engine.0.kill();
         let _ = engine.0.wait();
-        let standby_api = format!("http://127.0.0.1:{standby_port}");
-        submit(&http, &standby_api, &["sim-after-failover.service".to_string()]).await?;
+        submit(&http, &api, &["sim-after-failover.service".to_string()]).await?;
         wait_until("a unit placed by the new leader", Duration::from_secs(60), || async {
             let o = observed.borrow().clone();
             let o = o.lock().unwrap_or_else(|e| e.into_inner());
@@ -453,6 +464,7 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport> {
         m.kill();
     }
     drop(engine);
+    drop(api_engine);
     let _ = admin.kv_client().delete(keys.prefix(), Some(etcd_client::DeleteOptions::new().with_prefix())).await;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(report)
