@@ -254,7 +254,11 @@ async fn the_fleet_v1_contract() {
     let (s, _, b) = api.call("POST", "/fleet/v1/units", Some(batch(&["b1.service", "b2.service"]))).await;
     assert_eq!((s, b["created"].as_u64()), (StatusCode::CREATED, Some(2)));
     assert_eq!(api.call("GET", "/fleet/v1/units/b2.service", None).await.2["desiredState"], "loaded");
+    // The same request again (a client retrying) succeeds; other contents for an existing unit do not.
     let (s, _, b) = api.call("POST", "/fleet/v1/units", Some(batch(&["b2.service"]))).await;
+    assert_eq!((s, b["created"].as_u64()), (StatusCode::CREATED, Some(1)));
+    let other = json!({"units": [{"name": "b2.service", "options": opts2, "desiredState": "loaded"}]});
+    let (s, _, b) = api.call("POST", "/fleet/v1/units", Some(other)).await;
     assert_eq!(s, StatusCode::CONFLICT);
     assert!(message(&b).contains("b2.service"), "{b}");
     for n in ["b1.service", "b2.service"] {
