@@ -5,7 +5,8 @@
 //! etcd and the local systemd. It never decides placement.
 //!
 //! Concerns, each a small piece: [`presence`] (lease and machine record), [`reconcile`] (the pure
-//! diff of schedule against disk), [`systemd`] (D-Bus), and [`Agent`] joining them.
+//! diff of schedule against disk), [`systemd`] (D-Bus), [`driver`] (the service manager as a
+//! trait, with an in-memory stand-in for benchmarks only), and [`Agent`] joining them.
 
 pub mod config;
 pub mod driver;
@@ -359,7 +360,10 @@ impl<D: UnitDriver> Agent<D> {
             .run("read unit body", is_transient, || {
                 let mut kv = self.client.kv_client();
                 let k = key.clone();
-                async move { kv.get(k, None).await }
+                // Bodies are immutable and named by their hash: a local (serializable) read is
+                // as good as a linearizable one and skips a raft round trip, which matters when
+                // a thousand agents fetch the same new body at once. Not there yet: try again.
+                async move { kv.get(k, Some(GetOptions::new().with_serializable())).await }
             })
             .await;
         match got {
@@ -416,6 +420,7 @@ impl<D: UnitDriver> Agent<D> {
         self.bodies.extend(fetched.into_iter().filter_map(|(h, b)| b.map(|b| (h, b))));
         for (name, hash) in &plan.write {
             let Some(body) = self.bodies.get(hash).cloned() else {
+                self.reconcile_again = true;
                 continue;
             };
             if content_hash(&body) != *hash {

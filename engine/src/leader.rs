@@ -214,6 +214,7 @@ impl Leader {
 
     /// One planning pass over the current view, then waits until the view shows its writes.
     async fn pass(&self, fence: &Compare) -> Result<(), LeadError> {
+        let started = std::time::Instant::now();
         // A pass over a large cluster is CPU work under the view's lock: off the async workers.
         let (outcome, why_ops, orphans, view_rev) = tokio::task::block_in_place(|| {
             self.cluster.read(|v| {
@@ -267,6 +268,7 @@ impl Leader {
             }
             s.unplaceable = outcome.unplaceable.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
         }
+        let planned = started.elapsed();
         // Removals first, in order, so a unit leaves its old machine's schedule before it appears
         // on a new one (an exclusive unit must never be scheduled twice); then the new entries,
         // several transactions in flight, since a large placement is otherwise bound by one
@@ -296,6 +298,14 @@ impl Leader {
             futures::stream::iter(writes).buffer_unordered(PUTS_IN_FLIGHT).collect().await;
         for rev in written {
             last_rev = last_rev.max(rev?);
+        }
+        if !outcome.decisions.is_empty() {
+            tracing::info!(
+                decisions = outcome.decisions.len(),
+                plan_ms = planned.as_millis() as u64,
+                write_ms = (started.elapsed() - planned).as_millis() as u64,
+                "schedule written"
+            );
         }
         // A body is dropped only if it was last written before the view we planned from: a body
         // written since may belong to a unit this view does not show yet.

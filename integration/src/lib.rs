@@ -6,6 +6,10 @@
 //! 10.231.90.0/24 with etcd on port 12379, so it never collides with anything else on the host.
 //! Processes are tracked and stopped by PID; leftovers of an earlier run (namespaces, links, the
 //! bridge, stale sockets) are removed before a new one starts.
+//!
+//! Besides the lab: [`faults`] (what `./lab kill|start|cut|heal` do), [`sim`] (`fleet-sim`:
+//! thousands of simulated machines running the real agent code in one process) and [`bench`]
+//! (`./lab bench`, which writes docs/performance.md).
 
 pub mod bench;
 pub mod faults;
