@@ -141,30 +141,20 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
 {
-    let policy = fleet_model::retry::RetryPolicy {
-        attempts: 4,
-        first_backoff: Duration::from_millis(100),
-        max_backoff: Duration::from_secs(1),
-        timeout: Duration::from_secs(3),
-    };
-    policy
-        .run(what, fleet_model::etcd::is_transient, op)
-        .await
-        .map_err(|e| {
-            tracing::warn!(error = %e, "API request failed on etcd");
-            e
-        })
-        .map_err(|e| match e {
-            fleet_model::retry::RetryError::Failed { source, .. } => ApiError::from(source),
-            fleet_model::retry::RetryError::TimedOut { .. } => {
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "fleet server unable to communicate with etcd")
-            }
-        })
+    etcd_within(what, Duration::from_secs(3), op).await
 }
 
-/// [`etcd`] for bulk writes, which may queue behind a busy cluster's other writers: longer
-/// attempts, same error mapping.
+/// [`etcd`] for bulk writes, which may queue behind a busy cluster's other writers.
 async fn etcd_patient<T, F, Fut>(what: &str, op: F) -> Result<T, ApiError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    etcd_within(what, Duration::from_secs(30), op).await
+}
+
+/// Four attempts of at most `attempt` each; an etcd that cannot be reached is a 503.
+async fn etcd_within<T, F, Fut>(what: &str, attempt: Duration, op: F) -> Result<T, ApiError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
@@ -173,21 +163,17 @@ where
         attempts: 4,
         first_backoff: Duration::from_millis(100),
         max_backoff: Duration::from_secs(1),
-        timeout: Duration::from_secs(30),
+        timeout: attempt,
     };
-    policy
-        .run(what, fleet_model::etcd::is_transient, op)
-        .await
-        .map_err(|e| {
-            tracing::warn!(error = %e, "API request failed on etcd");
-            e
-        })
-        .map_err(|e| match e {
+    policy.run(what, fleet_model::etcd::is_transient, op).await.map_err(|e| {
+        tracing::warn!(error = %e, "API request failed on etcd");
+        match e {
             fleet_model::retry::RetryError::Failed { source, .. } => ApiError::from(source),
             fleet_model::retry::RetryError::TimedOut { .. } => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "fleet server unable to communicate with etcd")
             }
-        })
+        }
+    })
 }
 
 /// Waits until this replica's view shows `revision`; if its watch seems stuck (a dead etcd

@@ -2,7 +2,7 @@
 //! dedicated single-member etcd) and measures on the lab's real machines (real systemd), written
 //! as a table to `docs/performance.md`.
 
-use crate::sim::{run as run_sim, SimConfig, SimReport};
+use crate::sim::{cpu_secs, run as run_sim, SimConfig, SimReport};
 use crate::{process, LabState, MachineProc};
 use anyhow::{bail, Context, Result};
 use fleet_model::schema::{decode, Key};
@@ -247,14 +247,6 @@ fn wakeups(pid: u32) -> HashMap<u32, f64> {
 /// Wakeups between two samples, over threads alive in both (idle blocking-pool threads exit).
 fn wakeups_between(a: &HashMap<u32, f64>, b: &HashMap<u32, f64>) -> f64 {
     b.iter().filter_map(|(tid, n)| a.get(tid).map(|m| n - m)).sum()
-}
-
-fn cpu_secs(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
-    let Some((_, rest)) = stat.rsplit_once(')') else { return 0.0 };
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (t(11) + t(12)) / 100.0
 }
 
 async fn lab_measures(state: &LabState) -> Result<LabReport> {

@@ -89,7 +89,8 @@ fn machine_id(i: usize) -> String {
     format!("5eed{:028x}", i)
 }
 
-fn cpu_secs(pid: u32) -> f64 {
+/// CPU seconds (user + system) a process has used.
+pub fn cpu_secs(pid: u32) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
     let Some((_, rest)) = stat.rsplit_once(')') else { return 0.0 };
     let f: Vec<&str> = rest.split_whitespace().collect();
