@@ -50,14 +50,15 @@ pub struct ClusterView {
 
 impl ClusterView {
     fn apply(&mut self, keys: &Keys, change: Change) {
-        let key = match &change {
-            Change::Put { key, .. } | Change::Delete { key } => key,
+        // Decoded once: this runs for every event of the whole cluster.
+        let decoded = match &change {
+            Change::Put { key, .. } | Change::Delete { key } => keys.decode(key),
         };
-        if !matches!(keys.decode(key), Some(Key::State(..)) | Some(Key::Why(_))) {
+        if !matches!(decoded, Some(Key::State(..)) | Some(Key::Why(_))) {
             self.plan_generation += 1;
         }
         match change {
-            Change::Put { key, value, mod_revision, .. } => match keys.decode(&key) {
+            Change::Put { value, mod_revision, .. } => match decoded {
                 Some(Key::Unit(name)) => match decode::<UnitRecord>(&value) {
                     Ok(rec) => {
                         // Rules depend only on the name and the body: a new desired state keeps them.
@@ -120,7 +121,7 @@ impl ClusterView {
                 },
                 None => {}
             },
-            Change::Delete { key } => match keys.decode(&key) {
+            Change::Delete { .. } => match decoded {
                 Some(Key::Unit(name)) => {
                     self.units.remove(&name);
                     self.rules.remove(&name);
