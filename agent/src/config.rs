@@ -31,6 +31,14 @@ pub struct AgentConfig {
     /// engine places them elsewhere at once. Default: leave units running and let the lease
     /// expire, so a restarted agent adopts them (the original fleet always purged).
     pub stop_units_on_exit: bool,
+    /// The cluster CA, and this machine's certificate (common name `machine-<machine id>`) and key:
+    /// presented to etcd on `https://` endpoints, and served by the agent API, which then admits
+    /// only clients whose certificate the CA signed for an engine (`api_allowed_clients`).
+    pub etcd_ca_file: String,
+    pub etcd_cert_file: String,
+    pub etcd_key_file: String,
+    /// Certificate common names the agent API accepts (with TLS on).
+    pub api_allowed_clients: Vec<String>,
     /// Where the agent serves unit status and journal lines to the engines: `host:port`, empty
     /// for `<public_ip>:49154`, or `off`.
     pub api_listen: String,
@@ -63,6 +71,10 @@ impl Default for AgentConfig {
             systemd_bus: String::new(),
             capacity: CapacityConfig::default(),
             api_listen: String::new(),
+            etcd_ca_file: String::new(),
+            etcd_cert_file: String::new(),
+            etcd_key_file: String::new(),
+            api_allowed_clients: vec!["fleet-engine".into()],
             stop_units_on_exit: false,
         }
     }
@@ -113,8 +125,18 @@ impl AgentConfig {
         })
     }
 
+    /// This machine's TLS identity, if configured.
+    pub fn tls(&self) -> Result<Option<fleet_model::tls::ClientTls>, ConfigError> {
+        fleet_model::tls::ClientTls::from_files(&self.etcd_ca_file, &self.etcd_cert_file, &self.etcd_key_file)
+            .map_err(|e| ConfigError::Invalid(format!("etcd TLS: {e}")))
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.capacity()?;
+        self.tls()?;
+        for (k, v) in &self.metadata {
+            fleet_model::machine::check_metadata(k, v).map_err(|e| ConfigError::Invalid(format!("metadata: {e}")))?;
+        }
         if self.etcd_endpoints.is_empty() {
             return Err(ConfigError::Invalid("etcd_endpoints is empty".into()));
         }

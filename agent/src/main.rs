@@ -31,6 +31,14 @@ struct Args {
     metadata: Option<String>,
     #[arg(long, env = "FLEET_LEASE_TTL_SECS")]
     lease_ttl_secs: Option<i64>,
+    /// The cluster CA, for `https://` etcd endpoints.
+    #[arg(long, env = "FLEET_ETCD_CA_FILE")]
+    etcd_ca_file: Option<String>,
+    /// This machine's certificate and key.
+    #[arg(long, env = "FLEET_ETCD_CERT_FILE")]
+    etcd_cert_file: Option<String>,
+    #[arg(long, env = "FLEET_ETCD_KEY_FILE")]
+    etcd_key_file: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -63,6 +71,15 @@ fn load_config(args: &Args) -> anyhow::Result<AgentConfig> {
     if let Some(v) = &args.metadata {
         cfg.metadata = parse_metadata(v)?;
     }
+    for (flag, field) in [
+        (&args.etcd_ca_file, &mut cfg.etcd_ca_file),
+        (&args.etcd_cert_file, &mut cfg.etcd_cert_file),
+        (&args.etcd_key_file, &mut cfg.etcd_key_file),
+    ] {
+        if let Some(v) = flag {
+            *field = v.clone();
+        }
+    }
     if let Some(v) = args.lease_ttl_secs {
         cfg.lease_ttl_secs = v;
     }
@@ -78,9 +95,11 @@ async fn run(cfg: AgentConfig, args: Args) -> anyhow::Result<()> {
     tokio::fs::create_dir_all(&cfg.state_dir)
         .await
         .with_context(|| format!("cannot create {}", cfg.state_dir.display()))?;
+    let tls = cfg.tls()?;
     let etcd = EtcdConfig {
         endpoints: cfg.etcd_endpoints.clone(),
         request_timeout: Duration::from_millis(cfg.etcd_request_timeout_ms),
+        tls: tls.as_ref().map(|t| t.etcd_options()).transpose()?,
     };
     let client = connect(&etcd, RetryPolicy { attempts: 30, ..RetryPolicy::default() }).await?;
     let systemd = Systemd::connect((!cfg.systemd_bus.is_empty()).then_some(cfg.systemd_bus.as_str())).await?;
@@ -103,14 +122,36 @@ async fn run(cfg: AgentConfig, args: Args) -> anyhow::Result<()> {
         } else {
             local.ip().to_string()
         };
-        record.agent_url = format!("http://{host}:{}", local.port());
         let app = fleet_agent::unit_api::router(fleet_agent::unit_api::UnitApi { units_dir: cfg.units_dir.clone() });
-        tracing::info!(%addr, "serving unit status and journals");
-        tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
-                tracing::error!(error = %e, "agent API stopped");
+        match &tls {
+            Some(tls) => {
+                // The machine's certificate serves the API; only engines' certificates get in.
+                let clients = fleet_model::tls::ClientAuth::Required {
+                    ca: tls.ca_file.clone(),
+                    allowed: cfg.api_allowed_clients.clone(),
+                };
+                let server = fleet_model::tls::server_config(&tls.cert_file, &tls.key_file, &clients)?;
+                let server = axum_server::tls_rustls::RustlsConfig::from_config(server);
+                record.agent_url = format!("https://{host}:{}", local.port());
+                tracing::info!(%addr, "serving unit status and journals over TLS to engines");
+                let listener = listener.into_std().context("agent API listener")?;
+                tokio::spawn(async move {
+                    let served = axum_server::from_tcp_rustls(listener, server).serve(app.into_make_service()).await;
+                    if let Err(e) = served {
+                        tracing::error!(error = %e, "agent API stopped");
+                    }
+                });
             }
-        });
+            None => {
+                record.agent_url = format!("http://{host}:{}", local.port());
+                tracing::warn!(%addr, "serving unit status and journals without TLS: anyone can read them");
+                tokio::spawn(async move {
+                    if let Err(e) = axum::serve(listener, app).await {
+                        tracing::error!(error = %e, "agent API stopped");
+                    }
+                });
+            }
+        }
     }
     tracing::info!(%machine, ip = %cfg.public_ip, "fleet-agent starting");
     let (lease_tx, lease_rx) = watch::channel(None);

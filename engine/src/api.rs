@@ -4,6 +4,7 @@
 //! working. Writes go straight to etcd in transactions; the handler then waits until the view
 //! shows the write, so the next read sees it.
 
+use crate::auth::{AuditDetail, Auth, Caller, Role};
 use crate::cluster::{Cluster, ClusterView};
 use crate::leader::SharedStatus;
 use axum::extract::{Path, Query, State};
@@ -28,9 +29,12 @@ pub struct Api {
     pub cluster: Cluster,
     pub status: SharedStatus,
     pub token_limit: u16,
+    /// HTTP client for agents' APIs (status, journal).
+    pub agents: reqwest::Client,
 }
 
-pub fn router(api: Api) -> Router {
+/// The API behind its auth middleware: every request is identified and checked first.
+pub fn router(api: Api, auth: std::sync::Arc<Auth>) -> Router {
     let v1 = Router::new()
         .route(
             "/units",
@@ -91,6 +95,7 @@ pub fn router(api: Api) -> Router {
         .route("/fleet/v1", axum::routing::any(not_allowed))
         .route("/engine/status", get(engine_status))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "") })
+        .layer(axum::middleware::from_fn_with_state(auth, crate::auth::authorize))
         .layer(axum::middleware::map_response(server_header))
         .with_state(api)
 }
@@ -116,7 +121,13 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
         ApiError { status, message: message.into() }
     }
     fn bad_request(message: impl Into<String>) -> Self {
@@ -406,6 +417,7 @@ fn check_json(headers: &HeaderMap) -> Result<(), ApiError> {
 
 async fn put_unit(
     State(api): State<Api>,
+    caller: Option<axum::Extension<Caller>>,
     Path(url_name): Path<String>,
     headers: HeaderMap,
     body: axum::body::Bytes,
@@ -459,6 +471,15 @@ async fn put_unit(
             };
             (StatusCode::CREATED, rec, Some(f.canonical()), guard)
         };
+        let submits = match (&existing, &new_file) {
+            (None, _) => true,
+            (Some((Ok(old), _)), Some(f)) => f.hash() != old.hash,
+            _ => false,
+        };
+        if submits {
+            let caller = caller.as_ref().map(|c| c.0.clone()).unwrap_or(Caller { who: "?".into(), role: Role::Read });
+            caller.require(Role::Admin, &format!("submitting the unit file of {name}"))?;
+        }
         let (status, record, body_text, guard) = match (existing, new_file) {
             (None, None) => {
                 return Err(ApiError::new(StatusCode::CONFLICT, "unit does not exist and options field empty"))
@@ -487,8 +508,8 @@ async fn put_unit(
             }
         };
         let mut ops = Vec::new();
-        if let Some(text) = body_text {
-            ops.push(TxnOp::put(api.keys.body(&record.hash), text, None));
+        if let Some(text) = &body_text {
+            ops.push(TxnOp::put(api.keys.body(&record.hash), text.clone(), None));
         }
         ops.push(TxnOp::put(key.clone(), encode(&record).map_err(|e| ApiError::internal(e.to_string()))?, None));
         let txn = Txn::new().when([guard]).and_then(ops);
@@ -501,7 +522,9 @@ async fn put_unit(
         if resp.succeeded() {
             let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
             settle(&api, rev).await;
-            return Ok(status.into_response());
+            let what = if body_text.is_some() { "unit file submitted, " } else { "" };
+            let detail = AuditDetail(format!("{what}desired state {}", record.desired_state));
+            return Ok((status, axum::Extension(detail)).into_response());
         }
     }
     Err(ApiError::new(StatusCode::CONFLICT, format!("unit {name} changed concurrently; try again")))
@@ -855,11 +878,18 @@ fn agents_of(api: &Api, unit: &UnitName, machine: Option<&str>) -> Result<Vec<(S
     })
 }
 
-fn agent_client() -> Result<reqwest::Client, ApiError> {
-    reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(3))
-        .build()
-        .map_err(|e| ApiError::internal(format!("cannot build agent client: {e}")))
+/// The client the engine reaches agents with: with the cluster's TLS files it trusts only the
+/// cluster CA and presents the engine's certificate, which agents require.
+pub fn agent_client(tls: Option<&fleet_model::tls::ClientTls>) -> anyhow::Result<reqwest::Client> {
+    let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(3)).use_rustls_tls();
+    if let Some(tls) = tls {
+        let (ca, identity) = tls.pems()?;
+        builder = builder
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(&ca)?)
+            .identity(reqwest::Identity::from_pem(&identity)?);
+    }
+    Ok(builder.build()?)
 }
 
 /// Not in the original API: `systemctl status` of a unit on its machine(s), fetched from the
@@ -871,7 +901,7 @@ async fn unit_status(
 ) -> Result<Response, ApiError> {
     ready(&api)?;
     let name = parse_name(&name)?;
-    let client = agent_client()?;
+    let client = api.agents.clone();
     let mut statuses = Vec::new();
     for (machine, url) in agents_of(&api, &name, q.machine_id.as_deref())? {
         if url.is_empty() {
@@ -919,7 +949,7 @@ async fn unit_journal(
             format!("the agent of machine {machine} serves no journal"),
         ));
     }
-    let mut req = agent_client()?.get(format!("{url}/units/{}/journal", percent(name.as_str()))).query(&[
+    let mut req = api.agents.get(format!("{url}/units/{}/journal", percent(name.as_str()))).query(&[
         ("lines", q.lines.unwrap_or(10).to_string()),
         ("follow", q.follow.unwrap_or(false).to_string()),
         ("output", q.output.clone().unwrap_or_else(|| "short".into())),
@@ -987,20 +1017,32 @@ struct MetadataOp {
 async fn patch_machines(State(api): State<Api>, body: axum::body::Bytes) -> Result<Response, ApiError> {
     let ops: Vec<MetadataOp> =
         serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("unable to decode body: {e}")))?;
+    if ops.len() > fleet_model::machine::MAX_METADATA_KEYS {
+        return Err(ApiError::bad_request(format!(
+            "{} operations in one request; at most {}",
+            ops.len(),
+            fleet_model::machine::MAX_METADATA_KEYS
+        )));
+    }
     let mut writes = Vec::new();
     for op in &ops {
         let parts: Vec<&str> = op.path.split('/').collect();
-        let valid_key =
-            |k: &str| !k.is_empty() && k.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
         let (machine, key) = match parts.as_slice() {
-            ["", m, "metadata", k] if !m.is_empty() && valid_key(k) => (*m, *k),
-            _ => return Err(ApiError::bad_request("machine metadata path invalid")),
+            ["", m, "metadata", k] if fleet_model::machine::parse_machine_id(m).is_ok() => (*m, *k),
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "machine metadata path {:?} invalid: expected /<machine id>/metadata/<key>",
+                    op.path.chars().take(200).collect::<String>()
+                )))
+            }
         };
         let value = match op.value.as_ref() {
             Some(serde_json::Value::String(s)) => s.clone(),
             Some(serde_json::Value::Object(o)) => o.get("value").and_then(|v| v.as_str()).unwrap_or("").to_string(),
             _ => String::new(),
         };
+        fleet_model::machine::check_metadata(key, &value)
+            .map_err(|e| ApiError::bad_request(format!("machine metadata: {e}")))?;
         match op.op.as_str() {
             "add" | "replace" if value.is_empty() => {
                 return Err(ApiError::bad_request("invalid value: add and replace require a value"))

@@ -21,8 +21,15 @@ pub struct EngineConfig {
     pub listen_tls: Vec<String>,
     pub tls_cert_file: String,
     pub tls_key_file: String,
-    /// With this CA, TLS clients must present a certificate it signed (mutual TLS).
+    /// The cluster CA: TLS clients presenting a certificate it signed are identified by the
+    /// certificate's common name (see `auth.certificates`); other certificates are refused.
     pub tls_client_ca_file: String,
+    /// CA, certificate and key for `https://` etcd endpoints (all three or none).
+    pub etcd_ca_file: String,
+    pub etcd_cert_file: String,
+    pub etcd_key_file: String,
+    /// Who may do what through the API, and the audit log.
+    pub auth: crate::auth::AuthConfig,
     /// Take part in leader elections. `false` makes an API-only replica: it serves the API from
     /// its own view and never places units (more API capacity without more candidates).
     pub lead: bool,
@@ -42,6 +49,10 @@ impl Default for EngineConfig {
             tls_cert_file: String::new(),
             tls_key_file: String::new(),
             tls_client_ca_file: String::new(),
+            etcd_ca_file: String::new(),
+            etcd_cert_file: String::new(),
+            etcd_key_file: String::new(),
+            auth: Default::default(),
             lead: true,
         }
     }
@@ -58,6 +69,11 @@ pub enum ConfigError {
 }
 
 impl EngineConfig {
+    /// The engine's etcd client identity, also presented to agents.
+    pub fn etcd_tls(&self) -> Result<Option<fleet_model::tls::ClientTls>, fleet_model::tls::TlsError> {
+        fleet_model::tls::ClientTls::from_files(&self.etcd_ca_file, &self.etcd_cert_file, &self.etcd_key_file)
+    }
+
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
         let Some(path) = path else {
             return Ok(EngineConfig::default());
@@ -79,6 +95,18 @@ impl EngineConfig {
         if !self.listen_tls.is_empty() && (self.tls_cert_file.is_empty() || self.tls_key_file.is_empty()) {
             return Err(ConfigError::Invalid("listen_tls needs tls_cert_file and tls_key_file".into()));
         }
+        for addr in &self.listen {
+            if let Ok(sock) = addr.parse::<std::net::SocketAddr>() {
+                if !sock.ip().is_loopback() {
+                    return Err(ConfigError::Invalid(format!(
+                        "listen {addr:?}: plain HTTP is served on loopback addresses only; use listen_tls"
+                    )));
+                }
+            }
+        }
+        self.etcd_tls().map_err(|e| ConfigError::Invalid(format!("etcd TLS: {e}")))?;
+        crate::auth::Auth::new(&crate::auth::AuthConfig { audit_log: String::new(), ..self.auth.clone() })
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         if self.token_limit == 0 {
             return Err(ConfigError::Invalid("token_limit must be at least 1".into()));
         }

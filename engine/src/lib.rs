@@ -6,12 +6,14 @@
 //! or not, serves the API ([`api`]).
 
 pub mod api;
+pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod leader;
+pub mod listen;
 pub mod openapi;
+pub mod pki;
 pub mod scheduler;
-pub mod tls;
 
 use anyhow::Context;
 use config::EngineConfig;
@@ -22,39 +24,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
 
-/// `unix:/run/fleet.sock` or `/run/fleet.sock` name a unix socket; anything else is host:port.
-fn unix_path(addr: &str) -> Option<&str> {
-    addr.strip_prefix("unix://")
-        .or_else(|| addr.strip_prefix("unix:"))
-        .or_else(|| addr.starts_with('/').then_some(addr))
-}
-
-/// Binds a unix socket with mode 0660, replacing a stale socket file but never a live one.
-async fn bind_unix(path: &str) -> anyhow::Result<tokio::net::UnixListener> {
-    use std::os::unix::fs::PermissionsExt;
-    if std::path::Path::new(path).exists() {
-        if tokio::net::UnixStream::connect(path).await.is_ok() {
-            anyhow::bail!("cannot listen on {path}: another server is serving it");
-        }
-        std::fs::remove_file(path).with_context(|| format!("cannot remove stale socket {path}"))?;
-    }
-    if let Some(dir) = std::path::Path::new(path).parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    }
-    let listener = tokio::net::UnixListener::bind(path).with_context(|| format!("cannot listen on {path}"))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
-        .with_context(|| format!("cannot set the mode of {path}"))?;
-    Ok(listener)
-}
-
 /// Runs an engine until `shutdown` turns true. A new value on `config` (SIGHUP) reloads the TLS
 /// certificate, key and client CA (certificate rotation without a restart); other changed settings
 /// are logged as taking effect on restart.
 pub async fn run(mut config: watch::Receiver<EngineConfig>, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
     let cfg = config.borrow_and_update().clone();
+    let etcd_tls = cfg.etcd_tls()?;
     let etcd = EtcdConfig {
         endpoints: cfg.etcd_endpoints.clone(),
         request_timeout: Duration::from_millis(cfg.etcd_request_timeout_ms),
+        tls: etcd_tls.as_ref().map(|t| t.etcd_options()).transpose()?,
     };
     let client = connect(&etcd, RetryPolicy { attempts: 30, ..RetryPolicy::default() }).await?;
     let keys = Keys::new(&cfg.etcd_prefix);
@@ -70,47 +49,32 @@ pub async fn run(mut config: watch::Receiver<EngineConfig>, mut shutdown: watch:
         cluster: cluster.clone(),
         status: status.clone(),
         token_limit: cfg.token_limit,
+        agents: api::agent_client(etcd_tls.as_ref())?,
     };
+    let auth = Arc::new(auth::Auth::new(&cfg.auth)?);
+    let app = api::router(api.clone(), auth);
     let mut servers = Vec::new();
     for addr in &cfg.listen {
-        let app = api::router(api.clone());
-        let mut stop = shutdown.clone();
-        let stopped = async move {
-            let _ = stop.wait_for(|s| *s).await;
-        };
-        if let Some(path) = unix_path(addr) {
-            let listener = bind_unix(path).await?;
+        if let Some(path) = listen::unix_path(addr) {
+            let listener = listen::bind_unix(path, &cfg.auth.socket_group).await?;
             tracing::info!(socket = %path, "serving the fleet API");
-            servers.push(tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(stopped).await }));
+            servers.push(listen::serve_unix(listener, app.clone(), shutdown.clone()));
         } else {
             let listener =
                 tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
             tracing::info!(%addr, "serving the fleet API");
-            servers.push(tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(stopped).await }));
+            servers.push(listen::serve_tcp(listener, app.clone(), shutdown.clone()));
         }
     }
     let mut tls_reloadable = None;
     if !cfg.listen_tls.is_empty() {
-        let client_ca = (!cfg.tls_client_ca_file.is_empty()).then(|| std::path::Path::new(&cfg.tls_client_ca_file));
-        let tls = tls::server_config(cfg.tls_cert_file.as_ref(), cfg.tls_key_file.as_ref(), client_ca)?;
-        let tls = axum_server::tls_rustls::RustlsConfig::from_config(tls);
+        let tls: listen::TlsConfig = Arc::new(std::sync::RwLock::new(api_tls(&cfg)?));
         tls_reloadable = Some(tls.clone());
         for addr in &cfg.listen_tls {
-            let sock: std::net::SocketAddr =
-                addr.parse().with_context(|| format!("listen_tls {addr:?}: expected ip:port"))?;
-            let handle = axum_server::Handle::new();
-            let app = api::router(api.clone());
-            let config = tls.clone();
-            tracing::info!(%addr, mutual = client_ca.is_some(), "serving the fleet API over TLS");
-            let mut stop = shutdown.clone();
-            let h = handle.clone();
-            tokio::spawn(async move {
-                let _ = stop.wait_for(|s| *s).await;
-                h.graceful_shutdown(Some(Duration::from_secs(5)));
-            });
-            servers.push(tokio::spawn(async move {
-                axum_server::bind_rustls(sock, config).handle(handle).serve(app.into_make_service()).await
-            }));
+            let listener =
+                tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+            tracing::info!(%addr, client_certificates = !cfg.tls_client_ca_file.is_empty(), "serving the fleet API over TLS");
+            servers.push(listen::serve_tls(listener, app.clone(), tls.clone(), shutdown.clone()));
         }
     }
     let election = connect(
@@ -154,12 +118,23 @@ pub async fn run(mut config: watch::Receiver<EngineConfig>, mut shutdown: watch:
     Ok(())
 }
 
-fn apply_reload(running: &EngineConfig, new: &EngineConfig, tls: Option<&axum_server::tls_rustls::RustlsConfig>) {
+/// The API's TLS configuration: client certificates are optional (token callers have none) but
+/// must be signed by the cluster CA when presented.
+fn api_tls(cfg: &EngineConfig) -> Result<Arc<rustls::ServerConfig>, fleet_model::tls::TlsError> {
+    let clients = match cfg.tls_client_ca_file.as_str() {
+        "" => fleet_model::tls::ClientAuth::None,
+        ca => fleet_model::tls::ClientAuth::Optional(ca.into()),
+    };
+    fleet_model::tls::server_config(cfg.tls_cert_file.as_ref(), cfg.tls_key_file.as_ref(), &clients)
+}
+
+fn apply_reload(running: &EngineConfig, new: &EngineConfig, tls: Option<&listen::TlsConfig>) {
     if let Some(tls) = tls {
-        let client_ca = (!new.tls_client_ca_file.is_empty()).then(|| std::path::Path::new(&new.tls_client_ca_file));
-        match tls::server_config(new.tls_cert_file.as_ref(), new.tls_key_file.as_ref(), client_ca) {
+        match api_tls(new) {
             Ok(c) => {
-                tls.reload_from_config(c);
+                if let Ok(mut current) = tls.write() {
+                    *current = c;
+                }
                 tracing::info!(cert = %new.tls_cert_file, "TLS certificate reloaded");
             }
             Err(e) => tracing::error!(error = %e, "TLS certificate not reloaded; keeping the running one"),
@@ -174,6 +149,8 @@ fn apply_reload(running: &EngineConfig, new: &EngineConfig, tls: Option<&axum_se
         ("election_ttl_secs", running.election_ttl_secs != new.election_ttl_secs),
         ("token_limit", running.token_limit != new.token_limit),
         ("lead", running.lead != new.lead),
+        ("etcd TLS files", running.etcd_tls().ok() != new.etcd_tls().ok()),
+        ("auth", running.auth != new.auth),
     ];
     for (field, _) in changed.iter().filter(|(_, c)| *c) {
         tracing::warn!(field, "changed setting takes effect when the engine restarts");

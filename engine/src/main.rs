@@ -34,6 +34,17 @@ struct Args {
     tls_key_file: Option<String>,
     #[arg(long, env = "FLEET_TLS_CLIENT_CA_FILE")]
     tls_client_ca_file: Option<String>,
+    /// CA for `https://` etcd endpoints.
+    #[arg(long, env = "FLEET_ETCD_CA_FILE")]
+    etcd_ca_file: Option<String>,
+    /// Client certificate presented to etcd (and to agents).
+    #[arg(long, env = "FLEET_ETCD_CERT_FILE")]
+    etcd_cert_file: Option<String>,
+    #[arg(long, env = "FLEET_ETCD_KEY_FILE")]
+    etcd_key_file: Option<String>,
+    /// Audit log file (one JSON object per change).
+    #[arg(long, env = "FLEET_AUDIT_LOG")]
+    audit_log: Option<String>,
     /// Serve the API only; never campaign to lead.
     #[arg(long)]
     no_lead: bool,
@@ -112,6 +123,16 @@ fn load_config(args: &Args) -> anyhow::Result<EngineConfig> {
     }
     if let Some(v) = &args.tls_client_ca_file {
         cfg.tls_client_ca_file = v.clone();
+    }
+    for (flag, field) in [
+        (&args.etcd_ca_file, &mut cfg.etcd_ca_file),
+        (&args.etcd_cert_file, &mut cfg.etcd_cert_file),
+        (&args.etcd_key_file, &mut cfg.etcd_key_file),
+        (&args.audit_log, &mut cfg.auth.audit_log),
+    ] {
+        if let Some(v) = flag {
+            *field = v.clone();
+        }
     }
     if let Some(v) = args.token_limit {
         cfg.token_limit = v;

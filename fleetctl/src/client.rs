@@ -98,6 +98,8 @@ pub struct TlsFiles {
     pub ca_file: Option<String>,
     pub cert_file: Option<String>,
     pub key_file: Option<String>,
+    /// API token, sent as `Authorization: Bearer`.
+    pub token: Option<String>,
 }
 
 pub struct Client {
@@ -128,6 +130,12 @@ impl Client {
             }
             (None, None) => {}
             _ => bail!("--cert-file and --key-file must be given together"),
+        }
+        if let Some(token) = tls.token.as_deref().map(str::trim).filter(|t| !t.is_empty()) {
+            let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+                .context("--token contains characters not allowed in an HTTP header")?;
+            value.set_sensitive(true);
+            builder = builder.default_headers([(reqwest::header::AUTHORIZATION, value)].into_iter().collect());
         }
         // unix:///var/run/fleet.sock (or file://), as the original accepted.
         let socket = endpoint.strip_prefix("unix://").or_else(|| endpoint.strip_prefix("file://"));

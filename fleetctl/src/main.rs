@@ -41,6 +41,9 @@ struct Cli {
     /// Private key (PEM) of --cert-file.
     #[arg(long, global = true, env = "FLEETCTL_KEY_FILE")]
     key_file: Option<String>,
+    /// API token (see docs/security.md); sent as a bearer token.
+    #[arg(long, global = true, env = "FLEETCTL_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -229,6 +232,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         ca_file: cli.ca_file.clone(),
         cert_file: cli.cert_file.clone(),
         key_file: cli.key_file.clone(),
+        token: cli.token.clone(),
     };
     let api = Client::new(&cli.endpoint, Duration::from_secs_f64(cli.request_timeout), &tls)
         .context("Unable to initialize client")?;

@@ -4,6 +4,9 @@
 //! booting real systemd, with its own network namespace and address on a private bridge, running
 //! `fleet-agent` as a systemd service. Everything the lab creates is named `fl*` and lives on
 //! 10.231.90.0/24 with etcd on port 12379, so it never collides with anything else on the host.
+//! Like a default install, the lab is TLS-only with auth on: [`pki`] makes a cluster CA and
+//! every identity at `up`, etcd requires client certificates and confines each machine to its
+//! own keys, and the engines serve the API over TLS only (plus a unix socket).
 //! Processes are tracked and stopped by PID; leftovers of an earlier run (namespaces, links, the
 //! bridge, stale sockets) are removed before a new one starts.
 //!
@@ -14,6 +17,7 @@
 pub mod bench;
 pub mod faults;
 pub mod net;
+pub mod pki;
 pub mod process;
 pub mod sim;
 pub mod testkit;
@@ -124,6 +128,16 @@ impl LabState {
         self.engines.first().map(|e| e.api_url.as_str())
     }
 
+    /// The flags that give an engine the lab's etcd, TLS and auth settings.
+    pub fn engine_base_args(&self) -> Vec<String> {
+        vec![
+            "--config".into(),
+            pki::engine_config().display().to_string(),
+            "--etcd-endpoints".into(),
+            self.etcd_endpoints().join(","),
+        ]
+    }
+
     pub fn machine(&self, name: &str) -> Option<&MachineProc> {
         self.machines.iter().find(|m| m.name == name)
     }
@@ -180,7 +194,7 @@ fn uuid_of(machine_id: &str) -> String {
 
 /// The host's etcd client URL that machines use.
 pub fn etcd_bridge_url() -> String {
-    format!("http://{HOST_IP}:{ETCD_CLIENT_PORT}")
+    format!("https://{HOST_IP}:{ETCD_CLIENT_PORT}")
 }
 
 /// Starts the lab's single-member etcd, listening on loopback and the bridge.
@@ -191,11 +205,11 @@ pub fn start_etcd(name: &str) -> Result<EtcdProc> {
 /// Starts a single-member etcd on the given ports (loopback only unless `on_bridge`), with a
 /// fresh data directory under the lab directory.
 pub fn start_etcd_on(name: &str, client_port: u16, peer_port: u16, on_bridge: bool) -> Result<EtcdProc> {
-    let cluster = format!("{name}=http://127.0.0.1:{peer_port}");
+    let cluster = format!("{name}=https://127.0.0.1:{peer_port}");
     let member = EtcdProc {
         name: name.into(),
         pid: 0,
-        client_url: format!("http://127.0.0.1:{client_port}"),
+        client_url: format!("https://127.0.0.1:{client_port}"),
         client_port,
         peer_port,
         cluster,
@@ -209,14 +223,14 @@ pub fn start_etcd_on(name: &str, client_port: u16, peer_port: u16, on_bridge: bo
 pub fn start_etcd_cluster(n: u8) -> Result<Vec<EtcdProc>> {
     let ports: Vec<(String, u16)> =
         (1..=n).map(|i| (format!("etcd{i}"), ETCD_CLIENT_PORT + 10 * (i as u16 - 1))).collect();
-    let cluster: Vec<String> = ports.iter().map(|(name, p)| format!("{name}=http://127.0.0.1:{}", p + 1)).collect();
+    let cluster: Vec<String> = ports.iter().map(|(name, p)| format!("{name}=https://127.0.0.1:{}", p + 1)).collect();
     ports
         .into_iter()
         .map(|(name, port)| {
             let member = EtcdProc {
                 name,
                 pid: 0,
-                client_url: format!("http://127.0.0.1:{port}"),
+                client_url: format!("https://127.0.0.1:{port}"),
                 client_port: port,
                 peer_port: port + 1,
                 cluster: cluster.join(","),
@@ -234,9 +248,9 @@ pub fn start_etcd_member(mut member: EtcdProc, fresh: bool) -> Result<EtcdProc> 
         let _ = std::fs::remove_dir_all(&dir);
     }
     std::fs::create_dir_all(&dir)?;
-    let local = format!("http://127.0.0.1:{}", member.client_port);
+    let local = format!("https://127.0.0.1:{}", member.client_port);
     let (client_urls, advertise) = if member.on_bridge {
-        let bridge = format!("http://{HOST_IP}:{}", member.client_port);
+        let bridge = format!("https://{HOST_IP}:{}", member.client_port);
         (format!("{local},{bridge}"), bridge)
     } else {
         (local.clone(), local.clone())
@@ -248,16 +262,41 @@ pub fn start_etcd_member(mut member: EtcdProc, fresh: bool) -> Result<EtcdProc> 
 }
 
 /// The command line of one etcd member (without its `--initial-cluster` flags when `data` already
-/// holds a member: etcd then ignores them).
+/// holds a member: etcd then ignores them). Clients and peers must present a certificate signed
+/// by the lab's CA.
 pub fn etcd_command(name: &str, data: &Path, client_urls: &str, advertise: &str, peer_port: u16) -> Command {
-    let peer = format!("http://127.0.0.1:{peer_port}");
+    let peer = format!("https://127.0.0.1:{peer_port}");
+    let tls = pki::identity("etcd");
     let mut cmd = Command::new("etcd");
     cmd.args(["--name", name, "--data-dir"])
         .arg(data)
         .args(["--listen-client-urls", client_urls, "--advertise-client-urls", advertise])
         .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
-        .args(["--auto-compaction-retention", "1"]);
+        .args(["--auto-compaction-retention", "1"])
+        .arg("--client-cert-auth")
+        .arg("--trusted-ca-file")
+        .arg(&tls.ca_file)
+        .arg("--cert-file")
+        .arg(&tls.cert_file)
+        .arg("--key-file")
+        .arg(&tls.key_file)
+        .arg("--peer-client-cert-auth")
+        .arg("--peer-trusted-ca-file")
+        .arg(&tls.ca_file)
+        .arg("--peer-cert-file")
+        .arg(&tls.cert_file)
+        .arg("--peer-key-file")
+        .arg(&tls.key_file);
     cmd
+}
+
+/// A client of the lab's etcd as its administrator (`https://` endpoints), or plain.
+pub async fn etcd_admin(endpoints: &[String]) -> Result<etcd_client::Client> {
+    if endpoints.iter().any(|e| e.starts_with("https://")) {
+        pki::etcd_as(endpoints, "root").await
+    } else {
+        Ok(etcd_client::Client::connect(endpoints, None).await?)
+    }
 }
 
 /// Waits until etcd answers a read.
@@ -265,8 +304,8 @@ pub async fn wait_etcd(endpoints: &[String], timeout: Duration) -> Result<()> {
     let until = Instant::now() + timeout;
     loop {
         let attempt = async {
-            let mut c = etcd_client::Client::connect(endpoints, None).await?;
-            c.get("/", None).await
+            let mut c = etcd_admin(endpoints).await?;
+            anyhow::Ok(c.get("/", None).await?)
         };
         match tokio::time::timeout(Duration::from_secs(2), attempt).await {
             Ok(Ok(_)) => return Ok(()),
@@ -278,7 +317,6 @@ pub async fn wait_etcd(endpoints: &[String], timeout: Duration) -> Result<()> {
     }
 }
 
-/// Starts an engine process serving the API on `127.0.0.1:port` and the bridge address.
 /// Starts an engine process from its recorded command line.
 pub fn spawn_engine(engine: &EngineProc, bin_dir: &Path) -> Result<u32> {
     let mut cmd = Command::new(bin_dir.join("fleet-engine"));
@@ -291,6 +329,13 @@ pub fn engine_socket(name: &str) -> PathBuf {
     lab_dir().join(format!("{name}.sock"))
 }
 
+/// Where an engine started by the lab records every change made through its API.
+pub fn engine_audit_log(name: &str) -> PathBuf {
+    lab_dir().join(format!("{name}.audit.log"))
+}
+
+/// Starts an engine serving the API over TLS on `127.0.0.1:port` (and on its unix socket), with
+/// the lab's etcd identity and auth settings.
 pub fn start_engine(
     name: &str,
     bin_dir: &Path,
@@ -300,6 +345,8 @@ pub fn start_engine(
     election_ttl: i64,
 ) -> Result<EngineProc> {
     let args: Vec<String> = [
+        "--config",
+        &pki::engine_config().display().to_string(),
         "--etcd-endpoints",
         &etcd.join(","),
         "--etcd-prefix",
@@ -307,16 +354,28 @@ pub fn start_engine(
         "--engine-id",
         name,
         "--listen",
-        &format!("127.0.0.1:{port},{}", engine_socket(name).display()),
+        &engine_socket(name).display().to_string(),
+        "--listen-tls",
+        &format!("127.0.0.1:{port}"),
+        "--audit-log",
+        &engine_audit_log(name).display().to_string(),
         "--election-ttl-secs",
         &election_ttl.to_string(),
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let mut engine = EngineProc { name: name.into(), pid: 0, api_url: format!("http://127.0.0.1:{port}"), args };
+    let mut engine = EngineProc { name: name.into(), pid: 0, api_url: format!("https://127.0.0.1:{port}"), args };
     engine.pid = spawn_engine(&engine, bin_dir)?;
     Ok(engine)
+}
+
+/// Turns on etcd's auth for the lab: engines may use every key under `/fleet` (tests use
+/// `/fleet-test/...` prefixes), machines only their own (see [`boot_machine`]).
+pub async fn enable_etcd_auth(endpoints: &[String]) -> Result<()> {
+    let mut root = pki::etcd_as(endpoints, "root").await?;
+    fleet_engine::pki::etcd_enable_auth(&mut root, "/fleet").await?;
+    Ok(())
 }
 
 /// Boots a machine: network namespace and address, agent config, then systemd-nspawn.
@@ -327,9 +386,15 @@ pub async fn boot_machine(spec: &MachineSpec, bin_dir: &Path, unit_template: &st
         std::fs::create_dir_all(dir.join(sub))?;
     }
     net::add_machine_netns(&spec.name, &spec.ip)?;
+    // The machine's identity: a certificate for `machine-<id>`, and its etcd role (own keys only).
+    pki::issue_machine(&spec.name, &spec.machine_id, &spec.ip, &dir.join("fleet"))?;
+    let endpoints: Vec<String> =
+        spec.etcd_endpoints.iter().map(|e| e.replace(&format!("https://{HOST_IP}:"), "https://127.0.0.1:")).collect();
+    let mut root = pki::etcd_as(&endpoints, "root").await?;
+    fleet_engine::pki::etcd_add_machine(&mut root, &spec.etcd_prefix, &spec.machine_id).await?;
     let metadata: String = spec.metadata.iter().map(|(k, v)| format!("{k} = {v:?}\n")).collect();
     let config = format!(
-        "etcd_endpoints = [{}]\netcd_prefix = {:?}\npublic_ip = {:?}\nlease_ttl_secs = {}\napi_listen = \"0.0.0.0:12490\"\n\n[capacity]\nmemory = {:?}\ncpu = {:?}\n\n[metadata]\n{metadata}",
+        "etcd_endpoints = [{}]\netcd_prefix = {:?}\npublic_ip = {:?}\nlease_ttl_secs = {}\napi_listen = \"0.0.0.0:12490\"\netcd_ca_file = \"/etc/fleet/ca.pem\"\netcd_cert_file = \"/etc/fleet/machine.pem\"\netcd_key_file = \"/etc/fleet/machine.key\"\n\n[capacity]\nmemory = {:?}\ncpu = {:?}\n\n[metadata]\n{metadata}",
         spec.etcd_endpoints.iter().map(|e| format!("{e:?}")).collect::<Vec<_>>().join(", "),
         spec.etcd_prefix,
         spec.ip,

@@ -171,9 +171,11 @@ async fn up(machines: u8, etcd: u8, engines: u8, metadata: &[String]) -> Result<
     let bin_dir = lab::install_binaries(&target_dir()?)?;
     let mut state = LabState { bin_dir: bin_dir.clone(), ..Default::default() };
     lab::net::ensure_bridge()?;
+    lab::pki::create().context("cannot create the lab's CA and certificates")?;
     state.etcd = lab::start_etcd_cluster(etcd)?;
     state.save()?;
     lab::wait_etcd(&state.etcd_endpoints(), Duration::from_secs(30)).await?;
+    lab::enable_etcd_auth(&state.etcd_endpoints()).await.context("cannot turn on etcd's auth")?;
     for i in 1..=engines {
         let port = lab::ENGINE_PORT + i as u16 - 1;
         state.engines.push(lab::start_engine(
@@ -187,7 +189,7 @@ async fn up(machines: u8, etcd: u8, engines: u8, metadata: &[String]) -> Result<
         state.save()?;
     }
     let bridge_urls: Vec<String> =
-        state.etcd.iter().map(|e| format!("http://{}:{}", lab::HOST_IP, e.client_port)).collect();
+        state.etcd.iter().map(|e| format!("https://{}:{}", lab::HOST_IP, e.client_port)).collect();
     let unit = std::fs::read_to_string(repo_dir().join("agent/fleet-agent.service"))
         .context("cannot read agent/fleet-agent.service")?;
     let specs: Vec<MachineSpec> = (1..=machines)
@@ -220,25 +222,11 @@ async fn up(machines: u8, etcd: u8, engines: u8, metadata: &[String]) -> Result<
     Ok(state)
 }
 
+/// A GET as the lab's administrator.
 async fn api_get(url: &str) -> Option<serde_json::Value> {
-    let client = reqwest_free_get(url).await?;
-    serde_json::from_str(&client).ok()
-}
-
-/// A tiny HTTP GET over TCP, enough for the lab's own status checks.
-async fn reqwest_free_get(url: &str) -> Option<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let rest = url.strip_prefix("http://")?;
-    let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((rest, "/".into()));
-    let fut = async {
-        let mut s = tokio::net::TcpStream::connect(host).await.ok()?;
-        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes()).await.ok()?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await.ok()?;
-        let text = String::from_utf8_lossy(&buf).into_owned();
-        text.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
-    };
-    tokio::time::timeout(Duration::from_secs(3), fut).await.ok().flatten()
+    let http = lab::pki::http_as("admin").ok()?;
+    let resp = tokio::time::timeout(Duration::from_secs(3), http.get(url).send()).await.ok()?.ok()?;
+    resp.json().await.ok()
 }
 
 async fn wait_machines(state: &LabState, n: usize, timeout: Duration) -> Result<()> {
@@ -277,7 +265,7 @@ async fn print_ps(state: &LabState) {
                 None => "starting".into(),
             }
         };
-        println!("engine {} {} {role}", e.name, e.api_url);
+        println!("engine {} {} {role} socket={}", e.name, e.api_url, lab::engine_socket(&e.name).display());
     }
     for m in &state.machines {
         let st = if !process::alive(m.pid) {
@@ -302,6 +290,10 @@ async fn ps() -> Result<()> {
 fn env() -> Result<()> {
     let state = LabState::load()?.context("lab is not up: run ./lab up")?;
     println!("export FLEETCTL_ENDPOINT={}", state.api_url().context("lab has no engine")?);
+    let admin = lab::pki::identity("admin");
+    println!("export FLEETCTL_CA_FILE={}", admin.ca_file.display());
+    println!("export FLEETCTL_CERT_FILE={}", admin.cert_file.display());
+    println!("export FLEETCTL_KEY_FILE={}", admin.key_file.display());
     println!("export PATH=\"{}:$PATH\"", state.bin_dir.display());
     Ok(())
 }
@@ -316,6 +308,7 @@ async fn demo() -> Result<()> {
         let status = Command::new(&fleetctl)
             .args(&args)
             .env("FLEETCTL_ENDPOINT", &api)
+            .envs(lab::testkit::fleetctl_env())
             .status()
             .context("cannot run fleetctl")?;
         if !status.success() {

@@ -25,6 +25,9 @@ use tokio::sync::watch;
 #[derive(Debug, Clone)]
 pub struct SimConfig {
     pub etcd_endpoints: Vec<String>,
+    /// Identity for `https://` etcd endpoints. All simulated machines share it (one etcd user per
+    /// simulated machine would be 10,000 users); real machines each have their own.
+    pub etcd_tls: Option<fleet_model::tls::ClientTls>,
     pub prefix: String,
     pub machines: usize,
     pub units: usize,
@@ -99,9 +102,33 @@ pub fn cpu_secs(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
-async fn start_engine(cfg: &SimConfig, name: &str, port: u16, lead: bool) -> Result<Child> {
+/// The simulation's engines' configuration: its etcd identity, and one admin token for the
+/// harness (the API is served on loopback, where tokens are the way in).
+fn engine_config(cfg: &SimConfig, dir: &Path) -> Result<(PathBuf, String)> {
+    let token = fleet_engine::pki::new_token()?;
+    let mut text = String::new();
+    if let Some(t) = &cfg.etcd_tls {
+        text += &format!(
+            "etcd_ca_file = {:?}\netcd_cert_file = {:?}\netcd_key_file = {:?}\n",
+            t.ca_file.display().to_string(),
+            t.cert_file.display().to_string(),
+            t.key_file.display().to_string()
+        );
+    }
+    text += &format!(
+        "\n[[auth.tokens]]\nname = \"fleet-sim\"\nrole = \"admin\"\nsha256 = \"{}\"\n",
+        fleet_engine::pki::token_hash(&token)
+    );
+    let path = dir.join("engine.toml");
+    std::fs::write(&path, text)?;
+    Ok((path, token))
+}
+
+async fn start_engine(cfg: &SimConfig, config: &Path, name: &str, port: u16, lead: bool) -> Result<Child> {
     let log = std::fs::File::create(std::env::temp_dir().join(format!("fleet-sim-{name}.log")))?;
     let child = std::process::Command::new(cfg.bin_dir.join("fleet-engine"))
+        .arg("--config")
+        .arg(config)
         .args(["--etcd-endpoints", &cfg.etcd_endpoints.join(",")])
         .args(["--etcd-prefix", &cfg.prefix])
         .args(["--listen", &format!("127.0.0.1:{port}")])
@@ -293,7 +320,11 @@ async fn submit(http: &reqwest::Client, api: &str, names: &[String]) -> Result<(
 /// Runs one simulation and cleans up its etcd prefix, processes and files.
 pub async fn run(cfg: SimConfig) -> Result<SimReport> {
     let keys = Keys::new(&cfg.prefix);
-    let etcd = EtcdConfig { endpoints: cfg.etcd_endpoints.clone(), request_timeout: Duration::from_secs(10) };
+    let etcd = EtcdConfig {
+        endpoints: cfg.etcd_endpoints.clone(),
+        request_timeout: Duration::from_secs(10),
+        tls: cfg.etcd_tls.as_ref().map(|t| t.etcd_options()).transpose()?,
+    };
     let mut pool = Vec::new();
     // Enough connections that no one carries more than ~250 streams (a watch and a keepalive
     // per machine): gRPC servers cap concurrent streams per connection.
@@ -305,12 +336,15 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport> {
     let dir = std::env::temp_dir().join(format!("fleet-sim-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(120)).build()?;
+    let (engine_config, token) = engine_config(&cfg, &dir)?;
+    let mut auth = reqwest::header::HeaderMap::new();
+    auth.insert(reqwest::header::AUTHORIZATION, format!("Bearer {token}").parse()?);
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(120)).default_headers(auth).build()?;
     let mut report = SimReport { machines: cfg.machines, units: cfg.units, ..Default::default() };
 
     // Units go in through an API-only replica and are placed by a leader started once they are
     // all stored, so placement throughput is the engine's own, not the submission rate.
-    let api_engine = start_engine(&cfg, "sim-api", cfg.api_port, false).await?;
+    let api_engine = start_engine(&cfg, &engine_config, "sim-api", cfg.api_port, false).await?;
     let api = format!("http://127.0.0.1:{}", cfg.api_port);
     wait_until("the API replica to serve", Duration::from_secs(30), || async {
         leader_of(&http, cfg.api_port).await == Some(false)
@@ -353,7 +387,7 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport> {
     }
     report.submit_secs = t0.elapsed().as_secs_f64();
     let leader_port = cfg.api_port + 1;
-    let mut engine = start_engine(&cfg, "sim-e1", leader_port, true).await?;
+    let mut engine = start_engine(&cfg, &engine_config, "sim-e1", leader_port, true).await?;
     let until = t0 + Duration::from_secs(600);
     loop {
         let done = {
@@ -385,6 +419,7 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport> {
     let t = Instant::now();
     let out = std::process::Command::new(cfg.bin_dir.join("fleetctl"))
         .args(["--endpoint", &api, "list-units", "--no-legend"])
+        .env("FLEETCTL_TOKEN", &token)
         .output()
         .context("fleetctl list-units")?;
     report.list_units_secs = t.elapsed().as_secs_f64();
@@ -435,7 +470,7 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport> {
 
         // The leader lost: a standby engine takes over and places a new unit.
         let standby_port = cfg.api_port + 2;
-        let _standby = start_engine(&cfg, "sim-e2", standby_port, true).await?;
+        let _standby = start_engine(&cfg, &engine_config, "sim-e2", standby_port, true).await?;
         wait_until("the standby engine to serve", Duration::from_secs(30), || async {
             leader_of(&http, standby_port).await == Some(false)
         })

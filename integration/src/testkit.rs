@@ -42,8 +42,27 @@ where
     }
 }
 
+/// etcd as its administrator (`root`).
 pub async fn etcd(state: &LabState) -> Result<etcd_client::Client> {
-    Ok(etcd_client::Client::connect(state.etcd_endpoints(), None).await?)
+    crate::etcd_admin(&state.etcd_endpoints()).await
+}
+
+/// An HTTP client for the lab's API as its administrator (client certificate `admin`).
+pub fn http() -> reqwest::Client {
+    match crate::pki::http_as("admin") {
+        Ok(c) => c,
+        Err(e) => panic!("the lab's admin identity: {e:#}"),
+    }
+}
+
+/// What fleetctl needs to reach the lab's API as its administrator.
+pub fn fleetctl_env() -> Vec<(&'static str, String)> {
+    let admin = crate::pki::identity("admin");
+    vec![
+        ("FLEETCTL_CA_FILE", admin.ca_file.display().to_string()),
+        ("FLEETCTL_CERT_FILE", admin.cert_file.display().to_string()),
+        ("FLEETCTL_KEY_FILE", admin.key_file.display().to_string()),
+    ]
 }
 
 /// A key prefix no other test uses.
@@ -63,6 +82,7 @@ pub fn fleetctl(state: &LabState, endpoint: &str, args: &[&str]) -> Result<Outpu
     Command::new(state.bin_dir.join("fleetctl"))
         .args(args)
         .env("FLEETCTL_ENDPOINT", endpoint)
+        .envs(fleetctl_env())
         .output()
         .context("cannot run fleetctl")
 }

@@ -11,6 +11,7 @@ use fleet_integration::testkit;
 async fn thousand_machines_ten_thousand_units_converge_and_survive_faults() {
     let Some(state) = testkit::lab() else { return };
     let report = run(SimConfig {
+        etcd_tls: Some(fleet_integration::pki::identity("root")),
         etcd_endpoints: state.etcd_endpoints(),
         prefix: testkit::unique_prefix("sim-smoke"),
         machines: 1000,

@@ -12,6 +12,8 @@ pub struct EtcdConfig {
     pub endpoints: Vec<String>,
     /// Per-request timeout.
     pub request_timeout: Duration,
+    /// CA and client certificate for `https://` endpoints (see [`crate::tls::ClientTls`]).
+    pub tls: Option<etcd_client::TlsOptions>,
 }
 
 /// Connects with a connect timeout and a per-request timeout, retrying the first connection so a
@@ -22,6 +24,10 @@ pub async fn connect(cfg: &EtcdConfig, policy: RetryPolicy) -> Result<Client, Re
         .with_timeout(cfg.request_timeout)
         .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
         .with_keep_alive_while_idle(true);
+    let opts = match &cfg.tls {
+        Some(tls) => opts.with_tls(tls.clone()),
+        None => opts,
+    };
     let what = format!("connect to etcd at {}", cfg.endpoints.join(","));
     policy.run(&what, |_| true, || Client::connect(cfg.endpoints.clone(), Some(opts.clone()))).await
 }

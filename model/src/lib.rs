@@ -10,6 +10,7 @@ pub mod machine;
 pub mod retry;
 pub mod rules;
 pub mod schema;
+pub mod tls;
 pub mod unit_file;
 pub mod unit_name;
 

@@ -21,6 +21,43 @@ pub fn parse_machine_id(text: &str) -> Result<MachineId, MachineIdError> {
     }
 }
 
+/// Longest metadata key, in bytes.
+pub const MAX_METADATA_KEY: usize = 64;
+/// Longest metadata value, in bytes.
+pub const MAX_METADATA_VALUE: usize = 512;
+/// Most metadata keys one machine may carry.
+pub const MAX_METADATA_KEYS: usize = 64;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MetadataError {
+    #[error("key {0:?} must be 1 to {MAX_METADATA_KEY} of [A-Za-z0-9_.-]")]
+    Key(String),
+    #[error("value of {key:?} is {len} bytes; at most {MAX_METADATA_VALUE}")]
+    ValueTooLong { key: String, len: usize },
+    #[error("value of {0:?} contains a control character")]
+    ValueControl(String),
+    #[error("{0} keys; at most {MAX_METADATA_KEYS}")]
+    TooMany(usize),
+}
+
+/// Checks one metadata entry against fleet's limits (placement rules compare values as text, so
+/// they are short printable strings).
+pub fn check_metadata(key: &str, value: &str) -> Result<(), MetadataError> {
+    if key.is_empty()
+        || key.len() > MAX_METADATA_KEY
+        || !key.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+    {
+        return Err(MetadataError::Key(key.chars().take(80).collect()));
+    }
+    if value.len() > MAX_METADATA_VALUE {
+        return Err(MetadataError::ValueTooLong { key: key.into(), len: value.len() });
+    }
+    if value.chars().any(char::is_control) {
+        return Err(MetadataError::ValueControl(key.into()));
+    }
+    Ok(())
+}
+
 /// What an agent publishes about its machine, on its lease.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

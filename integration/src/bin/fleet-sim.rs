@@ -45,6 +45,7 @@ fn main() -> anyhow::Result<()> {
         None => std::env::current_exe()?.parent().context("binary directory")?.to_path_buf(),
     };
     let cfg = SimConfig {
+        etcd_tls: None,
         etcd_endpoints: a.etcd_endpoints,
         prefix: a.prefix,
         machines: a.machines,

@@ -1,0 +1,139 @@
+//! The API's listeners: unix sockets, plain TCP (loopback only) and TLS. Each tells the auth
+//! middleware how a request arrived ([`Peer`]): the TLS listener with the common name of the
+//! client certificate the handshake verified, the unix socket with the client's uid.
+
+use crate::auth::{Peer, UnixPeer};
+use anyhow::Context;
+use axum::Router;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// The TLS configuration in force; replaced on SIGHUP, read at every handshake.
+pub type TlsConfig = Arc<RwLock<Arc<rustls::ServerConfig>>>;
+
+/// A TLS handshake must finish in this time, so idle connections cannot pile up.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `unix:/run/fleet.sock` or `/run/fleet.sock` name a unix socket; anything else is host:port.
+pub fn unix_path(addr: &str) -> Option<&str> {
+    addr.strip_prefix("unix://")
+        .or_else(|| addr.strip_prefix("unix:"))
+        .or_else(|| addr.starts_with('/').then_some(addr))
+}
+
+/// Binds a unix socket with mode 0660 and group `group` (if that group exists), replacing a
+/// stale socket file but never a live one.
+pub async fn bind_unix(path: &str, group: &str) -> anyhow::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if std::path::Path::new(path).exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            anyhow::bail!("cannot listen on {path}: another server is serving it");
+        }
+        std::fs::remove_file(path).with_context(|| format!("cannot remove stale socket {path}"))?;
+    }
+    if let Some(dir) = std::path::Path::new(path).parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let listener = tokio::net::UnixListener::bind(path).with_context(|| format!("cannot listen on {path}"))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("cannot set the mode of {path}"))?;
+    if !group.is_empty() {
+        match nix::unistd::Group::from_name(group) {
+            Ok(Some(g)) => nix::unistd::chown(path, None, Some(g.gid))
+                .with_context(|| format!("cannot give {path} to group {group}"))?,
+            _ => tracing::info!(socket = %path, group, "group does not exist; the socket stays root's only"),
+        }
+    }
+    Ok(listener)
+}
+
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+pub fn serve_unix(
+    listener: tokio::net::UnixListener,
+    app: Router,
+    stop: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<std::io::Result<()>> {
+    let svc = app.into_make_service_with_connect_info::<UnixPeer>();
+    tokio::spawn(async move { axum::serve(listener, svc).with_graceful_shutdown(stopped(stop)).await })
+}
+
+pub fn serve_tcp(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    stop: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<std::io::Result<()>> {
+    let svc = app.into_make_service_with_connect_info::<SocketAddr>();
+    tokio::spawn(async move { axum::serve(listener, svc).with_graceful_shutdown(stopped(stop)).await })
+}
+
+fn current(tls: &TlsConfig) -> Option<Arc<rustls::ServerConfig>> {
+    tls.read().ok().map(|c| c.clone())
+}
+
+/// Serves `app` over TLS: each connection's handshake uses the configuration in force, and each
+/// request carries the connection's [`Peer`].
+pub fn serve_tls(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    tls: TlsConfig,
+    stop: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<std::io::Result<()>> {
+    tokio::spawn(async move {
+        let stop = stopped(stop);
+        tokio::pin!(stop);
+        loop {
+            let (tcp, addr) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of file descriptors and the like: wait rather than spin.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+                _ = &mut stop => return Ok(()),
+            };
+            let Some(config) = current(&tls) else {
+                return Err(std::io::Error::other("TLS configuration lock poisoned"));
+            };
+            let app = app.clone();
+            tokio::spawn(async move {
+                let acceptor = tokio_rustls::TlsAcceptor::from(config);
+                let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%addr, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%addr, "TLS handshake timed out");
+                        return;
+                    }
+                };
+                let common_name = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|chain| chain.first())
+                    .and_then(|c| fleet_model::tls::common_name(c));
+                let peer = Peer::Tls { addr, common_name };
+                let svc = tower::ServiceExt::map_request(app, move |mut req: axum::extract::Request<_>| {
+                    req.extensions_mut().insert(peer.clone());
+                    req
+                });
+                let svc = hyper_util::service::TowerToHyperService::new(svc);
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+                if let Err(e) = builder.serve_connection_with_upgrades(io, svc).await {
+                    tracing::debug!(%addr, error = %e, "connection ended with an error");
+                }
+            });
+        }
+    })
+}

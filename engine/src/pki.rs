@@ -1,0 +1,327 @@
+//! The cluster's public-key infrastructure, so that a default install is encrypted and
+//! authenticated without anyone running openssl: one cluster CA, and certificates it signs for
+//! etcd members, engines, machines and administrators; API tokens; and etcd's users and roles,
+//! which confine each machine's certificate to its own keys.
+//!
+//! Identities are certificate common names, the same string in etcd (which takes a client
+//! certificate's CN as the user name when auth is on) and in the engine's role mapping:
+//! `root` (etcd administrator), `fleet-engine` (every engine), `machine-<machine id>` (one agent),
+//! anything else for people (`admin` in the lab).
+//!
+//! `fleet-pki` is the command-line face of this module.
+
+use etcd_client::{Client, Permission, PermissionType, UserAddOptions};
+#[cfg(test)]
+use rustls::pki_types::pem::PemObject;
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+/// The etcd user (and certificate CN) of every engine.
+pub const ENGINE_IDENTITY: &str = "fleet-engine";
+/// etcd's built-in administrator.
+pub const ROOT_IDENTITY: &str = "root";
+
+/// The etcd user (and certificate CN) of the agent on machine `id`.
+pub fn machine_identity(id: &str) -> String {
+    format!("machine-{id}")
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{what}: {source}")]
+    Cert { what: String, source: rcgen::Error },
+    #[error("invalid name {0:?} in a certificate")]
+    Name(String),
+    #[error("etcd: {what}: {source}")]
+    Etcd { what: String, source: etcd_client::Error },
+    #[error("no random numbers from the system")]
+    Random,
+}
+
+/// What a certificate may be used for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Usage {
+    Server,
+    Client,
+    /// Both: etcd members (peers are both), engines (API server and etcd client), agents (agent
+    /// API server and etcd client).
+    Both,
+}
+
+/// A certificate and its private key, PEM-encoded.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// The cluster CA: signs every certificate of the cluster.
+pub struct Ca {
+    cert: rcgen::Certificate,
+    key: KeyPair,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
+    move |source| PkiError::Io { path: path.to_path_buf(), source }
+}
+
+fn cert_err(what: &str) -> impl FnOnce(rcgen::Error) -> PkiError + '_ {
+    move |source| PkiError::Cert { what: what.to_string(), source }
+}
+
+/// Validity from a year ago (clock skew between machines) to `years` ahead.
+fn validity(params: &mut CertificateParams, years: i32) {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let year = 1970 + (now / 31_556_952) as i32;
+    params.not_before = rcgen::date_time_ymd(year - 1, 1, 1);
+    params.not_after = rcgen::date_time_ymd(year + years, 1, 1);
+}
+
+impl Ca {
+    pub fn create(common_name: &str) -> Result<Ca, PkiError> {
+        let key = KeyPair::generate().map_err(cert_err("generate the CA key"))?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, common_name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        validity(&mut params, 20);
+        let cert = params.self_signed(&key).map_err(cert_err("sign the CA"))?;
+        Ok(Ca { cert, key })
+    }
+
+    /// The CA in `dir` (`ca.pem`, `ca.key`), created there if it is not.
+    pub fn load_or_create(dir: &Path) -> Result<Ca, PkiError> {
+        let (cert_path, key_path) = (dir.join("ca.pem"), dir.join("ca.key"));
+        if cert_path.exists() {
+            let cert_pem = std::fs::read_to_string(&cert_path).map_err(io(&cert_path))?;
+            let key_pem = std::fs::read_to_string(&key_path).map_err(io(&key_path))?;
+            let key = KeyPair::from_pem(&key_pem).map_err(cert_err("read ca.key"))?;
+            // Re-signing the same name with the same key gives an issuer equivalent to the
+            // stored CA certificate: what it signs verifies against the stored one.
+            let params = CertificateParams::from_ca_cert_pem(&cert_pem).map_err(cert_err("read ca.pem"))?;
+            let cert = params.self_signed(&key).map_err(cert_err("load the CA"))?;
+            return Ok(Ca { cert, key });
+        }
+        let ca = Ca::create("fleet cluster CA")?;
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        write_private(&key_path, &ca.key.serialize_pem())?;
+        std::fs::write(&cert_path, ca.cert.pem()).map_err(io(&cert_path))?;
+        Ok(ca)
+    }
+
+    pub fn cert_pem(&self) -> String {
+        self.cert.pem()
+    }
+
+    /// A certificate for `common_name`, valid for the given IP addresses and DNS names.
+    pub fn issue(&self, common_name: &str, ips: &[IpAddr], dns: &[String], usage: Usage) -> Result<Issued, PkiError> {
+        let key = KeyPair::generate().map_err(cert_err("generate a key"))?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, common_name);
+        params.subject_alt_names = ips.iter().map(|ip| SanType::IpAddress(*ip)).collect();
+        for d in dns {
+            let name = d.clone().try_into().map_err(|_| PkiError::Name(d.clone()))?;
+            params.subject_alt_names.push(SanType::DnsName(name));
+        }
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.extended_key_usages = match usage {
+            Usage::Server => vec![ExtendedKeyUsagePurpose::ServerAuth],
+            Usage::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
+            Usage::Both => vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth],
+        };
+        validity(&mut params, 5);
+        let cert = params.signed_by(&key, &self.cert, &self.key).map_err(cert_err(common_name))?;
+        Ok(Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+    }
+
+    /// Issues into `dir/<file>.pem` and `dir/<file>.key` unless both already exist; returns the
+    /// two paths.
+    pub fn issue_to(
+        &self,
+        dir: &Path,
+        file: &str,
+        common_name: &str,
+        ips: &[IpAddr],
+        dns: &[String],
+        usage: Usage,
+    ) -> Result<(PathBuf, PathBuf), PkiError> {
+        let (cert, key) = (dir.join(format!("{file}.pem")), dir.join(format!("{file}.key")));
+        if cert.exists() && key.exists() {
+            return Ok((cert, key));
+        }
+        let issued = self.issue(common_name, ips, dns, usage)?;
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        write_private(&key, &issued.key_pem)?;
+        std::fs::write(&cert, issued.cert_pem).map_err(io(&cert))?;
+        Ok((cert, key))
+    }
+}
+
+/// Writes a file only its owner can read, atomically.
+pub fn write_private(path: &Path, text: &str) -> Result<(), PkiError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io(&tmp))?;
+    f.write_all(text.as_bytes()).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))
+}
+
+/// A new API token: 32 random bytes, hex.
+pub fn new_token() -> Result<String, PkiError> {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 32];
+    ring::rand::SystemRandom::new().fill(&mut bytes).map_err(|_| PkiError::Random)?;
+    Ok(hex::encode(bytes))
+}
+
+/// What the engine's configuration stores of a token: its SHA-256, hex, so the configuration does
+/// not hold secrets.
+pub fn token_hash(token: &str) -> String {
+    fleet_model::tls::sha256_hex(token.trim().as_bytes())
+}
+
+pub use fleet_model::tls::common_name;
+
+fn etcd_err(what: &str) -> impl FnOnce(etcd_client::Error) -> PkiError + '_ {
+    move |source| PkiError::Etcd { what: what.to_string(), source }
+}
+
+fn is_exists(e: &etcd_client::Error) -> bool {
+    e.to_string().contains("already exists")
+}
+
+/// Adds a user authenticated by certificate only (no password) and grants it its own role.
+async fn user_with_role(client: &mut Client, name: &str) -> Result<(), PkiError> {
+    match client.user_add(name, "", Some(UserAddOptions::new().with_no_pwd())).await {
+        Err(e) if !is_exists(&e) => return Err(etcd_err("add user")(e)),
+        _ => {}
+    }
+    match client.role_add(name).await {
+        Err(e) if !is_exists(&e) => return Err(etcd_err("add role")(e)),
+        _ => {}
+    }
+    client.user_grant_role(name, name).await.map_err(etcd_err("grant role"))?;
+    Ok(())
+}
+
+/// Turns on etcd's auth (idempotently), with the engines' role: read and write under
+/// `engine_prefix` (a plain string prefix: `/fleet` also covers `/fleet-test/...`).
+/// `client` must present the `root` certificate.
+pub async fn etcd_enable_auth(client: &mut Client, engine_prefix: &str) -> Result<(), PkiError> {
+    user_with_role(client, ROOT_IDENTITY).await?;
+    client.user_grant_role(ROOT_IDENTITY, "root").await.map_err(etcd_err("grant root"))?;
+    user_with_role(client, ENGINE_IDENTITY).await?;
+    let all = Permission::read_write(engine_prefix).with_prefix();
+    client.role_grant_permission(ENGINE_IDENTITY, all).await.map_err(etcd_err("grant the engines' role"))?;
+    match client.auth_enable().await {
+        Ok(_) => Ok(()),
+        Err(e) if e.to_string().contains("already") => Ok(()),
+        Err(e) => Err(etcd_err("enable auth")(e)),
+    }
+}
+
+/// One grant of an etcd role: a key, or every key under a prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub key: String,
+    pub prefix: bool,
+    pub write: bool,
+}
+
+impl Grant {
+    fn permission(&self) -> Permission {
+        let t = if self.write { PermissionType::Readwrite } else { PermissionType::Read };
+        let p = Permission::new(t, self.key.clone());
+        if self.prefix {
+            p.with_prefix()
+        } else {
+            p
+        }
+    }
+}
+
+/// What machine `id`'s agent may touch under the cluster `prefix` (ending in `/`): read its own
+/// schedule and unit bodies, read and write its own presence and unit states. Nothing else: it
+/// cannot see other machines' schedules, nor write any key of another machine or the engines.
+pub fn machine_grants(prefix: &str, id: &str) -> Vec<Grant> {
+    let g = |key: String, prefix: bool, write: bool| Grant { key, prefix, write };
+    vec![
+        g(format!("{prefix}schedule/{id}/"), true, false),
+        g(format!("{prefix}bodies/"), true, false),
+        g(format!("{prefix}states/{id}/"), true, true),
+        g(format!("{prefix}machines/{id}"), false, true),
+    ]
+}
+
+/// Creates (idempotently) machine `id`'s etcd user and role. `client` must be `root`.
+pub async fn etcd_add_machine(client: &mut Client, prefix: &str, id: &str) -> Result<(), PkiError> {
+    let name = machine_identity(id);
+    user_with_role(client, &name).await?;
+    for g in machine_grants(prefix, id) {
+        client.role_grant_permission(name.as_str(), g.permission()).await.map_err(etcd_err("grant a machine's role"))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issued_certificates_carry_their_common_name_and_chain_to_the_ca() {
+        let dir = std::env::temp_dir().join(format!("fleet-pki-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let ca = Ca::load_or_create(&dir).expect("ca");
+        let (cert, key) = ca
+            .issue_to(&dir, "m1", &machine_identity("abc"), &["10.0.0.1".parse().expect("ip")], &[], Usage::Both)
+            .expect("issue");
+        assert!(std::fs::metadata(&key).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777)
+            .is_ok_and(|m| m == 0o600));
+        let pem = std::fs::read(&cert).expect("cert");
+        let der = rustls::pki_types::CertificateDer::from_pem_slice(&pem).expect("pem");
+        assert_eq!(common_name(&der).as_deref(), Some("machine-abc"));
+        // A reloaded CA signs certificates that verify against the stored CA certificate.
+        let again = Ca::load_or_create(&dir).expect("reload");
+        let issued = again.issue("admin", &[], &[], Usage::Client).expect("issue");
+        let stored = rustls::pki_types::CertificateDer::from_pem_slice(
+            &std::fs::read(dir.join("ca.pem")).expect("ca.pem"),
+        )
+        .expect("ca der");
+        let leaf = rustls::pki_types::CertificateDer::from_pem_slice(issued.cert_pem.as_bytes()).expect("leaf");
+        let (_, ca_x509) = x509_parser::parse_x509_certificate(&stored).expect("parse ca");
+        let (_, leaf_x509) = x509_parser::parse_x509_certificate(&leaf).expect("parse leaf");
+        assert!(leaf_x509.verify_signature(Some(ca_x509.public_key())).is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn tokens_are_random_and_stored_hashed() {
+        let (a, b) = (new_token().expect("a"), new_token().expect("b"));
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 64);
+        assert_eq!(token_hash(&a), token_hash(&format!("{a}\n")));
+        assert_ne!(token_hash(&a), token_hash(&b));
+    }
+
+    #[test]
+    fn a_machine_may_write_only_its_own_keys() {
+        let writable: Vec<String> =
+            machine_grants("/fleet/", "m1").into_iter().filter(|g| g.write).map(|g| g.key).collect();
+        assert_eq!(writable, ["/fleet/states/m1/", "/fleet/machines/m1"]);
+    }
+}
