@@ -229,10 +229,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         bail!("--request-timeout must be a positive number of seconds");
     }
     let tls = client::TlsFiles {
-        ca_file: cli.ca_file.clone(),
-        cert_file: cli.cert_file.clone(),
-        key_file: cli.key_file.clone(),
-        token: cli.token.clone(),
+        // An empty value (`--cert-file ""`, or an empty variable) means unset.
+        ca_file: cli.ca_file.clone().filter(|v| !v.is_empty()),
+        cert_file: cli.cert_file.clone().filter(|v| !v.is_empty()),
+        key_file: cli.key_file.clone().filter(|v| !v.is_empty()),
+        token: cli.token.clone().filter(|v| !v.is_empty()),
     };
     let api = Client::new(&cli.endpoint, Duration::from_secs_f64(cli.request_timeout), &tls)
         .context("Unable to initialize client")?;

@@ -51,10 +51,12 @@ async fn the_fleet_v1_contract() {
     let keys = Keys::new(&prefix);
     let port = 12585;
     let mut cmd = std::process::Command::new(lab.bin_dir.join("fleet-engine"));
-    cmd.args(["--etcd-endpoints", &lab.etcd_endpoints().join(","), "--etcd-prefix", &prefix, "--engine-id", "t-api"])
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--token-limit", "2"]);
+    cmd.args(lab.engine_base_args())
+        .args(["--etcd-prefix", &prefix, "--engine-id", "t-api"])
+        .args(["--listen", &lab_dir().join("t-api.sock").display().to_string()])
+        .args(["--listen-tls", &format!("127.0.0.1:{port}"), "--token-limit", "2"]);
     let _engine = Engine(process::spawn_logged(cmd, &lab_dir().join("t-api.log")).expect("engine starts"));
-    let api = Api { base: format!("http://127.0.0.1:{port}"), http: reqwest::Client::new() };
+    let api = Api { base: format!("https://127.0.0.1:{port}"), http: testkit::http() };
     wait_for("API", T, || async {
         api.http.get(format!("{}/fleet/v1/units", api.base)).send().await.ok().filter(|r| r.status().is_success())
     })

@@ -231,7 +231,7 @@ async fn etcd_down_is_reported_and_nothing_is_half_written() -> anyhow::Result<(
         fleet_integration::process::spawn_logged(cmd, &fleet_integration::lab_dir().join("etcd-e2e-down/etcd2.log"))?;
     let _etcd2 = Proc(pid, "etcd");
     fleet_integration::wait_etcd(std::slice::from_ref(&etcd.client_url), T).await?;
-    let mut client = etcd_client::Client::connect([etcd.client_url.clone()], None).await?;
+    let mut client = fleet_integration::etcd_admin(std::slice::from_ref(&etcd.client_url)).await?;
     let keys = keys_under(&mut client, "/fleet/").await?;
     assert!(keys.iter().any(|k| k.ends_with("units/down-a.service")), "{keys:?}");
     assert!(!keys.iter().any(|k| k.contains("down-b")), "half-written: {keys:?}");

@@ -20,7 +20,7 @@ impl Drop for Engine {
 }
 
 async fn status(e: &EngineProc) -> Option<serde_json::Value> {
-    reqwest::get(format!("{}/engine/status", e.api_url)).await.ok()?.json().await.ok()
+    testkit::http().get(format!("{}/engine/status", e.api_url)).send().await.ok()?.json().await.ok()
 }
 
 async fn is_leader(e: &EngineProc) -> bool {
@@ -71,7 +71,7 @@ async fn schedule(etcd: &mut etcd_client::Client, keys: &Keys) -> BTreeMap<Strin
 }
 
 async fn start_units(api: &str, names: &[String]) -> anyhow::Result<()> {
-    let http = reqwest::Client::new();
+    let http = testkit::http();
     for n in names {
         let body = serde_json::json!({"desiredState": "launched", "options": [
             {"section": "Service", "name": "ExecStart", "value": format!("/bin/sleep {}", n.len())}]});

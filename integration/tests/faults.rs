@@ -107,7 +107,7 @@ impl Lab {
     }
     async fn leader(&self) -> Option<String> {
         for e in &self.state.engines {
-            let Ok(resp) = reqwest::get(format!("{}/engine/status", e.api_url)).await else { continue };
+            let Ok(resp) = testkit::http().get(format!("{}/engine/status", e.api_url)).send().await else { continue };
             if let Ok(v) = resp.json::<serde_json::Value>().await {
                 if v["leader"] == true {
                     return Some(e.name.clone());

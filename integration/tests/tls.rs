@@ -2,7 +2,7 @@
 //! (the original skipped verification without a client certificate), and an engine with a client
 //! CA refuses clients without a certificate it signed.
 
-use fleet_integration::testkit::{self, fleetctl, text, wait_for};
+use fleet_integration::testkit::{self, text, wait_for};
 use fleet_integration::{lab_dir, process};
 use std::path::Path;
 use std::process::Command;
@@ -109,23 +109,53 @@ fn make_pki(dir: &Path) {
     );
 }
 
-fn start(lab: &fleet_integration::LabState, name: &str, port: u16, dir: &Path, mutual: bool) -> Engine {
+/// An engine serving the API over TLS with the test's own server certificate; with `mutual`,
+/// client certificates from the test CA identify callers (`client` has role read). A token
+/// (returned) has role read too.
+fn start(lab: &fleet_integration::LabState, name: &str, port: u16, dir: &Path, mutual: bool) -> (Engine, String) {
+    let token = fleet_engine::pki::new_token().expect("token");
+    let engine = fleet_integration::pki::identity("engine");
+    let config = format!(
+        "etcd_ca_file = {:?}\netcd_cert_file = {:?}\netcd_key_file = {:?}\n\n[auth]\ncertificates = {{ client = \"read\" }}\n\n[[auth.tokens]]\nname = \"t\"\nrole = \"read\"\nsha256 = {:?}\n",
+        engine.ca_file.display().to_string(),
+        engine.cert_file.display().to_string(),
+        engine.key_file.display().to_string(),
+        fleet_engine::pki::token_hash(&token),
+    );
+    let config_file = dir.join(format!("{name}.toml"));
+    std::fs::write(&config_file, config).expect("write config");
     let mut cmd = Command::new(lab.bin_dir.join("fleet-engine"));
-    cmd.args([
-        "--etcd-endpoints",
-        &lab.etcd_endpoints().join(","),
-        "--etcd-prefix",
-        &testkit::unique_prefix(name),
-        "--engine-id",
-        name,
-    ])
-    .args(["--listen", &format!("127.0.0.1:{}", port + 100), "--listen-tls", &format!("127.0.0.1:{port}")])
-    .arg(format!("--tls-cert-file={}", dir.join("server.pem").display()))
-    .arg(format!("--tls-key-file={}", dir.join("server.key").display()));
+    cmd.arg("--config")
+        .arg(&config_file)
+        .args([
+            "--etcd-endpoints",
+            &lab.etcd_endpoints().join(","),
+            "--etcd-prefix",
+            &testkit::unique_prefix(name),
+            "--engine-id",
+            name,
+        ])
+        .args(["--listen", &lab_dir().join(format!("{name}.sock")).display().to_string()])
+        .args(["--listen-tls", &format!("127.0.0.1:{port}")])
+        .arg(format!("--tls-cert-file={}", dir.join("server.pem").display()))
+        .arg(format!("--tls-key-file={}", dir.join("server.key").display()));
     if mutual {
         cmd.arg(format!("--tls-client-ca-file={}", dir.join("ca.pem").display()));
     }
-    Engine(process::spawn_logged(cmd, &lab_dir().join(format!("{name}.log"))).expect("engine starts"))
+    (Engine(process::spawn_logged(cmd, &lab_dir().join(format!("{name}.log"))).expect("engine starts")), token)
+}
+
+/// fleetctl with only the TLS settings given here (not the lab's).
+fn ctl(lab: &fleet_integration::LabState, endpoint: &str, args: &[&str]) -> std::process::Output {
+    Command::new(lab.bin_dir.join("fleetctl"))
+        .args(args)
+        .env("FLEETCTL_ENDPOINT", endpoint)
+        .env_remove("FLEETCTL_CA_FILE")
+        .env_remove("FLEETCTL_CERT_FILE")
+        .env_remove("FLEETCTL_KEY_FILE")
+        .env_remove("FLEETCTL_TOKEN")
+        .output()
+        .expect("fleetctl runs")
 }
 
 #[tokio::test]
@@ -135,43 +165,41 @@ async fn tls_and_mutual_tls() {
     make_pki(&dir);
     let p = |f: &str| dir.join(f).display().to_string();
     let (ca, cert, key) = (p("ca.pem"), p("client.pem"), p("client.key"));
-    let _plain = start(&lab, "t-tls", 12586, &dir, false);
-    let _mutual = start(&lab, "t-mtls", 12587, &dir, true);
+    let (_plain, token) = start(&lab, "t-tls", 12586, &dir, false);
+    let (_mutual, _) = start(&lab, "t-mtls", 12587, &dir, true);
     let tls = "https://127.0.0.1:12586";
     let mtls = "https://127.0.0.1:12587";
     wait_for("TLS API", Duration::from_secs(30), || async {
-        fleetctl(&lab, tls, &["--ca-file", &ca, "list-machines"]).ok().filter(|o| o.status.success())
+        Some(ctl(&lab, tls, &["--ca-file", &ca, "--token", &token, "list-machines"])).filter(|o| o.status.success())
     })
     .await
     .expect("TLS engine serves");
 
     // Server verified against the given CA; without it the connection is refused.
-    let out = fleetctl(&lab, tls, &["--ca-file", &ca, "list-units"]).expect("run");
+    let out = ctl(&lab, tls, &["--ca-file", &ca, "--token", &token, "list-units"]);
     assert!(out.status.success(), "{:?}", text(&out));
-    let out = fleetctl(&lab, tls, &["list-units"]).expect("run");
+    let out = ctl(&lab, tls, &["--token", &token, "list-units"]);
     let (_, err) = text(&out);
     assert_eq!(out.status.code(), Some(1), "an unverified server must be refused");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
-
-    // Mutual TLS: no certificate, or one from another CA, is refused; ours is accepted.
-    let out = fleetctl(&lab, mtls, &["--ca-file", &ca, "list-units"]).expect("run");
+    // A verified server still wants to know who calls.
+    let out = ctl(&lab, tls, &["--ca-file", &ca, "list-units"]);
     assert_eq!(out.status.code(), Some(1), "{:?}", text(&out));
-    let out = fleetctl(
-        &lab,
-        mtls,
-        &["--ca-file", &ca, "--cert-file", &p("rogue.pem"), "--key-file", &p("rogue.key"), "list-units"],
-    )
-    .expect("run");
+    assert!(text(&out).1.contains("authentication required"), "{:?}", text(&out));
+
+    // Client certificates: none (and no token) or one from another CA is refused; ours is
+    // accepted and mapped to its role.
+    let out = ctl(&lab, mtls, &["--ca-file", &ca, "list-units"]);
+    assert_eq!(out.status.code(), Some(1), "{:?}", text(&out));
+    let out = ctl(&lab, mtls, &["--ca-file", &ca, "--cert-file", &p("rogue.pem"), "--key-file", &p("rogue.key"), "list-units"]);
     assert_eq!(out.status.code(), Some(1), "{:?}", text(&out));
     let ok = wait_for("mutual TLS API", Duration::from_secs(30), || async {
-        fleetctl(&lab, mtls, &["--ca-file", &ca, "--cert-file", &cert, "--key-file", &key, "list-machines"])
-            .ok()
+        Some(ctl(&lab, mtls, &["--ca-file", &ca, "--cert-file", &cert, "--key-file", &key, "list-machines"]))
             .filter(|o| o.status.success())
     })
     .await;
     assert!(ok.is_ok());
-
-    let out = fleetctl(&lab, mtls, &["--cert-file", &cert, "list-units"]).expect("run");
+    let out = ctl(&lab, mtls, &["--cert-file", &cert, "list-units"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out).1.contains("--cert-file and --key-file must be given together"), "{:?}", text(&out));
 }
