@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod driver;
+pub mod guard;
 pub mod presence;
 pub mod reconcile;
 pub mod systemd;
@@ -76,6 +77,10 @@ pub struct Agent<D: UnitDriver = Systemd> {
     /// before the machine registers again.
     cleanup_needed: bool,
     stop_units_on_exit: bool,
+    /// Units refused because they would replace one of the machine's own (name -> content hash).
+    refused: BTreeMap<String, String>,
+    /// Where the machine's own unit files are (see [`guard`]).
+    system_unit_dirs: Vec<PathBuf>,
 }
 
 /// Whether a unit file's `[X-Fleet]` section makes it exclusive.
@@ -111,6 +116,8 @@ impl<D: UnitDriver> Agent<D> {
             exclusive: BTreeSet::new(),
             cleanup_needed: false,
             stop_units_on_exit: cfg.stop_units_on_exit,
+            refused: BTreeMap::new(),
+            system_unit_dirs: guard::SYSTEM_UNIT_DIRS.iter().map(PathBuf::from).collect(),
         };
         agent.read_files().await?;
         agent.read_published().await?;
@@ -377,6 +384,12 @@ impl<D: UnitDriver> Agent<D> {
 
     /// One pass: stops, removals, writes, one `Reload`, starts.
     async fn reconcile(&mut self) {
+        let schedule = &self.schedule;
+        let unscheduled: Vec<String> = self.refused.keys().filter(|n| !schedule.contains_key(*n)).cloned().collect();
+        for n in unscheduled {
+            self.refused.remove(&n);
+            self.unpublished.insert(n);
+        }
         let plan = reconcile::plan(&self.schedule, &self.files, &self.applied);
         if plan.is_empty() {
             return;
@@ -426,6 +439,14 @@ impl<D: UnitDriver> Agent<D> {
             if content_hash(&body) != *hash {
                 tracing::error!(unit = %name, hash, "unit body does not match its hash; not running it");
                 continue;
+            }
+            if !self.files.contains_key(name) {
+                if let Some(own) = guard::shadowed_system_unit(name, &self.system_unit_dirs, &self.units_dir) {
+                    tracing::error!(unit = %name, shadows = %own.display(), "refused: the machine has a unit of this name");
+                    self.refused.insert(name.clone(), hash.clone());
+                    self.unpublished.insert(name.clone());
+                    continue;
+                }
             }
             let path = self.units_dir.join(name);
             let tmp = self.units_dir.join(format!(".{name}.tmp"));
@@ -538,6 +559,20 @@ impl<D: UnitDriver> Agent<D> {
                         active_state: o.active_state,
                         sub_state: o.sub_state,
                         applied: self.applied.get(name).copied().unwrap_or(DesiredState::Loaded),
+                    };
+                    if self.published.get(name) != Some(&rec) {
+                        let value = encode(&rec).map_err(|e| AgentError::Etcd(e.to_string()))?;
+                        ops.push(TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease))));
+                        next.push((name.clone(), Some(rec)));
+                    }
+                }
+                None if self.refused.contains_key(name) => {
+                    let rec = UnitStateRecord {
+                        hash: self.refused.get(name).cloned().unwrap_or_default(),
+                        load_state: "refused".into(),
+                        active_state: "failed".into(),
+                        sub_state: "shadows-system-unit".into(),
+                        applied: DesiredState::Inactive,
                     };
                     if self.published.get(name) != Some(&rec) {
                         let value = encode(&rec).map_err(|e| AgentError::Etcd(e.to_string()))?;

@@ -1029,12 +1029,8 @@ async fn patch_machines(State(api): State<Api>, body: axum::body::Bytes) -> Resu
         let parts: Vec<&str> = op.path.split('/').collect();
         let (machine, key) = match parts.as_slice() {
             ["", m, "metadata", k] if fleet_model::machine::parse_machine_id(m).is_ok() => (*m, *k),
-            _ => {
-                return Err(ApiError::bad_request(format!(
-                    "machine metadata path {:?} invalid: expected /<machine id>/metadata/<key>",
-                    op.path.chars().take(200).collect::<String>()
-                )))
-            }
+            // The original's message, word for word: clients match on it.
+            _ => return Err(ApiError::bad_request("machine metadata path invalid")),
         };
         let value = match op.value.as_ref() {
             Some(serde_json::Value::String(s)) => s.clone(),

@@ -194,10 +194,9 @@ impl Auth {
                 )),
             },
             Peer::Unix { uid } => match self.socket_role {
-                Some(role) => Ok(Caller {
-                    who: uid.map(|u| format!("socket:uid={u}")).unwrap_or_else(|| "socket".into()),
-                    role,
-                }),
+                Some(role) => {
+                    Ok(Caller { who: uid.map(|u| format!("socket:uid={u}")).unwrap_or_else(|| "socket".into()), role })
+                }
                 None => Err(unauthorized("the unix socket grants no role (auth.socket_role)".into())),
             },
             _ => Err(unauthorized("authentication required: a client certificate or a bearer token".into())),

@@ -11,12 +11,12 @@
 //! `fleet-pki` is the command-line face of this module.
 
 use etcd_client::{Client, Permission, PermissionType, UserAddOptions};
-#[cfg(test)]
-use rustls::pki_types::pem::PemObject;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
     KeyUsagePurpose, SanType,
 };
+#[cfg(test)]
+use rustls::pki_types::pem::PemObject;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
@@ -90,7 +90,8 @@ impl Ca {
         params.distinguished_name = DistinguishedName::new();
         params.distinguished_name.push(DnType::CommonName, common_name);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         validity(&mut params, 20);
         let cert = params.self_signed(&key).map_err(cert_err("sign the CA"))?;
         Ok(Ca { cert, key })
@@ -170,13 +171,8 @@ pub fn write_private(path: &Path, text: &str) -> Result<(), PkiError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io(&tmp))?;
+    let mut f =
+        std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(io(&tmp))?;
     f.write_all(text.as_bytes()).map_err(io(&tmp))?;
     std::fs::rename(&tmp, path).map_err(io(path))
 }
@@ -273,7 +269,10 @@ pub async fn etcd_add_machine(client: &mut Client, prefix: &str, id: &str) -> Re
     let name = machine_identity(id);
     user_with_role(client, &name).await?;
     for g in machine_grants(prefix, id) {
-        client.role_grant_permission(name.as_str(), g.permission()).await.map_err(etcd_err("grant a machine's role"))?;
+        client
+            .role_grant_permission(name.as_str(), g.permission())
+            .await
+            .map_err(etcd_err("grant a machine's role"))?;
     }
     Ok(())
 }
@@ -290,7 +289,8 @@ mod tests {
         let (cert, key) = ca
             .issue_to(&dir, "m1", &machine_identity("abc"), &["10.0.0.1".parse().expect("ip")], &[], Usage::Both)
             .expect("issue");
-        assert!(std::fs::metadata(&key).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777)
+        assert!(std::fs::metadata(&key)
+            .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777)
             .is_ok_and(|m| m == 0o600));
         let pem = std::fs::read(&cert).expect("cert");
         let der = rustls::pki_types::CertificateDer::from_pem_slice(&pem).expect("pem");
@@ -298,10 +298,9 @@ mod tests {
         // A reloaded CA signs certificates that verify against the stored CA certificate.
         let again = Ca::load_or_create(&dir).expect("reload");
         let issued = again.issue("admin", &[], &[], Usage::Client).expect("issue");
-        let stored = rustls::pki_types::CertificateDer::from_pem_slice(
-            &std::fs::read(dir.join("ca.pem")).expect("ca.pem"),
-        )
-        .expect("ca der");
+        let stored =
+            rustls::pki_types::CertificateDer::from_pem_slice(&std::fs::read(dir.join("ca.pem")).expect("ca.pem"))
+                .expect("ca der");
         let leaf = rustls::pki_types::CertificateDer::from_pem_slice(issued.cert_pem.as_bytes()).expect("leaf");
         let (_, ca_x509) = x509_parser::parse_x509_certificate(&stored).expect("parse ca");
         let (_, leaf_x509) = x509_parser::parse_x509_certificate(&leaf).expect("parse leaf");

@@ -76,7 +76,7 @@ pub async fn bench(sizes: &[(usize, usize)], bin_dir: &Path, lab: Option<&LabSta
     for (i, (machines, units)) in sizes.iter().enumerate() {
         eprintln!("bench: {machines} simulated machines, {units} units");
         let report = run_sim(SimConfig {
-        etcd_tls: None,
+            etcd_tls: None,
             etcd_endpoints: vec![etcd.endpoint()],
             prefix: format!("/fleet-bench-{i}/"),
             machines: *machines,

@@ -48,7 +48,7 @@ async fn agent_runs_its_schedule_and_adopts_units_after_restart() -> anyhow::Res
             .iter()
             .map(|e| {
                 format!(
-                    "http://{}:{}",
+                    "https://{}:{}",
                     fleet_integration::HOST_IP,
                     e.client_port.max(fleet_integration::ETCD_CLIENT_PORT)
                 )

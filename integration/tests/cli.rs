@@ -79,7 +79,7 @@ fn version_help_and_env() {
         assert!(out.contains("list-units") && out.contains("start"), "{args:?}: {out}");
         assert!(out.contains(env!("CARGO_PKG_VERSION")), "help shows the version: {out}");
     }
-    // FLEETCTL_ENDPOINT alone reaches the cluster (fleetctl() sets only the variable).
+    // FLEETCTL_ENDPOINT and the FLEETCTL_*_FILE variables alone reach the cluster (no flags).
     let (code, out, _) = c.run(&["list-machines", "--no-legend"]);
     assert_eq!(code, Some(0));
     assert_eq!(out.lines().count(), c.lab.machines.len());
@@ -213,6 +213,7 @@ async fn restart_status_journal_cat_and_wait() {
     let mut follow = Command::new(c.lab.bin_dir.join("fleetctl"))
         .args(["journal", "-f", "--lines", "1", "clihello.service"])
         .env("FLEETCTL_ENDPOINT", &c.api)
+        .envs(testkit::fleetctl_env())
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("spawn");

@@ -191,7 +191,11 @@ async fn tls_and_mutual_tls() {
     // accepted and mapped to its role.
     let out = ctl(&lab, mtls, &["--ca-file", &ca, "list-units"]);
     assert_eq!(out.status.code(), Some(1), "{:?}", text(&out));
-    let out = ctl(&lab, mtls, &["--ca-file", &ca, "--cert-file", &p("rogue.pem"), "--key-file", &p("rogue.key"), "list-units"]);
+    let out = ctl(
+        &lab,
+        mtls,
+        &["--ca-file", &ca, "--cert-file", &p("rogue.pem"), "--key-file", &p("rogue.key"), "list-units"],
+    );
     assert_eq!(out.status.code(), Some(1), "{:?}", text(&out));
     let ok = wait_for("mutual TLS API", Duration::from_secs(30), || async {
         Some(ctl(&lab, mtls, &["--ca-file", &ca, "--cert-file", &cert, "--key-file", &key, "list-machines"]))

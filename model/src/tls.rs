@@ -157,10 +157,12 @@ impl ClientTls {
     pub fn from_files(ca: &str, cert: &str, key: &str) -> Result<Option<ClientTls>, TlsError> {
         match (ca.is_empty(), cert.is_empty(), key.is_empty()) {
             (true, true, true) => Ok(None),
-            (false, false, false) => Ok(Some(ClientTls { ca_file: ca.into(), cert_file: cert.into(), key_file: key.into() })),
-            _ => Err(TlsError::Config(
-                "the CA file, the certificate file and the key file must be set together".into(),
-            )),
+            (false, false, false) => {
+                Ok(Some(ClientTls { ca_file: ca.into(), cert_file: cert.into(), key_file: key.into() }))
+            }
+            _ => {
+                Err(TlsError::Config("the CA file, the certificate file and the key file must be set together".into()))
+            }
         }
     }
 

@@ -118,10 +118,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Token { name, role } => {
             let token = pki::new_token()?;
             println!("{token}");
-            eprintln!(
-                "[[auth.tokens]]\nname = {name:?}\nrole = \"{role}\"\nsha256 = \"{}\"",
-                pki::token_hash(&token)
-            );
+            eprintln!("[[auth.tokens]]\nname = {name:?}\nrole = \"{role}\"\nsha256 = \"{}\"", pki::token_hash(&token));
         }
         Cmd::EtcdAuth { etcd_endpoints, etcd_prefix } => rt.block_on(async {
             let mut c = root_client(&cli.dir, etcd_endpoints).await?;
