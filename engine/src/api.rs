@@ -8,6 +8,7 @@ use crate::auth::{AuditDetail, Auth, Caller, Role};
 use crate::cluster::{Cluster, ClusterView};
 use crate::leader::SharedStatus;
 use axum::extract::{Path, Query, State};
+use axum::handler::Handler;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -39,7 +40,7 @@ pub fn router(api: Api, auth: std::sync::Arc<Auth>) -> Router {
         .route(
             "/units",
             get(list_units)
-                .post(create_units)
+                .post(create_units.layer(axum::extract::DefaultBodyLimit::max(MAX_BATCH_BODY_BYTES)))
                 .fallback(|| async { method_not_allowed("only GET and POST supported against this resource") }),
         )
         .route(
@@ -86,6 +87,7 @@ pub fn router(api: Api, auth: std::sync::Arc<Auth>) -> Router {
             get(discovery)
                 .fallback(|| async { ApiError::bad_request("only HTTP GET supported against this resource") }),
         );
+    let v1 = v1.layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES));
     let not_allowed = || async { ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "") };
     Router::new()
         .nest("/fleet/v1", v1.clone())
@@ -107,7 +109,15 @@ async fn discovery() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], DISCOVERY).into_response()
 }
 
-async fn server_header(mut resp: Response) -> Response {
+/// axum answers an oversized body with plain text; fleet's clients expect its JSON error shape.
+async fn server_header(resp: Response) -> Response {
+    let mut resp = if resp.status() == StatusCode::PAYLOAD_TOO_LARGE
+        && resp.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"text/plain"))
+    {
+        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "request body too large").into_response()
+    } else {
+        resp
+    };
     if let Ok(v) = format!("fleetd/{}", env!("CARGO_PKG_VERSION")).parse() {
         resp.headers_mut().insert(header::SERVER, v);
     }
@@ -700,7 +710,26 @@ fn check_replace_cycles(api: &Api, name: &UnitName, rules: &Rules) -> Result<(),
 }
 
 /// Rejects unit files fleet could not run.
+/// Largest unit file accepted, as stored (sections, names and values).
+pub const MAX_UNIT_FILE_BYTES: usize = 64 * 1024;
+/// Most options in one unit file.
+pub const MAX_UNIT_OPTIONS: usize = 1000;
+/// Largest request body, except a batch of units.
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+/// Largest `POST /units` body (up to [`MAX_UNITS_PER_REQUEST`] units).
+pub const MAX_BATCH_BODY_BYTES: usize = 64 << 20;
+
 fn validate_options(f: &UnitFile) -> Result<(), ApiError> {
+    if f.options.len() > MAX_UNIT_OPTIONS {
+        return Err(ApiError::bad_request(format!(
+            "unit file has {} options; at most {MAX_UNIT_OPTIONS}",
+            f.options.len()
+        )));
+    }
+    let size: usize = f.options.iter().map(|o| o.section.len() + o.name.len() + o.value.len() + 4).sum();
+    if size > MAX_UNIT_FILE_BYTES {
+        return Err(ApiError::bad_request(format!("unit file is {size} bytes; at most {MAX_UNIT_FILE_BYTES}")));
+    }
     for o in &f.options {
         if o.section.is_empty() || o.name.is_empty() {
             return Err(ApiError::bad_request("unit option with empty section or name"));

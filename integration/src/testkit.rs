@@ -146,6 +146,13 @@ impl MachineBus {
         })
     }
 
+    /// The file systemd loaded `unit` from.
+    pub async fn fragment_path(&self, unit: &str) -> Result<String> {
+        let path: zbus::zvariant::OwnedObjectPath = self.manager().await?.call("LoadUnit", &(unit,)).await?;
+        let u = zbus::Proxy::new(&self.conn, "org.freedesktop.systemd1", path, "org.freedesktop.systemd1.Unit").await?;
+        Ok(u.get_property("FragmentPath").await?)
+    }
+
     /// ActiveState of many units in one call (units systemd does not know are left out).
     pub async fn active_states(&self, units: &[String]) -> Result<std::collections::HashMap<String, String>> {
         let names: Vec<&str> = units.iter().map(String::as_str).collect();
