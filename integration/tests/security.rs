@@ -67,7 +67,8 @@ async fn api_refuses_the_unauthenticated_and_the_under_privileged_and_audits_cha
     // admin's name, fails the handshake.
     let plain = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().expect("client");
     let plain_url = units.replace("https://", "http://");
-    assert!(plain.get(&plain_url).send().await.map(|r| r.status().is_success()).unwrap_or(false) == false);
+    let answered = plain.get(&plain_url).send().await.map(|r| r.status().is_success()).unwrap_or(false);
+    assert!(!answered, "plain HTTP was answered on the TLS port");
     let rogue_ca = Ca::create("rogue CA").expect("rogue CA");
     let rogue = rogue_ca.issue("admin", &[], &[], Usage::Client).expect("rogue cert");
     let (ca_pem, _) = pki::identity("admin").pems().expect("pems");
