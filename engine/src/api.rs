@@ -425,6 +425,52 @@ fn check_json(headers: &HeaderMap) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// A `PUT /units/{name}` request, checked without looking at the cluster.
+#[derive(Debug)]
+pub struct PutUnit {
+    pub name: UnitName,
+    pub desired: Option<DesiredState>,
+    /// The unit file, when the request carries one, and its rules.
+    pub file: Option<(UnitFile, Rules)>,
+}
+
+/// Decodes and validates a `PUT /units/{name}` body: everything that can be said about it
+/// without the cluster (the fuzz target `api_put_unit` drives this with arbitrary input).
+pub fn parse_put_unit(url_name: &str, body: &[u8]) -> Result<PutUnit, ApiError> {
+    let req: ApiUnit =
+        serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("unable to decode body: {e}")))?;
+    if !req.name.is_empty() && req.name != url_name {
+        return Err(ApiError::bad_request(format!(
+            "name in URL {url_name:?} differs from unit name in request body {:?}",
+            req.name
+        )));
+    }
+    let name = parse_name(url_name)?;
+    let desired = match req.desired_state.as_str() {
+        "" => None,
+        s => Some(s.parse::<DesiredState>().map_err(|e| ApiError::bad_request(e.to_string()))?),
+    };
+    if name.is_template() && desired.is_some_and(|d| d != DesiredState::Inactive) {
+        return Err(ApiError::bad_request(format!("cannot activate template {:?}", name.as_str())));
+    }
+    let file = match req.options.is_empty() {
+        true => None,
+        false => {
+            let f = UnitFile::from_options(req.options);
+            validate_options(&f)?;
+            // A template's specifiers only mean something in an instance: check it as one.
+            let as_instance = match name.is_template() {
+                true => UnitName::parse(&format!("{}@instance.{}", name.prefix(), name.suffix()))
+                    .unwrap_or_else(|_| name.clone()),
+                false => name.clone(),
+            };
+            let rules = Rules::parse(&as_instance, &f).map_err(|e| ApiError::bad_request(e.to_string()))?;
+            Some((f, rules))
+        }
+    };
+    Ok(PutUnit { name, desired, file })
+}
+
 async fn put_unit(
     State(api): State<Api>,
     caller: Option<axum::Extension<Caller>>,
@@ -433,21 +479,9 @@ async fn put_unit(
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     check_json(&headers)?;
-    let req: ApiUnit =
-        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("unable to decode body: {e}")))?;
-    if !req.name.is_empty() && req.name != url_name {
-        return Err(ApiError::bad_request(format!(
-            "name in URL {url_name:?} differs from unit name in request body {:?}",
-            req.name
-        )));
-    }
-    let name = parse_name(&url_name)?;
-    let desired = match req.desired_state.as_str() {
-        "" => None,
-        s => Some(s.parse::<DesiredState>().map_err(|e| ApiError::bad_request(e.to_string()))?),
-    };
-    if name.is_template() && desired.is_some_and(|d| d != DesiredState::Inactive) {
-        return Err(ApiError::bad_request(format!("cannot activate template {:?}", name.as_str())));
+    let PutUnit { name, desired, file } = parse_put_unit(&url_name, &body)?;
+    if let Some((_, rules)) = &file {
+        check_replace_cycles(&api, &name, rules)?;
     }
     ready(&api)?;
     let key = api.keys.unit(&name);
@@ -460,18 +494,7 @@ async fn put_unit(
         })
         .await?;
         let existing = resp.kvs().first().map(|kv| (decode::<UnitRecord>(kv.value()), kv.mod_revision()));
-        let new_file = (!req.options.is_empty()).then(|| UnitFile::from_options(req.options.clone()));
-        if let Some(f) = &new_file {
-            validate_options(f)?;
-            // A template's specifiers only mean something in an instance: check it as one.
-            let as_instance = match name.is_template() {
-                true => UnitName::parse(&format!("{}@instance.{}", name.prefix(), name.suffix()))
-                    .unwrap_or_else(|_| name.clone()),
-                false => name.clone(),
-            };
-            let rules = Rules::parse(&as_instance, f).map_err(|e| ApiError::bad_request(e.to_string()))?;
-            check_replace_cycles(&api, &name, &rules)?;
-        }
+        let new_file = file.as_ref().map(|(f, _)| f.clone());
         // New unit, or new contents: the body's desired state or `inactive`, guarded by what was read.
         let fresh = |f: &UnitFile, guard: Compare| {
             let rec = UnitRecord {
@@ -550,18 +573,11 @@ struct CreateUnits {
     units: Vec<ApiUnit>,
 }
 
-/// Not in the original API: creates many new units in one request, as many small transactions
-/// (each unit with its body, guarded so an existing unit is never overwritten). Everything is
-/// validated before anything is written; a unit that already exists is refused with 409 and the
-/// units of that transaction are not written (those of earlier transactions are).
-async fn create_units(
-    State(api): State<Api>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Result<Response, ApiError> {
-    check_json(&headers)?;
+/// Decodes and validates a `POST /units` body: every unit, before anything is written (the
+/// fuzz target `api_create_units` drives this with arbitrary input).
+pub fn parse_create_units(body: &[u8]) -> Result<Vec<(UnitRecord, UnitFile, Option<Rules>)>, ApiError> {
     let req: CreateUnits =
-        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("unable to decode body: {e}")))?;
+        serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("unable to decode body: {e}")))?;
     if req.units.is_empty() {
         return Err(ApiError::bad_request("units is empty"));
     }
@@ -591,11 +607,33 @@ async fn create_units(
         }
         let f = UnitFile::from_options(u.options.clone());
         validate_options(&f).map_err(|e| at(e.message))?;
-        if !name.is_template() {
-            let rules = Rules::parse(&name, &f).map_err(|e| at(e.to_string()))?;
-            check_replace_cycles(&api, &name, &rules).map_err(|e| at(e.message))?;
+        let rules = match name.is_template() {
+            true => None,
+            false => Some(Rules::parse(&name, &f).map_err(|e| at(e.to_string()))?),
+        };
+        records.push((UnitRecord { name, hash: f.hash(), desired_state: desired }, f, rules));
+    }
+    Ok(records)
+}
+
+/// Not in the original API: creates many new units in one request, as many small transactions
+/// (each unit with its body, guarded so an existing unit is never overwritten). Everything is
+/// validated before anything is written; a unit that already exists is refused with 409 and the
+/// units of that transaction are not written (those of earlier transactions are).
+async fn create_units(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    check_json(&headers)?;
+    let units = parse_create_units(&body)?;
+    let mut records = Vec::with_capacity(units.len());
+    for (i, (record, f, rules)) in units.into_iter().enumerate() {
+        if let Some(rules) = &rules {
+            check_replace_cycles(&api, &record.name, rules)
+                .map_err(|e| ApiError::bad_request(format!("units[{i}] ({}): {}", record.name, e.message)))?;
         }
-        records.push((UnitRecord { name, hash: f.hash(), desired_state: desired }, f.canonical()));
+        records.push((record, f.canonical()));
     }
     ready(&api)?;
     tracing::debug!(units = records.len(), "creating units");
