@@ -9,6 +9,7 @@ pub mod api;
 pub mod auth;
 pub mod cluster;
 pub mod config;
+pub mod fuzz_checks;
 pub mod leader;
 pub mod listen;
 pub mod openapi;
