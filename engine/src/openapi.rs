@@ -256,10 +256,50 @@ fn engine_status() {}
 )]
 pub struct ApiDoc;
 
+/// Every operation needs a caller: a bearer token or a client certificate of the cluster CA (or
+/// the unix socket, which OpenAPI cannot describe); each may answer 401, 403 and 413.
+fn secure(doc: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityRequirement, SecurityScheme};
+    use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+    let components = doc.components.get_or_insert_with(Default::default);
+    components.add_security_scheme("bearerToken", SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)));
+    components.add_security_scheme(
+        "clientCertificate",
+        SecurityScheme::MutualTls {
+            description: Some("A client certificate signed by the cluster CA; its common name maps to a role.".into()),
+            extensions: None,
+        },
+    );
+    doc.security = Some(vec![
+        SecurityRequirement::new("bearerToken", Vec::<String>::new()),
+        SecurityRequirement::new("clientCertificate", Vec::<String>::new()),
+    ]);
+    let error = |what: &str| {
+        RefOr::T(
+            ResponseBuilder::new()
+                .description(what)
+                .content("application/json", ContentBuilder::new().schema(Some(Ref::from_schema_name("Error"))).build())
+                .build(),
+        )
+    };
+    for item in doc.paths.paths.values_mut() {
+        let ops = [&mut item.get, &mut item.put, &mut item.post, &mut item.delete, &mut item.patch];
+        for op in ops.into_iter().flatten() {
+            let r = &mut op.responses.responses;
+            r.entry("401".into()).or_insert_with(|| error("No credentials, or unknown ones"));
+            r.entry("403".into()).or_insert_with(|| error("The caller's role does not allow this"));
+            if op.request_body.is_some() {
+                r.entry("413".into()).or_insert_with(|| error("Request body too large"));
+            }
+        }
+    }
+}
+
 /// The document as served, pretty-printed with a trailing newline (the checked-in form).
 pub fn document() -> String {
     let mut doc = ApiDoc::openapi();
     doc.info.version = "v1".into();
+    secure(&mut doc);
     let mut text = doc.to_pretty_json().unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
     text.push('\n');
     text
