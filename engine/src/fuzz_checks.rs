@@ -85,7 +85,8 @@ mod tests {
     #[test]
     fn fuzz_regressions_replay() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions");
-        let targets: [(&str, fn(&[u8])); 4] = [
+        type Check = fn(&[u8]);
+        let targets: [(&str, Check); 4] = [
             ("unit_file", unit_file),
             ("unit_name", unit_name),
             ("api_put_unit", api_put_unit),
