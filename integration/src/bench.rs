@@ -252,8 +252,9 @@ fn wakeups_between(a: &HashMap<u32, f64>, b: &HashMap<u32, f64>) -> f64 {
 
 async fn lab_measures(state: &LabState) -> Result<LabReport> {
     let api = state.api_url().context("the lab has no engine")?.to_string();
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(120)).build()?;
-    let client = etcd_client::Client::connect(state.etcd_endpoints(), None).await?;
+    // The lab is TLS-only with auth on, as a default install: its admin identity, over TLS.
+    let http = crate::pki::http_as("admin")?;
+    let client = crate::etcd_admin(&state.etcd_endpoints()).await?;
     let keys = Keys::new(crate::ETCD_PREFIX);
     let (active, watcher) = watch_active(client, keys).await?;
     let mut report = LabReport { machines: state.machines.len(), ..Default::default() };
