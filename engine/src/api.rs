@@ -32,6 +32,7 @@ pub struct Api {
     pub token_limit: u16,
     /// HTTP client for agents' APIs (status, journal).
     pub agents: reqwest::Client,
+    pub fleetlock: crate::fleetlock::FleetLockConfig,
 }
 
 /// The API behind its auth middleware: every request is identified and checked first.
@@ -96,6 +97,8 @@ pub fn router(api: Api, auth: std::sync::Arc<Auth>) -> Router {
         .route("/", axum::routing::any(not_allowed))
         .route("/fleet/v1", axum::routing::any(not_allowed))
         .route("/engine/status", get(engine_status))
+        .route("/v1/pre-reboot", axum::routing::post(crate::fleetlock::pre_reboot))
+        .route("/v1/steady-state", axum::routing::post(crate::fleetlock::steady_state))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "") })
         .layer(axum::middleware::from_fn_with_state(auth, crate::auth::authorize))
         .layer(axum::middleware::map_response(server_header))
@@ -157,7 +160,7 @@ impl IntoResponse for ApiError {
 
 /// An etcd call with retries on transient errors: with several members, a request can land on a
 /// dead one, and the next attempt picks another.
-async fn etcd<T, F, Fut>(what: &str, op: F) -> Result<T, ApiError>
+pub(crate) async fn etcd<T, F, Fut>(what: &str, op: F) -> Result<T, ApiError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
@@ -199,7 +202,7 @@ where
 
 /// Waits until this replica's view shows `revision`; if its watch seems stuck (a dead etcd
 /// member), restarts the watch and waits once more.
-async fn settle(api: &Api, revision: i64) {
+pub(crate) async fn settle(api: &Api, revision: i64) {
     if !api.cluster.caught_up(revision, Duration::from_secs(1)).await {
         api.cluster.kick();
         api.cluster.caught_up(revision, Duration::from_secs(5)).await;
@@ -510,7 +513,11 @@ async fn put_unit(
             _ => false,
         };
         if submits {
-            let caller = caller.as_ref().map(|c| c.0.clone()).unwrap_or(Caller { who: "?".into(), role: Role::Read });
+            let caller = caller.as_ref().map(|c| c.0.clone()).unwrap_or(Caller {
+                who: "?".into(),
+                role: Role::Read,
+                machine: None,
+            });
             caller.require(Role::Admin, &format!("submitting the unit file of {name}"))?;
         }
         let (status, record, body_text, guard) = match (existing, new_file) {

@@ -22,6 +22,8 @@ use std::sync::{Arc, Mutex};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
+    /// A machine's own certificate: nothing but its own FleetLock calls.
+    Machine,
     Read,
     Operate,
     Admin,
@@ -30,6 +32,7 @@ pub enum Role {
 impl std::fmt::Display for Role {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
+            Role::Machine => "machine",
             Role::Read => "read",
             Role::Operate => "operate",
             Role::Admin => "admin",
@@ -110,6 +113,8 @@ pub struct Caller {
     /// `token:<name>`, `cert:<common name>` or `socket:uid=<uid>`.
     pub who: String,
     pub role: Role,
+    /// The machine whose certificate this is (`machine-<id>`), if it is one.
+    pub machine: Option<String>,
 }
 
 impl Caller {
@@ -181,13 +186,24 @@ impl Auth {
                 .ok_or_else(|| unauthorized("Authorization header must be \"Bearer <token>\"".into()))?;
             let hash = fleet_model::tls::sha256_hex(token.trim().as_bytes());
             return match self.tokens.get(&hash) {
-                Some((name, role)) => Ok(Caller { who: format!("token:{name}"), role: *role }),
+                Some((name, role)) => Ok(Caller { who: format!("token:{name}"), role: *role, machine: None }),
                 None => Err(unauthorized("unknown token".into())),
             };
         }
         match peer {
             Peer::Tls { common_name: Some(cn), .. } => match self.certificates.get(cn) {
-                Some(role) => Ok(Caller { who: format!("cert:{cn}"), role: *role }),
+                Some(role) => Ok(Caller { who: format!("cert:{cn}"), role: *role, machine: None }),
+                // Every machine's certificate is the cluster's: it may take its own reboot slot.
+                None if cn
+                    .strip_prefix("machine-")
+                    .is_some_and(|m| fleet_model::machine::parse_machine_id(m).is_ok()) =>
+                {
+                    Ok(Caller {
+                        who: format!("cert:{cn}"),
+                        role: Role::Machine,
+                        machine: cn.strip_prefix("machine-").map(str::to_string),
+                    })
+                }
                 None => Err(ApiError::new(
                     StatusCode::FORBIDDEN,
                     format!("client certificate {cn:?} has no role in this engine's auth.certificates"),
@@ -195,7 +211,8 @@ impl Auth {
             },
             Peer::Unix { uid } => match self.socket_role {
                 Some(role) => {
-                    Ok(Caller { who: uid.map(|u| format!("socket:uid={u}")).unwrap_or_else(|| "socket".into()), role })
+                    let who = uid.map(|u| format!("socket:uid={u}")).unwrap_or_else(|| "socket".into());
+                    Ok(Caller { who, role, machine: None })
                 }
                 None => Err(unauthorized("the unix socket grants no role (auth.socket_role)".into())),
             },
@@ -223,6 +240,10 @@ impl Auth {
 pub fn required_role(method: &Method, path: &str) -> Role {
     if matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS) {
         return Role::Read;
+    }
+    if matches!(path, "/v1/pre-reboot" | "/v1/steady-state") && *method == Method::POST {
+        // FleetLock: the handler checks that a machine acts for itself.
+        return Role::Machine;
     }
     let rest = path.strip_prefix("/fleet/v1").or_else(|| path.strip_prefix("/v1-alpha")).unwrap_or(path);
     let parts: Vec<&str> = rest.trim_matches('/').split('/').collect();
@@ -326,11 +347,14 @@ mod tests {
         assert_eq!(a.identify(&tcp, Some("Basic eA==")).map_err(|e| e.status()), Err(StatusCode::UNAUTHORIZED));
         assert_eq!(
             a.identify(&tcp, Some("Bearer secret")).ok(),
-            Some(Caller { who: "token:viewer".into(), role: Role::Read })
+            Some(Caller { who: "token:viewer".into(), role: Role::Read, machine: None })
         );
         let tls = |cn: &str| Peer::Tls { addr: SocketAddr::from(([127, 0, 0, 1], 1)), common_name: Some(cn.into()) };
         assert_eq!(a.identify(&tls("admin"), None).map(|c| c.role).ok(), Some(Role::Admin));
         assert_eq!(a.identify(&tls("machine-x"), None).map_err(|e| e.status()), Err(StatusCode::FORBIDDEN));
+        let m = a.identify(&tls("machine-0123456789abcdef0123456789abcdef"), None).expect("a machine");
+        assert_eq!((m.role, m.machine.as_deref()), (Role::Machine, Some("0123456789abcdef0123456789abcdef")));
+        assert!(m.require(Role::Read, "GET /fleet/v1/units").is_err(), "a machine reads nothing");
         assert_eq!(
             a.identify(&Peer::Unix { uid: Some(0) }, None).map_err(|e| e.status()),
             Err(StatusCode::UNAUTHORIZED)
@@ -347,7 +371,7 @@ mod tests {
         assert_eq!(required_role(&Method::PATCH, "/fleet/v1/machines"), Role::Admin);
         assert_eq!(required_role(&Method::POST, "/fleet/v1/machines/m/drain"), Role::Admin);
         assert!(Role::Read < Role::Operate && Role::Operate < Role::Admin);
-        let caller = Caller { who: "token:x".into(), role: Role::Operate };
+        let caller = Caller { who: "token:x".into(), role: Role::Operate, machine: None };
         assert!(caller.require(Role::Operate, "x").is_ok());
         assert_eq!(caller.require(Role::Admin, "x").map_err(|e| e.status()), Err(StatusCode::FORBIDDEN));
     }

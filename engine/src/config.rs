@@ -30,6 +30,8 @@ pub struct EngineConfig {
     pub etcd_key_file: String,
     /// Who may do what through the API, and the audit log.
     pub auth: crate::auth::AuthConfig,
+    /// Reboot coordination (FleetLock) slots per group.
+    pub fleetlock: crate::fleetlock::FleetLockConfig,
     /// Take part in leader elections. `false` makes an API-only replica: it serves the API from
     /// its own view and never places units (more API capacity without more candidates).
     pub lead: bool,
@@ -53,6 +55,7 @@ impl Default for EngineConfig {
             etcd_cert_file: String::new(),
             etcd_key_file: String::new(),
             auth: Default::default(),
+            fleetlock: Default::default(),
             lead: true,
         }
     }

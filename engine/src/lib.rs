@@ -9,6 +9,7 @@ pub mod api;
 pub mod auth;
 pub mod cluster;
 pub mod config;
+pub mod fleetlock;
 pub mod fuzz_checks;
 pub mod leader;
 pub mod listen;
@@ -51,6 +52,7 @@ pub async fn run(mut config: watch::Receiver<EngineConfig>, mut shutdown: watch:
         status: status.clone(),
         token_limit: cfg.token_limit,
         agents: api::agent_client(etcd_tls.as_ref())?,
+        fleetlock: cfg.fleetlock.clone(),
     };
     let auth = Arc::new(auth::Auth::new(&cfg.auth)?);
     let app = api::router(api.clone(), auth);

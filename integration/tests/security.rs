@@ -82,12 +82,13 @@ async fn api_refuses_the_unauthenticated_and_the_under_privileged_and_audits_cha
         .expect("client");
     assert!(rogue_client.get(&units).send().await.is_err(), "a foreign CA's certificate must be refused");
 
-    // A machine's certificate is the cluster's, but it has no role on the API.
+    // A machine's certificate is the cluster's, but all it may do on the API is take its own
+    // reboot slot (FleetLock, see fleetlock.rs).
     let m1 = &lab.machines[0];
     let machine = pki::http_as(&format!("machine-{}", m1.name)).expect("machine client");
     let (s, m) = call(&machine, "GET", &units, None, None).await;
     assert_eq!(s, StatusCode::FORBIDDEN, "{m}");
-    assert!(m.contains("no role"), "{m}");
+    assert!(m.contains("has role machine") && m.contains("needs role read"), "{m}");
 
     // Roles: read lists; operate changes desired states but submits nothing; admin does all.
     let (read, operate, admin) = (

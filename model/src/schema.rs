@@ -105,6 +105,10 @@ impl Keys {
         format!("{}why/{unit}", self.prefix)
     }
     /// Election name used with etcd's election API.
+    /// A FleetLock group's reboot semaphore (the engine's; see `fleet_engine::fleetlock`).
+    pub fn reboot_lock(&self, group: &str) -> String {
+        format!("{}reboot-lock/{group}", self.prefix)
+    }
     pub fn leader(&self) -> String {
         format!("{}leader", self.prefix)
     }

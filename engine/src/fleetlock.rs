@@ -1,0 +1,353 @@
+//! FleetLock, the reboot-coordination protocol Fedora CoreOS's zincati speaks, served by every
+//! engine so machines reboot a few at a time: `POST /v1/pre-reboot` takes a slot of the machine's
+//! group (a counting semaphore in etcd, recursive and owned: taking it twice is one slot, only the
+//! holder releases it) and `POST /v1/steady-state` gives it back.
+//!
+//! Taking a slot also drains the machine (its units move elsewhere, as `fleetctl drain` does), in
+//! the same etcd transaction; `pre-reboot` answers 200 only once no unit is scheduled there any
+//! more, so the machine reboots empty. Until then it answers `409 draining`, and FleetLock clients
+//! retry. `steady-state` releases the slot and lifts the drain it made (a drain an operator made
+//! stays).
+//!
+//! A machine's certificate may lock and unlock for that machine only; `operate` may do it for any.
+
+use crate::api::{Api, ApiError};
+use crate::auth::{Caller, Role};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// The `[fleetlock]` section of the engine's configuration.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FleetLockConfig {
+    /// Slots of groups not listed in `groups`.
+    pub default_slots: u32,
+    /// Slots per group: how many machines of the group may reboot at once.
+    pub groups: BTreeMap<String, u32>,
+    /// Drain a machine when it takes a slot, and hold `pre-reboot` until its units are gone.
+    pub drain: bool,
+}
+
+impl Default for FleetLockConfig {
+    fn default() -> Self {
+        FleetLockConfig { default_slots: 1, groups: BTreeMap::new(), drain: true }
+    }
+}
+
+impl FleetLockConfig {
+    pub fn slots(&self, group: &str) -> u32 {
+        self.groups.get(group).copied().unwrap_or(self.default_slots)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct Request {
+    client_params: ClientParams,
+}
+
+#[derive(Debug, Deserialize)]
+struct ClientParams {
+    id: String,
+    #[serde(default)]
+    group: String,
+}
+
+/// One group's semaphore, as stored at `<prefix>reboot-lock/<group>`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Semaphore {
+    pub holders: Vec<Holder>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holder {
+    pub id: String,
+    /// The lock drained the machine (and lifts the drain when released).
+    pub drained: bool,
+}
+
+/// What taking a slot does to a semaphore: the new holders, or why not.
+#[derive(Debug, PartialEq, Eq)]
+pub enum LockStep {
+    /// Already held by this id: nothing to write.
+    Held,
+    /// Write these holders (this id added).
+    Take(Semaphore),
+    /// Every slot is held by others.
+    Full(Vec<String>),
+}
+
+/// The semaphore's rule, without etcd: recursive, owned, `slots` holders at most.
+pub fn lock_step(sem: &Semaphore, id: &str, slots: u32, drains: bool) -> LockStep {
+    if sem.holders.iter().any(|h| h.id == id) {
+        return LockStep::Held;
+    }
+    if sem.holders.len() >= slots as usize {
+        return LockStep::Full(sem.holders.iter().map(|h| h.id.clone()).collect());
+    }
+    let mut next = sem.clone();
+    next.holders.push(Holder { id: id.to_string(), drained: drains });
+    LockStep::Take(next)
+}
+
+/// Releasing: the holders without `id`, and whether its drain is to be lifted; `None` if it held
+/// no slot (unlocking is idempotent).
+pub fn unlock_step(sem: &Semaphore, id: &str) -> Option<(Semaphore, bool)> {
+    let held = sem.holders.iter().find(|h| h.id == id)?;
+    let lift = held.drained;
+    let holders = sem.holders.iter().filter(|h| h.id != id).cloned().collect();
+    Some((Semaphore { holders }, lift))
+}
+
+/// FleetLock's error shape: `{"kind": ..., "value": ...}`.
+fn refuse(status: StatusCode, kind: &str, value: impl Into<String>) -> Response {
+    (status, Json(serde_json::json!({"kind": kind, "value": value.into()}))).into_response()
+}
+
+fn from_api(e: ApiError) -> Response {
+    refuse(e.status(), "error", e.message())
+}
+
+/// Checks the protocol header, decodes the body, and checks the caller may act for the id.
+fn request(headers: &HeaderMap, body: &[u8], caller: Option<&Caller>) -> Result<(String, String), Response> {
+    let flagged = headers.get("fleet-lock-protocol").and_then(|v| v.to_str().ok()).is_some_and(|v| v == "true");
+    if !flagged {
+        return Err(refuse(StatusCode::BAD_REQUEST, "missing_header", "header fleet-lock-protocol: true is required"));
+    }
+    let req: Request = serde_json::from_slice(body)
+        .map_err(|e| refuse(StatusCode::BAD_REQUEST, "bad_request", format!("unable to decode body: {e}")))?;
+    let id = req.client_params.id.trim().to_ascii_lowercase();
+    fleet_model::machine::parse_machine_id(&id)
+        .map_err(|e| refuse(StatusCode::BAD_REQUEST, "bad_request", format!("client_params.id: {e}")))?;
+    let group = match req.client_params.group.as_str() {
+        "" => "default".to_string(),
+        g if g.len() <= 64 && g.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')) => {
+            g.to_string()
+        }
+        g => {
+            return Err(refuse(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("client_params.group {g:?}: 1 to 64 of [A-Za-z0-9_.-]"),
+            ))
+        }
+    };
+    let caller = caller.ok_or_else(|| refuse(StatusCode::UNAUTHORIZED, "unauthorized", "no caller"))?;
+    let own = caller.machine.as_deref() == Some(id.as_str());
+    if !own && caller.role < Role::Operate {
+        return Err(refuse(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("{} may not take or release reboot slots for machine {id}", caller.who),
+        ));
+    }
+    Ok((id, group))
+}
+
+/// Reads a group's semaphore and the machine's drain key, with their revisions for the guard.
+async fn read(api: &Api, group: &str, id: &str) -> Result<(Semaphore, i64, i64), Response> {
+    let (sem_key, drain_key) = (api.keys.reboot_lock(group), api.keys.drain(id));
+    let resp = crate::api::etcd("read reboot lock", || {
+        let mut kv = api.client.kv_client();
+        let txn = Txn::new().and_then([TxnOp::get(sem_key.clone(), None), TxnOp::get(drain_key.clone(), None)]);
+        async move { kv.txn(txn).await }
+    })
+    .await
+    .map_err(from_api)?;
+    let mut sem = (Semaphore::default(), 0);
+    let mut drain_rev = 0;
+    for (i, r) in resp.op_responses().into_iter().enumerate() {
+        if let etcd_client::TxnOpResponse::Get(g) = r {
+            if let Some(kv) = g.kvs().first() {
+                if i == 0 {
+                    let s = serde_json::from_slice(kv.value()).map_err(|e| {
+                        refuse(StatusCode::INTERNAL_SERVER_ERROR, "error", format!("stored reboot lock: {e}"))
+                    })?;
+                    sem = (s, kv.mod_revision());
+                } else {
+                    drain_rev = kv.mod_revision();
+                }
+            }
+        }
+    }
+    Ok((sem.0, sem.1, drain_rev))
+}
+
+fn guard(key: String, rev: i64) -> Compare {
+    match rev {
+        0 => Compare::create_revision(key, CompareOp::Equal, 0),
+        r => Compare::mod_revision(key, CompareOp::Equal, r),
+    }
+}
+
+/// Units still scheduled to machine `id`, in this engine's view.
+fn units_on(api: &Api, id: &str) -> usize {
+    api.cluster.read(|v| v.schedule.values().filter(|m| m.contains_key(id)).count())
+}
+
+pub async fn pre_reboot(
+    State(api): State<Api>,
+    caller: Option<axum::Extension<Caller>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let (id, group) = match request(&headers, &body, caller.as_ref().map(|c| &c.0)) {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    let slots = api.fleetlock.slots(&group);
+    for _ in 0..5 {
+        let (sem, sem_rev, drain_rev) = match read(&api, &group, &id).await {
+            Ok(r) => r,
+            Err(resp) => return resp,
+        };
+        // An operator's drain is left alone: the lock neither makes nor lifts it.
+        let drains = api.fleetlock.drain && drain_rev == 0;
+        let next = match lock_step(&sem, &id, slots, drains) {
+            LockStep::Held => return drained_or_wait(&api, &id, &sem).await,
+            LockStep::Full(holders) => {
+                return refuse(
+                    StatusCode::CONFLICT,
+                    "failed_lock",
+                    format!("all {slots} reboot slots of group {group} are held (by {})", holders.join(", ")),
+                )
+            }
+            LockStep::Take(next) => next,
+        };
+        let Ok(value) = serde_json::to_vec(&next) else {
+            return refuse(StatusCode::INTERNAL_SERVER_ERROR, "error", "cannot encode the reboot lock");
+        };
+        let mut ops = vec![TxnOp::put(api.keys.reboot_lock(&group), value, None)];
+        if drains {
+            ops.push(TxnOp::put(api.keys.drain(&id), "", None));
+        }
+        let txn = Txn::new()
+            .when([guard(api.keys.reboot_lock(&group), sem_rev), guard(api.keys.drain(&id), drain_rev)])
+            .and_then(ops);
+        let resp = crate::api::etcd("take a reboot slot", || {
+            let mut kv = api.client.kv_client();
+            let t = txn.clone();
+            async move { kv.txn(t).await }
+        })
+        .await;
+        match resp {
+            Ok(r) if r.succeeded() => {
+                tracing::info!(machine = %id, %group, drains, "reboot slot taken");
+                let rev = r.header().map(|h| h.revision()).unwrap_or(0);
+                crate::api::settle(&api, rev).await;
+                return drained_or_wait(&api, &id, &next).await;
+            }
+            Ok(_) => continue,
+            Err(e) => return from_api(e),
+        }
+    }
+    refuse(StatusCode::CONFLICT, "failed_lock", "the reboot lock changed concurrently; try again")
+}
+
+/// 200 once the machine's units are gone (or it was not drained by the lock), else 409.
+async fn drained_or_wait(api: &Api, id: &str, sem: &Semaphore) -> Response {
+    let drained = sem.holders.iter().any(|h| h.id == id && h.drained);
+    if drained {
+        // Give the leader a moment to move what it can before answering.
+        for _ in 0..20 {
+            if units_on(api, id) == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        let left = units_on(api, id);
+        if left > 0 {
+            return refuse(
+                StatusCode::CONFLICT,
+                "draining",
+                format!("slot held; {left} units still scheduled on machine {id}: try again"),
+            );
+        }
+    }
+    (StatusCode::OK, Json(serde_json::json!({}))).into_response()
+}
+
+pub async fn steady_state(
+    State(api): State<Api>,
+    caller: Option<axum::Extension<Caller>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let (id, group) = match request(&headers, &body, caller.as_ref().map(|c| &c.0)) {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    for _ in 0..5 {
+        let (sem, sem_rev, drain_rev) = match read(&api, &group, &id).await {
+            Ok(r) => r,
+            Err(resp) => return resp,
+        };
+        let Some((next, lift)) = unlock_step(&sem, &id) else {
+            return (StatusCode::OK, Json(serde_json::json!({}))).into_response();
+        };
+        let Ok(value) = serde_json::to_vec(&next) else {
+            return refuse(StatusCode::INTERNAL_SERVER_ERROR, "error", "cannot encode the reboot lock");
+        };
+        let mut ops = vec![TxnOp::put(api.keys.reboot_lock(&group), value, None)];
+        if lift && drain_rev != 0 {
+            ops.push(TxnOp::delete(api.keys.drain(&id), None));
+        }
+        let txn = Txn::new()
+            .when([guard(api.keys.reboot_lock(&group), sem_rev), guard(api.keys.drain(&id), drain_rev)])
+            .and_then(ops);
+        let resp = crate::api::etcd("release a reboot slot", || {
+            let mut kv = api.client.kv_client();
+            let t = txn.clone();
+            async move { kv.txn(t).await }
+        })
+        .await;
+        match resp {
+            Ok(r) if r.succeeded() => {
+                tracing::info!(machine = %id, %group, lift, "reboot slot released");
+                crate::api::settle(&api, r.header().map(|h| h.revision()).unwrap_or(0)).await;
+                return (StatusCode::OK, Json(serde_json::json!({}))).into_response();
+            }
+            Ok(_) => continue,
+            Err(e) => return from_api(e),
+        }
+    }
+    refuse(StatusCode::CONFLICT, "failed_unlock", "the reboot lock changed concurrently; try again")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn holders(sem: &Semaphore) -> Vec<&str> {
+        sem.holders.iter().map(|h| h.id.as_str()).collect()
+    }
+
+    #[test]
+    fn slots_are_counted_owned_and_recursive() {
+        let empty = Semaphore::default();
+        let LockStep::Take(one) = lock_step(&empty, "a", 2, true) else { panic!("a takes a slot") };
+        assert_eq!(lock_step(&one, "a", 2, true), LockStep::Held, "recursive");
+        let LockStep::Take(two) = lock_step(&one, "b", 2, false) else { panic!("b takes the second slot") };
+        assert_eq!(holders(&two), ["a", "b"]);
+        assert_eq!(lock_step(&two, "c", 2, true), LockStep::Full(vec!["a".into(), "b".into()]));
+        // Only a holder releases; releasing twice is harmless; the drain goes with the holder.
+        assert_eq!(unlock_step(&two, "c"), None);
+        let (after, lift) = unlock_step(&two, "a").expect("a held");
+        assert!(lift);
+        assert_eq!(holders(&after), ["b"]);
+        assert_eq!(unlock_step(&after, "a"), None);
+        assert!(!unlock_step(&after, "b").expect("b held").1, "b's lock made no drain");
+        assert!(matches!(lock_step(&after, "c", 2, true), LockStep::Take(_)));
+    }
+
+    #[test]
+    fn groups_have_their_own_slot_counts() {
+        let cfg = FleetLockConfig { default_slots: 1, groups: [("workers".to_string(), 3)].into(), drain: true };
+        assert_eq!((cfg.slots("workers"), cfg.slots("default"), cfg.slots("etcd")), (3, 1, 1));
+    }
+}
