@@ -105,16 +105,29 @@ pub fn unlock_step(sem: &Semaphore, id: &str) -> Option<(Semaphore, bool)> {
 }
 
 /// FleetLock's error shape: `{"kind": ..., "value": ...}`.
-fn refuse(status: StatusCode, kind: &str, value: impl Into<String>) -> Response {
-    (status, Json(serde_json::json!({"kind": kind, "value": value.into()}))).into_response()
+#[derive(Debug)]
+pub struct Refusal {
+    status: StatusCode,
+    kind: &'static str,
+    value: String,
 }
 
-fn from_api(e: ApiError) -> Response {
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        (self.status, Json(serde_json::json!({"kind": self.kind, "value": self.value}))).into_response()
+    }
+}
+
+fn refuse(status: StatusCode, kind: &'static str, value: impl Into<String>) -> Refusal {
+    Refusal { status, kind, value: value.into() }
+}
+
+fn from_api(e: ApiError) -> Refusal {
     refuse(e.status(), "error", e.message())
 }
 
 /// Checks the protocol header, decodes the body, and checks the caller may act for the id.
-fn request(headers: &HeaderMap, body: &[u8], caller: Option<&Caller>) -> Result<(String, String), Response> {
+fn request(headers: &HeaderMap, body: &[u8], caller: Option<&Caller>) -> Result<(String, String), Refusal> {
     let flagged = headers.get("fleet-lock-protocol").and_then(|v| v.to_str().ok()).is_some_and(|v| v == "true");
     if !flagged {
         return Err(refuse(StatusCode::BAD_REQUEST, "missing_header", "header fleet-lock-protocol: true is required"));
@@ -150,7 +163,7 @@ fn request(headers: &HeaderMap, body: &[u8], caller: Option<&Caller>) -> Result<
 }
 
 /// Reads a group's semaphore and the machine's drain key, with their revisions for the guard.
-async fn read(api: &Api, group: &str, id: &str) -> Result<(Semaphore, i64, i64), Response> {
+async fn read(api: &Api, group: &str, id: &str) -> Result<(Semaphore, i64, i64), Refusal> {
     let (sem_key, drain_key) = (api.keys.reboot_lock(group), api.keys.drain(id));
     let resp = crate::api::etcd("read reboot lock", || {
         let mut kv = api.client.kv_client();
@@ -195,33 +208,26 @@ pub async fn pre_reboot(
     caller: Option<axum::Extension<Caller>>,
     headers: HeaderMap,
     body: axum::body::Bytes,
-) -> Response {
-    let (id, group) = match request(&headers, &body, caller.as_ref().map(|c| &c.0)) {
-        Ok(r) => r,
-        Err(resp) => return resp,
-    };
+) -> Result<Response, Refusal> {
+    let (id, group) = request(&headers, &body, caller.as_ref().map(|c| &c.0))?;
     let slots = api.fleetlock.slots(&group);
     for _ in 0..5 {
-        let (sem, sem_rev, drain_rev) = match read(&api, &group, &id).await {
-            Ok(r) => r,
-            Err(resp) => return resp,
-        };
+        let (sem, sem_rev, drain_rev) = read(&api, &group, &id).await?;
         // An operator's drain is left alone: the lock neither makes nor lifts it.
         let drains = api.fleetlock.drain && drain_rev == 0;
         let next = match lock_step(&sem, &id, slots, drains) {
             LockStep::Held => return drained_or_wait(&api, &id, &sem).await,
             LockStep::Full(holders) => {
-                return refuse(
+                return Err(refuse(
                     StatusCode::CONFLICT,
                     "failed_lock",
                     format!("all {slots} reboot slots of group {group} are held (by {})", holders.join(", ")),
-                )
+                ))
             }
             LockStep::Take(next) => next,
         };
-        let Ok(value) = serde_json::to_vec(&next) else {
-            return refuse(StatusCode::INTERNAL_SERVER_ERROR, "error", "cannot encode the reboot lock");
-        };
+        let value = serde_json::to_vec(&next)
+            .map_err(|_| refuse(StatusCode::INTERNAL_SERVER_ERROR, "error", "cannot encode the reboot lock"))?;
         let mut ops = vec![TxnOp::put(api.keys.reboot_lock(&group), value, None)];
         if drains {
             ops.push(TxnOp::put(api.keys.drain(&id), "", None));
@@ -243,14 +249,14 @@ pub async fn pre_reboot(
                 return drained_or_wait(&api, &id, &next).await;
             }
             Ok(_) => continue,
-            Err(e) => return from_api(e),
+            Err(e) => return Err(from_api(e)),
         }
     }
-    refuse(StatusCode::CONFLICT, "failed_lock", "the reboot lock changed concurrently; try again")
+    Err(refuse(StatusCode::CONFLICT, "failed_lock", "the reboot lock changed concurrently; try again"))
 }
 
 /// 200 once the machine's units are gone (or it was not drained by the lock), else 409.
-async fn drained_or_wait(api: &Api, id: &str, sem: &Semaphore) -> Response {
+async fn drained_or_wait(api: &Api, id: &str, sem: &Semaphore) -> Result<Response, Refusal> {
     let drained = sem.holders.iter().any(|h| h.id == id && h.drained);
     if drained {
         // Give the leader a moment to move what it can before answering.
@@ -262,14 +268,14 @@ async fn drained_or_wait(api: &Api, id: &str, sem: &Semaphore) -> Response {
         }
         let left = units_on(api, id);
         if left > 0 {
-            return refuse(
+            return Err(refuse(
                 StatusCode::CONFLICT,
                 "draining",
                 format!("slot held; {left} units still scheduled on machine {id}: try again"),
-            );
+            ));
         }
     }
-    (StatusCode::OK, Json(serde_json::json!({}))).into_response()
+    Ok((StatusCode::OK, Json(serde_json::json!({}))).into_response())
 }
 
 pub async fn steady_state(
@@ -277,22 +283,15 @@ pub async fn steady_state(
     caller: Option<axum::Extension<Caller>>,
     headers: HeaderMap,
     body: axum::body::Bytes,
-) -> Response {
-    let (id, group) = match request(&headers, &body, caller.as_ref().map(|c| &c.0)) {
-        Ok(r) => r,
-        Err(resp) => return resp,
-    };
+) -> Result<Response, Refusal> {
+    let (id, group) = request(&headers, &body, caller.as_ref().map(|c| &c.0))?;
     for _ in 0..5 {
-        let (sem, sem_rev, drain_rev) = match read(&api, &group, &id).await {
-            Ok(r) => r,
-            Err(resp) => return resp,
-        };
+        let (sem, sem_rev, drain_rev) = read(&api, &group, &id).await?;
         let Some((next, lift)) = unlock_step(&sem, &id) else {
-            return (StatusCode::OK, Json(serde_json::json!({}))).into_response();
+            return Ok((StatusCode::OK, Json(serde_json::json!({}))).into_response());
         };
-        let Ok(value) = serde_json::to_vec(&next) else {
-            return refuse(StatusCode::INTERNAL_SERVER_ERROR, "error", "cannot encode the reboot lock");
-        };
+        let value = serde_json::to_vec(&next)
+            .map_err(|_| refuse(StatusCode::INTERNAL_SERVER_ERROR, "error", "cannot encode the reboot lock"))?;
         let mut ops = vec![TxnOp::put(api.keys.reboot_lock(&group), value, None)];
         if lift && drain_rev != 0 {
             ops.push(TxnOp::delete(api.keys.drain(&id), None));
@@ -310,13 +309,13 @@ pub async fn steady_state(
             Ok(r) if r.succeeded() => {
                 tracing::info!(machine = %id, %group, lift, "reboot slot released");
                 crate::api::settle(&api, r.header().map(|h| h.revision()).unwrap_or(0)).await;
-                return (StatusCode::OK, Json(serde_json::json!({}))).into_response();
+                return Ok((StatusCode::OK, Json(serde_json::json!({}))).into_response());
             }
             Ok(_) => continue,
-            Err(e) => return from_api(e),
+            Err(e) => return Err(from_api(e)),
         }
     }
-    refuse(StatusCode::CONFLICT, "failed_unlock", "the reboot lock changed concurrently; try again")
+    Err(refuse(StatusCode::CONFLICT, "failed_unlock", "the reboot lock changed concurrently; try again"))
 }
 
 #[cfg(test)]

@@ -1,0 +1,143 @@
+//! `fleet-update`: verifies and applies signed releases of the host image to the inactive A/B
+//! slot, and plays systemd-boot's and systemd-bless-boot's parts for tests (see docs/host-image.md).
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use fleet_host_image::{boot, release, slots};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "fleet-update", version, about = "Signed A/B updates of the fleet host image")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Check a release directory: signature, every file's hash, the verity root hash.
+    Verify {
+        release: PathBuf,
+        /// minisign public key trusted to sign releases.
+        #[arg(long, default_value = "/usr/lib/fleet/update.pub")]
+        public_key: PathBuf,
+    },
+    /// Write a verified release to the slot not running and add its boot entry (one try).
+    Apply {
+        release: PathBuf,
+        #[arg(long, default_value = "/usr/lib/fleet/update.pub")]
+        public_key: PathBuf,
+        /// Slots and ESP (TOML: slot_a, slot_b, esp, cmdline).
+        #[arg(long, default_value = "/etc/fleet/update.toml")]
+        layout: PathBuf,
+        /// The running slot; default: `fleet.slot=` of /proc/cmdline.
+        #[arg(long)]
+        running: Option<char>,
+    },
+    /// Write manifest.json for the files of a release directory and sign it.
+    Seal {
+        release: PathBuf,
+        #[arg(long)]
+        version: String,
+        #[arg(long)]
+        secret_key: PathBuf,
+        /// The image and its hash tree, as `veritysetup format` made them.
+        #[arg(long, default_value = "root.erofs")]
+        data: String,
+        #[arg(long, default_value = "root.verity")]
+        hash: String,
+        #[arg(long)]
+        root_hash: String,
+        /// Every file of the release (the image and the hash tree included).
+        #[arg(long = "file", required = true)]
+        files: Vec<String>,
+    },
+    /// A new signing key pair: BASE.key and BASE.pub.
+    Keygen { base: PathBuf },
+    /// The boot loader's choice among the ESP's entries (counting a try down), for the test tier.
+    BootSelect {
+        #[arg(long)]
+        esp: PathBuf,
+    },
+    /// systemd-bless-boot: mark an entry good (`good`) or bad (`bad`).
+    Bless {
+        #[arg(long)]
+        esp: PathBuf,
+        /// Entry id: fleet-<version>-<slot>.
+        entry: String,
+        #[arg(long, default_value = "good")]
+        verdict: String,
+    },
+    /// The ESP's entries in boot order.
+    Status {
+        #[arg(long)]
+        esp: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fleet-update: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Cmd::Verify { release, public_key } => {
+            let m = release::verify(&release, &public_key)?;
+            println!("{}: release {} verified (root hash {})", release.display(), m.version, m.verity.root_hash);
+        }
+        Cmd::Apply { release, public_key, layout, running } => {
+            let text = std::fs::read_to_string(&layout).with_context(|| format!("cannot read {}", layout.display()))?;
+            let layout: slots::Layout = toml::from_str(&text).with_context(|| format!("{}", layout.display()))?;
+            let running = match running {
+                Some(s @ ('a' | 'b')) => s,
+                Some(s) => anyhow::bail!("--running {s}: expected a or b"),
+                None => {
+                    let cmdline = std::fs::read_to_string("/proc/cmdline").context("cannot read /proc/cmdline")?;
+                    slots::running_slot(&cmdline).context("no fleet.slot= on the kernel command line; use --running")?
+                }
+            };
+            let applied = slots::apply(&release, &public_key, &layout, running)?;
+            println!(
+                "release {} written to slot {}; boot entry {} (one try)",
+                applied.manifest.version,
+                applied.slot,
+                applied.entry.file_name()
+            );
+        }
+        Cmd::Seal { release, version, secret_key, data, hash, root_hash, files } => {
+            let names: Vec<&str> = files.iter().map(String::as_str).collect();
+            let verity = release::Verity { data, hash, root_hash };
+            let m = release::seal(&release, &version, &names, verity, &secret_key)?;
+            println!("{} sealed: {} files", m.version, m.files.len());
+        }
+        Cmd::Keygen { base } => {
+            let (sk, pk) = release::keygen(&base)?;
+            println!("{}\n{}", sk.display(), pk.display());
+        }
+        Cmd::BootSelect { esp } => match boot::select(&esp)? {
+            Some(e) => println!("{}", e.file_name()),
+            None => anyhow::bail!("no boot entry in {}", boot::entries_dir(&esp).display()),
+        },
+        Cmd::Bless { esp, entry, verdict } => {
+            let e = match verdict.as_str() {
+                "good" => boot::bless(&esp, &entry)?,
+                "bad" => boot::mark_bad(&esp, &entry)?,
+                v => anyhow::bail!("verdict {v:?}: expected good or bad"),
+            };
+            println!("{}", e.file_name());
+        }
+        Cmd::Status { esp } => {
+            for e in boot::entries(&esp)? {
+                println!("{}", e.file_name());
+            }
+        }
+    }
+    Ok(())
+}
