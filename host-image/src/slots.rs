@@ -160,14 +160,25 @@ pub fn apply(dir: &Path, public_key: &Path, layout: &Layout, running: char) -> R
     }
     let part = format!("PARTLABEL=root-{target}");
     text += &format!(
-        "options {} fleet.slot={target} roothash={} systemd.verity_root_data={part} systemd.verity_root_hash={part} systemd.verity_root_options=hash-offset={offset} root=/dev/mapper/root ro\n",
+        "options {} fleet.slot={target} roothash={} systemd.verity_root_data={part} systemd.verity_root_hash={part} systemd.verity_root_options=hash-offset={offset},data-blocks={} root=/dev/mapper/root ro\n",
         layout.cmdline.trim(),
         manifest.verity.root_hash,
+        size / 4096,
     );
     let entries_dir = boot::entries_dir(&layout.esp);
     std::fs::create_dir_all(&entries_dir).map_err(io("create", &entries_dir))?;
     write_atomically(&entries_dir.join(entry.file_name()), text.as_bytes())?;
     Ok(Applied { manifest, slot: target, entry })
+}
+
+/// What a boot entry says about its slot's integrity: root hash, hash tree offset, image blocks.
+pub fn entry_verity(entry_text: &str) -> Option<(String, u64, u64)> {
+    let options = entry_text.lines().find_map(|l| l.strip_prefix("options "))?;
+    let word = |key: &str| options.split_whitespace().find_map(|w| w.strip_prefix(key)).map(str::to_string);
+    let root_hash = word("roothash=")?;
+    let vopts = word("systemd.verity_root_options=")?;
+    let opt = |key: &str| vopts.split(',').find_map(|o| o.strip_prefix(key)).and_then(|v| v.parse().ok());
+    Some((root_hash, opt("hash-offset=")?, opt("data-blocks=")?))
 }
 
 /// A written slot against the signed root hash: the image's blocks, with its hash tree at `offset`.
