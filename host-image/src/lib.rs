@@ -5,5 +5,6 @@
 //! releases; docs/host-image.md describes the layout and the trust chain.
 
 pub mod boot;
+pub mod fleetlock;
 pub mod release;
 pub mod slots;

@@ -69,6 +69,11 @@ enum Cmd {
         #[arg(long, default_value = "good")]
         verdict: String,
     },
+    /// Take this machine's reboot slot from the engines (FleetLock pre-reboot), waiting while
+    /// every slot is held or the machine is still being drained.
+    TakeRebootSlot(SlotArgs),
+    /// Give the reboot slot back (FleetLock steady-state), once the new boot is healthy.
+    ReleaseRebootSlot(SlotArgs),
     /// The ESP's entries in boot order.
     Status {
         #[arg(long)]
@@ -76,7 +81,55 @@ enum Cmd {
     },
 }
 
+#[derive(clap::Args)]
+struct SlotArgs {
+    /// An engine's API (`https://host:port`).
+    #[arg(long)]
+    url: String,
+    /// This machine's id; default: /etc/machine-id.
+    #[arg(long)]
+    machine_id: Option<String>,
+    #[arg(long, default_value = "default")]
+    group: String,
+    #[arg(long, default_value = "/etc/fleet/ca.pem")]
+    ca_file: PathBuf,
+    /// The machine's certificate (CN machine-<id>) and key.
+    #[arg(long, default_value = "/etc/fleet/machine.pem")]
+    cert_file: PathBuf,
+    #[arg(long, default_value = "/etc/fleet/machine.key")]
+    key_file: PathBuf,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 3600)]
+    timeout: u64,
+    /// Seconds between attempts.
+    #[arg(long, default_value_t = 5)]
+    retry: u64,
+}
+
+impl SlotArgs {
+    fn client(&self) -> anyhow::Result<fleet_host_image::fleetlock::Client> {
+        let machine_id = match &self.machine_id {
+            Some(id) => id.clone(),
+            None => {
+                std::fs::read_to_string("/etc/machine-id").context("cannot read /etc/machine-id")?.trim().to_string()
+            }
+        };
+        Ok(fleet_host_image::fleetlock::Client {
+            url: self.url.clone(),
+            machine_id,
+            group: self.group.clone(),
+            ca_file: self.ca_file.clone(),
+            cert_file: self.cert_file.clone(),
+            key_file: self.key_file.clone(),
+        })
+    }
+}
+
 fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -132,6 +185,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 v => anyhow::bail!("verdict {v:?}: expected good or bad"),
             };
             println!("{}", e.file_name());
+        }
+        Cmd::TakeRebootSlot(a) => {
+            let c = a.client()?;
+            c.call("pre-reboot", std::time::Duration::from_secs(a.timeout), std::time::Duration::from_secs(a.retry))?;
+            println!("reboot slot of group {} taken for {}", c.group, c.machine_id);
+        }
+        Cmd::ReleaseRebootSlot(a) => {
+            let c = a.client()?;
+            c.call("steady-state", std::time::Duration::from_secs(a.timeout), std::time::Duration::from_secs(a.retry))?;
+            println!("reboot slot of group {} released for {}", c.group, c.machine_id);
         }
         Cmd::Status { esp } => {
             for e in boot::entries(&esp)? {

@@ -144,6 +144,34 @@ async fn machines_reboot_one_at_a_time_and_empty() {
         .expect("request");
     assert_eq!(resp.status(), StatusCode::OK);
 
+    // The update agent's side: fleet-update takes machine 3's slot with that machine's
+    // certificate (waiting out the drain), then gives it back.
+    let m3 = &lab.machines[2];
+    let id = pki::identity(&format!("machine-{}", m3.name));
+    let update = |op: &str| {
+        std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/debug/fleet-update"))
+            .args([op, "--url", &api, "--machine-id", &m3.machine_id, "--timeout", "60", "--retry", "1"])
+            .arg("--ca-file")
+            .arg(&id.ca_file)
+            .arg("--cert-file")
+            .arg(&id.cert_file)
+            .arg("--key-file")
+            .arg(&id.key_file)
+            .output()
+            .expect("fleet-update runs")
+    };
+    let drained_m3 = || async {
+        let v: Value = http.get(format!("{api}/fleet/v1/machines")).send().await.ok()?.json().await.ok()?;
+        Some(v["machines"].as_array()?.iter().any(|m| m["id"] == m3.machine_id.as_str() && m["drained"] == true))
+    };
+    let out = update("take-reboot-slot");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(drained_m3().await, Some(true));
+    assert_eq!(on(m3.machine_id.clone()).await, Some(0), "machine 3 still runs units");
+    let out = update("release-reboot-slot");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(drained_m3().await, Some(false));
+
     let mut args = vec!["destroy"];
     args.extend(names.iter().map(String::as_str));
     let out = fleetctl(&lab, &api, &args).expect("fleetctl");
