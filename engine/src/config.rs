@@ -43,7 +43,8 @@ impl Default for EngineConfig {
             etcd_endpoints: vec!["http://127.0.0.1:2379".into()],
             etcd_prefix: fleet_model::schema::DEFAULT_PREFIX.into(),
             etcd_request_timeout_ms: 5000,
-            listen: vec!["127.0.0.1:49153".into()],
+            // As the original: the local unix socket, which only root (and group `fleet`) opens.
+            listen: vec!["/var/run/fleet.sock".into()],
             election_ttl_secs: 5,
             engine_id: String::new(),
             token_limit: 100,

@@ -27,7 +27,7 @@ struct Cli {
     #[arg(short = 'o', long = "format", global = true, value_enum, default_value = "table")]
     format: Format,
     /// fleet API endpoint.
-    #[arg(long, global = true, env = "FLEETCTL_ENDPOINT", default_value = "http://127.0.0.1:49153")]
+    #[arg(long, global = true, env = "FLEETCTL_ENDPOINT", default_value = "unix:///var/run/fleet.sock")]
     endpoint: String,
     /// Seconds to wait for each API request.
     #[arg(long, global = true, env = "FLEETCTL_REQUEST_TIMEOUT", default_value_t = 10.0)]
