@@ -198,6 +198,36 @@ fn guard(key: String, rev: i64) -> Compare {
     }
 }
 
+/// Writes a group's semaphore (and the drain change that goes with it) if neither the semaphore
+/// nor the machine's drain key changed since they were read (`revs`); false if one did (read
+/// again and retry).
+async fn commit(
+    api: &Api,
+    group: &str,
+    id: &str,
+    sem: &Semaphore,
+    revs: (i64, i64),
+    drain: Option<TxnOp>,
+    what: &str,
+) -> Result<bool, Refusal> {
+    let value = serde_json::to_vec(sem)
+        .map_err(|_| refuse(StatusCode::INTERNAL_SERVER_ERROR, "error", "cannot encode the reboot lock"))?;
+    let ops: Vec<TxnOp> = std::iter::once(TxnOp::put(api.keys.reboot_lock(group), value, None)).chain(drain).collect();
+    let txn =
+        Txn::new().when([guard(api.keys.reboot_lock(group), revs.0), guard(api.keys.drain(id), revs.1)]).and_then(ops);
+    let resp = crate::api::etcd(what, || {
+        let mut kv = api.client.kv_client();
+        let t = txn.clone();
+        async move { kv.txn(t).await }
+    })
+    .await
+    .map_err(from_api)?;
+    if resp.succeeded() {
+        crate::api::settle(api, resp.header().map(|h| h.revision()).unwrap_or(0)).await;
+    }
+    Ok(resp.succeeded())
+}
+
 /// Units still scheduled to machine `id`, in this engine's view.
 fn units_on(api: &Api, id: &str) -> usize {
     api.cluster.read(|v| v.schedule.values().filter(|m| m.contains_key(id)).count())
@@ -226,30 +256,10 @@ pub async fn pre_reboot(
             }
             LockStep::Take(next) => next,
         };
-        let value = serde_json::to_vec(&next)
-            .map_err(|_| refuse(StatusCode::INTERNAL_SERVER_ERROR, "error", "cannot encode the reboot lock"))?;
-        let mut ops = vec![TxnOp::put(api.keys.reboot_lock(&group), value, None)];
-        if drains {
-            ops.push(TxnOp::put(api.keys.drain(&id), "", None));
-        }
-        let txn = Txn::new()
-            .when([guard(api.keys.reboot_lock(&group), sem_rev), guard(api.keys.drain(&id), drain_rev)])
-            .and_then(ops);
-        let resp = crate::api::etcd("take a reboot slot", || {
-            let mut kv = api.client.kv_client();
-            let t = txn.clone();
-            async move { kv.txn(t).await }
-        })
-        .await;
-        match resp {
-            Ok(r) if r.succeeded() => {
-                tracing::info!(machine = %id, %group, drains, "reboot slot taken");
-                let rev = r.header().map(|h| h.revision()).unwrap_or(0);
-                crate::api::settle(&api, rev).await;
-                return drained_or_wait(&api, &id, &next).await;
-            }
-            Ok(_) => continue,
-            Err(e) => return Err(from_api(e)),
+        let drain = drains.then(|| TxnOp::put(api.keys.drain(&id), "", None));
+        if commit(&api, &group, &id, &next, (sem_rev, drain_rev), drain, "take a reboot slot").await? {
+            tracing::info!(machine = %id, %group, drains, "reboot slot taken");
+            return drained_or_wait(&api, &id, &next).await;
         }
     }
     Err(refuse(StatusCode::CONFLICT, "failed_lock", "the reboot lock changed concurrently; try again"))
@@ -290,29 +300,10 @@ pub async fn steady_state(
         let Some((next, lift)) = unlock_step(&sem, &id) else {
             return Ok((StatusCode::OK, Json(serde_json::json!({}))).into_response());
         };
-        let value = serde_json::to_vec(&next)
-            .map_err(|_| refuse(StatusCode::INTERNAL_SERVER_ERROR, "error", "cannot encode the reboot lock"))?;
-        let mut ops = vec![TxnOp::put(api.keys.reboot_lock(&group), value, None)];
-        if lift && drain_rev != 0 {
-            ops.push(TxnOp::delete(api.keys.drain(&id), None));
-        }
-        let txn = Txn::new()
-            .when([guard(api.keys.reboot_lock(&group), sem_rev), guard(api.keys.drain(&id), drain_rev)])
-            .and_then(ops);
-        let resp = crate::api::etcd("release a reboot slot", || {
-            let mut kv = api.client.kv_client();
-            let t = txn.clone();
-            async move { kv.txn(t).await }
-        })
-        .await;
-        match resp {
-            Ok(r) if r.succeeded() => {
-                tracing::info!(machine = %id, %group, lift, "reboot slot released");
-                crate::api::settle(&api, r.header().map(|h| h.revision()).unwrap_or(0)).await;
-                return Ok((StatusCode::OK, Json(serde_json::json!({}))).into_response());
-            }
-            Ok(_) => continue,
-            Err(e) => return Err(from_api(e)),
+        let undrain = (lift && drain_rev != 0).then(|| TxnOp::delete(api.keys.drain(&id), None));
+        if commit(&api, &group, &id, &next, (sem_rev, drain_rev), undrain, "release a reboot slot").await? {
+            tracing::info!(machine = %id, %group, lift, "reboot slot released");
+            return Ok((StatusCode::OK, Json(serde_json::json!({}))).into_response());
         }
     }
     Err(refuse(StatusCode::CONFLICT, "failed_unlock", "the reboot lock changed concurrently; try again"))

@@ -143,10 +143,20 @@ pub fn check_files(dir: &Path, manifest: &Manifest) -> Result<(), ReleaseError> 
 }
 
 /// `veritysetup verify`: the data (a file or a written slot) against the hash tree and the root
-/// hash, block by block.
-pub fn check_verity(data: &Path, hash_tree: &Path, root_hash: &str) -> Result<(), ReleaseError> {
-    let out = Command::new("veritysetup")
-        .arg("verify")
+/// hash, block by block. With `in_slot` (image size, hash tree offset), the hash tree follows
+/// the image in the same file, as in a written slot.
+pub fn check_verity(
+    data: &Path,
+    hash_tree: &Path,
+    root_hash: &str,
+    in_slot: Option<(u64, u64)>,
+) -> Result<(), ReleaseError> {
+    let mut cmd = Command::new("veritysetup");
+    cmd.arg("verify");
+    if let Some((image_size, offset)) = in_slot {
+        cmd.arg(format!("--data-blocks={}", image_size / 4096)).arg(format!("--hash-offset={offset}"));
+    }
+    let out = cmd
         .arg(data)
         .arg(hash_tree)
         .arg(root_hash)
@@ -166,7 +176,7 @@ pub fn check_verity(data: &Path, hash_tree: &Path, root_hash: &str) -> Result<()
 pub fn verify(dir: &Path, public_key: &Path) -> Result<Manifest, ReleaseError> {
     let manifest = verified_manifest(dir, public_key)?;
     check_files(dir, &manifest)?;
-    check_verity(&dir.join(&manifest.verity.data), &dir.join(&manifest.verity.hash), &manifest.verity.root_hash)?;
+    check_verity(&dir.join(&manifest.verity.data), &dir.join(&manifest.verity.hash), &manifest.verity.root_hash, None)?;
     Ok(manifest)
 }
 

@@ -183,21 +183,5 @@ pub fn entry_verity(entry_text: &str) -> Option<(String, u64, u64)> {
 
 /// A written slot against the signed root hash: the image's blocks, with its hash tree at `offset`.
 pub fn check_slot(slot: &Path, image_size: u64, offset: u64, root_hash: &str) -> Result<(), ReleaseError> {
-    let out = std::process::Command::new("veritysetup")
-        .arg("verify")
-        .arg(format!("--data-blocks={}", image_size / 4096))
-        .arg(format!("--hash-offset={offset}"))
-        .arg(slot)
-        .arg(slot)
-        .arg(root_hash)
-        .output()
-        .map_err(|e| ReleaseError::Verity(format!("cannot run veritysetup: {e}")))?;
-    if !out.status.success() {
-        return Err(ReleaseError::Verity(format!(
-            "slot {} does not match root hash {root_hash}: {}",
-            slot.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(())
+    release::check_verity(slot, slot, root_hash, Some((image_size, offset)))
 }

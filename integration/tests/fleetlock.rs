@@ -23,6 +23,12 @@ async fn fleetlock(http: &reqwest::Client, api: &str, op: &str, id: &str) -> (St
     (status, resp.json().await.unwrap_or(Value::Null))
 }
 
+/// Whether the API lists machine `id` as drained.
+async fn drained(http: &reqwest::Client, api: &str, id: &str) -> Option<bool> {
+    let v: Value = http.get(format!("{api}/fleet/v1/machines")).send().await.ok()?.json().await.ok()?;
+    Some(v["machines"].as_array()?.iter().any(|m| m["id"] == id && m["drained"] == true))
+}
+
 #[tokio::test]
 async fn machines_reboot_one_at_a_time_and_empty() {
     let Some(lab) = testkit::lab() else { return };
@@ -86,14 +92,7 @@ async fn machines_reboot_one_at_a_time_and_empty() {
     .expect("slot");
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(on(m1.machine_id.clone()).await, Some(0), "machine 1 still runs units");
-    let machines: Value =
-        http.get(format!("{api}/fleet/v1/machines")).send().await.expect("GET").json().await.expect("JSON");
-    let drained = machines["machines"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .any(|m| m["id"] == m1.machine_id.as_str() && m["drained"] == true);
-    assert!(drained, "{machines}");
+    assert_eq!(drained(&http, &api, &m1.machine_id).await, Some(true));
     wait_for("every unit active elsewhere", T, || async {
         let v: Value = http.get(format!("{api}/fleet/v1/state")).send().await.ok()?.json().await.ok()?;
         let active = v["states"]
@@ -116,14 +115,7 @@ async fn machines_reboot_one_at_a_time_and_empty() {
     // Back in steady state: the slot and the drain go; machine 2 gets its turn.
     assert_eq!(fleetlock(&as_m1, &api, "steady-state", &m1.machine_id).await.0, StatusCode::OK);
     assert_eq!(fleetlock(&as_m1, &api, "steady-state", &m1.machine_id).await.0, StatusCode::OK, "idempotent");
-    let machines: Value =
-        http.get(format!("{api}/fleet/v1/machines")).send().await.expect("GET").json().await.expect("JSON");
-    let drained = machines["machines"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .any(|m| m["id"] == m1.machine_id.as_str() && m["drained"] == true);
-    assert!(!drained, "machine 1 still drained: {machines}");
+    assert_eq!(drained(&http, &api, &m1.machine_id).await, Some(false), "machine 1 still drained");
     let (s, v) = wait_for("machine 2's slot", T, || async {
         let (s, v) = fleetlock(&as_m2, &api, "pre-reboot", &m2.machine_id).await;
         (s == StatusCode::OK).then_some((s, v))
@@ -160,17 +152,13 @@ async fn machines_reboot_one_at_a_time_and_empty() {
             .output()
             .expect("fleet-update runs")
     };
-    let drained_m3 = || async {
-        let v: Value = http.get(format!("{api}/fleet/v1/machines")).send().await.ok()?.json().await.ok()?;
-        Some(v["machines"].as_array()?.iter().any(|m| m["id"] == m3.machine_id.as_str() && m["drained"] == true))
-    };
     let out = update("take-reboot-slot");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(drained_m3().await, Some(true));
+    assert_eq!(drained(&http, &api, &m3.machine_id).await, Some(true));
     assert_eq!(on(m3.machine_id.clone()).await, Some(0), "machine 3 still runs units");
     let out = update("release-reboot-slot");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(drained_m3().await, Some(false));
+    assert_eq!(drained(&http, &api, &m3.machine_id).await, Some(false));
 
     let mut args = vec!["destroy"];
     args.extend(names.iter().map(String::as_str));
