@@ -830,6 +830,15 @@ async fn fault_start_runs_a_failed_unit_again() {
     })
     .await
     .expect("unit failed");
+    // fleetctl knows what the API knows: wait until the agent's report of the failure is there.
+    let http = testkit::http();
+    let url = format!("{}/fleet/v1/state/fl-sf.service", lab.api());
+    wait_for("the API to report the failure", T, || async {
+        let v: serde_json::Value = http.get(&url).send().await.ok()?.json().await.ok()?;
+        (v["systemdActiveState"] == "failed").then_some(())
+    })
+    .await
+    .expect("failure reported");
     let (ok, out, err) = lab.ctl(&["start", &f]);
     assert!(ok, "start of a failed unit: {out}\n{err}");
     assert!(err.contains("has failed; starting it again"), "{err}");
