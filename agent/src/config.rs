@@ -74,7 +74,7 @@ impl Default for AgentConfig {
             etcd_ca_file: String::new(),
             etcd_cert_file: String::new(),
             etcd_key_file: String::new(),
-            api_allowed_clients: vec!["fleet-engine".into()],
+            api_allowed_clients: vec![fleet_model::tls::ENGINE_IDENTITY.into()],
             stop_units_on_exit: false,
         }
     }

@@ -194,20 +194,13 @@ impl Auth {
             Peer::Tls { common_name: Some(cn), .. } => match self.certificates.get(cn) {
                 Some(role) => Ok(Caller { who: format!("cert:{cn}"), role: *role, machine: None }),
                 // Every machine's certificate is the cluster's: it may take its own reboot slot.
-                None if cn
-                    .strip_prefix("machine-")
-                    .is_some_and(|m| fleet_model::machine::parse_machine_id(m).is_ok()) =>
-                {
-                    Ok(Caller {
-                        who: format!("cert:{cn}"),
-                        role: Role::Machine,
-                        machine: cn.strip_prefix("machine-").map(str::to_string),
-                    })
-                }
-                None => Err(ApiError::new(
-                    StatusCode::FORBIDDEN,
-                    format!("client certificate {cn:?} has no role in this engine's auth.certificates"),
-                )),
+                None => match fleet_model::tls::machine_of_identity(cn) {
+                    Some(m) => Ok(Caller { who: format!("cert:{cn}"), role: Role::Machine, machine: Some(m.into()) }),
+                    None => Err(ApiError::new(
+                        StatusCode::FORBIDDEN,
+                        format!("client certificate {cn:?} has no role in this engine's auth.certificates"),
+                    )),
+                },
             },
             Peer::Unix { uid } => match self.socket_role {
                 Some(role) => {

@@ -20,15 +20,9 @@ use rustls::pki_types::pem::PemObject;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-/// The etcd user (and certificate CN) of every engine.
-pub const ENGINE_IDENTITY: &str = "fleet-engine";
+pub use fleet_model::tls::{machine_identity, ENGINE_IDENTITY};
 /// etcd's built-in administrator.
 pub const ROOT_IDENTITY: &str = "root";
-
-/// The etcd user (and certificate CN) of the agent on machine `id`.
-pub fn machine_identity(id: &str) -> String {
-    format!("machine-{id}")
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {

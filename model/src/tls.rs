@@ -78,6 +78,19 @@ pub fn server_config(cert: &Path, key: &Path, clients: &ClientAuth) -> Result<Ar
     Ok(Arc::new(config))
 }
 
+/// The certificate CN (and etcd user) of every engine.
+pub const ENGINE_IDENTITY: &str = "fleet-engine";
+
+/// The certificate CN (and etcd user) of the agent on machine `id`.
+pub fn machine_identity(id: &str) -> String {
+    format!("machine-{id}")
+}
+
+/// The machine whose identity `cn` is (`machine-<valid machine id>`), if it is one.
+pub fn machine_of_identity(cn: &str) -> Option<&str> {
+    cn.strip_prefix("machine-").filter(|m| crate::machine::parse_machine_id(m).is_ok())
+}
+
 /// SHA-256 of `data`, hex: how API tokens are stored.
 pub fn sha256_hex(data: &[u8]) -> String {
     ring::digest::digest(&ring::digest::SHA256, data).as_ref().iter().map(|b| format!("{b:02x}")).collect()
