@@ -88,7 +88,9 @@ pub fn router(api: Api, auth: std::sync::Arc<Auth>) -> Router {
             get(discovery)
                 .fallback(|| async { ApiError::bad_request("only HTTP GET supported against this resource") }),
         );
-    let v1 = v1.layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES));
+    let v1 = v1
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(refuse_oversized));
     let not_allowed = || async { ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "") };
     Router::new()
         .nest("/fleet/v1", v1.clone())
@@ -110,6 +112,38 @@ pub const DISCOVERY: &str = include_str!("discovery.json");
 
 async fn discovery() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], DISCOVERY).into_response()
+}
+
+/// How much of an oversized body is read and thrown away so the client sees the 413.
+const OVERSIZED_DRAIN_BYTES: u64 = 16 << 20;
+const OVERSIZED_DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Refuses a body whose declared length is over the route's limit before any handler runs.
+/// Answering and closing while the client is still writing makes it see a broken pipe
+/// instead of the answer (as nginx's lingering close knows), so a moderately oversized body
+/// is read to its end, unparsed and bounded in size and time, before the 413.
+async fn refuse_oversized(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let limit = if req.method() == axum::http::Method::POST && req.uri().path().ends_with("/units") {
+        MAX_BATCH_BODY_BYTES
+    } else {
+        MAX_BODY_BYTES
+    } as u64;
+    let declared =
+        req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let Some(declared) = declared.filter(|d| *d > limit) else {
+        return next.run(req).await;
+    };
+    if declared <= limit + OVERSIZED_DRAIN_BYTES {
+        use futures::StreamExt;
+        let mut body = req.into_body().into_data_stream();
+        let _ =
+            tokio::time::timeout(OVERSIZED_DRAIN_TIME, async { while let Some(Ok(_)) = body.next().await {} }).await;
+    }
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("request body is {declared} bytes; at most {limit} accepted here"),
+    )
+    .into_response()
 }
 
 /// axum answers an oversized body with plain text; fleet's clients expect its JSON error shape.

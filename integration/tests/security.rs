@@ -342,7 +342,8 @@ async fn bad_input_is_refused_with_a_clear_error_and_nothing_stored() {
         assert_eq!(s, status, "{method} {shown}: {m}");
         assert!(m.contains(needle), "{method} {shown}: message {m:?} should contain {needle:?}");
     }
-    // A body over the limit is refused before it is read, in fleet's error shape.
+    // A body over the limit is refused before any handler parses it, in fleet's error shape, and the
+    // client gets to read that answer (the engine reads the rest of a moderately oversized body).
     let huge = "x".repeat(2 << 20);
     let resp = http
         .put(format!("{base}/units/bad-huge.service"))
@@ -354,6 +355,8 @@ async fn bad_input_is_refused_with_a_clear_error_and_nothing_stored() {
     assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
     let v: Value = resp.json().await.expect("JSON error body");
     assert_eq!(v["error"]["code"], 413);
+    let m = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(m.contains("at most 1048576"), "413 message should name the limit: {m:?}");
 
     // Nothing of it was stored.
     let mut etcd = testkit::etcd(&lab).await.expect("etcd");
