@@ -3,7 +3,7 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use fleet_host_image::{boot, release, slots};
+use fleet_host_image::{boot, release, slots, update_agent};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -34,6 +34,16 @@ enum Cmd {
         /// The running slot; default: `fleet.slot=` of /proc/cmdline.
         #[arg(long)]
         running: Option<char>,
+    },
+    /// The update agent (fleet-update.service): applies the newest release offered in the
+    /// source directory, takes a reboot slot from the engines, reboots; gives the slot back after
+    /// a healthy boot. Settings: the [agent] and [fleetlock] sections of update.toml.
+    Agent {
+        #[arg(long, default_value = "/etc/fleet/update.toml")]
+        config: PathBuf,
+        /// One look at the source: apply what is newer, but neither take a slot nor reboot.
+        #[arg(long)]
+        once: bool,
     },
     /// Write manifest.json for the files of a release directory and sign it.
     Seal {
@@ -146,8 +156,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}: release {} verified (root hash {})", release.display(), m.version, m.verity.root_hash);
         }
         Cmd::Apply { release, public_key, layout, running } => {
-            let text = std::fs::read_to_string(&layout).with_context(|| format!("cannot read {}", layout.display()))?;
-            let layout: slots::Layout = toml::from_str(&text).with_context(|| format!("{}", layout.display()))?;
+            let layout = update_agent::UpdateConfig::load(&layout)?.layout;
             let running = match running {
                 Some(s @ ('a' | 'b')) => s,
                 Some(s) => anyhow::bail!("--running {s}: expected a or b"),
@@ -163,6 +172,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 applied.slot,
                 applied.entry.file_name()
             );
+        }
+        Cmd::Agent { config, once } => {
+            let config = update_agent::UpdateConfig::load(&config)?;
+            let mut agent = update_agent::Agent::new(config, update_agent::Host::default());
+            if once {
+                println!("{:?}", agent.step()?);
+            } else {
+                agent.run()?;
+            }
         }
         Cmd::Seal { release, version, secret_key, data, hash, root_hash, files } => {
             let names: Vec<&str> = files.iter().map(String::as_str).collect();

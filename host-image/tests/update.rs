@@ -248,3 +248,64 @@ fn an_update_killed_while_writing_leaves_the_old_slot_booting() {
     assert_eq!(names, ["fleet-1-a.conf"], "no entry may point at a half-written slot");
     assert_eq!(boot::select(&layout.esp).expect("select").map(|e| e.id()).as_deref(), Some("fleet-1-a"));
 }
+
+/// The update agent's passes over a source directory, on a machine of files: it applies the
+/// newest release offered, then (before its reboot) knows it only has to reboot; a release that
+/// fails verification is refused once and left alone; after a rollback the bad release is not
+/// applied again.
+#[test]
+fn the_update_agent_applies_the_newest_release_once_and_never_a_bad_one() {
+    use fleet_host_image::update_agent::{Action, Agent, AgentSettings, Host, UpdateConfig};
+    if !have_veritysetup() {
+        return;
+    }
+    let s = Scratch::new("agent");
+    let (sk, pk) = keys(&s.0, "release");
+    let source = s.0.join("source");
+    std::fs::create_dir_all(&source).expect("source");
+    let layout = machine(&s.0);
+    std::fs::write(s.0.join("os-release"), "NAME=fleet\nIMAGE_VERSION=1\n").expect("os-release");
+    std::fs::write(s.0.join("cmdline"), "console=ttyS0\n").expect("cmdline");
+    let host = Host { os_release: s.0.join("os-release"), cmdline: s.0.join("cmdline"), machine_id: s.0.join("id") };
+    let config = UpdateConfig {
+        layout: layout.clone(),
+        agent: AgentSettings {
+            source: source.clone(),
+            public_key: pk.clone(),
+            reboot_command: vec!["touch".into(), s.0.join("rebooted").display().to_string()],
+            ..AgentSettings::default()
+        },
+        fleetlock: None,
+    };
+    let mut agent = Agent::new(config, host);
+    assert_eq!(agent.step().expect("step"), Action::Nothing, "nothing offered");
+
+    // Releases 2 and 3 offered: 3 is written to slot b, 2 is skipped.
+    let r2 = make_release(&source, "2", 2, &sk);
+    let r3 = make_release(&source, "3", 2, &sk);
+    let first = agent.step().expect("step");
+    assert!(matches!(&first, Action::Apply(o) if o.version == "3" && o.dir == r3), "{first:?}");
+    let names: Vec<String> = boot::entries(&layout.esp).expect("entries").iter().map(|e| e.file_name()).collect();
+    assert_eq!(names, ["fleet-3-b+1-0.conf", "fleet-1-a.conf"], "in boot order");
+    // Stopped before its reboot: the next pass reboots without writing again.
+    let before = snapshot(&s.0.join("esp"));
+    assert_eq!(agent.step().expect("step"), Action::Reboot { version: "3".into() });
+    assert_eq!(snapshot(&s.0.join("esp")), before);
+    agent.reboot("3").expect("reboot command");
+    assert!(s.0.join("rebooted").exists(), "the reboot command ran");
+
+    // Release 3 failed its boot: rolled back to 1, the agent leaves 3 alone.
+    assert_eq!(boot::select(&layout.esp).expect("select").map(|e| e.file_name()).as_deref(), Some("fleet-3-b+0-1.conf"));
+    assert_eq!(boot::select(&layout.esp).expect("select").map(|e| e.file_name()).as_deref(), Some("fleet-1-a.conf"));
+    assert_eq!(agent.step().expect("step"), Action::Nothing, "3 failed here; 2 is not tried in its place");
+
+    // Release 4, corrupted after signing: refused with nothing written, and only once.
+    let r4 = make_release(&source, "4", 2, &sk);
+    let image = std::fs::OpenOptions::new().write(true).open(r4.join("root.erofs")).expect("image");
+    std::os::unix::fs::FileExt::write_at(&image, b"tampered", 4096).expect("tamper");
+    let before = snapshot(&s.0);
+    assert_eq!(agent.step().expect("step"), Action::Nothing);
+    assert_eq!(snapshot(&s.0), before, "a refused release writes nothing");
+    assert_eq!(agent.step().expect("step"), Action::Nothing);
+    drop(r2);
+}

@@ -1,0 +1,441 @@
+//! The update agent (`fleet-update agent`, run by `fleet-update.service`): takes the machine from
+//! the release it runs to the newest one offered, one machine of the cluster at a time.
+//!
+//! Each pass looks at the update source (a directory of release directories, filled by whatever
+//! distributes releases), and [`decide`]s, from what is offered and what the ESP's boot entries
+//! say, one of: nothing to do; apply a release (verify, write the inactive slot, add its entry
+//! with one try); or reboot into an applied release. Before a reboot it takes a reboot slot from
+//! the engines (FleetLock `pre-reboot`, which drains the machine first) and after a healthy boot
+//! it gives the slot back (`steady-state`). The service runs only after `fleet-health.service`
+//! succeeded, so a machine whose update failed keeps its slot until it has rolled back: a bad
+//! release stops at the first machine that tried it.
+//!
+//! A release that failed to boot here (its entry ran out of tries) is never applied again; a newer
+//! release replaces it.
+
+use crate::boot::{self, Entry};
+use crate::fleetlock;
+use crate::release;
+use crate::slots::{self, Layout};
+use serde::Deserialize;
+use std::cmp::Ordering;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// `/etc/fleet/update.toml`: the machine's disk layout at the top, then the agent's settings.
+#[derive(Debug, Clone)]
+pub struct UpdateConfig {
+    pub layout: Layout,
+    pub agent: AgentSettings,
+    pub fleetlock: Option<FleetLockSettings>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSettings {
+    /// Directory of release directories (each with its manifest.json).
+    #[serde(default = "default_source")]
+    pub source: PathBuf,
+    /// Seconds between looks at the source.
+    #[serde(default = "default_interval")]
+    pub check_interval_secs: u64,
+    /// Trusted release signing key.
+    #[serde(default = "default_public_key")]
+    pub public_key: PathBuf,
+    /// The command that reboots the machine.
+    #[serde(default = "default_reboot")]
+    pub reboot_command: Vec<String>,
+}
+
+impl Default for AgentSettings {
+    fn default() -> Self {
+        AgentSettings {
+            source: default_source(),
+            check_interval_secs: default_interval(),
+            public_key: default_public_key(),
+            reboot_command: default_reboot(),
+        }
+    }
+}
+
+fn default_source() -> PathBuf {
+    PathBuf::from("/var/lib/fleet/updates")
+}
+fn default_interval() -> u64 {
+    300
+}
+fn default_public_key() -> PathBuf {
+    PathBuf::from("/usr/lib/fleet/update.pub")
+}
+fn default_reboot() -> Vec<String> {
+    vec!["systemctl".into(), "reboot".into()]
+}
+
+/// Where to take reboot slots. Without it the machine reboots as soon as an update is written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetLockSettings {
+    /// An engine's API, `https://host:port`.
+    pub url: String,
+    #[serde(default = "default_group")]
+    pub group: String,
+    #[serde(default = "default_ca")]
+    pub ca_file: PathBuf,
+    #[serde(default = "default_cert")]
+    pub cert_file: PathBuf,
+    #[serde(default = "default_key")]
+    pub key_file: PathBuf,
+    /// Seconds between attempts while every slot is taken or the machine is being drained.
+    #[serde(default = "default_retry")]
+    pub retry_secs: u64,
+}
+
+fn default_group() -> String {
+    "default".into()
+}
+fn default_ca() -> PathBuf {
+    PathBuf::from("/etc/fleet/ca.pem")
+}
+fn default_cert() -> PathBuf {
+    PathBuf::from("/etc/fleet/machine.pem")
+}
+fn default_key() -> PathBuf {
+    PathBuf::from("/etc/fleet/machine.key")
+}
+fn default_retry() -> u64 {
+    5
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl UpdateConfig {
+    /// Parses update.toml; unknown keys are refused, naming the section they are in.
+    pub fn parse(path: &Path, text: &str) -> Result<UpdateConfig, ConfigError> {
+        let invalid = |section: &str, e: &dyn std::fmt::Display| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message: if section.is_empty() { e.to_string() } else { format!("[{section}]: {e}") },
+        };
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| invalid("", &e))?;
+        let agent = match table.remove("agent") {
+            Some(v) => v.try_into().map_err(|e| invalid("agent", &e))?,
+            None => AgentSettings::default(),
+        };
+        let fleetlock = match table.remove("fleetlock") {
+            Some(v) => Some(v.try_into().map_err(|e| invalid("fleetlock", &e))?),
+            None => None,
+        };
+        let layout: Layout = toml::Value::Table(table).try_into().map_err(|e| invalid("", &e))?;
+        Ok(UpdateConfig { layout, agent, fleetlock })
+    }
+
+    pub fn load(path: &Path) -> Result<UpdateConfig, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        UpdateConfig::parse(path, &text)
+    }
+}
+
+/// A release offered by the source (its manifest read, not yet verified).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Offered {
+    pub version: String,
+    pub dir: PathBuf,
+}
+
+/// What the agent should do next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Nothing,
+    /// Write this release to the inactive slot (then reboot into it).
+    Apply(Offered),
+    /// The release is written and its entry has its try left: reboot into it.
+    Reboot { version: String },
+}
+
+/// The next step, from what runs, what is offered, the ESP's entries and the releases this run
+/// of the agent already refused (failed verification or could not be written).
+pub fn decide(running: &str, offered: &[Offered], entries: &[Entry], refused: &HashSet<String>) -> Action {
+    // Only the newest release is a candidate: once it failed here, an older one is not tried in
+    // its place (writing that would erase the record of the failure, the bad entry), the machine
+    // waits for a newer one.
+    let Some(newest) = offered.iter().max_by(|a, b| boot::version_cmp(&a.version, &b.version)) else {
+        return Action::Nothing;
+    };
+    let failed_here = entries.iter().any(|e| e.version == newest.version && e.is_bad());
+    if boot::version_cmp(&newest.version, running) != Ordering::Greater
+        || refused.contains(&newest.version)
+        || failed_here
+    {
+        return Action::Nothing;
+    }
+    // Written already (an earlier run stopped before its reboot): the entry still has its try.
+    if entries.iter().any(|e| e.version == newest.version && matches!(e.counter, Some((left, 0)) if left > 0)) {
+        return Action::Reboot { version: newest.version.clone() };
+    }
+    Action::Apply(newest.clone())
+}
+
+/// The releases in `source`, by their manifests; directories without a readable manifest are
+/// skipped (a release still being copied in has none yet).
+pub fn offered(source: &Path) -> std::io::Result<Vec<Offered>> {
+    let mut out = Vec::new();
+    for d in std::fs::read_dir(source)? {
+        let dir = d?.path();
+        let Ok(text) = std::fs::read_to_string(dir.join(release::MANIFEST)) else { continue };
+        if let Ok(m) = serde_json::from_str::<release::Manifest>(&text) {
+            out.push(Offered { version: m.version, dir });
+        }
+    }
+    Ok(out)
+}
+
+/// The version of the running image (`IMAGE_VERSION` of os-release).
+pub fn running_version(os_release: &str) -> Option<String> {
+    os_release
+        .lines()
+        .find_map(|l| l.strip_prefix("IMAGE_VERSION="))
+        .map(|v| v.trim().trim_matches('"').to_string())
+        .filter(|v| !v.is_empty())
+}
+
+/// The running slot: `fleet.slot=` of the kernel command line; where there is none (a container
+/// shares its host's), the slot of the entry that carries the running version.
+pub fn running_slot(cmdline: &str, running: &str, entries: &[Entry]) -> Option<char> {
+    slots::running_slot(cmdline).or_else(|| {
+        let mut of_version: Vec<&Entry> = entries.iter().filter(|e| e.version == running && !e.is_bad()).collect();
+        of_version.sort_by_key(|e| e.counter.is_some());
+        of_version.first().map(|e| e.slot)
+    })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    #[error("cannot tell which release runs: no IMAGE_VERSION in {0}")]
+    NoVersion(PathBuf),
+    #[error("cannot tell which slot runs {0}: no fleet.slot= on the kernel command line and no boot entry for it")]
+    NoSlot(String),
+    #[error(transparent)]
+    FleetLock(#[from] fleetlock::FleetLockError),
+    #[error("reboot command {command:?} failed: {detail}")]
+    Reboot { command: Vec<String>, detail: String },
+}
+
+/// Where the agent reads the machine's own facts (overridable for tests).
+#[derive(Debug, Clone)]
+pub struct Host {
+    pub os_release: PathBuf,
+    pub cmdline: PathBuf,
+    pub machine_id: PathBuf,
+}
+
+impl Default for Host {
+    fn default() -> Self {
+        Host {
+            os_release: "/usr/lib/os-release".into(),
+            cmdline: "/proc/cmdline".into(),
+            machine_id: "/etc/machine-id".into(),
+        }
+    }
+}
+
+fn read(path: &Path) -> Result<String, AgentError> {
+    std::fs::read_to_string(path).map_err(|source| AgentError::Io { what: format!("read {}", path.display()), source })
+}
+
+pub struct Agent {
+    pub config: UpdateConfig,
+    pub host: Host,
+    refused: HashSet<String>,
+}
+
+impl Agent {
+    pub fn new(config: UpdateConfig, host: Host) -> Agent {
+        Agent { config, host, refused: HashSet::new() }
+    }
+
+    fn fleetlock(&self) -> Result<Option<fleetlock::Client>, AgentError> {
+        let Some(f) = &self.config.fleetlock else { return Ok(None) };
+        Ok(Some(fleetlock::Client {
+            url: f.url.clone(),
+            machine_id: read(&self.host.machine_id)?.trim().to_string(),
+            group: f.group.clone(),
+            ca_file: f.ca_file.clone(),
+            cert_file: f.cert_file.clone(),
+            key_file: f.key_file.clone(),
+        }))
+    }
+
+    fn retry(&self) -> Duration {
+        Duration::from_secs(self.config.fleetlock.as_ref().map_or(5, |f| f.retry_secs.max(1)))
+    }
+
+    /// After a healthy boot: give back the reboot slot this machine may hold (a no-op otherwise).
+    pub fn steady_state(&self) -> Result<(), AgentError> {
+        if let Some(c) = self.fleetlock()? {
+            c.call("steady-state", Duration::from_secs(24 * 3600), self.retry())?;
+            tracing::info!(group = %c.group, "FleetLock: steady state, reboot slot released");
+        }
+        Ok(())
+    }
+
+    /// One look at the source, and what it led to.
+    pub fn step(&mut self) -> Result<Action, AgentError> {
+        let running = running_version(&read(&self.host.os_release)?)
+            .ok_or_else(|| AgentError::NoVersion(self.host.os_release.clone()))?;
+        let esp = &self.config.layout.esp;
+        let entries = boot::entries(esp)
+            .map_err(|source| AgentError::Io { what: format!("read boot entries under {}", esp.display()), source })?;
+        let source = &self.config.agent.source;
+        let offered = match offered(source) {
+            Ok(o) => o,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(source_err) => {
+                return Err(AgentError::Io { what: format!("read {}", source.display()), source: source_err })
+            }
+        };
+        let action = decide(&running, &offered, &entries, &self.refused);
+        if let Action::Apply(o) = &action {
+            let cmdline = std::fs::read_to_string(&self.host.cmdline).unwrap_or_default();
+            let slot = running_slot(&cmdline, &running, &entries).ok_or_else(|| AgentError::NoSlot(running.clone()))?;
+            tracing::info!(from = %running, to = %o.version, release = %o.dir.display(), "applying update");
+            match slots::apply(&o.dir, &self.config.agent.public_key, &self.config.layout, slot) {
+                Ok(applied) => {
+                    tracing::info!(version = %o.version, slot = %applied.slot, entry = %applied.entry.file_name(), "update written")
+                }
+                Err(e) => {
+                    // Refused (bad signature, hash, root hash) or failed to write: not retried
+                    // until the agent restarts or a newer release arrives.
+                    tracing::error!(version = %o.version, error = %e, "update not applied");
+                    self.refused.insert(o.version.clone());
+                    return Ok(Action::Nothing);
+                }
+            }
+        }
+        Ok(action)
+    }
+
+    /// Takes a reboot slot (waiting for it and for the drain) and reboots.
+    pub fn reboot(&self, version: &str) -> Result<(), AgentError> {
+        if let Some(c) = self.fleetlock()? {
+            tracing::info!(group = %c.group, %version, "FleetLock: asking for a reboot slot");
+            c.call("pre-reboot", Duration::from_secs(24 * 3600), self.retry())?;
+        }
+        let cmd = &self.config.agent.reboot_command;
+        tracing::info!(%version, command = ?cmd, "rebooting into the update");
+        let (program, args) = cmd.split_first().ok_or_else(|| AgentError::Reboot {
+            command: cmd.clone(),
+            detail: "empty reboot_command".into(),
+        })?;
+        let status = std::process::Command::new(program)
+            .args(args)
+            .status()
+            .map_err(|e| AgentError::Reboot { command: cmd.clone(), detail: e.to_string() })?;
+        if !status.success() {
+            return Err(AgentError::Reboot { command: cmd.clone(), detail: status.to_string() });
+        }
+        Ok(())
+    }
+
+    /// The service: steady state, then a look at the source every interval until a reboot.
+    pub fn run(&mut self) -> Result<(), AgentError> {
+        self.steady_state()?;
+        let interval = Duration::from_secs(self.config.agent.check_interval_secs.max(1));
+        loop {
+            match self.step() {
+                Ok(Action::Apply(o)) => return self.reboot(&o.version),
+                Ok(Action::Reboot { version }) => return self.reboot(&version),
+                Ok(Action::Nothing) => {}
+                // A passing problem (the ESP or the source unreadable) is logged and looked at again.
+                Err(e) => tracing::warn!(error = %e, "update check failed"),
+            }
+            std::thread::sleep(interval);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn offer(v: &str) -> Offered {
+        Offered { version: v.into(), dir: PathBuf::from(format!("/src/{v}")) }
+    }
+    fn entry(name: &str) -> Entry {
+        Entry::parse(name).expect("entry name")
+    }
+
+    #[test]
+    fn the_newest_newer_release_is_applied() {
+        let offered = [offer("1"), offer("3"), offer("2"), offer("10")];
+        let entries = [entry("fleet-2-a.conf")];
+        assert_eq!(decide("2", &offered, &entries, &HashSet::new()), Action::Apply(offer("10")));
+        assert_eq!(decide("10", &offered, &entries, &HashSet::new()), Action::Nothing);
+        assert_eq!(decide("2", &[], &entries, &HashSet::new()), Action::Nothing);
+    }
+
+    #[test]
+    fn a_release_that_failed_to_boot_or_was_refused_is_not_tried_again() {
+        let offered = [offer("3")];
+        let rolled_back = [entry("fleet-2-b.conf"), entry("fleet-3-a+0-1.conf")];
+        assert_eq!(decide("2", &offered, &rolled_back, &HashSet::new()), Action::Nothing);
+        // Nor is an older one tried in its place.
+        assert_eq!(decide("1", &[offer("2"), offer("3")], &rolled_back, &HashSet::new()), Action::Nothing);
+        let refused: HashSet<String> = ["3".to_string()].into();
+        assert_eq!(decide("2", &offered, &[entry("fleet-2-b.conf")], &refused), Action::Nothing);
+        // A newer one replaces it.
+        assert_eq!(decide("2", &[offer("3"), offer("4")], &rolled_back, &refused), Action::Apply(offer("4")));
+    }
+
+    #[test]
+    fn a_release_written_but_not_booted_yet_is_rebooted_into() {
+        let entries = [entry("fleet-2-b.conf"), entry("fleet-3-a+1-0.conf")];
+        assert_eq!(decide("2", &[offer("3")], &entries, &HashSet::new()), Action::Reboot { version: "3".into() });
+    }
+
+    #[test]
+    fn the_running_slot_comes_from_the_command_line_or_the_running_version_entry() {
+        let entries = [entry("fleet-2-b.conf"), entry("fleet-3-a+0-1.conf")];
+        assert_eq!(running_slot("ro fleet.slot=a quiet", "2", &entries), Some('a'));
+        assert_eq!(running_slot("ro quiet", "2", &entries), Some('b'));
+        assert_eq!(running_slot("ro quiet", "3", &entries), None, "a bad entry is not what runs");
+        assert_eq!(running_slot("", "7", &entries), None);
+    }
+
+    #[test]
+    fn update_toml_has_the_layout_then_the_agent_and_fleetlock_sections() {
+        let p = Path::new("/etc/fleet/update.toml");
+        let c = UpdateConfig::parse(
+            p,
+            "slot_a = \"/dev/a\"\nslot_b = \"/dev/b\"\nesp = \"/efi\"\n[agent]\nsource = \"/srv/u\"\ncheck_interval_secs = 2\n[fleetlock]\nurl = \"https://e:1\"\n",
+        )
+        .expect("parses");
+        assert_eq!(c.layout.slot_b, PathBuf::from("/dev/b"));
+        assert_eq!((c.agent.source.as_path(), c.agent.check_interval_secs), (Path::new("/srv/u"), 2));
+        assert_eq!(c.agent.reboot_command, ["systemctl", "reboot"]);
+        let f = c.fleetlock.expect("fleetlock");
+        assert_eq!((f.url.as_str(), f.group.as_str()), ("https://e:1", "default"));
+
+        let e = UpdateConfig::parse(p, "slot_a = \"a\"\nslot_b = \"b\"\nesp = \"e\"\n[agent]\nsourc = \"x\"\n")
+            .expect_err("typo");
+        assert!(e.to_string().contains("[agent]") && e.to_string().contains("sourc"), "{e}");
+        let e = UpdateConfig::parse(p, "slot_a = \"a\"\nesp = \"e\"\n").expect_err("missing");
+        assert!(e.to_string().contains("slot_b"), "{e}");
+    }
+
+    #[test]
+    fn the_running_version_is_image_version() {
+        assert_eq!(running_version("NAME=x\nIMAGE_VERSION=\"2026.1\"\n").as_deref(), Some("2026.1"));
+        assert_eq!(running_version("NAME=x\n"), None);
+    }
+}
