@@ -156,7 +156,9 @@ pub enum Action {
     /// Write this release to the inactive slot (then reboot into it).
     Apply(Offered),
     /// The release is written and its entry has its try left: reboot into it.
-    Reboot { version: String },
+    Reboot {
+        version: String,
+    },
 }
 
 /// The next step, from what runs, what is offered, the ESP's entries and the releases this run
@@ -333,10 +335,9 @@ impl Agent {
         }
         let cmd = &self.config.agent.reboot_command;
         tracing::info!(%version, command = ?cmd, "rebooting into the update");
-        let (program, args) = cmd.split_first().ok_or_else(|| AgentError::Reboot {
-            command: cmd.clone(),
-            detail: "empty reboot_command".into(),
-        })?;
+        let (program, args) = cmd
+            .split_first()
+            .ok_or_else(|| AgentError::Reboot { command: cmd.clone(), detail: "empty reboot_command".into() })?;
         let status = std::process::Command::new(program)
             .args(args)
             .status()

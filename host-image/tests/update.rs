@@ -295,7 +295,10 @@ fn the_update_agent_applies_the_newest_release_once_and_never_a_bad_one() {
     assert!(s.0.join("rebooted").exists(), "the reboot command ran");
 
     // Release 3 failed its boot: rolled back to 1, the agent leaves 3 alone.
-    assert_eq!(boot::select(&layout.esp).expect("select").map(|e| e.file_name()).as_deref(), Some("fleet-3-b+0-1.conf"));
+    assert_eq!(
+        boot::select(&layout.esp).expect("select").map(|e| e.file_name()).as_deref(),
+        Some("fleet-3-b+0-1.conf")
+    );
     assert_eq!(boot::select(&layout.esp).expect("select").map(|e| e.file_name()).as_deref(), Some("fleet-1-a.conf"));
     assert_eq!(agent.step().expect("step"), Action::Nothing, "3 failed here; 2 is not tried in its place");
 
