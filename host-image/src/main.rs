@@ -45,6 +45,12 @@ enum Cmd {
         #[arg(long)]
         once: bool,
     },
+    /// After a failed health check (fleet-unhealthy.service): reboot if this boot was the try of
+    /// a new release (the boot loader then falls back), stay up if it was a blessed one.
+    OnUnhealthy {
+        #[arg(long, default_value = "/etc/fleet/update.toml")]
+        config: PathBuf,
+    },
     /// Write manifest.json for the files of a release directory and sign it.
     Seal {
         release: PathBuf,
@@ -139,6 +145,8 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
+        // Under systemd its output goes to the journal and the console: no colour codes there.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
@@ -181,6 +189,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 agent.run()?;
             }
+        }
+        Cmd::OnUnhealthy { config } => {
+            let config = update_agent::UpdateConfig::load(&config)?;
+            update_agent::Agent::new(config, update_agent::Host::default()).on_unhealthy()?;
         }
         Cmd::Seal { release, version, secret_key, data, hash, root_hash, files } => {
             let names: Vec<&str> = files.iter().map(String::as_str).collect();

@@ -123,6 +123,13 @@ pub fn apply(dir: &Path, public_key: &Path, layout: &Layout, running: char) -> R
     for e in entries.iter().filter(|e| e.slot == target) {
         let path = boot::entries_dir(&layout.esp).join(e.file_name());
         std::fs::remove_file(&path).map_err(io("remove", &path))?;
+        // Its kernel and initrd go with it (after the entry: never an entry without its kernel),
+        // or the ESP fills up a release at a time.
+        let kernel_dir = layout.esp.join("fleet").join(format!("{}-{target}", e.version));
+        match std::fs::remove_dir_all(&kernel_dir) {
+            Err(err) if err.kind() != std::io::ErrorKind::NotFound => return Err(io("remove", &kernel_dir)(err)),
+            _ => {}
+        }
     }
     let slot_path = layout.slot(target);
     let mut slot = std::fs::OpenOptions::new()

@@ -184,12 +184,17 @@ pub fn decide(running: &str, offered: &[Offered], entries: &[Entry], refused: &H
     Action::Apply(newest.clone())
 }
 
-/// The releases in `source`, by their manifests; directories without a readable manifest are
-/// skipped (a release still being copied in has none yet).
+/// The releases in `source`, by their manifests. Whoever fills the source copies a release
+/// into a dot-directory and renames it into place; directories without a readable manifest are
+/// skipped too.
 pub fn offered(source: &Path) -> std::io::Result<Vec<Offered>> {
     let mut out = Vec::new();
     for d in std::fs::read_dir(source)? {
         let dir = d?.path();
+        // A release being copied in is a dot-directory until it is renamed into place.
+        if dir.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')) {
+            continue;
+        }
         let Ok(text) = std::fs::read_to_string(dir.join(release::MANIFEST)) else { continue };
         if let Ok(m) = serde_json::from_str::<release::Manifest>(&text) {
             out.push(Offered { version: m.version, dir });
@@ -208,13 +213,23 @@ pub fn running_version(os_release: &str) -> Option<String> {
 }
 
 /// The running slot: `fleet.slot=` of the kernel command line; where there is none (a container
-/// shares its host's), the slot of the entry that carries the running version.
+/// shares its host's), the slot of the entry that carries the running version (a blessed one
+/// first: a try of the same version in the other slot is not what runs unless it is the only one).
 pub fn running_slot(cmdline: &str, running: &str, entries: &[Entry]) -> Option<char> {
     slots::running_slot(cmdline).or_else(|| {
-        let mut of_version: Vec<&Entry> = entries.iter().filter(|e| e.version == running && !e.is_bad()).collect();
+        let mut of_version: Vec<&Entry> = entries.iter().filter(|e| e.version == running).collect();
         of_version.sort_by_key(|e| e.counter.is_some());
         of_version.first().map(|e| e.slot)
     })
+}
+
+/// The release that was tried here and rolled back, if it is still the newest offered: the
+/// cluster's rollout of it must stop at this machine.
+pub fn rolled_back_from(running: &str, offered: &[Offered], entries: &[Entry]) -> Option<String> {
+    let newest = offered.iter().max_by(|a, b| boot::version_cmp(&a.version, &b.version))?;
+    (boot::version_cmp(&newest.version, running) == Ordering::Greater
+        && entries.iter().any(|e| e.version == newest.version && e.is_bad()))
+    .then(|| newest.version.clone())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -291,8 +306,8 @@ impl Agent {
         Ok(())
     }
 
-    /// One look at the source, and what it led to.
-    pub fn step(&mut self) -> Result<Action, AgentError> {
+    /// What runs, the ESP's entries and what the source offers.
+    fn observe(&self) -> Result<(String, Vec<Entry>, Vec<Offered>), AgentError> {
         let running = running_version(&read(&self.host.os_release)?)
             .ok_or_else(|| AgentError::NoVersion(self.host.os_release.clone()))?;
         let esp = &self.config.layout.esp;
@@ -306,6 +321,34 @@ impl Agent {
                 return Err(AgentError::Io { what: format!("read {}", source.display()), source: source_err })
             }
         };
+        Ok((running, entries, offered))
+    }
+
+    /// After a failed health check (`fleet-unhealthy.service`): a boot that was the one try of a
+    /// new release reboots, and the boot loader falls back to the previous slot; a boot of a
+    /// blessed entry stays up for its operator, since rebooting it would only loop. True if it
+    /// rebooted.
+    pub fn on_unhealthy(&self) -> Result<bool, AgentError> {
+        let (running, entries, _) = self.observe()?;
+        let cmdline = std::fs::read_to_string(&self.host.cmdline).unwrap_or_default();
+        let slot = running_slot(&cmdline, &running, &entries).ok_or_else(|| AgentError::NoSlot(running.clone()))?;
+        let booted = entries.iter().find(|e| e.version == running && e.slot == slot);
+        match booted {
+            Some(e) if e.counter.is_some() => {
+                tracing::error!(entry = %e.file_name(), "the try of {running} failed its health check: rebooting into the previous slot");
+                self.run_reboot_command(&running)?;
+                Ok(true)
+            }
+            _ => {
+                tracing::error!(%running, "this blessed boot is unhealthy; not rebooting (it would loop): see fleet-health.service");
+                Ok(false)
+            }
+        }
+    }
+
+    /// One look at the source, and what it led to.
+    pub fn step(&mut self) -> Result<Action, AgentError> {
+        let (running, entries, offered) = self.observe()?;
         let action = decide(&running, &offered, &entries, &self.refused);
         if let Action::Apply(o) = &action {
             let cmdline = std::fs::read_to_string(&self.host.cmdline).unwrap_or_default();
@@ -333,6 +376,10 @@ impl Agent {
             tracing::info!(group = %c.group, %version, "FleetLock: asking for a reboot slot");
             c.call("pre-reboot", Duration::from_secs(24 * 3600), self.retry())?;
         }
+        self.run_reboot_command(version)
+    }
+
+    fn run_reboot_command(&self, version: &str) -> Result<(), AgentError> {
         let cmd = &self.config.agent.reboot_command;
         tracing::info!(%version, command = ?cmd, "rebooting into the update");
         let (program, args) = cmd
@@ -349,8 +396,17 @@ impl Agent {
     }
 
     /// The service: steady state, then a look at the source every interval until a reboot.
+    /// After a rollback the reboot slot is kept, so no other machine tries the release that
+    /// failed here; an operator releases it (`fleet-update release-reboot-slot`) once they know why.
     pub fn run(&mut self) -> Result<(), AgentError> {
-        self.steady_state()?;
+        let (running, entries, offered) = self.observe()?;
+        match rolled_back_from(&running, &offered, &entries) {
+            Some(failed) => tracing::error!(
+                %failed, %running,
+                "release {failed} failed to boot here and was rolled back; keeping this machine's reboot slot so the rollout stops"
+            ),
+            None => self.steady_state()?,
+        }
         let interval = Duration::from_secs(self.config.agent.check_interval_secs.max(1));
         loop {
             match self.step() {
@@ -409,7 +465,7 @@ mod tests {
         let entries = [entry("fleet-2-b.conf"), entry("fleet-3-a+0-1.conf")];
         assert_eq!(running_slot("ro fleet.slot=a quiet", "2", &entries), Some('a'));
         assert_eq!(running_slot("ro quiet", "2", &entries), Some('b'));
-        assert_eq!(running_slot("ro quiet", "3", &entries), None, "a bad entry is not what runs");
+        assert_eq!(running_slot("ro quiet", "3", &entries), Some('a'), "the try of 3 runs until it is blessed");
         assert_eq!(running_slot("", "7", &entries), None);
     }
 
@@ -432,6 +488,14 @@ mod tests {
         assert!(e.to_string().contains("[agent]") && e.to_string().contains("sourc"), "{e}");
         let e = UpdateConfig::parse(p, "slot_a = \"a\"\nesp = \"e\"\n").expect_err("missing");
         assert!(e.to_string().contains("slot_b"), "{e}");
+    }
+
+    #[test]
+    fn a_rolled_back_release_is_named_while_it_is_the_newest() {
+        let entries = [entry("fleet-2-b.conf"), entry("fleet-3-a+0-1.conf")];
+        assert_eq!(rolled_back_from("2", &[offer("2"), offer("3")], &entries).as_deref(), Some("3"));
+        assert_eq!(rolled_back_from("2", &[offer("3"), offer("4")], &entries), None);
+        assert_eq!(rolled_back_from("2", &[offer("2")], &entries), None);
     }
 
     #[test]

@@ -131,6 +131,16 @@ fn a_good_update_is_written_to_the_other_slot_booted_once_and_blessed() {
     // The same version again is refused rather than written over the running slot.
     let again = slots::apply(&rel, &pk, &layout, 'b');
     assert!(matches!(again, Err(slots::ApplyError::AlreadyThere(..))), "{again:?}");
+
+    // The next release goes to slot a; version 1's entry and its kernel leave the ESP with it.
+    std::fs::create_dir_all(layout.esp.join("fleet/1-a")).expect("kernel dir");
+    std::fs::write(layout.esp.join("fleet/1-a/vmlinuz"), "kernel 1").expect("kernel 1");
+    let rel3 = make_release(&s.0, "3", 1, &sk);
+    slots::apply(&rel3, &pk, &layout, 'b').expect("3 to slot a");
+    let names: Vec<String> = boot::entries(&layout.esp).expect("entries").iter().map(|e| e.file_name()).collect();
+    assert_eq!(names, ["fleet-3-a+1-0.conf", "fleet-2-b.conf"], "in boot order");
+    assert!(!layout.esp.join("fleet/1-a").exists(), "version 1's kernel removed with its entry");
+    assert!(layout.esp.join("fleet/3-a/vmlinuz").exists() && layout.esp.join("fleet/2-b/vmlinuz").exists());
 }
 
 #[test]

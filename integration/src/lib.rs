@@ -16,6 +16,7 @@
 
 pub mod bench;
 pub mod faults;
+pub mod image;
 pub mod net;
 pub mod pki;
 pub mod process;
@@ -157,6 +158,9 @@ pub struct MachineSpec {
     pub lease_ttl_secs: i64,
     /// Advertised capacity: memory and CPU as the agent's config spells them.
     pub capacity: (String, String),
+    /// Boot the host image instead of this host's /usr.
+    #[serde(default)]
+    pub image: Option<image::ImageSpec>,
 }
 
 impl MachineSpec {
@@ -172,6 +176,7 @@ impl MachineSpec {
             lease_ttl_secs: LEASE_TTL_SECS,
             capacity: ("2G".into(), "200%".into()),
             etcd_endpoints: vec![etcd_bridge_url()],
+            image: None,
         }
     }
 }
@@ -356,7 +361,8 @@ pub fn start_engine(
         "--listen",
         &engine_socket(name).display().to_string(),
         "--listen-tls",
-        &format!("127.0.0.1:{port}"),
+        // The bridge address is for the machines' update agents (FleetLock).
+        &format!("127.0.0.1:{port},{HOST_IP}:{port}"),
         "--audit-log",
         &engine_audit_log(name).display().to_string(),
         "--election-ttl-secs",
@@ -381,13 +387,17 @@ pub async fn enable_etcd_auth(endpoints: &[String]) -> Result<()> {
 /// Boots a machine: network namespace and address, agent config, then systemd-nspawn.
 pub async fn boot_machine(spec: &MachineSpec, bin_dir: &Path, unit_template: &str) -> Result<MachineProc> {
     let dir = lab_dir().join("machines").join(&spec.name);
-    let _ = std::fs::remove_dir_all(&dir);
-    for sub in ["bus", "fleet"] {
-        std::fs::create_dir_all(dir.join(sub))?;
+    // An image machine keeps its disk and /var across power cycles; the others start afresh.
+    if spec.image.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    let etc = if spec.image.is_some() { image::fleet_etc(&dir) } else { dir.join("fleet") };
+    for sub in [dir.join("bus"), etc.clone()] {
+        std::fs::create_dir_all(sub)?;
     }
     net::add_machine_netns(&spec.name, &spec.ip)?;
     // The machine's identity: a certificate for `machine-<id>`, and its etcd role (own keys only).
-    pki::issue_machine(&spec.name, &spec.machine_id, &spec.ip, &dir.join("fleet"))?;
+    pki::issue_machine(&spec.name, &spec.machine_id, &spec.ip, &etc)?;
     let endpoints: Vec<String> =
         spec.etcd_endpoints.iter().map(|e| e.replace(&format!("https://{HOST_IP}:"), "https://127.0.0.1:")).collect();
     let mut root = pki::etcd_as(&endpoints, "root").await?;
@@ -402,22 +412,33 @@ pub async fn boot_machine(spec: &MachineSpec, bin_dir: &Path, unit_template: &st
         spec.capacity.0,
         spec.capacity.1,
     );
-    std::fs::write(dir.join("fleet/agent.toml"), config)?;
-    let unit = unit_template.replace("/usr/bin/fleet-agent", "/opt/fleet/fleet-agent");
-    std::fs::write(dir.join("fleet-agent.service"), unit)?;
-
-    let mut cmd = Command::new("systemd-nspawn");
-    cmd.args(["-D", "/", "--volatile=yes", "--register=no", "--keep-unit", "-M", &spec.name])
-        .arg(format!("--uuid={}", uuid_of(&spec.machine_id)))
-        .arg(format!("--network-namespace-path=/run/netns/{}", spec.name))
-        .arg(format!("--bind={}:/run/dbus", dir.join("bus").display()))
-        .arg(format!("--bind-ro={}:/etc/fleet", dir.join("fleet").display()))
-        .arg(format!("--bind-ro={}:/etc/systemd/system/fleet-agent.service", dir.join("fleet-agent.service").display()))
-        .arg(format!("--bind-ro={}:/opt/fleet", bin_dir.display()))
-        .args(["--boot", "--quiet", "--"])
-        .args(["systemd.firstboot=off", "systemd.wants=fleet-agent.service"])
-        .args(MASKED.iter().map(|s| format!("systemd.mask={s}")));
-    let pid = process::spawn_logged(cmd, &dir.join("console.log"))?;
+    std::fs::write(etc.join("agent.toml"), config)?;
+    let pid = match &spec.image {
+        Some(img) => {
+            image::prepare(&dir, img, ENGINE_PORT)?;
+            let cmd = image::firmware_command(bin_dir, &dir, &spec.name, &uuid_of(&spec.machine_id));
+            process::spawn_logged(cmd, &dir.join("firmware.log"))?
+        }
+        None => {
+            let unit = unit_template.replace("/usr/bin/fleet-agent", "/opt/fleet/fleet-agent");
+            std::fs::write(dir.join("fleet-agent.service"), unit)?;
+            let mut cmd = Command::new("systemd-nspawn");
+            cmd.args(["-D", "/", "--volatile=yes", "--register=no", "--keep-unit", "-M", &spec.name])
+                .arg(format!("--uuid={}", uuid_of(&spec.machine_id)))
+                .arg(format!("--network-namespace-path=/run/netns/{}", spec.name))
+                .arg(format!("--bind={}:/run/dbus", dir.join("bus").display()))
+                .arg(format!("--bind-ro={}:/etc/fleet", dir.join("fleet").display()))
+                .arg(format!(
+                    "--bind-ro={}:/etc/systemd/system/fleet-agent.service",
+                    dir.join("fleet-agent.service").display()
+                ))
+                .arg(format!("--bind-ro={}:/opt/fleet", bin_dir.display()))
+                .args(["--boot", "--quiet", "--"])
+                .args(["systemd.firstboot=off", "systemd.wants=fleet-agent.service"])
+                .args(MASKED.iter().map(|s| format!("systemd.mask={s}")));
+            process::spawn_logged(cmd, &dir.join("console.log"))?
+        }
+    };
     let m = MachineProc {
         name: spec.name.clone(),
         pid,
@@ -426,7 +447,9 @@ pub async fn boot_machine(spec: &MachineSpec, bin_dir: &Path, unit_template: &st
         dir,
         spec: Some(spec.clone()),
     };
-    wait_booted(&m, Duration::from_secs(60)).await?;
+    // An image machine first installs its release and passes through its firmware.
+    let boot_timeout = if spec.image.is_some() { 90 } else { 60 };
+    wait_booted(&m, Duration::from_secs(boot_timeout)).await?;
     Ok(m)
 }
 
@@ -481,8 +504,15 @@ pub async fn wait_booted(m: &MachineProc, timeout: Duration) -> Result<()> {
 
 /// Stops a machine: SIGTERM makes nspawn power the container off; SIGKILL after `grace`.
 pub fn stop_machine(m: &MachineProc, grace: Duration) {
-    let inits = if process::runs(m.pid, "systemd-nspawn") { process::children(m.pid) } else { Vec::new() };
-    process::stop(m.pid, "systemd-nspawn", grace);
+    // An image machine's PID is its firmware's, which powers the machine off when told to stop.
+    let (program, nspawns) = if m.spec.as_ref().is_some_and(|s| s.image.is_some()) {
+        ("fleet-lab", if process::runs(m.pid, "fleet-lab") { process::children(m.pid) } else { Vec::new() })
+    } else {
+        ("systemd-nspawn", vec![m.pid])
+    };
+    let inits: Vec<u32> =
+        nspawns.iter().filter(|p| process::runs(**p, "systemd-nspawn")).flat_map(|p| process::children(*p)).collect();
+    process::stop(m.pid, program, grace + Duration::from_secs(5));
     // If nspawn had to be killed, its machine would live on as an orphan: kill that too.
     for init in inits.into_iter().filter(|p| process::alive(*p)) {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(init as i32), nix::sys::signal::Signal::SIGKILL);
@@ -495,7 +525,7 @@ pub fn stop_machine(m: &MachineProc, grace: Duration) {
 pub fn install_binaries(target_dir: &Path) -> Result<PathBuf> {
     let bin = lab_dir().join("bin");
     std::fs::create_dir_all(&bin)?;
-    for b in ["fleet-agent", "fleet-engine", "fleetctl"] {
+    for b in ["fleet-agent", "fleet-engine", "fleetctl", "fleet-lab"] {
         let src = target_dir.join(b);
         let tmp = bin.join(format!(".{b}.tmp"));
         std::fs::copy(&src, &tmp)

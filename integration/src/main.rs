@@ -29,6 +29,24 @@ enum Cmd {
         /// Extra metadata for a machine: NAME:key=value,key=value (repeatable).
         #[arg(long)]
         metadata: Vec<String>,
+        /// Boot every machine from this release of the host image (host-image/build --out DIR)
+        /// instead of this host's /usr; releases to update to go in /run/fleet-lab/updates.
+        #[arg(long)]
+        image: Option<PathBuf>,
+        /// The key the image's releases are signed with [default: release.pub next to the release,
+        /// else host-image/.keys/release.pub].
+        #[arg(long, requires = "image")]
+        image_key: Option<PathBuf>,
+    },
+    /// (internal) An image machine's boot loader, dm-verity and boot assessment.
+    #[command(hide = true)]
+    Firmware {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        uuid: String,
     },
     /// Stop everything the lab started and remove what it created.
     Down,
@@ -68,8 +86,31 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     match cli.command {
-        Cmd::Up { machines, etcd, engines, metadata } => {
-            rt.block_on(up(machines, etcd, engines, &metadata)).map(|_| ())
+        Cmd::Up { machines, etcd, engines, metadata, image, image_key } => {
+            let image = match image {
+                Some(release) => {
+                    let public_key = match image_key {
+                        Some(k) => k,
+                        // Next to the release (as host-image/test keeps it), else host-image/build's own.
+                        None => [
+                            release.parent().context("--image has no parent directory")?.join("release.pub"),
+                            repo_dir().join("host-image/.keys/release.pub"),
+                        ]
+                        .into_iter()
+                        .find(|k| k.exists())
+                        .context("no release.pub next to the release nor in host-image/.keys: pass --image-key")?,
+                    };
+                    fleet_host_image::release::verify(&release, &public_key)
+                        .with_context(|| format!("--image {}", release.display()))?;
+                    Some(lab::image::ImageSpec { release, public_key })
+                }
+                None => None,
+            };
+            rt.block_on(up(machines, etcd, engines, &metadata, image.as_ref())).map(|_| ())
+        }
+        Cmd::Firmware { dir, name, uuid } => {
+            tracing_subscriber::fmt().with_writer(std::io::stderr).init();
+            rt.block_on(lab::image::firmware(&dir, &name, &uuid))
         }
         Cmd::Kill { kind, name } => rt.block_on(async {
             let mut state = LabState::load()?.context("lab is not up")?;
@@ -95,7 +136,7 @@ fn main() -> Result<()> {
                 (Some(m), Some(u)) => vec![(m, u)],
                 _ => vec![(100, 1_000), (1_000, 10_000), (10_000, 100_000)],
             };
-            let lab = if no_lab { None } else { Some(up(5, 1, 1, &[]).await?) };
+            let lab = if no_lab { None } else { Some(up(5, 1, 1, &[], None).await?) };
             let out = repo_dir().join("docs/performance.md");
             let result = lab::bench::bench(&sizes, &target_dir()?, lab.as_ref(), &out).await;
             if lab.is_some() {
@@ -147,7 +188,13 @@ fn down() -> Result<()> {
     Ok(())
 }
 
-async fn up(machines: u8, etcd: u8, engines: u8, metadata: &[String]) -> Result<LabState> {
+async fn up(
+    machines: u8,
+    etcd: u8,
+    engines: u8,
+    metadata: &[String],
+    image: Option<&lab::image::ImageSpec>,
+) -> Result<LabState> {
     if machines == 0 || machines > 200 {
         bail!("--machines must be between 1 and 200");
     }
@@ -196,6 +243,7 @@ async fn up(machines: u8, etcd: u8, engines: u8, metadata: &[String]) -> Result<
         .map(|n| {
             let mut s = MachineSpec::numbered(n);
             s.etcd_endpoints = bridge_urls.clone();
+            s.image = image.cloned();
             for (name, kvs) in &extra {
                 if *name == s.name {
                     s.metadata.extend(kvs.iter().cloned());
@@ -299,7 +347,7 @@ fn env() -> Result<()> {
 }
 
 async fn demo() -> Result<()> {
-    let state = up(3, 1, 1, &[]).await?;
+    let state = up(3, 1, 1, &[], None).await?;
     let api = state.api_url().context("lab has no engine")?.to_string();
     let fleetctl = state.bin_dir.join("fleetctl");
     let example = repo_dir().join("examples/hello.service");

@@ -43,6 +43,7 @@ async fn agent_runs_its_schedule_and_adopts_units_after_restart() -> anyhow::Res
         etcd_prefix: prefix.clone(),
         lease_ttl_secs: 5,
         capacity: (String::new(), String::new()),
+        image: None,
         etcd_endpoints: lab
             .etcd
             .iter()
