@@ -48,6 +48,19 @@ pub fn running_slot(cmdline: &str) -> Option<char> {
     })
 }
 
+/// The layout with `systemd.machine_id=<id>` added to its command line (unless it has one): on a
+/// read-only root systemd cannot keep /etc/machine-id, so the machine's id travels in its boot
+/// entries from one release to the next. Not a valid id (32 lowercase hex digits): unchanged.
+pub fn with_machine_id(layout: &Layout, machine_id: &str) -> Layout {
+    let id = machine_id.trim();
+    let valid = id.len() == 32 && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    let mut out = layout.clone();
+    if valid && !layout.cmdline.split_whitespace().any(|w| w.starts_with("systemd.machine_id=")) {
+        out.cmdline = format!("{} systemd.machine_id={id}", layout.cmdline.trim()).trim().to_string();
+    }
+    out
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
     #[error(transparent)]

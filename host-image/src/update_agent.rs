@@ -336,7 +336,7 @@ impl Agent {
         match booted {
             Some(e) if e.counter.is_some() => {
                 tracing::error!(entry = %e.file_name(), "the try of {running} failed its health check: rebooting into the previous slot");
-                self.run_reboot_command(&running)?;
+                self.run_reboot_command()?;
                 Ok(true)
             }
             _ => {
@@ -354,7 +354,9 @@ impl Agent {
             let cmdline = std::fs::read_to_string(&self.host.cmdline).unwrap_or_default();
             let slot = running_slot(&cmdline, &running, &entries).ok_or_else(|| AgentError::NoSlot(running.clone()))?;
             tracing::info!(from = %running, to = %o.version, release = %o.dir.display(), "applying update");
-            match slots::apply(&o.dir, &self.config.agent.public_key, &self.config.layout, slot) {
+            let machine_id = std::fs::read_to_string(&self.host.machine_id).unwrap_or_default();
+            let layout = slots::with_machine_id(&self.config.layout, &machine_id);
+            match slots::apply(&o.dir, &self.config.agent.public_key, &layout, slot) {
                 Ok(applied) => {
                     tracing::info!(version = %o.version, slot = %applied.slot, entry = %applied.entry.file_name(), "update written")
                 }
@@ -376,12 +378,13 @@ impl Agent {
             tracing::info!(group = %c.group, %version, "FleetLock: asking for a reboot slot");
             c.call("pre-reboot", Duration::from_secs(24 * 3600), self.retry())?;
         }
-        self.run_reboot_command(version)
+        tracing::info!(%version, "rebooting into the update");
+        self.run_reboot_command()
     }
 
-    fn run_reboot_command(&self, version: &str) -> Result<(), AgentError> {
+    fn run_reboot_command(&self) -> Result<(), AgentError> {
         let cmd = &self.config.agent.reboot_command;
-        tracing::info!(%version, command = ?cmd, "rebooting into the update");
+        tracing::info!(command = ?cmd, "rebooting");
         let (program, args) = cmd
             .split_first()
             .ok_or_else(|| AgentError::Reboot { command: cmd.clone(), detail: "empty reboot_command".into() })?;
@@ -401,9 +404,13 @@ impl Agent {
     pub fn run(&mut self) -> Result<(), AgentError> {
         let (running, entries, offered) = self.observe()?;
         match rolled_back_from(&running, &offered, &entries) {
-            Some(failed) => tracing::error!(
+            Some(failed) if self.config.fleetlock.is_some() => tracing::error!(
                 %failed, %running,
                 "release {failed} failed to boot here and was rolled back; keeping this machine's reboot slot so the rollout stops"
+            ),
+            Some(failed) => tracing::error!(
+                %failed, %running,
+                "release {failed} failed to boot here and was rolled back; it will not be applied again"
             ),
             None => self.steady_state()?,
         }
@@ -496,6 +503,21 @@ mod tests {
         assert_eq!(rolled_back_from("2", &[offer("2"), offer("3")], &entries).as_deref(), Some("3"));
         assert_eq!(rolled_back_from("2", &[offer("3"), offer("4")], &entries), None);
         assert_eq!(rolled_back_from("2", &[offer("2")], &entries), None);
+    }
+
+    #[test]
+    fn the_machine_id_travels_in_the_entries() {
+        let layout =
+            Layout { slot_a: "/a".into(), slot_b: "/b".into(), esp: "/efi".into(), cmdline: "console=ttyS0".into() };
+        let id = "0123456789abcdef0123456789abcdef";
+        assert_eq!(
+            slots::with_machine_id(&layout, &format!("{id}\n")).cmdline,
+            format!("console=ttyS0 systemd.machine_id={id}")
+        );
+        let has = slots::with_machine_id(&layout, id);
+        assert_eq!(slots::with_machine_id(&has, "fedcba9876543210fedcba9876543210").cmdline, has.cmdline, "kept");
+        assert_eq!(slots::with_machine_id(&layout, "").cmdline, "console=ttyS0");
+        assert_eq!(slots::with_machine_id(&layout, "uninitialized").cmdline, "console=ttyS0");
     }
 
     #[test]

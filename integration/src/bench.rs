@@ -2,7 +2,7 @@
 //! dedicated single-member etcd) and measures on the lab's real machines (real systemd), written
 //! as a table to `docs/performance.md`.
 
-use crate::sim::{cpu_secs, run as run_sim, SimConfig, SimReport};
+use crate::sim::{cpu_secs, run as run_sim, EngineReport, SimConfig, SimReport};
 use crate::{process, LabState, MachineProc};
 use anyhow::{bail, Context, Result};
 use fleet_model::schema::{decode, Key};
@@ -69,7 +69,15 @@ impl Drop for BenchEtcd {
 }
 
 /// Runs the simulated sizes, then the lab measures if `lab` is given, and writes `out`.
-pub async fn bench(sizes: &[(usize, usize)], bin_dir: &Path, lab: Option<&LabState>, out: &Path) -> Result<()> {
+/// Runs the simulated `sizes`, the engine alone at `engine_size`, then (with a lab) the
+/// real-systemd measures, and writes `out`.
+pub async fn bench(
+    sizes: &[(usize, usize)],
+    engine_size: (usize, usize),
+    bin_dir: &Path,
+    lab: Option<&LabState>,
+    out: &Path,
+) -> Result<()> {
     let etcd = BenchEtcd::start()?;
     crate::wait_etcd(&[etcd.endpoint()], Duration::from_secs(30)).await?;
     let mut sims = Vec::new();
@@ -100,6 +108,32 @@ pub async fn bench(sizes: &[(usize, usize)], bin_dir: &Path, lab: Option<&LabSta
         eprintln!("{}", serde_json::to_string(&report)?);
         sims.push(report);
     }
+    // The engine alone (no agents competing for the host), at the target size.
+    let (machines, units) = engine_size;
+    eprintln!("bench: the engine alone: {machines} machines registered, {units} units");
+    let cfg = SimConfig {
+        etcd_tls: None,
+        etcd_endpoints: vec![etcd.endpoint()],
+        prefix: "/fleet-bench-engine/".into(),
+        machines,
+        units,
+        lease_ttl_secs: 3600,
+        election_ttl_secs: 5,
+        bin_dir: bin_dir.to_path_buf(),
+        api_port: 12570,
+        faults: false,
+        idle_secs: 0,
+    };
+    let engine = match crate::sim::engine_alone(cfg).await {
+        Ok(r) => {
+            eprintln!("{}", serde_json::to_string(&r)?);
+            Some(r)
+        }
+        Err(e) => {
+            eprintln!("bench: the engine alone did not finish: {e:#}");
+            None
+        }
+    };
     drop(etcd);
     let lab_report = match lab {
         Some(state) => {
@@ -110,7 +144,7 @@ pub async fn bench(sizes: &[(usize, usize)], bin_dir: &Path, lab: Option<&LabSta
         }
         None => None,
     };
-    std::fs::write(out, render(&sims, lab_report.as_ref()))?;
+    std::fs::write(out, render(&sims, engine.as_ref(), lab_report.as_ref()))?;
     eprintln!("bench: wrote {}", out.display());
     Ok(())
 }
@@ -121,9 +155,12 @@ pub fn render_from_log(log: &Path, out: &Path) -> Result<()> {
     let text = std::fs::read_to_string(log).with_context(|| format!("cannot read {}", log.display()))?;
     let mut sims = Vec::new();
     let mut lab = None;
+    let mut engine = None;
     for line in text.lines().filter(|l| l.starts_with('{')) {
         if line.contains("\"latency_p50_ms\"") {
             lab = Some(serde_json::from_str::<LabReport>(line)?);
+        } else if line.contains("\"place_secs\"") {
+            engine = Some(serde_json::from_str::<EngineReport>(line)?);
         } else if line.contains("\"converge_secs\"") {
             sims.push(serde_json::from_str::<SimReport>(line)?);
         }
@@ -131,7 +168,7 @@ pub fn render_from_log(log: &Path, out: &Path) -> Result<()> {
     if sims.is_empty() {
         bail!("no simulation results in {}", log.display());
     }
-    std::fs::write(out, render(&sims, lab.as_ref()))?;
+    std::fs::write(out, render(&sims, engine.as_ref(), lab.as_ref()))?;
     Ok(())
 }
 
@@ -378,7 +415,7 @@ fn verdict(ok: bool) -> &'static str {
 }
 
 /// The results as markdown: one table per part, each measure next to its target.
-pub fn render(sims: &[SimReport], lab: Option<&LabReport>) -> String {
+pub fn render(sims: &[SimReport], engine: Option<&EngineReport>, lab: Option<&LabReport>) -> String {
     let mut md = String::new();
     let date = std::process::Command::new("date")
         .arg("-u")
@@ -433,6 +470,33 @@ pub fn render(sims: &[SimReport], lab: Option<&LabReport>) -> String {
             opt(r.idle_sim_cpu_secs_per_min, 2),
         );
     }
+    if let Some(e) = engine {
+        let _ = writeln!(md, "\n## The engine alone\n");
+        let _ = writeln!(
+            md,
+            "The largest size again with no agents running: the machines are registered (their \
+             presence records, as agents write them, under one lease) and nothing else competes with \
+             the engine and etcd for the two cores. The units are stored first through an API replica, \
+             then a leader is started; placements/s counts its schedule entries as etcd's watch \
+             delivers them.\n"
+        );
+        let _ = writeln!(
+            md,
+            "| machines | units | submit (s) | leader start -> all placed (s) | placements/s | etcd txns per placed unit | `fleetctl list-units` (s) | rows listed |\n|---|---|---|---|---|---|---|---|"
+        );
+        let _ = writeln!(
+            md,
+            "| {} | {} | {:.1} | {:.1} | {:.0} | {:.3} | {:.2} | {} |",
+            e.machines,
+            e.units,
+            e.submit_secs,
+            e.place_secs,
+            e.placements_per_sec,
+            e.txns_per_unit,
+            e.list_units_secs,
+            e.list_units_rows
+        );
+    }
     let _ = writeln!(md, "\n## Against the targets\n");
     let _ = writeln!(md, "| measure | target | result | |\n|---|---|---|---|");
     if let Some(failed) = sims.iter().filter(|r| r.error.is_some()).max_by_key(|r| r.units) {
@@ -459,7 +523,7 @@ pub fn render(sims: &[SimReport], lab: Option<&LabReport>) -> String {
                 big.converge_secs <= 60.0,
             ),
             (
-                "placement throughput".into(),
+                format!("placement throughput, {size}, simulated agents on the same cores"),
                 ">= 5,000/s".into(),
                 format!("{:.0}/s", big.placements_per_sec),
                 big.placements_per_sec >= 5000.0,
@@ -493,6 +557,26 @@ pub fn render(sims: &[SimReport], lab: Option<&LabReport>) -> String {
                 "next to nothing (original: ~9,000/min at 1,000 units)".into(),
                 opt(big.idle_writes_per_min, 0) + "/min",
                 big.idle_writes_per_min == Some(0.0),
+            ),
+        ];
+        for (m, t, r, ok) in rows {
+            let _ = writeln!(md, "| {m} | {t} | {r} | {} |", verdict(ok));
+        }
+    }
+    if let Some(e) = engine {
+        let size = format!("{} machines, {} units", e.machines, e.units);
+        let rows: Vec<(String, String, String, bool)> = vec![
+            (
+                format!("placement throughput, the engine alone, {size}"),
+                ">= 5,000/s".into(),
+                format!("{:.0}/s", e.placements_per_sec),
+                e.placements_per_sec >= 5000.0,
+            ),
+            (
+                format!("`fleetctl list-units`, {} units", e.units),
+                "<= 2 s".into(),
+                format!("{:.2} s ({} rows)", e.list_units_secs, e.list_units_rows),
+                e.list_units_secs <= 2.0 && e.list_units_rows >= e.units,
             ),
         ];
         for (m, t, r, ok) in rows {

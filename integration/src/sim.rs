@@ -317,6 +317,134 @@ async fn submit(http: &reqwest::Client, api: &str, names: &[String]) -> Result<(
     }
 }
 
+/// What the engine-alone run measured.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+pub struct EngineReport {
+    pub machines: usize,
+    pub units: usize,
+    pub submit_secs: f64,
+    /// From the leader's start until the last unit has its schedule entry.
+    pub place_secs: f64,
+    /// Schedule entries written per second, first to last.
+    pub placements_per_sec: f64,
+    /// etcd write transactions per placed unit during placement.
+    pub txns_per_unit: f64,
+    pub list_units_secs: f64,
+    pub list_units_rows: usize,
+}
+
+/// `fleetctl list-units` against `api` as the simulation's admin: (seconds, rows).
+fn time_list_units(cfg: &SimConfig, api: &str, token: &str) -> Result<(f64, usize)> {
+    let t = Instant::now();
+    let out = std::process::Command::new(cfg.bin_dir.join("fleetctl"))
+        .args(["--endpoint", api, "list-units", "--no-legend"])
+        .env("FLEETCTL_TOKEN", token)
+        .output()
+        .context("fleetctl list-units")?;
+    Ok((t.elapsed().as_secs_f64(), String::from_utf8_lossy(&out.stdout).lines().count()))
+}
+
+/// The engine on its own, at a size the simulated agents cannot reach on one host:
+/// `cfg.machines` machines registered (their presence records, under one lease, as agents write
+/// them) but no agents running, so nothing else competes for etcd or the CPU; `cfg.units` units
+/// stored through an API replica first; then a leader is started and its schedule entries are
+/// counted from etcd until every unit is placed. Then `fleetctl list-units` at that size.
+pub async fn engine_alone(cfg: SimConfig) -> Result<EngineReport> {
+    let keys = Keys::new(&cfg.prefix);
+    let etcd = EtcdConfig {
+        endpoints: cfg.etcd_endpoints.clone(),
+        request_timeout: Duration::from_secs(30),
+        tls: cfg.etcd_tls.as_ref().map(|t| t.etcd_options()).transpose()?,
+    };
+    let admin = connect(&etcd, RetryPolicy::default()).await.context("etcd")?;
+    admin.kv_client().delete(keys.prefix(), Some(etcd_client::DeleteOptions::new().with_prefix())).await?;
+    let dir = std::env::temp_dir().join(format!("fleet-engine-alone-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let (engine_config, token) = engine_config(&cfg, &dir)?;
+    let mut auth = reqwest::header::HeaderMap::new();
+    auth.insert(reqwest::header::AUTHORIZATION, format!("Bearer {token}").parse()?);
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(120)).default_headers(auth).build()?;
+    let mut report = EngineReport { machines: cfg.machines, units: cfg.units, ..Default::default() };
+
+    let lease = admin.lease_client().grant(3600, None).await?.id();
+    let records: Vec<(String, Vec<u8>)> = (0..cfg.machines)
+        .map(|i| {
+            let record = MachineRecord {
+                id: machine_id(i),
+                public_ip: format!("10.{}.{}.{}", (i >> 16) & 255, (i >> 8) & 255, i & 255),
+                metadata: [("sim".to_string(), "yes".to_string())].into(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                lease_ttl: 3600,
+                ..Default::default()
+            };
+            Ok((keys.machine(&record.id), fleet_model::schema::encode(&record)?))
+        })
+        .collect::<Result<_>>()?;
+    for chunk in records.chunks(100) {
+        let ops: Vec<etcd_client::TxnOp> = chunk
+            .iter()
+            .map(|(k, v)| {
+                etcd_client::TxnOp::put(k.clone(), v.clone(), Some(etcd_client::PutOptions::new().with_lease(lease)))
+            })
+            .collect();
+        admin.kv_client().txn(etcd_client::Txn::new().and_then(ops)).await?;
+    }
+
+    let api_engine = start_engine(&cfg, &engine_config, "alone-api", cfg.api_port, false).await?;
+    let api = format!("http://127.0.0.1:{}", cfg.api_port);
+    wait_until("the API replica to serve", Duration::from_secs(30), || async {
+        leader_of(&http, cfg.api_port).await == Some(false)
+    })
+    .await?;
+    let names: Vec<String> = (0..cfg.units).map(|i| format!("alone-{i:06}.service")).collect();
+    let t0 = Instant::now();
+    let results: Vec<Result<()>> = futures::stream::iter(names.chunks(5_000))
+        .map(|chunk| submit(&http, &api, chunk))
+        .buffer_unordered(2)
+        .collect()
+        .await;
+    for r in results {
+        r?;
+    }
+    report.submit_secs = t0.elapsed().as_secs_f64();
+
+    let from = revision(&admin, &keys).await? + 1;
+    let mut observed = follow(admin.clone(), keys.clone(), from);
+    let t = Instant::now();
+    let engine = start_engine(&cfg, &engine_config, "alone-e1", cfg.api_port + 1, true).await?;
+    let until = t + Duration::from_secs(600);
+    loop {
+        let placed = observed.borrow_and_update().lock().unwrap_or_else(|e| e.into_inner()).placed;
+        if placed >= cfg.units {
+            break;
+        }
+        if Instant::now() > until {
+            bail!("{placed} of {} units placed within 600 s", cfg.units);
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(200), observed.changed()).await;
+    }
+    report.place_secs = t.elapsed().as_secs_f64();
+    let to = revision(&admin, &keys).await?;
+    {
+        let o = observed.borrow().clone();
+        let o = o.lock().unwrap_or_else(|e| e.into_inner());
+        if let (Some(a), Some(b)) = (o.first_placed, o.last_placed) {
+            report.placements_per_sec = o.placed as f64 / (b - a).as_secs_f64().max(0.001);
+        }
+    }
+    report.txns_per_unit = (to - from + 1) as f64 / cfg.units as f64;
+    (report.list_units_secs, report.list_units_rows) = time_list_units(&cfg, &api, &token)?;
+    tracing::info!(?report, "engine alone");
+
+    drop(engine);
+    drop(api_engine);
+    let _ = admin.kv_client().delete(keys.prefix(), Some(etcd_client::DeleteOptions::new().with_prefix())).await;
+    let _ = admin.lease_client().revoke(lease).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(report)
+}
+
 /// Runs one simulation and cleans up its etcd prefix, processes and files.
 pub async fn run(cfg: SimConfig) -> Result<SimReport> {
     let keys = Keys::new(&cfg.prefix);
@@ -416,14 +544,7 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport> {
     report.txns_per_unit = (to - from + 1) as f64 / cfg.units as f64;
     tracing::info!(secs = report.converge_secs, "converged");
 
-    let t = Instant::now();
-    let out = std::process::Command::new(cfg.bin_dir.join("fleetctl"))
-        .args(["--endpoint", &api, "list-units", "--no-legend"])
-        .env("FLEETCTL_TOKEN", &token)
-        .output()
-        .context("fleetctl list-units")?;
-    report.list_units_secs = t.elapsed().as_secs_f64();
-    report.list_units_rows = String::from_utf8_lossy(&out.stdout).lines().count();
+    (report.list_units_secs, report.list_units_rows) = time_list_units(&cfg, &api, &token)?;
 
     if cfg.faults {
         // Idle: nothing changes; count etcd writes and CPU over a window.

@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use clap::Parser;
-use fleet_integration::sim::{run, SimConfig};
+use fleet_integration::sim::{engine_alone, run, SimConfig};
 use std::path::PathBuf;
 
 /// Thousands of simulated machines (real agent code, in-memory systemd) against a real etcd and
@@ -32,6 +32,9 @@ struct Args {
     faults: bool,
     #[arg(long, default_value_t = 30)]
     idle_secs: u64,
+    /// The engine alone: machines registered but no agents; measures placement and list-units.
+    #[arg(long)]
+    engine_alone: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -57,7 +60,13 @@ fn main() -> anyhow::Result<()> {
         faults: a.faults,
         idle_secs: a.idle_secs,
     };
-    let report = tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(cfg))?;
-    println!("{}", serde_json::to_string_pretty(&report)?);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    if a.engine_alone {
+        let report = rt.block_on(engine_alone(cfg))?;
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        let report = rt.block_on(run(cfg))?;
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
     Ok(())
 }
