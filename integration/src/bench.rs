@@ -474,7 +474,7 @@ pub fn render(sims: &[SimReport], engine: Option<&EngineReport>, lab: Option<&La
         let _ = writeln!(md, "\n## The engine alone\n");
         let _ = writeln!(
             md,
-            "The largest size again with no agents running: the machines are registered (their \
+            "The target size with no agents running: the machines are registered (their \
              presence records, as agents write them, under one lease) and nothing else competes with \
              the engine and etcd for the two cores. The units are stored first through an API replica, \
              then a leader is started; placements/s counts its schedule entries as etcd's watch \

@@ -341,6 +341,9 @@ fn time_list_units(cfg: &SimConfig, api: &str, token: &str) -> Result<(f64, usiz
         .env("FLEETCTL_TOKEN", token)
         .output()
         .context("fleetctl list-units")?;
+    if !out.status.success() {
+        bail!("fleetctl list-units: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
     Ok((t.elapsed().as_secs_f64(), String::from_utf8_lossy(&out.stdout).lines().count()))
 }
 
@@ -434,7 +437,16 @@ pub async fn engine_alone(cfg: SimConfig) -> Result<EngineReport> {
         }
     }
     report.txns_per_unit = (to - from + 1) as f64 / cfg.units as f64;
-    (report.list_units_secs, report.list_units_rows) = time_list_units(&cfg, &api, &token)?;
+    // `list-units` lists what machines report: write each placed unit's state as its agent would.
+    report_states(&admin, &keys).await?;
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        (report.list_units_secs, report.list_units_rows) = time_list_units(&cfg, &api, &token)?;
+        if report.list_units_rows >= cfg.units || Instant::now() > until {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     tracing::info!(?report, "engine alone");
 
     drop(engine);
@@ -443,6 +455,54 @@ pub async fn engine_alone(cfg: SimConfig) -> Result<EngineReport> {
     let _ = admin.lease_client().revoke(lease).await;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(report)
+}
+
+/// An `active` state for every schedule entry, written as agents would (100 per transaction).
+async fn report_states(admin: &Client, keys: &Keys) -> Result<()> {
+    let mut placed = Vec::new();
+    let mut from = keys.schedules();
+    // The prefix's range end: its last byte ('/') plus one.
+    let end = etcd_client::GetOptions::new().with_range(format!("{}0", keys.schedules().trim_end_matches('/')));
+    loop {
+        let opts = end.clone().with_keys_only().with_limit(5_000);
+        let resp = admin.kv_client().get(from.clone(), Some(opts)).await?;
+        for kv in resp.kvs() {
+            if let Some(Key::Schedule(m, u)) = keys.decode(kv.key()) {
+                placed.push((m, u));
+            }
+        }
+        match resp.kvs().last() {
+            Some(kv) if resp.more() => from = format!("{}\0", String::from_utf8_lossy(kv.key())),
+            _ => break,
+        }
+    }
+    let state = fleet_model::schema::encode(&UnitStateRecord {
+        hash: String::new(),
+        load_state: "loaded".into(),
+        active_state: "active".into(),
+        sub_state: "running".into(),
+        applied: fleet_model::DesiredState::Launched,
+    })?;
+    let txns: Vec<etcd_client::Txn> = placed
+        .chunks(100)
+        .map(|c| {
+            let ops: Vec<etcd_client::TxnOp> =
+                c.iter().map(|(m, u)| etcd_client::TxnOp::put(keys.state(m, u), state.clone(), None)).collect();
+            etcd_client::Txn::new().and_then(ops)
+        })
+        .collect();
+    let results: Vec<Result<etcd_client::TxnResponse, etcd_client::Error>> = futures::stream::iter(txns)
+        .map(|t| {
+            let admin = admin.clone();
+            async move { admin.kv_client().txn(t).await }
+        })
+        .buffer_unordered(8)
+        .collect()
+        .await;
+    for r in results {
+        r?;
+    }
+    Ok(())
 }
 
 /// Runs one simulation and cleans up its etcd prefix, processes and files.
