@@ -235,6 +235,14 @@ impl Observed {
     fn all_active(&self, units: usize) -> bool {
         self.active.values().filter(|m| !m.is_empty()).count() >= units
     }
+
+    /// Schedule entries per second, first to last.
+    fn placement_rate(&self) -> f64 {
+        match (self.first_placed, self.last_placed) {
+            (Some(a), Some(b)) => self.placed as f64 / (b - a).as_secs_f64().max(0.001),
+            _ => 0.0,
+        }
+    }
 }
 
 fn follow(client: Client, keys: Keys, from: i64) -> watch::Receiver<std::sync::Arc<std::sync::Mutex<Observed>>> {
@@ -287,6 +295,29 @@ async fn revision(client: &Client, keys: &Keys) -> Result<i64> {
     let mut kv = client.kv_client();
     let r = kv.get(keys.prefix(), Some(etcd_client::GetOptions::new().with_count_only())).await?;
     Ok(r.header().map(|h| h.revision()).unwrap_or(0))
+}
+
+/// A scratch directory named `name`, the engines' configuration in it (with an admin token), and
+/// an HTTP client carrying that token.
+fn workspace(cfg: &SimConfig, name: &str) -> Result<(PathBuf, PathBuf, String, reqwest::Client)> {
+    let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let (engine_config, token) = engine_config(cfg, &dir)?;
+    let mut auth = reqwest::header::HeaderMap::new();
+    auth.insert(reqwest::header::AUTHORIZATION, format!("Bearer {token}").parse()?);
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(120)).default_headers(auth).build()?;
+    Ok((dir, engine_config, token, http))
+}
+
+/// Submits `names` in requests of 5,000 units, two at a time.
+async fn submit_all(http: &reqwest::Client, api: &str, names: &[String]) -> Result<()> {
+    let results: Vec<Result<()>> = futures::stream::iter(names.chunks(5_000))
+        .map(|chunk| submit(http, api, chunk))
+        .buffer_unordered(2)
+        .collect()
+        .await;
+    results.into_iter().collect()
 }
 
 async fn submit(http: &reqwest::Client, api: &str, names: &[String]) -> Result<()> {
@@ -361,13 +392,7 @@ pub async fn engine_alone(cfg: SimConfig) -> Result<EngineReport> {
     };
     let admin = connect(&etcd, RetryPolicy::default()).await.context("etcd")?;
     admin.kv_client().delete(keys.prefix(), Some(etcd_client::DeleteOptions::new().with_prefix())).await?;
-    let dir = std::env::temp_dir().join(format!("fleet-engine-alone-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    let (engine_config, token) = engine_config(&cfg, &dir)?;
-    let mut auth = reqwest::header::HeaderMap::new();
-    auth.insert(reqwest::header::AUTHORIZATION, format!("Bearer {token}").parse()?);
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(120)).default_headers(auth).build()?;
+    let (dir, engine_config, token, http) = workspace(&cfg, "fleet-engine-alone")?;
     let mut report = EngineReport { machines: cfg.machines, units: cfg.units, ..Default::default() };
 
     let lease = admin.lease_client().grant(3600, None).await?.id();
@@ -402,14 +427,7 @@ pub async fn engine_alone(cfg: SimConfig) -> Result<EngineReport> {
     .await?;
     let names: Vec<String> = (0..cfg.units).map(|i| format!("alone-{i:06}.service")).collect();
     let t0 = Instant::now();
-    let results: Vec<Result<()>> = futures::stream::iter(names.chunks(5_000))
-        .map(|chunk| submit(&http, &api, chunk))
-        .buffer_unordered(2)
-        .collect()
-        .await;
-    for r in results {
-        r?;
-    }
+    submit_all(&http, &api, &names).await?;
     report.submit_secs = t0.elapsed().as_secs_f64();
 
     let from = revision(&admin, &keys).await? + 1;
@@ -432,9 +450,7 @@ pub async fn engine_alone(cfg: SimConfig) -> Result<EngineReport> {
     {
         let o = observed.borrow().clone();
         let o = o.lock().unwrap_or_else(|e| e.into_inner());
-        if let (Some(a), Some(b)) = (o.first_placed, o.last_placed) {
-            report.placements_per_sec = o.placed as f64 / (b - a).as_secs_f64().max(0.001);
-        }
+        report.placements_per_sec = o.placement_rate();
     }
     report.txns_per_unit = (to - from + 1) as f64 / cfg.units as f64;
     // `list-units` lists what machines report: write each placed unit's state as its agent would.
@@ -521,13 +537,7 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport> {
     }
     let admin = pool[0].clone();
     admin.kv_client().delete(keys.prefix(), Some(etcd_client::DeleteOptions::new().with_prefix())).await?;
-    let dir = std::env::temp_dir().join(format!("fleet-sim-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    let (engine_config, token) = engine_config(&cfg, &dir)?;
-    let mut auth = reqwest::header::HeaderMap::new();
-    auth.insert(reqwest::header::AUTHORIZATION, format!("Bearer {token}").parse()?);
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(120)).default_headers(auth).build()?;
+    let (dir, engine_config, token, http) = workspace(&cfg, "fleet-sim")?;
     let mut report = SimReport { machines: cfg.machines, units: cfg.units, ..Default::default() };
 
     // Units go in through an API-only replica and are placed by a leader started once they are
@@ -565,14 +575,7 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport> {
     let mut observed = follow(admin.clone(), keys.clone(), from);
     let names: Vec<String> = (0..cfg.units).map(|i| format!("sim-{i:06}.service")).collect();
     let t0 = Instant::now();
-    let results: Vec<Result<()>> = futures::stream::iter(names.chunks(5_000))
-        .map(|chunk| submit(&http, &api, chunk))
-        .buffer_unordered(2)
-        .collect()
-        .await;
-    for r in results {
-        r?;
-    }
+    submit_all(&http, &api, &names).await?;
     report.submit_secs = t0.elapsed().as_secs_f64();
     let leader_port = cfg.api_port + 1;
     let mut engine = start_engine(&cfg, &engine_config, "sim-e1", leader_port, true).await?;
@@ -596,9 +599,7 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport> {
     {
         let o = observed.borrow().clone();
         let o = o.lock().unwrap_or_else(|e| e.into_inner());
-        if let (Some(a), Some(b)) = (o.first_placed, o.last_placed) {
-            report.placements_per_sec = o.placed as f64 / (b - a).as_secs_f64().max(0.001);
-        }
+        report.placements_per_sec = o.placement_rate();
         report.keys_per_unit = o.puts as f64 / cfg.units as f64;
     }
     report.txns_per_unit = (to - from + 1) as f64 / cfg.units as f64;

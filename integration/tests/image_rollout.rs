@@ -86,6 +86,16 @@ async fn sample(http: &reqwest::Client, api: &str, etcd: &mut etcd_client::Clien
     Some(Sample { machines, units, slot_holders })
 }
 
+/// Waits (up to 60 s) until every test unit is reported active.
+async fn every_unit_active(lab: &fleet_integration::LabState, http: &reqwest::Client, api: &str, what: &str) {
+    wait_for(what, Duration::from_secs(60), || async {
+        let s = sample(http, api, &mut testkit::etcd(lab).await.ok()?).await?;
+        (s.units.len() == UNITS && s.units.iter().all(|u| u.2)).then_some(())
+    })
+    .await
+    .expect("units active");
+}
+
 #[tokio::test]
 async fn image_machines_update_one_at_a_time_while_their_units_run_elsewhere() {
     let Some(lab) = testkit::lab() else { return };
@@ -109,12 +119,7 @@ async fn image_machines_update_one_at_a_time_while_their_units_run_elsewhere() {
     args.extend(paths.iter().map(String::as_str));
     let out = fleetctl(&lab, &api, &args).expect("fleetctl");
     assert!(out.status.success(), "{:?}", text(&out));
-    wait_for("every unit active", Duration::from_secs(60), || async {
-        let s = sample(&http, &api, &mut testkit::etcd(&lab).await.ok()?).await?;
-        (s.units.len() == UNITS && s.units.iter().all(|u| u.2)).then_some(())
-    })
-    .await
-    .expect("units active");
+    every_unit_active(&lab, &http, &api, "every unit active").await;
 
     offer("2");
 
@@ -160,12 +165,7 @@ async fn image_machines_update_one_at_a_time_while_their_units_run_elsewhere() {
         let lines: Vec<&str> = boots.lines().collect();
         assert_eq!(lines, ["fleet-1-a.conf 1 healthy", "fleet-2-b+0-1.conf 2 healthy"], "{}", m.name);
     }
-    wait_for("every unit active after the rollout", Duration::from_secs(60), || async {
-        let s = sample(&http, &api, &mut testkit::etcd(&lab).await.ok()?).await?;
-        (s.units.len() == UNITS && s.units.iter().all(|u| u.2)).then_some(())
-    })
-    .await
-    .expect("units active");
+    every_unit_active(&lab, &http, &api, "every unit active after the rollout").await;
 
     // The bad release: one machine tries it and comes back to 2 on its own.
     offer("3");
