@@ -21,6 +21,7 @@ use fleet_model::schema::{decode, encode};
 use fleet_model::{DesiredState, Keys, UnitFile, UnitName, UnitOption, UnitRecord};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::ops::Bound;
 use std::time::Duration;
 
 #[derive(Clone)]
@@ -340,13 +341,33 @@ struct PageQuery {
     machine_id: Option<String>,
 }
 
-/// fleet's page token: base64url of little-endian u16 limit and u16 page (1-based).
-fn page_of(token: Option<&str>, limit: u16) -> Result<u16, ApiError> {
-    let Some(token) = token else { return Ok(1) };
+/// Where a page starts. fleet's page tokens are base64url of a little-endian u16 limit and u16
+/// page number; ours append the last key of the page before, so the next page is a range lookup
+/// in the view rather than a skip from its start (page numbers alone made a full listing of
+/// 100,000 states quadratic). Clients treat tokens as opaque: fleet's clients follow ours, and
+/// tokens made by fleet (no key) are still honoured by page number.
+#[derive(Debug, Default, PartialEq)]
+struct PageStart {
+    page: u16,
+    after: Option<String>,
+}
+
+impl PageStart {
+    /// How many items to skip in a listing that already starts after `after`.
+    fn skip(&self, limit: u16) -> usize {
+        match self.after {
+            Some(_) => 0,
+            None => (self.page as usize).saturating_sub(1) * limit as usize,
+        }
+    }
+}
+
+fn page_of(token: Option<&str>, limit: u16) -> Result<PageStart, ApiError> {
+    let Some(token) = token else { return Ok(PageStart { page: 1, after: None }) };
     let bytes = base64::engine::general_purpose::URL_SAFE
         .decode(token)
         .map_err(|_| ApiError::bad_request("invalid page token"))?;
-    if bytes.len() != 4 {
+    if bytes.len() < 4 {
         return Err(ApiError::bad_request("invalid page token"));
     }
     let (l, p) = (u16::from_le_bytes([bytes[0], bytes[1]]), u16::from_le_bytes([bytes[2], bytes[3]]));
@@ -356,22 +377,40 @@ fn page_of(token: Option<&str>, limit: u16) -> Result<u16, ApiError> {
     if p == 0 {
         return Err(ApiError::bad_request("token page must be greater than zero"));
     }
-    Ok(p)
+    let after = match &bytes[4..] {
+        [] => None,
+        key => Some(String::from_utf8(key.to_vec()).map_err(|_| ApiError::bad_request("invalid page token"))?),
+    };
+    Ok(PageStart { page: p, after })
 }
 
-fn token(limit: u16, page: u16) -> String {
+fn token(limit: u16, page: u16, after: &str) -> String {
     let mut b = limit.to_le_bytes().to_vec();
     b.extend(page.to_le_bytes());
+    b.extend(after.as_bytes());
     base64::engine::general_purpose::URL_SAFE.encode(b)
 }
 
-/// One page of `items`. Callers pass a lazy iterator and build the (costly) API objects after
-/// paging, so a page costs a skip over the view, not a copy of all of it.
-fn paginate<T>(items: impl IntoIterator<Item = T>, page: u16, limit: u16) -> (Vec<T>, Option<String>) {
-    let start = (page as usize - 1) * limit as usize;
-    let chunk: Vec<T> = items.into_iter().skip(start).take(limit as usize).collect();
-    let next = (chunk.len() == limit as usize).then(|| token(limit, page + 1));
+/// One page of `items`, which starts after `start.after` when the token carried a key. Callers
+/// pass a lazy iterator and build the (costly) API objects after paging. `key` names an item
+/// in the order of the listing, for the next token.
+fn paginate<T>(
+    items: impl IntoIterator<Item = T>,
+    start: &PageStart,
+    limit: u16,
+    key: impl Fn(&T) -> String,
+) -> (Vec<T>, Option<String>) {
+    let chunk: Vec<T> = items.into_iter().skip(start.skip(limit)).take(limit as usize).collect();
+    let next = match chunk.last() {
+        Some(last) if chunk.len() == limit as usize => Some(token(limit, start.page.saturating_add(1), &key(last))),
+        _ => None,
+    };
     (chunk, next)
+}
+
+/// The bound a range over the view starts from.
+fn after(start: &PageStart) -> Bound<&str> {
+    start.after.as_deref().map_or(Bound::Unbounded, Bound::Excluded)
 }
 
 fn ready(api: &Api) -> Result<(), ApiError> {
@@ -383,9 +422,10 @@ fn ready(api: &Api) -> Result<(), ApiError> {
 
 async fn list_units(State(api): State<Api>, Query(q): Query<PageQuery>) -> Result<Response, ApiError> {
     ready(&api)?;
-    let page = page_of(q.next_page_token.as_deref(), api.token_limit)?;
+    let start = page_of(q.next_page_token.as_deref(), api.token_limit)?;
     let (units, next) = api.cluster.read(|v| {
-        let (page, next) = paginate(v.units.values(), page, api.token_limit);
+        let from = v.units.range::<str, _>((after(&start), Bound::Unbounded)).map(|(_, u)| u);
+        let (page, next) = paginate(from, &start, api.token_limit, |u| u.name.to_string());
         (page.into_iter().map(|u| api_unit(v, u)).collect::<Vec<ApiUnit>>(), next)
     });
     let mut body = serde_json::Map::new();
@@ -924,17 +964,22 @@ async fn delete_unit(State(api): State<Api>, Path(name): Path<String>) -> Result
 
 async fn list_states(State(api): State<Api>, Query(q): Query<PageQuery>) -> Result<Response, ApiError> {
     ready(&api)?;
-    let page = page_of(q.next_page_token.as_deref(), api.token_limit)?;
+    let start = page_of(q.next_page_token.as_deref(), api.token_limit)?;
+    // A state's key in the listing is its unit and machine; unit names cannot hold a NUL.
+    let cursor = start.after.as_deref().map(|a| a.split_once('\0').unwrap_or((a, "")));
     let (states, next) = api.cluster.read(|v| {
-        let matching =
-            v.states.iter().filter(|(u, _)| q.unit_name.as_deref().is_none_or(|n| n == u.as_str())).flat_map(
-                |(u, per)| {
-                    per.iter()
-                        .filter(|(m, _)| q.machine_id.as_deref().is_none_or(|id| id == m.as_str()))
-                        .map(move |(m, s)| (u, m, s))
-                },
-            );
-        let (page, next) = paginate(matching, page, api.token_limit);
+        let from = cursor.map_or(Bound::Unbounded, |(u, _)| Bound::Included(u));
+        let matching = v
+            .states
+            .range::<str, _>((from, Bound::Unbounded))
+            .filter(|(u, _)| q.unit_name.as_deref().is_none_or(|n| n == u.as_str()))
+            .flat_map(|(u, per)| {
+                per.iter()
+                    .filter(|(m, _)| q.machine_id.as_deref().is_none_or(|id| id == m.as_str()))
+                    .map(move |(m, s)| (u, m, s))
+            })
+            .skip_while(|(u, m, _)| cursor.is_some_and(|c| (u.as_str(), m.as_str()) <= c));
+        let (page, next) = paginate(matching, &start, api.token_limit, |(u, m, _)| format!("{u}\0{m}"));
         let states: Vec<ApiUnitState> = page
             .into_iter()
             .map(|(u, m, s)| ApiUnitState {
@@ -1223,19 +1268,21 @@ async fn undrain_machine(State(api): State<Api>, Path(id): Path<String>) -> Resu
 
 async fn list_machines(State(api): State<Api>, Query(q): Query<PageQuery>) -> Result<Response, ApiError> {
     ready(&api)?;
-    let page = page_of(q.next_page_token.as_deref(), api.token_limit)?;
-    let machines: Vec<ApiMachine> = api.cluster.read(|v| {
-        v.machines
-            .values()
+    let start = page_of(q.next_page_token.as_deref(), api.token_limit)?;
+    let (machines, next) = api.cluster.read(|v| {
+        let from = v.machines.range::<str, _>((after(&start), Bound::Unbounded)).map(|(_, m)| m);
+        let (page, next) = paginate(from, &start, api.token_limit, |m| m.id.clone());
+        let machines: Vec<ApiMachine> = page
+            .into_iter()
             .map(|m| ApiMachine {
                 id: m.id.clone(),
                 primary_ip: m.public_ip.clone(),
                 metadata: m.metadata.clone(),
                 drained: v.drained.contains(&m.id),
             })
-            .collect()
+            .collect();
+        (machines, next)
     });
-    let (machines, next) = paginate(machines, page, api.token_limit);
     let mut body = serde_json::Map::new();
     if !machines.is_empty() {
         body.insert("machines".into(), serde_json::to_value(machines).map_err(|e| ApiError::internal(e.to_string()))?);
@@ -1262,15 +1309,24 @@ mod tests {
 
     #[test]
     fn page_tokens_match_fleet() {
-        assert_eq!(token(100, 2), "ZAACAA==");
-        assert_eq!(page_of(Some("ZAACAA=="), 100).ok(), Some(2));
+        assert_eq!(token(100, 2, ""), "ZAACAA==");
+        assert_eq!(page_of(Some("ZAACAA=="), 100).ok(), Some(PageStart { page: 2, after: None }));
         assert_eq!(page_of(Some("EwBMLg=="), 100).map_err(|e| e.message), Err("token limit must be 100".to_string()));
         assert!(page_of(Some("ZAAAAA=="), 100).is_err());
         assert!(page_of(Some("!!"), 100).is_err());
-        let (first, next) = paginate((0..5).collect::<Vec<_>>(), 1, 2);
-        assert_eq!((first, next.as_deref()), (vec![0, 1], Some("AgACAA==")));
-        let (last, next) = paginate((0..5).collect::<Vec<_>>(), 3, 2);
+        // A fleet token (page number only) skips; ours carry the last key and the caller's
+        // iterator already starts after it.
+        let key = |i: &i32| i.to_string();
+        let (first, next) = paginate(0..5, &PageStart { page: 1, after: None }, 2, key);
+        assert_eq!(first, vec![0, 1]);
+        let next = page_of(next.as_deref(), 2).ok();
+        assert_eq!(next, Some(PageStart { page: 2, after: Some("1".into()) }));
+        let (last, next) = paginate(0..5, &PageStart { page: 3, after: None }, 2, key);
         assert_eq!((last, next), (vec![4], None));
+        let (resumed, _) = paginate(2..5, &PageStart { page: 2, after: Some("1".into()) }, 2, key);
+        assert_eq!(resumed, vec![2, 3]);
+        let not_utf8 = base64::engine::general_purpose::URL_SAFE.encode([2, 0, 2, 0, 0xff]);
+        assert!(page_of(Some(&not_utf8), 2).is_err());
     }
 
     #[test]

@@ -209,6 +209,52 @@ async fn the_fleet_v1_contract() {
     let (s, _, b) = api.call("GET", "/fleet/v1/state/d.service", None).await;
     assert_eq!((s, message(&b)), (StatusCode::NOT_FOUND, "unit state does not exist"));
 
+    // A page boundary inside one unit's states, and a state removed between two pages: the
+    // token carries where the listing was, so nothing after it is skipped (a page number would
+    // now skip e.service on m3).
+    let e = UnitName::parse("e.service").expect("name");
+    let (m3, m4) = ("aaaa0000000000000000000000000003", "aaaa0000000000000000000000000004");
+    for m in [m2, m3, m4] {
+        etcd.put(keys.state(m, &e), encode(&st).expect("encode"), None).await.expect("put");
+    }
+    // Pages hold two states here: ask per machine. The view applies etcd's events in order.
+    let state_on = |m: &'static str| {
+        let api = &api;
+        async move {
+            let b = api.call("GET", &format!("/fleet/v1/state?unitName=e.service&machineID={m}"), None).await.2;
+            b.get("states").is_some()
+        }
+    };
+    wait_for("e.service's states in the view", T, || async { state_on(m4).await.then_some(()) })
+        .await
+        .expect("three states");
+    let page = |b: &serde_json::Value| -> Vec<(String, String)> {
+        b["states"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|s| (s["name"].as_str().unwrap_or("").into(), s["machineID"].as_str().unwrap_or("").into()))
+            .collect()
+    };
+    let first = api.call("GET", "/fleet/v1/state", None).await.2;
+    assert_eq!(page(&first), vec![("c.service".into(), m2.into()), ("e.service".into(), m2.into())]);
+    etcd.delete(keys.state(m2, &e), None).await.expect("delete");
+    wait_for("e.service on m2 gone from the view", T, || async { (!state_on(m2).await).then_some(()) })
+        .await
+        .expect("two states");
+    let t = first["nextPageToken"].as_str().expect("a next page");
+    let second = api.call("GET", &format!("/fleet/v1/state?nextPageToken={t}"), None).await.2;
+    assert_eq!(page(&second), vec![("e.service".into(), m3.into()), ("e.service".into(), m4.into())]);
+    for m in [m3, m4] {
+        etcd.delete(keys.state(m, &e), None).await.expect("delete");
+    }
+    wait_for("e.service's states gone", T, || async {
+        let b = api.call("GET", "/fleet/v1/state?unitName=e.service", None).await.2;
+        b.get("states").is_none().then_some(())
+    })
+    .await
+    .expect("no states");
+
     // Metadata PATCH: the original's value shape, validation first, removal hides config keys.
     let patch = json!([
         {"op": "add", "path": format!("/{m1}/metadata/foo"), "Value": {"value": "bar"}},

@@ -117,6 +117,14 @@ impl UnitName {
     }
 }
 
+// Ordering and hashing are the inner string's (derived), so maps keyed by unit name can be
+// looked up and ranged over with a plain `&str`.
+impl std::borrow::Borrow<str> for UnitName {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 impl fmt::Display for UnitName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
