@@ -131,24 +131,38 @@ impl Leader {
     async fn campaign_and_lead(&self) -> Result<(), LeadError> {
         let mut lc = self.client.lease_client();
         let lease = lc.grant(self.ttl, None).await?.id();
-        let (mut keeper, mut beats) = lc.keep_alive(lease).await?;
+        let beats = lc.keep_alive(lease).await?;
         let (lost_tx, mut lost_rx) = watch::channel(false);
         let period = Duration::from_millis((self.ttl as u64 * 1000) / 3);
         let ttl = Duration::from_secs(self.ttl as u64);
         let keepalive = tokio::spawn(async move {
             let mut last_ok = tokio::time::Instant::now();
+            // A failed renewal ends the gRPC stream (an etcd busy applying answers
+            // `Unavailable`); it is reopened, so one busy moment does not cost the leadership.
+            let mut stream = Some(beats);
             loop {
-                let beat = async {
-                    keeper.keep_alive().await?;
-                    beats.message().await
-                };
-                match tokio::time::timeout(period, beat).await {
-                    Ok(Ok(Some(r))) if r.ttl() > 0 => last_ok = tokio::time::Instant::now(),
-                    Ok(Ok(Some(_))) => break,
-                    _ if last_ok.elapsed() >= ttl => break,
-                    _ => {}
+                if stream.is_none() {
+                    stream = tokio::time::timeout(period, lc.keep_alive(lease)).await.ok().and_then(Result::ok);
                 }
-                tokio::time::sleep(period).await;
+                if let Some((keeper, beats)) = stream.as_mut() {
+                    let beat = async {
+                        keeper.keep_alive().await?;
+                        beats.message().await
+                    };
+                    match tokio::time::timeout(period, beat).await {
+                        Ok(Ok(Some(r))) if r.ttl() > 0 => last_ok = tokio::time::Instant::now(),
+                        Ok(Ok(Some(_))) => break,
+                        other => {
+                            tracing::warn!(?other, "election lease renewal failed; retrying");
+                            stream = None;
+                        }
+                    }
+                }
+                if last_ok.elapsed() >= ttl {
+                    break;
+                }
+                let pause = if stream.is_some() { period } else { Duration::from_millis(200) };
+                tokio::time::sleep(pause.min(ttl.saturating_sub(last_ok.elapsed()))).await;
             }
             let _ = lost_tx.send(true);
         });
@@ -269,24 +283,37 @@ impl Leader {
             s.unplaceable = outcome.unplaceable.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
         }
         let planned = started.elapsed();
+        tracing::debug!(
+            revision = view_rev,
+            decisions = outcome.decisions.len(),
+            unplaceable = outcome.unplaceable.len(),
+            plan_ms = planned.as_millis() as u64,
+            "planned"
+        );
         // Removals first, in order, so a unit leaves its old machine's schedule before it appears
         // on a new one (an exclusive unit must never be scheduled twice); then the new entries,
         // several transactions in flight, since a large placement is otherwise bound by one
         // etcd round trip per transaction.
         let mut ops = why_ops;
-        let mut puts = Vec::new();
+        let mut placed = Vec::new();
         for d in &outcome.decisions {
             match d {
-                Decision::Put { unit, machine, entry } => {
-                    tracing::debug!(%unit, %machine, state = %entry.desired_state, "schedule");
-                    let value = encode(entry).map_err(|e| LeadError::Deposed(e.to_string()))?;
-                    puts.push(TxnOp::put(self.keys.schedule(machine, unit), value, None));
-                }
+                Decision::Put { unit, machine, entry } => placed.push((machine, unit, entry)),
                 Decision::Remove { unit, machine, reason } => {
                     tracing::debug!(%unit, %machine, ?reason, "unschedule");
                     ops.push(TxnOp::delete(self.keys.schedule(machine, unit), None));
                 }
             }
+        }
+        // New entries grouped by machine: each agent then sees its share of a large placement in
+        // one watch response and starts and reports it as one batch (one state transaction per
+        // machine rather than one per unit, which at 100,000 units overran etcd's apply).
+        placed.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        let mut puts = Vec::with_capacity(placed.len());
+        for (machine, unit, entry) in placed {
+            tracing::debug!(%unit, %machine, state = %entry.desired_state, "schedule");
+            let value = encode(entry).map_err(|e| LeadError::Deposed(e.to_string()))?;
+            puts.push(TxnOp::put(self.keys.schedule(machine, unit), value, None));
         }
         let mut last_rev = 0;
         for chunk in ops.chunks(MAX_OPS_PER_TXN) {

@@ -28,6 +28,14 @@ pub struct LabReport {
     pub agent_idle_wakeups_per_min: f64,
 }
 
+/// etcd 3.4 (Debian 12's) copies its whole uncommitted write buffer to fill in the revision of
+/// every response, lease keepalives included (etcd-io/etcd#20184, fixed upstream in 2025). With
+/// 10,000 machines renewing leases during a large placement that copy was 58% of etcd's CPU
+/// (profiled); apply fell seconds behind, renewals were refused and leases expired. Committing
+/// the backend every 10 ms or 500 writes keeps that buffer small. docs/configuration.md recommends
+/// the same for large clusters.
+pub const LARGE_CLUSTER_ETCD_FLAGS: [&str; 4] = ["--backend-batch-interval", "10ms", "--backend-batch-limit", "500"];
+
 /// A dedicated etcd for the simulations, on tmpfs, killed (by PID) when dropped.
 struct BenchEtcd {
     child: std::process::Child,
@@ -49,6 +57,7 @@ impl BenchEtcd {
             .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &format!("flbench={peer}")])
             .args(["--quota-backend-bytes", "8589934592", "--auto-compaction-retention", "1"])
+            .args(LARGE_CLUSTER_ETCD_FLAGS)
             .stdout(std::process::Stdio::null())
             .stderr(log)
             .spawn()
@@ -190,7 +199,7 @@ async fn watch_active(client: etcd_client::Client, keys: Keys) -> Result<(Active
     let mut kv = client.kv_client();
     let rev = kv.get(keys.prefix(), Some(etcd_client::GetOptions::new().with_count_only())).await?;
     let from = rev.header().map(|h| h.revision()).unwrap_or(0) + 1;
-    let mut wc = client.watch_client();
+    let mut wc = fleet_model::etcd::watch_client(&client);
     let opts = etcd_client::WatchOptions::new().with_prefix().with_start_revision(from);
     let mut stream = wc.watch(keys.states(), Some(opts)).await?;
     let shared = active.clone();

@@ -88,6 +88,15 @@ impl Drop for Child {
     }
 }
 
+/// A scratch directory removed when dropped, so a failed run leaves no 10,000 machine
+/// directories behind.
+struct Scratch(PathBuf);
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 fn machine_id(i: usize) -> String {
     format!("5eed{:028x}", i)
 }
@@ -223,6 +232,8 @@ impl SimMachine {
 struct Observed {
     /// unit -> machines where it is active.
     active: HashMap<String, HashSet<String>>,
+    /// Units active somewhere (kept as `active` changes: checked after every watch response).
+    active_units: usize,
     placed: usize,
     first_placed: Option<Instant>,
     last_placed: Option<Instant>,
@@ -233,7 +244,22 @@ struct Observed {
 
 impl Observed {
     fn all_active(&self, units: usize) -> bool {
-        self.active.values().filter(|m| !m.is_empty()).count() >= units
+        self.active_units >= units
+    }
+
+    fn set_active(&mut self, unit: String, machine: String, active: bool) {
+        let set = self.active.entry(unit).or_default();
+        let before = !set.is_empty();
+        if active {
+            set.insert(machine);
+        } else {
+            set.remove(&machine);
+        }
+        match (before, !set.is_empty()) {
+            (false, true) => self.active_units += 1,
+            (true, false) => self.active_units -= 1,
+            _ => {}
+        }
     }
 
     /// Schedule entries per second, first to last.
@@ -245,47 +271,64 @@ impl Observed {
     }
 }
 
+/// Follows every write under the prefix from revision `from`. The watch is reopened where it
+/// left off if etcd ends it (it may, under the load these runs make): an observer that silently
+/// stopped would read as a cluster that never converges.
 fn follow(client: Client, keys: Keys, from: i64) -> watch::Receiver<std::sync::Arc<std::sync::Mutex<Observed>>> {
     let observed = std::sync::Arc::new(std::sync::Mutex::new(Observed::default()));
     let (tx, rx) = watch::channel(observed.clone());
     tokio::spawn(async move {
-        let mut wc = client.watch_client();
-        let opts = etcd_client::WatchOptions::new().with_prefix().with_start_revision(from);
-        let Ok(mut stream) = wc.watch(keys.prefix().to_string(), Some(opts)).await else { return };
-        while let Ok(Some(resp)) = stream.message().await {
-            {
-                let mut o = observed.lock().unwrap_or_else(|e| e.into_inner());
-                let now = Instant::now();
-                for ev in resp.events() {
-                    let Some(kv) = ev.kv() else { continue };
-                    let put = ev.event_type() == etcd_client::EventType::Put;
-                    o.writes += 1;
-                    if put {
-                        o.puts += 1;
+        let mut next = from;
+        while !tx.is_closed() {
+            let mut wc = fleet_model::etcd::watch_client(&client);
+            let opts = etcd_client::WatchOptions::new().with_prefix().with_start_revision(next);
+            let mut stream = match wc.watch(keys.prefix().to_string(), Some(opts)).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "observer: cannot watch; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            loop {
+                let resp = match stream.message().await {
+                    Ok(Some(resp)) if !resp.canceled() => resp,
+                    other => {
+                        tracing::warn!(?other, next, "observer: watch ended; watching again");
+                        break;
                     }
-                    match keys.decode(kv.key()) {
-                        Some(Key::Schedule(_, _)) if put && kv.version() == 1 => {
-                            o.placed += 1;
-                            o.first_placed.get_or_insert(now);
-                            o.last_placed = Some(now);
+                };
+                {
+                    let mut o = observed.lock().unwrap_or_else(|e| e.into_inner());
+                    let now = Instant::now();
+                    for ev in resp.events() {
+                        let Some(kv) = ev.kv() else { continue };
+                        next = next.max(kv.mod_revision() + 1);
+                        let put = ev.event_type() == etcd_client::EventType::Put;
+                        o.writes += 1;
+                        if put {
+                            o.puts += 1;
                         }
-                        Some(Key::State(m, u)) => {
-                            let active =
-                                put && decode::<UnitStateRecord>(kv.value()).is_ok_and(|s| s.active_state == "active");
-                            let set = o.active.entry(u.to_string()).or_default();
-                            if active {
-                                set.insert(m);
-                            } else {
-                                set.remove(&m);
+                        match keys.decode(kv.key()) {
+                            Some(Key::Schedule(_, _)) if put && kv.version() == 1 => {
+                                o.placed += 1;
+                                o.first_placed.get_or_insert(now);
+                                o.last_placed = Some(now);
                             }
+                            Some(Key::State(m, u)) => {
+                                let active = put
+                                    && decode::<UnitStateRecord>(kv.value()).is_ok_and(|s| s.active_state == "active");
+                                o.set_active(u.to_string(), m, active);
+                            }
+                            _ => {}
                         }
-                        _ => {}
                     }
                 }
+                if tx.send(observed.clone()).is_err() {
+                    return;
+                }
             }
-            if tx.send(observed.clone()).is_err() {
-                return;
-            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     });
     rx
@@ -393,6 +436,7 @@ pub async fn engine_alone(cfg: SimConfig) -> Result<EngineReport> {
     let admin = connect(&etcd, RetryPolicy::default()).await.context("etcd")?;
     admin.kv_client().delete(keys.prefix(), Some(etcd_client::DeleteOptions::new().with_prefix())).await?;
     let (dir, engine_config, token, http) = workspace(&cfg, "fleet-engine-alone")?;
+    let _scratch = Scratch(dir.clone());
     let mut report = EngineReport { machines: cfg.machines, units: cfg.units, ..Default::default() };
 
     let lease = admin.lease_client().grant(3600, None).await?.id();
@@ -443,7 +487,9 @@ pub async fn engine_alone(cfg: SimConfig) -> Result<EngineReport> {
         if Instant::now() > until {
             bail!("{placed} of {} units placed within 600 s", cfg.units);
         }
-        let _ = tokio::time::timeout(Duration::from_millis(200), observed.changed()).await;
+        if let Ok(Err(_)) = tokio::time::timeout(Duration::from_millis(200), observed.changed()).await {
+            bail!("the observer's watch stopped");
+        }
     }
     report.place_secs = t.elapsed().as_secs_f64();
     let to = revision(&admin, &keys).await?;
@@ -469,7 +515,6 @@ pub async fn engine_alone(cfg: SimConfig) -> Result<EngineReport> {
     drop(api_engine);
     let _ = admin.kv_client().delete(keys.prefix(), Some(etcd_client::DeleteOptions::new().with_prefix())).await;
     let _ = admin.lease_client().revoke(lease).await;
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(report)
 }
 
@@ -538,6 +583,7 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport> {
     let admin = pool[0].clone();
     admin.kv_client().delete(keys.prefix(), Some(etcd_client::DeleteOptions::new().with_prefix())).await?;
     let (dir, engine_config, token, http) = workspace(&cfg, "fleet-sim")?;
+    let _scratch = Scratch(dir.clone());
     let mut report = SimReport { machines: cfg.machines, units: cfg.units, ..Default::default() };
 
     // Units go in through an API-only replica and are placed by a leader started once they are
@@ -592,7 +638,9 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport> {
         if Instant::now() > until {
             bail!("units did not all become active within 600 s");
         }
-        let _ = tokio::time::timeout(Duration::from_millis(200), observed.changed()).await;
+        if let Ok(Err(_)) = tokio::time::timeout(Duration::from_millis(200), observed.changed()).await {
+            bail!("the observer's watch stopped");
+        }
     }
     report.converge_secs = t0.elapsed().as_secs_f64();
     let to = revision(&admin, &keys).await?;
@@ -646,7 +694,9 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport> {
             if done || t.elapsed() > Duration::from_secs(120) {
                 break;
             }
-            let _ = tokio::time::timeout(Duration::from_millis(100), observed.changed()).await;
+            if let Ok(Err(_)) = tokio::time::timeout(Duration::from_millis(100), observed.changed()).await {
+                bail!("the observer's watch stopped");
+            }
         }
         report.machine_lost_secs = Some(t.elapsed().as_secs_f64());
 
@@ -684,6 +734,5 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport> {
     drop(engine);
     drop(api_engine);
     let _ = admin.kv_client().delete(keys.prefix(), Some(etcd_client::DeleteOptions::new().with_prefix())).await;
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(report)
 }

@@ -142,6 +142,17 @@ pub async fn list_prefix(client: &Client, prefix: &str) -> Result<PrefixUpdate, 
 ///
 /// With `resync`, the prefix is also relisted that often as a safety net against a missed event
 /// (engines use it; agents do not, so an idle agent has no timers).
+/// The largest watch response a client accepts. A watcher that fell behind (a busy engine during
+/// a large placement) is caught up by etcd in responses of up to 1,000 revisions each, which at
+/// 100,000 units came to several MiB: past gRPC's default 4 MiB the response cannot be decoded,
+/// and a rewatch from the same revision fails the same way forever.
+pub const MAX_WATCH_RESPONSE: usize = 256 << 20;
+
+/// A watch client that accepts responses up to [`MAX_WATCH_RESPONSE`].
+pub fn watch_client(client: &Client) -> etcd_client::WatchClient {
+    client.watch_client().max_decoding_message_size(MAX_WATCH_RESPONSE)
+}
+
 pub async fn follow_prefix(client: Client, prefix: String, tx: mpsc::Sender<PrefixUpdate>, resync: Option<Duration>) {
     follow_prefix_kickable(client, prefix, tx, resync, None).await
 }
@@ -184,7 +195,7 @@ pub async fn follow_prefix_kickable(
                 rev + 1
             }
         };
-        let mut watch_client = client.watch_client();
+        let mut watch_client = watch_client(&client);
         let opts = WatchOptions::new().with_prefix().with_start_revision(start).with_progress_notify();
         let mut stream = match watch_client.watch(prefix.clone(), Some(opts)).await {
             Ok(s) => s,
