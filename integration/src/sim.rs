@@ -152,6 +152,12 @@ async fn start_engine(cfg: &SimConfig, config: &Path, name: &str, port: u16, lea
     Ok(Child(child))
 }
 
+/// Whether an engine's API answers from its view (it refuses with 503 until the view is listed).
+async fn view_loaded(http: &reqwest::Client, port: u16) -> bool {
+    let url = format!("http://127.0.0.1:{port}/fleet/v1/machines");
+    http.get(url).send().await.is_ok_and(|r| r.status().is_success())
+}
+
 async fn leader_of(http: &reqwest::Client, port: u16) -> Option<bool> {
     let v: serde_json::Value =
         http.get(format!("http://127.0.0.1:{port}/engine/status")).send().await.ok()?.json().await.ok()?;
@@ -703,8 +709,10 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport> {
         // The leader lost: a standby engine takes over and places a new unit.
         let standby_port = cfg.api_port + 2;
         let _standby = start_engine(&cfg, &engine_config, "sim-e2", standby_port, true).await?;
-        wait_until("the standby engine to serve", Duration::from_secs(30), || async {
-            leader_of(&http, standby_port).await == Some(false)
+        // A standby in a real cluster has long had its view; one started a moment ago may still
+        // be listing 100,000 units, which is not what this measures.
+        wait_until("the standby engine to serve from a loaded view", Duration::from_secs(120), || async {
+            leader_of(&http, standby_port).await == Some(false) && view_loaded(&http, standby_port).await
         })
         .await?;
         let t = Instant::now();

@@ -136,12 +136,6 @@ pub async fn list_prefix(client: &Client, prefix: &str) -> Result<PrefixUpdate, 
     }
 }
 
-/// Follows `prefix` for as long as `tx` is open: a snapshot, then watch events from the next
-/// revision; reconnects with backoff from the last revision seen, and relists after compaction.
-/// This is the only way fleet processes read etcd continuously, so no one polls.
-///
-/// With `resync`, the prefix is also relisted that often as a safety net against a missed event
-/// (engines use it; agents do not, so an idle agent has no timers).
 /// The largest watch response a client accepts. A watcher that fell behind (a busy engine during
 /// a large placement) is caught up by etcd in responses of up to 1,000 revisions each, which at
 /// 100,000 units came to several MiB: past gRPC's default 4 MiB the response cannot be decoded,
@@ -153,6 +147,12 @@ pub fn watch_client(client: &Client) -> etcd_client::WatchClient {
     client.watch_client().max_decoding_message_size(MAX_WATCH_RESPONSE)
 }
 
+/// Follows `prefix` for as long as `tx` is open: a snapshot, then watch events from the next
+/// revision; reconnects with backoff from the last revision seen, and relists after compaction.
+/// This is the only way fleet processes read etcd continuously, so no one polls.
+///
+/// With `resync`, the prefix is also relisted that often as a safety net against a missed event
+/// (engines use it; agents do not, so an idle agent has no timers).
 pub async fn follow_prefix(client: Client, prefix: String, tx: mpsc::Sender<PrefixUpdate>, resync: Option<Duration>) {
     follow_prefix_kickable(client, prefix, tx, resync, None).await
 }
@@ -166,7 +166,10 @@ pub async fn follow_prefix_kickable(
     resync: Option<Duration>,
     kick: Option<std::sync::Arc<tokio::sync::Notify>>,
 ) {
-    let policy = RetryPolicy { attempts: u32::MAX, ..RetryPolicy::default() };
+    // Each page of a listing is bounded by the client's request timeout; the whole listing (a
+    // few hundred pages at 100,000 units, seconds on a busy etcd) must not be, or a large view
+    // is retried from scratch forever.
+    let policy = RetryPolicy { attempts: u32::MAX, timeout: Duration::from_secs(300), ..RetryPolicy::default() };
     let mut revision: Option<i64> = None;
     let mut backoff = Duration::from_millis(100);
     loop {
