@@ -340,6 +340,27 @@ fn follow(client: Client, keys: Keys, from: i64) -> watch::Receiver<std::sync::A
     rx
 }
 
+/// Waits until `done` holds for what the observer has seen: false if `deadline` passes first, an
+/// error if the observer stopped.
+async fn observe_until(
+    observed: &mut watch::Receiver<std::sync::Arc<std::sync::Mutex<Observed>>>,
+    deadline: Instant,
+    done: impl Fn(&Observed) -> bool,
+) -> Result<bool> {
+    loop {
+        let seen = observed.borrow_and_update().clone();
+        if done(&seen.lock().unwrap_or_else(|e| e.into_inner())) {
+            return Ok(true);
+        }
+        if Instant::now() > deadline {
+            return Ok(false);
+        }
+        if let Ok(Err(_)) = tokio::time::timeout(Duration::from_millis(100), observed.changed()).await {
+            bail!("the observer's watch stopped");
+        }
+    }
+}
+
 async fn revision(client: &Client, keys: &Keys) -> Result<i64> {
     let mut kv = client.kv_client();
     let r = kv.get(keys.prefix(), Some(etcd_client::GetOptions::new().with_count_only())).await?;
@@ -484,18 +505,9 @@ pub async fn engine_alone(cfg: SimConfig) -> Result<EngineReport> {
     let mut observed = follow(admin.clone(), keys.clone(), from);
     let t = Instant::now();
     let engine = start_engine(&cfg, &engine_config, "alone-e1", cfg.api_port + 1, true).await?;
-    let until = t + Duration::from_secs(600);
-    loop {
-        let placed = observed.borrow_and_update().lock().unwrap_or_else(|e| e.into_inner()).placed;
-        if placed >= cfg.units {
-            break;
-        }
-        if Instant::now() > until {
-            bail!("{placed} of {} units placed within 600 s", cfg.units);
-        }
-        if let Ok(Err(_)) = tokio::time::timeout(Duration::from_millis(200), observed.changed()).await {
-            bail!("the observer's watch stopped");
-        }
+    if !observe_until(&mut observed, t + Duration::from_secs(600), |o| o.placed >= cfg.units).await? {
+        let placed = observed.borrow().lock().unwrap_or_else(|e| e.into_inner()).placed;
+        bail!("{placed} of {} units placed within 600 s", cfg.units);
     }
     report.place_secs = t.elapsed().as_secs_f64();
     let to = revision(&admin, &keys).await?;
@@ -631,22 +643,8 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport> {
     report.submit_secs = t0.elapsed().as_secs_f64();
     let leader_port = cfg.api_port + 1;
     let mut engine = start_engine(&cfg, &engine_config, "sim-e1", leader_port, true).await?;
-    let until = t0 + Duration::from_secs(600);
-    loop {
-        let done = {
-            let o = observed.borrow_and_update().clone();
-            let o = o.lock().unwrap_or_else(|e| e.into_inner());
-            o.all_active(cfg.units)
-        };
-        if done {
-            break;
-        }
-        if Instant::now() > until {
-            bail!("units did not all become active within 600 s");
-        }
-        if let Ok(Err(_)) = tokio::time::timeout(Duration::from_millis(200), observed.changed()).await {
-            bail!("the observer's watch stopped");
-        }
+    if !observe_until(&mut observed, t0 + Duration::from_secs(600), |o| o.all_active(cfg.units)).await? {
+        bail!("units did not all become active within 600 s");
     }
     report.converge_secs = t0.elapsed().as_secs_f64();
     let to = revision(&admin, &keys).await?;
@@ -691,19 +689,7 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport> {
         let vid = victim.id.clone();
         let moved =
             |o: &Observed| theirs.iter().all(|u| o.active.get(u).is_some_and(|ms| ms.iter().any(|m| *m != vid)));
-        loop {
-            let done = {
-                let o = observed.borrow_and_update().clone();
-                let o = o.lock().unwrap_or_else(|e| e.into_inner());
-                moved(&o)
-            };
-            if done || t.elapsed() > Duration::from_secs(120) {
-                break;
-            }
-            if let Ok(Err(_)) = tokio::time::timeout(Duration::from_millis(100), observed.changed()).await {
-                bail!("the observer's watch stopped");
-            }
-        }
+        observe_until(&mut observed, t + Duration::from_secs(120), moved).await?;
         report.machine_lost_secs = Some(t.elapsed().as_secs_f64());
 
         // The leader lost: a standby engine takes over and places a new unit.
