@@ -127,8 +127,9 @@ pub async fn firmware(machine_dir: &Path, name: &str, uuid: &str) -> Result<()> 
         let bus = machine_dir.join("bus");
         let _ = std::fs::remove_file(bus.join("system_bus_socket"));
         // nspawn wants a tmpfs at /run/systemd/nspawn to boot a directory other than / here.
+        let enter = crate::cgroup::enter_script(&crate::cgroup::prepare(name)?);
         let script = format!(
-            "mount -t tmpfs tmpfs /run/systemd/nspawn && mount -t erofs -o ro,loop {slot} {mnt} && \
+            "{enter}mount -t tmpfs tmpfs /run/systemd/nspawn && mount -t erofs -o ro,loop {slot} {mnt} && \
              exec systemd-nspawn -D {mnt} --volatile=overlay --register=no --keep-unit -M {name} --uuid={uuid} \
              --network-namespace-path=/run/netns/{name} --bind={var}:/var --bind={bus}:/run/dbus \
              --bind={disk}:/run/fleet-disk --bind-ro={updates}:/run/fleet-updates \

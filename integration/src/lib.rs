@@ -15,6 +15,7 @@
 //! (`./lab bench`, which writes docs/performance.md).
 
 pub mod bench;
+pub mod cgroup;
 pub mod faults;
 pub mod image;
 pub mod net;
@@ -422,7 +423,10 @@ pub async fn boot_machine(spec: &MachineSpec, bin_dir: &Path, unit_template: &st
         None => {
             let unit = unit_template.replace("/usr/bin/fleet-agent", "/opt/fleet/fleet-agent");
             std::fs::write(dir.join("fleet-agent.service"), unit)?;
-            let mut cmd = Command::new("systemd-nspawn");
+            // nspawn starts in the machine's own cgroup (see [`cgroup`]).
+            let enter = cgroup::enter_script(&cgroup::prepare(&spec.name)?);
+            let mut cmd = Command::new("sh");
+            cmd.args(["-c", &format!("{enter}exec systemd-nspawn \"$@\""), "sh"]);
             cmd.args(["-D", "/", "--volatile=yes", "--register=no", "--keep-unit", "-M", &spec.name])
                 .arg(format!("--uuid={}", uuid_of(&spec.machine_id)))
                 .arg(format!("--network-namespace-path=/run/netns/{}", spec.name))
@@ -518,6 +522,7 @@ pub fn stop_machine(m: &MachineProc, grace: Duration) {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(init as i32), nix::sys::signal::Signal::SIGKILL);
     }
     net::del_machine_netns(&m.name);
+    cgroup::remove(&m.name);
     let _ = std::fs::remove_file(m.dir.join("bus/system_bus_socket"));
 }
 

@@ -238,3 +238,24 @@ async fn etcd_down_is_reported_and_nothing_is_half_written() -> anyhow::Result<(
     assert_eq!(keys.iter().filter(|k| k.contains("/bodies/")).count(), 1, "{keys:?}");
     Ok(())
 }
+
+/// Every machine's systemd manages a cgroup tree of its own: sharing one, two machines' units of
+/// the same name shared a cgroup, and one machine removing it after a stop made the other's start
+/// fail (`status=219/CGROUP`).
+#[tokio::test]
+async fn every_machine_has_a_cgroup_tree_of_its_own() -> anyhow::Result<()> {
+    let Some(lab) = testkit::lab() else {
+        return Ok(());
+    };
+    let mut trees = BTreeSet::new();
+    for m in &lab.machines {
+        let init = fleet_integration::process::children(m.pid);
+        let init = init.first().ok_or_else(|| anyhow::anyhow!("{}: no container init under {}", m.name, m.pid))?;
+        let cgroups = std::fs::read_to_string(format!("/proc/{init}/cgroup"))?;
+        let unified = cgroups.lines().find_map(|l| l.strip_prefix("0::")).unwrap_or_default().to_string();
+        assert!(unified.contains(&m.name), "{}'s init is in {unified:?}, not in a cgroup named after it", m.name);
+        assert!(trees.insert(unified.clone()), "{} shares the cgroup tree {unified:?}", m.name);
+    }
+    assert_eq!(trees.len(), lab.machines.len());
+    Ok(())
+}

@@ -498,7 +498,30 @@ async fn fault_chaos() {
     .await;
     let _ = stop_tx.send(true);
     let (violations, samples) = checker.await.expect("checker");
-    let end = end.unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+    let end = match end {
+        Ok(end) => end,
+        Err(e) => {
+            // Say which units are wrong and what fleet believes of them, so a failure found once in
+            // CI can be understood without replaying it.
+            let s = sample(&lab.state, &units).await;
+            let wrong: Vec<String> = units
+                .iter()
+                .filter(|u| s.get(*u).map(Vec::len) != Some(1))
+                .map(|u| format!("{u} active on {:?}", s.get(u).cloned().unwrap_or_default()))
+                .collect();
+            let (_, listed, _) = lab.ctl(&["list-units", "--no-legend", "--full"]);
+            let believed: Vec<&str> = listed
+                .lines()
+                .filter(|l| wrong.iter().any(|w| w.split(' ').next().is_some_and(|u| l.starts_with(u))))
+                .collect();
+            let (_, machines, _) = lab.ctl(&["list-machines", "--full"]);
+            panic!(
+                "seed {seed}: {e}\n{} units not active exactly once (first 20): {:#?}\nfleet lists them as: {believed:#?}\nmachines:\n{machines}",
+                wrong.len(),
+                &wrong[..wrong.len().min(20)]
+            );
+        }
+    };
     eprintln!("chaos: settled {:?} after the last fault; {samples} samples", last_fault.elapsed());
     assert!(
         violations.is_empty(),
