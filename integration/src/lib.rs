@@ -254,6 +254,9 @@ pub fn start_etcd_member(mut member: EtcdProc, fresh: bool) -> Result<EtcdProc> 
         let _ = std::fs::remove_dir_all(&dir);
     }
     std::fs::create_dir_all(&dir)?;
+    for port in [member.client_port, member.peer_port] {
+        ensure_port_free(port, &member.name)?;
+    }
     let local = format!("https://127.0.0.1:{}", member.client_port);
     let (client_urls, advertise) = if member.on_bridge {
         let bridge = format!("https://{HOST_IP}:{}", member.client_port);
@@ -265,6 +268,19 @@ pub fn start_etcd_member(mut member: EtcdProc, fresh: bool) -> Result<EtcdProc> 
     cmd.args(["--initial-cluster", &member.cluster, "--initial-cluster-state", if fresh { "new" } else { "existing" }]);
     member.pid = process::spawn_logged(cmd, &dir.join("etcd.log"))?;
     Ok(member)
+}
+
+/// Refuses to start a member whose port another process holds: etcd would exit at once, and the
+/// lab would only say, much later, that etcd never became ready.
+fn ensure_port_free(port: u16, member: &str) -> Result<()> {
+    match std::net::TcpListener::bind(("127.0.0.1", port)) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => bail!(
+            "port {port}, which the lab's {member} listens on, is taken by another process \
+             (`ss -ltnp 'sport = :{port}'` shows which); stop it and run `./lab up` again"
+        ),
+        Err(e) => Err(e).with_context(|| format!("cannot check port {port} for {member}")),
+    }
 }
 
 /// The command line of one etcd member (without its `--initial-cluster` flags when `data` already
@@ -556,4 +572,20 @@ pub fn teardown(state: &LabState) {
 /// Removes leftovers of any earlier run: namespaces, veths and the bridge named by the lab.
 pub fn clean_host() {
     net::clean_all();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_taken_etcd_port_is_named_with_its_member() {
+        let held = std::net::TcpListener::bind(("127.0.0.1", 0)).expect("a free loopback port");
+        let port = held.local_addr().map(|a| a.port()).unwrap_or_default();
+        let err = ensure_port_free(port, "etcd2").expect_err("the port is held");
+        let text = err.to_string();
+        assert!(text.contains(&port.to_string()) && text.contains("etcd2"), "{text}");
+        drop(held);
+        assert!(ensure_port_free(port, "etcd2").is_ok());
+    }
 }
