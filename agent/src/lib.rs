@@ -404,10 +404,13 @@ impl<D: UnitDriver> Agent<D> {
         for n in plan.stop.iter().filter(|n| !failed.contains(*n)) {
             self.applied.insert(n.clone(), DesiredState::Loaded);
         }
-        if let Err(e) = self.systemd.disable(&plan.remove).await {
+        // A unit whose stop failed keeps its file, so the next pass stops it again (forgotten,
+        // it would run on unscheduled and unreported).
+        let removed: Vec<String> = plan.remove.iter().filter(|n| !failed.contains(*n)).cloned().collect();
+        if let Err(e) = self.systemd.disable(&removed).await {
             tracing::warn!(error = %e, "unlinking unit files failed");
         }
-        for n in &plan.remove {
+        for n in &removed {
             if let Err(e) = tokio::fs::remove_file(self.units_dir.join(n)).await {
                 tracing::warn!(unit = %n, error = %e, "cannot remove unit file");
             }
@@ -486,13 +489,13 @@ impl<D: UnitDriver> Agent<D> {
         // systemd (since v247) loads a unit it has not seen, or saw missing, from a newly linked
         // file by itself, so a batch of new units starts without a daemon reload (90-250 ms);
         // changed or removed units need one, and so does a start that failed.
-        if !plan.remove.is_empty() || !installable.is_empty() || std::mem::take(&mut self.reload_needed) {
+        if !removed.is_empty() || !installable.is_empty() || std::mem::take(&mut self.reload_needed) {
             if let Err(e) = self.systemd.reload().await {
                 tracing::error!(error = %e, "systemd reload failed");
                 self.reload_needed = true;
             }
         }
-        for n in &plan.remove {
+        for n in &removed {
             let _ = self.systemd.reset_failed(n).await;
         }
         // While the lease is in doubt an exclusive unit may already run elsewhere: do not start it.
@@ -581,6 +584,15 @@ impl<D: UnitDriver> Agent<D> {
                     }
                 }
                 None if self.published.contains_key(name) => {
+                    // Taken off this machine: its last state stays until systemd has stopped it
+                    // (the end of its stop job brings it back here), so a unit is never reported
+                    // gone while it still runs, and an exclusive one is not started elsewhere
+                    // while its `ExecStop` still runs here.
+                    let stopping =
+                        observed.get(name).is_some_and(|o| !matches!(o.active_state.as_str(), "inactive" | "failed"));
+                    if stopping {
+                        continue;
+                    }
                     ops.push(TxnOp::delete(key, None));
                     next.push((name.clone(), None));
                 }

@@ -244,6 +244,7 @@ impl Leader {
                     machines: &v.machines,
                     schedule: &v.schedule,
                     moves: &v.moves,
+                    states: &v.states,
                 });
                 // Record why units are not placed, and forget the reason once they are.
                 let mut why_ops = Vec::new();

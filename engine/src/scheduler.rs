@@ -14,7 +14,7 @@
 
 use fleet_model::rules::{Resources, Rules};
 use fleet_model::schema::MoveRequest;
-use fleet_model::{DesiredState, MachineRecord, ScheduleEntry, UnitName, UnitRecord};
+use fleet_model::{DesiredState, MachineRecord, ScheduleEntry, UnitName, UnitRecord, UnitStateRecord};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Bound::{Excluded, Unbounded};
 
@@ -31,6 +31,10 @@ pub struct Snapshot<'a> {
     /// Lost machines whose exclusive units may still be running: lost less than their lease TTL
     /// plus a margin ago, so their agent may not have stopped them yet.
     pub fencing: &'a BTreeSet<String>,
+    /// What agents report: unit -> machine -> state. An agent keeps reporting a unit taken off
+    /// its machine until systemd has stopped it, so an exclusive unit is not started elsewhere
+    /// while it is still stopping (a slow `ExecStop` must not overlap the next instance).
+    pub states: &'a BTreeMap<UnitName, BTreeMap<String, UnitStateRecord>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -207,6 +211,9 @@ struct Pass<'a> {
     out: Outcome,
     /// Exclusive units waiting for a lost machine's fence, and that machine.
     fenced: BTreeMap<UnitName, String>,
+    /// Exclusive units this pass takes off a live machine, and that machine: placed elsewhere
+    /// only once its agent reports them stopped.
+    leaving: BTreeMap<UnitName, String>,
     /// Units whose rules declare `Conflicts`, by name: only they can clash with a unit that
     /// declares none, so a pass need not pair up every unit on a machine.
     conflicting: Vec<&'a UnitName>,
@@ -215,6 +222,36 @@ struct Pass<'a> {
 impl<'a> Pass<'a> {
     fn rules(&self, u: &UnitName) -> Option<&'a Rules> {
         self.snap.rules.get(u).and_then(|r| r.as_ref().ok())
+    }
+
+    fn exclusive(&self, u: &UnitName) -> bool {
+        self.rules(u).is_some_and(|r| r.exclusive)
+    }
+
+    /// Takes `unit` off `machine`.
+    fn remove(&mut self, unit: UnitName, machine: String, reason: Reason) {
+        let was_there = self.snap.schedule.get(&unit).is_some_and(|e| e.contains_key(&machine));
+        if was_there && self.exclusive(&unit) && self.snap.machines.contains_key(&machine) {
+            self.leaving.insert(unit.clone(), machine.clone());
+        }
+        self.out.decisions.push(Decision::Remove { unit, machine, reason });
+    }
+
+    /// A live machine an exclusive unit is still running or stopping on, although it is not
+    /// (or no longer) scheduled there. Lost machines are the fence's business.
+    fn stopping_on(&self, unit: &UnitName) -> Option<&str> {
+        if !self.exclusive(unit) {
+            return None;
+        }
+        if let Some(m) = self.leaving.get(unit) {
+            return Some(m);
+        }
+        let placed = self.p.at.get(unit);
+        self.snap.states.get(unit)?.iter().find_map(|(m, s)| {
+            let stopped = matches!(s.active_state.as_str(), "inactive" | "failed");
+            (!stopped && self.snap.machines.contains_key(m) && !placed.is_some_and(|p| p.contains(m)))
+                .then_some(m.as_str())
+        })
     }
 
     fn reserve(&self, u: &UnitName) -> Resources {
@@ -341,11 +378,7 @@ impl<'a> Pass<'a> {
                     }
                 };
                 match reason {
-                    Some(reason) => self.out.decisions.push(Decision::Remove {
-                        unit: unit.clone(),
-                        machine: machine.clone(),
-                        reason,
-                    }),
+                    Some(reason) => self.remove(unit.clone(), machine.clone(), reason),
                     None => self.p.add(unit, machine, self.reserve(unit)),
                 }
             }
@@ -369,11 +402,7 @@ impl<'a> Pass<'a> {
             for (unit, m, peer) in evict {
                 let reserve = self.reserve(&unit);
                 self.p.remove(&unit, &m, reserve);
-                self.out.decisions.push(Decision::Remove {
-                    unit,
-                    machine: m,
-                    reason: Reason::RulesBroken(format!("MachineOf {peer} is no longer there")),
-                });
+                self.remove(unit, m, Reason::RulesBroken(format!("MachineOf {peer} is no longer there")));
             }
         }
     }
@@ -550,30 +579,47 @@ impl<'a> Pass<'a> {
                 );
                 continue;
             }
-            if !self.p.at.get(unit).is_some_and(|ms| ms.contains(&req.from)) {
+            let on_from = self.p.at.get(unit).is_some_and(|ms| ms.contains(&req.from));
+            // An exclusive unit taken off `from` by an earlier pass, waiting there to stop.
+            let handing_over = !on_from
+                && rules.exclusive
+                && !self.p.at.contains_key(unit)
+                && self.snap.units.get(unit).is_some_and(|r| r.desired_state != DesiredState::Inactive);
+            if !on_from && !handing_over {
                 // Already moved, unscheduled or destroyed.
                 self.out.moves.insert(unit.clone(), MoveOutcome::Done);
                 continue;
             }
+            if handing_over && self.stopping_on(unit).is_some() {
+                continue;
+            }
             let reserve = rules.reserve;
-            self.p.remove(unit, &req.from, reserve);
+            if on_from {
+                self.p.remove(unit, &req.from, reserve);
+            }
             let to = req.to.clone();
             let from = req.from.clone();
             let target =
                 self.best_machine(unit, rules, |m| m != from && (to.is_empty() || m == to)).map(|m| m.id.clone());
             match target {
                 Ok(machine) => {
-                    self.out.decisions.push(Decision::Remove {
-                        unit: unit.clone(),
-                        machine: from,
-                        reason: Reason::Moved,
-                    });
+                    if on_from {
+                        self.remove(unit.clone(), from, Reason::Moved);
+                    }
+                    if self.stopping_on(unit).is_some() {
+                        // The request stays, and the unit goes to `machine` (or the best other
+                        // one then) once it has stopped where it was.
+                        continue;
+                    }
                     self.p.add(unit, &machine, reserve);
                     self.put(unit, &machine);
                     self.out.moves.insert(unit.clone(), MoveOutcome::Done);
                 }
                 Err(fails) => {
-                    self.p.add(unit, &from, reserve);
+                    // Refused: it stays where it runs (or, handed over, goes wherever it can).
+                    if on_from {
+                        self.p.add(unit, &from, reserve);
+                    }
                     let fails: Vec<_> =
                         fails.into_iter().filter(|(m, _)| *m != from && (to.is_empty() || *m == to)).collect();
                     let whereto = if to.is_empty() { "another machine".to_string() } else { short(&to).to_string() };
@@ -597,6 +643,12 @@ impl<'a> Pass<'a> {
         excluded: Option<&str>,
         pending: &mut Vec<(UnitName, Option<String>)>,
     ) {
+        if let Some(m) = self.stopping_on(unit) {
+            self.out
+                .unplaceable
+                .insert(unit.clone(), format!("exclusive: waiting until it has stopped on {}", short(m)));
+            return;
+        }
         let best = match self.best_machine(unit, rules, |m| excluded != Some(m)) {
             Ok(m) => m,
             Err(fails) => {
@@ -613,11 +665,7 @@ impl<'a> Pass<'a> {
             self.out
                 .decisions
                 .retain(|d| !matches!(d, Decision::Put { unit: u, machine: mm, .. } if *u == other && *mm == machine));
-            self.out.decisions.push(Decision::Remove {
-                unit: other.clone(),
-                machine: machine.clone(),
-                reason: Reason::Displaced(unit.clone()),
-            });
+            self.remove(other.clone(), machine.clone(), Reason::Displaced(unit.clone()));
             pending.push((other, Some(machine.clone())));
         }
         self.p.add(unit, &machine, rules.reserve);
@@ -723,8 +771,14 @@ pub fn schedule(snap: &Snapshot<'_>) -> Outcome {
     let mut conflicting: Vec<&UnitName> =
         snap.rules.iter().filter(|(_, r)| r.as_ref().is_ok_and(|r| !r.conflicts.is_empty())).map(|(u, _)| u).collect();
     conflicting.sort();
-    let mut pass =
-        Pass { snap, p: Placement::new(snap.machines), out: Outcome::default(), fenced: BTreeMap::new(), conflicting };
+    let mut pass = Pass {
+        snap,
+        p: Placement::new(snap.machines),
+        out: Outcome::default(),
+        fenced: BTreeMap::new(),
+        leaving: BTreeMap::new(),
+        conflicting,
+    };
     pass.keep_existing();
     pass.p.index();
     // Kept placements whose desired state or hash changed are rewritten in place.
@@ -776,6 +830,7 @@ mod tests {
         moves: BTreeMap<UnitName, MoveRequest>,
         drained: BTreeSet<String>,
         fencing: BTreeSet<String>,
+        states: BTreeMap<UnitName, BTreeMap<String, UnitStateRecord>>,
     }
 
     fn n(s: &str) -> UnitName {
@@ -814,6 +869,7 @@ mod tests {
                 moves: &self.moves,
                 drained: &self.drained,
                 fencing: &self.fencing,
+                states: &self.states,
             })
         }
         /// Applies an outcome to the schedule, as the leader's writes would.
@@ -1179,6 +1235,86 @@ mod tests {
         let (p, _) = w.settle();
         assert_ne!(on(&p, "x.service"), vec![xm]);
         assert_eq!(on(&p, "x.service").len(), 1);
+    }
+
+    fn reports(w: &mut World, unit: &str, machine: &str, active: &str) {
+        let rec = UnitStateRecord {
+            hash: String::new(),
+            load_state: "loaded".into(),
+            active_state: active.into(),
+            sub_state: String::new(),
+            applied: DesiredState::Launched,
+        };
+        w.states.entry(n(unit)).or_default().insert(machine.into(), rec);
+    }
+
+    #[test]
+    fn an_exclusive_unit_drained_away_starts_elsewhere_only_once_stopped() {
+        let mut w = three().unit("x.service", "Exclusive=true\n").unit("o.service", "");
+        let (p, _) = w.settle();
+        let xm = on(&p, "x.service")[0].clone();
+        reports(&mut w, "x.service", &xm, "active");
+        w.drained.insert(xm.clone());
+        // The pass that takes it off only takes it off; ordinary units move at once.
+        let out = w.run();
+        assert!(out.decisions.iter().all(|d| !matches!(d, Decision::Put { unit, .. } if unit.as_str() == "x.service")));
+        assert!(out.unplaceable[&n("x.service")].contains(&format!("until it has stopped on {xm}")), "{out:?}");
+        w.apply(&out);
+        // Still reported active (or stopping) on the drained machine: it waits.
+        reports(&mut w, "x.service", &xm, "deactivating");
+        let out = w.run();
+        assert!(out.decisions.iter().all(|d| !matches!(d, Decision::Put { unit, .. } if unit.as_str() == "x.service")));
+        // Stopped there: placed on another machine.
+        reports(&mut w, "x.service", &xm, "inactive");
+        let (p, why) = w.settle();
+        assert_eq!(on(&p, "x.service").len(), 1);
+        assert_ne!(on(&p, "x.service"), vec![xm.clone()]);
+        assert!(!why.contains_key(&n("x.service")), "{why:?}");
+        assert!(!on(&p, "o.service").contains(&xm));
+    }
+
+    #[test]
+    fn an_exclusive_unit_moves_once_stopped_and_to_where_it_was_asked() {
+        let mut w = three().unit("x.service", "Exclusive=true\n");
+        let (p, _) = w.settle();
+        let from = on(&p, "x.service")[0].clone();
+        let to = if from == "m3" { "m2" } else { "m3" };
+        reports(&mut w, "x.service", &from, "active");
+        w.moves.insert(n("x.service"), MoveRequest { from: from.clone(), to: to.into(), refused: String::new() });
+        let out = w.run();
+        assert_eq!(out.moves.get(&n("x.service")), None, "the request stays until the unit is placed");
+        assert!(matches!(&out.decisions[..], [Decision::Remove { reason: Reason::Moved, .. }]), "{out:?}");
+        w.apply(&out);
+        assert!(w.run().decisions.is_empty(), "nothing while it still runs on {from}");
+        // Gone from the old machine (the agent deleted its state): to the machine asked for, not
+        // back to the one it left, although that one is now the least loaded.
+        w.states.clear();
+        let out = w.run();
+        assert_eq!(out.moves.get(&n("x.service")), Some(&MoveOutcome::Done));
+        w.apply(&out);
+        w.moves.clear();
+        let (p, _) = w.settle();
+        assert_eq!(on(&p, "x.service"), vec![to.to_string()]);
+    }
+
+    #[test]
+    fn ordinary_units_and_lost_machines_do_not_wait_for_stopping_reports() {
+        let mut w = three().unit("o.service", "").unit("x.service", "Exclusive=true\n");
+        let (p, _) = w.settle();
+        let om = on(&p, "o.service")[0].clone();
+        reports(&mut w, "o.service", &om, "active");
+        w.drained.insert(om.clone());
+        let out = w.run();
+        assert!(out.decisions.iter().any(|d| matches!(d, Decision::Put { unit, .. } if unit.as_str() == "o.service")));
+        // A report from a machine that is gone (its lease expired, fence passed) holds nothing.
+        w.drained.clear();
+        w.apply(&out);
+        let xm = on(&w.settle().0, "x.service")[0].clone();
+        reports(&mut w, "x.service", &xm, "active");
+        w.machines.remove(&xm);
+        let (p, _) = w.settle();
+        assert_eq!(on(&p, "x.service").len(), 1);
+        assert_ne!(on(&p, "x.service"), vec![xm]);
     }
 
     mod properties {

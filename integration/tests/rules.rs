@@ -350,3 +350,60 @@ async fn move_goes_where_asked_and_refuses_what_rules_forbid() {
     let (ok, _, err) = c.ctl(&["move", "mv-nosuch.service"]);
     assert!(!ok && err.contains("does not exist"), "{err}");
 }
+
+/// An exclusive unit that takes its time to stop (`ExecStop=`) is moved: it starts on the new
+/// machine only once systemd on the old one has stopped it, so it never runs (or stops) on two
+/// machines at once. Sampled in every machine's own systemd throughout.
+// Two workers: the sampler runs while fleetctl blocks this test's thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exclusive_unit_moved_starts_anew_only_once_stopped_where_it_was() {
+    let Some(mut c) = Ctx::new("rules-handover") else { return };
+    let x = c.file_with("ho-x.service", "Exclusive=true\n", "ExecStop=/bin/sleep 3\n");
+    c.ok(&["start", &x]);
+    let from = c.wait_active(1).await["ho-x.service"][0].clone();
+    let to = c.lab.machines.iter().find(|m| m.name != from).expect("another machine").clone();
+
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let machines = c.lab.machines.clone();
+    let sampler = tokio::spawn(async move {
+        let mut overlaps = Vec::new();
+        let mut samples = 0;
+        while !*stop_rx.borrow() {
+            let mut running = Vec::new();
+            for m in &machines {
+                let Ok(bus) = MachineBus::connect(m).await else { continue };
+                if let Ok(p) = bus.unit("ho-x.service").await {
+                    if !matches!(p.active_state.as_str(), "inactive" | "failed") {
+                        running.push(format!("{} {}/{}", m.name, p.active_state, p.sub_state));
+                    }
+                }
+            }
+            samples += 1;
+            if running.len() > 1 {
+                overlaps.push(running);
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                _ = stop_rx.changed() => {}
+            }
+        }
+        (overlaps, samples)
+    });
+
+    let started = std::time::Instant::now();
+    let out = c.ok(&["move", "ho-x.service", &to.machine_id[..8]]);
+    assert!(out.contains("Unit ho-x.service moved to "), "{out}");
+    let after = c.wait_active(1).await;
+    let took = started.elapsed();
+    let _ = stop_tx.send(true);
+    let (overlaps, samples) = sampler.await.expect("sampler");
+    assert_eq!(after["ho-x.service"], vec![to.name.clone()]);
+    assert!(
+        overlaps.is_empty(),
+        "running on two machines at once ({samples} samples): {:?}",
+        &overlaps[..overlaps.len().min(5)]
+    );
+    // It did wait for the old machine's 3 s ExecStop.
+    assert!(took >= Duration::from_secs(3), "moved in {took:?}, before its ExecStop could have ended");
+    assert!(samples > 10, "only {samples} samples");
+}
