@@ -546,8 +546,10 @@ impl<D: UnitDriver> Agent<D> {
                     });
                     // A unit on its way up or down is reported once it gets there (systemd
                     // signals that), which saves a write per start; one that stays in between
-                    // for a second is reported as it is.
-                    if matches!(o.active_state.as_str(), "activating" | "deactivating") {
+                    // for a second is reported as it is. An exclusive unit is reported at once:
+                    // were it moved while still starting, the engine must know it runs here.
+                    let transient = matches!(o.active_state.as_str(), "activating" | "deactivating");
+                    if transient && !self.exclusive.contains(name) {
                         let since = *self.transient_since.entry(name.clone()).or_insert_with(Instant::now);
                         if since.elapsed() < TRANSIENT_GRACE {
                             deferred.insert(name.clone());
@@ -588,9 +590,22 @@ impl<D: UnitDriver> Agent<D> {
                     // (the end of its stop job brings it back here), so a unit is never reported
                     // gone while it still runs, and an exclusive one is not started elsewhere
                     // while its `ExecStop` still runs here.
-                    let stopping =
-                        observed.get(name).is_some_and(|o| !matches!(o.active_state.as_str(), "inactive" | "failed"));
-                    if stopping {
+                    let stopped = |state: &str| matches!(state, "inactive" | "failed");
+                    if let Some(o) = observed.get(name).filter(|o| !stopped(&o.active_state)) {
+                        // Reported stopped, yet running again (started by a socket, a timer, a
+                        // dependency): say so.
+                        if let Some(last) = self.published.get(name).filter(|l| stopped(&l.active_state)) {
+                            let rec = UnitStateRecord {
+                                hash: last.hash.clone(),
+                                load_state: o.load_state.clone(),
+                                active_state: o.active_state.clone(),
+                                sub_state: o.sub_state.clone(),
+                                applied: DesiredState::Inactive,
+                            };
+                            let value = encode(&rec).map_err(|e| AgentError::Etcd(e.to_string()))?;
+                            ops.push(TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease))));
+                            next.push((name.clone(), Some(rec)));
+                        }
                         continue;
                     }
                     ops.push(TxnOp::delete(key, None));

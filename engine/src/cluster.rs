@@ -21,8 +21,8 @@ pub struct ClusterView {
     /// etcd revision this view reflects; 0 until the first snapshot arrived.
     pub revision: i64,
     /// Bumped by every change that can alter a placement (everything but unit states and the
-    /// leader's own notes, save the state of an exclusive unit stopping where it is no longer
-    /// scheduled), so the leader does not re-plan for each state an agent reports.
+    /// leader's own notes, save the state of an exclusive unit stopping where it is leaving),
+    /// so the leader does not re-plan for each state an agent reports.
     pub plan_generation: u64,
     pub units: BTreeMap<UnitName, UnitRecord>,
     /// Unit bodies by hash, with the revision each was last written at.
@@ -58,11 +58,16 @@ impl ClusterView {
         if !matches!(decoded, Some(Key::State(..)) | Some(Key::Why(_))) {
             self.plan_generation += 1;
         }
-        // Except the state of an exclusive unit on a machine it is no longer scheduled on: it is
-        // stopping there, and the leader places it elsewhere once that says stopped or goes.
+        // Except the state of an exclusive unit on a machine it is leaving (its entry there
+        // rewritten inactive) or has left: the leader places it elsewhere once that says stopped.
         if let Some(Key::State(m, unit)) = &decoded {
             let exclusive = matches!(self.rules.get(unit), Some(Ok(r)) if r.exclusive);
-            if exclusive && !self.schedule.get(unit).is_some_and(|e| e.contains_key(m)) {
+            let running_there = self
+                .schedule
+                .get(unit)
+                .and_then(|e| e.get(m))
+                .is_some_and(|e| e.desired_state != fleet_model::DesiredState::Inactive);
+            if exclusive && !running_there {
                 self.plan_generation += 1;
             }
         }

@@ -60,6 +60,8 @@ pub enum Reason {
     Moved,
     /// Its machine is being drained.
     Drained,
+    /// An exclusive unit on its way elsewhere has stopped there.
+    Stopped,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -228,13 +230,33 @@ impl<'a> Pass<'a> {
         self.rules(u).is_some_and(|r| r.exclusive)
     }
 
-    /// Takes `unit` off `machine`.
+    /// Takes `unit` off `machine`. An exclusive unit that is to run elsewhere is first stopped
+    /// there: its entry is rewritten `inactive` (entries are never inactive otherwise) and goes
+    /// once its agent reports it stopped, or, were the machine lost meanwhile, once the machine's
+    /// fence has passed.
     fn remove(&mut self, unit: UnitName, machine: String, reason: Reason) {
-        let was_there = self.snap.schedule.get(&unit).is_some_and(|e| e.contains_key(&machine));
-        if was_there && self.exclusive(&unit) && self.snap.machines.contains_key(&machine) {
-            self.leaving.insert(unit.clone(), machine.clone());
+        let entry = self.snap.schedule.get(&unit).and_then(|e| e.get(&machine));
+        let wanted = self.snap.units.get(&unit).is_some_and(|r| r.desired_state != DesiredState::Inactive);
+        if let Some(entry) = entry.filter(|_| wanted && self.exclusive(&unit)) {
+            if self.snap.machines.contains_key(&machine) && !self.stopped_on(&unit, &machine) {
+                if entry.desired_state != DesiredState::Inactive {
+                    let entry = ScheduleEntry { hash: entry.hash.clone(), desired_state: DesiredState::Inactive };
+                    self.out.decisions.push(Decision::Put { unit: unit.clone(), machine: machine.clone(), entry });
+                }
+                self.leaving.insert(unit, machine);
+                return;
+            }
         }
         self.out.decisions.push(Decision::Remove { unit, machine, reason });
+    }
+
+    /// Whether `machine`'s agent reports `unit` stopped (or does not report it at all).
+    fn stopped_on(&self, unit: &UnitName, machine: &str) -> bool {
+        self.snap
+            .states
+            .get(unit)
+            .and_then(|s| s.get(machine))
+            .is_none_or(|s| matches!(s.active_state.as_str(), "inactive" | "failed"))
     }
 
     /// A live machine an exclusive unit is still running or stopping on, although it is not
@@ -277,6 +299,17 @@ impl<'a> Pass<'a> {
             return Err(Fail::MachineId(rules.machine_id.clone().unwrap_or_default()));
         }
         rules.metadata_matches(&machine.metadata).map_err(Fail::Metadata)?;
+        if check_peers && rules.exclusive {
+            // An exclusive unit displaced by a `Replaces` waits to stop before it is placed again:
+            // not back next to the unit that took its machine.
+            let mut here = self.p.on.get(&machine.id).into_iter().flatten();
+            if let Some(by) = here.find(|o| {
+                self.rules(o).is_some_and(|r| r.replaces_unit(o.as_str(), unit.as_str()))
+                    && !self.mutual_replace(unit, o)
+            }) {
+                return Err(Fail::Displaced(by.to_string()));
+            }
+        }
         if check_peers {
             if let Some(peer) = rules.machine_of.iter().find(|p| {
                 !self
@@ -350,7 +383,24 @@ impl<'a> Pass<'a> {
         for (unit, entries) in self.snap.schedule {
             let record = self.snap.units.get(unit);
             let rules = self.snap.rules.get(unit);
-            for machine in entries.keys() {
+            for (machine, entry) in entries {
+                let leaving = entry.desired_state == DesiredState::Inactive
+                    && self.snap.machines.contains_key(machine)
+                    && record.is_some_and(|r| r.desired_state != DesiredState::Inactive)
+                    && self.exclusive(unit);
+                if leaving {
+                    // An exclusive unit stopping on its way elsewhere (see `remove`).
+                    if self.stopped_on(unit, machine) {
+                        self.out.decisions.push(Decision::Remove {
+                            unit: unit.clone(),
+                            machine: machine.clone(),
+                            reason: Reason::Stopped,
+                        });
+                    } else {
+                        self.leaving.insert(unit.clone(), machine.clone());
+                    }
+                    continue;
+                }
                 let reason = match (record, rules) {
                     (None, _) => Some(Reason::UnitGone),
                     _ if unit.is_template() => Some(Reason::Template),
@@ -590,7 +640,7 @@ impl<'a> Pass<'a> {
                 self.out.moves.insert(unit.clone(), MoveOutcome::Done);
                 continue;
             }
-            if handing_over && self.stopping_on(unit).is_some() {
+            if handing_over && (self.stopping_on(unit).is_some() || self.fenced.contains_key(unit)) {
                 continue;
             }
             let reserve = rules.reserve;
@@ -890,6 +940,13 @@ mod tests {
                 }
             }
         }
+        /// One pass applied; where units are scheduled then.
+        fn settle_once(&mut self) -> BTreeMap<String, Vec<String>> {
+            let out = self.run();
+            self.apply(&out);
+            self.schedule.iter().map(|(u, e)| (u.to_string(), e.keys().cloned().collect())).collect()
+        }
+
         /// Runs passes until nothing changes (as the event-driven leader does), returning the
         /// final placement and the last pass's unplaceable reasons.
         fn settle(&mut self) -> (BTreeMap<String, Vec<String>>, BTreeMap<UnitName, String>) {
@@ -1255,15 +1312,27 @@ mod tests {
         let xm = on(&p, "x.service")[0].clone();
         reports(&mut w, "x.service", &xm, "active");
         w.drained.insert(xm.clone());
-        // The pass that takes it off only takes it off; ordinary units move at once.
+        // The pass that takes it off only stops it there (its entry rewritten inactive); ordinary
+        // units move at once.
         let out = w.run();
-        assert!(out.decisions.iter().all(|d| !matches!(d, Decision::Put { unit, .. } if unit.as_str() == "x.service")));
+        let x_puts: Vec<_> = out
+            .decisions
+            .iter()
+            .filter_map(|d| match d {
+                Decision::Put { unit, machine, entry } if unit.as_str() == "x.service" => {
+                    Some((machine.clone(), entry.desired_state))
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(x_puts, vec![(xm.clone(), DesiredState::Inactive)], "{out:?}");
         assert!(out.unplaceable[&n("x.service")].contains(&format!("until it has stopped on {xm}")), "{out:?}");
         w.apply(&out);
-        // Still reported active (or stopping) on the drained machine: it waits.
+        // Still reported active (or stopping) on the drained machine: it waits, and nothing is
+        // written again.
         reports(&mut w, "x.service", &xm, "deactivating");
         let out = w.run();
-        assert!(out.decisions.iter().all(|d| !matches!(d, Decision::Put { unit, .. } if unit.as_str() == "x.service")));
+        assert!(out.decisions.is_empty(), "{out:?}");
         // Stopped there: placed on another machine.
         reports(&mut w, "x.service", &xm, "inactive");
         let (p, why) = w.settle();
@@ -1283,7 +1352,8 @@ mod tests {
         w.moves.insert(n("x.service"), MoveRequest { from: from.clone(), to: to.into(), refused: String::new() });
         let out = w.run();
         assert_eq!(out.moves.get(&n("x.service")), None, "the request stays until the unit is placed");
-        assert!(matches!(&out.decisions[..], [Decision::Remove { reason: Reason::Moved, .. }]), "{out:?}");
+        let stop = ScheduleEntry { hash: w.units[&n("x.service")].hash.clone(), desired_state: DesiredState::Inactive };
+        assert_eq!(out.decisions, vec![Decision::Put { unit: n("x.service"), machine: from.clone(), entry: stop }]);
         w.apply(&out);
         assert!(w.run().decisions.is_empty(), "nothing while it still runs on {from}");
         // Gone from the old machine (the agent deleted its state): to the machine asked for, not
@@ -1295,6 +1365,55 @@ mod tests {
         w.moves.clear();
         let (p, _) = w.settle();
         assert_eq!(on(&p, "x.service"), vec![to.to_string()]);
+    }
+
+    #[test]
+    fn an_exclusive_unit_stopping_on_a_machine_that_is_then_lost_waits_for_its_fence() {
+        let mut w = three().unit("x.service", "Exclusive=true\n");
+        let (p, _) = w.settle();
+        let xm = on(&p, "x.service")[0].clone();
+        reports(&mut w, "x.service", &xm, "active");
+        w.drained.insert(xm.clone());
+        let out = w.run();
+        w.apply(&out);
+        // Lost while stopping: its reports went with its lease, but it may still run there.
+        w.machines.remove(&xm);
+        w.states.clear();
+        w.fencing.insert(xm.clone());
+        let out = w.run();
+        assert!(out.decisions.is_empty(), "{out:?}");
+        assert!(out.unplaceable[&n("x.service")].contains("certainly stopped"), "{out:?}");
+        // A move asked for now (its entry still names the lost machine) waits for the fence too.
+        w.moves.insert(n("x.service"), MoveRequest { from: xm.clone(), to: String::new(), refused: String::new() });
+        let out = w.run();
+        assert!(out.decisions.is_empty() && out.moves.is_empty(), "{out:?}");
+        w.fencing.clear();
+        let (p, _) = w.settle();
+        assert_eq!(on(&p, "x.service").len(), 1);
+        assert_ne!(on(&p, "x.service"), vec![xm]);
+    }
+
+    #[test]
+    fn an_exclusive_unit_displaced_by_replaces_does_not_come_back_next_to_it() {
+        let mut w = World::default()
+            .machine("m1", &[("name", "m1")])
+            .machine("m2", &[("name", "m2")])
+            .unit("x.service", "Exclusive=true\n");
+        let (p, _) = w.settle();
+        let xm = on(&p, "x.service")[0].clone();
+        reports(&mut w, "x.service", &xm, "active");
+        let other = if xm == "m1" { "m2" } else { "m1" };
+        // The other machine is the busier one: least-loaded alone would send it back.
+        let pin = format!("MachineMetadata=name={other}\n");
+        let mut w = w.unit("o1.service", &pin).unit("o2.service", &pin);
+        w.settle();
+        let mut w = w.unit("r.service", &format!("Replaces=x.service\nMachineMetadata=name={xm}\n"));
+        let out = w.run();
+        w.apply(&out);
+        assert_eq!(on(&w.settle_once(), "r.service"), vec![xm.clone()]);
+        reports(&mut w, "x.service", &xm, "inactive");
+        let (p, _) = w.settle();
+        assert_eq!((on(&p, "x.service"), on(&p, "r.service")), (vec![other.to_string()], vec![xm]));
     }
 
     #[test]

@@ -353,7 +353,7 @@ async fn move_goes_where_asked_and_refuses_what_rules_forbid() {
 
 /// An exclusive unit that takes its time to stop (`ExecStop=`) is moved: it starts on the new
 /// machine only once systemd on the old one has stopped it, so it never runs (or stops) on two
-/// machines at once. Sampled in every machine's own systemd throughout.
+/// machines at once. Then one moved while still starting. Sampled in every machine's systemd.
 // Two workers: the sampler runs while fleetctl blocks this test's thread.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_exclusive_unit_moved_starts_anew_only_once_stopped_where_it_was() {
@@ -362,17 +362,79 @@ async fn an_exclusive_unit_moved_starts_anew_only_once_stopped_where_it_was() {
     c.ok(&["start", &x]);
     let from = c.wait_active(1).await["ho-x.service"][0].clone();
     let to = c.lab.machines.iter().find(|m| m.name != from).expect("another machine").clone();
+    let sampler = sample_overlaps(&c.lab, "ho-x.service");
+    let started = std::time::Instant::now();
+    // Bounded (~60 s), so a handover that never completes fails the test instead of hanging it.
+    let out = c.ok(&["move", "--block-attempts", "30", "ho-x.service", &to.machine_id[..8]]);
+    assert!(out.contains("Unit ho-x.service moved to "), "{out}");
+    let after = c.wait_active(1).await;
+    let took = started.elapsed();
+    let (overlaps, samples) = sampler.finish().await;
+    assert_eq!(after["ho-x.service"], vec![to.name.clone()]);
+    assert!(
+        overlaps.is_empty(),
+        "on two machines at once ({samples} samples): {:?}",
+        &overlaps[..overlaps.len().min(5)]
+    );
+    // It did wait for the old machine's 3 s ExecStop.
+    assert!(took >= Duration::from_secs(3), "moved in {took:?}, before its ExecStop could have ended");
+    assert!(samples > 10, "only {samples} samples");
 
-    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-    let machines = c.lab.machines.clone();
-    let sampler = tokio::spawn(async move {
+    // Moved while it is still starting (2 s in `activating`): the engine knows it runs there too.
+    let y = c.file_with("ho-y.service", "Exclusive=true\n", "ExecStartPre=/bin/sleep 2\n");
+    c.ok(&["start", "--no-block", &y]);
+    let placed = wait_for("ho-y scheduled", T, || async {
+        let out = c.ok(&["list-units", "--no-legend", "--full", "--fields", "unit,machine"]);
+        let line = out.lines().find(|l| l.starts_with("ho-y.service"))?;
+        let machine = line.split_whitespace().nth(1)?.split('/').next()?;
+        Some(c.machine_name(machine))
+    })
+    .await
+    .expect("ho-y placed");
+    let to = c.lab.machines.iter().find(|m| m.name != placed).expect("another machine").clone();
+    let sampler = sample_overlaps(&c.lab, "ho-y.service");
+    c.ok(&["move", "--block-attempts", "30", "ho-y.service", &to.machine_id[..8]]);
+    let after = wait_for("ho-y active on its new machine", T, || async {
+        let a = c.active();
+        (a.get("ho-y.service") == Some(&vec![to.name.clone()])).then_some(a)
+    })
+    .await
+    .expect("ho-y moved");
+    let (overlaps, samples) = sampler.finish().await;
+    assert_eq!(after["ho-y.service"], vec![to.name.clone()]);
+    assert!(
+        overlaps.is_empty(),
+        "ho-y on two machines at once ({samples} samples): {:?}",
+        &overlaps[..overlaps.len().min(5)]
+    );
+}
+
+struct Sampler {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<(Vec<Vec<String>>, usize)>,
+}
+
+impl Sampler {
+    async fn finish(self) -> (Vec<Vec<String>>, usize) {
+        let _ = self.stop.send(true);
+        self.task.await.expect("sampler")
+    }
+}
+
+/// Samples `unit` in every machine's systemd every 100 ms, recording each moment it is running,
+/// starting or stopping on more than one machine.
+fn sample_overlaps(lab: &LabState, unit: &str) -> Sampler {
+    let (stop, mut stop_rx) = tokio::sync::watch::channel(false);
+    let machines = lab.machines.clone();
+    let unit = unit.to_string();
+    let task = tokio::spawn(async move {
         let mut overlaps = Vec::new();
         let mut samples = 0;
         while !*stop_rx.borrow() {
             let mut running = Vec::new();
             for m in &machines {
                 let Ok(bus) = MachineBus::connect(m).await else { continue };
-                if let Ok(p) = bus.unit("ho-x.service").await {
+                if let Ok(p) = bus.unit(&unit).await {
                     if !matches!(p.active_state.as_str(), "inactive" | "failed") {
                         running.push(format!("{} {}/{}", m.name, p.active_state, p.sub_state));
                     }
@@ -389,21 +451,5 @@ async fn an_exclusive_unit_moved_starts_anew_only_once_stopped_where_it_was() {
         }
         (overlaps, samples)
     });
-
-    let started = std::time::Instant::now();
-    let out = c.ok(&["move", "ho-x.service", &to.machine_id[..8]]);
-    assert!(out.contains("Unit ho-x.service moved to "), "{out}");
-    let after = c.wait_active(1).await;
-    let took = started.elapsed();
-    let _ = stop_tx.send(true);
-    let (overlaps, samples) = sampler.await.expect("sampler");
-    assert_eq!(after["ho-x.service"], vec![to.name.clone()]);
-    assert!(
-        overlaps.is_empty(),
-        "running on two machines at once ({samples} samples): {:?}",
-        &overlaps[..overlaps.len().min(5)]
-    );
-    // It did wait for the old machine's 3 s ExecStop.
-    assert!(took >= Duration::from_secs(3), "moved in {took:?}, before its ExecStop could have ended");
-    assert!(samples > 10, "only {samples} samples");
+    Sampler { stop, task }
 }
