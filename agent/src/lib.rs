@@ -22,7 +22,7 @@ use crate::systemd::{ObservedUnit, Systemd, UnitChange};
 use etcd_client::{GetOptions, PutOptions, Txn, TxnOp};
 use fleet_model::etcd::{follow_prefix, is_transient, list_prefix, Change, Client, PrefixUpdate};
 use fleet_model::retry::RetryPolicy;
-use fleet_model::schema::{decode, encode, Key};
+use fleet_model::schema::{decode, encode, is_stopped, Key};
 use fleet_model::unit_file::content_hash;
 use fleet_model::{DesiredState, Keys, ScheduleEntry, UnitName, UnitStateRecord};
 use futures::StreamExt;
@@ -590,11 +590,10 @@ impl<D: UnitDriver> Agent<D> {
                     // (the end of its stop job brings it back here), so a unit is never reported
                     // gone while it still runs, and an exclusive one is not started elsewhere
                     // while its `ExecStop` still runs here.
-                    let stopped = |state: &str| matches!(state, "inactive" | "failed");
-                    if let Some(o) = observed.get(name).filter(|o| !stopped(&o.active_state)) {
+                    if let Some(o) = observed.get(name).filter(|o| !is_stopped(&o.active_state)) {
                         // Reported stopped, yet running again (started by a socket, a timer, a
                         // dependency): say so.
-                        if let Some(last) = self.published.get(name).filter(|l| stopped(&l.active_state)) {
+                        if let Some(last) = self.published.get(name).filter(|l| l.stopped()) {
                             let rec = UnitStateRecord {
                                 hash: last.hash.clone(),
                                 load_state: o.load_state.clone(),

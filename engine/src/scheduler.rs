@@ -230,14 +230,18 @@ impl<'a> Pass<'a> {
         self.rules(u).is_some_and(|r| r.exclusive)
     }
 
+    /// Whether the user wants `u` to run (loaded or launched).
+    fn wanted_unit(&self, u: &UnitName) -> bool {
+        self.snap.units.get(u).is_some_and(|r| r.desired_state != DesiredState::Inactive)
+    }
+
     /// Takes `unit` off `machine`. An exclusive unit that is to run elsewhere is first stopped
     /// there: its entry is rewritten `inactive` (entries are never inactive otherwise) and goes
     /// once its agent reports it stopped, or, were the machine lost meanwhile, once the machine's
     /// fence has passed.
     fn remove(&mut self, unit: UnitName, machine: String, reason: Reason) {
         let entry = self.snap.schedule.get(&unit).and_then(|e| e.get(&machine));
-        let wanted = self.snap.units.get(&unit).is_some_and(|r| r.desired_state != DesiredState::Inactive);
-        if let Some(entry) = entry.filter(|_| wanted && self.exclusive(&unit)) {
+        if let Some(entry) = entry.filter(|_| self.exclusive(&unit) && self.wanted_unit(&unit)) {
             if self.snap.machines.contains_key(&machine) && !self.stopped_on(&unit, &machine) {
                 if entry.desired_state != DesiredState::Inactive {
                     let entry = ScheduleEntry { hash: entry.hash.clone(), desired_state: DesiredState::Inactive };
@@ -252,11 +256,7 @@ impl<'a> Pass<'a> {
 
     /// Whether `machine`'s agent reports `unit` stopped (or does not report it at all).
     fn stopped_on(&self, unit: &UnitName, machine: &str) -> bool {
-        self.snap
-            .states
-            .get(unit)
-            .and_then(|s| s.get(machine))
-            .is_none_or(|s| matches!(s.active_state.as_str(), "inactive" | "failed"))
+        self.snap.states.get(unit).and_then(|s| s.get(machine)).is_none_or(UnitStateRecord::stopped)
     }
 
     /// A live machine an exclusive unit is still running or stopping on, although it is not
@@ -270,8 +270,7 @@ impl<'a> Pass<'a> {
         }
         let placed = self.p.at.get(unit);
         self.snap.states.get(unit)?.iter().find_map(|(m, s)| {
-            let stopped = matches!(s.active_state.as_str(), "inactive" | "failed");
-            (!stopped && self.snap.machines.contains_key(m) && !placed.is_some_and(|p| p.contains(m)))
+            (!s.stopped() && self.snap.machines.contains_key(m) && !placed.is_some_and(|p| p.contains(m)))
                 .then_some(m.as_str())
         })
     }
@@ -386,8 +385,8 @@ impl<'a> Pass<'a> {
             for (machine, entry) in entries {
                 let leaving = entry.desired_state == DesiredState::Inactive
                     && self.snap.machines.contains_key(machine)
-                    && record.is_some_and(|r| r.desired_state != DesiredState::Inactive)
-                    && self.exclusive(unit);
+                    && self.exclusive(unit)
+                    && self.wanted_unit(unit);
                 if leaving {
                     // An exclusive unit stopping on its way elsewhere (see `remove`).
                     if self.stopped_on(unit, machine) {
@@ -631,10 +630,7 @@ impl<'a> Pass<'a> {
             }
             let on_from = self.p.at.get(unit).is_some_and(|ms| ms.contains(&req.from));
             // An exclusive unit taken off `from` by an earlier pass, waiting there to stop.
-            let handing_over = !on_from
-                && rules.exclusive
-                && !self.p.at.contains_key(unit)
-                && self.snap.units.get(unit).is_some_and(|r| r.desired_state != DesiredState::Inactive);
+            let handing_over = !on_from && rules.exclusive && !self.p.at.contains_key(unit) && self.wanted_unit(unit);
             if !on_from && !handing_over {
                 // Already moved, unscheduled or destroyed.
                 self.out.moves.insert(unit.clone(), MoveOutcome::Done);

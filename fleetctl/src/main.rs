@@ -8,6 +8,7 @@ mod table;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use client::{Client, Machine, Unit, UnitState};
+use fleet_model::schema::is_stopped;
 use fleet_model::{UnitFile, UnitName};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -544,8 +545,7 @@ impl Ctl {
                 return Ok(code);
             }
             // "loaded" only says the agent asked systemd to stop; wait until systemd says it did.
-            self.wait_states(&waiting, block, |s| matches!(s.systemd_active_state.as_str(), "inactive" | "failed"))
-                .await?;
+            self.wait_states(&waiting, block, |s| is_stopped(&s.systemd_active_state)).await?;
         }
         eprintln!("Successfully stopped units [{}].", waiting.join(" "));
         Ok(ExitCode::SUCCESS)
@@ -773,10 +773,8 @@ impl Ctl {
                     if stopped != ExitCode::SUCCESS {
                         return Ok(stopped);
                     }
-                    self.wait_states(std::slice::from_ref(&u.name), block, |s| {
-                        matches!(s.systemd_active_state.as_str(), "inactive" | "failed")
-                    })
-                    .await?;
+                    self.wait_states(std::slice::from_ref(&u.name), block, |s| is_stopped(&s.systemd_active_state))
+                        .await?;
                     start.push(u.name.clone());
                 }
             }

@@ -178,6 +178,17 @@ pub struct UnitStateRecord {
     pub applied: DesiredState,
 }
 
+impl UnitStateRecord {
+    pub fn stopped(&self) -> bool {
+        is_stopped(&self.active_state)
+    }
+}
+
+/// Whether a systemd `ActiveState` means nothing of the unit runs any more.
+pub fn is_stopped(active_state: &str) -> bool {
+    matches!(active_state, "inactive" | "failed")
+}
+
 /// Serialises a record for etcd. Records are plain data; failure would be a programming error,
 /// but it is reported rather than panicking.
 pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, serde_json::Error> {
