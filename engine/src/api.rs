@@ -1,8 +1,8 @@
 //! fleet's REST API (`/fleet/v1`), served by every engine replica from its cluster view.
 //!
 //! Field names, status codes and error bodies follow the original fleet so its clients keep
-//! working. Writes go straight to etcd in transactions; the handler then waits until the view
-//! shows the write, so the next read sees it.
+//! working. Writes go straight to etcd in transactions and answer once committed; the next read
+//! through the same replica waits until its view shows them (see [`Api::written`]).
 
 use crate::auth::{AuditDetail, Auth, Caller, Role};
 use crate::cluster::{Cluster, ClusterView};
@@ -34,6 +34,19 @@ pub struct Api {
     /// HTTP client for agents' APIs (status, journal).
     pub agents: reqwest::Client,
     pub fleetlock: crate::fleetlock::FleetLockConfig,
+    /// The newest etcd revision this replica wrote. Writes answer once committed; a later read
+    /// through this replica first waits until its view shows this revision, so a client still
+    /// reads its own writes without every write paying for the view's catch-up.
+    pub written: std::sync::Arc<std::sync::atomic::AtomicI64>,
+    /// Requests this replica has served (shown by `/engine/status`).
+    pub requests: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Api {
+    /// Records a committed write's revision (see [`Api::written`]).
+    pub(crate) fn wrote(&self, revision: i64) {
+        self.written.fetch_max(revision, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// The API behind its auth middleware: every request is identified and checked first.
@@ -42,7 +55,7 @@ pub fn router(api: Api, auth: std::sync::Arc<Auth>) -> Router {
         .route(
             "/units",
             get(list_units)
-                .post(create_units.layer(axum::extract::DefaultBodyLimit::max(MAX_BATCH_BODY_BYTES)))
+                .post(create_units.layer(batch_limit()))
                 .fallback(|| async { method_not_allowed("only GET and POST supported against this resource") }),
         )
         .route(
@@ -52,6 +65,10 @@ pub fn router(api: Api, auth: std::sync::Arc<Auth>) -> Router {
                 .delete(delete_unit)
                 .fallback(|| async { method_not_allowed("only GET, PUT and DELETE supported against this resource") }),
         )
+        .route("/units:batchGet", axum::routing::post(crate::batch::batch_get.layer(batch_limit())))
+        .route("/units:batchUpdate", axum::routing::post(crate::batch::batch_update.layer(batch_limit())))
+        .route("/units:batchDelete", axum::routing::post(crate::batch::batch_delete.layer(batch_limit())))
+        .route("/units:wait", axum::routing::post(crate::batch::wait.layer(batch_limit())))
         .route("/units/{name}/status", get(unit_status))
         .route("/units/{name}/journal", get(unit_journal))
         .route(
@@ -104,8 +121,24 @@ pub fn router(api: Api, auth: std::sync::Arc<Auth>) -> Router {
         .route("/v1/steady-state", axum::routing::post(crate::fleetlock::steady_state))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "") })
         .layer(axum::middleware::from_fn_with_state(auth, crate::auth::authorize))
+        .layer(axum::middleware::from_fn_with_state(api.requests.clone(), count_request))
         .layer(axum::middleware::map_response(server_header))
         .with_state(api)
+}
+
+/// The body limit of a request naming many units.
+fn batch_limit() -> axum::extract::DefaultBodyLimit {
+    axum::extract::DefaultBodyLimit::max(MAX_BATCH_BODY_BYTES)
+}
+
+/// Counts every request, refused or not: what a client costs the engine is visible from outside.
+async fn count_request(
+    State(count): State<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    next.run(req).await
 }
 
 /// fleet's discovery document (Google discovery format); `$ENDPOINT` is left for clients to fill.
@@ -124,11 +157,11 @@ const OVERSIZED_DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs
 /// instead of the answer (as nginx's lingering close knows), so a moderately oversized body
 /// is read to its end, unparsed and bounded in size and time, before the 413.
 async fn refuse_oversized(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
-    let limit = if req.method() == axum::http::Method::POST && req.uri().path().ends_with("/units") {
-        MAX_BATCH_BODY_BYTES
-    } else {
-        MAX_BODY_BYTES
-    } as u64;
+    let path = req.uri().path();
+    let many_units = path.ends_with("/units") || path.rsplit('/').next().is_some_and(|last| last.starts_with("units:"));
+    let limit =
+        if req.method() == axum::http::Method::POST && many_units { MAX_BATCH_BODY_BYTES } else { MAX_BODY_BYTES }
+            as u64;
     let declared =
         req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     let Some(declared) = declared.filter(|d| *d > limit) else {
@@ -178,10 +211,10 @@ impl ApiError {
     pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
         ApiError { status, message: message.into() }
     }
-    fn bad_request(message: impl Into<String>) -> Self {
+    pub(crate) fn bad_request(message: impl Into<String>) -> Self {
         ApiError::new(StatusCode::BAD_REQUEST, message)
     }
-    fn internal(message: impl Into<String>) -> Self {
+    pub(crate) fn internal(message: impl Into<String>) -> Self {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message)
     }
 }
@@ -204,7 +237,7 @@ where
 }
 
 /// [`etcd`] for bulk writes, which may queue behind a busy cluster's other writers.
-async fn etcd_patient<T, F, Fut>(what: &str, op: F) -> Result<T, ApiError>
+pub(crate) async fn etcd_patient<T, F, Fut>(what: &str, op: F) -> Result<T, ApiError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
@@ -304,21 +337,29 @@ pub struct ApiMachine {
     pub drained: bool,
 }
 
-/// A unit as the API shows it: stored options and desired state, plus where it is scheduled
-/// and how far its machine got (`currentState`).
-fn api_unit(v: &ClusterView, rec: &UnitRecord) -> ApiUnit {
-    let options =
-        v.bodies.get(&rec.hash).and_then(|(text, _)| UnitFile::parse(text).ok()).map(|f| f.options).unwrap_or_default();
-    let global = matches!(v.rules.get(&rec.name), Some(Ok(r)) if r.global);
-    let placement = v.schedule.get(&rec.name).and_then(|e| e.iter().next());
-    let (current, machine) = match placement {
-        // A global unit has no single machine; its per-machine states are in /state.
-        _ if global => (String::new(), String::new()),
-        None => (DesiredState::Inactive.to_string(), String::new()),
+/// Where a unit is scheduled and how far its machine got (`currentState`), as the API shows
+/// them; both empty for a global unit (its per-machine states are in /state).
+pub(crate) fn placement_of(v: &ClusterView, rec: &UnitRecord) -> (DesiredState, Option<String>) {
+    if matches!(v.rules.get(&rec.name), Some(Ok(r)) if r.global) {
+        return (DesiredState::Inactive, None);
+    }
+    match v.schedule.get(&rec.name).and_then(|e| e.iter().next()) {
+        None => (DesiredState::Inactive, Some(String::new())),
         Some((m, _)) => {
             let state = v.states.get(&rec.name).and_then(|s| s.get(m)).filter(|s| s.hash == rec.hash);
-            (state.map(|s| s.applied).unwrap_or(DesiredState::Inactive).to_string(), m.clone())
+            (state.map(|s| s.applied).unwrap_or(DesiredState::Inactive), Some(m.clone()))
         }
+    }
+}
+
+/// A unit as the API shows it: stored options and desired state, plus where it is scheduled
+/// and how far its machine got (`currentState`).
+pub(crate) fn api_unit(v: &ClusterView, rec: &UnitRecord) -> ApiUnit {
+    let options =
+        v.bodies.get(&rec.hash).and_then(|(text, _)| UnitFile::parse(text).ok()).map(|f| f.options).unwrap_or_default();
+    let (current, machine) = match placement_of(v, rec) {
+        (_, None) => (String::new(), String::new()),
+        (state, Some(m)) => (state.to_string(), m),
     };
     ApiUnit {
         name: rec.name.to_string(),
@@ -420,8 +461,18 @@ fn ready(api: &Api) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// [`ready`], and the view shows every write this replica answered (read your own writes).
+pub(crate) async fn fresh(api: &Api) -> Result<(), ApiError> {
+    ready(api)?;
+    let written = api.written.load(std::sync::atomic::Ordering::Relaxed);
+    if api.cluster.revision() < written {
+        settle(api, written).await;
+    }
+    Ok(())
+}
+
 async fn list_units(State(api): State<Api>, Query(q): Query<PageQuery>) -> Result<Response, ApiError> {
-    ready(&api)?;
+    fresh(&api).await?;
     let start = page_of(q.next_page_token.as_deref(), api.token_limit)?;
     let (units, next) = api.cluster.read(|v| {
         let from = v.units.range::<str, _>((after(&start), Bound::Unbounded)).map(|(_, u)| u);
@@ -438,12 +489,12 @@ async fn list_units(State(api): State<Api>, Query(q): Query<PageQuery>) -> Resul
     Ok(Json(body).into_response())
 }
 
-fn parse_name(name: &str) -> Result<UnitName, ApiError> {
+pub(crate) fn parse_name(name: &str) -> Result<UnitName, ApiError> {
     UnitName::parse(name).map_err(|e| ApiError::bad_request(e.to_string()))
 }
 
 async fn get_unit(State(api): State<Api>, Path(name): Path<String>) -> Result<Response, ApiError> {
-    ready(&api)?;
+    fresh(&api).await?;
     let name = parse_name(&name)?;
     if let Some(u) = api.cluster.read(|v| v.units.get(&name).map(|u| api_unit(v, u))) {
         return Ok(Json(u).into_response());
@@ -484,7 +535,7 @@ async fn get_unit(State(api): State<Api>, Path(name): Path<String>) -> Result<Re
     .into_response())
 }
 
-fn check_json(headers: &HeaderMap) -> Result<(), ApiError> {
+pub(crate) fn check_json(headers: &HeaderMap) -> Result<(), ApiError> {
     let types: Vec<_> = headers.get_all(header::CONTENT_TYPE).iter().collect();
     if types.len() != 1 {
         return Err(ApiError::new(
@@ -522,18 +573,24 @@ pub fn parse_put_unit(url_name: &str, body: &[u8]) -> Result<PutUnit, ApiError> 
             req.name
         )));
     }
-    let name = parse_name(url_name)?;
-    let desired = match req.desired_state.as_str() {
+    check_put(url_name, &req.desired_state, req.options)
+}
+
+/// What a request to change one unit says, checked without looking at the cluster: its name, a
+/// desired state (empty: unchanged) and unit file options (empty: unchanged).
+pub(crate) fn check_put(name: &str, desired: &str, options: Vec<UnitOption>) -> Result<PutUnit, ApiError> {
+    let name = parse_name(name)?;
+    let desired = match desired {
         "" => None,
         s => Some(s.parse::<DesiredState>().map_err(|e| ApiError::bad_request(e.to_string()))?),
     };
     if name.is_template() && desired.is_some_and(|d| d != DesiredState::Inactive) {
         return Err(ApiError::bad_request(format!("cannot activate template {:?}", name.as_str())));
     }
-    let file = match req.options.is_empty() {
+    let file = match options.is_empty() {
         true => None,
         false => {
-            let f = UnitFile::from_options(req.options);
+            let f = UnitFile::from_options(options);
             validate_options(&f)?;
             // A template's specifiers only mean something in an instance: check it as one.
             let as_instance = match name.is_template() {
@@ -560,7 +617,7 @@ async fn put_unit(
     if let Some((_, rules)) = &file {
         check_replace_cycles(&api, &name, rules)?;
     }
-    ready(&api)?;
+    fresh(&api).await?;
     let key = api.keys.unit(&name);
     // Optimistic concurrency: read, decide, write only if the unit did not change meanwhile.
     for _ in 0..5 {
@@ -635,7 +692,7 @@ async fn put_unit(
         .await?;
         if resp.succeeded() {
             let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
-            settle(&api, rev).await;
+            api.wrote(rev);
             let what = if body_text.is_some() { "unit file submitted, " } else { "" };
             let detail = AuditDetail(format!("{what}desired state {}", record.desired_state));
             return Ok((status, axum::Extension(detail)).into_response());
@@ -647,7 +704,7 @@ async fn put_unit(
 /// Most units one `POST /fleet/v1/units` may create.
 pub const MAX_UNITS_PER_REQUEST: usize = 10_000;
 /// Units per etcd transaction (a unit and its body are two operations, under etcd's 128).
-const UNITS_PER_TXN: usize = 60;
+pub(crate) const UNITS_PER_TXN: usize = 60;
 
 #[derive(Debug, Deserialize)]
 struct CreateUnits {
@@ -716,7 +773,7 @@ async fn create_units(
         }
         records.push((record, f.canonical()));
     }
-    ready(&api)?;
+    fresh(&api).await?;
     tracing::debug!(units = records.len(), "creating units");
     let mut last_rev = 0;
     for chunk in records.chunks(UNITS_PER_TXN) {
@@ -759,8 +816,9 @@ async fn create_units(
         }
     }
     tracing::debug!(units = records.len(), revision = last_rev, "units created; settling");
-    settle(&api, last_rev).await;
-    Ok((StatusCode::CREATED, Json(serde_json::json!({ "created": records.len() }))).into_response())
+    api.wrote(last_rev);
+    Ok((StatusCode::CREATED, Json(serde_json::json!({ "created": records.len(), "revision": last_rev })))
+        .into_response())
 }
 
 /// Writes units that must not exist yet, in one transaction. `Ok(revision)`, or the units of
@@ -809,7 +867,7 @@ async fn write_new_units(
 }
 
 /// Refuses a unit that would replace a unit which replaces it: neither could ever settle.
-fn check_replace_cycles(api: &Api, name: &UnitName, rules: &Rules) -> Result<(), ApiError> {
+pub(crate) fn check_replace_cycles(api: &Api, name: &UnitName, rules: &Rules) -> Result<(), ApiError> {
     if rules.replaces.is_empty() {
         return Ok(());
     }
@@ -838,7 +896,7 @@ pub const MAX_BODY_BYTES: usize = 1 << 20;
 /// Largest `POST /units` body (up to [`MAX_UNITS_PER_REQUEST`] units).
 pub const MAX_BATCH_BODY_BYTES: usize = 64 << 20;
 
-fn validate_options(f: &UnitFile) -> Result<(), ApiError> {
+pub(crate) fn validate_options(f: &UnitFile) -> Result<(), ApiError> {
     if f.options.len() > MAX_UNIT_OPTIONS {
         return Err(ApiError::bad_request(format!(
             "unit file has {} options; at most {MAX_UNIT_OPTIONS}",
@@ -884,7 +942,7 @@ async fn move_unit(
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let name = parse_name(&name)?;
-    ready(&api)?;
+    fresh(&api).await?;
     let req: MoveBody = if body.is_empty() {
         MoveBody::default()
     } else {
@@ -924,7 +982,7 @@ async fn move_unit(
     })
     .await?;
     if let Some(h) = resp.header() {
-        settle(&api, h.revision()).await;
+        api.wrote(h.revision());
     }
     Ok((StatusCode::ACCEPTED, Json(serde_json::json!({"from": request.from, "machineID": request.to}))).into_response())
 }
@@ -932,7 +990,7 @@ async fn move_unit(
 /// Forgets a (refused) move request.
 async fn forget_move(State(api): State<Api>, Path(name): Path<String>) -> Result<Response, ApiError> {
     let name = parse_name(&name)?;
-    ready(&api)?;
+    fresh(&api).await?;
     let key = api.keys.moves(&name);
     etcd("delete move request", || {
         let mut kv = api.client.kv_client();
@@ -945,7 +1003,7 @@ async fn forget_move(State(api): State<Api>, Path(name): Path<String>) -> Result
 
 async fn delete_unit(State(api): State<Api>, Path(name): Path<String>) -> Result<Response, ApiError> {
     let name = parse_name(&name)?;
-    ready(&api)?;
+    fresh(&api).await?;
     let key = api.keys.unit(&name);
     let resp = etcd("delete unit", || {
         let mut kv = api.client.kv_client();
@@ -957,13 +1015,13 @@ async fn delete_unit(State(api): State<Api>, Path(name): Path<String>) -> Result
         return Err(ApiError::new(StatusCode::NOT_FOUND, "unit does not exist"));
     }
     if let Some(h) = resp.header() {
-        settle(&api, h.revision()).await;
+        api.wrote(h.revision());
     }
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 async fn list_states(State(api): State<Api>, Query(q): Query<PageQuery>) -> Result<Response, ApiError> {
-    ready(&api)?;
+    fresh(&api).await?;
     let start = page_of(q.next_page_token.as_deref(), api.token_limit)?;
     // A state's key in the listing is its unit and machine; unit names cannot hold a NUL.
     let cursor = start.after.as_deref().map(|a| a.split_once('\0').unwrap_or((a, "")));
@@ -1052,7 +1110,7 @@ async fn unit_status(
     Path(name): Path<String>,
     Query(q): Query<ProxyQuery>,
 ) -> Result<Response, ApiError> {
-    ready(&api)?;
+    fresh(&api).await?;
     let name = parse_name(&name)?;
     let client = api.agents.clone();
     let mut statuses = Vec::new();
@@ -1088,7 +1146,7 @@ async fn unit_journal(
     Path(name): Path<String>,
     Query(q): Query<ProxyQuery>,
 ) -> Result<Response, ApiError> {
-    ready(&api)?;
+    fresh(&api).await?;
     let name = parse_name(&name)?;
     let agents = agents_of(&api, &name, q.machine_id.as_deref())?;
     let [(machine, url)] = agents.as_slice() else {
@@ -1138,7 +1196,7 @@ fn percent(name: &str) -> String {
 }
 
 async fn get_state(State(api): State<Api>, Path(name): Path<String>) -> Result<Response, ApiError> {
-    ready(&api)?;
+    fresh(&api).await?;
     let name = parse_name(&name)?;
     api.cluster
         .read(|v| {
@@ -1202,7 +1260,7 @@ async fn patch_machines(State(api): State<Api>, body: axum::body::Bytes) -> Resu
             _ => return Err(ApiError::bad_request("invalid op: expect add, remove, or replace")),
         }
     }
-    ready(&api)?;
+    fresh(&api).await?;
     if !writes.is_empty() {
         let txn = Txn::new().and_then(writes);
         let resp = etcd("write metadata", || {
@@ -1212,7 +1270,7 @@ async fn patch_machines(State(api): State<Api>, body: axum::body::Bytes) -> Resu
         })
         .await?;
         if let Some(h) = resp.header() {
-            settle(&api, h.revision()).await;
+            api.wrote(h.revision());
         }
     }
     Ok((StatusCode::NO_CONTENT, [(header::CONTENT_TYPE, "application/json")]).into_response())
@@ -1235,7 +1293,7 @@ fn machine_by_prefix(api: &Api, prefix: &str) -> Result<String, ApiError> {
 /// Not in the original API: drain a machine. Its units are moved elsewhere and it takes no
 /// new ones until undrained (DELETE).
 async fn drain_machine(State(api): State<Api>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    ready(&api)?;
+    fresh(&api).await?;
     let id = machine_by_prefix(&api, &id)?;
     let key = api.keys.drain(&id);
     let resp = etcd("write drain", || {
@@ -1245,13 +1303,13 @@ async fn drain_machine(State(api): State<Api>, Path(id): Path<String>) -> Result
     })
     .await?;
     if let Some(h) = resp.header() {
-        settle(&api, h.revision()).await;
+        api.wrote(h.revision());
     }
     Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "id": id }))).into_response())
 }
 
 async fn undrain_machine(State(api): State<Api>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    ready(&api)?;
+    fresh(&api).await?;
     let id = machine_by_prefix(&api, &id)?;
     let key = api.keys.drain(&id);
     let resp = etcd("delete drain", || {
@@ -1261,13 +1319,13 @@ async fn undrain_machine(State(api): State<Api>, Path(id): Path<String>) -> Resu
     })
     .await?;
     if let Some(h) = resp.header() {
-        settle(&api, h.revision()).await;
+        api.wrote(h.revision());
     }
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 async fn list_machines(State(api): State<Api>, Query(q): Query<PageQuery>) -> Result<Response, ApiError> {
-    ready(&api)?;
+    fresh(&api).await?;
     let start = page_of(q.next_page_token.as_deref(), api.token_limit)?;
     let (machines, next) = api.cluster.read(|v| {
         let from = v.machines.range::<str, _>((after(&start), Bound::Unbounded)).map(|(_, m)| m);
@@ -1299,6 +1357,7 @@ async fn engine_status(State(api): State<Api>) -> Response {
     let mut v = serde_json::to_value(status).unwrap_or_default();
     if let Some(o) = v.as_object_mut() {
         o.insert("revision".into(), api.cluster.revision().into());
+        o.insert("requests".into(), api.requests.load(std::sync::atomic::Ordering::Relaxed).into());
     }
     Json(v).into_response()
 }

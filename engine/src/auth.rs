@@ -241,6 +241,10 @@ pub fn required_role(method: &Method, path: &str) -> Role {
     let rest = path.strip_prefix("/fleet/v1").or_else(|| path.strip_prefix("/v1-alpha")).unwrap_or(path);
     let parts: Vec<&str> = rest.trim_matches('/').split('/').collect();
     match (method, parts.as_slice()) {
+        // Reads and waits that need a body for their list of units.
+        (&Method::POST, ["units:batchGet" | "units:wait"]) => Role::Read,
+        // Its handler asks for `admin` when a change carries a unit file.
+        (&Method::POST, ["units:batchUpdate"]) => Role::Operate,
         (&Method::PUT, ["units", _]) => Role::Operate,
         (&Method::POST | &Method::DELETE, ["units", _, "move"]) => Role::Operate,
         _ => Role::Admin,
@@ -361,6 +365,10 @@ mod tests {
         assert_eq!(required_role(&Method::POST, "/v1-alpha/units/a.service/move"), Role::Operate);
         assert_eq!(required_role(&Method::DELETE, "/fleet/v1/units/a.service"), Role::Admin);
         assert_eq!(required_role(&Method::POST, "/fleet/v1/units"), Role::Admin);
+        assert_eq!(required_role(&Method::POST, "/fleet/v1/units:batchGet"), Role::Read);
+        assert_eq!(required_role(&Method::POST, "/v1-alpha/units:wait"), Role::Read);
+        assert_eq!(required_role(&Method::POST, "/fleet/v1/units:batchUpdate"), Role::Operate);
+        assert_eq!(required_role(&Method::POST, "/fleet/v1/units:batchDelete"), Role::Admin);
         assert_eq!(required_role(&Method::PATCH, "/fleet/v1/machines"), Role::Admin);
         assert_eq!(required_role(&Method::POST, "/fleet/v1/machines/m/drain"), Role::Admin);
         assert!(Role::Read < Role::Operate && Role::Operate < Role::Admin);

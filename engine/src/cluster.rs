@@ -1,8 +1,8 @@
 //! The engine's in-memory view of the cluster, fed by one watch on the whole key prefix.
 //!
 //! Every engine replica keeps one, so API reads never touch etcd and the leader plans from it.
-//! Writers wait until the view has caught up with their own write before answering, so a client
-//! always reads its own writes.
+//! A read through the API waits until the view has caught up with the writes that replica
+//! answered, so a client always reads its own writes.
 
 use fleet_model::etcd::{Change, PrefixUpdate};
 use fleet_model::rules::Rules;

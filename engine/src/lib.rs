@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod batch;
 pub mod cluster;
 pub mod config;
 pub mod fleetlock;
@@ -53,6 +54,8 @@ pub async fn run(mut config: watch::Receiver<EngineConfig>, mut shutdown: watch:
         token_limit: cfg.token_limit,
         agents: api::agent_client(etcd_tls.as_ref())?,
         fleetlock: cfg.fleetlock.clone(),
+        written: Default::default(),
+        requests: Default::default(),
     };
     let auth = Arc::new(auth::Auth::new(&cfg.auth)?);
     let app = api::router(api.clone(), auth);

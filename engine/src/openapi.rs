@@ -4,6 +4,7 @@
 //! `docs/openapi.json` equal to what is generated.
 #![allow(dead_code)]
 
+use crate::batch;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use utoipa::{OpenApi, ToSchema};
@@ -141,6 +142,38 @@ pub struct Created {
 fn create_units() {}
 
 /// Create a unit (201), replace its contents (201) or change its desired state (204).
+/// Not in the original API: up to 10,000 units in one read, with what their machines report
+/// and which do not exist.
+#[utoipa::path(post, path = "/fleet/v1/units:batchGet", operation_id = "units_batch_get", request_body = batch::Names,
+    responses((status = 200, body = batch::Found), (status = 400, body = Error), (status = 415, body = Error),
+        (status = 503, body = Error)))]
+fn units_batch_get() {}
+
+/// Not in the original API: change the desired state (and, with role admin, the unit file) of
+/// up to 10,000 existing units. Validated as a whole first (every refused unit is listed in the
+/// error's `units`); written in transactions of at most 60 units, each all-or-nothing.
+#[utoipa::path(post, path = "/fleet/v1/units:batchUpdate", operation_id = "units_batch_update",
+    request_body = batch::UnitChanges,
+    responses((status = 200, body = batch::Changed), (status = 400, body = Error), (status = 404, body = Error),
+        (status = 409, body = Error), (status = 415, body = Error), (status = 503, body = Error)))]
+fn units_batch_update() {}
+
+/// Not in the original API: destroy up to 10,000 units.
+#[utoipa::path(post, path = "/fleet/v1/units:batchDelete", operation_id = "units_batch_delete",
+    request_body = batch::Names,
+    responses((status = 200, body = batch::Destroyed), (status = 400, body = Error), (status = 415, body = Error),
+        (status = 503, body = Error)))]
+fn units_batch_delete() {}
+
+/// Not in the original API: wait for up to 10,000 units. The answer is a stream of JSON objects,
+/// one a line (`WaitEvent`): one for each unit as it gets there (with its machine) or as it is
+/// known it will not (`error`: unplaceable, failed, destroyed), a heartbeat with the number still
+/// pending every 5 s, and a last one with `done` and how many did not get there in time.
+#[utoipa::path(post, path = "/fleet/v1/units:wait", operation_id = "units_wait", request_body = batch::WaitRequest,
+    responses((status = 200, content_type = "application/x-ndjson", body = batch::WaitEvent),
+        (status = 400, body = Error), (status = 415, body = Error), (status = 503, body = Error)))]
+fn units_wait() {}
+
 #[utoipa::path(put, path = "/fleet/v1/units/{name}", params(("name" = String, Path)), request_body = Unit,
     responses((status = 201), (status = 204), (status = 400, body = Error), (status = 409, body = Error),
         (status = 415, body = Error), (status = 503, body = Error)))]
@@ -219,6 +252,10 @@ fn engine_status() {}
     paths(
         list_units,
         create_units,
+        units_batch_get,
+        units_batch_update,
+        units_batch_delete,
+        units_wait,
         get_unit,
         put_unit,
         delete_unit,
@@ -251,7 +288,17 @@ fn engine_status() {}
         ErrorDetail,
         MoveRequest,
         AgentStatus,
-        UnitStatuses
+        UnitStatuses,
+        batch::Names,
+        batch::Found,
+        batch::UnitChange,
+        batch::UnitChanges,
+        batch::Changed,
+        batch::Destroyed,
+        batch::Until,
+        batch::WaitRequest,
+        batch::WaitEvent,
+        batch::UnitError
     ))
 )]
 pub struct ApiDoc;

@@ -102,8 +102,50 @@ pub struct TlsFiles {
     pub token: Option<String>,
 }
 
+/// Units named in one batch request (the engine's limit).
+pub const BATCH: usize = 10_000;
+/// How long one `units:wait` request waits at most before the client asks again.
+const WAIT_WINDOW: Duration = Duration::from_secs(30);
+
+/// What `units:batchGet` answers.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Found {
+    #[serde(default)]
+    pub units: Vec<Unit>,
+    #[serde(default)]
+    pub states: Vec<UnitState>,
+    #[serde(default)]
+    pub missing: Vec<String>,
+}
+
+/// One line of a `units:wait` answer.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WaitEvent {
+    #[serde(default)]
+    pub name: String,
+    #[serde(rename = "machineID", default)]
+    pub machine_id: String,
+    #[serde(rename = "primaryIP", default)]
+    pub primary_ip: String,
+    /// `unplaceable`, `failed` or `destroyed`.
+    #[serde(default)]
+    pub error: String,
+    #[serde(default)]
+    pub reason: String,
+    #[serde(default)]
+    pub done: bool,
+}
+
+impl WaitEvent {
+    pub fn legend(&self) -> String {
+        Machine { id: self.machine_id.clone(), primary_ip: self.primary_ip.clone(), ..Default::default() }.legend(false)
+    }
+}
+
 pub struct Client {
     http: reqwest::Client,
+    timeout: Duration,
     base: String,
     /// The endpoint as the user gave it, for error messages.
     shown: String,
@@ -148,7 +190,7 @@ impl Client {
             None => bail!("unsupported endpoint {endpoint:?}: expected http://host:port or unix:///path"),
         };
         let http = builder.build().context("cannot build HTTP client")?;
-        Ok(Client { http, base: format!("{base}/fleet/v1"), shown: endpoint.to_string() })
+        Ok(Client { http, timeout, base: format!("{base}/fleet/v1"), shown: endpoint.to_string() })
     }
 
     fn url(&self, path: &str) -> String {
@@ -250,24 +292,6 @@ impl Client {
         }
     }
 
-    pub async fn put(&self, unit: &Unit) -> Result<()> {
-        let resp = self
-            .send(
-                self.http.put(self.url(&format!("units/{}", encode(&unit.name)))).json(unit),
-                &format!("PUT unit {}", unit.name),
-            )
-            .await?;
-        if resp.status().is_success() {
-            Ok(())
-        } else {
-            Err(Self::error(resp).await)
-        }
-    }
-
-    pub async fn set_desired(&self, name: &str, state: &str) -> Result<()> {
-        self.put(&Unit { name: name.into(), desired_state: state.into(), ..Default::default() }).await
-    }
-
     /// Asks the engine to move a unit (to `machine`, a full id or unique prefix, if given).
     pub async fn request_move(&self, name: &str, machine: Option<&str>) -> Result<()> {
         let body = serde_json::json!({ "machineID": machine.unwrap_or("") });
@@ -351,16 +375,178 @@ impl Client {
         Ok(())
     }
 
-    /// False if the unit did not exist.
-    pub async fn destroy(&self, name: &str) -> Result<bool> {
-        let resp = self
-            .send(self.http.delete(self.url(&format!("units/{}", encode(name)))), &format!("DELETE unit {name}"))
-            .await?;
-        match resp.status() {
-            StatusCode::NOT_FOUND => Ok(false),
-            s if s.is_success() => Ok(true),
-            _ => Err(Self::error(resp).await),
+    /// POSTs `body` to a batch method (`units:batchGet`, ...) and decodes its answer.
+    async fn batch<T: for<'de> Deserialize<'de>>(&self, method: &str, body: &serde_json::Value) -> Result<T> {
+        let resp = self.send(self.http.post(self.url(method)).json(body), &format!("POST {method}")).await?;
+        if !resp.status().is_success() {
+            return Err(Self::batch_error(resp).await);
         }
+        resp.json().await.with_context(|| format!("POST {method}: unreadable response"))
+    }
+
+    /// A batch refusal, with each refused unit on a line of its own.
+    async fn batch_error(resp: reqwest::Response) -> anyhow::Error {
+        #[derive(Deserialize)]
+        struct Body {
+            error: ErrorInner,
+            #[serde(default)]
+            units: Vec<UnitError>,
+        }
+        #[derive(Deserialize)]
+        struct UnitError {
+            name: String,
+            error: String,
+        }
+        let status = resp.status();
+        match resp.json::<Body>().await {
+            Ok(b) if !b.units.is_empty() => {
+                let lines: Vec<String> = b.units.iter().map(|u| format!("  {}: {}", u.name, u.error)).collect();
+                let what = b.error.message.split(':').next().unwrap_or("refused").to_string();
+                anyhow!("API error {}: {what}:\n{}", status.as_u16(), lines.join("\n"))
+            }
+            Ok(b) => anyhow!("API error {}: {}", status.as_u16(), b.error.message),
+            Err(_) => anyhow!("API error {}: {}", status.as_u16(), status.canonical_reason().unwrap_or("")),
+        }
+    }
+
+    /// The named units, what their machines report, and which do not exist: one request per
+    /// [`BATCH`] names.
+    pub async fn batch_get(&self, names: &[String]) -> Result<Found> {
+        let mut all = Found::default();
+        if names.is_empty() {
+            return Ok(all);
+        }
+        for chunk in names.chunks(BATCH) {
+            let f: Found = self.batch("units:batchGet", &serde_json::json!({ "names": chunk })).await?;
+            all.units.extend(f.units);
+            all.states.extend(f.states);
+            all.missing.extend(f.missing);
+        }
+        Ok(all)
+    }
+
+    /// Creates new units (refused if one exists with other contents); returns the etcd
+    /// revision of the last write (0 if there was nothing to create).
+    pub async fn create(&self, units: &[Unit]) -> Result<i64> {
+        #[derive(Deserialize)]
+        struct Created {
+            #[serde(default)]
+            revision: i64,
+        }
+        let mut revision = 0;
+        for chunk in units.chunks(BATCH) {
+            let c: Created = self.batch("units", &serde_json::json!({ "units": chunk })).await?;
+            revision = revision.max(c.revision);
+        }
+        Ok(revision)
+    }
+
+    /// Sets the desired state (and, where given, new options) of existing units; returns the
+    /// etcd revision of the last write (0 if nothing changed).
+    pub async fn update(&self, changes: &[Unit]) -> Result<i64> {
+        if changes.is_empty() {
+            return Ok(0);
+        }
+        #[derive(Deserialize)]
+        struct Changed {
+            revision: i64,
+        }
+        let mut revision = 0;
+        for chunk in changes.chunks(BATCH) {
+            let c: Changed = self.batch("units:batchUpdate", &serde_json::json!({ "units": chunk })).await?;
+            revision = revision.max(c.revision);
+        }
+        Ok(revision)
+    }
+
+    /// Destroys units; returns those that existed and the revision of the last write.
+    pub async fn destroy_many(&self, names: &[String]) -> Result<(Vec<String>, i64)> {
+        if names.is_empty() {
+            return Ok((Vec::new(), 0));
+        }
+        #[derive(Deserialize)]
+        struct Destroyed {
+            destroyed: Vec<String>,
+            revision: i64,
+        }
+        let (mut gone, mut revision) = (Vec::new(), 0);
+        for chunk in names.chunks(BATCH) {
+            let d: Destroyed = self.batch("units:batchDelete", &serde_json::json!({ "names": chunk })).await?;
+            gone.extend(d.destroyed);
+            revision = revision.max(d.revision);
+        }
+        Ok((gone, revision))
+    }
+
+    /// Waits (one streaming request per [`WAIT_WINDOW`], whatever the number of units) until
+    /// each unit gets to `until`, handing every event to `seen`; stops early when `seen` says
+    /// so. Returns the units still pending when `deadline` passed.
+    pub async fn wait(
+        &self,
+        names: &[String],
+        until: &str,
+        revision: i64,
+        deadline: Option<std::time::Instant>,
+        mut seen: impl FnMut(&WaitEvent) -> std::ops::ControlFlow<()>,
+    ) -> Result<Vec<String>> {
+        let mut pending: Vec<String> = names.to_vec();
+        while !pending.is_empty() {
+            let window = match deadline {
+                Some(d) => d.saturating_duration_since(std::time::Instant::now()).min(WAIT_WINDOW),
+                None => WAIT_WINDOW,
+            };
+            let mut left = std::collections::HashSet::new();
+            for chunk in pending.chunks(BATCH) {
+                left.extend(self.wait_once(chunk, until, revision, window, &mut seen).await?);
+            }
+            pending.retain(|n| left.contains(n));
+            if left.is_empty() || deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                break;
+            }
+        }
+        Ok(pending)
+    }
+
+    /// One `units:wait` request; returns the names not yet done with (all of them if `seen`
+    /// stopped the wait).
+    async fn wait_once(
+        &self,
+        names: &[String],
+        until: &str,
+        revision: i64,
+        window: Duration,
+        seen: &mut impl FnMut(&WaitEvent) -> std::ops::ControlFlow<()>,
+    ) -> Result<std::collections::HashSet<String>> {
+        let body = serde_json::json!({
+            "names": names, "until": until, "revision": revision, "timeoutMs": window.as_millis() as u64,
+        });
+        // The answer takes up to the window; the usual request timeout bounds the rest, and the
+        // server's heartbeats show it is alive meanwhile.
+        let req = self.http.post(self.url("units:wait")).json(&body).timeout(window + self.timeout);
+        let mut resp = self.send(req, "POST units:wait").await?;
+        if !resp.status().is_success() {
+            return Err(Self::batch_error(resp).await);
+        }
+        let mut left: std::collections::HashSet<String> = names.iter().cloned().collect();
+        let mut buf = Vec::new();
+        while let Some(chunk) = resp.chunk().await.context("waiting for units")? {
+            buf.extend_from_slice(&chunk);
+            while let Some(end) = buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=end).collect();
+                let event: WaitEvent = serde_json::from_slice(&line).context("waiting for units: unreadable event")?;
+                if event.done {
+                    return Ok(left);
+                }
+                if event.name.is_empty() {
+                    continue;
+                }
+                left.remove(&event.name);
+                if seen(&event).is_break() {
+                    return Ok(names.iter().cloned().collect());
+                }
+            }
+        }
+        bail!("waiting for units: the engine ended the answer early")
     }
 }
 

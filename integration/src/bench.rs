@@ -28,6 +28,27 @@ pub struct LabReport {
     pub agent_idle_wakeups_per_min: f64,
 }
 
+/// What `fleetctl` itself achieved on the lab, run as a user runs it (the release binary, a new
+/// process per command, TLS with the admin's client certificate).
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
+pub struct CliReport {
+    pub cli_machines: usize,
+    /// `fleetctl start FILE` spawned -> systemd's ActiveEnterTimestamp of the unit.
+    pub one_unit_p50_ms: Option<f64>,
+    pub one_unit_p99_ms: Option<f64>,
+    /// Units started in one `fleetctl start` of template instances.
+    pub units: usize,
+    /// `fleetctl start` spawned -> it returned, every unit active in systemd.
+    pub start_secs: f64,
+    /// The latest ActiveEnterTimestamp of those units, after the spawn.
+    pub last_active_secs: f64,
+    /// Requests the engine served for that `fleetctl start`.
+    pub start_requests: u64,
+    /// `fleetctl destroy` spawned -> it returned, no machine reporting any of them.
+    pub destroy_secs: f64,
+    pub destroy_requests: u64,
+}
+
 /// etcd 3.4 (Debian 12's) copies its whole uncommitted write buffer to fill in the revision of
 /// every response, lease keepalives included (etcd-io/etcd#20184, fixed upstream in 2025). With
 /// 10,000 machines renewing leases during a large placement that copy was 58% of etcd's CPU
@@ -80,11 +101,14 @@ impl Drop for BenchEtcd {
 /// Runs the simulated sizes, then the lab measures if `lab` is given, and writes `out`.
 /// Runs the simulated `sizes`, the engine alone at `engine_size`, then (with a lab) the
 /// real-systemd measures, and writes `out`.
+/// Brings up a lab of this many machines (replacing any running one).
+pub type LabUp<'a> = &'a dyn Fn(usize) -> futures::future::BoxFuture<'static, Result<LabState>>;
+
 pub async fn bench(
     sizes: &[(usize, usize)],
     engine_size: (usize, usize),
     bin_dir: &Path,
-    lab: Option<&LabState>,
+    lab_up: Option<LabUp<'_>>,
     out: &Path,
 ) -> Result<()> {
     let etcd = BenchEtcd::start()?;
@@ -144,18 +168,37 @@ pub async fn bench(
         }
     };
     drop(etcd);
-    let lab_report = match lab {
-        Some(state) => {
-            eprintln!("bench: real systemd on {} lab machines", state.machines.len());
-            let r = lab_measures(state).await?;
-            eprintln!("{}", serde_json::to_string(&r)?);
-            Some(r)
-        }
-        None => None,
-    };
-    std::fs::write(out, render(&sims, engine.as_ref(), lab_report.as_ref()))?;
+    let (mut lab_report, mut cli) = (None, Vec::new());
+    if let Some(lab_up) = lab_up {
+        let (r, c) = lab_and_cli(lab_up).await?;
+        (lab_report, cli) = (Some(r), c);
+    }
+    std::fs::write(out, render(&sims, engine.as_ref(), lab_report.as_ref(), &cli))?;
     eprintln!("bench: wrote {}", out.display());
     Ok(())
+}
+
+/// The real-systemd part: fleetctl on 3 machines (one unit, 1,000 units), then on 5 machines
+/// the API-level measures and fleetctl with 1,000 and 10,000 units. Each report is printed as a
+/// JSON line, so `--render-from` can rebuild the page.
+pub async fn lab_and_cli(lab_up: LabUp<'_>) -> Result<(LabReport, Vec<CliReport>)> {
+    let mut cli = Vec::new();
+    let three = lab_up(3).await?;
+    eprintln!("bench: fleetctl on 3 lab machines");
+    let r = cli_measures(&three, 1_000, 50).await?;
+    eprintln!("{}", serde_json::to_string(&r)?);
+    cli.push(r);
+    let five = lab_up(5).await?;
+    eprintln!("bench: real systemd on {} lab machines", five.machines.len());
+    let lab = lab_measures(&five).await?;
+    eprintln!("{}", serde_json::to_string(&lab)?);
+    for units in [1_000, 10_000] {
+        eprintln!("bench: fleetctl with {units} units on 5 lab machines");
+        let r = cli_measures(&five, units, 0).await?;
+        eprintln!("{}", serde_json::to_string(&r)?);
+        cli.push(r);
+    }
+    Ok((lab, cli))
 }
 
 /// Renders `out` again from the JSON lines a bench run printed (`./lab bench 2> log`), e.g. after
@@ -165,8 +208,11 @@ pub fn render_from_log(log: &Path, out: &Path) -> Result<()> {
     let mut sims = Vec::new();
     let mut lab = None;
     let mut engine = None;
+    let mut cli = Vec::new();
     for line in text.lines().filter(|l| l.starts_with('{')) {
-        if line.contains("\"latency_p50_ms\"") {
+        if line.contains("\"cli_machines\"") {
+            cli.push(serde_json::from_str::<CliReport>(line)?);
+        } else if line.contains("\"latency_p50_ms\"") {
             lab = Some(serde_json::from_str::<LabReport>(line)?);
         } else if line.contains("\"place_secs\"") {
             engine = Some(serde_json::from_str::<EngineReport>(line)?);
@@ -177,7 +223,7 @@ pub fn render_from_log(log: &Path, out: &Path) -> Result<()> {
     if sims.is_empty() {
         bail!("no simulation results in {}", log.display());
     }
-    std::fs::write(out, render(&sims, engine.as_ref(), lab.as_ref()))?;
+    std::fs::write(out, render(&sims, engine.as_ref(), lab.as_ref(), &cli))?;
     Ok(())
 }
 
@@ -424,7 +470,7 @@ fn verdict(ok: bool) -> &'static str {
 }
 
 /// The results as markdown: one table per part, each measure next to its target.
-pub fn render(sims: &[SimReport], engine: Option<&EngineReport>, lab: Option<&LabReport>) -> String {
+pub fn render(sims: &[SimReport], engine: Option<&EngineReport>, lab: Option<&LabReport>, cli: &[CliReport]) -> String {
     let mut md = String::new();
     let date = std::process::Command::new("date")
         .arg("-u")
@@ -635,6 +681,191 @@ pub fn render(sims: &[SimReport], engine: Option<&EngineReport>, lab: Option<&La
             let _ = writeln!(md, "| {m} | {t} | {r} | {} |", verdict(ok));
         }
     }
+    render_cli(&mut md, cli);
     md.push_str(include_str!("../../docs/performance-notes.md"));
     md
+}
+
+/// Requests the engine has served (its own count).
+async fn requests_served(http: &reqwest::Client, api: &str) -> Result<u64> {
+    let v: serde_json::Value = http.get(format!("{api}/engine/status")).send().await?.json().await?;
+    v["requests"].as_u64().context("engine status without a request count")
+}
+
+fn now_usec() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+}
+
+/// Runs the lab's fleetctl as its administrator; fails unless it exits 0.
+fn fleetctl_ok(state: &LabState, api: &str, args: &[String]) -> Result<()> {
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = crate::testkit::fleetctl(state, api, &refs)?;
+    if !out.status.success() {
+        let (o, e) = crate::testkit::text(&out);
+        let tail = |s: &str| s.lines().rev().take(5).collect::<Vec<_>>().join(" / ");
+        bail!("fleetctl {} failed: {} {}", args.first().map(String::as_str).unwrap_or(""), tail(&o), tail(&e));
+    }
+    Ok(())
+}
+
+/// The latest ActiveEnterTimestamp among `units`, over every machine (µs since the epoch).
+async fn last_active_usec(buses: &[crate::testkit::MachineBus], units: &[String]) -> Result<u64> {
+    let mut last = 0;
+    for u in units {
+        for b in buses {
+            last = last.max(b.active_since_usec(u).await?);
+        }
+    }
+    Ok(last)
+}
+
+/// `fleetctl` as a user types it: one unit started at a time (its latency to active, as systemd
+/// timestamps it), then `units` template instances in one `fleetctl start` and one
+/// `fleetctl destroy`, each timed until it returns (start returns once all are active in
+/// systemd, destroy once no machine reports any).
+pub async fn cli_measures(state: &LabState, units: usize, one_unit_samples: usize) -> Result<CliReport> {
+    let api = state.api_url().context("the lab has no engine")?.to_string();
+    let http = crate::pki::http_as("admin")?;
+    let dir = crate::testkit::scratch("bench-cli")?;
+    let mut buses = Vec::new();
+    for m in &state.machines {
+        buses.push(crate::testkit::MachineBus::connect(m).await?);
+    }
+    let mut report = CliReport { cli_machines: state.machines.len(), units, ..Default::default() };
+    let unit_file = "[Service]\nExecStart=/bin/sleep infinity\n";
+
+    if one_unit_samples > 0 {
+        let mut samples = Vec::new();
+        let mut names = Vec::new();
+        for i in 0..one_unit_samples {
+            let name = format!("bench-cli-one-{i:03}.service");
+            let path = dir.join(&name);
+            std::fs::write(&path, unit_file)?;
+            let t0 = now_usec();
+            fleetctl_ok(state, &api, &["start".into(), path.display().to_string()])?;
+            let active = last_active_usec(&buses, std::slice::from_ref(&name)).await?;
+            if active < t0 {
+                bail!("{name}: systemd's ActiveEnterTimestamp {active} is before fleetctl started ({t0})");
+            }
+            samples.push((active - t0) as f64 / 1000.0);
+            names.push(name);
+        }
+        samples.sort_by(|a, b| a.total_cmp(b));
+        report.one_unit_p50_ms = Some(samples[samples.len() / 2]);
+        report.one_unit_p99_ms = Some(samples[(samples.len() * 99 / 100).min(samples.len() - 1)]);
+        eprintln!(
+            "bench: fleetctl start of one unit -> active: p50 {:.0} ms, p99 {:.0} ms",
+            samples[samples.len() / 2],
+            samples[samples.len() - 1]
+        );
+        let mut destroy = vec!["destroy".to_string()];
+        destroy.extend(names);
+        fleetctl_ok(state, &api, &destroy)?;
+    }
+
+    std::fs::write(dir.join("bench-cli@.service"), unit_file)?;
+    let names: Vec<String> = (1..=units).map(|i| format!("bench-cli@{i}.service")).collect();
+    let mut start = vec!["start".to_string()];
+    start.extend(names.iter().map(|n| dir.join(n).display().to_string()));
+    let before = requests_served(&http, &api).await?;
+    let (t0, t) = (now_usec(), Instant::now());
+    fleetctl_ok(state, &api, &start)?;
+    report.start_secs = t.elapsed().as_secs_f64();
+    report.start_requests = requests_served(&http, &api).await? - before - 1;
+    report.last_active_secs = last_active_usec(&buses, &names).await?.saturating_sub(t0) as f64 / 1e6;
+    eprintln!(
+        "bench: fleetctl start of {units} units on {} machines: {:.2} s ({} requests; last active after {:.2} s)",
+        state.machines.len(),
+        report.start_secs,
+        report.start_requests,
+        report.last_active_secs
+    );
+    let mut destroy = vec!["destroy".to_string()];
+    destroy.extend(names);
+    let before = requests_served(&http, &api).await?;
+    let t = Instant::now();
+    fleetctl_ok(state, &api, &destroy)?;
+    report.destroy_secs = t.elapsed().as_secs_f64();
+    report.destroy_requests = requests_served(&http, &api).await? - before - 1;
+    eprintln!(
+        "bench: fleetctl destroy of {units} units: {:.2} s ({} requests)",
+        report.destroy_secs, report.destroy_requests
+    );
+    Ok(report)
+}
+
+/// What a user meets: `fleetctl` on the lab's machines, beside the original fleet v1.0.0 run side
+/// by side on this host (issue 20: its fleetctl writing to etcd directly, 3 machines).
+fn render_cli(md: &mut String, cli: &[CliReport]) {
+    if cli.is_empty() {
+        return;
+    }
+    let _ = writeln!(md, "\n## fleetctl, as users run it\n");
+    let _ = writeln!(
+        md,
+        "The release `fleetctl` binary started once per command, as a user types it, against the lab \
+         (real systemd 252 in nspawn machines, TLS with the admin's client certificate, auth on, etcd \
+         with TLS and client certificates). Units are template instances from a local template file \
+         (`ExecStart=/bin/sleep infinity`). `fleetctl start` returns once every unit is active in \
+         systemd; `fleetctl destroy` once no machine reports any. One unit is timed from spawning \
+         `fleetctl start` to systemd's own `ActiveEnterTimestamp`. Requests are counted by the engine.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| machines | units | `fleetctl start` -> returned, all active (s) | last unit active in systemd (s) | requests | `fleetctl destroy` -> returned, all gone (s) | requests | one unit start -> active p50 / p99 (ms) |\n|---|---|---|---|---|---|---|---|"
+    );
+    for c in cli {
+        let one = match (c.one_unit_p50_ms, c.one_unit_p99_ms) {
+            (Some(p50), Some(p99)) => format!("{p50:.0} / {p99:.0}"),
+            _ => "-".into(),
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {:.2} | {:.2} | {} | {:.2} | {} | {one} |",
+            c.cli_machines,
+            c.units,
+            c.start_secs,
+            c.last_active_secs,
+            c.start_requests,
+            c.destroy_secs,
+            c.destroy_requests
+        );
+    }
+    let _ = writeln!(md, "\n| measure | target | result | original fleet v1.0.0 | |\n|---|---|---|---|---|");
+    let find = |machines: usize, units: usize| cli.iter().find(|c| c.cli_machines == machines && c.units == units);
+    if let Some(c) = cli.iter().find(|c| c.one_unit_p50_ms.is_some()) {
+        let p50 = c.one_unit_p50_ms.unwrap_or(f64::MAX);
+        let _ = writeln!(
+            md,
+            "| `fleetctl start` of one unit -> active in systemd, p50 / p99 ({} machines) | p50 <= 50 ms | {p50:.0} ms / {} ms | ~3.5 s | {} |",
+            c.cli_machines,
+            opt(c.one_unit_p99_ms, 0),
+            verdict(p50 <= 50.0)
+        );
+    }
+    if let Some(c) = find(3, 1_000) {
+        let _ = writeln!(
+            md,
+            "| `fleetctl start` of 1,000 units -> all active (3 machines) | <= 1.5 s | {:.2} s ({} requests) | 31-35 s to all active; its start call returned in 10 s | {} |",
+            c.start_secs,
+            c.start_requests,
+            verdict(c.start_secs <= 1.5)
+        );
+        let _ = writeln!(
+            md,
+            "| `fleetctl destroy` of 1,000 units -> all gone (3 machines) | <= 1 s | {:.2} s ({} requests) | 178-200 s for 100 units | {} |",
+            c.destroy_secs,
+            c.destroy_requests,
+            verdict(c.destroy_secs <= 1.0)
+        );
+    }
+    if let Some(c) = find(5, 10_000) {
+        let _ = writeln!(
+            md,
+            "| `fleetctl start` of 10,000 units -> all active (5 machines) | <= 10 s | {:.2} s ({} requests) | not measured | {} |",
+            c.start_secs,
+            c.start_requests,
+            verdict(c.start_secs <= 10.0)
+        );
+    }
 }

@@ -79,6 +79,9 @@ enum Cmd {
         /// Measure nothing: write docs/performance.md from the output of an earlier run.
         #[arg(long)]
         render_from: Option<PathBuf>,
+        /// Only the lab's measures (real systemd, fleetctl), printed as JSON lines; writes nothing.
+        #[arg(long, conflicts_with_all = ["no_lab", "render_from"])]
+        only_lab: bool,
     },
 }
 
@@ -131,17 +134,28 @@ fn main() -> Result<()> {
         Cmd::Bench { render_from: Some(log), .. } => {
             lab::bench::render_from_log(&log, &repo_dir().join("docs/performance.md"))
         }
-        Cmd::Bench { machines, units, no_lab, render_from: None } => rt.block_on(async {
+        Cmd::Bench { only_lab: true, .. } => rt.block_on(async {
+            let lab_up = |machines: usize| -> futures::future::BoxFuture<'static, Result<LabState>> {
+                Box::pin(up(machines as u8, 1, 1, &[], None))
+            };
+            let result = lab::bench::lab_and_cli(&lab_up).await;
+            down()?;
+            result.map(|_| ())
+        }),
+        Cmd::Bench { machines, units, no_lab, render_from: None, .. } => rt.block_on(async {
             // The whole cluster at each size, and the engine alone at the target size (its own
             // placement rate, without agents sharing the two cores).
             let (sizes, engine_size) = match (machines, units) {
                 (Some(m), Some(u)) => (vec![(m, u)], (m, u)),
                 _ => (vec![(100, 1_000), (1_000, 10_000), (10_000, 100_000)], (10_000, 100_000)),
             };
-            let lab = if no_lab { None } else { Some(up(5, 1, 1, &[], None).await?) };
+            let lab_up = |machines: usize| -> futures::future::BoxFuture<'static, Result<LabState>> {
+                Box::pin(up(machines as u8, 1, 1, &[], None))
+            };
             let out = repo_dir().join("docs/performance.md");
-            let result = lab::bench::bench(&sizes, engine_size, &target_dir()?, lab.as_ref(), &out).await;
-            if lab.is_some() {
+            let result =
+                lab::bench::bench(&sizes, engine_size, &target_dir()?, (!no_lab).then_some(&lab_up), &out).await;
+            if !no_lab {
                 down()?;
             }
             result

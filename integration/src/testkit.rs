@@ -146,6 +146,14 @@ impl MachineBus {
         })
     }
 
+    /// When systemd last saw `unit` become active (µs since the epoch, systemd's own clock
+    /// reading); 0 if it never was.
+    pub async fn active_since_usec(&self, unit: &str) -> Result<u64> {
+        let path: zbus::zvariant::OwnedObjectPath = self.manager().await?.call("LoadUnit", &(unit,)).await?;
+        let u = zbus::Proxy::new(&self.conn, "org.freedesktop.systemd1", path, "org.freedesktop.systemd1.Unit").await?;
+        Ok(u.get_property("ActiveEnterTimestamp").await?)
+    }
+
     /// The file systemd loaded `unit` from.
     pub async fn fragment_path(&self, unit: &str) -> Result<String> {
         let path: zbus::zvariant::OwnedObjectPath = self.manager().await?.call("LoadUnit", &(unit,)).await?;

@@ -362,3 +362,144 @@ async fn the_fleet_v1_contract() {
     etcd.lease_revoke(lease).await.ok();
     etcd.delete(prefix.as_str(), Some(etcd_client::DeleteOptions::new().with_prefix())).await.ok();
 }
+
+/// The batch methods (fleet-rs additions): validated as a whole before anything is written, each
+/// refused unit named in the error body; `units:wait` streams one line per unit.
+#[tokio::test]
+async fn batch_methods_refuse_whole_batches_and_wait_streams_each_unit() {
+    let Some(lab) = testkit::lab() else { return };
+    let prefix = testkit::unique_prefix("api-batch");
+    let keys = Keys::new(&prefix);
+    let port = 12586;
+    let mut cmd = std::process::Command::new(lab.bin_dir.join("fleet-engine"));
+    cmd.args(lab.engine_base_args())
+        .args(["--etcd-prefix", &prefix, "--engine-id", "t-api-batch"])
+        .args(["--listen", &lab_dir().join("t-api-batch.sock").display().to_string()])
+        .args(["--listen-tls", &format!("127.0.0.1:{port}")]);
+    let _engine = Engine(process::spawn_logged(cmd, &lab_dir().join("t-api-batch.log")).expect("engine starts"));
+    let api = Api { base: format!("https://127.0.0.1:{port}"), http: testkit::http() };
+    wait_for("API", T, || async {
+        api.http.get(format!("{}/fleet/v1/units", api.base)).send().await.ok().filter(|r| r.status().is_success())
+    })
+    .await
+    .expect("API up");
+    let mut etcd = testkit::etcd(&lab).await.expect("etcd");
+    let opts = json!([{"section": "Service", "name": "ExecStart", "value": "/bin/sleep 1000"}]);
+    let units: Vec<Value> =
+        (1..=3).map(|i| json!({"name": format!("b{i}.service"), "options": opts, "desiredState": "loaded"})).collect();
+    let (s, _, b) = api.call("POST", "/fleet/v1/units", Some(json!({ "units": units }))).await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    assert!(b["revision"].as_i64().is_some_and(|r| r > 0), "a create answers with its revision: {b}");
+
+    // batchGet: found, with their options, and the missing named.
+    let (s, _, b) =
+        api.call("POST", "/fleet/v1/units:batchGet", Some(json!({"names": ["b1.service", "zz.service"]}))).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["units"][0]["name"], "b1.service");
+    assert_eq!(b["units"][0]["options"], opts);
+    assert_eq!(b["missing"], json!(["zz.service"]));
+
+    // A batch naming one missing unit changes none of the others.
+    let (s, _, b) = api
+        .call(
+            "POST",
+            "/fleet/v1/units:batchUpdate",
+            Some(json!({"units": [{"name": "b1.service", "desiredState": "launched"},
+                {"name": "nope.service", "desiredState": "launched"}]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{b}");
+    assert_eq!(b["units"], json!([{"name": "nope.service", "error": "unit does not exist"}]));
+    let stored = etcd.get(keys.unit(&UnitName::parse("b1.service").expect("name")), None).await.expect("get");
+    let rec: fleet_model::UnitRecord =
+        fleet_model::schema::decode(stored.kvs()[0].value()).expect("a stored unit record");
+    assert_eq!(rec.desired_state, DesiredState::Loaded, "nothing of a refused batch is written");
+    // Invalid entries are each named.
+    let (s, _, b) = api
+        .call(
+            "POST",
+            "/fleet/v1/units:batchUpdate",
+            Some(json!({"units": [{"name": "b1.service", "desiredState": "running"}, {"name": "b2.service"}]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+    let named: Vec<&str> = b["units"].as_array().into_iter().flatten().filter_map(|u| u["name"].as_str()).collect();
+    assert_eq!(named, ["b1.service", "b2.service"], "{b}");
+    // An operator may change desired states but not unit files.
+    let operate = fleet_integration::pki::token("operate").expect("token");
+    let as_operator = |body: Value| {
+        api.http.post(format!("{}/fleet/v1/units:batchUpdate", api.base)).bearer_auth(&operate).json(&body).send()
+    };
+    let resp = as_operator(json!({"units": [{"name": "b1.service", "options": opts, "desiredState": "launched"}]}))
+        .await
+        .expect("POST");
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    let resp = as_operator(json!({"units": [{"name": "b1.service", "desiredState": "inactive"},
+        {"name": "b2.service", "desiredState": "inactive"}]}))
+    .await
+    .expect("POST");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let changed: Value = resp.json().await.expect("JSON");
+    assert_eq!(changed["changed"], json!(["b1.service", "b2.service"]));
+
+    // No machines here: inactive units are reached at once, a missing one is reported
+    // destroyed, and the stream ends with a `done` line.
+    let resp = api
+        .http
+        .post(format!("{}/fleet/v1/units:wait", api.base))
+        .json(&json!({"names": ["b1.service", "b2.service", "gone.service"], "until": "inactive",
+            "revision": changed["revision"], "timeoutMs": 5000}))
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["content-type"], "application/x-ndjson");
+    let text = resp.text().await.expect("body");
+    let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect();
+    assert_eq!(lines.len(), 4, "{text}");
+    assert_eq!(lines[0], json!({"name": "b1.service"}));
+    assert_eq!(lines[1], json!({"name": "b2.service"}));
+    assert_eq!(lines[2], json!({"name": "gone.service", "error": "destroyed"}));
+    assert_eq!(lines[3], json!({"pending": 0, "done": true}));
+    // No machine to place a unit on: the wait ends with the leader's reason, once its time is up.
+    let started = std::time::Instant::now();
+    let text = api
+        .http
+        .post(format!("{}/fleet/v1/units:wait", api.base))
+        .json(&json!({"names": ["b3.service"], "until": "active", "timeoutMs": 1500}))
+        .send()
+        .await
+        .expect("POST")
+        .text()
+        .await
+        .expect("body");
+    assert!(started.elapsed() >= Duration::from_millis(1500), "the wait lasts its time: {text}");
+    let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect();
+    assert_eq!(
+        (lines[0]["name"].as_str(), lines[0]["error"].as_str()),
+        (Some("b3.service"), Some("unplaceable")),
+        "{text}"
+    );
+    assert!(lines[0]["reason"].as_str().is_some_and(|r| !r.is_empty()), "{text}");
+    let (s, _, _) = api
+        .call(
+            "POST",
+            "/fleet/v1/units:wait",
+            Some(json!({"names": ["b3.service"], "until": "active", "timeoutMs": 600000})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "a wait longer than the limit is refused");
+
+    // batchDelete: the destroyed and the missing, then `gone` once no machine reports them.
+    let (s, _, b) = api
+        .call("POST", "/fleet/v1/units:batchDelete", Some(json!({"names": ["b1.service", "b2.service", "x.service"]})))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(
+        (b["destroyed"].clone(), b["missing"].clone()),
+        (json!(["b1.service", "b2.service"]), json!(["x.service"]))
+    );
+    let (s, _, b) = api.call("POST", "/fleet/v1/units:batchGet", Some(json!({"names": ["b1.service"]}))).await;
+    assert_eq!((s, b["missing"].clone()), (StatusCode::OK, json!(["b1.service"])), "a read sees its own write");
+    let _ = etcd.delete(prefix.as_str(), Some(etcd_client::DeleteOptions::new().with_prefix())).await;
+}

@@ -138,6 +138,67 @@ async fn submit_load_start_cycles_of_template_instances() {
     }
 }
 
+/// Requests the engine has served, as `/engine/status` counts them (this request included).
+async fn requests_served(c: &Cli) -> u64 {
+    let status: serde_json::Value = testkit::http()
+        .get(format!("{}/engine/status", c.api))
+        .send()
+        .await
+        .expect("engine status")
+        .json()
+        .await
+        .expect("JSON");
+    status["requests"].as_u64().expect("a request count")
+}
+
+/// Bulk commands cost a constant number of requests, however many units they name (counted by
+/// the engine): `start` of 1,000 template instances from a local template is one lookup, one
+/// create and one wait; `stop` a lookup, a change and a wait; `destroy` a delete and a wait. The
+/// original's lines are printed for every unit.
+#[tokio::test]
+async fn bulk_commands_make_a_bounded_number_of_requests() {
+    let Some(c) = Cli::new("cli-bulk") else { return };
+    c.write("bulk@.service", "[Service]\nExecStart=/bin/sleep infinity\n");
+    let paths: Vec<String> = (1..=1000).map(|i| c.path(&format!("bulk@{i}.service"))).collect();
+    let units: Vec<String> = (1..=1000).map(|i| format!("bulk@{i}.service")).collect();
+    let with = |verb: &'static str, args: &[String]| -> Vec<String> {
+        std::iter::once(verb.to_string()).chain(args.iter().cloned()).collect()
+    };
+    let c = &c;
+    let counted = |args: Vec<String>| async move {
+        let before = requests_served(c).await;
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = c.ok(&refs);
+        let after = requests_served(c).await;
+        (out, after - before - 1)
+    };
+
+    let (out, requests) = counted(with("start", &paths)).await;
+    for u in &units {
+        assert!(out.contains(&format!("Unit {u} inactive\n")), "{u} created: {out}");
+        assert!(out.contains(&format!("Unit {u} launched on ")), "{u} reported launched");
+    }
+    assert!((3..=5).contains(&requests), "start of 1,000 units made {requests} requests");
+    let active = c.rows(&["list-units", "--fields", "unit,active"], "bulk@");
+    assert_eq!(active.iter().filter(|r| r[1] == "active").count(), 1000, "every unit active");
+
+    // Started again: already launched, nothing to write; only the lookup and the wait.
+    let (_, requests) = counted(with("start", &paths)).await;
+    assert!(requests <= 3, "a second start of 1,000 running units made {requests} requests");
+
+    let (out, requests) = counted(with("stop", &units)).await;
+    assert!(out.lines().filter(|l| l.starts_with("Unit bulk@") && l.contains(" loaded on ")).count() == 1000, "{out}");
+    assert!((3..=5).contains(&requests), "stop of 1,000 units made {requests} requests");
+    let rows = c.rows(&["list-units", "--fields", "unit,active"], "bulk@");
+    assert!(rows.iter().all(|r| r[1] == "inactive" || r[1] == "failed"), "stopped means stopped: {rows:?}");
+
+    let (out, requests) = counted(with("destroy", &units)).await;
+    assert_eq!(out.lines().filter(|l| l.starts_with("Destroyed bulk@")).count(), 1000);
+    assert!((2..=4).contains(&requests), "destroy of 1,000 units made {requests} requests");
+    assert!(c.rows(&["list-units"], "bulk@").is_empty(), "destroy waits until no machine reports them");
+    assert!(c.rows(&["list-unit-files"], "bulk@").is_empty());
+}
+
 #[tokio::test]
 async fn replace_changes_contents_in_every_state() {
     let Some(c) = Cli::new("cli-replace") else { return };

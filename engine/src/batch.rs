@@ -1,0 +1,760 @@
+//! Batch operations on units, not in the original API: read, change, destroy and wait for many
+//! units with one request each, so what a client pays does not grow with the number of units it
+//! names (fleetctl's bulk commands are built on them). They are named after Google's custom
+//! methods (`units:batchGet`), since fleet's API follows Google's discovery format.
+//!
+//! Every request is validated as a whole before anything is written; writes go to etcd in
+//! transactions of at most [`UNITS_PER_TXN`] units, each all-or-nothing, and answer once
+//! committed. Per-unit refusals are listed in the error body's `units`.
+
+use crate::api::{
+    api_unit, check_json, check_put, check_replace_cycles, etcd, etcd_patient, fresh, placement_of, settle, Api,
+    ApiError, ApiUnit, ApiUnitState, PutUnit, MAX_UNITS_PER_REQUEST, UNITS_PER_TXN,
+};
+use crate::auth::{AuditDetail, Caller, Role};
+use crate::cluster::ClusterView;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use etcd_client::{Compare, CompareOp, Txn, TxnOp, TxnOpResponse};
+use fleet_model::schema::{decode, encode, is_stopped};
+use fleet_model::{DesiredState, UnitName, UnitOption, UnitRecord};
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+use utoipa::ToSchema;
+
+/// A refusal of a whole batch, with what was wrong with each unit.
+#[derive(Debug)]
+pub struct BatchError {
+    pub error: ApiError,
+    pub units: Vec<UnitError>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct UnitError {
+    pub name: String,
+    pub error: String,
+}
+
+impl From<ApiError> for BatchError {
+    fn from(error: ApiError) -> Self {
+        BatchError { error, units: Vec::new() }
+    }
+}
+
+impl IntoResponse for BatchError {
+    fn into_response(self) -> Response {
+        let status = self.error.status();
+        let mut body = serde_json::json!({"error": {"code": status.as_u16(), "message": self.error.message()}});
+        if !self.units.is_empty() {
+            body["units"] = serde_json::to_value(&self.units).unwrap_or_default();
+        }
+        (status, Json(body)).into_response()
+    }
+}
+
+/// Refuses the batch if any unit was refused: `what` says why, `units` which and how.
+fn refuse(status: StatusCode, what: &str, units: Vec<UnitError>) -> Result<(), BatchError> {
+    if units.is_empty() {
+        return Ok(());
+    }
+    let first = units.iter().take(3).map(|u| format!("{}: {}", u.name, u.error)).collect::<Vec<_>>().join("; ");
+    let more = if units.len() > 3 { format!(" (and {} more)", units.len() - 3) } else { String::new() };
+    Err(BatchError { error: ApiError::new(status, format!("{what}: {first}{more}")), units })
+}
+
+fn decode_body<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("unable to decode body: {e}")))
+}
+
+/// Unit names, each valid and named once, at most [`MAX_UNITS_PER_REQUEST`].
+pub fn parse_names(names: &[String]) -> Result<Vec<UnitName>, BatchError> {
+    if names.is_empty() {
+        return Err(ApiError::bad_request("names is empty").into());
+    }
+    if names.len() > MAX_UNITS_PER_REQUEST {
+        return Err(ApiError::bad_request(format!(
+            "{} units in one request; at most {MAX_UNITS_PER_REQUEST}",
+            names.len()
+        ))
+        .into());
+    }
+    let mut seen = HashSet::new();
+    let mut out = Vec::with_capacity(names.len());
+    let mut bad = Vec::new();
+    for n in names {
+        match UnitName::parse(n) {
+            Ok(name) if seen.insert(name.clone()) => out.push(name),
+            Ok(_) => bad.push(UnitError { name: n.clone(), error: "named twice in this request".into() }),
+            Err(e) => bad.push(UnitError { name: n.clone(), error: e.to_string() }),
+        }
+    }
+    refuse(StatusCode::BAD_REQUEST, "invalid unit names", bad)?;
+    Ok(out)
+}
+
+/// Names of units to read, destroy or wait for.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct Names {
+    pub names: Vec<String>,
+}
+
+/// The named units as `GET /units/{name}` shows them, what their machines report, and which
+/// do not exist.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Found {
+    #[schema(value_type = Vec<crate::openapi::Unit>)]
+    pub units: Vec<ApiUnit>,
+    #[schema(value_type = Vec<crate::openapi::UnitState>)]
+    pub states: Vec<ApiUnitState>,
+    pub missing: Vec<String>,
+}
+
+fn find(v: &ClusterView, names: &[UnitName]) -> Found {
+    let mut found = Found { units: Vec::new(), states: Vec::new(), missing: Vec::new() };
+    for name in names {
+        let Some(rec) = v.units.get(name) else {
+            found.missing.push(name.to_string());
+            continue;
+        };
+        found.units.push(api_unit(v, rec));
+        for (m, s) in v.states.get(name).into_iter().flatten() {
+            found.states.push(ApiUnitState {
+                name: name.to_string(),
+                hash: s.hash.clone(),
+                machine_id: m.clone(),
+                systemd_load_state: s.load_state.clone(),
+                systemd_active_state: s.active_state.clone(),
+                systemd_sub_state: s.sub_state.clone(),
+            });
+        }
+    }
+    found
+}
+
+/// etcd's current revision: a view that has caught up with it shows every write made through
+/// any replica before this call.
+async fn etcd_revision(api: &Api) -> Result<i64, ApiError> {
+    let key = api.keys.prefix().to_string();
+    let resp = etcd("read revision", || {
+        let mut kv = api.client.kv_client();
+        let k = key.clone();
+        async move { kv.get(k, Some(etcd_client::GetOptions::new().with_count_only())).await }
+    })
+    .await?;
+    Ok(resp.header().map(|h| h.revision()).unwrap_or(0))
+}
+
+/// `POST /units:batchGet`: many units in one read.
+pub async fn batch_get(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, BatchError> {
+    check_json(&headers)?;
+    let req: Names = decode_body(&body)?;
+    let names = parse_names(&req.names)?;
+    fresh(&api).await?;
+    let mut found = api.cluster.read(|v| find(v, &names));
+    if !found.missing.is_empty() {
+        // The view may lag a write made through another replica: before saying a unit does
+        // not exist, catch up with etcd.
+        let rev = etcd_revision(&api).await?;
+        if api.cluster.revision() < rev {
+            settle(&api, rev).await;
+            found = api.cluster.read(|v| find(v, &names));
+        }
+    }
+    Ok(Json(found).into_response())
+}
+
+/// One unit to change: a desired state, new unit file options, or both.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UnitChange {
+    pub name: String,
+    #[serde(default)]
+    #[schema(example = "launched")]
+    pub desired_state: String,
+    #[serde(default)]
+    #[schema(value_type = Vec<crate::openapi::UnitOption>)]
+    pub options: Vec<UnitOption>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct UnitChanges {
+    pub units: Vec<UnitChange>,
+}
+
+/// Decodes and validates a `POST /units:batchUpdate` body without looking at the cluster.
+pub fn parse_changes(body: &[u8]) -> Result<Vec<PutUnit>, BatchError> {
+    let req: UnitChanges = decode_body(body)?;
+    let names: Vec<String> = req.units.iter().map(|u| u.name.clone()).collect();
+    parse_names(&names)?;
+    let mut out = Vec::with_capacity(req.units.len());
+    let mut bad = Vec::new();
+    for u in req.units {
+        if u.desired_state.is_empty() && u.options.is_empty() {
+            bad.push(UnitError { name: u.name, error: "neither desiredState nor options given".into() });
+            continue;
+        }
+        match check_put(&u.name, &u.desired_state, u.options) {
+            Ok(p) => out.push(p),
+            Err(e) => bad.push(UnitError { name: u.name, error: e.message().to_string() }),
+        }
+    }
+    refuse(StatusCode::BAD_REQUEST, "invalid units", bad)?;
+    Ok(out)
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Changed {
+    /// The units whose record changed (the others already were as asked).
+    pub changed: Vec<String>,
+    /// etcd revision of the last write; `units:wait` may be asked to start from it.
+    pub revision: i64,
+}
+
+/// `POST /units:batchUpdate`: changes the desired state (and, for `admin`, the unit file) of
+/// existing units. Units already as asked are left alone.
+pub async fn batch_update(
+    State(api): State<Api>,
+    caller: Option<axum::Extension<Caller>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, BatchError> {
+    check_json(&headers)?;
+    let changes = parse_changes(&body)?;
+    if changes.iter().any(|c| c.file.is_some()) {
+        let caller = caller.map(|c| c.0).unwrap_or(Caller { who: "?".into(), role: Role::Read, machine: None });
+        caller.require(Role::Admin, "changing unit files")?;
+    }
+    let mut bad = Vec::new();
+    for c in &changes {
+        if let Some((_, rules)) = &c.file {
+            if let Err(e) = check_replace_cycles(&api, &c.name, rules) {
+                bad.push(UnitError { name: c.name.to_string(), error: e.message().to_string() });
+            }
+        }
+    }
+    refuse(StatusCode::BAD_REQUEST, "invalid units", bad)?;
+    fresh(&api).await?;
+    let missing = |v: &ClusterView| -> Vec<UnitError> {
+        changes
+            .iter()
+            .filter(|c| !v.units.contains_key(&c.name))
+            .map(|c| UnitError { name: c.name.to_string(), error: "unit does not exist".into() })
+            .collect()
+    };
+    if !api.cluster.read(|v| missing(v)).is_empty() {
+        let rev = etcd_revision(&api).await?;
+        settle(&api, rev).await;
+    }
+    refuse(StatusCode::NOT_FOUND, "units do not exist", api.cluster.read(|v| missing(v)))?;
+
+    let mut done = Changed { changed: Vec::new(), revision: 0 };
+    for chunk in changes.chunks(UNITS_PER_TXN) {
+        let (changed, rev) = update_chunk(&api, chunk).await?;
+        done.changed.extend(changed);
+        done.revision = done.revision.max(rev);
+    }
+    if done.revision > 0 {
+        api.wrote(done.revision);
+    }
+    let detail = AuditDetail(format!("{} of {} units changed", done.changed.len(), changes.len()));
+    Ok((StatusCode::OK, axum::Extension(detail), Json(done)).into_response())
+}
+
+/// One transaction: reads the chunk's units, writes what changes, guarded by what was read;
+/// read again if another writer came in between.
+async fn update_chunk(api: &Api, chunk: &[PutUnit]) -> Result<(Vec<String>, i64), BatchError> {
+    for _ in 0..5 {
+        let reads: Vec<TxnOp> = chunk.iter().map(|c| TxnOp::get(api.keys.unit(&c.name), None)).collect();
+        let read = etcd_patient("read units", || {
+            let mut kv = api.client.kv_client();
+            let t = Txn::new().and_then(reads.clone());
+            async move { kv.txn(t).await }
+        })
+        .await?;
+        let mut guards = Vec::new();
+        let mut ops = Vec::new();
+        let mut changed = Vec::new();
+        let mut gone = Vec::new();
+        let mut bodies = HashSet::new();
+        for (c, got) in chunk.iter().zip(read.op_responses()) {
+            let key = api.keys.unit(&c.name);
+            let stored = match got {
+                TxnOpResponse::Get(g) => {
+                    g.kvs().first().map(|kv| (decode::<UnitRecord>(kv.value()), kv.mod_revision()))
+                }
+                _ => None,
+            };
+            let Some((old, rev)) = stored else {
+                gone.push(UnitError { name: c.name.to_string(), error: "unit does not exist".into() });
+                continue;
+            };
+            let old = old.map_err(|e| ApiError::internal(format!("stored unit {} is unreadable: {e}", c.name)))?;
+            let mut new = old.clone();
+            if let Some((f, _)) = &c.file {
+                new.hash = f.hash();
+                if new.hash != old.hash && bodies.insert(new.hash.clone()) {
+                    ops.push(TxnOp::put(api.keys.body(&new.hash), f.canonical(), None));
+                }
+            }
+            if let Some(d) = c.desired {
+                new.desired_state = d;
+            }
+            if new == old {
+                continue;
+            }
+            guards.push(Compare::mod_revision(key.clone(), CompareOp::Equal, rev));
+            ops.push(TxnOp::put(key, encode(&new).map_err(|e| ApiError::internal(e.to_string()))?, None));
+            changed.push(c.name.to_string());
+        }
+        refuse(StatusCode::CONFLICT, "units were destroyed meanwhile", gone)?;
+        if ops.is_empty() {
+            return Ok((changed, 0));
+        }
+        let txn = Txn::new().when(guards).and_then(ops);
+        let resp = etcd_patient("write units", || {
+            let mut kv = api.client.kv_client();
+            let t = txn.clone();
+            async move { kv.txn(t).await }
+        })
+        .await?;
+        if resp.succeeded() {
+            return Ok((changed, resp.header().map(|h| h.revision()).unwrap_or(0)));
+        }
+    }
+    Err(ApiError::new(StatusCode::CONFLICT, "units changed concurrently; try again").into())
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Destroyed {
+    pub destroyed: Vec<String>,
+    /// Named units that did not exist.
+    pub missing: Vec<String>,
+    pub revision: i64,
+}
+
+/// Deletions per transaction (etcd allows 128 operations in one).
+const DELETES_PER_TXN: usize = 100;
+
+/// `POST /units:batchDelete`: destroys units; agents stop and remove them.
+pub async fn batch_delete(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, BatchError> {
+    check_json(&headers)?;
+    let req: Names = decode_body(&body)?;
+    let names = parse_names(&req.names)?;
+    fresh(&api).await?;
+    let mut done = Destroyed { destroyed: Vec::new(), missing: Vec::new(), revision: 0 };
+    for chunk in names.chunks(DELETES_PER_TXN) {
+        let ops: Vec<TxnOp> = chunk.iter().map(|n| TxnOp::delete(api.keys.unit(n), None)).collect();
+        let resp = etcd_patient("delete units", || {
+            let mut kv = api.client.kv_client();
+            let t = Txn::new().and_then(ops.clone());
+            async move { kv.txn(t).await }
+        })
+        .await?;
+        for (n, r) in chunk.iter().zip(resp.op_responses()) {
+            match r {
+                TxnOpResponse::Delete(d) if d.deleted() > 0 => done.destroyed.push(n.to_string()),
+                _ => done.missing.push(n.to_string()),
+            }
+        }
+        done.revision = done.revision.max(resp.header().map(|h| h.revision()).unwrap_or(0));
+    }
+    api.wrote(done.revision);
+    let detail = AuditDetail(format!("{} units destroyed", done.destroyed.len()));
+    Ok((StatusCode::OK, axum::Extension(detail), Json(done)).into_response())
+}
+
+/// What `units:wait` waits for, per unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Until {
+    /// Its machine's agent has asked systemd to start it.
+    Launched,
+    /// Launched, and systemd on its machine reports it active.
+    Active,
+    /// Loaded on its machine (not started).
+    Loaded,
+    /// Loaded, and no machine's systemd runs it any more.
+    Stopped,
+    /// Not scheduled anywhere.
+    Inactive,
+    /// Destroyed, and no machine reports it any more.
+    Gone,
+}
+
+/// Longest wait one request may ask for; a client waiting longer asks again.
+pub const MAX_WAIT: Duration = Duration::from_secs(60);
+const DEFAULT_WAIT: Duration = Duration::from_secs(5);
+/// A unit the leader cannot place may still be placed soon (a machine joining): it is reported
+/// unplaceable only after this long.
+const UNPLACEABLE_GRACE: Duration = Duration::from_secs(10);
+/// A failed unit may be replaced by a newer state reported just after: it is reported failed
+/// only after this long.
+const FAILED_GRACE: Duration = Duration::from_secs(2);
+/// How often a waiting stream says how many units are still pending, so a client can tell a
+/// slow wait from a dead engine.
+const HEARTBEAT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WaitRequest {
+    pub names: Vec<String>,
+    pub until: Until,
+    /// Wait until this replica's view shows this etcd revision (a write's) before looking.
+    #[serde(default)]
+    #[schema(minimum = 0)]
+    pub revision: i64,
+    /// How long to wait at most, in milliseconds (default 5000, at most 60000).
+    #[serde(default)]
+    #[schema(minimum = 0, maximum = 60000)]
+    pub timeout_ms: Option<u64>,
+}
+
+/// Where a unit stands against what is awaited.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Check {
+    /// There, on this machine (empty for `inactive` and `gone`).
+    Reached { machine: String },
+    /// Not yet; `unplaceable` says why the leader could not place it, `failed` that systemd on
+    /// its machine reports it failed.
+    Pending { unplaceable: Option<String>, failed: bool },
+    /// The unit no longer exists.
+    Destroyed,
+}
+
+/// Where `name` stands against `until` in `v`.
+pub fn check(v: &ClusterView, name: &UnitName, until: Until) -> Check {
+    let reported = v.states.get(name);
+    let Some(rec) = v.units.get(name) else {
+        return match until {
+            Until::Gone if reported.is_none_or(|s| s.is_empty()) => Check::Reached { machine: String::new() },
+            Until::Gone => Check::Pending { unplaceable: None, failed: false },
+            _ => Check::Destroyed,
+        };
+    };
+    let (current, machine) = placement_of(v, rec);
+    let Some(machine) = machine else {
+        // A global unit runs on every eligible machine: there is no one machine to wait for,
+        // except until all have stopped it.
+        let stopped = reported.into_iter().flatten().all(|(_, s)| is_stopped(&s.active_state));
+        return match until {
+            Until::Stopped if !stopped => Check::Pending { unplaceable: None, failed: false },
+            _ => Check::Reached { machine: String::new() },
+        };
+    };
+    let unplaceable = match (current, v.why.get(name)) {
+        (DesiredState::Inactive, Some(why)) if !why.is_empty() && until != Until::Inactive => Some(why.clone()),
+        _ => None,
+    };
+    let on_machine = reported.and_then(|s| s.get(&machine));
+    let (reached, failed) = match until {
+        Until::Launched => (current == DesiredState::Launched, false),
+        Until::Loaded => (current == DesiredState::Loaded, false),
+        Until::Inactive => (current == DesiredState::Inactive, false),
+        Until::Active => {
+            let active = on_machine.is_some_and(|s| s.active_state == "active" && s.load_state == "loaded");
+            let failed = current == DesiredState::Launched && on_machine.is_some_and(|s| s.active_state == "failed");
+            (current == DesiredState::Launched && active, failed)
+        }
+        Until::Stopped => {
+            let stopped = reported.into_iter().flatten().all(|(_, s)| is_stopped(&s.active_state));
+            (current == DesiredState::Loaded && stopped, false)
+        }
+        Until::Gone => (false, false),
+    };
+    match reached {
+        true if matches!(until, Until::Inactive) => Check::Reached { machine: String::new() },
+        true => Check::Reached { machine },
+        false => Check::Pending { unplaceable, failed },
+    }
+}
+
+/// One line of a `units:wait` stream.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WaitEvent {
+    /// The unit this line is about; absent on heartbeats and the last line.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    /// Where the unit got to what was awaited.
+    #[serde(rename = "machineID", default, skip_serializing_if = "String::is_empty")]
+    pub machine_id: String,
+    #[serde(rename = "primaryIP", default, skip_serializing_if = "String::is_empty")]
+    pub primary_ip: String,
+    /// Why the unit will not get there: `unplaceable`, `failed` or `destroyed`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub error: String,
+    /// The leader's reason for an unplaceable unit.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    /// Units still pending (heartbeats and the last line).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<usize>,
+    /// The last line: the wait is over (`pending` units did not get there in time).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub done: bool,
+}
+
+/// `POST /units:wait`: a stream (one JSON object a line) that reports each unit as it gets to
+/// what is awaited, or why it will not, and ends when none is pending or the time is up.
+pub async fn wait(State(api): State<Api>, headers: HeaderMap, body: axum::body::Bytes) -> Result<Response, BatchError> {
+    check_json(&headers)?;
+    let req: WaitRequest = decode_body(&body)?;
+    let names = parse_names(&req.names)?;
+    let window = req.timeout_ms.map(Duration::from_millis).unwrap_or(DEFAULT_WAIT);
+    if window > MAX_WAIT {
+        return Err(ApiError::bad_request(format!("timeoutMs: at most {}", MAX_WAIT.as_millis())).into());
+    }
+    fresh(&api).await?;
+    if req.revision > api.cluster.revision() {
+        settle(&api, req.revision).await;
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(64);
+    tokio::spawn(follow(api, names, req.until, window, tx));
+    let stream = futures::stream::poll_fn(move |cx| {
+        rx.poll_recv(cx).map(|line| line.map(|l| Ok::<_, std::convert::Infallible>(axum::body::Bytes::from(l))))
+    });
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], axum::body::Body::from_stream(stream)).into_response())
+}
+
+/// Re-checks the pending units each time the view changes, sending a line for each that is
+/// done with, until none is left, the deadline passes or the client goes away.
+async fn follow(api: Api, names: Vec<UnitName>, until: Until, window: Duration, tx: tokio::sync::mpsc::Sender<String>) {
+    let deadline = Instant::now() + window;
+    // A wait shorter than the grace reports an unplaceable unit, with the leader's reason, at its end.
+    let unplaceable_grace = UNPLACEABLE_GRACE.min(window);
+    let mut pending = names;
+    let mut unplaceable_since: HashMap<UnitName, Instant> = HashMap::new();
+    let mut failed_since: HashMap<UnitName, Instant> = HashMap::new();
+    let mut changes = api.cluster.subscribe();
+    let mut heartbeat = Instant::now() + HEARTBEAT;
+    let line = |e: &WaitEvent| {
+        serde_json::to_string(e).map(|mut s| {
+            s.push('\n');
+            s
+        })
+    };
+    loop {
+        changes.borrow_and_update();
+        let now = Instant::now();
+        let mut out = Vec::new();
+        api.cluster.read(|v| {
+            pending.retain(|name| {
+                let event = match check(v, name, until) {
+                    Check::Reached { machine } => {
+                        let ip = v.machines.get(&machine).map(|m| m.public_ip.clone()).unwrap_or_default();
+                        WaitEvent { machine_id: machine, primary_ip: ip, ..Default::default() }
+                    }
+                    Check::Destroyed => WaitEvent { error: "destroyed".into(), ..Default::default() },
+                    Check::Pending { unplaceable, failed } => {
+                        let graced = |since: &mut HashMap<UnitName, Instant>, on: bool, grace: Duration| match on {
+                            true => now.duration_since(*since.entry(name.clone()).or_insert(now)) >= grace,
+                            false => {
+                                since.remove(name);
+                                false
+                            }
+                        };
+                        let failed_long = graced(&mut failed_since, failed, FAILED_GRACE);
+                        let unplaceable_long = graced(&mut unplaceable_since, unplaceable.is_some(), unplaceable_grace);
+                        if failed_long {
+                            WaitEvent { error: "failed".into(), ..Default::default() }
+                        } else if unplaceable_long {
+                            WaitEvent {
+                                error: "unplaceable".into(),
+                                reason: unplaceable.unwrap_or_default(),
+                                ..Default::default()
+                            }
+                        } else {
+                            return true;
+                        }
+                    }
+                };
+                out.push(WaitEvent { name: name.to_string(), ..event });
+                false
+            })
+        });
+        let over = pending.is_empty() || Instant::now() >= deadline;
+        if over {
+            out.push(WaitEvent { pending: Some(pending.len()), done: true, ..Default::default() });
+        } else if Instant::now() >= heartbeat {
+            out.push(WaitEvent { pending: Some(pending.len()), ..Default::default() });
+            heartbeat = Instant::now() + HEARTBEAT;
+        }
+        for e in &out {
+            let Ok(l) = line(e) else { return };
+            if tx.send(l).await.is_err() {
+                return;
+            }
+        }
+        if over {
+            return;
+        }
+        // Grace periods end without a change in the view: look again at least this often.
+        let timers = !unplaceable_since.is_empty() || !failed_since.is_empty();
+        let next =
+            deadline.min(heartbeat).min(Instant::now() + if timers { Duration::from_millis(250) } else { HEARTBEAT });
+        tokio::select! {
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                // A burst of changes (many units starting) is looked at once.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            _ = tokio::time::sleep_until(next.into()) => {}
+            _ = tx.closed() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleet_model::{MachineRecord, ScheduleEntry, UnitStateRecord};
+
+    fn name(n: &str) -> UnitName {
+        UnitName::parse(n).expect("a unit name")
+    }
+
+    fn view_with(unit: &str, desired: DesiredState) -> ClusterView {
+        let mut v = ClusterView::default();
+        v.units.insert(name(unit), UnitRecord { name: name(unit), hash: "h".into(), desired_state: desired });
+        v.machines
+            .insert("m1".into(), MachineRecord { id: "m1".into(), public_ip: "10.0.0.1".into(), ..Default::default() });
+        v
+    }
+
+    fn schedule(v: &mut ClusterView, unit: &str, machine: &str, desired: DesiredState) {
+        v.schedule
+            .entry(name(unit))
+            .or_default()
+            .insert(machine.into(), ScheduleEntry { hash: "h".into(), desired_state: desired });
+    }
+
+    fn report(v: &mut ClusterView, unit: &str, machine: &str, applied: DesiredState, active: &str) {
+        v.states.entry(name(unit)).or_default().insert(
+            machine.into(),
+            UnitStateRecord {
+                hash: "h".into(),
+                load_state: "loaded".into(),
+                active_state: active.into(),
+                sub_state: String::new(),
+                applied,
+            },
+        );
+    }
+
+    #[test]
+    fn a_unit_is_active_once_its_machine_reports_it_so() {
+        let mut v = view_with("a.service", DesiredState::Launched);
+        let pending = Check::Pending { unplaceable: None, failed: false };
+        assert_eq!(check(&v, &name("a.service"), Until::Active), pending);
+        schedule(&mut v, "a.service", "m1", DesiredState::Launched);
+        report(&mut v, "a.service", "m1", DesiredState::Launched, "activating");
+        assert_eq!(check(&v, &name("a.service"), Until::Launched), Check::Reached { machine: "m1".into() });
+        assert_eq!(check(&v, &name("a.service"), Until::Active), pending);
+        report(&mut v, "a.service", "m1", DesiredState::Launched, "active");
+        assert_eq!(check(&v, &name("a.service"), Until::Active), Check::Reached { machine: "m1".into() });
+        report(&mut v, "a.service", "m1", DesiredState::Launched, "failed");
+        assert_eq!(check(&v, &name("a.service"), Until::Active), Check::Pending { unplaceable: None, failed: true });
+    }
+
+    #[test]
+    fn a_state_of_another_version_of_the_unit_does_not_count() {
+        let mut v = view_with("a.service", DesiredState::Launched);
+        schedule(&mut v, "a.service", "m1", DesiredState::Launched);
+        report(&mut v, "a.service", "m1", DesiredState::Launched, "active");
+        if let Some(s) = v.states.get_mut(&name("a.service")).and_then(|s| s.get_mut("m1")) {
+            s.hash = "old".into();
+        }
+        assert!(matches!(check(&v, &name("a.service"), Until::Launched), Check::Pending { .. }));
+    }
+
+    #[test]
+    fn stopped_waits_for_every_machine_that_reports_the_unit() {
+        let mut v = view_with("a.service", DesiredState::Loaded);
+        schedule(&mut v, "a.service", "m1", DesiredState::Loaded);
+        report(&mut v, "a.service", "m1", DesiredState::Loaded, "deactivating");
+        report(&mut v, "a.service", "m2", DesiredState::Launched, "inactive");
+        assert!(matches!(check(&v, &name("a.service"), Until::Stopped), Check::Pending { .. }));
+        assert_eq!(check(&v, &name("a.service"), Until::Loaded), Check::Reached { machine: "m1".into() });
+        report(&mut v, "a.service", "m1", DesiredState::Loaded, "inactive");
+        assert_eq!(check(&v, &name("a.service"), Until::Stopped), Check::Reached { machine: "m1".into() });
+    }
+
+    #[test]
+    fn a_global_unit_is_stopped_once_no_machine_runs_it() {
+        let mut v = view_with("g.service", DesiredState::Loaded);
+        v.rules.insert(name("g.service"), Ok(fleet_model::rules::Rules { global: true, ..Default::default() }));
+        report(&mut v, "g.service", "m1", DesiredState::Loaded, "inactive");
+        report(&mut v, "g.service", "m2", DesiredState::Launched, "active");
+        assert!(matches!(check(&v, &name("g.service"), Until::Stopped), Check::Pending { .. }));
+        report(&mut v, "g.service", "m2", DesiredState::Loaded, "failed");
+        assert_eq!(check(&v, &name("g.service"), Until::Stopped), Check::Reached { machine: String::new() });
+    }
+
+    #[test]
+    fn gone_means_destroyed_and_reported_by_no_machine() {
+        let mut v = view_with("a.service", DesiredState::Launched);
+        assert!(matches!(check(&v, &name("a.service"), Until::Gone), Check::Pending { .. }));
+        v.units.clear();
+        report(&mut v, "a.service", "m1", DesiredState::Launched, "deactivating");
+        assert!(matches!(check(&v, &name("a.service"), Until::Gone), Check::Pending { .. }));
+        assert_eq!(check(&v, &name("a.service"), Until::Active), Check::Destroyed);
+        v.states.clear();
+        assert_eq!(check(&v, &name("a.service"), Until::Gone), Check::Reached { machine: String::new() });
+    }
+
+    #[test]
+    fn an_unplaced_unit_carries_the_leaders_reason() {
+        let mut v = view_with("a.service", DesiredState::Launched);
+        v.why.insert(name("a.service"), "no machine has region=mars".into());
+        assert_eq!(
+            check(&v, &name("a.service"), Until::Active),
+            Check::Pending { unplaceable: Some("no machine has region=mars".into()), failed: false }
+        );
+        assert_eq!(check(&v, &name("a.service"), Until::Inactive), Check::Reached { machine: String::new() });
+    }
+
+    #[test]
+    fn batches_are_validated_as_a_whole_with_each_units_error() {
+        let body = br#"{"units":[{"name":"a.service","desiredState":"launched"},{"name":"b","desiredState":"launched"},
+            {"name":"c.service"},{"name":"t@.service","desiredState":"launched"},{"name":"d.service","desiredState":"up"}]}"#;
+        let err = parse_changes(body).expect_err("refused");
+        assert_eq!(err.error.status(), StatusCode::BAD_REQUEST);
+        let named: Vec<&str> = err.units.iter().map(|u| u.name.as_str()).collect();
+        assert_eq!(named, ["b"], "an invalid name is refused before anything else: {err:?}");
+        let body = br#"{"units":[{"name":"a.service","desiredState":"launched"},{"name":"c.service"},
+            {"name":"t@.service","desiredState":"launched"},{"name":"d.service","desiredState":"up"}]}"#;
+        let err = parse_changes(body).expect_err("refused");
+        let named: Vec<&str> = err.units.iter().map(|u| u.name.as_str()).collect();
+        assert_eq!(named, ["c.service", "t@.service", "d.service"], "{err:?}");
+        let ok = parse_changes(br#"{"units":[{"name":"a.service","desiredState":"loaded"}]}"#).expect("valid");
+        assert_eq!(ok[0].desired, Some(DesiredState::Loaded));
+        let twice = parse_names(&["a.service".into(), "a.service".into()]).expect_err("refused");
+        assert_eq!(twice.units[0].error, "named twice in this request");
+        assert!(parse_names(&[]).is_err());
+    }
+
+    #[test]
+    fn refusals_name_the_units_in_the_body() {
+        let resp = refuse(
+            StatusCode::NOT_FOUND,
+            "units do not exist",
+            vec![UnitError { name: "a.service".into(), error: "unit does not exist".into() }],
+        )
+        .expect_err("refused")
+        .into_response();
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    }
+}

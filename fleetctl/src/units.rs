@@ -1,0 +1,469 @@
+//! The commands that act on many units: submit, load, start, stop, unload, destroy, restart and
+//! wait. Each makes a constant number of requests however many units it names (one lookup, one
+//! write of each kind, one streaming wait per 30 s), and prints the original fleetctl's lines.
+
+use crate::client::{Unit, UnitState, WaitEvent};
+use crate::{deadline, read_unit_file, unit_name_of, Block, Ctl, Progress};
+use anyhow::{bail, Context, Result};
+use fleet_model::{UnitFile, UnitName};
+use std::collections::{HashMap, HashSet};
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// What the cluster holds of the units a command names, from one lookup.
+pub struct Known {
+    units: HashMap<String, Unit>,
+    states: HashMap<String, Vec<UnitState>>,
+}
+
+impl Known {
+    fn failed(&self, name: &str) -> bool {
+        self.states.get(name).is_some_and(|s| s.iter().any(|s| s.systemd_active_state == "failed"))
+    }
+}
+
+/// What `submit` does with one named unit.
+enum Plan {
+    /// Create it with these options.
+    Create(Vec<fleet_model::UnitOption>),
+    /// Give it these options (`--replace`).
+    Replace(Vec<fleet_model::UnitOption>),
+    /// It exists; leave its contents alone.
+    Keep,
+}
+
+/// Unit names of the arguments, each once, in order.
+fn names_of(args: &[String]) -> Result<Vec<(String, String)>> {
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for arg in args {
+        let name = unit_name_of(arg);
+        UnitName::parse(&name).with_context(|| format!("invalid unit name {name:?}"))?;
+        if seen.insert(name.clone()) {
+            out.push((arg.clone(), name));
+        }
+    }
+    Ok(out)
+}
+
+impl Ctl {
+    /// The named units as the cluster holds them, in one request.
+    pub async fn lookup(&self, names: &[String]) -> Result<Known> {
+        let found = self.api.batch_get(names).await?;
+        let mut states: HashMap<String, Vec<UnitState>> = HashMap::new();
+        for s in found.states {
+            states.entry(s.name.clone()).or_default().push(s);
+        }
+        Ok(Known { units: found.units.into_iter().map(|u| (u.name.clone(), u)).collect(), states })
+    }
+
+    /// Finds or creates each unit (from the cluster, a local file, or a template), then sets the
+    /// desired state if one is given, and waits for it unless told not to.
+    pub async fn submit(&self, args: &[String], replace: bool, target: Option<(&str, Block)>) -> Result<ExitCode> {
+        if args.is_empty() {
+            println!("No units given");
+            return Ok(ExitCode::SUCCESS);
+        }
+        let named = names_of(args)?;
+        let state = target.as_ref().map(|t| t.0);
+        // An instance not given as a file comes from its template: the cluster's if it has one,
+        // else a local file of the template's name beside the argument.
+        let mut wanted: Vec<String> = named.iter().map(|(_, n)| n.clone()).collect();
+        for (arg, name) in &named {
+            if !Path::new(arg).is_file() {
+                if let Some(t) = UnitName::parse(name).ok().and_then(|n| n.template()) {
+                    wanted.push(t.to_string());
+                }
+            }
+        }
+        wanted.sort();
+        wanted.dedup();
+        let known = self.lookup(&wanted).await.context("Error creating units")?;
+
+        let mut create = Vec::new();
+        let mut changes: Vec<Unit> = Vec::new();
+        for (arg, name) in &named {
+            match self.plan(arg, name, replace, state, &known).context("Error creating units")? {
+                Plan::Create(options) => create.push(Unit {
+                    name: name.clone(),
+                    options,
+                    desired_state: state.unwrap_or("inactive").to_string(),
+                    ..Default::default()
+                }),
+                Plan::Replace(options) => changes.push(Unit { name: name.clone(), options, ..Default::default() }),
+                Plan::Keep => {}
+            }
+        }
+        let revision = self.api.create(&create).await.context("Error creating units")?;
+        for u in &create {
+            println!("Unit {} inactive", u.name);
+        }
+        let Some((state, block)) = target else {
+            self.api.update(&changes).await.context("Error creating units")?;
+            return Ok(ExitCode::SUCCESS);
+        };
+        let verb = if state == "launched" { "start" } else { "load" };
+        let created: HashSet<&str> = create.iter().map(|u| u.name.as_str()).collect();
+        let mut again = Vec::new();
+        let mut waiting = Vec::new();
+        let mut triggered = Vec::new();
+        for (_, name) in &named {
+            let global = match known.units.get(name) {
+                Some(unit) => {
+                    if state == "launched"
+                        && unit.desired_state == "launched"
+                        && !unit.is_global()
+                        && known.failed(name)
+                    {
+                        // `systemctl start` semantics: starting a failed unit runs it again (the
+                        // original fleet did nothing, since its desired state had not changed).
+                        again.push(name.clone());
+                        continue;
+                    }
+                    if unit.desired_state != state {
+                        match changes.iter_mut().find(|c| &c.name == name) {
+                            Some(c) => c.desired_state = state.to_string(),
+                            None => changes.push(Unit {
+                                name: name.clone(),
+                                desired_state: state.to_string(),
+                                ..Default::default()
+                            }),
+                        }
+                    }
+                    unit.is_global()
+                }
+                None if created.contains(name.as_str()) => {
+                    create.iter().find(|u| &u.name == name).is_some_and(|u| u.is_global())
+                }
+                None => continue,
+            };
+            if global {
+                triggered.push(format!("Triggered global unit {name} {verb}"));
+            } else if block.no_block {
+                triggered.push(format!("Triggered unit {name} {verb}"));
+            } else {
+                waiting.push(name.clone());
+            }
+        }
+        let revision =
+            revision.max(self.api.update(&changes).await.with_context(|| format!("cannot set units to {state}"))?);
+        for line in &triggered {
+            println!("{line}");
+        }
+        if !again.is_empty() {
+            for name in &again {
+                eprintln!("Unit {name} has failed; starting it again");
+            }
+            let code = self.restart(&again, &Block { no_block: false, ..block.clone() }).await?;
+            if code != ExitCode::SUCCESS {
+                return Ok(code);
+            }
+        }
+        if block.no_block {
+            return Ok(ExitCode::SUCCESS);
+        }
+        self.wait_all(&waiting, state, state == "launched", &block, revision).await
+    }
+
+    /// What to do with one named unit, as the original fleetctl decided: a unit in the cluster
+    /// is kept unless its local file differs and `--replace` allows replacing it in its state.
+    fn plan(&self, arg: &str, name: &str, replace: bool, target: Option<&str>, known: &Known) -> Result<Plan> {
+        let local = Path::new(arg);
+        if let Some(unit) = known.units.get(name) {
+            if !local.is_file() {
+                return Ok(Plan::Keep);
+            }
+            let file = read_unit_file(local)?;
+            let stored = UnitFile::from_options(unit.options.clone());
+            if file.hash() == stored.hash() {
+                if replace {
+                    println!("Found same Unit({name}) in Registry, nothing to do");
+                }
+                return Ok(Plan::Keep);
+            }
+            if !replace {
+                eprintln!(
+                    "WARNING: Unit {name} in registry differs from local unit file {arg}. Add --replace to override."
+                );
+                return Ok(Plan::Keep);
+            }
+            let allowed = match target {
+                None => unit.desired_state == "inactive",
+                Some("loaded") => unit.desired_state != "launched",
+                _ => true,
+            };
+            if !allowed {
+                eprintln!(
+                    "Warning: can not replace Unit({name}) in state '{}', use the appropriate command",
+                    unit.desired_state
+                );
+                return Ok(Plan::Keep);
+            }
+            return Ok(Plan::Replace(file.options));
+        }
+        if local.is_file() {
+            return Ok(Plan::Create(read_unit_file(local)?.options));
+        }
+        let parsed = UnitName::parse(name)?;
+        let template =
+            parsed.template().with_context(|| format!("unable to find Unit({name}) in Registry or on filesystem"))?;
+        if let Some(t) = known.units.get(template.as_str()) {
+            return Ok(Plan::Create(t.options.clone()));
+        }
+        let tpath =
+            local.parent().map(|d| d.join(template.as_str())).unwrap_or_else(|| PathBuf::from(template.as_str()));
+        if !tpath.is_file() {
+            bail!("unable to find Unit({name}) or template Unit({template}) in Registry or on filesystem");
+        }
+        Ok(Plan::Create(read_unit_file(&tpath)?.options))
+    }
+
+    /// Waits until every unit reports `state` (and systemd `active` when `active` is set), printing
+    /// where each landed as it does. A unit that cannot be placed, fails, or is destroyed ends
+    /// the wait with exit 1 (the original waited forever).
+    pub async fn wait_all(
+        &self,
+        names: &[String],
+        state: &str,
+        active: bool,
+        block: &Block,
+        revision: i64,
+    ) -> Result<ExitCode> {
+        let until = if active { "active" } else { state };
+        self.wait_until(names, until, state, block, revision).await
+    }
+
+    /// [`Ctl::wait_all`] for any condition of `units:wait`; `shown` is the state printed.
+    async fn wait_until(
+        &self,
+        names: &[String],
+        until: &str,
+        shown: &str,
+        block: &Block,
+        revision: i64,
+    ) -> Result<ExitCode> {
+        if names.is_empty() {
+            return Ok(ExitCode::SUCCESS);
+        }
+        let mut progress = Progress::new();
+        let mut left = names.len();
+        let mut failure = None;
+        let pending = self
+            .api
+            .wait(names, until, revision, deadline(block), |e: &WaitEvent| {
+                progress.clear();
+                match e.error.as_str() {
+                    "" => {
+                        left -= 1;
+                        match e.machine_id.as_str() {
+                            "" => println!("Unit {} {shown}", e.name),
+                            _ => println!("Unit {} {shown} on {}", e.name, e.legend()),
+                        }
+                        progress.tick(&format!("waiting for {left} unit(s) to be {shown}"));
+                        return ControlFlow::Continue(());
+                    }
+                    "unplaceable" => {
+                        eprintln!("Error waiting for units: unit {} cannot be placed: {}", e.name, e.reason)
+                    }
+                    "failed" => eprintln!(
+                        "Unit {0} failed on its machine; see `fleetctl status {0}` and `fleetctl journal {0}`",
+                        e.name
+                    ),
+                    _ => eprintln!("Error waiting for units: unit {} was destroyed while waiting for it", e.name),
+                }
+                failure = Some(ExitCode::from(1));
+                ControlFlow::Break(())
+            })
+            .await?;
+        if let Some(code) = failure {
+            return Ok(code);
+        }
+        if pending.is_empty() {
+            return Ok(ExitCode::SUCCESS);
+        }
+        for n in &pending {
+            eprintln!("Error waiting for units: timed out waiting for unit {n} to report state {shown}");
+        }
+        Ok(ExitCode::from(1))
+    }
+
+    /// The named units that exist, in the order named.
+    async fn found(&self, args: &[String]) -> Result<(Vec<Unit>, Known)> {
+        let names: Vec<String> = names_of(args)?.into_iter().map(|(_, n)| n).collect();
+        let known = self.lookup(&names).await?;
+        let units = names.iter().filter_map(|n| known.units.get(n).cloned()).collect();
+        Ok((units, known))
+    }
+
+    pub async fn stop(&self, args: &[String], block: &Block) -> Result<ExitCode> {
+        let (units, _) = self.found(args).await?;
+        if units.is_empty() {
+            eprintln!("Units not found in registry");
+            return Ok(ExitCode::SUCCESS);
+        }
+        if let Some(u) = units.iter().find(|u| !u.is_global() && u.current_state == "inactive") {
+            eprintln!("Unable to stop unit {} in state inactive", u.name);
+            return Ok(ExitCode::from(1));
+        }
+        let globals: Vec<&Unit> = units.iter().filter(|u| u.is_global()).collect();
+        let waiting: Vec<String> =
+            units.iter().filter(|u| !u.is_global() && u.current_state != "loaded").map(|u| u.name.clone()).collect();
+        let changes: Vec<Unit> = globals
+            .iter()
+            .map(|u| u.name.clone())
+            .chain(waiting.iter().cloned())
+            .map(|name| Unit { name, desired_state: "loaded".into(), ..Default::default() })
+            .collect();
+        let revision = self.api.update(&changes).await?;
+        for u in &globals {
+            println!("Triggered global unit {} stop", u.name);
+        }
+        if block.no_block {
+            for n in &waiting {
+                println!("Triggered unit {n} stop");
+            }
+        } else {
+            // Until systemd says each has stopped, not only that its agent asked it to.
+            let code = self.wait_until(&waiting, "stopped", "loaded", block, revision).await?;
+            if code != ExitCode::SUCCESS {
+                eprintln!("Failed to stop units {waiting:?}");
+                return Ok(code);
+            }
+        }
+        eprintln!("Successfully stopped units [{}].", waiting.join(" "));
+        Ok(ExitCode::SUCCESS)
+    }
+
+    pub async fn unload(&self, args: &[String], block: &Block) -> Result<ExitCode> {
+        let (units, _) = self.found(args).await?;
+        if units.is_empty() {
+            eprintln!("Units not found in registry");
+            return Ok(ExitCode::SUCCESS);
+        }
+        let globals: Vec<String> = units.iter().filter(|u| u.is_global()).map(|u| u.name.clone()).collect();
+        let waiting: Vec<String> = units
+            .iter()
+            .filter(|u| !u.is_global() && (u.current_state != "inactive" || u.desired_state != "inactive"))
+            .map(|u| u.name.clone())
+            .collect();
+        let changes: Vec<Unit> = globals
+            .iter()
+            .chain(&waiting)
+            .map(|name| Unit { name: name.clone(), desired_state: "inactive".into(), ..Default::default() })
+            .collect();
+        let revision = self.api.update(&changes).await?;
+        for n in &globals {
+            println!("Triggered global unit {n} unload");
+        }
+        if block.no_block {
+            for n in &waiting {
+                println!("Triggered unit {n} unload");
+            }
+        } else {
+            let code = self.wait_all(&waiting, "inactive", false, block, revision).await?;
+            if code != ExitCode::SUCCESS {
+                eprintln!("Failed to unload units {waiting:?}");
+                return Ok(code);
+            }
+        }
+        eprintln!("Successfully unloaded units [{}].", waiting.join(" "));
+        Ok(ExitCode::SUCCESS)
+    }
+
+    /// Destroys units and, unlike the original, waits until no machine reports them any more,
+    /// so "destroyed" means stopped and gone.
+    pub async fn destroy(&self, args: &[String], block: &Block) -> Result<ExitCode> {
+        let names: Vec<String> = names_of(args)?.into_iter().map(|(_, n)| n).collect();
+        let (destroyed, revision) = match self.api.destroy_many(&names).await {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("Error destroying units: {e:#}");
+                return Ok(ExitCode::from(1));
+            }
+        };
+        let destroyed: HashSet<String> = destroyed.into_iter().collect();
+        let in_order: Vec<String> = names.into_iter().filter(|n| destroyed.contains(n)).collect();
+        for n in &in_order {
+            println!("Destroyed {n}");
+        }
+        if in_order.is_empty() {
+            eprintln!("Units not found in registry");
+            return Ok(ExitCode::SUCCESS);
+        }
+        if block.no_block {
+            return Ok(ExitCode::SUCCESS);
+        }
+        let pending =
+            self.api.wait(&in_order, "gone", revision, deadline(block), |_| ControlFlow::Continue(())).await?;
+        if let Some(n) = pending.first() {
+            bail!("timed out waiting for {n} to stop");
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+
+    /// Stops each launched unit and waits until systemd reports it stopped, then starts it again
+    /// and waits until it is active. Loaded units are just started.
+    pub async fn restart(&self, args: &[String], block: &Block) -> Result<ExitCode> {
+        let (units, _) = self.found(args).await?;
+        let mut globals = Vec::new();
+        let mut stop = Vec::new();
+        let mut start = Vec::new();
+        for u in &units {
+            if u.is_global() {
+                globals.push(u.name.clone());
+                continue;
+            }
+            match u.current_state.as_str() {
+                "inactive" => eprintln!("Unable to restart unit {} in state inactive", u.name),
+                "loaded" => start.push(u.name.clone()),
+                _ => stop.push(u.name.clone()),
+            }
+        }
+        let to = |names: &[String], state: &str| -> Vec<Unit> {
+            names.iter().map(|n| Unit { name: n.clone(), desired_state: state.into(), ..Default::default() }).collect()
+        };
+        let stopping: Vec<String> = globals.iter().chain(&stop).cloned().collect();
+        let revision = self.api.update(&to(&stopping, "loaded")).await?;
+        let waited = Block { no_block: false, ..block.clone() };
+        let code = self.wait_until(&stop, "stopped", "loaded", &waited, revision).await?;
+        if code != ExitCode::SUCCESS {
+            return Ok(code);
+        }
+        // A global unit has no one machine to print: wait quietly until every machine stopped it.
+        let pending =
+            self.api.wait(&globals, "stopped", revision, deadline(block), |_| ControlFlow::Continue(())).await?;
+        if let Some(n) = pending.first() {
+            bail!("timed out waiting for {n} to stop");
+        }
+        start.extend(stop);
+        let starting: Vec<String> = globals.iter().chain(&start).cloned().collect();
+        let revision = self.api.update(&to(&starting, "launched")).await?;
+        for n in &globals {
+            println!("Triggered global unit {n} restart");
+        }
+        if block.no_block {
+            for n in &start {
+                println!("Triggered unit {n} start");
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        self.wait_all(&start, "launched", true, block, revision).await
+    }
+
+    /// `fleetctl wait --for STATE UNIT...`: blocks until every unit is there.
+    pub async fn wait(&self, args: &[String], state: &str, block: &Block) -> Result<ExitCode> {
+        let (target, active) = match state {
+            "active" => ("launched", true),
+            "launched" | "loaded" | "inactive" => (state, false),
+            other => bail!("--for {other:?}: expected active, launched, loaded or inactive"),
+        };
+        let names: Vec<String> = names_of(args)?.into_iter().map(|(_, n)| n).collect();
+        let known = self.lookup(&names).await?;
+        if let Some(n) = names.iter().find(|n| !known.units.contains_key(*n)) {
+            eprintln!("Unit {n} does not exist.");
+            return Ok(ExitCode::from(1));
+        }
+        self.wait_all(&names, target, active, &Block { no_block: false, ..block.clone() }, 0).await
+    }
+}
