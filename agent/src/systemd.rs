@@ -188,6 +188,9 @@ impl Systemd {
             .interface("org.freedesktop.DBus.Properties")
             .and_then(|b| b.member("PropertiesChanged"))
             .and_then(|b| b.path_namespace("/org/freedesktop/systemd1/unit"))
+            // Only the Unit interface carries the states the agent reports; systemd sends as
+            // many again for the Service interface (MainPID, ...), each one bus traffic.
+            .and_then(|b| b.arg(0, "org.freedesktop.systemd1.Unit"))
             .map_err(|source| SystemdError::Call { call: "match rule".into(), source })?
             .build();
         let jobs = zbus::MatchRule::builder()

@@ -404,6 +404,8 @@ const FAILED_GRACE: Duration = Duration::from_secs(2);
 /// How often a waiting stream says how many units are still pending, so a client can tell a
 /// slow wait from a dead engine.
 const HEARTBEAT: Duration = Duration::from_secs(5);
+/// Shortest time between two looks at the pending units while the view keeps changing.
+const RECHECK: Duration = Duration::from_millis(10);
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
@@ -547,6 +549,7 @@ async fn follow(api: Api, names: Vec<UnitName>, until: Until, window: Duration, 
     loop {
         changes.borrow_and_update();
         let now = Instant::now();
+        let looked = now;
         let mut out = Vec::new();
         api.cluster.read(|v| {
             pending.retain(|name| {
@@ -608,8 +611,9 @@ async fn follow(api: Api, names: Vec<UnitName>, until: Until, window: Duration, 
                 if changed.is_err() {
                     return;
                 }
-                // A burst of changes (many units starting) is looked at once.
-                tokio::time::sleep(Duration::from_millis(10)).await;
+                // A burst of changes (many units starting) is looked at once every few ms; the
+                // first change after a quiet spell at once.
+                tokio::time::sleep_until((looked + RECHECK).into()).await;
             }
             _ = tokio::time::sleep_until(next.into()) => {}
             _ = tx.closed() => return,

@@ -67,7 +67,14 @@ pub fn serve_tcp(
     app: Router,
     stop: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<std::io::Result<()>> {
+    use axum::serve::ListenerExt;
     let svc = app.into_make_service_with_connect_info::<SocketAddr>();
+    // As for TLS: no Nagle delay on small answers.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     tokio::spawn(async move { axum::serve(listener, svc).with_graceful_shutdown(stopped(stop)).await })
 }
 
@@ -102,6 +109,10 @@ pub fn serve_tls(
             let Some(config) = current(&tls) else {
                 return Err(std::io::Error::other("TLS configuration lock poisoned"));
             };
+            // Small answers must not wait for the client's delayed ACK (Nagle): 40 ms a request.
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(%addr, error = %e, "cannot set TCP_NODELAY");
+            }
             let app = app.clone();
             tokio::spawn(async move {
                 let acceptor = tokio_rustls::TlsAcceptor::from(config);
