@@ -56,14 +56,13 @@ pub fn router(api: Api, auth: std::sync::Arc<Auth>) -> Router {
             "/units",
             get(list_units)
                 .post(create_units.layer(batch_limit()))
-                .fallback(|| async { method_not_allowed("only GET and POST supported against this resource") }),
+                .fallback(|req| refuse(req, method_not_allowed("only GET and POST supported against this resource"))),
         )
         .route(
             "/units/{name}",
-            get(get_unit)
-                .put(put_unit)
-                .delete(delete_unit)
-                .fallback(|| async { method_not_allowed("only GET, PUT and DELETE supported against this resource") }),
+            get(get_unit).put(put_unit).delete(delete_unit).fallback(|req| {
+                refuse(req, method_not_allowed("only GET, PUT and DELETE supported against this resource"))
+            }),
         )
         .route("/units:batchGet", axum::routing::post(crate::batch::batch_get.layer(batch_limit())))
         .route("/units:batchUpdate", axum::routing::post(crate::batch::batch_update.layer(batch_limit())))
@@ -73,23 +72,24 @@ pub fn router(api: Api, auth: std::sync::Arc<Auth>) -> Router {
         .route("/units/{name}/journal", get(unit_journal))
         .route(
             "/units/{name}/move",
-            axum::routing::post(move_unit)
-                .delete(forget_move)
-                .fallback(|| async { method_not_allowed("only POST and DELETE supported against this resource") }),
+            axum::routing::post(move_unit).delete(forget_move).fallback(|req| {
+                refuse(req, method_not_allowed("only POST and DELETE supported against this resource"))
+            }),
         )
         .route(
             "/state",
-            get(list_states).fallback(|| async { method_not_allowed("only GET supported against this resource") }),
+            get(list_states)
+                .fallback(|req| refuse(req, method_not_allowed("only GET supported against this resource"))),
         )
         .route(
             "/state/{name}",
-            get(get_state).fallback(|| async { method_not_allowed("only GET supported against this resource") }),
+            get(get_state).fallback(|req| refuse(req, method_not_allowed("only GET supported against this resource"))),
         )
         .route(
             "/machines",
             get(list_machines)
                 .patch(patch_machines)
-                .fallback(|| async { method_not_allowed("only GET and PATCH supported against this resource") }),
+                .fallback(|req| refuse(req, method_not_allowed("only GET and PATCH supported against this resource"))),
         )
         .route(
             "/openapi.json",
@@ -97,19 +97,19 @@ pub fn router(api: Api, auth: std::sync::Arc<Auth>) -> Router {
         )
         .route(
             "/machines/{id}/drain",
-            axum::routing::post(drain_machine)
-                .delete(undrain_machine)
-                .fallback(|| async { method_not_allowed("only POST and DELETE supported against this resource") }),
+            axum::routing::post(drain_machine).delete(undrain_machine).fallback(|req| {
+                refuse(req, method_not_allowed("only POST and DELETE supported against this resource"))
+            }),
         )
         .route(
             "/discovery",
             get(discovery)
-                .fallback(|| async { ApiError::bad_request("only HTTP GET supported against this resource") }),
+                .fallback(|req| refuse(req, ApiError::bad_request("only HTTP GET supported against this resource"))),
         );
     let v1 = v1
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn(refuse_oversized));
-    let not_allowed = || async { ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "") };
+    let not_allowed = |req| refuse(req, ApiError::new(StatusCode::METHOD_NOT_ALLOWED, ""));
     Router::new()
         .nest("/fleet/v1", v1.clone())
         // The original's legacy prefix, with the same handlers.
@@ -119,7 +119,7 @@ pub fn router(api: Api, auth: std::sync::Arc<Auth>) -> Router {
         .route("/engine/status", get(engine_status))
         .route("/v1/pre-reboot", axum::routing::post(crate::fleetlock::pre_reboot))
         .route("/v1/steady-state", axum::routing::post(crate::fleetlock::steady_state))
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "") })
+        .fallback(|req| refuse(req, ApiError::new(StatusCode::NOT_FOUND, "")))
         .layer(axum::middleware::from_fn_with_state(auth, crate::auth::authorize))
         .layer(axum::middleware::from_fn_with_state(api.requests.clone(), count_request))
         .layer(axum::middleware::map_response(server_header))
@@ -152,6 +152,32 @@ async fn discovery() -> Response {
 const OVERSIZED_DRAIN_BYTES: u64 = 16 << 20;
 const OVERSIZED_DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// Reads a request's body to its end and throws it away, bounded in size and time. A request
+/// refused before its body was read must still get its answer: over HTTP/1.1 a client still
+/// writing sees the connection close instead, and over HTTP/2 the unread body makes the server
+/// reset the stream, which clients (curl: "Stream error in the HTTP/2 framing layer") report
+/// instead of the answer.
+pub(crate) async fn drain(req: axum::extract::Request) {
+    use futures::StreamExt;
+    let mut body = req.into_body().into_data_stream();
+    let _ = tokio::time::timeout(OVERSIZED_DRAIN_TIME, async {
+        let mut read = 0u64;
+        while let Some(Ok(chunk)) = body.next().await {
+            read += chunk.len() as u64;
+            if read > MAX_BATCH_BODY_BYTES as u64 + OVERSIZED_DRAIN_BYTES {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+/// Answers `error` once the request's body is read (see [`drain`]).
+async fn refuse(req: axum::extract::Request, error: ApiError) -> ApiError {
+    drain(req).await;
+    error
+}
+
 /// Refuses a body whose declared length is over the route's limit before any handler runs.
 /// Answering and closing while the client is still writing makes it see a broken pipe
 /// instead of the answer (as nginx's lingering close knows), so a moderately oversized body
@@ -168,10 +194,7 @@ async fn refuse_oversized(req: axum::extract::Request, next: axum::middleware::N
         return next.run(req).await;
     };
     if declared <= limit + OVERSIZED_DRAIN_BYTES {
-        use futures::StreamExt;
-        let mut body = req.into_body().into_data_stream();
-        let _ =
-            tokio::time::timeout(OVERSIZED_DRAIN_TIME, async { while let Some(Ok(_)) = body.next().await {} }).await;
+        drain(req).await;
     }
     ApiError::new(
         StatusCode::PAYLOAD_TOO_LARGE,
@@ -592,13 +615,12 @@ pub(crate) fn check_put(name: &str, desired: &str, options: Vec<UnitOption>) -> 
         false => {
             let f = UnitFile::from_options(options);
             validate_options(&f)?;
-            // A template's specifiers only mean something in an instance: check it as one.
-            let as_instance = match name.is_template() {
-                true => UnitName::parse(&format!("{}@instance.{}", name.prefix(), name.suffix()))
-                    .unwrap_or_else(|_| name.clone()),
-                false => name.clone(),
-            };
-            let rules = Rules::parse(&as_instance, &f).map_err(|e| ApiError::bad_request(e.to_string()))?;
+            // What depends on the instance is checked when an instance is made.
+            let rules = match name.is_template() {
+                true => Rules::parse_template(&name, &f),
+                false => Rules::parse(&name, &f),
+            }
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
             Some((f, rules))
         }
     };
@@ -746,7 +768,10 @@ pub fn parse_create_units(body: &[u8]) -> Result<Vec<(UnitRecord, UnitFile, Opti
         let f = UnitFile::from_options(u.options.clone());
         validate_options(&f).map_err(|e| at(e.message))?;
         let rules = match name.is_template() {
-            true => None,
+            true => {
+                Rules::parse_template(&name, &f).map_err(|e| at(e.to_string()))?;
+                None
+            }
             false => Some(Rules::parse(&name, &f).map_err(|e| at(e.to_string()))?),
         };
         records.push((UnitRecord { name, hash: f.hash(), desired_state: desired }, f, rules));

@@ -290,6 +290,7 @@ pub async fn authorize(State(auth): State<Arc<Auth>>, mut req: Request, next: Ne
     let caller = match auth.identify(&peer, authorization.as_deref()) {
         Ok(c) => c,
         Err(e) => {
+            crate::api::drain(req).await;
             if !matches!(method, Method::GET | Method::HEAD) {
                 auth.audit(&serde_json::json!({
                     "time": now_rfc3339(), "who": null, "from": peer.to_string(), "method": method.as_str(),
@@ -305,7 +306,10 @@ pub async fn authorize(State(auth): State<Arc<Auth>>, mut req: Request, next: Ne
             req.extensions_mut().insert(caller.clone());
             next.run(req).await
         }
-        Err(e) => e.into_response(),
+        Err(e) => {
+            crate::api::drain(req).await;
+            e.into_response()
+        }
     };
     if !matches!(method, Method::GET | Method::HEAD | Method::OPTIONS) {
         let detail = resp.extensions_mut().remove::<AuditDetail>().map(|d| d.0);

@@ -30,7 +30,13 @@ pub struct LeaderStatus {
     pub leader_id: String,
     /// Units the last pass could not place, with the reason.
     pub unplaceable: std::collections::BTreeMap<String, String>,
+    /// How long the last planning pass held the view, in milliseconds (API reads that must
+    /// wait for the view wait at most this long).
+    pub last_plan_ms: u64,
 }
+
+/// A planning pass longer than this is logged as a warning: it delays the view's updates.
+const SLOW_PLAN: std::time::Duration = std::time::Duration::from_secs(1);
 
 pub type SharedStatus = Arc<Mutex<LeaderStatus>>;
 
@@ -230,7 +236,7 @@ impl Leader {
     async fn pass(&self, fence: &Compare) -> Result<(), LeadError> {
         let started = std::time::Instant::now();
         // A pass over a large cluster is CPU work under the view's lock: off the async workers.
-        let (outcome, why_ops, orphans, view_rev) = tokio::task::block_in_place(|| {
+        let (outcome, why_ops, orphans, view_rev, view_units) = tokio::task::block_in_place(|| {
             self.cluster.read(|v| {
                 let fencing = match self.fences.lock() {
                     Ok(mut f) => f.update(&v.machines, v.schedule.values().flat_map(|e| e.keys().cloned())),
@@ -270,7 +276,7 @@ impl Leader {
                 for u in v.why.keys().filter(|u| !out.unplaceable.contains_key(*u)) {
                     why_ops.push(TxnOp::delete(self.keys.why(u), None));
                 }
-                (out, why_ops, v.orphan_bodies(), v.revision)
+                (out, why_ops, v.orphan_bodies(), v.revision, v.units.len())
             })
         });
         if let Ok(mut s) = self.status.lock() {
@@ -284,6 +290,16 @@ impl Leader {
             s.unplaceable = outcome.unplaceable.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
         }
         let planned = started.elapsed();
+        if let Ok(mut s) = self.status.lock() {
+            s.last_plan_ms = planned.as_millis() as u64;
+        }
+        if planned > SLOW_PLAN {
+            tracing::warn!(
+                plan_ms = planned.as_millis() as u64,
+                units = view_units,
+                "a planning pass overran: the view waited for it"
+            );
+        }
         tracing::debug!(
             revision = view_rev,
             decisions = outcome.decisions.len(),

@@ -43,7 +43,23 @@ async fn agent_call(state: &LabState, machine: &str, method: &str) -> Result<()>
     .await?;
     match method {
         "kill" => {
-            manager.call::<_, _, ()>("KillUnit", &("fleet-agent.service", "main", Signal::SIGKILL as i32)).await?
+            let main_pid = || async {
+                let path: zbus::zvariant::OwnedObjectPath = manager.call("LoadUnit", &("fleet-agent.service",)).await?;
+                let service =
+                    zbus::Proxy::new(&conn, "org.freedesktop.systemd1", path, "org.freedesktop.systemd1.Service")
+                        .await?;
+                anyhow::Ok(service.get_property::<u32>("MainPID").await?)
+            };
+            let before = main_pid().await?;
+            manager.call::<_, _, ()>("KillUnit", &("fleet-agent.service", "main", Signal::SIGKILL as i32)).await?;
+            // Killed means that process is gone (systemd restarts the agent as another one).
+            let until = std::time::Instant::now() + Duration::from_secs(5);
+            while before != 0 && main_pid().await? == before {
+                if std::time::Instant::now() >= until {
+                    bail!("the agent of {machine} (pid {before} in its machine) still runs 5 s after SIGKILL");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
         _ => {
             let _: zbus::zvariant::OwnedObjectPath =
@@ -61,12 +77,12 @@ pub async fn kill(state: &mut LabState, kind: Kind, name: &str) -> Result<()> {
             let e =
                 state.etcd.iter().find(|e| e.name == name).with_context(|| format!("no etcd member named {name}"))?;
             process::signal(e.pid, "etcd", Signal::SIGKILL);
-            wait_dead(e.pid).await;
+            wait_dead(e.pid, name).await?;
         }
         Kind::Engine => {
             let e = state.engines.iter().find(|e| e.name == name).with_context(|| format!("no engine named {name}"))?;
             process::signal(e.pid, "fleet-engine", Signal::SIGKILL);
-            wait_dead(e.pid).await;
+            wait_dead(e.pid, name).await?;
         }
         Kind::Agent => agent_call(state, name, "kill").await?,
         Kind::Machine => {
@@ -79,22 +95,25 @@ pub async fn kill(state: &mut LabState, kind: Kind, name: &str) -> Result<()> {
                 }
             }
             process::signal(m.pid, "systemd-nspawn", Signal::SIGKILL);
-            wait_dead(m.pid).await;
+            wait_dead(m.pid, name).await?;
             let _ = std::fs::remove_file(m.dir.join("bus/system_bus_socket"));
         }
     }
     Ok(())
 }
 
-async fn wait_dead(pid: u32) {
+/// Waits until `pid` is gone; an error if it still runs after 5 s (a fault that did not happen
+/// must not pass for one).
+async fn wait_dead(pid: u32, name: &str) -> Result<()> {
     for _ in 0..100 {
         if !process::alive(pid) {
-            return;
+            return Ok(());
         }
         let _ =
             nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), Some(nix::sys::wait::WaitPidFlag::WNOHANG));
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    bail!("{name} (pid {pid}) still runs 5 s after SIGKILL")
 }
 
 /// Brings a killed part back (a no-op if it runs).

@@ -42,6 +42,27 @@ where
     }
 }
 
+/// Checks `check` again and again for `window` (at least every 100 ms, and once at its end):
+/// "nothing changed for 2 s" sampled across the window, not looked at once after a sleep.
+/// The first deviation is the error.
+pub async fn holds_for<F, Fut>(window: Duration, mut check: F) -> std::result::Result<usize, String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<(), String>>,
+{
+    let until = std::time::Instant::now() + window;
+    let mut samples = 0;
+    loop {
+        check().await?;
+        samples += 1;
+        if std::time::Instant::now() >= until {
+            return Ok(samples);
+        }
+        tokio::time::sleep(Duration::from_millis(100).min(until.saturating_duration_since(std::time::Instant::now())))
+            .await;
+    }
+}
+
 /// etcd as its administrator (`root`).
 pub async fn etcd(state: &LabState) -> Result<etcd_client::Client> {
     crate::etcd_admin(&state.etcd_endpoints()).await

@@ -490,6 +490,22 @@ async fn batch_methods_refuse_whole_batches_and_wait_streams_each_unit() {
         .await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "a wait longer than the limit is refused");
 
+    // A template may pin each instance to the machine its instance names; an instance whose
+    // value is no machine id is refused when it is made, with the reason.
+    let pin = json!([{"section": "Service", "name": "ExecStart", "value": "/bin/sleep 1000"},
+        {"section": "X-Fleet", "name": "MachineID", "value": "%i"}]);
+    let (s, _, b) = api.call("PUT", "/fleet/v1/units/pin%40.service", Some(json!({"options": pin}))).await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    let (s, _, b) = api
+        .call("POST", "/fleet/v1/units", Some(json!({"units": [{"name": "pin@web.service", "options": pin}]})))
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+    assert!(message(&b).contains("pin@web.service") && message(&b).contains("expected a machine id"), "{b}");
+    let (s, _, b) = api
+        .call("POST", "/fleet/v1/units", Some(json!({"units": [{"name": "pin@0f1ee701.service", "options": pin}]})))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+
     // batchDelete: the destroyed and the missing, then `gone` once no machine reports them.
     let (s, _, b) = api
         .call("POST", "/fleet/v1/units:batchDelete", Some(json!({"names": ["b1.service", "b2.service", "x.service"]})))

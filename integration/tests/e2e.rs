@@ -73,15 +73,37 @@ async fn three_units_spread_over_three_machines_then_leave_no_trace() -> anyhow:
         assert_eq!(props.active_state, "inactive", "{} still running on {}", r[0], m.name);
     }
 
+    // Each unit's body (its own: the descriptions differ) is stored while it exists...
+    let mut etcd = testkit::etcd(&lab).await?;
+    let body_keys: Vec<String> = names
+        .iter()
+        .map(|n| {
+            Ok(fleet_model::Keys::new(fleet_integration::ETCD_PREFIX)
+                .body(&fleet_model::UnitFile::parse(&unit_file(n))?.hash()))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let bodies_before = keys_under(&mut etcd, &format!("{}bodies/", fleet_integration::ETCD_PREFIX)).await?;
+    for k in &body_keys {
+        assert!(bodies_before.contains(k), "{k} not stored: {bodies_before:?}");
+    }
+
     let mut destroy = vec!["destroy"];
     destroy.extend(names.iter().map(String::as_str));
     let out = fleetctl(&lab, &api, &destroy)?;
     assert!(out.status.success(), "{:?}", text(&out));
 
+    // ...and removed by the leader once no unit uses it: three fewer bodies.
+    let bodies_after = wait_for("the destroyed units' bodies collected", T, || async {
+        let mut etcd = etcd.clone();
+        let now = keys_under(&mut etcd, &format!("{}bodies/", fleet_integration::ETCD_PREFIX)).await.ok()?;
+        (!body_keys.iter().any(|k| now.contains(k))).then_some(now)
+    })
+    .await?;
+    assert!(bodies_after.len() + 3 <= bodies_before.len(), "before {bodies_before:?}, after {bodies_after:?}");
+
     // Nothing left: no rows, no keys, no unit in any machine's systemd.
     let out = fleetctl(&lab, &api, &["list-units", "--no-legend"])?;
     assert!(!text(&out).0.contains("e2e-spread"), "{:?}", text(&out));
-    let mut etcd = testkit::etcd(&lab).await?;
     let left: Vec<String> = keys_under(&mut etcd, fleet_integration::ETCD_PREFIX)
         .await?
         .into_iter()

@@ -30,6 +30,7 @@ async fn thousand_machines_ten_thousand_units_converge_and_survive_faults() {
     assert_eq!(report.list_units_rows, 10_000, "list-units shows every unit");
     assert!(report.machine_lost_secs.is_some() && report.leader_lost_secs.is_some());
     assert_eq!(report.idle_writes_per_min, Some(0.0), "an idle cluster wrote to etcd");
-    // Each unit: its record, its schedule entry, its state (bodies are shared).
-    assert!(report.keys_per_unit < 3.5, "{} keys written per unit", report.keys_per_unit);
+    // Each unit: its record, its schedule entry, its state (docs/performance-notes.md); bodies,
+    // machine records and the leader's keys are shared and not counted.
+    assert!(report.own_keys_per_unit <= 3.0, "{} keys of its own written per unit", report.own_keys_per_unit);
 }

@@ -67,8 +67,12 @@ async fn api_refuses_the_unauthenticated_and_the_under_privileged_and_audits_cha
     // admin's name, fails the handshake.
     let plain = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().expect("client");
     let plain_url = units.replace("https://", "http://");
-    let answered = plain.get(&plain_url).send().await.map(|r| r.status().is_success()).unwrap_or(false);
-    assert!(!answered, "plain HTTP was answered on the TLS port");
+    // No HTTP answer at all, whatever its status: a port that also spoke plain HTTP (even only
+    // to say 401) would fail here.
+    match plain.get(&plain_url).send().await {
+        Ok(r) => panic!("plain HTTP was answered on the TLS port: {}", r.status()),
+        Err(e) => assert!(!e.is_status() && !e.is_timeout(), "plain HTTP: {e:?}"),
+    }
     let rogue_ca = Ca::create("rogue CA").expect("rogue CA");
     let rogue = rogue_ca.issue("admin", &[], &[], Usage::Client).expect("rogue cert");
     let (ca_pem, _) = pki::identity("admin").pems().expect("pems");
@@ -176,10 +180,29 @@ async fn etcd_refuses_strangers_and_confines_each_machine_to_its_own_keys() {
         let mut c = etcd_client::Client::connect(endpoints.clone(), Some(opts)).await?;
         c.get("/", None).await
     };
-    assert!(
-        !matches!(tokio::time::timeout(Duration::from_secs(5), anonymous).await, Ok(Ok(_))),
-        "anonymous etcd answered"
-    );
+    // Refused in the TLS handshake (etcd requires a client certificate), not by etcd's auth
+    // once connected: an etcd that let certificate-less clients in and then said "permission
+    // denied" or "user name is empty" would fail here.
+    match tokio::time::timeout(Duration::from_secs(5), anonymous).await {
+        Ok(Ok(_)) => panic!("anonymous etcd answered"),
+        Ok(Err(e)) => {
+            let shown = format!("{e:?}").to_lowercase();
+            assert!(
+                !shown.contains("permission denied") && !shown.contains("user name") && !shown.contains("auth"),
+                "refused by etcd's auth, not in the handshake: {e:?}"
+            );
+            assert!(
+                matches!(e, etcd_client::Error::TransportError(_))
+                    || shown.contains("transport")
+                    || shown.contains("tls")
+                    || shown.contains("handshake")
+                    || shown.contains("certificate")
+                    || shown.contains("connection"),
+                "not a TLS/transport failure: {e:?}"
+            );
+        }
+        Err(_) => {}
+    }
 
     // Machine 1's certificate: its own schedule and bodies readable, its own presence and states
     // writable, nothing else.
@@ -412,5 +435,81 @@ async fn a_unit_cannot_take_the_place_of_a_machine_unit() {
         })
         .await
         .expect("state removed");
+    }
+}
+
+/// Every refusal reaches the client as an HTTP answer, over HTTP/1.1 and HTTP/2 (what curl and
+/// most clients pick over TLS), whatever the size of the body the refused request carried: the
+/// engine reads a refused request's body before answering, or an HTTP/2 client sees the stream
+/// reset (curl: "Stream error in the HTTP/2 framing layer") instead of the 401/403.
+#[tokio::test]
+async fn refusals_of_requests_with_bodies_are_answers_over_http1_and_http2() {
+    let Some(lab) = testkit::lab() else { return };
+    let (_, api) = engine_of(&lab);
+    let read = pki::token("read").expect("token");
+    let (ca, _) = pki::identity("admin").pems().expect("the lab CA");
+    let client = |h2: bool| {
+        let b = reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(&ca).expect("CA"))
+            .timeout(T);
+        let b = if h2 { b.http2_prior_knowledge() } else { b.http1_only() };
+        b.build().expect("client")
+    };
+    let url = format!("{api}/fleet/v1/units/sec-h2-{}.service", std::process::id());
+    for (h2, version) in [(false, reqwest::Version::HTTP_11), (true, reqwest::Version::HTTP_2)] {
+        let http = client(h2);
+        for size in [10usize, 100_000, 900_000] {
+            let body = serde_json::to_vec(&json!({"options": [{"section": "Service", "name": "ExecStart",
+                "value": "x".repeat(size)}]}))
+            .expect("JSON");
+            for i in 0..10 {
+                for (token, want) in [(None, StatusCode::UNAUTHORIZED), (Some(&read), StatusCode::FORBIDDEN)] {
+                    let mut req = http.put(&url).header("content-type", "application/json").body(body.clone());
+                    if let Some(t) = token {
+                        req = req.bearer_auth(t);
+                    }
+                    let resp = match req.send().await {
+                        Ok(r) => r,
+                        Err(e) => panic!("{version:?}, body {size} B, try {i}: no answer but {e:?}"),
+                    };
+                    assert_eq!(resp.version(), version);
+                    assert_eq!(resp.status(), want, "{version:?}, body {size} B, try {i}");
+                    let v: Value = resp.json().await.expect("a JSON error body");
+                    assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+                }
+            }
+        }
+    }
+}
+
+/// The agent's API (unit status and journals, reached by the engines' proxy) admits engine
+/// certificates only: a machine's certificate, the admin's, a token and no credentials are all
+/// refused in the TLS handshake; the engine's certificate gets an HTTP answer.
+#[tokio::test]
+async fn the_agent_api_admits_engine_certificates_only() {
+    let Some(lab) = testkit::lab() else { return };
+    let m = &lab.machines[0];
+    let url = format!("https://{}:12490/units/sec-none.service/status", m.ip);
+    let engine = pki::http_as("engine").expect("engine client");
+    let resp = engine.get(&url).send().await.expect("the engine's certificate is admitted");
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND, "a unit the agent does not run");
+    let token = pki::token("admin").expect("token");
+    let refused = [
+        ("a machine's certificate", pki::http_as(&format!("machine-{}", m.name)).expect("client"), None),
+        ("the admin's certificate", pki::http_as("admin").expect("client"), None),
+        ("an admin token", pki::http_anonymous().expect("client"), Some(token)),
+        ("no credentials", pki::http_anonymous().expect("client"), None),
+    ];
+    for (who, client, token) in refused {
+        let mut req = client.get(&url);
+        if let Some(t) = &token {
+            req = req.bearer_auth(t);
+        }
+        match req.send().await {
+            Ok(r) => panic!("{who}: the agent answered {}", r.status()),
+            Err(e) => assert!(!e.is_status() && !e.is_timeout(), "{who}: {e:?}"),
+        }
     }
 }

@@ -133,9 +133,9 @@ pub struct Rules {
     pub machine_id: Option<String>,
     pub machine_of: Vec<String>,
     pub metadata: Vec<MetadataReq>,
-    pub conflicts: Vec<String>,
+    pub conflicts: Vec<UnitGlob>,
     pub global: bool,
-    pub replaces: Vec<String>,
+    pub replaces: Vec<UnitGlob>,
     pub reserve: Resources,
     pub max_per_machine: Option<u32>,
     pub spread_by: Option<String>,
@@ -274,7 +274,9 @@ impl Rules {
                         r.conflicts.clear();
                     }
                     for v in values(&raw) {
-                        r.conflicts.extend(v.split_whitespace().map(str::to_string));
+                        for p in v.split_whitespace() {
+                            r.conflicts.push(UnitGlob::new(p).map_err(|why| bad(&o.name, p, &why))?);
+                        }
                     }
                 }
                 "Global" => r.global = truthy(&raw),
@@ -283,7 +285,9 @@ impl Rules {
                     if reset {
                         r.replaces.clear();
                     }
-                    r.replaces.extend(values(&raw).into_iter().filter(|v| !v.is_empty()));
+                    for p in values(&raw).into_iter().filter(|v| !v.is_empty()) {
+                        r.replaces.push(UnitGlob::new(&p).map_err(|why| bad(&o.name, &p, &why))?);
+                    }
                 }
                 "MemoryMax" | "MemoryReservation" => {
                     r.reserve.memory = if reset {
@@ -327,6 +331,20 @@ impl Rules {
         Ok(r)
     }
 
+    /// Checks a template's `[X-Fleet]` section as far as it can be without an instance: every
+    /// key must be known and every value that does not depend on the instance valid. A value
+    /// with `%i`/`%I` (`MachineID=%i` pins each instance to the machine its instance names) is
+    /// checked when an instance is made, with that instance's value.
+    pub fn parse_template(template: &UnitName, file: &UnitFile) -> Result<Rules, RuleError> {
+        let mut checked = file.clone();
+        for o in checked.options.iter_mut().filter(|o| o.section == SECTION) {
+            if o.value.contains("%i") || o.value.contains("%I") {
+                o.value.clear();
+            }
+        }
+        Rules::parse(template, &checked)
+    }
+
     fn validate(&self) -> Result<(), RuleError> {
         let id = self.machine_id.is_some();
         let combos: [(bool, bool, &'static str, &'static str); 7] = [
@@ -351,11 +369,11 @@ impl Rules {
             ));
         }
         for peer in &self.machine_of {
-            if let Some(c) = self.conflicts.iter().find(|c| glob_match(c, peer)) {
-                return Err(RuleError::Unresolvable { peer: peer.clone(), kind: "conflict", pattern: c.clone() });
+            if let Some(c) = self.conflicts.iter().find(|c| c.matches(peer)) {
+                return Err(RuleError::Unresolvable { peer: peer.clone(), kind: "conflict", pattern: c.to_string() });
             }
-            if let Some(c) = self.replaces.iter().find(|c| glob_match(c, peer)) {
-                return Err(RuleError::Unresolvable { peer: peer.clone(), kind: "replace", pattern: c.clone() });
+            if let Some(c) = self.replaces.iter().find(|c| c.matches(peer)) {
+                return Err(RuleError::Unresolvable { peer: peer.clone(), kind: "replace", pattern: c.to_string() });
             }
         }
         Ok(())
@@ -363,11 +381,11 @@ impl Rules {
 
     /// True if this unit's `Conflicts` patterns match `other` (never itself).
     pub fn conflicts_with(&self, me: &str, other: &str) -> bool {
-        me != other && self.conflicts.iter().any(|p| glob_match(p, other))
+        me != other && self.conflicts.iter().any(|p| p.matches(other))
     }
 
     pub fn replaces_unit(&self, me: &str, other: &str) -> bool {
-        me != other && self.replaces.iter().any(|p| glob_match(p, other))
+        me != other && self.replaces.iter().any(|p| p.matches(other))
     }
 
     /// Whether a machine with this id and metadata satisfies the machine-local rules.
@@ -397,43 +415,83 @@ impl Rules {
     }
 }
 
-/// Shell-style glob (`*`, `?`, `[...]`); `*` does not cross `/`.
-pub fn glob_match(pattern: &str, name: &str) -> bool {
-    fn m(p: &[char], n: &[char]) -> bool {
-        match p.first() {
-            None => n.is_empty(),
-            Some('*') => (0..=n.len()).take_while(|i| *i == 0 || n[i - 1] != '/').any(|i| m(&p[1..], &n[i..])),
-            Some('?') => !n.is_empty() && n[0] != '/' && m(&p[1..], &n[1..]),
-            Some('[') => {
-                let Some(end) = p.iter().skip(1).position(|c| *c == ']').map(|e| e + 1) else {
-                    return !n.is_empty() && n[0] == '[' && m(&p[1..], &n[1..]);
-                };
-                let Some(c) = n.first() else { return false };
-                let class = &p[1..end];
-                let (neg, class) = match class.first() {
-                    Some('^') | Some('!') => (true, &class[1..]),
-                    _ => (false, class),
-                };
-                let mut hit = false;
-                let mut i = 0;
-                while i < class.len() {
-                    if i + 2 < class.len() && class[i + 1] == '-' {
-                        hit |= class[i] <= *c && *c <= class[i + 2];
-                        i += 3;
-                    } else {
-                        hit |= class[i] == *c;
-                        i += 1;
-                    }
-                }
-                hit != neg && m(&p[end + 1..], &n[1..])
-            }
-            Some('\\') if p.len() > 1 => !n.is_empty() && n[0] == p[1] && m(&p[2..], &n[1..]),
-            Some(c) => !n.is_empty() && n[0] == *c && m(&p[1..], &n[1..]),
+/// Longest `Conflicts`/`Replaces` pattern accepted (unit names are at most 256 bytes).
+pub const MAX_GLOB_BYTES: usize = 256;
+
+/// A shell-style glob over unit names (`*`, `?`, `[...]`, `[!...]`/`[^...]`, `\` escapes), as
+/// Go's `path.Match` that the original fleet used; `*` and `?` do not match `/`.
+///
+/// Compiled once, when the unit's rules are parsed, into an automaton that matches in time
+/// linear in the name (globset, over the regex crate): a backtracking matcher took seconds on
+/// one careless pattern (`*a*a*a*a*a*a*a*a*b.service` against a 40-character name) and the
+/// scheduler calls it for every pair of units on a machine.
+#[derive(Clone)]
+pub struct UnitGlob {
+    text: String,
+    matcher: globset::GlobMatcher,
+}
+
+impl UnitGlob {
+    pub fn new(pattern: &str) -> Result<Self, String> {
+        if pattern.len() > MAX_GLOB_BYTES {
+            return Err(format!("pattern is {} bytes; at most {MAX_GLOB_BYTES}", pattern.len()));
         }
+        // A run of stars is one star in Go's path.Match; globset would read `**` as "across
+        // separators".
+        let mut plain = String::with_capacity(pattern.len());
+        let (mut escaped, mut star) = (false, false);
+        for c in pattern.chars() {
+            if c == '*' && !escaped && star {
+                continue;
+            }
+            star = c == '*' && !escaped;
+            escaped = c == '\\' && !escaped;
+            plain.push(c);
+        }
+        let glob = globset::GlobBuilder::new(&plain)
+            .literal_separator(true)
+            .backslash_escape(true)
+            .build()
+            .map_err(|e| e.kind().to_string())?;
+        Ok(UnitGlob { text: pattern.to_string(), matcher: glob.compile_matcher() })
     }
-    let p: Vec<char> = pattern.chars().collect();
-    let n: Vec<char> = name.chars().collect();
-    m(&p, &n)
+
+    pub fn matches(&self, name: &str) -> bool {
+        self.matcher.is_match(name)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+}
+
+impl PartialEq for UnitGlob {
+    fn eq(&self, other: &Self) -> bool {
+        self.text == other.text
+    }
+}
+
+impl PartialEq<&str> for UnitGlob {
+    fn eq(&self, other: &&str) -> bool {
+        self.text == *other
+    }
+}
+
+impl std::fmt::Debug for UnitGlob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.text)
+    }
+}
+
+impl std::fmt::Display for UnitGlob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+/// Whether `name` matches the glob `pattern` (false for an invalid pattern).
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    UnitGlob::new(pattern).is_ok_and(|g| g.matches(name))
 }
 
 #[cfg(test)]
@@ -521,6 +579,70 @@ mod tests {
         assert!(glob_match("a[0-9].service", "a7.service"));
         assert!(!glob_match("a[!0-9].service", "a7.service"));
         assert!(!glob_match("*", "a/b"));
+        assert!(!glob_match("a[^0-9].service", "a7.service"));
+        assert!(glob_match("a\\*.service", "a*.service") && !glob_match("a\\*.service", "ab.service"));
+    }
+
+    /// The original's patterns are Go's `path.Match`: a plain reference matcher (dynamic
+    /// programming over pattern and name, no classes) to compare against.
+    fn reference(p: &[char], n: &[char]) -> bool {
+        let mut m = vec![vec![false; n.len() + 1]; p.len() + 1];
+        m[p.len()][n.len()] = true;
+        for i in (0..p.len()).rev() {
+            for j in (0..=n.len()).rev() {
+                m[i][j] = match p[i] {
+                    '*' => m[i + 1][j] || (j < n.len() && n[j] != '/' && m[i][j + 1]),
+                    '?' => j < n.len() && n[j] != '/' && m[i + 1][j + 1],
+                    c => j < n.len() && n[j] == c && m[i + 1][j + 1],
+                };
+            }
+        }
+        m[0][0]
+    }
+
+    proptest::proptest! {
+        /// Any pattern of stars, `?` and letters against any name: the answer of the reference,
+        /// and never slow (a backtracking matcher took seconds on ten stars against 40 letters).
+        #[test]
+        fn globs_match_like_path_match_and_never_slowly(
+            pattern in "[ab*?]{0,30}(\\.service)?",
+            name in "[ab/]{0,60}(\\.service)?",
+        ) {
+            let started = std::time::Instant::now();
+            let got = glob_match(&pattern, &name);
+            let p: Vec<char> = pattern.chars().collect();
+            let n: Vec<char> = name.chars().collect();
+            proptest::prop_assert_eq!(got, reference(&p, &n), "{} against {}", pattern, name);
+            proptest::prop_assert!(started.elapsed() < std::time::Duration::from_millis(200), "{} against {} took {:?}", pattern, name, started.elapsed());
+        }
+    }
+
+    #[test]
+    fn a_template_may_take_rules_from_its_instance() {
+        let t = UnitName::parse("pin@.service").expect("name");
+        let f = UnitFile::parse("[X-Fleet]\nMachineID=%i\n").expect("file");
+        assert!(Rules::parse_template(&t, &f).is_ok(), "MachineID=%i is valid in a template");
+        let good = UnitName::parse("pin@0f1ee701.service").expect("name");
+        assert_eq!(Rules::parse(&good, &f).ok().and_then(|r| r.machine_id), Some("0f1ee701".to_string()));
+        let bad = UnitName::parse("pin@web.service").expect("name");
+        assert!(matches!(Rules::parse(&bad, &f), Err(RuleError::BadValue { .. })), "an instance is checked");
+        let unknown = UnitFile::parse("[X-Fleet]\nMachineId=%i\n").expect("file");
+        assert!(matches!(Rules::parse_template(&t, &unknown), Err(RuleError::UnknownKey(_))));
+        let broken = UnitFile::parse("[X-Fleet]\nMachineID=%i\nMemoryMax=lots\n").expect("file");
+        assert!(matches!(Rules::parse_template(&t, &broken), Err(RuleError::BadValue { .. })));
+    }
+
+    #[test]
+    fn a_careless_pattern_is_matched_at_once_and_long_ones_are_refused() {
+        let name = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa1.service";
+        let started = std::time::Instant::now();
+        for _ in 0..100 {
+            assert!(!glob_match("*a*a*a*a*a*a*a*a*a*a*a*b.service", name));
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(1), "{:?}", started.elapsed());
+        let long = format!("Conflicts={}\n", "*".repeat(MAX_GLOB_BYTES + 1));
+        assert!(matches!(rules("a.service", &long), Err(RuleError::BadValue { .. })));
+        assert!(matches!(rules("a.service", "Conflicts=a[.service\n"), Err(RuleError::BadValue { .. })));
     }
 
     #[test]
