@@ -147,16 +147,22 @@ async fn etcd_revision(api: &Api) -> Result<i64, ApiError> {
     Ok(resp.header().map(|h| h.revision()).unwrap_or(0))
 }
 
+/// The units a `{"names": [...]}` request names, once this replica's view shows its own writes.
+async fn named_units(api: &Api, headers: &HeaderMap, body: &[u8]) -> Result<Vec<UnitName>, BatchError> {
+    check_json(headers)?;
+    let req: Names = decode_body(body)?;
+    let names = parse_names(&req.names)?;
+    fresh(api).await?;
+    Ok(names)
+}
+
 /// `POST /units:batchGet`: many units in one read.
 pub async fn batch_get(
     State(api): State<Api>,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, BatchError> {
-    check_json(&headers)?;
-    let req: Names = decode_body(&body)?;
-    let names = parse_names(&req.names)?;
-    fresh(&api).await?;
+    let names = named_units(&api, &headers, &body).await?;
     let mut found = api.cluster.read(|v| find(v, &names));
     if !found.missing.is_empty() {
         // The view may lag a write made through another replica: before saying a unit does
@@ -348,10 +354,7 @@ pub async fn batch_delete(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, BatchError> {
-    check_json(&headers)?;
-    let req: Names = decode_body(&body)?;
-    let names = parse_names(&req.names)?;
-    fresh(&api).await?;
+    let names = named_units(&api, &headers, &body).await?;
     let mut done = Destroyed { destroyed: Vec::new(), missing: Vec::new(), revision: 0 };
     for chunk in names.chunks(DELETES_PER_TXN) {
         let ops: Vec<TxnOp> = chunk.iter().map(|n| TxnOp::delete(api.keys.unit(n), None)).collect();

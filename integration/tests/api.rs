@@ -44,24 +44,31 @@ fn message(v: &Value) -> &str {
     v["error"]["message"].as_str().unwrap_or("")
 }
 
-#[tokio::test]
-async fn the_fleet_v1_contract() {
-    let Some(lab) = testkit::lab() else { return };
-    let prefix = testkit::unique_prefix("api");
-    let keys = Keys::new(&prefix);
-    let port = 12585;
+/// An engine of the test's own (no machines) on its own key prefix of the lab's etcd, serving
+/// TLS on `port`; returns it with a client and the prefix.
+async fn own_engine(lab: &fleet_integration::LabState, id: &str, port: u16, extra: &[&str]) -> (Engine, Api, String) {
+    let prefix = testkit::unique_prefix(id);
     let mut cmd = std::process::Command::new(lab.bin_dir.join("fleet-engine"));
     cmd.args(lab.engine_base_args())
-        .args(["--etcd-prefix", &prefix, "--engine-id", "t-api"])
-        .args(["--listen", &lab_dir().join("t-api.sock").display().to_string()])
-        .args(["--listen-tls", &format!("127.0.0.1:{port}"), "--token-limit", "2"]);
-    let _engine = Engine(process::spawn_logged(cmd, &lab_dir().join("t-api.log")).expect("engine starts"));
+        .args(["--etcd-prefix", &prefix, "--engine-id", id])
+        .args(["--listen", &lab_dir().join(format!("{id}.sock")).display().to_string()])
+        .args(["--listen-tls", &format!("127.0.0.1:{port}")])
+        .args(extra);
+    let engine = Engine(process::spawn_logged(cmd, &lab_dir().join(format!("{id}.log"))).expect("engine starts"));
     let api = Api { base: format!("https://127.0.0.1:{port}"), http: testkit::http() };
     wait_for("API", T, || async {
         api.http.get(format!("{}/fleet/v1/units", api.base)).send().await.ok().filter(|r| r.status().is_success())
     })
     .await
     .expect("API up");
+    (engine, api, prefix)
+}
+
+#[tokio::test]
+async fn the_fleet_v1_contract() {
+    let Some(lab) = testkit::lab() else { return };
+    let (_engine, api, prefix) = own_engine(&lab, "t-api", 12585, &["--token-limit", "2"]).await;
+    let keys = Keys::new(&prefix);
     let mut etcd = testkit::etcd(&lab).await.expect("etcd");
 
     // Empty collections are `{}`, JSON, with fleet's Server header.
@@ -368,21 +375,8 @@ async fn the_fleet_v1_contract() {
 #[tokio::test]
 async fn batch_methods_refuse_whole_batches_and_wait_streams_each_unit() {
     let Some(lab) = testkit::lab() else { return };
-    let prefix = testkit::unique_prefix("api-batch");
+    let (_engine, api, prefix) = own_engine(&lab, "t-api-batch", 12589, &[]).await;
     let keys = Keys::new(&prefix);
-    let port = 12586;
-    let mut cmd = std::process::Command::new(lab.bin_dir.join("fleet-engine"));
-    cmd.args(lab.engine_base_args())
-        .args(["--etcd-prefix", &prefix, "--engine-id", "t-api-batch"])
-        .args(["--listen", &lab_dir().join("t-api-batch.sock").display().to_string()])
-        .args(["--listen-tls", &format!("127.0.0.1:{port}")]);
-    let _engine = Engine(process::spawn_logged(cmd, &lab_dir().join("t-api-batch.log")).expect("engine starts"));
-    let api = Api { base: format!("https://127.0.0.1:{port}"), http: testkit::http() };
-    wait_for("API", T, || async {
-        api.http.get(format!("{}/fleet/v1/units", api.base)).send().await.ok().filter(|r| r.status().is_success())
-    })
-    .await
-    .expect("API up");
     let mut etcd = testkit::etcd(&lab).await.expect("etcd");
     let opts = json!([{"section": "Service", "name": "ExecStart", "value": "/bin/sleep 1000"}]);
     let units: Vec<Value> =
