@@ -374,11 +374,18 @@ impl Leader {
         let mut compares = vec![fence.clone()];
         let guarded = !extra.is_empty();
         compares.extend(extra);
+        let ops_count = ops.len();
         let txn = Txn::new().when(compares).and_then(ops);
         let resp = tokio::time::timeout(Duration::from_secs(10), self.client.kv_client().txn(txn))
             .await
             .map_err(|_| LeadError::Deposed("write timed out".into()))??;
         if !resp.succeeded() {
+            if !guarded {
+                tracing::warn!(
+                    ops = ops_count,
+                    "fenced write refused: another engine leads; nothing of it was written"
+                );
+            }
             return Err(LeadError::Deposed(if guarded {
                 "guard failed".into()
             } else {
