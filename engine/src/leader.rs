@@ -202,7 +202,7 @@ impl Leader {
         };
         tracing::info!(engine = %self.engine_id, "leading");
         self.set_leader(true, self.engine_id.clone());
-        let fence = Compare::create_revision(leader_key.key().to_vec(), CompareOp::Equal, leader_key.rev());
+        let fence = fence_of(&leader_key);
 
         let result = self.lead(fence, &mut lost_rx).await;
         // Resign so a follower takes over at once instead of after the lease expires.
@@ -371,29 +371,61 @@ impl Leader {
 
     /// Runs `ops` only while we still lead (and `extra` holds); returns the write's revision.
     async fn fenced(&self, fence: &Compare, extra: Vec<Compare>, ops: Vec<TxnOp>) -> Result<i64, LeadError> {
-        let mut compares = vec![fence.clone()];
         let guarded = !extra.is_empty();
-        compares.extend(extra);
-        let ops_count = ops.len();
-        let txn = Txn::new().when(compares).and_then(ops);
-        let resp = tokio::time::timeout(Duration::from_secs(10), self.client.kv_client().txn(txn))
-            .await
-            .map_err(|_| LeadError::Deposed("write timed out".into()))??;
-        if !resp.succeeded() {
-            if !guarded {
-                tracing::warn!(
-                    ops = ops_count,
-                    "fenced write refused: another engine leads; nothing of it was written"
-                );
-            }
-            return Err(LeadError::Deposed(if guarded {
+        match fenced_txn(&self.client, fence, extra, ops).await {
+            Ok(rev) => Ok(rev),
+            Err(FenceError::Refused) => Err(LeadError::Deposed(if guarded {
                 "guard failed".into()
             } else {
                 "fenced write refused: another engine leads".into()
-            }));
+            })),
+            Err(FenceError::TimedOut) => Err(LeadError::Deposed("write timed out".into())),
+            Err(FenceError::Etcd(e)) => Err(LeadError::Etcd(e)),
         }
-        Ok(resp.header().map(|h| h.revision()).unwrap_or(0))
     }
+}
+
+/// The compare every leader write carries: its election key still exists with the create
+/// revision it had when this engine won. Once the key is gone (its lease expired or was
+/// revoked) or belongs to another campaign, etcd refuses the write.
+pub fn fence_of(leader_key: &etcd_client::LeaderKey) -> Compare {
+    Compare::create_revision(leader_key.key().to_vec(), CompareOp::Equal, leader_key.rev())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FenceError {
+    /// etcd refused the transaction: the fence (or an extra guard) did not hold; nothing of it
+    /// was written.
+    #[error("fenced write refused")]
+    Refused,
+    #[error("fenced write timed out")]
+    TimedOut,
+    #[error("etcd: {0}")]
+    Etcd(#[from] etcd_client::Error),
+}
+
+/// Writes `ops` in one transaction guarded by `fence` (and `extra`); returns its revision.
+pub async fn fenced_txn(
+    client: &Client,
+    fence: &Compare,
+    extra: Vec<Compare>,
+    ops: Vec<TxnOp>,
+) -> Result<i64, FenceError> {
+    let mut compares = vec![fence.clone()];
+    let guarded = !extra.is_empty();
+    compares.extend(extra);
+    let ops_count = ops.len();
+    let txn = Txn::new().when(compares).and_then(ops);
+    let resp = tokio::time::timeout(Duration::from_secs(10), client.kv_client().txn(txn))
+        .await
+        .map_err(|_| FenceError::TimedOut)??;
+    if !resp.succeeded() {
+        if !guarded {
+            tracing::warn!(ops = ops_count, "fenced write refused: another engine leads; nothing of it was written");
+        }
+        return Err(FenceError::Refused);
+    }
+    Ok(resp.header().map(|h| h.revision()).unwrap_or(0))
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
