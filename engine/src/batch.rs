@@ -571,7 +571,10 @@ async fn follow(api: Api, names: Vec<UnitName>, until: Until, window: Duration, 
                             }
                         };
                         let failed_long = graced(&mut failed_since, failed, FAILED_GRACE);
-                        let unplaceable_long = graced(&mut unplaceable_since, unplaceable.is_some(), unplaceable_grace);
+                        // At the end of the wait an unplaceable unit is reported with its reason,
+                        // however long it has been unplaceable.
+                        let unplaceable_long = graced(&mut unplaceable_since, unplaceable.is_some(), unplaceable_grace)
+                            || (now >= deadline && unplaceable.is_some());
                         if failed_long {
                             WaitEvent { error: "failed".into(), ..Default::default() }
                         } else if unplaceable_long {

@@ -229,8 +229,15 @@ async fn commit(
 }
 
 /// Units still scheduled to machine `id`, in this engine's view.
+/// Units still on machine `id`: scheduled there, or reported there by its agent as not stopped
+/// yet (an agent reports a unit taken off its machine until systemd has stopped it). A machine
+/// is empty, and may reboot, only once both are none.
 fn units_on(api: &Api, id: &str) -> usize {
-    api.cluster.read(|v| v.schedule.values().filter(|m| m.contains_key(id)).count())
+    api.cluster.read(|v| {
+        let scheduled = v.schedule.values().filter(|m| m.contains_key(id)).count();
+        let running = v.states.values().filter(|m| m.get(id).is_some_and(|s| !s.stopped())).count();
+        scheduled.max(running)
+    })
 }
 
 pub async fn pre_reboot(
@@ -281,7 +288,7 @@ async fn drained_or_wait(api: &Api, id: &str, sem: &Semaphore) -> Result<Respons
             return Err(refuse(
                 StatusCode::CONFLICT,
                 "draining",
-                format!("slot held; {left} units still scheduled on machine {id}: try again"),
+                format!("slot held; {left} units still scheduled or running on machine {id}: try again"),
             ));
         }
     }
