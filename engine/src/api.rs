@@ -268,6 +268,24 @@ where
     etcd_within(what, Duration::from_secs(30), op).await
 }
 
+/// One etcd transaction with [`etcd`]'s retries (or [`etcd_patient`]'s, for bulk writes).
+pub(crate) async fn etcd_txn(
+    api: &Api,
+    what: &str,
+    txn: &Txn,
+    patient: bool,
+) -> Result<etcd_client::TxnResponse, ApiError> {
+    let op = || {
+        let mut kv = api.client.kv_client();
+        let t = txn.clone();
+        async move { kv.txn(t).await }
+    };
+    match patient {
+        true => etcd_patient(what, op).await,
+        false => etcd(what, op).await,
+    }
+}
+
 /// Four attempts of at most `attempt` each; an etcd that cannot be reached is a 503.
 async fn etcd_within<T, F, Fut>(what: &str, attempt: Duration, op: F) -> Result<T, ApiError>
 where
@@ -706,12 +724,7 @@ async fn put_unit(
         }
         ops.push(TxnOp::put(key.clone(), encode(&record).map_err(|e| ApiError::internal(e.to_string()))?, None));
         let txn = Txn::new().when([guard]).and_then(ops);
-        let resp = etcd("write unit", || {
-            let mut kv = api.client.kv_client();
-            let t = txn.clone();
-            async move { kv.txn(t).await }
-        })
-        .await?;
+        let resp = etcd_txn(&api, "write unit", &txn, false).await?;
         if resp.succeeded() {
             let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
             api.wrote(rev);
@@ -865,12 +878,7 @@ async fn write_new_units(
             ops.push(TxnOp::put(key, encode(rec).map_err(|e| ApiError::internal(e.to_string()))?, None));
         }
         let txn = Txn::new().when(guards).and_then(ops);
-        let resp = etcd_patient("write units", || {
-            let mut kv = api.client.kv_client();
-            let t = txn.clone();
-            async move { kv.txn(t).await }
-        })
-        .await?;
+        let resp = etcd_txn(api, "write units", &txn, true).await?;
         if resp.succeeded() {
             return Ok(Ok(resp.header().map(|h| h.revision()).unwrap_or(0)));
         }
@@ -1288,12 +1296,7 @@ async fn patch_machines(State(api): State<Api>, body: axum::body::Bytes) -> Resu
     fresh(&api).await?;
     if !writes.is_empty() {
         let txn = Txn::new().and_then(writes);
-        let resp = etcd("write metadata", || {
-            let mut kv = api.client.kv_client();
-            let t = txn.clone();
-            async move { kv.txn(t).await }
-        })
-        .await?;
+        let resp = etcd_txn(&api, "write metadata", &txn, false).await?;
         if let Some(h) = resp.header() {
             api.wrote(h.revision());
         }

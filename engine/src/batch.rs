@@ -8,8 +8,8 @@
 //! committed. Per-unit refusals are listed in the error body's `units`.
 
 use crate::api::{
-    api_unit, check_json, check_put, check_replace_cycles, etcd, etcd_patient, fresh, placement_of, settle, Api,
-    ApiError, ApiUnit, ApiUnitState, PutUnit, MAX_UNITS_PER_REQUEST, UNITS_PER_TXN,
+    api_unit, check_json, check_put, check_replace_cycles, etcd, etcd_txn, fresh, placement_of, settle, Api, ApiError,
+    ApiUnit, ApiUnitState, PutUnit, MAX_UNITS_PER_REQUEST, UNITS_PER_TXN,
 };
 use crate::auth::{AuditDetail, Caller, Role};
 use crate::cluster::ClusterView;
@@ -278,12 +278,7 @@ pub async fn batch_update(
 async fn update_chunk(api: &Api, chunk: &[PutUnit]) -> Result<(Vec<String>, i64), BatchError> {
     for _ in 0..5 {
         let reads: Vec<TxnOp> = chunk.iter().map(|c| TxnOp::get(api.keys.unit(&c.name), None)).collect();
-        let read = etcd_patient("read units", || {
-            let mut kv = api.client.kv_client();
-            let t = Txn::new().and_then(reads.clone());
-            async move { kv.txn(t).await }
-        })
-        .await?;
+        let read = etcd_txn(api, "read units", &Txn::new().and_then(reads), true).await?;
         let mut guards = Vec::new();
         let mut ops = Vec::new();
         let mut changed = Vec::new();
@@ -324,12 +319,7 @@ async fn update_chunk(api: &Api, chunk: &[PutUnit]) -> Result<(Vec<String>, i64)
             return Ok((changed, 0));
         }
         let txn = Txn::new().when(guards).and_then(ops);
-        let resp = etcd_patient("write units", || {
-            let mut kv = api.client.kv_client();
-            let t = txn.clone();
-            async move { kv.txn(t).await }
-        })
-        .await?;
+        let resp = etcd_txn(api, "write units", &txn, true).await?;
         if resp.succeeded() {
             return Ok((changed, resp.header().map(|h| h.revision()).unwrap_or(0)));
         }
@@ -358,12 +348,7 @@ pub async fn batch_delete(
     let mut done = Destroyed { destroyed: Vec::new(), missing: Vec::new(), revision: 0 };
     for chunk in names.chunks(DELETES_PER_TXN) {
         let ops: Vec<TxnOp> = chunk.iter().map(|n| TxnOp::delete(api.keys.unit(n), None)).collect();
-        let resp = etcd_patient("delete units", || {
-            let mut kv = api.client.kv_client();
-            let t = Txn::new().and_then(ops.clone());
-            async move { kv.txn(t).await }
-        })
-        .await?;
+        let resp = etcd_txn(&api, "delete units", &Txn::new().and_then(ops), true).await?;
         for (n, r) in chunk.iter().zip(resp.op_responses()) {
             match r {
                 TxnOpResponse::Delete(d) if d.deleted() > 0 => done.destroyed.push(n.to_string()),

@@ -215,13 +215,7 @@ async fn commit(
     let ops: Vec<TxnOp> = std::iter::once(TxnOp::put(api.keys.reboot_lock(group), value, None)).chain(drain).collect();
     let txn =
         Txn::new().when([guard(api.keys.reboot_lock(group), revs.0), guard(api.keys.drain(id), revs.1)]).and_then(ops);
-    let resp = crate::api::etcd(what, || {
-        let mut kv = api.client.kv_client();
-        let t = txn.clone();
-        async move { kv.txn(t).await }
-    })
-    .await
-    .map_err(from_api)?;
+    let resp = crate::api::etcd_txn(api, what, &txn, false).await.map_err(from_api)?;
     if resp.succeeded() {
         crate::api::settle(api, resp.header().map(|h| h.revision()).unwrap_or(0)).await;
     }

@@ -104,7 +104,9 @@ impl Ctl {
             return Ok(ExitCode::SUCCESS);
         };
         let verb = if state == "launched" { "start" } else { "load" };
-        let created: HashSet<&str> = create.iter().map(|u| u.name.as_str()).collect();
+        // Looked up once per unit below: by name, not by scanning (10,000 units in one command).
+        let created: HashMap<&str, &Unit> = create.iter().map(|u| (u.name.as_str(), u)).collect();
+        let replaced: HashMap<String, usize> = changes.iter().enumerate().map(|(i, c)| (c.name.clone(), i)).collect();
         let mut again = Vec::new();
         let mut waiting = Vec::new();
         let mut triggered = Vec::new();
@@ -122,7 +124,7 @@ impl Ctl {
                         continue;
                     }
                     if unit.desired_state != state {
-                        match changes.iter_mut().find(|c| &c.name == name) {
+                        match replaced.get(name).and_then(|i| changes.get_mut(*i)) {
                             Some(c) => c.desired_state = state.to_string(),
                             None => changes.push(Unit {
                                 name: name.clone(),
@@ -133,10 +135,10 @@ impl Ctl {
                     }
                     unit.is_global()
                 }
-                None if created.contains(name.as_str()) => {
-                    create.iter().find(|u| &u.name == name).is_some_and(|u| u.is_global())
-                }
-                None => continue,
+                None => match created.get(name.as_str()) {
+                    Some(u) => u.is_global(),
+                    None => continue,
+                },
             };
             if global {
                 triggered.push(format!("Triggered global unit {name} {verb}"));
