@@ -7,7 +7,8 @@
 use crate::cluster::Cluster;
 use crate::scheduler::{self, Decision, MoveOutcome, Snapshot};
 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
-use fleet_model::etcd::Client;
+use fleet_model::etcd::{is_transient, Client};
+use fleet_model::retry::{RetryError, RetryPolicy};
 use fleet_model::schema::encode;
 use fleet_model::schema::MoveRequest;
 use fleet_model::Keys;
@@ -20,6 +21,8 @@ use tokio::sync::watch;
 const MAX_OPS_PER_TXN: usize = 120;
 /// Schedule transactions in flight at once while placing many units.
 const PUTS_IN_FLIGHT: usize = 8;
+/// One attempt at a fenced write.
+const FENCED_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -135,8 +138,37 @@ impl Leader {
     }
 
     async fn campaign_and_lead(&self) -> Result<(), LeadError> {
+        let lease = self.client.lease_client().grant(self.ttl, None).await?.id();
+        let result = self.campaign_and_lead_with(lease).await;
+        // Resign, whatever ended the attempt: a campaign that failed half-way (its connection
+        // broke after etcd made the key) would otherwise leave a key that keeps every engine,
+        // this one included, from leading until the lease expires. And when etcd lost its
+        // quorum, the new etcd leader renews every lease for a full TTL once it is back, so the
+        // revocation keeps being tried in the background (for up to 30 s, until etcd answers)
+        // while the next campaign starts.
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            let revoke = RetryPolicy {
+                attempts: 40,
+                first_backoff: Duration::from_millis(50),
+                max_backoff: Duration::from_millis(500),
+                timeout: Duration::from_secs(1),
+            };
+            let revoked = revoke
+                .run("revoke the election lease", is_transient, || {
+                    let mut lc = client.lease_client();
+                    async move { lc.revoke(lease).await }
+                })
+                .await;
+            if let Err(e) = revoked {
+                tracing::debug!(error = %e, "election lease not revoked; it expires by itself");
+            }
+        });
+        result
+    }
+
+    async fn campaign_and_lead_with(&self, lease: i64) -> Result<(), LeadError> {
         let mut lc = self.client.lease_client();
-        let lease = lc.grant(self.ttl, None).await?.id();
         let beats = lc.keep_alive(lease).await?;
         let (lost_tx, mut lost_rx) = watch::channel(false);
         let period = Duration::from_millis((self.ttl as u64 * 1000) / 3);
@@ -204,10 +236,7 @@ impl Leader {
         self.set_leader(true, self.engine_id.clone());
         let fence = fence_of(&leader_key);
 
-        let result = self.lead(fence, &mut lost_rx).await;
-        // Resign so a follower takes over at once instead of after the lease expires.
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.client.lease_client().revoke(lease)).await;
-        result
+        self.lead(fence, &mut lost_rx).await
     }
 
     async fn lead(&self, fence: Compare, lost: &mut watch::Receiver<bool>) -> Result<(), LeadError> {
@@ -370,17 +399,35 @@ impl Leader {
     }
 
     /// Runs `ops` only while we still lead (and `extra` holds); returns the write's revision.
+    ///
+    /// A write that fails for a passing reason (one etcd member down, a request that raced an
+    /// auth change) is sent again rather than costing the leadership, for as long as the lease
+    /// can still be ours (its TTL); the fence makes a late or repeated attempt safe, and every
+    /// write a pass makes is idempotent.
     async fn fenced(&self, fence: &Compare, extra: Vec<Compare>, ops: Vec<TxnOp>) -> Result<i64, LeadError> {
         let guarded = !extra.is_empty();
-        match fenced_txn(&self.client, fence, extra, ops).await {
-            Ok(rev) => Ok(rev),
-            Err(FenceError::Refused) => Err(LeadError::Deposed(if guarded {
+        let policy = RetryPolicy {
+            attempts: u32::MAX,
+            first_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(1),
+            timeout: FENCED_WRITE_TIMEOUT,
+        };
+        let retryable = |e: &FenceError| match e {
+            FenceError::Etcd(e) => is_transient(e),
+            FenceError::TimedOut => true,
+            FenceError::Refused => false,
+        };
+        let attempts =
+            policy.run("fenced write", retryable, || fenced_txn(&self.client, fence, extra.clone(), ops.clone()));
+        match tokio::time::timeout(Duration::from_secs(self.ttl.max(1) as u64), attempts).await {
+            Ok(Ok(rev)) => Ok(rev),
+            Ok(Err(RetryError::Failed { source: FenceError::Refused, .. })) => Err(LeadError::Deposed(if guarded {
                 "guard failed".into()
             } else {
                 "fenced write refused: another engine leads".into()
             })),
-            Err(FenceError::TimedOut) => Err(LeadError::Deposed("write timed out".into())),
-            Err(FenceError::Etcd(e)) => Err(LeadError::Etcd(e)),
+            Ok(Err(RetryError::Failed { source: FenceError::Etcd(e), .. })) => Err(LeadError::Etcd(e)),
+            Ok(Err(_)) | Err(_) => Err(LeadError::Deposed("writes failed for a lease TTL".into())),
         }
     }
 }
@@ -416,7 +463,7 @@ pub async fn fenced_txn(
     compares.extend(extra);
     let ops_count = ops.len();
     let txn = Txn::new().when(compares).and_then(ops);
-    let resp = tokio::time::timeout(Duration::from_secs(10), client.kv_client().txn(txn))
+    let resp = tokio::time::timeout(FENCED_WRITE_TIMEOUT, client.kv_client().txn(txn))
         .await
         .map_err(|_| FenceError::TimedOut)??;
     if !resp.succeeded() {

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 /// The running lab, or `None` (test skipped) outside CI.
 pub fn lab() -> Option<LabState> {
+    watch_this_test();
     match LabState::load() {
         Ok(Some(s)) if !s.etcd.is_empty() => Some(s),
         other => {
@@ -98,14 +99,103 @@ pub async fn keys_under(client: &mut etcd_client::Client, prefix: &str) -> Resul
     Ok(resp.kvs().iter().map(|kv| String::from_utf8_lossy(kv.key()).into_owned()).collect())
 }
 
-/// Runs the lab's fleetctl against `endpoint`.
+/// How long one fleetctl command may take in a test. fleetctl's own waits are unbounded by
+/// default (as the original's), so a unit that can never start would otherwise hang the suite.
+const FLEETCTL_LIMIT: Duration = Duration::from_secs(180);
+
+/// Runs the lab's fleetctl against `endpoint`; an error if it has not finished in 180 s (it is
+/// killed then).
 pub fn fleetctl(state: &LabState, endpoint: &str, args: &[&str]) -> Result<Output> {
-    Command::new(state.bin_dir.join("fleetctl"))
-        .args(args)
-        .env("FLEETCTL_ENDPOINT", endpoint)
-        .envs(fleetctl_env())
-        .output()
-        .context("cannot run fleetctl")
+    let mut cmd = Command::new(state.bin_dir.join("fleetctl"));
+    cmd.args(args).env("FLEETCTL_ENDPOINT", endpoint).envs(fleetctl_env());
+    output_within(cmd, FLEETCTL_LIMIT).with_context(|| format!("fleetctl {args:?}"))
+}
+
+/// Runs `cmd` to completion like `Command::output`, but kills it after `limit`.
+pub fn output_within(mut cmd: Command, limit: Duration) -> Result<Output> {
+    use std::io::Read;
+    use std::process::Stdio;
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    // Read both pipes while waiting, so a chatty child never blocks on a full pipe.
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let out = drain(child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    let err = drain(child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    let until = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() >= until {
+            let _ = child.kill();
+            let _ = child.wait();
+            let (o, e) = (out.join().unwrap_or_default(), err.join().unwrap_or_default());
+            bail!(
+                "did not finish in {limit:?}; it printed:\n{}\n{}",
+                String::from_utf8_lossy(&o),
+                String::from_utf8_lossy(&e)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Ok(Output { status, stdout: out.join().unwrap_or_default(), stderr: err.join().unwrap_or_default() })
+}
+
+/// How long one lab test may run before the test binary gives up (FLEET_TEST_LIMIT_SECS).
+const TEST_LIMIT: Duration = Duration::from_secs(20 * 60);
+
+/// The lab test running now (named after libtest's thread) and since when.
+static CURRENT_TEST: std::sync::Mutex<Option<(String, Instant)>> = std::sync::Mutex::new(None);
+
+/// Makes a lab test's failure visible at once and a hung one end the run.
+///
+/// libtest prints a failed test's panic only when the whole binary finishes; a later test that
+/// hangs would hide it (CI once timed out with no word of why two tests had failed). So panics
+/// are also written straight to stderr as they happen, and a watchdog ends the test binary
+/// (exit 124) when one test runs longer than the limit, naming it.
+fn watch_this_test() {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    let name = std::thread::current().name().unwrap_or("?").to_string();
+    if let Ok(mut current) = CURRENT_TEST.lock() {
+        if current.as_ref().map(|(n, _)| n) != Some(&name) {
+            *current = Some((name, Instant::now()));
+        }
+    }
+    INSTALLED.call_once(|| {
+        let default_hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            use std::io::Write;
+            let test = std::thread::current().name().unwrap_or("?").to_string();
+            // Straight to the file descriptor: libtest captures only print! and the default hook.
+            let _ = writeln!(std::io::stderr(), "\n[{test}] panicked: {info}");
+            default_hook(info);
+        }));
+        let limit = std::env::var("FLEET_TEST_LIMIT_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .map(Duration::from_secs)
+            .unwrap_or(TEST_LIMIT);
+        std::thread::spawn(move || loop {
+            std::thread::sleep(Duration::from_secs(5));
+            let overrun = CURRENT_TEST.lock().ok().and_then(|c| c.clone()).filter(|(_, since)| since.elapsed() > limit);
+            if let Some((test, since)) = overrun {
+                use std::io::Write;
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "\n[{test}] still running after {:?} (limit {limit:?}): ending this test binary",
+                    since.elapsed()
+                );
+                std::process::exit(124);
+            }
+        });
+    });
 }
 
 pub fn text(o: &Output) -> (String, String) {

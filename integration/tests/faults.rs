@@ -23,8 +23,11 @@ struct Lab {
 }
 
 /// The fault lab, or a skip (a failure under CI=true) when the lab is not the fault lab.
-fn fault_lab(test: &str) -> Option<Lab> {
-    let state = testkit::lab()?;
+///
+/// Whatever an earlier fault test left broken (it failed with a machine still cut, say) is
+/// mended first, and units it left behind are destroyed: the fault lab is the fault tests' own.
+async fn fault_lab(test: &str) -> Option<Lab> {
+    let mut state = testkit::lab()?;
     if state.engines.len() < 2 || state.etcd.len() < 3 {
         if std::env::var("CI").as_deref() == Ok("true") {
             panic!("fault tests need ./lab up --etcd 3 --engines 2 (./lab test runs them so)");
@@ -32,7 +35,51 @@ fn fault_lab(test: &str) -> Option<Lab> {
         eprintln!("skipped: not the fault lab");
         return None;
     }
-    Some(Lab { state, dir: testkit::scratch(test).ok()?, units: Vec::new() })
+    let mended = faults::repair(&mut state, &unit_template()).await.expect("repair the fault lab");
+    let lab = Lab { state, dir: testkit::scratch(test).ok()?, units: Vec::new() };
+    let leftovers: Vec<String> = wait_for("the fault lab's API", T, || async {
+        let (ok, out, _) = lab.ctl(&["list-unit-files", "--no-legend"]);
+        ok.then(|| out.lines().filter_map(|l| l.split_whitespace().next()).map(str::to_string).collect())
+    })
+    .await
+    .expect("the fault lab answers");
+    if !mended.is_empty() || !leftovers.is_empty() {
+        eprintln!("{test}: mended {mended:?}; destroying {} units left behind", leftovers.len());
+    }
+    if !leftovers.is_empty() {
+        let mut args = vec!["destroy"];
+        args.extend(leftovers.iter().map(String::as_str));
+        lab.ok(&args);
+    }
+    // Every machine registered again before the test starts.
+    let want = lab.state.machines.len();
+    wait_for("every machine registered", T, || async {
+        (lab.ok(&["list-machines", "--no-legend"]).lines().count() == want).then_some(())
+    })
+    .await
+    .expect("machines registered");
+    Some(lab)
+}
+
+/// A machine cut off until this is dropped, also when the test fails half-way.
+struct Cut {
+    state: LabState,
+    machine: String,
+}
+
+impl Cut {
+    fn new(state: &LabState, machine: &str) -> Self {
+        faults::set_cut(state, machine, true).expect("cut");
+        Cut { state: state.clone(), machine: machine.to_string() }
+    }
+}
+
+impl Drop for Cut {
+    fn drop(&mut self) {
+        if let Err(e) = faults::set_cut(&self.state, &self.machine, false) {
+            eprintln!("cannot heal {}: {e:#}", self.machine);
+        }
+    }
 }
 
 impl Lab {
@@ -105,6 +152,23 @@ impl Lab {
         .await
         .expect("units active")
     }
+    /// Each engine's answer to /engine/status, or why there was none (for failure messages).
+    async fn engine_statuses(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for e in &self.state.engines {
+            let answer = match testkit::http().get(format!("{}/engine/status", e.api_url)).send().await {
+                Ok(resp) => format!("{} {}", resp.status(), resp.text().await.unwrap_or_default()),
+                Err(err) => format!("no answer: {err:#}"),
+            };
+            out.push(format!(
+                "{} (pid {}, alive {}): {answer}",
+                e.name,
+                e.pid,
+                fleet_integration::process::alive(e.pid)
+            ));
+        }
+        out
+    }
     async fn leader(&self) -> Option<String> {
         for e in &self.state.engines {
             let Ok(resp) = testkit::http().get(format!("{}/engine/status", e.api_url)).send().await else { continue };
@@ -146,7 +210,7 @@ async fn unchanged_for_2s(lab: &Lab, before: &BTreeMap<String, Vec<(String, u32)
 
 #[tokio::test]
 async fn fault_engine_leader_killed_restarts_nothing() {
-    let Some(mut lab) = fault_lab("fault-leader") else { return };
+    let Some(mut lab) = fault_lab("fault-leader").await else { return };
     let files: Vec<String> = (0..6).map(|i| lab.file(&format!("fl-ld-{i}.service"), "")).collect();
     let mut args = vec!["start"];
     args.extend(files.iter().map(String::as_str));
@@ -177,9 +241,94 @@ async fn fault_engine_leader_killed_restarts_nothing() {
     faults::start(&mut lab.state, Kind::Engine, &leader, &unit_template()).await.expect("start engine");
 }
 
+/// etcd refuses a request authorised against an older auth store than the one it is applied to
+/// ("revision of auth store is old"), which happens to every client whenever a user or role
+/// changes: a machine joining creates its user. The leader must send such a write again, not
+/// resign over it (it did, and a quorum loss then left no leader for 9 s), and the API must not
+/// fail a user's request over it (it answered 500): while a user is added and removed every
+/// 300 ms, 600 units are submitted, started, stopped and started again, and one engine leads
+/// throughout.
+// Two workers: fleetctl runs blocking on one while the churn and the watcher run on the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_auth_changes_while_the_leader_writes_cost_no_leadership() {
+    let Some(mut lab) = fault_lab("fault-auth").await else { return };
+    let leader = wait_for("a leader", T, || lab.leader()).await.expect("leader");
+    let tpl = lab.dir.join("fl-au@.service");
+    std::fs::write(&tpl, "[Service]\nExecStart=/bin/sleep infinity\n").expect("write");
+    lab.ok(&["submit", tpl.to_str().unwrap_or_default()]);
+    let units: Vec<String> = (0..600).map(|i| format!("fl-au@{i}.service")).collect();
+    lab.units.extend(units.iter().cloned());
+    lab.units.push("fl-au@.service".into());
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut etcd = testkit::etcd(&lab.state).await.expect("etcd as root");
+    let churn = tokio::spawn(async move {
+        let mut changes = 0u32;
+        while !*stop_rx.borrow() {
+            let name = format!("fl-churn-{changes}");
+            if etcd.user_add(name.as_str(), "churn", None).await.is_ok() {
+                changes += 1;
+            }
+            if etcd.user_delete(name.as_str()).await.is_ok() {
+                changes += 1;
+            }
+            // A machine joining every 300 ms: far more often than a real cluster sees. (Under
+            // changes every few ms nothing large can be written at all: a request's whole
+            // journey from receipt to apply must fit between two changes.)
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        changes
+    });
+    let engines = lab.state.engines.clone();
+    let (watch_tx, watch_rx) = tokio::sync::watch::channel(false);
+    let watcher = tokio::spawn(async move {
+        // Who says it leads, every 100 ms: any other answer, or none, is a lost leadership.
+        let mut seen = std::collections::BTreeSet::new();
+        while !*watch_rx.borrow() {
+            let mut leading = Vec::new();
+            for e in &engines {
+                let status = async {
+                    testkit::http()
+                        .get(format!("{}/engine/status", e.api_url))
+                        .send()
+                        .await?
+                        .json::<serde_json::Value>()
+                        .await
+                };
+                if let Ok(v) = status.await {
+                    if v["leader"] == true {
+                        leading.push(e.name.clone());
+                    }
+                }
+            }
+            seen.insert(leading.join(","));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        seen
+    });
+    // Started, stopped and started again: the leader writes the schedule all along.
+    for verb in ["start", "stop", "start"] {
+        for chunk in units.chunks(200) {
+            let mut args = vec![verb, "--no-block"];
+            args.extend(chunk.iter().map(String::as_str));
+            lab.ok(&args);
+        }
+        let mut args = vec![if verb == "start" { "wait" } else { "stop" }];
+        args.extend(units.iter().map(String::as_str));
+        lab.ok(&args);
+    }
+    let _ = stop_tx.send(true);
+    let _ = watch_tx.send(true);
+    let changes = churn.await.expect("churn");
+    let seen = watcher.await.expect("watcher");
+    eprintln!("{changes} auth changes while 600 units started; engines leading: {seen:?}");
+    assert!(changes >= 10, "only {changes} auth changes: the test did not test");
+    assert_eq!(seen.into_iter().collect::<Vec<_>>(), vec![leader], "leadership changed or lapsed during auth changes");
+}
+
 #[tokio::test]
 async fn fault_agent_killed_and_restarted_adopts_its_units() {
-    let Some(mut lab) = fault_lab("fault-agent") else { return };
+    let Some(mut lab) = fault_lab("fault-agent").await else { return };
     let files: Vec<String> =
         (0..3).map(|i| lab.file(&format!("fl-ag-{i}.service"), "MachineMetadata=hostname=fl-m1\n")).collect();
     let mut args = vec!["start"];
@@ -203,7 +352,7 @@ async fn fault_agent_killed_and_restarted_adopts_its_units() {
 
 #[tokio::test]
 async fn fault_machine_lost_units_come_back_elsewhere_and_nothing_moves_back() {
-    let Some(mut lab) = fault_lab("fault-machine") else { return };
+    let Some(mut lab) = fault_lab("fault-machine").await else { return };
     let files: Vec<String> =
         (0..3).map(|i| lab.file(&format!("fl-mc-{i}.service"), "Conflicts=fl-mc-*.service\n")).collect();
     let pinned = lab.file("fl-pinned.service", &format!("MachineID={}\n", lab.machine("fl-m3").machine_id));
@@ -248,14 +397,14 @@ async fn fault_machine_lost_units_come_back_elsewhere_and_nothing_moves_back() {
 
 #[tokio::test]
 async fn fault_cut_machine_duplicates_end_at_heal_and_exclusive_never_runs_twice() {
-    let Some(mut lab) = fault_lab("fault-cut") else { return };
+    let Some(mut lab) = fault_lab("fault-cut").await else { return };
     let plain = lab.file("fl-cut-plain.service", "MachineMetadata=hostname!=fl-m1\n");
     let excl = lab.file("fl-cut-excl.service", "Exclusive=true\nMachineMetadata=hostname!=fl-m1\n");
     lab.ok(&["start", &plain, &excl]);
     let before = lab.all_active_once().await;
     // Cut the machine running the exclusive unit (the plain one may run there too).
     let victim = before["fl-cut-excl.service"][0].0.clone();
-    faults::set_cut(&lab.state, &victim, true).expect("cut");
+    let cut = Cut::new(&lab.state, &victim);
     let cut_at = Instant::now();
     let mut exclusive_twice = Vec::new();
     let mut duplicate_plain_seen = false;
@@ -282,7 +431,7 @@ async fn fault_cut_machine_duplicates_end_at_heal_and_exclusive_never_runs_twice
     );
     // Heal: the cut machine stops what is no longer scheduled to it before it registers again,
     // and the duplicates end within 2 s (docs/reliability.md). Sampled together, every ~50 ms.
-    faults::set_cut(&lab.state, &victim, false).expect("heal");
+    drop(cut);
     let healed_at = Instant::now();
     let (mut ended, mut registered) = (None, None);
     let mut exclusive_overlap = Vec::new();
@@ -311,7 +460,7 @@ async fn fault_cut_machine_duplicates_end_at_heal_and_exclusive_never_runs_twice
 
 #[tokio::test]
 async fn fault_etcd_member_lost_changes_nothing() {
-    let Some(mut lab) = fault_lab("fault-etcd") else { return };
+    let Some(mut lab) = fault_lab("fault-etcd").await else { return };
     let a = lab.file("fl-et-a.service", "");
     lab.ok(&["start", &a]);
     let before = lab.all_active_once().await;
@@ -327,7 +476,7 @@ async fn fault_etcd_member_lost_changes_nothing() {
 
 #[tokio::test]
 async fn fault_drain_moves_units_away_and_keeps_the_machine_empty() {
-    let Some(mut lab) = fault_lab("fault-drain") else { return };
+    let Some(mut lab) = fault_lab("fault-drain").await else { return };
     let files: Vec<String> = (0..4).map(|i| lab.file(&format!("fl-dr-{i}.service"), "")).collect();
     let mut args = vec!["start"];
     args.extend(files.iter().map(String::as_str));
@@ -415,6 +564,9 @@ async fn sample(state: &LabState, units: &[String], down: &std::collections::BTr
 }
 
 /// The kinds of fault the chaos run injects; every one happens in every run.
+/// Longest a chaos step waits for a leader after a fault that removed it.
+const LEADER_AGAIN: Duration = Duration::from_secs(15);
+
 const CHAOS_FAULTS: [&str; 7] = [
     "kill leader",
     "kill agent",
@@ -431,7 +583,7 @@ const CHAOS_FAULTS: [&str; 7] = [
 /// `FLEET_CHAOS_SECS` sets how long faults are injected (default 60; a soak can run for hours).
 #[tokio::test]
 async fn fault_chaos() {
-    let Some(mut lab) = fault_lab("fault-chaos") else { return };
+    let Some(mut lab) = fault_lab("fault-chaos").await else { return };
     let seed: u64 = std::env::var("FLEET_CHAOS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1) | 1
     });
@@ -544,7 +696,10 @@ async fn fault_chaos() {
     let machines: Vec<String> = lab.state.machines.iter().map(|m| m.name.clone()).collect();
     let mut touched = std::collections::BTreeSet::new();
     let mut injected = [0usize; CHAOS_FAULTS.len()];
-    let mut order: Vec<usize> = Vec::new();
+    // FLEET_CHAOS_FAULTS=0,4,6,5 replays a given order of kinds first (then random ones).
+    let mut order: Vec<usize> = std::env::var("FLEET_CHAOS_FAULTS")
+        .map(|s| s.split(',').rev().filter_map(|k| k.trim().parse().ok()).filter(|k| *k < CHAOS_FAULTS.len()).collect())
+        .unwrap_or_default();
     let until = Instant::now() + Duration::from_secs(secs);
     while Instant::now() < until || injected.contains(&0) {
         if order.is_empty() {
@@ -572,18 +727,23 @@ async fn fault_chaos() {
                 eprintln!("chaos: cut {m}");
                 touched.insert(m.clone());
                 let _ = cut_tx.send((Some(m.clone()), None));
-                faults::set_cut(&lab.state, &m, true).expect("cut");
+                let cut = Cut::new(&lab.state, &m);
                 if kind == 5 {
                     // Overlapping faults: the leader dies while a machine is cut off.
                     tokio::time::sleep(Duration::from_secs(1 + rng.below(3))).await;
-                    let Some(leader) = lab.leader().await else { panic!("seed {seed}: no leader to kill") };
+                    // The fault before may have been a leader's death or a quorum loss: the
+                    // leader is the one there is once there is one again.
+                    let Ok(leader) = wait_for("a leader", LEADER_AGAIN, || lab.leader()).await else {
+                        let statuses = lab.engine_statuses().await;
+                        panic!("seed {seed}: no leader to kill in {LEADER_AGAIN:?}; the engines say: {statuses:#?}")
+                    };
                     eprintln!("chaos: kill engine {leader} while {m} is cut");
                     faults::kill(&mut lab.state, Kind::Engine, &leader).await.expect("kill engine");
                     tokio::time::sleep(Duration::from_secs(3 + rng.below(4))).await;
                     faults::start(&mut lab.state, Kind::Engine, &leader, &template).await.expect("start engine");
                 }
                 tokio::time::sleep(Duration::from_secs(4 + rng.below(10))).await;
-                faults::set_cut(&lab.state, &m, false).expect("heal");
+                drop(cut);
                 let _ = cut_tx.send((Some(m.clone()), Some(Instant::now())));
                 eprintln!("chaos: healed {m}");
             }
@@ -606,6 +766,7 @@ async fn fault_chaos() {
                 for e in &lost {
                     faults::start(&mut lab.state, Kind::Etcd, e, &template).await.expect("start etcd");
                 }
+                let back = Instant::now();
                 // Writes resume once quorum is back: a new unit is accepted and runs.
                 let probe = format!("chq-{}.service", injected[6]);
                 let file = lab.file(&probe, "");
@@ -614,6 +775,13 @@ async fn fault_chaos() {
                 })
                 .await
                 .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+                // And an engine leads again: the old leader's key outlives the outage by at most
+                // its lease TTL (etcd renews leases when it elects a leader), unless revoked.
+                let Ok(leader) = wait_for("a leader after quorum returned", LEADER_AGAIN, || lab.leader()).await else {
+                    let statuses = lab.engine_statuses().await;
+                    panic!("seed {seed}: no leader {LEADER_AGAIN:?} after quorum returned: {statuses:#?}")
+                };
+                eprintln!("chaos: {leader} leads {:?} after quorum returned", back.elapsed());
             }
             _ => {
                 eprintln!("chaos: power off {m}");
@@ -724,7 +892,7 @@ async fn main_pids(state: &LabState, placed: &BTreeMap<String, Vec<String>>) -> 
 /// first keeps its record (reference scenario 30).
 #[tokio::test]
 async fn fault_machine_id_clash_is_refused() {
-    let Some(lab) = fault_lab("fault-clash") else { return };
+    let Some(lab) = fault_lab("fault-clash").await else { return };
     let m1 = lab.machine("fl-m1");
     let mut spec = m1.spec.clone().expect("spec");
     spec.name = "fl-t2".into();
@@ -761,7 +929,7 @@ async fn fault_machine_id_clash_is_refused() {
 /// with the original's purge-on-stop deliberately not kept).
 #[tokio::test]
 async fn fault_agent_stopped_and_started_again_restarts_nothing() {
-    let Some(mut lab) = fault_lab("fault-upgrade") else { return };
+    let Some(mut lab) = fault_lab("fault-upgrade").await else { return };
     let f = lab.file("fl-up-a.service", "MachineMetadata=hostname=fl-m2\n");
     lab.ok(&["start", &f]);
     let before = lab.all_active_once().await;
@@ -796,7 +964,7 @@ async fn fault_agent_stopped_and_started_again_restarts_nothing() {
 /// must not be stuck `not-found`.
 #[tokio::test]
 async fn fault_destroy_and_resubmit_on_the_same_machine() {
-    let Some(mut lab) = fault_lab("fault-resubmit") else { return };
+    let Some(mut lab) = fault_lab("fault-resubmit").await else { return };
     let f = lab.file("fl-rs.service", "MachineMetadata=hostname=fl-m1\n");
     for _ in 0..3 {
         lab.ok(&["start", &f]);
@@ -811,7 +979,7 @@ async fn fault_destroy_and_resubmit_on_the_same_machine() {
 /// at once (a `MachineMetadata=` rule can use it) and the engine keeps serving; nothing restarts.
 #[tokio::test]
 async fn fault_reload_configuration_on_sighup_restarts_nothing() {
-    let Some(mut lab) = fault_lab("fault-reload") else { return };
+    let Some(mut lab) = fault_lab("fault-reload").await else { return };
     let m3 = lab.machine("fl-m3");
     let config = m3.dir.join("fleet/agent.toml");
     let original = std::fs::read_to_string(&config).expect("agent config");
@@ -888,7 +1056,7 @@ async fn fault_reload_configuration_on_sighup_restarts_nothing() {
 /// its lease expires, and nothing moves back.
 #[tokio::test]
 async fn fault_machine_rebooted_with_a_new_machine_id() {
-    let Some(mut lab) = fault_lab("fault-newid") else { return };
+    let Some(mut lab) = fault_lab("fault-newid").await else { return };
     let files: Vec<String> =
         (0..3).map(|i| lab.file(&format!("fl-ni-{i}.service"), "Conflicts=fl-ni-*.service\n")).collect();
     let mut args = vec!["start"];
@@ -939,19 +1107,12 @@ async fn fault_machine_rebooted_with_a_new_machine_id() {
 /// in a reconnect loop, no failure), and its units keep running.
 #[tokio::test]
 async fn fault_agent_stops_cleanly_while_etcd_is_unreachable() {
-    let Some(mut lab) = fault_lab("fault-stop-cut") else { return };
+    let Some(mut lab) = fault_lab("fault-stop-cut").await else { return };
     let f = lab.file("fl-sc.service", "MachineMetadata=hostname=fl-m4\n");
     lab.ok(&["start", &f]);
     let before = lab.all_active_once().await;
     let m4 = lab.machine("fl-m4");
-    faults::set_cut(&lab.state, "fl-m4", true).expect("cut");
-    struct Heal(LabState);
-    impl Drop for Heal {
-        fn drop(&mut self) {
-            let _ = faults::set_cut(&self.0, "fl-m4", false);
-        }
-    }
-    let heal = Heal(lab.state.clone());
+    let heal = Cut::new(&lab.state, "fl-m4");
     // Long enough for the agent to be in its reconnect and lease-doubt loops.
     tokio::time::sleep(Duration::from_secs(8)).await;
     let conn = zbus::connection::Builder::address(m4.bus_address().as_str()).expect("addr").build().await.expect("bus");
@@ -992,7 +1153,7 @@ async fn fault_agent_stops_cleanly_while_etcd_is_unreachable() {
 /// nothing, since its desired state did not change. It now runs it again, as `systemctl start`.
 #[tokio::test]
 async fn fault_start_runs_a_failed_unit_again() {
-    let Some(mut lab) = fault_lab("fault-start-failed") else { return };
+    let Some(mut lab) = fault_lab("fault-start-failed").await else { return };
     let marker = format!("/run/fl-sf-{}", std::process::id());
     let path = lab.dir.join("fl-sf.service");
     std::fs::write(
@@ -1035,7 +1196,7 @@ async fn fault_start_runs_a_failed_unit_again() {
 /// scheduled twice, and it says it no longer leads.
 #[tokio::test]
 async fn fault_a_frozen_and_deposed_leader_cannot_write() {
-    let Some(mut lab) = fault_lab("fault-fence") else { return };
+    let Some(mut lab) = fault_lab("fault-fence").await else { return };
     let leader = wait_for("a leader", T, || lab.leader()).await.expect("leader");
     let (l, standby) = {
         let l = lab.state.engines.iter().find(|e| e.name == leader).expect("leader engine").clone();
