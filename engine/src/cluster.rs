@@ -9,7 +9,7 @@ use fleet_model::rules::Rules;
 use fleet_model::schema::{decode, Key, MoveRequest};
 use fleet_model::{Keys, MachineRecord, ScheduleEntry, UnitFile, UnitName, UnitRecord, UnitStateRecord};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
@@ -50,6 +50,29 @@ pub struct ClusterView {
 }
 
 impl ClusterView {
+    /// Applies one delivery of the watch: a whole new snapshot, or changes.
+    fn apply_update(&mut self, keys: &Keys, update: PrefixUpdate) {
+        match update {
+            PrefixUpdate::Snapshot { revision, puts } => {
+                let mut fresh = ClusterView::default();
+                for c in puts {
+                    fresh.apply(keys, c);
+                }
+                fresh.revision = revision;
+                fresh.plan_generation = self.plan_generation + 1;
+                fresh.parse_missing_rules();
+                *self = fresh;
+            }
+            PrefixUpdate::Changes { revision, changes } => {
+                for c in changes {
+                    self.apply(keys, c);
+                }
+                self.parse_missing_rules();
+                self.revision = self.revision.max(revision);
+            }
+        }
+    }
+
     fn apply(&mut self, keys: &Keys, change: Change) {
         // Decoded once: this runs for every event of the whole cluster.
         let decoded = match &change {
@@ -220,6 +243,9 @@ fn remove_nested<V>(map: &mut BTreeMap<UnitName, BTreeMap<String, V>>, unit: &Un
     }
 }
 
+/// Updates the leader's planning copy has not applied yet; `None` while nobody plans.
+type PlanFeed = Arc<Mutex<Option<Vec<PrefixUpdate>>>>;
+
 /// A shared, watch-fed [`ClusterView`].
 #[derive(Clone)]
 pub struct Cluster {
@@ -227,15 +253,46 @@ pub struct Cluster {
     revision: watch::Receiver<i64>,
     plan: watch::Receiver<u64>,
     kick: Arc<tokio::sync::Notify>,
+    plan_feed: PlanFeed,
+    keys: Keys,
+}
+
+/// The leader's own copy of the view (see [`Cluster::plan_view`]).
+pub struct PlanView {
+    view: ClusterView,
+    feed: PlanFeed,
+    keys: Keys,
+}
+
+impl PlanView {
+    /// Applies what the shared view received since the last refresh.
+    pub fn refresh(&mut self) {
+        let updates = match self.feed.lock() {
+            Ok(mut q) => q.as_mut().map(std::mem::take).unwrap_or_default(),
+            Err(_) => Vec::new(),
+        };
+        for update in updates {
+            self.view.apply_update(&self.keys, update);
+        }
+    }
+
+    pub fn view(&self) -> &ClusterView {
+        &self.view
+    }
+}
+
+impl Drop for PlanView {
+    fn drop(&mut self) {
+        if let Ok(mut q) = self.feed.lock() {
+            *q = None;
+        }
+    }
 }
 
 impl Cluster {
     /// Starts following `keys.prefix()` with `client`.
     pub fn follow(client: fleet_model::etcd::Client, keys: Keys) -> Self {
-        let view = Arc::new(RwLock::new(ClusterView::default()));
-        let (rev_tx, rev_rx) = watch::channel(0);
-        let (plan_tx, plan_rx) = watch::channel(0u64);
-        let (tx, mut rx) = mpsc::channel(256);
+        let (tx, rx) = mpsc::channel(256);
         let kick = Arc::new(tokio::sync::Notify::new());
         tokio::spawn(fleet_model::etcd::follow_prefix_kickable(
             client,
@@ -244,32 +301,32 @@ impl Cluster {
             Some(RESYNC),
             Some(kick.clone()),
         ));
+        Self::fed_by(rx, keys, kick)
+    }
+
+    /// A view fed by `updates` (from etcd's watch in [`Cluster::follow`]; from a test directly).
+    fn fed_by(mut rx: mpsc::Receiver<PrefixUpdate>, keys: Keys, kick: Arc<tokio::sync::Notify>) -> Self {
+        let view = Arc::new(RwLock::new(ClusterView::default()));
+        let (rev_tx, rev_rx) = watch::channel(0);
+        let (plan_tx, plan_rx) = watch::channel(0u64);
         let shared = view.clone();
+        let plan_feed: PlanFeed = Arc::new(Mutex::new(None));
+        let feed = plan_feed.clone();
+        let keys_for_plans = keys.clone();
         tokio::spawn(async move {
             while let Some(update) = rx.recv().await {
                 // Waiting for the lock (a leader pass may hold it for a while at scale) and
                 // applying a large batch are blocking work: keep them off the async workers.
                 let applied = tokio::task::block_in_place(|| {
                     let Ok(mut v) = shared.write() else { return None };
-                    match update {
-                        PrefixUpdate::Snapshot { revision, puts } => {
-                            let mut fresh = ClusterView::default();
-                            for c in puts {
-                                fresh.apply(&keys, c);
-                            }
-                            fresh.revision = revision;
-                            fresh.plan_generation = v.plan_generation + 1;
-                            fresh.parse_missing_rules();
-                            *v = fresh;
-                        }
-                        PrefixUpdate::Changes { revision, changes } => {
-                            for c in changes {
-                                v.apply(&keys, c);
-                            }
-                            v.parse_missing_rules();
-                            v.revision = v.revision.max(revision);
+                    // The leader's planning copy gets the same update, in the same order (it is
+                    // queued under this lock, which its copy was taken under).
+                    if let Ok(mut queue) = feed.lock() {
+                        if let Some(q) = queue.as_mut() {
+                            q.push(update.clone());
                         }
                     }
+                    v.apply_update(&keys, update);
                     Some((v.revision, v.plan_generation))
                 });
                 let Some((rev, generation)) = applied else { return };
@@ -279,7 +336,30 @@ impl Cluster {
                 }
             }
         });
-        Cluster { view, revision: rev_rx, plan: plan_rx, kick }
+        Cluster { view, revision: rev_rx, plan: plan_rx, kick, plan_feed, keys: keys_for_plans }
+    }
+
+    /// A copy of the view for the leader to plan on, kept up to date by [`PlanView::refresh`].
+    ///
+    /// A planning pass over a large cluster takes a while; were it to read the shared view, it
+    /// would hold the view's lock all that time, the watch could not apply what etcd sends, and
+    /// API reads that wait for a write of theirs to show (and, behind the waiting writer, every
+    /// API read) would wait for the pass. The copy costs memory (a second view, on the leader
+    /// only) and one clone when leadership starts; updates reach it as a queue it drains between
+    /// passes. One at a time: a new copy replaces the previous one's queue.
+    pub fn plan_view(&self) -> PlanView {
+        let view = match self.view.read() {
+            Ok(v) => {
+                // Under the read lock the watch cannot apply (nor queue) an update, so the copy
+                // and the queue started here meet exactly.
+                if let Ok(mut q) = self.plan_feed.lock() {
+                    *q = Some(Vec::new());
+                }
+                v.clone()
+            }
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        PlanView { view, feed: self.plan_feed.clone(), keys: self.keys.clone() }
     }
 
     /// Runs `f` on the current view.
@@ -314,5 +394,70 @@ impl Cluster {
     pub async fn caught_up(&self, revision: i64, timeout: Duration) -> bool {
         let mut rx = self.revision.clone();
         tokio::time::timeout(timeout, rx.wait_for(|r| *r >= revision)).await.map(|r| r.is_ok()).unwrap_or(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleet_model::schema::encode;
+    use fleet_model::DesiredState;
+
+    fn unit_put(keys: &Keys, name: &str, rev: i64) -> Change {
+        let name = UnitName::parse(name).expect("name");
+        let rec = UnitRecord { name: name.clone(), hash: "h".into(), desired_state: DesiredState::Launched };
+        Change::Put {
+            key: keys.unit(&name).into_bytes(),
+            value: encode(&rec).expect("encode"),
+            lease: 0,
+            mod_revision: rev,
+        }
+    }
+
+    fn names(v: &ClusterView) -> Vec<String> {
+        v.units.keys().map(|u| u.to_string()).collect()
+    }
+
+    /// The leader's planning copy sees exactly what the shared view sees, in order, once it
+    /// refreshes; and while the copy is held (a pass under way) the shared view keeps applying
+    /// the watch, so a read waiting for a revision is not held up.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_planning_copy_follows_the_view_without_holding_it() {
+        let keys = Keys::new("/t/");
+        let (tx, rx) = mpsc::channel(16);
+        let cluster = Cluster::fed_by(rx, keys.clone(), Arc::new(tokio::sync::Notify::new()));
+        let update =
+            |rev: i64, name: &str| PrefixUpdate::Changes { revision: rev, changes: vec![unit_put(&keys, name, rev)] };
+        tx.send(PrefixUpdate::Snapshot { revision: 1, puts: vec![unit_put(&keys, "a.service", 1)] })
+            .await
+            .expect("send");
+        assert!(cluster.caught_up(1, Duration::from_secs(5)).await);
+
+        let mut plan = cluster.plan_view();
+        assert_eq!(names(plan.view()), vec!["a.service"]);
+        // A pass is under way: the copy is borrowed while the watch delivers two changes.
+        let during = plan.view();
+        tx.send(update(2, "b.service")).await.expect("send");
+        tx.send(update(3, "c.service")).await.expect("send");
+        assert!(cluster.caught_up(3, Duration::from_secs(5)).await, "the shared view waited for the pass");
+        assert_eq!(cluster.read(names), vec!["a.service", "b.service", "c.service"]);
+        assert_eq!(names(during), vec!["a.service"], "the copy changed under the pass");
+        // Between passes the copy takes what it missed, and matches the view.
+        plan.refresh();
+        assert_eq!(names(plan.view()), vec!["a.service", "b.service", "c.service"]);
+        assert_eq!(plan.view().revision, 3);
+        // A snapshot (after a compaction) replaces both alike.
+        tx.send(PrefixUpdate::Snapshot { revision: 9, puts: vec![unit_put(&keys, "z.service", 9)] })
+            .await
+            .expect("send");
+        assert!(cluster.caught_up(9, Duration::from_secs(5)).await);
+        plan.refresh();
+        assert_eq!(names(plan.view()), cluster.read(names));
+        assert_eq!(names(plan.view()), vec!["z.service"]);
+        // Once the leader lets go of its copy, nothing queues for it any more.
+        drop(plan);
+        tx.send(update(10, "y.service")).await.expect("send");
+        assert!(cluster.caught_up(10, Duration::from_secs(5)).await);
+        assert!(cluster.plan_feed.lock().map(|q| q.is_none()).unwrap_or(false));
     }
 }

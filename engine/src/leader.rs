@@ -4,7 +4,7 @@
 //! shared [`Cluster`] view and writes decisions in transactions that compare its election key's
 //! create revision, so a deposed leader's late writes are refused by etcd itself.
 
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, PlanView};
 use crate::scheduler::{self, Decision, MoveOutcome, Snapshot};
 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 use fleet_model::etcd::{is_transient, Client};
@@ -33,12 +33,15 @@ pub struct LeaderStatus {
     pub leader_id: String,
     /// Units the last pass could not place, with the reason.
     pub unplaceable: std::collections::BTreeMap<String, String>,
-    /// How long the last planning pass held the view, in milliseconds (API reads that must
-    /// wait for the view wait at most this long).
+    /// How long the last planning pass took, in milliseconds.
     pub last_plan_ms: u64,
+    /// Whether a planning pass is under way now, and how many have ended since this engine
+    /// started: what a client needs to see that the API answers while one runs.
+    pub planning: bool,
+    pub passes: u64,
 }
 
-/// A planning pass longer than this is logged as a warning: it delays the view's updates.
+/// A planning pass longer than this is logged as a warning: it delays placements.
 const SLOW_PLAN: std::time::Duration = std::time::Duration::from_secs(1);
 
 pub type SharedStatus = Arc<Mutex<LeaderStatus>>;
@@ -241,10 +244,19 @@ impl Leader {
 
     async fn lead(&self, fence: Compare, lost: &mut watch::Receiver<bool>) -> Result<(), LeadError> {
         let mut revisions = self.cluster.subscribe_plan();
+        // Planned on a copy of its own: the shared view keeps following etcd, and the API keeps
+        // answering, however long a pass takes.
+        let copied = std::time::Instant::now();
+        let mut plan = tokio::task::block_in_place(|| self.cluster.plan_view());
+        tracing::info!(
+            units = plan.view().units.len(),
+            copy_ms = copied.elapsed().as_millis() as u64,
+            "planning on a copy of the view"
+        );
         loop {
             revisions.borrow_and_update();
             if self.cluster.revision() > 0 {
-                self.pass(&fence).await?;
+                self.pass(&fence, &mut plan).await?;
             }
             let next_fence = self.fences.lock().ok().and_then(|f| f.next_expiry);
             let fence_expired = async {
@@ -253,20 +265,43 @@ impl Leader {
                     None => std::future::pending().await,
                 }
             };
-            tokio::select! {
-                r = revisions.changed() => if r.is_err() { return Err(LeadError::Deposed("cluster view closed".into())) },
-                _ = lost.changed() => return Err(LeadError::Deposed("leader lease expired".into())),
-                _ = fence_expired => {}
+            tokio::pin!(fence_expired);
+            // Between passes the copy takes in whatever else the view receives (unit states
+            // mostly, which alone are no reason to plan): its queue stays short however long
+            // the cluster goes without a reason to plan.
+            let mut received = self.cluster.subscribe();
+            loop {
+                tokio::select! {
+                    r = revisions.changed() => {
+                        if r.is_err() {
+                            return Err(LeadError::Deposed("cluster view closed".into()));
+                        }
+                        break;
+                    }
+                    _ = lost.changed() => return Err(LeadError::Deposed("leader lease expired".into())),
+                    _ = &mut fence_expired => break,
+                    r = received.changed() => {
+                        if r.is_err() {
+                            return Err(LeadError::Deposed("cluster view closed".into()));
+                        }
+                        tokio::task::block_in_place(|| plan.refresh());
+                    }
+                }
             }
         }
     }
 
     /// One planning pass over the current view, then waits until the view shows its writes.
-    async fn pass(&self, fence: &Compare) -> Result<(), LeadError> {
+    async fn pass(&self, fence: &Compare, plan: &mut PlanView) -> Result<(), LeadError> {
         let started = std::time::Instant::now();
-        // A pass over a large cluster is CPU work under the view's lock: off the async workers.
+        if let Ok(mut s) = self.status.lock() {
+            s.planning = true;
+        }
+        // A pass over a large cluster is CPU work: off the async workers.
         let (outcome, why_ops, orphans, view_rev, view_units) = tokio::task::block_in_place(|| {
-            self.cluster.read(|v| {
+            plan.refresh();
+            let v = plan.view();
+            {
                 let fencing = match self.fences.lock() {
                     Ok(mut f) => f.update(&v.machines, v.schedule.values().flat_map(|e| e.keys().cloned())),
                     Err(_) => Default::default(),
@@ -306,7 +341,7 @@ impl Leader {
                     why_ops.push(TxnOp::delete(self.keys.why(u), None));
                 }
                 (out, why_ops, v.orphan_bodies(), v.revision, v.units.len())
-            })
+            }
         });
         if let Ok(mut s) = self.status.lock() {
             if s.unplaceable.len() != outcome.unplaceable.len()
@@ -321,12 +356,14 @@ impl Leader {
         let planned = started.elapsed();
         if let Ok(mut s) = self.status.lock() {
             s.last_plan_ms = planned.as_millis() as u64;
+            s.planning = false;
+            s.passes += 1;
         }
         if planned > SLOW_PLAN {
             tracing::warn!(
                 plan_ms = planned.as_millis() as u64,
                 units = view_units,
-                "a planning pass overran: the view waited for it"
+                "a planning pass overran: placements waited for it"
             );
         }
         tracing::debug!(

@@ -159,23 +159,23 @@ pub async fn bench(
         faults: false,
         idle_secs: 0,
     };
-    let engine = match crate::sim::engine_alone(cfg).await {
+    let mut engines = Vec::new();
+    match crate::sim::engine_alone(cfg).await {
         Ok(r) => {
             eprintln!("{}", serde_json::to_string(&r)?);
-            Some(r)
+            engines.push(r);
         }
-        Err(e) => {
-            eprintln!("bench: the engine alone did not finish: {e:#}");
-            None
-        }
-    };
+        Err(e) => eprintln!("bench: the engine alone did not finish: {e:#}"),
+    }
     drop(etcd);
     let (mut lab_report, mut cli) = (None, Vec::new());
     if let Some(lab_up) = lab_up {
-        let (r, c) = lab_and_cli(lab_up).await?;
-        (lab_report, cli) = (Some(r), c);
+        let r = lab_and_cli(lab_up).await?;
+        (lab_report, cli) = (Some(r.lab), r.cli);
+        sims.push(r.secure_sim);
+        engines.extend(r.secure_engine);
     }
-    std::fs::write(out, render(&date, &sims, engine.as_ref(), lab_report.as_ref(), &cli))?;
+    std::fs::write(out, render(&date, &sims, &engines, lab_report.as_ref(), &cli))?;
     eprintln!("bench: wrote {}", out.display());
     Ok(())
 }
@@ -183,7 +183,7 @@ pub async fn bench(
 /// The real-systemd part: fleetctl on 3 machines (one unit, 1,000 units), then on 5 machines
 /// the API-level measures and fleetctl with 1,000 and 10,000 units. Each report is printed as a
 /// JSON line, so `--render-from` can rebuild the page.
-pub async fn lab_and_cli(lab_up: LabUp<'_>) -> Result<(LabReport, Vec<CliReport>)> {
+pub async fn lab_and_cli(lab_up: LabUp<'_>) -> Result<LabResults> {
     let mut cli = Vec::new();
     let three = lab_up(3).await?;
     eprintln!("bench: fleetctl on 3 lab machines");
@@ -200,7 +200,75 @@ pub async fn lab_and_cli(lab_up: LabUp<'_>) -> Result<(LabReport, Vec<CliReport>
         eprintln!("{}", serde_json::to_string(&r)?);
         cli.push(r);
     }
-    Ok((lab, cli))
+    let (secure_sim, secure_engine) = secure_sims(&five, SECURE_SIZE).await?;
+    Ok(LabResults { lab, cli, secure_sim, secure_engine })
+}
+
+/// The size of the simulated rows taken on the default, secure configuration.
+const SECURE_SIZE: (usize, usize) = (10_000, 100_000);
+
+/// What the lab part of the bench measured.
+pub struct LabResults {
+    pub lab: LabReport,
+    pub cli: Vec<CliReport>,
+    /// A simulated cluster and the engine alone against the lab's etcd (TLS, client certificates,
+    /// auth on), at the largest size.
+    pub secure_sim: SimReport,
+    pub secure_engine: Option<EngineReport>,
+}
+
+/// The simulated cluster and the engine alone at `size`, against the lab's etcd: TLS with client
+/// certificates and auth, as installed by default (the plain rows use a bare local etcd).
+async fn secure_sims(lab: &LabState, (machines, units): (usize, usize)) -> Result<(SimReport, Option<EngineReport>)> {
+    let cfg = |prefix: &str, faults: bool| SimConfig {
+        etcd_tls: Some(crate::pki::identity("root")),
+        etcd_endpoints: lab.etcd_endpoints(),
+        prefix: prefix.into(),
+        machines,
+        units,
+        lease_ttl_secs: if faults {
+            if machines > 2_000 {
+                30
+            } else {
+                10
+            }
+        } else {
+            3600
+        },
+        election_ttl_secs: 5,
+        bin_dir: lab.bin_dir.clone(),
+        api_port: 12570,
+        faults,
+        idle_secs: if faults { 30 } else { 0 },
+    };
+    eprintln!("bench: {machines} simulated machines, {units} units, etcd with TLS");
+    let sim = run_sim(cfg("/fleet-bench-tls/", true)).await.unwrap_or_else(|e| SimReport {
+        machines,
+        units,
+        etcd_tls: true,
+        error: Some(format!("{e:#}")),
+        ..Default::default()
+    });
+    eprintln!("{}", serde_json::to_string(&sim)?);
+    // The lab's etcd is the lab's: what the run stored goes again.
+    if let Ok(mut etcd) = crate::etcd_admin(&lab.etcd_endpoints()).await {
+        let _ = etcd.delete("/fleet-bench-tls/", Some(etcd_client::DeleteOptions::new().with_prefix())).await;
+    }
+    eprintln!("bench: the engine alone: {machines} machines registered, {units} units, etcd with TLS");
+    let engine = match crate::sim::engine_alone(cfg("/fleet-bench-tls-engine/", false)).await {
+        Ok(r) => {
+            eprintln!("{}", serde_json::to_string(&r)?);
+            Some(r)
+        }
+        Err(e) => {
+            eprintln!("bench: the engine alone with TLS did not finish: {e:#}");
+            None
+        }
+    };
+    if let Ok(mut etcd) = crate::etcd_admin(&lab.etcd_endpoints()).await {
+        let _ = etcd.delete("/fleet-bench-tls-engine/", Some(etcd_client::DeleteOptions::new().with_prefix())).await;
+    }
+    Ok((sim, engine))
 }
 
 /// Renders `out` again from the JSON lines a bench run printed (`./lab bench 2> log`), e.g. after
@@ -209,7 +277,7 @@ pub fn render_from_log(log: &Path, out: &Path) -> Result<()> {
     let text = std::fs::read_to_string(log).with_context(|| format!("cannot read {}", log.display()))?;
     let mut sims = Vec::new();
     let mut lab = None;
-    let mut engine = None;
+    let mut engines = Vec::new();
     let mut cli = Vec::new();
     let mut date = String::new();
     for line in text.lines().filter(|l| l.starts_with('{')) {
@@ -220,7 +288,7 @@ pub fn render_from_log(log: &Path, out: &Path) -> Result<()> {
         } else if line.contains("\"latency_p50_ms\"") {
             lab = Some(serde_json::from_str::<LabReport>(line)?);
         } else if line.contains("\"place_secs\"") {
-            engine = Some(serde_json::from_str::<EngineReport>(line)?);
+            engines.push(serde_json::from_str::<EngineReport>(line)?);
         } else if line.contains("\"converge_secs\"") {
             sims.push(serde_json::from_str::<SimReport>(line)?);
         }
@@ -231,7 +299,7 @@ pub fn render_from_log(log: &Path, out: &Path) -> Result<()> {
     if date.is_empty() {
         bail!("{} has no measured_at line: from an older run", log.display());
     }
-    std::fs::write(out, render(&date, &sims, engine.as_ref(), lab.as_ref(), &cli))?;
+    std::fs::write(out, render(&date, &sims, &engines, lab.as_ref(), &cli))?;
     Ok(())
 }
 
@@ -503,7 +571,7 @@ struct Measured {
 pub fn render(
     date: &str,
     sims: &[SimReport],
-    engine: Option<&EngineReport>,
+    engines: &[EngineReport],
     lab: Option<&LabReport>,
     cli: &[CliReport],
 ) -> String {
@@ -519,11 +587,15 @@ pub fn render(
     let _ = writeln!(
         md,
         "Security settings: the simulated clusters and the engine alone run etcd **without TLS** (one \
-         local member on tmpfs) and reach the API over plain HTTP on loopback with an admin token; \
-         the lab's measures (real systemd) and every `fleetctl` figure run the default, secure \
-         install: etcd with TLS and client certificates, the API over TLS with client certificates \
-         and auth on. The smoke test of the simulation (`integration/tests/scale.rs`, 1,000 machines, \
-         10,000 units) runs against the lab's TLS etcd in every CI run.\n"
+         local member on tmpfs), except the rows marked *TLS*: those were taken at the largest size \
+         against the lab's etcd (one member on tmpfs, TLS with client certificates, auth on, as \
+         installed by default), after the lab's measures. The simulated clusters reach their API \
+         over plain HTTP on loopback with an admin token (auth on). The lab's measures (real \
+         systemd) and every `fleetctl` figure run the default, secure install: etcd with TLS and \
+         client certificates, the API over TLS with client certificates and auth on. The verdicts \
+         below are taken on the plain rows, the TLS rows beside them show the difference. The smoke \
+         test of the simulation (`integration/tests/scale.rs`, 1,000 machines, 10,000 units) runs \
+         against the lab's TLS etcd in every CI run.\n"
     );
     let _ = writeln!(md, "## Simulated clusters (fleet-sim)\n");
     let _ = writeln!(
@@ -537,20 +609,28 @@ pub fn render(
     );
     let _ = writeln!(
         md,
-        "| machines | units | submit (s) | submitted -> all active (s) | placements/s | etcd txns per unit | keys written per unit | `fleetctl list-units` (s) | machine lost -> units active elsewhere (s) | leader killed -> new leader placed a unit (s) | idle etcd writes/min | idle engine CPU s/min | idle CPU of all simulated agents s/min |"
+        "| machines | units | etcd | submit (s) | submitted -> all active (s) | placements/s | etcd txns per unit | keys written per unit | `fleetctl list-units` (s) | machine lost -> units active elsewhere (s) | leader killed -> new leader placed a unit (s) | idle etcd writes/min | idle engine CPU s/min | idle CPU of all simulated agents s/min |"
     );
-    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let etcd_kind = |tls: bool| if tls { "TLS" } else { "plain" };
     for r in sims {
         if let Some(e) = &r.error {
-            let _ =
-                writeln!(md, "| {} | {} | did not finish: {} |||||||||||", r.machines, r.units, e.replace('|', "/"));
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | did not finish: {} |||||||||||",
+                r.machines,
+                r.units,
+                etcd_kind(r.etcd_tls),
+                e.replace('|', "/")
+            );
             continue;
         }
         let _ = writeln!(
             md,
-            "| {} | {} | {:.1} | {:.1} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {:.1} | {:.1} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {} | {} |",
             r.machines,
             r.units,
+            etcd_kind(r.etcd_tls),
             r.submit_secs,
             r.converge_secs,
             r.placements_per_sec,
@@ -564,7 +644,7 @@ pub fn render(
             opt(r.idle_sim_cpu_secs_per_min, 2),
         );
     }
-    if let Some(e) = engine {
+    if !engines.is_empty() {
         let _ = writeln!(md, "\n## The engine alone\n");
         let _ = writeln!(
             md,
@@ -576,31 +656,37 @@ pub fn render(
         );
         let _ = writeln!(
             md,
-            "| machines | units | submit (s) | leader start -> all placed (s) | placements/s | etcd txns per placed unit | `fleetctl list-units` (s) | rows listed |\n|---|---|---|---|---|---|---|---|"
+            "| machines | units | etcd | submit (s) | leader start -> all placed (s) | placements/s | etcd txns per placed unit | `fleetctl list-units` (s) | rows listed |\n|---|---|---|---|---|---|---|---|---|"
         );
-        let _ = writeln!(
-            md,
-            "| {} | {} | {:.1} | {:.1} | {:.0} | {:.3} | {:.2} | {} |",
-            e.machines,
-            e.units,
-            e.submit_secs,
-            e.place_secs,
-            e.placements_per_sec,
-            e.txns_per_unit,
-            e.list_units_secs,
-            e.list_units_rows
-        );
+        for e in engines {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {:.1} | {:.1} | {:.0} | {:.3} | {:.2} | {} |",
+                e.machines,
+                e.units,
+                etcd_kind(e.etcd_tls),
+                e.submit_secs,
+                e.place_secs,
+                e.placements_per_sec,
+                e.txns_per_unit,
+                e.list_units_secs,
+                e.list_units_rows
+            );
+        }
     }
+    // Verdicts on the plain rows (the TLS rows are there to compare).
+    let engine = engines.iter().find(|e| !e.etcd_tls);
+    let plain: Vec<&SimReport> = sims.iter().filter(|r| !r.etcd_tls).collect();
     let _ = writeln!(md, "\n## Against the targets\n");
     let _ = writeln!(md, "| measure | target | result | |\n|---|---|---|---|");
-    if let Some(failed) = sims.iter().filter(|r| r.error.is_some()).max_by_key(|r| r.units) {
+    if let Some(failed) = plain.iter().filter(|r| r.error.is_some()).max_by_key(|r| r.units) {
         let _ = writeln!(
             md,
             "| cluster size | 10,000 machines, 100,000 units, one etcd | {} machines, {} units did not finish (see above) | **missed** |",
             failed.machines, failed.units
         );
     }
-    if let Some(big) = sims.iter().filter(|r| r.error.is_none()).max_by_key(|r| r.units) {
+    if let Some(big) = plain.iter().filter(|r| r.error.is_none()).max_by_key(|r| r.units) {
         let size = format!("{} machines, {} units", big.machines, big.units);
         let big_ttl = if big.machines > 2_000 { 30 } else { 10 };
         let rows: Vec<(String, String, String, bool)> = vec![

@@ -19,6 +19,7 @@ pub mod cgroup;
 pub mod faults;
 pub mod image;
 pub mod net;
+pub mod phases;
 pub mod pki;
 pub mod process;
 pub mod sim;

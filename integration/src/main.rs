@@ -64,6 +64,12 @@ enum Cmd {
     Cut { name: String },
     /// Reconnect a machine that was cut off.
     Heal { name: String },
+    /// Which phase of `./lab test` runs each test target (see integration/src/phases.rs).
+    Phases {
+        /// Print the first lab's `--test NAME` arguments, one per line.
+        #[arg(long)]
+        lab_args: bool,
+    },
     /// The scale benchmark: simulated clusters of 1k/10k/100k units, then real systemd on a
     /// 5-machine lab; writes docs/performance.md (replaces any running lab).
     Bench {
@@ -127,6 +133,21 @@ fn main() -> Result<()> {
         }),
         Cmd::Cut { name } => lab::faults::set_cut(&LabState::load()?.context("lab is not up")?, &name, true),
         Cmd::Heal { name } => lab::faults::set_cut(&LabState::load()?.context("lab is not up")?, &name, false),
+        Cmd::Phases { lab_args: true } => {
+            for a in lab::phases::lab_args()? {
+                println!("{a}");
+            }
+            Ok(())
+        }
+        Cmd::Phases { lab_args: false } => {
+            let counts = lab::phases::check()?;
+            for (phase, (exes, tests)) in &counts {
+                eprintln!("lab: phase {phase:?}: {tests} tests in {exes} test executables");
+            }
+            let total: usize = counts.values().map(|c| c.1).sum();
+            eprintln!("lab: every one of the workspace's {total} tests runs in exactly one phase");
+            Ok(())
+        }
         Cmd::Down => down(),
         Cmd::Ps => rt.block_on(ps()),
         Cmd::Env => env(),

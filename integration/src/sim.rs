@@ -72,6 +72,9 @@ pub struct SimReport {
     /// Units active on two machines at the end (must be 0), and units never active (must be 0).
     pub duplicates: usize,
     pub missing: usize,
+    /// Whether etcd was reached over TLS with a client certificate (the default install).
+    #[serde(default)]
+    pub etcd_tls: bool,
     /// Why the run did not finish, if it did not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -442,6 +445,9 @@ pub struct EngineReport {
     pub txns_per_unit: f64,
     pub list_units_secs: f64,
     pub list_units_rows: usize,
+    /// Whether etcd was reached over TLS with a client certificate (the default install).
+    #[serde(default)]
+    pub etcd_tls: bool,
 }
 
 /// `fleetctl list-units` against `api` as the simulation's admin: (seconds, rows).
@@ -474,7 +480,12 @@ pub async fn engine_alone(cfg: SimConfig) -> Result<EngineReport> {
     admin.kv_client().delete(keys.prefix(), Some(etcd_client::DeleteOptions::new().with_prefix())).await?;
     let (dir, engine_config, token, http) = workspace(&cfg, "fleet-engine-alone")?;
     let _scratch = Scratch(dir.clone());
-    let mut report = EngineReport { machines: cfg.machines, units: cfg.units, ..Default::default() };
+    let mut report = EngineReport {
+        machines: cfg.machines,
+        units: cfg.units,
+        etcd_tls: cfg.etcd_tls.is_some(),
+        ..Default::default()
+    };
 
     let lease = admin.lease_client().grant(3600, None).await?.id();
     let records: Vec<(String, Vec<u8>)> = (0..cfg.machines)
@@ -612,7 +623,8 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport> {
     admin.kv_client().delete(keys.prefix(), Some(etcd_client::DeleteOptions::new().with_prefix())).await?;
     let (dir, engine_config, token, http) = workspace(&cfg, "fleet-sim")?;
     let _scratch = Scratch(dir.clone());
-    let mut report = SimReport { machines: cfg.machines, units: cfg.units, ..Default::default() };
+    let mut report =
+        SimReport { machines: cfg.machines, units: cfg.units, etcd_tls: cfg.etcd_tls.is_some(), ..Default::default() };
 
     // Units go in through an API-only replica and are placed by a leader started once they are
     // all stored, so placement throughput is the engine's own, not the submission rate.

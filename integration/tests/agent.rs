@@ -89,7 +89,11 @@ async fn agent_runs_its_schedule_and_adopts_units_after_restart() -> anyhow::Res
     })
     .await?;
     assert!(running.main_pid > 0);
-    let idle_props = bus.unit(idle.as_str()).await?;
+    // The loaded unit is linked in the same pass, not necessarily before the other one starts.
+    let idle_props = wait_for("agent-idle loaded", T, || async {
+        bus.unit(idle.as_str()).await.ok().filter(|p| p.load_state != "not-found")
+    })
+    .await?;
     assert_eq!((idle_props.load_state.as_str(), idle_props.active_state.as_str()), ("loaded", "inactive"));
 
     // States are published on the agent's lease.

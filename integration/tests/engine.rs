@@ -221,3 +221,91 @@ async fn a_write_fenced_by_a_lost_election_key_is_refused() -> anyhow::Result<()
     c.delete(prefix.as_str(), Some(etcd_client::DeleteOptions::new().with_prefix())).await?;
     Ok(())
 }
+
+/// A planning pass never holds what the API needs. Units that declare `Conflicts=` are checked
+/// against every other unit on their machine in each pass, so a few thousand of them on one
+/// machine make a pass take seconds (as a larger cluster does with any rules). While such a pass
+/// runs, a unit is written and read back through the same engine (the read waits for the engine's
+/// view to show the write) and the machines are listed: all three answer before that pass ends.
+/// (The pass used to plan on the shared view under its lock: the watch could not apply the write,
+/// the read waited for the pass, and every read queued behind the waiting watch.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_answers_while_a_slow_planning_pass_runs() -> anyhow::Result<()> {
+    let Some(lab) = testkit::lab() else {
+        return Ok(());
+    };
+    let prefix = testkit::unique_prefix("slow-pass");
+    let keys = Keys::new(&prefix);
+    let mut etcd = testkit::etcd(&lab).await?;
+    let engine = Engine(start_engine("t-slow", &lab.bin_dir, &lab.etcd_endpoints(), &prefix, 12584, 2)?);
+    let api = engine.0.api_url.clone();
+    let _machine = FakeMachine::register(&etcd, &keys, "bbbb0000000000000000000000000001").await?;
+    wait_for("engine leads", T, || async { is_leader(&engine.0).await.then_some(()) }).await?;
+    let http = testkit::http();
+    let unit = |name: &str, xfleet: &str| {
+        let mut options = vec![serde_json::json!({"section": "Service", "name": "ExecStart", "value": "/bin/true"})];
+        if !xfleet.is_empty() {
+            options.push(serde_json::json!({"section": "X-Fleet", "name": "Conflicts", "value": xfleet}));
+        }
+        serde_json::json!({"name": name, "desiredState": "launched", "options": options})
+    };
+    let field = |s: &Option<serde_json::Value>, f: &str| s.as_ref().and_then(|s| s.get(f).cloned());
+
+    // Add conflicting units until one pass over them takes a second or more.
+    let mut total = 0;
+    let mut last_plan_ms = 0;
+    while last_plan_ms < 1000 {
+        anyhow::ensure!(total < 16_000, "passes stay under 1 s ({last_plan_ms} ms) with {total} units");
+        let more = if total == 0 { 2000 } else { total };
+        let batch: Vec<_> =
+            (total..total + more).map(|i| unit(&format!("slow-{i}.service"), "nomatch-*.service")).collect();
+        let resp =
+            http.post(format!("{api}/fleet/v1/units")).json(&serde_json::json!({ "units": batch })).send().await?;
+        anyhow::ensure!(resp.status().as_u16() == 201, "create: {} {}", resp.status(), resp.text().await?);
+        total += more;
+        let want = total;
+        wait_for("all placed", Duration::from_secs(300), || {
+            let mut etcd = etcd.clone();
+            let keys = keys.clone();
+            async move { (schedule(&mut etcd, &keys).await.len() == want).then_some(()) }
+        })
+        .await?;
+        let idle = wait_for("no pass under way", T, || async {
+            let s = status(&engine.0).await;
+            (field(&s, "planning") == Some(false.into())).then_some(s)
+        })
+        .await?;
+        last_plan_ms = field(&idle, "lastPlanMs").and_then(|v| v.as_u64()).unwrap_or(0);
+        eprintln!("{total} units: a pass takes {last_plan_ms} ms");
+    }
+
+    // A change that makes the leader plan again, then catch that pass under way.
+    let resp =
+        http.put(format!("{api}/fleet/v1/units/probe-0.service")).json(&unit("probe-0.service", "")).send().await?;
+    anyhow::ensure!(resp.status().is_success(), "PUT probe-0: {}", resp.status());
+    let during = wait_for("a pass under way", T, || async {
+        let s = status(&engine.0).await;
+        (field(&s, "planning") == Some(true.into())).then_some(s)
+    })
+    .await?;
+    let pass = field(&during, "passes").and_then(|v| v.as_u64());
+    let asked = std::time::Instant::now();
+    let put =
+        http.put(format!("{api}/fleet/v1/units/probe-1.service")).json(&unit("probe-1.service", "")).send().await?;
+    anyhow::ensure!(put.status().is_success(), "PUT probe-1: {}", put.status());
+    let got = http.get(format!("{api}/fleet/v1/units/probe-1.service")).send().await?;
+    anyhow::ensure!(got.status().as_u16() == 200, "GET probe-1 after its PUT: {}", got.status());
+    let machines = http.get(format!("{api}/fleet/v1/machines")).send().await?;
+    anyhow::ensure!(machines.status().as_u16() == 200, "GET machines: {}", machines.status());
+    let answered = asked.elapsed();
+    let after = status(&engine.0).await;
+    eprintln!("write, read-your-write and machines answered in {answered:?} during a pass of ~{last_plan_ms} ms");
+    assert_eq!(
+        (field(&after, "planning"), field(&after, "passes").and_then(|v| v.as_u64())),
+        (Some(true.into()), pass),
+        "the pass that was under way ended before the API answered ({answered:?})"
+    );
+    drop(engine);
+    etcd.delete(prefix.as_str(), Some(etcd_client::DeleteOptions::new().with_prefix())).await?;
+    Ok(())
+}
