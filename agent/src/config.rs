@@ -1,10 +1,10 @@
 //! The agent's configuration: a TOML file, overridden by flags and `FLEET_*` environment variables.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AgentConfig {
     /// etcd client URLs.
@@ -47,7 +47,7 @@ pub struct AgentConfig {
     pub capacity: CapacityConfig,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CapacityConfig {
     /// Bytes, with an optional K/M/G/T suffix: `"8G"`.
@@ -74,7 +74,7 @@ impl Default for AgentConfig {
             etcd_ca_file: String::new(),
             etcd_cert_file: String::new(),
             etcd_key_file: String::new(),
-            api_allowed_clients: vec![fleet_model::tls::ENGINE_IDENTITY.into()],
+            api_allowed_clients: vec![fleet_store::tls::ENGINE_IDENTITY.into()],
             stop_units_on_exit: false,
         }
     }
@@ -90,6 +90,15 @@ pub enum ConfigError {
     Metadata(String),
     #[error("{0}")]
     Invalid(String),
+}
+
+/// Settings a running agent applies on reload: what it publishes about its machine.
+pub const HOT_SETTINGS: &[&str] = &["metadata", "public_ip", "capacity"];
+
+/// The settings changed between `running` and `new` that wait for a restart (everything that
+/// shapes the agent itself: etcd and its TLS files, directories, lease TTL, the API).
+pub fn restart_only_changes(running: &AgentConfig, new: &AgentConfig) -> Vec<String> {
+    fleet_config::restart_only_changes(running, new, HOT_SETTINGS)
 }
 
 impl AgentConfig {
@@ -126,8 +135,8 @@ impl AgentConfig {
     }
 
     /// This machine's TLS identity, if configured.
-    pub fn tls(&self) -> Result<Option<fleet_model::tls::ClientTls>, ConfigError> {
-        fleet_model::tls::ClientTls::from_files(&self.etcd_ca_file, &self.etcd_cert_file, &self.etcd_key_file)
+    pub fn tls(&self) -> Result<Option<fleet_store::tls::ClientTls>, ConfigError> {
+        fleet_store::tls::ClientTls::from_files(&self.etcd_ca_file, &self.etcd_cert_file, &self.etcd_key_file)
             .map_err(|e| ConfigError::Invalid(format!("etcd TLS: {e}")))
     }
 
@@ -167,6 +176,28 @@ pub fn parse_metadata(text: &str) -> Result<BTreeMap<String, String>, ConfigErro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a reload applies and what it reports as waiting for a restart, by class: the list is
+    /// derived from the type, so the settings it used to miss (etcd's TLS files, the API's allowed
+    /// clients) are reported now.
+    #[test]
+    fn a_reload_applies_what_the_machine_publishes_and_reports_the_rest() {
+        let running = AgentConfig::default();
+        let mut hot = running.clone();
+        hot.metadata.insert("rack".into(), "r7".into());
+        hot.public_ip = "10.0.0.9".into();
+        hot.capacity.memory = "8G".into();
+        assert!(restart_only_changes(&running, &hot).is_empty());
+        let mut cold = running.clone();
+        cold.etcd_cert_file = "/etc/fleet/new.pem".into();
+        cold.api_allowed_clients.push("engine-9".into());
+        cold.etcd_request_timeout_ms += 1;
+        cold.lease_ttl_secs += 1;
+        assert_eq!(
+            restart_only_changes(&running, &cold),
+            vec!["api_allowed_clients", "etcd_cert_file", "etcd_request_timeout_ms", "lease_ttl_secs"]
+        );
+    }
 
     #[test]
     fn parses_file_and_metadata() {

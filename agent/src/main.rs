@@ -4,10 +4,10 @@ use fleet_agent::config::{parse_metadata, AgentConfig};
 use fleet_agent::presence::Presence;
 use fleet_agent::systemd::Systemd;
 use fleet_agent::Agent;
-use fleet_model::etcd::{connect, EtcdConfig};
 use fleet_model::machine::parse_machine_id;
-use fleet_model::retry::RetryPolicy;
 use fleet_model::{Keys, MachineRecord};
+use fleet_store::etcd::{connect, EtcdConfig};
+use fleet_store::retry::RetryPolicy;
 use std::path::PathBuf;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -126,11 +126,11 @@ async fn run(cfg: AgentConfig, args: Args) -> anyhow::Result<()> {
         match &tls {
             Some(tls) => {
                 // The machine's certificate serves the API; only engines' certificates get in.
-                let clients = fleet_model::tls::ClientAuth::Required {
+                let clients = fleet_store::tls::ClientAuth::Required {
                     ca: tls.ca_file.clone(),
                     allowed: cfg.api_allowed_clients.clone(),
                 };
-                let server = fleet_model::tls::server_config(&tls.cert_file, &tls.key_file, &clients)?;
+                let server = fleet_store::tls::server_config(&tls.cert_file, &tls.key_file, &clients)?;
                 let server = axum_server::tls_rustls::RustlsConfig::from_config(server);
                 record.agent_url = format!("https://{host}:{}", local.port());
                 tracing::info!(%addr, "serving unit status and journals over TLS to engines");
@@ -198,7 +198,7 @@ async fn reload_on_hangup(
     mut current: AgentConfig,
     record_tx: watch::Sender<MachineRecord>,
     lease_rx: watch::Receiver<Option<i64>>,
-    client: fleet_model::etcd::Client,
+    client: fleet_store::etcd::Client,
 ) {
     use tokio::signal::unix::{signal, SignalKind};
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
@@ -221,18 +221,7 @@ async fn reload_on_hangup(
                 continue;
             }
         };
-        let needs_restart = [
-            ("etcd_endpoints", new.etcd_endpoints != current.etcd_endpoints),
-            ("etcd_prefix", new.etcd_prefix != current.etcd_prefix),
-            ("lease_ttl_secs", new.lease_ttl_secs != current.lease_ttl_secs),
-            ("units_dir", new.units_dir != current.units_dir),
-            ("state_dir", new.state_dir != current.state_dir),
-            ("machine_id_file", new.machine_id_file != current.machine_id_file),
-            ("systemd_bus", new.systemd_bus != current.systemd_bus),
-            ("api_listen", new.api_listen != current.api_listen),
-            ("stop_units_on_exit", new.stop_units_on_exit != current.stop_units_on_exit),
-        ];
-        for (field, _) in needs_restart.iter().filter(|(_, changed)| *changed) {
+        for field in fleet_agent::config::restart_only_changes(&current, &new) {
             tracing::warn!(field, "changed setting takes effect when the agent restarts");
         }
         record_tx.send_modify(|r| {
@@ -259,7 +248,7 @@ async fn reload_on_hangup(
 
 /// Rewrites the machine record, only while it is still held under this agent's lease.
 async fn republish(
-    client: &fleet_model::etcd::Client,
+    client: &fleet_store::etcd::Client,
     keys: &Keys,
     record: &MachineRecord,
     lease: i64,

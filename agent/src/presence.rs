@@ -5,9 +5,9 @@
 //! lease: nothing it published disappears and no unit is rescheduled because of the restart.
 
 use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
-use fleet_model::etcd::{is_transient, Client};
 use fleet_model::schema::encode;
 use fleet_model::{Keys, MachineRecord};
+use fleet_store::etcd::{is_transient, Client};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;

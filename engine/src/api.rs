@@ -15,10 +15,10 @@ use axum::routing::get;
 use axum::{Json, Router};
 use base64::Engine as _;
 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
-use fleet_model::etcd::Client;
 use fleet_model::rules::Rules;
 use fleet_model::schema::{decode, encode};
 use fleet_model::{DesiredState, Keys, UnitFile, UnitName, UnitOption, UnitRecord};
+use fleet_store::etcd::Client;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::ops::Bound;
@@ -292,17 +292,17 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
 {
-    let policy = fleet_model::retry::RetryPolicy {
+    let policy = fleet_store::retry::RetryPolicy {
         attempts: 4,
         first_backoff: Duration::from_millis(100),
         max_backoff: Duration::from_secs(1),
         timeout: attempt,
     };
-    policy.run(what, fleet_model::etcd::is_transient, op).await.map_err(|e| {
+    policy.run(what, fleet_store::etcd::is_transient, op).await.map_err(|e| {
         tracing::warn!(error = %e, "API request failed on etcd");
         match e {
-            fleet_model::retry::RetryError::Failed { source, .. } => ApiError::from(source),
-            fleet_model::retry::RetryError::TimedOut { .. } => {
+            fleet_store::retry::RetryError::Failed { source, .. } => ApiError::from(source),
+            fleet_store::retry::RetryError::TimedOut { .. } => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "fleet server unable to communicate with etcd")
             }
         }
@@ -324,7 +324,7 @@ fn method_not_allowed(msg: &str) -> ApiError {
 
 impl From<etcd_client::Error> for ApiError {
     fn from(e: etcd_client::Error) -> Self {
-        if fleet_model::etcd::is_transient(&e) {
+        if fleet_store::etcd::is_transient(&e) {
             ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "fleet server unable to communicate with etcd")
         } else {
             ApiError::internal(format!("etcd: {e}"))
@@ -1124,7 +1124,7 @@ fn agents_of(api: &Api, unit: &UnitName, machine: Option<&str>) -> Result<Vec<(S
 
 /// The client the engine reaches agents with: with the cluster's TLS files it trusts only the
 /// cluster CA and presents the engine's certificate, which agents require.
-pub fn agent_client(tls: Option<&fleet_model::tls::ClientTls>) -> anyhow::Result<reqwest::Client> {
+pub fn agent_client(tls: Option<&fleet_store::tls::ClientTls>) -> anyhow::Result<reqwest::Client> {
     let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(3)).use_rustls_tls();
     if let Some(tls) = tls {
         let (ca, identity) = tls.pems()?;

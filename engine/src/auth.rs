@@ -41,7 +41,7 @@ impl std::fmt::Display for Role {
 }
 
 /// The `[auth]` section of the engine's configuration.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// Client certificate common name -> role (certificates must be signed by `tls_client_ca_file`).
@@ -69,7 +69,7 @@ impl Default for AuthConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenConfig {
     /// Who holds the token (shown in the audit log).
@@ -184,7 +184,7 @@ impl Auth {
             let token = value
                 .strip_prefix("Bearer ")
                 .ok_or_else(|| unauthorized("Authorization header must be \"Bearer <token>\"".into()))?;
-            let hash = fleet_model::tls::sha256_hex(token.trim().as_bytes());
+            let hash = fleet_store::tls::sha256_hex(token.trim().as_bytes());
             return match self.tokens.get(&hash) {
                 Some((name, role)) => Ok(Caller { who: format!("token:{name}"), role: *role, machine: None }),
                 None => Err(unauthorized("unknown token".into())),
@@ -194,7 +194,7 @@ impl Auth {
             Peer::Tls { common_name: Some(cn), .. } => match self.certificates.get(cn) {
                 Some(role) => Ok(Caller { who: format!("cert:{cn}"), role: *role, machine: None }),
                 // Every machine's certificate is the cluster's: it may take its own reboot slot.
-                None => match fleet_model::tls::machine_of_identity(cn) {
+                None => match fleet_store::tls::machine_of_identity(cn) {
                     Some(m) => Ok(Caller { who: format!("cert:{cn}"), role: Role::Machine, machine: Some(m.into()) }),
                     None => Err(ApiError::new(
                         StatusCode::FORBIDDEN,
@@ -331,7 +331,7 @@ mod tests {
             tokens: vec![TokenConfig {
                 name: "viewer".into(),
                 role: Role::Read,
-                sha256: fleet_model::tls::sha256_hex(b"secret"),
+                sha256: fleet_store::tls::sha256_hex(b"secret"),
             }],
             socket_role: None,
             ..AuthConfig::default()

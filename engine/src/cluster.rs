@@ -4,10 +4,10 @@
 //! A read through the API waits until the view has caught up with the writes that replica
 //! answered, so a client always reads its own writes.
 
-use fleet_model::etcd::{Change, PrefixUpdate};
 use fleet_model::rules::Rules;
 use fleet_model::schema::{decode, Key, MoveRequest};
 use fleet_model::{Keys, MachineRecord, ScheduleEntry, UnitFile, UnitName, UnitRecord, UnitStateRecord};
+use fleet_store::etcd::{Change, PrefixUpdate};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -291,10 +291,10 @@ impl Drop for PlanView {
 
 impl Cluster {
     /// Starts following `keys.prefix()` with `client`.
-    pub fn follow(client: fleet_model::etcd::Client, keys: Keys) -> Self {
+    pub fn follow(client: fleet_store::etcd::Client, keys: Keys) -> Self {
         let (tx, rx) = mpsc::channel(256);
         let kick = Arc::new(tokio::sync::Notify::new());
-        tokio::spawn(fleet_model::etcd::follow_prefix_kickable(
+        tokio::spawn(fleet_store::etcd::follow_prefix_kickable(
             client,
             keys.prefix().to_string(),
             tx,

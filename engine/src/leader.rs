@@ -7,11 +7,11 @@
 use crate::cluster::{Cluster, PlanView};
 use crate::scheduler::{self, Decision, MoveOutcome, Snapshot};
 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
-use fleet_model::etcd::{is_transient, Client};
-use fleet_model::retry::{RetryError, RetryPolicy};
 use fleet_model::schema::encode;
 use fleet_model::schema::MoveRequest;
 use fleet_model::Keys;
+use fleet_store::etcd::{is_transient, Client};
+use fleet_store::retry::{RetryError, RetryPolicy};
 use futures::StreamExt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -20,9 +20,9 @@ pub mod scheduler;
 
 use anyhow::Context;
 use config::EngineConfig;
-use fleet_model::etcd::{connect, EtcdConfig};
-use fleet_model::retry::RetryPolicy;
 use fleet_model::Keys;
+use fleet_store::etcd::{connect, EtcdConfig};
+use fleet_store::retry::RetryPolicy;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -126,12 +126,20 @@ pub async fn run(mut config: watch::Receiver<EngineConfig>, mut shutdown: watch:
 
 /// The API's TLS configuration: client certificates are optional (token callers have none) but
 /// must be signed by the cluster CA when presented.
-fn api_tls(cfg: &EngineConfig) -> Result<Arc<rustls::ServerConfig>, fleet_model::tls::TlsError> {
+fn api_tls(cfg: &EngineConfig) -> Result<Arc<rustls::ServerConfig>, fleet_store::tls::TlsError> {
     let clients = match cfg.tls_client_ca_file.as_str() {
-        "" => fleet_model::tls::ClientAuth::None,
-        ca => fleet_model::tls::ClientAuth::Optional(ca.into()),
+        "" => fleet_store::tls::ClientAuth::None,
+        ca => fleet_store::tls::ClientAuth::Optional(ca.into()),
     };
-    fleet_model::tls::server_config(cfg.tls_cert_file.as_ref(), cfg.tls_key_file.as_ref(), &clients)
+    fleet_store::tls::server_config(cfg.tls_cert_file.as_ref(), cfg.tls_key_file.as_ref(), &clients)
+}
+
+/// Settings a running engine applies on reload: the API's TLS certificate, key and client CA.
+pub const HOT_SETTINGS: &[&str] = &["tls_cert_file", "tls_key_file", "tls_client_ca_file"];
+
+/// The settings changed between `running` and `new` that wait for a restart.
+pub fn restart_only_changes(running: &EngineConfig, new: &EngineConfig) -> Vec<String> {
+    fleet_config::restart_only_changes(running, new, HOT_SETTINGS)
 }
 
 fn apply_reload(running: &EngineConfig, new: &EngineConfig, tls: Option<&listen::TlsConfig>) {
@@ -146,19 +154,7 @@ fn apply_reload(running: &EngineConfig, new: &EngineConfig, tls: Option<&listen:
             Err(e) => tracing::error!(error = %e, "TLS certificate not reloaded; keeping the running one"),
         }
     }
-    let changed = [
-        ("etcd_endpoints", running.etcd_endpoints != new.etcd_endpoints),
-        ("etcd_prefix", running.etcd_prefix != new.etcd_prefix),
-        ("listen", running.listen != new.listen),
-        ("listen_tls", running.listen_tls != new.listen_tls),
-        ("engine_id", running.engine_id != new.engine_id),
-        ("election_ttl_secs", running.election_ttl_secs != new.election_ttl_secs),
-        ("token_limit", running.token_limit != new.token_limit),
-        ("lead", running.lead != new.lead),
-        ("etcd TLS files", running.etcd_tls().ok() != new.etcd_tls().ok()),
-        ("auth", running.auth != new.auth),
-    ];
-    for (field, _) in changed.iter().filter(|(_, c)| *c) {
+    for field in restart_only_changes(running, new) {
         tracing::warn!(field, "changed setting takes effect when the engine restarts");
     }
 }

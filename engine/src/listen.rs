@@ -132,7 +132,7 @@ pub fn serve_tls(
                     .1
                     .peer_certificates()
                     .and_then(|chain| chain.first())
-                    .and_then(|c| fleet_model::tls::common_name(c));
+                    .and_then(|c| fleet_store::tls::common_name(c));
                 let peer = Peer::Tls { addr, common_name };
                 let svc = tower::ServiceExt::map_request(app, move |mut req: axum::extract::Request<_>| {
                     req.extensions_mut().insert(peer.clone());

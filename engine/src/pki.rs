@@ -20,7 +20,7 @@ use rustls::pki_types::pem::PemObject;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-pub use fleet_model::tls::{machine_identity, ENGINE_IDENTITY};
+pub use fleet_store::tls::{machine_identity, ENGINE_IDENTITY};
 /// etcd's built-in administrator.
 pub const ROOT_IDENTITY: &str = "root";
 
@@ -182,10 +182,10 @@ pub fn new_token() -> Result<String, PkiError> {
 /// What the engine's configuration stores of a token: its SHA-256, hex, so the configuration does
 /// not hold secrets.
 pub fn token_hash(token: &str) -> String {
-    fleet_model::tls::sha256_hex(token.trim().as_bytes())
+    fleet_store::tls::sha256_hex(token.trim().as_bytes())
 }
 
-pub use fleet_model::tls::common_name;
+pub use fleet_store::tls::common_name;
 
 fn etcd_err(what: &str) -> impl FnOnce(etcd_client::Error) -> PkiError + '_ {
     move |source| PkiError::Etcd { what: what.to_string(), source }
@@ -249,12 +249,13 @@ impl Grant {
 /// schedule and unit bodies, read and write its own presence and unit states. Nothing else: it
 /// cannot see other machines' schedules, nor write any key of another machine or the engines.
 pub fn machine_grants(prefix: &str, id: &str) -> Vec<Grant> {
+    let keys = fleet_model::Keys::new(prefix);
     let g = |key: String, prefix: bool, write: bool| Grant { key, prefix, write };
     vec![
-        g(format!("{prefix}schedule/{id}/"), true, false),
-        g(format!("{prefix}bodies/"), true, false),
-        g(format!("{prefix}states/{id}/"), true, true),
-        g(format!("{prefix}machines/{id}"), false, true),
+        g(keys.schedule_of(id), true, false),
+        g(keys.bodies(), true, false),
+        g(keys.states_of(id), true, true),
+        g(keys.machine(id), false, true),
     ]
 }
 

@@ -1,6 +1,8 @@
 //! fleetctl: the fleet user's command line, over the `/fleet/v1` REST API.
 //!
 //! Commands, flags, columns and messages follow the original fleetctl so scripts keep working.
+//! A REST client only: it depends on `fleet-model` for names and unit files and must not
+//! depend on etcd's client or gRPC (`tests/dependencies.rs` keeps it so).
 
 mod client;
 mod table;

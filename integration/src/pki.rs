@@ -10,7 +10,7 @@
 use crate::{lab_dir, HOST_IP};
 use anyhow::{Context, Result};
 use fleet_engine::pki::{self, Ca, Usage};
-use fleet_model::tls::ClientTls;
+use fleet_store::tls::ClientTls;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 

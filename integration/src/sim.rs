@@ -11,10 +11,10 @@ use fleet_agent::config::AgentConfig;
 use fleet_agent::driver::SimulatedSystemd;
 use fleet_agent::presence::Presence;
 use fleet_agent::Agent;
-use fleet_model::etcd::{connect, Client, EtcdConfig};
-use fleet_model::retry::RetryPolicy;
 use fleet_model::schema::{decode, Key};
 use fleet_model::{Keys, MachineRecord, UnitStateRecord};
+use fleet_store::etcd::{connect, Client, EtcdConfig};
+use fleet_store::retry::RetryPolicy;
 use futures::StreamExt;
 use serde::Serialize;
 use std::collections::{HashMap, HashSet};
@@ -27,7 +27,7 @@ pub struct SimConfig {
     pub etcd_endpoints: Vec<String>,
     /// Identity for `https://` etcd endpoints. All simulated machines share it (one etcd user per
     /// simulated machine would be 10,000 users); real machines each have their own.
-    pub etcd_tls: Option<fleet_model::tls::ClientTls>,
+    pub etcd_tls: Option<fleet_store::tls::ClientTls>,
     pub prefix: String,
     pub machines: usize,
     pub units: usize,
@@ -295,7 +295,7 @@ fn follow(client: Client, keys: Keys, from: i64) -> watch::Receiver<std::sync::A
     tokio::spawn(async move {
         let mut next = from;
         while !tx.is_closed() {
-            let mut wc = fleet_model::etcd::watch_client(&client);
+            let mut wc = fleet_store::etcd::watch_client(&client);
             let opts = etcd_client::WatchOptions::new().with_prefix().with_start_revision(next);
             let mut stream = match wc.watch(keys.prefix().to_string(), Some(opts)).await {
                 Ok(s) => s,

@@ -31,7 +31,7 @@ async fn a_watcher_far_behind_catches_up_through_responses_over_4_mib() -> anyho
     };
     assert!(first_events.is_err(), "expected a response over 4 MiB to be refused, got {first_events:?}");
 
-    let mut wc = fleet_model::etcd::watch_client(&etcd);
+    let mut wc = fleet_store::etcd::watch_client(&etcd);
     let mut stream = wc.watch(prefix.clone(), opts()).await?;
     let mut seen = 0;
     while seen < revisions {

@@ -5,9 +5,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use fleet_engine::auth::Role;
 use fleet_engine::pki::{self, Ca, Usage};
-use fleet_model::etcd::{connect, EtcdConfig};
-use fleet_model::retry::RetryPolicy;
-use fleet_model::tls::ClientTls;
+use fleet_store::etcd::{connect, EtcdConfig};
+use fleet_store::retry::RetryPolicy;
+use fleet_store::tls::ClientTls;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -83,7 +83,7 @@ fn parse_role(s: &str) -> Result<Role, String> {
     }
 }
 
-async fn root_client(dir: &Path, endpoints: Vec<String>) -> anyhow::Result<fleet_model::etcd::Client> {
+async fn root_client(dir: &Path, endpoints: Vec<String>) -> anyhow::Result<fleet_store::etcd::Client> {
     let tls = ClientTls::from_files(
         &dir.join("ca.pem").to_string_lossy(),
         &dir.join("root.pem").to_string_lossy(),

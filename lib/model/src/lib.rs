@@ -4,13 +4,13 @@
 //! they are named, and where each lives in etcd. It owns no tasks and makes no decisions: the
 //! engine decides placement, the agent drives systemd, and both read and write the shapes defined
 //! here. The key layout is documented in `docs/registry.md`.
+//!
+//! Pure data and rules: it must not depend on tokio, etcd, gRPC, TLS or HTTP (talking to etcd is
+//! `fleet-store`'s job), so that fleetctl, a REST client, compiles none of them.
 
-pub mod etcd;
 pub mod machine;
-pub mod retry;
 pub mod rules;
 pub mod schema;
-pub mod tls;
 pub mod unit_file;
 pub mod unit_name;
 

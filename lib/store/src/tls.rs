@@ -88,7 +88,7 @@ pub fn machine_identity(id: &str) -> String {
 
 /// The machine whose identity `cn` is (`machine-<valid machine id>`), if it is one.
 pub fn machine_of_identity(cn: &str) -> Option<&str> {
-    cn.strip_prefix("machine-").filter(|m| crate::machine::parse_machine_id(m).is_ok())
+    cn.strip_prefix("machine-").filter(|m| fleet_model::machine::parse_machine_id(m).is_ok())
 }
 
 /// SHA-256 of `data`, hex: how API tokens are stored.

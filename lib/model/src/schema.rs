@@ -203,6 +203,25 @@ pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, serde_json::
 mod tests {
     use super::*;
 
+    /// docs/registry.md is the contract between engine, agents and API: every kind of key `Keys`
+    /// formats (read from this file's source, so a new one cannot be forgotten) has its row.
+    #[test]
+    fn every_key_kind_is_in_the_registry() {
+        let source = include_str!("schema.rs");
+        let registry = include_str!("../../../docs/registry.md");
+        let impl_keys = source.split("impl Keys {").nth(1).and_then(|s| s.split("\n}\n").next()).unwrap_or_default();
+        let kinds: std::collections::BTreeSet<&str> = impl_keys
+            .split("format!(\"{}")
+            .skip(1)
+            .filter_map(|rest| rest.split(['/', '"']).next())
+            .filter(|kind| !kind.is_empty())
+            .collect();
+        assert!(kinds.len() >= 11, "found only {kinds:?} in impl Keys");
+        let missing: Vec<&&str> =
+            kinds.iter().filter(|k| !registry.lines().any(|l| l.starts_with(&format!("| `{k}")))).collect();
+        assert!(missing.is_empty(), "docs/registry.md has no row for {missing:?}");
+    }
+
     fn n(s: &str) -> UnitName {
         UnitName::parse(s).expect("valid")
     }
