@@ -151,8 +151,19 @@ pub fn output_within(mut cmd: Command, limit: Duration) -> Result<Output> {
 /// How long one lab test may run before the test binary gives up (FLEET_TEST_LIMIT_SECS).
 const TEST_LIMIT: Duration = Duration::from_secs(20 * 60);
 
-/// The lab test running now (named after libtest's thread) and since when.
-static CURRENT_TEST: std::sync::Mutex<Option<(String, Instant)>> = std::sync::Mutex::new(None);
+/// The lab test running now (named after libtest's thread), since when, and any time it asked
+/// for beyond the limit.
+static CURRENT_TEST: std::sync::Mutex<Option<(String, Instant, Duration)>> = std::sync::Mutex::new(None);
+
+/// Lets the current lab test run `extra` longer than the watchdog's limit (a soak asked for on
+/// purpose, such as `FLEET_CHAOS_SECS=3600`).
+pub fn allow_longer(extra: Duration) {
+    if let Ok(mut current) = CURRENT_TEST.lock() {
+        if let Some(c) = current.as_mut() {
+            c.2 += extra;
+        }
+    }
+}
 
 /// Makes a lab test's failure visible at once and a hung one end the run.
 ///
@@ -164,8 +175,8 @@ fn watch_this_test() {
     static INSTALLED: std::sync::Once = std::sync::Once::new();
     let name = std::thread::current().name().unwrap_or("?").to_string();
     if let Ok(mut current) = CURRENT_TEST.lock() {
-        if current.as_ref().map(|(n, _)| n) != Some(&name) {
-            *current = Some((name, Instant::now()));
+        if current.as_ref().map(|(n, _, _)| n) != Some(&name) {
+            *current = Some((name, Instant::now(), Duration::ZERO));
         }
     }
     INSTALLED.call_once(|| {
@@ -184,8 +195,12 @@ fn watch_this_test() {
             .unwrap_or(TEST_LIMIT);
         std::thread::spawn(move || loop {
             std::thread::sleep(Duration::from_secs(5));
-            let overrun = CURRENT_TEST.lock().ok().and_then(|c| c.clone()).filter(|(_, since)| since.elapsed() > limit);
-            if let Some((test, since)) = overrun {
+            let overrun = CURRENT_TEST
+                .lock()
+                .ok()
+                .and_then(|c| c.clone())
+                .filter(|(_, since, extra)| since.elapsed() > limit + *extra);
+            if let Some((test, since, _)) = overrun {
                 use std::io::Write;
                 let _ = writeln!(
                     std::io::stderr(),

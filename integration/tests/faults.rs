@@ -589,6 +589,8 @@ async fn fault_chaos() {
     });
     let secs: u64 = std::env::var("FLEET_CHAOS_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
     eprintln!("chaos seed {seed} ({secs} s of faults); replay with FLEET_CHAOS_SEED={seed}");
+    // A soak is asked for on purpose: the watchdog allows for it.
+    testkit::allow_longer(Duration::from_secs(secs));
     let mut rng = Rng(seed);
 
     // 200 ordinary units (from one template), 6 exclusive ones, 4 conflicting pairs.
