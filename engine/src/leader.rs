@@ -12,7 +12,7 @@ use fleet_model::schema::MoveRequest;
 use fleet_model::Keys;
 use fleet_store::etcd::{is_transient, Client};
 use fleet_store::retry::{RetryError, RetryPolicy};
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -50,6 +50,10 @@ pub type SharedStatus = Arc<Mutex<LeaderStatus>>;
 enum LeadError {
     #[error("etcd: {0}")]
     Etcd(#[from] etcd_client::Error),
+    /// An extra guard of a fenced write did not hold (or the fence itself: the next unguarded
+    /// write tells); nothing of it was written.
+    #[error("guard failed")]
+    GuardFailed,
     #[error("lost leadership: {0}")]
     Deposed(String),
 }
@@ -404,11 +408,10 @@ impl Leader {
         }
         let chunks: Vec<Vec<TxnOp>> = puts.chunks(MAX_OPS_PER_TXN).map(<[TxnOp]>::to_vec).collect();
         let writes: Vec<_> = chunks.into_iter().map(|chunk| self.fenced(fence, vec![], chunk)).collect();
-        let written: Vec<Result<i64, LeadError>> =
-            futures::stream::iter(writes).buffer_unordered(PUTS_IN_FLIGHT).collect().await;
-        for rev in written {
-            last_rev = last_rev.max(rev?);
-        }
+        // The first failure ends the pass (the writes still in flight are dropped; they are
+        // fenced and idempotent): a leader that cannot write must not spend a TTL per batch.
+        let written: Vec<i64> = futures::stream::iter(writes).buffer_unordered(PUTS_IN_FLIGHT).try_collect().await?;
+        last_rev = written.into_iter().fold(last_rev, i64::max);
         if !outcome.decisions.is_empty() {
             tracing::info!(
                 decisions = outcome.decisions.len(),
@@ -423,7 +426,7 @@ impl Leader {
             let guard = Compare::mod_revision(self.keys.body(&hash), CompareOp::Less, view_rev + 1);
             match self.fenced(fence, vec![guard], vec![TxnOp::delete(self.keys.body(&hash), None)]).await {
                 Ok(rev) => last_rev = last_rev.max(rev),
-                Err(LeadError::Deposed(_)) => {}
+                Err(LeadError::GuardFailed) => {}
                 Err(e) => return Err(e),
             }
         }
@@ -443,11 +446,14 @@ impl Leader {
     /// write a pass makes is idempotent.
     async fn fenced(&self, fence: &Compare, extra: Vec<Compare>, ops: Vec<TxnOp>) -> Result<i64, LeadError> {
         let guarded = !extra.is_empty();
+        // Attempts short enough that a request hung on a frozen member is tried again within the
+        // TTL, on another member.
+        let ttl = Duration::from_secs(self.ttl.max(1) as u64);
         let policy = RetryPolicy {
             attempts: u32::MAX,
             first_backoff: Duration::from_millis(50),
             max_backoff: Duration::from_secs(1),
-            timeout: FENCED_WRITE_TIMEOUT,
+            timeout: (ttl / 3).max(Duration::from_secs(1)),
         };
         let retryable = |e: &FenceError| match e {
             FenceError::Etcd(e) => is_transient(e),
@@ -456,13 +462,12 @@ impl Leader {
         };
         let attempts =
             policy.run("fenced write", retryable, || fenced_txn(&self.client, fence, extra.clone(), ops.clone()));
-        match tokio::time::timeout(Duration::from_secs(self.ttl.max(1) as u64), attempts).await {
+        match tokio::time::timeout(ttl, attempts).await {
             Ok(Ok(rev)) => Ok(rev),
-            Ok(Err(RetryError::Failed { source: FenceError::Refused, .. })) => Err(LeadError::Deposed(if guarded {
-                "guard failed".into()
-            } else {
-                "fenced write refused: another engine leads".into()
-            })),
+            Ok(Err(RetryError::Failed { source: FenceError::Refused, .. })) if guarded => Err(LeadError::GuardFailed),
+            Ok(Err(RetryError::Failed { source: FenceError::Refused, .. })) => {
+                Err(LeadError::Deposed("fenced write refused: another engine leads".into()))
+            }
             Ok(Err(RetryError::Failed { source: FenceError::Etcd(e), .. })) => Err(LeadError::Etcd(e)),
             Ok(Err(_)) | Err(_) => Err(LeadError::Deposed("writes failed for a lease TTL".into())),
         }
