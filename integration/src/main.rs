@@ -251,6 +251,15 @@ async fn up(
     }
     // Replace whatever an earlier run left: its processes (by PID), links, namespaces, sockets.
     down()?;
+    // A new lab starts from nothing: releases offered to an earlier lab's image machines, or
+    // their disks, would have the new machines updating (or booting an old disk) at once.
+    for left in [lab::image::updates_dir(), lab::lab_dir().join("machines")] {
+        match std::fs::remove_dir_all(&left) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => bail!("cannot remove {} left by an earlier lab: {e}", left.display()),
+        }
+    }
     std::fs::create_dir_all(lab::lab_dir())?;
     let bin_dir = lab::install_binaries(&target_dir()?)?;
     let mut state = LabState { bin_dir: bin_dir.clone(), ..Default::default() };
