@@ -27,7 +27,11 @@ pub fn router(api: UnitApi) -> Router {
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, Json(serde_json::json!({"error": {"code": status.as_u16(), "message": message.into()}}))).into_response()
+    let body = fleet_api::ErrorBody {
+        error: fleet_api::ErrorDetail { code: status.as_u16(), message: message.into() },
+        units: Vec::new(),
+    };
+    (status, Json(body)).into_response()
 }
 
 fn managed(api: &UnitApi, name: &str) -> Result<UnitName, Box<Response>> {
@@ -50,10 +54,12 @@ async fn status(State(api): State<UnitApi>, Path(name): Path<String>) -> Respons
         .kill_on_drop(true)
         .output();
     match tokio::time::timeout(Duration::from_secs(10), run).await {
-        Ok(Ok(out)) => Json(serde_json::json!({
-            "exitCode": out.status.code().unwrap_or(1),
-            "output": String::from_utf8_lossy(&out.stdout),
-        }))
+        // The engine names the machine: it knows which agent it asked.
+        Ok(Ok(out)) => Json(fleet_api::AgentStatus {
+            machine_id: String::new(),
+            exit_code: out.status.code().unwrap_or(1),
+            output: String::from_utf8_lossy(&out.stdout).into_owned(),
+        })
         .into_response(),
         Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot run systemctl: {e}")),
         Err(_) => error(StatusCode::GATEWAY_TIMEOUT, "systemctl status timed out"),

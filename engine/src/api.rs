@@ -15,12 +15,12 @@ use axum::routing::get;
 use axum::{Json, Router};
 use base64::Engine as _;
 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+use fleet_api as wire;
 use fleet_model::rules::Rules;
 use fleet_model::schema::{decode, encode};
 use fleet_model::{DesiredState, Keys, UnitFile, UnitName, UnitOption, UnitRecord};
 use fleet_store::etcd::Client;
-use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use serde::Deserialize;
 use std::ops::Bound;
 use std::time::Duration;
 
@@ -244,7 +244,10 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({"error": {"code": self.status.as_u16(), "message": self.message}});
+        let body = wire::ErrorBody {
+            error: wire::ErrorDetail { code: self.status.as_u16(), message: self.message },
+            units: Vec::new(),
+        };
         (self.status, Json(body)).into_response()
     }
 }
@@ -332,52 +335,6 @@ impl From<etcd_client::Error> for ApiError {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ApiUnit {
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub name: String,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub options: Vec<UnitOption>,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub desired_state: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub current_state: String,
-    #[serde(rename = "machineID", default, skip_serializing_if = "String::is_empty")]
-    pub machine_id: String,
-    /// Not in the original API: why the engine could not place the unit.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub reason: String,
-    /// Not in the original API: why the engine refused the last move request.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub move_refused: String,
-}
-
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ApiUnitState {
-    pub name: String,
-    pub hash: String,
-    #[serde(rename = "machineID")]
-    pub machine_id: String,
-    pub systemd_load_state: String,
-    pub systemd_active_state: String,
-    pub systemd_sub_state: String,
-}
-
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ApiMachine {
-    pub id: String,
-    #[serde(rename = "primaryIP", skip_serializing_if = "String::is_empty")]
-    pub primary_ip: String,
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub metadata: BTreeMap<String, String>,
-    /// Not in the original API: the machine is being drained.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub drained: bool,
-}
-
 /// Where a unit is scheduled and how far its machine got (`currentState`), as the API shows
 /// them; both empty for a global unit (its per-machine states are in /state).
 pub(crate) fn placement_of(v: &ClusterView, rec: &UnitRecord) -> (DesiredState, Option<String>) {
@@ -395,14 +352,14 @@ pub(crate) fn placement_of(v: &ClusterView, rec: &UnitRecord) -> (DesiredState, 
 
 /// A unit as the API shows it: stored options and desired state, plus where it is scheduled
 /// and how far its machine got (`currentState`).
-pub(crate) fn api_unit(v: &ClusterView, rec: &UnitRecord) -> ApiUnit {
+pub(crate) fn api_unit(v: &ClusterView, rec: &UnitRecord) -> wire::Unit {
     let options =
         v.bodies.get(&rec.hash).and_then(|(text, _)| UnitFile::parse(text).ok()).map(|f| f.options).unwrap_or_default();
     let (current, machine) = match placement_of(v, rec) {
         (_, None) => (String::new(), String::new()),
         (state, Some(m)) => (state.to_string(), m),
     };
-    ApiUnit {
+    wire::Unit {
         name: rec.name.to_string(),
         options,
         desired_state: rec.desired_state.to_string(),
@@ -518,16 +475,9 @@ async fn list_units(State(api): State<Api>, Query(q): Query<PageQuery>) -> Resul
     let (units, next) = api.cluster.read(|v| {
         let from = v.units.range::<str, _>((after(&start), Bound::Unbounded)).map(|(_, u)| u);
         let (page, next) = paginate(from, &start, api.token_limit, |u| u.name.to_string());
-        (page.into_iter().map(|u| api_unit(v, u)).collect::<Vec<ApiUnit>>(), next)
+        (page.into_iter().map(|u| api_unit(v, u)).collect::<Vec<wire::Unit>>(), next)
     });
-    let mut body = serde_json::Map::new();
-    if !units.is_empty() {
-        body.insert("units".into(), serde_json::to_value(units).map_err(|e| ApiError::internal(e.to_string()))?);
-    }
-    if let Some(t) = next {
-        body.insert("nextPageToken".into(), t.into());
-    }
-    Ok(Json(body).into_response())
+    Ok(Json(wire::UnitPage { units, next_page_token: next }).into_response())
 }
 
 pub(crate) fn parse_name(name: &str) -> Result<UnitName, ApiError> {
@@ -566,7 +516,7 @@ async fn get_unit(State(api): State<Api>, Path(name): Path<String>) -> Result<Re
         .and_then(|kv| UnitFile::parse(&String::from_utf8_lossy(kv.value())).ok())
         .map(|f| f.options)
         .unwrap_or_default();
-    Ok(Json(ApiUnit {
+    Ok(Json(wire::Unit {
         name: rec.name.to_string(),
         options,
         desired_state: rec.desired_state.to_string(),
@@ -606,7 +556,7 @@ pub struct PutUnit {
 /// Decodes and validates a `PUT /units/{name}` body: everything that can be said about it
 /// without the cluster (the fuzz target `api_put_unit` drives this with arbitrary input).
 pub fn parse_put_unit(url_name: &str, body: &[u8]) -> Result<PutUnit, ApiError> {
-    let req: ApiUnit =
+    let req: wire::Unit =
         serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("unable to decode body: {e}")))?;
     if !req.name.is_empty() && req.name != url_name {
         return Err(ApiError::bad_request(format!(
@@ -737,19 +687,14 @@ async fn put_unit(
 }
 
 /// Most units one `POST /fleet/v1/units` may create.
-pub const MAX_UNITS_PER_REQUEST: usize = 10_000;
+pub const MAX_UNITS_PER_REQUEST: usize = wire::MAX_UNITS_PER_REQUEST;
 /// Units per etcd transaction (a unit and its body are two operations, under etcd's 128).
 pub(crate) const UNITS_PER_TXN: usize = 60;
-
-#[derive(Debug, Deserialize)]
-struct CreateUnits {
-    units: Vec<ApiUnit>,
-}
 
 /// Decodes and validates a `POST /units` body: every unit, before anything is written (the
 /// fuzz target `api_create_units` drives this with arbitrary input).
 pub fn parse_create_units(body: &[u8]) -> Result<Vec<(UnitRecord, UnitFile, Option<Rules>)>, ApiError> {
-    let req: CreateUnits =
+    let req: wire::CreateUnits =
         serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("unable to decode body: {e}")))?;
     if req.units.is_empty() {
         return Err(ApiError::bad_request("units is empty"));
@@ -855,8 +800,7 @@ async fn create_units(
     }
     tracing::debug!(units = records.len(), revision = last_rev, "units created; settling");
     api.wrote(last_rev);
-    Ok((StatusCode::CREATED, Json(serde_json::json!({ "created": records.len(), "revision": last_rev })))
-        .into_response())
+    Ok((StatusCode::CREATED, Json(wire::Created { created: records.len(), revision: last_rev })).into_response())
 }
 
 /// Writes units that must not exist yet, in one transaction. `Ok(revision)`, or the units of
@@ -959,13 +903,6 @@ pub(crate) fn validate_options(f: &UnitFile) -> Result<(), ApiError> {
     Ok(())
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct MoveBody {
-    #[serde(rename = "machineID", default)]
-    machine_id: String,
-}
-
 /// Not in the original API: asks the leader to move a placed unit to `machineID` (full id or
 /// unique prefix), or to the best other machine when none is given. 202: the request is stored;
 /// the unit's `machineID` changes when it is done, or `moveRefused` says why it was not.
@@ -976,8 +913,8 @@ async fn move_unit(
 ) -> Result<Response, ApiError> {
     let name = parse_name(&name)?;
     fresh(&api).await?;
-    let req: MoveBody = if body.is_empty() {
-        MoveBody::default()
+    let req: wire::MoveRequest = if body.is_empty() {
+        wire::MoveRequest::default()
     } else {
         serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("unable to decode body: {e}")))?
     };
@@ -1017,7 +954,7 @@ async fn move_unit(
     if let Some(h) = resp.header() {
         api.wrote(h.revision());
     }
-    Ok((StatusCode::ACCEPTED, Json(serde_json::json!({"from": request.from, "machineID": request.to}))).into_response())
+    Ok((StatusCode::ACCEPTED, Json(wire::MoveAccepted { from: request.from, machine_id: request.to })).into_response())
 }
 
 /// Forgets a (refused) move request.
@@ -1071,9 +1008,9 @@ async fn list_states(State(api): State<Api>, Query(q): Query<PageQuery>) -> Resu
             })
             .skip_while(|(u, m, _)| cursor.is_some_and(|c| (u.as_str(), m.as_str()) <= c));
         let (page, next) = paginate(matching, &start, api.token_limit, |(u, m, _)| format!("{u}\0{m}"));
-        let states: Vec<ApiUnitState> = page
+        let states: Vec<wire::UnitState> = page
             .into_iter()
-            .map(|(u, m, s)| ApiUnitState {
+            .map(|(u, m, s)| wire::UnitState {
                 name: u.to_string(),
                 hash: s.hash.clone(),
                 machine_id: m.clone(),
@@ -1084,14 +1021,7 @@ async fn list_states(State(api): State<Api>, Query(q): Query<PageQuery>) -> Resu
             .collect();
         (states, next)
     });
-    let mut body = serde_json::Map::new();
-    if !states.is_empty() {
-        body.insert("states".into(), serde_json::to_value(states).map_err(|e| ApiError::internal(e.to_string()))?);
-    }
-    if let Some(t) = next {
-        body.insert("nextPageToken".into(), t.into());
-    }
-    Ok(Json(body).into_response())
+    Ok(Json(wire::UnitStatePage { states, next_page_token: next }).into_response())
 }
 
 #[derive(Debug, Deserialize)]
@@ -1160,16 +1090,14 @@ async fn unit_status(
             .send()
             .await
             .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, format!("agent of machine {machine}: {e}")))?;
-        let mut body: serde_json::Value = resp
+        let mut status: wire::AgentStatus = resp
             .json()
             .await
             .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, format!("agent of machine {machine}: {e}")))?;
-        if let Some(o) = body.as_object_mut() {
-            o.insert("machineID".into(), machine.into());
-        }
-        statuses.push(body);
+        status.machine_id = machine;
+        statuses.push(status);
     }
-    Ok(Json(serde_json::json!({ "statuses": statuses })).into_response())
+    Ok(Json(wire::UnitStatuses { statuses }).into_response())
 }
 
 /// Not in the original API: a unit's journal from its machine's agent, streamed as text; with
@@ -1233,7 +1161,7 @@ async fn get_state(State(api): State<Api>, Path(name): Path<String>) -> Result<R
     let name = parse_name(&name)?;
     api.cluster
         .read(|v| {
-            v.states.get(&name).and_then(|per| per.iter().next()).map(|(m, s)| ApiUnitState {
+            v.states.get(&name).and_then(|per| per.iter().next()).map(|(m, s)| wire::UnitState {
                 name: name.to_string(),
                 hash: s.hash.clone(),
                 machine_id: m.clone(),
@@ -1246,20 +1174,10 @@ async fn get_state(State(api): State<Api>, Path(name): Path<String>) -> Result<R
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unit state does not exist"))
 }
 
-/// One operation of a machine metadata PATCH, in the shape the original accepted: the value is
-/// `{"value": "x"}` (field name `value` or `Value`); a plain string is accepted too.
-#[derive(Debug, Deserialize)]
-struct MetadataOp {
-    op: String,
-    path: String,
-    #[serde(default, alias = "Value")]
-    value: Option<serde_json::Value>,
-}
-
 /// `PATCH /machines`: add/replace/remove metadata keys. Every operation is validated first and
 /// all are applied in one etcd transaction, so a bad operation changes nothing.
 async fn patch_machines(State(api): State<Api>, body: axum::body::Bytes) -> Result<Response, ApiError> {
-    let ops: Vec<MetadataOp> =
+    let ops: Vec<wire::MetadataOp> =
         serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("unable to decode body: {e}")))?;
     if ops.len() > fleet_model::machine::MAX_METADATA_KEYS {
         return Err(ApiError::bad_request(format!(
@@ -1333,7 +1251,7 @@ async fn drain_machine(State(api): State<Api>, Path(id): Path<String>) -> Result
     if let Some(h) = resp.header() {
         api.wrote(h.revision());
     }
-    Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "id": id }))).into_response())
+    Ok((StatusCode::ACCEPTED, Json(wire::DrainAccepted { id })).into_response())
 }
 
 async fn undrain_machine(State(api): State<Api>, Path(id): Path<String>) -> Result<Response, ApiError> {
@@ -1358,9 +1276,9 @@ async fn list_machines(State(api): State<Api>, Query(q): Query<PageQuery>) -> Re
     let (machines, next) = api.cluster.read(|v| {
         let from = v.machines.range::<str, _>((after(&start), Bound::Unbounded)).map(|(_, m)| m);
         let (page, next) = paginate(from, &start, api.token_limit, |m| m.id.clone());
-        let machines: Vec<ApiMachine> = page
+        let machines: Vec<wire::Machine> = page
             .into_iter()
-            .map(|m| ApiMachine {
+            .map(|m| wire::Machine {
                 id: m.id.clone(),
                 primary_ip: m.public_ip.clone(),
                 metadata: m.metadata.clone(),
@@ -1369,14 +1287,7 @@ async fn list_machines(State(api): State<Api>, Query(q): Query<PageQuery>) -> Re
             .collect();
         (machines, next)
     });
-    let mut body = serde_json::Map::new();
-    if !machines.is_empty() {
-        body.insert("machines".into(), serde_json::to_value(machines).map_err(|e| ApiError::internal(e.to_string()))?);
-    }
-    if let Some(t) = next {
-        body.insert("nextPageToken".into(), t.into());
-    }
-    Ok(Json(body).into_response())
+    Ok(Json(wire::MachinePage { machines, next_page_token: next }).into_response())
 }
 
 /// Not part of fleet's API: which engine leads, and why units could not be placed.
@@ -1418,7 +1329,7 @@ mod tests {
 
     #[test]
     fn unit_json_uses_fleet_field_names() {
-        let u = ApiUnit {
+        let u = wire::Unit {
             name: "a.service".into(),
             options: vec![],
             desired_state: "launched".into(),

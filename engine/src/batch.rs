@@ -9,7 +9,7 @@
 
 use crate::api::{
     api_unit, check_json, check_put, check_replace_cycles, etcd, etcd_txn, fresh, placement_of, settle, Api, ApiError,
-    ApiUnit, ApiUnitState, PutUnit, MAX_UNITS_PER_REQUEST, UNITS_PER_TXN,
+    PutUnit, MAX_UNITS_PER_REQUEST, UNITS_PER_TXN,
 };
 use crate::auth::{AuditDetail, Caller, Role};
 use crate::cluster::ClusterView;
@@ -18,24 +18,21 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use etcd_client::{Compare, CompareOp, Txn, TxnOp, TxnOpResponse};
+use fleet_api as wire;
+pub use fleet_api::{
+    Changed, Destroyed, Found, Names, UnitChange, UnitChanges, UnitError, Until, WaitEvent, WaitRequest,
+};
 use fleet_model::schema::{decode, encode, is_stopped};
-use fleet_model::{DesiredState, UnitName, UnitOption, UnitRecord};
-use serde::{Deserialize, Serialize};
+use fleet_model::{DesiredState, UnitName, UnitRecord};
+use serde::Deserialize;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
-use utoipa::ToSchema;
 
 /// A refusal of a whole batch, with what was wrong with each unit.
 #[derive(Debug)]
 pub struct BatchError {
     pub error: ApiError,
     pub units: Vec<UnitError>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
-pub struct UnitError {
-    pub name: String,
-    pub error: String,
 }
 
 impl From<ApiError> for BatchError {
@@ -47,10 +44,10 @@ impl From<ApiError> for BatchError {
 impl IntoResponse for BatchError {
     fn into_response(self) -> Response {
         let status = self.error.status();
-        let mut body = serde_json::json!({"error": {"code": status.as_u16(), "message": self.error.message()}});
-        if !self.units.is_empty() {
-            body["units"] = serde_json::to_value(&self.units).unwrap_or_default();
-        }
+        let body = wire::ErrorBody {
+            error: wire::ErrorDetail { code: status.as_u16(), message: self.error.message().to_string() },
+            units: self.units,
+        };
         (status, Json(body)).into_response()
     }
 }
@@ -95,23 +92,6 @@ pub fn parse_names(names: &[String]) -> Result<Vec<UnitName>, BatchError> {
     Ok(out)
 }
 
-/// Names of units to read, destroy or wait for.
-#[derive(Debug, Deserialize, ToSchema)]
-pub struct Names {
-    pub names: Vec<String>,
-}
-
-/// The named units as `GET /units/{name}` shows them, what their machines report, and which
-/// do not exist.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct Found {
-    #[schema(value_type = Vec<crate::openapi::Unit>)]
-    pub units: Vec<ApiUnit>,
-    #[schema(value_type = Vec<crate::openapi::UnitState>)]
-    pub states: Vec<ApiUnitState>,
-    pub missing: Vec<String>,
-}
-
 fn find(v: &ClusterView, names: &[UnitName]) -> Found {
     let mut found = Found { units: Vec::new(), states: Vec::new(), missing: Vec::new() };
     for name in names {
@@ -121,7 +101,7 @@ fn find(v: &ClusterView, names: &[UnitName]) -> Found {
         };
         found.units.push(api_unit(v, rec));
         for (m, s) in v.states.get(name).into_iter().flatten() {
-            found.states.push(ApiUnitState {
+            found.states.push(wire::UnitState {
                 name: name.to_string(),
                 hash: s.hash.clone(),
                 machine_id: m.clone(),
@@ -176,24 +156,6 @@ pub async fn batch_get(
     Ok(Json(found).into_response())
 }
 
-/// One unit to change: a desired state, new unit file options, or both.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct UnitChange {
-    pub name: String,
-    #[serde(default)]
-    #[schema(example = "launched")]
-    pub desired_state: String,
-    #[serde(default)]
-    #[schema(value_type = Vec<crate::openapi::UnitOption>)]
-    pub options: Vec<UnitOption>,
-}
-
-#[derive(Debug, Deserialize, ToSchema)]
-pub struct UnitChanges {
-    pub units: Vec<UnitChange>,
-}
-
 /// Decodes and validates a `POST /units:batchUpdate` body without looking at the cluster.
 pub fn parse_changes(body: &[u8]) -> Result<Vec<PutUnit>, BatchError> {
     let req: UnitChanges = decode_body(body)?;
@@ -213,14 +175,6 @@ pub fn parse_changes(body: &[u8]) -> Result<Vec<PutUnit>, BatchError> {
     }
     refuse(StatusCode::BAD_REQUEST, "invalid units", bad)?;
     Ok(out)
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct Changed {
-    /// The units whose record changed (the others already were as asked).
-    pub changed: Vec<String>,
-    /// etcd revision of the last write; `units:wait` may be asked to start from it.
-    pub revision: i64,
 }
 
 /// `POST /units:batchUpdate`: changes the desired state (and, for `admin`, the unit file) of
@@ -327,14 +281,6 @@ async fn update_chunk(api: &Api, chunk: &[PutUnit]) -> Result<(Vec<String>, i64)
     Err(ApiError::new(StatusCode::CONFLICT, "units changed concurrently; try again").into())
 }
 
-#[derive(Debug, Serialize, ToSchema)]
-pub struct Destroyed {
-    pub destroyed: Vec<String>,
-    /// Named units that did not exist.
-    pub missing: Vec<String>,
-    pub revision: i64,
-}
-
 /// Deletions per transaction (etcd allows 128 operations in one).
 const DELETES_PER_TXN: usize = 100;
 
@@ -362,24 +308,6 @@ pub async fn batch_delete(
     Ok((StatusCode::OK, axum::Extension(detail), Json(done)).into_response())
 }
 
-/// What `units:wait` waits for, per unit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum Until {
-    /// Its machine's agent has asked systemd to start it.
-    Launched,
-    /// Launched, and systemd on its machine reports it active.
-    Active,
-    /// Loaded on its machine (not started).
-    Loaded,
-    /// Loaded, and no machine's systemd runs it any more.
-    Stopped,
-    /// Not scheduled anywhere.
-    Inactive,
-    /// Destroyed, and no machine reports it any more.
-    Gone,
-}
-
 /// Longest wait one request may ask for; a client waiting longer asks again.
 pub const MAX_WAIT: Duration = Duration::from_secs(60);
 const DEFAULT_WAIT: Duration = Duration::from_secs(5);
@@ -394,21 +322,6 @@ const FAILED_GRACE: Duration = Duration::from_secs(2);
 const HEARTBEAT: Duration = Duration::from_secs(5);
 /// Shortest time between two looks at the pending units while the view keeps changing.
 const RECHECK: Duration = Duration::from_millis(10);
-
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct WaitRequest {
-    pub names: Vec<String>,
-    pub until: Until,
-    /// Wait until this replica's view shows this etcd revision (a write's) before looking.
-    #[serde(default)]
-    #[schema(minimum = 0)]
-    pub revision: i64,
-    /// How long to wait at most, in milliseconds (default 5000, at most 60000).
-    #[serde(default)]
-    #[schema(minimum = 0, maximum = 60000)]
-    pub timeout_ms: Option<u64>,
-}
 
 /// Where a unit stands against what is awaited.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -467,32 +380,6 @@ pub fn check(v: &ClusterView, name: &UnitName, until: Until) -> Check {
         true => Check::Reached { machine },
         false => Check::Pending { unplaceable, failed },
     }
-}
-
-/// One line of a `units:wait` stream.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct WaitEvent {
-    /// The unit this line is about; absent on heartbeats and the last line.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub name: String,
-    /// Where the unit got to what was awaited.
-    #[serde(rename = "machineID", default, skip_serializing_if = "String::is_empty")]
-    pub machine_id: String,
-    #[serde(rename = "primaryIP", default, skip_serializing_if = "String::is_empty")]
-    pub primary_ip: String,
-    /// Why the unit will not get there: `unplaceable`, `failed` or `destroyed`.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub error: String,
-    /// The leader's reason for an unplaceable unit.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub reason: String,
-    /// Units still pending (heartbeats and the last line).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pending: Option<usize>,
-    /// The last line: the wait is over (`pending` units did not get there in time).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub done: bool,
 }
 
 /// `POST /units:wait`: a stream (one JSON object a line) that reports each unit as it gets to

@@ -2,119 +2,16 @@
 //! served at `/fleet/v1/openapi.json`. A contract test sends a request to every operation listed
 //! here and checks the server answers with one of the documented statuses, and a unit test keeps
 //! `docs/openapi.json` equal to what is generated.
+// The operations below are bodiless functions: utoipa reads their attributes, the router in
+// api.rs serves them. The types are fleet-api's, the ones the engine answers with.
 #![allow(dead_code)]
 
-use crate::batch;
-use serde::Serialize;
-use std::collections::BTreeMap;
-use utoipa::{OpenApi, ToSchema};
-
-#[derive(Serialize, ToSchema)]
-pub struct UnitOption {
-    section: String,
-    name: String,
-    value: String,
-}
-
-/// A unit. `currentState` and `machineID` are derived from the schedule; `reason` and
-/// `moveRefused` are fleet-rs additions.
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct Unit {
-    name: String,
-    options: Vec<UnitOption>,
-    #[schema(example = "launched")]
-    desired_state: String,
-    current_state: Option<String>,
-    #[serde(rename = "machineID")]
-    machine_id: Option<String>,
-    reason: Option<String>,
-    move_refused: Option<String>,
-}
-
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct UnitPage {
-    units: Option<Vec<Unit>>,
-    next_page_token: Option<String>,
-}
-
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct UnitState {
-    name: String,
-    hash: String,
-    #[serde(rename = "machineID")]
-    machine_id: String,
-    systemd_load_state: String,
-    systemd_active_state: String,
-    systemd_sub_state: String,
-}
-
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct UnitStatePage {
-    states: Option<Vec<UnitState>>,
-    next_page_token: Option<String>,
-}
-
-#[derive(Serialize, ToSchema)]
-pub struct Machine {
-    id: String,
-    #[serde(rename = "primaryIP")]
-    primary_ip: Option<String>,
-    metadata: Option<BTreeMap<String, String>>,
-    /// fleet-rs addition: the machine is being drained.
-    drained: Option<bool>,
-}
-
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct MachinePage {
-    machines: Option<Vec<Machine>>,
-    next_page_token: Option<String>,
-}
-
-/// One metadata operation. `path` is `/<machine id>/metadata/<key>`; `value` is `{"value":"x"}`
-/// (as the original fleet accepted; the field may be spelled `Value`) or a plain string.
-#[derive(Serialize, ToSchema)]
-pub struct MetadataOp {
-    #[schema(example = "add")]
-    op: String,
-    path: String,
-    value: Option<serde_json::Value>,
-}
-
-#[derive(Serialize, ToSchema)]
-pub struct ErrorDetail {
-    code: u16,
-    message: String,
-}
-
-#[derive(Serialize, ToSchema)]
-pub struct Error {
-    error: ErrorDetail,
-}
-
-#[derive(Serialize, ToSchema)]
-pub struct MoveRequest {
-    #[serde(rename = "machineID")]
-    machine_id: Option<String>,
-}
-
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct AgentStatus {
-    #[serde(rename = "machineID")]
-    machine_id: String,
-    exit_code: i32,
-    output: String,
-}
-
-#[derive(Serialize, ToSchema)]
-pub struct UnitStatuses {
-    statuses: Vec<AgentStatus>,
-}
+use fleet_api::{
+    AgentStatus, Changed, CreateUnits, Created, Destroyed, DrainAccepted, ErrorBody as Error, ErrorDetail, Found,
+    Machine, MachinePage, MetadataOp, MoveAccepted, MoveRequest, Names, Unit, UnitChange, UnitChanges, UnitError,
+    UnitOption, UnitPage, UnitState, UnitStatePage, UnitStatuses, Until, WaitEvent, WaitRequest,
+};
+use utoipa::OpenApi;
 
 #[utoipa::path(get, path = "/fleet/v1/units", params(("nextPageToken" = Option<String>, Query)),
     responses((status = 200, body = UnitPage), (status = 400, body = Error), (status = 503, body = Error)))]
@@ -123,16 +20,6 @@ fn list_units() {}
 #[utoipa::path(get, path = "/fleet/v1/units/{name}", params(("name" = String, Path)),
     responses((status = 200, body = Unit), (status = 400, body = Error), (status = 404, body = Error)))]
 fn get_unit() {}
-
-#[derive(Serialize, ToSchema)]
-pub struct CreateUnits {
-    units: Vec<Unit>,
-}
-
-#[derive(Serialize, ToSchema)]
-pub struct Created {
-    created: usize,
-}
 
 /// Not in the original API: create up to 10,000 new units in one request (each with `name`,
 /// `options` and optionally `desiredState`). All are validated first; 409 if one exists already.
@@ -144,8 +31,8 @@ fn create_units() {}
 /// Create a unit (201), replace its contents (201) or change its desired state (204).
 /// Not in the original API: up to 10,000 units in one read, with what their machines report
 /// and which do not exist.
-#[utoipa::path(post, path = "/fleet/v1/units:batchGet", operation_id = "units_batch_get", request_body = batch::Names,
-    responses((status = 200, body = batch::Found), (status = 400, body = Error), (status = 415, body = Error),
+#[utoipa::path(post, path = "/fleet/v1/units:batchGet", operation_id = "units_batch_get", request_body = Names,
+    responses((status = 200, body = Found), (status = 400, body = Error), (status = 415, body = Error),
         (status = 503, body = Error)))]
 fn units_batch_get() {}
 
@@ -153,15 +40,15 @@ fn units_batch_get() {}
 /// up to 10,000 existing units. Validated as a whole first (every refused unit is listed in the
 /// error's `units`); written in transactions of at most 60 units, each all-or-nothing.
 #[utoipa::path(post, path = "/fleet/v1/units:batchUpdate", operation_id = "units_batch_update",
-    request_body = batch::UnitChanges,
-    responses((status = 200, body = batch::Changed), (status = 400, body = Error), (status = 404, body = Error),
+    request_body = UnitChanges,
+    responses((status = 200, body = Changed), (status = 400, body = Error), (status = 404, body = Error),
         (status = 409, body = Error), (status = 415, body = Error), (status = 503, body = Error)))]
 fn units_batch_update() {}
 
 /// Not in the original API: destroy up to 10,000 units.
 #[utoipa::path(post, path = "/fleet/v1/units:batchDelete", operation_id = "units_batch_delete",
-    request_body = batch::Names,
-    responses((status = 200, body = batch::Destroyed), (status = 400, body = Error), (status = 415, body = Error),
+    request_body = Names,
+    responses((status = 200, body = Destroyed), (status = 400, body = Error), (status = 415, body = Error),
         (status = 503, body = Error)))]
 fn units_batch_delete() {}
 
@@ -169,8 +56,8 @@ fn units_batch_delete() {}
 /// one a line (`WaitEvent`): one for each unit as it gets there (with its machine) or as it is
 /// known it will not (`error`: unplaceable, failed, destroyed), a heartbeat with the number still
 /// pending every 5 s, and a last one with `done` and how many did not get there in time.
-#[utoipa::path(post, path = "/fleet/v1/units:wait", operation_id = "units_wait", request_body = batch::WaitRequest,
-    responses((status = 200, content_type = "application/x-ndjson", body = batch::WaitEvent),
+#[utoipa::path(post, path = "/fleet/v1/units:wait", operation_id = "units_wait", request_body = WaitRequest,
+    responses((status = 200, content_type = "application/x-ndjson", body = WaitEvent),
         (status = 400, body = Error), (status = 415, body = Error), (status = 503, body = Error)))]
 fn units_wait() {}
 
@@ -184,7 +71,7 @@ fn put_unit() {}
 fn delete_unit() {}
 
 #[utoipa::path(post, path = "/fleet/v1/units/{name}/move", params(("name" = String, Path)), request_body = MoveRequest,
-    responses((status = 202), (status = 400, body = Error), (status = 404, body = Error), (status = 409, body = Error)))]
+    responses((status = 202, body = MoveAccepted), (status = 400, body = Error), (status = 404, body = Error), (status = 409, body = Error)))]
 fn move_unit() {}
 
 #[utoipa::path(delete, path = "/fleet/v1/units/{name}/move", params(("name" = String, Path)),
@@ -223,7 +110,7 @@ fn patch_machines() {}
 
 /// Drain a machine (fleet-rs addition): its units move elsewhere and it takes no new ones.
 #[utoipa::path(post, path = "/fleet/v1/machines/{id}/drain", params(("id" = String, Path, description = "machine id or unique prefix")),
-    responses((status = 202), (status = 400, body = Error), (status = 404, body = Error)))]
+    responses((status = 202, body = DrainAccepted), (status = 400, body = Error), (status = 404, body = Error)))]
 fn drain_machine() {}
 
 /// Undrain a machine.
@@ -287,18 +174,20 @@ fn engine_status() {}
         Error,
         ErrorDetail,
         MoveRequest,
+        MoveAccepted,
+        DrainAccepted,
         AgentStatus,
         UnitStatuses,
-        batch::Names,
-        batch::Found,
-        batch::UnitChange,
-        batch::UnitChanges,
-        batch::Changed,
-        batch::Destroyed,
-        batch::Until,
-        batch::WaitRequest,
-        batch::WaitEvent,
-        batch::UnitError
+        Names,
+        Found,
+        UnitChange,
+        UnitChanges,
+        Changed,
+        Destroyed,
+        Until,
+        WaitRequest,
+        WaitEvent,
+        UnitError
     ))
 )]
 pub struct ApiDoc;

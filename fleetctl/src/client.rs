@@ -1,96 +1,13 @@
 //! A small client for fleet's `/fleet/v1` API.
 
 use anyhow::{anyhow, bail, Context, Result};
-use fleet_model::UnitOption;
+pub use fleet_api::{AgentStatus, Found, Machine, Unit, UnitState, Until, WaitEvent};
+use fleet_api::{
+    Changed, Created, Destroyed, ErrorBody, MachinePage, MoveRequest, Names, Page, UnitChange, UnitChanges, UnitPage,
+    UnitStatePage, UnitStatuses, WaitRequest,
+};
 use reqwest::StatusCode;
-use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 use std::time::Duration;
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Unit {
-    #[serde(default)]
-    pub name: String,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub options: Vec<UnitOption>,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub desired_state: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub current_state: String,
-    #[serde(rename = "machineID", default, skip_serializing_if = "String::is_empty")]
-    pub machine_id: String,
-    /// Why the engine could not place the unit (not in the original API).
-    #[serde(default, skip_serializing)]
-    pub reason: String,
-    /// Why the engine refused the last move request (not in the original API).
-    #[serde(default, skip_serializing)]
-    pub move_refused: String,
-}
-
-impl Unit {
-    /// A `Global=true` unit runs on every eligible machine and is never waited for.
-    pub fn is_global(&self) -> bool {
-        let Ok(name) = fleet_model::UnitName::parse(&self.name) else { return false };
-        fleet_model::rules::Rules::parse(&name, &fleet_model::UnitFile::from_options(self.options.clone()))
-            .is_ok_and(|r| r.global)
-    }
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct UnitState {
-    #[serde(default)]
-    pub name: String,
-    #[serde(default)]
-    pub hash: String,
-    #[serde(rename = "machineID", default)]
-    pub machine_id: String,
-    #[serde(default)]
-    pub systemd_load_state: String,
-    #[serde(default)]
-    pub systemd_active_state: String,
-    #[serde(default)]
-    pub systemd_sub_state: String,
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Machine {
-    pub id: String,
-    #[serde(rename = "primaryIP", default)]
-    pub primary_ip: String,
-    #[serde(default)]
-    pub metadata: BTreeMap<String, String>,
-}
-
-impl Machine {
-    pub fn legend(&self, full: bool) -> String {
-        fleet_model::MachineRecord { id: self.id.clone(), public_ip: self.primary_ip.clone(), ..Default::default() }
-            .legend(full)
-    }
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct AgentStatus {
-    #[serde(rename = "machineID", default)]
-    pub machine_id: String,
-    #[serde(default)]
-    pub exit_code: i32,
-    #[serde(default)]
-    pub output: String,
-}
-
-#[derive(Deserialize)]
-struct ErrorBody {
-    error: ErrorInner,
-}
-#[derive(Deserialize)]
-struct ErrorInner {
-    #[serde(default)]
-    message: String,
-}
 
 /// Client TLS material, as PEM file paths.
 #[derive(Debug, Clone, Default)]
@@ -106,42 +23,6 @@ pub struct TlsFiles {
 pub const BATCH: usize = 10_000;
 /// How long one `units:wait` request waits at most before the client asks again.
 const WAIT_WINDOW: Duration = Duration::from_secs(30);
-
-/// What `units:batchGet` answers.
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct Found {
-    #[serde(default)]
-    pub units: Vec<Unit>,
-    #[serde(default)]
-    pub states: Vec<UnitState>,
-    #[serde(default)]
-    pub missing: Vec<String>,
-}
-
-/// One line of a `units:wait` answer.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct WaitEvent {
-    #[serde(default)]
-    pub name: String,
-    #[serde(rename = "machineID", default)]
-    pub machine_id: String,
-    #[serde(rename = "primaryIP", default)]
-    pub primary_ip: String,
-    /// `unplaceable`, `failed` or `destroyed`.
-    #[serde(default)]
-    pub error: String,
-    #[serde(default)]
-    pub reason: String,
-    #[serde(default)]
-    pub done: bool,
-}
-
-impl WaitEvent {
-    pub fn legend(&self) -> String {
-        Machine { id: self.machine_id.clone(), primary_ip: self.primary_ip.clone(), ..Default::default() }.legend(false)
-    }
-}
 
 pub struct Client {
     http: reqwest::Client,
@@ -233,12 +114,8 @@ impl Client {
         )
     }
 
-    async fn pages<T: for<'de> Deserialize<'de>>(
-        &self,
-        path: &str,
-        field: &str,
-        query: &[(&str, &str)],
-    ) -> Result<Vec<T>> {
+    /// Every page of a listing, following `nextPageToken`.
+    async fn pages<P: Page>(&self, path: &str, query: &[(&str, &str)]) -> Result<Vec<P::Item>> {
         let mut out = Vec::new();
         let mut token: Option<String> = None;
         loop {
@@ -250,33 +127,28 @@ impl Client {
             if !resp.status().is_success() {
                 return Err(Self::error(resp).await);
             }
-            let mut page: serde_json::Value =
-                resp.json().await.with_context(|| format!("GET {path}: unreadable response"))?;
-            if let Some(items) = page.get_mut(field).map(serde_json::Value::take) {
-                out.extend(
-                    serde_json::from_value::<Vec<T>>(items)
-                        .with_context(|| format!("GET {path}: unreadable {field}"))?,
-                );
-            }
-            match page.get("nextPageToken").and_then(|t| t.as_str()) {
-                Some(t) if !t.is_empty() => token = Some(t.to_string()),
+            let page: P = resp.json().await.with_context(|| format!("GET {path}: unreadable response"))?;
+            let (items, next) = page.into_parts();
+            out.extend(items);
+            match next {
+                Some(t) if !t.is_empty() => token = Some(t),
                 _ => return Ok(out),
             }
         }
     }
 
     pub async fn units(&self) -> Result<Vec<Unit>> {
-        self.pages("units", "units", &[]).await
+        self.pages::<UnitPage>("units", &[]).await
     }
 
     pub async fn machines(&self) -> Result<Vec<Machine>> {
-        self.pages("machines", "machines", &[]).await
+        self.pages::<MachinePage>("machines", &[]).await
     }
 
     pub async fn states(&self, unit: Option<&str>) -> Result<Vec<UnitState>> {
         match unit {
-            Some(u) => self.pages("state", "states", &[("unitName", u)]).await,
-            None => self.pages("state", "states", &[]).await,
+            Some(u) => self.pages::<UnitStatePage>("state", &[("unitName", u)]).await,
+            None => self.pages::<UnitStatePage>("state", &[]).await,
         }
     }
 
@@ -294,7 +166,7 @@ impl Client {
 
     /// Asks the engine to move a unit (to `machine`, a full id or unique prefix, if given).
     pub async fn request_move(&self, name: &str, machine: Option<&str>) -> Result<()> {
-        let body = serde_json::json!({ "machineID": machine.unwrap_or("") });
+        let body = MoveRequest { machine_id: machine.unwrap_or("").to_string() };
         let url = self.url(&format!("units/{}/move", encode(name)));
         let resp = self.send(self.http.post(url).json(&body), &format!("move unit {name}")).await?;
         if resp.status().is_success() {
@@ -336,12 +208,11 @@ impl Client {
         if !resp.status().is_success() {
             return Err(Self::error(resp).await);
         }
-        #[derive(Deserialize)]
-        struct Page {
-            #[serde(default)]
-            statuses: Vec<AgentStatus>,
-        }
-        Ok(resp.json::<Page>().await.with_context(|| format!("status of {name}: unreadable response"))?.statuses)
+        Ok(resp
+            .json::<UnitStatuses>()
+            .await
+            .with_context(|| format!("status of {name}: unreadable response"))?
+            .statuses)
     }
 
     /// Copies a unit's journal to `out` as it arrives (forever with `follow`).
@@ -376,7 +247,7 @@ impl Client {
     }
 
     /// POSTs `body` to a batch method (`units:batchGet`, ...) and decodes its answer.
-    async fn batch<T: for<'de> Deserialize<'de>>(&self, method: &str, body: &serde_json::Value) -> Result<T> {
+    async fn batch<T: serde::de::DeserializeOwned>(&self, method: &str, body: &impl serde::Serialize) -> Result<T> {
         let resp = self.send(self.http.post(self.url(method)).json(body), &format!("POST {method}")).await?;
         if !resp.status().is_success() {
             return Err(Self::batch_error(resp).await);
@@ -386,19 +257,8 @@ impl Client {
 
     /// A batch refusal, with each refused unit on a line of its own.
     async fn batch_error(resp: reqwest::Response) -> anyhow::Error {
-        #[derive(Deserialize)]
-        struct Body {
-            error: ErrorInner,
-            #[serde(default)]
-            units: Vec<UnitError>,
-        }
-        #[derive(Deserialize)]
-        struct UnitError {
-            name: String,
-            error: String,
-        }
         let status = resp.status();
-        match resp.json::<Body>().await {
+        match resp.json::<ErrorBody>().await {
             Ok(b) if !b.units.is_empty() => {
                 let lines: Vec<String> = b.units.iter().map(|u| format!("  {}: {}", u.name, u.error)).collect();
                 let what = b.error.message.split(':').next().unwrap_or("refused").to_string();
@@ -417,7 +277,7 @@ impl Client {
             return Ok(all);
         }
         for chunk in names.chunks(BATCH) {
-            let f: Found = self.batch("units:batchGet", &serde_json::json!({ "names": chunk })).await?;
+            let f: Found = self.batch("units:batchGet", &Names { names: chunk.to_vec() }).await?;
             all.units.extend(f.units);
             all.states.extend(f.states);
             all.missing.extend(f.missing);
@@ -428,14 +288,9 @@ impl Client {
     /// Creates new units (refused if one exists with other contents); returns the etcd
     /// revision of the last write (0 if there was nothing to create).
     pub async fn create(&self, units: &[Unit]) -> Result<i64> {
-        #[derive(Deserialize)]
-        struct Created {
-            #[serde(default)]
-            revision: i64,
-        }
         let mut revision = 0;
         for chunk in units.chunks(BATCH) {
-            let c: Created = self.batch("units", &serde_json::json!({ "units": chunk })).await?;
+            let c: Created = self.batch("units", &fleet_api::CreateUnits { units: chunk.to_vec() }).await?;
             revision = revision.max(c.revision);
         }
         Ok(revision)
@@ -447,13 +302,17 @@ impl Client {
         if changes.is_empty() {
             return Ok(0);
         }
-        #[derive(Deserialize)]
-        struct Changed {
-            revision: i64,
-        }
         let mut revision = 0;
         for chunk in changes.chunks(BATCH) {
-            let c: Changed = self.batch("units:batchUpdate", &serde_json::json!({ "units": chunk })).await?;
+            let units = chunk
+                .iter()
+                .map(|u| UnitChange {
+                    name: u.name.clone(),
+                    desired_state: u.desired_state.clone(),
+                    options: u.options.clone(),
+                })
+                .collect();
+            let c: Changed = self.batch("units:batchUpdate", &UnitChanges { units }).await?;
             revision = revision.max(c.revision);
         }
         Ok(revision)
@@ -464,14 +323,9 @@ impl Client {
         if names.is_empty() {
             return Ok((Vec::new(), 0));
         }
-        #[derive(Deserialize)]
-        struct Destroyed {
-            destroyed: Vec<String>,
-            revision: i64,
-        }
         let (mut gone, mut revision) = (Vec::new(), 0);
         for chunk in names.chunks(BATCH) {
-            let d: Destroyed = self.batch("units:batchDelete", &serde_json::json!({ "names": chunk })).await?;
+            let d: Destroyed = self.batch("units:batchDelete", &Names { names: chunk.to_vec() }).await?;
             gone.extend(d.destroyed);
             revision = revision.max(d.revision);
         }
@@ -484,7 +338,7 @@ impl Client {
     pub async fn wait(
         &self,
         names: &[String],
-        until: &str,
+        until: Until,
         revision: i64,
         deadline: Option<std::time::Instant>,
         mut seen: impl FnMut(&WaitEvent) -> std::ops::ControlFlow<()>,
@@ -512,14 +366,12 @@ impl Client {
     async fn wait_once(
         &self,
         names: &[String],
-        until: &str,
+        until: Until,
         revision: i64,
         window: Duration,
         seen: &mut impl FnMut(&WaitEvent) -> std::ops::ControlFlow<()>,
     ) -> Result<std::collections::HashSet<String>> {
-        let body = serde_json::json!({
-            "names": names, "until": until, "revision": revision, "timeoutMs": window.as_millis() as u64,
-        });
+        let body = WaitRequest { names: names.to_vec(), until, revision, timeout_ms: Some(window.as_millis() as u64) };
         // The answer takes up to the window; the usual request timeout bounds the rest, and the
         // server's heartbeats show it is alive meanwhile.
         let req = self.http.post(self.url("units:wait")).json(&body).timeout(window + self.timeout);

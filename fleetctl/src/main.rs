@@ -243,8 +243,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     let ctl = Ctl { api, json: cli.format == Format::Json };
     match cli.command {
         Command::Submit { replace, units } => ctl.submit(&units, replace, None).await,
-        Command::Load { block, replace, units } => ctl.submit(&units, replace, Some(("loaded", block))).await,
-        Command::Start { block, replace, units } => ctl.submit(&units, replace, Some(("launched", block))).await,
+        Command::Load { block, replace, units } => {
+            ctl.submit(&units, replace, Some((fleet_model::DesiredState::Loaded, block))).await
+        }
+        Command::Start { block, replace, units } => {
+            ctl.submit(&units, replace, Some((fleet_model::DesiredState::Launched, block))).await
+        }
         Command::Stop { block, units } => ctl.stop(&units, &block).await,
         Command::Unload { block, units } => ctl.unload(&units, &block).await,
         Command::Destroy { block, units } => ctl.destroy(&units, &block).await,
@@ -322,7 +326,7 @@ impl Ctl {
                 return Ok(ExitCode::from(1));
             }
             if !u.machine_id.is_empty() && u.machine_id != from && u.current_state == u.desired_state {
-                let running = u.desired_state != "launched"
+                let running = u.desired() != Some(fleet_model::DesiredState::Launched)
                     || self
                         .api
                         .states(Some(&name))
@@ -356,7 +360,7 @@ impl Ctl {
                 eprintln!("Unit {name} does not exist.");
                 return Ok(ExitCode::from(1));
             };
-            let loaded = u.is_global() || u.current_state != "inactive";
+            let loaded = u.is_global() || u.current() != Some(fleet_model::DesiredState::Inactive);
             let statuses = if loaded { self.api.unit_status(&name).await.ok() } else { None };
             if self.json {
                 json.push(serde_json::json!({
@@ -406,7 +410,7 @@ impl Ctl {
             eprintln!("Unable to retrieve journal of global unit {name}: name a machine with --machine.");
             return Ok(ExitCode::from(1));
         }
-        if !u.is_global() && u.current_state == "inactive" {
+        if !u.is_global() && u.current() == Some(fleet_model::DesiredState::Inactive) {
             eprintln!("Unit {name} does not appear to be running.");
             return Ok(ExitCode::from(1));
         }

@@ -2,9 +2,10 @@
 //! wait. Each makes a constant number of requests however many units it names (one lookup, one
 //! write of each kind, one streaming wait per 30 s), and prints the original fleetctl's lines.
 
-use crate::client::{Unit, UnitState, WaitEvent};
+use crate::client::{Unit, UnitState, Until, WaitEvent};
 use crate::{deadline, read_unit_file, unit_name_of, Block, Ctl, Progress};
 use anyhow::{bail, Context, Result};
+use fleet_model::DesiredState;
 use fleet_model::{UnitFile, UnitName};
 use std::collections::{HashMap, HashSet};
 use std::ops::ControlFlow;
@@ -60,7 +61,12 @@ impl Ctl {
 
     /// Finds or creates each unit (from the cluster, a local file, or a template), then sets the
     /// desired state if one is given, and waits for it unless told not to.
-    pub async fn submit(&self, args: &[String], replace: bool, target: Option<(&str, Block)>) -> Result<ExitCode> {
+    pub async fn submit(
+        &self,
+        args: &[String],
+        replace: bool,
+        target: Option<(DesiredState, Block)>,
+    ) -> Result<ExitCode> {
         if args.is_empty() {
             println!("No units given");
             return Ok(ExitCode::SUCCESS);
@@ -88,7 +94,7 @@ impl Ctl {
                 Plan::Create(options) => create.push(Unit {
                     name: name.clone(),
                     options,
-                    desired_state: state.unwrap_or("inactive").to_string(),
+                    desired_state: state.unwrap_or(DesiredState::Inactive).to_string(),
                     ..Default::default()
                 }),
                 Plan::Replace(options) => changes.push(Unit { name: name.clone(), options, ..Default::default() }),
@@ -103,7 +109,7 @@ impl Ctl {
             self.api.update(&changes).await.context("Error creating units")?;
             return Ok(ExitCode::SUCCESS);
         };
-        let verb = if state == "launched" { "start" } else { "load" };
+        let verb = if state == DesiredState::Launched { "start" } else { "load" };
         // Looked up once per unit below: by name, not by scanning (10,000 units in one command).
         let created: HashMap<&str, &Unit> = create.iter().map(|u| (u.name.as_str(), u)).collect();
         let replaced: HashMap<String, usize> = changes.iter().enumerate().map(|(i, c)| (c.name.clone(), i)).collect();
@@ -113,8 +119,8 @@ impl Ctl {
         for (_, name) in &named {
             let global = match known.units.get(name) {
                 Some(unit) => {
-                    if state == "launched"
-                        && unit.desired_state == "launched"
+                    if state == DesiredState::Launched
+                        && unit.desired() == Some(DesiredState::Launched)
                         && !unit.is_global()
                         && known.failed(name)
                     {
@@ -123,7 +129,7 @@ impl Ctl {
                         again.push(name.clone());
                         continue;
                     }
-                    if unit.desired_state != state {
+                    if unit.desired() != Some(state) {
                         match replaced.get(name).and_then(|i| changes.get_mut(*i)) {
                             Some(c) => c.desired_state = state.to_string(),
                             None => changes.push(Unit {
@@ -165,12 +171,12 @@ impl Ctl {
         if block.no_block {
             return Ok(ExitCode::SUCCESS);
         }
-        self.wait_all(&waiting, state, state == "launched", &block, revision).await
+        self.wait_all(&waiting, state, state == DesiredState::Launched, &block, revision).await
     }
 
     /// What to do with one named unit, as the original fleetctl decided: a unit in the cluster
     /// is kept unless its local file differs and `--replace` allows replacing it in its state.
-    fn plan(&self, arg: &str, name: &str, replace: bool, target: Option<&str>, known: &Known) -> Result<Plan> {
+    fn plan(&self, arg: &str, name: &str, replace: bool, target: Option<DesiredState>, known: &Known) -> Result<Plan> {
         let local = Path::new(arg);
         if let Some(unit) = known.units.get(name) {
             if !local.is_file() {
@@ -191,8 +197,8 @@ impl Ctl {
                 return Ok(Plan::Keep);
             }
             let allowed = match target {
-                None => unit.desired_state == "inactive",
-                Some("loaded") => unit.desired_state != "launched",
+                None => unit.desired() == Some(DesiredState::Inactive),
+                Some(DesiredState::Loaded) => unit.desired() != Some(DesiredState::Launched),
                 _ => true,
             };
             if !allowed {
@@ -227,12 +233,17 @@ impl Ctl {
     pub async fn wait_all(
         &self,
         names: &[String],
-        state: &str,
+        state: DesiredState,
         active: bool,
         block: &Block,
         revision: i64,
     ) -> Result<ExitCode> {
-        let until = if active { "active" } else { state };
+        let until = match state {
+            DesiredState::Launched if active => Until::Active,
+            DesiredState::Launched => Until::Launched,
+            DesiredState::Loaded => Until::Loaded,
+            DesiredState::Inactive => Until::Inactive,
+        };
         self.wait_until(names, until, state, block, revision).await
     }
 
@@ -240,8 +251,8 @@ impl Ctl {
     async fn wait_until(
         &self,
         names: &[String],
-        until: &str,
-        shown: &str,
+        until: Until,
+        shown: DesiredState,
         block: &Block,
         revision: i64,
     ) -> Result<ExitCode> {
@@ -304,18 +315,21 @@ impl Ctl {
             eprintln!("Units not found in registry");
             return Ok(ExitCode::SUCCESS);
         }
-        if let Some(u) = units.iter().find(|u| !u.is_global() && u.current_state == "inactive") {
+        if let Some(u) = units.iter().find(|u| !u.is_global() && u.current() == Some(DesiredState::Inactive)) {
             eprintln!("Unable to stop unit {} in state inactive", u.name);
             return Ok(ExitCode::from(1));
         }
         let globals: Vec<&Unit> = units.iter().filter(|u| u.is_global()).collect();
-        let waiting: Vec<String> =
-            units.iter().filter(|u| !u.is_global() && u.current_state != "loaded").map(|u| u.name.clone()).collect();
+        let waiting: Vec<String> = units
+            .iter()
+            .filter(|u| !u.is_global() && u.current() != Some(DesiredState::Loaded))
+            .map(|u| u.name.clone())
+            .collect();
         let changes: Vec<Unit> = globals
             .iter()
             .map(|u| u.name.clone())
             .chain(waiting.iter().cloned())
-            .map(|name| Unit { name, desired_state: "loaded".into(), ..Default::default() })
+            .map(|name| change(name, DesiredState::Loaded))
             .collect();
         let revision = self.api.update(&changes).await?;
         for u in &globals {
@@ -327,7 +341,7 @@ impl Ctl {
             }
         } else {
             // Until systemd says each has stopped, not only that its agent asked it to.
-            let code = self.wait_until(&waiting, "stopped", "loaded", block, revision).await?;
+            let code = self.wait_until(&waiting, Until::Stopped, DesiredState::Loaded, block, revision).await?;
             if code != ExitCode::SUCCESS {
                 eprintln!("Failed to stop units {waiting:?}");
                 return Ok(code);
@@ -346,14 +360,14 @@ impl Ctl {
         let globals: Vec<String> = units.iter().filter(|u| u.is_global()).map(|u| u.name.clone()).collect();
         let waiting: Vec<String> = units
             .iter()
-            .filter(|u| !u.is_global() && (u.current_state != "inactive" || u.desired_state != "inactive"))
+            .filter(|u| {
+                !u.is_global()
+                    && (u.current() != Some(DesiredState::Inactive) || u.desired() != Some(DesiredState::Inactive))
+            })
             .map(|u| u.name.clone())
             .collect();
-        let changes: Vec<Unit> = globals
-            .iter()
-            .chain(&waiting)
-            .map(|name| Unit { name: name.clone(), desired_state: "inactive".into(), ..Default::default() })
-            .collect();
+        let changes: Vec<Unit> =
+            globals.iter().chain(&waiting).map(|name| change(name.clone(), DesiredState::Inactive)).collect();
         let revision = self.api.update(&changes).await?;
         for n in &globals {
             println!("Triggered global unit {n} unload");
@@ -363,7 +377,7 @@ impl Ctl {
                 println!("Triggered unit {n} unload");
             }
         } else {
-            let code = self.wait_all(&waiting, "inactive", false, block, revision).await?;
+            let code = self.wait_all(&waiting, DesiredState::Inactive, false, block, revision).await?;
             if code != ExitCode::SUCCESS {
                 eprintln!("Failed to unload units {waiting:?}");
                 return Ok(code);
@@ -397,7 +411,7 @@ impl Ctl {
             return Ok(ExitCode::SUCCESS);
         }
         let pending =
-            self.api.wait(&in_order, "gone", revision, deadline(block), |_| ControlFlow::Continue(())).await?;
+            self.api.wait(&in_order, Until::Gone, revision, deadline(block), |_| ControlFlow::Continue(())).await?;
         if let Some(n) = pending.first() {
             bail!("timed out waiting for {n} to stop");
         }
@@ -416,31 +430,31 @@ impl Ctl {
                 globals.push(u.name.clone());
                 continue;
             }
-            match u.current_state.as_str() {
-                "inactive" => eprintln!("Unable to restart unit {} in state inactive", u.name),
-                "loaded" => start.push(u.name.clone()),
+            match u.current() {
+                Some(DesiredState::Inactive) => eprintln!("Unable to restart unit {} in state inactive", u.name),
+                Some(DesiredState::Loaded) => start.push(u.name.clone()),
                 _ => stop.push(u.name.clone()),
             }
         }
-        let to = |names: &[String], state: &str| -> Vec<Unit> {
-            names.iter().map(|n| Unit { name: n.clone(), desired_state: state.into(), ..Default::default() }).collect()
+        let to = |names: &[String], state: DesiredState| -> Vec<Unit> {
+            names.iter().map(|n| change(n.clone(), state)).collect()
         };
         let stopping: Vec<String> = globals.iter().chain(&stop).cloned().collect();
-        let revision = self.api.update(&to(&stopping, "loaded")).await?;
+        let revision = self.api.update(&to(&stopping, DesiredState::Loaded)).await?;
         let waited = Block { no_block: false, ..block.clone() };
-        let code = self.wait_until(&stop, "stopped", "loaded", &waited, revision).await?;
+        let code = self.wait_until(&stop, Until::Stopped, DesiredState::Loaded, &waited, revision).await?;
         if code != ExitCode::SUCCESS {
             return Ok(code);
         }
         // A global unit has no one machine to print: wait quietly until every machine stopped it.
         let pending =
-            self.api.wait(&globals, "stopped", revision, deadline(block), |_| ControlFlow::Continue(())).await?;
+            self.api.wait(&globals, Until::Stopped, revision, deadline(block), |_| ControlFlow::Continue(())).await?;
         if let Some(n) = pending.first() {
             bail!("timed out waiting for {n} to stop");
         }
         start.extend(stop);
         let starting: Vec<String> = globals.iter().chain(&start).cloned().collect();
-        let revision = self.api.update(&to(&starting, "launched")).await?;
+        let revision = self.api.update(&to(&starting, DesiredState::Launched)).await?;
         for n in &globals {
             println!("Triggered global unit {n} restart");
         }
@@ -450,15 +464,17 @@ impl Ctl {
             }
             return Ok(ExitCode::SUCCESS);
         }
-        self.wait_all(&start, "launched", true, block, revision).await
+        self.wait_all(&start, DesiredState::Launched, true, block, revision).await
     }
 
     /// `fleetctl wait --for STATE UNIT...`: blocks until every unit is there.
     pub async fn wait(&self, args: &[String], state: &str, block: &Block) -> Result<ExitCode> {
         let (target, active) = match state {
-            "active" => ("launched", true),
-            "launched" | "loaded" | "inactive" => (state, false),
-            other => bail!("--for {other:?}: expected active, launched, loaded or inactive"),
+            "active" => (DesiredState::Launched, true),
+            other => match other.parse::<DesiredState>() {
+                Ok(s) => (s, false),
+                Err(_) => bail!("--for {other:?}: expected active, launched, loaded or inactive"),
+            },
         };
         let names: Vec<String> = names_of(args)?.into_iter().map(|(_, n)| n).collect();
         let known = self.lookup(&names).await?;
@@ -468,4 +484,9 @@ impl Ctl {
         }
         self.wait_all(&names, target, active, &Block { no_block: false, ..block.clone() }, 0).await
     }
+}
+
+/// A change of one unit's desired state, for `units:batchUpdate`.
+fn change(name: String, state: DesiredState) -> Unit {
+    Unit { name, desired_state: state.to_string(), ..Default::default() }
 }

@@ -10,6 +10,7 @@ use sha1::{Digest, Sha1};
 pub const MAX_LINE: usize = 2048;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct UnitOption {
     pub section: String,
     pub name: String,
