@@ -253,11 +253,17 @@ async fn up(
     down()?;
     // A new lab starts from nothing: releases offered to an earlier lab's image machines, or
     // their disks, would have the new machines updating (or booting an old disk) at once.
+    // A machine still shutting down may write its journal meanwhile: try for a few seconds.
     for left in [lab::image::updates_dir(), lab::lab_dir().join("machines")] {
-        match std::fs::remove_dir_all(&left) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => bail!("cannot remove {} left by an earlier lab: {e}", left.display()),
+        let mut tries = 0;
+        loop {
+            match std::fs::remove_dir_all(&left) {
+                Ok(()) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                Err(e) if tries >= 25 => bail!("cannot remove {} left by an earlier lab: {e}", left.display()),
+                Err(_) => tries += 1,
+            }
+            std::thread::sleep(Duration::from_millis(200));
         }
     }
     std::fs::create_dir_all(lab::lab_dir())?;
