@@ -7,7 +7,7 @@
 //! Roles are ordered: `read` (lists, states, status, journals) < `operate` (start, stop, restart,
 //! move existing units) < `admin` (submit and destroy units, machine metadata, drain).
 
-use crate::api::ApiError;
+use crate::http::ApiError;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, Method, StatusCode};
 use axum::middleware::Next;
@@ -290,7 +290,7 @@ pub async fn authorize(State(auth): State<Arc<Auth>>, mut req: Request, next: Ne
     let caller = match auth.identify(&peer, authorization.as_deref()) {
         Ok(c) => c,
         Err(e) => {
-            crate::api::drain(req).await;
+            crate::http::drain(req).await;
             if !matches!(method, Method::GET | Method::HEAD) {
                 auth.audit(&serde_json::json!({
                     "time": now_rfc3339(), "who": null, "from": peer.to_string(), "method": method.as_str(),
@@ -307,7 +307,7 @@ pub async fn authorize(State(auth): State<Arc<Auth>>, mut req: Request, next: Ne
             next.run(req).await
         }
         Err(e) => {
-            crate::api::drain(req).await;
+            crate::http::drain(req).await;
             e.into_response()
         }
     };

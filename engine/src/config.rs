@@ -1,6 +1,7 @@
 //! The engine's configuration: a TOML file, overridden by flags and `FLEET_*` environment variables.
 
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -31,7 +32,7 @@ pub struct EngineConfig {
     /// Who may do what through the API, and the audit log.
     pub auth: crate::auth::AuthConfig,
     /// Reboot coordination (FleetLock) slots per group.
-    pub fleetlock: crate::fleetlock::FleetLockConfig,
+    pub fleetlock: FleetLockConfig,
     /// Take part in leader elections. `false` makes an API-only replica: it serves the API from
     /// its own view and never places units (more API capacity without more candidates).
     pub lead: bool,
@@ -115,6 +116,30 @@ impl EngineConfig {
             return Err(ConfigError::Invalid("token_limit must be at least 1".into()));
         }
         Ok(())
+    }
+}
+
+/// The `[fleetlock]` section of the engine's configuration.
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FleetLockConfig {
+    /// Slots of groups not listed in `groups`.
+    pub default_slots: u32,
+    /// Slots per group: how many machines of the group may reboot at once.
+    pub groups: BTreeMap<String, u32>,
+    /// Drain a machine when it takes a slot, and hold `pre-reboot` until its units are gone.
+    pub drain: bool,
+}
+
+impl Default for FleetLockConfig {
+    fn default() -> Self {
+        FleetLockConfig { default_slots: 1, groups: BTreeMap::new(), drain: true }
+    }
+}
+
+impl FleetLockConfig {
+    pub fn slots(&self, group: &str) -> u32 {
+        self.groups.get(group).copied().unwrap_or(self.default_slots)
     }
 }
 

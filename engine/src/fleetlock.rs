@@ -13,38 +13,14 @@
 
 use crate::api::{Api, ApiError};
 use crate::auth::{Caller, Role};
+pub use crate::config::FleetLockConfig;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 use std::time::Duration;
-
-/// The `[fleetlock]` section of the engine's configuration.
-#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct FleetLockConfig {
-    /// Slots of groups not listed in `groups`.
-    pub default_slots: u32,
-    /// Slots per group: how many machines of the group may reboot at once.
-    pub groups: BTreeMap<String, u32>,
-    /// Drain a machine when it takes a slot, and hold `pre-reboot` until its units are gone.
-    pub drain: bool,
-}
-
-impl Default for FleetLockConfig {
-    fn default() -> Self {
-        FleetLockConfig { default_slots: 1, groups: BTreeMap::new(), drain: true }
-    }
-}
-
-impl FleetLockConfig {
-    pub fn slots(&self, group: &str) -> u32 {
-        self.groups.get(group).copied().unwrap_or(self.default_slots)
-    }
-}
 
 #[derive(Debug, Deserialize)]
 struct Request {

@@ -12,10 +12,12 @@ pub mod cluster;
 pub mod config;
 pub mod fleetlock;
 pub mod fuzz_checks;
+pub mod http;
 pub mod leader;
 pub mod listen;
 pub mod openapi;
 pub mod pki;
+pub mod routes;
 pub mod scheduler;
 
 use anyhow::Context;
@@ -58,7 +60,7 @@ pub async fn run(mut config: watch::Receiver<EngineConfig>, mut shutdown: watch:
         requests: Default::default(),
     };
     let auth = Arc::new(auth::Auth::new(&cfg.auth)?);
-    let app = api::router(api.clone(), auth);
+    let app = routes::router(api.clone(), auth);
     let mut servers = Vec::new();
     for addr in &cfg.listen {
         if let Some(path) = listen::unix_path(addr) {

@@ -1,0 +1,488 @@
+//! `/units` and `/units/{name}`: list, read, create (one or many), replace, change desired state,
+//! destroy, and move requests. Every body is validated before anything is written.
+
+use super::*;
+
+pub(crate) async fn list_units(State(api): State<Api>, Query(q): Query<PageQuery>) -> Result<Response, ApiError> {
+    fresh(&api).await?;
+    let start = page_of(q.next_page_token.as_deref(), api.token_limit)?;
+    let (units, next) = api.cluster.read(|v| {
+        let from = v.units.range::<str, _>((after(&start), Bound::Unbounded)).map(|(_, u)| u);
+        let (page, next) = paginate(from, &start, api.token_limit, |u| u.name.to_string());
+        (page.into_iter().map(|u| api_unit(v, u)).collect::<Vec<wire::Unit>>(), next)
+    });
+    Ok(Json(wire::UnitPage { units, next_page_token: next }).into_response())
+}
+
+pub(crate) async fn get_unit(State(api): State<Api>, Path(name): Path<String>) -> Result<Response, ApiError> {
+    fresh(&api).await?;
+    let name = parse_name(&name)?;
+    if let Some(u) = api.cluster.read(|v| v.units.get(&name).map(|u| api_unit(v, u))) {
+        return Ok(Json(u).into_response());
+    }
+    // Not in this replica's view. Before saying 404, ask etcd itself: the view may lag a write
+    // just made through another path (its watch can sit on an etcd member that died).
+    let key = api.keys.unit(&name);
+    let resp = etcd("read unit", || {
+        let mut kv = api.client.kv_client();
+        let k = key.clone();
+        async move { kv.get(k, None).await }
+    })
+    .await?;
+    let Some(rec) = resp.kvs().first().and_then(|kv| decode::<UnitRecord>(kv.value()).ok()) else {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "unit does not exist"));
+    };
+    api.cluster.kick();
+    let body_key = api.keys.body(&rec.hash);
+    let body = etcd("read unit body", || {
+        let mut kv = api.client.kv_client();
+        let k = body_key.clone();
+        async move { kv.get(k, None).await }
+    })
+    .await?;
+    let options = body
+        .kvs()
+        .first()
+        .and_then(|kv| UnitFile::parse(&String::from_utf8_lossy(kv.value())).ok())
+        .map(|f| f.options)
+        .unwrap_or_default();
+    Ok(Json(wire::Unit {
+        name: rec.name.to_string(),
+        options,
+        desired_state: rec.desired_state.to_string(),
+        current_state: DesiredState::Inactive.to_string(),
+        ..Default::default()
+    })
+    .into_response())
+}
+
+/// A `PUT /units/{name}` request, checked without looking at the cluster.
+#[derive(Debug)]
+pub struct PutUnit {
+    pub name: UnitName,
+    pub desired: Option<DesiredState>,
+    /// The unit file, when the request carries one, and its rules.
+    pub file: Option<(UnitFile, Rules)>,
+}
+
+/// Decodes and validates a `PUT /units/{name}` body: everything that can be said about it
+/// without the cluster (the fuzz target `api_put_unit` drives this with arbitrary input).
+pub fn parse_put_unit(url_name: &str, body: &[u8]) -> Result<PutUnit, ApiError> {
+    let req: wire::Unit =
+        serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("unable to decode body: {e}")))?;
+    if !req.name.is_empty() && req.name != url_name {
+        return Err(ApiError::bad_request(format!(
+            "name in URL {url_name:?} differs from unit name in request body {:?}",
+            req.name
+        )));
+    }
+    check_put(url_name, &req.desired_state, req.options)
+}
+
+/// What a request to change one unit says, checked without looking at the cluster: its name, a
+/// desired state (empty: unchanged) and unit file options (empty: unchanged).
+pub(crate) fn check_put(name: &str, desired: &str, options: Vec<UnitOption>) -> Result<PutUnit, ApiError> {
+    let name = parse_name(name)?;
+    let desired = match desired {
+        "" => None,
+        s => Some(s.parse::<DesiredState>().map_err(|e| ApiError::bad_request(e.to_string()))?),
+    };
+    if name.is_template() && desired.is_some_and(|d| d != DesiredState::Inactive) {
+        return Err(ApiError::bad_request(format!("cannot activate template {:?}", name.as_str())));
+    }
+    let file = match options.is_empty() {
+        true => None,
+        false => {
+            let f = UnitFile::from_options(options);
+            validate_options(&f)?;
+            // What depends on the instance is checked when an instance is made.
+            let rules = match name.is_template() {
+                true => Rules::parse_template(&name, &f),
+                false => Rules::parse(&name, &f),
+            }
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+            Some((f, rules))
+        }
+    };
+    Ok(PutUnit { name, desired, file })
+}
+
+pub(crate) async fn put_unit(
+    State(api): State<Api>,
+    caller: Option<axum::Extension<Caller>>,
+    Path(url_name): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    check_json(&headers)?;
+    let PutUnit { name, desired, file } = parse_put_unit(&url_name, &body)?;
+    if let Some((_, rules)) = &file {
+        check_replace_cycles(&api, &name, rules)?;
+    }
+    fresh(&api).await?;
+    let key = api.keys.unit(&name);
+    // Optimistic concurrency: read, decide, write only if the unit did not change meanwhile.
+    for _ in 0..5 {
+        let resp = etcd("read unit", || {
+            let mut kv = api.client.kv_client();
+            let k = key.clone();
+            async move { kv.get(k, None).await }
+        })
+        .await?;
+        let existing = resp.kvs().first().map(|kv| (decode::<UnitRecord>(kv.value()), kv.mod_revision()));
+        let new_file = file.as_ref().map(|(f, _)| f.clone());
+        // New unit, or new contents: the body's desired state or `inactive`, guarded by what was read.
+        let fresh = |f: &UnitFile, guard: Compare| {
+            let rec = UnitRecord {
+                name: name.clone(),
+                hash: f.hash(),
+                desired_state: desired.unwrap_or(DesiredState::Inactive),
+            };
+            (StatusCode::CREATED, rec, Some(f.canonical()), guard)
+        };
+        let submits = match (&existing, &new_file) {
+            (None, _) => true,
+            (Some((Ok(old), _)), Some(f)) => f.hash() != old.hash,
+            _ => false,
+        };
+        if submits {
+            let caller = caller.as_ref().map(|c| c.0.clone()).unwrap_or(Caller {
+                who: "?".into(),
+                role: Role::Read,
+                machine: None,
+            });
+            caller.require(Role::Admin, &format!("submitting the unit file of {name}"))?;
+        }
+        let (status, record, body_text, guard) = match (existing, new_file) {
+            (None, None) => {
+                return Err(ApiError::new(StatusCode::CONFLICT, "unit does not exist and options field empty"))
+            }
+            (None, Some(f)) => fresh(&f, Compare::create_revision(key.clone(), CompareOp::Equal, 0)),
+            (Some((Err(e), _)), _) => return Err(ApiError::internal(format!("stored unit is unreadable: {e}"))),
+            (Some((Ok(old), rev)), Some(f)) if f.hash() != old.hash => {
+                fresh(&f, Compare::mod_revision(key.clone(), CompareOp::Equal, rev))
+            }
+            (Some((Ok(old), rev)), _) => {
+                let Some(d) = desired else {
+                    return Err(ApiError::new(
+                        StatusCode::CONFLICT,
+                        "must provide DesiredState to update existing unit",
+                    ));
+                };
+                if d == old.desired_state {
+                    return Ok(StatusCode::NO_CONTENT.into_response());
+                }
+                (
+                    StatusCode::NO_CONTENT,
+                    UnitRecord { desired_state: d, ..old },
+                    None,
+                    Compare::mod_revision(key.clone(), CompareOp::Equal, rev),
+                )
+            }
+        };
+        let mut ops = Vec::new();
+        if let Some(text) = &body_text {
+            ops.push(TxnOp::put(api.keys.body(&record.hash), text.clone(), None));
+        }
+        ops.push(TxnOp::put(key.clone(), encode(&record).map_err(|e| ApiError::internal(e.to_string()))?, None));
+        let txn = Txn::new().when([guard]).and_then(ops);
+        let resp = etcd_txn(&api, "write unit", &txn, false).await?;
+        if resp.succeeded() {
+            let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
+            api.wrote(rev);
+            let what = if body_text.is_some() { "unit file submitted, " } else { "" };
+            let detail = AuditDetail(format!("{what}desired state {}", record.desired_state));
+            return Ok((status, axum::Extension(detail)).into_response());
+        }
+    }
+    Err(ApiError::new(StatusCode::CONFLICT, format!("unit {name} changed concurrently; try again")))
+}
+
+/// Decodes and validates a `POST /units` body: every unit, before anything is written (the
+/// fuzz target `api_create_units` drives this with arbitrary input).
+pub fn parse_create_units(body: &[u8]) -> Result<Vec<(UnitRecord, UnitFile, Option<Rules>)>, ApiError> {
+    let req: wire::CreateUnits =
+        serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("unable to decode body: {e}")))?;
+    if req.units.is_empty() {
+        return Err(ApiError::bad_request("units is empty"));
+    }
+    if req.units.len() > MAX_UNITS_PER_REQUEST {
+        return Err(ApiError::bad_request(format!(
+            "{} units in one request; at most {MAX_UNITS_PER_REQUEST}",
+            req.units.len()
+        )));
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut records = Vec::with_capacity(req.units.len());
+    for (i, u) in req.units.iter().enumerate() {
+        let at = |e: String| ApiError::bad_request(format!("units[{i}] ({}): {e}", u.name));
+        let name = UnitName::parse(&u.name).map_err(|e| at(e.to_string()))?;
+        if !seen.insert(name.clone()) {
+            return Err(at("named twice in this request".into()));
+        }
+        if u.options.is_empty() {
+            return Err(at("options field empty".into()));
+        }
+        let desired = match u.desired_state.as_str() {
+            "" => DesiredState::Inactive,
+            s => s.parse::<DesiredState>().map_err(|e| at(e.to_string()))?,
+        };
+        if name.is_template() && desired != DesiredState::Inactive {
+            return Err(at("cannot activate a template".into()));
+        }
+        let f = UnitFile::from_options(u.options.clone());
+        validate_options(&f).map_err(|e| at(e.message().to_string()))?;
+        let rules = match name.is_template() {
+            true => {
+                Rules::parse_template(&name, &f).map_err(|e| at(e.to_string()))?;
+                None
+            }
+            false => Some(Rules::parse(&name, &f).map_err(|e| at(e.to_string()))?),
+        };
+        records.push((UnitRecord { name, hash: f.hash(), desired_state: desired }, f, rules));
+    }
+    Ok(records)
+}
+
+/// Not in the original API: creates many new units in one request, as many small transactions
+/// (each unit with its body, guarded so an existing unit is never overwritten). Everything is
+/// validated before anything is written; a unit that already exists is refused with 409 and the
+/// units of that transaction are not written (those of earlier transactions are).
+pub(crate) async fn create_units(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    check_json(&headers)?;
+    let units = parse_create_units(&body)?;
+    let mut records = Vec::with_capacity(units.len());
+    for (i, (record, f, rules)) in units.into_iter().enumerate() {
+        if let Some(rules) = &rules {
+            check_replace_cycles(&api, &record.name, rules)
+                .map_err(|e| ApiError::bad_request(format!("units[{i}] ({}): {}", record.name, e.message())))?;
+        }
+        records.push((record, f.canonical()));
+    }
+    fresh(&api).await?;
+    tracing::debug!(units = records.len(), "creating units");
+    let mut last_rev = 0;
+    for chunk in records.chunks(UNITS_PER_TXN) {
+        let mut chunk: Vec<&(UnitRecord, String)> = chunk.iter().collect();
+        // A unit that exists with the same contents and desired state counts as created, so a
+        // client may retry a request whose answer it did not get.
+        for _ in 0..3 {
+            match write_new_units(&api, &chunk).await? {
+                Ok(rev) => {
+                    last_rev = rev;
+                    chunk.clear();
+                    break;
+                }
+                Err(existing) => {
+                    let differing: Vec<String> = existing
+                        .iter()
+                        .filter(|(name, stored)| {
+                            chunk.iter().any(|(r, _)| r.name.as_str() == name.as_str() && Some(r) != stored.as_ref())
+                        })
+                        .map(|(n, _)| n.clone())
+                        .collect();
+                    if !differing.is_empty() {
+                        return Err(ApiError::new(
+                            StatusCode::CONFLICT,
+                            format!(
+                                "units already exist with other contents or state: {}; units before them in the request were created",
+                                differing.join(" ")
+                            ),
+                        ));
+                    }
+                    chunk.retain(|(r, _)| !existing.iter().any(|(n, _)| n.as_str() == r.name.as_str()));
+                    if chunk.is_empty() {
+                        break;
+                    }
+                }
+            }
+        }
+        if !chunk.is_empty() {
+            return Err(ApiError::new(StatusCode::CONFLICT, "units changed concurrently; try again"));
+        }
+    }
+    tracing::debug!(units = records.len(), revision = last_rev, "units created; settling");
+    api.wrote(last_rev);
+    Ok((StatusCode::CREATED, Json(wire::Created { created: records.len(), revision: last_rev })).into_response())
+}
+
+/// Writes units that must not exist yet, in one transaction. `Ok(revision)`, or the units of
+/// `chunk` that exist already with what is stored for them.
+pub(crate) async fn write_new_units(
+    api: &Api,
+    chunk: &[&(UnitRecord, String)],
+) -> Result<Result<i64, Vec<(String, Option<UnitRecord>)>>, ApiError> {
+    {
+        let mut guards = Vec::new();
+        let mut ops = Vec::new();
+        let mut bodies = std::collections::HashSet::new();
+        for (rec, text) in chunk {
+            let key = api.keys.unit(&rec.name);
+            guards.push(Compare::create_revision(key.clone(), CompareOp::Equal, 0));
+            if bodies.insert(rec.hash.clone()) {
+                ops.push(TxnOp::put(api.keys.body(&rec.hash), text.as_str(), None));
+            }
+            ops.push(TxnOp::put(key, encode(rec).map_err(|e| ApiError::internal(e.to_string()))?, None));
+        }
+        let txn = Txn::new().when(guards).and_then(ops);
+        let resp = etcd_txn(api, "write units", &txn, true).await?;
+        if resp.succeeded() {
+            return Ok(Ok(resp.header().map(|h| h.revision()).unwrap_or(0)));
+        }
+        let mut existing = Vec::new();
+        for (rec, _) in chunk {
+            let key = api.keys.unit(&rec.name);
+            let got = etcd_patient("read unit", || {
+                let mut kv = api.client.kv_client();
+                let k = key.clone();
+                async move { kv.get(k, None).await }
+            })
+            .await?;
+            if let Some(kv) = got.kvs().first() {
+                existing.push((rec.name.to_string(), decode::<UnitRecord>(kv.value()).ok()));
+            }
+        }
+        Ok(Err(existing))
+    }
+}
+
+/// Refuses a unit that would replace a unit which replaces it: neither could ever settle.
+pub(crate) fn check_replace_cycles(api: &Api, name: &UnitName, rules: &Rules) -> Result<(), ApiError> {
+    if rules.replaces.is_empty() {
+        return Ok(());
+    }
+    api.cluster.read(|v| {
+        for (other, r) in v.rules.iter().filter(|(o, _)| *o != name) {
+            if let Ok(r) = r {
+                if rules.replaces_unit(name.as_str(), other.as_str()) && r.replaces_unit(other.as_str(), name.as_str())
+                {
+                    return Err(ApiError::bad_request(format!(
+                        "circular Replaces: {name} and {other} replace each other"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+pub(crate) fn validate_options(f: &UnitFile) -> Result<(), ApiError> {
+    if f.options.len() > MAX_UNIT_OPTIONS {
+        return Err(ApiError::bad_request(format!(
+            "unit file has {} options; at most {MAX_UNIT_OPTIONS}",
+            f.options.len()
+        )));
+    }
+    let size: usize = f.options.iter().map(|o| o.section.len() + o.name.len() + o.value.len() + 4).sum();
+    if size > MAX_UNIT_FILE_BYTES {
+        return Err(ApiError::bad_request(format!("unit file is {size} bytes; at most {MAX_UNIT_FILE_BYTES}")));
+    }
+    for o in &f.options {
+        if o.section.is_empty() || o.name.is_empty() {
+            return Err(ApiError::bad_request("unit option with empty section or name"));
+        }
+        if o.section.contains(['[', ']', '\n']) || o.name.contains(['=', '\n']) {
+            return Err(ApiError::bad_request(format!("invalid unit option [{}] {}", o.section, o.name)));
+        }
+        if o.value.len() >= fleet_model::unit_file::MAX_LINE {
+            return Err(ApiError::bad_request(format!(
+                "option [{}] {}: line too long (max {} bytes)",
+                o.section,
+                o.name,
+                fleet_model::unit_file::MAX_LINE
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Not in the original API: asks the leader to move a placed unit to `machineID` (full id or
+/// unique prefix), or to the best other machine when none is given. 202: the request is stored;
+/// the unit's `machineID` changes when it is done, or `moveRefused` says why it was not.
+pub(crate) async fn move_unit(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let name = parse_name(&name)?;
+    fresh(&api).await?;
+    let req: wire::MoveRequest = if body.is_empty() {
+        wire::MoveRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("unable to decode body: {e}")))?
+    };
+    let request = api.cluster.read(|v| {
+        if !v.units.contains_key(&name) {
+            return Err(ApiError::new(StatusCode::NOT_FOUND, "unit does not exist"));
+        }
+        if matches!(v.rules.get(&name), Some(Ok(r)) if r.global) {
+            return Err(ApiError::bad_request(format!("{name} is global: it runs on every eligible machine")));
+        }
+        let Some(from) = v.schedule.get(&name).and_then(|e| e.keys().next()).cloned() else {
+            return Err(ApiError::new(StatusCode::CONFLICT, format!("{name} is not scheduled to any machine")));
+        };
+        let to = if req.machine_id.is_empty() {
+            String::new()
+        } else {
+            let matches: Vec<&String> = v.machines.keys().filter(|m| m.starts_with(&req.machine_id)).collect();
+            match matches.as_slice() {
+                [one] => (*one).clone(),
+                [] => return Err(ApiError::bad_request(format!("no machine matches {:?}", req.machine_id))),
+                _ => return Err(ApiError::bad_request(format!("machine id {:?} is ambiguous", req.machine_id))),
+            }
+        };
+        if to == from {
+            return Err(ApiError::bad_request(format!("{name} already runs on {to}")));
+        }
+        Ok(fleet_model::schema::MoveRequest { from, to, refused: String::new() })
+    })?;
+    let value = encode(&request).map_err(|e| ApiError::internal(e.to_string()))?;
+    let key = api.keys.moves(&name);
+    let resp = etcd("write move request", || {
+        let mut kv = api.client.kv_client();
+        let (k, v) = (key.clone(), value.clone());
+        async move { kv.put(k, v, None).await }
+    })
+    .await?;
+    if let Some(h) = resp.header() {
+        api.wrote(h.revision());
+    }
+    Ok((StatusCode::ACCEPTED, Json(wire::MoveAccepted { from: request.from, machine_id: request.to })).into_response())
+}
+
+/// Forgets a (refused) move request.
+pub(crate) async fn forget_move(State(api): State<Api>, Path(name): Path<String>) -> Result<Response, ApiError> {
+    let name = parse_name(&name)?;
+    fresh(&api).await?;
+    let key = api.keys.moves(&name);
+    etcd("delete move request", || {
+        let mut kv = api.client.kv_client();
+        let k = key.clone();
+        async move { kv.delete(k, None).await }
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+pub(crate) async fn delete_unit(State(api): State<Api>, Path(name): Path<String>) -> Result<Response, ApiError> {
+    let name = parse_name(&name)?;
+    fresh(&api).await?;
+    let key = api.keys.unit(&name);
+    let resp = etcd("delete unit", || {
+        let mut kv = api.client.kv_client();
+        let k = key.clone();
+        async move { kv.delete(k, None).await }
+    })
+    .await?;
+    if resp.deleted() == 0 {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "unit does not exist"));
+    }
+    if let Some(h) = resp.header() {
+        api.wrote(h.revision());
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
+}

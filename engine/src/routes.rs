@@ -1,0 +1,109 @@
+//! The engine's HTTP routes: which handler answers what, behind which limits and middleware.
+//! Above the API's handlers, FleetLock and auth; nothing imports it but the daemon.
+
+use crate::api::*;
+use crate::auth::Auth;
+use crate::http::{
+    batch_limit, count_request, method_not_allowed, refuse, refuse_oversized, server_header, ApiError, MAX_BODY_BYTES,
+};
+use axum::extract::State;
+use axum::handler::Handler;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+
+/// The API behind its auth middleware: every request is identified and checked first.
+pub fn router(api: Api, auth: std::sync::Arc<Auth>) -> Router {
+    let v1 = Router::new()
+        .route(
+            "/units",
+            get(list_units)
+                .post(create_units.layer(batch_limit()))
+                .fallback(|req| refuse(req, method_not_allowed("only GET and POST supported against this resource"))),
+        )
+        .route(
+            "/units/{name}",
+            get(get_unit).put(put_unit).delete(delete_unit).fallback(|req| {
+                refuse(req, method_not_allowed("only GET, PUT and DELETE supported against this resource"))
+            }),
+        )
+        .route("/units:batchGet", axum::routing::post(crate::batch::batch_get.layer(batch_limit())))
+        .route("/units:batchUpdate", axum::routing::post(crate::batch::batch_update.layer(batch_limit())))
+        .route("/units:batchDelete", axum::routing::post(crate::batch::batch_delete.layer(batch_limit())))
+        .route("/units:wait", axum::routing::post(crate::batch::wait.layer(batch_limit())))
+        .route("/units/{name}/status", get(unit_status))
+        .route("/units/{name}/journal", get(unit_journal))
+        .route(
+            "/units/{name}/move",
+            axum::routing::post(move_unit).delete(forget_move).fallback(|req| {
+                refuse(req, method_not_allowed("only POST and DELETE supported against this resource"))
+            }),
+        )
+        .route(
+            "/state",
+            get(list_states)
+                .fallback(|req| refuse(req, method_not_allowed("only GET supported against this resource"))),
+        )
+        .route(
+            "/state/{name}",
+            get(get_state).fallback(|req| refuse(req, method_not_allowed("only GET supported against this resource"))),
+        )
+        .route(
+            "/machines",
+            get(list_machines)
+                .patch(patch_machines)
+                .fallback(|req| refuse(req, method_not_allowed("only GET and PATCH supported against this resource"))),
+        )
+        .route(
+            "/openapi.json",
+            get(|| async { ([(header::CONTENT_TYPE, "application/json")], crate::openapi::document()) }),
+        )
+        .route(
+            "/machines/{id}/drain",
+            axum::routing::post(drain_machine).delete(undrain_machine).fallback(|req| {
+                refuse(req, method_not_allowed("only POST and DELETE supported against this resource"))
+            }),
+        )
+        .route(
+            "/discovery",
+            get(discovery)
+                .fallback(|req| refuse(req, ApiError::bad_request("only HTTP GET supported against this resource"))),
+        );
+    let v1 = v1
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(refuse_oversized));
+    let not_allowed = |req| refuse(req, ApiError::new(StatusCode::METHOD_NOT_ALLOWED, ""));
+    Router::new()
+        .nest("/fleet/v1", v1.clone())
+        // The original's legacy prefix, with the same handlers.
+        .nest("/v1-alpha", v1)
+        .route("/", axum::routing::any(not_allowed))
+        .route("/fleet/v1", axum::routing::any(not_allowed))
+        .route("/engine/status", get(engine_status))
+        .route("/v1/pre-reboot", axum::routing::post(crate::fleetlock::pre_reboot))
+        .route("/v1/steady-state", axum::routing::post(crate::fleetlock::steady_state))
+        .fallback(|req| refuse(req, ApiError::new(StatusCode::NOT_FOUND, "")))
+        .layer(axum::middleware::from_fn_with_state(auth, crate::auth::authorize))
+        .layer(axum::middleware::from_fn_with_state(api.requests.clone(), count_request))
+        .layer(axum::middleware::map_response(server_header))
+        .with_state(api)
+}
+
+/// fleet's discovery document (Google discovery format); `$ENDPOINT` is left for clients to fill.
+pub const DISCOVERY: &str = include_str!("discovery.json");
+
+pub(crate) async fn discovery() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], DISCOVERY).into_response()
+}
+
+/// Not part of fleet's API: which engine leads, and why units could not be placed.
+pub(crate) async fn engine_status(State(api): State<Api>) -> Response {
+    let status = api.status.lock().map(|s| s.clone()).unwrap_or_default();
+    let mut v = serde_json::to_value(status).unwrap_or_default();
+    if let Some(o) = v.as_object_mut() {
+        o.insert("revision".into(), api.cluster.revision().into());
+        o.insert("requests".into(), api.requests.load(std::sync::atomic::Ordering::Relaxed).into());
+    }
+    Json(v).into_response()
+}
