@@ -2,7 +2,8 @@
 //!
 //! Boundaries: the agent reads only its own schedule prefix and the unit bodies it needs, writes
 //! only its machine record and its unit states (all on its one lease), and talks to nothing but
-//! etcd and the local systemd. It never decides placement.
+//! etcd and the local systemd. It never decides placement. It depends on the shared libraries
+//! only, never on the engine (what it answers the engine's relay with is a `fleet-api` type).
 //!
 //! Concerns, each a small piece: [`presence`] (lease and machine record), [`reconcile`] (the pure
 //! diff of schedule against disk), [`systemd`] (D-Bus), [`driver`] (the service manager as a

@@ -8,37 +8,55 @@ use fleet_model::machine::parse_machine_id;
 use fleet_model::{Keys, MachineRecord};
 use fleet_store::etcd::{connect, EtcdConfig};
 use fleet_store::retry::RetryPolicy;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 use tokio::sync::watch;
 
 /// Runs the units the fleet engine schedules to this machine under the local systemd.
-#[derive(Parser, Debug)]
+///
+/// Each flag (or its environment variable) overrides the configuration file's setting of the
+/// same name (serde's name here); see `fleet_config::layered`.
+#[derive(Parser, Debug, serde::Serialize)]
 #[command(name = "fleet-agent", version)]
 struct Args {
     /// TOML configuration file (see docs/configuration.md).
     #[arg(long, env = "FLEET_AGENT_CONFIG")]
+    #[serde(skip)]
     config: Option<PathBuf>,
     /// etcd endpoints, comma-separated; overrides the file.
     #[arg(long, env = "FLEET_ETCD_ENDPOINTS", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
     etcd_endpoints: Option<Vec<String>>,
     #[arg(long, env = "FLEET_ETCD_PREFIX")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     etcd_prefix: Option<String>,
     #[arg(long, env = "FLEET_PUBLIC_IP")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     public_ip: Option<String>,
     /// Machine metadata `k=v,k=v`; replaces the file's.
-    #[arg(long, env = "FLEET_METADATA")]
-    metadata: Option<String>,
+    #[arg(long, env = "FLEET_METADATA", value_parser = metadata_arg)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metadata: Option<BTreeMap<String, String>>,
     #[arg(long, env = "FLEET_LEASE_TTL_SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     lease_ttl_secs: Option<i64>,
     /// The cluster CA, for `https://` etcd endpoints.
     #[arg(long, env = "FLEET_ETCD_CA_FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     etcd_ca_file: Option<String>,
     /// This machine's certificate and key.
     #[arg(long, env = "FLEET_ETCD_CERT_FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     etcd_cert_file: Option<String>,
     #[arg(long, env = "FLEET_ETCD_KEY_FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     etcd_key_file: Option<String>,
+}
+
+/// `--metadata k=v,k=v`, checked as the flag is read.
+fn metadata_arg(text: &str) -> Result<BTreeMap<String, String>, String> {
+    parse_metadata(text).map_err(|e| e.to_string())
 }
 
 fn main() -> anyhow::Result<()> {
@@ -56,33 +74,11 @@ fn main() -> anyhow::Result<()> {
         .block_on(run(cfg, args))
 }
 
-/// The file, then flags and environment over it; read again on SIGHUP.
+/// The defaults, the file over them, then flags and environment over those; read again on
+/// SIGHUP.
 fn load_config(args: &Args) -> anyhow::Result<AgentConfig> {
-    let mut cfg = AgentConfig::load(args.config.as_deref())?;
-    if let Some(v) = &args.etcd_endpoints {
-        cfg.etcd_endpoints = v.clone();
-    }
-    if let Some(v) = &args.etcd_prefix {
-        cfg.etcd_prefix = v.clone();
-    }
-    if let Some(v) = &args.public_ip {
-        cfg.public_ip = v.clone();
-    }
-    if let Some(v) = &args.metadata {
-        cfg.metadata = parse_metadata(v)?;
-    }
-    for (flag, field) in [
-        (&args.etcd_ca_file, &mut cfg.etcd_ca_file),
-        (&args.etcd_cert_file, &mut cfg.etcd_cert_file),
-        (&args.etcd_key_file, &mut cfg.etcd_key_file),
-    ] {
-        if let Some(v) = flag {
-            *field = v.clone();
-        }
-    }
-    if let Some(v) = args.lease_ttl_secs {
-        cfg.lease_ttl_secs = v;
-    }
+    let file = AgentConfig::load(args.config.as_deref())?;
+    let cfg: AgentConfig = fleet_config::layered(&file, args)?;
     cfg.validate()?;
     Ok(cfg)
 }
@@ -265,4 +261,35 @@ async fn republish(
         tokio::time::timeout(Duration::from_secs(5), client.kv_client().txn(txn)).await.context("etcd timed out")??;
     anyhow::ensure!(resp.succeeded(), "the machine record is no longer held by this agent's lease");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every flag reaches the setting it is named after.
+    #[test]
+    fn every_flag_overrides_its_setting() {
+        let args = Args::try_parse_from([
+            "fleet-agent",
+            "--etcd-endpoints=https://e1:2379",
+            "--etcd-prefix=/p/",
+            "--public-ip=10.0.0.9",
+            "--metadata=region=east, disk=ssd",
+            "--lease-ttl-secs=6",
+            "--etcd-ca-file=ca.pem",
+            "--etcd-cert-file=m.pem",
+            "--etcd-key-file=m.key",
+        ])
+        .expect("flags parse");
+        let cfg: AgentConfig = fleet_config::layered(&AgentConfig::default(), &args).expect("layers");
+        assert_eq!(
+            (cfg.etcd_endpoints.as_slice(), cfg.etcd_prefix.as_str()),
+            (&["https://e1:2379".to_string()][..], "/p/")
+        );
+        assert_eq!((cfg.public_ip.as_str(), cfg.lease_ttl_secs), ("10.0.0.9", 6));
+        assert_eq!(cfg.metadata.get("disk").map(String::as_str), Some("ssd"));
+        assert_eq!([&cfg.etcd_ca_file, &cfg.etcd_cert_file, &cfg.etcd_key_file], ["ca.pem", "m.pem", "m.key"]);
+        assert!(Args::try_parse_from(["fleet-agent", "--metadata=novalue"]).is_err(), "bad metadata is refused");
+    }
 }

@@ -1,9 +1,14 @@
 //! fleet-engine: decides where units run and serves fleet's REST API.
 //!
-//! Boundaries: the engine never talks to systemd or to agents directly. It reads the cluster from
-//! etcd through one watch ([`cluster`]), places units with a pure function ([`scheduler`]), and, only
-//! while it leads ([`leader`]), writes schedule entries in fenced transactions. Every replica, leader
-//! or not, serves the API ([`api`]).
+//! Boundaries: the engine never talks to systemd, and to agents only to relay what only a machine
+//! knows (a unit's status and journal, [`api`]). It reads the cluster from etcd through one watch
+//! ([`cluster`]), places units with a pure function ([`scheduler`]), and, only while it leads
+//! ([`leader`]), writes schedule entries in fenced transactions. Every replica, leader or not,
+//! serves the API, layered bottom-up: [`http`] → [`auth`] → [`api`] → [`batch`], [`fleetlock`] →
+//! [`routes`] (no two modules import each other: `tests/module_layers.rs`).
+//!
+//! Depends on the shared libraries (`fleet-model`, `fleet-api`, `fleet-store`, `fleet-config`),
+//! never on the agent, fleetctl or the lab; its wire types are `fleet-api`'s, not its own.
 
 pub mod api;
 pub mod auth;

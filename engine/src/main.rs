@@ -5,49 +5,73 @@ use std::path::PathBuf;
 use tokio::sync::watch;
 
 /// Schedules fleet units and serves the fleet REST API.
-#[derive(Parser, Debug)]
+///
+/// Each flag (or its environment variable) overrides the configuration file's setting of the
+/// same name (serde's name here); see `fleet_config::layered`.
+#[derive(Parser, Debug, serde::Serialize)]
 #[command(name = "fleet-engine", version)]
 struct Args {
     /// TOML configuration file (see docs/configuration.md).
     #[arg(long, env = "FLEET_ENGINE_CONFIG")]
+    #[serde(skip)]
     config: Option<PathBuf>,
     #[arg(long, env = "FLEET_ETCD_ENDPOINTS", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
     etcd_endpoints: Option<Vec<String>>,
     #[arg(long, env = "FLEET_ETCD_PREFIX")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     etcd_prefix: Option<String>,
     /// API listen addresses (host:port), comma-separated.
     #[arg(long, env = "FLEET_LISTEN", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
     listen: Option<Vec<String>>,
     #[arg(long, env = "FLEET_ENGINE_ID")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     engine_id: Option<String>,
     #[arg(long, env = "FLEET_ELECTION_TTL_SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     election_ttl_secs: Option<i64>,
     /// API page size.
     #[arg(long, env = "FLEET_TOKEN_LIMIT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     token_limit: Option<u16>,
     /// TLS API listen addresses (host:port), comma-separated.
     #[arg(long, env = "FLEET_LISTEN_TLS", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
     listen_tls: Option<Vec<String>>,
     #[arg(long, env = "FLEET_TLS_CERT_FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     tls_cert_file: Option<String>,
     #[arg(long, env = "FLEET_TLS_KEY_FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     tls_key_file: Option<String>,
     #[arg(long, env = "FLEET_TLS_CLIENT_CA_FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     tls_client_ca_file: Option<String>,
     /// CA for `https://` etcd endpoints.
     #[arg(long, env = "FLEET_ETCD_CA_FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     etcd_ca_file: Option<String>,
     /// Client certificate presented to etcd (and to agents).
     #[arg(long, env = "FLEET_ETCD_CERT_FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     etcd_cert_file: Option<String>,
     #[arg(long, env = "FLEET_ETCD_KEY_FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     etcd_key_file: Option<String>,
     /// Audit log file (one JSON object per change).
     #[arg(long, env = "FLEET_AUDIT_LOG")]
+    #[serde(rename = "auth.audit_log", skip_serializing_if = "Option::is_none")]
     audit_log: Option<String>,
     /// Serve the API only; never campaign to lead.
     #[arg(long)]
+    #[serde(rename = "lead", skip_serializing_if = "std::ops::Not::not", serialize_with = "inverted")]
     no_lead: bool,
+}
+
+/// `--no-lead` sets `lead = false`.
+fn inverted<S: serde::Serializer>(v: &bool, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_bool(!*v)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -97,52 +121,11 @@ async fn reload_on_hangup(args: Args, config_tx: watch::Sender<EngineConfig>) {
     }
 }
 
-/// The file, then flags and environment over it; read again on SIGHUP.
+/// The defaults, the file over them, then flags and environment over those; read again on
+/// SIGHUP.
 fn load_config(args: &Args) -> anyhow::Result<EngineConfig> {
-    let mut cfg = EngineConfig::load(args.config.as_deref())?;
-    if let Some(v) = &args.etcd_endpoints {
-        cfg.etcd_endpoints = v.clone();
-    }
-    if let Some(v) = &args.etcd_prefix {
-        cfg.etcd_prefix = v.clone();
-    }
-    if let Some(v) = &args.listen {
-        cfg.listen = v.clone();
-    }
-    if let Some(v) = &args.engine_id {
-        cfg.engine_id = v.clone();
-    }
-    if let Some(v) = &args.listen_tls {
-        cfg.listen_tls = v.clone();
-    }
-    if let Some(v) = &args.tls_cert_file {
-        cfg.tls_cert_file = v.clone();
-    }
-    if let Some(v) = &args.tls_key_file {
-        cfg.tls_key_file = v.clone();
-    }
-    if let Some(v) = &args.tls_client_ca_file {
-        cfg.tls_client_ca_file = v.clone();
-    }
-    for (flag, field) in [
-        (&args.etcd_ca_file, &mut cfg.etcd_ca_file),
-        (&args.etcd_cert_file, &mut cfg.etcd_cert_file),
-        (&args.etcd_key_file, &mut cfg.etcd_key_file),
-        (&args.audit_log, &mut cfg.auth.audit_log),
-    ] {
-        if let Some(v) = flag {
-            *field = v.clone();
-        }
-    }
-    if let Some(v) = args.token_limit {
-        cfg.token_limit = v;
-    }
-    if let Some(v) = args.election_ttl_secs {
-        cfg.election_ttl_secs = v;
-    }
-    if args.no_lead {
-        cfg.lead = false;
-    }
+    let file = EngineConfig::load(args.config.as_deref())?;
+    let mut cfg: EngineConfig = fleet_config::layered(&file, args)?;
     if cfg.engine_id.is_empty() {
         cfg.engine_id = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_string())
@@ -150,4 +133,53 @@ fn load_config(args: &Args) -> anyhow::Result<EngineConfig> {
     }
     cfg.validate()?;
     Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every flag reaches the setting it is named after (a flag wired to a setting that does not
+    /// exist would be refused; one wired to the wrong setting would show here).
+    #[test]
+    fn every_flag_overrides_its_setting() {
+        let args = Args::try_parse_from([
+            "fleet-engine",
+            "--etcd-endpoints=https://e1:2379,https://e2:2379",
+            "--etcd-prefix=/p/",
+            "--listen=127.0.0.1:1",
+            "--engine-id=e9",
+            "--election-ttl-secs=7",
+            "--token-limit=42",
+            "--listen-tls=0.0.0.0:2",
+            "--tls-cert-file=c.pem",
+            "--tls-key-file=c.key",
+            "--tls-client-ca-file=ca.pem",
+            "--etcd-ca-file=eca.pem",
+            "--etcd-cert-file=e.pem",
+            "--etcd-key-file=e.key",
+            "--audit-log=/a.log",
+            "--no-lead",
+        ])
+        .expect("flags parse");
+        let cfg: EngineConfig = fleet_config::layered(&EngineConfig::default(), &args).expect("layers");
+        assert_eq!(cfg.etcd_endpoints, ["https://e1:2379", "https://e2:2379"]);
+        assert_eq!((cfg.etcd_prefix.as_str(), cfg.engine_id.as_str()), ("/p/", "e9"));
+        assert_eq!(
+            (cfg.listen.as_slice(), cfg.listen_tls.as_slice()),
+            (&["127.0.0.1:1".to_string()][..], &["0.0.0.0:2".to_string()][..])
+        );
+        assert_eq!((cfg.election_ttl_secs, cfg.token_limit), (7, 42));
+        assert_eq!([&cfg.tls_cert_file, &cfg.tls_key_file, &cfg.tls_client_ca_file], ["c.pem", "c.key", "ca.pem"]);
+        assert_eq!([&cfg.etcd_ca_file, &cfg.etcd_cert_file, &cfg.etcd_key_file], ["eca.pem", "e.pem", "e.key"]);
+        assert_eq!((cfg.auth.audit_log.as_str(), cfg.lead), ("/a.log", false));
+    }
+
+    #[test]
+    fn no_flag_leaves_the_file() {
+        let args = Args::try_parse_from(["fleet-engine"]).expect("flags parse");
+        let file = EngineConfig { token_limit: 9, lead: true, ..EngineConfig::default() };
+        let cfg: EngineConfig = fleet_config::layered(&file, &args).expect("layers");
+        assert_eq!((cfg.token_limit, cfg.lead), (9, true));
+    }
 }

@@ -12,7 +12,8 @@
 //!
 //! Besides the lab: [`faults`] (what `./lab kill|start|cut|heal` do), [`sim`] (`fleet-sim`:
 //! thousands of simulated machines running the real agent code in one process) and [`bench`]
-//! (`./lab bench`, which writes docs/performance.md).
+//! (`./lab bench`, which writes docs/performance.md). Nothing depends on this crate; it may
+//! depend on everything, and runs the daemons as the programs users run.
 
 pub mod bench;
 pub mod cgroup;

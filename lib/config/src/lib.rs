@@ -1,4 +1,10 @@
-//! How fleet's daemons treat their settings on a reload (SIGHUP, `systemctl reload`).
+//! How fleet's daemons put their settings together, and treat them on a reload (SIGHUP,
+//! `systemctl reload`).
+//!
+//! Layers, one way for every daemon ([`layered`]): the typed defaults, the configuration file
+//! over them, then flags and `FLEET_*` environment variables over those. The result is typed
+//! and checked by deserializing it once more, so a flag wired to a setting that does not exist is
+//! refused like a misspelt key in the file.
 //!
 //! Each daemon names the few settings it applies while running (its hot settings); every other
 //! setting that changed is reported as taking effect on restart. The restart-only list is not
@@ -6,7 +12,49 @@
 //! can never be silently ignored by a reload. Pure functions over `Serialize` types: this crate
 //! must not depend on a daemon, on I/O or on a runtime.
 
+use serde::de::DeserializeOwned;
 use serde::Serialize;
+
+/// Why the layers could not be put together.
+#[derive(Debug, thiserror::Error)]
+pub enum LayerError {
+    #[error("configuration is not a table of settings")]
+    NotATable,
+    #[error("override {0:?} names a setting inside {1:?}, which is not a table")]
+    NotNested(String, String),
+    #[error("settings after flags and environment: {0}")]
+    Invalid(#[from] serde_json::Error),
+}
+
+/// `base` (defaults with the file over them) with `overrides` laid over it: every field
+/// `overrides` serializes replaces the setting of that name, and a dotted name
+/// (`auth.audit_log`) reaches into a section. Fields an override leaves out (serialize `None`
+/// as absent: `skip_serializing_if = "Option::is_none"`) keep the base's value.
+pub fn layered<C, O>(base: &C, overrides: &O) -> Result<C, LayerError>
+where
+    C: Serialize + DeserializeOwned,
+    O: Serialize,
+{
+    let mut merged = serde_json::to_value(base)?;
+    let serde_json::Value::Object(over) = serde_json::to_value(overrides)? else {
+        return Err(LayerError::NotATable);
+    };
+    for (name, value) in over {
+        let mut at = &mut merged;
+        let mut parts = name.split('.').peekable();
+        while let Some(part) = parts.next() {
+            let serde_json::Value::Object(table) = at else {
+                return Err(LayerError::NotNested(name.clone(), part.to_string()));
+            };
+            if parts.peek().is_none() {
+                table.insert(part.to_string(), value);
+                break;
+            }
+            at = table.entry(part.to_string()).or_insert_with(|| serde_json::Value::Object(Default::default()));
+        }
+    }
+    Ok(serde_json::from_value(merged)?)
+}
 
 /// The top-level settings whose values differ between `running` and `new` (field names as in the
 /// configuration file). Two configurations that cannot be serialized compare as one change named
@@ -33,17 +81,56 @@ pub fn restart_only_changes<T: Serialize>(running: &T, new: &T, hot: &[&str]) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde::Deserialize;
 
-    #[derive(Serialize, Clone, Default)]
+    #[derive(Serialize, Deserialize, Clone, Default, Debug, PartialEq)]
+    #[serde(deny_unknown_fields)]
     struct Settings {
         address: String,
         labels: Vec<String>,
         nested: Nested,
     }
 
-    #[derive(Serialize, Clone, Default)]
+    #[derive(Serialize, Deserialize, Clone, Default, Debug, PartialEq)]
+    #[serde(deny_unknown_fields)]
     struct Nested {
         slots: u32,
+    }
+
+    #[derive(Serialize, Default)]
+    struct Flags {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        address: Option<String>,
+        #[serde(rename = "nested.slots", skip_serializing_if = "Option::is_none")]
+        slots: Option<u32>,
+    }
+
+    #[test]
+    fn flags_given_replace_settings_and_flags_not_given_leave_them() {
+        let file = Settings { address: "file".into(), labels: vec!["a".into()], nested: Nested { slots: 1 } };
+        assert_eq!(layered(&file, &Flags::default()).ok(), Some(file.clone()));
+        let flags = Flags { address: Some("flag".into()), slots: Some(3) };
+        let got = layered(&file, &flags).ok();
+        assert_eq!(
+            got,
+            Some(Settings { address: "flag".into(), labels: vec!["a".into()], nested: Nested { slots: 3 } })
+        );
+    }
+
+    #[test]
+    fn an_override_naming_no_setting_is_refused() {
+        #[derive(Serialize)]
+        struct Misspelt {
+            adress: &'static str,
+        }
+        let err = layered(&Settings::default(), &Misspelt { adress: "x" }).err().map(|e| e.to_string());
+        assert!(err.as_deref().is_some_and(|e| e.contains("adress")), "{err:?}");
+        #[derive(Serialize)]
+        struct IntoAValue {
+            #[serde(rename = "address.port")]
+            port: u16,
+        }
+        assert!(matches!(layered(&Settings::default(), &IntoAValue { port: 1 }), Err(LayerError::NotNested(..))));
     }
 
     #[test]

@@ -1,0 +1,179 @@
+//! The command line as clap reads it: commands, flags and their defaults, as the original
+//! fleetctl spelled them (also the source of the man page and the shell completions).
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "fleetctl",
+    version,
+    about = "fleetctl: run systemd units across a fleet cluster",
+    before_help = concat!("fleetctl version ", env!("CARGO_PKG_VERSION")),
+    infer_subcommands = true
+)]
+pub(crate) struct Cli {
+    /// Output format of list and status commands.
+    #[arg(short = 'o', long = "format", global = true, value_enum, default_value = "table")]
+    pub(crate) format: Format,
+    /// fleet API endpoint.
+    #[arg(long, global = true, env = "FLEETCTL_ENDPOINT", default_value = "unix:///var/run/fleet.sock")]
+    pub(crate) endpoint: String,
+    /// Seconds to wait for each API request.
+    #[arg(long, global = true, env = "FLEETCTL_REQUEST_TIMEOUT", default_value_t = 10.0)]
+    pub(crate) request_timeout: f64,
+    /// CA certificate (PEM) to verify an https:// endpoint with.
+    #[arg(long, global = true, env = "FLEETCTL_CA_FILE")]
+    pub(crate) ca_file: Option<String>,
+    /// Client certificate (PEM) for endpoints that require one.
+    #[arg(long, global = true, env = "FLEETCTL_CERT_FILE")]
+    pub(crate) cert_file: Option<String>,
+    /// Private key (PEM) of --cert-file.
+    #[arg(long, global = true, env = "FLEETCTL_KEY_FILE")]
+    pub(crate) key_file: Option<String>,
+    /// API token (see docs/security.md); sent as a bearer token.
+    #[arg(long, global = true, env = "FLEETCTL_TOKEN", hide_env_values = true)]
+    pub(crate) token: Option<String>,
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Format {
+    Table,
+    Json,
+}
+
+#[derive(Args, Debug, Clone)]
+pub(crate) struct Block {
+    /// Do not wait for units to reach the requested state.
+    #[arg(long)]
+    pub(crate) no_block: bool,
+    /// Wait this many ~2 s attempts for the state (0 = wait forever).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) block_attempts: u32,
+}
+
+#[derive(Args, Debug, Clone)]
+pub(crate) struct ListFlags {
+    /// Columns to show, comma-separated.
+    #[arg(long)]
+    pub(crate) fields: Option<String>,
+    /// Show full machine ids and hashes.
+    #[arg(long, short = 'l', visible_alias = "l")]
+    pub(crate) full: bool,
+    /// Omit the header line.
+    #[arg(long)]
+    pub(crate) no_legend: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum Command {
+    /// Upload unit files without scheduling them.
+    Submit {
+        #[arg(long)]
+        replace: bool,
+        units: Vec<String>,
+    },
+    /// Schedule units to machines without starting them.
+    Load {
+        #[command(flatten)]
+        block: Block,
+        #[arg(long)]
+        replace: bool,
+        units: Vec<String>,
+    },
+    /// Schedule and start units.
+    Start {
+        #[command(flatten)]
+        block: Block,
+        #[arg(long)]
+        replace: bool,
+        units: Vec<String>,
+    },
+    /// Stop units, leaving them loaded.
+    Stop {
+        #[command(flatten)]
+        block: Block,
+        units: Vec<String>,
+    },
+    /// Unschedule units, leaving them submitted.
+    Unload {
+        #[command(flatten)]
+        block: Block,
+        units: Vec<String>,
+    },
+    /// Remove units from the cluster.
+    Destroy {
+        #[command(flatten)]
+        block: Block,
+        units: Vec<String>,
+    },
+    /// Print a unit's file.
+    Cat { units: Vec<String> },
+    /// Move a unit to another machine (MACHINE: full id or unique prefix), or to the best other one.
+    Move {
+        #[command(flatten)]
+        block: Block,
+        unit: String,
+        machine: Option<String>,
+    },
+    /// Move every unit off a machine (full id or unique prefix) and keep new ones away.
+    Drain {
+        #[command(flatten)]
+        block: Block,
+        machine: String,
+    },
+    /// Let a drained machine take units again.
+    Undrain { machine: String },
+    /// `systemctl status` of units on their machines (through the agents; no SSH), and why a unit
+    /// is not placed.
+    Status { units: Vec<String> },
+    /// Journal lines of a unit on its machine (through its agent; no SSH).
+    Journal {
+        /// Number of recent lines to show.
+        #[arg(long, short = 'n', default_value_t = 10)]
+        lines: u32,
+        /// Keep printing new lines.
+        #[arg(long, short = 'f', visible_alias = "f")]
+        follow: bool,
+        /// journalctl output mode (short, short-iso, json, cat, ...).
+        #[arg(long, default_value = "short")]
+        output: String,
+        /// Accepted for compatibility; the agent reads the journal itself.
+        #[arg(long, hide = true)]
+        sudo: bool,
+        /// For a global unit: the machine to read (full id or unique prefix).
+        #[arg(long)]
+        machine: Option<String>,
+        unit: String,
+    },
+    /// Restart units: stop (waiting until stopped), then start (waiting until active).
+    Restart {
+        #[command(flatten)]
+        block: Block,
+        units: Vec<String>,
+    },
+    /// Wait until units reach a state: active (launched and running), launched, loaded or inactive.
+    Wait {
+        #[arg(long = "for", default_value = "active")]
+        state: String,
+        #[command(flatten)]
+        block: Block,
+        units: Vec<String>,
+    },
+    /// Deprecated (signed units were removed from fleet); exits 2.
+    #[command(hide = true)]
+    Verify { units: Vec<String> },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completion { shell: clap_complete::Shell },
+    /// Print fleetctl's man page (roff).
+    Man,
+    /// One row per unit per machine that reports it.
+    ListUnits(ListFlags),
+    /// One row per unit in the cluster.
+    ListUnitFiles(ListFlags),
+    /// One row per live machine.
+    ListMachines(ListFlags),
+    /// Print the version.
+    Version,
+}

@@ -1,0 +1,179 @@
+//! The listings (`list-units`, `list-unit-files`, `list-machines`) and their columns.
+
+use crate::*;
+
+impl Ctl {
+    pub(crate) async fn list_units(&self, f: &ListFlags) -> Result<ExitCode> {
+        let fields = fields(f, "unit,machine,active,sub", &["active", "hash", "load", "machine", "sub", "unit"])?;
+        let (mut states, machines) = tokio::try_join!(self.api.states(None), self.machines())
+            .context("Error retrieving list of units from repository")?;
+        states.sort_by(|a, b| (&a.name, &a.machine_id).cmp(&(&b.name, &b.machine_id)));
+        let rows: Vec<Vec<String>> = states
+            .iter()
+            .map(|s| {
+                fields
+                    .iter()
+                    .map(|c| match c.as_str() {
+                        "unit" => s.name.clone(),
+                        "machine" => machine_legend(&machines, &s.machine_id, f.full),
+                        "active" => s.systemd_active_state.clone(),
+                        "sub" => s.systemd_sub_state.clone(),
+                        "load" => s.systemd_load_state.clone(),
+                        _ => short_hash(&s.hash, f.full),
+                    })
+                    .collect()
+            })
+            .collect();
+        self.emit(&fields, &rows, f.no_legend)?;
+        Ok(ExitCode::SUCCESS)
+    }
+
+    pub(crate) async fn list_unit_files(&self, f: &ListFlags) -> Result<ExitCode> {
+        let fields = fields(
+            f,
+            "unit,hash,dstate,state,target",
+            &["desc", "dstate", "global", "hash", "reason", "state", "target", "tmachine"],
+        )?;
+        let (mut units, machines) = tokio::try_join!(self.api.units(), self.machines())
+            .context("Error retrieving list of units from repository")?;
+        units.sort_by(|a, b| a.name.cmp(&b.name));
+        let rows: Vec<Vec<String>> = units
+            .iter()
+            .map(|u| {
+                let file = UnitFile::from_options(u.options.clone());
+                let global = u.is_global();
+                fields
+                    .iter()
+                    .map(|c| match c.as_str() {
+                        "unit" => u.name.clone(),
+                        "hash" => short_hash(&file.hash(), f.full),
+                        "dstate" => u.desired_state.clone(),
+                        "state" if global => "-".into(),
+                        "state" => dash(&u.current_state),
+                        "target" | "tmachine" if global => "global".into(),
+                        "target" | "tmachine" => machine_legend(&machines, &u.machine_id, f.full),
+                        "global" => global.to_string(),
+                        "reason" => dash(&u.reason),
+                        _ => file.description().map(str::to_string).unwrap_or_else(|| "-".into()),
+                    })
+                    .collect()
+            })
+            .collect();
+        self.emit(&fields, &rows, f.no_legend)?;
+        Ok(ExitCode::SUCCESS)
+    }
+
+    pub(crate) async fn list_machines(&self, f: &ListFlags) -> Result<ExitCode> {
+        let fields = fields(f, "machine,ip,metadata", &["ip", "machine", "metadata"])?;
+        let machines = match self.api.machines().await {
+            Ok(m) => m,
+            Err(e) => {
+                eprintln!("Error retrieving list of active machines from fleet API ({e:#})");
+                eprintln!("Check that the fleet engine is running and that etcd is healthy and reachable.");
+                return Ok(ExitCode::from(1));
+            }
+        };
+        let mut machines = machines;
+        machines.sort_by(|a, b| a.id.cmp(&b.id));
+        let rows: Vec<Vec<String>> = machines
+            .iter()
+            .map(|m| {
+                fields
+                    .iter()
+                    .map(|c| match c.as_str() {
+                        "machine" => {
+                            if f.full {
+                                m.id.clone()
+                            } else {
+                                short_id(&m.id)
+                            }
+                        }
+                        "ip" => dash(&m.primary_ip),
+                        _ => {
+                            let md: BTreeMap<_, _> = m.metadata.iter().collect();
+                            if md.is_empty() {
+                                "-".into()
+                            } else {
+                                md.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+                            }
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        self.emit(&fields, &rows, f.no_legend)?;
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
+pub(crate) fn fields(f: &ListFlags, default: &str, valid: &[&str]) -> Result<Vec<String>> {
+    let spec = f.fields.as_deref().unwrap_or(default);
+    if spec.trim().is_empty() {
+        bail!("Must define output format");
+    }
+    let out: Vec<String> = spec.split(',').map(|s| s.trim().to_string()).collect();
+    for c in &out {
+        if c != "unit" && !valid.contains(&c.as_str()) {
+            bail!("Invalid key in output format: {c:?}");
+        }
+    }
+    if out.iter().any(|c| c == "tmachine") {
+        eprintln!("WARNING: The \"tmachine\" field is deprecated. Use \"target\" instead");
+    }
+    Ok(out)
+}
+
+impl Ctl {
+    /// Rows as a table (the original's format) or, with `-o json`, as an array of objects keyed
+    /// by field name.
+    pub(crate) fn emit(&self, fields: &[String], rows: &[Vec<String>], no_legend: bool) -> Result<()> {
+        if self.json {
+            let objs: Vec<serde_json::Map<String, serde_json::Value>> = rows
+                .iter()
+                .map(|r| fields.iter().cloned().zip(r.iter().map(|v| serde_json::Value::String(v.clone()))).collect())
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&objs)?);
+        } else {
+            print_table(fields, rows, no_legend);
+        }
+        Ok(())
+    }
+}
+
+pub(crate) fn print_table(fields: &[String], rows: &[Vec<String>], no_legend: bool) {
+    let header: Vec<String> = fields.iter().map(|f| f.to_uppercase()).collect();
+    print!("{}", table::render((!no_legend).then_some(header.as_slice()), rows));
+}
+
+pub(crate) fn dash(s: &str) -> String {
+    if s.is_empty() {
+        "-".into()
+    } else {
+        s.to_string()
+    }
+}
+
+pub(crate) fn short_id(id: &str) -> String {
+    if id.len() > 8 {
+        format!("{}...", &id[..8])
+    } else {
+        id.to_string()
+    }
+}
+
+pub(crate) fn short_hash(h: &str, full: bool) -> String {
+    if h.is_empty() {
+        "-".into()
+    } else if full || h.len() <= 7 {
+        h.to_string()
+    } else {
+        h[..7].to_string()
+    }
+}
+
+pub(crate) fn machine_legend(machines: &HashMap<String, Machine>, id: &str, full: bool) -> String {
+    if id.is_empty() {
+        return "-".into();
+    }
+    machines.get(id).cloned().unwrap_or(Machine { id: id.to_string(), ..Default::default() }).legend(full)
+}
