@@ -192,10 +192,12 @@ async fn places_on_least_loaded_machines_and_moves_units_off_lost_ones() -> anyh
 #[tokio::test]
 async fn a_write_fenced_by_a_lost_election_key_is_refused() -> anyhow::Result<()> {
     use fleet_engine::leader::{fence_of, fenced_txn, FenceError};
+    use fleet_store::kv::{EtcdStore, Op};
     let Some(lab) = testkit::lab() else {
         return Ok(());
     };
     let etcd = testkit::etcd(&lab).await?;
+    let store = EtcdStore::new(etcd.clone());
     let prefix = testkit::unique_prefix("fence");
     let keys = Keys::new(&prefix);
     let key = format!("{prefix}schedule/m1/x.service");
@@ -204,17 +206,17 @@ async fn a_write_fenced_by_a_lost_election_key_is_refused() -> anyhow::Result<()
     let won = c.election_client().campaign(keys.leader(), "e-old", old_lease).await?;
     let old = fence_of(won.leader().ok_or_else(|| anyhow::anyhow!("no leader key"))?);
     // While it leads, its writes land.
-    fenced_txn(&etcd, &old, vec![], vec![etcd_client::TxnOp::put(key.clone(), "old", None)]).await?;
+    fenced_txn(&store, &old, vec![], vec![Op::put(key.clone(), "old", 0)]).await?;
     // Deposed: its lease is gone (as when it is frozen past the TTL) and another engine wins.
     c.lease_revoke(old_lease).await?;
     let new_lease = c.lease_grant(30, None).await?.id();
     let won = c.election_client().campaign(keys.leader(), "e-new", new_lease).await?;
     let new = fence_of(won.leader().ok_or_else(|| anyhow::anyhow!("no leader key"))?);
-    let late = fenced_txn(&etcd, &old, vec![], vec![etcd_client::TxnOp::put(key.clone(), "late", None)]).await;
+    let late = fenced_txn(&store, &old, vec![], vec![Op::put(key.clone(), "late", 0)]).await;
     assert!(matches!(late, Err(FenceError::Refused)), "the deposed engine's write: {late:?}");
     let stored = c.get(key.clone(), None).await?;
     assert_eq!(stored.kvs().first().map(|kv| kv.value().to_vec()), Some(b"old".to_vec()), "nothing of it landed");
-    fenced_txn(&etcd, &new, vec![], vec![etcd_client::TxnOp::put(key.clone(), "new", None)]).await?;
+    fenced_txn(&store, &new, vec![], vec![Op::put(key.clone(), "new", 0)]).await?;
     let stored = c.get(key.clone(), None).await?;
     assert_eq!(stored.kvs().first().map(|kv| kv.value().to_vec()), Some(b"new".to_vec()));
     c.lease_revoke(new_lease).await?;

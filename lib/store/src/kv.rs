@@ -447,7 +447,8 @@ impl MemStore {
         self.lock().revision
     }
 
-    /// Requests answered so far (a test can assert how many round trips something took).
+    /// Requests made so far, answered or not (a test can assert how many round trips something
+    /// took).
     pub fn requests(&self) -> u64 {
         self.lock().requests
     }
@@ -457,14 +458,17 @@ impl MemStore {
         self.lock().kvs.get(key).map(|e| e.value.clone())
     }
 
-    /// Waits the configured delay, then counts the request and checks for an outage.
+    /// Counts the request, waits the configured delay, then checks for an outage.
     async fn enter(&self) -> Result<(), StoreError> {
-        let delay = self.lock().delay;
+        let delay = {
+            let mut m = self.lock();
+            m.requests += 1;
+            m.delay
+        };
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
         let mut m = self.lock();
-        m.requests += 1;
         m.expire_due();
         if m.unavailable {
             return Err(StoreError::Unavailable("injected: store unavailable".into()));
