@@ -20,11 +20,11 @@ pub mod unit_api;
 use crate::config::AgentConfig;
 use crate::driver::{for_each, UnitDriver};
 use crate::systemd::{ObservedUnit, Systemd, UnitChange};
-use etcd_client::{GetOptions, PutOptions, Txn, TxnOp};
 use fleet_model::schema::{decode, encode, is_stopped, Key};
 use fleet_model::unit_file::content_hash;
 use fleet_model::{DesiredState, Keys, ScheduleEntry, UnitName, UnitStateRecord};
-use fleet_store::etcd::{follow_prefix, is_transient, list_prefix, Change, Client, PrefixUpdate};
+use fleet_store::etcd::{Change, PrefixUpdate};
+use fleet_store::kv::{follow, snapshot_of, EtcdStore, Op, Store, StoreError, Txn};
 use fleet_store::retry::RetryPolicy;
 use futures::StreamExt;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -45,9 +45,10 @@ pub enum AgentError {
     Systemd(#[from] systemd::SystemdError),
 }
 
-/// The agent, over a service manager: the real [`Systemd`] unless a benchmark says otherwise.
-pub struct Agent<D: UnitDriver = Systemd> {
-    client: Client,
+/// The agent, over a service manager (the real [`Systemd`] unless a benchmark or a unit test says
+/// otherwise) and a store (etcd, or the in-memory one in unit tests).
+pub struct Agent<D: UnitDriver = Systemd, S: Store = EtcdStore> {
+    store: S,
     keys: Keys,
     machine: String,
     systemd: D,
@@ -90,14 +91,14 @@ fn is_exclusive(name: &str, text: &str) -> bool {
     fleet_model::rules::Rules::parse(&unit, &file).is_ok_and(|r| r.exclusive)
 }
 
-impl<D: UnitDriver> Agent<D> {
-    pub async fn new(cfg: &AgentConfig, client: Client, machine: String, systemd: D) -> Result<Self, AgentError> {
+impl<D: UnitDriver, S: Store> Agent<D, S> {
+    pub async fn new(cfg: &AgentConfig, store: S, machine: String, systemd: D) -> Result<Self, AgentError> {
         let units_dir = cfg.units_dir.clone();
         tokio::fs::create_dir_all(&units_dir)
             .await
             .map_err(|source| AgentError::UnitsDir { path: units_dir.clone(), source })?;
         let mut agent = Agent {
-            client,
+            store,
             keys: Keys::new(&cfg.etcd_prefix),
             machine,
             systemd,
@@ -155,17 +156,13 @@ impl<D: UnitDriver> Agent<D> {
     /// started again just because the agent restarted.
     async fn read_published(&mut self) -> Result<(), AgentError> {
         let prefix = self.keys.states_of(&self.machine);
-        let resp = RetryPolicy::default()
-            .run("read published states", is_transient, || {
-                let mut kv = self.client.kv_client();
-                let p = prefix.clone();
-                async move { kv.get(p, Some(GetOptions::new().with_prefix())).await }
-            })
+        let (entries, _) = RetryPolicy::default()
+            .run("read published states", StoreError::is_transient, || self.store.range(prefix.as_bytes()))
             .await
             .map_err(|e| AgentError::Etcd(e.to_string()))?;
-        for kv in resp.kvs() {
+        for kv in &entries {
             if let (Some(Key::State(_, unit)), Ok(rec)) =
-                (self.keys.decode(kv.key()), decode::<UnitStateRecord>(kv.value()))
+                (self.keys.decode(&kv.key), decode::<UnitStateRecord>(&kv.value))
             {
                 if self.files.get(unit.as_str()) == Some(&rec.hash) {
                     self.applied.insert(unit.to_string(), rec.applied);
@@ -188,7 +185,7 @@ impl<D: UnitDriver> Agent<D> {
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<(), AgentError> {
         let (sched_tx, mut sched_rx) = mpsc::channel(64);
-        tokio::spawn(follow_prefix(self.client.clone(), self.keys.schedule_of(&self.machine), sched_tx, None));
+        tokio::spawn(follow(self.store.clone(), self.keys.schedule_of(&self.machine), sched_tx));
         let (change_tx, mut change_rx) = mpsc::unbounded_channel();
         self.systemd.watch_changes(change_tx).await?;
         self.lease = *lease_rx.borrow_and_update();
@@ -276,7 +273,7 @@ impl<D: UnitDriver> Agent<D> {
             self.reconcile().await;
             let _ = self.publish().await;
             if let Some(lease) = self.lease {
-                let _ = tokio::time::timeout(Duration::from_secs(3), self.client.lease_client().revoke(lease)).await;
+                let _ = tokio::time::timeout(Duration::from_secs(3), self.store.revoke(lease)).await;
             }
         } else {
             tracing::info!("agent stopping; units keep running");
@@ -354,8 +351,9 @@ impl<D: UnitDriver> Agent<D> {
     /// scheduled here. False if etcd could not be read (try again later).
     async fn clean_up(&mut self) -> bool {
         let prefix = self.keys.schedule_of(&self.machine);
-        let got = tokio::time::timeout(Duration::from_secs(10), list_prefix(&self.client, &prefix)).await;
-        let Ok(Ok(snapshot)) = got else { return false };
+        let got = tokio::time::timeout(Duration::from_secs(10), self.store.range(prefix.as_bytes())).await;
+        let Ok(Ok((entries, revision))) = got else { return false };
+        let snapshot = snapshot_of(entries, revision);
         self.apply_schedule_update(snapshot);
         self.reconcile().await;
         tracing::info!(units = self.schedule.len(), "schedule relisted; units no longer scheduled here are stopped");
@@ -365,17 +363,13 @@ impl<D: UnitDriver> Agent<D> {
     async fn fetch_body(&self, hash: &str) -> Option<String> {
         let key = self.keys.body(hash);
         let got = RetryPolicy::default()
-            .run("read unit body", is_transient, || {
-                let mut kv = self.client.kv_client();
-                let k = key.clone();
-                // Bodies are immutable and named by their hash: a local (serializable) read is
-                // as good as a linearizable one and skips a raft round trip, which matters when
-                // a thousand agents fetch the same new body at once. Not there yet: try again.
-                async move { kv.get(k, Some(GetOptions::new().with_serializable())).await }
-            })
+            // Bodies are immutable and named by their hash: a local (serializable) read is as
+            // good as a linearizable one and skips a raft round trip, which matters when a
+            // thousand agents fetch the same new body at once. Not there yet: try again.
+            .run("read unit body", StoreError::is_transient, || self.store.get_local(key.as_bytes()))
             .await;
         match got {
-            Ok(r) => r.kvs().first().and_then(|kv| String::from_utf8(kv.value().to_vec()).ok()),
+            Ok(r) => r.and_then(|e| String::from_utf8(e.value).ok()),
             Err(e) => {
                 tracing::warn!(hash, error = %e, "cannot read unit body");
                 None
@@ -568,7 +562,7 @@ impl<D: UnitDriver> Agent<D> {
                     };
                     if self.published.get(name) != Some(&rec) {
                         let value = encode(&rec).map_err(|e| AgentError::Etcd(e.to_string()))?;
-                        ops.push(TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease))));
+                        ops.push(Op::put(key, value, lease));
                         next.push((name.clone(), Some(rec)));
                     }
                 }
@@ -582,7 +576,7 @@ impl<D: UnitDriver> Agent<D> {
                     };
                     if self.published.get(name) != Some(&rec) {
                         let value = encode(&rec).map_err(|e| AgentError::Etcd(e.to_string()))?;
-                        ops.push(TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease))));
+                        ops.push(Op::put(key, value, lease));
                         next.push((name.clone(), Some(rec)));
                     }
                 }
@@ -603,21 +597,20 @@ impl<D: UnitDriver> Agent<D> {
                                 applied: DesiredState::Inactive,
                             };
                             let value = encode(&rec).map_err(|e| AgentError::Etcd(e.to_string()))?;
-                            ops.push(TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease))));
+                            ops.push(Op::put(key, value, lease));
                             next.push((name.clone(), Some(rec)));
                         }
                         continue;
                     }
-                    ops.push(TxnOp::delete(key, None));
+                    ops.push(Op::delete(key));
                     next.push((name.clone(), None));
                 }
                 None => {}
             }
         }
         for (chunk_ops, chunk_next) in ops.chunks(100).zip(next.chunks(100)) {
-            let txn = Txn::new().and_then(chunk_ops.to_vec());
-            let mut kv = self.client.kv_client();
-            match tokio::time::timeout(Duration::from_secs(5), kv.txn(txn)).await {
+            let txn = Txn { then: chunk_ops.to_vec(), ..Txn::default() };
+            match tokio::time::timeout(Duration::from_secs(5), self.store.txn(txn)).await {
                 Ok(Ok(_)) => {
                     for (name, rec) in chunk_next {
                         match rec {

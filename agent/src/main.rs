@@ -168,7 +168,7 @@ async fn run(cfg: AgentConfig, args: Args) -> anyhow::Result<()> {
         wait_for_signal().await;
         let _ = shutdown_tx.send(true);
     });
-    let agent = Agent::new(&cfg, client, machine, systemd).await?;
+    let agent = Agent::new(&cfg, fleet_store::kv::EtcdStore::new(client.clone()), machine, systemd).await?;
     let result = agent.run(lease_rx, cleaned_tx, shutdown_rx).await;
     // The lease is left to expire rather than revoked: units keep running, and an agent restarted
     // within the TTL takes the lease over without anyone noticing.

@@ -218,7 +218,7 @@ async fn start_machine(cfg: &SimConfig, client: Client, i: usize, dir: &Path) ->
     };
     let (shutdown, shutdown_rx) = watch::channel(false);
     let driver = SimulatedSystemd::new(Duration::from_millis(4));
-    let agent = Agent::new(&agent_cfg, client, id.clone(), driver).await?;
+    let agent = Agent::new(&agent_cfg, fleet_store::kv::EtcdStore::new(client), id.clone(), driver).await?;
     let presence_task = tokio::spawn(async move {
         let _keep = _record_tx;
         presence.run(lease_tx).await

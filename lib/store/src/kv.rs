@@ -9,6 +9,7 @@
 //! in-memory store exists for unit tests of the components built on the trait and is never used
 //! in a fleet process.
 
+use crate::etcd::{Change, PrefixUpdate};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -160,6 +161,10 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// Every key under `prefix`, and the revision they were read at.
     fn range(&self, prefix: &[u8]) -> impl Future<Output = Result<(Vec<Entry>, i64), StoreError>> + Send;
     fn get(&self, key: &[u8]) -> impl Future<Output = Result<Option<Entry>, StoreError>> + Send;
+    /// [`Store::get`] that any member may answer from its own copy, which may lag a little: for
+    /// keys that never change once written (unit bodies, named by their hash), read by many
+    /// machines at once without a consensus round each.
+    fn get_local(&self, key: &[u8]) -> impl Future<Output = Result<Option<Entry>, StoreError>> + Send;
     fn txn(&self, txn: Txn) -> impl Future<Output = Result<TxnResult, StoreError>> + Send;
     /// Changes under `prefix` from `from_revision` on.
     fn watch(&self, prefix: &[u8], from_revision: i64) -> impl Future<Output = Result<Watch, StoreError>> + Send;
@@ -183,6 +188,97 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
         }
     }
     vec![0]
+}
+
+/// Follows `prefix` for as long as `tx` is open, on any [`Store`]: a snapshot, then each
+/// revision's changes; a lost watch is resumed from the last revision delivered (nothing missed,
+/// nothing repeated), and a watch that fell behind compaction starts again with a new snapshot.
+/// For bounded prefixes (one machine's schedule); the engine's whole-cluster view pages its
+/// listings with `etcd::follow_prefix`.
+pub async fn follow<S: Store>(store: S, prefix: String, tx: mpsc::Sender<PrefixUpdate>) {
+    const MAX_BACKOFF: Duration = Duration::from_secs(1);
+    let mut revision: Option<i64> = None;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if tx.is_closed() {
+            return;
+        }
+        let start = match revision {
+            Some(r) => r + 1,
+            None => match store.range(prefix.as_bytes()).await {
+                Ok((entries, rev)) => {
+                    if tx.send(snapshot_of(entries, rev)).await.is_err() {
+                        return;
+                    }
+                    revision = Some(rev);
+                    rev + 1
+                }
+                Err(e) => {
+                    tracing::warn!(%prefix, error = %e, "cannot list prefix; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    continue;
+                }
+            },
+        };
+        let mut watch = match store.watch(prefix.as_bytes(), start).await {
+            Ok(w) => w,
+            Err(StoreError::Compacted(_)) => {
+                revision = None;
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(%prefix, error = %e, "cannot watch prefix; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
+            }
+        };
+        loop {
+            let got = tokio::select! {
+                _ = tx.closed() => return,
+                got = watch.recv() => got,
+            };
+            match got {
+                Some(Ok(batch)) => {
+                    backoff = Duration::from_millis(100);
+                    revision = Some(batch.revision);
+                    let changes = batch
+                        .events
+                        .into_iter()
+                        .map(|e| match e {
+                            Event::Put(e) => change_of_entry(e),
+                            Event::Delete { key, .. } => Change::Delete { key },
+                        })
+                        .collect();
+                    if tx.send(PrefixUpdate::Changes { revision: batch.revision, changes }).await.is_err() {
+                        return;
+                    }
+                }
+                Some(Err(StoreError::Compacted(_))) => {
+                    tracing::info!(%prefix, "watch fell behind compaction; relisting");
+                    revision = None;
+                    break;
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(%prefix, error = %e, "watch failed; rewatching");
+                    break;
+                }
+                None => break,
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// A listing as a follower's snapshot.
+pub fn snapshot_of(entries: Vec<Entry>, revision: i64) -> PrefixUpdate {
+    PrefixUpdate::Snapshot { revision, puts: entries.into_iter().map(change_of_entry).collect() }
+}
+
+fn change_of_entry(e: Entry) -> Change {
+    Change::Put { key: e.key, value: e.value, lease: e.lease, mod_revision: e.mod_revision }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -279,6 +375,12 @@ impl Store for EtcdStore {
 
     async fn get(&self, key: &[u8]) -> Result<Option<Entry>, StoreError> {
         let resp = self.client.kv_client().get(key.to_vec(), None).await.map_err(from_etcd)?;
+        Ok(resp.kvs().first().map(entry_of))
+    }
+
+    async fn get_local(&self, key: &[u8]) -> Result<Option<Entry>, StoreError> {
+        let opts = etcd_client::GetOptions::new().with_serializable();
+        let resp = self.client.kv_client().get(key.to_vec(), Some(opts)).await.map_err(from_etcd)?;
         Ok(resp.kvs().first().map(entry_of))
     }
 
@@ -612,6 +714,10 @@ impl Store for MemStore {
     async fn get(&self, key: &[u8]) -> Result<Option<Entry>, StoreError> {
         self.enter().await?;
         Ok(self.lock().kvs.get(key).cloned())
+    }
+
+    async fn get_local(&self, key: &[u8]) -> Result<Option<Entry>, StoreError> {
+        self.get(key).await
     }
 
     async fn txn(&self, txn: Txn) -> Result<TxnResult, StoreError> {

@@ -133,3 +133,30 @@ async fn requests_are_counted() {
     let _ = s.range(b"/").await;
     assert_eq!(s.requests(), 3);
 }
+
+#[tokio::test(start_paused = true)]
+async fn following_a_prefix_survives_lost_watches_and_compaction() {
+    let s = MemStore::new();
+    s.txn(put("/p/a", "1")).await.expect("put");
+    let (tx, mut rx) = mpsc::channel(16);
+    tokio::spawn(follow(s.clone(), "/p/".to_string(), tx));
+    let first = rx.recv().await;
+    assert!(matches!(&first, Some(PrefixUpdate::Snapshot { revision: 1, puts }) if puts.len() == 1), "{first:?}");
+    s.txn(put("/p/b", "2")).await.expect("put");
+    assert!(matches!(rx.recv().await, Some(PrefixUpdate::Changes { revision: 2, .. })));
+    // A lost watch: the next change still arrives, once.
+    s.drop_watches();
+    s.txn(put("/p/c", "3")).await.expect("put");
+    let next = rx.recv().await;
+    assert!(matches!(&next, Some(PrefixUpdate::Changes { revision: 3, changes }) if changes.len() == 1), "{next:?}");
+    // Compaction past what the follower saw while its watch was gone: a new snapshot.
+    s.drop_watches();
+    s.txn(put("/p/d", "4")).await.expect("put");
+    s.txn(put("/q/x", "elsewhere")).await.expect("put");
+    s.compact(5);
+    let again = rx.recv().await;
+    assert!(
+        matches!(&again, Some(PrefixUpdate::Snapshot { revision: 5, puts }) if puts.len() == 4),
+        "everything under the prefix, as of the compaction: {again:?}"
+    );
+}

@@ -1,0 +1,157 @@
+//! The agent's loop on the in-memory store (fleet_store::kv::MemStore) with the in-memory service
+//! manager: what it does with its schedule and what it publishes, under each fault the store can
+//! inject. The same behaviour on etcd and systemd is the lab's (integration/tests/agent.rs,
+//! faults.rs); these run in milliseconds and fail at the line that broke.
+
+use fleet_agent::config::AgentConfig;
+use fleet_agent::driver::SimulatedSystemd;
+use fleet_agent::Agent;
+use fleet_model::schema::{decode, encode};
+use fleet_model::unit_file::content_hash;
+use fleet_model::{DesiredState, Keys, ScheduleEntry, UnitFile, UnitName, UnitStateRecord};
+use fleet_store::kv::{MemStore, Op, Store, Txn};
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::sync::watch;
+
+const MACHINE: &str = "0123456789abcdef0123456789abcdef";
+
+struct Running {
+    store: MemStore,
+    keys: Keys,
+    systemd: SimulatedSystemd,
+    _shutdown: watch::Sender<bool>,
+    _lease: watch::Sender<Option<i64>>,
+    dir: PathBuf,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+async fn start(name: &str) -> Running {
+    let store = MemStore::new();
+    let keys = Keys::new("/fleet/");
+    let dir = std::env::temp_dir().join(format!("fleet-agent-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let cfg = AgentConfig { etcd_prefix: "/fleet/".into(), units_dir: dir.join("units"), ..AgentConfig::default() };
+    let systemd = SimulatedSystemd::new(Duration::from_millis(1));
+    let agent = Agent::new(&cfg, store.clone(), MACHINE.to_string(), systemd.clone()).await.expect("agent");
+    let lease = store.grant(60).await.expect("lease");
+    let (lease_tx, lease_rx) = watch::channel(Some(lease));
+    let (cleaned_tx, _cleaned_rx) = watch::channel(0);
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    tokio::spawn(agent.run(lease_rx, cleaned_tx, shutdown_rx));
+    Running { store, keys, systemd, _shutdown: shutdown_tx, _lease: lease_tx, dir }
+}
+
+impl Running {
+    /// Schedules `unit` here, with its body, as the engine and the leader would.
+    async fn schedule(&self, unit: &str) {
+        let name = UnitName::parse(unit).expect("name");
+        let text = UnitFile::parse("[Service]\nExecStart=/bin/sleep 1000\n").expect("unit file").canonical();
+        let hash = content_hash(&text);
+        let entry =
+            encode(&ScheduleEntry { hash: hash.clone(), desired_state: DesiredState::Launched }).expect("entry");
+        let txn = Txn {
+            then: vec![Op::put(self.keys.body(&hash), text, 0), Op::put(self.keys.schedule(MACHINE, &name), entry, 0)],
+            ..Txn::default()
+        };
+        self.store.txn(txn).await.expect("schedule");
+    }
+
+    async fn unschedule(&self, unit: &str) {
+        let name = UnitName::parse(unit).expect("name");
+        let txn = Txn { then: vec![Op::delete(self.keys.schedule(MACHINE, &name))], ..Txn::default() };
+        self.store.txn(txn).await.expect("unschedule");
+    }
+
+    /// What the agent published for `unit`.
+    fn published(&self, unit: &str) -> Option<UnitStateRecord> {
+        let name = UnitName::parse(unit).ok()?;
+        decode(&self.store.peek(self.keys.state(MACHINE, &name).as_bytes())?).ok()
+    }
+
+    /// Waits (up to 10 s) until `unit` is published in `active_state`.
+    async fn until_published(&self, unit: &str, active_state: &str) -> Result<(), String> {
+        for _ in 0..1000 {
+            if self.published(unit).is_some_and(|r| r.active_state == active_state) {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Err(format!("{unit} not published {active_state}: {:?}", self.published(unit)))
+    }
+
+    /// Waits (up to 10 s) until `unit` is stopped here and its state gone.
+    async fn until_gone(&self, unit: &str, active_left: usize) -> Result<(), String> {
+        for _ in 0..1000 {
+            if self.published(unit).is_none() && self.systemd.active_count() == active_left {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Err(format!("{unit} still here: {:?}, {} active", self.published(unit), self.systemd.active_count()))
+    }
+}
+
+#[tokio::test]
+async fn a_scheduled_unit_is_started_and_its_state_published() {
+    let a = start("basic").await;
+    a.schedule("web.service").await;
+    a.until_published("web.service", "active").await.expect("published");
+    assert_eq!(a.systemd.active_count(), 1);
+    a.unschedule("web.service").await;
+    a.until_gone("web.service", 0).await.expect("an unscheduled unit is stopped and its state removed");
+}
+
+#[tokio::test]
+async fn states_refused_by_the_store_are_published_on_a_later_try() {
+    let a = start("refused").await;
+    a.schedule("web.service").await;
+    // The publications that follow are refused for a while (the schedule write went through).
+    a.store.refuse_next_txns(3);
+    a.until_published("web.service", "active").await.expect("published after the refusals");
+}
+
+#[tokio::test]
+async fn a_lost_watch_misses_nothing() {
+    let a = start("lost-watch").await;
+    a.schedule("one.service").await;
+    a.until_published("one.service", "active").await.expect("first");
+    a.store.drop_watches();
+    a.schedule("two.service").await;
+    a.until_published("two.service", "active").await.expect("scheduled while the watch was down");
+}
+
+#[tokio::test]
+async fn after_compaction_the_schedule_is_listed_again() {
+    let a = start("compaction").await;
+    a.schedule("one.service").await;
+    a.until_published("one.service", "active").await.expect("first");
+    // The watch is lost, the unit is taken away and another scheduled, and the history of both is
+    // compacted before the agent looks again: only a new listing can tell it.
+    a.store.drop_watches();
+    a.unschedule("one.service").await;
+    a.schedule("two.service").await;
+    a.store.compact(a.store.revision());
+    a.until_published("two.service", "active").await.expect("the new unit");
+    a.until_gone("one.service", 1).await.expect("the unit taken away during the outage is stopped");
+}
+
+#[tokio::test]
+async fn a_store_down_for_a_while_delays_but_loses_nothing() {
+    let a = start("down").await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The schedule changes (written by the engine through another member) while this agent
+    // cannot reach the store, and its watch is gone.
+    a.store.drop_watches();
+    a.schedule("web.service").await;
+    a.store.set_unavailable(true);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(a.published("web.service").is_none(), "nothing published while the store is down");
+    a.store.set_unavailable(false);
+    a.until_published("web.service", "active").await.expect("published once the store is back");
+}
