@@ -304,6 +304,15 @@ fn from_etcd(e: etcd_client::Error) -> StoreError {
     }
 }
 
+/// etcd's answer about a lease that is gone, as [`StoreError::LeaseNotFound`].
+fn lease_error(e: etcd_client::Error, lease: i64) -> StoreError {
+    if e.to_string().contains("lease not found") {
+        StoreError::LeaseNotFound(lease)
+    } else {
+        from_etcd(e)
+    }
+}
+
 fn entry_of(kv: &etcd_client::KeyValue) -> Entry {
     Entry {
         key: kv.key().to_vec(),
@@ -348,6 +357,19 @@ fn etcd_txn(txn: &Txn) -> etcd_client::Txn {
     etcd_client::Txn::new().when(compares).and_then(ops(&txn.then)).or_else(ops(&txn.otherwise))
 }
 
+/// The first lease a transaction's puts name (0: none).
+fn first_lease(txn: &Txn) -> i64 {
+    txn.then
+        .iter()
+        .chain(&txn.otherwise)
+        .find_map(|op| match op {
+            Op::Put { lease, .. } if *lease != 0 => Some(*lease),
+            Op::Txn(t) => Some(first_lease(t)).filter(|l| *l != 0),
+            _ => None,
+        })
+        .unwrap_or(0)
+}
+
 fn etcd_txn_result(resp: &etcd_client::TxnResponse, revision: i64) -> TxnResult {
     use etcd_client::TxnOpResponse as R;
     let results = resp
@@ -385,7 +407,14 @@ impl Store for EtcdStore {
     }
 
     async fn txn(&self, txn: Txn) -> Result<TxnResult, StoreError> {
-        let resp = self.client.kv_client().txn(etcd_txn(&txn)).await.map_err(from_etcd)?;
+        let resp = match self.client.kv_client().txn(etcd_txn(&txn)).await {
+            Ok(r) => r,
+            // etcd does not say which lease: the transaction's (fleet writes on one at a time).
+            Err(e) if e.to_string().contains("lease not found") => {
+                return Err(StoreError::LeaseNotFound(first_lease(&txn)));
+            }
+            Err(e) => return Err(from_etcd(e)),
+        };
         let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
         Ok(etcd_txn_result(&resp, revision))
     }
@@ -443,9 +472,10 @@ impl Store for EtcdStore {
     }
 
     async fn keep_alive(&self, lease: i64) -> Result<i64, StoreError> {
-        let (mut keeper, mut responses) = self.client.lease_client().keep_alive(lease).await.map_err(from_etcd)?;
-        keeper.keep_alive().await.map_err(from_etcd)?;
-        match responses.message().await.map_err(from_etcd)? {
+        let err = |e| lease_error(e, lease);
+        let (mut keeper, mut responses) = self.client.lease_client().keep_alive(lease).await.map_err(err)?;
+        keeper.keep_alive().await.map_err(err)?;
+        match responses.message().await.map_err(err)? {
             Some(r) if r.ttl() > 0 => Ok(r.ttl()),
             _ => Err(StoreError::LeaseNotFound(lease)),
         }
@@ -457,11 +487,7 @@ impl Store for EtcdStore {
     }
 
     async fn revoke(&self, lease: i64) -> Result<(), StoreError> {
-        match self.client.lease_client().revoke(lease).await {
-            Ok(_) => Ok(()),
-            Err(e) if e.to_string().contains("lease not found") => Err(StoreError::LeaseNotFound(lease)),
-            Err(e) => Err(from_etcd(e)),
-        }
+        self.client.lease_client().revoke(lease).await.map(|_| ()).map_err(|e| lease_error(e, lease))
     }
 }
 
