@@ -101,14 +101,7 @@ fn find(v: &ClusterView, names: &[UnitName]) -> Found {
         };
         found.units.push(api_unit(v, rec));
         for (m, s) in v.states.get(name).into_iter().flatten() {
-            found.states.push(wire::UnitState {
-                name: name.to_string(),
-                hash: s.hash.clone(),
-                machine_id: m.clone(),
-                systemd_load_state: s.load_state.clone(),
-                systemd_active_state: s.active_state.clone(),
-                systemd_sub_state: s.sub_state.clone(),
-            });
+            found.states.push(crate::api::api_state(name, m, s));
         }
     }
     found

@@ -142,6 +142,18 @@ pub(crate) fn placement_of(v: &ClusterView, rec: &UnitRecord) -> (DesiredState, 
     }
 }
 
+/// What `machine` reports for `unit`, as the API shows it.
+pub(crate) fn api_state(unit: &UnitName, machine: &str, s: &fleet_model::UnitStateRecord) -> wire::UnitState {
+    wire::UnitState {
+        name: unit.to_string(),
+        hash: s.hash.clone(),
+        machine_id: machine.to_string(),
+        systemd_load_state: s.load_state.clone(),
+        systemd_active_state: s.active_state.clone(),
+        systemd_sub_state: s.sub_state.clone(),
+    }
+}
+
 /// A unit as the API shows it: stored options and desired state, plus where it is scheduled
 /// and how far its machine got (`currentState`).
 pub(crate) fn api_unit(v: &ClusterView, rec: &UnitRecord) -> wire::Unit {

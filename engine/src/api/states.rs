@@ -20,17 +20,7 @@ pub(crate) async fn list_states(State(api): State<Api>, Query(q): Query<PageQuer
             })
             .skip_while(|(u, m, _)| cursor.is_some_and(|c| (u.as_str(), m.as_str()) <= c));
         let (page, next) = paginate(matching, &start, api.token_limit, |(u, m, _)| format!("{u}\0{m}"));
-        let states: Vec<wire::UnitState> = page
-            .into_iter()
-            .map(|(u, m, s)| wire::UnitState {
-                name: u.to_string(),
-                hash: s.hash.clone(),
-                machine_id: m.clone(),
-                systemd_load_state: s.load_state.clone(),
-                systemd_active_state: s.active_state.clone(),
-                systemd_sub_state: s.sub_state.clone(),
-            })
-            .collect();
+        let states: Vec<wire::UnitState> = page.into_iter().map(|(u, m, s)| api_state(u, m, s)).collect();
         (states, next)
     });
     Ok(Json(wire::UnitStatePage { states, next_page_token: next }).into_response())
@@ -40,16 +30,7 @@ pub(crate) async fn get_state(State(api): State<Api>, Path(name): Path<String>) 
     fresh(&api).await?;
     let name = parse_name(&name)?;
     api.cluster
-        .read(|v| {
-            v.states.get(&name).and_then(|per| per.iter().next()).map(|(m, s)| wire::UnitState {
-                name: name.to_string(),
-                hash: s.hash.clone(),
-                machine_id: m.clone(),
-                systemd_load_state: s.load_state.clone(),
-                systemd_active_state: s.active_state.clone(),
-                systemd_sub_state: s.sub_state.clone(),
-            })
-        })
+        .read(|v| v.states.get(&name).and_then(|per| per.iter().next()).map(|(m, s)| api_state(&name, m, s)))
         .map(|s| Json(s).into_response())
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unit state does not exist"))
 }

@@ -1,5 +1,6 @@
 //! Connecting to etcd and following a prefix, the same way from every fleet process.
 
+use crate::kv::prefix_end;
 use crate::retry::{RetryError, RetryPolicy};
 use etcd_client::{EventType, GetOptions, WatchOptions};
 use std::time::Duration;
@@ -94,18 +95,6 @@ impl PrefixUpdate {
 /// Keys per page when listing a prefix: a page stays far below gRPC's 4 MiB message limit even
 /// with large unit bodies, however many keys the prefix holds.
 const LIST_PAGE: i64 = 1000;
-
-/// The first key after every key starting with `prefix`.
-fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    vec![0]
-}
 
 /// Lists every key under `prefix` as one consistent snapshot (all pages read at the revision of
 /// the first), in pages of [`LIST_PAGE`] keys.
