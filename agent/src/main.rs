@@ -160,6 +160,7 @@ async fn run(cfg: AgentConfig, args: Args) -> anyhow::Result<()> {
         record: record_rx,
         ttl: cfg.lease_ttl_secs,
         lease_file: cfg.state_dir.join("agent.lease"),
+        registered_file: Some(cfg.state_dir.join(REGISTERED_FILE)),
     };
     tokio::spawn(reload_on_hangup(args, cfg.clone(), record_tx, lease_rx.clone(), client.clone()));
     let presence_task = tokio::spawn(presence.run(lease_tx));
@@ -168,13 +169,35 @@ async fn run(cfg: AgentConfig, args: Args) -> anyhow::Result<()> {
         wait_for_signal().await;
         let _ = shutdown_tx.send(true);
     });
-    let agent = Agent::new(&cfg, fleet_store::kv::EtcdStore::new(client.clone()), machine, systemd).await?;
+    let agent = Agent::new(&cfg, fleet_store::kv::EtcdStore::new(client.clone()), machine, systemd.clone()).await?;
+    let last_lease = lease_rx.clone();
     let result = agent.run(lease_rx, cleaned_tx, shutdown_rx).await;
-    // The lease is left to expire rather than revoked: units keep running, and an agent restarted
-    // within the TTL takes the lease over without anyone noticing.
     presence_task.abort();
+    let _ = std::fs::remove_file(cfg.state_dir.join(REGISTERED_FILE));
+    // An agent that is only restarted leaves its lease to expire: units keep running, and the
+    // new agent takes the lease over within the TTL without anyone noticing. A machine that is
+    // shutting down gives it back: its units are being stopped, so the engine should place them
+    // elsewhere now rather than after the TTL, and after a reboot the machine registers again at
+    // once instead of waiting for its old registration to expire.
+    let lease = *last_lease.borrow();
+    if let (Some(lease), Ok(state)) = (lease, systemd.system_state().await) {
+        if state == "stopping" {
+            let mut leases = client.lease_client();
+            match tokio::time::timeout(Duration::from_secs(3), leases.revoke(lease)).await {
+                Ok(Ok(_)) => {
+                    tracing::info!("the machine is shutting down: lease given back, its units go elsewhere now")
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "the machine is shutting down; cannot give the lease back"),
+                Err(_) => tracing::warn!("the machine is shutting down; giving the lease back timed out"),
+            }
+            let _ = std::fs::remove_file(cfg.state_dir.join("agent.lease"));
+        }
+    }
     result.context("agent failed")
 }
+
+/// Present while this machine is registered with the cluster (see `Presence::registered_file`).
+const REGISTERED_FILE: &str = "registered";
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};

@@ -22,6 +22,9 @@ pub struct Presence {
     pub record: watch::Receiver<MachineRecord>,
     pub ttl: i64,
     pub lease_file: PathBuf,
+    /// Written (with the lease id) while the machine is registered, removed when the lease is
+    /// lost: the image's health check blesses a boot only once the machine is back in the cluster.
+    pub registered_file: Option<PathBuf>,
 }
 
 impl Presence {
@@ -38,9 +41,11 @@ impl Presence {
                     backoff = Duration::from_millis(200);
                     tracing::info!(machine = %self.id(), lease = format!("{lease:x}"), "registered");
                     lease_tx.send_replace(Some(lease));
+                    self.mark_registered(Some(lease)).await;
                     let before = *self.cleaned.borrow_and_update();
                     self.keep_alive(lease, &lease_tx).await;
                     lease_tx.send_replace(None);
+                    self.mark_registered(None).await;
                     tracing::warn!(machine = %self.id(), "lease lost; stopping units no longer scheduled here before registering again");
                     let cleaned =
                         tokio::time::timeout(Duration::from_secs(60), self.cleaned.wait_for(|g| *g > before)).await;
@@ -54,6 +59,20 @@ impl Presence {
                     backoff = (backoff * 2).min(Duration::from_secs(self.ttl.max(2) as u64));
                 }
             }
+        }
+    }
+
+    async fn mark_registered(&self, lease: Option<i64>) {
+        let Some(path) = &self.registered_file else { return };
+        let done = match lease {
+            Some(lease) => tokio::fs::write(path, format!("{} {lease:x}\n", self.id())).await,
+            None => match tokio::fs::remove_file(path).await {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                other => other,
+            },
+        };
+        if let Err(e) = done {
+            tracing::warn!(path = %path.display(), error = %e, "cannot record whether this machine is registered");
         }
     }
 

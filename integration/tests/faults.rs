@@ -962,6 +962,57 @@ async fn fault_agent_stopped_and_started_again_restarts_nothing() {
     unchanged_for_2s(&lab, &before, "units restarted or moved").await;
 }
 
+/// A machine shut down on purpose (`systemctl poweroff`, a reboot into an update) gives its lease
+/// back as its agent stops: its units go elsewhere at once instead of after the lease TTL, and
+/// when it boots again it registers at once instead of waiting for its old registration to
+/// expire (while it waited, the engine placed units on a machine whose agent was not registered).
+#[tokio::test]
+async fn fault_machine_shut_down_gives_its_lease_back_and_registers_again_at_once() {
+    let Some(mut lab) = fault_lab("fault-shutdown").await else { return };
+    let files: Vec<String> = (0..2).map(|i| lab.file(&format!("fl-sd-{i}.service"), "")).collect();
+    let mut args = vec!["start"];
+    args.extend(files.iter().map(String::as_str));
+    lab.ok(&args);
+    let before = lab.all_active_once().await;
+    let victim = before["fl-sd-0.service"][0].0.clone();
+    let m = lab.machine(&victim);
+    let mut etcd = testkit::etcd(&lab.state).await.expect("etcd");
+    let key = fleet_model::Keys::new(fleet_integration::ETCD_PREFIX).machine(&m.machine_id);
+    let resp = etcd.get(key, None).await.expect("machine record");
+    let lease = resp.kvs().first().expect("the victim is registered").lease();
+    let left = etcd.lease_time_to_live(lease, None).await.expect("ttl").ttl();
+    let shutdown = Instant::now();
+    fleet_integration::stop_machine(&m, Duration::from_secs(20));
+    let took = shutdown.elapsed();
+    let after = etcd.lease_time_to_live(lease, None).await.map(|r| r.ttl()).unwrap_or(-1);
+    assert!(
+        took < Duration::from_secs(left.max(1) as u64),
+        "the shutdown took {took:?}, longer than the {left} s left on the lease: this test cannot tell a lease given back from one expired"
+    );
+    assert!(after <= 0, "{victim} is off ({took:?} after the poweroff) but its lease still has {after} s to live");
+
+    // Booted again at once (a reboot): well within what was left of the old lease.
+    faults::start(&mut lab.state, Kind::Machine, &victim, &unit_template()).await.expect("boot again");
+    let m = lab.machine(&victim);
+    wait_for("the machine registered again", T, || async {
+        lab.ok(&["list-machines", "--no-legend", "--full"]).contains(&m.machine_id).then_some(())
+    })
+    .await
+    .expect("registered again");
+    let init = fleet_integration::process::children(m.pid).first().copied().expect("container init");
+    let out = std::process::Command::new("nsenter")
+        .args(["-t", &init.to_string(), "-a", "journalctl", "-b", "-u", "fleet-agent", "--no-pager"])
+        .output()
+        .expect("journalctl");
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert!(log.contains("registered"), "the agent's journal of this boot:\n{log}");
+    assert!(
+        !log.contains("already registered"),
+        "after a clean shutdown the machine waited for its old registration:\n{log}"
+    );
+    lab.all_active_once().await;
+}
+
 /// Regression (original bugs#8, #412): a unit destroyed and submitted again on the same machine
 /// must not be stuck `not-found`.
 #[tokio::test]
