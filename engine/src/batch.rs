@@ -8,7 +8,7 @@
 //! committed. Per-unit refusals are listed in the error body's `units`.
 
 use crate::api::{
-    api_unit, check_json, check_put, check_replace_cycles, etcd, etcd_txn, fresh, placement_of, settle, Api, ApiError,
+    api_unit, check_json, check_put, check_replace_cycles, etcd_txn, fresh, placement_of, settle, Api, ApiError,
     PutUnit, MAX_UNITS_PER_REQUEST, UNITS_PER_TXN,
 };
 use crate::auth::{AuditDetail, Caller, Role};
@@ -107,18 +107,30 @@ fn find(v: &ClusterView, names: &[UnitName]) -> Found {
     found
 }
 
-/// etcd's current revision: a view that has caught up with it shows every write made through
-/// any replica before this call.
-async fn etcd_revision(api: &Api) -> Result<i64, ApiError> {
-    let key = api.keys.prefix().to_string();
-    let resp = etcd("read revision", || {
-        let mut kv = api.client.kv_client();
-        let k = key.clone();
-        async move { kv.get(k, Some(etcd_client::GetOptions::new().with_count_only())).await }
-    })
-    .await?;
-    Ok(resp.header().map(|h| h.revision()).unwrap_or(0))
+/// The newest revision at which any of `names` was written, as etcd has it now (0 when none of
+/// them exists). A view that has caught up with it shows every one of them that exists, however
+/// it was created; unlike etcd's current revision, which counts writes outside fleet's prefix
+/// that this replica's watch never sees, it is always reached (waiting for etcd's revision made
+/// a `fleetctl start` of new units wait 6 s whenever anything else had written to etcd).
+async fn newest_of(api: &Api, names: &[&UnitName]) -> Result<i64, ApiError> {
+    let mut newest = 0;
+    for chunk in names.chunks(GETS_PER_TXN) {
+        let ops: Vec<TxnOp> = chunk
+            .iter()
+            .map(|n| TxnOp::get(api.keys.unit(n), Some(etcd_client::GetOptions::new().with_keys_only())))
+            .collect();
+        let resp = etcd_txn(api, "look units up", &Txn::new().and_then(ops), false).await?;
+        for r in resp.op_responses() {
+            if let TxnOpResponse::Get(g) = r {
+                newest = g.kvs().iter().map(|kv| kv.mod_revision()).fold(newest, i64::max);
+            }
+        }
+    }
+    Ok(newest)
 }
+
+/// Reads per etcd transaction (under etcd's 128 operations).
+const GETS_PER_TXN: usize = 120;
 
 /// The units a `{"names": [...]}` request names, once this replica's view shows its own writes.
 async fn named_units(api: &Api, headers: &HeaderMap, body: &[u8]) -> Result<Vec<UnitName>, BatchError> {
@@ -139,8 +151,9 @@ pub async fn batch_get(
     let mut found = api.cluster.read(|v| find(v, &names));
     if !found.missing.is_empty() {
         // The view may lag a write made through another replica: before saying a unit does
-        // not exist, catch up with etcd.
-        let rev = etcd_revision(&api).await?;
+        // not exist, catch up with what etcd has of it.
+        let missing: Vec<&UnitName> = names.iter().filter(|n| found.missing.iter().any(|m| m == n.as_str())).collect();
+        let rev = newest_of(&api, &missing).await?;
         if api.cluster.revision() < rev {
             settle(&api, rev).await;
             found = api.cluster.read(|v| find(v, &names));
@@ -201,9 +214,13 @@ pub async fn batch_update(
             .map(|c| UnitError { name: c.name.to_string(), error: "unit does not exist".into() })
             .collect()
     };
-    if !api.cluster.read(|v| missing(v)).is_empty() {
-        let rev = etcd_revision(&api).await?;
-        settle(&api, rev).await;
+    let absent: Vec<&UnitName> =
+        api.cluster.read(|v| changes.iter().filter(|c| !v.units.contains_key(&c.name)).map(|c| &c.name).collect());
+    if !absent.is_empty() {
+        let rev = newest_of(&api, &absent).await?;
+        if api.cluster.revision() < rev {
+            settle(&api, rev).await;
+        }
     }
     refuse(StatusCode::NOT_FOUND, "units do not exist", api.cluster.read(|v| missing(v)))?;
 
@@ -294,9 +311,16 @@ pub async fn batch_delete(
                 _ => done.missing.push(n.to_string()),
             }
         }
-        done.revision = done.revision.max(resp.header().map(|h| h.revision()).unwrap_or(0));
+        // A transaction that deleted nothing answers etcd's current revision, which may count
+        // writes outside fleet's prefix: recorded, it would make the next read wait for a
+        // revision this replica's view never reaches.
+        if chunk.iter().any(|n| done.destroyed.iter().any(|d| d == n.as_str())) {
+            done.revision = done.revision.max(resp.header().map(|h| h.revision()).unwrap_or(0));
+        }
     }
-    api.wrote(done.revision);
+    if done.revision > 0 {
+        api.wrote(done.revision);
+    }
     let detail = AuditDetail(format!("{} units destroyed", done.destroyed.len()));
     Ok((StatusCode::OK, axum::Extension(detail), Json(done)).into_response())
 }

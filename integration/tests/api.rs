@@ -513,3 +513,82 @@ async fn batch_methods_refuse_whole_batches_and_wait_streams_each_unit() {
     assert_eq!((s, b["missing"].clone()), (StatusCode::OK, json!(["b1.service"])), "a read sees its own write");
     let _ = etcd.delete(prefix.as_str(), Some(etcd_client::DeleteOptions::new().with_prefix())).await;
 }
+
+/// Reads that must first catch up with etcd (a unit this replica does not know may have been
+/// created through another) wait only for what etcd has under fleet's prefix: writes elsewhere in
+/// the same etcd (another program, another fleet prefix) never hold them up. They used to: the
+/// engine waited for etcd's current revision, which its watch of fleet's prefix never reaches,
+/// so `fleetctl start` of a new unit took 6 s after anything else had written to etcd.
+#[tokio::test]
+async fn writes_outside_fleets_prefix_do_not_hold_up_reads() {
+    let Some(lab) = testkit::lab() else { return };
+    let (_engine, api, prefix) = own_engine(&lab, "t-api-outside", 12590, &[]).await;
+    let mut etcd = testkit::etcd(&lab).await.expect("etcd");
+    let elsewhere = format!("{}-elsewhere/key", prefix.trim_end_matches('/'));
+    let opts = json!([{"section": "Service", "name": "ExecStart", "value": "/bin/sleep 1000"}]);
+    let (s, _, _) = api.call("PUT", "/fleet/v1/units/here.service", Some(json!({"options": opts}))).await;
+    assert_eq!(s, StatusCode::CREATED);
+    // Slower than this is the wait for a revision the view never sees (1 s, a rewatch, 5 s).
+    let bound = Duration::from_secs(3);
+    let timed = |what: &'static str, method: &'static str, path: &'static str, body: Option<Value>| {
+        let api = &api;
+        async move {
+            let start = std::time::Instant::now();
+            let (s, _, b) = api.call(method, path, body).await;
+            let took = start.elapsed();
+            assert!(took < bound, "{what} took {took:?} after a write outside fleet's prefix");
+            (s, b)
+        }
+    };
+
+    etcd.put(elsewhere.as_str(), "1", None).await.expect("write elsewhere");
+    let (s, b) = timed(
+        "batchGet of a unit that does not exist",
+        "POST",
+        "/fleet/v1/units:batchGet",
+        Some(json!({"names": ["here.service", "nope.service"]})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(b["missing"], json!(["nope.service"]), "{b}");
+
+    etcd.put(elsewhere.as_str(), "2", None).await.expect("write elsewhere");
+    let (s, b) = timed(
+        "batchUpdate of a unit that does not exist",
+        "POST",
+        "/fleet/v1/units:batchUpdate",
+        Some(json!({"units": [{"name": "nope.service", "desiredState": "launched"}]})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{b}");
+
+    // A delete of nothing answers etcd's current revision: it must not become a revision the
+    // next read waits for.
+    etcd.put(elsewhere.as_str(), "3", None).await.expect("write elsewhere");
+    let (s, b) = timed(
+        "batchDelete of nothing",
+        "POST",
+        "/fleet/v1/units:batchDelete",
+        Some(json!({"names": ["nope.service"]})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let (s, b) = timed("a read after a delete of nothing", "GET", "/fleet/v1/units", None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(b["units"][0]["name"], "here.service", "{b}");
+
+    // A unit created behind this replica's back (straight into etcd, as another replica would)
+    // is still found at once.
+    let keys = Keys::new(&prefix);
+    let (s, _, b) = api.call("GET", "/fleet/v1/units/here.service", None).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let mut resp = etcd.get(keys.unit(&UnitName::parse("here.service").expect("name")), None).await.expect("get");
+    let kv = resp.take_kvs().into_iter().next().expect("stored");
+    let mut record: fleet_model::UnitRecord = fleet_model::schema::decode(kv.value()).expect("record");
+    record.name = UnitName::parse("there.service").expect("name");
+    etcd.put(keys.unit(&record.name), encode(&record).expect("encode"), None).await.expect("put");
+    let (s, _, b) = api.call("POST", "/fleet/v1/units:batchGet", Some(json!({"names": ["there.service"]}))).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(b["missing"].as_array().is_none_or(|m| m.is_empty()), "a unit created elsewhere is missing: {b}");
+    etcd.delete(elsewhere.as_str(), None).await.expect("clean up");
+}

@@ -92,7 +92,8 @@ pub(crate) async fn undrain_machine(State(api): State<Api>, Path(id): Path<Strin
         async move { kv.delete(k, None).await }
     })
     .await?;
-    if let Some(h) = resp.header() {
+    // Deleting nothing answers etcd's current revision, which this view may never reach.
+    if let Some(h) = resp.header().filter(|_| resp.deleted() > 0) {
         api.wrote(h.revision());
     }
     Ok(StatusCode::NO_CONTENT.into_response())
