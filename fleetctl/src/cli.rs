@@ -15,7 +15,9 @@ pub(crate) struct Cli {
     /// Output format of list and status commands.
     #[arg(short = 'o', long = "format", global = true, value_enum, default_value = "table")]
     pub(crate) format: Format,
-    /// fleet API endpoint.
+    /// fleet API endpoint(s), comma-separated (https://host:port, http://host:port or
+    /// unix:///path): a request that cannot reach one engine, or that an engine cut off from
+    /// etcd refuses, goes to the next.
     #[arg(long, global = true, env = "FLEETCTL_ENDPOINT", default_value = "unix:///var/run/fleet.sock")]
     pub(crate) endpoint: String,
     /// Seconds to wait for each API request.

@@ -5,8 +5,9 @@ use crate::*;
 impl Ctl {
     pub(crate) async fn list_units(&self, f: &ListFlags) -> Result<ExitCode> {
         let fields = fields(f, "unit,machine,active,sub", &["active", "hash", "load", "machine", "sub", "unit"])?;
-        let (mut states, machines) = tokio::try_join!(self.api.states(None), self.machines())
-            .context("Error retrieving list of units from repository")?;
+        let (mut states, machines) =
+            tokio::try_join!(async { Ok::<_, anyhow::Error>(self.api.states(None).await?) }, self.machines())
+                .context("Error retrieving list of units from repository")?;
         states.sort_by(|a, b| (&a.name, &a.machine_id).cmp(&(&b.name, &b.machine_id)));
         let rows: Vec<Vec<String>> = states
             .iter()
@@ -34,8 +35,9 @@ impl Ctl {
             "unit,hash,dstate,state,target",
             &["desc", "dstate", "global", "hash", "reason", "state", "target", "tmachine"],
         )?;
-        let (mut units, machines) = tokio::try_join!(self.api.units(), self.machines())
-            .context("Error retrieving list of units from repository")?;
+        let (mut units, machines) =
+            tokio::try_join!(async { Ok::<_, anyhow::Error>(self.api.units().await?) }, self.machines())
+                .context("Error retrieving list of units from repository")?;
         units.sort_by(|a, b| a.name.cmp(&b.name));
         let rows: Vec<Vec<String>> = units
             .iter()

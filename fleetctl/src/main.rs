@@ -6,7 +6,6 @@
 //! (`tests/dependencies.rs` keeps it so).
 
 mod cli;
-mod client;
 mod inspect;
 mod lists;
 mod machines;
@@ -20,7 +19,7 @@ use progress::Progress;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use client::{Client, Machine};
+use fleet_client::{Client, Machine};
 use fleet_model::UnitFile;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -66,14 +65,15 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     if !(cli.request_timeout > 0.0 && cli.request_timeout.is_finite()) {
         bail!("--request-timeout must be a positive number of seconds");
     }
-    let tls = client::TlsFiles {
-        // An empty value (`--cert-file ""`, or an empty variable) means unset.
-        ca_file: cli.ca_file.clone().filter(|v| !v.is_empty()),
-        cert_file: cli.cert_file.clone().filter(|v| !v.is_empty()),
-        key_file: cli.key_file.clone().filter(|v| !v.is_empty()),
-        token: cli.token.clone().filter(|v| !v.is_empty()),
+    // An empty value (`--cert-file ""`, or an empty variable) means unset.
+    let set = |v: &Option<String>| v.clone().filter(|v| !v.is_empty());
+    let creds = fleet_client::Credentials {
+        ca_file: set(&cli.ca_file).map(Into::into),
+        cert_file: set(&cli.cert_file).map(Into::into),
+        key_file: set(&cli.key_file).map(Into::into),
+        token: set(&cli.token),
     };
-    let api = Client::new(&cli.endpoint, Duration::from_secs_f64(cli.request_timeout), &tls)
+    let api = Client::new(&cli.endpoint, Duration::from_secs_f64(cli.request_timeout), &creds)
         .context("Unable to initialize client")?;
     let ctl = Ctl { api, json: cli.format == Format::Json };
     match cli.command {

@@ -2,9 +2,9 @@
 //! wait. Each makes a constant number of requests however many units it names (one lookup, one
 //! write of each kind, one streaming wait per 30 s), and prints the original fleetctl's lines.
 
-use crate::client::{Unit, UnitState, Until, WaitEvent};
 use crate::{deadline, read_unit_file, unit_name_of, Block, Ctl, Progress};
 use anyhow::{bail, Context, Result};
+use fleet_client::{Unit, UnitState, Until, WaitEvent};
 use fleet_model::DesiredState;
 use fleet_model::{UnitFile, UnitName};
 use std::collections::{HashMap, HashSet};

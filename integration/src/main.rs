@@ -389,7 +389,10 @@ async fn ps() -> Result<()> {
 
 fn env() -> Result<()> {
     let state = LabState::load()?.context("lab is not up: run ./lab up")?;
-    println!("export FLEETCTL_ENDPOINT={}", state.api_url().context("lab has no engine")?);
+    // Every engine: fleetctl goes to the next when one is down.
+    state.api_url().context("lab has no engine")?;
+    let all: Vec<&str> = state.engines.iter().map(|e| e.api_url.as_str()).collect();
+    println!("export FLEETCTL_ENDPOINT={}", all.join(","));
     let admin = lab::pki::identity("admin");
     println!("export FLEETCTL_CA_FILE={}", admin.ca_file.display());
     println!("export FLEETCTL_CERT_FILE={}", admin.cert_file.display());

@@ -241,6 +241,29 @@ async fn fault_engine_leader_killed_restarts_nothing() {
     faults::start(&mut lab.state, Kind::Engine, &leader, &unit_template()).await.expect("start engine");
 }
 
+/// fleetctl given every engine (`--endpoint A,B`, as `./lab env` sets it) keeps working when the
+/// first engine it names is gone: each request goes on to the next (issue: the CLI was cut off
+/// with "cannot reach the fleet API" while the cluster was fine).
+#[tokio::test]
+async fn fault_fleetctl_goes_on_to_the_next_engine() {
+    let Some(mut lab) = fault_lab("fault-endpoints").await else { return };
+    let first = lab.state.engines[0].name.clone();
+    let all: Vec<String> = lab.state.engines.iter().map(|e| e.api_url.clone()).collect();
+    let both = all.join(",");
+    let f = lab.file("fl-ep-a.service", "");
+    faults::kill(&mut lab.state, Kind::Engine, &first).await.expect("kill");
+    let alone = fleetctl(&lab.state, &all[0], &["list-machines", "--no-legend"]).expect("fleetctl");
+    assert!(!alone.status.success(), "the killed engine still answers: {:?}", text(&alone));
+    assert!(text(&alone).1.contains("cannot reach the fleet API"), "{:?}", text(&alone));
+    let listed = fleetctl(&lab.state, &both, &["list-machines", "--no-legend"]).expect("fleetctl");
+    assert!(listed.status.success(), "{:?}", text(&listed));
+    assert_eq!(text(&listed).0.lines().count(), lab.state.machines.len(), "{:?}", text(&listed));
+    let started = fleetctl(&lab.state, &both, &["start", &f]).expect("fleetctl");
+    assert!(started.status.success(), "{:?}", text(&started));
+    assert!(text(&started).0.contains("Unit fl-ep-a.service launched on "), "{:?}", text(&started));
+    faults::start(&mut lab.state, Kind::Engine, &first, &unit_template()).await.expect("start engine");
+}
+
 /// etcd refuses a request authorised against an older auth store than the one it is applied to
 /// ("revision of auth store is old"), which happens to every client whenever a user or role
 /// changes: a machine joining creates its user. The leader must send such a write again, not

@@ -1,0 +1,228 @@
+//! Units: one at a time (get, move, status, journal) and in batches (get, create, change,
+//! destroy, wait), so what a client pays does not grow with the number of units it names.
+
+use crate::{segment, Client, Error, Result, BATCH};
+use fleet_api::{
+    AgentStatus, Changed, CreateUnits, Created, Destroyed, Found, MoveRequest, Names, Unit, UnitChange, UnitChanges,
+    UnitStatuses, Until, WaitEvent, WaitRequest,
+};
+use reqwest::StatusCode;
+use std::collections::HashSet;
+use std::ops::ControlFlow;
+use std::time::{Duration, Instant};
+
+/// How long one `units:wait` request waits at most before the client asks again.
+const WAIT_WINDOW: Duration = Duration::from_secs(30);
+
+impl Client {
+    /// One unit, or `None` if it does not exist.
+    pub async fn unit(&self, name: &str) -> Result<Option<Unit>> {
+        let what = format!("GET unit {name}");
+        let path = format!("units/{}", segment(name));
+        let resp = self.send(&what, |http, base| http.get(format!("{base}/{path}"))).await?;
+        if resp.status() == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        Self::answer(&what, resp).await.map(Some)
+    }
+
+    /// Asks the engine to move a unit (to `machine`, a full id or unique prefix, if given).
+    pub async fn request_move(&self, name: &str, machine: Option<&str>) -> Result<()> {
+        let body = MoveRequest { machine_id: machine.unwrap_or("").to_string() };
+        let path = format!("units/{}/move", segment(name));
+        let resp = self
+            .send(&format!("move unit {name}"), |http, base| http.post(format!("{base}/{path}")).json(&body))
+            .await?;
+        Self::done(resp).await
+    }
+
+    /// Forgets a (refused) move request.
+    pub async fn forget_move(&self, name: &str) -> Result<()> {
+        let path = format!("units/{}/move", segment(name));
+        let resp =
+            self.send(&format!("forget move of {name}"), |http, base| http.delete(format!("{base}/{path}"))).await?;
+        Self::done(resp).await
+    }
+
+    /// `systemctl status` of a unit from the agents of its machines.
+    pub async fn unit_status(&self, name: &str) -> Result<Vec<AgentStatus>> {
+        let what = format!("status of {name}");
+        let path = format!("units/{}/status", segment(name));
+        let resp = self.send(&what, |http, base| http.get(format!("{base}/{path}"))).await?;
+        Ok(Self::answer::<UnitStatuses>(&what, resp).await?.statuses)
+    }
+
+    /// Copies a unit's journal to `out` as it arrives (forever with `follow`).
+    pub async fn journal(
+        &self,
+        name: &str,
+        lines: u32,
+        follow: bool,
+        output: &str,
+        machine: Option<&str>,
+        out: &mut impl std::io::Write,
+    ) -> Result<()> {
+        let what = format!("journal of {name}");
+        let path = format!("units/{}/journal", segment(name));
+        let mut q = vec![("lines", lines.to_string()), ("follow", follow.to_string()), ("output", output.to_string())];
+        if let Some(m) = machine {
+            q.push(("machineID", m.to_string()));
+        }
+        let mut resp = self
+            .send(&what, |http, base| {
+                let req = http.get(format!("{base}/{path}")).query(&q);
+                // Following has no end; only the connection set-up is bounded.
+                if follow {
+                    req.timeout(Duration::from_secs(365 * 24 * 3600))
+                } else {
+                    req
+                }
+            })
+            .await?;
+        if !resp.status().is_success() {
+            return Err(Self::refusal(resp).await);
+        }
+        let io = |source| Error::Io { what: what.clone(), source };
+        while let Some(chunk) = resp.chunk().await.map_err(|source| Error::Http { what: what.clone(), source })? {
+            out.write_all(&chunk).map_err(io)?;
+            out.flush().map_err(io)?;
+        }
+        Ok(())
+    }
+
+    /// POSTs `body` to a batch method (`units:batchGet`, ...) and decodes its answer.
+    async fn batch<T: serde::de::DeserializeOwned>(&self, method: &str, body: &impl serde::Serialize) -> Result<T> {
+        let what = format!("POST {method}");
+        let resp = self.send(&what, |http, base| http.post(format!("{base}/{method}")).json(body)).await?;
+        Self::answer(&what, resp).await
+    }
+
+    /// The named units, what their machines report, and which do not exist: one request per
+    /// [`BATCH`] names.
+    pub async fn batch_get(&self, names: &[String]) -> Result<Found> {
+        let mut all = Found::default();
+        for chunk in names.chunks(BATCH) {
+            let f: Found = self.batch("units:batchGet", &Names { names: chunk.to_vec() }).await?;
+            all.units.extend(f.units);
+            all.states.extend(f.states);
+            all.missing.extend(f.missing);
+        }
+        Ok(all)
+    }
+
+    /// Creates new units (refused if one exists with other contents; one that exists with the
+    /// same contents counts as created, so a request may be sent again); returns the etcd
+    /// revision of the last write (0 if there was nothing to create).
+    pub async fn create(&self, units: &[Unit]) -> Result<i64> {
+        let mut revision = 0;
+        for chunk in units.chunks(BATCH) {
+            let c: Created = self.batch("units", &CreateUnits { units: chunk.to_vec() }).await?;
+            revision = revision.max(c.revision);
+        }
+        Ok(revision)
+    }
+
+    /// Sets the desired state (and, where given, new options) of existing units; returns the
+    /// etcd revision of the last write (0 if nothing changed).
+    pub async fn update(&self, changes: &[Unit]) -> Result<i64> {
+        let mut revision = 0;
+        for chunk in changes.chunks(BATCH) {
+            let units = chunk
+                .iter()
+                .map(|u| UnitChange {
+                    name: u.name.clone(),
+                    desired_state: u.desired_state.clone(),
+                    options: u.options.clone(),
+                })
+                .collect();
+            let c: Changed = self.batch("units:batchUpdate", &UnitChanges { units }).await?;
+            revision = revision.max(c.revision);
+        }
+        Ok(revision)
+    }
+
+    /// Destroys units; returns those that existed and the revision of the last write.
+    pub async fn destroy_many(&self, names: &[String]) -> Result<(Vec<String>, i64)> {
+        let (mut gone, mut revision) = (Vec::new(), 0);
+        for chunk in names.chunks(BATCH) {
+            let d: Destroyed = self.batch("units:batchDelete", &Names { names: chunk.to_vec() }).await?;
+            gone.extend(d.destroyed);
+            revision = revision.max(d.revision);
+        }
+        Ok((gone, revision))
+    }
+
+    /// Waits (one streaming request per [`WAIT_WINDOW`], whatever the number of units) until
+    /// each unit gets to `until`, handing every event to `seen`; stops early when `seen` says
+    /// so. `revision` is that of the write waited on (the engine first catches up with it).
+    /// Returns the units still pending when `deadline` passed.
+    pub async fn wait(
+        &self,
+        names: &[String],
+        until: Until,
+        revision: i64,
+        deadline: Option<Instant>,
+        mut seen: impl FnMut(&WaitEvent) -> ControlFlow<()>,
+    ) -> Result<Vec<String>> {
+        let mut pending: Vec<String> = names.to_vec();
+        while !pending.is_empty() {
+            let window = match deadline {
+                Some(d) => d.saturating_duration_since(Instant::now()).min(WAIT_WINDOW),
+                None => WAIT_WINDOW,
+            };
+            let mut left = HashSet::new();
+            for chunk in pending.chunks(BATCH) {
+                left.extend(self.wait_once(chunk, until, revision, window, &mut seen).await?);
+            }
+            pending.retain(|n| left.contains(n));
+            if left.is_empty() || deadline.is_some_and(|d| Instant::now() >= d) {
+                break;
+            }
+        }
+        Ok(pending)
+    }
+
+    /// One `units:wait` request; returns the names not yet done with (all of them if `seen`
+    /// stopped the wait).
+    async fn wait_once(
+        &self,
+        names: &[String],
+        until: Until,
+        revision: i64,
+        window: Duration,
+        seen: &mut impl FnMut(&WaitEvent) -> ControlFlow<()>,
+    ) -> Result<HashSet<String>> {
+        let what = "waiting for units".to_string();
+        let body = WaitRequest { names: names.to_vec(), until, revision, timeout_ms: Some(window.as_millis() as u64) };
+        // The answer takes up to the window; the usual request timeout bounds the rest, and the
+        // server's heartbeats show it is alive meanwhile.
+        let timeout = window + self.timeout;
+        let mut resp = self
+            .send("POST units:wait", |http, base| http.post(format!("{base}/units:wait")).json(&body).timeout(timeout))
+            .await?;
+        if !resp.status().is_success() {
+            return Err(Self::refusal(resp).await);
+        }
+        let mut left: HashSet<String> = names.iter().cloned().collect();
+        let mut buf = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(|source| Error::Http { what: what.clone(), source })? {
+            buf.extend_from_slice(&chunk);
+            while let Some(end) = buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=end).collect();
+                let event: WaitEvent = serde_json::from_slice(&line)
+                    .map_err(|e| Error::Decode { what: what.clone(), reason: e.to_string() })?;
+                if event.done {
+                    return Ok(left);
+                }
+                if event.name.is_empty() {
+                    continue;
+                }
+                left.remove(&event.name);
+                if seen(&event).is_break() {
+                    return Ok(names.iter().cloned().collect());
+                }
+            }
+        }
+        Err(Error::Decode { what, reason: "the engine ended the answer early".into() })
+    }
+}
