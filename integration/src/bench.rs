@@ -303,14 +303,18 @@ pub fn render_from_log(log: &Path, out: &Path) -> Result<()> {
     Ok(())
 }
 
-fn unit_json(name: &str, xfleet: &str) -> serde_json::Value {
-    let mut options =
-        vec![serde_json::json!({"section": "Service", "name": "ExecStart", "value": "/bin/sleep infinity"})];
+fn bench_unit(name: &str, xfleet: &str) -> fleet_client::Unit {
+    let option = |section: &str, name: &str, value: &str| fleet_model::UnitOption {
+        section: section.into(),
+        name: name.into(),
+        value: value.into(),
+    };
+    let mut options = vec![option("Service", "ExecStart", "/bin/sleep infinity")];
     if !xfleet.is_empty() {
         let (k, v) = xfleet.split_once('=').unwrap_or((xfleet, ""));
-        options.push(serde_json::json!({"section": "X-Fleet", "name": k, "value": v}));
+        options.push(option("X-Fleet", k, v));
     }
-    serde_json::json!({"name": name, "desiredState": "launched", "options": options})
+    fleet_client::Unit { name: name.into(), desired_state: "launched".into(), options, ..Default::default() }
 }
 
 /// Unit name -> active somewhere, from a watch on the lab's states.
@@ -421,7 +425,7 @@ fn wakeups_between(a: &HashMap<u32, f64>, b: &HashMap<u32, f64>) -> f64 {
 async fn lab_measures(state: &LabState) -> Result<LabReport> {
     let api = state.api_url().context("the lab has no engine")?.to_string();
     // The lab is TLS-only with auth on, as a default install: its admin identity, over TLS.
-    let http = crate::pki::http_as("admin")?;
+    let http = crate::pki::client_as("admin", &api)?;
     let client = crate::etcd_admin(&state.etcd_endpoints()).await?;
     let keys = Keys::new(crate::ETCD_PREFIX);
     let (active, watcher) = watch_active(client, keys).await?;
@@ -433,10 +437,7 @@ async fn lab_measures(state: &LabState) -> Result<LabReport> {
     for i in 0..100 {
         let name = format!("bench-lat-{i:03}.service");
         let t = Instant::now();
-        let resp = http.put(format!("{api}/fleet/v1/units/{name}")).json(&unit_json(&name, "")).send().await?;
-        if !resp.status().is_success() {
-            bail!("PUT {name}: {}", resp.status());
-        }
+        http.put_unit(&bench_unit(&name, "")).await?;
         created.push(name.clone());
         wait_active(&active, std::slice::from_ref(&name), true, Duration::from_secs(30)).await?;
         samples.push(t.elapsed().as_secs_f64() * 1000.0);
@@ -449,18 +450,14 @@ async fn lab_measures(state: &LabState) -> Result<LabReport> {
     // 1,000 units across the machines, submitted in one request, until all are active.
     let names: Vec<String> = (0..1000).map(|i| format!("bench-k-{i:04}.service")).collect();
     let t = Instant::now();
-    let body = serde_json::json!({"units": names.iter().map(|n| unit_json(n, "")).collect::<Vec<_>>()});
-    let resp = http.post(format!("{api}/fleet/v1/units")).json(&body).send().await?;
-    if !resp.status().is_success() {
-        bail!("POST 1,000 units: {} {}", resp.status(), resp.text().await.unwrap_or_default());
-    }
+    http.create(&names.iter().map(|n| bench_unit(n, "")).collect::<Vec<_>>()).await.context("POST 1,000 units")?;
     wait_active(&active, &names, true, Duration::from_secs(300)).await?;
     report.thousand_units_secs = t.elapsed().as_secs_f64();
 
     eprintln!("bench: 1,000 units active in {:.1} s", report.thousand_units_secs);
     // Destroy them all (the original took ~170 s for 100) until systemd stopped every one.
     let t = Instant::now();
-    delete_all(&http, &api, &names).await?;
+    delete_all(&http, &names).await?;
     wait_active(&active, &names, false, Duration::from_secs(300)).await?;
     report.destroy_thousand_secs = t.elapsed().as_secs_f64();
 
@@ -469,11 +466,8 @@ async fn lab_measures(state: &LabState) -> Result<LabReport> {
     let m = state.machines.first().context("the lab has no machine")?;
     let pinned: Vec<String> = (0..1000).map(|i| format!("bench-r-{i:04}.service")).collect();
     let hostname = format!("MachineMetadata=hostname={}", m.name);
-    let body = serde_json::json!({"units": pinned.iter().map(|n| unit_json(n, &hostname)).collect::<Vec<_>>()});
-    let resp = http.post(format!("{api}/fleet/v1/units")).json(&body).send().await?;
-    if !resp.status().is_success() {
-        bail!("POST 1,000 pinned units: {}", resp.status());
-    }
+    let units: Vec<_> = pinned.iter().map(|n| bench_unit(n, &hostname)).collect();
+    http.create(&units).await.context("POST 1,000 pinned units")?;
     wait_active(&active, &pinned, true, Duration::from_secs(300)).await?;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let pid = agent_pid(m).context("cannot find the agent of the first machine")?;
@@ -483,22 +477,17 @@ async fn lab_measures(state: &LabState) -> Result<LabReport> {
     let (c1, w1) = (cpu_secs(pid), wakeups(pid));
     report.agent_idle_cpu_secs_per_min = c1 - c0;
     report.agent_idle_wakeups_per_min = wakeups_between(&w0, &w1);
-    delete_all(&http, &api, &pinned).await?;
-    delete_all(&http, &api, &created).await?;
+    delete_all(&http, &pinned).await?;
+    delete_all(&http, &created).await?;
     wait_active(&active, &pinned, false, Duration::from_secs(300)).await?;
     watcher.abort();
     Ok(report)
 }
 
-async fn delete_all(http: &reqwest::Client, api: &str, names: &[String]) -> Result<()> {
+/// One `DELETE` per unit (as the original's clients destroy), 16 at a time.
+async fn delete_all(http: &fleet_client::Client, names: &[String]) -> Result<()> {
     let failures: Vec<String> = futures::stream::iter(names)
-        .map(|n| async move {
-            match http.delete(format!("{api}/fleet/v1/units/{n}")).send().await {
-                Ok(r) if r.status().is_success() || r.status() == reqwest::StatusCode::NOT_FOUND => None,
-                Ok(r) => Some(format!("{n}: {}", r.status())),
-                Err(e) => Some(format!("{n}: {e}")),
-            }
-        })
+        .map(|n| async move { http.delete_unit(n).await.err().map(|e| format!("{n}: {e}")) })
         .buffer_unordered(16)
         .filter_map(|r| async move { r })
         .collect()

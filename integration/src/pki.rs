@@ -115,6 +115,18 @@ pub fn http_as(who: &str) -> Result<reqwest::Client> {
         .build()?)
 }
 
+/// A fleet API client of `endpoints` as `who` (the lab's CA, `who`'s certificate).
+pub fn client_as(who: &str, endpoints: &str) -> Result<fleet_client::Client> {
+    let id = identity(who);
+    let creds = fleet_client::Credentials {
+        ca_file: Some(id.ca_file),
+        cert_file: Some(id.cert_file),
+        key_file: Some(id.key_file),
+        token: None,
+    };
+    Ok(fleet_client::Client::new(endpoints, std::time::Duration::from_secs(30), &creds)?)
+}
+
 /// An HTTP client that trusts the lab's CA and presents no certificate.
 pub fn http_anonymous() -> Result<reqwest::Client> {
     let (ca, _) = identity("admin").pems()?;

@@ -394,38 +394,43 @@ fn workspace(cfg: &SimConfig, name: &str) -> Result<(PathBuf, PathBuf, String, r
     Ok((dir, engine_config, token, http))
 }
 
+/// The admin's API client of the engine serving on `port` (a long timeout: 5,000 units a request).
+fn api_client(port: u16, token: &str) -> Result<fleet_client::Client> {
+    let creds = fleet_client::Credentials { token: Some(token.to_string()), ..Default::default() };
+    Ok(fleet_client::Client::new(&format!("http://127.0.0.1:{port}"), Duration::from_secs(120), &creds)?)
+}
+
 /// Submits `names` in requests of 5,000 units, two at a time.
-async fn submit_all(http: &reqwest::Client, api: &str, names: &[String]) -> Result<()> {
-    let results: Vec<Result<()>> = futures::stream::iter(names.chunks(5_000))
-        .map(|chunk| submit(http, api, chunk))
-        .buffer_unordered(2)
-        .collect()
-        .await;
+async fn submit_all(api: &fleet_client::Client, names: &[String]) -> Result<()> {
+    let results: Vec<Result<()>> =
+        futures::stream::iter(names.chunks(5_000)).map(|chunk| submit(api, chunk)).buffer_unordered(2).collect().await;
     results.into_iter().collect()
 }
 
-async fn submit(http: &reqwest::Client, api: &str, names: &[String]) -> Result<()> {
-    let units: Vec<serde_json::Value> = names
+async fn submit(api: &fleet_client::Client, names: &[String]) -> Result<()> {
+    let units: Vec<fleet_client::Unit> = names
         .iter()
-        .map(|n| {
-            serde_json::json!({
-                "name": n,
-                "desiredState": "launched",
-                "options": [{"section": "Service", "name": "ExecStart", "value": "/bin/sleep infinity"}],
-            })
+        .map(|n| fleet_client::Unit {
+            name: n.clone(),
+            desired_state: "launched".into(),
+            options: vec![fleet_model::UnitOption {
+                section: "Service".into(),
+                name: "ExecStart".into(),
+                value: "/bin/sleep infinity".into(),
+            }],
+            ..Default::default()
         })
         .collect();
-    let body = serde_json::json!({ "units": units });
-    // An engine that just started answers 503 until its view is loaded; retry as fleetctl does.
-    // The request is idempotent: units created by an earlier attempt count as created.
+    // An engine that just started answers 503 until its view is loaded; the client asks a few
+    // times, and this goes on for a minute. Creating is idempotent: units created by an earlier
+    // attempt count as created.
     let until = Instant::now() + Duration::from_secs(60);
     loop {
-        let resp = http.post(format!("{api}/fleet/v1/units")).json(&body).send().await;
-        match resp {
-            Ok(r) if r.status().is_success() => return Ok(()),
-            Ok(r) if r.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE && Instant::now() < until => {}
-            Ok(r) => bail!("POST /fleet/v1/units: {} {}", r.status(), r.text().await.unwrap_or_default()),
-            Err(e) if Instant::now() < until => tracing::warn!(error = %e, "POST /fleet/v1/units; retrying"),
+        match api.create(&units).await {
+            Ok(_) => return Ok(()),
+            Err(e) if Instant::now() < until && matches!(e.status(), Some(503) | None) => {
+                tracing::warn!(error = %e, "POST /fleet/v1/units; retrying")
+            }
             Err(e) => return Err(e).context("POST /fleet/v1/units"),
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -513,14 +518,14 @@ pub async fn engine_alone(cfg: SimConfig) -> Result<EngineReport> {
     }
 
     let api_engine = start_engine(&cfg, &engine_config, "alone-api", cfg.api_port, false).await?;
-    let api = format!("http://127.0.0.1:{}", cfg.api_port);
+    let api = api_client(cfg.api_port, &token)?;
     wait_until("the API replica to serve", Duration::from_secs(30), || async {
         leader_of(&http, cfg.api_port).await == Some(false)
     })
     .await?;
     let names: Vec<String> = (0..cfg.units).map(|i| format!("alone-{i:06}.service")).collect();
     let t0 = Instant::now();
-    submit_all(&http, &api, &names).await?;
+    submit_all(&api, &names).await?;
     report.submit_secs = t0.elapsed().as_secs_f64();
 
     let from = revision(&admin, &keys).await? + 1;
@@ -543,7 +548,8 @@ pub async fn engine_alone(cfg: SimConfig) -> Result<EngineReport> {
     report_states(&admin, &keys).await?;
     let until = Instant::now() + Duration::from_secs(60);
     loop {
-        (report.list_units_secs, report.list_units_rows) = time_list_units(&cfg, &api, &token)?;
+        (report.list_units_secs, report.list_units_rows) =
+            time_list_units(&cfg, &format!("http://127.0.0.1:{}", cfg.api_port), &token)?;
         if report.list_units_rows >= cfg.units || Instant::now() > until {
             break;
         }
@@ -630,7 +636,7 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport> {
     // Units go in through an API-only replica and are placed by a leader started once they are
     // all stored, so placement throughput is the engine's own, not the submission rate.
     let api_engine = start_engine(&cfg, &engine_config, "sim-api", cfg.api_port, false).await?;
-    let api = format!("http://127.0.0.1:{}", cfg.api_port);
+    let api = api_client(cfg.api_port, &token)?;
     wait_until("the API replica to serve", Duration::from_secs(30), || async {
         leader_of(&http, cfg.api_port).await == Some(false)
     })
@@ -662,7 +668,7 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport> {
     let mut observed = follow(admin.clone(), keys.clone(), from);
     let names: Vec<String> = (0..cfg.units).map(|i| format!("sim-{i:06}.service")).collect();
     let t0 = Instant::now();
-    submit_all(&http, &api, &names).await?;
+    submit_all(&api, &names).await?;
     report.submit_secs = t0.elapsed().as_secs_f64();
     let leader_port = cfg.api_port + 1;
     let mut engine = start_engine(&cfg, &engine_config, "sim-e1", leader_port, true).await?;
@@ -681,7 +687,8 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport> {
     report.txns_per_unit = (to - from + 1) as f64 / cfg.units as f64;
     tracing::info!(secs = report.converge_secs, "converged");
 
-    (report.list_units_secs, report.list_units_rows) = time_list_units(&cfg, &api, &token)?;
+    (report.list_units_secs, report.list_units_rows) =
+        time_list_units(&cfg, &format!("http://127.0.0.1:{}", cfg.api_port), &token)?;
 
     if cfg.faults {
         // Idle: nothing changes; count etcd writes and CPU over a window.
@@ -731,7 +738,7 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport> {
         let t = Instant::now();
         let _ = engine.0.kill();
         let _ = engine.0.wait();
-        submit(&http, &api, &["sim-after-failover.service".to_string()]).await?;
+        submit(&api, &["sim-after-failover.service".to_string()]).await?;
         wait_until("a unit placed by the new leader", Duration::from_secs(60), || async {
             let o = observed.borrow().clone();
             let o = o.lock().unwrap_or_else(|e| e.into_inner());

@@ -168,3 +168,33 @@ fn bad_settings_are_refused_before_anything_is_sent() {
     assert!(err("https://x:1", &bad_token).contains("token contains characters not allowed"));
     assert!(Client::new("unix:///run/fleet.sock,https://a:1", t, &none).is_ok());
 }
+
+#[tokio::test]
+async fn one_unit_writes_tell_created_from_changed_and_gone_from_absent() {
+    let app = Router::new().route(
+        "/fleet/v1/units/{name}",
+        axum::routing::put(|axum::extract::Path(name): axum::extract::Path<String>, Json(u): Json<Unit>| async move {
+            match (name == u.name, u.options.is_empty()) {
+                (false, _) => Code::BAD_REQUEST,
+                (true, false) => Code::CREATED,
+                (true, true) => Code::NO_CONTENT,
+            }
+        })
+        .delete(|axum::extract::Path(name): axum::extract::Path<String>| async move {
+            if name == "a.service" {
+                Code::NO_CONTENT
+            } else {
+                Code::NOT_FOUND
+            }
+        }),
+    );
+    let c = client(&serve(app).await);
+    let opt =
+        fleet_model::UnitOption { section: "Service".into(), name: "ExecStart".into(), value: "/bin/true".into() };
+    let new = Unit { name: "a.service".into(), options: vec![opt], ..Default::default() };
+    assert!(c.put_unit(&new).await.expect("created"));
+    let change = Unit { name: "a.service".into(), desired_state: "launched".into(), ..Default::default() };
+    assert!(!c.put_unit(&change).await.expect("changed"));
+    assert!(c.delete_unit("a.service").await.expect("deleted"));
+    assert!(!c.delete_unit("b.service").await.expect("absent is not an error"));
+}

@@ -26,6 +26,28 @@ impl Client {
         Self::answer(&what, resp).await.map(Some)
     }
 
+    /// `PUT /units/NAME`, the original API's one-unit write: creates the unit (with options), or
+    /// sets its desired state. Returns whether it was created.
+    pub async fn put_unit(&self, unit: &Unit) -> Result<bool> {
+        let path = format!("units/{}", segment(&unit.name));
+        let resp = self
+            .send(&format!("PUT unit {}", unit.name), |http, base| http.put(format!("{base}/{path}")).json(unit))
+            .await?;
+        let created = resp.status() == StatusCode::CREATED;
+        Self::done(resp).await.map(|()| created)
+    }
+
+    /// `DELETE /units/NAME`: returns whether the unit existed.
+    pub async fn delete_unit(&self, name: &str) -> Result<bool> {
+        let path = format!("units/{}", segment(name));
+        let resp =
+            self.send(&format!("DELETE unit {name}"), |http, base| http.delete(format!("{base}/{path}"))).await?;
+        if resp.status() == StatusCode::NOT_FOUND {
+            return Ok(false);
+        }
+        Self::done(resp).await.map(|()| true)
+    }
+
     /// Asks the engine to move a unit (to `machine`, a full id or unique prefix, if given).
     pub async fn request_move(&self, name: &str, machine: Option<&str>) -> Result<()> {
         let body = MoveRequest { machine_id: machine.unwrap_or("").to_string() };
