@@ -4,10 +4,15 @@
 //! and takes several endpoints: a request that cannot reach one engine (or that an engine cut off
 //! from etcd refuses with 503) goes to the next, and the client keeps using the one that answered.
 //!
+//! It also speaks FleetLock, the reboot-slot protocol every engine serves.
+//!
 //! It must not depend on etcd, tonic or the engine: a REST client compiles no gRPC. Wire types
 //! come from `fleet-api`, defined once.
 
+mod fleetlock;
 mod units;
+
+pub use fleetlock::FleetLockOp;
 
 pub use fleet_api::{AgentStatus, Found, Machine, Unit, UnitError, UnitState, Until, WaitEvent};
 use fleet_api::{ErrorBody, MachinePage, Page, UnitPage, UnitStatePage};
