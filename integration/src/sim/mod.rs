@@ -7,20 +7,35 @@
 //! connections would share etcd's gRPC server), which keeps the host's socket count sane.
 
 use anyhow::{bail, Context, Result};
+
 use fleet_agent::config::AgentConfig;
+
 use fleet_agent::driver::SimulatedSystemd;
+
 use fleet_agent::presence::Presence;
+
 use fleet_agent::Agent;
-use fleet_model::schema::{decode, Key};
-use fleet_model::{Keys, MachineRecord, UnitStateRecord};
+
+use fleet_model::{Keys, MachineRecord};
+
 use fleet_store::etcd::{connect, Client, EtcdConfig};
+
 use fleet_store::retry::RetryPolicy;
+
 use futures::StreamExt;
+
 use serde::Serialize;
-use std::collections::{HashMap, HashSet};
+
 use std::path::{Path, PathBuf};
+
 use std::time::{Duration, Instant};
+
 use tokio::sync::watch;
+
+mod engine_alone;
+mod observe;
+pub use engine_alone::{engine_alone, EngineReport};
+use observe::*;
 
 #[derive(Debug, Clone)]
 pub struct SimConfig {
@@ -88,6 +103,7 @@ struct SimMachine {
 
 /// A child process killed when dropped.
 struct Child(std::process::Child);
+
 impl Drop for Child {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -98,6 +114,7 @@ impl Drop for Child {
 /// A scratch directory removed when dropped, so a failed run leaves no 10,000 machine
 /// directories behind.
 struct Scratch(PathBuf);
+
 impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
@@ -241,146 +258,6 @@ impl SimMachine {
     }
 }
 
-/// Counts of unit states from a watch on `states/`.
-#[derive(Default)]
-struct Observed {
-    /// unit -> machines where it is active.
-    active: HashMap<String, HashSet<String>>,
-    /// Units active somewhere (kept as `active` changes: checked after every watch response).
-    active_units: usize,
-    placed: usize,
-    first_placed: Option<Instant>,
-    last_placed: Option<Instant>,
-    puts: u64,
-    /// Puts of units' own keys: records, schedule entries, states.
-    own_puts: u64,
-    /// Puts and deletes under the prefix.
-    writes: u64,
-}
-
-impl Observed {
-    fn all_active(&self, units: usize) -> bool {
-        self.active_units >= units
-    }
-
-    fn set_active(&mut self, unit: String, machine: String, active: bool) {
-        let set = self.active.entry(unit).or_default();
-        let before = !set.is_empty();
-        if active {
-            set.insert(machine);
-        } else {
-            set.remove(&machine);
-        }
-        match (before, !set.is_empty()) {
-            (false, true) => self.active_units += 1,
-            (true, false) => self.active_units -= 1,
-            _ => {}
-        }
-    }
-
-    /// Schedule entries per second, first to last.
-    fn placement_rate(&self) -> f64 {
-        match (self.first_placed, self.last_placed) {
-            (Some(a), Some(b)) => self.placed as f64 / (b - a).as_secs_f64().max(0.001),
-            _ => 0.0,
-        }
-    }
-}
-
-/// Follows every write under the prefix from revision `from`. The watch is reopened where it
-/// left off if etcd ends it (it may, under the load these runs make): an observer that silently
-/// stopped would read as a cluster that never converges.
-fn follow(client: Client, keys: Keys, from: i64) -> watch::Receiver<std::sync::Arc<std::sync::Mutex<Observed>>> {
-    let observed = std::sync::Arc::new(std::sync::Mutex::new(Observed::default()));
-    let (tx, rx) = watch::channel(observed.clone());
-    tokio::spawn(async move {
-        let mut next = from;
-        while !tx.is_closed() {
-            let mut wc = fleet_store::etcd::watch_client(&client);
-            let opts = etcd_client::WatchOptions::new().with_prefix().with_start_revision(next);
-            let mut stream = match wc.watch(keys.prefix().to_string(), Some(opts)).await {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "observer: cannot watch; retrying");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
-                }
-            };
-            loop {
-                let resp = match stream.message().await {
-                    Ok(Some(resp)) if !resp.canceled() => resp,
-                    other => {
-                        tracing::warn!(?other, next, "observer: watch ended; watching again");
-                        break;
-                    }
-                };
-                {
-                    let mut o = observed.lock().unwrap_or_else(|e| e.into_inner());
-                    let now = Instant::now();
-                    for ev in resp.events() {
-                        let Some(kv) = ev.kv() else { continue };
-                        next = next.max(kv.mod_revision() + 1);
-                        let put = ev.event_type() == etcd_client::EventType::Put;
-                        o.writes += 1;
-                        let decoded = keys.decode(kv.key());
-                        if put {
-                            o.puts += 1;
-                            if matches!(decoded, Some(Key::Unit(_) | Key::Schedule(..) | Key::State(..))) {
-                                o.own_puts += 1;
-                            }
-                        }
-                        match decoded {
-                            Some(Key::Schedule(_, _)) if put && kv.version() == 1 => {
-                                o.placed += 1;
-                                o.first_placed.get_or_insert(now);
-                                o.last_placed = Some(now);
-                            }
-                            Some(Key::State(m, u)) => {
-                                let active = put
-                                    && decode::<UnitStateRecord>(kv.value()).is_ok_and(|s| s.active_state == "active");
-                                o.set_active(u.to_string(), m, active);
-                            }
-                            _ => {}
-                        }
-                    }
-                }
-                if tx.send(observed.clone()).is_err() {
-                    return;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    });
-    rx
-}
-
-/// Waits until `done` holds for what the observer has seen: false if `deadline` passes first, an
-/// error if the observer stopped.
-async fn observe_until(
-    observed: &mut watch::Receiver<std::sync::Arc<std::sync::Mutex<Observed>>>,
-    deadline: Instant,
-    done: impl Fn(&Observed) -> bool,
-) -> Result<bool> {
-    loop {
-        let seen = observed.borrow_and_update().clone();
-        if done(&seen.lock().unwrap_or_else(|e| e.into_inner())) {
-            return Ok(true);
-        }
-        if Instant::now() > deadline {
-            return Ok(false);
-        }
-        if let Ok(Err(_)) = tokio::time::timeout(Duration::from_millis(100), observed.changed()).await {
-            bail!("the observer's watch stopped");
-        }
-    }
-}
-
-async fn revision(client: &Client, keys: &Keys) -> Result<i64> {
-    let mut kv = client.kv_client();
-    let r = kv.get(keys.prefix(), Some(etcd_client::GetOptions::new().with_count_only())).await?;
-    Ok(r.header().map(|h| h.revision()).unwrap_or(0))
-}
-
 /// A scratch directory named `name`, the engines' configuration in it (with an admin token), and
 /// an HTTP client carrying that token.
 fn workspace(cfg: &SimConfig, name: &str) -> Result<(PathBuf, PathBuf, String, reqwest::Client)> {
@@ -437,25 +314,6 @@ async fn submit(api: &fleet_client::Client, names: &[String]) -> Result<()> {
     }
 }
 
-/// What the engine-alone run measured.
-#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
-pub struct EngineReport {
-    pub machines: usize,
-    pub units: usize,
-    pub submit_secs: f64,
-    /// From the leader's start until the last unit has its schedule entry.
-    pub place_secs: f64,
-    /// Schedule entries written per second, first to last.
-    pub placements_per_sec: f64,
-    /// etcd write transactions per placed unit during placement.
-    pub txns_per_unit: f64,
-    pub list_units_secs: f64,
-    pub list_units_rows: usize,
-    /// Whether etcd was reached over TLS with a client certificate (the default install).
-    #[serde(default)]
-    pub etcd_tls: bool,
-}
-
 /// `fleetctl list-units` against `api` as the simulation's admin: (seconds, rows).
 fn time_list_units(cfg: &SimConfig, api: &str, token: &str) -> Result<(f64, usize)> {
     let t = Instant::now();
@@ -468,148 +326,6 @@ fn time_list_units(cfg: &SimConfig, api: &str, token: &str) -> Result<(f64, usiz
         bail!("fleetctl list-units: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok((t.elapsed().as_secs_f64(), String::from_utf8_lossy(&out.stdout).lines().count()))
-}
-
-/// The engine on its own, at a size the simulated agents cannot reach on one host:
-/// `cfg.machines` machines registered (their presence records, under one lease, as agents write
-/// them) but no agents running, so nothing else competes for etcd or the CPU; `cfg.units` units
-/// stored through an API replica first; then a leader is started and its schedule entries are
-/// counted from etcd until every unit is placed. Then `fleetctl list-units` at that size.
-pub async fn engine_alone(cfg: SimConfig) -> Result<EngineReport> {
-    let keys = Keys::new(&cfg.prefix);
-    let etcd = EtcdConfig {
-        endpoints: cfg.etcd_endpoints.clone(),
-        request_timeout: Duration::from_secs(30),
-        tls: cfg.etcd_tls.as_ref().map(|t| t.etcd_options()).transpose()?,
-    };
-    let admin = connect(&etcd, RetryPolicy::default()).await.context("etcd")?;
-    admin.kv_client().delete(keys.prefix(), Some(etcd_client::DeleteOptions::new().with_prefix())).await?;
-    let (dir, engine_config, token, http) = workspace(&cfg, "fleet-engine-alone")?;
-    let _scratch = Scratch(dir.clone());
-    let mut report = EngineReport {
-        machines: cfg.machines,
-        units: cfg.units,
-        etcd_tls: cfg.etcd_tls.is_some(),
-        ..Default::default()
-    };
-
-    let lease = admin.lease_client().grant(3600, None).await?.id();
-    let records: Vec<(String, Vec<u8>)> = (0..cfg.machines)
-        .map(|i| {
-            let record = MachineRecord {
-                id: machine_id(i),
-                public_ip: format!("10.{}.{}.{}", (i >> 16) & 255, (i >> 8) & 255, i & 255),
-                metadata: [("sim".to_string(), "yes".to_string())].into(),
-                version: env!("CARGO_PKG_VERSION").into(),
-                lease_ttl: 3600,
-                ..Default::default()
-            };
-            Ok((keys.machine(&record.id), fleet_model::schema::encode(&record)?))
-        })
-        .collect::<Result<_>>()?;
-    for chunk in records.chunks(100) {
-        let ops: Vec<etcd_client::TxnOp> = chunk
-            .iter()
-            .map(|(k, v)| {
-                etcd_client::TxnOp::put(k.clone(), v.clone(), Some(etcd_client::PutOptions::new().with_lease(lease)))
-            })
-            .collect();
-        admin.kv_client().txn(etcd_client::Txn::new().and_then(ops)).await?;
-    }
-
-    let api_engine = start_engine(&cfg, &engine_config, "alone-api", cfg.api_port, false).await?;
-    let api = api_client(cfg.api_port, &token)?;
-    wait_until("the API replica to serve", Duration::from_secs(30), || async {
-        leader_of(&http, cfg.api_port).await == Some(false)
-    })
-    .await?;
-    let names: Vec<String> = (0..cfg.units).map(|i| format!("alone-{i:06}.service")).collect();
-    let t0 = Instant::now();
-    submit_all(&api, &names).await?;
-    report.submit_secs = t0.elapsed().as_secs_f64();
-
-    let from = revision(&admin, &keys).await? + 1;
-    let mut observed = follow(admin.clone(), keys.clone(), from);
-    let t = Instant::now();
-    let engine = start_engine(&cfg, &engine_config, "alone-e1", cfg.api_port + 1, true).await?;
-    if !observe_until(&mut observed, t + Duration::from_secs(600), |o| o.placed >= cfg.units).await? {
-        let placed = observed.borrow().lock().unwrap_or_else(|e| e.into_inner()).placed;
-        bail!("{placed} of {} units placed within 600 s", cfg.units);
-    }
-    report.place_secs = t.elapsed().as_secs_f64();
-    let to = revision(&admin, &keys).await?;
-    {
-        let o = observed.borrow().clone();
-        let o = o.lock().unwrap_or_else(|e| e.into_inner());
-        report.placements_per_sec = o.placement_rate();
-    }
-    report.txns_per_unit = (to - from + 1) as f64 / cfg.units as f64;
-    // `list-units` lists what machines report: write each placed unit's state as its agent would.
-    report_states(&admin, &keys).await?;
-    let until = Instant::now() + Duration::from_secs(60);
-    loop {
-        (report.list_units_secs, report.list_units_rows) =
-            time_list_units(&cfg, &format!("http://127.0.0.1:{}", cfg.api_port), &token)?;
-        if report.list_units_rows >= cfg.units || Instant::now() > until {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    tracing::info!(?report, "engine alone");
-
-    drop(engine);
-    drop(api_engine);
-    let _ = admin.kv_client().delete(keys.prefix(), Some(etcd_client::DeleteOptions::new().with_prefix())).await;
-    let _ = admin.lease_client().revoke(lease).await;
-    Ok(report)
-}
-
-/// An `active` state for every schedule entry, written as agents would (100 per transaction).
-async fn report_states(admin: &Client, keys: &Keys) -> Result<()> {
-    let mut placed = Vec::new();
-    let mut from = keys.schedules();
-    // The prefix's range end: its last byte ('/') plus one.
-    let end = etcd_client::GetOptions::new().with_range(format!("{}0", keys.schedules().trim_end_matches('/')));
-    loop {
-        let opts = end.clone().with_keys_only().with_limit(5_000);
-        let resp = admin.kv_client().get(from.clone(), Some(opts)).await?;
-        for kv in resp.kvs() {
-            if let Some(Key::Schedule(m, u)) = keys.decode(kv.key()) {
-                placed.push((m, u));
-            }
-        }
-        match resp.kvs().last() {
-            Some(kv) if resp.more() => from = format!("{}\0", String::from_utf8_lossy(kv.key())),
-            _ => break,
-        }
-    }
-    let state = fleet_model::schema::encode(&UnitStateRecord {
-        hash: String::new(),
-        load_state: "loaded".into(),
-        active_state: "active".into(),
-        sub_state: "running".into(),
-        applied: fleet_model::DesiredState::Launched,
-    })?;
-    let txns: Vec<etcd_client::Txn> = placed
-        .chunks(100)
-        .map(|c| {
-            let ops: Vec<etcd_client::TxnOp> =
-                c.iter().map(|(m, u)| etcd_client::TxnOp::put(keys.state(m, u), state.clone(), None)).collect();
-            etcd_client::Txn::new().and_then(ops)
-        })
-        .collect();
-    let results: Vec<Result<etcd_client::TxnResponse, etcd_client::Error>> = futures::stream::iter(txns)
-        .map(|t| {
-            let admin = admin.clone();
-            async move { admin.kv_client().txn(t).await }
-        })
-        .buffer_unordered(8)
-        .collect()
-        .await;
-    for r in results {
-        r?;
-    }
-    Ok(())
 }
 
 /// Runs one simulation and cleans up its etcd prefix, processes and files.

@@ -1,0 +1,154 @@
+//! What the simulation sees of the cluster: a watch of schedules and states, counting placements
+//! and active units as they happen.
+
+use anyhow::{bail, Result};
+use fleet_model::schema::{decode, Key};
+use fleet_model::{Keys, UnitStateRecord};
+use fleet_store::etcd::Client;
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// Counts of unit states from a watch on `states/`.
+#[derive(Default)]
+pub(super) struct Observed {
+    /// unit -> machines where it is active.
+    pub(super) active: HashMap<String, HashSet<String>>,
+    /// Units active somewhere (kept as `active` changes: checked after every watch response).
+    pub(super) active_units: usize,
+    pub(super) placed: usize,
+    pub(super) first_placed: Option<Instant>,
+    pub(super) last_placed: Option<Instant>,
+    pub(super) puts: u64,
+    /// Puts of units' own keys: records, schedule entries, states.
+    pub(super) own_puts: u64,
+    /// Puts and deletes under the prefix.
+    pub(super) writes: u64,
+}
+
+impl Observed {
+    pub(super) fn all_active(&self, units: usize) -> bool {
+        self.active_units >= units
+    }
+
+    pub(super) fn set_active(&mut self, unit: String, machine: String, active: bool) {
+        let set = self.active.entry(unit).or_default();
+        let before = !set.is_empty();
+        if active {
+            set.insert(machine);
+        } else {
+            set.remove(&machine);
+        }
+        match (before, !set.is_empty()) {
+            (false, true) => self.active_units += 1,
+            (true, false) => self.active_units -= 1,
+            _ => {}
+        }
+    }
+
+    /// Schedule entries per second, first to last.
+    pub(super) fn placement_rate(&self) -> f64 {
+        match (self.first_placed, self.last_placed) {
+            (Some(a), Some(b)) => self.placed as f64 / (b - a).as_secs_f64().max(0.001),
+            _ => 0.0,
+        }
+    }
+}
+
+/// Follows every write under the prefix from revision `from`. The watch is reopened where it
+/// left off if etcd ends it (it may, under the load these runs make): an observer that silently
+/// stopped would read as a cluster that never converges.
+pub(super) fn follow(
+    client: Client,
+    keys: Keys,
+    from: i64,
+) -> watch::Receiver<std::sync::Arc<std::sync::Mutex<Observed>>> {
+    let observed = std::sync::Arc::new(std::sync::Mutex::new(Observed::default()));
+    let (tx, rx) = watch::channel(observed.clone());
+    tokio::spawn(async move {
+        let mut next = from;
+        while !tx.is_closed() {
+            let mut wc = fleet_store::etcd::watch_client(&client);
+            let opts = etcd_client::WatchOptions::new().with_prefix().with_start_revision(next);
+            let mut stream = match wc.watch(keys.prefix().to_string(), Some(opts)).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "observer: cannot watch; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            loop {
+                let resp = match stream.message().await {
+                    Ok(Some(resp)) if !resp.canceled() => resp,
+                    other => {
+                        tracing::warn!(?other, next, "observer: watch ended; watching again");
+                        break;
+                    }
+                };
+                {
+                    let mut o = observed.lock().unwrap_or_else(|e| e.into_inner());
+                    let now = Instant::now();
+                    for ev in resp.events() {
+                        let Some(kv) = ev.kv() else { continue };
+                        next = next.max(kv.mod_revision() + 1);
+                        let put = ev.event_type() == etcd_client::EventType::Put;
+                        o.writes += 1;
+                        let decoded = keys.decode(kv.key());
+                        if put {
+                            o.puts += 1;
+                            if matches!(decoded, Some(Key::Unit(_) | Key::Schedule(..) | Key::State(..))) {
+                                o.own_puts += 1;
+                            }
+                        }
+                        match decoded {
+                            Some(Key::Schedule(_, _)) if put && kv.version() == 1 => {
+                                o.placed += 1;
+                                o.first_placed.get_or_insert(now);
+                                o.last_placed = Some(now);
+                            }
+                            Some(Key::State(m, u)) => {
+                                let active = put
+                                    && decode::<UnitStateRecord>(kv.value()).is_ok_and(|s| s.active_state == "active");
+                                o.set_active(u.to_string(), m, active);
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                if tx.send(observed.clone()).is_err() {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    rx
+}
+
+/// Waits until `done` holds for what the observer has seen: false if `deadline` passes first, an
+/// error if the observer stopped.
+pub(super) async fn observe_until(
+    observed: &mut watch::Receiver<std::sync::Arc<std::sync::Mutex<Observed>>>,
+    deadline: Instant,
+    done: impl Fn(&Observed) -> bool,
+) -> Result<bool> {
+    loop {
+        let seen = observed.borrow_and_update().clone();
+        if done(&seen.lock().unwrap_or_else(|e| e.into_inner())) {
+            return Ok(true);
+        }
+        if Instant::now() > deadline {
+            return Ok(false);
+        }
+        if let Ok(Err(_)) = tokio::time::timeout(Duration::from_millis(100), observed.changed()).await {
+            bail!("the observer's watch stopped");
+        }
+    }
+}
+
+pub(super) async fn revision(client: &Client, keys: &Keys) -> Result<i64> {
+    let mut kv = client.kv_client();
+    let r = kv.get(keys.prefix(), Some(etcd_client::GetOptions::new().with_count_only())).await?;
+    Ok(r.header().map(|h| h.revision()).unwrap_or(0))
+}
