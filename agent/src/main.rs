@@ -127,14 +127,17 @@ async fn run(cfg: AgentConfig, args: Args) -> anyhow::Result<()> {
                     allowed: cfg.api_allowed_clients.clone(),
                 };
                 let server = fleet_store::tls::server_config(&tls.cert_file, &tls.key_file, &clients)?;
-                let server = axum_server::tls_rustls::RustlsConfig::from_config(server);
                 record.agent_url = format!("https://{host}:{}", local.port());
                 tracing::info!(%addr, "serving unit status and journals over TLS to engines");
-                let listener = listener.into_std().context("agent API listener")?;
+                // The engines' listener (fleet-listen); it runs for as long as the agent does.
+                let (_keep, never) = tokio::sync::watch::channel(false);
+                let served = fleet_listen::serve_tls(listener, app, fleet_listen::tls_config(server), never, |_, _| ());
                 tokio::spawn(async move {
-                    let served = axum_server::from_tcp_rustls(listener, server).serve(app.into_make_service()).await;
-                    if let Err(e) = served {
-                        tracing::error!(error = %e, "agent API stopped");
+                    let _keep = _keep;
+                    match served.await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => tracing::error!(error = %e, "agent API stopped"),
+                        Err(e) => tracing::error!(error = %e, "agent API stopped"),
                     }
                 });
             }

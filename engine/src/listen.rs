@@ -6,15 +6,10 @@ use crate::auth::{Peer, UnixPeer};
 use anyhow::Context;
 use axum::Router;
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
 use tokio::sync::watch;
 
 /// The TLS configuration in force; replaced on SIGHUP, read at every handshake.
-pub type TlsConfig = Arc<RwLock<Arc<rustls::ServerConfig>>>;
-
-/// A TLS handshake must finish in this time, so idle connections cannot pile up.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub use fleet_listen::TlsConfig;
 
 /// `unix:/run/fleet.sock` or `/run/fleet.sock` name a unix socket; anything else is host:port.
 pub fn unix_path(addr: &str) -> Option<&str> {
@@ -78,73 +73,16 @@ pub fn serve_tcp(
     tokio::spawn(async move { axum::serve(listener, svc).with_graceful_shutdown(stopped(stop)).await })
 }
 
-fn current(tls: &TlsConfig) -> Option<Arc<rustls::ServerConfig>> {
-    tls.read().ok().map(|c| c.clone())
-}
-
-/// Serves `app` over TLS: each connection's handshake uses the configuration in force, and each
-/// request carries the connection's [`Peer`].
+/// Serves `app` over TLS (fleet-listen's listener): each request carries the connection's
+/// [`Peer`], with the common name of the client certificate the handshake verified.
 pub fn serve_tls(
     listener: tokio::net::TcpListener,
     app: Router,
     tls: TlsConfig,
     stop: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<std::io::Result<()>> {
-    tokio::spawn(async move {
-        let stop = stopped(stop);
-        tokio::pin!(stop);
-        loop {
-            let (tcp, addr) = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        // Out of file descriptors and the like: wait rather than spin.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
-                _ = &mut stop => return Ok(()),
-            };
-            let Some(config) = current(&tls) else {
-                return Err(std::io::Error::other("TLS configuration lock poisoned"));
-            };
-            // Small answers must not wait for the client's delayed ACK (Nagle): 40 ms a request.
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(%addr, error = %e, "cannot set TCP_NODELAY");
-            }
-            let app = app.clone();
-            tokio::spawn(async move {
-                let acceptor = tokio_rustls::TlsAcceptor::from(config);
-                let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        tracing::debug!(%addr, error = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!(%addr, "TLS handshake timed out");
-                        return;
-                    }
-                };
-                let common_name = stream
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|chain| chain.first())
-                    .and_then(|c| fleet_store::tls::common_name(c));
-                let peer = Peer::Tls { addr, common_name };
-                let svc = tower::ServiceExt::map_request(app, move |mut req: axum::extract::Request<_>| {
-                    req.extensions_mut().insert(peer.clone());
-                    req
-                });
-                let svc = hyper_util::service::TowerToHyperService::new(svc);
-                let io = hyper_util::rt::TokioIo::new(stream);
-                let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-                if let Err(e) = builder.serve_connection_with_upgrades(io, svc).await {
-                    tracing::debug!(%addr, error = %e, "connection ended with an error");
-                }
-            });
-        }
+    fleet_listen::serve_tls(listener, app, tls, stop, |addr, cert| Peer::Tls {
+        addr,
+        common_name: cert.and_then(|c| fleet_store::tls::common_name(c)),
     })
 }
