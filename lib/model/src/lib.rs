@@ -8,6 +8,7 @@
 //! Pure data and rules: it must not depend on tokio, etcd, gRPC, TLS or HTTP (talking to etcd is
 //! `fleet-store`'s job), so that fleetctl, a REST client, compiles none of them.
 
+pub mod glob;
 pub mod machine;
 pub mod rules;
 pub mod schema;
