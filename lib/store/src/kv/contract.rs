@@ -85,6 +85,25 @@ pub async fn prefix_listing<S: Store>(s: &S, prefix: &str) -> Check {
     check(entries.iter().all(|e| e.mod_revision == w.revision), || format!("one revision per transaction: {entries:?}"))
 }
 
+/// A listing longer than etcd's page (2,500 keys) comes whole, in key order, at one revision.
+pub async fn long_listing<S: Store>(s: &S, prefix: &str) -> Check {
+    const KEYS: usize = 2_500;
+    let mut last = 0;
+    for chunk in (0..KEYS).collect::<Vec<_>>().chunks(100) {
+        let ops = chunk.iter().map(|i| Op::put(key(prefix, &format!("k/{i:05}")), "v", 0)).collect();
+        last = s.txn(Txn { then: ops, ..Txn::default() }).await.map_err(err)?.revision;
+    }
+    let (entries, revision) = s.range(&key(prefix, "k/")).await.map_err(err)?;
+    let want: Vec<Vec<u8>> = (0..KEYS).map(|i| key(prefix, &format!("k/{i:05}"))).collect();
+    let keys: Vec<Vec<u8>> = entries.iter().map(|e| e.key.clone()).collect();
+    check(keys == want, || format!("{} keys listed of {KEYS} (first {:?})", keys.len(), keys.first()))?;
+    check(revision >= last, || format!("listed at {revision}, before the last write at {last}"))?;
+    // A key written after the listing is in the next one.
+    s.txn(Txn { then: vec![Op::put(key(prefix, "k/99999"), "late", 0)], ..Txn::default() }).await.map_err(err)?;
+    let (again, _) = s.range(&key(prefix, "k/")).await.map_err(err)?;
+    check(again.len() == KEYS + 1, || format!("the next listing has {} keys", again.len()))
+}
+
 /// Keys on a lease live as long as the lease; a put on a lease that is gone writes nothing.
 pub async fn leases<S: Store>(s: &S, prefix: &str) -> Check {
     let lease = s.grant(30).await.map_err(err)?;
@@ -161,6 +180,7 @@ pub async fn watches<S: Store>(s: &S, prefix: &str) -> Check {
 pub async fn all<S: Store>(s: &S, prefix: &str) -> Check {
     guarded_writes(s, &format!("{prefix}guarded/")).await.map_err(|e| format!("guarded writes: {e}"))?;
     prefix_listing(s, &format!("{prefix}listing/")).await.map_err(|e| format!("prefix listing: {e}"))?;
+    long_listing(s, &format!("{prefix}long/")).await.map_err(|e| format!("long listing: {e}"))?;
     leases(s, &format!("{prefix}leases/")).await.map_err(|e| format!("leases: {e}"))?;
     watches(s, &format!("{prefix}watches/")).await.map_err(|e| format!("watches: {e}"))
 }

@@ -103,14 +103,37 @@ fn etcd_txn_result(resp: &etcd_client::TxnResponse, revision: i64) -> TxnResult 
     TxnResult { succeeded: resp.succeeded(), revision, results }
 }
 
+/// Keys per page of a [`Store::range`] on etcd.
+pub const RANGE_PAGE: i64 = 1000;
+
 impl Store for EtcdStore {
     /// One request: for the bounded prefixes read through the seam (a machine's own keys). The
     /// whole cluster's prefixes are listed in pages by `etcd::list_prefix`.
+    /// In pages of [`RANGE_PAGE`] keys, every page read at the revision of the first: one
+    /// consistent listing however many keys the prefix holds, each answer far below gRPC's
+    /// message limit.
     async fn range(&self, prefix: &[u8]) -> Result<(Vec<Entry>, i64), StoreError> {
-        let opts = etcd_client::GetOptions::new().with_range(prefix_end(prefix));
-        let resp = self.client.kv_client().get(prefix.to_vec(), Some(opts)).await.map_err(from_etcd)?;
-        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-        Ok((resp.kvs().iter().map(entry_of).collect(), revision))
+        let end = prefix_end(prefix);
+        let mut kv = self.client.kv_client();
+        let (mut from, mut revision, mut entries) = (prefix.to_vec(), 0, Vec::new());
+        loop {
+            let mut opts = etcd_client::GetOptions::new().with_range(end.clone()).with_limit(RANGE_PAGE);
+            if revision > 0 {
+                opts = opts.with_revision(revision);
+            }
+            let resp = kv.get(from.clone(), Some(opts)).await.map_err(from_etcd)?;
+            if revision == 0 {
+                revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+            }
+            entries.extend(resp.kvs().iter().map(entry_of));
+            match resp.kvs().last() {
+                Some(last) if resp.more() => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => return Ok((entries, revision)),
+            }
+        }
     }
 
     async fn get(&self, key: &[u8]) -> Result<Option<Entry>, StoreError> {

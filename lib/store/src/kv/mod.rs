@@ -193,8 +193,9 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 /// Follows `prefix` for as long as `tx` is open, on any [`Store`]: a snapshot, then each
 /// revision's changes; a lost watch is resumed from the last revision delivered (nothing missed,
 /// nothing repeated), and a watch that fell behind compaction starts again with a new snapshot.
-/// For bounded prefixes (one machine's schedule); the engine's whole-cluster view pages its
-/// listings with `etcd::follow_prefix`.
+/// On etcd, listings are read in pages at one revision (`EtcdStore::range`); the engine's
+/// whole-cluster view still follows with `etcd::follow_prefix` (one update per watch message,
+/// a kick to rewatch, a periodic resync), which this does not do yet.
 pub async fn follow<S: Store>(store: S, prefix: String, tx: mpsc::Sender<PrefixUpdate>) {
     const MAX_BACKOFF: Duration = Duration::from_secs(1);
     let mut revision: Option<i64> = None;
