@@ -65,39 +65,18 @@ struct Sample {
     slot_holders: usize,
 }
 
-async fn sample(http: &reqwest::Client, api: &str, etcd: &mut etcd_client::Client) -> Option<Sample> {
-    let get = |path: &str| {
-        let url = format!("{api}/fleet/v1/{path}");
-        let http = http.clone();
-        async move { http.get(url).send().await.ok()?.json::<Value>().await.ok() }
-    };
-    let machines = get("machines").await?["machines"]
-        .as_array()?
-        .iter()
-        .filter_map(|m| m["id"].as_str().map(String::from))
-        .collect();
-    // fleet's API leaves an empty list out of its answer.
-    let none = Vec::new();
-    let units = get("units").await?;
-    let units = units["units"]
-        .as_array()
-        .unwrap_or(&none)
-        .iter()
-        .filter(|u| u["name"].as_str().is_some_and(|n| n.starts_with("rollout-")))
-        .map(|u| {
-            (
-                u["name"].as_str().unwrap_or_default().to_string(),
-                u["machineID"].as_str().unwrap_or_default().to_string(),
-                u["currentState"] == "launched",
-            )
-        })
-        .collect::<Vec<_>>();
-    let states = get("state").await?["states"].as_array().cloned().unwrap_or_default();
-    let units = units
+async fn sample(api: &fleet_client::Client, etcd: &mut etcd_client::Client) -> Option<Sample> {
+    let machines = api.machines().await.ok()?.into_iter().map(|m| m.id).collect();
+    let states = api.states(None).await.ok()?;
+    let units = api
+        .units()
+        .await
+        .ok()?
         .into_iter()
-        .map(|(name, machine, _)| {
-            let active = states.iter().any(|s| s["name"] == name.as_str() && s["systemdActiveState"] == "active");
-            (name, machine, active)
+        .filter(|u| u.name.starts_with("rollout-"))
+        .map(|u| {
+            let active = states.iter().any(|s| s.name == u.name && s.systemd_active_state == "active");
+            (u.name, u.machine_id, active)
         })
         .collect();
     let key = format!("{}reboot-lock/default", fleet_integration::ETCD_PREFIX);
@@ -110,9 +89,9 @@ async fn sample(http: &reqwest::Client, api: &str, etcd: &mut etcd_client::Clien
 }
 
 /// Waits (up to 60 s) until every test unit is reported active.
-async fn every_unit_active(lab: &fleet_integration::LabState, http: &reqwest::Client, api: &str, what: &str) {
+async fn every_unit_active(lab: &fleet_integration::LabState, api: &fleet_client::Client, what: &str) {
     wait_for(what, Duration::from_secs(60), || async {
-        let s = sample(http, api, &mut testkit::etcd(lab).await.ok()?).await?;
+        let s = sample(api, &mut testkit::etcd(lab).await.ok()?).await?;
         (s.units.len() == UNITS && s.units.iter().all(|u| u.2)).then_some(())
     })
     .await
@@ -127,22 +106,22 @@ async fn image_machines_update_one_at_a_time_while_their_units_run_elsewhere() {
         "this test needs a lab of image machines: ./lab up --image RELEASE"
     );
     let api = lab.api_url().expect("engine").to_string();
-    let http = testkit::http();
+    let client = std::sync::Arc::new(fleet_integration::pki::client_as("admin", &api).expect("API client"));
     let mut etcd = testkit::etcd(&lab).await.expect("etcd");
     let n = lab.machines.len();
 
     // Every machine is registered before units are placed (the lab waited for that, but a
     // machine that dropped out since would leave the rollout nothing to move units to).
     let registered = wait_for("every lab machine registered", Duration::from_secs(60), || {
-        let (http, api, mut etcd) = (http.clone(), api.clone(), etcd.clone());
+        let (client, mut etcd) = (client.clone(), etcd.clone());
         async move {
-            let s = sample(&http, &api, &mut etcd).await?;
+            let s = sample(&client, &mut etcd).await?;
             (s.machines.len() == n).then_some(s)
         }
     })
     .await;
     if registered.is_err() {
-        let s = sample(&http, &api, &mut etcd).await.unwrap_or_default();
+        let s = sample(&client, &mut etcd).await.unwrap_or_default();
         panic!("not every lab machine is registered: {s:?}\n{}", journals_of_away(&lab, &s.machines));
     }
 
@@ -157,7 +136,7 @@ async fn image_machines_update_one_at_a_time_while_their_units_run_elsewhere() {
     args.extend(paths.iter().map(String::as_str));
     let out = fleetctl(&lab, &api, &args).expect("fleetctl");
     assert!(out.status.success(), "{:?}", text(&out));
-    every_unit_active(&lab, &http, &api, "every unit active").await;
+    every_unit_active(&lab, &client, "every unit active").await;
 
     offer("2");
 
@@ -166,7 +145,7 @@ async fn image_machines_update_one_at_a_time_while_their_units_run_elsewhere() {
     let mut samples = 0;
     let mut max_away = 0;
     loop {
-        if let Some(s) = sample(&http, &api, &mut etcd).await {
+        if let Some(s) = sample(&client, &mut etcd).await {
             samples += 1;
             assert!(s.slot_holders <= 1, "more than one reboot slot held: {s:?}");
             let away = n - s.machines.len();
@@ -203,7 +182,7 @@ async fn image_machines_update_one_at_a_time_while_their_units_run_elsewhere() {
         let lines: Vec<&str> = boots.lines().collect();
         assert_eq!(lines, ["fleet-1-a.conf 1 healthy", "fleet-2-b+0-1.conf 2 healthy"], "{}", m.name);
     }
-    every_unit_active(&lab, &http, &api, "every unit active after the rollout").await;
+    every_unit_active(&lab, &client, "every unit active after the rollout").await;
 
     // The bad release: one machine tries it and comes back to 2 on its own.
     offer("3");
@@ -232,6 +211,6 @@ async fn image_machines_update_one_at_a_time_while_their_units_run_elsewhere() {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let s = sample(&http, &api, &mut etcd).await.expect("sample");
+    let s = sample(&client, &mut etcd).await.expect("sample");
     assert!(s.units.len() == UNITS && s.units.iter().all(|u| u.2), "units run on the others: {s:?}");
 }
