@@ -304,6 +304,16 @@ impl Cluster {
         Self::fed_by(rx, keys, kick)
     }
 
+    /// Follows `keys.prefix()` on any store with [`fleet_store::kv::follow`]: a snapshot, then
+    /// each revision's changes, resumed after a lost watch. The API's unit tests feed their view
+    /// this way from the in-memory store. Engines follow etcd with [`Cluster::follow`], which
+    /// also restarts a watch stuck on a dead member when kicked and relists now and then.
+    pub fn follow_store<S: fleet_store::kv::Store>(store: S, keys: Keys) -> Self {
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(fleet_store::kv::follow(store, keys.prefix().to_string(), tx));
+        Self::fed_by(rx, keys, Arc::new(tokio::sync::Notify::new()))
+    }
+
     /// A view fed by `updates` (from etcd's watch in [`Cluster::follow`]; from a test directly).
     fn fed_by(mut rx: mpsc::Receiver<PrefixUpdate>, keys: Keys, kick: Arc<tokio::sync::Notify>) -> Self {
         let view = Arc::new(RwLock::new(ClusterView::default()));

@@ -18,7 +18,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+use fleet_store::kv::{CmpOp, Compare, Op, Txn};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
@@ -141,36 +141,24 @@ fn request(headers: &HeaderMap, body: &[u8], caller: Option<&Caller>) -> Result<
 /// Reads a group's semaphore and the machine's drain key, with their revisions for the guard.
 async fn read(api: &Api, group: &str, id: &str) -> Result<(Semaphore, i64, i64), Refusal> {
     let (sem_key, drain_key) = (api.keys.reboot_lock(group), api.keys.drain(id));
-    let resp = crate::api::etcd("read reboot lock", || {
-        let mut kv = api.client.kv_client();
-        let txn = Txn::new().and_then([TxnOp::get(sem_key.clone(), None), TxnOp::get(drain_key.clone(), None)]);
-        async move { kv.txn(txn).await }
-    })
-    .await
-    .map_err(from_api)?;
+    let then = vec![Op::Get(sem_key.into_bytes()), Op::Get(drain_key.into_bytes())];
+    let done = api.txn("read reboot lock", Txn { then, ..Txn::default() }, false).await.map_err(from_api)?;
+    let mut found = crate::api::got(&done);
+    let (stored_sem, drain) = (found.next().flatten(), found.next().flatten());
     let mut sem = (Semaphore::default(), 0);
-    let mut drain_rev = 0;
-    for (i, r) in resp.op_responses().into_iter().enumerate() {
-        if let etcd_client::TxnOpResponse::Get(g) = r {
-            if let Some(kv) = g.kvs().first() {
-                if i == 0 {
-                    let s = serde_json::from_slice(kv.value()).map_err(|e| {
-                        refuse(StatusCode::INTERNAL_SERVER_ERROR, "error", format!("stored reboot lock: {e}"))
-                    })?;
-                    sem = (s, kv.mod_revision());
-                } else {
-                    drain_rev = kv.mod_revision();
-                }
-            }
-        }
+    if let Some(e) = stored_sem {
+        let s = serde_json::from_slice(&e.value)
+            .map_err(|e| refuse(StatusCode::INTERNAL_SERVER_ERROR, "error", format!("stored reboot lock: {e}")))?;
+        sem = (s, e.mod_revision);
     }
+    let drain_rev = drain.map(|e| e.mod_revision).unwrap_or(0);
     Ok((sem.0, sem.1, drain_rev))
 }
 
 fn guard(key: String, rev: i64) -> Compare {
     match rev {
-        0 => Compare::create_revision(key, CompareOp::Equal, 0),
-        r => Compare::mod_revision(key, CompareOp::Equal, r),
+        0 => Compare::create_revision(key, CmpOp::Equal, 0),
+        r => Compare::mod_revision(key, CmpOp::Equal, r),
     }
 }
 
@@ -183,19 +171,18 @@ async fn commit(
     id: &str,
     sem: &Semaphore,
     revs: (i64, i64),
-    drain: Option<TxnOp>,
+    drain: Option<Op>,
     what: &str,
 ) -> Result<bool, Refusal> {
     let value = serde_json::to_vec(sem)
         .map_err(|_| refuse(StatusCode::INTERNAL_SERVER_ERROR, "error", "cannot encode the reboot lock"))?;
-    let ops: Vec<TxnOp> = std::iter::once(TxnOp::put(api.keys.reboot_lock(group), value, None)).chain(drain).collect();
-    let txn =
-        Txn::new().when([guard(api.keys.reboot_lock(group), revs.0), guard(api.keys.drain(id), revs.1)]).and_then(ops);
-    let resp = crate::api::etcd_txn(api, what, &txn, false).await.map_err(from_api)?;
-    if resp.succeeded() {
-        crate::api::settle(api, resp.header().map(|h| h.revision()).unwrap_or(0)).await;
+    let then = std::iter::once(Op::put(api.keys.reboot_lock(group), value, 0)).chain(drain).collect();
+    let when = vec![guard(api.keys.reboot_lock(group), revs.0), guard(api.keys.drain(id), revs.1)];
+    let done = api.txn(what, Txn { when, then, ..Txn::default() }, false).await.map_err(from_api)?;
+    if done.succeeded {
+        crate::api::settle(api, done.revision).await;
     }
-    Ok(resp.succeeded())
+    Ok(done.succeeded)
 }
 
 /// Units still scheduled to machine `id`, in this engine's view.
@@ -233,7 +220,7 @@ pub async fn pre_reboot(
             }
             LockStep::Take(next) => next,
         };
-        let drain = drains.then(|| TxnOp::put(api.keys.drain(&id), "", None));
+        let drain = drains.then(|| Op::put(api.keys.drain(&id), "", 0));
         if commit(&api, &group, &id, &next, (sem_rev, drain_rev), drain, "take a reboot slot").await? {
             tracing::info!(machine = %id, %group, drains, "reboot slot taken");
             return drained_or_wait(&api, &id, &next).await;
@@ -277,7 +264,7 @@ pub async fn steady_state(
         let Some((next, lift)) = unlock_step(&sem, &id) else {
             return Ok((StatusCode::OK, Json(serde_json::json!({}))).into_response());
         };
-        let undrain = (lift && drain_rev != 0).then(|| TxnOp::delete(api.keys.drain(&id), None));
+        let undrain = (lift && drain_rev != 0).then(|| Op::delete(api.keys.drain(&id)));
         if commit(&api, &group, &id, &next, (sem_rev, drain_rev), undrain, "release a reboot slot").await? {
             tracing::info!(machine = %id, %group, lift, "reboot slot released");
             return Ok((StatusCode::OK, Json(serde_json::json!({}))).into_response());

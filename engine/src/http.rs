@@ -116,6 +116,10 @@ impl ApiError {
     pub(crate) fn internal(message: impl Into<String>) -> Self {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message)
     }
+    /// etcd cannot be reached (the original fleet's words, which its clients may look for).
+    pub(crate) fn unavailable() -> Self {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "fleet server unable to communicate with etcd")
+    }
 }
 
 impl IntoResponse for ApiError {
@@ -132,14 +136,47 @@ pub(crate) fn method_not_allowed(msg: &str) -> ApiError {
     ApiError::new(StatusCode::METHOD_NOT_ALLOWED, msg)
 }
 
-impl From<etcd_client::Error> for ApiError {
-    fn from(e: etcd_client::Error) -> Self {
-        if fleet_store::etcd::is_transient(&e) {
-            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "fleet server unable to communicate with etcd")
-        } else {
-            ApiError::internal(format!("etcd: {e}"))
+impl From<fleet_store::kv::StoreError> for ApiError {
+    fn from(e: fleet_store::kv::StoreError) -> Self {
+        match e.is_transient() {
+            true => ApiError::unavailable(),
+            false => ApiError::internal(format!("etcd: {e}")),
         }
     }
+}
+
+/// A refusal of a whole batch, with what was wrong with each unit.
+#[derive(Debug)]
+pub struct BatchError {
+    pub error: ApiError,
+    pub units: Vec<wire::UnitError>,
+}
+
+impl From<ApiError> for BatchError {
+    fn from(error: ApiError) -> Self {
+        BatchError { error, units: Vec::new() }
+    }
+}
+
+impl IntoResponse for BatchError {
+    fn into_response(self) -> Response {
+        let status = self.error.status();
+        let body = wire::ErrorBody {
+            error: wire::ErrorDetail { code: status.as_u16(), message: self.error.message().to_string() },
+            units: self.units,
+        };
+        (status, Json(body)).into_response()
+    }
+}
+
+/// Refuses the batch if any unit was refused: `what` says why, `units` which and how.
+pub(crate) fn refuse_batch(status: StatusCode, what: &str, units: Vec<wire::UnitError>) -> Result<(), BatchError> {
+    if units.is_empty() {
+        return Ok(());
+    }
+    let first = units.iter().take(3).map(|u| format!("{}: {}", u.name, u.error)).collect::<Vec<_>>().join("; ");
+    let more = if units.len() > 3 { format!(" (and {} more)", units.len() - 3) } else { String::new() };
+    Err(BatchError { error: ApiError::new(status, format!("{what}: {first}{more}")), units })
 }
 
 /// Largest request body, except a batch of units.

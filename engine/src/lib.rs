@@ -11,6 +11,8 @@
 //! never on the agent, fleetctl or the lab; its wire types are `fleet-api`'s, not its own.
 
 pub mod api;
+#[cfg(test)]
+mod api_tests;
 pub mod auth;
 pub mod batch;
 pub mod cluster;
@@ -54,7 +56,7 @@ pub async fn run(mut config: watch::Receiver<EngineConfig>, mut shutdown: watch:
     let cluster = cluster::Cluster::follow(watch_client, keys.clone());
     let status = Arc::new(Mutex::new(leader::LeaderStatus { engine_id: cfg.engine_id.clone(), ..Default::default() }));
     let api = api::Api {
-        client: client.clone(),
+        store: fleet_store::kv::EtcdStore::new(client.clone()).into(),
         keys: keys.clone(),
         cluster: cluster.clone(),
         status: status.clone(),

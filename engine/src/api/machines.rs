@@ -33,19 +33,17 @@ pub(crate) async fn patch_machines(State(api): State<Api>, body: axum::body::Byt
             "add" | "replace" if value.is_empty() => {
                 return Err(ApiError::bad_request("invalid value: add and replace require a value"))
             }
-            "add" | "replace" => writes.push(TxnOp::put(api.keys.metadata(machine, key), value, None)),
+            "add" | "replace" => writes.push(Op::put(api.keys.metadata(machine, key), value, 0)),
             // An empty value is a tombstone: it also hides a key from the machine's own config.
-            "remove" => writes.push(TxnOp::put(api.keys.metadata(machine, key), "", None)),
+            "remove" => writes.push(Op::put(api.keys.metadata(machine, key), "", 0)),
             _ => return Err(ApiError::bad_request("invalid op: expect add, remove, or replace")),
         }
     }
     fresh(&api).await?;
     if !writes.is_empty() {
-        let txn = Txn::new().and_then(writes);
-        let resp = etcd_txn(&api, "write metadata", &txn, false).await?;
-        if let Some(h) = resp.header() {
-            api.wrote(h.revision());
-        }
+        let txn = StoreTxn { then: writes, ..StoreTxn::default() };
+        let done = api.txn("write metadata", txn, false).await?;
+        api.wrote(done.revision);
     }
     Ok((StatusCode::NO_CONTENT, [(header::CONTENT_TYPE, "application/json")]).into_response())
 }
@@ -69,32 +67,16 @@ pub(crate) fn machine_by_prefix(api: &Api, prefix: &str) -> Result<String, ApiEr
 pub(crate) async fn drain_machine(State(api): State<Api>, Path(id): Path<String>) -> Result<Response, ApiError> {
     fresh(&api).await?;
     let id = machine_by_prefix(&api, &id)?;
-    let key = api.keys.drain(&id);
-    let resp = etcd("write drain", || {
-        let mut kv = api.client.kv_client();
-        let k = key.clone();
-        async move { kv.put(k, "", None).await }
-    })
-    .await?;
-    if let Some(h) = resp.header() {
-        api.wrote(h.revision());
-    }
+    let revision = api.put_key("write drain", api.keys.drain(&id), Vec::new()).await?;
+    api.wrote(revision);
     Ok((StatusCode::ACCEPTED, Json(wire::DrainAccepted { id })).into_response())
 }
 
 pub(crate) async fn undrain_machine(State(api): State<Api>, Path(id): Path<String>) -> Result<Response, ApiError> {
     fresh(&api).await?;
     let id = machine_by_prefix(&api, &id)?;
-    let key = api.keys.drain(&id);
-    let resp = etcd("delete drain", || {
-        let mut kv = api.client.kv_client();
-        let k = key.clone();
-        async move { kv.delete(k, None).await }
-    })
-    .await?;
-    // Deleting nothing answers etcd's current revision, which this view may never reach.
-    if let Some(h) = resp.header().filter(|_| resp.deleted() > 0) {
-        api.wrote(h.revision());
+    if let Some(revision) = api.delete_key("delete drain", api.keys.drain(&id)).await? {
+        api.wrote(revision);
     }
     Ok(StatusCode::NO_CONTENT.into_response())
 }

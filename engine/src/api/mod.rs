@@ -12,12 +12,11 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine as _;
-use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 use fleet_api as wire;
 use fleet_model::rules::Rules;
 use fleet_model::schema::{decode, encode};
 use fleet_model::{DesiredState, Keys, UnitFile, UnitName, UnitOption, UnitRecord};
-use fleet_store::etcd::Client;
+use fleet_store::kv::{AnyStore, CmpOp, Compare, Entry, Op, OpResult, Store, StoreError, Txn as StoreTxn, TxnResult};
 use serde::Deserialize;
 use std::ops::Bound;
 use std::time::Duration;
@@ -31,11 +30,14 @@ pub use self::agents::*;
 pub(crate) use self::machines::*;
 pub(crate) use self::states::*;
 pub use self::units::*;
-pub use crate::http::{ApiError, MAX_BATCH_BODY_BYTES, MAX_BODY_BYTES};
+pub(crate) use crate::http::refuse_batch;
+pub use crate::http::{ApiError, BatchError, MAX_BATCH_BODY_BYTES, MAX_BODY_BYTES};
 
 #[derive(Clone)]
 pub struct Api {
-    pub client: Client,
+    /// etcd, or in unit tests the in-memory store: every write and every read the view cannot
+    /// answer goes through it.
+    pub store: AnyStore,
     pub keys: Keys,
     pub cluster: Cluster,
     pub status: SharedStatus,
@@ -58,63 +60,70 @@ impl Api {
     }
 }
 
-/// An etcd call with retries on transient errors: with several members, a request can land on a
-/// dead one, and the next attempt picks another.
-pub(crate) async fn etcd<T, F, Fut>(what: &str, op: F) -> Result<T, ApiError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
-{
-    etcd_within(what, Duration::from_secs(3), op).await
-}
-
-/// [`etcd`] for bulk writes, which may queue behind a busy cluster's other writers.
-pub(crate) async fn etcd_patient<T, F, Fut>(what: &str, op: F) -> Result<T, ApiError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
-{
-    etcd_within(what, Duration::from_secs(30), op).await
-}
-
-/// One etcd transaction with [`etcd`]'s retries (or [`etcd_patient`]'s, for bulk writes).
-pub(crate) async fn etcd_txn(
-    api: &Api,
-    what: &str,
-    txn: &Txn,
-    patient: bool,
-) -> Result<etcd_client::TxnResponse, ApiError> {
-    let op = || {
-        let mut kv = api.client.kv_client();
-        let t = txn.clone();
-        async move { kv.txn(t).await }
-    };
+/// How long one attempt of an API request's store call may take: a request can land on a dead
+/// etcd member, and the next attempt picks another. Bulk writes may queue behind a busy
+/// cluster's other writers, so they are given longer.
+fn attempt_limit(patient: bool) -> Duration {
     match patient {
-        true => etcd_patient(what, op).await,
-        false => etcd(what, op).await,
+        true => Duration::from_secs(30),
+        false => Duration::from_secs(3),
     }
 }
 
-/// Four attempts of at most `attempt` each; an etcd that cannot be reached is a 503.
-pub(crate) async fn etcd_within<T, F, Fut>(what: &str, attempt: Duration, op: F) -> Result<T, ApiError>
+/// A store call with retries: four attempts of at most [`attempt_limit`] each; a store that
+/// cannot be reached is a 503.
+pub(crate) async fn stored<T, F, Fut>(what: &str, patient: bool, op: F) -> Result<T, ApiError>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
 {
     let policy = fleet_store::retry::RetryPolicy {
         attempts: 4,
         first_backoff: Duration::from_millis(100),
         max_backoff: Duration::from_secs(1),
-        timeout: attempt,
+        timeout: attempt_limit(patient),
     };
-    policy.run(what, fleet_store::etcd::is_transient, op).await.map_err(|e| {
+    policy.run(what, StoreError::is_transient, op).await.map_err(|e| {
         tracing::warn!(error = %e, "API request failed on etcd");
         match e {
             fleet_store::retry::RetryError::Failed { source, .. } => ApiError::from(source),
-            fleet_store::retry::RetryError::TimedOut { .. } => {
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "fleet server unable to communicate with etcd")
-            }
+            fleet_store::retry::RetryError::TimedOut { .. } => ApiError::unavailable(),
         }
+    })
+}
+
+impl Api {
+    /// One key, read with [`stored`]'s retries.
+    pub(crate) async fn read_key(&self, what: &str, key: &str, patient: bool) -> Result<Option<Entry>, ApiError> {
+        stored(what, patient, || self.store.get(key.as_bytes())).await
+    }
+
+    /// One transaction with [`stored`]'s retries.
+    pub(crate) async fn txn(&self, what: &str, txn: StoreTxn, patient: bool) -> Result<TxnResult, ApiError> {
+        stored(what, patient, || self.store.txn(txn.clone())).await
+    }
+
+    /// Writes one key; the revision it was written at.
+    pub(crate) async fn put_key(&self, what: &str, key: String, value: Vec<u8>) -> Result<i64, ApiError> {
+        let txn = StoreTxn { then: vec![Op::put(key, value, 0)], ..StoreTxn::default() };
+        Ok(self.txn(what, txn, false).await?.revision)
+    }
+
+    /// Deletes one key: the revision of the delete, or `None` if there was nothing to delete (a
+    /// delete of nothing answers the store's current revision, which this view may never reach).
+    pub(crate) async fn delete_key(&self, what: &str, key: String) -> Result<Option<i64>, ApiError> {
+        let txn = StoreTxn { then: vec![Op::delete(key)], ..StoreTxn::default() };
+        let done = self.txn(what, txn, false).await?;
+        let deleted = matches!(done.results.first(), Some(OpResult::Delete { deleted }) if *deleted > 0);
+        Ok(deleted.then_some(done.revision))
+    }
+}
+
+/// The entries a transaction's gets found, in the order of its operations.
+pub(crate) fn got(done: &TxnResult) -> impl Iterator<Item = Option<&Entry>> {
+    done.results.iter().filter_map(|r| match r {
+        OpResult::Get(e) => Some(e.as_ref()),
+        _ => None,
     })
 }
 

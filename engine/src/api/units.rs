@@ -22,28 +22,14 @@ pub(crate) async fn get_unit(State(api): State<Api>, Path(name): Path<String>) -
     }
     // Not in this replica's view. Before saying 404, ask etcd itself: the view may lag a write
     // just made through another path (its watch can sit on an etcd member that died).
-    let key = api.keys.unit(&name);
-    let resp = etcd("read unit", || {
-        let mut kv = api.client.kv_client();
-        let k = key.clone();
-        async move { kv.get(k, None).await }
-    })
-    .await?;
-    let Some(rec) = resp.kvs().first().and_then(|kv| decode::<UnitRecord>(kv.value()).ok()) else {
+    let stored_unit = api.read_key("read unit", &api.keys.unit(&name), false).await?;
+    let Some(rec) = stored_unit.and_then(|e| decode::<UnitRecord>(&e.value).ok()) else {
         return Err(ApiError::new(StatusCode::NOT_FOUND, "unit does not exist"));
     };
     api.cluster.kick();
-    let body_key = api.keys.body(&rec.hash);
-    let body = etcd("read unit body", || {
-        let mut kv = api.client.kv_client();
-        let k = body_key.clone();
-        async move { kv.get(k, None).await }
-    })
-    .await?;
+    let body = api.read_key("read unit body", &api.keys.body(&rec.hash), false).await?;
     let options = body
-        .kvs()
-        .first()
-        .and_then(|kv| UnitFile::parse(&String::from_utf8_lossy(kv.value())).ok())
+        .and_then(|e| UnitFile::parse(&String::from_utf8_lossy(&e.value)).ok())
         .map(|f| f.options)
         .unwrap_or_default();
     Ok(Json(wire::Unit {
@@ -123,13 +109,8 @@ pub(crate) async fn put_unit(
     let key = api.keys.unit(&name);
     // Optimistic concurrency: read, decide, write only if the unit did not change meanwhile.
     for _ in 0..5 {
-        let resp = etcd("read unit", || {
-            let mut kv = api.client.kv_client();
-            let k = key.clone();
-            async move { kv.get(k, None).await }
-        })
-        .await?;
-        let existing = resp.kvs().first().map(|kv| (decode::<UnitRecord>(kv.value()), kv.mod_revision()));
+        let existing =
+            api.read_key("read unit", &key, false).await?.map(|e| (decode::<UnitRecord>(&e.value), e.mod_revision));
         let new_file = file.as_ref().map(|(f, _)| f.clone());
         // New unit, or new contents: the body's desired state or `inactive`, guarded by what was read.
         let fresh = |f: &UnitFile, guard: Compare| {
@@ -157,10 +138,10 @@ pub(crate) async fn put_unit(
             (None, None) => {
                 return Err(ApiError::new(StatusCode::CONFLICT, "unit does not exist and options field empty"))
             }
-            (None, Some(f)) => fresh(&f, Compare::create_revision(key.clone(), CompareOp::Equal, 0)),
+            (None, Some(f)) => fresh(&f, Compare::create_revision(key.clone(), CmpOp::Equal, 0)),
             (Some((Err(e), _)), _) => return Err(ApiError::internal(format!("stored unit is unreadable: {e}"))),
             (Some((Ok(old), rev)), Some(f)) if f.hash() != old.hash => {
-                fresh(&f, Compare::mod_revision(key.clone(), CompareOp::Equal, rev))
+                fresh(&f, Compare::mod_revision(key.clone(), CmpOp::Equal, rev))
             }
             (Some((Ok(old), rev)), _) => {
                 let Some(d) = desired else {
@@ -176,20 +157,19 @@ pub(crate) async fn put_unit(
                     StatusCode::NO_CONTENT,
                     UnitRecord { desired_state: d, ..old },
                     None,
-                    Compare::mod_revision(key.clone(), CompareOp::Equal, rev),
+                    Compare::mod_revision(key.clone(), CmpOp::Equal, rev),
                 )
             }
         };
         let mut ops = Vec::new();
         if let Some(text) = &body_text {
-            ops.push(TxnOp::put(api.keys.body(&record.hash), text.clone(), None));
+            ops.push(Op::put(api.keys.body(&record.hash), text.clone(), 0));
         }
-        ops.push(TxnOp::put(key.clone(), encode(&record).map_err(|e| ApiError::internal(e.to_string()))?, None));
-        let txn = Txn::new().when([guard]).and_then(ops);
-        let resp = etcd_txn(&api, "write unit", &txn, false).await?;
-        if resp.succeeded() {
-            let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
-            api.wrote(rev);
+        ops.push(Op::put(key.clone(), encode(&record).map_err(|e| ApiError::internal(e.to_string()))?, 0));
+        let txn = StoreTxn { when: vec![guard], then: ops, ..StoreTxn::default() };
+        let done = api.txn("write unit", txn, false).await?;
+        if done.succeeded {
+            api.wrote(done.revision);
             let what = if body_text.is_some() { "unit file submitted, " } else { "" };
             let detail = AuditDetail(format!("{what}desired state {}", record.desired_state));
             return Ok((status, axum::Extension(detail)).into_response());
@@ -252,7 +232,7 @@ pub(crate) async fn create_units(
     State(api): State<Api>,
     headers: HeaderMap,
     body: axum::body::Bytes,
-) -> Result<Response, ApiError> {
+) -> Result<Response, BatchError> {
     check_json(&headers)?;
     let units = parse_create_units(&body)?;
     let mut records = Vec::with_capacity(units.len());
@@ -285,15 +265,16 @@ pub(crate) async fn create_units(
                         })
                         .map(|(n, _)| n.clone())
                         .collect();
-                    if !differing.is_empty() {
-                        return Err(ApiError::new(
-                            StatusCode::CONFLICT,
-                            format!(
-                                "units already exist with other contents or state: {}; units before them in the request were created",
-                                differing.join(" ")
-                            ),
-                        ));
-                    }
+                    // Earlier transactions of the request stay written: say so, and which.
+                    let what = match last_rev {
+                        0 => "units already exist with other contents or state".to_string(),
+                        _ => format!("units already exist with other contents or state (units before them in the request were created, up to revision {last_rev})"),
+                    };
+                    let refused = differing
+                        .into_iter()
+                        .map(|name| wire::UnitError { name, error: "exists with other contents or state".into() })
+                        .collect();
+                    refuse_batch(StatusCode::CONFLICT, &what, refused)?;
                     chunk.retain(|(r, _)| !existing.iter().any(|(n, _)| n.as_str() == r.name.as_str()));
                     if chunk.is_empty() {
                         break;
@@ -302,7 +283,7 @@ pub(crate) async fn create_units(
             }
         }
         if !chunk.is_empty() {
-            return Err(ApiError::new(StatusCode::CONFLICT, "units changed concurrently; try again"));
+            return Err(ApiError::new(StatusCode::CONFLICT, "units changed concurrently; try again").into());
         }
     }
     tracing::debug!(units = records.len(), revision = last_rev, "units created; settling");
@@ -316,38 +297,29 @@ pub(crate) async fn write_new_units(
     api: &Api,
     chunk: &[&(UnitRecord, String)],
 ) -> Result<Result<i64, Vec<(String, Option<UnitRecord>)>>, ApiError> {
-    {
-        let mut guards = Vec::new();
-        let mut ops = Vec::new();
-        let mut bodies = std::collections::HashSet::new();
-        for (rec, text) in chunk {
-            let key = api.keys.unit(&rec.name);
-            guards.push(Compare::create_revision(key.clone(), CompareOp::Equal, 0));
-            if bodies.insert(rec.hash.clone()) {
-                ops.push(TxnOp::put(api.keys.body(&rec.hash), text.as_str(), None));
-            }
-            ops.push(TxnOp::put(key, encode(rec).map_err(|e| ApiError::internal(e.to_string()))?, None));
+    let mut guards = Vec::new();
+    let mut ops = Vec::new();
+    let mut bodies = std::collections::HashSet::new();
+    for (rec, text) in chunk {
+        let key = api.keys.unit(&rec.name);
+        guards.push(Compare::create_revision(key.clone(), CmpOp::Equal, 0));
+        if bodies.insert(rec.hash.clone()) {
+            ops.push(Op::put(api.keys.body(&rec.hash), text.as_str(), 0));
         }
-        let txn = Txn::new().when(guards).and_then(ops);
-        let resp = etcd_txn(api, "write units", &txn, true).await?;
-        if resp.succeeded() {
-            return Ok(Ok(resp.header().map(|h| h.revision()).unwrap_or(0)));
-        }
-        let mut existing = Vec::new();
-        for (rec, _) in chunk {
-            let key = api.keys.unit(&rec.name);
-            let got = etcd_patient("read unit", || {
-                let mut kv = api.client.kv_client();
-                let k = key.clone();
-                async move { kv.get(k, None).await }
-            })
-            .await?;
-            if let Some(kv) = got.kvs().first() {
-                existing.push((rec.name.to_string(), decode::<UnitRecord>(kv.value()).ok()));
-            }
-        }
-        Ok(Err(existing))
+        ops.push(Op::put(key, encode(rec).map_err(|e| ApiError::internal(e.to_string()))?, 0));
     }
+    // What exists already is read in the same transaction, for the refusal's per-unit answer.
+    let reads = chunk.iter().map(|(rec, _)| Op::Get(api.keys.unit(&rec.name).into_bytes())).collect();
+    let done = api.txn("write units", StoreTxn { when: guards, then: ops, otherwise: reads }, true).await?;
+    if done.succeeded {
+        return Ok(Ok(done.revision));
+    }
+    let existing = chunk
+        .iter()
+        .zip(got(&done))
+        .filter_map(|((rec, _), e)| e.map(|e| (rec.name.to_string(), decode::<UnitRecord>(&e.value).ok())))
+        .collect();
+    Ok(Err(existing))
 }
 
 /// Refuses a unit that would replace a unit which replaces it: neither could ever settle.
@@ -441,16 +413,8 @@ pub(crate) async fn move_unit(
         Ok(fleet_model::schema::MoveRequest { from, to, refused: String::new() })
     })?;
     let value = encode(&request).map_err(|e| ApiError::internal(e.to_string()))?;
-    let key = api.keys.moves(&name);
-    let resp = etcd("write move request", || {
-        let mut kv = api.client.kv_client();
-        let (k, v) = (key.clone(), value.clone());
-        async move { kv.put(k, v, None).await }
-    })
-    .await?;
-    if let Some(h) = resp.header() {
-        api.wrote(h.revision());
-    }
+    let revision = api.put_key("write move request", api.keys.moves(&name), value).await?;
+    api.wrote(revision);
     Ok((StatusCode::ACCEPTED, Json(wire::MoveAccepted { from: request.from, machine_id: request.to })).into_response())
 }
 
@@ -458,31 +422,18 @@ pub(crate) async fn move_unit(
 pub(crate) async fn forget_move(State(api): State<Api>, Path(name): Path<String>) -> Result<Response, ApiError> {
     let name = parse_name(&name)?;
     fresh(&api).await?;
-    let key = api.keys.moves(&name);
-    etcd("delete move request", || {
-        let mut kv = api.client.kv_client();
-        let k = key.clone();
-        async move { kv.delete(k, None).await }
-    })
-    .await?;
+    if let Some(revision) = api.delete_key("delete move request", api.keys.moves(&name)).await? {
+        api.wrote(revision);
+    }
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 pub(crate) async fn delete_unit(State(api): State<Api>, Path(name): Path<String>) -> Result<Response, ApiError> {
     let name = parse_name(&name)?;
     fresh(&api).await?;
-    let key = api.keys.unit(&name);
-    let resp = etcd("delete unit", || {
-        let mut kv = api.client.kv_client();
-        let k = key.clone();
-        async move { kv.delete(k, None).await }
-    })
-    .await?;
-    if resp.deleted() == 0 {
+    let Some(revision) = api.delete_key("delete unit", api.keys.unit(&name)).await? else {
         return Err(ApiError::new(StatusCode::NOT_FOUND, "unit does not exist"));
-    }
-    if let Some(h) = resp.header() {
-        api.wrote(h.revision());
-    }
+    };
+    api.wrote(revision);
     Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -8,62 +8,29 @@
 //! committed. Per-unit refusals are listed in the error body's `units`.
 
 use crate::api::{
-    api_unit, check_json, check_put, check_replace_cycles, etcd_txn, fresh, placement_of, settle, Api, ApiError,
-    PutUnit, MAX_UNITS_PER_REQUEST, UNITS_PER_TXN,
+    api_unit, check_json, check_put, check_replace_cycles, fresh, got, placement_of, settle, Api, ApiError, PutUnit,
+    MAX_UNITS_PER_REQUEST, UNITS_PER_TXN,
 };
 use crate::auth::{AuditDetail, Caller, Role};
 use crate::cluster::ClusterView;
+use crate::http::refuse_batch as refuse;
+pub use crate::http::BatchError;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use etcd_client::{Compare, CompareOp, Txn, TxnOp, TxnOpResponse};
-use fleet_api as wire;
 pub use fleet_api::{
     Changed, Destroyed, Found, Names, UnitChange, UnitChanges, UnitError, Until, WaitEvent, WaitRequest,
 };
 use fleet_model::schema::{decode, encode, is_stopped};
 use fleet_model::{DesiredState, UnitName, UnitRecord};
+use fleet_store::kv::{CmpOp, Compare, Op, OpResult, Txn};
 use serde::Deserialize;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 mod wait;
 pub use wait::{check, wait, Check, MAX_WAIT};
-
-/// A refusal of a whole batch, with what was wrong with each unit.
-#[derive(Debug)]
-pub struct BatchError {
-    pub error: ApiError,
-    pub units: Vec<UnitError>,
-}
-
-impl From<ApiError> for BatchError {
-    fn from(error: ApiError) -> Self {
-        BatchError { error, units: Vec::new() }
-    }
-}
-
-impl IntoResponse for BatchError {
-    fn into_response(self) -> Response {
-        let status = self.error.status();
-        let body = wire::ErrorBody {
-            error: wire::ErrorDetail { code: status.as_u16(), message: self.error.message().to_string() },
-            units: self.units,
-        };
-        (status, Json(body)).into_response()
-    }
-}
-
-/// Refuses the batch if any unit was refused: `what` says why, `units` which and how.
-fn refuse(status: StatusCode, what: &str, units: Vec<UnitError>) -> Result<(), BatchError> {
-    if units.is_empty() {
-        return Ok(());
-    }
-    let first = units.iter().take(3).map(|u| format!("{}: {}", u.name, u.error)).collect::<Vec<_>>().join("; ");
-    let more = if units.len() > 3 { format!(" (and {} more)", units.len() - 3) } else { String::new() };
-    Err(BatchError { error: ApiError::new(status, format!("{what}: {first}{more}")), units })
-}
 
 fn decode_body<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("unable to decode body: {e}")))
@@ -118,16 +85,9 @@ fn find(v: &ClusterView, names: &[UnitName]) -> Found {
 async fn newest_of(api: &Api, names: &[&UnitName]) -> Result<i64, ApiError> {
     let mut newest = 0;
     for chunk in names.chunks(GETS_PER_TXN) {
-        let ops: Vec<TxnOp> = chunk
-            .iter()
-            .map(|n| TxnOp::get(api.keys.unit(n), Some(etcd_client::GetOptions::new().with_keys_only())))
-            .collect();
-        let resp = etcd_txn(api, "look units up", &Txn::new().and_then(ops), false).await?;
-        for r in resp.op_responses() {
-            if let TxnOpResponse::Get(g) = r {
-                newest = g.kvs().iter().map(|kv| kv.mod_revision()).fold(newest, i64::max);
-            }
-        }
+        let then = chunk.iter().map(|n| Op::Get(api.keys.unit(n).into_bytes())).collect();
+        let done = api.txn("look units up", Txn { then, ..Txn::default() }, false).await?;
+        newest = got(&done).flatten().map(|e| e.mod_revision).fold(newest, i64::max);
     }
     Ok(newest)
 }
@@ -244,21 +204,16 @@ pub async fn batch_update(
 /// read again if another writer came in between.
 async fn update_chunk(api: &Api, chunk: &[PutUnit]) -> Result<(Vec<String>, i64), BatchError> {
     for _ in 0..5 {
-        let reads: Vec<TxnOp> = chunk.iter().map(|c| TxnOp::get(api.keys.unit(&c.name), None)).collect();
-        let read = etcd_txn(api, "read units", &Txn::new().and_then(reads), true).await?;
+        let reads = chunk.iter().map(|c| Op::Get(api.keys.unit(&c.name).into_bytes())).collect();
+        let read = api.txn("read units", Txn { then: reads, ..Txn::default() }, true).await?;
         let mut guards = Vec::new();
         let mut ops = Vec::new();
         let mut changed = Vec::new();
         let mut gone = Vec::new();
         let mut bodies = HashSet::new();
-        for (c, got) in chunk.iter().zip(read.op_responses()) {
+        for (c, stored) in chunk.iter().zip(got(&read)) {
             let key = api.keys.unit(&c.name);
-            let stored = match got {
-                TxnOpResponse::Get(g) => {
-                    g.kvs().first().map(|kv| (decode::<UnitRecord>(kv.value()), kv.mod_revision()))
-                }
-                _ => None,
-            };
+            let stored = stored.map(|e| (decode::<UnitRecord>(&e.value), e.mod_revision));
             let Some((old, rev)) = stored else {
                 gone.push(UnitError { name: c.name.to_string(), error: "unit does not exist".into() });
                 continue;
@@ -268,7 +223,7 @@ async fn update_chunk(api: &Api, chunk: &[PutUnit]) -> Result<(Vec<String>, i64)
             if let Some((f, _)) = &c.file {
                 new.hash = f.hash();
                 if new.hash != old.hash && bodies.insert(new.hash.clone()) {
-                    ops.push(TxnOp::put(api.keys.body(&new.hash), f.canonical(), None));
+                    ops.push(Op::put(api.keys.body(&new.hash), f.canonical(), 0));
                 }
             }
             if let Some(d) = c.desired {
@@ -277,18 +232,17 @@ async fn update_chunk(api: &Api, chunk: &[PutUnit]) -> Result<(Vec<String>, i64)
             if new == old {
                 continue;
             }
-            guards.push(Compare::mod_revision(key.clone(), CompareOp::Equal, rev));
-            ops.push(TxnOp::put(key, encode(&new).map_err(|e| ApiError::internal(e.to_string()))?, None));
+            guards.push(Compare::mod_revision(key.clone(), CmpOp::Equal, rev));
+            ops.push(Op::put(key, encode(&new).map_err(|e| ApiError::internal(e.to_string()))?, 0));
             changed.push(c.name.to_string());
         }
         refuse(StatusCode::CONFLICT, "units were destroyed meanwhile", gone)?;
         if ops.is_empty() {
             return Ok((changed, 0));
         }
-        let txn = Txn::new().when(guards).and_then(ops);
-        let resp = etcd_txn(api, "write units", &txn, true).await?;
-        if resp.succeeded() {
-            return Ok((changed, resp.header().map(|h| h.revision()).unwrap_or(0)));
+        let done = api.txn("write units", Txn { when: guards, then: ops, ..Txn::default() }, true).await?;
+        if done.succeeded {
+            return Ok((changed, done.revision));
         }
     }
     Err(ApiError::new(StatusCode::CONFLICT, "units changed concurrently; try again").into())
@@ -306,19 +260,23 @@ pub async fn batch_delete(
     let names = named_units(&api, &headers, &body).await?;
     let mut done = Destroyed { destroyed: Vec::new(), missing: Vec::new(), revision: 0 };
     for chunk in names.chunks(DELETES_PER_TXN) {
-        let ops: Vec<TxnOp> = chunk.iter().map(|n| TxnOp::delete(api.keys.unit(n), None)).collect();
-        let resp = etcd_txn(&api, "delete units", &Txn::new().and_then(ops), true).await?;
-        for (n, r) in chunk.iter().zip(resp.op_responses()) {
+        let then = chunk.iter().map(|n| Op::delete(api.keys.unit(n))).collect();
+        let deleted = api.txn("delete units", Txn { then, ..Txn::default() }, true).await?;
+        let mut any = false;
+        for (n, r) in chunk.iter().zip(&deleted.results) {
             match r {
-                TxnOpResponse::Delete(d) if d.deleted() > 0 => done.destroyed.push(n.to_string()),
+                OpResult::Delete { deleted } if *deleted > 0 => {
+                    any = true;
+                    done.destroyed.push(n.to_string())
+                }
                 _ => done.missing.push(n.to_string()),
             }
         }
         // A transaction that deleted nothing answers etcd's current revision, which may count
         // writes outside fleet's prefix: recorded, it would make the next read wait for a
         // revision this replica's view never reaches.
-        if chunk.iter().any(|n| done.destroyed.iter().any(|d| d == n.as_str())) {
-            done.revision = done.revision.max(resp.header().map(|h| h.revision()).unwrap_or(0));
+        if any {
+            done.revision = done.revision.max(deleted.revision);
         }
     }
     if done.revision > 0 {

@@ -107,8 +107,6 @@ fn etcd_txn_result(resp: &etcd_client::TxnResponse, revision: i64) -> TxnResult 
 pub const RANGE_PAGE: i64 = 1000;
 
 impl Store for EtcdStore {
-    /// One request: for the bounded prefixes read through the seam (a machine's own keys). The
-    /// whole cluster's prefixes are listed in pages by `etcd::list_prefix`.
     /// In pages of [`RANGE_PAGE`] keys, every page read at the revision of the first: one
     /// consistent listing however many keys the prefix holds, each answer far below gRPC's
     /// message limit.

@@ -7,7 +7,7 @@ use super::*;
 pub(super) const MEM_WATCH_BUFFER: usize = 1024;
 
 /// An in-memory [`Store`] with etcd's semantics and injectable faults, for unit tests only.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct MemStore {
     inner: Arc<Mutex<Mem>>,
 }
@@ -29,9 +29,17 @@ struct Mem {
     requests: u64,
 }
 
+impl Default for MemStore {
+    fn default() -> Self {
+        MemStore::new()
+    }
+}
+
 impl MemStore {
+    /// An empty store at revision 1, as a new etcd cluster is.
     pub fn new() -> MemStore {
-        MemStore::default()
+        let mem = Mem { revision: 1, ..Mem::default() };
+        MemStore { inner: Arc::new(Mutex::new(mem)) }
     }
 
     fn lock(&self) -> MutexGuard<'_, Mem> {

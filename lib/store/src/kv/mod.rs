@@ -282,9 +282,11 @@ fn change_of_entry(e: Entry) -> Change {
     Change::Put { key: e.key, value: e.value, lease: e.lease, mod_revision: e.mod_revision }
 }
 
+mod any;
 mod etcd;
 mod memory;
 
+pub use any::AnyStore;
 pub use etcd::EtcdStore;
 pub use memory::MemStore;
 #[cfg(test)]

@@ -34,9 +34,10 @@ async fn refused_transactions_are_not_applied_and_later_ones_are() {
     s.refuse_next_txns(2);
     assert!(s.txn(put("/k", "1")).await.is_err());
     assert!(s.txn(put("/k", "2")).await.is_err());
-    assert_eq!((s.peek(b"/k"), s.revision()), (None, 0));
+    // A new store is at revision 1, as a new etcd is.
+    assert_eq!((s.peek(b"/k"), s.revision()), (None, 1));
     let ok = s.txn(put("/k", "3")).await;
-    assert_eq!(ok.map(|r| r.revision).ok(), Some(1));
+    assert_eq!(ok.map(|r| r.revision).ok(), Some(2));
     assert_eq!(s.peek(b"/k"), Some(b"3".to_vec()));
 }
 
@@ -56,13 +57,13 @@ async fn a_lost_watch_closes_and_a_new_one_resumes_from_a_revision() {
     let s = MemStore::new();
     let mut w = s.watch(b"/p/", 1).await.expect("watch");
     s.txn(put("/p/a", "1")).await.expect("put");
-    assert_eq!(w.recv().await.and_then(Result::ok).map(|b| b.revision), Some(1));
+    assert_eq!(w.recv().await.and_then(Result::ok).map(|b| b.revision), Some(2));
     s.drop_watches();
     assert!(w.recv().await.is_none(), "the watch ends");
     s.txn(put("/p/b", "2")).await.expect("put");
-    let mut again = s.watch(b"/p/", 2).await.expect("rewatch");
+    let mut again = s.watch(b"/p/", 3).await.expect("rewatch");
     let b = again.recv().await.and_then(Result::ok);
-    assert_eq!(b.map(|b| (b.revision, b.events.len())), Some((2, 1)), "nothing missed, nothing repeated");
+    assert_eq!(b.map(|b| (b.revision, b.events.len())), Some((3, 1)), "nothing missed, nothing repeated");
 }
 
 #[tokio::test]
@@ -141,22 +142,22 @@ async fn following_a_prefix_survives_lost_watches_and_compaction() {
     let (tx, mut rx) = mpsc::channel(16);
     tokio::spawn(follow(s.clone(), "/p/".to_string(), tx));
     let first = rx.recv().await;
-    assert!(matches!(&first, Some(PrefixUpdate::Snapshot { revision: 1, puts }) if puts.len() == 1), "{first:?}");
+    assert!(matches!(&first, Some(PrefixUpdate::Snapshot { revision: 2, puts }) if puts.len() == 1), "{first:?}");
     s.txn(put("/p/b", "2")).await.expect("put");
-    assert!(matches!(rx.recv().await, Some(PrefixUpdate::Changes { revision: 2, .. })));
+    assert!(matches!(rx.recv().await, Some(PrefixUpdate::Changes { revision: 3, .. })));
     // A lost watch: the next change still arrives, once.
     s.drop_watches();
     s.txn(put("/p/c", "3")).await.expect("put");
     let next = rx.recv().await;
-    assert!(matches!(&next, Some(PrefixUpdate::Changes { revision: 3, changes }) if changes.len() == 1), "{next:?}");
+    assert!(matches!(&next, Some(PrefixUpdate::Changes { revision: 4, changes }) if changes.len() == 1), "{next:?}");
     // Compaction past what the follower saw while its watch was gone: a new snapshot.
     s.drop_watches();
     s.txn(put("/p/d", "4")).await.expect("put");
     s.txn(put("/q/x", "elsewhere")).await.expect("put");
-    s.compact(5);
+    s.compact(6);
     let again = rx.recv().await;
     assert!(
-        matches!(&again, Some(PrefixUpdate::Snapshot { revision: 5, puts }) if puts.len() == 4),
+        matches!(&again, Some(PrefixUpdate::Snapshot { revision: 6, puts }) if puts.len() == 4),
         "everything under the prefix, as of the compaction: {again:?}"
     );
 }

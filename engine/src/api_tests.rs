@@ -1,0 +1,242 @@
+//! The API's handlers through the engine's real router, on the in-memory store: what a client
+//! sees (status, body) and what is stored, with the store's faults injected. The view is fed from
+//! the same store by `kv::follow`, as an engine's is from etcd. The lab runs the same handlers on
+//! etcd (integration/tests/api.rs and the CLI tests); these show the behaviours etcd cannot be
+//! made to show on demand.
+
+use crate::api::Api;
+use crate::auth::{Auth, AuthConfig, Peer};
+use crate::cluster::Cluster;
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode};
+use fleet_model::schema::decode;
+use fleet_model::{DesiredState, Keys, UnitName, UnitRecord};
+use fleet_store::kv::{MemStore, Op, Store, Txn};
+use serde_json::{json, Value};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tower::ServiceExt;
+
+struct Engine {
+    store: MemStore,
+    keys: Keys,
+    api: Api,
+    app: axum::Router,
+}
+
+async fn engine() -> Engine {
+    let store = MemStore::new();
+    let keys = Keys::new("/fleet-test/");
+    let api = Api {
+        store: store.clone().into(),
+        keys: keys.clone(),
+        cluster: Cluster::follow_store(store.clone(), keys.clone()),
+        status: Default::default(),
+        token_limit: 100,
+        agents: reqwest::Client::new(),
+        fleetlock: Default::default(),
+        written: Default::default(),
+        requests: Default::default(),
+    };
+    // The unix socket's caller is an admin by default: no token or certificate to make.
+    let auth = std::sync::Arc::new(Auth::new(&AuthConfig::default()).expect("default auth"));
+    let app = crate::routes::router(api.clone(), auth);
+    // Until its view has its first listing an engine answers 503, as it should.
+    assert!(api.cluster.caught_up(1, Duration::from_secs(5)).await, "the view lists the store");
+    Engine { store, keys, api, app }
+}
+
+impl Engine {
+    async fn call(&self, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let mut req = Request::builder().method(method).uri(path);
+        if body.is_some() {
+            req = req.header("content-type", "application/json");
+        }
+        let body = body.map(|b| Body::from(b.to_string())).unwrap_or_else(Body::empty);
+        let mut req = req.body(body).expect("request");
+        req.extensions_mut().insert(Peer::Unix { uid: None });
+        let resp = self.app.clone().oneshot(req).await.expect("router answers");
+        let status = resp.status();
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 24).await.expect("body");
+        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    }
+
+    /// The unit record as stored, if any.
+    fn stored(&self, name: &str) -> Option<UnitRecord> {
+        let name = UnitName::parse(name).expect("unit name");
+        self.store.peek(self.keys.unit(&name).as_bytes()).map(|v| decode(&v).expect("stored record"))
+    }
+
+    /// How many keys are stored under `what` in fleet's prefix.
+    async fn count(&self, what: &str) -> usize {
+        let prefix = format!("{}{what}", self.keys.prefix());
+        self.store.range(prefix.as_bytes()).await.expect("range").0.len()
+    }
+
+    async fn units_listed(&self) -> Vec<String> {
+        let (status, page) = self.call(Method::GET, "/fleet/v1/units", None).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        let units = page["units"].as_array().cloned().unwrap_or_default();
+        units.iter().filter_map(|u| u["name"].as_str().map(String::from)).collect()
+    }
+}
+
+fn unit(desired: &str) -> Value {
+    json!({
+        "desiredState": desired,
+        "options": [{"section": "Service", "name": "ExecStart", "value": "/bin/sleep infinity"}],
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_created_unit_is_stored_once_and_read_back_through_the_view() {
+    let e = engine().await;
+    let (status, body) = e.call(Method::PUT, "/fleet/v1/units/a.service", Some(unit("launched"))).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let rec = e.stored("a.service").expect("the unit is stored");
+    assert_eq!(rec.desired_state, DesiredState::Launched);
+    assert_eq!(e.count("bodies/").await, 1, "its body stored beside it");
+    // Read your own write: the next read through this replica waits for its view.
+    let (status, got) = e.call(Method::GET, "/fleet/v1/units/a.service", None).await;
+    assert_eq!(status, StatusCode::OK, "{got}");
+    assert_eq!(got["desiredState"], "launched");
+    assert_eq!(got["options"][0]["value"], "/bin/sleep infinity");
+    assert_eq!(e.units_listed().await, ["a.service"]);
+
+    // The same desired state again writes nothing; a new one is one write.
+    let before = e.store.revision();
+    let (status, _) = e.call(Method::PUT, "/fleet/v1/units/a.service", Some(json!({"desiredState": "launched"}))).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert_eq!(e.store.revision(), before, "an unchanged desired state is not written");
+    let (status, _) = e.call(Method::PUT, "/fleet/v1/units/a.service", Some(json!({"desiredState": "inactive"}))).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert_eq!(e.store.revision(), before + 1);
+    assert_eq!(e.stored("a.service").map(|r| r.desired_state), Some(DesiredState::Inactive));
+
+    // A desired state for a unit that does not exist creates nothing.
+    let (status, body) =
+        e.call(Method::PUT, "/fleet/v1/units/b.service", Some(json!({"desiredState": "launched"}))).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(e.stored("b.service").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_store_is_a_503_with_the_original_words_and_nothing_is_written() {
+    let e = engine().await;
+    e.store.set_unavailable(true);
+    let (status, body) = e.call(Method::PUT, "/fleet/v1/units/a.service", Some(unit("launched"))).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"]["message"], "fleet server unable to communicate with etcd");
+    e.store.set_unavailable(false);
+    assert!(e.stored("a.service").is_none());
+    // Once it is back, the same request goes through.
+    let (status, body) = e.call(Method::PUT, "/fleet/v1/units/a.service", Some(unit("launched"))).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_transactions_are_sent_again_and_land_once() {
+    let e = engine().await;
+    // Three of the four attempts fail: the request still succeeds, and wrote one revision.
+    e.store.refuse_next_txns(3);
+    let before = e.store.revision();
+    let (status, body) = e.call(Method::PUT, "/fleet/v1/units/a.service", Some(unit("launched"))).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(e.store.revision(), before + 1, "one transaction landed");
+    // A batch the same way: every unit or none.
+    e.store.refuse_next_txns(2);
+    let units: Vec<Value> = (0..3)
+        .map(|i| json!({"name": format!("b{i}.service"), "desiredState": "launched", "options": unit("")["options"]}))
+        .collect();
+    let (status, body) = e.call(Method::POST, "/fleet/v1/units", Some(json!({"units": units}))).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(e.units_listed().await, ["a.service", "b0.service", "b1.service", "b2.service"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_with_one_existing_unit_writes_none_and_names_it() {
+    let e = engine().await;
+    let (status, _) = e.call(Method::PUT, "/fleet/v1/units/b1.service", Some(unit("inactive"))).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let before = e.store.revision();
+    let units: Vec<Value> = (0..3)
+        .map(|i| json!({"name": format!("b{i}.service"), "desiredState": "launched", "options": unit("")["options"]}))
+        .collect();
+    let (status, body) = e.call(Method::POST, "/fleet/v1/units", Some(json!({"units": units}))).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    let named: Vec<&str> = body["units"].as_array().into_iter().flatten().filter_map(|u| u["name"].as_str()).collect();
+    assert_eq!(named, ["b1.service"], "{body}");
+    assert_eq!(e.store.revision(), before, "nothing of the batch was written");
+    assert!(e.stored("b0.service").is_none() && e.stored("b2.service").is_none());
+    assert_eq!(e.stored("b1.service").map(|r| r.desired_state), Some(DesiredState::Inactive));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_delete_reports_what_it_destroyed_and_what_was_missing() {
+    let e = engine().await;
+    for n in ["d1.service", "d2.service"] {
+        let (status, _) = e.call(Method::PUT, &format!("/fleet/v1/units/{n}"), Some(unit("launched"))).await;
+        assert_eq!(status, StatusCode::CREATED);
+    }
+    let names = json!({"names": ["d1.service", "gone.service", "d2.service"]});
+    let (status, body) = e.call(Method::POST, "/fleet/v1/units:batchDelete", Some(names)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["destroyed"], json!(["d1.service", "d2.service"]));
+    assert_eq!(body["missing"], json!(["gone.service"]));
+    assert_eq!(e.count("units/").await, 0);
+    assert!(e.units_listed().await.is_empty(), "the view shows the deletes at once");
+    let (status, _) = e.call(Method::DELETE, "/fleet/v1/units/d1.service", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_that_change_nothing_never_make_reads_wait() {
+    let e = engine().await;
+    let (status, _) = e.call(Method::PUT, "/fleet/v1/units/a.service", Some(unit("launched"))).await;
+    assert_eq!(status, StatusCode::CREATED);
+    // Something outside fleet's prefix moves the store's revision on: this view never sees it.
+    let outside = Txn { then: vec![Op::put("/elsewhere/x", "1", 0)], ..Txn::default() };
+    e.store.txn(outside).await.expect("write outside the prefix");
+    // Deletes of nothing answer that revision; recorded as this replica's write, the next read
+    // would wait for a revision its view never reaches.
+    let (status, _) = e.call(Method::DELETE, "/fleet/v1/units/a.service/move", None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let names = json!({"names": ["nothing.service"]});
+    let (status, body) = e.call(Method::POST, "/fleet/v1/units:batchDelete", Some(names)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let written = e.api.written.load(Ordering::Relaxed);
+    assert!(written < e.store.revision(), "a delete of nothing recorded revision {written}");
+    assert!(e.api.cluster.caught_up(written, Duration::from_secs(1)).await, "the view reaches every recorded write");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_view_resumes_after_a_lost_watch_and_reads_still_see_every_write() {
+    let e = engine().await;
+    let (status, _) = e.call(Method::PUT, "/fleet/v1/units/a.service", Some(unit("launched"))).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(e.units_listed().await, ["a.service"]);
+    e.store.drop_watches();
+    for n in ["b.service", "c.service"] {
+        let (status, _) = e.call(Method::PUT, &format!("/fleet/v1/units/{n}"), Some(unit("launched"))).await;
+        assert_eq!(status, StatusCode::CREATED);
+    }
+    assert_eq!(e.units_listed().await, ["a.service", "b.service", "c.service"]);
+    // History compacted while the watch was away: the view lists again and loses nothing.
+    e.store.drop_watches();
+    let (status, _) = e.call(Method::DELETE, "/fleet/v1/units/a.service", None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    e.store.compact(e.store.revision());
+    let (status, _) = e.call(Method::PUT, "/fleet/v1/units/d.service", Some(unit("launched"))).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(e.units_listed().await, ["b.service", "c.service", "d.service"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_store_is_waited_for_within_the_attempt_limit() {
+    let e = engine().await;
+    e.store.set_delay(Duration::from_millis(400));
+    let (status, body) = e.call(Method::PUT, "/fleet/v1/units/a.service", Some(unit("launched"))).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    e.store.set_delay(Duration::ZERO);
+    assert_eq!(e.units_listed().await, ["a.service"]);
+}
