@@ -25,6 +25,10 @@ struct Engine {
 }
 
 async fn engine() -> Engine {
+    engine_with(AuthConfig::default()).await
+}
+
+async fn engine_with(auth: AuthConfig) -> Engine {
     let store = MemStore::new();
     let keys = Keys::new("/fleet-test/");
     let api = Api {
@@ -39,7 +43,7 @@ async fn engine() -> Engine {
         requests: Default::default(),
     };
     // The unix socket's caller is an admin by default: no token or certificate to make.
-    let auth = std::sync::Arc::new(Auth::new(&AuthConfig::default()).expect("default auth"));
+    let auth = std::sync::Arc::new(Auth::new(&auth).expect("auth"));
     let app = crate::routes::router(api.clone(), auth);
     // Until its view has its first listing an engine answers 503, as it should.
     assert!(api.cluster.caught_up(1, Duration::from_secs(5)).await, "the view lists the store");
@@ -47,14 +51,29 @@ async fn engine() -> Engine {
 }
 
 impl Engine {
+    /// A request from the unix socket (an admin, by default).
     async fn call(&self, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        self.call_as(Peer::Unix { uid: None }, None, method, path, body).await
+    }
+
+    async fn call_as(
+        &self,
+        peer: Peer,
+        token: Option<&str>,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
         let mut req = Request::builder().method(method).uri(path);
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
         if body.is_some() {
             req = req.header("content-type", "application/json");
         }
         let body = body.map(|b| Body::from(b.to_string())).unwrap_or_else(Body::empty);
         let mut req = req.body(body).expect("request");
-        req.extensions_mut().insert(Peer::Unix { uid: None });
+        req.extensions_mut().insert(peer);
         let resp = self.app.clone().oneshot(req).await.expect("router answers");
         let status = resp.status();
         let bytes = axum::body::to_bytes(resp.into_body(), 1 << 24).await.expect("body");
@@ -239,4 +258,75 @@ async fn a_slow_store_is_waited_for_within_the_attempt_limit() {
     assert_eq!(status, StatusCode::CREATED, "{body}");
     e.store.set_delay(Duration::ZERO);
     assert_eq!(e.units_listed().await, ["a.service"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_route_asks_for_the_role_declared_with_it() {
+    use crate::auth::{Role, TokenConfig};
+    let roles = [Role::Read, Role::Operate, Role::Admin];
+    let tokens = roles
+        .iter()
+        .map(|r| TokenConfig {
+            name: r.to_string(),
+            role: *r,
+            sha256: fleet_store::tls::sha256_hex(format!("token-{r}").as_bytes()),
+        })
+        .collect();
+    let e = engine_with(AuthConfig { tokens, socket_role: None, ..AuthConfig::default() }).await;
+    let tcp = || Peer::Tcp(std::net::SocketAddr::from(([127, 0, 0, 1], 1)));
+    let (get, put, post, delete, patch) = (Method::GET, Method::PUT, Method::POST, Method::DELETE, Method::PATCH);
+    let m = "0123456789abcdef0123456789abcdef";
+    let table = [
+        (get.clone(), "/fleet/v1/units".to_string(), Role::Read),
+        (post.clone(), "/fleet/v1/units".into(), Role::Admin),
+        (get.clone(), "/fleet/v1/units/a.service".into(), Role::Read),
+        (put.clone(), "/fleet/v1/units/a.service".into(), Role::Operate),
+        (put.clone(), "/v1-alpha/units/a.service".into(), Role::Operate),
+        (delete.clone(), "/fleet/v1/units/a.service".into(), Role::Admin),
+        (post.clone(), "/fleet/v1/units:batchGet".into(), Role::Read),
+        (post.clone(), "/fleet/v1/units:wait".into(), Role::Read),
+        (post.clone(), "/fleet/v1/units:batchUpdate".into(), Role::Operate),
+        (post.clone(), "/fleet/v1/units:batchDelete".into(), Role::Admin),
+        (get.clone(), "/fleet/v1/units/a.service/status".into(), Role::Read),
+        (get.clone(), "/fleet/v1/units/a.service/journal".into(), Role::Read),
+        (post.clone(), "/fleet/v1/units/a.service/move".into(), Role::Operate),
+        (delete.clone(), "/v1-alpha/units/a.service/move".into(), Role::Operate),
+        (get.clone(), "/fleet/v1/state".into(), Role::Read),
+        (get.clone(), "/fleet/v1/state/a.service".into(), Role::Read),
+        (get.clone(), "/fleet/v1/machines".into(), Role::Read),
+        (patch.clone(), "/fleet/v1/machines".into(), Role::Admin),
+        (post.clone(), format!("/fleet/v1/machines/{m}/drain"), Role::Admin),
+        (delete.clone(), format!("/fleet/v1/machines/{m}/drain"), Role::Admin),
+        (get.clone(), "/fleet/v1/discovery".into(), Role::Read),
+        (get.clone(), "/fleet/v1/openapi.json".into(), Role::Read),
+        (get.clone(), "/engine/status".into(), Role::Read),
+        (post.clone(), "/v1/pre-reboot".into(), Role::Machine),
+        (post.clone(), "/v1/steady-state".into(), Role::Machine),
+    ];
+    for (method, path, needed) in table {
+        let refusal = format!("needs role {needed}");
+        let below = roles.iter().rev().find(|r| **r < needed);
+        let (status, body) = match below {
+            Some(r) => e.call_as(tcp(), Some(&format!("token-{r}")), method.clone(), &path, None).await,
+            None => e.call_as(tcp(), None, method.clone(), &path, None).await,
+        };
+        let expected = if below.is_some() { StatusCode::FORBIDDEN } else { StatusCode::UNAUTHORIZED };
+        assert_eq!(status, expected, "{method} {path} by {below:?}: {body}");
+        if below.is_some() {
+            assert!(body["error"]["message"].as_str().is_some_and(|m| m.contains(&refusal)), "{method} {path}: {body}");
+        }
+        // The role itself (or, for FleetLock, the least role a token can have) gets past the check.
+        let holder = roles.iter().find(|r| **r >= needed).copied().unwrap_or(Role::Admin);
+        let (status, body) = e.call_as(tcp(), Some(&format!("token-{holder}")), method.clone(), &path, None).await;
+        let refused_by_role = body["error"]["message"].as_str().is_some_and(|m| m.contains("needs role"));
+        assert!(
+            !(status == StatusCode::FORBIDDEN && refused_by_role) && status != StatusCode::UNAUTHORIZED,
+            "{method} {path} by {holder}: {status} {body}"
+        );
+    }
+    // A route nobody declared is a 404 for anyone identified, and a 401 for anyone else.
+    let (status, _) = e.call_as(tcp(), Some("token-read"), post.clone(), "/fleet/v1/nothing", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = e.call_as(tcp(), None, get.clone(), "/fleet/v1/nothing", None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
 }

@@ -2,7 +2,7 @@
 //! Above the API's handlers, FleetLock and auth; nothing imports it but the daemon.
 
 use crate::api::*;
-use crate::auth::Auth;
+use crate::auth::{Auth, Role};
 use crate::http::{
     batch_limit, count_request, method_not_allowed, refuse, refuse_oversized, server_header, ApiError, MAX_BODY_BYTES,
 };
@@ -13,61 +13,76 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 
-/// The API behind its auth middleware: every request is identified and checked first.
+/// The role a route needs, declared beside its handler (see [`crate::auth::needs`]).
+macro_rules! needs {
+    ($role:ident) => {
+        axum::middleware::from_fn_with_state(Role::$role, crate::auth::needs)
+    };
+}
+
+/// The API behind its auth middleware: every request is identified first; each route says which
+/// role it needs.
 pub fn router(api: Api, auth: std::sync::Arc<Auth>) -> Router {
+    use axum::routing::post;
     let v1 = Router::new()
         .route(
             "/units",
-            get(list_units)
-                .post(create_units.layer(batch_limit()))
+            get(list_units.layer(needs!(Read)))
+                .post(create_units.layer(batch_limit()).layer(needs!(Admin)))
                 .fallback(|req| refuse(req, method_not_allowed("only GET and POST supported against this resource"))),
         )
         .route(
             "/units/{name}",
-            get(get_unit).put(put_unit).delete(delete_unit).fallback(|req| {
-                refuse(req, method_not_allowed("only GET, PUT and DELETE supported against this resource"))
-            }),
+            get(get_unit.layer(needs!(Read)))
+                .put(put_unit.layer(needs!(Operate)))
+                .delete(delete_unit.layer(needs!(Admin)))
+                .fallback(|req| {
+                    refuse(req, method_not_allowed("only GET, PUT and DELETE supported against this resource"))
+                }),
         )
-        .route("/units:batchGet", axum::routing::post(crate::batch::batch_get.layer(batch_limit())))
-        .route("/units:batchUpdate", axum::routing::post(crate::batch::batch_update.layer(batch_limit())))
-        .route("/units:batchDelete", axum::routing::post(crate::batch::batch_delete.layer(batch_limit())))
-        .route("/units:wait", axum::routing::post(crate::batch::wait.layer(batch_limit())))
-        .route("/units/{name}/status", get(unit_status))
-        .route("/units/{name}/journal", get(unit_journal))
+        // Reads and waits that need a body for their list of units.
+        .route("/units:batchGet", post(crate::batch::batch_get.layer(batch_limit()).layer(needs!(Read))))
+        .route("/units:wait", post(crate::batch::wait.layer(batch_limit()).layer(needs!(Read))))
+        .route("/units:batchUpdate", post(crate::batch::batch_update.layer(batch_limit()).layer(needs!(Operate))))
+        .route("/units:batchDelete", post(crate::batch::batch_delete.layer(batch_limit()).layer(needs!(Admin))))
+        .route("/units/{name}/status", get(unit_status.layer(needs!(Read))))
+        .route("/units/{name}/journal", get(unit_journal.layer(needs!(Read))))
         .route(
             "/units/{name}/move",
-            axum::routing::post(move_unit).delete(forget_move).fallback(|req| {
+            post(move_unit.layer(needs!(Operate))).delete(forget_move.layer(needs!(Operate))).fallback(|req| {
                 refuse(req, method_not_allowed("only POST and DELETE supported against this resource"))
             }),
         )
         .route(
             "/state",
-            get(list_states)
+            get(list_states.layer(needs!(Read)))
                 .fallback(|req| refuse(req, method_not_allowed("only GET supported against this resource"))),
         )
         .route(
             "/state/{name}",
-            get(get_state).fallback(|req| refuse(req, method_not_allowed("only GET supported against this resource"))),
+            get(get_state.layer(needs!(Read)))
+                .fallback(|req| refuse(req, method_not_allowed("only GET supported against this resource"))),
         )
         .route(
             "/machines",
-            get(list_machines)
-                .patch(patch_machines)
+            get(list_machines.layer(needs!(Read)))
+                .patch(patch_machines.layer(needs!(Admin)))
                 .fallback(|req| refuse(req, method_not_allowed("only GET and PATCH supported against this resource"))),
         )
         .route(
             "/openapi.json",
-            get(|| async { ([(header::CONTENT_TYPE, "application/json")], crate::openapi::document()) }),
+            get((|| async { ([(header::CONTENT_TYPE, "application/json")], crate::openapi::document()) })
+                .layer(needs!(Read))),
         )
         .route(
             "/machines/{id}/drain",
-            axum::routing::post(drain_machine).delete(undrain_machine).fallback(|req| {
+            post(drain_machine.layer(needs!(Admin))).delete(undrain_machine.layer(needs!(Admin))).fallback(|req| {
                 refuse(req, method_not_allowed("only POST and DELETE supported against this resource"))
             }),
         )
         .route(
             "/discovery",
-            get(discovery)
+            get(discovery.layer(needs!(Read)))
                 .fallback(|req| refuse(req, ApiError::bad_request("only HTTP GET supported against this resource"))),
         );
     let v1 = v1
@@ -80,9 +95,10 @@ pub fn router(api: Api, auth: std::sync::Arc<Auth>) -> Router {
         .nest("/v1-alpha", v1)
         .route("/", axum::routing::any(not_allowed))
         .route("/fleet/v1", axum::routing::any(not_allowed))
-        .route("/engine/status", get(engine_status))
-        .route("/v1/pre-reboot", axum::routing::post(crate::fleetlock::pre_reboot))
-        .route("/v1/steady-state", axum::routing::post(crate::fleetlock::steady_state))
+        .route("/engine/status", get(engine_status.layer(needs!(Read))))
+        // FleetLock: any machine, for itself (its handler checks that it acts for itself).
+        .route("/v1/pre-reboot", post(crate::fleetlock::pre_reboot.layer(needs!(Machine))))
+        .route("/v1/steady-state", post(crate::fleetlock::steady_state.layer(needs!(Machine))))
         .fallback(|req| refuse(req, ApiError::new(StatusCode::NOT_FOUND, "")))
         .layer(axum::middleware::from_fn_with_state(auth, crate::auth::authorize))
         .layer(axum::middleware::from_fn_with_state(api.requests.clone(), count_request))
