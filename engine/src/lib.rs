@@ -99,13 +99,16 @@ pub async fn run(mut config: watch::Receiver<EngineConfig>, mut shutdown: watch:
     .await?;
     let leader = leader::Leader {
         election,
-        client,
-        keys,
-        cluster,
+        client: client.clone(),
         engine_id: cfg.engine_id.clone(),
-        ttl: cfg.election_ttl_secs,
-        status,
-        fences: Default::default(),
+        planner: leader::Planner {
+            store: fleet_store::kv::EtcdStore::new(client),
+            keys,
+            cluster,
+            ttl: cfg.election_ttl_secs,
+            status,
+            fences: Default::default(),
+        },
     };
     let leading = if cfg.lead {
         tokio::spawn(leader.run(shutdown.clone()))

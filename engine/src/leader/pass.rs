@@ -1,0 +1,282 @@
+//! The leader's work once elected: plan from its copy of the view whenever something changed,
+//! and write the decisions in transactions fenced by its election key. On any [`Store`]: etcd in
+//! an engine, the in-memory store in the unit tests below. Campaigning is in the parent module.
+
+use super::fence::fenced_write;
+use super::{LeadError, SharedStatus};
+use crate::cluster::{Cluster, PlanView};
+use crate::scheduler::{self, Decision, MoveOutcome, Snapshot};
+use fleet_model::schema::{encode, MoveRequest};
+use fleet_model::Keys;
+use fleet_store::kv::{CmpOp, Compare, Op, Store};
+use futures::{StreamExt, TryStreamExt};
+use std::sync::Mutex;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// etcd's default limit of operations per transaction is 128; one is left for headroom.
+const MAX_OPS_PER_TXN: usize = 120;
+/// Schedule transactions in flight at once while placing many units.
+const PUTS_IN_FLIGHT: usize = 8;
+/// A planning pass longer than this is logged as a warning: it delays placements.
+const SLOW_PLAN: Duration = Duration::from_secs(1);
+
+/// What a leader plans from and writes to.
+pub struct Planner<S: Store> {
+    pub store: S,
+    pub keys: Keys,
+    pub cluster: Cluster,
+    /// The election lease's TTL: how long a fenced write may keep trying.
+    pub ttl: i64,
+    pub status: SharedStatus,
+    pub fences: Mutex<Fences>,
+}
+
+/// Extra wait, beyond a lost machine's lease TTL, before its exclusive units are placed elsewhere:
+/// covers the agent's own clock and the time its units take to stop.
+pub const FENCE_MARGIN: Duration = Duration::from_secs(3);
+/// Lease TTL assumed for a machine this engine never saw (lost before it started leading).
+const UNKNOWN_TTL: i64 = 30;
+
+/// When machines were lost, as this engine saw it: the clock for exclusive units' fences.
+#[derive(Debug, Default)]
+pub struct Fences {
+    known: std::collections::HashMap<String, i64>,
+    lost_at: std::collections::HashMap<String, (tokio::time::Instant, i64)>,
+    started: bool,
+    /// When the next fence expires, so the leader plans again then.
+    pub next_expiry: Option<tokio::time::Instant>,
+}
+
+impl Fences {
+    /// Updates with the live machines (id -> lease TTL) and machines still referenced by the
+    /// schedule; returns the machines whose fence has not expired.
+    fn update(
+        &mut self,
+        live: &std::collections::BTreeMap<String, fleet_model::MachineRecord>,
+        scheduled: impl Iterator<Item = String>,
+    ) -> std::collections::BTreeSet<String> {
+        let now = tokio::time::Instant::now();
+        if !self.started {
+            // A new leader cannot know when machines it never saw were lost: assume just now.
+            self.started = true;
+            for m in scheduled.filter(|m| !live.contains_key(m)) {
+                self.lost_at.entry(m).or_insert((now, UNKNOWN_TTL));
+            }
+        }
+        for (m, ttl) in &self.known {
+            if !live.contains_key(m) {
+                self.lost_at.entry(m.clone()).or_insert((now, *ttl));
+            }
+        }
+        self.known =
+            live.iter().map(|(id, r)| (id.clone(), if r.lease_ttl > 0 { r.lease_ttl } else { UNKNOWN_TTL })).collect();
+        self.lost_at.retain(|m, _| !live.contains_key(m));
+        let expiry = |(t, ttl): &(tokio::time::Instant, i64)| *t + Duration::from_secs(*ttl as u64) + FENCE_MARGIN;
+        self.lost_at.retain(|_, v| expiry(v) > now);
+        self.next_expiry = self.lost_at.values().map(expiry).min();
+        self.lost_at.keys().cloned().collect()
+    }
+}
+
+impl<S: Store> Planner<S> {
+    pub(super) async fn lead(&self, fence: Compare, lost: &mut watch::Receiver<bool>) -> Result<(), LeadError> {
+        let mut revisions = self.cluster.subscribe_plan();
+        // Planned on a copy of its own: the shared view keeps following etcd, and the API keeps
+        // answering, however long a pass takes.
+        let copied = std::time::Instant::now();
+        let mut plan = tokio::task::block_in_place(|| self.cluster.plan_view());
+        tracing::info!(
+            units = plan.view().units.len(),
+            copy_ms = copied.elapsed().as_millis() as u64,
+            "planning on a copy of the view"
+        );
+        loop {
+            revisions.borrow_and_update();
+            if self.cluster.revision() > 0 {
+                self.pass(&fence, &mut plan).await?;
+            }
+            let next_fence = self.fences.lock().ok().and_then(|f| f.next_expiry);
+            let fence_expired = async {
+                match next_fence {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::pin!(fence_expired);
+            // Between passes the copy takes in whatever else the view receives (unit states
+            // mostly, which alone are no reason to plan): its queue stays short however long
+            // the cluster goes without a reason to plan.
+            let mut received = self.cluster.subscribe();
+            loop {
+                tokio::select! {
+                    r = revisions.changed() => {
+                        if r.is_err() {
+                            return Err(LeadError::Deposed("cluster view closed".into()));
+                        }
+                        break;
+                    }
+                    _ = lost.changed() => return Err(LeadError::Deposed("leader lease expired".into())),
+                    _ = &mut fence_expired => break,
+                    r = received.changed() => {
+                        if r.is_err() {
+                            return Err(LeadError::Deposed("cluster view closed".into()));
+                        }
+                        tokio::task::block_in_place(|| plan.refresh());
+                    }
+                }
+            }
+        }
+    }
+
+    /// One planning pass over the current view, then waits until the view shows its writes.
+    pub(super) async fn pass(&self, fence: &Compare, plan: &mut PlanView) -> Result<(), LeadError> {
+        let started = std::time::Instant::now();
+        if let Ok(mut s) = self.status.lock() {
+            s.planning = true;
+        }
+        // A pass over a large cluster is CPU work: off the async workers.
+        let (outcome, why_ops, orphans, view_rev, view_units) = tokio::task::block_in_place(|| {
+            plan.refresh();
+            let v = plan.view();
+            {
+                let fencing = match self.fences.lock() {
+                    Ok(mut f) => f.update(&v.machines, v.schedule.values().flat_map(|e| e.keys().cloned())),
+                    Err(_) => Default::default(),
+                };
+                let out = scheduler::schedule(&Snapshot {
+                    drained: &v.drained,
+                    fencing: &fencing,
+                    units: &v.units,
+                    rules: &v.rules,
+                    machines: &v.machines,
+                    schedule: &v.schedule,
+                    moves: &v.moves,
+                    states: &v.states,
+                });
+                // Record why units are not placed, and forget the reason once they are.
+                let mut why_ops = Vec::new();
+                for (u, result) in &out.moves {
+                    match result {
+                        MoveOutcome::Done => why_ops.push(Op::delete(self.keys.moves(u))),
+                        MoveOutcome::Refused(why) => {
+                            let Some(req) = v.moves.get(u) else { continue };
+                            if req.refused != *why {
+                                let refused = MoveRequest { refused: why.clone(), ..req.clone() };
+                                if let Ok(value) = encode(&refused) {
+                                    why_ops.push(Op::put(self.keys.moves(u), value, 0));
+                                }
+                            }
+                        }
+                    }
+                }
+                for (u, why) in &out.unplaceable {
+                    if v.why.get(u) != Some(why) {
+                        why_ops.push(Op::put(self.keys.why(u), why.as_str(), 0));
+                    }
+                }
+                for u in v.why.keys().filter(|u| !out.unplaceable.contains_key(*u)) {
+                    why_ops.push(Op::delete(self.keys.why(u)));
+                }
+                (out, why_ops, v.orphan_bodies(), v.revision, v.units.len())
+            }
+        });
+        if let Ok(mut s) = self.status.lock() {
+            if s.unplaceable.len() != outcome.unplaceable.len()
+                || s.unplaceable.iter().zip(&outcome.unplaceable).any(|(a, b)| a.0 != b.0.as_str() || a.1 != b.1)
+            {
+                for (u, why) in &outcome.unplaceable {
+                    tracing::info!(unit = %u, reason = %why, "cannot place unit");
+                }
+            }
+            s.unplaceable = outcome.unplaceable.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+        }
+        let planned = started.elapsed();
+        if let Ok(mut s) = self.status.lock() {
+            s.last_plan_ms = planned.as_millis() as u64;
+            s.planning = false;
+            s.passes += 1;
+        }
+        if planned > SLOW_PLAN {
+            tracing::warn!(
+                plan_ms = planned.as_millis() as u64,
+                units = view_units,
+                "a planning pass overran: placements waited for it"
+            );
+        }
+        tracing::debug!(
+            revision = view_rev,
+            decisions = outcome.decisions.len(),
+            unplaceable = outcome.unplaceable.len(),
+            plan_ms = planned.as_millis() as u64,
+            "planned"
+        );
+        // Removals first, in order, so a unit leaves its old machine's schedule before it appears
+        // on a new one (an exclusive unit must never be scheduled twice); then the new entries,
+        // several transactions in flight, since a large placement is otherwise bound by one
+        // etcd round trip per transaction.
+        let mut ops = why_ops;
+        let mut placed = Vec::new();
+        for d in &outcome.decisions {
+            match d {
+                Decision::Put { unit, machine, entry } => placed.push((machine, unit, entry)),
+                Decision::Remove { unit, machine, reason } => {
+                    tracing::debug!(%unit, %machine, ?reason, "unschedule");
+                    ops.push(Op::delete(self.keys.schedule(machine, unit)));
+                }
+            }
+        }
+        // New entries grouped by machine: each agent then sees its share of a large placement in
+        // one watch response and starts and reports it as one batch (one state transaction per
+        // machine rather than one per unit, which at 100,000 units overran etcd's apply).
+        placed.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        let mut puts = Vec::with_capacity(placed.len());
+        for (machine, unit, entry) in placed {
+            tracing::debug!(%unit, %machine, state = %entry.desired_state, "schedule");
+            let value = encode(entry).map_err(|e| LeadError::Deposed(e.to_string()))?;
+            puts.push(Op::put(self.keys.schedule(machine, unit), value, 0));
+        }
+        let mut last_rev = 0;
+        for chunk in ops.chunks(MAX_OPS_PER_TXN) {
+            last_rev = last_rev.max(self.fenced(fence, vec![], chunk.to_vec()).await?);
+        }
+        let chunks: Vec<Vec<Op>> = puts.chunks(MAX_OPS_PER_TXN).map(<[Op]>::to_vec).collect();
+        let writes: Vec<_> = chunks.into_iter().map(|chunk| self.fenced(fence, vec![], chunk)).collect();
+        // The first failure ends the pass (the writes still in flight are dropped; they are
+        // fenced and idempotent): a leader that cannot write must not spend a TTL per batch.
+        let written: Vec<i64> = futures::stream::iter(writes).buffer_unordered(PUTS_IN_FLIGHT).try_collect().await?;
+        last_rev = written.into_iter().fold(last_rev, i64::max);
+        if !outcome.decisions.is_empty() {
+            tracing::info!(
+                decisions = outcome.decisions.len(),
+                plan_ms = planned.as_millis() as u64,
+                write_ms = (started.elapsed() - planned).as_millis() as u64,
+                "schedule written"
+            );
+        }
+        // A body is dropped only if it was last written before the view we planned from: a body
+        // written since may belong to a unit this view does not show yet.
+        for (hash, _) in orphans {
+            let guard = Compare::mod_revision(self.keys.body(&hash), CmpOp::Less, view_rev + 1);
+            match self.fenced(fence, vec![guard], vec![Op::delete(self.keys.body(&hash))]).await {
+                Ok(rev) => last_rev = last_rev.max(rev),
+                Err(LeadError::GuardFailed) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if last_rev > 0 && !self.cluster.caught_up(last_rev, Duration::from_secs(2)).await {
+            tracing::warn!(revision = last_rev, "cluster view is slow to catch up; rewatching");
+            self.cluster.kick();
+            self.cluster.caught_up(last_rev, Duration::from_secs(10)).await;
+        }
+        Ok(())
+    }
+
+    /// Runs `ops` only while we still lead (and `extra` holds); returns the write's revision.
+    async fn fenced(&self, fence: &Compare, extra: Vec<Compare>, ops: Vec<Op>) -> Result<i64, LeadError> {
+        fenced_write(&self.store, self.ttl, fence, extra, ops).await
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,188 @@
+//! The leader's pass on the in-memory store: what it writes for a given cluster, that it writes
+//! nothing once deposed, and that the store's faults cost no decision and double none. The view
+//! is fed from the same store, as an engine's is from etcd.
+
+use super::*;
+use fleet_model::schema::{decode, ScheduleEntry};
+use fleet_model::{DesiredState, MachineRecord, UnitFile, UnitName, UnitRecord};
+use fleet_store::kv::{MemStore, Txn};
+use std::collections::BTreeMap;
+
+const PLAIN: &str = "[Service]\nExecStart=/bin/sleep infinity\n";
+const WANTS_DB: &str = "[Service]\nExecStart=/bin/sleep infinity\n\n[X-Fleet]\nMachineMetadata=role=db\n";
+
+struct Lab {
+    store: MemStore,
+    keys: Keys,
+    planner: Planner<MemStore>,
+    fence: Compare,
+    election_lease: i64,
+}
+
+async fn cluster() -> Lab {
+    let store = MemStore::new();
+    let keys = Keys::new("/fleet-test/");
+    let election_lease = store.grant(60).await.expect("lease");
+    let key = format!("{}/e1", keys.leader());
+    let won = store.txn(Txn { then: vec![Op::put(key.clone(), "e1", election_lease)], ..Txn::default() }).await;
+    let fence = Compare::create_revision(key, CmpOp::Equal, won.expect("campaign").revision);
+    let view = crate::cluster::Cluster::follow_store(store.clone(), keys.clone());
+    assert!(view.caught_up(1, Duration::from_secs(5)).await, "the view lists the store");
+    let planner = Planner {
+        store: store.clone(),
+        keys: keys.clone(),
+        cluster: view,
+        ttl: 6,
+        status: Default::default(),
+        fences: Default::default(),
+    };
+    Lab { store, keys, planner, fence, election_lease }
+}
+
+impl Lab {
+    /// A machine as its agent registers it: on a lease of its own. Returns the lease.
+    async fn machine(&self, id: &str, metadata: &[(&str, &str)]) -> i64 {
+        let lease = self.store.grant(10).await.expect("lease");
+        let rec = MachineRecord {
+            id: id.into(),
+            metadata: metadata.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            lease_ttl: 10,
+            ..MachineRecord::default()
+        };
+        let put = Op::put(self.keys.machine(id), encode(&rec).expect("encode"), lease);
+        self.store.txn(Txn { then: vec![put], ..Txn::default() }).await.expect("register");
+        lease
+    }
+
+    /// A unit as the API stores it: its record and its body, in one transaction.
+    async fn unit(&self, name: &str, text: &str) {
+        let file = UnitFile::parse(text).expect("unit file");
+        let rec = UnitRecord {
+            name: UnitName::parse(name).expect("name"),
+            hash: file.hash(),
+            desired_state: DesiredState::Launched,
+        };
+        let then = vec![
+            Op::put(self.keys.body(&rec.hash), file.canonical(), 0),
+            Op::put(self.keys.unit(&rec.name), encode(&rec).expect("encode"), 0),
+        ];
+        self.store.txn(Txn { then, ..Txn::default() }).await.expect("submit");
+    }
+
+    /// Waits for the view to show everything written so far, then runs one pass.
+    async fn pass(&self) -> Result<(), LeadError> {
+        let now = self.store.revision();
+        assert!(self.planner.cluster.caught_up(now, Duration::from_secs(5)).await, "the view follows");
+        let mut plan = tokio::task::block_in_place(|| self.planner.cluster.plan_view());
+        self.planner.pass(&self.fence, &mut plan).await
+    }
+
+    /// unit -> machines it is scheduled on, as stored.
+    async fn schedule(&self) -> BTreeMap<String, Vec<String>> {
+        let (entries, _) = self.store.range(self.keys.schedules().as_bytes()).await.expect("range");
+        let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for e in entries {
+            let key = String::from_utf8_lossy(&e.key).into_owned();
+            let rest = key.strip_prefix(&self.keys.schedules()).unwrap_or_default();
+            let (machine, unit) = rest.split_once('/').expect("schedule/<machine>/<unit>");
+            let entry: ScheduleEntry = decode(&e.value).expect("schedule entry");
+            assert_eq!(entry.desired_state, DesiredState::Launched, "{key}");
+            out.entry(unit.to_string()).or_default().push(machine.to_string());
+        }
+        out
+    }
+
+    fn why(&self, unit: &str) -> Option<String> {
+        let name = UnitName::parse(unit).expect("name");
+        self.store.peek(self.keys.why(&name).as_bytes()).map(|v| String::from_utf8_lossy(&v).into_owned())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pass_places_every_placeable_unit_once_and_says_why_not_the_others() {
+    let c = cluster().await;
+    c.machine("m1", &[]).await;
+    c.machine("m2", &[("role", "web")]).await;
+    for i in 0..6 {
+        c.unit(&format!("u{i}.service"), PLAIN).await;
+    }
+    c.unit("db.service", WANTS_DB).await;
+    c.pass().await.expect("pass");
+    let placed = c.schedule().await;
+    assert_eq!(placed.len(), 6, "{placed:?}");
+    assert!(placed.values().all(|m| m.len() == 1), "each unit on one machine: {placed:?}");
+    let on_m1 = placed.values().filter(|m| m[0] == "m1").count();
+    assert_eq!(on_m1, 3, "spread over both machines: {placed:?}");
+    assert!(c.why("db.service").is_some_and(|w| w.contains("role")), "{:?}", c.why("db.service"));
+    // Nothing changed: the next pass writes nothing.
+    let before = c.store.revision();
+    c.pass().await.expect("pass");
+    assert_eq!(c.store.revision(), before, "an idle pass writes nothing");
+    // A machine that fits arrives: the waiting unit is placed there and its reason forgotten.
+    c.machine("m3", &[("role", "db")]).await;
+    c.pass().await.expect("pass");
+    assert_eq!(c.schedule().await.get("db.service"), Some(&vec!["m3".to_string()]));
+    assert_eq!(c.why("db.service"), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn units_of_a_lost_machine_move_to_the_machines_left() {
+    let c = cluster().await;
+    let m1 = c.machine("m1", &[]).await;
+    c.machine("m2", &[]).await;
+    for i in 0..4 {
+        c.unit(&format!("u{i}.service"), PLAIN).await;
+    }
+    c.pass().await.expect("pass");
+    assert!(c.schedule().await.values().any(|m| m[0] == "m1"));
+    c.store.expire_lease(m1);
+    c.pass().await.expect("pass");
+    let placed = c.schedule().await;
+    assert_eq!(placed.len(), 4);
+    assert!(placed.values().all(|m| m == &["m2".to_string()]), "{placed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deposed_leader_writes_nothing() {
+    let c = cluster().await;
+    c.machine("m1", &[]).await;
+    c.unit("u.service", PLAIN).await;
+    // Its election lease expired (another engine may lead now): the key it was fenced on is gone.
+    c.store.expire_lease(c.election_lease);
+    let result = c.pass().await;
+    assert!(matches!(result, Err(LeadError::Deposed(_))), "{result:?}");
+    assert!(c.schedule().await.is_empty(), "no schedule entry written");
+    assert_eq!(c.why("u.service"), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_writes_during_a_pass_are_sent_again_and_place_each_unit_once() {
+    let c = cluster().await;
+    c.machine("m1", &[]).await;
+    c.machine("m2", &[]).await;
+    for i in 0..300 {
+        c.unit(&format!("u{i:03}.service"), PLAIN).await;
+    }
+    // More units than one transaction holds, and the first attempts refused.
+    c.store.refuse_next_txns(3);
+    c.pass().await.expect("pass");
+    let placed = c.schedule().await;
+    assert_eq!(placed.len(), 300);
+    assert!(placed.values().all(|m| m.len() == 1), "no unit on two machines");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_no_unit_uses_are_removed_and_used_ones_kept() {
+    let c = cluster().await;
+    c.machine("m1", &[]).await;
+    c.unit("kept.service", PLAIN).await;
+    c.unit("gone.service", WANTS_DB).await;
+    let gone = UnitName::parse("gone.service").expect("name");
+    let delete = Op::delete(c.keys.unit(&gone));
+    c.store.txn(Txn { then: vec![delete], ..Txn::default() }).await.expect("destroy");
+    c.pass().await.expect("pass");
+    let (bodies, _) = c.store.range(c.keys.bodies().as_bytes()).await.expect("range");
+    let kept = UnitFile::parse(PLAIN).expect("unit file").hash();
+    let names: Vec<String> = bodies.iter().map(|e| String::from_utf8_lossy(&e.key).into_owned()).collect();
+    assert_eq!(names, [c.keys.body(&kept)]);
+}
