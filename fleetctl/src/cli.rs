@@ -15,14 +15,20 @@ pub(crate) struct Cli {
     /// Output format of list and status commands.
     #[arg(short = 'o', long = "format", global = true, value_enum, default_value = "table")]
     pub(crate) format: Format,
+    /// fleetctl's configuration file of contexts [default: ~/.config/fleet/fleetctl.toml].
+    #[arg(long, global = true, env = "FLEETCTL_CONFIG")]
+    pub(crate) config: Option<std::path::PathBuf>,
+    /// The context of the configuration file to use [default: its `current`].
+    #[arg(long, global = true, env = "FLEETCTL_CONTEXT")]
+    pub(crate) context: Option<String>,
     /// fleet API endpoint(s), comma-separated (https://host:port, http://host:port or
     /// unix:///path): a request that cannot reach one engine, or that an engine cut off from
-    /// etcd refuses, goes to the next.
-    #[arg(long, global = true, env = "FLEETCTL_ENDPOINT", default_value = "unix:///var/run/fleet.sock")]
-    pub(crate) endpoint: String,
-    /// Seconds to wait for each API request.
-    #[arg(long, global = true, env = "FLEETCTL_REQUEST_TIMEOUT", default_value_t = 10.0)]
-    pub(crate) request_timeout: f64,
+    /// etcd refuses, goes to the next [default: the context's, else unix:///var/run/fleet.sock].
+    #[arg(long, global = true, env = "FLEETCTL_ENDPOINT")]
+    pub(crate) endpoint: Option<String>,
+    /// Seconds to wait for each API request [default: the context's, else 10].
+    #[arg(long, global = true, env = "FLEETCTL_REQUEST_TIMEOUT")]
+    pub(crate) request_timeout: Option<f64>,
     /// CA certificate (PEM) to verify an https:// endpoint with.
     #[arg(long, global = true, env = "FLEETCTL_CA_FILE")]
     pub(crate) ca_file: Option<String>,
@@ -70,6 +76,8 @@ pub(crate) struct ListFlags {
 
 #[derive(Subcommand, Debug)]
 pub(crate) enum Command {
+    /// List the contexts of the configuration file; the one in use is marked.
+    Contexts,
     /// Upload unit files without scheduling them.
     Submit {
         #[arg(long)]

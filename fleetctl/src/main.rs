@@ -6,6 +6,7 @@
 //! (`tests/dependencies.rs` keeps it so).
 
 mod cli;
+mod contexts;
 mod inspect;
 mod lists;
 mod machines;
@@ -62,21 +63,32 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         _ => {}
     }
-    if !(cli.request_timeout > 0.0 && cli.request_timeout.is_finite()) {
-        bail!("--request-timeout must be a positive number of seconds");
-    }
-    // An empty value (`--cert-file ""`, or an empty variable) means unset.
-    let set = |v: &Option<String>| v.clone().filter(|v| !v.is_empty());
-    let creds = fleet_client::Credentials {
-        ca_file: set(&cli.ca_file).map(Into::into),
-        cert_file: set(&cli.cert_file).map(Into::into),
-        key_file: set(&cli.key_file).map(Into::into),
-        token: set(&cli.token),
+    let given = contexts::Given {
+        config: cli.config.clone().filter(|p| !p.as_os_str().is_empty()),
+        context: cli.context.clone().filter(|c| !c.is_empty()),
+        endpoint: cli.endpoint.clone(),
+        request_timeout: cli.request_timeout,
+        ca_file: cli.ca_file.clone(),
+        cert_file: cli.cert_file.clone(),
+        key_file: cli.key_file.clone(),
+        token: cli.token.clone(),
     };
-    let api = Client::new(&cli.endpoint, Duration::from_secs_f64(cli.request_timeout), &creds)
+    let file = contexts::load(given.config.as_deref())?;
+    let settings = contexts::settings(&given, file.as_ref())?;
+    let creds = fleet_client::Credentials {
+        ca_file: settings.ca_file,
+        cert_file: settings.cert_file,
+        key_file: settings.key_file,
+        token: settings.token,
+    };
+    let api = Client::new(&settings.endpoint, Duration::from_secs_f64(settings.request_timeout), &creds)
         .context("Unable to initialize client")?;
     let ctl = Ctl { api, json: cli.format == Format::Json };
     match cli.command {
+        Command::Contexts => {
+            print!("{}", contexts::list(&given, file.as_ref())?);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Submit { replace, units } => ctl.submit(&units, replace, None).await,
         Command::Load { block, replace, units } => {
             ctl.submit(&units, replace, Some((fleet_model::DesiredState::Loaded, block))).await

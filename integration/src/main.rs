@@ -391,12 +391,21 @@ fn env() -> Result<()> {
     let state = LabState::load()?.context("lab is not up: run ./lab up")?;
     // Every engine: fleetctl goes to the next when one is down.
     state.api_url().context("lab has no engine")?;
-    let all: Vec<&str> = state.engines.iter().map(|e| e.api_url.as_str()).collect();
-    println!("export FLEETCTL_ENDPOINT={}", all.join(","));
+    let endpoints: Vec<String> = state.engines.iter().map(|e| format!("{:?}", e.api_url)).collect();
     let admin = lab::pki::identity("admin");
-    println!("export FLEETCTL_CA_FILE={}", admin.ca_file.display());
-    println!("export FLEETCTL_CERT_FILE={}", admin.cert_file.display());
-    println!("export FLEETCTL_KEY_FILE={}", admin.key_file.display());
+    // One context in a fleetctl configuration file instead of five variables (docs/fleetctl.md).
+    let config = format!(
+        "# Written by `./lab env`: the lab's engines, reached as its admin.\ncurrent = \"lab\"\n\n[contexts.lab]\nendpoints = [{}]\nca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\n",
+        endpoints.join(", "),
+        admin.ca_file.display().to_string(),
+        admin.cert_file.display().to_string(),
+        admin.key_file.display().to_string(),
+    );
+    let path = lab::lab_dir().join("fleetctl.toml");
+    std::fs::write(&path, config).with_context(|| format!("cannot write {}", path.display()))?;
+    // Variables left from an earlier `./lab env` would win over the file.
+    println!("unset FLEETCTL_ENDPOINT FLEETCTL_CA_FILE FLEETCTL_CERT_FILE FLEETCTL_KEY_FILE FLEETCTL_CONTEXT");
+    println!("export FLEETCTL_CONFIG={}", path.display());
     println!("export PATH=\"{}:$PATH\"", state.bin_dir.display());
     Ok(())
 }

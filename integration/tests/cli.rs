@@ -89,6 +89,55 @@ fn version_help_and_env() {
     assert_eq!(c.run(&["list-m", "--no-legend"]).1, out);
 }
 
+#[test]
+fn a_context_file_alone_reaches_the_cluster_past_a_dead_endpoint() {
+    let Some(c) = Cli::new("cli-contexts") else { return };
+    let admin = fleet_integration::pki::identity("admin");
+    // The first endpoint refuses connections: fleetctl goes on to the next.
+    let config = format!(
+        "current = \"lab\"\n\n[contexts.lab]\nendpoints = [\"https://127.0.0.1:1\", {:?}]\nca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\n\n[contexts.anonymous]\nendpoints = [{:?}]\nca_file = {:?}\n",
+        c.api,
+        admin.ca_file.display().to_string(),
+        admin.cert_file.display().to_string(),
+        admin.key_file.display().to_string(),
+        c.api,
+        admin.ca_file.display().to_string(),
+    );
+    let file = c.write("fleetctl.toml", &config);
+    let run = |args: &[&str], context: Option<&str>| {
+        let mut cmd = std::process::Command::new(c.lab.bin_dir.join("fleetctl"));
+        cmd.args(args).env("FLEETCTL_CONFIG", &file).env("HOME", &c.dir);
+        for v in ["FLEETCTL_ENDPOINT", "FLEETCTL_CA_FILE", "FLEETCTL_CERT_FILE", "FLEETCTL_KEY_FILE", "FLEETCTL_TOKEN"]
+        {
+            cmd.env_remove(v);
+        }
+        match context {
+            Some(ctx) => cmd.env("FLEETCTL_CONTEXT", ctx),
+            None => cmd.env_remove("FLEETCTL_CONTEXT"),
+        };
+        let out = testkit::output_within(cmd, Duration::from_secs(60)).expect("fleetctl runs");
+        let (o, e) = text(&out);
+        (out.status.code(), o, e)
+    };
+    let (code, out, err) = run(&["list-machines", "--no-legend"], None);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert_eq!(out.lines().count(), c.lab.machines.len(), "{out}");
+    let (code, out, _) = run(&["contexts"], None);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("* lab\t") && out.contains("  anonymous\t"), "{out}");
+    // The context chosen by the variable is the one used: without a certificate, refused.
+    let (code, out, err) = run(&["list-machines"], Some("anonymous"));
+    assert_ne!(code, Some(0), "{out}");
+    assert!(err.contains("authentication required"), "{err}");
+    // A flag still wins over the context.
+    let (code, _, err) = run(&["--endpoint", "https://127.0.0.1:1", "list-machines"], None);
+    assert_ne!(code, Some(0));
+    assert!(!err.is_empty());
+    let (code, _, err) = run(&["list-machines"], Some("staging"));
+    assert_eq!(code, Some(1));
+    assert!(err.contains("\"staging\"") && err.contains("anonymous, lab"), "{err}");
+}
+
 #[tokio::test]
 async fn submit_load_start_cycles_of_template_instances() {
     let Some(c) = Cli::new("cli-cycles") else { return };
