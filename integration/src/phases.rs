@@ -23,6 +23,8 @@ pub enum Phase {
     Faults,
     /// `image_rollout`, on a lab of image machines.
     Image,
+    /// `packages`: the Debian packages `./lab package` built, installed into a fresh Debian tree.
+    Packages,
 }
 
 /// The phase of one test target: by crate, kind and name.
@@ -31,6 +33,7 @@ pub fn phase_of(package: &str, kind: &str, name: &str) -> Phase {
         (false, _, _) => Phase::Units,
         (true, "test", "faults") => Phase::Faults,
         (true, "test", "image_rollout") => Phase::Image,
+        (true, "test", "packages") => Phase::Packages,
         (true, _, _) => Phase::Lab,
     }
 }
@@ -119,6 +122,7 @@ mod tests {
         assert_eq!(phase_of(LAB_CRATE, "lib", "fleet_integration"), Phase::Lab);
         assert_eq!(phase_of(LAB_CRATE, "test", "faults"), Phase::Faults);
         assert_eq!(phase_of(LAB_CRATE, "test", "image_rollout"), Phase::Image);
+        assert_eq!(phase_of(LAB_CRATE, "test", "packages"), Phase::Packages);
         assert_eq!(phase_of(LAB_CRATE, "test", "e2e"), Phase::Lab);
     }
 }
