@@ -41,6 +41,7 @@ async fn engine_with(auth: AuthConfig) -> Engine {
         fleetlock: Default::default(),
         written: Default::default(),
         requests: Default::default(),
+        metrics: crate::metrics::Metrics::new(),
     };
     // The unix socket's caller is an admin by default: no token or certificate to make.
     let auth = std::sync::Arc::new(Auth::new(&auth).expect("auth"));
@@ -300,6 +301,7 @@ async fn each_route_asks_for_the_role_declared_with_it() {
         (get.clone(), "/fleet/v1/discovery".into(), Role::Read),
         (get.clone(), "/fleet/v1/openapi.json".into(), Role::Read),
         (get.clone(), "/engine/status".into(), Role::Read),
+        (get.clone(), "/metrics".into(), Role::Read),
         (post.clone(), "/v1/pre-reboot".into(), Role::Machine),
         (post.clone(), "/v1/steady-state".into(), Role::Machine),
     ];
@@ -329,4 +331,36 @@ async fn each_route_asks_for_the_role_declared_with_it() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     let (status, _) = e.call_as(tcp(), None, get.clone(), "/fleet/v1/nothing", None).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_requests_by_route_and_etcd_calls_by_outcome_without_unit_names() {
+    let e = engine().await;
+    let (status, _) = e.call(Method::PUT, "/fleet/v1/units/a.service", Some(unit("launched"))).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, _) = e.call(Method::GET, "/fleet/v1/units/a.service", None).await;
+    assert_eq!(status, StatusCode::OK);
+    e.store.set_unavailable(true);
+    let (status, _) = e.call(Method::PUT, "/fleet/v1/units/b.service", Some(unit("launched"))).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    e.store.set_unavailable(false);
+
+    let mut req = Request::builder().uri("/metrics").body(Body::empty()).expect("request");
+    req.extensions_mut().insert(Peer::Unix { uid: None });
+    let resp = e.app.clone().oneshot(req).await.expect("router answers");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 24).await.expect("body");
+    let text = String::from_utf8_lossy(&bytes);
+    for line in [
+        r#"fleet_api_requests_total{route="/fleet/v1/units/{name}",method="PUT",code="201"} 1"#,
+        r#"fleet_api_requests_total{route="/fleet/v1/units/{name}",method="GET",code="200"} 1"#,
+        r#"fleet_api_requests_total{route="/fleet/v1/units/{name}",method="PUT",code="503"} 1"#,
+        // The 503 took every attempt, each counted.
+        r#"fleet_etcd_requests_total{call="read unit",outcome="unavailable"} 4"#,
+        r#"fleet_etcd_requests_total{call="write unit",outcome="ok"} 1"#,
+        "fleet_units 1",
+    ] {
+        assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");
+    }
+    assert!(!text.contains("a.service") && !text.contains("b.service"), "a unit name became a label:\n{text}");
 }

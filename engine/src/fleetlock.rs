@@ -180,6 +180,11 @@ async fn commit(
     let when = vec![guard(api.keys.reboot_lock(group), revs.0), guard(api.keys.drain(id), revs.1)];
     let done = api.txn(what, Txn { when, then, ..Txn::default() }, false).await.map_err(from_api)?;
     if done.succeeded {
+        // Groups a machine names but the configuration does not are counted together: a label
+        // never takes values a client makes up.
+        let known = group == "default" || api.fleetlock.groups.contains_key(group);
+        let held = crate::metrics::GroupLabels { group: if known { group.to_string() } else { "other".into() } };
+        api.metrics.reboot_slots_held.get_or_create(&held).set(sem.holders.len() as i64);
         crate::api::settle(api, done.revision).await;
     }
     Ok(done.succeeded)

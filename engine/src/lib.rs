@@ -22,6 +22,7 @@ pub mod fuzz_checks;
 pub mod http;
 pub mod leader;
 pub mod listen;
+pub mod metrics;
 pub mod openapi;
 pub mod pki;
 pub mod routes;
@@ -55,6 +56,7 @@ pub async fn run(mut config: watch::Receiver<EngineConfig>, mut shutdown: watch:
     let watch_client = connect(&etcd, RetryPolicy { attempts: 30, ..RetryPolicy::default() }).await?;
     let cluster = cluster::Cluster::follow(watch_client, keys.clone());
     let status = Arc::new(Mutex::new(leader::LeaderStatus { engine_id: cfg.engine_id.clone(), ..Default::default() }));
+    let metrics = metrics::Metrics::new();
     let api = api::Api {
         store: fleet_store::kv::EtcdStore::new(client.clone()).into(),
         keys: keys.clone(),
@@ -65,6 +67,7 @@ pub async fn run(mut config: watch::Receiver<EngineConfig>, mut shutdown: watch:
         fleetlock: cfg.fleetlock.clone(),
         written: Default::default(),
         requests: Default::default(),
+        metrics: metrics.clone(),
     };
     let auth = Arc::new(auth::Auth::new(&cfg.auth)?);
     let app = routes::router(api.clone(), auth);
@@ -108,6 +111,7 @@ pub async fn run(mut config: watch::Receiver<EngineConfig>, mut shutdown: watch:
             ttl: cfg.election_ttl_secs,
             status,
             fences: Default::default(),
+            metrics,
         },
     };
     let leading = if cfg.lead {

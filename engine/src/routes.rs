@@ -96,11 +96,13 @@ pub fn router(api: Api, auth: std::sync::Arc<Auth>) -> Router {
         .route("/", axum::routing::any(not_allowed))
         .route("/fleet/v1", axum::routing::any(not_allowed))
         .route("/engine/status", get(engine_status.layer(needs!(Read))))
+        .route("/metrics", get(metrics.layer(needs!(Read))))
         // FleetLock: any machine, for itself (its handler checks that it acts for itself).
         .route("/v1/pre-reboot", post(crate::fleetlock::pre_reboot.layer(needs!(Machine))))
         .route("/v1/steady-state", post(crate::fleetlock::steady_state.layer(needs!(Machine))))
         .fallback(|req| refuse(req, ApiError::new(StatusCode::NOT_FOUND, "")))
         .layer(axum::middleware::from_fn_with_state(auth, crate::auth::authorize))
+        .layer(axum::middleware::from_fn_with_state(api.metrics.clone(), crate::metrics::observe))
         .layer(axum::middleware::from_fn_with_state(api.requests.clone(), count_request))
         .layer(axum::middleware::map_response(server_header))
         .with_state(api)
@@ -111,6 +113,17 @@ pub const DISCOVERY: &str = include_str!("discovery.json");
 
 pub(crate) async fn discovery() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], DISCOVERY).into_response()
+}
+
+/// Not part of fleet's API: Prometheus metrics (docs/metrics.md); the cluster's size is read
+/// from the view now, the rest was recorded as it happened.
+pub(crate) async fn metrics(State(api): State<Api>) -> Response {
+    let m = &api.metrics;
+    let (units, machines, revision) = api.cluster.read(|v| (v.units.len(), v.machines.len(), v.revision));
+    m.units.set(units as i64);
+    m.machines.set(machines as i64);
+    m.view_revision.set(revision);
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], m.render()).into_response()
 }
 
 /// Not part of fleet's API: which engine leads, and why units could not be placed.

@@ -592,3 +592,24 @@ async fn writes_outside_fleets_prefix_do_not_hold_up_reads() {
     assert!(b["missing"].as_array().is_none_or(|m| m.is_empty()), "a unit created elsewhere is missing: {b}");
     etcd.delete(elsewhere.as_str(), None).await.expect("clean up");
 }
+
+#[tokio::test]
+async fn the_lab_engine_serves_its_metrics_to_the_read_role() {
+    let Some(lab) = testkit::lab() else { return };
+    let Some(url) = lab.api_url() else { panic!("the lab has an engine") };
+    let http = testkit::http();
+    // The admin's certificate (the lab's client): the text format, the lab's machines counted.
+    let resp = http.get(format!("{url}/metrics")).send().await.expect("GET /metrics");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let ctype = resp.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    assert!(ctype.starts_with("application/openmetrics-text"), "{ctype}");
+    let text = resp.text().await.expect("body");
+    let machines = format!("fleet_machines {}", lab.machines.len());
+    assert!(text.lines().any(|l| l == machines), "no {machines:?} in:\n{text}");
+    assert!(text.lines().any(|l| l == "fleet_engine_leader 1"), "the lab's one engine leads:\n{text}");
+    assert!(text.contains("fleet_api_requests_total{route=\"/fleet/v1/machines\""), "{text}");
+    // Without credentials: refused before anything is read.
+    let anonymous = fleet_integration::pki::http_anonymous().expect("an anonymous client");
+    let resp = anonymous.get(format!("{url}/metrics")).send().await.expect("GET /metrics");
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+}

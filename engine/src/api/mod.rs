@@ -51,6 +51,7 @@ pub struct Api {
     pub written: std::sync::Arc<std::sync::atomic::AtomicI64>,
     /// Requests this replica has served (shown by `/engine/status`).
     pub requests: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 impl Api {
@@ -71,12 +72,31 @@ fn attempt_limit(patient: bool) -> Duration {
 }
 
 /// A store call with retries: four attempts of at most [`attempt_limit`] each; a store that
-/// cannot be reached is a 503.
-pub(crate) async fn stored<T, F, Fut>(what: &str, patient: bool, op: F) -> Result<T, ApiError>
+/// cannot be reached is a 503. Each attempt is counted in `metrics`.
+pub(crate) async fn stored<T, F, Fut>(
+    metrics: &crate::metrics::Metrics,
+    what: &str,
+    patient: bool,
+    mut op: F,
+) -> Result<T, ApiError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, StoreError>>,
 {
+    let op = || {
+        let attempt = op();
+        async move {
+            let started = std::time::Instant::now();
+            let result = attempt.await;
+            let outcome = match &result {
+                Ok(_) => "ok",
+                Err(e) if e.is_transient() => "unavailable",
+                Err(_) => "error",
+            };
+            metrics.store_call(what, outcome, started.elapsed());
+            result
+        }
+    };
     let policy = fleet_store::retry::RetryPolicy {
         attempts: 4,
         first_backoff: Duration::from_millis(100),
@@ -95,12 +115,12 @@ where
 impl Api {
     /// One key, read with [`stored`]'s retries.
     pub(crate) async fn read_key(&self, what: &str, key: &str, patient: bool) -> Result<Option<Entry>, ApiError> {
-        stored(what, patient, || self.store.get(key.as_bytes())).await
+        stored(&self.metrics, what, patient, || self.store.get(key.as_bytes())).await
     }
 
     /// One transaction with [`stored`]'s retries.
     pub(crate) async fn txn(&self, what: &str, txn: StoreTxn, patient: bool) -> Result<TxnResult, ApiError> {
-        stored(what, patient, || self.store.txn(txn.clone())).await
+        stored(&self.metrics, what, patient, || self.store.txn(txn.clone())).await
     }
 
     /// Writes one key; the revision it was written at.

@@ -84,6 +84,7 @@ impl Leader {
     }
 
     fn set_leader(&self, leader: bool, leader_id: String) {
+        self.planner.metrics.set_leader(leader);
         if let Ok(mut s) = self.planner.status.lock() {
             s.leader = leader;
             s.leader_id = leader_id;

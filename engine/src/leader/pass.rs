@@ -30,6 +30,7 @@ pub struct Planner<S: Store> {
     pub ttl: i64,
     pub status: SharedStatus,
     pub fences: Mutex<Fences>,
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 /// Extra wait, beyond a lost machine's lease TTL, before its exclusive units are placed elsewhere:
@@ -192,6 +193,8 @@ impl<S: Store> Planner<S> {
             s.unplaceable = outcome.unplaceable.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
         }
         let planned = started.elapsed();
+        self.metrics.plan_duration.observe(planned.as_secs_f64());
+        self.metrics.unplaceable.set(outcome.unplaceable.len() as i64);
         if let Ok(mut s) = self.status.lock() {
             s.last_plan_ms = planned.as_millis() as u64;
             s.planning = false;
@@ -246,6 +249,10 @@ impl<S: Store> Planner<S> {
         // fenced and idempotent): a leader that cannot write must not spend a TTL per batch.
         let written: Vec<i64> = futures::stream::iter(writes).buffer_unordered(PUTS_IN_FLIGHT).try_collect().await?;
         last_rev = written.into_iter().fold(last_rev, i64::max);
+        let removed = outcome.decisions.iter().filter(|d| matches!(d, Decision::Remove { .. })).count();
+        let decision = |kind: &str| crate::metrics::DecisionLabels { kind: kind.into() };
+        self.metrics.decisions.get_or_create(&decision("placed")).inc_by((outcome.decisions.len() - removed) as u64);
+        self.metrics.decisions.get_or_create(&decision("removed")).inc_by(removed as u64);
         if !outcome.decisions.is_empty() {
             tracing::info!(
                 decisions = outcome.decisions.len(),
@@ -274,7 +281,14 @@ impl<S: Store> Planner<S> {
 
     /// Runs `ops` only while we still lead (and `extra` holds); returns the write's revision.
     async fn fenced(&self, fence: &Compare, extra: Vec<Compare>, ops: Vec<Op>) -> Result<i64, LeadError> {
-        fenced_write(&self.store, self.ttl, fence, extra, ops).await
+        let result = fenced_write(&self.store, self.ttl, fence, extra, ops).await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(LeadError::GuardFailed) | Err(LeadError::Deposed(_)) => "refused",
+            Err(_) => "failed",
+        };
+        self.metrics.schedule_writes.get_or_create(&crate::metrics::OutcomeLabels { outcome: outcome.into() }).inc();
+        result
     }
 }
 

@@ -35,6 +35,7 @@ async fn cluster() -> Lab {
         ttl: 6,
         status: Default::default(),
         fences: Default::default(),
+        metrics: crate::metrics::Metrics::new(),
     };
     Lab { store, keys, planner, fence, election_lease }
 }
@@ -114,6 +115,9 @@ async fn a_pass_places_every_placeable_unit_once_and_says_why_not_the_others() {
     let on_m1 = placed.values().filter(|m| m[0] == "m1").count();
     assert_eq!(on_m1, 3, "spread over both machines: {placed:?}");
     assert!(c.why("db.service").is_some_and(|w| w.contains("role")), "{:?}", c.why("db.service"));
+    let metrics = c.planner.metrics.render();
+    assert!(metrics.contains("fleet_schedule_decisions_total{kind=\"placed\"} 6\n"), "{metrics}");
+    assert!(metrics.contains("fleet_units_unplaceable 1\n"), "{metrics}");
     // Nothing changed: the next pass writes nothing.
     let before = c.store.revision();
     c.pass().await.expect("pass");

@@ -1,0 +1,255 @@
+//! The engine's Prometheus metrics (docs/metrics.md), served at `/metrics` in Prometheus' text
+//! format. Names follow Prometheus' conventions (`fleet_` prefix, units in names, `_total`
+//! counters), and no label takes unbounded values: a request is labelled with its route's
+//! template (`/fleet/v1/units/{name}`), never with a unit or machine name.
+//!
+//! Recording is a few atomic operations per event; gauges of the cluster's size are read from
+//! the view only when scraped. Imports nothing of the engine but the bottom layer's types.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Registry, Unit};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// The route's template, or `unmatched`.
+    pub route: String,
+    pub method: String,
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: String,
+    pub method: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StoreLabels {
+    /// What the call was for, from a fixed set (`write unit`, `read reboot lock`, ...).
+    pub call: String,
+    /// `ok`, `unavailable` (retried or answered 503) or `error`.
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// `ok`, `refused` (the fence or a guard did not hold) or `failed`.
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GroupLabels {
+    /// A FleetLock group: bounded by the engine's `[fleetlock]` configuration and its clients.
+    pub group: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    /// `placed` (a schedule entry written) or `removed`.
+    pub kind: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// Request latencies from 1 ms to ~16 s.
+fn latency() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 15))
+}
+
+/// Every metric the engine records, and the registry they are served from.
+pub struct Metrics {
+    registry: Registry,
+    pub api_requests: Family<RequestLabels, Counter>,
+    pub api_request_duration: HistogramFamily<RouteLabels>,
+    pub leader: Gauge,
+    pub leadership_changes: Counter,
+    pub plan_duration: Histogram,
+    pub decisions: Family<DecisionLabels, Counter>,
+    pub unplaceable: Gauge,
+    pub schedule_writes: Family<OutcomeLabels, Counter>,
+    pub store_requests: Family<StoreLabels, Counter>,
+    pub store_duration: Histogram,
+    pub reboot_slots_held: Family<GroupLabels, Gauge>,
+    pub view_revision: Gauge,
+    pub units: Gauge,
+    pub machines: Gauge,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        let mut registry = Registry::with_prefix("fleet");
+        let api_requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "api_requests",
+            "API requests answered, by route, method and status code",
+            api_requests.clone(),
+        );
+        let api_request_duration: HistogramFamily<RouteLabels> = Family::new_with_constructor(latency);
+        registry.register_with_unit(
+            "api_request_duration",
+            "Time from a request's arrival to its answer, by route and method",
+            Unit::Seconds,
+            api_request_duration.clone(),
+        );
+        let leader = Gauge::default();
+        registry.register("engine_leader", "1 while this engine leads the cluster, else 0", leader.clone());
+        let leadership_changes = Counter::default();
+        registry.register(
+            "engine_leadership_changes",
+            "Times this engine started or stopped leading",
+            leadership_changes.clone(),
+        );
+        let plan_duration = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+        registry.register_with_unit(
+            "schedule_plan_duration",
+            "Time of one planning pass (the scheduler over the leader's copy of the view)",
+            Unit::Seconds,
+            plan_duration.clone(),
+        );
+        let decisions = Family::<DecisionLabels, Counter>::default();
+        registry.register(
+            "schedule_decisions",
+            "Schedule entries written (placed) or removed by the leader",
+            decisions.clone(),
+        );
+        let unplaceable = Gauge::default();
+        registry.register("units_unplaceable", "Units the last planning pass could not place", unplaceable.clone());
+        let schedule_writes = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "schedule_write_transactions",
+            "The leader's fenced write transactions, by outcome (refused: the fence or a guard did not hold)",
+            schedule_writes.clone(),
+        );
+        let store_requests = Family::<StoreLabels, Counter>::default();
+        registry.register(
+            "etcd_requests",
+            "etcd calls made for API requests, by call and outcome",
+            store_requests.clone(),
+        );
+        let store_duration = latency();
+        registry.register_with_unit(
+            "etcd_request_duration",
+            "Time of one etcd call made for an API request (each attempt)",
+            Unit::Seconds,
+            store_duration.clone(),
+        );
+        let reboot_slots_held = Family::<GroupLabels, Gauge>::default();
+        registry.register(
+            "fleetlock_slots_held",
+            "Reboot slots held in a FleetLock group, as last written through this engine",
+            reboot_slots_held.clone(),
+        );
+        let view_revision = Gauge::default();
+        registry.register(
+            "view_revision",
+            "The etcd revision this engine's view of the cluster reflects",
+            view_revision.clone(),
+        );
+        let units = Gauge::default();
+        registry.register("units", "Units stored, as this engine's view shows them", units.clone());
+        let machines = Gauge::default();
+        registry.register("machines", "Machines registered, as this engine's view shows them", machines.clone());
+        Arc::new(Metrics {
+            registry,
+            api_requests,
+            api_request_duration,
+            leader,
+            leadership_changes,
+            plan_duration,
+            decisions,
+            unplaceable,
+            schedule_writes,
+            store_requests,
+            store_duration,
+            reboot_slots_held,
+            view_revision,
+            units,
+            machines,
+        })
+    }
+
+    /// Records one answered API request.
+    pub fn request(&self, route: &str, method: &str, code: u16, took: Duration) {
+        let (route, method) = (route.to_string(), method.to_string());
+        self.api_requests
+            .get_or_create(&RequestLabels { route: route.clone(), method: method.clone(), code: code.to_string() })
+            .inc();
+        self.api_request_duration.get_or_create(&RouteLabels { route, method }).observe(took.as_secs_f64());
+    }
+
+    /// Records one etcd call made for an API request.
+    pub fn store_call(&self, call: &str, outcome: &str, took: Duration) {
+        self.store_requests.get_or_create(&StoreLabels { call: call.to_string(), outcome: outcome.to_string() }).inc();
+        self.store_duration.observe(took.as_secs_f64());
+    }
+
+    /// Records whether this engine leads now.
+    pub fn set_leader(&self, leading: bool) {
+        let now = i64::from(leading);
+        if self.leader.set(now) != now {
+            self.leadership_changes.inc();
+        }
+    }
+
+    /// The registry in Prometheus' text format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail; an error here would be a bug of the encoder.
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!(error = %e, "cannot encode the metrics");
+        }
+        out
+    }
+}
+
+/// Middleware recording every answered request by its route's template (axum's matched path).
+pub async fn observe(
+    axum::extract::State(metrics): axum::extract::State<Arc<Metrics>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".to_string());
+    let method = req.method().as_str().to_string();
+    let started = std::time::Instant::now();
+    let resp = next.run(req).await;
+    metrics.request(&route, &method, resp.status().as_u16(), started.elapsed());
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_prometheus_conventions() {
+        let m = Metrics::new();
+        m.request("/fleet/v1/units/{name}", "PUT", 201, Duration::from_millis(3));
+        m.store_call("write unit", "ok", Duration::from_millis(2));
+        m.set_leader(true);
+        m.set_leader(true);
+        m.set_leader(false);
+        let text = m.render();
+        assert!(
+            text.contains(r#"fleet_api_requests_total{route="/fleet/v1/units/{name}",method="PUT",code="201"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE fleet_api_request_duration_seconds histogram"), "{text}");
+        assert!(text.contains(r#"fleet_etcd_requests_total{call="write unit",outcome="ok"} 1"#), "{text}");
+        assert!(text.contains("fleet_engine_leader 0"), "{text}");
+        assert!(text.contains("fleet_engine_leadership_changes_total 2"), "{text}");
+        // Every family is a fleet_ one with help text.
+        for line in text.lines().filter(|l| l.starts_with("# HELP ")) {
+            assert!(line.starts_with("# HELP fleet_"), "{line}");
+        }
+    }
+}
