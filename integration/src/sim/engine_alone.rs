@@ -44,7 +44,7 @@ pub async fn engine_alone(cfg: SimConfig) -> Result<EngineReport> {
     let admin = connect(&etcd, RetryPolicy::default()).await.context("etcd")?;
     admin.kv_client().delete(keys.prefix(), Some(etcd_client::DeleteOptions::new().with_prefix())).await?;
     let (dir, engine_config, token, http) = workspace(&cfg, "fleet-engine-alone")?;
-    let _scratch = Scratch(dir.clone());
+    let mut scratch = Scratch::new(dir.clone());
     let mut report = EngineReport {
         machines: cfg.machines,
         units: cfg.units,
@@ -120,6 +120,7 @@ pub async fn engine_alone(cfg: SimConfig) -> Result<EngineReport> {
     drop(api_engine);
     let _ = admin.kv_client().delete(keys.prefix(), Some(etcd_client::DeleteOptions::new().with_prefix())).await;
     let _ = admin.lease_client().revoke(lease).await;
+    scratch.done = true;
     Ok(report)
 }
 

@@ -113,11 +113,27 @@ impl Drop for Child {
 
 /// A scratch directory removed when dropped, so a failed run leaves no 10,000 machine
 /// directories behind.
-struct Scratch(PathBuf);
+/// A simulation's files (engine logs, configuration): removed when it ends well, kept when it
+/// fails (or with `FLEET_SIM_KEEP`), since the engines' logs are what says why.
+struct Scratch {
+    dir: PathBuf,
+    /// Set once the simulation has measured everything.
+    done: bool,
+}
+
+impl Scratch {
+    fn new(dir: PathBuf) -> Scratch {
+        Scratch { dir, done: false }
+    }
+}
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        if !self.done || std::env::var_os("FLEET_SIM_KEEP").is_some() {
+            eprintln!("sim: its files, engine logs included, are kept in {}", self.dir.display());
+            return;
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -345,7 +361,7 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport> {
     let admin = pool[0].clone();
     admin.kv_client().delete(keys.prefix(), Some(etcd_client::DeleteOptions::new().with_prefix())).await?;
     let (dir, engine_config, token, http) = workspace(&cfg, "fleet-sim")?;
-    let _scratch = Scratch(dir.clone());
+    let mut scratch = Scratch::new(dir.clone());
     let mut report =
         SimReport { machines: cfg.machines, units: cfg.units, etcd_tls: cfg.etcd_tls.is_some(), ..Default::default() };
 
@@ -389,7 +405,14 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport> {
     let leader_port = cfg.api_port + 1;
     let mut engine = start_engine(&cfg, &engine_config, "sim-e1", leader_port, true).await?;
     if !observe_until(&mut observed, t0 + Duration::from_secs(600), |o| o.all_active(cfg.units)).await? {
-        bail!("units did not all become active within 600 s");
+        let o = observed.borrow().clone();
+        let o = o.lock().unwrap_or_else(|e| e.into_inner());
+        bail!(
+            "units did not all become active within 600 s: {} of {} active, {} schedule entries seen",
+            o.active_units,
+            cfg.units,
+            o.placed
+        );
     }
     report.converge_secs = t0.elapsed().as_secs_f64();
     let to = revision(&admin, &keys).await?;
@@ -478,5 +501,6 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport> {
     drop(engine);
     drop(api_engine);
     let _ = admin.kv_client().delete(keys.prefix(), Some(etcd_client::DeleteOptions::new().with_prefix())).await;
+    scratch.done = true;
     Ok(report)
 }
