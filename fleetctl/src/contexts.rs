@@ -107,6 +107,14 @@ pub(crate) fn load(named: Option<&Path>) -> Result<Option<(PathBuf, ConfigFile)>
     Ok(Some((path, file)))
 }
 
+/// Which file was looked for, for messages saying it does not exist.
+fn looked_for(given: &Given) -> String {
+    match given.config.clone().or_else(default_path) {
+        Some(p) => p.display().to_string(),
+        None => "no configuration file".into(),
+    }
+}
+
 fn names(file: &ConfigFile) -> String {
     match file.contexts.is_empty() {
         true => "none".into(),
@@ -122,11 +130,7 @@ pub(crate) fn chosen<'a>(given: &Given, file: Option<&'a (PathBuf, ConfigFile)>)
             .get(name)
             .map(Some)
             .ok_or_else(|| anyhow!("no context {name:?} in {} (contexts: {})", path.display(), names(f))),
-        (Some(name), None) => {
-            let looked = given.config.clone().or_else(default_path);
-            let looked = looked.map(|p| p.display().to_string()).unwrap_or_else(|| "no configuration file".into());
-            Err(anyhow!("no context {name:?}: {looked} does not exist"))
-        }
+        (Some(name), None) => Err(anyhow!("no context {name:?}: {} does not exist", looked_for(given))),
         (None, Some((_, f))) => Ok(f.current.as_ref().and_then(|c| f.contexts.get(c))),
         (None, None) => Ok(None),
     }
@@ -171,9 +175,7 @@ pub(crate) fn settings(given: &Given, file: Option<&(PathBuf, ConfigFile)>) -> R
 /// `fleetctl contexts`: every context of the file, the current one marked.
 pub(crate) fn list(given: &Given, file: Option<&(PathBuf, ConfigFile)>) -> Result<String> {
     let Some((path, f)) = file else {
-        let looked = given.config.clone().or_else(default_path);
-        let looked = looked.map(|p| p.display().to_string()).unwrap_or_else(|| "no configuration file".into());
-        return Ok(format!("No contexts: {looked} does not exist.\n"));
+        return Ok(format!("No contexts: {} does not exist.\n", looked_for(given)));
     };
     let current = given.context.as_ref().or(f.current.as_ref());
     let mut out = format!("Contexts in {}:\n", path.display());

@@ -67,17 +67,14 @@ pub(crate) fn machine_by_prefix(api: &Api, prefix: &str) -> Result<String, ApiEr
 pub(crate) async fn drain_machine(State(api): State<Api>, Path(id): Path<String>) -> Result<Response, ApiError> {
     fresh(&api).await?;
     let id = machine_by_prefix(&api, &id)?;
-    let revision = api.put_key("write drain", api.keys.drain(&id), Vec::new()).await?;
-    api.wrote(revision);
+    api.put_key("write drain", api.keys.drain(&id), Vec::new()).await?;
     Ok((StatusCode::ACCEPTED, Json(wire::DrainAccepted { id })).into_response())
 }
 
 pub(crate) async fn undrain_machine(State(api): State<Api>, Path(id): Path<String>) -> Result<Response, ApiError> {
     fresh(&api).await?;
     let id = machine_by_prefix(&api, &id)?;
-    if let Some(revision) = api.delete_key("delete drain", api.keys.drain(&id)).await? {
-        api.wrote(revision);
-    }
+    api.delete_key("delete drain", api.keys.drain(&id)).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

@@ -123,19 +123,25 @@ impl Api {
         stored(&self.metrics, what, patient, || self.store.txn(txn.clone())).await
     }
 
-    /// Writes one key; the revision it was written at.
-    pub(crate) async fn put_key(&self, what: &str, key: String, value: Vec<u8>) -> Result<i64, ApiError> {
+    /// Writes one key and records it as this replica's write (see [`Api::written`]).
+    pub(crate) async fn put_key(&self, what: &str, key: String, value: Vec<u8>) -> Result<(), ApiError> {
         let txn = StoreTxn { then: vec![Op::put(key, value, 0)], ..StoreTxn::default() };
-        Ok(self.txn(what, txn, false).await?.revision)
+        let done = self.txn(what, txn, false).await?;
+        self.wrote(done.revision);
+        Ok(())
     }
 
-    /// Deletes one key: the revision of the delete, or `None` if there was nothing to delete (a
-    /// delete of nothing answers the store's current revision, which this view may never reach).
-    pub(crate) async fn delete_key(&self, what: &str, key: String) -> Result<Option<i64>, ApiError> {
+    /// Deletes one key; whether there was one to delete. Only a delete that removed something
+    /// is recorded as this replica's write: a delete of nothing answers the store's current
+    /// revision, which this view may never reach.
+    pub(crate) async fn delete_key(&self, what: &str, key: String) -> Result<bool, ApiError> {
         let txn = StoreTxn { then: vec![Op::delete(key)], ..StoreTxn::default() };
         let done = self.txn(what, txn, false).await?;
         let deleted = matches!(done.results.first(), Some(OpResult::Delete { deleted }) if *deleted > 0);
-        Ok(deleted.then_some(done.revision))
+        if deleted {
+            self.wrote(done.revision);
+        }
+        Ok(deleted)
     }
 }
 

@@ -413,8 +413,7 @@ pub(crate) async fn move_unit(
         Ok(fleet_model::schema::MoveRequest { from, to, refused: String::new() })
     })?;
     let value = encode(&request).map_err(|e| ApiError::internal(e.to_string()))?;
-    let revision = api.put_key("write move request", api.keys.moves(&name), value).await?;
-    api.wrote(revision);
+    api.put_key("write move request", api.keys.moves(&name), value).await?;
     Ok((StatusCode::ACCEPTED, Json(wire::MoveAccepted { from: request.from, machine_id: request.to })).into_response())
 }
 
@@ -422,18 +421,15 @@ pub(crate) async fn move_unit(
 pub(crate) async fn forget_move(State(api): State<Api>, Path(name): Path<String>) -> Result<Response, ApiError> {
     let name = parse_name(&name)?;
     fresh(&api).await?;
-    if let Some(revision) = api.delete_key("delete move request", api.keys.moves(&name)).await? {
-        api.wrote(revision);
-    }
+    api.delete_key("delete move request", api.keys.moves(&name)).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 pub(crate) async fn delete_unit(State(api): State<Api>, Path(name): Path<String>) -> Result<Response, ApiError> {
     let name = parse_name(&name)?;
     fresh(&api).await?;
-    let Some(revision) = api.delete_key("delete unit", api.keys.unit(&name)).await? else {
+    if !api.delete_key("delete unit", api.keys.unit(&name)).await? {
         return Err(ApiError::new(StatusCode::NOT_FOUND, "unit does not exist"));
-    };
-    api.wrote(revision);
+    }
     Ok(StatusCode::NO_CONTENT.into_response())
 }
