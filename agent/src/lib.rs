@@ -285,7 +285,7 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
                     }
                 }
             }
-            Change::Delete { key } => {
+            Change::Delete { key, .. } => {
                 if let Some(Key::Schedule(_, unit)) = self.keys.decode(&key) {
                     sched.remove(unit.as_str());
                 }

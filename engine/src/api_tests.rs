@@ -298,6 +298,7 @@ async fn each_route_asks_for_the_role_declared_with_it() {
         (patch.clone(), "/fleet/v1/machines".into(), Role::Admin),
         (post.clone(), format!("/fleet/v1/machines/{m}/drain"), Role::Admin),
         (delete.clone(), format!("/fleet/v1/machines/{m}/drain"), Role::Admin),
+        (get.clone(), "/fleet/v1/events".into(), Role::Read),
         (get.clone(), "/fleet/v1/discovery".into(), Role::Read),
         (get.clone(), "/fleet/v1/openapi.json".into(), Role::Read),
         (get.clone(), "/engine/status".into(), Role::Read),
@@ -363,4 +364,63 @@ async fn metrics_count_requests_by_route_and_etcd_calls_by_outcome_without_unit_
         assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");
     }
     assert!(!text.contains("a.service") && !text.contains("b.service"), "a unit name became a label:\n{text}");
+}
+
+/// The next server-sent event's `data:` from a stream's body, or None if none comes within 5 s.
+async fn next_sse(body: &mut axum::body::BodyDataStream, buf: &mut String) -> Option<Value> {
+    use futures::StreamExt;
+    loop {
+        // An event ends with a blank line; keep-alive comments start with ':'.
+        if let Some(end) = buf.find("\n\n") {
+            let event: String = buf.drain(..end + 2).collect();
+            if let Some(data) = event.lines().find_map(|l| l.strip_prefix("data:")) {
+                return serde_json::from_str(data.trim()).ok();
+            }
+            continue;
+        }
+        let chunk = tokio::time::timeout(Duration::from_secs(5), body.next()).await.ok()??.ok()?;
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_are_listed_and_streamed_from_where_a_client_left_off() {
+    let e = engine().await;
+    let (status, _) = e.call(Method::PUT, "/fleet/v1/units/a.service", Some(unit("launched"))).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, page) = e.call(Method::GET, "/fleet/v1/events?unit=a.*", None).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    let kinds: Vec<&str> = page["events"].as_array().into_iter().flatten().filter_map(|e| e["kind"].as_str()).collect();
+    assert_eq!(kinds, vec!["unit-submitted"]);
+    let next = page["next"].as_str().expect("next").to_string();
+    assert_eq!(Some(next.as_str()), page["events"][0]["id"].as_str());
+    // Bad filters are refused with what is wrong.
+    let (status, body) = e.call(Method::GET, "/fleet/v1/events?kind=unit-exploded", None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(body["error"]["message"].as_str().is_some_and(|m| m.contains("unit-exploded")), "{body}");
+    let (status, _) = e.call(Method::GET, "/fleet/v1/events?since=yesterday", None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    // A stream resuming after `next` (as a reconnecting EventSource does) gets what followed,
+    // once: b's submission, then c's as it happens.
+    let (status, _) = e.call(Method::PUT, "/fleet/v1/units/b.service", Some(unit("launched"))).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let mut req = Request::builder().uri("/fleet/v1/events/stream").header("last-event-id", &next);
+    req = req.header("accept", "text/event-stream");
+    let mut req = req.body(Body::empty()).expect("request");
+    req.extensions_mut().insert(Peer::Unix { uid: None });
+    let resp = e.app.clone().oneshot(req).await.expect("router answers");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let mut body = resp.into_body().into_data_stream();
+    let mut buf = String::new();
+    let first = next_sse(&mut body, &mut buf).await.expect("an event");
+    assert_eq!((first["kind"].as_str(), first["unit"].as_str()), (Some("unit-submitted"), Some("b.service")));
+    let (status, _) = e.call(Method::PUT, "/fleet/v1/units/c.service", Some(unit("launched"))).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let second = next_sse(&mut body, &mut buf).await.expect("a live event");
+    assert_eq!(second["unit"].as_str(), Some("c.service"));
+    // Closing the log (the engine stopping) ends the stream.
+    e.api.cluster.events().close();
+    assert!(next_sse(&mut body, &mut buf).await.is_none(), "the stream outlived the engine");
 }

@@ -4,6 +4,7 @@
 //! A read through the API waits until the view has caught up with the writes that replica
 //! answered, so a client always reads its own writes.
 
+use crate::events::{Deriver, EventLog};
 use fleet_model::rules::Rules;
 use fleet_model::schema::{decode, Key, MoveRequest};
 use fleet_model::{Keys, MachineRecord, ScheduleEntry, UnitFile, UnitName, UnitRecord, UnitStateRecord};
@@ -52,11 +53,17 @@ pub struct ClusterView {
 impl ClusterView {
     /// Applies one delivery of the watch: a whole new snapshot, or changes.
     fn apply_update(&mut self, keys: &Keys, update: PrefixUpdate) {
+        self.apply_update_observed(keys, update, &mut |_, _, _| {});
+    }
+
+    /// As [`ClusterView::apply_update`], showing each change (and its decoded key) to `observe`
+    /// together with the view just before it: how events are derived.
+    fn apply_update_observed(&mut self, keys: &Keys, update: PrefixUpdate, observe: &mut Observer<'_>) {
         match update {
             PrefixUpdate::Snapshot { revision, puts } => {
                 let mut fresh = ClusterView::default();
                 for c in puts {
-                    fresh.apply(keys, c);
+                    fresh.apply(keys, c, &mut |_, _, _| {});
                 }
                 fresh.revision = revision;
                 fresh.plan_generation = self.plan_generation + 1;
@@ -65,7 +72,7 @@ impl ClusterView {
             }
             PrefixUpdate::Changes { revision, changes } => {
                 for c in changes {
-                    self.apply(keys, c);
+                    self.apply(keys, c, observe);
                 }
                 self.parse_missing_rules();
                 self.revision = self.revision.max(revision);
@@ -73,12 +80,16 @@ impl ClusterView {
         }
     }
 
-    fn apply(&mut self, keys: &Keys, change: Change) {
+    fn apply(&mut self, keys: &Keys, change: Change, observe: &mut Observer<'_>) {
         // Decoded once: this runs for every event of the whole cluster.
         let decoded = match &change {
-            Change::Put { key, .. } | Change::Delete { key } => keys.decode(key),
+            Change::Put { key, .. } | Change::Delete { key, .. } => keys.decode(key),
         };
-        if !matches!(decoded, Some(Key::State(..)) | Some(Key::Why(_))) {
+        observe(self, decoded.as_ref(), &change);
+        if !matches!(
+            decoded,
+            Some(Key::State(..)) | Some(Key::Why(_)) | Some(Key::Leader(_)) | Some(Key::RebootLock(_))
+        ) {
             self.plan_generation += 1;
         }
         // Except the state of an exclusive unit on a machine it is leaving (its entry there
@@ -156,7 +167,8 @@ impl ClusterView {
                         tracing::error!(unit = %unit, error = %e, "unreadable unit state; ignoring")
                     }
                 },
-                None => {}
+                // Only events need these (crate::events).
+                Some(Key::Leader(_)) | Some(Key::RebootLock(_)) | None => {}
             },
             Change::Delete { .. } => match decoded {
                 Some(Key::Unit(name)) => {
@@ -188,7 +200,7 @@ impl ClusterView {
                 }
                 Some(Key::Schedule(m, unit)) => remove_nested(&mut self.schedule, &unit, &m),
                 Some(Key::State(m, unit)) => remove_nested(&mut self.states, &unit, &m),
-                None => {}
+                Some(Key::Leader(_)) | Some(Key::RebootLock(_)) | None => {}
             },
         }
     }
@@ -243,6 +255,9 @@ fn remove_nested<V>(map: &mut BTreeMap<UnitName, BTreeMap<String, V>>, unit: &Un
     }
 }
 
+/// Sees each change with the view just before it (see [`ClusterView::apply_update_observed`]).
+type Observer<'a> = dyn FnMut(&ClusterView, Option<&Key>, &Change) + 'a;
+
 /// Updates the leader's planning copy has not applied yet; `None` while nobody plans.
 type PlanFeed = Arc<Mutex<Option<Vec<PrefixUpdate>>>>;
 
@@ -255,6 +270,7 @@ pub struct Cluster {
     kick: Arc<tokio::sync::Notify>,
     plan_feed: PlanFeed,
     keys: Keys,
+    events: Arc<EventLog>,
 }
 
 /// The leader's own copy of the view (see [`Cluster::plan_view`]).
@@ -290,8 +306,8 @@ impl Drop for PlanView {
 }
 
 impl Cluster {
-    /// Starts following `keys.prefix()` with `client`.
-    pub fn follow(client: fleet_store::etcd::Client, keys: Keys) -> Self {
+    /// Starts following `keys.prefix()` with `client`, keeping the last `history` events.
+    pub fn follow(client: fleet_store::etcd::Client, keys: Keys, history: usize) -> Self {
         let (tx, rx) = mpsc::channel(256);
         let kick = Arc::new(tokio::sync::Notify::new());
         tokio::spawn(fleet_store::etcd::follow_prefix_kickable(
@@ -301,7 +317,7 @@ impl Cluster {
             Some(RESYNC),
             Some(kick.clone()),
         ));
-        Self::fed_by(rx, keys, kick)
+        Self::fed_by(rx, keys, kick, history)
     }
 
     /// Follows `keys.prefix()` on any store with [`fleet_store::kv::follow`]: a snapshot, then
@@ -311,11 +327,16 @@ impl Cluster {
     pub fn follow_store<S: fleet_store::kv::Store>(store: S, keys: Keys) -> Self {
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(fleet_store::kv::follow(store, keys.prefix().to_string(), tx));
-        Self::fed_by(rx, keys, Arc::new(tokio::sync::Notify::new()))
+        Self::fed_by(rx, keys, Arc::new(tokio::sync::Notify::new()), crate::events::DEFAULT_HISTORY)
     }
 
     /// A view fed by `updates` (from etcd's watch in [`Cluster::follow`]; from a test directly).
-    fn fed_by(mut rx: mpsc::Receiver<PrefixUpdate>, keys: Keys, kick: Arc<tokio::sync::Notify>) -> Self {
+    fn fed_by(
+        mut rx: mpsc::Receiver<PrefixUpdate>,
+        keys: Keys,
+        kick: Arc<tokio::sync::Notify>,
+        history: usize,
+    ) -> Self {
         let view = Arc::new(RwLock::new(ClusterView::default()));
         let (rev_tx, rev_rx) = watch::channel(0);
         let (plan_tx, plan_rx) = watch::channel(0u64);
@@ -323,6 +344,9 @@ impl Cluster {
         let plan_feed: PlanFeed = Arc::new(Mutex::new(None));
         let feed = plan_feed.clone();
         let keys_for_plans = keys.clone();
+        let events = Arc::new(EventLog::new(history));
+        let log = events.clone();
+        let mut deriver = Deriver::default();
         tokio::spawn(async move {
             while let Some(update) = rx.recv().await {
                 // Waiting for the lock (a leader pass may hold it for a while at scale) and
@@ -336,17 +360,33 @@ impl Cluster {
                             q.push(update.clone());
                         }
                     }
-                    v.apply_update(&keys, update);
-                    Some((v.revision, v.plan_generation))
+                    // Events are derived here, on the shared view only, comparing each change with
+                    // the view just before it.
+                    let listed = match &update {
+                        PrefixUpdate::Snapshot { revision, puts } => {
+                            deriver.snapshot(&keys, puts);
+                            Some(*revision)
+                        }
+                        PrefixUpdate::Changes { .. } => None,
+                    };
+                    v.apply_update_observed(&keys, update, &mut |before, key, change| {
+                        deriver.change(before, key, change)
+                    });
+                    Some((v.revision, v.plan_generation, listed, deriver.finish()))
                 });
-                let Some((rev, generation)) = applied else { return };
+                let Some((rev, generation, listed, happened)) = applied else { return };
+                let time = crate::events::now();
+                if let Some(revision) = listed {
+                    log.listed(revision, &time);
+                }
+                log.record(happened, &time);
                 plan_tx.send_if_modified(|g| std::mem::replace(g, generation) != generation);
                 if rev_tx.send(rev).is_err() {
                     return;
                 }
             }
         });
-        Cluster { view, revision: rev_rx, plan: plan_rx, kick, plan_feed, keys: keys_for_plans }
+        Cluster { view, revision: rev_rx, plan: plan_rx, kick, plan_feed, keys: keys_for_plans, events }
     }
 
     /// A copy of the view for the leader to plan on, kept up to date by [`PlanView::refresh`].
@@ -378,6 +418,11 @@ impl Cluster {
             Ok(v) => f(&v),
             Err(poisoned) => f(&poisoned.into_inner()),
         }
+    }
+
+    /// The events this engine derived and keeps.
+    pub fn events(&self) -> &EventLog {
+        &self.events
     }
 
     pub fn revision(&self) -> i64 {
@@ -435,7 +480,7 @@ mod tests {
     async fn the_planning_copy_follows_the_view_without_holding_it() {
         let keys = Keys::new("/t/");
         let (tx, rx) = mpsc::channel(16);
-        let cluster = Cluster::fed_by(rx, keys.clone(), Arc::new(tokio::sync::Notify::new()));
+        let cluster = Cluster::fed_by(rx, keys.clone(), Arc::new(tokio::sync::Notify::new()), 100);
         let update =
             |rev: i64, name: &str| PrefixUpdate::Changes { revision: rev, changes: vec![unit_put(&keys, name, rev)] };
         tx.send(PrefixUpdate::Snapshot { revision: 1, puts: vec![unit_put(&keys, "a.service", 1)] })

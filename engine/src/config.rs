@@ -36,6 +36,9 @@ pub struct EngineConfig {
     /// Take part in leader elections. `false` makes an API-only replica: it serves the API from
     /// its own view and never places units (more API capacity without more candidates).
     pub lead: bool,
+    /// Events this engine keeps in memory for `GET /fleet/v1/events` and for streams resuming
+    /// after a reconnect (about 300 bytes each).
+    pub event_history: usize,
 }
 
 impl Default for EngineConfig {
@@ -59,6 +62,7 @@ impl Default for EngineConfig {
             auth: Default::default(),
             fleetlock: Default::default(),
             lead: true,
+            event_history: crate::events::DEFAULT_HISTORY,
         }
     }
 }
@@ -112,6 +116,9 @@ impl EngineConfig {
         self.etcd_tls().map_err(|e| ConfigError::Invalid(format!("etcd TLS: {e}")))?;
         crate::auth::Auth::new(&crate::auth::AuthConfig { audit_log: String::new(), ..self.auth.clone() })
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        if self.event_history == 0 {
+            return Err(ConfigError::Invalid("event_history must be at least 1".into()));
+        }
         if self.token_limit == 0 {
             return Err(ConfigError::Invalid("token_limit must be at least 1".into()));
         }

@@ -17,6 +17,7 @@ pub mod auth;
 pub mod batch;
 pub mod cluster;
 pub mod config;
+pub mod events;
 pub mod fleetlock;
 pub mod fuzz_checks;
 pub mod http;
@@ -54,7 +55,7 @@ pub async fn run(mut config: watch::Receiver<EngineConfig>, mut shutdown: watch:
     // a burst of watch events not yet consumed would otherwise stall the API's and the leader's
     // writes behind it.
     let watch_client = connect(&etcd, RetryPolicy { attempts: 30, ..RetryPolicy::default() }).await?;
-    let cluster = cluster::Cluster::follow(watch_client, keys.clone());
+    let cluster = cluster::Cluster::follow(watch_client, keys.clone(), cfg.event_history);
     let status = Arc::new(Mutex::new(leader::LeaderStatus { engine_id: cfg.engine_id.clone(), ..Default::default() }));
     let metrics = metrics::Metrics::new();
     let api = api::Api {
@@ -129,6 +130,7 @@ pub async fn run(mut config: watch::Receiver<EngineConfig>, mut shutdown: watch:
         }
     });
     let _ = shutdown.wait_for(|s| *s).await;
+    api.cluster.events().close();
     let _ = tokio::time::timeout(Duration::from_secs(5), leading).await;
     for s in servers {
         match tokio::time::timeout(Duration::from_secs(5), s).await {

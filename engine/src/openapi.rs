@@ -7,9 +7,10 @@
 #![allow(dead_code)]
 
 use fleet_api::{
-    AgentStatus, Changed, CreateUnits, Created, Destroyed, DrainAccepted, ErrorBody as Error, ErrorDetail, Found,
-    Machine, MachinePage, MetadataOp, MoveAccepted, MoveRequest, Names, Unit, UnitChange, UnitChanges, UnitError,
-    UnitOption, UnitPage, UnitState, UnitStatePage, UnitStatuses, Until, WaitEvent, WaitRequest,
+    AgentStatus, Changed, CreateUnits, Created, Destroyed, DrainAccepted, ErrorBody as Error, ErrorDetail, Event,
+    EventPage, Found, Machine, MachinePage, MetadataOp, MoveAccepted, MoveRequest, Names, Unit, UnitChange,
+    UnitChanges, UnitError, UnitOption, UnitPage, UnitState, UnitStatePage, UnitStatuses, Until, WaitEvent,
+    WaitRequest,
 };
 use utoipa::OpenApi;
 
@@ -118,6 +119,31 @@ fn drain_machine() {}
     responses((status = 204), (status = 400, body = Error), (status = 404, body = Error)))]
 fn undrain_machine() {}
 
+/// Not in the original API: what happened in the cluster, oldest first: the events this engine
+/// keeps (`event_history`, default 10,000) after `since`. An event's id is `REVISION.N` (the etcd
+/// revision it happened at), the same on every engine. A `since` older than what is kept gets a
+/// `gap` event first. `kind`: kinds or globs over them, comma-separated (`unit-started,machine-*`).
+#[utoipa::path(get, path = "/fleet/v1/events",
+    params(("since" = Option<String>, Query, description = "after this event id (REVISION.N); 0: from the oldest kept"),
+        ("unit" = Option<String>, Query, description = "a unit name or glob"),
+        ("machine" = Option<String>, Query, description = "a machine id"),
+        ("kind" = Option<String>, Query, description = "event kinds or globs, comma-separated"),
+        ("limit" = Option<usize>, Query, description = "page size"),
+        ("tail" = Option<usize>, Query, description = "only the last N matching events")),
+    responses((status = 200, body = EventPage), (status = 400, body = Error), (status = 503, body = Error)))]
+fn list_events() {}
+
+/// Not in the original API: the live event stream (server-sent events; each `data:` is one
+/// `Event`, each `id:` its id). Without `since` it starts now; a client reconnecting sends
+/// `Last-Event-ID` (as browsers' EventSource does) and misses nothing that is still kept. The
+/// same filters as `GET /fleet/v1/events`.
+#[utoipa::path(get, path = "/fleet/v1/events/stream",
+    params(("since" = Option<String>, Query), ("unit" = Option<String>, Query), ("machine" = Option<String>, Query),
+        ("kind" = Option<String>, Query), ("Last-Event-ID" = Option<String>, Header)),
+    responses((status = 200, content_type = "text/event-stream", body = Event), (status = 400, body = Error),
+        (status = 503, body = Error)))]
+fn stream_events() {}
+
 /// fleet's discovery document (Google discovery format).
 #[utoipa::path(get, path = "/fleet/v1/discovery", responses((status = 200, body = Object)))]
 fn discovery() {}
@@ -156,6 +182,8 @@ fn engine_status() {}
         patch_machines,
         drain_machine,
         undrain_machine,
+        list_events,
+        stream_events,
         discovery,
         openapi_json,
         engine_status
@@ -187,7 +215,9 @@ fn engine_status() {}
         Until,
         WaitRequest,
         WaitEvent,
-        UnitError
+        UnitError,
+        Event,
+        EventPage
     ))
 )]
 pub struct ApiDoc;

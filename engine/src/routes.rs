@@ -80,6 +80,17 @@ pub fn router(api: Api, auth: std::sync::Arc<Auth>) -> Router {
                 refuse(req, method_not_allowed("only POST and DELETE supported against this resource"))
             }),
         )
+        // Not in the original API: the event history, and its live stream (server-sent events).
+        .route(
+            "/events",
+            get(list_events.layer(needs!(Read)))
+                .fallback(|req| refuse(req, method_not_allowed("only GET supported against this resource"))),
+        )
+        .route(
+            "/events/stream",
+            get(stream_events.layer(needs!(Read)))
+                .fallback(|req| refuse(req, method_not_allowed("only GET supported against this resource"))),
+        )
         .route(
             "/discovery",
             get(discovery.layer(needs!(Read)))

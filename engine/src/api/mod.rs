@@ -22,11 +22,13 @@ use std::ops::Bound;
 use std::time::Duration;
 
 mod agents;
+mod events;
 mod machines;
 mod states;
 mod units;
 
 pub use self::agents::*;
+pub(crate) use self::events::*;
 pub(crate) use self::machines::*;
 pub(crate) use self::states::*;
 pub use self::units::*;

@@ -111,8 +111,6 @@ impl Drop for Child {
     }
 }
 
-/// A scratch directory removed when dropped, so a failed run leaves no 10,000 machine
-/// directories behind.
 /// A simulation's files (engine logs, configuration): removed when it ends well, kept when it
 /// fails (or with `FLEET_SIM_KEEP`), since the engines' logs are what says why.
 struct Scratch {
@@ -174,7 +172,9 @@ fn engine_config(cfg: &SimConfig, dir: &Path) -> Result<(PathBuf, String)> {
 }
 
 async fn start_engine(cfg: &SimConfig, config: &Path, name: &str, port: u16, lead: bool) -> Result<Child> {
-    let log = std::fs::File::create(std::env::temp_dir().join(format!("fleet-sim-{name}.log")))?;
+    // Beside its configuration, in the simulation's directory: kept with it when a run fails.
+    let log_path = config.with_file_name(format!("{name}.log"));
+    let log = std::fs::File::create(&log_path).with_context(|| format!("cannot create {}", log_path.display()))?;
     let child = std::process::Command::new(cfg.bin_dir.join("fleet-engine"))
         .arg("--config")
         .arg(config)

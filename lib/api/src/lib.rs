@@ -18,6 +18,9 @@ use std::collections::BTreeMap;
 
 pub use fleet_model::UnitOption;
 
+mod events;
+pub use events::{Event, EventId, EventKind, EventPage};
+
 /// Units one batch request may name (the engine refuses more).
 pub const MAX_UNITS_PER_REQUEST: usize = 10_000;
 

@@ -35,6 +35,10 @@ pub enum Key {
     Metadata(MachineId, String),
     /// A machine being drained: nothing may run there.
     Drain(MachineId),
+    /// An engine's election key (the key's last part is its lease); the value is the engine's id.
+    Leader(String),
+    /// A FleetLock group's reboot semaphore.
+    RebootLock(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,11 +108,11 @@ impl Keys {
     pub fn why(&self, unit: &UnitName) -> String {
         format!("{}why/{unit}", self.prefix)
     }
-    /// Election name used with etcd's election API.
     /// A FleetLock group's reboot semaphore (the engine's; see `fleet_engine::fleetlock`).
     pub fn reboot_lock(&self, group: &str) -> String {
         format!("{}reboot-lock/{group}", self.prefix)
     }
+    /// Election name used with etcd's election API (candidates' keys are `<name>/<lease>`).
     pub fn leader(&self) -> String {
         format!("{}leader", self.prefix)
     }
@@ -126,6 +130,8 @@ impl Keys {
                 Some(Key::Metadata(m.to_string(), k.to_string()))
             }
             "bodies" => Some(Key::Body(rest.to_string())),
+            "leader" if !rest.is_empty() => Some(Key::Leader(rest.to_string())),
+            "reboot-lock" if !rest.contains('/') => Some(Key::RebootLock(rest.to_string())),
             "machines" if !rest.contains('/') => Some(Key::Machine(rest.to_string())),
             "schedule" | "states" => {
                 let (m, u) = rest.split_once('/')?;
@@ -240,7 +246,9 @@ mod tests {
         assert_eq!(k.decode(k.moves(&n("x.service")).as_bytes()), Some(Key::Move(n("x.service"))));
         assert_eq!(k.decode(k.metadata(m, "rack").as_bytes()), Some(Key::Metadata(m.into(), "rack".into())));
         assert_eq!(k.decode(k.drain(m).as_bytes()), Some(Key::Drain(m.into())));
-        assert_eq!(k.decode(b"/t1/leader/123"), None);
+        assert_eq!(k.decode(format!("{}/694d8e2b", k.leader()).as_bytes()), Some(Key::Leader("694d8e2b".into())));
+        assert_eq!(k.decode(k.reboot_lock("default").as_bytes()), Some(Key::RebootLock("default".into())));
+        assert_eq!(k.decode(b"/t1/leader"), None);
         assert_eq!(k.decode(b"/other/units/x.service"), None);
     }
 

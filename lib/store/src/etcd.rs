@@ -61,8 +61,17 @@ const MAX_REWATCH_BACKOFF: Duration = Duration::from_secs(1);
 /// One key's change, as seen by a prefix follower.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
-    Put { key: Vec<u8>, value: Vec<u8>, lease: i64, mod_revision: i64 },
-    Delete { key: Vec<u8> },
+    Put {
+        key: Vec<u8>,
+        value: Vec<u8>,
+        lease: i64,
+        mod_revision: i64,
+    },
+    /// `mod_revision` is the revision of the deletion itself.
+    Delete {
+        key: Vec<u8>,
+        mod_revision: i64,
+    },
 }
 
 /// What a prefix follower delivers, in revision order.
@@ -263,7 +272,9 @@ pub async fn follow_prefix_kickable(
                                     lease: kv.lease(),
                                     mod_revision: kv.mod_revision(),
                                 },
-                                EventType::Delete => Change::Delete { key: kv.key().to_vec() },
+                                EventType::Delete => {
+                                    Change::Delete { key: kv.key().to_vec(), mod_revision: kv.mod_revision() }
+                                }
                             })
                         })
                         .collect();

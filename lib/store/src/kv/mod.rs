@@ -249,7 +249,7 @@ pub async fn follow<S: Store>(store: S, prefix: String, tx: mpsc::Sender<PrefixU
                         .into_iter()
                         .map(|e| match e {
                             Event::Put(e) => change_of_entry(e),
-                            Event::Delete { key, .. } => Change::Delete { key },
+                            Event::Delete { key, mod_revision } => Change::Delete { key, mod_revision },
                         })
                         .collect();
                     if tx.send(PrefixUpdate::Changes { revision: batch.revision, changes }).await.is_err() {

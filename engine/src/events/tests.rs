@@ -1,0 +1,261 @@
+//! Events derived by a view fed from the in-memory store, as an engine's is from etcd: the writes
+//! the API, the leader and the agents make, and the events a reader sees.
+
+use super::*;
+use crate::cluster::Cluster;
+use fleet_model::schema::encode;
+use fleet_model::{DesiredState, UnitFile};
+use fleet_store::kv::{MemStore, Op, Store, Txn};
+use std::time::Duration;
+
+const M1: &str = "0000000000000000000000000000000a";
+const M2: &str = "0000000000000000000000000000000b";
+
+struct World {
+    store: MemStore,
+    keys: Keys,
+    cluster: Cluster,
+}
+
+async fn world() -> World {
+    let store = MemStore::new();
+    let keys = Keys::new("/ev/");
+    let cluster = Cluster::follow_store(store.clone(), keys.clone());
+    assert!(cluster.caught_up(1, Duration::from_secs(5)).await, "the view lists the store");
+    World { store, keys, cluster }
+}
+
+fn name(s: &str) -> UnitName {
+    UnitName::parse(s).expect("unit name")
+}
+
+impl World {
+    /// One transaction of `ops`; returns once the view has it.
+    async fn write(&self, ops: Vec<Op>) -> i64 {
+        let done = self.store.txn(Txn { then: ops, ..Txn::default() }).await.expect("txn");
+        assert!(self.cluster.caught_up(done.revision, Duration::from_secs(5)).await, "the view follows");
+        done.revision
+    }
+
+    fn unit(&self, unit: &str, body: &str, desired: DesiredState) -> Vec<Op> {
+        let file = UnitFile::parse(body).expect("unit file");
+        let rec = UnitRecord { name: name(unit), hash: file.hash(), desired_state: desired };
+        vec![
+            Op::put(self.keys.body(&rec.hash), file.canonical(), 0),
+            Op::put(self.keys.unit(&rec.name), encode(&rec).expect("encode"), 0),
+        ]
+    }
+
+    fn machine(&self, id: &str) -> Op {
+        let rec = MachineRecord { id: id.into(), public_ip: "10.0.0.1".into(), ..Default::default() };
+        Op::put(self.keys.machine(id), encode(&rec).expect("encode"), 0)
+    }
+
+    fn schedule(&self, m: &str, unit: &str) -> Op {
+        let e = ScheduleEntry { hash: "h".into(), desired_state: DesiredState::Launched };
+        Op::put(self.keys.schedule(m, &name(unit)), encode(&e).expect("encode"), 0)
+    }
+
+    fn state(&self, m: &str, unit: &str, active: &str) -> Op {
+        let s = UnitStateRecord {
+            hash: "h".into(),
+            load_state: "loaded".into(),
+            active_state: active.into(),
+            sub_state: format!("{active}-sub"),
+            applied: DesiredState::Launched,
+        };
+        Op::put(self.keys.state(m, &name(unit)), encode(&s).expect("encode"), 0)
+    }
+
+    fn read(&self, since: Option<EventId>) -> Vec<Event> {
+        self.cluster.events().read(since, &Filter::default(), 1000, None).events
+    }
+
+    /// (kind, unit, machine, from) of every event kept.
+    fn seen(&self) -> Vec<(String, String, String, String)> {
+        self.read(None).into_iter().map(|e| (e.kind, e.unit, e.machine, e.from)).collect()
+    }
+}
+
+fn ev(kind: &str, unit: &str, machine: &str, from: &str) -> (String, String, String, String) {
+    (kind.into(), unit.into(), machine.into(), from.into())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_units_life_is_told_in_order_with_ids_that_grow() {
+    let w = world().await;
+    w.write(vec![w.machine(M1)]).await;
+    let body = "[Service]\nExecStart=/bin/true\n[X-Fleet]\nMachineMetadata=region=eu\n";
+    let submitted = w.write(w.unit("a.service", body, DesiredState::Launched)).await;
+    w.write(vec![w.schedule(M1, "a.service")]).await;
+    w.write(vec![w.state(M1, "a.service", "activating")]).await;
+    w.write(vec![w.state(M1, "a.service", "active")]).await;
+    // The same state again (an agent republishing) is not news.
+    w.write(vec![w.state(M1, "a.service", "active")]).await;
+    w.write(vec![w.state(M1, "a.service", "failed")]).await;
+    w.write(vec![w.state(M1, "a.service", "active")]).await;
+    w.write(vec![w.state(M1, "a.service", "inactive")]).await;
+    w.write(w.unit("a.service", body, DesiredState::Loaded)).await;
+    w.write(vec![Op::delete(w.keys.unit(&name("a.service")))]).await;
+    w.write(vec![Op::delete(w.keys.schedule(M1, &name("a.service")))]).await;
+    assert_eq!(
+        w.seen(),
+        vec![
+            ev("machine-joined", "", M1, ""),
+            ev("unit-submitted", "a.service", "", ""),
+            ev("unit-scheduled", "a.service", M1, ""),
+            ev("unit-started", "a.service", M1, ""),
+            ev("unit-failed", "a.service", M1, ""),
+            ev("unit-started", "a.service", M1, ""),
+            ev("unit-stopped", "a.service", M1, ""),
+            ev("unit-desired-state", "a.service", "", ""),
+            ev("unit-destroyed", "a.service", "", ""),
+            ev("unit-unscheduled", "a.service", M1, ""),
+        ]
+    );
+    let all = w.read(None);
+    assert_eq!(all[1].id, format!("{submitted}.0"), "an event's id is its etcd revision and place");
+    assert_eq!(all[1].state, "launched");
+    assert!(all[2].reason.contains("MachineMetadata (region)"), "why there: {:?}", all[2].reason);
+    assert_eq!(all[7].state, "loaded");
+    assert_eq!(all[9].reason, "the unit was destroyed");
+    let ids: Vec<EventId> = all.iter().map(|e| e.event_id().expect("id")).collect();
+    assert!(ids.windows(2).all(|p| p[0] < p[1]), "ids do not grow: {ids:?}");
+    // Resuming after an event gives exactly what followed it.
+    let after = w.read(Some(ids[4]));
+    assert_eq!(after.first().map(|e| e.id.clone()), Some(all[5].id.clone()));
+    assert_eq!(after.len(), all.len() - 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_is_one_event_saying_why_whatever_the_order_of_its_writes() {
+    let w = world().await;
+    w.write(vec![w.machine(M1), w.machine(M2)]).await;
+    w.write(w.unit("a.service", "[Service]\nExecStart=/bin/true\n", DesiredState::Launched)).await;
+    w.write(w.unit("b.service", "[Service]\nExecStart=/bin/true\n", DesiredState::Launched)).await;
+    w.write(vec![w.schedule(M1, "a.service"), w.schedule(M1, "b.service")]).await;
+    w.write(vec![Op::delete(w.keys.machine(M1))]).await;
+    // One transaction deleting the old entry first, as the leader does for a lost machine.
+    w.write(vec![Op::delete(w.keys.schedule(M1, &name("a.service"))), w.schedule(M2, "a.service")]).await;
+    // The new entry first, the old one later (an exclusive unit waits to be stopped).
+    w.write(vec![w.schedule(M2, "b.service")]).await;
+    w.write(vec![Op::delete(w.keys.schedule(M1, &name("b.service")))]).await;
+    let moves: Vec<Event> =
+        w.read(None).into_iter().filter(|e| e.unit == "a.service" || e.unit == "b.service").collect();
+    let kinds: Vec<(&str, &str, &str, &str)> =
+        moves.iter().map(|e| (e.kind.as_str(), e.unit.as_str(), e.machine.as_str(), e.from.as_str())).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            ("unit-submitted", "a.service", "", ""),
+            ("unit-submitted", "b.service", "", ""),
+            ("unit-scheduled", "a.service", M1, ""),
+            ("unit-scheduled", "b.service", M1, ""),
+            ("unit-moved", "a.service", M2, M1),
+            ("unit-moved", "b.service", M2, M1),
+        ]
+    );
+    assert_eq!(moves[4].reason, format!("machine {M1} was lost"));
+    assert!(w.seen().contains(&ev("machine-lost", "", M1, "")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaders_drains_and_reboot_slots_are_events() {
+    let w = world().await;
+    w.write(vec![w.machine(M1)]).await;
+    w.write(vec![Op::put(format!("{}/1", w.keys.leader()), "engine-1", 0)]).await;
+    // A second candidate does not lead while the first lives.
+    w.write(vec![Op::put(format!("{}/2", w.keys.leader()), "engine-2", 0)]).await;
+    w.write(vec![Op::delete(format!("{}/1", w.keys.leader()))]).await;
+    w.write(vec![Op::put(w.keys.drain(M1), "", 0)]).await;
+    w.write(vec![Op::put(w.keys.reboot_lock("default"), format!(r#"{{"holders":["{M1}"]}}"#), 0)]).await;
+    w.write(vec![Op::put(w.keys.reboot_lock("default"), r#"{"holders":[]}"#, 0)]).await;
+    w.write(vec![Op::delete(w.keys.drain(M1))]).await;
+    let got: Vec<(String, String, String)> =
+        w.read(None).into_iter().map(|e| (e.kind, e.machine, e.reason)).skip(1).collect();
+    let t = |k: &str, m: &str, r: &str| (k.to_string(), m.to_string(), r.to_string());
+    assert_eq!(
+        got,
+        vec![
+            t("leader-changed", "", "engine-1"),
+            t("leader-changed", "", "engine-2"),
+            t("machine-drained", M1, ""),
+            t("reboot-slot-taken", M1, "default"),
+            t("reboot-slot-released", M1, "default"),
+            t("machine-undrained", M1, ""),
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relist_after_compaction_is_a_gap() {
+    let w = world().await;
+    w.write(vec![w.machine(M1)]).await;
+    // The watch is lost and history compacted meanwhile: the view relists.
+    w.store.drop_watches();
+    w.store.txn(Txn { then: vec![w.machine(M2)], ..Txn::default() }).await.expect("txn");
+    w.store.txn(Txn { then: vec![Op::put("/ev/other", "x", 0)], ..Txn::default() }).await.expect("txn");
+    let rev = w.store.revision();
+    w.store.compact(rev);
+    assert!(w.cluster.caught_up(rev, Duration::from_secs(10)).await, "the view relists");
+    let kinds: Vec<String> = w.read(None).into_iter().map(|e| e.kind).collect();
+    assert_eq!(kinds, vec!["machine-joined", "gap"], "M2's joining fell in the gap");
+    // After the gap, events flow again.
+    w.write(vec![Op::delete(w.keys.machine(M2))]).await;
+    assert_eq!(w.read(None).last().map(|e| e.kind.as_str()), Some("machine-lost"));
+}
+
+fn happened(kind: EventKind, unit: &str) -> Happened {
+    Happened::new(kind).unit(&name(unit))
+}
+
+#[test]
+fn the_history_is_bounded_and_a_reader_from_before_it_is_told() {
+    let log = EventLog::new(3);
+    log.listed(10, "t");
+    log.record((11..16).map(|r| (r, happened(EventKind::UnitSubmitted, &format!("u{r}.service")))).collect(), "t");
+    let all = log.read(None, &Filter::default(), 100, None).events;
+    let ids: Vec<&str> = all.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(ids, vec!["13.0", "14.0", "15.0"]);
+    // From before what is kept: a gap first, then what is kept.
+    let from_old = log.read(Some("11.0".parse().expect("id")), &Filter::default(), 100, None).events;
+    assert_eq!(from_old[0].kind, "gap");
+    assert_eq!(from_old[0].id, "12.0", "resuming after the gap gives what is kept");
+    assert_eq!(from_old.len(), 4);
+    // From the last kept one: nothing lost, nothing repeated.
+    assert!(log.read(Some("15.0".parse().expect("id")), &Filter::default(), 100, None).events.is_empty());
+    // Pages and tails.
+    let page = log.read(Some("0".parse().expect("id")), &Filter::default(), 2, None);
+    assert_eq!((page.events.len(), page.more), (2, true));
+    let tail = log.read(None, &Filter::default(), 100, Some(1)).events;
+    assert_eq!(tail.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), vec!["15.0"]);
+    assert_eq!(log.newest().to_string(), "15.0");
+}
+
+#[test]
+fn filters_choose_by_unit_glob_machine_and_kind() {
+    let log = EventLog::new(100);
+    log.listed(1, "t");
+    let mut placed = happened(EventKind::UnitScheduled, "web@1.service");
+    placed.machine = M1.into();
+    let mut moved = happened(EventKind::UnitMoved, "web@2.service");
+    moved.machine = M2.into();
+    moved.from = M1.into();
+    log.record(
+        vec![
+            (2, happened(EventKind::UnitSubmitted, "web@1.service")),
+            (3, placed),
+            (4, moved),
+            (5, happened(EventKind::UnitSubmitted, "db.service")),
+        ],
+        "t",
+    );
+    let ids = |f: Filter| -> Vec<String> { log.read(None, &f, 100, None).events.into_iter().map(|e| e.id).collect() };
+    let f = |u: Option<&str>, m: Option<&str>, k: Option<&str>| Filter::parse(u, m, k).expect("filter");
+    assert_eq!(ids(f(Some("web@*"), None, None)), vec!["2.0", "3.0", "4.0"]);
+    assert_eq!(ids(f(None, Some(M1), None)), vec!["3.0", "4.0"], "a move concerns the machine it left");
+    assert_eq!(ids(f(None, None, Some("unit-submitted"))), vec!["2.0", "5.0"]);
+    assert_eq!(ids(f(None, None, Some("unit-moved, unit-sched*"))), vec!["3.0", "4.0"]);
+    let bad = Filter::parse(None, None, Some("unit-exploded")).err().unwrap_or_default();
+    assert!(bad.contains("unit-exploded") && bad.contains("unit-started"), "{bad}");
+}
