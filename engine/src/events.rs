@@ -186,6 +186,14 @@ impl Deriver {
                 };
                 out.push(Happened::new(kind).unit(unit).machine(m).state(state.sub_state));
             }
+            // An agent removes a unit's state once systemd stopped it on a machine it was taken
+            // off (a lost machine's states go with its lease: not a stop, see `finish`).
+            (Key::State(m, unit), None) => {
+                let prev = before.states.get(unit).and_then(|s| s.get(m));
+                if prev.is_some_and(|p| !is_stopped(&p.active_state)) {
+                    out.push(Happened::new(EventKind::UnitStopped).unit(unit).machine(m));
+                }
+            }
             (Key::Why(unit), Some(v)) => {
                 let reason = String::from_utf8_lossy(v);
                 if before.why.get(unit).map(String::as_str) != Some(&*reason) {
@@ -246,6 +254,17 @@ impl Deriver {
     /// revision) told as one move rather than an unscheduling and a new placement.
     pub fn finish(&mut self) -> Vec<(i64, Happened)> {
         let mut events = std::mem::take(&mut self.pending);
+        // States that went with a machine's lease say nothing about its units' processes.
+        let lost: BTreeSet<(i64, String)> = events
+            .iter()
+            .filter(|(_, h)| h.kind == EventKind::MachineLost)
+            .map(|(r, h)| (*r, h.machine.clone()))
+            .collect();
+        if !lost.is_empty() {
+            events.retain(|(r, h)| {
+                !(h.kind == EventKind::UnitStopped && h.state.is_empty() && lost.contains(&(*r, h.machine.clone())))
+            });
+        }
         let mut i = 0;
         while i < events.len() {
             let (rev, h) = &events[i];
@@ -326,20 +345,25 @@ fn why_there(rules: Option<&Result<Rules, String>>) -> String {
 /// Which events a reader wants.
 #[derive(Debug, Default, Clone)]
 pub struct Filter {
-    pub unit: Option<fleet_model::glob::UnitGlob>,
+    /// Empty: every unit (and events of no unit).
+    pub units: Vec<fleet_model::glob::UnitGlob>,
+    /// A machine id or its prefix (as fleetctl shows them).
     pub machine: Option<String>,
     /// Empty: every kind.
     pub kinds: BTreeSet<EventKind>,
 }
 
 impl Filter {
-    /// A filter from the API's query: `unit` a glob, `machine` an id, `kind` a comma-separated
-    /// list of kinds or globs over kind names (`unit-*`).
+    /// A filter from the API's query: `unit` names or globs and `kind` kinds or globs over kind
+    /// names (`unit-*`), each comma-separated (no unit name holds a comma); `machine` an id.
     pub fn parse(unit: Option<&str>, machine: Option<&str>, kind: Option<&str>) -> Result<Filter, String> {
-        let unit = match unit.filter(|u| !u.is_empty()) {
-            Some(u) => Some(fleet_model::glob::UnitGlob::new(u).map_err(|e| format!("unit {u:?}: {e}"))?),
-            None => None,
-        };
+        let units = unit
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(|u| fleet_model::glob::UnitGlob::new(u).map_err(|e| format!("unit {u:?}: {e}")))
+            .collect::<Result<Vec<_>, _>>()?;
         let mut kinds = BTreeSet::new();
         for pattern in kind.unwrap_or_default().split(',').map(str::trim).filter(|k| !k.is_empty()) {
             let matched: Vec<EventKind> =
@@ -350,7 +374,7 @@ impl Filter {
             }
             kinds.extend(matched);
         }
-        Ok(Filter { unit, machine: machine.filter(|m| !m.is_empty()).map(str::to_string), kinds })
+        Ok(Filter { units, machine: machine.filter(|m| !m.is_empty()).map(str::to_string), kinds })
     }
 
     fn wants(&self, kind: EventKind, e: &Event) -> bool {
@@ -359,8 +383,8 @@ impl Filter {
             return true;
         }
         (self.kinds.is_empty() || self.kinds.contains(&kind))
-            && self.unit.as_ref().is_none_or(|g| g.matches(&e.unit))
-            && self.machine.as_ref().is_none_or(|m| *m == e.machine || *m == e.from)
+            && (self.units.is_empty() || self.units.iter().any(|g| g.matches(&e.unit)))
+            && self.machine.as_ref().is_none_or(|m| e.machine.starts_with(m.as_str()) || e.from.starts_with(m.as_str()))
     }
 }
 
@@ -536,9 +560,12 @@ impl EventLog {
     }
 }
 
-/// The time an engine saw a batch, as events show it.
+/// The time an engine saw a batch, as events show it: RFC 3339 in UTC, to the millisecond (one
+/// width, so that lines of events align).
 pub fn now() -> String {
-    time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+    const FORMAT: &[time::format_description::BorrowedFormatItem<'static>] =
+        time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
+    time::OffsetDateTime::now_utc().format(FORMAT).unwrap_or_default()
 }
 
 #[cfg(test)]

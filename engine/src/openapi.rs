@@ -125,8 +125,8 @@ fn undrain_machine() {}
 /// `gap` event first. `kind`: kinds or globs over them, comma-separated (`unit-started,machine-*`).
 #[utoipa::path(get, path = "/fleet/v1/events",
     params(("since" = Option<String>, Query, description = "after this event id (REVISION.N); 0: from the oldest kept"),
-        ("unit" = Option<String>, Query, description = "a unit name or glob"),
-        ("machine" = Option<String>, Query, description = "a machine id"),
+        ("unit" = Option<String>, Query, description = "unit names or globs, comma-separated"),
+        ("machine" = Option<String>, Query, description = "a machine id or its prefix"),
         ("kind" = Option<String>, Query, description = "event kinds or globs, comma-separated"),
         ("limit" = Option<usize>, Query, description = "page size"),
         ("tail" = Option<usize>, Query, description = "only the last N matching events")),

@@ -157,6 +157,30 @@ pub(crate) enum Command {
         machine: Option<String>,
         unit: String,
     },
+    /// What happened in the cluster: the last events (of UNITs, names or globs), or with
+    /// --follow, those and every new one as it happens.
+    Events {
+        /// Keep printing new events (reconnecting, to another endpoint if need be, without
+        /// losing or repeating one).
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// Events after this event id (REVISION.N, as `-o json` shows), instead of the last ones.
+        #[arg(long)]
+        since: Option<String>,
+        /// How many of the last events to show first.
+        #[arg(long, short = 'n', default_value_t = 20)]
+        lines: usize,
+        /// Only events on this machine (full id or prefix).
+        #[arg(long)]
+        machine: Option<String>,
+        /// Only these kinds (unit-started, machine-lost, ...; globs like unit-*), comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        kind: Vec<String>,
+        /// Show full machine ids.
+        #[arg(long)]
+        full: bool,
+        units: Vec<String>,
+    },
     /// Restart units: stop (waiting until stopped), then start (waiting until active).
     Restart {
         #[command(flatten)]

@@ -18,11 +18,16 @@ impl Ctl {
             };
             let loaded = u.is_global() || u.current() != Some(fleet_model::DesiredState::Inactive);
             let statuses = if loaded { self.api.unit_status(&name).await.ok() } else { None };
+            // The unit's last events, from the engine's history (an engine without events, as
+            // the original's, leaves them out).
+            let query = fleet_client::EventQuery { units: vec![name.clone()], tail: Some(5), ..Default::default() };
+            let events = self.api.events(&query).await.map(|p| p.events).unwrap_or_default();
             if self.json {
                 json.push(serde_json::json!({
                     "name": name, "desiredState": u.desired_state, "currentState": u.current_state,
                     "machineID": u.machine_id, "reason": u.reason,
                     "statuses": statuses.clone().unwrap_or_default(),
+                    "events": events,
                 }));
                 continue;
             }
@@ -40,6 +45,12 @@ impl Ctl {
                 print!("{}", s.output);
                 if s.exit_code != 0 && code == ExitCode::SUCCESS {
                     code = ExitCode::from(s.exit_code.clamp(1, 255) as u8);
+                }
+            }
+            if !events.is_empty() {
+                println!("\nRecent fleet events:");
+                for e in &events {
+                    println!("  {}", crate::events::line(e, false));
                 }
             }
         }

@@ -7,6 +7,7 @@
 
 mod cli;
 mod contexts;
+mod events;
 mod inspect;
 mod lists;
 mod machines;
@@ -103,6 +104,16 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Status { units } => ctl.status(&units).await,
         Command::Journal { lines, follow, output, sudo: _, machine, unit } => {
             ctl.journal(&unit, lines, follow, &output, machine.as_deref()).await
+        }
+        Command::Events { follow, since, lines, machine, kind, full, units } => {
+            let query = fleet_client::EventQuery {
+                since,
+                units: units.iter().map(|u| unit_name_of(u)).collect(),
+                machine,
+                kinds: kind,
+                ..Default::default()
+            };
+            ctl.events(query, lines, follow, full).await
         }
         Command::Restart { block, units } => ctl.restart(&units, &block).await,
         Command::Drain { block, machine } => ctl.drain(&machine, &block).await,

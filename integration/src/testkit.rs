@@ -311,3 +311,63 @@ impl MachineBus {
         Ok(())
     }
 }
+
+/// A `fleetctl events --follow` running in the background, its lines collected: what a user
+/// watching the cluster sees.
+pub struct EventFollower {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    /// Every line so far.
+    pub seen: Vec<String>,
+}
+
+impl EventFollower {
+    /// Starts `fleetctl events --follow ARGS` against `endpoints` (comma-separated) with the
+    /// lab's admin identity, and waits until it has pinned where it starts (its first request).
+    pub fn start(state: &LabState, endpoints: &str, args: &[&str]) -> Result<EventFollower> {
+        use std::io::BufRead;
+        let mut child = Command::new(state.bin_dir.join("fleetctl"))
+            .args(["events", "--follow", "--lines", "0"])
+            .args(args)
+            .env("FLEETCTL_ENDPOINT", endpoints)
+            .envs(fleetctl_env())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("cannot start fleetctl events --follow")?;
+        let (tx, lines) = std::sync::mpsc::channel();
+        let out = child.stdout.take().context("no stdout")?;
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    return;
+                }
+            }
+        });
+        // It asks where "now" is, then opens the stream: events before that are not its.
+        std::thread::sleep(Duration::from_millis(500));
+        Ok(EventFollower { child, lines, seen: Vec::new() })
+    }
+
+    /// Waits up to `limit` for a line holding every one of `words`; returns it.
+    pub fn expect(&mut self, words: &[&str], limit: Duration) -> Result<String> {
+        let until = Instant::now() + limit;
+        loop {
+            if let Some(l) = self.seen.iter().find(|l| words.iter().all(|w| l.contains(w))) {
+                return Ok(l.clone());
+            }
+            match self.lines.recv_timeout(until.saturating_duration_since(Instant::now())) {
+                Ok(l) => self.seen.push(l),
+                Err(_) => bail!("no event line with {words:?} within {limit:?}; seen:\n{}", self.seen.join("\n")),
+            }
+        }
+    }
+}
+
+impl Drop for EventFollower {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

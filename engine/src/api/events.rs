@@ -15,9 +15,9 @@ const MAX_EVENTS_PER_READ: usize = 10_000;
 pub(crate) struct EventQuery {
     /// Events after this id (`REVISION.N`, or a revision); `0`: from the oldest kept.
     since: Option<String>,
-    /// A unit name or glob (`web@*`).
+    /// Unit names or globs, comma-separated (`web@*,db.service`).
     unit: Option<String>,
-    /// A machine id: events on it (a move concerns the machine it left too).
+    /// A machine id or its prefix: events on it (a move concerns the machine it left too).
     machine: Option<String>,
     /// Kinds or globs over kinds, comma-separated (`unit-started,machine-*`).
     kind: Option<String>,

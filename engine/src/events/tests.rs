@@ -9,7 +9,7 @@ use fleet_store::kv::{MemStore, Op, Store, Txn};
 use std::time::Duration;
 
 const M1: &str = "0000000000000000000000000000000a";
-const M2: &str = "0000000000000000000000000000000b";
+const M2: &str = "b000000000000000000000000000000b";
 
 struct World {
     store: MemStore,
@@ -98,6 +98,12 @@ async fn a_units_life_is_told_in_order_with_ids_that_grow() {
     w.write(w.unit("a.service", body, DesiredState::Loaded)).await;
     w.write(vec![Op::delete(w.keys.unit(&name("a.service")))]).await;
     w.write(vec![Op::delete(w.keys.schedule(M1, &name("a.service")))]).await;
+    // An agent stops what it was taken off and removes its state: a stop.
+    w.write(vec![w.state(M1, "a.service", "active")]).await;
+    w.write(vec![Op::delete(w.keys.state(M1, &name("a.service")))]).await;
+    // A lost machine's states go with it: no stop is claimed.
+    w.write(vec![w.state(M1, "b.service", "active")]).await;
+    w.write(vec![Op::delete(w.keys.state(M1, &name("b.service"))), Op::delete(w.keys.machine(M1))]).await;
     assert_eq!(
         w.seen(),
         vec![
@@ -111,6 +117,10 @@ async fn a_units_life_is_told_in_order_with_ids_that_grow() {
             ev("unit-desired-state", "a.service", "", ""),
             ev("unit-destroyed", "a.service", "", ""),
             ev("unit-unscheduled", "a.service", M1, ""),
+            ev("unit-started", "a.service", M1, ""),
+            ev("unit-stopped", "a.service", M1, ""),
+            ev("unit-started", "b.service", M1, ""),
+            ev("machine-lost", "", M1, ""),
         ]
     );
     let all = w.read(None);
@@ -253,7 +263,9 @@ fn filters_choose_by_unit_glob_machine_and_kind() {
     let ids = |f: Filter| -> Vec<String> { log.read(None, &f, 100, None).events.into_iter().map(|e| e.id).collect() };
     let f = |u: Option<&str>, m: Option<&str>, k: Option<&str>| Filter::parse(u, m, k).expect("filter");
     assert_eq!(ids(f(Some("web@*"), None, None)), vec!["2.0", "3.0", "4.0"]);
+    assert_eq!(ids(f(Some("db.service,web@2.service"), None, None)), vec!["4.0", "5.0"]);
     assert_eq!(ids(f(None, Some(M1), None)), vec!["3.0", "4.0"], "a move concerns the machine it left");
+    assert_eq!(ids(f(None, Some(&M2[..8]), None)), vec!["4.0"], "a machine by the prefix fleetctl shows");
     assert_eq!(ids(f(None, None, Some("unit-submitted"))), vec!["2.0", "5.0"]);
     assert_eq!(ids(f(None, None, Some("unit-moved, unit-sched*"))), vec!["3.0", "4.0"]);
     let bad = Filter::parse(None, None, Some("unit-exploded")).err().unwrap_or_default();

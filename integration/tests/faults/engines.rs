@@ -46,6 +46,8 @@ async fn fault_fleetctl_goes_on_to_the_next_engine() {
     let all: Vec<String> = lab.state.engines.iter().map(|e| e.api_url.clone()).collect();
     let both = all.join(",");
     let f = lab.file("fl-ep-a.service", "");
+    // A user following events through both engines keeps seeing them when the first one dies.
+    let mut events = testkit::EventFollower::start(&lab.state, &both, &["fl-ep-a.service"]).expect("follow events");
     faults::kill(&mut lab.state, Kind::Engine, &first).await.expect("kill");
     let alone = fleetctl(&lab.state, &all[0], &["list-machines", "--no-legend"]).expect("fleetctl");
     assert!(!alone.status.success(), "the killed engine still answers: {:?}", text(&alone));
@@ -56,6 +58,8 @@ async fn fault_fleetctl_goes_on_to_the_next_engine() {
     let started = fleetctl(&lab.state, &both, &["start", &f]).expect("fleetctl");
     assert!(started.status.success(), "{:?}", text(&started));
     assert!(text(&started).0.contains("Unit fl-ep-a.service launched on "), "{:?}", text(&started));
+    events.expect(&["unit-submitted", "fl-ep-a.service"], T).expect("the stream went on on the other engine");
+    events.expect(&["unit-started", "fl-ep-a.service"], T).expect("the stream went on on the other engine");
     faults::start(&mut lab.state, Kind::Engine, &first, &unit_template()).await.expect("start engine");
 }
 

@@ -13,6 +13,10 @@ async fn fault_machine_lost_units_come_back_elsewhere_and_nothing_moves_back() {
     args.push(&pinned);
     lab.ok(&args);
     let before = lab.all_active_once().await;
+    let m3 = lab.machine("fl-m3").machine_id;
+    let mut events =
+        testkit::EventFollower::start(&lab.state, &lab.api(), &["--full", "--kind", "unit-moved,machine-lost"])
+            .expect("fleetctl events --follow");
     // Kill fl-m3: only two machines remain, so of the three conflicting units one must wait, and
     // the pinned unit waits for its machine.
     faults::kill(&mut lab.state, Kind::Machine, "fl-m3").await.expect("kill machine");
@@ -26,6 +30,14 @@ async fn fault_machine_lost_units_come_back_elsewhere_and_nothing_moves_back() {
     .await
     .expect("fl-m3 lost");
     eprintln!("fl-m3 lost -> schedule updated after {:?}", lost_at.elapsed());
+    // A user watching saw the machine lost and each of its units moved, with why.
+    events.expect(&["machine-lost", &m3], T).expect("machine-lost event");
+    for (u, v) in &before {
+        if v[0].0 == "fl-m3" && moved.get(u).is_some_and(|m| !m.is_empty()) {
+            let line = events.expect(&["unit-moved", u, &format!("from {m3}")], T).expect("unit-moved event");
+            assert!(line.contains(&format!("(machine {m3} was lost)")), "{line}");
+        }
+    }
     assert_eq!(
         moved.get("fl-pinned.service").map(String::as_str),
         Some(""),

@@ -9,9 +9,12 @@
 //! It must not depend on etcd, tonic or the engine: a REST client compiles no gRPC. Wire types
 //! come from `fleet-api`, defined once.
 
+mod events;
 mod fleetlock;
 mod units;
 
+pub use events::EventQuery;
+pub use fleet_api::{Event, EventPage};
 pub use fleetlock::FleetLockOp;
 
 pub use fleet_api::{AgentStatus, Found, Machine, Unit, UnitError, UnitState, Until, WaitEvent};
