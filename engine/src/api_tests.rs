@@ -424,3 +424,55 @@ async fn events_are_listed_and_streamed_from_where_a_client_left_off() {
     e.api.cluster.events().close();
     assert!(next_sse(&mut body, &mut buf).await.is_none(), "the stream outlived the engine");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_page_is_served_to_anyone_and_its_data_only_to_callers() {
+    let e = engine_with(AuthConfig { socket_role: None, ..AuthConfig::default() }).await;
+    let anonymous = || Peer::Tcp(std::net::SocketAddr::from(([127, 0, 0, 1], 1)));
+    for (path, kind) in [("/", "text/html"), ("/ui/app.js", "text/javascript"), ("/ui/style.css", "text/css")] {
+        let mut req = Request::builder().uri(path).body(Body::empty()).expect("request");
+        req.extensions_mut().insert(anonymous());
+        let resp = e.app.clone().oneshot(req).await.expect("router answers");
+        assert_eq!(resp.status(), StatusCode::OK, "{path}");
+        let h = resp.headers();
+        assert!(h["content-type"].to_str().is_ok_and(|t| t.starts_with(kind)), "{path}: {h:?}");
+        assert!(h["content-security-policy"].to_str().is_ok_and(|c| c.contains("script-src 'self'")), "{path}");
+    }
+    // The data is not: the page's first call is refused, and the page then asks for a token.
+    let (status, _) = e.call_as(anonymous(), None, Method::GET, "/fleet/v1/events?tail=100", None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _) = e.call_as(anonymous(), None, Method::POST, "/", None).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unit_listings_filter_on_the_server_in_pages_of_the_size_asked() {
+    let e = engine().await;
+    for n in ["web@1.service", "web@2.service", "web@3.service", "db.service"] {
+        let desired = if n == "db.service" { "inactive" } else { "launched" };
+        let (status, _) = e.call(Method::PUT, &format!("/fleet/v1/units/{n}"), Some(unit(desired))).await;
+        assert_eq!(status, StatusCode::CREATED);
+    }
+    let names = |page: &Value| -> Vec<String> {
+        page["units"].as_array().into_iter().flatten().filter_map(|u| u["name"].as_str().map(String::from)).collect()
+    };
+    // Two pages of two, following the token made for that size.
+    let (status, first) = e.call(Method::GET, "/fleet/v1/units?unitName=web@*&pageSize=2&view=basic", None).await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    assert_eq!(names(&first), vec!["web@1.service", "web@2.service"]);
+    assert!(first["units"][0].get("options").is_none(), "view=basic carries no options: {first}");
+    let token = first["nextPageToken"].as_str().expect("a next page");
+    let (_, second) =
+        e.call(Method::GET, &format!("/fleet/v1/units?unitName=web@*&pageSize=2&nextPageToken={token}"), None).await;
+    assert_eq!(names(&second), vec!["web@3.service"]);
+    assert!(second["units"][0]["options"].is_array(), "the full view has the options");
+    // No machine in this store: the launched units want one they do not have.
+    let (_, unplaced) = e.call(Method::GET, "/fleet/v1/units?state=unplaced", None).await;
+    assert_eq!(names(&unplaced), vec!["web@1.service", "web@2.service", "web@3.service"]);
+    let (_, inactive) = e.call(Method::GET, "/fleet/v1/units?state=inactive&unitName=db.service,nothing*", None).await;
+    assert_eq!(names(&inactive), vec!["db.service"]);
+    for bad in ["pageSize=0", "pageSize=10001", "state=running", "view=everything", "unitName=[oops"] {
+        let (status, body) = e.call(Method::GET, &format!("/fleet/v1/units?{bad}"), None).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
+    }
+}

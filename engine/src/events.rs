@@ -1,22 +1,18 @@
-//! The cluster's events: what happened, derived from the changes the view's watch delivers.
+//! The cluster's events as an engine keeps them: a bounded history, its readers' filters, and
+//! the signal streams wait on.
 //!
 //! No event is ever written to etcd: each engine derives the same events from the same
-//! revisions (comparing each change with its view just before it), so the hot path pays no
-//! extra write and an event's id (`<revision>.<n>`) means the same on every replica. Each engine
-//! keeps the last `event_history` events in memory for `GET /fleet/v1/events` and for streams
-//! resuming after a reconnect; older ones are gone, and a client resuming from before them is
-//! told so by a `gap` event.
+//! revisions (`cluster::derive` compares each change with the view just before it), so the hot
+//! path pays no extra write and an event's id (`<revision>.<n>`) means the same on every
+//! replica. Each engine keeps the last `event_history` events in memory for
+//! `GET /fleet/v1/events` and for streams resuming after a reconnect; older ones are gone, and a
+//! client resuming from before them is told so by a `gap` event.
 //!
-//! Depends on the view's types and the wire types only (no HTTP, no etcd).
+//! Depends on the wire types and the model only (no view, no HTTP, no etcd).
 
-use crate::cluster::ClusterView;
 use fleet_api::{Event, EventId, EventKind};
-use fleet_model::rules::Rules;
-use fleet_model::schema::is_stopped;
-use fleet_model::schema::{decode, Key};
-use fleet_model::{Keys, MachineRecord, ScheduleEntry, UnitName, UnitRecord, UnitStateRecord};
-use fleet_store::etcd::Change;
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use fleet_model::UnitName;
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::Mutex;
 use tokio::sync::watch;
 
@@ -35,7 +31,7 @@ pub struct Happened {
 }
 
 impl Happened {
-    fn new(kind: EventKind) -> Self {
+    pub(crate) fn new(kind: EventKind) -> Self {
         Happened {
             kind,
             unit: String::new(),
@@ -45,301 +41,22 @@ impl Happened {
             reason: String::new(),
         }
     }
-    fn unit(mut self, u: &UnitName) -> Self {
+    pub(crate) fn unit(mut self, u: &UnitName) -> Self {
         self.unit = u.to_string();
         self
     }
-    fn machine(mut self, m: &str) -> Self {
+    pub(crate) fn machine(mut self, m: &str) -> Self {
         self.machine = m.to_string();
         self
     }
-    fn state(mut self, s: impl Into<String>) -> Self {
+    pub(crate) fn state(mut self, s: impl Into<String>) -> Self {
         self.state = s.into();
         self
     }
-    fn reason(mut self, r: impl Into<String>) -> Self {
+    pub(crate) fn reason(mut self, r: impl Into<String>) -> Self {
         self.reason = r.into();
         self
     }
-}
-
-/// What the events need to remember that the view does not keep: election candidates and
-/// reboot slot holders.
-#[derive(Debug, Default)]
-pub struct Deriver {
-    /// Election key -> (revision it was created at, engine id). The oldest key leads.
-    candidates: BTreeMap<String, (i64, String)>,
-    leader: Option<String>,
-    /// FleetLock group -> machines holding a slot.
-    slots: BTreeMap<String, BTreeSet<String>>,
-    /// Events of the revision being derived (a transaction's changes come in the order of its
-    /// operations: a move may delete the old entry before it writes the new one).
-    pending: Vec<(i64, Happened)>,
-}
-
-#[derive(serde::Deserialize, Default)]
-struct Semaphore {
-    #[serde(default)]
-    holders: Vec<String>,
-}
-
-impl Deriver {
-    /// Starts over from a whole listing: remembers leader and slots, reports nothing.
-    pub fn snapshot(&mut self, keys: &Keys, puts: &[Change]) {
-        self.candidates.clear();
-        self.slots.clear();
-        self.pending.clear();
-        for c in puts {
-            if let Change::Put { key, value, mod_revision, .. } = c {
-                match keys.decode(key) {
-                    Some(Key::Leader(k)) => {
-                        self.candidates.insert(k, (*mod_revision, String::from_utf8_lossy(value).into_owned()));
-                    }
-                    Some(Key::RebootLock(g)) => {
-                        let sem: Semaphore = decode(value).unwrap_or_default();
-                        self.slots.insert(g, sem.holders.into_iter().collect());
-                    }
-                    _ => {}
-                }
-            }
-        }
-        self.leader = self.current_leader();
-    }
-
-    fn current_leader(&self) -> Option<String> {
-        self.candidates.values().min_by_key(|(rev, _)| *rev).map(|(_, id)| id.clone())
-    }
-
-    /// Derives what `change` (whose key decodes to `key`) means, given the view as it was just
-    /// before it. Called for each change in order, then [`Deriver::finish`] once per batch.
-    pub fn change(&mut self, before: &ClusterView, key: Option<&Key>, change: &Change) {
-        let (value, revision) = match change {
-            Change::Put { value, mod_revision, .. } => (Some(value.as_slice()), *mod_revision),
-            Change::Delete { mod_revision, .. } => (None, *mod_revision),
-        };
-        let Some(decoded) = key else { return };
-        let mut out = Vec::new();
-        match (decoded, value) {
-            (Key::Unit(name), Some(v)) => {
-                let Ok(rec) = decode::<UnitRecord>(v) else { return };
-                match before.units.get(name) {
-                    None => out
-                        .push(Happened::new(EventKind::UnitSubmitted).unit(name).state(rec.desired_state.to_string())),
-                    Some(old) => {
-                        if old.hash != rec.hash {
-                            out.push(Happened::new(EventKind::UnitReplaced).unit(name));
-                        }
-                        if old.desired_state != rec.desired_state {
-                            out.push(
-                                Happened::new(EventKind::UnitDesiredState)
-                                    .unit(name)
-                                    .state(rec.desired_state.to_string()),
-                            );
-                        }
-                    }
-                }
-            }
-            (Key::Unit(name), None) if before.units.contains_key(name) => {
-                out.push(Happened::new(EventKind::UnitDestroyed).unit(name));
-            }
-            (Key::Schedule(m, unit), Some(v)) => {
-                let Ok(_entry) = decode::<ScheduleEntry>(v) else { return };
-                let entries = before.schedule.get(unit);
-                if entries.is_some_and(|e| e.contains_key(m)) {
-                    // A changed entry (a new desired state, or an exclusive unit told to stop
-                    // where it is leaving): the unit's own states say what systemd does.
-                    return;
-                }
-                let global = matches!(before.rules.get(unit), Some(Ok(r)) if r.global);
-                let from = entries.and_then(|e| e.keys().find(|other| *other != m)).filter(|_| !global);
-                out.push(match from {
-                    Some(from) => moved(before, unit, from, m),
-                    None => Happened::new(EventKind::UnitScheduled)
-                        .unit(unit)
-                        .machine(m)
-                        .reason(why_there(before.rules.get(unit))),
-                });
-            }
-            (Key::Schedule(m, unit), None) => {
-                let Some(entries) = before.schedule.get(unit) else { return };
-                if !entries.contains_key(m) {
-                    return;
-                }
-                let global = matches!(before.rules.get(unit), Some(Ok(r)) if r.global);
-                if !global && entries.len() > 1 {
-                    // The old entry of a unit that already moved on.
-                    return;
-                }
-                out.push(Happened::new(EventKind::UnitUnscheduled).unit(unit).machine(m).reason(left(before, unit, m)));
-            }
-            (Key::State(m, unit), Some(v)) => {
-                let Ok(state) = decode::<UnitStateRecord>(v) else { return };
-                let prev = before.states.get(unit).and_then(|s| s.get(m)).map(|s| s.active_state.as_str());
-                if prev == Some(state.active_state.as_str()) {
-                    return;
-                }
-                let kind = match state.active_state.as_str() {
-                    "active" => EventKind::UnitStarted,
-                    "failed" => EventKind::UnitFailed,
-                    s if is_stopped(s) && prev.is_some_and(|p| !is_stopped(p)) => EventKind::UnitStopped,
-                    _ => return,
-                };
-                out.push(Happened::new(kind).unit(unit).machine(m).state(state.sub_state));
-            }
-            // An agent removes a unit's state once systemd stopped it on a machine it was taken
-            // off (a lost machine's states go with its lease: not a stop, see `finish`).
-            (Key::State(m, unit), None) => {
-                let prev = before.states.get(unit).and_then(|s| s.get(m));
-                if prev.is_some_and(|p| !is_stopped(&p.active_state)) {
-                    out.push(Happened::new(EventKind::UnitStopped).unit(unit).machine(m));
-                }
-            }
-            (Key::Why(unit), Some(v)) => {
-                let reason = String::from_utf8_lossy(v);
-                if before.why.get(unit).map(String::as_str) != Some(&*reason) {
-                    out.push(Happened::new(EventKind::UnitUnplaceable).unit(unit).reason(reason));
-                }
-            }
-            (Key::Machine(m), Some(v)) if !before.published_machines.contains_key(m) => {
-                let rec: MachineRecord = decode(v).unwrap_or_default();
-                out.push(Happened::new(EventKind::MachineJoined).machine(m).reason(rec.public_ip));
-            }
-            (Key::Machine(m), None) if before.published_machines.contains_key(m) => {
-                out.push(Happened::new(EventKind::MachineLost).machine(m));
-            }
-            (Key::Drain(m), Some(_)) if !before.drained.contains(m) => {
-                out.push(Happened::new(EventKind::MachineDrained).machine(m));
-            }
-            (Key::Drain(m), None) if before.drained.contains(m) => {
-                out.push(Happened::new(EventKind::MachineUndrained).machine(m));
-            }
-            (Key::Leader(k), v) => {
-                match v {
-                    Some(v) => {
-                        let id = String::from_utf8_lossy(v).into_owned();
-                        self.candidates.entry(k.clone()).and_modify(|c| c.1 = id.clone()).or_insert((revision, id));
-                    }
-                    None => {
-                        self.candidates.remove(k);
-                    }
-                }
-                let now = self.current_leader();
-                if now != self.leader {
-                    if let Some(id) = &now {
-                        out.push(Happened::new(EventKind::LeaderChanged).reason(id.clone()));
-                    }
-                    self.leader = now;
-                }
-            }
-            (Key::RebootLock(group), v) => {
-                let holders: BTreeSet<String> =
-                    v.and_then(|v| decode::<Semaphore>(v).ok()).unwrap_or_default().holders.into_iter().collect();
-                let old = self.slots.remove(group).unwrap_or_default();
-                for m in holders.difference(&old) {
-                    out.push(Happened::new(EventKind::RebootSlotTaken).machine(m).reason(group.clone()));
-                }
-                for m in old.difference(&holders) {
-                    out.push(Happened::new(EventKind::RebootSlotReleased).machine(m).reason(group.clone()));
-                }
-                if !holders.is_empty() {
-                    self.slots.insert(group.clone(), holders);
-                }
-            }
-            _ => {}
-        }
-        self.pending.extend(out.into_iter().map(|h| (revision, h)));
-    }
-
-    /// The batch's events in order, with a move whose old entry went first (in the same
-    /// revision) told as one move rather than an unscheduling and a new placement.
-    pub fn finish(&mut self) -> Vec<(i64, Happened)> {
-        let mut events = std::mem::take(&mut self.pending);
-        // States that went with a machine's lease say nothing about its units' processes.
-        let lost: BTreeSet<(i64, String)> = events
-            .iter()
-            .filter(|(_, h)| h.kind == EventKind::MachineLost)
-            .map(|(r, h)| (*r, h.machine.clone()))
-            .collect();
-        if !lost.is_empty() {
-            events.retain(|(r, h)| {
-                !(h.kind == EventKind::UnitStopped && h.state.is_empty() && lost.contains(&(*r, h.machine.clone())))
-            });
-        }
-        let mut i = 0;
-        while i < events.len() {
-            let (rev, h) = &events[i];
-            if h.kind == EventKind::UnitUnscheduled {
-                let (rev, unit) = (*rev, h.unit.clone());
-                let placed = events
-                    .iter()
-                    .skip(i + 1)
-                    .position(|(r, o)| *r == rev && o.unit == unit && o.kind == EventKind::UnitScheduled);
-                if let Some(j) = placed.map(|p| p + i + 1) {
-                    let (_, gone) = events.remove(i);
-                    let placed = &mut events[j - 1].1;
-                    placed.kind = EventKind::UnitMoved;
-                    placed.from = gone.machine;
-                    placed.reason = gone.reason;
-                    continue;
-                }
-            }
-            i += 1;
-        }
-        events
-    }
-}
-
-/// A unit that had an entry on `from` placed on `to`.
-fn moved(before: &ClusterView, unit: &UnitName, from: &str, to: &str) -> Happened {
-    let mut h = Happened::new(EventKind::UnitMoved).unit(unit).machine(to).reason(left(before, unit, from));
-    h.from = from.to_string();
-    h
-}
-
-/// Why a unit's entry on machine `m` goes away (or it moves off `m`), as the view just before
-/// tells.
-fn left(before: &ClusterView, unit: &UnitName, m: &str) -> String {
-    let desired = before.units.get(unit).map(|u| u.desired_state);
-    if desired.is_none() {
-        "the unit was destroyed".into()
-    } else if !before.published_machines.contains_key(m) {
-        format!("machine {m} was lost")
-    } else if before.drained.contains(m) {
-        format!("machine {m} is being drained")
-    } else if before.moves.contains_key(unit) {
-        "moved on request".into()
-    } else if desired == Some(fleet_model::DesiredState::Inactive) {
-        "the unit was unloaded".into()
-    } else {
-        format!("its rules no longer allow machine {m}")
-    }
-}
-
-/// Why the scheduler chose a machine, as far as the unit's rules tell.
-fn why_there(rules: Option<&Result<Rules, String>>) -> String {
-    let Some(Ok(r)) = rules else { return "least loaded machine".into() };
-    if r.global {
-        return "global unit: runs on every eligible machine".into();
-    }
-    if r.machine_id.is_some() {
-        return "MachineID names this machine".into();
-    }
-    if !r.machine_of.is_empty() {
-        return format!("MachineOf={}", r.machine_of.join(" "));
-    }
-    let mut why = Vec::new();
-    if !r.metadata.is_empty() {
-        let keys: Vec<&str> = r.metadata.iter().map(|m| m.key()).collect();
-        why.push(format!("matches MachineMetadata ({})", keys.join(", ")));
-    }
-    if !r.conflicts.is_empty() {
-        why.push("no conflicting unit there".to_string());
-    }
-    if let Some(key) = &r.spread_by {
-        why.push(format!("spread by {key}"));
-    }
-    why.push("least loaded eligible machine".into());
-    why.join("; ")
 }
 
 /// Which events a reader wants.

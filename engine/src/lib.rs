@@ -28,6 +28,7 @@ pub mod openapi;
 pub mod pki;
 pub mod routes;
 pub mod scheduler;
+pub mod ui;
 
 use anyhow::Context;
 use config::EngineConfig;

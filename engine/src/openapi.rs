@@ -14,7 +14,14 @@ use fleet_api::{
 };
 use utoipa::OpenApi;
 
-#[utoipa::path(get, path = "/fleet/v1/units", params(("nextPageToken" = Option<String>, Query)),
+/// List units, a page at a time. Not in the original API: `pageSize`, and the filters
+/// `unitName` (names or globs, comma-separated), `state` (current state, or `unplaced`) and
+/// `view=basic` (units without their options).
+#[utoipa::path(get, path = "/fleet/v1/units",
+    params(("nextPageToken" = Option<String>, Query), ("pageSize" = Option<u16>, Query, description = "1 to 10000"),
+        ("unitName" = Option<String>, Query, description = "unit names or globs, comma-separated"),
+        ("state" = Option<String>, Query, description = "inactive, loaded, launched or unplaced"),
+        ("view" = Option<String>, Query, description = "basic: without options; full (default)")),
     responses((status = 200, body = UnitPage), (status = 400, body = Error), (status = 503, body = Error)))]
 fn list_units() {}
 
@@ -92,7 +99,8 @@ fn unit_status() {}
 fn unit_journal() {}
 
 #[utoipa::path(get, path = "/fleet/v1/state",
-    params(("nextPageToken" = Option<String>, Query), ("unitName" = Option<String>, Query), ("machineID" = Option<String>, Query)),
+    params(("nextPageToken" = Option<String>, Query), ("unitName" = Option<String>, Query), ("machineID" = Option<String>, Query),
+        ("pageSize" = Option<u16>, Query, description = "1 to 10000")),
     responses((status = 200, body = UnitStatePage), (status = 400, body = Error)))]
 fn list_states() {}
 
@@ -100,7 +108,8 @@ fn list_states() {}
     responses((status = 200, body = UnitState), (status = 400, body = Error), (status = 404, body = Error)))]
 fn get_state() {}
 
-#[utoipa::path(get, path = "/fleet/v1/machines", params(("nextPageToken" = Option<String>, Query)),
+#[utoipa::path(get, path = "/fleet/v1/machines",
+    params(("nextPageToken" = Option<String>, Query), ("pageSize" = Option<u16>, Query, description = "1 to 10000")),
     responses((status = 200, body = MachinePage), (status = 400, body = Error)))]
 fn list_machines() {}
 

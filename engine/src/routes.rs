@@ -100,11 +100,10 @@ pub fn router(api: Api, auth: std::sync::Arc<Auth>) -> Router {
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn(refuse_oversized));
     let not_allowed = |req| refuse(req, ApiError::new(StatusCode::METHOD_NOT_ALLOWED, ""));
-    Router::new()
+    let authenticated = Router::new()
         .nest("/fleet/v1", v1.clone())
         // The original's legacy prefix, with the same handlers.
         .nest("/v1-alpha", v1)
-        .route("/", axum::routing::any(not_allowed))
         .route("/fleet/v1", axum::routing::any(not_allowed))
         .route("/engine/status", get(engine_status.layer(needs!(Read))))
         .route("/metrics", get(metrics.layer(needs!(Read))))
@@ -112,7 +111,10 @@ pub fn router(api: Api, auth: std::sync::Arc<Auth>) -> Router {
         .route("/v1/pre-reboot", post(crate::fleetlock::pre_reboot.layer(needs!(Machine))))
         .route("/v1/steady-state", post(crate::fleetlock::steady_state.layer(needs!(Machine))))
         .fallback(|req| refuse(req, ApiError::new(StatusCode::NOT_FOUND, "")))
-        .layer(axum::middleware::from_fn_with_state(auth, crate::auth::authorize))
+        .layer(axum::middleware::from_fn_with_state(auth, crate::auth::authorize));
+    // The dashboard's page and script, which hold no data, outside the auth layer.
+    authenticated
+        .merge(crate::ui::router())
         .layer(axum::middleware::from_fn_with_state(api.metrics.clone(), crate::metrics::observe))
         .layer(axum::middleware::from_fn_with_state(api.requests.clone(), count_request))
         .layer(axum::middleware::map_response(server_header))

@@ -16,6 +16,7 @@
 //! depend on everything, and runs the daemons as the programs users run.
 
 pub mod bench;
+pub mod browser;
 pub mod cgroup;
 pub mod faults;
 pub mod image;

@@ -80,10 +80,20 @@ pub(crate) async fn undrain_machine(State(api): State<Api>, Path(id): Path<Strin
 
 pub(crate) async fn list_machines(State(api): State<Api>, Query(q): Query<PageQuery>) -> Result<Response, ApiError> {
     fresh(&api).await?;
-    let start = page_of(q.next_page_token.as_deref(), api.token_limit)?;
+    let limit = q.limit(&api)?;
+    let start = page_of(q.next_page_token.as_deref(), limit)?;
     let (machines, next) = api.cluster.read(|v| {
         let from = v.machines.range::<str, _>((after(&start), Bound::Unbounded)).map(|(_, m)| m);
-        let (page, next) = paginate(from, &start, api.token_limit, |m| m.id.clone());
+        let (page, next) = paginate(from, &start, limit, |m| m.id.clone());
+        // Units scheduled to the page's machines (one pass over the schedule).
+        let mut load: std::collections::HashMap<&str, u64> = page.iter().map(|m| (m.id.as_str(), 0)).collect();
+        for entries in v.schedule.values() {
+            for m in entries.keys() {
+                if let Some(n) = load.get_mut(m.as_str()) {
+                    *n += 1;
+                }
+            }
+        }
         let machines: Vec<wire::Machine> = page
             .into_iter()
             .map(|m| wire::Machine {
@@ -91,6 +101,7 @@ pub(crate) async fn list_machines(State(api): State<Api>, Query(q): Query<PageQu
                 primary_ip: m.public_ip.clone(),
                 metadata: m.metadata.clone(),
                 drained: v.drained.contains(&m.id),
+                units: load.get(m.id.as_str()).copied().unwrap_or(0),
             })
             .collect();
         (machines, next)

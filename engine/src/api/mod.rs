@@ -196,6 +196,12 @@ pub(crate) fn api_state(unit: &UnitName, machine: &str, s: &fleet_model::UnitSta
 pub(crate) fn api_unit(v: &ClusterView, rec: &UnitRecord) -> wire::Unit {
     let options =
         v.bodies.get(&rec.hash).and_then(|(text, _)| UnitFile::parse(text).ok()).map(|f| f.options).unwrap_or_default();
+    wire::Unit { options, ..api_unit_basic(v, rec) }
+}
+
+/// A unit without its options (`view=basic`).
+pub(crate) fn api_unit_basic(v: &ClusterView, rec: &UnitRecord) -> wire::Unit {
+    let options = Vec::new();
     let (current, machine) = match placement_of(v, rec) {
         (_, None) => (String::new(), String::new()),
         (state, Some(m)) => (state.to_string(), m),
@@ -215,10 +221,33 @@ pub(crate) fn api_unit(v: &ClusterView, rec: &UnitRecord) -> wire::Unit {
 pub(crate) struct PageQuery {
     #[serde(rename = "nextPageToken")]
     next_page_token: Option<String>,
+    /// `/state`: one unit. `/units` (not in the original API): unit names or globs,
+    /// comma-separated.
     #[serde(rename = "unitName")]
     unit_name: Option<String>,
     #[serde(rename = "machineID")]
     machine_id: Option<String>,
+    /// Not in the original API: items per page (1 to 10,000; default the engine's
+    /// `token_limit`). A page token is valid with the page size it was made for.
+    #[serde(rename = "pageSize")]
+    page_size: Option<u16>,
+    /// Not in the original API, `/units` only: units in this current state (`inactive`,
+    /// `loaded`, `launched`; `unplaced` for units wanting a machine they do not have).
+    state: Option<String>,
+    /// Not in the original API, `/units` only: `basic` leaves each unit's options out (a
+    /// listing of many units for a table does not need their files).
+    view: Option<String>,
+}
+
+impl PageQuery {
+    /// The page size asked for, or the engine's.
+    pub(crate) fn limit(&self, api: &Api) -> Result<u16, ApiError> {
+        match self.page_size {
+            None => Ok(api.token_limit),
+            Some(n @ 1..=10_000) => Ok(n),
+            Some(n) => Err(ApiError::bad_request(format!("pageSize {n}: 1 to 10000"))),
+        }
+    }
 }
 
 /// Where a page starts. fleet's page tokens are base64url of a little-endian u16 limit and u16

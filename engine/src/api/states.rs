@@ -4,7 +4,8 @@ use super::*;
 
 pub(crate) async fn list_states(State(api): State<Api>, Query(q): Query<PageQuery>) -> Result<Response, ApiError> {
     fresh(&api).await?;
-    let start = page_of(q.next_page_token.as_deref(), api.token_limit)?;
+    let limit = q.limit(&api)?;
+    let start = page_of(q.next_page_token.as_deref(), limit)?;
     // A state's key in the listing is its unit and machine; unit names cannot hold a NUL.
     let cursor = start.after.as_deref().map(|a| a.split_once('\0').unwrap_or((a, "")));
     let (states, next) = api.cluster.read(|v| {
@@ -19,7 +20,7 @@ pub(crate) async fn list_states(State(api): State<Api>, Query(q): Query<PageQuer
                     .map(move |(m, s)| (u, m, s))
             })
             .skip_while(|(u, m, _)| cursor.is_some_and(|c| (u.as_str(), m.as_str()) <= c));
-        let (page, next) = paginate(matching, &start, api.token_limit, |(u, m, _)| format!("{u}\0{m}"));
+        let (page, next) = paginate(matching, &start, limit, |(u, m, _)| format!("{u}\0{m}"));
         let states: Vec<wire::UnitState> = page.into_iter().map(|(u, m, s)| api_state(u, m, s)).collect();
         (states, next)
     });

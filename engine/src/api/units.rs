@@ -5,11 +5,51 @@ use super::*;
 
 pub(crate) async fn list_units(State(api): State<Api>, Query(q): Query<PageQuery>) -> Result<Response, ApiError> {
     fresh(&api).await?;
-    let start = page_of(q.next_page_token.as_deref(), api.token_limit)?;
+    let limit = q.limit(&api)?;
+    let start = page_of(q.next_page_token.as_deref(), limit)?;
+    let globs = q
+        .unit_name
+        .as_deref()
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|g| !g.is_empty())
+        .map(|g| fleet_model::glob::UnitGlob::new(g).map_err(|e| ApiError::bad_request(format!("unitName {g:?}: {e}"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    let state = match q.state.as_deref().filter(|s| !s.is_empty()) {
+        None => None,
+        Some("unplaced") => Some(None),
+        Some(s) => Some(Some(
+            s.parse::<DesiredState>()
+                .map_err(|_| ApiError::bad_request(format!("state {s:?}: inactive, loaded, launched or unplaced")))?,
+        )),
+    };
+    let basic = match q.view.as_deref() {
+        None | Some("") | Some("full") => false,
+        Some("basic") => true,
+        Some(other) => return Err(ApiError::bad_request(format!("view {other:?}: basic or full"))),
+    };
     let (units, next) = api.cluster.read(|v| {
-        let from = v.units.range::<str, _>((after(&start), Bound::Unbounded)).map(|(_, u)| u);
-        let (page, next) = paginate(from, &start, api.token_limit, |u| u.name.to_string());
-        (page.into_iter().map(|u| api_unit(v, u)).collect::<Vec<wire::Unit>>(), next)
+        let wanted = |u: &&UnitRecord| {
+            (globs.is_empty() || globs.iter().any(|g| g.matches(u.name.as_str())))
+                && state.is_none_or(|s| match s {
+                    // Wants a machine and has none: what a dashboard shows as waiting.
+                    None => {
+                        u.desired_state != DesiredState::Inactive && placement_of(v, u).1.is_some_and(|m| m.is_empty())
+                    }
+                    Some(s) => placement_of(v, u).0 == s,
+                })
+        };
+        let from = v.units.range::<str, _>((after(&start), Bound::Unbounded)).map(|(_, u)| u).filter(wanted);
+        let (page, next) = paginate(from, &start, limit, |u| u.name.to_string());
+        let units = page
+            .into_iter()
+            .map(|u| match basic {
+                true => api_unit_basic(v, u),
+                false => api_unit(v, u),
+            })
+            .collect::<Vec<wire::Unit>>();
+        (units, next)
     });
     Ok(Json(wire::UnitPage { units, next_page_token: next }).into_response())
 }

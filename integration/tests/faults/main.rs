@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 mod agents;
 mod chaos;
+mod dashboard;
 mod engines;
 mod machines;
 

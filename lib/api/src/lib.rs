@@ -106,6 +106,13 @@ pub struct Machine {
     /// Not in the original API: the machine is being drained.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub drained: bool,
+    /// Not in the original API: units scheduled to the machine.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub units: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Machine {

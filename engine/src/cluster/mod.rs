@@ -4,7 +4,8 @@
 //! A read through the API waits until the view has caught up with the writes that replica
 //! answered, so a client always reads its own writes.
 
-use crate::events::{Deriver, EventLog};
+use crate::events::EventLog;
+use derive::Deriver;
 use fleet_model::rules::Rules;
 use fleet_model::schema::{decode, Key, MoveRequest};
 use fleet_model::{Keys, MachineRecord, ScheduleEntry, UnitFile, UnitName, UnitRecord, UnitStateRecord};
@@ -13,6 +14,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
+
+mod derive;
 
 /// How often the view is rebuilt from a fresh list, in case a watch event was ever missed.
 pub const RESYNC: Duration = Duration::from_secs(1800);

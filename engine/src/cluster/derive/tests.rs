@@ -1,0 +1,236 @@
+//! Events derived by a view fed from the in-memory store, as an engine's is from etcd: the writes
+//! the API, the leader and the agents make, and the events a reader sees.
+
+use crate::cluster::Cluster;
+use crate::events::Filter;
+use fleet_api::{Event, EventId};
+use fleet_model::schema::encode;
+use fleet_model::{DesiredState, UnitFile};
+use fleet_model::{Keys, MachineRecord, ScheduleEntry, UnitName, UnitRecord, UnitStateRecord};
+use fleet_store::kv::{MemStore, Op, Store, Txn};
+use std::time::Duration;
+
+const M1: &str = "0000000000000000000000000000000a";
+const M2: &str = "b000000000000000000000000000000b";
+
+struct World {
+    store: MemStore,
+    keys: Keys,
+    cluster: Cluster,
+}
+
+async fn world() -> World {
+    let store = MemStore::new();
+    let keys = Keys::new("/ev/");
+    let cluster = Cluster::follow_store(store.clone(), keys.clone());
+    assert!(cluster.caught_up(1, Duration::from_secs(5)).await, "the view lists the store");
+    World { store, keys, cluster }
+}
+
+fn name(s: &str) -> UnitName {
+    UnitName::parse(s).expect("unit name")
+}
+
+impl World {
+    /// One transaction of `ops`; returns once the view has it.
+    async fn write(&self, ops: Vec<Op>) -> i64 {
+        let done = self.store.txn(Txn { then: ops, ..Txn::default() }).await.expect("txn");
+        assert!(self.cluster.caught_up(done.revision, Duration::from_secs(5)).await, "the view follows");
+        done.revision
+    }
+
+    fn unit(&self, unit: &str, body: &str, desired: DesiredState) -> Vec<Op> {
+        let file = UnitFile::parse(body).expect("unit file");
+        let rec = UnitRecord { name: name(unit), hash: file.hash(), desired_state: desired };
+        vec![
+            Op::put(self.keys.body(&rec.hash), file.canonical(), 0),
+            Op::put(self.keys.unit(&rec.name), encode(&rec).expect("encode"), 0),
+        ]
+    }
+
+    fn machine(&self, id: &str) -> Op {
+        let rec = MachineRecord { id: id.into(), public_ip: "10.0.0.1".into(), ..Default::default() };
+        Op::put(self.keys.machine(id), encode(&rec).expect("encode"), 0)
+    }
+
+    fn schedule(&self, m: &str, unit: &str) -> Op {
+        let e = ScheduleEntry { hash: "h".into(), desired_state: DesiredState::Launched };
+        Op::put(self.keys.schedule(m, &name(unit)), encode(&e).expect("encode"), 0)
+    }
+
+    fn state(&self, m: &str, unit: &str, active: &str) -> Op {
+        let s = UnitStateRecord {
+            hash: "h".into(),
+            load_state: "loaded".into(),
+            active_state: active.into(),
+            sub_state: format!("{active}-sub"),
+            applied: DesiredState::Launched,
+        };
+        Op::put(self.keys.state(m, &name(unit)), encode(&s).expect("encode"), 0)
+    }
+
+    fn read(&self, since: Option<EventId>) -> Vec<Event> {
+        self.cluster.events().read(since, &Filter::default(), 1000, None).events
+    }
+
+    /// (kind, unit, machine, from) of every event kept.
+    fn seen(&self) -> Vec<(String, String, String, String)> {
+        self.read(None).into_iter().map(|e| (e.kind, e.unit, e.machine, e.from)).collect()
+    }
+}
+
+fn ev(kind: &str, unit: &str, machine: &str, from: &str) -> (String, String, String, String) {
+    (kind.into(), unit.into(), machine.into(), from.into())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_units_life_is_told_in_order_with_ids_that_grow() {
+    let w = world().await;
+    w.write(vec![w.machine(M1)]).await;
+    let body = "[Service]\nExecStart=/bin/true\n[X-Fleet]\nMachineMetadata=region=eu\n";
+    let submitted = w.write(w.unit("a.service", body, DesiredState::Launched)).await;
+    w.write(vec![w.schedule(M1, "a.service")]).await;
+    w.write(vec![w.state(M1, "a.service", "activating")]).await;
+    w.write(vec![w.state(M1, "a.service", "active")]).await;
+    // The same state again (an agent republishing) is not news.
+    w.write(vec![w.state(M1, "a.service", "active")]).await;
+    w.write(vec![w.state(M1, "a.service", "failed")]).await;
+    w.write(vec![w.state(M1, "a.service", "active")]).await;
+    w.write(vec![w.state(M1, "a.service", "inactive")]).await;
+    w.write(w.unit("a.service", body, DesiredState::Loaded)).await;
+    w.write(vec![Op::delete(w.keys.unit(&name("a.service")))]).await;
+    w.write(vec![Op::delete(w.keys.schedule(M1, &name("a.service")))]).await;
+    // An agent stops what it was taken off and removes its state: a stop.
+    w.write(vec![w.state(M1, "a.service", "active")]).await;
+    w.write(vec![Op::delete(w.keys.state(M1, &name("a.service")))]).await;
+    // A lost machine's states go with it: no stop is claimed.
+    w.write(vec![w.state(M1, "b.service", "active")]).await;
+    w.write(vec![Op::delete(w.keys.state(M1, &name("b.service"))), Op::delete(w.keys.machine(M1))]).await;
+    assert_eq!(
+        w.seen(),
+        vec![
+            ev("machine-joined", "", M1, ""),
+            ev("unit-submitted", "a.service", "", ""),
+            ev("unit-scheduled", "a.service", M1, ""),
+            ev("unit-started", "a.service", M1, ""),
+            ev("unit-failed", "a.service", M1, ""),
+            ev("unit-started", "a.service", M1, ""),
+            ev("unit-stopped", "a.service", M1, ""),
+            ev("unit-desired-state", "a.service", "", ""),
+            ev("unit-destroyed", "a.service", "", ""),
+            ev("unit-unscheduled", "a.service", M1, ""),
+            ev("unit-started", "a.service", M1, ""),
+            ev("unit-stopped", "a.service", M1, ""),
+            ev("unit-started", "b.service", M1, ""),
+            ev("machine-lost", "", M1, ""),
+        ]
+    );
+    let all = w.read(None);
+    assert_eq!(all[1].id, format!("{submitted}.0"), "an event's id is its etcd revision and place");
+    assert_eq!(all[1].state, "launched");
+    assert!(all[2].reason.contains("MachineMetadata (region)"), "why there: {:?}", all[2].reason);
+    assert_eq!(all[7].state, "loaded");
+    assert_eq!(all[9].reason, "the unit was destroyed");
+    let ids: Vec<EventId> = all.iter().map(|e| e.event_id().expect("id")).collect();
+    assert!(ids.windows(2).all(|p| p[0] < p[1]), "ids do not grow: {ids:?}");
+    // Resuming after an event gives exactly what followed it.
+    let after = w.read(Some(ids[4]));
+    assert_eq!(after.first().map(|e| e.id.clone()), Some(all[5].id.clone()));
+    assert_eq!(after.len(), all.len() - 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_is_one_event_saying_why_whatever_the_order_of_its_writes() {
+    let w = world().await;
+    w.write(vec![w.machine(M1), w.machine(M2)]).await;
+    w.write(w.unit("a.service", "[Service]\nExecStart=/bin/true\n", DesiredState::Launched)).await;
+    w.write(w.unit("b.service", "[Service]\nExecStart=/bin/true\n", DesiredState::Launched)).await;
+    w.write(vec![w.schedule(M1, "a.service"), w.schedule(M1, "b.service")]).await;
+    w.write(vec![Op::delete(w.keys.machine(M1))]).await;
+    // One transaction deleting the old entry first, as the leader does for a lost machine.
+    w.write(vec![Op::delete(w.keys.schedule(M1, &name("a.service"))), w.schedule(M2, "a.service")]).await;
+    // Two transactions: the old entry goes, the unit is placed later (what the leader does for
+    // a plain unit of a lost machine): unscheduled, then the move.
+    w.write(w.unit("c.service", "[Service]\nExecStart=/bin/true\n", DesiredState::Launched)).await;
+    w.write(vec![w.machine(M1)]).await;
+    w.write(vec![w.schedule(M1, "c.service")]).await;
+    w.write(vec![Op::delete(w.keys.machine(M1))]).await;
+    w.write(vec![Op::delete(w.keys.schedule(M1, &name("c.service")))]).await;
+    w.write(vec![w.schedule(M2, "c.service")]).await;
+    let c: Vec<(String, String, String)> =
+        w.read(None).into_iter().filter(|e| e.unit == "c.service").map(|e| (e.kind, e.from, e.reason)).collect();
+    let lost = format!("machine {M1} was lost");
+    assert_eq!(
+        c[2..],
+        [
+            ("unit-unscheduled".to_string(), String::new(), lost.clone()),
+            ("unit-moved".to_string(), M1.to_string(), lost.clone())
+        ]
+    );
+    // The new entry first, the old one later (an exclusive unit waits to be stopped).
+    w.write(vec![w.schedule(M2, "b.service")]).await;
+    w.write(vec![Op::delete(w.keys.schedule(M1, &name("b.service")))]).await;
+    let moves: Vec<Event> =
+        w.read(None).into_iter().filter(|e| e.unit == "a.service" || e.unit == "b.service").collect();
+    let kinds: Vec<(&str, &str, &str, &str)> =
+        moves.iter().map(|e| (e.kind.as_str(), e.unit.as_str(), e.machine.as_str(), e.from.as_str())).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            ("unit-submitted", "a.service", "", ""),
+            ("unit-submitted", "b.service", "", ""),
+            ("unit-scheduled", "a.service", M1, ""),
+            ("unit-scheduled", "b.service", M1, ""),
+            ("unit-moved", "a.service", M2, M1),
+            ("unit-moved", "b.service", M2, M1),
+        ]
+    );
+    assert_eq!(moves[4].reason, format!("machine {M1} was lost"));
+    assert!(w.seen().contains(&ev("machine-lost", "", M1, "")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaders_drains_and_reboot_slots_are_events() {
+    let w = world().await;
+    w.write(vec![w.machine(M1)]).await;
+    w.write(vec![Op::put(format!("{}/1", w.keys.leader()), "engine-1", 0)]).await;
+    // A second candidate does not lead while the first lives.
+    w.write(vec![Op::put(format!("{}/2", w.keys.leader()), "engine-2", 0)]).await;
+    w.write(vec![Op::delete(format!("{}/1", w.keys.leader()))]).await;
+    w.write(vec![Op::put(w.keys.drain(M1), "", 0)]).await;
+    w.write(vec![Op::put(w.keys.reboot_lock("default"), format!(r#"{{"holders":["{M1}"]}}"#), 0)]).await;
+    w.write(vec![Op::put(w.keys.reboot_lock("default"), r#"{"holders":[]}"#, 0)]).await;
+    w.write(vec![Op::delete(w.keys.drain(M1))]).await;
+    let got: Vec<(String, String, String)> =
+        w.read(None).into_iter().map(|e| (e.kind, e.machine, e.reason)).skip(1).collect();
+    let t = |k: &str, m: &str, r: &str| (k.to_string(), m.to_string(), r.to_string());
+    assert_eq!(
+        got,
+        vec![
+            t("leader-changed", "", "engine-1"),
+            t("leader-changed", "", "engine-2"),
+            t("machine-drained", M1, ""),
+            t("reboot-slot-taken", M1, "default"),
+            t("reboot-slot-released", M1, "default"),
+            t("machine-undrained", M1, ""),
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relist_after_compaction_is_a_gap() {
+    let w = world().await;
+    w.write(vec![w.machine(M1)]).await;
+    // The watch is lost and history compacted meanwhile: the view relists.
+    w.store.drop_watches();
+    w.store.txn(Txn { then: vec![w.machine(M2)], ..Txn::default() }).await.expect("txn");
+    w.store.txn(Txn { then: vec![Op::put("/ev/other", "x", 0)], ..Txn::default() }).await.expect("txn");
+    let rev = w.store.revision();
+    w.store.compact(rev);
+    assert!(w.cluster.caught_up(rev, Duration::from_secs(10)).await, "the view relists");
+    let kinds: Vec<String> = w.read(None).into_iter().map(|e| e.kind).collect();
+    assert_eq!(kinds, vec!["machine-joined", "gap"], "M2's joining fell in the gap");
+    // After the gap, events flow again.
+    w.write(vec![Op::delete(w.keys.machine(M2))]).await;
+    assert_eq!(w.read(None).last().map(|e| e.kind.as_str()), Some("machine-lost"));
+}
