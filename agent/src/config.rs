@@ -42,6 +42,9 @@ pub struct AgentConfig {
     /// Where the agent serves unit status and journal lines to the engines: `host:port`, empty
     /// for `<public_ip>:49154`, or `off`.
     pub api_listen: String,
+    /// A plain-HTTP listener on a loopback address (`127.0.0.1:9101`) serving only `/metrics`,
+    /// for a Prometheus agent on the machine; empty: none.
+    pub metrics_listen: String,
     /// What this machine offers to units that reserve resources (`MemoryMax=`, `CPUQuota=` in
     /// `[X-Fleet]`). Unset: not advertised, such reservations are not limited here.
     pub capacity: CapacityConfig,
@@ -71,6 +74,7 @@ impl Default for AgentConfig {
             systemd_bus: String::new(),
             capacity: CapacityConfig::default(),
             api_listen: String::new(),
+            metrics_listen: String::new(),
             etcd_ca_file: String::new(),
             etcd_cert_file: String::new(),
             etcd_key_file: String::new(),
@@ -148,6 +152,9 @@ impl AgentConfig {
         }
         if self.etcd_endpoints.is_empty() {
             return Err(ConfigError::Invalid("etcd_endpoints is empty".into()));
+        }
+        if !self.metrics_listen.is_empty() {
+            fleet_config::loopback_only("metrics_listen", &self.metrics_listen).map_err(ConfigError::Invalid)?;
         }
         if self.lease_ttl_secs < 2 {
             return Err(ConfigError::Invalid(format!(

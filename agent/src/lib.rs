@@ -13,6 +13,7 @@
 pub mod config;
 pub mod driver;
 pub mod guard;
+pub mod metrics;
 pub mod presence;
 mod publish;
 pub mod reconcile;
@@ -85,6 +86,18 @@ pub struct Agent<D: UnitDriver = Systemd, S: Store = EtcdStore> {
     refused: BTreeMap<String, String>,
     /// Where the machine's own unit files are (see [`guard`]).
     system_unit_dirs: Vec<PathBuf>,
+    /// The daemon's metrics; none in benchmarks and unit tests.
+    metrics: Option<std::sync::Arc<metrics::AgentMetrics>>,
+}
+
+/// Counts a reconcile pass and its time when dropped (a pass has several ways out).
+struct PassTimer(std::sync::Arc<metrics::AgentMetrics>, Instant);
+
+impl Drop for PassTimer {
+    fn drop(&mut self) {
+        self.0.reconcile_passes.inc();
+        self.0.reconcile_duration.observe(self.1.elapsed().as_secs_f64());
+    }
 }
 
 /// Whether a unit file's `[X-Fleet]` section makes it exclusive.
@@ -122,10 +135,18 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
             stop_units_on_exit: cfg.stop_units_on_exit,
             refused: BTreeMap::new(),
             system_unit_dirs: guard::SYSTEM_UNIT_DIRS.iter().map(PathBuf::from).collect(),
+            metrics: None,
         };
         agent.read_files().await?;
         agent.read_published().await?;
         Ok(agent)
+    }
+
+    /// Records reconcile passes and units by state in `metrics` (wrap the driver in
+    /// [`metrics::Measured`] for its calls).
+    pub fn with_metrics(mut self, metrics: std::sync::Arc<metrics::AgentMetrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     async fn read_files(&mut self) -> Result<(), AgentError> {
@@ -243,6 +264,9 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
                 if (failed || !self.unpublished.is_empty()) && retry_at.is_none() {
                     retry_at = Some(tokio::time::Instant::now() + TRANSIENT_GRACE);
                 }
+            }
+            if let Some(m) = &self.metrics {
+                m.set_units(self.published.values().map(|s| s.active_state.as_str()));
             }
         }
         if self.stop_units_on_exit {
@@ -367,6 +391,8 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
         if plan.is_empty() {
             return;
         }
+        let started = Instant::now();
+        let _timed = self.metrics.clone().map(|m| PassTimer(m, started));
         tracing::debug!(?plan, "reconciling");
         self.unpublished.extend(plan.touched().cloned());
         let mut failed = BTreeSet::new();

@@ -24,6 +24,11 @@ struct Args {
     #[arg(long, env = "FLEET_AGENT_CONFIG")]
     #[serde(skip)]
     config: Option<PathBuf>,
+    /// Log format: auto (journald's native fields under systemd, else text), text, json (one
+    /// object per line) or journald. `RUST_LOG` chooses what is logged.
+    #[arg(long, env = "FLEET_LOG_FORMAT", value_enum, default_value = "auto")]
+    #[serde(skip)]
+    log_format: fleet_logging::LogFormat,
     /// etcd endpoints, comma-separated; overrides the file.
     #[arg(long, env = "FLEET_ETCD_ENDPOINTS", value_delimiter = ',')]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -60,11 +65,8 @@ fn metadata_arg(text: &str) -> Result<BTreeMap<String, String>, String> {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
     let args = Args::parse();
+    fleet_logging::init(args.log_format);
     let cfg = load_config(&args)?;
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -99,6 +101,20 @@ async fn run(cfg: AgentConfig, args: Args) -> anyhow::Result<()> {
     };
     let client = connect(&etcd, RetryPolicy { attempts: 30, ..RetryPolicy::default() }).await?;
     let systemd = Systemd::connect((!cfg.systemd_bus.is_empty()).then_some(cfg.systemd_bus.as_str())).await?;
+    let metrics = fleet_agent::metrics::AgentMetrics::new();
+    let unit_api = fleet_agent::unit_api::UnitApi { units_dir: cfg.units_dir.clone(), metrics: metrics.clone() };
+    if !cfg.metrics_listen.is_empty() {
+        let addr = cfg.metrics_listen.clone();
+        let listener =
+            tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+        tracing::info!(%addr, "serving metrics on loopback");
+        let app = fleet_agent::unit_api::metrics_router(unit_api.clone());
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "metrics listener stopped");
+            }
+        });
+    }
     let record = MachineRecord {
         id: machine.clone(),
         public_ip: cfg.public_ip.clone(),
@@ -118,7 +134,7 @@ async fn run(cfg: AgentConfig, args: Args) -> anyhow::Result<()> {
         } else {
             local.ip().to_string()
         };
-        let app = fleet_agent::unit_api::router(fleet_agent::unit_api::UnitApi { units_dir: cfg.units_dir.clone() });
+        let app = fleet_agent::unit_api::router(unit_api.clone());
         match &tls {
             Some(tls) => {
                 // The machine's certificate serves the API; only engines' certificates get in.
@@ -164,6 +180,7 @@ async fn run(cfg: AgentConfig, args: Args) -> anyhow::Result<()> {
         ttl: cfg.lease_ttl_secs,
         lease_file: cfg.state_dir.join("agent.lease"),
         registered_file: Some(cfg.state_dir.join(REGISTERED_FILE)),
+        metrics: Some(metrics.clone()),
     };
     tokio::spawn(reload_on_hangup(args, cfg.clone(), record_tx, lease_rx.clone(), client.clone()));
     let presence_task = tokio::spawn(presence.run(lease_tx));
@@ -172,7 +189,10 @@ async fn run(cfg: AgentConfig, args: Args) -> anyhow::Result<()> {
         wait_for_signal().await;
         let _ = shutdown_tx.send(true);
     });
-    let agent = Agent::new(&cfg, fleet_store::kv::EtcdStore::new(client.clone()), machine, systemd.clone()).await?;
+    let measured = fleet_agent::metrics::Measured::new(systemd.clone(), metrics.clone());
+    let agent = Agent::new(&cfg, fleet_store::kv::EtcdStore::new(client.clone()), machine, measured)
+        .await?
+        .with_metrics(metrics);
     let last_lease = lease_rx.clone();
     let result = agent.run(lease_rx, cleaned_tx, shutdown_rx).await;
     presence_task.abort();

@@ -25,6 +25,8 @@ pub struct Presence {
     /// Written (with the lease id) while the machine is registered, removed when the lease is
     /// lost: the image's health check blesses a boot only once the machine is back in the cluster.
     pub registered_file: Option<PathBuf>,
+    /// Lease renewals and etcd's last answer are counted here (the daemon's; none in benchmarks).
+    pub metrics: Option<std::sync::Arc<crate::metrics::AgentMetrics>>,
 }
 
 impl Presence {
@@ -121,7 +123,6 @@ impl Presence {
         }
     }
 
-    /// Returns when the lease is gone (expired, or not renewed within its TTL).
     /// Returns when the lease is gone. While renewals fail for longer than the TTL the lease is
     /// in doubt: `None` is published (the agent stops its exclusive units), and the lease again
     /// once a renewal succeeds.
@@ -151,6 +152,9 @@ impl Presence {
                         _ => "timed out".into(),
                     };
                     tracing::warn!(error = %err, "cannot open lease keepalive");
+                    if let Some(m) = &self.metrics {
+                        m.renewal(false);
+                    }
                     doubt(last_ok);
                     if last_ok.elapsed() > ttl && !self.lease_alive(lease).await {
                         return;
@@ -168,6 +172,9 @@ impl Presence {
                 match tokio::time::timeout(period, beat).await {
                     Ok(Ok(Some(r))) if r.ttl() > 0 => {
                         last_ok = Instant::now();
+                        if let Some(m) = &self.metrics {
+                            m.renewal(true);
+                        }
                         retry = Duration::from_millis(250);
                         if lease_tx.borrow().is_none() {
                             tracing::info!("lease renewed again");
@@ -182,6 +189,9 @@ impl Presence {
                             _ => "timed out".into(),
                         };
                         tracing::warn!(error = %err, "lease keepalive failed");
+                        if let Some(m) = &self.metrics {
+                            m.renewal(false);
+                        }
                         doubt(last_ok);
                         break;
                     }

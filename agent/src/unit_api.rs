@@ -17,13 +17,26 @@ use std::time::Duration;
 #[derive(Clone)]
 pub struct UnitApi {
     pub units_dir: PathBuf,
+    pub metrics: std::sync::Arc<crate::metrics::AgentMetrics>,
 }
 
 pub fn router(api: UnitApi) -> Router {
     Router::new()
         .route("/units/{name}/status", get(status))
         .route("/units/{name}/journal", get(journal))
+        .route("/metrics", get(metrics))
         .with_state(api)
+}
+
+/// The agent's metrics (docs/metrics.md), in Prometheus' text format.
+pub async fn metrics(State(api): State<UnitApi>) -> Response {
+    let text = api.metrics.render();
+    ([("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], text).into_response()
+}
+
+/// Only `/metrics`, for a plain listener on localhost (`metrics_listen`).
+pub fn metrics_router(api: UnitApi) -> Router {
+    Router::new().route("/metrics", get(metrics)).with_state(api)
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {

@@ -36,6 +36,10 @@ pub struct EngineConfig {
     /// Take part in leader elections. `false` makes an API-only replica: it serves the API from
     /// its own view and never places units (more API capacity without more candidates).
     pub lead: bool,
+    /// A plain-HTTP listener on a loopback address (`127.0.0.1:9100`) serving only `/metrics`
+    /// without auth, for a Prometheus agent on the machine; empty: none (`/metrics` on the API
+    /// needs the read role).
+    pub metrics_listen: String,
     /// Events this engine keeps in memory for `GET /fleet/v1/events` and for streams resuming
     /// after a reconnect (about 300 bytes each).
     pub event_history: usize,
@@ -63,6 +67,7 @@ impl Default for EngineConfig {
             fleetlock: Default::default(),
             lead: true,
             event_history: crate::events::DEFAULT_HISTORY,
+            metrics_listen: String::new(),
         }
     }
 }
@@ -116,6 +121,9 @@ impl EngineConfig {
         self.etcd_tls().map_err(|e| ConfigError::Invalid(format!("etcd TLS: {e}")))?;
         crate::auth::Auth::new(&crate::auth::AuthConfig { audit_log: String::new(), ..self.auth.clone() })
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        if !self.metrics_listen.is_empty() {
+            fleet_config::loopback_only("metrics_listen", &self.metrics_listen).map_err(ConfigError::Invalid)?;
+        }
         if self.event_history == 0 {
             return Err(ConfigError::Invalid("event_history must be at least 1".into()));
         }

@@ -86,6 +86,12 @@ pub async fn run(mut config: watch::Receiver<EngineConfig>, mut shutdown: watch:
             servers.push(listen::serve_tcp(listener, app.clone(), shutdown.clone()));
         }
     }
+    if !cfg.metrics_listen.is_empty() {
+        let addr = &cfg.metrics_listen;
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+        tracing::info!(%addr, "serving metrics on loopback");
+        servers.push(listen::serve_tcp(listener, routes::metrics_router(api.clone()), shutdown.clone()));
+    }
     let mut tls_reloadable = None;
     if !cfg.listen_tls.is_empty() {
         let tls: listen::TlsConfig = Arc::new(std::sync::RwLock::new(api_tls(&cfg)?));

@@ -15,6 +15,11 @@ struct Args {
     #[arg(long, env = "FLEET_ENGINE_CONFIG")]
     #[serde(skip)]
     config: Option<PathBuf>,
+    /// Log format: auto (journald's native fields under systemd, else text), text, json (one
+    /// object per line) or journald. `RUST_LOG` chooses what is logged.
+    #[arg(long, env = "FLEET_LOG_FORMAT", value_enum, default_value = "auto")]
+    #[serde(skip)]
+    log_format: fleet_logging::LogFormat,
     #[arg(long, env = "FLEET_ETCD_ENDPOINTS", value_delimiter = ',')]
     #[serde(skip_serializing_if = "Option::is_none")]
     etcd_endpoints: Option<Vec<String>>,
@@ -75,11 +80,8 @@ fn inverted<S: serde::Serializer>(v: &bool, s: S) -> Result<S::Ok, S::Error> {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
     let args = Args::parse();
+    fleet_logging::init(args.log_format);
     let cfg = load_config(&args)?;
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

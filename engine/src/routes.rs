@@ -121,6 +121,11 @@ pub fn router(api: Api, auth: std::sync::Arc<Auth>) -> Router {
         .with_state(api)
 }
 
+/// Only `/metrics`, without auth, for a plain listener on loopback (`metrics_listen`).
+pub fn metrics_router(api: Api) -> Router {
+    Router::new().route("/metrics", get(metrics)).with_state(api)
+}
+
 /// fleet's discovery document (Google discovery format); `$ENDPOINT` is left for clients to fill.
 pub const DISCOVERY: &str = include_str!("discovery.json");
 

@@ -614,3 +614,95 @@ async fn the_lab_engine_serves_its_metrics_to_the_read_role() {
     let resp = anonymous.get(format!("{url}/metrics")).send().await.expect("GET /metrics");
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
 }
+
+/// Each machine's agent serves its own metrics on its API (engines' certificates only): a unit
+/// started there shows in its systemd calls and its units by state; its lease renewals and
+/// etcd's last answer are there too.
+#[tokio::test]
+async fn the_lab_agents_serve_their_metrics_to_engines() {
+    let Some(lab) = testkit::lab() else { return };
+    let Some(api_url) = lab.api_url().map(str::to_string) else { panic!("the lab has an engine") };
+    let m = lab.machines[0].clone();
+    let dir = testkit::scratch("agent-metrics").expect("scratch");
+    let file = dir.join("agent-metrics.service");
+    std::fs::write(&file, format!("[Service]\nExecStart=/bin/sleep infinity\n[X-Fleet]\nMachineID={}\n", m.machine_id))
+        .expect("unit file");
+    let out = testkit::fleetctl(&lab, &api_url, &["start", &file.display().to_string()]).expect("fleetctl");
+    assert!(out.status.success(), "{:?}", testkit::text(&out));
+    let engine = fleet_integration::pki::http_as("engine").expect("engine client");
+    let text = engine
+        .get(format!("https://{}:12490/metrics", m.ip))
+        .send()
+        .await
+        .expect("GET the agent's /metrics")
+        .text()
+        .await
+        .expect("body");
+    assert!(text.contains("fleet_agent_systemd_calls_total{call=\"start\",outcome=\"ok\"}"), "{text}");
+    assert!(text.contains("fleet_agent_systemd_call_duration_seconds_bucket{"), "{text}");
+    let active: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("fleet_agent_units{state=\"active\"} "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(active >= 1.0, "the unit started there is not counted active:\n{text}");
+    assert!(text.contains("fleet_agent_reconcile_passes_total "), "{text}");
+    assert!(text.contains("fleet_agent_lease_renewals_total{outcome=\"ok\"}"), "{text}");
+    let contact: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("fleet_agent_last_etcd_contact_timestamp_seconds "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+    assert!(now - contact < 30.0, "etcd last answered {}s ago", now - contact);
+    assert!(!text.contains("agent-metrics.service"), "a unit's name in a label:\n{text}");
+    let out = testkit::fleetctl(&lab, &api_url, &["destroy", "agent-metrics.service"]).expect("fleetctl");
+    assert!(out.status.success(), "{:?}", testkit::text(&out));
+}
+
+/// Under systemd the agent logs to the journal with native fields (its `auto` format): a lab
+/// machine's journal, read from the host, has the agent's start with `_TRANSPORT=journal`, the
+/// source location and its own fields (`F_MACHINE`).
+#[test]
+fn the_agent_logs_journald_fields_under_systemd() {
+    let Some(lab) = testkit::lab() else { return };
+    let m = &lab.machines[0];
+    // The machine's systemd is the one child of its nspawn process; its journal is on its disk.
+    let init = std::fs::read_to_string(format!("/proc/{}/task/{}/children", m.pid, m.pid)).unwrap_or_default();
+    let init = init.split_whitespace().next().expect("the machine's init").to_string();
+    let dir = format!("/proc/{init}/root/var/log/journal/{}", m.machine_id);
+    let out = std::process::Command::new("journalctl")
+        .args(["-D", &dir, "-u", "fleet-agent", "-o", "json", "--no-pager"])
+        .output()
+        .expect("journalctl runs");
+    let entries: Vec<Value> =
+        String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let start = entries.iter().rev().find(|e| e["MESSAGE"] == "fleet-agent starting").unwrap_or_else(|| {
+        panic!("no start in {} entries of {dir}: {}", entries.len(), String::from_utf8_lossy(&out.stderr))
+    });
+    assert_eq!(start["_TRANSPORT"], "journal", "{start}");
+    assert_eq!(start["F_MACHINE"], m.machine_id.as_str(), "{start}");
+    assert_eq!(start["TARGET"], "fleet_agent", "{start}");
+    assert!(start["CODE_FILE"].as_str().is_some_and(|f| f.ends_with("main.rs")), "{start}");
+}
+
+/// `--log-format json`: one JSON object per line, the event's fields at the top level.
+#[test]
+fn the_engine_logs_json_lines_when_asked() {
+    let Some(lab) = testkit::lab() else { return };
+    // An engine whose etcd does not answer logs its attempts to connect: enough to see the format.
+    let mut child = std::process::Command::new(lab.bin_dir.join("fleet-engine"))
+        .args(["--log-format", "json", "--etcd-endpoints", "http://127.0.0.1:1", "--listen", "127.0.0.1:1"])
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("fleet-engine runs");
+    std::thread::sleep(Duration::from_secs(3));
+    let _ = child.kill();
+    let out = child.wait_with_output().expect("its output");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = err.lines().find(|l| l.starts_with('{')).unwrap_or_else(|| panic!("no JSON line in:\n{err}"));
+    let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert!(v["timestamp"].is_string() && v["level"].is_string() && v["target"].is_string(), "{v}");
+}

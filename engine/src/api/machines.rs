@@ -85,15 +85,7 @@ pub(crate) async fn list_machines(State(api): State<Api>, Query(q): Query<PageQu
     let (machines, next) = api.cluster.read(|v| {
         let from = v.machines.range::<str, _>((after(&start), Bound::Unbounded)).map(|(_, m)| m);
         let (page, next) = paginate(from, &start, limit, |m| m.id.clone());
-        // Units scheduled to the page's machines (one pass over the schedule).
-        let mut load: std::collections::HashMap<&str, u64> = page.iter().map(|m| (m.id.as_str(), 0)).collect();
-        for entries in v.schedule.values() {
-            for m in entries.keys() {
-                if let Some(n) = load.get_mut(m.as_str()) {
-                    *n += 1;
-                }
-            }
-        }
+
         let machines: Vec<wire::Machine> = page
             .into_iter()
             .map(|m| wire::Machine {
@@ -101,7 +93,7 @@ pub(crate) async fn list_machines(State(api): State<Api>, Query(q): Query<PageQu
                 primary_ip: m.public_ip.clone(),
                 metadata: m.metadata.clone(),
                 drained: v.drained.contains(&m.id),
-                units: load.get(m.id.as_str()).copied().unwrap_or(0),
+                units: v.scheduled_on.get(&m.id).copied().unwrap_or(0) as u64,
             })
             .collect();
         (machines, next)

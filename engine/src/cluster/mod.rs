@@ -39,6 +39,9 @@ pub struct ClusterView {
     pub dynamic_metadata: BTreeMap<String, BTreeMap<String, String>>,
     /// unit -> machine -> entry.
     pub schedule: BTreeMap<UnitName, BTreeMap<String, ScheduleEntry>>,
+    /// machine -> how many schedule entries it has (kept with `schedule`: listing machines with
+    /// their load must not walk every unit per page).
+    pub scheduled_on: HashMap<String, usize>,
     /// unit -> machine -> state.
     pub states: BTreeMap<UnitName, BTreeMap<String, UnitStateRecord>>,
     /// Parsed `[X-Fleet]` rules of each unit whose body is known (or why they are invalid).
@@ -156,7 +159,9 @@ impl ClusterView {
                 },
                 Some(Key::Schedule(m, unit)) => match decode::<ScheduleEntry>(&value) {
                     Ok(e) => {
-                        self.schedule.entry(unit).or_default().insert(m, e);
+                        if self.schedule.entry(unit).or_default().insert(m.clone(), e).is_none() {
+                            *self.scheduled_on.entry(m).or_default() += 1;
+                        }
                     }
                     Err(e) => {
                         tracing::error!(unit = %unit, error = %e, "unreadable schedule entry; ignoring")
@@ -201,8 +206,19 @@ impl ClusterView {
                     self.published_machines.remove(&id);
                     self.machines.remove(&id);
                 }
-                Some(Key::Schedule(m, unit)) => remove_nested(&mut self.schedule, &unit, &m),
-                Some(Key::State(m, unit)) => remove_nested(&mut self.states, &unit, &m),
+                Some(Key::Schedule(m, unit)) => {
+                    if remove_nested(&mut self.schedule, &unit, &m) {
+                        if let Some(n) = self.scheduled_on.get_mut(&m) {
+                            *n = n.saturating_sub(1);
+                            if *n == 0 {
+                                self.scheduled_on.remove(&m);
+                            }
+                        }
+                    }
+                }
+                Some(Key::State(m, unit)) => {
+                    remove_nested(&mut self.states, &unit, &m);
+                }
                 Some(Key::Leader(_)) | Some(Key::RebootLock(_)) | None => {}
             },
         }
@@ -249,13 +265,14 @@ impl ClusterView {
     }
 }
 
-fn remove_nested<V>(map: &mut BTreeMap<UnitName, BTreeMap<String, V>>, unit: &UnitName, machine: &str) {
-    if let Some(inner) = map.get_mut(unit) {
-        inner.remove(machine);
-        if inner.is_empty() {
-            map.remove(unit);
-        }
+/// Removes `unit`'s entry for `machine`; whether there was one.
+fn remove_nested<V>(map: &mut BTreeMap<UnitName, BTreeMap<String, V>>, unit: &UnitName, machine: &str) -> bool {
+    let Some(inner) = map.get_mut(unit) else { return false };
+    let removed = inner.remove(machine).is_some();
+    if inner.is_empty() {
+        map.remove(unit);
     }
+    removed
 }
 
 /// Sees each change with the view just before it (see [`ClusterView::apply_update_observed`]).

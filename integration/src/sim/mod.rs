@@ -249,6 +249,7 @@ async fn start_machine(cfg: &SimConfig, client: Client, i: usize, dir: &Path) ->
         ttl: cfg.lease_ttl_secs,
         lease_file: units_dir.join(".lease"),
         registered_file: None,
+        metrics: None,
     };
     let (shutdown, shutdown_rx) = watch::channel(false);
     let driver = SimulatedSystemd::new(Duration::from_millis(4));

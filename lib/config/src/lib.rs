@@ -146,3 +146,25 @@ mod tests {
         assert_eq!(restart_only_changes(&running, &new, &["labels"]), vec!["address", "nested"]);
     }
 }
+
+/// Checks a plain-HTTP listen address is on loopback (`127.0.0.1:9101`, `[::1]:9101`): what is
+/// served without TLS or auth must not be reachable from other machines.
+pub fn loopback_only(setting: &str, addr: &str) -> Result<(), String> {
+    match addr.parse::<std::net::SocketAddr>() {
+        Ok(a) if a.ip().is_loopback() => Ok(()),
+        Ok(_) => Err(format!("{setting} {addr:?}: served without TLS or auth, so on a loopback address only")),
+        Err(_) => Err(format!("{setting} {addr:?}: expected ip:port, e.g. 127.0.0.1:9101")),
+    }
+}
+
+#[cfg(test)]
+mod loopback_tests {
+    #[test]
+    fn only_loopback_addresses_pass() {
+        assert!(super::loopback_only("metrics_listen", "127.0.0.1:9101").is_ok());
+        assert!(super::loopback_only("metrics_listen", "[::1]:9101").is_ok());
+        for bad in ["0.0.0.0:9101", "10.0.0.1:9101", "localhost:9101", "9101"] {
+            assert!(super::loopback_only("metrics_listen", bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -186,6 +186,8 @@ async fn a_move_is_one_event_saying_why_whatever_the_order_of_its_writes() {
         ]
     );
     assert_eq!(moves[4].reason, format!("machine {M1} was lost"));
+    // The view's count of units per machine followed (what the machines listing shows).
+    assert_eq!(w.cluster.read(|v| (v.scheduled_on.get(M1).copied(), v.scheduled_on.get(M2).copied())), (None, Some(3)));
     assert!(w.seen().contains(&ev("machine-lost", "", M1, "")));
 }
 
