@@ -86,6 +86,8 @@ pub struct Agent<D: UnitDriver = Systemd, S: Store = EtcdStore> {
     refused: BTreeMap<String, String>,
     /// Where the machine's own unit files are (see [`guard`]).
     system_unit_dirs: Vec<PathBuf>,
+    /// Exclusive units stopped while the lease was in doubt, told at the next registration.
+    stopped_while_cut_off: Vec<String>,
     /// The daemon's metrics; none in benchmarks and unit tests.
     metrics: Option<std::sync::Arc<metrics::AgentMetrics>>,
 }
@@ -135,6 +137,7 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
             stop_units_on_exit: cfg.stop_units_on_exit,
             refused: BTreeMap::new(),
             system_unit_dirs: guard::SYSTEM_UNIT_DIRS.iter().map(PathBuf::from).collect(),
+            stopped_while_cut_off: Vec::new(),
             metrics: None,
         };
         agent.read_files().await?;
@@ -180,7 +183,7 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
     pub async fn run(
         mut self,
         mut lease_rx: watch::Receiver<Option<i64>>,
-        cleaned: watch::Sender<u64>,
+        cleaned: watch::Sender<presence::Cleaned>,
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<(), AgentError> {
         let (sched_tx, mut sched_rx) = mpsc::channel(64);
@@ -253,7 +256,11 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
             if self.cleanup_needed {
                 if self.clean_up().await {
                     self.cleanup_needed = false;
-                    cleaned.send_modify(|g| *g += 1);
+                    let stopped = std::mem::take(&mut self.stopped_while_cut_off);
+                    cleaned.send_modify(|c| {
+                        c.generation += 1;
+                        c.stopped = stopped;
+                    });
                 } else if retry_at.is_none() {
                     retry_at = Some(tokio::time::Instant::now() + Duration::from_secs(1));
                 }
@@ -345,7 +352,10 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
         }
         for n in running {
             self.applied.insert(n.clone(), DesiredState::Loaded);
-            self.unpublished.insert(n);
+            self.unpublished.insert(n.clone());
+            if !self.stopped_while_cut_off.contains(&n) {
+                self.stopped_while_cut_off.push(n);
+            }
         }
     }
 

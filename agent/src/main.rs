@@ -123,6 +123,7 @@ async fn run(cfg: AgentConfig, args: Args) -> anyhow::Result<()> {
         capacity: cfg.capacity()?,
         agent_url: String::new(),
         lease_ttl: cfg.lease_ttl_secs,
+        stopped_while_cut_off: Vec::new(),
     };
     let mut record = record;
     if let Some(addr) = cfg.api_address() {
@@ -170,7 +171,7 @@ async fn run(cfg: AgentConfig, args: Args) -> anyhow::Result<()> {
     }
     tracing::info!(%machine, ip = %cfg.public_ip, "fleet-agent starting");
     let (lease_tx, lease_rx) = watch::channel(None);
-    let (cleaned_tx, cleaned_rx) = watch::channel(0u64);
+    let (cleaned_tx, cleaned_rx) = watch::channel(fleet_agent::presence::Cleaned::default());
     let (record_tx, record_rx) = watch::channel(record);
     let presence = Presence {
         cleaned: cleaned_rx,

@@ -12,10 +12,19 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
+/// What the agent tells presence once it has cleaned up after losing its lease.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Cleaned {
+    /// Bumped at each clean-up.
+    pub generation: u64,
+    /// Exclusive units it stopped while the lease was in doubt.
+    pub stopped: Vec<String>,
+}
+
 pub struct Presence {
     /// Bumped by the agent once it has stopped every unit no longer scheduled to it; a machine
     /// that lost its lease registers again only after that, so duplicates end before it rejoins.
-    pub cleaned: watch::Receiver<u64>,
+    pub cleaned: watch::Receiver<Cleaned>,
     pub client: Client,
     pub keys: Keys,
     /// The record to publish; a configuration reload replaces it.
@@ -34,25 +43,30 @@ impl Presence {
     /// on `lease_tx`. Runs until `lease_tx` has no receivers.
     pub async fn run(mut self, lease_tx: watch::Sender<Option<i64>>) {
         let mut backoff = Duration::from_millis(200);
+        // Told in the next registration's record: the units stopped while cut off.
+        let mut stopped = Vec::new();
         loop {
             if lease_tx.is_closed() {
                 return;
             }
-            match self.register().await {
+            match self.register(&stopped).await {
                 Ok(lease) => {
                     backoff = Duration::from_millis(200);
                     tracing::info!(machine = %self.id(), lease = format!("{lease:x}"), "registered");
                     lease_tx.send_replace(Some(lease));
                     self.mark_registered(Some(lease)).await;
-                    let before = *self.cleaned.borrow_and_update();
+                    stopped.clear();
+                    let before = self.cleaned.borrow_and_update().generation;
                     self.keep_alive(lease, &lease_tx).await;
                     lease_tx.send_replace(None);
                     self.mark_registered(None).await;
                     tracing::warn!(machine = %self.id(), "lease lost; stopping units no longer scheduled here before registering again");
                     let cleaned =
-                        tokio::time::timeout(Duration::from_secs(60), self.cleaned.wait_for(|g| *g > before)).await;
-                    if cleaned.is_err() {
-                        tracing::warn!("the agent did not finish its clean-up within 60 s; registering anyway");
+                        tokio::time::timeout(Duration::from_secs(60), self.cleaned.wait_for(|c| c.generation > before))
+                            .await;
+                    match cleaned {
+                        Ok(Ok(c)) => stopped = c.stopped.clone(),
+                        _ => tracing::warn!("the agent did not finish its clean-up within 60 s; registering anyway"),
                     }
                 }
                 Err(e) => {
@@ -90,7 +104,7 @@ impl Presence {
         (ttl > 0).then_some(id)
     }
 
-    async fn register(&self) -> Result<i64, RegisterError> {
+    async fn register(&self, stopped_while_cut_off: &[String]) -> Result<i64, RegisterError> {
         let lease = match self.saved_lease().await {
             Some(l) => l,
             None => self.client.lease_client().grant(self.ttl, None).await?.id(),
@@ -98,7 +112,8 @@ impl Presence {
         if let Err(e) = tokio::fs::write(&self.lease_file, format!("{lease:x}\n")).await {
             tracing::warn!(path = %self.lease_file.display(), error = %e, "cannot save lease id; a restart will re-register");
         }
-        let record = self.record.borrow().clone();
+        let mut record = self.record.borrow().clone();
+        record.stopped_while_cut_off = stopped_while_cut_off.to_vec();
         let key = self.keys.machine(&record.id);
         let value = encode(&record).map_err(|e| RegisterError::Encode(e.to_string()))?;
         // Create, or take over our own earlier record: never overwrite a live foreign one, which

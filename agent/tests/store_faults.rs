@@ -41,7 +41,7 @@ async fn start(name: &str) -> Running {
     let agent = Agent::new(&cfg, store.clone(), MACHINE.to_string(), systemd.clone()).await.expect("agent");
     let lease = store.grant(60).await.expect("lease");
     let (lease_tx, lease_rx) = watch::channel(Some(lease));
-    let (cleaned_tx, _cleaned_rx) = watch::channel(0);
+    let (cleaned_tx, _cleaned_rx) = watch::channel(fleet_agent::presence::Cleaned::default());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     tokio::spawn(agent.run(lease_rx, cleaned_tx, shutdown_rx));
     Running { store, keys, systemd, _shutdown: shutdown_tx, _lease: lease_tx, dir }

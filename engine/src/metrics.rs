@@ -77,6 +77,9 @@ pub struct Metrics {
     pub store_duration: Histogram,
     pub reboot_slots_held: Family<GroupLabels, Gauge>,
     pub view_revision: Gauge,
+    pub view_lag: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Writes this engine made that its view did not show yet, oldest first: (revision, when).
+    unseen_writes: std::sync::Mutex<std::collections::VecDeque<(i64, std::time::Instant)>>,
     pub units: Gauge,
     pub machines: Gauge,
 }
@@ -151,6 +154,13 @@ impl Metrics {
             "The etcd revision this engine's view of the cluster reflects",
             view_revision.clone(),
         );
+        let view_lag = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register_with_unit(
+            "view_lag",
+            "How long the oldest write this engine made has not shown in its view (0: it shows them all)",
+            Unit::Seconds,
+            view_lag.clone(),
+        );
         let units = Gauge::default();
         registry.register("units", "Units stored, as this engine's view shows them", units.clone());
         let machines = Gauge::default();
@@ -169,9 +179,33 @@ impl Metrics {
             store_duration,
             reboot_slots_held,
             view_revision,
+            view_lag,
+            unseen_writes: Default::default(),
             units,
             machines,
         })
+    }
+
+    /// A write committed at `revision` while the view was at `view`.
+    pub fn wrote(&self, revision: i64, view: i64) {
+        let Ok(mut q) = self.unseen_writes.lock() else { return };
+        while q.front().is_some_and(|(r, _)| *r <= view) {
+            q.pop_front();
+        }
+        // Bounded; when full the newest are left out: the oldest decides the lag.
+        if revision > view && q.len() < 10_000 {
+            q.push_back((revision, std::time::Instant::now()));
+        }
+    }
+
+    /// Sets `view_lag` for a view at revision `view`.
+    pub fn set_view(&self, view: i64) {
+        self.view_revision.set(view);
+        let Ok(mut q) = self.unseen_writes.lock() else { return };
+        while q.front().is_some_and(|(r, _)| *r <= view) {
+            q.pop_front();
+        }
+        self.view_lag.set(q.front().map(|(_, t)| t.elapsed().as_secs_f64()).unwrap_or(0.0));
     }
 
     /// Records one answered API request.
@@ -251,5 +285,26 @@ mod tests {
         for line in text.lines().filter(|l| l.starts_with("# HELP ")) {
             assert!(line.starts_with("# HELP fleet_"), "{line}");
         }
+    }
+
+    /// The lag is the age of the oldest write the view does not show, and 0 once it shows all.
+    #[test]
+    fn the_view_lags_by_its_oldest_unseen_write() {
+        let m = Metrics::new();
+        m.wrote(10, 9);
+        std::thread::sleep(Duration::from_millis(30));
+        m.wrote(11, 9);
+        m.set_view(9);
+        let lag = m.view_lag.get();
+        assert!((0.03..1.0).contains(&lag), "{lag}");
+        m.set_view(10);
+        assert!(m.view_lag.get() < lag, "the oldest unseen write is now 11");
+        m.set_view(11);
+        assert_eq!(m.view_lag.get(), 0.0);
+        // A write the view already shows is never a lag.
+        m.wrote(11, 12);
+        m.set_view(12);
+        assert_eq!(m.view_lag.get(), 0.0);
+        assert!(m.render().contains("fleet_view_lag_seconds 0"), "{}", m.render());
     }
 }

@@ -140,7 +140,7 @@ pub(crate) async fn metrics(State(api): State<Api>) -> Response {
     let (units, machines, revision) = api.cluster.read(|v| (v.units.len(), v.machines.len(), v.revision));
     m.units.set(units as i64);
     m.machines.set(machines as i64);
-    m.view_revision.set(revision);
+    m.set_view(revision);
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], m.render()).into_response()
 }
 

@@ -609,6 +609,7 @@ async fn the_lab_engine_serves_its_metrics_to_the_read_role() {
     assert!(text.lines().any(|l| l == machines), "no {machines:?} in:\n{text}");
     assert!(text.lines().any(|l| l == "fleet_engine_leader 1"), "the lab's one engine leads:\n{text}");
     assert!(text.contains("fleet_api_requests_total{route=\"/fleet/v1/machines\""), "{text}");
+    assert!(text.lines().any(|l| l.starts_with("fleet_view_lag_seconds ")), "{text}");
     // Without credentials: refused before anything is read.
     let anonymous = fleet_integration::pki::http_anonymous().expect("an anonymous client");
     let resp = anonymous.get(format!("{url}/metrics")).send().await.expect("GET /metrics");

@@ -60,6 +60,7 @@ impl Api {
     /// Records a committed write's revision (see [`Api::written`]).
     pub(crate) fn wrote(&self, revision: i64) {
         self.written.fetch_max(revision, std::sync::atomic::Ordering::Relaxed);
+        self.metrics.wrote(revision, self.cluster.revision());
     }
 }
 

@@ -167,6 +167,15 @@ impl Deriver {
             (Key::Machine(m), Some(v)) if !before.published_machines.contains_key(m) => {
                 let rec: MachineRecord = decode(v).unwrap_or_default();
                 out.push(Happened::new(EventKind::MachineJoined).machine(m).reason(rec.public_ip));
+                // What its agent stopped while it could not tell anyone.
+                for unit in rec.stopped_while_cut_off.iter().filter_map(|u| UnitName::parse(u).ok()) {
+                    out.push(
+                        Happened::new(EventKind::UnitStopped)
+                            .unit(&unit)
+                            .machine(m)
+                            .reason("stopped by its machine's agent while the machine was cut off from etcd"),
+                    );
+                }
             }
             (Key::Machine(m), None) if before.published_machines.contains_key(m) => {
                 out.push(Happened::new(EventKind::MachineLost).machine(m));

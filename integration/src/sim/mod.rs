@@ -240,7 +240,7 @@ async fn start_machine(cfg: &SimConfig, client: Client, i: usize, dir: &Path) ->
     };
     let (_record_tx, record_rx) = watch::channel(record);
     let (lease_tx, lease_rx) = watch::channel(None);
-    let (cleaned_tx, cleaned_rx) = watch::channel(0u64);
+    let (cleaned_tx, cleaned_rx) = watch::channel(fleet_agent::presence::Cleaned::default());
     let presence = Presence {
         cleaned: cleaned_rx,
         client: client.clone(),

@@ -64,6 +64,8 @@ async fn fault_cut_machine_duplicates_end_at_heal_and_exclusive_never_runs_twice
     let Some(mut lab) = fault_lab("fault-cut").await else { return };
     let plain = lab.file("fl-cut-plain.service", "MachineMetadata=hostname!=fl-m1\n");
     let excl = lab.file("fl-cut-excl.service", "Exclusive=true\nMachineMetadata=hostname!=fl-m1\n");
+    let mut events = testkit::EventFollower::start(&lab.state, &lab.api(), &["--full", "fl-cut-excl.service"])
+        .expect("fleetctl events --follow");
     lab.ok(&["start", &plain, &excl]);
     let before = lab.all_active_once().await;
     // Cut the machine running the exclusive unit (the plain one may run there too).
@@ -120,6 +122,10 @@ async fn fault_cut_machine_duplicates_end_at_heal_and_exclusive_never_runs_twice
     assert!(exclusive_overlap.is_empty(), "exclusive unit on two machines after the heal: {exclusive_overlap:?}");
     assert!(ended <= registered, "{victim} registered again ({registered:?}) before its duplicates ended ({ended:?})");
     assert!(ended <= Duration::from_secs(2), "duplicates ended {ended:?} after the heal");
+    // What the cut machine's agent did while nobody could hear it is told once it is back.
+    let victim_id = lab.machine(&victim).machine_id;
+    let line = events.expect(&["unit-stopped", "fl-cut-excl.service", &victim_id], T).expect("the cut-off stop told");
+    assert!(line.contains("cut off"), "{line}");
 }
 
 #[tokio::test]

@@ -79,6 +79,10 @@ pub struct MachineRecord {
     /// Where the agent serves unit status and journals (`http://ip:port`), if it does.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub agent_url: String,
+    /// Exclusive units the agent stopped while its lease was in doubt (the machine cut off from
+    /// etcd), told when it registers again: it could not write while cut off.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stopped_while_cut_off: Vec<String>,
 }
 
 impl MachineRecord {

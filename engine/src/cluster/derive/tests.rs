@@ -236,3 +236,22 @@ async fn a_relist_after_compaction_is_a_gap() {
     w.write(vec![Op::delete(w.keys.machine(M2))]).await;
     assert_eq!(w.read(None).last().map(|e| e.kind.as_str()), Some("machine-lost"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn units_stopped_while_a_machine_was_cut_off_are_told_when_it_returns() {
+    let w = world().await;
+    w.write(vec![w.machine(M1)]).await;
+    w.write(vec![Op::delete(w.keys.machine(M1))]).await;
+    let rec = MachineRecord { id: M1.into(), stopped_while_cut_off: vec!["db.service".into()], ..Default::default() };
+    w.write(vec![Op::put(w.keys.machine(M1), encode(&rec).expect("encode"), 0)]).await;
+    let got: Vec<(String, String, String)> =
+        w.read(None).into_iter().skip(2).map(|e| (e.kind, e.unit, e.machine)).collect();
+    assert_eq!(
+        got,
+        vec![
+            ("machine-joined".to_string(), String::new(), M1.to_string()),
+            ("unit-stopped".to_string(), "db.service".to_string(), M1.to_string())
+        ]
+    );
+    assert!(w.read(None).last().is_some_and(|e| e.reason.contains("cut off")));
+}
