@@ -664,7 +664,7 @@ async fn the_lab_agents_serve_their_metrics_to_engines() {
 
 /// Under systemd the agent logs to the journal with native fields (its `auto` format): a lab
 /// machine's journal, read from the host, has the agent's start with `_TRANSPORT=journal`, the
-/// source location and its own fields (`F_MACHINE`).
+/// source location and its own fields (`F_MACHINE`), which its message shows as well.
 #[test]
 fn the_agent_logs_journald_fields_under_systemd() {
     let Some(lab) = testkit::lab() else { return };
@@ -679,12 +679,19 @@ fn the_agent_logs_journald_fields_under_systemd() {
         .expect("journalctl runs");
     let entries: Vec<Value> =
         String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
-    let start = entries.iter().rev().find(|e| e["MESSAGE"] == "fleet-agent starting").unwrap_or_else(|| {
-        panic!("no start in {} entries of {dir}: {}", entries.len(), String::from_utf8_lossy(&out.stderr))
-    });
+    let start = entries
+        .iter()
+        .rev()
+        .find(|e| e["MESSAGE"].as_str().is_some_and(|m| m.starts_with("fleet-agent starting")))
+        .unwrap_or_else(|| {
+            panic!("no start in {} entries of {dir}: {}", entries.len(), String::from_utf8_lossy(&out.stderr))
+        });
     assert_eq!(start["_TRANSPORT"], "journal", "{start}");
     assert_eq!(start["F_MACHINE"], m.machine_id.as_str(), "{start}");
     assert_eq!(start["TARGET"], "fleet_agent", "{start}");
+    // The message reads as the text format does: plain `journalctl` shows the fields too.
+    let machine = format!("machine={}", m.machine_id);
+    assert!(start["MESSAGE"].as_str().is_some_and(|s| s.contains(&machine)), "{start}");
     assert!(start["CODE_FILE"].as_str().is_some_and(|f| f.ends_with("main.rs")), "{start}");
 }
 

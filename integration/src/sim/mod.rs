@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
+pub mod dashboard;
 mod engine_alone;
 mod observe;
 pub use engine_alone::{engine_alone, EngineReport};
@@ -90,6 +91,9 @@ pub struct SimReport {
     /// Whether etcd was reached over TLS with a client certificate (the default install).
     #[serde(default)]
     pub etcd_tls: bool,
+    /// The dashboard in a browser at this size (none without chromium).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dashboard: Option<dashboard::DashboardReport>,
     /// Why the run did not finish, if it did not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -429,6 +433,13 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport> {
 
     (report.list_units_secs, report.list_units_rows) =
         time_list_units(&cfg, &format!("http://127.0.0.1:{}", cfg.api_port), &token)?;
+    if cfg.faults {
+        let api = format!("http://127.0.0.1:{}", cfg.api_port);
+        match dashboard::measure(&api, &token, cfg.machines, cfg.units).await {
+            Ok(d) => report.dashboard = d,
+            Err(e) => tracing::warn!(error = %e, "the dashboard could not be measured"),
+        }
+    }
 
     if cfg.faults {
         // Idle: nothing changes; count etcd writes and CPU over a window.

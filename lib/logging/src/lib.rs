@@ -4,11 +4,14 @@
 //! - `json`: one JSON object per line on stderr (a log shipper reading files or the journal);
 //! - `journald`: straight to systemd's journal with native fields (`PRIORITY`, `CODE_FILE`,
 //!   `CODE_LINE`, `TARGET`, and each event's fields in upper case after `F_`, e.g. `F_UNIT=`),
-//!   so `journalctl -u fleet-engine F_UNIT=web.service` finds the lines about a unit;
+//!   so `journalctl -u fleet-engine F_UNIT=web.service` finds the lines about a unit; `MESSAGE`
+//!   holds the fields too, so plain `journalctl` shows what the text format would;
 //! - `auto` (the default): `journald` when stderr is connected to the journal (systemd sets
 //!   `JOURNAL_STREAM` to its device and inode), else `text`.
 //!
 //! `RUST_LOG` chooses what is logged (default `info`). Depends on tracing only: no fleet crate.
+
+mod journal;
 
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -61,7 +64,7 @@ pub fn init(format: LogFormat) -> LogFormat {
             let _ = registry.with(layer).try_init();
             LogFormat::Json
         }
-        LogFormat::Journald => match tracing_journald::layer() {
+        LogFormat::Journald => match journal::JournalLayer::new() {
             Ok(layer) => {
                 let _ = registry.with(layer).try_init();
                 LogFormat::Journald
