@@ -85,14 +85,7 @@ fn put(buf: &mut Vec<u8>, name: &str, value: &str) {
 }
 
 /// The datagram for one event.
-pub(crate) fn encode(
-    identifier: &str,
-    level: &Level,
-    target: &str,
-    file: Option<&str>,
-    line: Option<u32>,
-    f: &Fields,
-) -> Vec<u8> {
+fn encode(identifier: &str, level: &Level, target: &str, file: Option<&str>, line: Option<u32>, f: &Fields) -> Vec<u8> {
     let mut message = f.message.clone();
     for (k, v) in &f.fields {
         let _ = write!(message, " {k}={v}");
