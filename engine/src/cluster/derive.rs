@@ -7,7 +7,7 @@ use fleet_api::EventKind;
 use fleet_model::rules::Rules;
 use fleet_model::schema::{decode, is_stopped, Key};
 use fleet_model::Keys;
-use fleet_model::{MachineRecord, ScheduleEntry, UnitName, UnitRecord, UnitStateRecord};
+use fleet_model::{MachineRecord, UnitName, UnitRecord, UnitStateRecord};
 use fleet_store::etcd::Change;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -96,8 +96,7 @@ impl Deriver {
                 self.leaving.remove(name);
                 out.push(Happened::new(EventKind::UnitDestroyed).unit(name));
             }
-            (Key::Schedule(m, unit), Some(v)) => {
-                let Ok(_entry) = decode::<ScheduleEntry>(v) else { return };
+            (Key::Schedule(m, unit), Some(_)) => {
                 let entries = before.schedule.get(unit);
                 if entries.is_some_and(|e| e.contains_key(m)) {
                     // A changed entry (a new desired state, or an exclusive unit told to stop

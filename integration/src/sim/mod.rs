@@ -434,14 +434,6 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport> {
     (report.list_units_secs, report.list_units_rows) =
         time_list_units(&cfg, &format!("http://127.0.0.1:{}", cfg.api_port), &token)?;
     if cfg.faults {
-        let api = format!("http://127.0.0.1:{}", cfg.api_port);
-        match dashboard::measure(&api, &token, cfg.machines, cfg.units).await {
-            Ok(d) => report.dashboard = d,
-            Err(e) => tracing::warn!(error = %e, "the dashboard could not be measured"),
-        }
-    }
-
-    if cfg.faults {
         // Idle: nothing changes; count etcd writes and CPU over a window.
         // Writes are counted under this simulation's prefix (etcd's revision is shared with
         // whatever else uses the same etcd).
@@ -458,6 +450,14 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport> {
         report.idle_writes_per_min = Some((rev1 - rev0) as f64 * per_min);
         report.idle_engine_cpu_secs_per_min = Some((e1 - e0) * per_min);
         report.idle_sim_cpu_secs_per_min = Some((s1 - s0) * per_min);
+
+        // The dashboard in a browser, after the idle window (its probe unit is a change) and
+        // before a machine is lost (it counts every machine).
+        let page = format!("http://127.0.0.1:{}", cfg.api_port);
+        match dashboard::measure(&page, &token, cfg.machines, cfg.units).await {
+            Ok(d) => report.dashboard = d,
+            Err(e) => tracing::warn!(error = %e, "the dashboard could not be measured"),
+        }
 
         // A machine lost: its units active elsewhere.
         let victim = &machines[0];
