@@ -74,13 +74,7 @@ impl Filter {
     /// A filter from the API's query: `unit` names or globs and `kind` kinds or globs over kind
     /// names (`unit-*`), each comma-separated (no unit name holds a comma); `machine` an id.
     pub fn parse(unit: Option<&str>, machine: Option<&str>, kind: Option<&str>) -> Result<Filter, String> {
-        let units = unit
-            .unwrap_or_default()
-            .split(',')
-            .map(str::trim)
-            .filter(|u| !u.is_empty())
-            .map(|u| fleet_model::glob::UnitGlob::new(u).map_err(|e| format!("unit {u:?}: {e}")))
-            .collect::<Result<Vec<_>, _>>()?;
+        let units = fleet_model::glob::UnitGlob::list(unit.unwrap_or_default()).map_err(|e| format!("unit {e}"))?;
         let mut kinds = BTreeSet::new();
         for pattern in kind.unwrap_or_default().split(',').map(str::trim).filter(|k| !k.is_empty()) {
             let matched: Vec<EventKind> =

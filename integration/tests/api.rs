@@ -641,19 +641,14 @@ async fn the_lab_agents_serve_their_metrics_to_engines() {
         .expect("body");
     assert!(text.contains("fleet_agent_systemd_calls_total{call=\"start\",outcome=\"ok\"}"), "{text}");
     assert!(text.contains("fleet_agent_systemd_call_duration_seconds_bucket{"), "{text}");
-    let active: f64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("fleet_agent_units{state=\"active\"} "))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0);
+    let value = |series: &str| -> f64 {
+        text.lines().find_map(|l| l.strip_prefix(&format!("{series} "))).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+    };
+    let active = value("fleet_agent_units{state=\"active\"}");
     assert!(active >= 1.0, "the unit started there is not counted active:\n{text}");
     assert!(text.contains("fleet_agent_reconcile_passes_total "), "{text}");
     assert!(text.contains("fleet_agent_lease_renewals_total{outcome=\"ok\"}"), "{text}");
-    let contact: f64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("fleet_agent_last_etcd_contact_timestamp_seconds "))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0);
+    let contact = value("fleet_agent_last_etcd_contact_timestamp_seconds");
     let now =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
     assert!(now - contact < 30.0, "etcd last answered {}s ago", now - contact);

@@ -7,15 +7,8 @@ pub(crate) async fn list_units(State(api): State<Api>, Query(q): Query<PageQuery
     fresh(&api).await?;
     let limit = q.limit(&api)?;
     let start = page_of(q.next_page_token.as_deref(), limit)?;
-    let globs = q
-        .unit_name
-        .as_deref()
-        .unwrap_or_default()
-        .split(',')
-        .map(str::trim)
-        .filter(|g| !g.is_empty())
-        .map(|g| fleet_model::glob::UnitGlob::new(g).map_err(|e| ApiError::bad_request(format!("unitName {g:?}: {e}"))))
-        .collect::<Result<Vec<_>, _>>()?;
+    let globs = fleet_model::glob::UnitGlob::list(q.unit_name.as_deref().unwrap_or_default())
+        .map_err(|e| ApiError::bad_request(format!("unitName {e}")))?;
     let state = match q.state.as_deref().filter(|s| !s.is_empty()) {
         None => None,
         Some("unplaced") => Some(None),

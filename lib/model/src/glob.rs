@@ -41,6 +41,16 @@ impl UnitGlob {
         Ok(UnitGlob { text: pattern.to_string(), matcher: glob.compile_matcher() })
     }
 
+    /// Comma-separated names or globs (no unit name holds a comma), as the API's filters take
+    /// them; empty items are skipped. An error names the pattern refused.
+    pub fn list(text: &str) -> Result<Vec<UnitGlob>, String> {
+        text.split(',')
+            .map(str::trim)
+            .filter(|g| !g.is_empty())
+            .map(|g| UnitGlob::new(g).map_err(|e| format!("{g:?}: {e}")))
+            .collect()
+    }
+
     pub fn matches(&self, name: &str) -> bool {
         self.matcher.is_match(name)
     }
