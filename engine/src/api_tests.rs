@@ -29,12 +29,21 @@ async fn engine() -> Engine {
 }
 
 async fn engine_with(auth: AuthConfig) -> Engine {
+    engine_keeping(auth, crate::events::DEFAULT_HISTORY).await
+}
+
+/// An engine keeping the last `history` events (`event_history`; 0 switches them off).
+async fn engine_keeping(auth: AuthConfig, history: usize) -> Engine {
+    engine_full(auth, history, None).await
+}
+
+async fn engine_full(auth: AuthConfig, history: usize, join: Option<std::sync::Arc<crate::join::Joining>>) -> Engine {
     let store = MemStore::new();
     let keys = Keys::new("/fleet-test/");
     let api = Api {
         store: store.clone().into(),
         keys: keys.clone(),
-        cluster: Cluster::follow_store(store.clone(), keys.clone()),
+        cluster: Cluster::follow_store_keeping(store.clone(), keys.clone(), history),
         status: Default::default(),
         token_limit: 100,
         agents: reqwest::Client::new(),
@@ -42,6 +51,7 @@ async fn engine_with(auth: AuthConfig) -> Engine {
         written: Default::default(),
         requests: Default::default(),
         metrics: crate::metrics::Metrics::new(),
+        join,
     };
     // The unix socket's caller is an admin by default: no token or certificate to make.
     let auth = std::sync::Arc::new(Auth::new(&auth).expect("auth"));
@@ -426,6 +436,23 @@ async fn events_are_listed_and_streamed_from_where_a_client_left_off() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_with_events_off_says_so_and_serves_the_rest() {
+    let e = engine_keeping(AuthConfig::default(), 0).await;
+    let (status, _) = e.call(Method::PUT, "/fleet/v1/units/a.service", Some(unit("launched"))).await;
+    assert_eq!(status, StatusCode::CREATED);
+    // Not an empty history (which would read as "nothing happened"): a refusal saying why.
+    for path in ["/fleet/v1/events", "/fleet/v1/events/stream"] {
+        let (status, body) = e.call(Method::GET, path, None).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}: {body}");
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("event_history = 0"), "{path}: {body}");
+    }
+    let (status, page) = e.call(Method::GET, "/fleet/v1/units", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(page["units"][0]["name"].as_str(), Some("a.service"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_page_is_served_to_anyone_and_its_data_only_to_callers() {
     let e = engine_with(AuthConfig { socket_role: None, ..AuthConfig::default() }).await;
     let anonymous = || Peer::Tcp(std::net::SocketAddr::from(([127, 0, 0, 1], 1)));
@@ -476,3 +503,5 @@ async fn unit_listings_filter_on_the_server_in_pages_of_the_size_asked() {
         assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
     }
 }
+
+mod join;

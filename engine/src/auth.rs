@@ -213,7 +213,7 @@ impl Auth {
         }
     }
 
-    fn audit(&self, record: &serde_json::Value) {
+    pub(crate) fn audit(&self, record: &serde_json::Value) {
         tracing::info!(target: "fleet_audit", "{record}");
         if let Some(file) = &self.audit {
             let line = format!("{record}\n");

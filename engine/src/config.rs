@@ -41,8 +41,11 @@ pub struct EngineConfig {
     /// needs the read role).
     pub metrics_listen: String,
     /// Events this engine keeps in memory for `GET /fleet/v1/events` and for streams resuming
-    /// after a reconnect (about 300 bytes each).
+    /// after a reconnect (about 300 bytes each); 0 switches events off: none are derived, and
+    /// the events API answers 404 saying so.
     pub event_history: usize,
+    /// Admitting machines by join token (docs/install.md).
+    pub join: JoinConfig,
 }
 
 impl Default for EngineConfig {
@@ -68,6 +71,7 @@ impl Default for EngineConfig {
             lead: true,
             event_history: crate::events::DEFAULT_HISTORY,
             metrics_listen: String::new(),
+            join: JoinConfig::default(),
         }
     }
 }
@@ -124,14 +128,23 @@ impl EngineConfig {
         if !self.metrics_listen.is_empty() {
             fleet_config::loopback_only("metrics_listen", &self.metrics_listen).map_err(ConfigError::Invalid)?;
         }
-        if self.event_history == 0 {
-            return Err(ConfigError::Invalid("event_history must be at least 1".into()));
-        }
         if self.token_limit == 0 {
             return Err(ConfigError::Invalid("token_limit must be at least 1".into()));
         }
         Ok(())
     }
+}
+
+/// The `[join]` section: set, this engine admits machines by join token.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JoinConfig {
+    /// fleet-pki's directory on this machine: the CA (`ca.pem`, `ca.key`), which signs joining
+    /// machines' certificates, and etcd's `root` identity (`root.pem`, `root.key`), which makes
+    /// their etcd users. Empty: this engine admits no machines.
+    pub pki_dir: String,
+    /// etcd endpoints told to joining machines; empty: this engine's `etcd_endpoints`.
+    pub etcd_endpoints: Vec<String>,
 }
 
 /// The `[fleetlock]` section of the engine's configuration.

@@ -118,6 +118,7 @@ pub struct EventLog {
     history: Mutex<History>,
     newest: watch::Sender<EventId>,
     closed: std::sync::atomic::AtomicBool,
+    off: bool,
 }
 
 /// What a reader gets: events after its id, and whether some it asked for are lost.
@@ -127,17 +128,16 @@ pub struct Read {
 }
 
 impl EventLog {
+    /// A log keeping the last `capacity` events; 0 makes a log that is off (see
+    /// [`EventLog::is_off`]): the engine then derives no events at all.
     pub fn new(capacity: usize) -> Self {
-        let history = History {
-            events: VecDeque::new(),
-            capacity: capacity.max(1),
-            complete_after: EventId::default(),
-            last: EventId::default(),
-        };
+        let history =
+            History { events: VecDeque::new(), capacity, complete_after: EventId::default(), last: EventId::default() };
         EventLog {
             history: Mutex::new(history),
             newest: watch::channel(EventId::default()).0,
             closed: Default::default(),
+            off: capacity == 0,
         }
     }
 
@@ -146,6 +146,12 @@ impl EventLog {
     pub fn close(&self) {
         self.closed.store(true, std::sync::atomic::Ordering::Relaxed);
         self.newest.send_modify(|_| {});
+    }
+
+    /// Events are switched off (`event_history = 0`): nothing is derived or kept, and the API
+    /// says so instead of answering with an empty history.
+    pub fn is_off(&self) -> bool {
+        self.off
     }
 
     pub fn is_closed(&self) -> bool {
@@ -215,6 +221,9 @@ impl EventLog {
     }
 
     fn push(h: &mut History, id: EventId, kind: EventKind, event: Event) {
+        if h.capacity == 0 {
+            return;
+        }
         if h.events.len() >= h.capacity {
             if let Some(old) = h.events.pop_front() {
                 h.complete_after = h.complete_after.max(old.id);

@@ -21,6 +21,7 @@ pub mod events;
 pub mod fleetlock;
 pub mod fuzz_checks;
 pub mod http;
+pub mod join;
 pub mod leader;
 pub mod listen;
 pub mod metrics;
@@ -38,6 +39,32 @@ use fleet_store::retry::RetryPolicy;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
+
+/// What this engine needs to admit machines by join token, if its configuration has `[join]`:
+/// the CA, and an etcd client with the `root` identity (for machines' etcd users).
+async fn admitting(cfg: &EngineConfig, etcd: &EtcdConfig) -> anyhow::Result<Option<Arc<join::Joining>>> {
+    if cfg.join.pki_dir.is_empty() {
+        return Ok(None);
+    }
+    let dir = std::path::Path::new(&cfg.join.pki_dir);
+    let etcd_ca =
+        if cfg.etcd_ca_file.is_empty() { dir.join("ca.pem").display().to_string() } else { cfg.etcd_ca_file.clone() };
+    let root = fleet_store::tls::ClientTls::from_files(
+        &etcd_ca,
+        &dir.join("root.pem").display().to_string(),
+        &dir.join("root.key").display().to_string(),
+    )
+    .context("[join] pki_dir: etcd's root identity (root.pem, root.key)")?;
+    let root_etcd = EtcdConfig { tls: root.map(|t| t.etcd_options()).transpose()?, ..etcd.clone() };
+    let client = connect(&root_etcd, RetryPolicy { attempts: 30, ..RetryPolicy::default() }).await?;
+    let endpoints =
+        if cfg.join.etcd_endpoints.is_empty() { cfg.etcd_endpoints.clone() } else { cfg.join.etcd_endpoints.clone() };
+    let accounts = Arc::new(join::EtcdAccounts::new(client, &cfg.etcd_prefix));
+    let joining = join::Joining::new(dir, &etcd_ca, endpoints, &cfg.etcd_prefix, accounts)
+        .context("[join] pki_dir: the cluster CA")?;
+    tracing::info!(ca_hash = %joining.ca_hash, "admitting machines by join token");
+    Ok(Some(Arc::new(joining)))
+}
 
 /// Runs an engine until `shutdown` turns true. A new value on `config` (SIGHUP) reloads the TLS
 /// certificate, key and client CA (certificate rotation without a restart); other changed settings
@@ -70,6 +97,7 @@ pub async fn run(mut config: watch::Receiver<EngineConfig>, mut shutdown: watch:
         written: Default::default(),
         requests: Default::default(),
         metrics: metrics.clone(),
+        join: admitting(&cfg, &etcd).await?,
     };
     let auth = Arc::new(auth::Auth::new(&cfg.auth)?);
     let app = routes::router(api.clone(), auth);

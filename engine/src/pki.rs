@@ -137,6 +137,46 @@ impl Ca {
         Ok(Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
     }
 
+    /// Signs a certificate signing request (PEM) from a joining machine: the request gives the
+    /// public key only; the name, addresses and uses are the CA's to decide.
+    pub fn sign_request(
+        &self,
+        csr_pem: &str,
+        common_name: &str,
+        ips: &[IpAddr],
+        usage: Usage,
+    ) -> Result<String, PkiError> {
+        let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(cert_err("the certificate signing request"))?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, common_name);
+        params.subject_alt_names = ips.iter().map(|ip| SanType::IpAddress(*ip)).collect();
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.extended_key_usages = match usage {
+            Usage::Server => vec![ExtendedKeyUsagePurpose::ServerAuth],
+            Usage::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
+            Usage::Both => vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth],
+        };
+        validity(&mut params, 5);
+        csr.params = params;
+        let cert = csr.signed_by(&self.cert, &self.key).map_err(cert_err(common_name))?;
+        Ok(cert.pem())
+    }
+
+    /// Loads the CA in `dir` (`ca.pem`, `ca.key`); unlike [`Ca::load_or_create`] it never makes
+    /// one (an engine admitting machines must sign with the cluster's own CA).
+    pub fn load(dir: &Path) -> Result<Ca, PkiError> {
+        let cert_path = dir.join("ca.pem");
+        if !cert_path.exists() {
+            return Err(PkiError::Io {
+                path: cert_path,
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no CA here (fleet-pki init makes one)"),
+            });
+        }
+        Ca::load_or_create(dir)
+    }
+
     /// Issues into `dir/<file>.pem` and `dir/<file>.key` unless both already exist; returns the
     /// two paths.
     pub fn issue_to(
@@ -177,6 +217,25 @@ pub fn new_token() -> Result<String, PkiError> {
     let mut bytes = [0u8; 32];
     ring::rand::SystemRandom::new().fill(&mut bytes).map_err(|_| PkiError::Random)?;
     Ok(hex::encode(bytes))
+}
+
+/// A new join token (`ID.SECRET`, letters and digits: it is typed and pasted by people).
+pub fn new_join_token() -> Result<fleet_model::join::JoinToken, PkiError> {
+    use ring::rand::SecureRandom;
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let want = fleet_model::join::ID_LEN + fleet_model::join::SECRET_LEN;
+    let mut out = String::with_capacity(want);
+    while out.len() < want {
+        let mut bytes = [0u8; 32];
+        ring::rand::SystemRandom::new().fill(&mut bytes).map_err(|_| PkiError::Random)?;
+        // 252 is the largest multiple of 36 below 256: bytes above it are drawn again, so every
+        // character is equally likely.
+        out.extend(
+            bytes.iter().filter(|b| **b < 252).map(|b| ALPHABET[(*b % 36) as usize] as char).take(want - out.len()),
+        );
+    }
+    let (id, secret) = out.split_at(fleet_model::join::ID_LEN);
+    Ok(fleet_model::join::JoinToken { id: id.into(), secret: secret.into() })
 }
 
 /// What the engine's configuration stores of a token: its SHA-256, hex, so the configuration does
@@ -272,6 +331,20 @@ pub async fn etcd_add_machine(client: &mut Client, prefix: &str, id: &str) -> Re
     Ok(())
 }
 
+/// Removes machine `id`'s etcd user and role (idempotently). `client` must be `root`.
+pub async fn etcd_remove_machine(client: &mut Client, id: &str) -> Result<(), PkiError> {
+    let name = machine_identity(id);
+    let gone = |e: &etcd_client::Error| e.to_string().contains("not found");
+    match client.user_delete(name.as_str()).await {
+        Err(e) if !gone(&e) => return Err(etcd_err("delete a machine's user")(e)),
+        _ => {}
+    }
+    match client.role_delete(name.as_str()).await {
+        Err(e) if !gone(&e) => Err(etcd_err("delete a machine's role")(e)),
+        _ => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -310,6 +383,27 @@ mod tests {
         assert_eq!(a.len(), 64);
         assert_eq!(token_hash(&a), token_hash(&format!("{a}\n")));
         assert_ne!(token_hash(&a), token_hash(&b));
+    }
+
+    #[test]
+    fn join_tokens_are_random_well_formed_and_csrs_are_signed_with_the_cas_names() {
+        let (a, b) = (new_join_token().expect("a"), new_join_token().expect("b"));
+        assert_ne!(a, b);
+        assert_eq!(fleet_model::join::JoinToken::parse(&a.to_string()), Ok(a));
+        let ca = Ca::create("test CA").expect("ca");
+        // A request asking for another name gets the CA's choice.
+        let key = KeyPair::generate().expect("key");
+        let mut asked = CertificateParams::new(vec!["evil.example".to_string()]).expect("params");
+        asked.distinguished_name.push(DnType::CommonName, "fleet-engine");
+        let csr = asked.serialize_request(&key).expect("csr").pem().expect("pem");
+        let pem =
+            ca.sign_request(&csr, "machine-abc", &["10.0.0.9".parse().expect("ip")], Usage::Both).expect("signed");
+        let der = rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).expect("pem");
+        assert_eq!(common_name(&der).as_deref(), Some("machine-abc"));
+        let (_, x509) = x509_parser::parse_x509_certificate(&der).expect("parse");
+        assert_eq!(x509.public_key().raw, key.public_key_der().as_slice(), "the machine's own key");
+        assert!(!format!("{:?}", x509.subject_alternative_name()).contains("evil"));
+        assert!(ca.sign_request("not a request", "machine-abc", &[], Usage::Both).is_err());
     }
 
     #[test]

@@ -91,6 +91,18 @@ pub fn router(api: Api, auth: std::sync::Arc<Auth>) -> Router {
             get(stream_events.layer(needs!(Read)))
                 .fallback(|req| refuse(req, method_not_allowed("only GET supported against this resource"))),
         )
+        // Not in the original API: join tokens (docs/install.md).
+        .route(
+            "/join-tokens",
+            get(list_join_tokens.layer(needs!(Admin)))
+                .post(create_join_token.layer(needs!(Admin)))
+                .fallback(|req| refuse(req, method_not_allowed("only GET and POST supported against this resource"))),
+        )
+        .route(
+            "/join-tokens/{id}",
+            axum::routing::delete(revoke_join_token.layer(needs!(Admin)))
+                .fallback(|req| refuse(req, method_not_allowed("only DELETE supported against this resource"))),
+        )
         .route(
             "/discovery",
             get(discovery.layer(needs!(Read)))
@@ -111,9 +123,24 @@ pub fn router(api: Api, auth: std::sync::Arc<Auth>) -> Router {
         .route("/v1/pre-reboot", post(crate::fleetlock::pre_reboot.layer(needs!(Machine))))
         .route("/v1/steady-state", post(crate::fleetlock::steady_state.layer(needs!(Machine))))
         .fallback(|req| refuse(req, ApiError::new(StatusCode::NOT_FOUND, "")))
-        .layer(axum::middleware::from_fn_with_state(auth, crate::auth::authorize));
+        .layer(axum::middleware::from_fn_with_state(auth.clone(), crate::auth::authorize));
+    // Joining: the token is the credential, checked by the handler (which audits every attempt);
+    // the CA is public (a joining machine checks it against its pin).
+    let joining = Router::new()
+        .route(
+            "/fleet/v1/join",
+            post(join)
+                .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+                .fallback(|req| refuse(req, method_not_allowed("only POST supported against this resource"))),
+        )
+        .with_state((api.clone(), auth))
+        .route(
+            "/fleet/v1/join/ca",
+            get(join_ca).fallback(|req| refuse(req, method_not_allowed("only GET supported against this resource"))),
+        );
     // The dashboard's page and script, which hold no data, outside the auth layer.
     authenticated
+        .merge(joining)
         .merge(crate::ui::router())
         .layer(axum::middleware::from_fn_with_state(api.metrics.clone(), crate::metrics::observe))
         .layer(axum::middleware::from_fn_with_state(api.requests.clone(), count_request))

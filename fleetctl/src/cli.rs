@@ -75,6 +75,39 @@ pub(crate) struct ListFlags {
 }
 
 #[derive(Subcommand, Debug)]
+pub(crate) enum JoinTokenAction {
+    /// Make a token and print it with the command a new machine runs to join.
+    Create {
+        /// How long it admits machines (`30m`, `24h`, `7d`).
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+        /// How many machines may join with it.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// Metadata every machine joining with it gets (`k=v,k=v`).
+        #[arg(long, value_parser = metadata_arg)]
+        metadata: Option<std::collections::BTreeMap<String, String>>,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// The tokens (never their secrets): what each allows and who joined with it.
+    List,
+    /// Make a token admit nobody from now on.
+    Revoke { id: String },
+}
+
+/// `k=v,k=v`, checked as the flag is read.
+fn metadata_arg(text: &str) -> Result<std::collections::BTreeMap<String, String>, String> {
+    text.split(',')
+        .filter(|kv| !kv.trim().is_empty())
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.trim().to_string())),
+            _ => Err(format!("{kv:?}: expected key=value")),
+        })
+        .collect()
+}
+
+#[derive(Subcommand, Debug)]
 pub(crate) enum Command {
     /// List the contexts of the configuration file; the one in use is marked.
     Contexts,
@@ -135,6 +168,11 @@ pub(crate) enum Command {
     },
     /// Let a drained machine take units again.
     Undrain { machine: String },
+    /// Tokens that let a new machine join the cluster (docs/install.md): create, list, revoke.
+    JoinToken {
+        #[command(subcommand)]
+        action: JoinTokenAction,
+    },
     /// `systemctl status` of units on their machines (through the agents; no SSH), and why a unit
     /// is not placed.
     Status { units: Vec<String> },

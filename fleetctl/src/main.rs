@@ -9,6 +9,7 @@ mod cli;
 mod contexts;
 mod events;
 mod inspect;
+mod join;
 mod lists;
 mod machines;
 mod progress;
@@ -122,6 +123,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             println!("Machine {machine} undrained");
             Ok(ExitCode::SUCCESS)
         }
+        Command::JoinToken { action } => ctl.join_token(action, &settings.endpoint).await,
         Command::Wait { state, block, units } => ctl.wait(&units, &state, &block).await,
         Command::Move { block, unit, machine } => ctl.move_unit(&unit, machine.as_deref(), &block).await,
         Command::ListUnits(f) => ctl.list_units(&f).await,

@@ -22,6 +22,7 @@ async fn thousand_machines_ten_thousand_units_converge_and_survive_faults() {
         api_port: 12575,
         faults: true,
         idle_secs: 10,
+        event_history: None,
     })
     .await
     .expect("simulation runs");

@@ -27,6 +27,18 @@ pub(crate) struct EventQuery {
     tail: Option<usize>,
 }
 
+/// An engine with events switched off says so rather than answering with an empty history
+/// (which would read as "nothing happened").
+fn events_on(api: &Api) -> Result<(), ApiError> {
+    if api.cluster.events().is_off() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "events are switched off on this engine (event_history = 0 in its configuration)",
+        ));
+    }
+    Ok(())
+}
+
 fn parse_query(q: &EventQuery) -> Result<(Option<EventId>, Filter), ApiError> {
     let since = match q.since.as_deref().filter(|s| !s.is_empty()) {
         Some(s) => Some(s.parse::<EventId>().map_err(|e| ApiError::bad_request(format!("since: {e}")))?),
@@ -38,6 +50,7 @@ fn parse_query(q: &EventQuery) -> Result<(Option<EventId>, Filter), ApiError> {
 }
 
 pub(crate) async fn list_events(State(api): State<Api>, Query(q): Query<EventQuery>) -> Result<Response, ApiError> {
+    events_on(&api)?;
     fresh(&api).await?;
     let (since, filter) = parse_query(&q)?;
     let limit = q.limit.unwrap_or(api.token_limit as usize).clamp(1, MAX_EVENTS_PER_READ);
@@ -67,6 +80,7 @@ pub(crate) async fn stream_events(
     headers: HeaderMap,
     Query(q): Query<EventQuery>,
 ) -> Result<Response, ApiError> {
+    events_on(&api)?;
     ready(&api)?;
     let (since, filter) = parse_query(&q)?;
     // A browser's EventSource (and any client following the SSE spec) resumes with this header.

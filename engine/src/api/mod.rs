@@ -23,12 +23,14 @@ use std::time::Duration;
 
 mod agents;
 mod events;
+mod join;
 mod machines;
 mod states;
 mod units;
 
 pub use self::agents::*;
 pub(crate) use self::events::*;
+pub(crate) use self::join::*;
 pub(crate) use self::machines::*;
 pub(crate) use self::states::*;
 pub use self::units::*;
@@ -54,6 +56,8 @@ pub struct Api {
     /// Requests this replica has served (shown by `/engine/status`).
     pub requests: std::sync::Arc<std::sync::atomic::AtomicU64>,
     pub metrics: std::sync::Arc<crate::metrics::Metrics>,
+    /// Set on an engine that admits machines by join token (`[join]`).
+    pub join: Option<std::sync::Arc<crate::join::Joining>>,
 }
 
 impl Api {

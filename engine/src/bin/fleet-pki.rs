@@ -72,6 +72,17 @@ enum Cmd {
         #[arg(long)]
         machine_id: String,
     },
+    /// Remove machine ID's etcd user and role (a machine leaving for good, or joining again after
+    /// a reinstall; needs <dir>/root.pem).
+    EtcdRemoveMachine {
+        #[arg(long, value_delimiter = ',')]
+        etcd_endpoints: Vec<String>,
+        #[arg(long)]
+        machine_id: String,
+    },
+    /// Print the CA's pin (`sha256:<hex>` of its public key), which `fleet-agent join --ca-hash`
+    /// checks.
+    CaHash,
 }
 
 fn parse_role(s: &str) -> Result<Role, String> {
@@ -128,6 +139,15 @@ fn main() -> anyhow::Result<()> {
             let mut c = root_client(&cli.dir, etcd_endpoints).await?;
             pki::etcd_add_machine(&mut c, &etcd_prefix, &machine_id).await.context("adding the machine's etcd role")
         })?,
+        Cmd::EtcdRemoveMachine { etcd_endpoints, machine_id } => rt.block_on(async {
+            let mut c = root_client(&cli.dir, etcd_endpoints).await?;
+            pki::etcd_remove_machine(&mut c, &machine_id).await.context("removing the machine's etcd user and role")
+        })?,
+        Cmd::CaHash => {
+            let path = cli.dir.join("ca.pem");
+            let pem = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+            println!("{}", fleet_store::tls::ca_hash(&pem)?);
+        }
     }
     Ok(())
 }

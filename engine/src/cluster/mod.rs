@@ -345,9 +345,14 @@ impl Cluster {
     /// this way from the in-memory store. Engines follow etcd with [`Cluster::follow`], which
     /// also restarts a watch stuck on a dead member when kicked and relists now and then.
     pub fn follow_store<S: fleet_store::kv::Store>(store: S, keys: Keys) -> Self {
+        Self::follow_store_keeping(store, keys, crate::events::DEFAULT_HISTORY)
+    }
+
+    /// As [`Cluster::follow_store`], keeping the last `history` events (0: events off).
+    pub fn follow_store_keeping<S: fleet_store::kv::Store>(store: S, keys: Keys, history: usize) -> Self {
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(fleet_store::kv::follow(store, keys.prefix().to_string(), tx));
-        Self::fed_by(rx, keys, Arc::new(tokio::sync::Notify::new()), crate::events::DEFAULT_HISTORY)
+        Self::fed_by(rx, keys, Arc::new(tokio::sync::Notify::new()), history)
     }
 
     /// A view fed by `updates` (from etcd's watch in [`Cluster::follow`]; from a test directly).
@@ -366,7 +371,7 @@ impl Cluster {
         let keys_for_plans = keys.clone();
         let events = Arc::new(EventLog::new(history));
         let log = events.clone();
-        let mut deriver = Deriver::default();
+        let mut deriver = (!events.is_off()).then(Deriver::default);
         tokio::spawn(async move {
             while let Some(update) = rx.recv().await {
                 // Waiting for the lock (a leader pass may hold it for a while at scale) and
@@ -382,6 +387,11 @@ impl Cluster {
                     }
                     // Events are derived here, on the shared view only, comparing each change with
                     // the view just before it.
+                    let Some(deriver) = deriver.as_mut() else {
+                        // Events off (`event_history = 0`): the view alone.
+                        v.apply_update(&keys, update);
+                        return Some((v.revision, v.plan_generation, None, Vec::new()));
+                    };
                     let listed = match &update {
                         PrefixUpdate::Snapshot { revision, puts } => {
                             deriver.snapshot(&keys, puts);

@@ -135,6 +135,7 @@ pub async fn bench(
             api_port: 12570,
             faults: true,
             idle_secs: 30,
+            event_history: None,
         })
         .await
         .unwrap_or_else(|e| SimReport {
@@ -146,29 +147,37 @@ pub async fn bench(
         eprintln!("{}", serde_json::to_string(&report)?);
         sims.push(report);
     }
-    // The engine alone (no agents competing for the host), at the target size.
+    // The engine alone (no agents competing for the host), at the target size: with events, then
+    // without, in turns, so what events cost shows against the run-to-run noise of this host.
     let (machines, units) = engine_size;
-    eprintln!("bench: the engine alone: {machines} machines registered, {units} units");
-    let cfg = SimConfig {
-        etcd_tls: None,
-        etcd_endpoints: vec![etcd.endpoint()],
-        prefix: "/fleet-bench-engine/".into(),
-        machines,
-        units,
-        lease_ttl_secs: 3600,
-        election_ttl_secs: 5,
-        bin_dir: bin_dir.to_path_buf(),
-        api_port: 12570,
-        faults: false,
-        idle_secs: 0,
-    };
     let mut engines = Vec::new();
-    match crate::sim::engine_alone(cfg).await {
-        Ok(r) => {
-            eprintln!("{}", serde_json::to_string(&r)?);
-            engines.push(r);
+    for turn in 0..2 * ENGINE_ALONE_PAIRS {
+        let events = turn % 2 == 0;
+        eprintln!(
+            "bench: the engine alone: {machines} machines registered, {units} units, events {}",
+            if events { "on" } else { "off" }
+        );
+        let cfg = SimConfig {
+            etcd_tls: None,
+            etcd_endpoints: vec![etcd.endpoint()],
+            prefix: "/fleet-bench-engine/".into(),
+            machines,
+            units,
+            lease_ttl_secs: 3600,
+            election_ttl_secs: 5,
+            bin_dir: bin_dir.to_path_buf(),
+            api_port: 12570,
+            faults: false,
+            idle_secs: 0,
+            event_history: if events { None } else { Some(0) },
+        };
+        match crate::sim::engine_alone(cfg).await {
+            Ok(r) => {
+                eprintln!("{}", serde_json::to_string(&r)?);
+                engines.push(r);
+            }
+            Err(e) => eprintln!("bench: the engine alone did not finish: {e:#}"),
         }
-        Err(e) => eprintln!("bench: the engine alone did not finish: {e:#}"),
     }
     drop(etcd);
     let (mut lab_report, mut cli) = (None, Vec::new());
@@ -207,6 +216,9 @@ pub async fn lab_and_cli(lab_up: LabUp<'_>) -> Result<LabResults> {
     Ok(LabResults { lab, cli, secure_sim, secure_engine })
 }
 
+/// Runs of the engine alone with events and without (each), taken in turns.
+const ENGINE_ALONE_PAIRS: usize = 3;
+
 /// The size of the simulated rows taken on the default, secure configuration.
 const SECURE_SIZE: (usize, usize) = (10_000, 100_000);
 
@@ -243,6 +255,7 @@ async fn secure_sims(lab: &LabState, (machines, units): (usize, usize)) -> Resul
         api_port: 12570,
         faults,
         idle_secs: if faults { 30 } else { 0 },
+        event_history: None,
     };
     eprintln!("bench: {machines} simulated machines, {units} units, etcd with TLS");
     let sim = run_sim(cfg("/fleet-bench-tls/", true)).await.unwrap_or_else(|e| SimReport {

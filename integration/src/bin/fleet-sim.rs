@@ -35,6 +35,9 @@ struct Args {
     /// The engine alone: machines registered but no agents; measures placement and list-units.
     #[arg(long)]
     engine_alone: bool,
+    /// The engines' `event_history`; 0 switches events off (to measure what they cost).
+    #[arg(long)]
+    event_history: Option<usize>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -59,6 +62,7 @@ fn main() -> anyhow::Result<()> {
         api_port: a.api_port,
         faults: a.faults,
         idle_secs: a.idle_secs,
+        event_history: a.event_history,
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     if a.engine_alone {

@@ -27,6 +27,14 @@ pub struct EngineReport {
     /// Whether etcd was reached over TLS with a client certificate (the default install).
     #[serde(default)]
     pub etcd_tls: bool,
+    /// Whether the engines derived events (`event_history = 0` switches them off, to measure
+    /// what they cost).
+    #[serde(default = "events_default")]
+    pub events: bool,
+}
+
+fn events_default() -> bool {
+    true
 }
 
 /// The engine on its own, at a size the simulated agents cannot reach on one host:
@@ -49,6 +57,7 @@ pub async fn engine_alone(cfg: SimConfig) -> Result<EngineReport> {
         machines: cfg.machines,
         units: cfg.units,
         etcd_tls: cfg.etcd_tls.is_some(),
+        events: cfg.event_history != Some(0),
         ..Default::default()
     };
 

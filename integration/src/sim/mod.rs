@@ -56,6 +56,9 @@ pub struct SimConfig {
     /// Also measure machine loss, leader loss and idle cost (slower).
     pub faults: bool,
     pub idle_secs: u64,
+    /// The engines' `event_history` (`Some(0)`: events off, for comparing their cost); `None`:
+    /// the default.
+    pub event_history: Option<usize>,
 }
 
 /// What one run measured. Times in seconds unless named otherwise.
@@ -170,6 +173,10 @@ fn engine_config(cfg: &SimConfig, dir: &Path) -> Result<(PathBuf, String)> {
         "\n[[auth.tokens]]\nname = \"fleet-sim\"\nrole = \"admin\"\nsha256 = \"{}\"\n",
         fleet_engine::pki::token_hash(&token)
     );
+    if let Some(n) = cfg.event_history {
+        // Top-level keys before the first table.
+        text = format!("event_history = {n}\n{text}");
+    }
     let path = dir.join("engine.toml");
     std::fs::write(&path, text)?;
     Ok((path, token))

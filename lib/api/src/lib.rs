@@ -20,6 +20,8 @@ pub use fleet_model::UnitOption;
 
 mod events;
 pub use events::{Event, EventId, EventKind, EventPage};
+mod join;
+pub use join::{JoinRequest, JoinTokenCreated, JoinTokenInfo, JoinTokenPage, JoinTokenRequest, Joined};
 
 /// Units one batch request may name (the engine refuses more).
 pub const MAX_UNITS_PER_REQUEST: usize = 10_000;

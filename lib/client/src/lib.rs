@@ -15,6 +15,7 @@ mod units;
 
 pub use events::EventQuery;
 pub use fleet_api::{Event, EventPage};
+pub use fleet_api::{JoinTokenCreated, JoinTokenInfo, JoinTokenRequest};
 pub use fleetlock::FleetLockOp;
 
 pub use fleet_api::{AgentStatus, Found, Machine, Unit, UnitError, UnitState, Until, WaitEvent};
@@ -252,6 +253,28 @@ impl Client {
         }
         let v: serde_json::Value = Self::answer(&what, resp).await?;
         Ok(v["id"].as_str().unwrap_or(machine).to_string())
+    }
+}
+
+impl Client {
+    /// Makes a join token (admin role; docs/install.md).
+    pub async fn create_join_token(&self, req: &JoinTokenRequest) -> Result<JoinTokenCreated> {
+        let resp =
+            self.send("create join token", |http, base| http.post(format!("{base}/join-tokens")).json(req)).await?;
+        Self::answer("create join token", resp).await
+    }
+
+    /// Every join token (never their secrets).
+    pub async fn join_tokens(&self) -> Result<Vec<JoinTokenInfo>> {
+        let resp = self.send("list join tokens", |http, base| http.get(format!("{base}/join-tokens"))).await?;
+        let page: fleet_api::JoinTokenPage = Self::answer("list join tokens", resp).await?;
+        Ok(page.tokens)
+    }
+
+    pub async fn revoke_join_token(&self, id: &str) -> Result<()> {
+        let path = format!("join-tokens/{}", segment(id));
+        let resp = self.send("revoke join token", |http, base| http.delete(format!("{base}/{path}"))).await?;
+        Self::done(resp).await
     }
 }
 

@@ -112,6 +112,13 @@ impl Keys {
     pub fn reboot_lock(&self, group: &str) -> String {
         format!("{}reboot-lock/{group}", self.prefix)
     }
+    /// Join tokens' records (`fleet_model::join`): read and written by the engines only.
+    pub fn join_tokens(&self) -> String {
+        format!("{}join-tokens/", self.prefix)
+    }
+    pub fn join_token(&self, id: &str) -> String {
+        format!("{}join-tokens/{id}", self.prefix)
+    }
     /// Election name used with etcd's election API (candidates' keys are `<name>/<lease>`).
     pub fn leader(&self) -> String {
         format!("{}leader", self.prefix)

@@ -96,6 +96,16 @@ pub fn sha256_hex(data: &[u8]) -> String {
     ring::digest::digest(&ring::digest::SHA256, data).as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// A CA's pin as a joining machine checks it (docs/install.md): `sha256:<hex>` of the first
+/// PEM certificate's public key (its SubjectPublicKeyInfo, as kubeadm pins), so the pin holds
+/// for a CA certificate re-issued with the same key.
+pub fn ca_hash(pem: &[u8]) -> Result<String, TlsError> {
+    let bad = |what: String| TlsError::Pem { path: "the CA certificate".into(), what };
+    let der = CertificateDer::from_pem_slice(pem).map_err(|e| bad(e.to_string()))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).map_err(|e| bad(e.to_string()))?;
+    Ok(format!("sha256:{}", sha256_hex(cert.tbs_certificate.subject_pki.raw)))
+}
+
 /// The subject common name of a DER certificate.
 pub fn common_name(der: &[u8]) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
