@@ -105,13 +105,41 @@ pub fn restart_only_changes(running: &AgentConfig, new: &AgentConfig) -> Vec<Str
     fleet_config::restart_only_changes(running, new, HOT_SETTINGS)
 }
 
+/// Where the fragments of configuration file `path` live: `agent.d/` beside `agent.toml`.
+pub fn fragments_dir(path: &Path) -> PathBuf {
+    path.with_extension("d")
+}
+
 impl AgentConfig {
+    /// The file at `path` and its fragments (`<dir>/agent.d/*.toml` for `<dir>/agent.toml`, in
+    /// name order, each over the ones before: what `fleet-agent join` writes); none: defaults.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
         let Some(path) = path else {
             return Ok(AgentConfig::default());
         };
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.into(), source })
+        let mut files = vec![path.to_path_buf()];
+        let fragments = fragments_dir(path);
+        if let Ok(dir) = std::fs::read_dir(&fragments) {
+            let mut found: Vec<PathBuf> = dir
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+                .collect();
+            found.sort();
+            files.extend(found);
+        }
+        let mut tables = Vec::new();
+        for file in &files {
+            let text =
+                std::fs::read_to_string(file).map_err(|source| ConfigError::Read { path: file.clone(), source })?;
+            let table: serde_json::Value =
+                toml::from_str(&text).map_err(|source| ConfigError::Parse { path: file.clone(), source })?;
+            tables.push(table);
+        }
+        let merged = fleet_config::merged_fragments(tables);
+        serde_json::from_value(merged).map_err(|e| {
+            let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+            ConfigError::Invalid(format!("{}: {e}", names.join(" + ")))
+        })
     }
 
     /// The address the agent API listens on, if any.
@@ -219,5 +247,27 @@ mod tests {
         let md = parse_metadata(" region=east , disk = ssd,").expect("parses");
         assert_eq!(md.len(), 2);
         assert!(parse_metadata("novalue").is_err());
+    }
+
+    #[test]
+    fn fragments_in_agent_d_are_read_after_the_file_in_name_order() {
+        let dir = std::env::temp_dir().join(format!("fleet-agent-fragments-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("agent.d")).expect("dir");
+        let main = dir.join("agent.toml");
+        std::fs::write(&main, "lease_ttl_secs = 4\npublic_ip = \"10.0.0.1\"\n[metadata]\nregion = \"east\"\n")
+            .expect("file");
+        std::fs::write(dir.join("agent.d/50-join.toml"), "public_ip = \"10.0.0.2\"\n[metadata]\nrole = \"web\"\n")
+            .expect("fragment");
+        std::fs::write(dir.join("agent.d/90-local.toml"), "public_ip = \"10.0.0.3\"\n").expect("fragment");
+        std::fs::write(dir.join("agent.d/README"), "not toml").expect("other file");
+        let cfg = AgentConfig::load(Some(&main)).expect("loads");
+        assert_eq!((cfg.lease_ttl_secs, cfg.public_ip.as_str()), (4, "10.0.0.3"));
+        assert_eq!(cfg.metadata.len(), 2, "{:?}", cfg.metadata);
+        // A misspelt setting in a fragment is refused, naming the files.
+        std::fs::write(dir.join("agent.d/60-bad.toml"), "bogus = 1\n").expect("fragment");
+        let err = AgentConfig::load(Some(&main)).expect_err("refused").to_string();
+        assert!(err.contains("bogus") && err.contains("60-bad.toml"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

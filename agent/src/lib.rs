@@ -13,6 +13,7 @@
 pub mod config;
 pub mod driver;
 pub mod guard;
+pub mod join;
 pub mod metrics;
 pub mod presence;
 mod publish;

@@ -57,6 +57,38 @@ struct Args {
     #[arg(long, env = "FLEET_ETCD_KEY_FILE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     etcd_key_file: Option<String>,
+    #[command(subcommand)]
+    #[serde(skip)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Join the cluster with a join token (`fleetctl join-token create` prints this command):
+    /// check the engine's CA against --ca-hash, make this machine's key, have the engine sign its
+    /// certificate and make its etcd user, write /etc/fleet/pki and /etc/fleet/agent.d/50-join.toml,
+    /// and start fleet-agent.
+    Join {
+        /// Engine API URLs (https://), comma-separated; tried in turn.
+        #[arg(long = "engine", required = true, value_delimiter = ',')]
+        engines: Vec<String>,
+        /// The join token, ID.SECRET (or FLEET_JOIN_TOKEN, which keeps it out of `ps`).
+        #[arg(long, env = "FLEET_JOIN_TOKEN", hide_env_values = true)]
+        token: String,
+        /// The cluster CA's pin, sha256:<hex>.
+        #[arg(long)]
+        ca_hash: String,
+        /// The address engines reach this machine's agent at; default: the one that reaches the engine.
+        #[arg(long = "address")]
+        address: Option<String>,
+        #[arg(long, default_value = "/etc/fleet")]
+        config_dir: PathBuf,
+        #[arg(long, default_value = "/etc/machine-id")]
+        machine_id_file: PathBuf,
+        /// Write the configuration only; do not start fleet-agent.service.
+        #[arg(long)]
+        no_start: bool,
+    },
 }
 
 /// `--metadata k=v,k=v`, checked as the flag is read.
@@ -65,7 +97,14 @@ fn metadata_arg(text: &str) -> Result<BTreeMap<String, String>, String> {
 }
 
 fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if let Some(Command::Join { engines, token, ca_hash, address, config_dir, machine_id_file, no_start }) =
+        args.command.take()
+    {
+        let opts =
+            fleet_agent::join::JoinOptions { engines, token, ca_hash, config_dir, machine_id_file, public_ip: address };
+        return join(opts, no_start);
+    }
     fleet_logging::init(args.log_format);
     let cfg = load_config(&args)?;
     tokio::runtime::Builder::new_multi_thread()
@@ -74,6 +113,42 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?
         .block_on(run(cfg, args))
+}
+
+/// `fleet-agent join`: prints what it did, or why it did nothing.
+fn join(opts: fleet_agent::join::JoinOptions, no_start: bool) -> anyhow::Result<()> {
+    let rt =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start the async runtime")?;
+    let done = rt.block_on(fleet_agent::join::join(&opts)).context("cannot join")?;
+    println!("Machine {} joined the cluster.", done.machine_id);
+    for f in &done.files {
+        println!("  wrote {}", f.display());
+    }
+    if no_start {
+        println!("Start the agent with: systemctl enable --now fleet-agent");
+        return Ok(());
+    }
+    let mut child = std::process::Command::new("systemctl")
+        .args(["enable", "--now", "fleet-agent.service"])
+        .spawn()
+        .context("cannot run systemctl")?;
+    // systemd answers in seconds; one that does not is reported rather than waited for forever.
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let status = loop {
+        if let Some(status) = child.try_wait().context("systemctl")? {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            anyhow::bail!("systemctl enable --now fleet-agent did not finish in 90 s; the configuration is written");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    if !status.success() {
+        anyhow::bail!("systemctl enable --now fleet-agent failed ({status}); the configuration is written, see journalctl -u fleet-agent");
+    }
+    println!("fleet-agent started.");
+    Ok(())
 }
 
 /// The defaults, the file over them, then flags and environment over those; read again on

@@ -165,6 +165,10 @@ pub struct MachineSpec {
     /// Boot the host image instead of this host's /usr.
     #[serde(default)]
     pub image: Option<image::ImageSpec>,
+    /// Boot without an identity or configuration (a writable, empty /etc/fleet) and without
+    /// starting its agent: a machine that joins by token (`fleet-agent join`).
+    #[serde(default)]
+    pub joining: bool,
 }
 
 impl MachineSpec {
@@ -181,6 +185,7 @@ impl MachineSpec {
             capacity: ("2G".into(), "200%".into()),
             etcd_endpoints: vec![etcd_bridge_url()],
             image: None,
+            joining: false,
         }
     }
 }
@@ -416,6 +421,9 @@ pub async fn boot_machine(spec: &MachineSpec, bin_dir: &Path, unit_template: &st
         std::fs::create_dir_all(sub)?;
     }
     net::add_machine_netns(&spec.name, &spec.ip)?;
+    if spec.joining {
+        return boot_joining(spec, bin_dir, unit_template, &dir).await;
+    }
     // The machine's identity: a certificate for `machine-<id>`, and its etcd role (own keys only).
     pki::issue_machine(&spec.name, &spec.machine_id, &spec.ip, &etc)?;
     let endpoints: Vec<String> =
@@ -473,6 +481,38 @@ pub async fn boot_machine(spec: &MachineSpec, bin_dir: &Path, unit_template: &st
     // An image machine first installs its release and passes through its firmware.
     let boot_timeout = if spec.image.is_some() { 90 } else { 60 };
     wait_booted(&m, Duration::from_secs(boot_timeout)).await?;
+    Ok(m)
+}
+
+/// A machine with nothing of the cluster yet: /etc/fleet empty and writable, its machine id in
+/// /etc/machine-id, fleet-agent.service installed but not started (as after `apt install
+/// fleet-agent`), so `fleet-agent join` is what makes it a member.
+async fn boot_joining(spec: &MachineSpec, bin_dir: &Path, unit_template: &str, dir: &Path) -> Result<MachineProc> {
+    let unit = unit_template.replace("/usr/bin/fleet-agent", "/opt/fleet/fleet-agent");
+    std::fs::write(dir.join("fleet-agent.service"), unit)?;
+    let enter = cgroup::enter_script(&cgroup::prepare(&spec.name)?);
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", &format!("{enter}exec systemd-nspawn \"$@\""), "sh"]);
+    cmd.args(["-D", "/", "--volatile=yes", "--register=no", "--keep-unit", "-M", &spec.name])
+        .arg(format!("--uuid={}", uuid_of(&spec.machine_id)))
+        .arg(format!("--network-namespace-path=/run/netns/{}", spec.name))
+        .arg(format!("--bind={}:/run/dbus", dir.join("bus").display()))
+        .arg(format!("--bind={}:/etc/fleet", dir.join("fleet").display()))
+        .arg(format!("--bind-ro={}:/etc/systemd/system/fleet-agent.service", dir.join("fleet-agent.service").display()))
+        .arg(format!("--bind-ro={}:/opt/fleet", bin_dir.display()))
+        .args(["--boot", "--quiet", "--"])
+        .args(["systemd.firstboot=off"])
+        .args(MASKED.iter().map(|s| format!("systemd.mask={s}")));
+    let pid = process::spawn_logged(cmd, &dir.join("console.log"))?;
+    let m = MachineProc {
+        name: spec.name.clone(),
+        pid,
+        ip: spec.ip.clone(),
+        machine_id: spec.machine_id.clone(),
+        dir: dir.to_path_buf(),
+        spec: Some(spec.clone()),
+    };
+    wait_booted(&m, Duration::from_secs(60)).await?;
     Ok(m)
 }
 

@@ -275,6 +275,9 @@ async fn up(
     state.save()?;
     lab::wait_etcd(&state.etcd_endpoints(), Duration::from_secs(30)).await?;
     lab::enable_etcd_auth(&state.etcd_endpoints()).await.context("cannot turn on etcd's auth")?;
+    let bridge_urls: Vec<String> =
+        state.etcd.iter().map(|e| format!("https://{}:{}", lab::HOST_IP, e.client_port)).collect();
+    lab::pki::allow_joins(&bridge_urls).context("cannot let the engines admit machines")?;
     for i in 1..=engines {
         let port = lab::ENGINE_PORT + i as u16 - 1;
         state.engines.push(lab::start_engine(
@@ -287,8 +290,6 @@ async fn up(
         )?);
         state.save()?;
     }
-    let bridge_urls: Vec<String> =
-        state.etcd.iter().map(|e| format!("https://{}:{}", lab::HOST_IP, e.client_port)).collect();
     let unit = std::fs::read_to_string(repo_dir().join("agent/fleet-agent.service"))
         .context("cannot read agent/fleet-agent.service")?;
     let specs: Vec<MachineSpec> = (1..=machines)

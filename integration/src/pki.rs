@@ -56,6 +56,16 @@ pub fn create() -> Result<()> {
     Ok(())
 }
 
+/// Lets the lab's engines admit machines by join token: `[join]` with the lab's CA and root
+/// identity, telling machines etcd's bridge addresses.
+pub fn allow_joins(etcd_for_machines: &[String]) -> Result<()> {
+    use std::io::Write;
+    let list: Vec<String> = etcd_for_machines.iter().map(|e| format!("{e:?}")).collect();
+    let mut f = std::fs::OpenOptions::new().append(true).open(engine_config())?;
+    write!(f, "\n[join]\npki_dir = {:?}\netcd_endpoints = [{}]\n", pki_dir().display().to_string(), list.join(", "))?;
+    Ok(())
+}
+
 /// The files of identity `name` (`root`, `engine`, `admin`, `machine-<name>`).
 pub fn identity(name: &str) -> ClientTls {
     let dir = pki_dir();

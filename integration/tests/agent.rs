@@ -44,6 +44,7 @@ async fn agent_runs_its_schedule_and_adopts_units_after_restart() -> anyhow::Res
         lease_ttl_secs: 5,
         capacity: (String::new(), String::new()),
         image: None,
+        joining: false,
         etcd_endpoints: lab
             .etcd
             .iter()

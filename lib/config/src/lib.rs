@@ -56,6 +56,33 @@ where
     Ok(serde_json::from_value(merged)?)
 }
 
+/// The configuration file and its drop-in fragments (`agent.d/*.toml` beside `agent.toml`, in
+/// name order) as one table: each fragment's settings replace the ones before, and a section
+/// (`[metadata]`) is merged key by key, so `fleet-agent join` can add what it learnt without
+/// rewriting the file a package owns. `files` are already parsed (this crate does no I/O).
+pub fn merged_fragments(files: impl IntoIterator<Item = serde_json::Value>) -> serde_json::Value {
+    fn merge(into: &mut serde_json::Value, over: serde_json::Value) {
+        match (into, over) {
+            (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
+                for (k, v) in b {
+                    match a.get_mut(&k) {
+                        Some(existing) if existing.is_object() && v.is_object() => merge(existing, v),
+                        _ => {
+                            a.insert(k, v);
+                        }
+                    }
+                }
+            }
+            (into, over) => *into = over,
+        }
+    }
+    let mut all = serde_json::Value::Object(Default::default());
+    for f in files {
+        merge(&mut all, f);
+    }
+    all
+}
+
 /// The top-level settings whose values differ between `running` and `new` (field names as in the
 /// configuration file). Two configurations that cannot be serialized compare as one change named
 /// `configuration`.
@@ -103,6 +130,17 @@ mod tests {
         address: Option<String>,
         #[serde(rename = "nested.slots", skip_serializing_if = "Option::is_none")]
         slots: Option<u32>,
+    }
+
+    #[test]
+    fn fragments_replace_settings_and_merge_sections() {
+        let file = serde_json::json!({"address": "file", "labels": ["a"], "nested": {"slots": 1, "name": "x"}});
+        let fragment = serde_json::json!({"labels": ["b"], "nested": {"slots": 2}});
+        let merged = merged_fragments([file, fragment]);
+        assert_eq!(
+            merged,
+            serde_json::json!({"address": "file", "labels": ["b"], "nested": {"slots": 2, "name": "x"}})
+        );
     }
 
     #[test]
