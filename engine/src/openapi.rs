@@ -8,9 +8,9 @@
 
 use fleet_api::{
     AgentStatus, Changed, CreateUnits, Created, Destroyed, DrainAccepted, ErrorBody as Error, ErrorDetail, Event,
-    EventPage, Found, Machine, MachinePage, MetadataOp, MoveAccepted, MoveRequest, Names, Unit, UnitChange,
-    UnitChanges, UnitError, UnitOption, UnitPage, UnitState, UnitStatePage, UnitStatuses, Until, WaitEvent,
-    WaitRequest,
+    EventPage, Found, JoinRequest, JoinTokenCreated, JoinTokenInfo, JoinTokenPage, JoinTokenRequest, Joined, Machine,
+    MachinePage, MetadataOp, MoveAccepted, MoveRequest, Names, Unit, UnitChange, UnitChanges, UnitError, UnitOption,
+    UnitPage, UnitState, UnitStatePage, UnitStatuses, Until, WaitEvent, WaitRequest,
 };
 use utoipa::OpenApi;
 
@@ -139,7 +139,8 @@ fn undrain_machine() {}
         ("kind" = Option<String>, Query, description = "event kinds or globs, comma-separated"),
         ("limit" = Option<usize>, Query, description = "page size"),
         ("tail" = Option<usize>, Query, description = "only the last N matching events")),
-    responses((status = 200, body = EventPage), (status = 400, body = Error), (status = 503, body = Error)))]
+    responses((status = 200, body = EventPage), (status = 400, body = Error), (status = 404, body = Error),
+        (status = 503, body = Error)))]
 fn list_events() {}
 
 /// Not in the original API: the live event stream (server-sent events; each `data:` is one
@@ -150,8 +151,37 @@ fn list_events() {}
     params(("since" = Option<String>, Query), ("unit" = Option<String>, Query), ("machine" = Option<String>, Query),
         ("kind" = Option<String>, Query), ("Last-Event-ID" = Option<String>, Header)),
     responses((status = 200, content_type = "text/event-stream", body = Event), (status = 400, body = Error),
-        (status = 503, body = Error)))]
+        (status = 404, body = Error), (status = 503, body = Error)))]
 fn stream_events() {}
+
+/// Not in the original API: make a join token for new machines (docs/install.md). The answer is
+/// the only one ever holding the token's secret.
+#[utoipa::path(post, path = "/fleet/v1/join-tokens", request_body = JoinTokenRequest,
+    responses((status = 201, body = JoinTokenCreated), (status = 400, body = Error), (status = 404, body = Error),
+        (status = 415, body = Error)))]
+fn create_join_token() {}
+
+/// The join tokens (never their secrets).
+#[utoipa::path(get, path = "/fleet/v1/join-tokens", responses((status = 200, body = JoinTokenPage)))]
+fn list_join_tokens() {}
+
+/// Revoke a join token: it admits nobody from now on.
+#[utoipa::path(delete, path = "/fleet/v1/join-tokens/{id}", params(("id" = String, Path)),
+    responses((status = 204), (status = 400, body = Error), (status = 404, body = Error)))]
+fn revoke_join_token() {}
+
+/// The cluster CA (PEM), to anyone: a joining machine checks it against its pin.
+#[utoipa::path(get, path = "/fleet/v1/join/ca", security(()),
+    responses((status = 200, content_type = "application/x-pem-file", body = String), (status = 404, body = Error)))]
+fn join_ca() {}
+
+/// A machine joins with a join token, its only credential: the engine signs the machine's
+/// certificate signing request and makes its etcd user.
+#[utoipa::path(post, path = "/fleet/v1/join", request_body = JoinRequest, security(()),
+    responses((status = 200, body = Joined), (status = 400, body = Error), (status = 401, body = Error),
+        (status = 403, body = Error), (status = 404, body = Error), (status = 409, body = Error),
+        (status = 413, body = Error), (status = 415, body = Error), (status = 503, body = Error)))]
+fn join() {}
 
 /// fleet's discovery document (Google discovery format).
 #[utoipa::path(get, path = "/fleet/v1/discovery", responses((status = 200, body = Object)))]
@@ -193,6 +223,11 @@ fn engine_status() {}
         undrain_machine,
         list_events,
         stream_events,
+        create_join_token,
+        list_join_tokens,
+        revoke_join_token,
+        join_ca,
+        join,
         discovery,
         openapi_json,
         engine_status
@@ -226,7 +261,13 @@ fn engine_status() {}
         WaitEvent,
         UnitError,
         Event,
-        EventPage
+        EventPage,
+        JoinTokenRequest,
+        JoinTokenInfo,
+        JoinTokenCreated,
+        JoinTokenPage,
+        JoinRequest,
+        Joined
     ))
 )]
 pub struct ApiDoc;

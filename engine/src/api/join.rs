@@ -148,7 +148,13 @@ pub(crate) async fn join(State((api, auth)): State<(Api, Arc<Auth>)>, req: axum:
     let headers = req.headers().clone();
     let body = match axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES).await {
         Ok(b) => b,
-        Err(e) => return ApiError::bad_request(format!("join request: {e}")).into_response(),
+        Err(e) => {
+            return ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("join request: body too large or unreadable: {e}"),
+            )
+            .into_response()
+        }
     };
     let parsed: Result<wire::JoinRequest, ApiError> = check_json(&headers)
         .and_then(|_| serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("join request: {e}"))));

@@ -27,6 +27,10 @@ pub struct EngineReport {
     /// Whether etcd was reached over TLS with a client certificate (the default install).
     #[serde(default)]
     pub etcd_tls: bool,
+    /// CPU seconds both engines (the API replica and the leader) used from the leader's start
+    /// until every unit was placed: what events cost shows here with less noise than in rates.
+    #[serde(default)]
+    pub engine_cpu_secs: f64,
     /// Whether the engines derived events (`event_history = 0` switches them off, to measure
     /// what they cost).
     #[serde(default = "events_default")]
@@ -99,12 +103,14 @@ pub async fn engine_alone(cfg: SimConfig) -> Result<EngineReport> {
     let from = revision(&admin, &keys).await? + 1;
     let mut observed = follow(admin.clone(), keys.clone(), from);
     let t = Instant::now();
+    let api_cpu_before = cpu_secs(api_engine.0.id());
     let engine = start_engine(&cfg, &engine_config, "alone-e1", cfg.api_port + 1, true).await?;
     if !observe_until(&mut observed, t + Duration::from_secs(600), |o| o.placed >= cfg.units).await? {
         let placed = observed.borrow().lock().unwrap_or_else(|e| e.into_inner()).placed;
         bail!("{placed} of {} units placed within 600 s", cfg.units);
     }
     report.place_secs = t.elapsed().as_secs_f64();
+    report.engine_cpu_secs = cpu_secs(engine.0.id()) + cpu_secs(api_engine.0.id()) - api_cpu_before;
     let to = revision(&admin, &keys).await?;
     {
         let o = observed.borrow().clone();
