@@ -12,14 +12,17 @@
 
 use fleet_api::{Event, EventId, EventKind};
 use fleet_model::UnitName;
+use std::borrow::Cow;
 use std::collections::{BTreeSet, VecDeque};
+use std::sync::Arc;
 use std::sync::Mutex;
 use tokio::sync::watch;
 
 /// Events kept by default.
 pub const DEFAULT_HISTORY: usize = 10_000;
 
-/// An event before it gets its id and time.
+/// An event before it gets its id and time; also how it is kept (the wire form is made only
+/// when someone reads it: a burst of placements derives 100,000 events that nobody may read).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Happened {
     pub kind: EventKind,
@@ -27,7 +30,8 @@ pub struct Happened {
     pub machine: String,
     pub from: String,
     pub state: String,
-    pub reason: String,
+    /// Most reasons are fixed words: those are not copied for every event.
+    pub reason: Cow<'static, str>,
 }
 
 impl Happened {
@@ -38,11 +42,11 @@ impl Happened {
             machine: String::new(),
             from: String::new(),
             state: String::new(),
-            reason: String::new(),
+            reason: Cow::Borrowed(""),
         }
     }
     pub(crate) fn unit(mut self, u: &UnitName) -> Self {
-        self.unit = u.to_string();
+        self.unit = u.as_str().to_owned();
         self
     }
     pub(crate) fn machine(mut self, m: &str) -> Self {
@@ -53,7 +57,7 @@ impl Happened {
         self.state = s.into();
         self
     }
-    pub(crate) fn reason(mut self, r: impl Into<String>) -> Self {
+    pub(crate) fn reason(mut self, r: impl Into<Cow<'static, str>>) -> Self {
         self.reason = r.into();
         self
     }
@@ -88,7 +92,8 @@ impl Filter {
         Ok(Filter { units, machine: machine.filter(|m| !m.is_empty()).map(str::to_string), kinds })
     }
 
-    fn wants(&self, kind: EventKind, e: &Event) -> bool {
+    fn wants(&self, e: &Happened) -> bool {
+        let kind = e.kind;
         // A gap concerns every reader: what they filter for may be in it.
         if kind == EventKind::Gap {
             return true;
@@ -101,8 +106,25 @@ impl Filter {
 
 struct Kept {
     id: EventId,
-    kind: EventKind,
-    event: Event,
+    /// When the engine saw it: shared by the events of one batch.
+    time: Arc<str>,
+    happened: Happened,
+}
+
+impl Kept {
+    fn event(&self) -> Event {
+        let h = &self.happened;
+        Event {
+            id: self.id.to_string(),
+            time: self.time.to_string(),
+            kind: h.kind.as_str().into(),
+            unit: h.unit.clone(),
+            machine: h.machine.clone(),
+            from: h.from.clone(),
+            state: h.state.clone(),
+            reason: h.reason.to_string(),
+        }
+    }
 }
 
 struct History {
@@ -170,16 +192,11 @@ impl EventLog {
             return;
         }
         let id = id.max(EventId { revision: h.last.revision + 1, n: 0 });
-        let gap = Event {
-            id: id.to_string(),
-            time: time.to_string(),
-            kind: EventKind::Gap.as_str().into(),
-            reason: "the engine relisted the cluster after etcd compacted the history its watch needed; \
-                     events in between are lost"
-                .into(),
-            ..Event::default()
-        };
-        Self::push(&mut h, id, EventKind::Gap, gap);
+        let gap = Happened::new(EventKind::Gap).reason(
+            "the engine relisted the cluster after etcd compacted the history its watch needed; \
+             events in between are lost",
+        );
+        Self::push(&mut h, id, time.into(), gap);
         h.last = EventId { revision: id.revision, n: u32::MAX };
         let last = h.last;
         drop(h);
@@ -191,6 +208,7 @@ impl EventLog {
         if happened.is_empty() {
             return;
         }
+        let time: Arc<str> = time.into();
         let Ok(mut h) = self.history.lock() else { return };
         for (revision, e) in happened {
             // Numbered within their revision; a revision delivered twice (never expected) still
@@ -202,17 +220,7 @@ impl EventLog {
             } else {
                 EventId { revision: h.last.revision + 1, n: 0 }
             };
-            let event = Event {
-                id: id.to_string(),
-                time: time.to_string(),
-                kind: e.kind.as_str().into(),
-                unit: e.unit,
-                machine: e.machine,
-                from: e.from,
-                state: e.state,
-                reason: e.reason,
-            };
-            Self::push(&mut h, id, e.kind, event);
+            Self::push(&mut h, id, time.clone(), e);
             h.last = id;
         }
         let last = h.last;
@@ -220,7 +228,7 @@ impl EventLog {
         self.newest.send_replace(last);
     }
 
-    fn push(h: &mut History, id: EventId, kind: EventKind, event: Event) {
+    fn push(h: &mut History, id: EventId, time: Arc<str>, happened: Happened) {
         if h.capacity == 0 {
             return;
         }
@@ -229,7 +237,7 @@ impl EventLog {
                 h.complete_after = h.complete_after.max(old.id);
             }
         }
-        h.events.push_back(Kept { id, kind, event });
+        h.events.push_back(Kept { id, time, happened });
     }
 
     /// Events after `since` that `filter` wants, oldest first, at most `limit`; with `tail`,
@@ -252,17 +260,17 @@ impl EventLog {
             });
         }
         let start = h.events.partition_point(|k| k.id <= since);
-        let matching = h.events.range(start..).filter(|k| filter.wants(k.kind, &k.event));
+        let matching = h.events.range(start..).filter(|k| filter.wants(&k.happened));
         let more = match tail {
             Some(t) => {
                 let all: Vec<&Kept> = matching.collect();
                 let from = all.len().saturating_sub(t);
-                events.extend(all[from..].iter().map(|k| k.event.clone()));
+                events.extend(all[from..].iter().map(|k| k.event()));
                 false
             }
             None => {
                 let mut it = matching;
-                events.extend(it.by_ref().take(limit).map(|k| k.event.clone()));
+                events.extend(it.by_ref().take(limit).map(|k| k.event()));
                 it.next().is_some()
             }
         };

@@ -9,6 +9,7 @@ use fleet_model::schema::{decode, is_stopped, Key};
 use fleet_model::Keys;
 use fleet_model::{MachineRecord, UnitName, UnitRecord, UnitStateRecord};
 use fleet_store::etcd::Change;
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// What the events need to remember that the view does not keep: election candidates and
@@ -27,6 +28,7 @@ pub struct Deriver {
     /// Events of the revision being derived (a transaction's changes come in the order of its
     /// operations: a move may delete the old entry before it writes the new one).
     pending: Vec<(i64, Happened)>,
+    scratch: Vec<Happened>,
 }
 
 #[derive(serde::Deserialize, Default)]
@@ -71,7 +73,9 @@ impl Deriver {
             Change::Delete { mod_revision, .. } => (None, *mod_revision),
         };
         let Some(decoded) = key else { return };
-        let mut out = Vec::new();
+        // A buffer kept between changes (one allocation less per change); an early return
+        // below only loses the (empty) buffer.
+        let mut out = std::mem::take(&mut self.scratch);
         match (decoded, value) {
             (Key::Unit(name), Some(v)) => {
                 let Ok(rec) = decode::<UnitRecord>(v) else { return };
@@ -103,9 +107,13 @@ impl Deriver {
                     // where it is leaving): the unit's own states say what systemd does.
                     return;
                 }
-                let global = matches!(before.rules.get(unit), Some(Ok(r)) if r.global);
+                // Looked up once: this runs for every placement.
+                let rules = before.rules.get(unit);
+                let global = matches!(rules, Some(Ok(r)) if r.global);
                 let from = entries.and_then(|e| e.keys().find(|other| *other != m)).filter(|_| !global);
-                let left = self.leaving.remove(unit).filter(|(from, _)| from != m && !global);
+                // Usually nothing is leaving: no hashing then.
+                let left = if self.leaving.is_empty() { None } else { self.leaving.remove(unit) };
+                let left = left.filter(|(from, _)| from != m && !global);
                 out.push(match (from, left) {
                     (Some(from), _) => moved(before, unit, from, m),
                     (None, Some((from, why))) => {
@@ -113,10 +121,9 @@ impl Deriver {
                         h.from = from;
                         h
                     }
-                    (None, None) => Happened::new(EventKind::UnitScheduled)
-                        .unit(unit)
-                        .machine(m)
-                        .reason(why_there(before.rules.get(unit))),
+                    (None, None) => {
+                        Happened::new(EventKind::UnitScheduled).unit(unit).machine(m).reason(why_there(rules))
+                    }
                 });
             }
             (Key::Schedule(m, unit), None) => {
@@ -160,7 +167,7 @@ impl Deriver {
             (Key::Why(unit), Some(v)) => {
                 let reason = String::from_utf8_lossy(v);
                 if before.why.get(unit).map(String::as_str) != Some(&*reason) {
-                    out.push(Happened::new(EventKind::UnitUnplaceable).unit(unit).reason(reason));
+                    out.push(Happened::new(EventKind::UnitUnplaceable).unit(unit).reason(reason.into_owned()));
                 }
             }
             (Key::Machine(m), Some(v)) if !before.published_machines.contains_key(m) => {
@@ -219,7 +226,8 @@ impl Deriver {
             }
             _ => {}
         }
-        self.pending.extend(out.into_iter().map(|h| (revision, h)));
+        self.pending.extend(out.drain(..).map(|h| (revision, h)));
+        self.scratch = out;
     }
 
     /// The batch's events in order, with a move whose old entry went first (in the same
@@ -296,8 +304,9 @@ fn left(before: &ClusterView, unit: &UnitName, m: &str) -> String {
     }
 }
 
-/// Why the scheduler chose a machine, as far as the unit's rules tell.
-fn why_there(rules: Option<&Result<Rules, String>>) -> String {
+/// Why the scheduler chose a machine, as far as the unit's rules tell (fixed words when they
+/// suffice: this runs for every placement).
+fn why_there(rules: Option<&Result<Rules, String>>) -> Cow<'static, str> {
     let Some(Ok(r)) = rules else { return "least loaded machine".into() };
     if r.global {
         return "global unit: runs on every eligible machine".into();
@@ -306,7 +315,10 @@ fn why_there(rules: Option<&Result<Rules, String>>) -> String {
         return "MachineID names this machine".into();
     }
     if !r.machine_of.is_empty() {
-        return format!("MachineOf={}", r.machine_of.join(" "));
+        return format!("MachineOf={}", r.machine_of.join(" ")).into();
+    }
+    if r.metadata.is_empty() && r.conflicts.is_empty() && r.spread_by.is_none() {
+        return "least loaded eligible machine".into();
     }
     let mut why = Vec::new();
     if !r.metadata.is_empty() {
@@ -320,7 +332,7 @@ fn why_there(rules: Option<&Result<Rules, String>>) -> String {
         why.push(format!("spread by {key}"));
     }
     why.push("least loaded eligible machine".into());
-    why.join("; ")
+    why.join("; ").into()
 }
 
 #[cfg(test)]

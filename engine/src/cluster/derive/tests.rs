@@ -255,3 +255,93 @@ async fn units_stopped_while_a_machine_was_cut_off_are_told_when_it_returns() {
     );
     assert!(w.read(None).last().is_some_and(|e| e.reason.contains("cut off")));
 }
+
+/// What deriving costs per placement, on the view alone (no store, no tasks): 100,000 schedule
+/// entries applied in batches of 1,000 with and without the deriver. A measurement, not a
+/// check: `cargo test --release -p fleet-engine derive_cost -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn derive_cost() {
+    use crate::cluster::ClusterView;
+    use fleet_store::etcd::{Change, PrefixUpdate};
+    let keys = Keys::new("/ev/");
+    let machines: Vec<String> = (0..10_000).map(|i| format!("{i:032x}")).collect();
+    let units: Vec<UnitName> = (0..100_000).map(|i| name(&format!("u-{i:06}.service"))).collect();
+    let mut puts = Vec::new();
+    for m in &machines {
+        let rec = MachineRecord { id: m.clone(), public_ip: "10.0.0.1".into(), ..Default::default() };
+        puts.push(Change::Put {
+            key: keys.machine(m).into(),
+            value: encode(&rec).expect("encode"),
+            lease: 1,
+            mod_revision: 1,
+        });
+    }
+    let file = UnitFile::parse("[Service]\nExecStart=/bin/true\n").expect("unit");
+    puts.push(Change::Put {
+        key: keys.body(&file.hash()).into(),
+        value: file.canonical().into(),
+        lease: 0,
+        mod_revision: 1,
+    });
+    for u in &units {
+        let rec = UnitRecord { name: u.clone(), hash: file.hash(), desired_state: DesiredState::Launched };
+        puts.push(Change::Put {
+            key: keys.unit(u).into(),
+            value: encode(&rec).expect("encode"),
+            lease: 0,
+            mod_revision: 1,
+        });
+    }
+    let entry = encode(&ScheduleEntry { hash: file.hash(), desired_state: DesiredState::Launched }).expect("encode");
+    let batches: Vec<PrefixUpdate> = units
+        .chunks(1_000)
+        .enumerate()
+        .map(|(b, chunk)| PrefixUpdate::Changes {
+            revision: 2 + b as i64,
+            changes: chunk
+                .iter()
+                .enumerate()
+                .map(|(i, u)| Change::Put {
+                    key: keys.schedule(&machines[(b * 1000 + i) % machines.len()], u).into(),
+                    value: entry.clone(),
+                    lease: 0,
+                    mod_revision: 2 + b as i64,
+                })
+                .collect(),
+        })
+        .collect();
+    for derive in [false, true, false, true] {
+        let mut view = ClusterView::default();
+        view.apply_update(&keys, PrefixUpdate::Snapshot { revision: 1, puts: puts.clone() });
+        let mut deriver = super::Deriver::default();
+        let log = crate::events::EventLog::new(if derive { crate::events::DEFAULT_HISTORY } else { 0 });
+        let batches = batches.clone();
+        let started = std::time::Instant::now();
+        let (mut in_change, mut in_finish, mut in_record) = Default::default();
+        for update in batches {
+            if derive {
+                view.apply_update_observed(&keys, update, &mut |before, key, change| {
+                    let t = std::time::Instant::now();
+                    deriver.change(before, key, change);
+                    in_change += t.elapsed();
+                });
+                let t = std::time::Instant::now();
+                let happened = deriver.finish();
+                in_finish += t.elapsed();
+                let t = std::time::Instant::now();
+                log.record(happened, "2026-01-01T00:00:00.000Z");
+                in_record += t.elapsed();
+            } else {
+                view.apply_update(&keys, update);
+            }
+        }
+        let (c, f, r): (std::time::Duration, std::time::Duration, std::time::Duration) =
+            (in_change, in_finish, in_record);
+        println!(
+            "derive {derive}: {:?} for {} placements (change {c:?}, finish {f:?}, record {r:?})",
+            started.elapsed(),
+            units.len()
+        );
+    }
+}
