@@ -183,7 +183,9 @@ fn message_of(body: &str) -> String {
 /// The local address the system would use to reach `url`'s host (no packet is sent).
 fn local_address_towards(url: &str) -> Result<String> {
     let host = url.trim_start_matches("https://").split('/').next().unwrap_or_default();
-    let addr = std::net::ToSocketAddrs::to_socket_addrs(host)
+    // Without a port (`https://engine.example`), HTTPS's.
+    let host = if host.ends_with(']') || !host.contains(':') { format!("{host}:443") } else { host.to_string() };
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(host.as_str())
         .with_context(|| format!("cannot resolve {host}"))?
         .next()
         .with_context(|| format!("{host} has no address"))?;

@@ -89,6 +89,9 @@ pub(crate) enum JoinTokenAction {
         metadata: Option<std::collections::BTreeMap<String, String>>,
         #[arg(long, default_value = "")]
         description: String,
+        /// Admit only these machines (their /etc/machine-id), comma-separated.
+        #[arg(long = "machine-id", value_delimiter = ',')]
+        machine_ids: Vec<String>,
     },
     /// The tokens (never their secrets): what each allows and who joined with it.
     List,

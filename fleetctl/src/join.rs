@@ -7,12 +7,13 @@ impl Ctl {
     /// `endpoint` is what this fleetctl talks to: a joining machine is told the same.
     pub(crate) async fn join_token(&self, action: JoinTokenAction, endpoint: &str) -> Result<ExitCode> {
         match action {
-            JoinTokenAction::Create { ttl, uses, metadata, description } => {
+            JoinTokenAction::Create { ttl, uses, metadata, description, machine_ids } => {
                 let req = fleet_client::JoinTokenRequest {
                     ttl_secs: Some(ttl.as_secs().max(1)),
                     uses: Some(uses),
                     metadata: metadata.unwrap_or_default(),
                     description,
+                    machines: machine_ids,
                 };
                 let made = self.api.create_join_token(&req).await.context("cannot create a join token")?;
                 if self.json {
@@ -20,6 +21,11 @@ impl Ctl {
                     return Ok(ExitCode::SUCCESS);
                 }
                 println!("{}", made.token);
+                // The machine needs an https:// address of an engine; a unix socket or plain
+                // loopback address this fleetctl uses is no use to it.
+                let https: Vec<&str> =
+                    endpoint.split(',').map(str::trim).filter(|e| e.starts_with("https://")).collect();
+                let endpoint = if https.is_empty() { "https://ENGINE:PORT".to_string() } else { https.join(",") };
                 eprintln!(
                     "Join token {} admits {} machine(s) until {}. On a new machine (with the fleet-agent package):\n\n  fleet-agent join --engine {} --token {} --ca-hash {}\n",
                     made.info.id, made.info.uses_left, made.info.expires, endpoint, made.token, made.ca_hash

@@ -43,6 +43,7 @@ fn info(r: &JoinTokenRecord, now: i64) -> wire::JoinTokenInfo {
         metadata: r.metadata.clone(),
         description: r.description.clone(),
         created_by: r.created_by.clone(),
+        machines: r.for_machines.clone(),
     }
 }
 
@@ -67,6 +68,12 @@ pub(crate) async fn create_join_token(
     for (k, v) in &req.metadata {
         fleet_agent_metadata_ok(k, v)?;
     }
+    let mut for_machines = Vec::new();
+    for m in &req.machines {
+        let id =
+            fleet_model::machine::parse_machine_id(m).map_err(|e| ApiError::bad_request(format!("machines: {e}")))?;
+        for_machines.push(id.to_string());
+    }
     let token = crate::pki::new_join_token().map_err(|e| ApiError::internal(e.to_string()))?;
     let now = now_unix();
     let record = JoinTokenRecord {
@@ -76,6 +83,7 @@ pub(crate) async fn create_join_token(
         expires: now.saturating_add(ttl as i64),
         uses_left: uses,
         joined: Vec::new(),
+        for_machines,
         metadata: req.metadata,
         description: req.description,
         created_by: caller.map(|c| c.0.who.clone()).unwrap_or_default(),
@@ -203,7 +211,7 @@ async fn admit_machine(api: &Api, req: wire::JoinRequest) -> Result<wire::Joined
         let status = match r {
             Refusal::Unknown => StatusCode::UNAUTHORIZED,
             Refusal::AlreadyJoined(..) => StatusCode::CONFLICT,
-            Refusal::Expired(_) | Refusal::UsedUp(_) => StatusCode::FORBIDDEN,
+            Refusal::Expired(_) | Refusal::UsedUp(_) | Refusal::NotForMachine(..) => StatusCode::FORBIDDEN,
         };
         ApiError::new(status, r.to_string())
     })?;

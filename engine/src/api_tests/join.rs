@@ -162,6 +162,14 @@ async fn forged_expired_and_revoked_tokens_are_refused_and_leave_nothing_behind(
     assert_eq!(status, StatusCode::FORBIDDEN);
     refused(status, &body, "expired");
 
+    // A token for another machine.
+    let (bound, _) = j.token(json!({"machines": [OTHER]})).await;
+    let (status, body) = j.join(&bound, MACHINE).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    refused(status, &body, "not for machine");
+    let (status, body) = j.e.call(Method::POST, "/fleet/v1/join-tokens", Some(json!({"machines": ["nope"]}))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+
     // Revoked.
     let (status, _) = j.e.call(Method::DELETE, &format!("/fleet/v1/join-tokens/{id}"), None).await;
     assert_eq!(status, StatusCode::NO_CONTENT);

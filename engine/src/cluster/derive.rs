@@ -1,7 +1,7 @@
 //! How events are derived: each change the view's watch delivers, compared with the view just
 //! before it (see crate::events for what is kept and served).
 
-use super::ClusterView;
+use super::{ClusterView, Seen};
 use crate::events::Happened;
 use fleet_api::EventKind;
 use fleet_model::rules::Rules;
@@ -65,9 +65,55 @@ impl Deriver {
         self.candidates.values().min_by_key(|(rev, _)| *rev).map(|(_, id)| id.clone())
     }
 
+    /// Derives what the view's apply shows: each change in order, then [`Deriver::finish`] once
+    /// per batch.
+    pub fn seen(&mut self, view: &ClusterView, seen: Seen<'_>) {
+        match seen {
+            Seen::Change(key, change) => self.change(view, key, change),
+            Seen::Scheduled { machine, unit, revision, was_there, elsewhere } => {
+                self.scheduled(view, machine, unit, revision, was_there, elsewhere)
+            }
+        }
+    }
+
+    /// A schedule entry written for `unit` on `m` (the view is the one just after: a schedule
+    /// write changes nothing else read here). This runs for every placement: no lookup of the
+    /// unit's entries (the write found them) and one of its rules.
+    fn scheduled(
+        &mut self,
+        view: &ClusterView,
+        m: &str,
+        unit: &UnitName,
+        revision: i64,
+        was_there: bool,
+        elsewhere: Option<&str>,
+    ) {
+        if was_there {
+            // A changed entry (a new desired state, or an exclusive unit told to stop where it
+            // is leaving): the unit's own states say what systemd does.
+            return;
+        }
+        let rules = view.rules.get(unit);
+        let global = matches!(rules, Some(Ok(r)) if r.global);
+        let from = elsewhere.filter(|_| !global);
+        // Usually nothing is leaving: no hashing then.
+        let left = if self.leaving.is_empty() { None } else { self.leaving.remove(unit) };
+        let left = left.filter(|(from, _)| from != m && !global);
+        let h = match (from, left) {
+            (Some(from), _) => moved(view, unit, from, m),
+            (None, Some((from, why))) => {
+                let mut h = Happened::new(EventKind::UnitMoved).unit(unit).machine(m).reason(why);
+                h.from = from;
+                h
+            }
+            (None, None) => Happened::new(EventKind::UnitScheduled).unit(unit).machine(m).reason(why_there(rules)),
+        };
+        self.pending.push((revision, h));
+    }
+
     /// Derives what `change` (whose key decodes to `key`) means, given the view as it was just
-    /// before it. Called for each change in order, then [`Deriver::finish`] once per batch.
-    pub fn change(&mut self, before: &ClusterView, key: Option<&Key>, change: &Change) {
+    /// before it.
+    fn change(&mut self, before: &ClusterView, key: Option<&Key>, change: &Change) {
         let (value, revision) = match change {
             Change::Put { value, mod_revision, .. } => (Some(value.as_slice()), *mod_revision),
             Change::Delete { mod_revision, .. } => (None, *mod_revision),
@@ -100,32 +146,8 @@ impl Deriver {
                 self.leaving.remove(name);
                 out.push(Happened::new(EventKind::UnitDestroyed).unit(name));
             }
-            (Key::Schedule(m, unit), Some(_)) => {
-                let entries = before.schedule.get(unit);
-                if entries.is_some_and(|e| e.contains_key(m)) {
-                    // A changed entry (a new desired state, or an exclusive unit told to stop
-                    // where it is leaving): the unit's own states say what systemd does.
-                    return;
-                }
-                // Looked up once: this runs for every placement.
-                let rules = before.rules.get(unit);
-                let global = matches!(rules, Some(Ok(r)) if r.global);
-                let from = entries.and_then(|e| e.keys().find(|other| *other != m)).filter(|_| !global);
-                // Usually nothing is leaving: no hashing then.
-                let left = if self.leaving.is_empty() { None } else { self.leaving.remove(unit) };
-                let left = left.filter(|(from, _)| from != m && !global);
-                out.push(match (from, left) {
-                    (Some(from), _) => moved(before, unit, from, m),
-                    (None, Some((from, why))) => {
-                        let mut h = Happened::new(EventKind::UnitMoved).unit(unit).machine(m).reason(why);
-                        h.from = from;
-                        h
-                    }
-                    (None, None) => {
-                        Happened::new(EventKind::UnitScheduled).unit(unit).machine(m).reason(why_there(rules))
-                    }
-                });
-            }
+            // Placements come as `Seen::Scheduled` (see `Deriver::scheduled`).
+            (Key::Schedule(_, _), Some(_)) => {}
             (Key::Schedule(m, unit), None) => {
                 let Some(entries) = before.schedule.get(unit) else { return };
                 if !entries.contains_key(m) {

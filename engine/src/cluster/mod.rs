@@ -59,7 +59,7 @@ pub struct ClusterView {
 impl ClusterView {
     /// Applies one delivery of the watch: a whole new snapshot, or changes.
     fn apply_update(&mut self, keys: &Keys, update: PrefixUpdate) {
-        self.apply_update_observed(keys, update, &mut |_, _, _| {});
+        self.apply_update_observed(keys, update, &mut |_, _| {});
     }
 
     /// As [`ClusterView::apply_update`], showing each change (and its decoded key) to `observe`
@@ -69,7 +69,7 @@ impl ClusterView {
             PrefixUpdate::Snapshot { revision, puts } => {
                 let mut fresh = ClusterView::default();
                 for c in puts {
-                    fresh.apply(keys, c, &mut |_, _, _| {});
+                    fresh.apply(keys, c, &mut |_, _| {});
                 }
                 fresh.revision = revision;
                 fresh.plan_generation = self.plan_generation + 1;
@@ -91,7 +91,12 @@ impl ClusterView {
         let decoded = match &change {
             Change::Put { key, .. } | Change::Delete { key, .. } => keys.decode(key),
         };
-        observe(self, decoded.as_ref(), &change);
+        // A placement is shown to the observer once written, with what the write found (one
+        // lookup of the unit's entries serves both: placements come by the hundred thousand).
+        let placement = matches!((&decoded, &change), (Some(Key::Schedule(..)), Change::Put { .. }));
+        if !placement {
+            observe(self, Seen::Change(decoded.as_ref(), &change));
+        }
         if !matches!(
             decoded,
             Some(Key::State(..)) | Some(Key::Why(_)) | Some(Key::Leader(_)) | Some(Key::RebootLock(_))
@@ -159,9 +164,20 @@ impl ClusterView {
                 },
                 Some(Key::Schedule(m, unit)) => match decode::<ScheduleEntry>(&value) {
                     Ok(e) => {
-                        if self.schedule.entry(unit).or_default().insert(m.clone(), e).is_none() {
-                            *self.scheduled_on.entry(m).or_default() += 1;
+                        let entries = self.schedule.entry(unit.clone()).or_default();
+                        let elsewhere = entries.keys().find(|other| **other != m).cloned();
+                        let was_there = entries.insert(m.clone(), e).is_some();
+                        if !was_there {
+                            *self.scheduled_on.entry(m.clone()).or_default() += 1;
                         }
+                        let seen = Seen::Scheduled {
+                            machine: &m,
+                            unit: &unit,
+                            revision: mod_revision,
+                            was_there,
+                            elsewhere: elsewhere.as_deref(),
+                        };
+                        observe(self, seen);
                     }
                     Err(e) => {
                         tracing::error!(unit = %unit, error = %e, "unreadable schedule entry; ignoring")
@@ -275,8 +291,18 @@ fn remove_nested<V>(map: &mut BTreeMap<UnitName, BTreeMap<String, V>>, unit: &Un
     removed
 }
 
-/// Sees each change with the view just before it (see [`ClusterView::apply_update_observed`]).
-type Observer<'a> = dyn FnMut(&ClusterView, Option<&Key>, &Change) + 'a;
+/// What the view's apply shows its observer (the events' deriver).
+pub(crate) enum Seen<'a> {
+    /// A change (its key decoded), with the view just before it.
+    Change(Option<&'a Key>, &'a Change),
+    /// A schedule entry written, with the view just after it (the write changes nothing else
+    /// the deriver reads) and what the write found: whether `machine` had an entry for the unit
+    /// already, and another machine that has one.
+    Scheduled { machine: &'a str, unit: &'a UnitName, revision: i64, was_there: bool, elsewhere: Option<&'a str> },
+}
+
+/// Sees each change (see [`Seen`] and [`ClusterView::apply_update_observed`]).
+type Observer<'a> = dyn FnMut(&ClusterView, Seen<'_>) + 'a;
 
 /// Updates the leader's planning copy has not applied yet; `None` while nobody plans.
 type PlanFeed = Arc<Mutex<Option<Vec<PrefixUpdate>>>>;
@@ -399,9 +425,7 @@ impl Cluster {
                         }
                         PrefixUpdate::Changes { .. } => None,
                     };
-                    v.apply_update_observed(&keys, update, &mut |before, key, change| {
-                        deriver.change(before, key, change)
-                    });
+                    v.apply_update_observed(&keys, update, &mut |view, seen| deriver.seen(view, seen));
                     Some((v.revision, v.plan_generation, listed, deriver.finish()))
                 });
                 let Some((rev, generation, listed, happened)) = applied else { return };

@@ -19,6 +19,9 @@ pub struct JoinTokenRequest {
     pub metadata: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub description: String,
+    /// Machine ids it admits (empty: any).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub machines: Vec<String>,
 }
 
 /// A join token as listed (never its secret).
@@ -46,6 +49,9 @@ pub struct JoinTokenInfo {
     pub description: String,
     #[serde(default)]
     pub created_by: String,
+    /// Machine ids it admits (empty: any).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub machines: Vec<String>,
 }
 
 /// The answer to `POST /fleet/v1/join-tokens`: the token (shown once), and what a machine needs

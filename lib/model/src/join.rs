@@ -72,6 +72,10 @@ pub struct JoinTokenRecord {
     /// Machines that joined with it (machine ids), for the record.
     #[serde(default)]
     pub joined: Vec<String>,
+    /// Machine ids it admits; empty: any (a token holder names its machine id, as kubeadm's
+    /// node name: binding a token to the machines it is for stops it admitting another).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub for_machines: Vec<String>,
     /// Given to every machine joining with it (its `metadata` setting).
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
@@ -94,6 +98,8 @@ pub enum Refusal {
     UsedUp(String),
     #[error("machine {1} already joined with join token {0}")]
     AlreadyJoined(String, String),
+    #[error("join token {0} is not for machine {1} (it names the machines it admits)")]
+    NotForMachine(String, String),
 }
 
 /// Whether `record` (none: no such token) admits `machine` at `now`, given whether the secret
@@ -109,6 +115,9 @@ pub fn admit(
     };
     if now >= r.expires {
         return Err(Refusal::Expired(r.id.clone()));
+    }
+    if !r.for_machines.is_empty() && !r.for_machines.iter().any(|m| m == machine) {
+        return Err(Refusal::NotForMachine(r.id.clone(), machine.into()));
     }
     if r.joined.iter().any(|m| m == machine) {
         return Err(Refusal::AlreadyJoined(r.id.clone(), machine.into()));
@@ -150,6 +159,10 @@ mod tests {
         assert_eq!(admit(Some(&after), true, "m2", 99), Err(Refusal::UsedUp("abc123".into())));
         assert_eq!(admit(Some(&after), true, "m1", 99), Err(Refusal::AlreadyJoined("abc123".into(), "m1".into())));
         assert_eq!(admit(Some(&record()), true, "m1", 100), Err(Refusal::Expired("abc123".into())));
+        // A token bound to machines admits only them.
+        let bound = JoinTokenRecord { for_machines: vec!["m2".into()], ..record() };
+        assert_eq!(admit(Some(&bound), true, "m1", 99), Err(Refusal::NotForMachine("abc123".into(), "m1".into())));
+        assert!(admit(Some(&bound), true, "m2", 99).is_ok());
         // A wrong secret reads as an unknown token.
         assert_eq!(admit(Some(&record()), false, "m1", 99), Err(Refusal::Unknown));
         assert_eq!(admit(None, true, "m1", 99), Err(Refusal::Unknown));

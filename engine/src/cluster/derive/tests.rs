@@ -321,9 +321,9 @@ fn derive_cost() {
         let (mut in_change, mut in_finish, mut in_record) = Default::default();
         for update in batches {
             if derive {
-                view.apply_update_observed(&keys, update, &mut |before, key, change| {
+                view.apply_update_observed(&keys, update, &mut |view, seen| {
                     let t = std::time::Instant::now();
-                    deriver.change(before, key, change);
+                    deriver.seen(view, seen);
                     in_change += t.elapsed();
                 });
                 let t = std::time::Instant::now();
