@@ -77,6 +77,26 @@ fn validity(params: &mut CertificateParams, years: i32) {
     params.not_after = rcgen::date_time_ymd(year + years, 1, 1);
 }
 
+/// What a certificate the CA signs says: its identity, addresses and uses, for five years.
+fn leaf(common_name: &str, ips: &[IpAddr], dns: &[String], usage: Usage) -> Result<CertificateParams, PkiError> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params.distinguished_name.push(DnType::CommonName, common_name);
+    params.subject_alt_names = ips.iter().map(|ip| SanType::IpAddress(*ip)).collect();
+    for d in dns {
+        let name = d.clone().try_into().map_err(|_| PkiError::Name(d.clone()))?;
+        params.subject_alt_names.push(SanType::DnsName(name));
+    }
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    params.extended_key_usages = match usage {
+        Usage::Server => vec![ExtendedKeyUsagePurpose::ServerAuth],
+        Usage::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
+        Usage::Both => vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth],
+    };
+    validity(&mut params, 5);
+    Ok(params)
+}
+
 impl Ca {
     pub fn create(common_name: &str) -> Result<Ca, PkiError> {
         let key = KeyPair::generate().map_err(cert_err("generate the CA key"))?;
@@ -118,21 +138,7 @@ impl Ca {
     /// A certificate for `common_name`, valid for the given IP addresses and DNS names.
     pub fn issue(&self, common_name: &str, ips: &[IpAddr], dns: &[String], usage: Usage) -> Result<Issued, PkiError> {
         let key = KeyPair::generate().map_err(cert_err("generate a key"))?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        params.distinguished_name.push(DnType::CommonName, common_name);
-        params.subject_alt_names = ips.iter().map(|ip| SanType::IpAddress(*ip)).collect();
-        for d in dns {
-            let name = d.clone().try_into().map_err(|_| PkiError::Name(d.clone()))?;
-            params.subject_alt_names.push(SanType::DnsName(name));
-        }
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-        params.extended_key_usages = match usage {
-            Usage::Server => vec![ExtendedKeyUsagePurpose::ServerAuth],
-            Usage::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
-            Usage::Both => vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth],
-        };
-        validity(&mut params, 5);
+        let params = leaf(common_name, ips, dns, usage)?;
         let cert = params.signed_by(&key, &self.cert, &self.key).map_err(cert_err(common_name))?;
         Ok(Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
     }
@@ -148,18 +154,7 @@ impl Ca {
     ) -> Result<String, PkiError> {
         let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(cert_err("the certificate signing request"))?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        params.distinguished_name.push(DnType::CommonName, common_name);
-        params.subject_alt_names = ips.iter().map(|ip| SanType::IpAddress(*ip)).collect();
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-        params.extended_key_usages = match usage {
-            Usage::Server => vec![ExtendedKeyUsagePurpose::ServerAuth],
-            Usage::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
-            Usage::Both => vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth],
-        };
-        validity(&mut params, 5);
-        csr.params = params;
+        csr.params = leaf(common_name, ips, &[], usage)?;
         let cert = csr.signed_by(&self.cert, &self.key).map_err(cert_err(common_name))?;
         Ok(cert.pem())
     }

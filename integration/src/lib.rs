@@ -421,26 +421,15 @@ pub async fn boot_machine(spec: &MachineSpec, bin_dir: &Path, unit_template: &st
         std::fs::create_dir_all(sub)?;
     }
     net::add_machine_netns(&spec.name, &spec.ip)?;
-    if spec.joining {
-        return boot_joining(spec, bin_dir, unit_template, &dir).await;
+    if spec.joining && spec.image.is_some() {
+        bail!("machine {}: an image machine cannot boot as one that joins by token (yet)", spec.name);
     }
-    // The machine's identity: a certificate for `machine-<id>`, and its etcd role (own keys only).
-    pki::issue_machine(&spec.name, &spec.machine_id, &spec.ip, &etc)?;
-    let endpoints: Vec<String> =
-        spec.etcd_endpoints.iter().map(|e| e.replace(&format!("https://{HOST_IP}:"), "https://127.0.0.1:")).collect();
-    let mut root = pki::etcd_as(&endpoints, "root").await?;
-    fleet_engine::pki::etcd_add_machine(&mut root, &spec.etcd_prefix, &spec.machine_id).await?;
-    let metadata: String = spec.metadata.iter().map(|(k, v)| format!("{k} = {v:?}\n")).collect();
-    let config = format!(
-        "etcd_endpoints = [{}]\netcd_prefix = {:?}\npublic_ip = {:?}\nlease_ttl_secs = {}\napi_listen = \"0.0.0.0:12490\"\netcd_ca_file = \"/etc/fleet/ca.pem\"\netcd_cert_file = \"/etc/fleet/machine.pem\"\netcd_key_file = \"/etc/fleet/machine.key\"\n\n[capacity]\nmemory = {:?}\ncpu = {:?}\n\n[metadata]\n{metadata}",
-        spec.etcd_endpoints.iter().map(|e| format!("{e:?}")).collect::<Vec<_>>().join(", "),
-        spec.etcd_prefix,
-        spec.ip,
-        spec.lease_ttl_secs,
-        spec.capacity.0,
-        spec.capacity.1,
-    );
-    std::fs::write(etc.join("agent.toml"), config)?;
+    // A machine that joins by token has nothing of the cluster yet: /etc/fleet empty and
+    // writable, fleet-agent.service installed but not started (as after `apt install
+    // fleet-agent`); `fleet-agent join` makes it a member.
+    if !spec.joining {
+        write_identity(spec, &etc).await?;
+    }
     let pid = match &spec.image {
         Some(img) => {
             image::prepare(&dir, img, ENGINE_PORT)?;
@@ -458,14 +447,20 @@ pub async fn boot_machine(spec: &MachineSpec, bin_dir: &Path, unit_template: &st
                 .arg(format!("--uuid={}", uuid_of(&spec.machine_id)))
                 .arg(format!("--network-namespace-path=/run/netns/{}", spec.name))
                 .arg(format!("--bind={}:/run/dbus", dir.join("bus").display()))
-                .arg(format!("--bind-ro={}:/etc/fleet", dir.join("fleet").display()))
+                // Writable for a machine that joins: `fleet-agent join` writes there.
+                .arg(format!(
+                    "--bind{}={}:/etc/fleet",
+                    if spec.joining { "" } else { "-ro" },
+                    dir.join("fleet").display()
+                ))
                 .arg(format!(
                     "--bind-ro={}:/etc/systemd/system/fleet-agent.service",
                     dir.join("fleet-agent.service").display()
                 ))
                 .arg(format!("--bind-ro={}:/opt/fleet", bin_dir.display()))
                 .args(["--boot", "--quiet", "--"])
-                .args(["systemd.firstboot=off", "systemd.wants=fleet-agent.service"])
+                .arg("systemd.firstboot=off")
+                .args((!spec.joining).then_some("systemd.wants=fleet-agent.service"))
                 .args(MASKED.iter().map(|s| format!("systemd.mask={s}")));
             process::spawn_logged(cmd, &dir.join("console.log"))?
         }
@@ -484,36 +479,27 @@ pub async fn boot_machine(spec: &MachineSpec, bin_dir: &Path, unit_template: &st
     Ok(m)
 }
 
-/// A machine with nothing of the cluster yet: /etc/fleet empty and writable, its machine id in
-/// /etc/machine-id, fleet-agent.service installed but not started (as after `apt install
-/// fleet-agent`), so `fleet-agent join` is what makes it a member.
-async fn boot_joining(spec: &MachineSpec, bin_dir: &Path, unit_template: &str, dir: &Path) -> Result<MachineProc> {
-    let unit = unit_template.replace("/usr/bin/fleet-agent", "/opt/fleet/fleet-agent");
-    std::fs::write(dir.join("fleet-agent.service"), unit)?;
-    let enter = cgroup::enter_script(&cgroup::prepare(&spec.name)?);
-    let mut cmd = Command::new("sh");
-    cmd.args(["-c", &format!("{enter}exec systemd-nspawn \"$@\""), "sh"]);
-    cmd.args(["-D", "/", "--volatile=yes", "--register=no", "--keep-unit", "-M", &spec.name])
-        .arg(format!("--uuid={}", uuid_of(&spec.machine_id)))
-        .arg(format!("--network-namespace-path=/run/netns/{}", spec.name))
-        .arg(format!("--bind={}:/run/dbus", dir.join("bus").display()))
-        .arg(format!("--bind={}:/etc/fleet", dir.join("fleet").display()))
-        .arg(format!("--bind-ro={}:/etc/systemd/system/fleet-agent.service", dir.join("fleet-agent.service").display()))
-        .arg(format!("--bind-ro={}:/opt/fleet", bin_dir.display()))
-        .args(["--boot", "--quiet", "--"])
-        .args(["systemd.firstboot=off"])
-        .args(MASKED.iter().map(|s| format!("systemd.mask={s}")));
-    let pid = process::spawn_logged(cmd, &dir.join("console.log"))?;
-    let m = MachineProc {
-        name: spec.name.clone(),
-        pid,
-        ip: spec.ip.clone(),
-        machine_id: spec.machine_id.clone(),
-        dir: dir.to_path_buf(),
-        spec: Some(spec.clone()),
-    };
-    wait_booted(&m, Duration::from_secs(60)).await?;
-    Ok(m)
+/// Machine `spec`'s identity (a certificate for `machine-<id>` and its etcd role: own keys only)
+/// and its agent's configuration, into `etc`.
+async fn write_identity(spec: &MachineSpec, etc: &Path) -> Result<()> {
+    // The machine's identity: a certificate for `machine-<id>`, and its etcd role (own keys only).
+    pki::issue_machine(&spec.name, &spec.machine_id, &spec.ip, etc)?;
+    let endpoints: Vec<String> =
+        spec.etcd_endpoints.iter().map(|e| e.replace(&format!("https://{HOST_IP}:"), "https://127.0.0.1:")).collect();
+    let mut root = pki::etcd_as(&endpoints, "root").await?;
+    fleet_engine::pki::etcd_add_machine(&mut root, &spec.etcd_prefix, &spec.machine_id).await?;
+    let metadata: String = spec.metadata.iter().map(|(k, v)| format!("{k} = {v:?}\n")).collect();
+    let config = format!(
+        "etcd_endpoints = [{}]\netcd_prefix = {:?}\npublic_ip = {:?}\nlease_ttl_secs = {}\napi_listen = \"0.0.0.0:12490\"\netcd_ca_file = \"/etc/fleet/ca.pem\"\netcd_cert_file = \"/etc/fleet/machine.pem\"\netcd_key_file = \"/etc/fleet/machine.key\"\n\n[capacity]\nmemory = {:?}\ncpu = {:?}\n\n[metadata]\n{metadata}",
+        spec.etcd_endpoints.iter().map(|e| format!("{e:?}")).collect::<Vec<_>>().join(", "),
+        spec.etcd_prefix,
+        spec.ip,
+        spec.lease_ttl_secs,
+        spec.capacity.0,
+        spec.capacity.1,
+    );
+    std::fs::write(etc.join("agent.toml"), config)?;
+    Ok(())
 }
 
 /// Services installed on the host that must not start inside every machine.

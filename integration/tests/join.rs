@@ -88,12 +88,25 @@ async fn a_machine_joins_by_token_runs_units_and_misuse_is_refused() {
         .expect("agent unit file");
     let m = Stop(boot_machine(&spec, &lab.bin_dir, &unit_file).await.expect("boot the new machine"));
     let etc = m.0.dir.join("fleet");
-    let join = |token: &str, hash: &str| {
-        let out =
-            inside(&m.0, &["/opt/fleet/fleet-agent", "join", "--engine", &engine, "--token", token, "--ca-hash", hash]);
+    // `fleet-agent join` on the machine: its exit status and everything it printed.
+    let join_into = |token: &str, hash: &str, dir: &str| {
+        let args = [
+            "/opt/fleet/fleet-agent",
+            "join",
+            "--engine",
+            &engine,
+            "--token",
+            token,
+            "--ca-hash",
+            hash,
+            "--config-dir",
+            dir,
+        ];
+        let out = inside(&m.0, &args);
         let (o, e) = text(&out);
         (out.status.code(), format!("{o}{e}"))
     };
+    let join = |token: &str, hash: &str| join_into(token, hash, "/etc/fleet");
 
     // Refused, nothing written: a wrong pin (nothing is even sent), a forged secret.
     let wrong_hash = format!("sha256:{}", "ab".repeat(32));
@@ -144,25 +157,7 @@ async fn a_machine_joins_by_token_runs_units_and_misuse_is_refused() {
 
     // The token is used up now; another join with it is refused on the machine (in another
     // directory, so the refusal is the engine's, not "joined before").
-    let (code, said) = {
-        let out = inside(
-            &m.0,
-            &[
-                "/opt/fleet/fleet-agent",
-                "join",
-                "--engine",
-                &engine,
-                "--token",
-                &token,
-                "--ca-hash",
-                &ca_hash,
-                "--config-dir",
-                "/tmp/again",
-            ],
-        );
-        let (o, e) = text(&out);
-        (out.status.code(), format!("{o}{e}"))
-    };
+    let (code, said) = join_into(&token, &ca_hash, "/tmp/again");
     assert_ne!(code, Some(0));
     assert!(said.contains(&format!("machine {} already joined", spec.machine_id)), "{said}");
     // A revoked token admits nobody.
@@ -175,22 +170,8 @@ async fn a_machine_joins_by_token_runs_units_and_misuse_is_refused() {
     let made2: serde_json::Value = serde_json::from_str(&made2).expect("json");
     let (token2, id2) = (made2["token"].as_str().expect("token"), made2["info"]["id"].as_str().expect("id"));
     run(&["join-token", "revoke", id2]);
-    let out = inside(
-        &m.0,
-        &[
-            "/opt/fleet/fleet-agent",
-            "join",
-            "--engine",
-            &engine,
-            "--token",
-            token2,
-            "--ca-hash",
-            &ca_hash,
-            "--config-dir",
-            "/tmp/again",
-        ],
-    );
-    assert!(text(&out).1.contains("no such token"), "{:?}", text(&out));
+    let (code, said) = join_into(token2, &ca_hash, "/tmp/again");
+    assert!(code != Some(0) && said.contains("no such token"), "{said}");
     // Every attempt is in the engine's audit log.
     let audit = std::fs::read_to_string(fleet_integration::engine_audit_log(&lab.engines[0].name)).unwrap_or_default();
     assert!(audit.contains(&format!("machine {} joined", spec.machine_id)), "no join in the audit log");
