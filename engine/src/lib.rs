@@ -131,6 +131,11 @@ pub async fn run(mut config: watch::Receiver<EngineConfig>, mut shutdown: watch:
             servers.push(listen::serve_tls(listener, app.clone(), tls.clone(), shutdown.clone()));
         }
     }
+    // Under systemd (Type=notify), `systemctl start fleet-engine` returns once the API is
+    // served: a script or a person can use it on the next line. Without NOTIFY_SOCKET, nothing.
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        tracing::warn!(error = %e, "cannot tell systemd the engine is ready");
+    }
     let election = connect(
         &EtcdConfig { request_timeout: Duration::from_secs(365 * 24 * 3600), ..etcd.clone() },
         RetryPolicy { attempts: 30, ..RetryPolicy::default() },

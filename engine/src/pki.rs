@@ -188,7 +188,9 @@ impl Ca {
             return Ok((cert, key));
         }
         let issued = self.issue(common_name, ips, dns, usage)?;
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        // `file` may name a subdirectory (`node2/etcd`): one directory per machine to copy.
+        let parent = cert.parent().unwrap_or(dir);
+        std::fs::create_dir_all(parent).map_err(io(parent))?;
         write_private(&key, &issued.key_pem)?;
         std::fs::write(&cert, issued.cert_pem).map_err(io(&cert))?;
         Ok((cert, key))
@@ -358,6 +360,10 @@ mod tests {
         let pem = std::fs::read(&cert).expect("cert");
         let der = rustls::pki_types::CertificateDer::from_pem_slice(&pem).expect("pem");
         assert_eq!(common_name(&der).as_deref(), Some("machine-abc"));
+        // A file in a subdirectory (one directory per machine to copy, as docs/install.md does).
+        let (cert, _) = ca.issue_to(&dir, "node2/etcd", "etcd", &[], &[], Usage::Both).expect("issue into node2/");
+        assert_eq!(cert, dir.join("node2").join("etcd.pem"));
+        assert!(dir.join("node2/etcd.key").is_file());
         // A reloaded CA signs certificates that verify against the stored CA certificate.
         let again = Ca::load_or_create(&dir).expect("reload");
         let issued = again.issue("admin", &[], &[], Usage::Client).expect("issue");

@@ -18,12 +18,14 @@
 pub mod bench;
 pub mod browser;
 pub mod cgroup;
+pub mod debian;
 pub mod faults;
 pub mod image;
 pub mod net;
 pub mod phases;
 pub mod pki;
 pub mod process;
+pub mod runbook;
 pub mod sim;
 pub mod testkit;
 

@@ -20,6 +20,16 @@ fn exists(link: &str) -> bool {
     Command::new("ip").args(["link", "show", link]).output().map(|o| o.status.success()).unwrap_or(false)
 }
 
+/// True if the lab's bridge exists (a lab is up, or one left it behind).
+pub fn bridge_exists() -> bool {
+    exists(BRIDGE)
+}
+
+/// Removes the lab's bridge (what a test that made it for itself leaves as it found).
+pub fn remove_bridge() {
+    ip_quiet(&["link", "del", BRIDGE]);
+}
+
 pub fn ensure_bridge() -> Result<()> {
     if !exists(BRIDGE) {
         ip(&["link", "add", BRIDGE, "type", "bridge"])?;

@@ -23,7 +23,8 @@ pub enum Phase {
     Faults,
     /// `image_rollout`, on a lab of image machines.
     Image,
-    /// `packages`: the Debian packages `./lab package` built, installed into a fresh Debian tree.
+    /// `packages` and `install`: the Debian packages `./lab package` built, installed into fresh
+    /// Debian trees and machines (docs/install.md run as written).
     Packages,
 }
 
@@ -33,7 +34,7 @@ pub fn phase_of(package: &str, kind: &str, name: &str) -> Phase {
         (false, _, _) => Phase::Units,
         (true, "test", "faults") => Phase::Faults,
         (true, "test", "image_rollout") => Phase::Image,
-        (true, "test", "packages") => Phase::Packages,
+        (true, "test", "packages" | "install") => Phase::Packages,
         (true, _, _) => Phase::Lab,
     }
 }
@@ -123,6 +124,7 @@ mod tests {
         assert_eq!(phase_of(LAB_CRATE, "test", "faults"), Phase::Faults);
         assert_eq!(phase_of(LAB_CRATE, "test", "image_rollout"), Phase::Image);
         assert_eq!(phase_of(LAB_CRATE, "test", "packages"), Phase::Packages);
+        assert_eq!(phase_of(LAB_CRATE, "test", "install"), Phase::Packages);
         assert_eq!(phase_of(LAB_CRATE, "test", "e2e"), Phase::Lab);
     }
 }

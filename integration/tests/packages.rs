@@ -4,94 +4,25 @@
 //! itself, that the conffiles are conffiles, and that removing and purging leave nothing behind.
 //! The last phase of `./lab test`; skipped outside CI when no packages were built.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use fleet_integration::debian::{built_debs, fresh_tree, in_tree, run};
+use std::path::Path;
 
-/// The fresh tree's base, cached by its package list (minutes to make; seconds to unpack).
+/// The fresh tree's base (docs/install.md's machines add etcd-server).
 const BASE_PACKAGES: &str = "systemd,systemd-sysv,dbus,apt";
-
-fn debs() -> Option<Vec<PathBuf>> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debian");
-    let mut debs: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "deb"))
-        .collect();
-    debs.sort();
-    if debs.is_empty() {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "CI=true but no packages in {}: ./lab package first",
-            dir.display()
-        );
-        return None;
-    }
-    Some(debs)
-}
-
-fn run(what: &str, cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: cannot run: {e}"));
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "{what} failed ({}):\n{text}", out.status);
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A fresh Debian 12 tree in `dir`, from the cached bootstrap (made first if needed).
-fn fresh_tree(dir: &Path) -> PathBuf {
-    let cache = Path::new("/var/cache/fleet-lab");
-    std::fs::create_dir_all(cache).expect("cache dir");
-    let base = cache.join(format!("bookworm-{}.tar", BASE_PACKAGES.replace(',', "+")));
-    if !base.exists() {
-        let partial = base.with_extension("partial.tar");
-        run(
-            "mmdebstrap",
-            Command::new("mmdebstrap").args([
-                "--quiet",
-                "--variant=minbase",
-                &format!("--include={BASE_PACKAGES}"),
-                "bookworm",
-                &partial.display().to_string(),
-                "http://deb.debian.org/debian",
-            ]),
-        );
-        std::fs::rename(&partial, &base).expect("cache the bootstrap");
-    }
-    let root = dir.join("root");
-    std::fs::create_dir_all(&root).expect("root dir");
-    run("unpack the bootstrap", Command::new("tar").arg("-C").arg(&root).arg("-xf").arg(&base));
-    root
-}
-
-/// A command inside the tree: a container, not booted, as apt runs in an installer. Like the
-/// lab's machines, not registered with machined and kept in the caller's unit; in a mount
-/// namespace of its own with a tmpfs at /run/systemd/nspawn, which nspawn wants for a directory
-/// other than /.
-fn nspawn(root: &Path, args: &[&str]) -> Command {
-    std::fs::create_dir_all("/run/systemd/nspawn").expect("nspawn dir");
-    let mut cmd = Command::new("unshare");
-    cmd.args(["-m", "--propagation", "private", "sh", "-c"])
-        .arg("mount -t tmpfs tmpfs /run/systemd/nspawn && exec systemd-nspawn \"$@\"")
-        .args(["sh", "--quiet", "--pipe", "--register=no", "--keep-unit", "--machine=fl-pkg", "-D"])
-        .arg(root)
-        .arg("--")
-        .args(args);
-    cmd
-}
 
 /// Runs a command inside the tree; its output, or a failure with everything it printed.
 fn inside(root: &Path, args: &[&str]) -> String {
-    run(&format!("in the fresh tree: {}", args.join(" ")), &mut nspawn(root, args))
+    run(&format!("in the fresh tree: {}", args.join(" ")), &mut in_tree(root, args)).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 #[test]
 fn the_packages_install_into_a_fresh_debian_and_leave_nothing_when_purged() {
-    let Some(debs) = debs() else { return };
+    let Some(debs) = built_debs() else { return };
     let version = env!("CARGO_PKG_VERSION");
     let dir = std::env::temp_dir().join(format!("fleet-packages-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let root = fresh_tree(&dir);
+    let root = dir.join("root");
+    fresh_tree(&root, BASE_PACKAGES).expect("a fresh Debian tree");
     std::fs::create_dir_all(root.join("debs")).expect("debs dir");
     let mut inner = Vec::new();
     for d in &debs {
@@ -129,7 +60,7 @@ fn the_packages_install_into_a_fresh_debian_and_leave_nothing_when_purged() {
     for unit in ["fleet-engine.service", "fleet-agent.service"] {
         let text = inside(&root, &["cat", &format!("/usr/lib/systemd/system/{unit}")]);
         assert!(text.contains("ExecReload="), "{unit} reloads:\n{text}");
-        let enabled = nspawn(&root, &["systemctl", "is-enabled", unit]).output().expect("systemctl is-enabled");
+        let enabled = in_tree(&root, &["systemctl", "is-enabled", unit]).output().expect("systemctl is-enabled");
         assert_eq!(String::from_utf8_lossy(&enabled.stdout).trim(), "disabled", "{unit}");
     }
     // fleetctl's man page and completions where man and the shells look.
