@@ -302,6 +302,34 @@ fn all_units_run(c: &Cluster, avoid: Option<&str>) -> Option<BTreeMap<String, St
     Some(hello)
 }
 
+/// node4's etcd identity (what `fleet-agent join` wrote on it) reads its own schedule from etcd:
+/// Ok if etcd answers, the error if it refuses. Asked from the host, with node4's files.
+fn node4_reads_etcd(c: &Cluster) -> Result<(), String> {
+    let node4 = c.get("node4");
+    let pki = node4.root.join("etc/fleet/pki");
+    let id = std::fs::read_to_string(node4.root.join("etc/machine-id")).map_err(|e| e.to_string())?;
+    let tls = fleet_store::tls::ClientTls {
+        ca_file: pki.join("etcd-ca.pem"),
+        cert_file: pki.join("machine.pem"),
+        key_file: pki.join("machine.key"),
+    };
+    let endpoint = format!("https://{}:2379", lab_ip(1));
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let opts = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(3))
+            .with_timeout(Duration::from_secs(5))
+            .with_tls(tls.etcd_options().map_err(|e| e.to_string())?);
+        let mut client = etcd_client::Client::connect([endpoint], Some(opts)).await.map_err(|e| e.to_string())?;
+        let key = fleet_model::Keys::new("/fleet/").schedule_of(id.trim());
+        client
+            .get(key, Some(etcd_client::GetOptions::new().with_prefix().with_keys_only()))
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    })
+}
+
 /// Main PIDs on a machine: its daemons and the page's units there.
 fn main_pids(m: &Machine) -> BTreeMap<String, String> {
     let names = m.sh("systemctl list-units --plain --no-legend --state=active 'hello@*' fleet-engine.service fleet-agent.service | cut -d' ' -f1");
@@ -351,6 +379,8 @@ impl Checks {
                 });
                 assert!(ok, "fleetctl list-machines: {:?}", machines(c));
                 assert_eq!(machines(c).len(), 4, "{:?}", machines(c));
+                // The identity it joined with works in etcd (what "Removing a machine" takes away).
+                node4_reads_etcd(c).unwrap_or_else(|e| panic!("node4's own etcd identity refused: {e}"));
             }
             "Running units" => {
                 let ok = wait_until("every unit running where fleetctl says", 90, || all_units_run(c, None).is_some());
@@ -363,6 +393,15 @@ impl Checks {
                 let ok =
                     wait_until("node4's units active elsewhere", 60, || all_units_run(c, Some(&lab_ip(4))).is_some());
                 assert!(ok, "fleetctl list-units: {:?}", units(c));
+                let listed = machines(c);
+                assert!(listed.len() == 3 && !listed.contains_key(&lab_ip(4)), "fleetctl list-machines: {listed:?}");
+                // Its etcd user is gone: etcd refuses its certificate.
+                let refused =
+                    node4_reads_etcd(c).expect_err("etcd still admits node4's identity after etcd-remove-machine");
+                assert!(
+                    refused.contains("not found") || refused.contains("denied"),
+                    "etcd's refusal of node4: {refused}"
+                );
             }
             "Upgrading" => {
                 for name in MEMBERS {
