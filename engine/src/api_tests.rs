@@ -38,6 +38,16 @@ async fn engine_keeping(auth: AuthConfig, history: usize) -> Engine {
 }
 
 async fn engine_full(auth: AuthConfig, history: usize, join: Option<std::sync::Arc<crate::join::Joining>>) -> Engine {
+    engine_built(auth, history, join, true).await
+}
+
+/// An engine as `engine_full` makes it, with metrics recorded or not (`metrics = false`).
+async fn engine_built(
+    auth: AuthConfig,
+    history: usize,
+    join: Option<std::sync::Arc<crate::join::Joining>>,
+    metrics: bool,
+) -> Engine {
     let store = MemStore::new();
     let keys = Keys::new("/fleet-test/");
     let api = Api {
@@ -50,7 +60,7 @@ async fn engine_full(auth: AuthConfig, history: usize, join: Option<std::sync::A
         fleetlock: Default::default(),
         written: Default::default(),
         requests: Default::default(),
-        metrics: crate::metrics::Metrics::new(),
+        metrics: crate::metrics::Metrics::with(metrics),
         join,
     };
     // The unix socket's caller is an admin by default: no token or certificate to make.
@@ -447,6 +457,19 @@ async fn an_engine_with_events_off_says_so_and_serves_the_rest() {
         let message = body["error"]["message"].as_str().unwrap_or_default();
         assert!(message.contains("event_history = 0"), "{path}: {body}");
     }
+    let (status, page) = e.call(Method::GET, "/fleet/v1/units", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(page["units"][0]["name"].as_str(), Some("a.service"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_with_metrics_off_says_so_and_serves_the_rest() {
+    let e = engine_built(AuthConfig::default(), crate::events::DEFAULT_HISTORY, None, false).await;
+    let (status, _) = e.call(Method::PUT, "/fleet/v1/units/a.service", Some(unit("launched"))).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, body) = e.call(Method::GET, "/metrics", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert!(body["error"]["message"].as_str().is_some_and(|m| m.contains("metrics = false")), "{body}");
     let (status, page) = e.call(Method::GET, "/fleet/v1/units", None).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(page["units"][0]["name"].as_str(), Some("a.service"));

@@ -40,6 +40,9 @@ pub struct EngineConfig {
     /// without auth, for a Prometheus agent on the machine; empty: none (`/metrics` on the API
     /// needs the read role).
     pub metrics_listen: String,
+    /// Record Prometheus metrics and serve them on `/metrics` (default); `false` records
+    /// nothing and `/metrics` answers 404 saying so.
+    pub metrics: bool,
     /// Events this engine keeps in memory for `GET /fleet/v1/events` and for streams resuming
     /// after a reconnect (about 300 bytes each); 0 switches events off: none are derived, and
     /// the events API answers 404 saying so.
@@ -71,6 +74,7 @@ impl Default for EngineConfig {
             lead: true,
             event_history: crate::events::DEFAULT_HISTORY,
             metrics_listen: String::new(),
+            metrics: true,
             join: JoinConfig::default(),
         }
     }
@@ -125,6 +129,11 @@ impl EngineConfig {
         self.etcd_tls().map_err(|e| ConfigError::Invalid(format!("etcd TLS: {e}")))?;
         crate::auth::Auth::new(&crate::auth::AuthConfig { audit_log: String::new(), ..self.auth.clone() })
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        if !self.metrics_listen.is_empty() && !self.metrics {
+            return Err(ConfigError::Invalid(
+                "metrics_listen is set but metrics = false: nothing to serve there".into(),
+            ));
+        }
         if !self.metrics_listen.is_empty() {
             fleet_config::loopback_only("metrics_listen", &self.metrics_listen).map_err(ConfigError::Invalid)?;
         }
@@ -190,5 +199,15 @@ mod reload_tests {
         cold.etcd_request_timeout_ms += 1;
         cold.auth.audit_log = "/var/log/fleet-audit.log".into();
         assert_eq!(crate::restart_only_changes(&running, &cold), vec!["auth", "etcd_request_timeout_ms", "fleetlock"]);
+    }
+
+    /// A loopback metrics listener with metrics switched off would serve nothing: refused,
+    /// naming both settings.
+    #[test]
+    fn metrics_off_with_a_metrics_listener_is_refused() {
+        let cfg = EngineConfig { metrics: false, metrics_listen: "127.0.0.1:9100".into(), ..EngineConfig::default() };
+        let err = cfg.validate().expect_err("refused").to_string();
+        assert!(err.contains("metrics_listen") && err.contains("metrics = false"), "{err}");
+        assert!(EngineConfig { metrics: false, ..EngineConfig::default() }.validate().is_ok());
     }
 }

@@ -184,7 +184,9 @@ async fn commit(
         // never takes values a client makes up.
         let known = group == "default" || api.fleetlock.groups.contains_key(group);
         let held = crate::metrics::GroupLabels { group: if known { group.to_string() } else { "other".into() } };
-        api.metrics.reboot_slots_held.get_or_create(&held).set(sem.holders.len() as i64);
+        if api.metrics.on() {
+            api.metrics.reboot_slots_held.get_or_create(&held).set(sem.holders.len() as i64);
+        }
         crate::api::settle(api, done.revision).await;
     }
     Ok(done.succeeded)

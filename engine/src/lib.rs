@@ -85,7 +85,7 @@ pub async fn run(mut config: watch::Receiver<EngineConfig>, mut shutdown: watch:
     let watch_client = connect(&etcd, RetryPolicy { attempts: 30, ..RetryPolicy::default() }).await?;
     let cluster = cluster::Cluster::follow(watch_client, keys.clone(), cfg.event_history);
     let status = Arc::new(Mutex::new(leader::LeaderStatus { engine_id: cfg.engine_id.clone(), ..Default::default() }));
-    let metrics = metrics::Metrics::new();
+    let metrics = metrics::Metrics::with(cfg.metrics);
     let api = api::Api {
         store: fleet_store::kv::EtcdStore::new(client.clone()).into(),
         keys: keys.clone(),

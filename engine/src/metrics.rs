@@ -82,10 +82,19 @@ pub struct Metrics {
     unseen_writes: std::sync::Mutex<std::collections::VecDeque<(i64, std::time::Instant)>>,
     pub units: Gauge,
     pub machines: Gauge,
+    /// False with `metrics = false`: nothing is recorded (and `/metrics` answers 404).
+    on: bool,
 }
 
 impl Metrics {
+    /// Metrics that record.
     pub fn new() -> Arc<Metrics> {
+        Self::with(true)
+    }
+
+    /// Metrics that record (`on`), or that record nothing: the engine's `metrics = false`, for
+    /// an operator who does not want them and for measuring what they cost.
+    pub fn with(on: bool) -> Arc<Metrics> {
         let mut registry = Registry::with_prefix("fleet");
         let api_requests = Family::<RequestLabels, Counter>::default();
         registry.register(
@@ -183,11 +192,20 @@ impl Metrics {
             unseen_writes: Default::default(),
             units,
             machines,
+            on,
         })
+    }
+
+    /// Whether metrics are recorded.
+    pub fn on(&self) -> bool {
+        self.on
     }
 
     /// A write committed at `revision` while the view was at `view`.
     pub fn wrote(&self, revision: i64, view: i64) {
+        if !self.on {
+            return;
+        }
         let Ok(mut q) = self.unseen_writes.lock() else { return };
         while q.front().is_some_and(|(r, _)| *r <= view) {
             q.pop_front();
@@ -210,6 +228,9 @@ impl Metrics {
 
     /// Records one answered API request.
     pub fn request(&self, route: &str, method: &str, code: u16, took: Duration) {
+        if !self.on {
+            return;
+        }
         let (route, method) = (route.to_string(), method.to_string());
         self.api_requests
             .get_or_create(&RequestLabels { route: route.clone(), method: method.clone(), code: code.to_string() })
@@ -219,12 +240,18 @@ impl Metrics {
 
     /// Records one etcd call made for an API request.
     pub fn store_call(&self, call: &str, outcome: &str, took: Duration) {
+        if !self.on {
+            return;
+        }
         self.store_requests.get_or_create(&StoreLabels { call: call.to_string(), outcome: outcome.to_string() }).inc();
         self.store_duration.observe(took.as_secs_f64());
     }
 
     /// Records whether this engine leads now.
     pub fn set_leader(&self, leading: bool) {
+        if !self.on {
+            return;
+        }
         let now = i64::from(leading);
         if self.leader.set(now) != now {
             self.leadership_changes.inc();
@@ -248,6 +275,9 @@ pub async fn observe(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
+    if !metrics.on {
+        return next.run(req).await;
+    }
     let route = req
         .extensions()
         .get::<axum::extract::MatchedPath>()
@@ -285,6 +315,21 @@ mod tests {
         for line in text.lines().filter(|l| l.starts_with("# HELP ")) {
             assert!(line.starts_with("# HELP fleet_"), "{line}");
         }
+    }
+
+    /// Switched off, nothing is recorded.
+    #[test]
+    fn metrics_that_are_off_record_nothing() {
+        let m = Metrics::with(false);
+        m.request("/fleet/v1/units", "GET", 200, Duration::from_millis(3));
+        m.store_call("write unit", "ok", Duration::from_millis(2));
+        m.set_leader(true);
+        m.wrote(10, 9);
+        let text = m.render();
+        assert!(!text.contains("fleet_api_requests_total{"), "{text}");
+        assert!(!text.contains("fleet_etcd_requests_total{"), "{text}");
+        assert!(text.contains("fleet_engine_leader 0"), "{text}");
+        assert!(m.unseen_writes.lock().is_ok_and(|q| q.is_empty()));
     }
 
     /// The lag is the age of the oldest write the view does not show, and 0 once it shows all.

@@ -164,6 +164,13 @@ pub(crate) async fn discovery() -> Response {
 /// from the view now, the rest was recorded as it happened.
 pub(crate) async fn metrics(State(api): State<Api>) -> Response {
     let m = &api.metrics;
+    if !m.on() {
+        return ApiError::new(
+            StatusCode::NOT_FOUND,
+            "metrics are switched off on this engine (metrics = false in its configuration)",
+        )
+        .into_response();
+    }
     let (units, machines, revision) = api.cluster.read(|v| (v.units.len(), v.machines.len(), v.revision));
     m.units.set(units as i64);
     m.machines.set(machines as i64);

@@ -23,6 +23,7 @@ async fn thousand_machines_ten_thousand_units_converge_and_survive_faults() {
         faults: true,
         idle_secs: 10,
         event_history: None,
+        metrics: true,
     })
     .await
     .expect("simulation runs");

@@ -136,6 +136,7 @@ pub async fn bench(
             faults: true,
             idle_secs: 30,
             event_history: None,
+            metrics: true,
         })
         .await
         .unwrap_or_else(|e| SimReport {
@@ -147,15 +148,22 @@ pub async fn bench(
         eprintln!("{}", serde_json::to_string(&report)?);
         sims.push(report);
     }
-    // The engine alone (no agents competing for the host), at the target size: with events, then
-    // without, in turns, so what events cost shows against the run-to-run noise of this host.
+    // The engine alone (no agents competing for the host), at the target size: as installed,
+    // without events, and without metrics, in turns, so what each costs shows against the
+    // run-to-run noise of this host.
     let (machines, units) = engine_size;
     let mut engines = Vec::new();
-    for turn in 0..2 * ENGINE_ALONE_PAIRS {
-        let events = turn % 2 == 0;
+    for turn in 0..3 * ENGINE_ALONE_ROUNDS {
+        let (events, metrics) = match turn % 3 {
+            0 => (true, true),
+            1 => (false, true),
+            _ => (true, false),
+        };
+        let on = |b: bool| if b { "on" } else { "off" };
         eprintln!(
-            "bench: the engine alone: {machines} machines registered, {units} units, events {}",
-            if events { "on" } else { "off" }
+            "bench: the engine alone: {machines} machines registered, {units} units, events {}, metrics {}",
+            on(events),
+            on(metrics)
         );
         let cfg = SimConfig {
             etcd_tls: None,
@@ -170,6 +178,7 @@ pub async fn bench(
             faults: false,
             idle_secs: 0,
             event_history: if events { None } else { Some(0) },
+            metrics,
         };
         match crate::sim::engine_alone(cfg).await {
             Ok(r) => {
@@ -216,8 +225,9 @@ pub async fn lab_and_cli(lab_up: LabUp<'_>) -> Result<LabResults> {
     Ok(LabResults { lab, cli, secure_sim, secure_engine })
 }
 
-/// Runs of the engine alone with events and without (each), taken in turns.
-const ENGINE_ALONE_PAIRS: usize = 3;
+/// Runs of the engine alone of each kind (as installed, without events, without metrics), taken
+/// in turns.
+const ENGINE_ALONE_ROUNDS: usize = 3;
 
 /// The size of the simulated rows taken on the default, secure configuration.
 const SECURE_SIZE: (usize, usize) = (10_000, 100_000);
@@ -256,6 +266,7 @@ async fn secure_sims(lab: &LabState, (machines, units): (usize, usize)) -> Resul
         faults,
         idle_secs: if faults { 30 } else { 0 },
         event_history: None,
+        metrics: true,
     };
     eprintln!("bench: {machines} simulated machines, {units} units, etcd with TLS");
     let sim = run_sim(cfg("/fleet-bench-tls/", true)).await.unwrap_or_else(|e| SimReport {

@@ -38,6 +38,9 @@ struct Args {
     /// The engines' `event_history`; 0 switches events off (to measure what they cost).
     #[arg(long)]
     event_history: Option<usize>,
+    /// The engines record no metrics (`metrics = false`; to measure what they cost).
+    #[arg(long)]
+    no_metrics: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -63,6 +66,7 @@ fn main() -> anyhow::Result<()> {
         faults: a.faults,
         idle_secs: a.idle_secs,
         event_history: a.event_history,
+        metrics: !a.no_metrics,
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     if a.engine_alone {

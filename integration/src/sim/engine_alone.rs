@@ -35,6 +35,10 @@ pub struct EngineReport {
     /// what they cost).
     #[serde(default = "events_default")]
     pub events: bool,
+    /// Whether the engines recorded metrics (`metrics = false` switches them off, to measure
+    /// what they cost).
+    #[serde(default = "events_default")]
+    pub metrics: bool,
 }
 
 fn events_default() -> bool {
@@ -62,6 +66,7 @@ pub async fn engine_alone(cfg: SimConfig) -> Result<EngineReport> {
         units: cfg.units,
         etcd_tls: cfg.etcd_tls.is_some(),
         events: cfg.event_history != Some(0),
+        metrics: cfg.metrics,
         ..Default::default()
     };
 

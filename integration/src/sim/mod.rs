@@ -59,6 +59,8 @@ pub struct SimConfig {
     /// The engines' `event_history` (`Some(0)`: events off, for comparing their cost); `None`:
     /// the default.
     pub event_history: Option<usize>,
+    /// Whether the engines record metrics (`false`: `metrics = false`, for comparing their cost).
+    pub metrics: bool,
 }
 
 /// What one run measured. Times in seconds unless named otherwise.
@@ -173,9 +175,12 @@ fn engine_config(cfg: &SimConfig, dir: &Path) -> Result<(PathBuf, String)> {
         "\n[[auth.tokens]]\nname = \"fleet-sim\"\nrole = \"admin\"\nsha256 = \"{}\"\n",
         fleet_engine::pki::token_hash(&token)
     );
+    // Top-level keys before the first table.
     if let Some(n) = cfg.event_history {
-        // Top-level keys before the first table.
         text = format!("event_history = {n}\n{text}");
+    }
+    if !cfg.metrics {
+        text = format!("metrics = false\n{text}");
     }
     let path = dir.join("engine.toml");
     std::fs::write(&path, text)?;
