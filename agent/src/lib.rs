@@ -13,6 +13,7 @@
 pub mod config;
 pub mod driver;
 pub mod guard;
+pub mod health;
 pub mod join;
 pub mod metrics;
 pub mod presence;
@@ -91,6 +92,12 @@ pub struct Agent<D: UnitDriver = Systemd, S: Store = EtcdStore> {
     stopped_while_cut_off: Vec<String>,
     /// The daemon's metrics; none in benchmarks and unit tests.
     metrics: Option<std::sync::Arc<metrics::AgentMetrics>>,
+    /// Units whose `[X-Fleet]` declares their health, and where each stands.
+    health: HashMap<String, fleet_model::health::HealthTracker>,
+    /// Their checks, while the agent runs.
+    checks: Option<health::Checks>,
+    /// The trackers' clock (milliseconds since the agent started).
+    clock: Instant,
 }
 
 /// Counts a reconcile pass and its time when dropped (a pass has several ways out).
@@ -103,10 +110,10 @@ impl Drop for PassTimer {
     }
 }
 
-/// Whether a unit file's `[X-Fleet]` section makes it exclusive.
-fn is_exclusive(name: &str, text: &str) -> bool {
-    let (Ok(unit), Ok(file)) = (UnitName::parse(name), fleet_model::UnitFile::parse(text)) else { return false };
-    fleet_model::rules::Rules::parse(&unit, &file).is_ok_and(|r| r.exclusive)
+/// A unit file's `[X-Fleet]` section (the engine refused any it could not read).
+fn rules_of(name: &str, text: &str) -> Option<fleet_model::rules::Rules> {
+    let (Ok(unit), Ok(file)) = (UnitName::parse(name), fleet_model::UnitFile::parse(text)) else { return None };
+    fleet_model::rules::Rules::parse(&unit, &file).ok()
 }
 
 impl<D: UnitDriver, S: Store> Agent<D, S> {
@@ -140,6 +147,9 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
             system_unit_dirs: guard::SYSTEM_UNIT_DIRS.iter().map(PathBuf::from).collect(),
             stopped_while_cut_off: Vec::new(),
             metrics: None,
+            health: HashMap::new(),
+            checks: None,
+            clock: Instant::now(),
         };
         agent.read_files().await?;
         agent.read_published().await?;
@@ -165,9 +175,7 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
             }
             match tokio::fs::read_to_string(entry.path()).await {
                 Ok(text) => {
-                    if is_exclusive(&name, &text) {
-                        self.exclusive.insert(name.clone());
-                    }
+                    self.learn_rules(&name, &text);
                     self.path_to_unit.insert(systemd::unit_path(&name), name.clone());
                     self.files.insert(name, content_hash(&text));
                 }
@@ -192,6 +200,8 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
         let (change_tx, mut change_rx) = mpsc::unbounded_channel();
         self.systemd.watch_changes(change_tx).await?;
         self.lease = *lease_rx.borrow_and_update();
+        let (health_tx, mut health_rx) = mpsc::unbounded_channel();
+        self.checks = Some(health::Checks::new(health_tx));
         // Only armed while something failed to publish: an idle agent has no timers.
         let mut retry_at: Option<tokio::time::Instant> = None;
         loop {
@@ -201,7 +211,24 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
                     None => futures::future::pending().await,
                 }
             };
+            // Armed only while a unit waits out its `MinHealthyTime`.
+            let health_at = self.next_health_change();
+            let health_due = async {
+                match health_at {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => futures::future::pending().await,
+                }
+            };
             tokio::select! {
+                result = health_rx.recv() => {
+                    if let Some((unit, passed)) = result {
+                        self.note_check(&unit, passed);
+                        while let Ok((unit, passed)) = health_rx.try_recv() {
+                            self.note_check(&unit, passed);
+                        }
+                    }
+                }
+                _ = health_due => self.note_health_time(),
                 update = sched_rx.recv() => {
                     let Some(update) = update else { break };
                     self.apply_schedule_update(update);
@@ -289,6 +316,65 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
             tracing::info!("agent stopping; units keep running");
         }
         Ok(())
+    }
+
+    /// What the agent itself acts on in a unit's `[X-Fleet]`: exclusivity and health.
+    fn learn_rules(&mut self, name: &str, text: &str) {
+        let rules = rules_of(name, text);
+        if rules.as_ref().is_some_and(|r| r.exclusive) {
+            self.exclusive.insert(name.to_string());
+        } else {
+            self.exclusive.remove(name);
+        }
+        let spec = rules.map(|r| r.health).unwrap_or_default();
+        if spec == fleet_model::health::HealthSpec::default() {
+            if self.health.remove(name).is_some() {
+                self.unpublished.insert(name.to_string());
+            }
+            if let Some(c) = self.checks.as_mut() {
+                c.set(name, None, false);
+            }
+        } else if self.health.get(name).is_none_or(|t| *t.spec() != spec) {
+            // A new or changed declaration starts over; the unit's activity is seen again at
+            // the next publication.
+            self.health.insert(name.to_string(), fleet_model::health::HealthTracker::new(spec));
+            self.unpublished.insert(name.to_string());
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.clock.elapsed().as_millis() as u64
+    }
+
+    /// A check's result: the unit is published again if its health changed.
+    fn note_check(&mut self, unit: &str, passed: bool) {
+        let now = self.now_ms();
+        let Some(t) = self.health.get_mut(unit) else { return };
+        t.checked(passed);
+        let health = t.health(now);
+        if self.published.get(unit).and_then(|r| r.health) != health {
+            if let Some(h) = health {
+                tracing::info!(unit, health = h.as_str(), "health changed");
+            }
+            self.unpublished.insert(unit.to_string());
+        }
+    }
+
+    /// Health that changed by time alone (`MinHealthyTime` passed) is published.
+    fn note_health_time(&mut self) {
+        let now = self.now_ms();
+        for (unit, t) in &self.health {
+            if self.published.get(unit).and_then(|r| r.health) != t.health(now) {
+                self.unpublished.insert(unit.clone());
+            }
+        }
+    }
+
+    /// When some unit's health changes by time alone next.
+    fn next_health_change(&self) -> Option<tokio::time::Instant> {
+        let now = self.now_ms();
+        let at = self.health.values().filter_map(|t| t.changes_at()).filter(|at| *at > now).min()?;
+        Some(tokio::time::Instant::from_std(self.clock + Duration::from_millis(at)))
     }
 
     fn note_change(&mut self, change: UnitChange) {
@@ -427,6 +513,10 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
             self.files.remove(n);
             self.applied.remove(n);
             self.exclusive.remove(n);
+            self.health.remove(n);
+            if let Some(c) = self.checks.as_mut() {
+                c.set(n, None, false);
+            }
         }
         let mut linked = Vec::new();
         let mut installable = Vec::new();
@@ -475,11 +565,7 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
                     }
                     self.path_to_unit.insert(systemd::unit_path(name), name.clone());
                     self.applied.insert(name.clone(), DesiredState::Loaded);
-                    if is_exclusive(name, &body) {
-                        self.exclusive.insert(name.clone());
-                    } else {
-                        self.exclusive.remove(name);
-                    }
+                    self.learn_rules(name, &body);
                     if fleet_model::UnitFile::parse(&body)
                         .is_ok_and(|f| f.options.iter().any(|o| o.section == "Install"))
                     {

@@ -46,6 +46,7 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
         let mut deferred = BTreeSet::new();
         let mut ops = Vec::new();
         let mut next: Vec<(String, Option<UnitStateRecord>)> = Vec::new();
+        let now = self.now_ms();
         for name in &names {
             let Ok(unit) = UnitName::parse(name) else {
                 continue;
@@ -72,12 +73,22 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
                     } else {
                         self.transient_since.remove(name);
                     }
+                    // A unit declaring its health: its tracker sees it active or not, its check
+                    // runs while it is active.
+                    let health = self.health.get_mut(name).and_then(|t| {
+                        t.active(o.active_state == "active", now);
+                        if let Some(c) = self.checks.as_mut() {
+                            c.set(name, t.spec().check.as_ref(), t.wants_checks());
+                        }
+                        t.health(now)
+                    });
                     let rec = UnitStateRecord {
                         hash: hash.clone(),
                         load_state: o.load_state,
                         active_state: o.active_state,
                         sub_state: o.sub_state,
                         applied: self.applied.get(name).copied().unwrap_or(DesiredState::Loaded),
+                        health,
                     };
                     if self.published.get(name) != Some(&rec) {
                         let value = encode(&rec).map_err(|e| AgentError::Etcd(e.to_string()))?;
@@ -92,6 +103,7 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
                         active_state: "failed".into(),
                         sub_state: "shadows-system-unit".into(),
                         applied: DesiredState::Inactive,
+                        health: None,
                     };
                     if self.published.get(name) != Some(&rec) {
                         let value = encode(&rec).map_err(|e| AgentError::Etcd(e.to_string()))?;
@@ -114,6 +126,7 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
                                 active_state: o.active_state.clone(),
                                 sub_state: o.sub_state.clone(),
                                 applied: DesiredState::Inactive,
+                                health: None,
                             };
                             let value = encode(&rec).map_err(|e| AgentError::Etcd(e.to_string()))?;
                             ops.push(Op::put(key, value, lease));

@@ -6,6 +6,7 @@
 use fleet_agent::config::AgentConfig;
 use fleet_agent::driver::SimulatedSystemd;
 use fleet_agent::Agent;
+use fleet_model::health::Health;
 use fleet_model::schema::{decode, encode};
 use fleet_model::unit_file::content_hash;
 use fleet_model::{DesiredState, Keys, ScheduleEntry, UnitFile, UnitName, UnitStateRecord};
@@ -50,8 +51,13 @@ async fn start(name: &str) -> Running {
 impl Running {
     /// Schedules `unit` here, with its body, as the engine and the leader would.
     async fn schedule(&self, unit: &str) {
+        self.schedule_file(unit, "[Service]\nExecStart=/bin/sleep 1000\n").await
+    }
+
+    /// Schedules `unit` here with the unit file `file`.
+    async fn schedule_file(&self, unit: &str, file: &str) {
         let name = UnitName::parse(unit).expect("name");
-        let text = UnitFile::parse("[Service]\nExecStart=/bin/sleep 1000\n").expect("unit file").canonical();
+        let text = UnitFile::parse(file).expect("unit file").canonical();
         let hash = content_hash(&text);
         let entry =
             encode(&ScheduleEntry { hash: hash.clone(), desired_state: DesiredState::Launched }).expect("entry");
@@ -95,6 +101,45 @@ impl Running {
         }
         Err(format!("{unit} still here: {:?}, {} active", self.published(unit), self.systemd.active_count()))
     }
+
+    /// Waits (up to 10 s) until `unit`'s published health is `health`.
+    async fn until_health(&self, unit: &str, health: Option<Health>) -> Result<(), String> {
+        for _ in 0..1000 {
+            if self.published(unit).is_some_and(|r| r.health == health) {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Err(format!("{unit} not published with health {health:?}: {:?}", self.published(unit)))
+    }
+}
+
+/// Health is published with the state of a unit that declares it: starting until its minimum
+/// time, then what its check says, as the check's results change; a unit that declares none
+/// has none.
+#[tokio::test]
+async fn a_units_health_is_checked_and_published_as_it_changes() {
+    let a = start("health").await;
+    let flag = a.dir.join("healthy");
+    a.schedule("plain.service").await;
+    a.schedule_file(
+        "checked.service",
+        &format!(
+            "[Service]\nExecStart=/bin/sleep 1000\n[X-Fleet]\nHealthCheck=/bin/test -f {}\nHealthCheckInterval=100ms\nUnhealthyThreshold=2\n",
+            flag.display()
+        ),
+    )
+    .await;
+    a.schedule_file("slow.service", "[Service]\nExecStart=/bin/sleep 1000\n[X-Fleet]\nMinHealthyTime=700ms\n").await;
+    a.until_published("plain.service", "active").await.expect("published");
+    a.until_health("slow.service", Some(Health::Starting)).await.expect("starting at first");
+    a.until_health("checked.service", Some(Health::Unhealthy)).await.expect("its check fails: no flag");
+    std::fs::write(&flag, "").expect("flag");
+    a.until_health("checked.service", Some(Health::Healthy)).await.expect("its check passes");
+    a.until_health("slow.service", Some(Health::Healthy)).await.expect("healthy after its minimum time");
+    std::fs::remove_file(&flag).expect("flag");
+    a.until_health("checked.service", Some(Health::Unhealthy)).await.expect("unhealthy again");
+    assert_eq!(a.published("plain.service").map(|r| r.health), Some(None), "no declaration, no health");
 }
 
 #[tokio::test]

@@ -4,7 +4,8 @@ use crate::*;
 
 impl Ctl {
     pub(crate) async fn list_units(&self, f: &ListFlags) -> Result<ExitCode> {
-        let fields = fields(f, "unit,machine,active,sub", &["active", "hash", "load", "machine", "sub", "unit"])?;
+        let fields =
+            fields(f, "unit,machine,active,sub", &["active", "hash", "health", "load", "machine", "sub", "unit"])?;
         let (mut states, machines) =
             tokio::try_join!(async { Ok::<_, anyhow::Error>(self.api.states(None).await?) }, self.machines())
                 .context("Error retrieving list of units from repository")?;
@@ -20,6 +21,9 @@ impl Ctl {
                         "active" => s.systemd_active_state.clone(),
                         "sub" => s.systemd_sub_state.clone(),
                         "load" => s.systemd_load_state.clone(),
+                        // A unit that declares no health (or is not active) has none: "-".
+                        "health" if s.health.is_empty() => "-".to_string(),
+                        "health" => s.health.clone(),
                         _ => short_hash(&s.hash, f.full),
                     })
                     .collect()

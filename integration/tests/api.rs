@@ -190,6 +190,7 @@ async fn the_fleet_v1_contract() {
         active_state: "active".into(),
         sub_state: "running".into(),
         applied: DesiredState::Launched,
+        health: None,
     };
     let c = UnitName::parse("c.service").expect("name");
     etcd.put(keys.state(m2, &c), encode(&st).expect("encode"), None).await.expect("put");

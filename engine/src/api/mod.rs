@@ -193,6 +193,7 @@ pub(crate) fn api_state(unit: &UnitName, machine: &str, s: &fleet_model::UnitSta
         systemd_load_state: s.load_state.clone(),
         systemd_active_state: s.active_state.clone(),
         systemd_sub_state: s.sub_state.clone(),
+        health: s.health.map(|h| h.as_str().to_string()).unwrap_or_default(),
     }
 }
 

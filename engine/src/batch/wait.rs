@@ -227,6 +227,7 @@ mod tests {
                 active_state: active.into(),
                 sub_state: String::new(),
                 applied,
+                health: None,
             },
         );
     }

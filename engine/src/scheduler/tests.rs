@@ -422,6 +422,7 @@ fn reports(w: &mut World, unit: &str, machine: &str, active: &str) {
         active_state: active.into(),
         sub_state: String::new(),
         applied: DesiredState::Launched,
+        health: None,
     };
     w.states.entry(n(unit)).or_default().insert(machine.into(), rec);
 }

@@ -169,6 +169,7 @@ pub(super) async fn report_states(admin: &Client, keys: &Keys) -> Result<()> {
         active_state: "active".into(),
         sub_state: "running".into(),
         applied: fleet_model::DesiredState::Launched,
+        health: None,
     })?;
     let txns: Vec<etcd_client::Txn> = placed
         .chunks(100)

@@ -93,6 +93,11 @@ pub struct UnitState {
     #[serde(default)]
     #[cfg_attr(feature = "openapi", schema(required = true))]
     pub systemd_sub_state: String,
+    /// `starting`, `healthy` or `unhealthy`, for an active unit whose `[X-Fleet]` declares its
+    /// health (`HealthCheck=`, `MinHealthyTime=`); absent otherwise. Not in the original fleet:
+    /// its clients ignore it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub health: String,
 }
 
 /// A machine as `GET /machines` shows it.

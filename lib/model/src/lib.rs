@@ -9,6 +9,7 @@
 //! `fleet-store`'s job), so that fleetctl, a REST client, compiles none of them.
 
 pub mod glob;
+pub mod health;
 pub mod join;
 pub mod machine;
 pub mod rules;

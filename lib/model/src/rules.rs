@@ -144,6 +144,9 @@ pub struct Rules {
     /// Never active on two machines at once, even across a partition: its agent stops it when it
     /// cannot renew its lease, and the engine waits that long before placing it elsewhere.
     pub exclusive: bool,
+    /// When the unit counts as healthy (`HealthCheck=`, `MinHealthyTime=` ...; see
+    /// [`crate::health`]): not a placement rule, but the same section.
+    pub health: crate::health::HealthSpec,
 }
 
 /// Splits fleet's quoted multi-values: `"a=b" "c=d"` -> `a=b`, `c=d`; unquoted: one value.
@@ -326,6 +329,7 @@ impl Rules {
                     }
                     r.spread_by = (!reset).then(|| k.to_string());
                 }
+                k if crate::health::KEYS.contains(&k) => r.health.set(k, &raw)?,
                 other => return Err(RuleError::UnknownKey(other.to_string())),
             }
         }

@@ -189,6 +189,10 @@ pub struct UnitStateRecord {
     pub sub_state: String,
     /// What the agent has applied: `loaded` (file linked) or `launched` (start requested).
     pub applied: DesiredState,
+    /// The unit's health, for a unit whose `[X-Fleet]` declares it (`HealthCheck=`,
+    /// `MinHealthyTime=`) and that is active; absent otherwise (see [`crate::health`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<crate::health::Health>,
 }
 
 impl UnitStateRecord {
@@ -274,8 +278,15 @@ mod tests {
             active_state: "active".into(),
             sub_state: "running".into(),
             applied: DesiredState::Launched,
+            health: None,
         };
-        assert_eq!(decode::<UnitStateRecord>(&encode(&s).expect("encodes")).ok(), Some(s));
+        let bytes = encode(&s).expect("encodes");
+        assert!(!String::from_utf8_lossy(&bytes).contains("health"), "no health key for a unit without one");
+        assert_eq!(decode::<UnitStateRecord>(&bytes).ok(), Some(s.clone()));
+        let healthy = UnitStateRecord { health: Some(crate::health::Health::Healthy), ..s };
+        let bytes = encode(&healthy).expect("encodes");
+        assert!(String::from_utf8_lossy(&bytes).contains(r#""health":"healthy""#));
+        assert_eq!(decode::<UnitStateRecord>(&bytes).ok(), Some(healthy));
         assert!(decode::<UnitRecord>(br#"{"name":"bad","hash":"h","desiredState":"launched"}"#).is_err());
     }
 }

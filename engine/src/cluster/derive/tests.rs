@@ -65,6 +65,7 @@ impl World {
             active_state: active.into(),
             sub_state: format!("{active}-sub"),
             applied: DesiredState::Launched,
+            health: None,
         };
         Op::put(self.keys.state(m, &name(unit)), encode(&s).expect("encode"), 0)
     }
