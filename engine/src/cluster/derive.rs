@@ -166,17 +166,24 @@ impl Deriver {
             }
             (Key::State(m, unit), Some(v)) => {
                 let Ok(state) = decode::<UnitStateRecord>(v) else { return };
-                let prev = before.states.get(unit).and_then(|s| s.get(m)).map(|s| s.active_state.as_str());
-                if prev == Some(state.active_state.as_str()) {
-                    return;
+                let before_here = before.states.get(unit).and_then(|s| s.get(m));
+                let prev = before_here.map(|s| s.active_state.as_str());
+                if prev != Some(state.active_state.as_str()) {
+                    let kind = match state.active_state.as_str() {
+                        "active" => Some(EventKind::UnitStarted),
+                        "failed" => Some(EventKind::UnitFailed),
+                        s if is_stopped(s) && prev.is_some_and(|p| !is_stopped(p)) => Some(EventKind::UnitStopped),
+                        _ => None,
+                    };
+                    if let Some(kind) = kind {
+                        out.push(Happened::new(kind).unit(unit).machine(m).state(state.sub_state.clone()));
+                    }
                 }
-                let kind = match state.active_state.as_str() {
-                    "active" => EventKind::UnitStarted,
-                    "failed" => EventKind::UnitFailed,
-                    s if is_stopped(s) && prev.is_some_and(|p| !is_stopped(p)) => EventKind::UnitStopped,
-                    _ => return,
-                };
-                out.push(Happened::new(kind).unit(unit).machine(m).state(state.sub_state));
+                // Health is told when it changes to a value (a unit that stops loses it silently:
+                // its stop says so).
+                if let Some(h) = state.health.filter(|h| before_here.and_then(|s| s.health) != Some(*h)) {
+                    out.push(Happened::new(EventKind::UnitHealth).unit(unit).machine(m).state(h.as_str()));
+                }
             }
             // An agent removes a unit's state once systemd stopped it on a machine it was taken
             // off (a lost machine's states go with its lease: not a stop, see `finish`).

@@ -67,6 +67,9 @@ pub enum EventKind {
     UnitFailed,
     /// systemd on `machine` reports the unit stopped.
     UnitStopped,
+    /// The unit's health on `machine` changed (`state`: `starting`, `healthy` or `unhealthy`;
+    /// only units that declare their health).
+    UnitHealth,
     /// The leader cannot place the unit (`reason`).
     UnitUnplaceable,
     /// The unit was destroyed.
@@ -91,7 +94,7 @@ pub enum EventKind {
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 19] = [
+    pub const ALL: [EventKind; 20] = [
         EventKind::UnitSubmitted,
         EventKind::UnitDesiredState,
         EventKind::UnitReplaced,
@@ -101,6 +104,7 @@ impl EventKind {
         EventKind::UnitStarted,
         EventKind::UnitFailed,
         EventKind::UnitStopped,
+        EventKind::UnitHealth,
         EventKind::UnitUnplaceable,
         EventKind::UnitDestroyed,
         EventKind::MachineJoined,
@@ -124,6 +128,7 @@ impl EventKind {
             EventKind::UnitStarted => "unit-started",
             EventKind::UnitFailed => "unit-failed",
             EventKind::UnitStopped => "unit-stopped",
+            EventKind::UnitHealth => "unit-health",
             EventKind::UnitUnplaceable => "unit-unplaceable",
             EventKind::UnitDestroyed => "unit-destroyed",
             EventKind::MachineJoined => "machine-joined",

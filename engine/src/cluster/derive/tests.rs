@@ -59,13 +59,17 @@ impl World {
     }
 
     fn state(&self, m: &str, unit: &str, active: &str) -> Op {
+        self.state_with(m, unit, active, None)
+    }
+
+    fn state_with(&self, m: &str, unit: &str, active: &str, health: Option<fleet_model::health::Health>) -> Op {
         let s = UnitStateRecord {
             hash: "h".into(),
             load_state: "loaded".into(),
             active_state: active.into(),
             sub_state: format!("{active}-sub"),
             applied: DesiredState::Launched,
-            health: None,
+            health,
         };
         Op::put(self.keys.state(m, &name(unit)), encode(&s).expect("encode"), 0)
     }
@@ -82,6 +86,31 @@ impl World {
 
 fn ev(kind: &str, unit: &str, machine: &str, from: &str) -> (String, String, String, String) {
     (kind.into(), unit.into(), machine.into(), from.into())
+}
+
+/// A unit's health is told when it changes, with the activity its state record also changed;
+/// republishing the same health is not news, nor is a unit without one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_changes_are_told() {
+    use fleet_model::health::Health;
+    let w = world().await;
+    w.write(vec![w.state_with(M1, "h.service", "active", Some(Health::Starting))]).await;
+    w.write(vec![w.state_with(M1, "h.service", "active", Some(Health::Starting))]).await;
+    w.write(vec![w.state_with(M1, "h.service", "active", Some(Health::Healthy))]).await;
+    w.write(vec![w.state_with(M1, "h.service", "active", Some(Health::Unhealthy))]).await;
+    w.write(vec![w.state_with(M1, "h.service", "inactive", None)]).await;
+    let told: Vec<(String, String)> = w.read(None).into_iter().map(|e| (e.kind, e.state)).collect();
+    let want: Vec<(String, String)> = [
+        ("unit-started", "active-sub"),
+        ("unit-health", "starting"),
+        ("unit-health", "healthy"),
+        ("unit-health", "unhealthy"),
+        ("unit-stopped", "inactive-sub"),
+    ]
+    .iter()
+    .map(|(k, s)| (k.to_string(), s.to_string()))
+    .collect();
+    assert_eq!(told, want);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
