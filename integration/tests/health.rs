@@ -23,7 +23,10 @@ async fn health_checks_run_on_the_machine_and_show_in_fleetctl() {
     let Some(lab) = testkit::lab() else { return };
     let Some(api) = lab.api_url().map(str::to_string) else { return };
     let dir = testkit::scratch("health").expect("scratch");
-    let prefix = testkit::unique_prefix("health");
+    // Unit names of this run only.
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let prefix = format!("hc{nanos:x}");
     // Ready after 3 s (it makes its flag), never healthy (its check always fails), and one that
     // declares nothing.
     let units = [
