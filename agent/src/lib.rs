@@ -40,6 +40,10 @@ use tokio::sync::{mpsc, watch};
 /// How long a unit may stay `activating`/`deactivating` before that is published.
 const TRANSIENT_GRACE: Duration = Duration::from_secs(1);
 
+/// In the units directory: the exclusive units the agent stopped for a lease in doubt and has
+/// not started again, one name a line (not a unit name, so never read as a unit).
+const STOPPED_FOR_LEASE: &str = ".stopped-for-lease";
+
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error("unit directory {path}: {source}")]
@@ -90,6 +94,10 @@ pub struct Agent<D: UnitDriver = Systemd, S: Store = EtcdStore> {
     system_unit_dirs: Vec<PathBuf>,
     /// Exclusive units stopped while the lease was in doubt, told at the next registration.
     stopped_while_cut_off: Vec<String>,
+    /// Exclusive units this agent stopped for a lease in doubt and has not started again. Kept
+    /// on disk too ([`STOPPED_FOR_LEASE`]): what it published about them (launched) may not have
+    /// reached etcd, and an agent restarted in between must start them again, not trust it.
+    stopped_for_lease: BTreeSet<String>,
     /// The daemon's metrics; none in benchmarks and unit tests.
     metrics: Option<std::sync::Arc<metrics::AgentMetrics>>,
     /// Units whose `[X-Fleet]` declares their health, and where each stands.
@@ -146,6 +154,7 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
             refused: BTreeMap::new(),
             system_unit_dirs: guard::SYSTEM_UNIT_DIRS.iter().map(PathBuf::from).collect(),
             stopped_while_cut_off: Vec::new(),
+            stopped_for_lease: BTreeSet::new(),
             metrics: None,
             health: HashMap::new(),
             checks: None,
@@ -153,6 +162,7 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
         };
         agent.read_files().await?;
         agent.read_published().await?;
+        agent.read_stopped_for_lease().await;
         Ok(agent)
     }
 
@@ -426,6 +436,37 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
         }
     }
 
+    /// An earlier run stopped these exclusive units for a lease in doubt: whatever it published
+    /// about them, they are not launched now (they start again once this agent holds a lease).
+    async fn read_stopped_for_lease(&mut self) {
+        let Ok(text) = tokio::fs::read_to_string(self.units_dir.join(STOPPED_FOR_LEASE)).await else { return };
+        for name in text.lines().map(str::trim).filter(|n| self.files.contains_key(*n)) {
+            self.applied.insert(name.to_string(), DesiredState::Loaded);
+            self.stopped_for_lease.insert(name.to_string());
+        }
+    }
+
+    /// Writes [`STOPPED_FOR_LEASE`] (atomically), or removes it when empty.
+    async fn save_stopped_for_lease(&self) {
+        let path = self.units_dir.join(STOPPED_FOR_LEASE);
+        let result = if self.stopped_for_lease.is_empty() {
+            match tokio::fs::remove_file(&path).await {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                other => other,
+            }
+        } else {
+            let tmp = self.units_dir.join(format!("{STOPPED_FOR_LEASE}.tmp"));
+            let text: String = self.stopped_for_lease.iter().map(|n| format!("{n}\n")).collect();
+            match tokio::fs::write(&tmp, text).await {
+                Ok(()) => tokio::fs::rename(&tmp, &path).await,
+                Err(e) => Err(e),
+            }
+        };
+        if let Err(e) = result {
+            tracing::error!(path = %path.display(), error = %e, "cannot record the exclusive units stopped for the lease");
+        }
+    }
+
     /// Stops exclusive units: the lease is in doubt, so the engine may soon place them elsewhere.
     async fn stop_exclusive(&mut self) {
         let running: Vec<String> =
@@ -433,6 +474,10 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
         if running.is_empty() {
             return;
         }
+        // Recorded before they stop: an agent killed after the stop but before it could publish
+        // it (etcd is what is in doubt) must not take the old "launched" for the truth.
+        self.stopped_for_lease.extend(running.iter().cloned());
+        self.save_stopped_for_lease().await;
         tracing::warn!(units = ?running, "lease in doubt: stopping exclusive units");
         for (unit, e) in for_each(&self.systemd, &running, |s, n| async move { s.stop(&n).await }).await {
             tracing::error!(%unit, error = %e, "cannot stop exclusive unit");
@@ -611,8 +656,17 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
             self.reconcile_again = true;
             self.reload_needed = true;
         }
+        let mut restarted = false;
         for n in startable.into_iter().filter(|n| !failed.contains(n)) {
+            restarted |= self.stopped_for_lease.remove(&n);
             self.applied.insert(n, DesiredState::Launched);
+        }
+        // Units no longer here need no restart either.
+        let before = self.stopped_for_lease.len();
+        let files = &self.files;
+        self.stopped_for_lease.retain(|n| files.contains_key(n));
+        if restarted || self.stopped_for_lease.len() != before {
+            self.save_stopped_for_lease().await;
         }
         let wanted: BTreeSet<&String> = self.schedule.values().map(|e| &e.hash).collect();
         self.bodies.retain(|h, _| wanted.contains(h));

@@ -21,8 +21,9 @@ struct Running {
     store: MemStore,
     keys: Keys,
     systemd: SimulatedSystemd,
-    _shutdown: watch::Sender<bool>,
-    _lease: watch::Sender<Option<i64>>,
+    shutdown: watch::Sender<bool>,
+    lease: watch::Sender<Option<i64>>,
+    agent: tokio::task::JoinHandle<Result<(), fleet_agent::AgentError>>,
     dir: PathBuf,
 }
 
@@ -34,18 +35,24 @@ impl Drop for Running {
 
 async fn start(name: &str) -> Running {
     let store = MemStore::new();
-    let keys = Keys::new("/fleet/");
     let dir = std::env::temp_dir().join(format!("fleet-agent-test-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let cfg = AgentConfig { etcd_prefix: "/fleet/".into(), units_dir: dir.join("units"), ..AgentConfig::default() };
     let systemd = SimulatedSystemd::new(Duration::from_millis(1));
+    run_agent(store, dir, systemd).await
+}
+
+/// An agent on `store` with units directory `dir` and service manager `systemd` (an agent
+/// started again on the same machine gets the same ones).
+async fn run_agent(store: MemStore, dir: PathBuf, systemd: SimulatedSystemd) -> Running {
+    let keys = Keys::new("/fleet/");
+    let cfg = AgentConfig { etcd_prefix: "/fleet/".into(), units_dir: dir.join("units"), ..AgentConfig::default() };
     let agent = Agent::new(&cfg, store.clone(), MACHINE.to_string(), systemd.clone()).await.expect("agent");
     let lease = store.grant(60).await.expect("lease");
     let (lease_tx, lease_rx) = watch::channel(Some(lease));
     let (cleaned_tx, _cleaned_rx) = watch::channel(fleet_agent::presence::Cleaned::default());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    tokio::spawn(agent.run(lease_rx, cleaned_tx, shutdown_rx));
-    Running { store, keys, systemd, _shutdown: shutdown_tx, _lease: lease_tx, dir }
+    let agent = tokio::spawn(agent.run(lease_rx, cleaned_tx, shutdown_rx));
+    Running { store, keys, systemd, shutdown: shutdown_tx, lease: lease_tx, agent, dir }
 }
 
 impl Running {
@@ -140,6 +147,42 @@ async fn a_units_health_is_checked_and_published_as_it_changes() {
     std::fs::remove_file(&flag).expect("flag");
     a.until_health("checked.service", Some(Health::Unhealthy)).await.expect("unhealthy again");
     assert_eq!(a.published("plain.service").map(|r| r.health), Some(None), "no declaration, no health");
+}
+
+/// An exclusive unit is stopped while the lease is in doubt, and etcd (also in doubt) never hears
+/// of it; the agent then dies. The agent started next must not take what etcd still says
+/// (launched) for the truth: it starts the unit again once it holds a lease. (Found by the chaos
+/// test: a unit left inactive for good after a quorum loss and an agent kill.)
+#[tokio::test]
+async fn exclusive_units_stopped_for_a_lease_in_doubt_start_again_after_an_agent_restart() {
+    let mut a = start("excl-restart").await;
+    a.schedule_file("x.service", "[Service]\nExecStart=/bin/sleep 1000\n[X-Fleet]\nExclusive=true\n").await;
+    a.until_published("x.service", "active").await.expect("published");
+    a.store.set_unavailable(true);
+    a.lease.send(None).expect("lease in doubt");
+    for _ in 0..500 {
+        if a.systemd.active_count() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(a.systemd.active_count(), 0, "an exclusive unit runs on while the lease is in doubt");
+    a.shutdown.send(true).expect("stop the agent");
+    let _ = tokio::time::timeout(Duration::from_secs(5), &mut a.agent).await;
+    assert_eq!(
+        a.published("x.service").map(|r| (r.active_state, r.applied)),
+        Some(("active".to_string(), DesiredState::Launched)),
+        "etcd never heard of the stop"
+    );
+    a.store.set_unavailable(false);
+    let b = run_agent(a.store.clone(), a.dir.clone(), a.systemd.clone()).await;
+    for _ in 0..500 {
+        if b.systemd.active_count() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(b.systemd.active_count(), 1, "not started again by the next agent: {:?}", b.published("x.service"));
 }
 
 #[tokio::test]
