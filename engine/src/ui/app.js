@@ -16,7 +16,7 @@ const S = {
   token: sessionStorage.getItem('fleet-token') || '',
   machines: new Map(), // id -> machine
   units: new Map(), // name -> unit (basic view) with .active/.sub from states
-  states: new Map(), // name -> {active, sub}
+  states: new Map(), // name -> {active, sub, health}
   filter: { names: '', state: '' },
   lastEventId: null,
   dirtyUnits: new Set(),
@@ -137,7 +137,10 @@ let sortedUnits = [];
 const drawUnits = virtualList($('units'), () => sortedUnits, (name) => {
   const u = S.units.get(name);
   const st = S.states.get(name) || {};
-  const active = st.active ? { text: st.active + (st.sub ? '/' + st.sub : ''), cls: st.active } : '';
+  // A unit that declares its health shows it beside systemd's state (docs/services.md).
+  const health = st.health ? ' · ' + st.health : '';
+  const cls = st.health === 'unhealthy' ? 'failed' : st.active;
+  const active = st.active ? { text: st.active + (st.sub ? '/' + st.sub : '') + health, cls } : '';
   return cells('units-row', [
     { text: name, title: name }, u.desiredState || '', u.currentState || '', active,
     { text: machineName(u.machineID), cls: 'mono', title: u.machineID || '' },
@@ -208,7 +211,7 @@ async function loadUnits() {
 
 async function loadStates() {
   await pages('/fleet/v1/state', {}, (p) => {
-    (p.states || []).forEach((s) => S.states.set(s.name, { active: s.systemdActiveState, sub: s.systemdSubState }));
+    (p.states || []).forEach((s) => S.states.set(s.name, { active: s.systemdActiveState, sub: s.systemdSubState, health: s.health }));
     drawUnits();
     summary();
   });
@@ -252,7 +255,7 @@ async function flushUnits() {
       S.units.delete(n);
       S.states.delete(n);
     }
-    for (const s of found.states || []) S.states.set(s.name, { active: s.systemdActiveState, sub: s.systemdSubState });
+    for (const s of found.states || []) S.states.set(s.name, { active: s.systemdActiveState, sub: s.systemdSubState, health: s.health });
     unitsChanged();
   } catch (e) {
     failed(e);
@@ -292,8 +295,9 @@ function apply(e) {
   if (e.unit) {
     // What systemd reported is in the event itself; the rest is re-read.
     const st = S.states.get(e.unit) || {};
-    if (e.kind === 'unit-started') S.states.set(e.unit, { active: 'active', sub: e.state || st.sub });
+    if (e.kind === 'unit-started') S.states.set(e.unit, { active: 'active', sub: e.state || st.sub, health: st.health });
     if (e.kind === 'unit-failed') S.states.set(e.unit, { active: 'failed', sub: e.state || st.sub });
+    if (e.kind === 'unit-health') S.states.set(e.unit, { ...st, active: st.active || 'active', health: e.state });
     if (e.kind === 'unit-stopped') S.states.set(e.unit, { active: 'inactive', sub: 'dead' });
     touchUnit(e.unit);
     // Machines' unit counts follow placements.

@@ -52,7 +52,8 @@ async fn fault_dashboard_shows_the_cluster_live_in_a_browser() {
     b.eval("window.flMark = 'no reload'; true").await.expect("mark");
 
     // A unit started with fleetctl shows up, active, by itself.
-    let f = lab.file("fl-dash.service", "");
+    // It declares its health (healthy after 2 s active): that shows too, from its event.
+    let f = lab.file("fl-dash.service", "MinHealthyTime=2s\n");
     lab.ok(&["start", &f]);
     let row = "document.querySelector('#units [data-unit=\"fl-dash.service\"]')";
     b.wait_for("the unit active in its row", &format!("{row} !== null && {row}.innerText.includes('active')"), T)
@@ -61,6 +62,9 @@ async fn fault_dashboard_shows_the_cluster_live_in_a_browser() {
     b.wait_for("its events in the feed", "document.getElementById('events').innerText.includes('unit-started')", T)
         .await
         .expect("events shown");
+    b.wait_for("its health in its row", &format!("{row}.innerText.includes('healthy')"), T)
+        .await
+        .expect("health shown live");
     assert_eq!(b.eval("window.flMark").await.expect("mark").as_str(), Some("no reload"), "the page reloaded");
     b.screenshot(&shots().join("1-unit-started.png")).await.expect("screenshot");
 
