@@ -227,7 +227,7 @@ pub async fn lab_and_cli(lab_up: LabUp<'_>) -> Result<LabResults> {
 
 /// Runs of the engine alone of each kind (as installed, without events, without metrics), taken
 /// in turns.
-const ENGINE_ALONE_ROUNDS: usize = 3;
+const ENGINE_ALONE_ROUNDS: usize = 5;
 
 /// The size of the simulated rows taken on the default, secure configuration.
 const SECURE_SIZE: (usize, usize) = (10_000, 100_000);
