@@ -183,10 +183,7 @@ async fn commit(
         // Groups a machine names but the configuration does not are counted together: a label
         // never takes values a client makes up.
         let known = group == "default" || api.fleetlock.groups.contains_key(group);
-        let held = crate::metrics::GroupLabels { group: if known { group.to_string() } else { "other".into() } };
-        if api.metrics.on() {
-            api.metrics.reboot_slots_held.get_or_create(&held).set(sem.holders.len() as i64);
-        }
+        api.metrics.slots_held(if known { group } else { "other" }, sem.holders.len());
         crate::api::settle(api, done.revision).await;
     }
     Ok(done.succeeded)

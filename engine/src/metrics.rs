@@ -247,6 +247,39 @@ impl Metrics {
         self.store_duration.observe(took.as_secs_f64());
     }
 
+    /// Records one planning pass: its time and the units it could not place.
+    pub fn planned(&self, took: Duration, unplaceable: usize) {
+        if !self.on {
+            return;
+        }
+        self.plan_duration.observe(took.as_secs_f64());
+        self.unplaceable.set(unplaceable as i64);
+    }
+
+    /// Records the schedule entries a pass wrote (placed) and removed.
+    pub fn decided(&self, placed: usize, removed: usize) {
+        if !self.on {
+            return;
+        }
+        for (kind, n) in [("placed", placed), ("removed", removed)] {
+            self.decisions.get_or_create(&DecisionLabels { kind: kind.into() }).inc_by(n as u64);
+        }
+    }
+
+    /// Records one fenced schedule write by its outcome (`ok`, `refused`, `failed`).
+    pub fn schedule_write(&self, outcome: &str) {
+        if self.on {
+            self.schedule_writes.get_or_create(&OutcomeLabels { outcome: outcome.into() }).inc();
+        }
+    }
+
+    /// Records the reboot slots held in a FleetLock group.
+    pub fn slots_held(&self, group: &str, held: usize) {
+        if self.on {
+            self.reboot_slots_held.get_or_create(&GroupLabels { group: group.into() }).set(held as i64);
+        }
+    }
+
     /// Records whether this engine leads now.
     pub fn set_leader(&self, leading: bool) {
         if !self.on {
@@ -325,7 +358,15 @@ mod tests {
         m.store_call("write unit", "ok", Duration::from_millis(2));
         m.set_leader(true);
         m.wrote(10, 9);
+        m.planned(Duration::from_millis(5), 2);
+        m.decided(3, 1);
+        m.schedule_write("ok");
+        m.slots_held("default", 1);
         let text = m.render();
+        assert!(!text.contains("fleet_schedule_decisions_total{"), "{text}");
+        assert!(!text.contains("fleet_schedule_write_transactions_total{"), "{text}");
+        assert!(!text.contains("fleet_fleetlock_slots_held{"), "{text}");
+        assert!(text.contains("fleet_units_unplaceable 0"), "{text}");
         assert!(!text.contains("fleet_api_requests_total{"), "{text}");
         assert!(!text.contains("fleet_etcd_requests_total{"), "{text}");
         assert!(text.contains("fleet_engine_leader 0"), "{text}");

@@ -193,10 +193,7 @@ impl<S: Store> Planner<S> {
             s.unplaceable = outcome.unplaceable.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
         }
         let planned = started.elapsed();
-        if self.metrics.on() {
-            self.metrics.plan_duration.observe(planned.as_secs_f64());
-            self.metrics.unplaceable.set(outcome.unplaceable.len() as i64);
-        }
+        self.metrics.planned(planned, outcome.unplaceable.len());
         if let Ok(mut s) = self.status.lock() {
             s.last_plan_ms = planned.as_millis() as u64;
             s.planning = false;
@@ -252,14 +249,7 @@ impl<S: Store> Planner<S> {
         let written: Vec<i64> = futures::stream::iter(writes).buffer_unordered(PUTS_IN_FLIGHT).try_collect().await?;
         last_rev = written.into_iter().fold(last_rev, i64::max);
         let removed = outcome.decisions.iter().filter(|d| matches!(d, Decision::Remove { .. })).count();
-        if self.metrics.on() {
-            let decision = |kind: &str| crate::metrics::DecisionLabels { kind: kind.into() };
-            self.metrics
-                .decisions
-                .get_or_create(&decision("placed"))
-                .inc_by((outcome.decisions.len() - removed) as u64);
-            self.metrics.decisions.get_or_create(&decision("removed")).inc_by(removed as u64);
-        }
+        self.metrics.decided(outcome.decisions.len() - removed, removed);
         if !outcome.decisions.is_empty() {
             tracing::info!(
                 decisions = outcome.decisions.len(),
@@ -294,12 +284,7 @@ impl<S: Store> Planner<S> {
             Err(LeadError::GuardFailed) | Err(LeadError::Deposed(_)) => "refused",
             Err(_) => "failed",
         };
-        if self.metrics.on() {
-            self.metrics
-                .schedule_writes
-                .get_or_create(&crate::metrics::OutcomeLabels { outcome: outcome.into() })
-                .inc();
-        }
+        self.metrics.schedule_write(outcome);
         result
     }
 }
