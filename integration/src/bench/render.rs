@@ -153,30 +153,56 @@ fn spread(
     Some((*r.get(r.len() / 2)?, *r.first()?, *r.last()?, r.len()))
 }
 
+/// Both engines' CPU while placing, runs of one kind (`with`: events, metrics) against another
+/// (`without`): medians, ranges, run counts, the difference in percent, and the placement rates
+/// beside them. None without runs of both kinds.
+struct CpuComparison {
+    with: (f64, f64, f64, usize),
+    without: (f64, f64, f64, usize),
+    rates: (f64, f64),
+    cost: f64,
+}
+
+impl CpuComparison {
+    fn of(engines: &[EngineReport], with: (bool, bool), without: (bool, bool)) -> Option<Self> {
+        let cpu = |(ev, m): (bool, bool)| spread(engines, ev, m, |e| e.engine_cpu_secs);
+        let rate = |(ev, m): (bool, bool)| spread(engines, ev, m, |e| e.placements_per_sec).map(|r| r.0);
+        let (w, wo) = (cpu(with)?, cpu(without)?);
+        if wo.0 <= 0.0 {
+            return None;
+        }
+        Some(CpuComparison {
+            with: w,
+            without: wo,
+            rates: (rate(with)?, rate(without)?),
+            cost: (w.0 / wo.0 - 1.0) * 100.0,
+        })
+    }
+
+    fn describe(&self) -> String {
+        let ((on, on_lo, on_hi, _), (off, off_lo, off_hi, _)) = (self.with, self.without);
+        format!(
+            "CPU with: median {on:.2} s ({on_lo:.2}-{on_hi:.2}); without: {off:.2} s ({off_lo:.2}-{off_hi:.2}); {:+.1}%. Placements/s with: {:.0}; without: {:.0}",
+            self.cost, self.rates.0, self.rates.1
+        )
+    }
+}
+
 /// What metrics cost the engines (issue: "no measurable cost"): their plain runs alone as
 /// installed and with `metrics = false`, taken in turns; the engines' CPU while placing, median
 /// with metrics at most 5% above the median without (about the spread of runs of one kind; CPU
 /// time is far less noisy on this shared host than rates).
 fn metrics_cost(engines: &[EngineReport]) -> Option<Verdict> {
-    let (on, on_lo, on_hi, n_on) = spread(engines, true, true, |e| e.engine_cpu_secs)?;
-    let (off, off_lo, off_hi, n_off) = spread(engines, true, false, |e| e.engine_cpu_secs)?;
-    let (r_on, ..) = spread(engines, true, true, |e| e.placements_per_sec)?;
-    let (r_off, ..) = spread(engines, true, false, |e| e.placements_per_sec)?;
-    if off <= 0.0 {
-        return None;
-    }
+    let c = CpuComparison::of(engines, (true, true), (true, false))?;
     let e = &engines[0];
-    let cost = (on / off - 1.0) * 100.0;
     Some((
         format!(
-            "what metrics cost: both engines' CPU while the engine alone places {} units on {} machines, with metrics and with `metrics = false` ({n_on} and {n_off} runs, in turns)",
-            e.units, e.machines
+            "what metrics cost: both engines' CPU while the engine alone places {} units on {} machines, with metrics and with `metrics = false` ({} and {} runs, in turns)",
+            e.units, e.machines, c.with.3, c.without.3
         ),
         "no measurable cost: median CPU with metrics <= 5% above without".into(),
-        format!(
-            "CPU with: median {on:.2} s ({on_lo:.2}-{on_hi:.2}); without: {off:.2} s ({off_lo:.2}-{off_hi:.2}); {cost:+.1}%. Placements/s with: {r_on:.0}; without: {r_off:.0}"
-        ),
-        cost <= 5.0,
+        c.describe(),
+        c.cost <= 5.0,
     ))
 }
 
@@ -186,22 +212,14 @@ fn metrics_cost(engines: &[EngineReport]) -> Option<Verdict> {
 fn events_cost(engines: &[EngineReport]) -> Option<Verdict> {
     let (t_on, ..) = spread(engines, true, true, |e| e.txns_per_unit)?;
     let (t_off, ..) = spread(engines, false, true, |e| e.txns_per_unit)?;
-    let (on, on_lo, on_hi, n_on) = spread(engines, true, true, |e| e.engine_cpu_secs)?;
-    let (off, off_lo, off_hi, n_off) = spread(engines, false, true, |e| e.engine_cpu_secs)?;
-    let (r_on, ..) = spread(engines, true, true, |e| e.placements_per_sec)?;
-    let (r_off, ..) = spread(engines, false, true, |e| e.placements_per_sec)?;
-    if off <= 0.0 {
-        return None;
-    }
-    let cost = (on / off - 1.0) * 100.0;
+    let c = CpuComparison::of(engines, (true, true), (false, true))?;
     Some((
         format!(
-            "what events cost: the engine alone with events and with `event_history = 0` ({n_on} and {n_off} runs, in turns)"
+            "what events cost: the engine alone with events and with `event_history = 0` ({} and {} runs, in turns)",
+            c.with.3, c.without.3
         ),
         "no extra etcd writes: transactions per placed unit with events = without".into(),
-        format!(
-            "{t_on:.3} with, {t_off:.3} without. Engines' CPU while placing with: median {on:.2} s ({on_lo:.2}-{on_hi:.2}); without: {off:.2} s ({off_lo:.2}-{off_hi:.2}); {cost:+.1}%. Placements/s with: {r_on:.0}; without: {r_off:.0}"
-        ),
+        format!("{t_on:.3} with, {t_off:.3} without. Engines' {}", c.describe()),
         (t_on - t_off).abs() < 0.0005,
     ))
 }
