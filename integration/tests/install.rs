@@ -187,7 +187,7 @@ fn cluster(debs: &[PathBuf]) -> Cluster {
     net::ensure_bridge().expect("the lab's bridge");
     for m in &mut c.machines {
         net::add_machine_netns(&m.netns, &m.ip).expect("the machine's network");
-        let uuid = uuid_for(m.name);
+        let uuid = new_machine_id();
         let console = dir.join(format!("{}.console.log", m.name));
         m.booted = Some(Booted::boot(&m.root, m.name, &uuid, &m.netns, &console).expect("boot"));
     }
@@ -197,15 +197,10 @@ fn cluster(debs: &[PathBuf]) -> Cluster {
     c
 }
 
-/// A machine id of the run's own for `name` (machines of two runs never share one).
-fn uuid_for(name: &str) -> String {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    (name, std::process::id(), Instant::now().elapsed().as_nanos(), std::time::SystemTime::now()).hash(&mut h);
-    let a = h.finish();
-    name.hash(&mut h);
-    let b = h.finish();
-    format!("{a:016x}{b:016x}")
+/// A random machine id (the kernel's UUID source, without dashes), so machines of two runs
+/// never share one.
+fn new_machine_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/uuid").expect("a random uuid").trim().replace('-', "")
 }
 
 /// Copies as a `# copy` line says: a source ending in `/` is a directory whose contents go into
