@@ -152,6 +152,7 @@ pub async fn run(mut config: watch::Receiver<EngineConfig>, mut shutdown: watch:
             ttl: cfg.election_ttl_secs,
             status,
             fences: Default::default(),
+            wake: Default::default(),
             metrics,
         },
     };

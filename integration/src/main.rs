@@ -93,6 +93,13 @@ enum Cmd {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    if matches!(cli.command, Cmd::Bench { .. }) {
+        // The bench's harness (the simulations' observers, their phases) says what it sees.
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     match cli.command {
         Cmd::Up { machines, etcd, engines, metadata, image, image_key } => {

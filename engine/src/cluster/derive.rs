@@ -4,6 +4,7 @@
 use super::{ClusterView, Seen};
 use crate::events::Happened;
 use fleet_api::EventKind;
+use fleet_model::reschedule::RescheduleRecord;
 use fleet_model::rules::Rules;
 use fleet_model::schema::{decode, is_stopped, Key};
 use fleet_model::Keys;
@@ -193,6 +194,13 @@ impl Deriver {
                     out.push(Happened::new(EventKind::UnitStopped).unit(unit).machine(m));
                 }
             }
+            (Key::Reschedule(unit), Some(v)) => {
+                let Ok(rec) = decode::<RescheduleRecord>(v) else { return };
+                let note_before = before.reschedules.get(unit).map(|r| r.note.as_str());
+                if !rec.note.is_empty() && note_before != Some(rec.note.as_str()) {
+                    out.push(Happened::new(EventKind::UnitReschedule).unit(unit).reason(rec.note));
+                }
+            }
             (Key::Why(unit), Some(v)) => {
                 let reason = String::from_utf8_lossy(v);
                 if before.why.get(unit).map(String::as_str) != Some(&*reason) {
@@ -311,7 +319,10 @@ fn moved(before: &ClusterView, unit: &UnitName, from: &str, to: &str) -> Happene
 fn must_leave(before: &ClusterView, unit: &UnitName, m: &str) -> bool {
     let wants = before.units.get(unit).is_some_and(|u| u.desired_state != fleet_model::DesiredState::Inactive);
     wants
-        && (!before.published_machines.contains_key(m) || before.drained.contains(m) || before.moves.contains_key(unit))
+        && (!before.published_machines.contains_key(m)
+            || before.drained.contains(m)
+            || before.moves.contains_key(unit)
+            || before.reschedules.get(unit).and_then(|r| r.moves.last()).is_some_and(|mv| mv.from == m))
 }
 
 /// Why a unit's entry on machine `m` goes away (or it moves off `m`), as the view just before
@@ -326,6 +337,9 @@ fn left(before: &ClusterView, unit: &UnitName, m: &str) -> String {
         format!("machine {m} is being drained")
     } else if before.moves.contains_key(unit) {
         "moved on request".into()
+    } else if before.reschedules.get(unit).and_then(|r| r.moves.last()).is_some_and(|mv| mv.from == m) {
+        // The leader records a move for failing before it takes the unit off (see scheduler).
+        format!("it failed on machine {m} (RescheduleAttempts)")
     } else if desired == Some(fleet_model::DesiredState::Inactive) {
         "the unit was unloaded".into()
     } else {

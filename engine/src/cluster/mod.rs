@@ -6,6 +6,7 @@
 
 use crate::events::EventLog;
 use derive::Deriver;
+use fleet_model::reschedule::RescheduleRecord;
 use fleet_model::rules::Rules;
 use fleet_model::schema::{decode, Key, MoveRequest};
 use fleet_model::{Keys, MachineRecord, ScheduleEntry, UnitFile, UnitName, UnitRecord, UnitStateRecord};
@@ -52,6 +53,8 @@ pub struct ClusterView {
     pub drained: BTreeSet<String>,
     /// Users' pending (or refused) move requests.
     pub moves: BTreeMap<UnitName, MoveRequest>,
+    /// Failing units' failures and the moves they caused, as the leader recorded them.
+    pub reschedules: BTreeMap<UnitName, RescheduleRecord>,
     /// Units whose rules are not parsed yet (their body may not have arrived).
     rules_missing: BTreeSet<UnitName>,
 }
@@ -105,7 +108,11 @@ impl ClusterView {
         }
         // Except the state of an exclusive unit on a machine it is leaving (its entry there
         // rewritten inactive) or has left: the leader places it elsewhere once that says stopped.
+        // And the state of a unit that asks to be moved when it fails (`RescheduleAttempts`).
         if let Some(Key::State(m, unit)) = &decoded {
+            if matches!(self.rules.get(unit), Some(Ok(r)) if r.reschedule.is_on()) {
+                self.plan_generation += 1;
+            }
             let exclusive = matches!(self.rules.get(unit), Some(Ok(r)) if r.exclusive);
             let running_there = self
                 .schedule
@@ -147,6 +154,12 @@ impl ClusterView {
                         .insert(k, String::from_utf8_lossy(&value).into_owned());
                     self.merge_machine(&m);
                 }
+                Some(Key::Reschedule(unit)) => match decode::<RescheduleRecord>(&value) {
+                    Ok(r) => {
+                        self.reschedules.insert(unit, r);
+                    }
+                    Err(e) => tracing::error!(unit = %unit, error = %e, "unreadable reschedule record; ignoring"),
+                },
                 Some(Key::Move(unit)) => match decode::<MoveRequest>(&value) {
                     Ok(m) => {
                         self.moves.insert(unit, m);
@@ -205,6 +218,9 @@ impl ClusterView {
                 }
                 Some(Key::Move(unit)) => {
                     self.moves.remove(&unit);
+                }
+                Some(Key::Reschedule(unit)) => {
+                    self.reschedules.remove(&unit);
                 }
                 Some(Key::Drain(m)) => {
                     self.drained.remove(&m);

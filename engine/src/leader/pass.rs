@@ -30,6 +30,8 @@ pub struct Planner<S: Store> {
     pub ttl: i64,
     pub status: SharedStatus,
     pub fences: Mutex<Fences>,
+    /// When a pass is due although nothing changed: a failed unit's reschedule delay ends.
+    pub wake: Mutex<Option<tokio::time::Instant>>,
     pub metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
@@ -80,6 +82,12 @@ impl Fences {
     }
 }
 
+/// The wall clock in unix seconds: failures and moves are recorded in etcd for whichever engine
+/// leads next, so they need a clock all engines share.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
 impl<S: Store> Planner<S> {
     pub(super) async fn lead(&self, fence: Compare, lost: &mut watch::Receiver<bool>) -> Result<(), LeadError> {
         let mut revisions = self.cluster.subscribe_plan();
@@ -98,6 +106,11 @@ impl<S: Store> Planner<S> {
                 self.pass(&fence, &mut plan).await?;
             }
             let next_fence = self.fences.lock().ok().and_then(|f| f.next_expiry);
+            let wake = self.wake.lock().ok().and_then(|w| *w);
+            let next_fence = match (next_fence, wake) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             let fence_expired = async {
                 match next_fence {
                     Some(t) => tokio::time::sleep_until(t).await,
@@ -154,9 +167,23 @@ impl<S: Store> Planner<S> {
                     schedule: &v.schedule,
                     moves: &v.moves,
                     states: &v.states,
+                    reschedules: &v.reschedules,
+                    now: unix_now(),
                 });
-                // Record why units are not placed, and forget the reason once they are.
+                // Failing units' records go first: a move's event reads why from them.
                 let mut why_ops = Vec::new();
+                for (u, rec) in &out.reschedules {
+                    match rec {
+                        Some(rec) => {
+                            if let Ok(value) = encode(rec) {
+                                tracing::info!(unit = %u, note = %rec.note, "rescheduling a failing unit");
+                                why_ops.push(Op::put(self.keys.reschedule(u), value, 0));
+                            }
+                        }
+                        None => why_ops.push(Op::delete(self.keys.reschedule(u))),
+                    }
+                }
+                // Record why units are not placed, and forget the reason once they are.
                 for (u, result) in &out.moves {
                     match result {
                         MoveOutcome::Done => why_ops.push(Op::delete(self.keys.moves(u))),
@@ -182,6 +209,12 @@ impl<S: Store> Planner<S> {
                 (out, why_ops, v.orphan_bodies(), v.revision, v.units.len())
             }
         });
+        if let Ok(mut w) = self.wake.lock() {
+            *w = outcome.wake_at.map(|at| {
+                let wait = Duration::from_secs(at.saturating_sub(unix_now()));
+                tokio::time::Instant::now() + wait
+            });
+        }
         if let Ok(mut s) = self.status.lock() {
             if s.unplaceable.len() != outcome.unplaceable.len()
                 || s.unplaceable.iter().zip(&outcome.unplaceable).any(|(a, b)| a.0 != b.0.as_str() || a.1 != b.1)

@@ -86,6 +86,9 @@ impl<'a> Pass<'a> {
             return Err(Fail::MachineId(rules.machine_id.clone().unwrap_or_default()));
         }
         rules.metadata_matches(&machine.metadata).map_err(Fail::Metadata)?;
+        if check_peers && !self.avoid.is_empty() && self.avoid.get(unit).is_some_and(|a| a.contains(&machine.id)) {
+            return Err(Fail::Avoided);
+        }
         if check_peers && rules.exclusive {
             // An exclusive unit displaced by a `Replaces` waits to stop before it is placed again:
             // not back next to the unit that took its machine.

@@ -11,12 +11,17 @@
 //!    (`Replaces` takeover first, then fewest replicas in the `SpreadBy` domain, then least
 //!    utilised, then fewest units, then machine id), displacing units a placed unit `Replaces`;
 //! 4. explain every unit that wants a machine and got none.
+//!
+//! Between 2 and 3, users' move requests are carried out and units that keep failing are moved
+//! (`rescheduling`). The time that takes is the snapshot's `now`: given, never read.
 
 mod eligibility;
 mod placing;
+mod rescheduling;
 #[cfg(test)]
 mod tests;
 
+use fleet_model::reschedule::RescheduleRecord;
 use fleet_model::rules::{Resources, Rules};
 use fleet_model::schema::MoveRequest;
 use fleet_model::{DesiredState, MachineRecord, ScheduleEntry, UnitName, UnitRecord, UnitStateRecord};
@@ -40,6 +45,10 @@ pub struct Snapshot<'a> {
     /// its machine until systemd has stopped it, so an exclusive unit is not started elsewhere
     /// while it is still stopping (a slow `ExecStop` must not overlap the next instance).
     pub states: &'a BTreeMap<UnitName, BTreeMap<String, UnitStateRecord>>,
+    /// What the leader recorded of failing units' failures and moves (`reschedule/<unit>`).
+    pub reschedules: &'a BTreeMap<UnitName, RescheduleRecord>,
+    /// The pass's time, in unix seconds: when failures were seen and moves are due.
+    pub now: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,6 +76,8 @@ pub enum Reason {
     Drained,
     /// An exclusive unit on its way elsewhere has stopped there.
     Stopped,
+    /// It failed there and asks to be moved when it does (`RescheduleAttempts`).
+    Failed,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,6 +94,10 @@ pub struct Outcome {
     pub unplaceable: BTreeMap<UnitName, String>,
     /// What became of users' move requests.
     pub moves: BTreeMap<UnitName, MoveOutcome>,
+    /// Failing units' records to write (`None`: delete).
+    pub reschedules: BTreeMap<UnitName, Option<RescheduleRecord>>,
+    /// When a pass is due although nothing changes (a failed unit's delay ends), unix seconds.
+    pub wake_at: Option<u64>,
 }
 
 /// Why one machine cannot take one unit.
@@ -96,6 +111,8 @@ enum Fail {
     MaxPerMachine(u32),
     Displaced(String),
     Draining,
+    /// The unit failed there lately (`RescheduleAvoid`).
+    Avoided,
 }
 
 /// A live machine's place in the least-loaded order: (utilisation in per mille, unit count, id).
@@ -224,6 +241,10 @@ struct Pass<'a> {
     /// Units whose rules declare `Conflicts`, by name: only they can clash with a unit that
     /// declares none, so a pass need not pair up every unit on a machine.
     conflicting: Vec<&'a UnitName>,
+    /// Units that ask to be moved when they fail.
+    rescheduling: Vec<&'a UnitName>,
+    /// Machines a unit failed on lately, which it is not placed on (units with none are absent).
+    avoid: HashMap<UnitName, BTreeSet<String>>,
 }
 
 /// How much a machine is preferred: smaller is better (takeover, spread, utilisation, units).
@@ -243,6 +264,7 @@ fn describe_one(f: &Fail) -> String {
         Fail::MaxPerMachine(n) => format!("MaxPerMachine={n} reached"),
         Fail::Displaced(_) => "displaced from this machine".into(),
         Fail::Draining => "draining".into(),
+        Fail::Avoided => "failed lately".into(),
     }
 }
 
@@ -288,6 +310,8 @@ pub fn schedule(snap: &Snapshot<'_>) -> Outcome {
     let mut conflicting: Vec<&UnitName> =
         snap.rules.iter().filter(|(_, r)| r.as_ref().is_ok_and(|r| !r.conflicts.is_empty())).map(|(u, _)| u).collect();
     conflicting.sort();
+    let rescheduling: Vec<&UnitName> =
+        snap.rules.iter().filter(|(_, r)| r.as_ref().is_ok_and(|r| r.reschedule.is_on())).map(|(u, _)| u).collect();
     let mut pass = Pass {
         snap,
         p: Placement::new(snap.machines),
@@ -295,7 +319,10 @@ pub fn schedule(snap: &Snapshot<'_>) -> Outcome {
         fenced: BTreeMap::new(),
         leaving: BTreeMap::new(),
         conflicting,
+        rescheduling,
+        avoid: HashMap::new(),
     };
+    pass.learn_avoided();
     pass.keep_existing();
     pass.p.index();
     // Kept placements whose desired state or hash changed are rewritten in place.
@@ -313,6 +340,7 @@ pub fn schedule(snap: &Snapshot<'_>) -> Outcome {
     }
     pass.place_globals();
     pass.do_moves();
+    pass.reschedule_failed();
     pass.place_others();
     // A displaced unit that found no new machine is not "unplaceable" silently: say who took it.
     let displaced: Vec<(UnitName, UnitName)> = pass

@@ -12,6 +12,8 @@ struct World {
     drained: BTreeSet<String>,
     fencing: BTreeSet<String>,
     states: BTreeMap<UnitName, BTreeMap<String, UnitStateRecord>>,
+    reschedules: BTreeMap<UnitName, RescheduleRecord>,
+    now: u64,
 }
 
 fn n(s: &str) -> UnitName {
@@ -51,10 +53,18 @@ impl World {
             drained: &self.drained,
             fencing: &self.fencing,
             states: &self.states,
+            reschedules: &self.reschedules,
+            now: self.now,
         })
     }
     /// Applies an outcome to the schedule, as the leader's writes would.
     fn apply(&mut self, out: &Outcome) {
+        for (u, r) in &out.reschedules {
+            match r {
+                Some(r) => self.reschedules.insert(u.clone(), r.clone()),
+                None => self.reschedules.remove(u),
+            };
+        }
         for d in &out.decisions {
             match d {
                 Decision::Put { unit, machine, entry } => {
@@ -682,4 +692,129 @@ fn steady_pass_over_100k_placed_units() {
     }
     eprintln!("steady pass over 100,000 placed units: {:?}", t.elapsed() / passes.max(1));
     assert!(again.decisions.is_empty(), "{:?}", again.decisions.first());
+}
+
+/// One pass at `now`, applied; where `unit` is then.
+fn pass_at(w: &mut World, now: u64, unit: &str) -> (Vec<String>, Outcome) {
+    w.now = now;
+    let out = w.run();
+    w.apply(&out);
+    (w.schedule.get(&n(unit)).map(|e| e.keys().cloned().collect()).unwrap_or_default(), out)
+}
+
+#[test]
+fn a_failing_unit_that_asks_is_moved_after_its_delay_avoiding_where_it_failed() {
+    let policy = "RescheduleAttempts=2\nRescheduleDelay=10s\nRescheduleInterval=1h\n";
+    let mut w = three().unit("a.service", policy);
+    w.now = 1000;
+    let (p, _) = w.settle();
+    let first = on(&p, "a.service")[0].clone();
+    reports(&mut w, "a.service", &first, "failed");
+    // Seen failed: recorded, not moved yet, and a pass is asked for when the delay ends.
+    let (at, out) = pass_at(&mut w, 1000, "a.service");
+    assert_eq!(at, vec![first.clone()]);
+    assert_eq!(out.wake_at, Some(1010));
+    let rec = &w.reschedules[&n("a.service")];
+    assert_eq!(rec.failing.as_ref().map(|f| (f.machine.as_str(), f.at)), Some((first.as_str(), 1000)));
+    assert!(rec.note.contains("to be moved 10s after the failure"), "{}", rec.note);
+    // Before the delay ends nothing moves.
+    assert_eq!(pass_at(&mut w, 1009, "a.service").0, vec![first.clone()]);
+    // Then it moves, and the move says why.
+    let (at, out) = pass_at(&mut w, 1010, "a.service");
+    assert_eq!(at.len(), 1);
+    let second = at[0].clone();
+    assert_ne!(second, first);
+    assert!(out
+        .decisions
+        .iter()
+        .any(|d| matches!(d, Decision::Remove { machine, reason: Reason::Failed, .. } if *machine == first)));
+    let rec = &w.reschedules[&n("a.service")];
+    assert_eq!(rec.moves.len(), 1);
+    assert!(rec.failing.is_none());
+    assert!(
+        rec.note.contains(&format!("failed on {first}; moved to {second} (move 1 of 2 within 1h)")),
+        "{}",
+        rec.note
+    );
+    // It fails on the second machine too: twice the delay, then the third machine (the first
+    // one is avoided, although it is now the least loaded).
+    w.states.remove(&n("a.service"));
+    reports(&mut w, "a.service", &second, "failed");
+    let (_, out) = pass_at(&mut w, 2000, "a.service");
+    assert_eq!(out.wake_at, Some(2020));
+    let (at, _) = pass_at(&mut w, 2020, "a.service");
+    let third = at[0].clone();
+    assert!(third != first && third != second, "{third} after {first}, {second}");
+    // A third failure within the hour: attempts spent, it stays failed where it is, and says so.
+    w.states.remove(&n("a.service"));
+    reports(&mut w, "a.service", &third, "failed");
+    let (at, out) = pass_at(&mut w, 3000, "a.service");
+    assert_eq!(at, vec![third.clone()]);
+    assert!(out.decisions.is_empty(), "{:?}", out.decisions);
+    let note = &w.reschedules[&n("a.service")].note;
+    assert!(note.contains("not moved: it moved 2 times within 1h (RescheduleAttempts=2)"), "{note}");
+    // It may move again once the first move leaves the interval.
+    assert_eq!(out.wake_at, Some(1010 + 3600));
+    let (at, _) = pass_at(&mut w, 4700, "a.service");
+    assert_ne!(at, vec![third]);
+}
+
+#[test]
+fn a_failing_unit_without_the_option_is_never_moved() {
+    let mut w = three().unit("a.service", "");
+    w.now = 1000;
+    let (p, _) = w.settle();
+    let first = on(&p, "a.service")[0].clone();
+    reports(&mut w, "a.service", &first, "failed");
+    for now in [1000, 1100, 100_000] {
+        let (at, out) = pass_at(&mut w, now, "a.service");
+        assert_eq!(at, vec![first.clone()]);
+        assert!(out.decisions.is_empty() && out.reschedules.is_empty() && out.wake_at.is_none(), "{out:?}");
+    }
+}
+
+#[test]
+fn a_failing_unit_with_nowhere_else_to_go_stays_and_says_why() {
+    let policy = "RescheduleAttempts=3\nRescheduleDelay=5s\nMachineMetadata=region=east\n";
+    let mut w = three().unit("a.service", policy);
+    w.now = 1000;
+    w.settle();
+    reports(&mut w, "a.service", "m1", "failed");
+    pass_at(&mut w, 1000, "a.service");
+    let (at, out) = pass_at(&mut w, 1005, "a.service");
+    assert_eq!(at, vec!["m1".to_string()]);
+    assert!(out.decisions.is_empty(), "{:?}", out.decisions);
+    let note = &w.reschedules[&n("a.service")].note;
+    assert!(
+        note.contains("failed on m1; no other machine can take it") && note.contains("failed lately on m1"),
+        "{note}"
+    );
+    assert_eq!(out.wake_at, Some(1010));
+}
+
+#[test]
+fn a_recovered_unit_forgets_its_failure_and_a_destroyed_one_its_record() {
+    let policy = "RescheduleAttempts=1\nRescheduleDelay=60s\n";
+    let mut w = three().unit("a.service", policy);
+    w.now = 1000;
+    let (p, _) = w.settle();
+    let first = on(&p, "a.service")[0].clone();
+    reports(&mut w, "a.service", &first, "failed");
+    pass_at(&mut w, 1000, "a.service");
+    assert!(w.reschedules[&n("a.service")].failing.is_some());
+    // Restarted by hand within the delay: not moved, the failure no longer being handled.
+    reports(&mut w, "a.service", &first, "active");
+    let (at, _) = pass_at(&mut w, 1100, "a.service");
+    assert_eq!(at, vec![first]);
+    assert!(w.reschedules[&n("a.service")].failing.is_none());
+    w.units.remove(&n("a.service"));
+    pass_at(&mut w, 1200, "a.service");
+    assert!(w.reschedules.is_empty(), "{:?}", w.reschedules);
+}
+
+#[test]
+fn global_units_cannot_ask_to_be_rescheduled() {
+    let w = three().unit("g.service", "Global=true\nRescheduleAttempts=1\n");
+    let why = w.rules[&n("g.service")].clone().unwrap_err();
+    assert!(why.contains("Global") && why.contains("RescheduleAttempts"), "{why}");
 }

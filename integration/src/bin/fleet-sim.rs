@@ -41,6 +41,10 @@ struct Args {
     /// The engines record no metrics (`metrics = false`; to measure what they cost).
     #[arg(long)]
     no_metrics: bool,
+    /// Against the running lab's etcd (TLS, client certificates, auth: as `./lab bench`'s secure
+    /// rows) instead of `--etcd-endpoints`.
+    #[arg(long, conflicts_with = "etcd_endpoints")]
+    lab_etcd: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -53,9 +57,15 @@ fn main() -> anyhow::Result<()> {
         Some(d) => d,
         None => std::env::current_exe()?.parent().context("binary directory")?.to_path_buf(),
     };
+    let (etcd_tls, etcd_endpoints) = if a.lab_etcd {
+        let lab = fleet_integration::LabState::load()?.context("--lab-etcd: the lab is not up (./lab up)")?;
+        (Some(fleet_integration::pki::identity("root")), lab.etcd_endpoints())
+    } else {
+        (None, a.etcd_endpoints)
+    };
     let cfg = SimConfig {
-        etcd_tls: None,
-        etcd_endpoints: a.etcd_endpoints,
+        etcd_tls,
+        etcd_endpoints,
         prefix: a.prefix,
         machines: a.machines,
         units: a.units,

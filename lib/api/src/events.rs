@@ -70,6 +70,9 @@ pub enum EventKind {
     /// The unit's health on `machine` changed (`state`: `starting`, `healthy` or `unhealthy`;
     /// only units that declare their health).
     UnitHealth,
+    /// What the leader does with a unit failing where it runs (`reason`: when it will move, where
+    /// it moved, or why it stays; only units with `RescheduleAttempts`).
+    UnitReschedule,
     /// The leader cannot place the unit (`reason`).
     UnitUnplaceable,
     /// The unit was destroyed.
@@ -94,7 +97,7 @@ pub enum EventKind {
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 20] = [
+    pub const ALL: [EventKind; 21] = [
         EventKind::UnitSubmitted,
         EventKind::UnitDesiredState,
         EventKind::UnitReplaced,
@@ -105,6 +108,7 @@ impl EventKind {
         EventKind::UnitFailed,
         EventKind::UnitStopped,
         EventKind::UnitHealth,
+        EventKind::UnitReschedule,
         EventKind::UnitUnplaceable,
         EventKind::UnitDestroyed,
         EventKind::MachineJoined,
@@ -129,6 +133,7 @@ impl EventKind {
             EventKind::UnitFailed => "unit-failed",
             EventKind::UnitStopped => "unit-stopped",
             EventKind::UnitHealth => "unit-health",
+            EventKind::UnitReschedule => "unit-reschedule",
             EventKind::UnitUnplaceable => "unit-unplaceable",
             EventKind::UnitDestroyed => "unit-destroyed",
             EventKind::MachineJoined => "machine-joined",

@@ -12,6 +12,7 @@ pub mod glob;
 pub mod health;
 pub mod join;
 pub mod machine;
+pub mod reschedule;
 pub mod rules;
 pub mod schema;
 pub mod unit_file;

@@ -147,6 +147,9 @@ pub struct Rules {
     /// When the unit counts as healthy (`HealthCheck=`, `MinHealthyTime=` ...; see
     /// [`crate::health`]): not a placement rule, but the same section.
     pub health: crate::health::HealthSpec,
+    /// Whether and how the unit is moved when it keeps failing on its machine
+    /// (`RescheduleAttempts=` ...; see [`crate::reschedule`]).
+    pub reschedule: crate::reschedule::ReschedulePolicy,
 }
 
 /// Splits fleet's quoted multi-values: `"a=b" "c=d"` -> `a=b`, `c=d`; unquoted: one value.
@@ -330,6 +333,7 @@ impl Rules {
                     r.spread_by = (!reset).then(|| k.to_string());
                 }
                 k if crate::health::KEYS.contains(&k) => r.health.set(k, &raw)?,
+                k if crate::reschedule::KEYS.contains(&k) => r.reschedule.set(k, &raw)?,
                 other => return Err(RuleError::UnknownKey(other.to_string())),
             }
         }
@@ -364,6 +368,10 @@ impl Rules {
         ];
         if let Some((_, _, a, b)) = combos.iter().find(|(a, b, _, _)| *a && *b) {
             return Err(RuleError::Combination(a, b));
+        }
+        if self.global && self.reschedule.is_on() {
+            // A global unit runs on every eligible machine: there is nowhere to move it.
+            return Err(RuleError::Combination("Global", "RescheduleAttempts"));
         }
         if self.global && self.exclusive {
             return Err(RuleError::Combination("Global", "Exclusive"));

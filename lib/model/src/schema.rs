@@ -8,6 +8,7 @@
 //! <P>states/<id>/<name>          UnitStateRecord   agent; on the agent's lease
 //! <P>why/<name>                  text              engine leader; why a unit is not placed
 //! <P>moves/<name>                MoveRequest       API (a user's move); leader deletes or refuses it
+//! <P>reschedule/<name>           RescheduleRecord  engine leader; a failing unit's failures and moves
 //! <P>metadata/<id>/<key>         text              API (PATCH machines); overrides the agent's metadata
 //! <P>drain/<id>                  empty             API (fleetctl drain); the machine takes no units
 //! <P>leader/...                  election keys     engines; each on its own lease
@@ -31,6 +32,8 @@ pub enum Key {
     Why(UnitName),
     /// A user's request to move a unit.
     Move(UnitName),
+    /// What the leader remembers of a unit's failures and the moves they caused.
+    Reschedule(UnitName),
     /// Metadata set through the API for a machine (overrides its config; empty = removed).
     Metadata(MachineId, String),
     /// A machine being drained: nothing may run there.
@@ -105,6 +108,9 @@ impl Keys {
     pub fn moves(&self, unit: &UnitName) -> String {
         format!("{}moves/{unit}", self.prefix)
     }
+    pub fn reschedule(&self, unit: &UnitName) -> String {
+        format!("{}reschedule/{unit}", self.prefix)
+    }
     pub fn why(&self, unit: &UnitName) -> String {
         format!("{}why/{unit}", self.prefix)
     }
@@ -131,6 +137,7 @@ impl Keys {
             "units" => UnitName::parse(rest).ok().map(Key::Unit),
             "why" => UnitName::parse(rest).ok().map(Key::Why),
             "moves" => UnitName::parse(rest).ok().map(Key::Move),
+            "reschedule" => UnitName::parse(rest).ok().map(Key::Reschedule),
             "drain" if !rest.contains('/') => Some(Key::Drain(rest.to_string())),
             "metadata" => {
                 let (m, k) = rest.split_once('/')?;

@@ -375,3 +375,47 @@ fn derive_cost() {
         );
     }
 }
+
+/// A failing unit's handling is told as the leader records it, and its move says it failed:
+/// the writes as the leader makes them (the record first, then the old entry goes and the new
+/// one comes in one transaction).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_for_failing_says_so() {
+    use fleet_model::reschedule::{Failure, Moved, RescheduleRecord};
+    let w = world().await;
+    w.write(vec![w.machine(M1), w.machine(M2)]).await;
+    let body = "[Service]\nExecStart=/bin/false\n[X-Fleet]\nRescheduleAttempts=1\n";
+    w.write(w.unit("f.service", body, DesiredState::Launched)).await;
+    w.write(vec![w.schedule(M1, "f.service")]).await;
+    w.write(vec![w.state(M1, "f.service", "failed")]).await;
+    let record = |r: &RescheduleRecord| Op::put(w.keys.reschedule(&name("f.service")), encode(r).expect("encode"), 0);
+    let failing = Failure { machine: M1.into(), at: 100 };
+    let mut rec = RescheduleRecord {
+        failing: Some(failing.clone()),
+        failures: vec![failing],
+        note: "failed on 00000000; to be moved 30s after the failure".into(),
+        ..Default::default()
+    };
+    w.write(vec![record(&rec)]).await;
+    // The same note again is not news.
+    w.write(vec![record(&rec)]).await;
+    rec.failing = None;
+    rec.moves.push(Moved { from: M1.into(), to: M2.into(), at: 130 });
+    rec.note = "failed on 00000000; moved to b0000000".into();
+    w.write(vec![record(&rec), Op::delete(w.keys.schedule(M1, &name("f.service"))), w.schedule(M2, "f.service")]).await;
+    let told: Vec<(String, String, String)> =
+        w.read(None).into_iter().filter(|e| e.unit == "f.service").map(|e| (e.kind, e.machine, e.reason)).collect();
+    assert_eq!(
+        told[2..],
+        [
+            ("unit-failed".to_string(), M1.to_string(), String::new()),
+            (
+                "unit-reschedule".to_string(),
+                String::new(),
+                "failed on 00000000; to be moved 30s after the failure".into()
+            ),
+            ("unit-reschedule".to_string(), String::new(), "failed on 00000000; moved to b0000000".into()),
+            ("unit-moved".to_string(), M2.to_string(), format!("it failed on machine {M1} (RescheduleAttempts)")),
+        ]
+    );
+}

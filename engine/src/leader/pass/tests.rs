@@ -35,6 +35,7 @@ async fn cluster() -> Lab {
         ttl: 6,
         status: Default::default(),
         fences: Default::default(),
+        wake: Default::default(),
         metrics: crate::metrics::Metrics::new(),
     };
     Lab { store, keys, planner, fence, election_lease }
