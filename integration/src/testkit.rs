@@ -306,6 +306,13 @@ impl MachineBus {
         Ok(rows.into_iter().filter(|r| r.2 != "not-found").map(|r| (r.0, r.3)).collect())
     }
 
+    /// Kills `unit`'s main process with SIGKILL, as a crash would: a service without
+    /// `Restart=` ends `failed`.
+    pub async fn kill(&self, unit: &str) -> Result<()> {
+        let _: () = self.manager().await?.call("KillUnit", &(unit, "main", 9i32)).await?;
+        Ok(())
+    }
+
     pub async fn restart(&self, unit: &str) -> Result<()> {
         let _: zbus::zvariant::OwnedObjectPath = self.manager().await?.call("RestartUnit", &(unit, "replace")).await?;
         Ok(())
