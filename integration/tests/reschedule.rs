@@ -102,6 +102,7 @@ async fn a_failing_unit_moves_away_from_where_it_failed_and_one_without_the_opti
     .await
     .unwrap_or_else(|e| panic!("{e}; events:\n{}", events(&lab, &api, &moving)));
     assert!(told.contains("unit-reschedule"), "{told}");
+    eprintln!("fleetctl events {moving}:\n{told}");
 
     // Without the option, a crash leaves the unit failed where it was, however long one waits
     // (longer than the other unit's delays).
