@@ -13,12 +13,16 @@ use std::process::Stdio;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-/// One check's result: the unit, and whether it passed.
-pub type CheckResult = (String, bool);
+/// One check's result: the unit, the run of its check that made it, and whether it passed.
+pub type CheckResult = (String, u64, bool);
 
 /// The checks running now, one task per active unit with a check.
 pub struct Checks {
-    running: HashMap<String, (HealthCheck, JoinHandle<()>)>,
+    /// Each unit's check, the run it is in, and its task.
+    running: HashMap<String, (HealthCheck, u64, JoinHandle<()>)>,
+    /// Runs started so far: a result of a run that was stopped (it may be queued already when
+    /// its task is aborted) is told apart from the current run's and ignored.
+    runs: u64,
     results: mpsc::UnboundedSender<CheckResult>,
     http: reqwest::Client,
 }
@@ -27,7 +31,7 @@ impl Checks {
     pub fn new(results: mpsc::UnboundedSender<CheckResult>) -> Self {
         // Checks fetch from this machine: no proxy from the environment.
         let http = reqwest::Client::builder().no_proxy().build().unwrap_or_default();
-        Checks { running: HashMap::new(), results, http }
+        Checks { running: HashMap::new(), runs: 0, results, http }
     }
 
     /// Runs `unit`'s check while `run` is true (the unit is active and has one), stops it
@@ -35,23 +39,30 @@ impl Checks {
     pub fn set(&mut self, unit: &str, check: Option<&HealthCheck>, run: bool) {
         let wanted = check.filter(|_| run);
         match (self.running.get(unit), wanted) {
-            (Some((old, _)), Some(new)) if old == new => {}
+            (Some((old, _, _)), Some(new)) if old == new => {}
             (None, None) => {}
             (_, wanted) => {
-                if let Some((_, task)) = self.running.remove(unit) {
+                if let Some((_, _, task)) = self.running.remove(unit) {
                     task.abort();
                 }
                 if let Some(check) = wanted {
+                    self.runs += 1;
                     let task = tokio::spawn(run_check(
                         unit.to_string(),
+                        self.runs,
                         check.clone(),
                         self.results.clone(),
                         self.http.clone(),
                     ));
-                    self.running.insert(unit.to_string(), (check.clone(), task));
+                    self.running.insert(unit.to_string(), (check.clone(), self.runs, task));
                 }
             }
         }
+    }
+
+    /// Whether a result of `run` is of `unit`'s current check (not of one stopped since).
+    pub fn current(&self, unit: &str, run: u64) -> bool {
+        self.running.get(unit).is_some_and(|(_, r, _)| *r == run)
     }
 
     /// Units whose checks run now.
@@ -62,7 +73,7 @@ impl Checks {
 
 impl Drop for Checks {
     fn drop(&mut self) {
-        for (_, task) in self.running.values() {
+        for (_, _, task) in self.running.values() {
             task.abort();
         }
     }
@@ -70,6 +81,7 @@ impl Drop for Checks {
 
 async fn run_check(
     unit: String,
+    run: u64,
     check: HealthCheck,
     results: mpsc::UnboundedSender<CheckResult>,
     http: reqwest::Client,
@@ -79,7 +91,7 @@ async fn run_check(
     loop {
         every.tick().await;
         let passed = probe(&check, &http).await;
-        if results.send((unit.clone(), passed)).is_err() {
+        if results.send((unit.clone(), run, passed)).is_err() {
             return;
         }
     }
@@ -159,9 +171,17 @@ mod tests {
         let ok = check(Probe::Exec(vec!["/bin/true".into()]), 1000);
         checks.set("a.service", Some(&ok), true);
         let got = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.expect("a result");
-        assert_eq!(got, Some(("a.service".to_string(), true)));
+        let Some((unit, run, passed)) = got else { panic!("no result") };
+        assert_eq!((unit.as_str(), passed), ("a.service", true));
+        assert!(checks.current("a.service", run));
         checks.set("a.service", Some(&ok), false);
         assert_eq!(checks.running().count(), 0);
+        // A result of the stopped run, were one still queued, is not of the current check; nor
+        // is one of an earlier run once the check runs again.
+        assert!(!checks.current("a.service", run));
+        checks.set("a.service", Some(&ok), true);
+        assert!(!checks.current("a.service", run));
+        checks.set("a.service", Some(&ok), false);
         while rx.try_recv().is_ok() {}
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(rx.try_recv().is_err(), "a stopped check still reports");

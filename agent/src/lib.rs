@@ -185,7 +185,7 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
             }
             match tokio::fs::read_to_string(entry.path()).await {
                 Ok(text) => {
-                    self.learn_rules(&name, &text);
+                    self.learn_rules(&name, &text, false);
                     self.path_to_unit.insert(systemd::unit_path(&name), name.clone());
                     self.files.insert(name, content_hash(&text));
                 }
@@ -231,10 +231,10 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
             };
             tokio::select! {
                 result = health_rx.recv() => {
-                    if let Some((unit, passed)) = result {
-                        self.note_check(&unit, passed);
-                        while let Ok((unit, passed)) = health_rx.try_recv() {
-                            self.note_check(&unit, passed);
+                    if let Some((unit, run, passed)) = result {
+                        self.note_check(&unit, run, passed);
+                        while let Ok((unit, run, passed)) = health_rx.try_recv() {
+                            self.note_check(&unit, run, passed);
                         }
                     }
                 }
@@ -329,7 +329,7 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
     }
 
     /// What the agent itself acts on in a unit's `[X-Fleet]`: exclusivity and health.
-    fn learn_rules(&mut self, name: &str, text: &str) {
+    fn learn_rules(&mut self, name: &str, text: &str, rewritten: bool) {
         let rules = rules_of(name, text);
         if rules.as_ref().is_some_and(|r| r.exclusive) {
             self.exclusive.insert(name.to_string());
@@ -344,9 +344,13 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
             if let Some(c) = self.checks.as_mut() {
                 c.set(name, None, false);
             }
-        } else if self.health.get(name).is_none_or(|t| *t.spec() != spec) {
-            // A new or changed declaration starts over; the unit's activity is seen again at
-            // the next publication.
+        } else if rewritten || self.health.get(name).is_none_or(|t| *t.spec() != spec) {
+            // A new or changed declaration starts over, and so does a unit given a new file (it
+            // restarts, perhaps without its agent ever seeing it inactive): its activity is seen
+            // again at the next publication, and its check runs anew.
+            if let Some(c) = self.checks.as_mut() {
+                c.set(name, None, false);
+            }
             self.health.insert(name.to_string(), fleet_model::health::HealthTracker::new(spec));
             self.unpublished.insert(name.to_string());
         }
@@ -357,7 +361,12 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
     }
 
     /// A check's result: the unit is published again if its health changed.
-    fn note_check(&mut self, unit: &str, passed: bool) {
+    fn note_check(&mut self, unit: &str, run: u64, passed: bool) {
+        // A result of a check stopped since (the unit restarted, or its check changed) says
+        // nothing of the unit as it runs now.
+        if !self.checks.as_ref().is_some_and(|c| c.current(unit, run)) {
+            return;
+        }
         let now = self.now_ms();
         let Some(t) = self.health.get_mut(unit) else { return };
         t.checked(passed);
@@ -610,7 +619,7 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
                     }
                     self.path_to_unit.insert(systemd::unit_path(name), name.clone());
                     self.applied.insert(name.clone(), DesiredState::Loaded);
-                    self.learn_rules(name, &body);
+                    self.learn_rules(name, &body, true);
                     if fleet_model::UnitFile::parse(&body)
                         .is_ok_and(|f| f.options.iter().any(|o| o.section == "Install"))
                     {

@@ -149,6 +149,31 @@ async fn a_units_health_is_checked_and_published_as_it_changes() {
     assert_eq!(a.published("plain.service").map(|r| r.health), Some(None), "no declaration, no health");
 }
 
+/// A unit given a new file (a rollout's next version) starts its health over: the state
+/// published with the new file's hash never carries the health of the version before it.
+#[tokio::test]
+async fn a_rewritten_unit_starts_its_health_over() {
+    let a = start("health-rewrite").await;
+    let file = |v: &str| {
+        format!("[Unit]\nDescription={v}\n[Service]\nExecStart=/bin/sleep 1000\n[X-Fleet]\nMinHealthyTime=700ms\n")
+    };
+    a.schedule_file("web.service", &file("v1")).await;
+    a.until_health("web.service", Some(Health::Healthy)).await.expect("healthy");
+    let v2 = content_hash(&UnitFile::parse(&file("v2")).expect("unit file").canonical());
+    a.schedule_file("web.service", &file("v2")).await;
+    let mut first = None;
+    for _ in 0..1000 {
+        if let Some(r) = a.published("web.service").filter(|r| r.hash == v2) {
+            first = Some(r);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let first = first.expect("the new version published");
+    assert_ne!(first.health, Some(Health::Healthy), "the new version was published healthy at once: {first:?}");
+    a.until_health("web.service", Some(Health::Healthy)).await.expect("healthy again after its minimum time");
+}
+
 /// An exclusive unit is stopped while the lease is in doubt, and etcd (also in doubt) never hears
 /// of it; the agent then dies. The agent started next must not take what etcd still says
 /// (launched) for the truth: it starts the unit again once it holds a lease. (Found by the chaos

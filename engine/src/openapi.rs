@@ -9,8 +9,9 @@
 use fleet_api::{
     AgentStatus, Changed, CreateUnits, Created, Destroyed, DrainAccepted, ErrorBody as Error, ErrorDetail, Event,
     EventPage, Found, JoinRequest, JoinTokenCreated, JoinTokenInfo, JoinTokenPage, JoinTokenRequest, Joined, Machine,
-    MachinePage, MetadataOp, MoveAccepted, MoveRequest, Names, Unit, UnitChange, UnitChanges, UnitError, UnitOption,
-    UnitPage, UnitState, UnitStatePage, UnitStatuses, Until, WaitEvent, WaitRequest,
+    MachinePage, MetadataOp, MoveAccepted, MoveRequest, Names, Rollout, RolloutInstance, RolloutList, RolloutRequest,
+    Unit, UnitChange, UnitChanges, UnitError, UnitOption, UnitPage, UnitState, UnitStatePage, UnitStatuses, Until,
+    WaitEvent, WaitRequest,
 };
 use utoipa::OpenApi;
 
@@ -183,6 +184,31 @@ fn join_ca() {}
         (status = 413, body = Error), (status = 415, body = Error), (status = 503, body = Error)))]
 fn join() {}
 
+/// Not in the original API: roll a new version (the unit file in `options`) over a service's
+/// launched instances, a few at a time, going back by itself when one does not become healthy
+/// (docs/services.md). One rollout per service at a time (409 otherwise).
+#[utoipa::path(post, path = "/fleet/v1/rollouts", request_body = RolloutRequest,
+    responses((status = 201, body = Rollout), (status = 400, body = Error), (status = 404, body = Error),
+        (status = 409, body = Error), (status = 415, body = Error), (status = 503, body = Error)))]
+fn create_rollout() {}
+
+/// Every service's last rollout.
+#[utoipa::path(get, path = "/fleet/v1/rollouts", responses((status = 200, body = RolloutList), (status = 503, body = Error)))]
+fn list_rollouts() {}
+
+/// A service's last rollout, with its instances.
+#[utoipa::path(get, path = "/fleet/v1/rollouts/{service}", params(("service" = String, Path)),
+    responses((status = 200, body = Rollout), (status = 400, body = Error), (status = 404, body = Error),
+        (status = 503, body = Error)))]
+fn get_rollout() {}
+
+/// `pause`, `resume`, `promote` (the canaries) or `undo` (go back to the previous version).
+#[utoipa::path(post, path = "/fleet/v1/rollouts/{service}/{action}",
+    params(("service" = String, Path), ("action" = String, Path)),
+    responses((status = 200, body = Rollout), (status = 400, body = Error), (status = 404, body = Error),
+        (status = 409, body = Error), (status = 503, body = Error)))]
+fn rollout_action() {}
+
 /// fleet's discovery document (Google discovery format).
 #[utoipa::path(get, path = "/fleet/v1/discovery", responses((status = 200, body = Object)))]
 fn discovery() {}
@@ -228,6 +254,10 @@ fn engine_status() {}
         revoke_join_token,
         join_ca,
         join,
+        create_rollout,
+        list_rollouts,
+        get_rollout,
+        rollout_action,
         discovery,
         openapi_json,
         engine_status
@@ -267,7 +297,11 @@ fn engine_status() {}
         JoinTokenCreated,
         JoinTokenPage,
         JoinRequest,
-        Joined
+        Joined,
+        RolloutRequest,
+        Rollout,
+        RolloutInstance,
+        RolloutList
     ))
 )]
 pub struct ApiDoc;

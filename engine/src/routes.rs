@@ -54,6 +54,22 @@ pub fn router(api: Api, auth: std::sync::Arc<Auth>) -> Router {
             }),
         )
         .route(
+            "/rollouts",
+            get(list_rollouts.layer(needs!(Read)))
+                .post(create_rollout.layer(needs!(Admin)))
+                .fallback(|req| refuse(req, method_not_allowed("only GET and POST supported against this resource"))),
+        )
+        .route(
+            "/rollouts/{service}",
+            get(get_rollout.layer(needs!(Read)))
+                .fallback(|req| refuse(req, method_not_allowed("only GET supported against this resource"))),
+        )
+        .route(
+            "/rollouts/{service}/{action}",
+            post(rollout_action.layer(needs!(Operate)))
+                .fallback(|req| refuse(req, method_not_allowed("only POST supported against this resource"))),
+        )
+        .route(
             "/state",
             get(list_states.layer(needs!(Read)))
                 .fallback(|req| refuse(req, method_not_allowed("only GET supported against this resource"))),

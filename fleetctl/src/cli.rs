@@ -163,6 +163,29 @@ pub(crate) enum Command {
         unit: String,
         machine: Option<String>,
     },
+    /// Roll a new version of a service over its running instances a few at a time, reverting by
+    /// itself when one does not become healthy: `rollout FILE` (a template `web@.service`: its
+    /// launched instances; a unit: that unit), `rollout status [SERVICE]`,
+    /// `rollout pause|resume|promote|undo SERVICE` (docs/services.md).
+    Rollout {
+        /// Instances unavailable at once, at most.
+        #[arg(long, default_value_t = 1)]
+        max_parallel: u32,
+        /// Instances replaced first; the rollout then waits for `rollout promote`.
+        #[arg(long, default_value_t = 0)]
+        canaries: u32,
+        /// How long a replaced instance must stay healthy to count (`30s`, `2m`).
+        #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+        min_healthy_time: std::time::Duration,
+        /// How long a replaced instance may take to become healthy before the rollout goes back.
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        deadline: std::time::Duration,
+        /// Return once the rollout is asked for, without following it.
+        #[arg(long)]
+        no_block: bool,
+        #[arg(num_args = 1..=2, value_name = "FILE | ACTION [SERVICE]")]
+        args: Vec<String>,
+    },
     /// Move every unit off a machine (full id or unique prefix) and keep new ones away.
     Drain {
         #[command(flatten)]

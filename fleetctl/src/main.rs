@@ -13,6 +13,7 @@ mod join;
 mod lists;
 mod machines;
 mod progress;
+mod rollout;
 mod table;
 mod units;
 
@@ -118,6 +119,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Restart { block, units } => ctl.restart(&units, &block).await,
         Command::Drain { block, machine } => ctl.drain(&machine, &block).await,
+        Command::Rollout { max_parallel, canaries, min_healthy_time, deadline, no_block, args } => {
+            let settings =
+                rollout::Settings { max_parallel, canaries, min_healthy: min_healthy_time, deadline, no_block };
+            ctl.rollout(&args, &settings).await
+        }
         Command::Undrain { machine } => {
             ctl.api.drain(&machine, true).await?;
             println!("Machine {machine} undrained");

@@ -25,6 +25,7 @@ mod agents;
 mod events;
 mod join;
 mod machines;
+mod rollouts;
 mod states;
 mod units;
 
@@ -32,6 +33,7 @@ pub use self::agents::*;
 pub(crate) use self::events::*;
 pub(crate) use self::join::*;
 pub(crate) use self::machines::*;
+pub(crate) use self::rollouts::*;
 pub(crate) use self::states::*;
 pub use self::units::*;
 pub(crate) use crate::http::refuse_batch;

@@ -5,6 +5,7 @@ use super::{ClusterView, Seen};
 use crate::events::Happened;
 use fleet_api::EventKind;
 use fleet_model::reschedule::RescheduleRecord;
+use fleet_model::rollout::RolloutRecord;
 use fleet_model::rules::Rules;
 use fleet_model::schema::{decode, is_stopped, Key};
 use fleet_model::Keys;
@@ -192,6 +193,15 @@ impl Deriver {
                 let prev = before.states.get(unit).and_then(|s| s.get(m));
                 if prev.is_some_and(|p| !is_stopped(&p.active_state)) {
                     out.push(Happened::new(EventKind::UnitStopped).unit(unit).machine(m));
+                }
+            }
+            (Key::Rollout(service), Some(v)) => {
+                let Ok(rec) = decode::<RolloutRecord>(v) else { return };
+                let old = before.rollouts.get(service);
+                if old.is_none_or(|o| o.note != rec.note || o.phase != rec.phase) {
+                    out.push(
+                        Happened::new(EventKind::Rollout).unit(service).state(rec.phase.as_str()).reason(rec.note),
+                    );
                 }
             }
             (Key::Reschedule(unit), Some(v)) => {

@@ -7,6 +7,7 @@
 use crate::events::EventLog;
 use derive::Deriver;
 use fleet_model::reschedule::RescheduleRecord;
+use fleet_model::rollout::RolloutRecord;
 use fleet_model::rules::Rules;
 use fleet_model::schema::{decode, Key, MoveRequest};
 use fleet_model::{Keys, MachineRecord, ScheduleEntry, UnitFile, UnitName, UnitRecord, UnitStateRecord};
@@ -55,6 +56,8 @@ pub struct ClusterView {
     pub moves: BTreeMap<UnitName, MoveRequest>,
     /// Failing units' failures and the moves they caused, as the leader recorded them.
     pub reschedules: BTreeMap<UnitName, RescheduleRecord>,
+    /// Rollouts by service (over or not: the last one of each service is kept).
+    pub rollouts: BTreeMap<UnitName, RolloutRecord>,
     /// Units whose rules are not parsed yet (their body may not have arrived).
     rules_missing: BTreeSet<UnitName>,
 }
@@ -110,7 +113,7 @@ impl ClusterView {
         // rewritten inactive) or has left: the leader places it elsewhere once that says stopped.
         // And the state of a unit that asks to be moved when it fails (`RescheduleAttempts`).
         if let Some(Key::State(m, unit)) = &decoded {
-            if matches!(self.rules.get(unit), Some(Ok(r)) if r.reschedule.is_on()) {
+            if matches!(self.rules.get(unit), Some(Ok(r)) if r.reschedule.is_on()) || self.rolling(unit) {
                 self.plan_generation += 1;
             }
             let exclusive = matches!(self.rules.get(unit), Some(Ok(r)) if r.exclusive);
@@ -154,6 +157,12 @@ impl ClusterView {
                         .insert(k, String::from_utf8_lossy(&value).into_owned());
                     self.merge_machine(&m);
                 }
+                Some(Key::Rollout(service)) => match decode::<RolloutRecord>(&value) {
+                    Ok(r) => {
+                        self.rollouts.insert(service, r);
+                    }
+                    Err(e) => tracing::error!(service = %service, error = %e, "unreadable rollout; ignoring"),
+                },
                 Some(Key::Reschedule(unit)) => match decode::<RescheduleRecord>(&value) {
                     Ok(r) => {
                         self.reschedules.insert(unit, r);
@@ -221,6 +230,9 @@ impl ClusterView {
                 }
                 Some(Key::Reschedule(unit)) => {
                     self.reschedules.remove(&unit);
+                }
+                Some(Key::Rollout(service)) => {
+                    self.rollouts.remove(&service);
                 }
                 Some(Key::Drain(m)) => {
                     self.drained.remove(&m);
@@ -291,8 +303,24 @@ impl ClusterView {
     }
 
     /// Bodies no unit refers to, with the revision they were last written at.
+    /// Whether `unit` is an instance of a service being rolled out (its states drive the rollout).
+    pub fn rolling(&self, unit: &UnitName) -> bool {
+        if self.rollouts.is_empty() {
+            return false;
+        }
+        let service = unit.template().unwrap_or_else(|| unit.clone());
+        self.rollouts.get(&service).is_some_and(|r| !r.phase.is_over())
+    }
+
     pub fn orphan_bodies(&self) -> Vec<(String, i64)> {
-        let used: BTreeSet<&str> = self.units.values().map(|u| u.hash.as_str()).collect();
+        // A service's last rollout keeps both its versions (the new one before any instance has
+        // it, the previous one to go back to, even by an `undo` after it succeeded).
+        let used: BTreeSet<&str> = self
+            .units
+            .values()
+            .map(|u| u.hash.as_str())
+            .chain(self.rollouts.values().flat_map(|r| [r.version.as_str(), r.previous.as_str()]))
+            .collect();
         self.bodies.iter().filter(|(h, _)| !used.contains(h.as_str())).map(|(h, (_, rev))| (h.clone(), *rev)).collect()
     }
 }

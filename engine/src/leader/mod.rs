@@ -14,6 +14,7 @@ use tokio::sync::watch;
 
 mod fence;
 mod pass;
+pub mod rolling;
 pub use fence::{fence_of, fenced_txn, FenceError};
 pub use pass::{Fences, Planner, FENCE_MARGIN};
 

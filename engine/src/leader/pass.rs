@@ -158,6 +158,7 @@ impl<S: Store> Planner<S> {
                     Ok(mut f) => f.update(&v.machines, v.schedule.values().flat_map(|e| e.keys().cloned())),
                     Err(_) => Default::default(),
                 };
+                let now = unix_now();
                 let out = scheduler::schedule(&Snapshot {
                     drained: &v.drained,
                     fencing: &fencing,
@@ -168,10 +169,11 @@ impl<S: Store> Planner<S> {
                     moves: &v.moves,
                     states: &v.states,
                     reschedules: &v.reschedules,
-                    now: unix_now(),
+                    now,
                 });
-                // Failing units' records go first: a move's event reads why from them.
-                let mut why_ops = Vec::new();
+                // Rollouts' steps first (their unit records are scheduled by the next pass), then
+                // failing units' records: a move's event reads why from them.
+                let (mut why_ops, rollout_wake) = super::rolling::steps(v, &self.keys, now);
                 for (u, rec) in &out.reschedules {
                     match rec {
                         Some(rec) => {
@@ -205,6 +207,10 @@ impl<S: Store> Planner<S> {
                 }
                 for u in v.why.keys().filter(|u| !out.unplaceable.contains_key(*u)) {
                     why_ops.push(Op::delete(self.keys.why(u)));
+                }
+                let mut out = out;
+                if let Some(at) = rollout_wake {
+                    out.wake_at = Some(out.wake_at.map_or(at, |w| w.min(at)));
                 }
                 (out, why_ops, v.orphan_bodies(), v.revision, v.units.len())
             }

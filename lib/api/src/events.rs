@@ -73,6 +73,9 @@ pub enum EventKind {
     /// What the leader does with a unit failing where it runs (`reason`: when it will move, where
     /// it moved, or why it stays; only units with `RescheduleAttempts`).
     UnitReschedule,
+    /// A rollout of a service (`unit`: the template or unit) moved on (`state`: its phase,
+    /// `reason`: what happened, in words).
+    Rollout,
     /// The leader cannot place the unit (`reason`).
     UnitUnplaceable,
     /// The unit was destroyed.
@@ -97,7 +100,7 @@ pub enum EventKind {
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 21] = [
+    pub const ALL: [EventKind; 22] = [
         EventKind::UnitSubmitted,
         EventKind::UnitDesiredState,
         EventKind::UnitReplaced,
@@ -109,6 +112,7 @@ impl EventKind {
         EventKind::UnitStopped,
         EventKind::UnitHealth,
         EventKind::UnitReschedule,
+        EventKind::Rollout,
         EventKind::UnitUnplaceable,
         EventKind::UnitDestroyed,
         EventKind::MachineJoined,
@@ -134,6 +138,7 @@ impl EventKind {
             EventKind::UnitStopped => "unit-stopped",
             EventKind::UnitHealth => "unit-health",
             EventKind::UnitReschedule => "unit-reschedule",
+            EventKind::Rollout => "rollout",
             EventKind::UnitUnplaceable => "unit-unplaceable",
             EventKind::UnitDestroyed => "unit-destroyed",
             EventKind::MachineJoined => "machine-joined",

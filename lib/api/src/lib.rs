@@ -20,6 +20,8 @@ pub use fleet_model::UnitOption;
 
 mod events;
 pub use events::{Event, EventId, EventKind, EventPage};
+mod rollouts;
+pub use rollouts::{Rollout, RolloutInstance, RolloutList, RolloutRequest};
 mod join;
 pub use join::{JoinRequest, JoinTokenCreated, JoinTokenInfo, JoinTokenPage, JoinTokenRequest, Joined};
 

@@ -11,6 +11,7 @@
 
 mod events;
 mod fleetlock;
+mod rollouts;
 mod units;
 
 pub use events::EventQuery;

@@ -13,6 +13,7 @@ pub mod health;
 pub mod join;
 pub mod machine;
 pub mod reschedule;
+pub mod rollout;
 pub mod rules;
 pub mod schema;
 pub mod unit_file;

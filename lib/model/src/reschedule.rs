@@ -72,18 +72,17 @@ impl ReschedulePolicy {
                         .ok_or_else(|| bad("expected a count from 0 to 100"))?
                 }
             }
-            "RescheduleInterval" => self.interval = span(default.interval)?,
+            "RescheduleInterval" => {
+                let interval = span(default.interval)?;
+                if interval.is_zero() {
+                    return Err(bad("must be longer than zero"));
+                }
+                self.interval = interval;
+            }
             "RescheduleDelay" => self.delay = span(default.delay)?,
             "RescheduleMaxDelay" => self.max_delay = span(default.max_delay)?,
             "RescheduleAvoid" => self.avoid = span(default.avoid)?,
             other => return Err(RuleError::UnknownKey(other.to_string())),
-        }
-        if self.interval.is_zero() {
-            return Err(RuleError::BadValue {
-                key: "RescheduleInterval".into(),
-                value: raw.into(),
-                why: "must be longer than zero".into(),
-            });
         }
         Ok(())
     }

@@ -9,6 +9,7 @@
 //! <P>why/<name>                  text              engine leader; why a unit is not placed
 //! <P>moves/<name>                MoveRequest       API (a user's move); leader deletes or refuses it
 //! <P>reschedule/<name>           RescheduleRecord  engine leader; a failing unit's failures and moves
+//! <P>rollouts/<service>          RolloutRecord     API (asked, pause/resume/promote/undo); leader as it goes
 //! <P>metadata/<id>/<key>         text              API (PATCH machines); overrides the agent's metadata
 //! <P>drain/<id>                  empty             API (fleetctl drain); the machine takes no units
 //! <P>leader/...                  election keys     engines; each on its own lease
@@ -34,6 +35,8 @@ pub enum Key {
     Move(UnitName),
     /// What the leader remembers of a unit's failures and the moves they caused.
     Reschedule(UnitName),
+    /// A rollout of a new version over a service (a template or one unit).
+    Rollout(UnitName),
     /// Metadata set through the API for a machine (overrides its config; empty = removed).
     Metadata(MachineId, String),
     /// A machine being drained: nothing may run there.
@@ -111,6 +114,12 @@ impl Keys {
     pub fn reschedule(&self, unit: &UnitName) -> String {
         format!("{}reschedule/{unit}", self.prefix)
     }
+    pub fn rollouts(&self) -> String {
+        format!("{}rollouts/", self.prefix)
+    }
+    pub fn rollout(&self, service: &UnitName) -> String {
+        format!("{}rollouts/{service}", self.prefix)
+    }
     pub fn why(&self, unit: &UnitName) -> String {
         format!("{}why/{unit}", self.prefix)
     }
@@ -138,6 +147,7 @@ impl Keys {
             "why" => UnitName::parse(rest).ok().map(Key::Why),
             "moves" => UnitName::parse(rest).ok().map(Key::Move),
             "reschedule" => UnitName::parse(rest).ok().map(Key::Reschedule),
+            "rollouts" => UnitName::parse(rest).ok().map(Key::Rollout),
             "drain" if !rest.contains('/') => Some(Key::Drain(rest.to_string())),
             "metadata" => {
                 let (m, k) = rest.split_once('/')?;
