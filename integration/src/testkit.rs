@@ -236,6 +236,8 @@ pub struct UnitProps {
     pub active_state: String,
     pub sub_state: String,
     pub main_pid: u32,
+    /// `Description=`: which version of a unit file systemd runs, in tests that say it there.
+    pub description: String,
 }
 
 impl MachineBus {
@@ -269,6 +271,7 @@ impl MachineBus {
             active_state: u.get_property("ActiveState").await?,
             sub_state: u.get_property("SubState").await?,
             main_pid: s.get_property("MainPID").await.unwrap_or(0),
+            description: u.get_property("Description").await?,
         })
     }
 

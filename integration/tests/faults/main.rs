@@ -15,6 +15,7 @@ mod chaos;
 mod dashboard;
 mod engines;
 mod machines;
+mod rollouts;
 
 const T: Duration = Duration::from_secs(60);
 
