@@ -131,6 +131,7 @@ mod tests {
             timeout: Duration::from_millis(timeout_ms),
             healthy_threshold: 1,
             unhealthy_threshold: 1,
+            grace: std::time::Duration::ZERO,
         }
     }
 

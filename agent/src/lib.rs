@@ -14,6 +14,7 @@ pub mod config;
 pub mod driver;
 pub mod guard;
 pub mod health;
+pub mod image;
 pub mod join;
 pub mod metrics;
 pub mod presence;

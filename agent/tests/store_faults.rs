@@ -132,7 +132,7 @@ async fn a_units_health_is_checked_and_published_as_it_changes() {
     a.schedule_file(
         "checked.service",
         &format!(
-            "[Service]\nExecStart=/bin/sleep 1000\n[X-Fleet]\nHealthCheck=/bin/test -f {}\nHealthCheckInterval=100ms\nUnhealthyThreshold=2\n",
+            "[Service]\nExecStart=/bin/sleep 1000\n[X-Fleet]\nHealthCheck=/bin/test -f {}\nHealthCheckInterval=100ms\nUnhealthyThreshold=2\nHealthCheckGrace=0\n",
             flag.display()
         ),
     )

@@ -45,7 +45,7 @@ fn the_packages_install_into_a_fresh_debian_and_leave_nothing_when_purged() {
     }
     // The binaries run.
     assert!(inside(&root, &["fleetctl", "version"]).contains(version));
-    for bin in ["fleet-engine", "fleet-agent", "fleet-pki", "fleet-update"] {
+    for bin in ["fleet-engine", "fleet-agent", "fleet-image", "fleet-pki", "fleet-update"] {
         inside(&root, &[bin, "--help"]);
     }
     // Configuration is the admin's: conffiles, kept on upgrade and removal.

@@ -6,8 +6,10 @@ use axum::extract::{Query, State};
 use axum::http::StatusCode as Code;
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use fleet_api::Until;
 use serde_json::json;
 use std::collections::HashMap;
+use std::ops::ControlFlow;
 use std::sync::atomic::AtomicU32;
 use std::sync::Arc;
 
@@ -197,4 +199,28 @@ async fn one_unit_writes_tell_created_from_changed_and_gone_from_absent() {
     assert!(!c.put_unit(&change).await.expect("changed"));
     assert!(c.delete_unit("a.service").await.expect("deleted"));
     assert!(!c.delete_unit("b.service").await.expect("absent is not an error"));
+}
+
+/// A wait the caller stops (fleetctl does on a unit that failed) ends: it is not asked again.
+/// (It was: `fleetctl start` of a failing unit printed its failure every few seconds, forever.)
+#[tokio::test]
+async fn a_wait_stopped_by_the_caller_is_not_asked_again() {
+    let asked = Arc::new(AtomicU32::new(0));
+    let app = Router::new()
+        .route(
+            "/fleet/v1/units:wait",
+            post(|State(asked): State<Arc<AtomicU32>>| async move {
+                asked.fetch_add(1, Ordering::Relaxed);
+                "{\"name\":\"a.service\",\"error\":\"failed\"}\n{\"done\":true}\n"
+            }),
+        )
+        .with_state(asked.clone());
+    let c = client(&serve(app).await);
+    let mut seen = 0;
+    let wait = c.wait(&["a.service".to_string()], Until::Active, 0, None, |_| {
+        seen += 1;
+        ControlFlow::Break(())
+    });
+    let left = tokio::time::timeout(Duration::from_secs(10), wait).await.expect("the wait ends").expect("wait");
+    assert_eq!((left, seen, asked.load(Ordering::Relaxed)), (vec!["a.service".to_string()], 1, 1));
 }

@@ -11,6 +11,14 @@ use std::collections::HashSet;
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
+/// What one `units:wait` request ended with.
+enum Waited {
+    /// The names not yet done with.
+    Left(HashSet<String>),
+    /// The caller stopped the wait.
+    Stopped,
+}
+
 /// How long one `units:wait` request waits at most before the client asks again.
 const WAIT_WINDOW: Duration = Duration::from_secs(30);
 
@@ -194,7 +202,11 @@ impl Client {
             };
             let mut left = HashSet::new();
             for chunk in pending.chunks(BATCH) {
-                left.extend(self.wait_once(chunk, until, revision, window, &mut seen).await?);
+                match self.wait_once(chunk, until, revision, window, &mut seen).await? {
+                    Waited::Left(l) => left.extend(l),
+                    // The caller has seen enough (a unit failed, say): no more asking.
+                    Waited::Stopped => return Ok(pending),
+                }
             }
             pending.retain(|n| left.contains(n));
             if left.is_empty() || deadline.is_some_and(|d| Instant::now() >= d) {
@@ -204,8 +216,7 @@ impl Client {
         Ok(pending)
     }
 
-    /// One `units:wait` request; returns the names not yet done with (all of them if `seen`
-    /// stopped the wait).
+    /// One `units:wait` request: the names not yet done with, or that `seen` stopped the wait.
     async fn wait_once(
         &self,
         names: &[String],
@@ -213,7 +224,7 @@ impl Client {
         revision: i64,
         window: Duration,
         seen: &mut impl FnMut(&WaitEvent) -> ControlFlow<()>,
-    ) -> Result<HashSet<String>> {
+    ) -> Result<Waited> {
         let what = "waiting for units".to_string();
         let body = WaitRequest { names: names.to_vec(), until, revision, timeout_ms: Some(window.as_millis() as u64) };
         // The answer takes up to the window; the usual request timeout bounds the rest, and the
@@ -234,14 +245,14 @@ impl Client {
                 let event: WaitEvent = serde_json::from_slice(&line)
                     .map_err(|e| Error::Decode { what: what.clone(), reason: e.to_string() })?;
                 if event.done {
-                    return Ok(left);
+                    return Ok(Waited::Left(left));
                 }
                 if event.name.is_empty() {
                     continue;
                 }
                 left.remove(&event.name);
                 if seen(&event).is_break() {
-                    return Ok(names.iter().cloned().collect());
+                    return Ok(Waited::Stopped);
                 }
             }
         }

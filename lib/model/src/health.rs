@@ -18,6 +18,7 @@ pub const KEYS: &[&str] = &[
     "HealthCheckTimeout",
     "HealthyThreshold",
     "UnhealthyThreshold",
+    "HealthCheckGrace",
     "MinHealthyTime",
 ];
 
@@ -39,6 +40,9 @@ pub struct HealthCheck {
     pub timeout: Duration,
     pub healthy_threshold: u32,
     pub unhealthy_threshold: u32,
+    /// After a start, failures make the unit unhealthy only once it has been healthy or this
+    /// long has passed: a service still starting is `starting`, not `unhealthy`.
+    pub grace: Duration,
 }
 
 /// What a unit's `[X-Fleet]` says about its health.
@@ -57,6 +61,7 @@ impl Default for HealthSpec {
 
 const DEFAULT_INTERVAL: Duration = Duration::from_secs(10);
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+const DEFAULT_GRACE: Duration = Duration::from_secs(10);
 
 /// A systemd-style time span: `500ms`, `10s`, `2min`, `1h`, or a bare number of seconds.
 pub fn parse_span(v: &str) -> Option<Duration> {
@@ -110,6 +115,7 @@ impl HealthSpec {
                         timeout: DEFAULT_TIMEOUT,
                         healthy_threshold: 1,
                         unhealthy_threshold: 3,
+                        grace: DEFAULT_GRACE,
                     })
                 }
             }
@@ -131,6 +137,7 @@ impl HealthSpec {
                     }
                     "HealthyThreshold" => c.healthy_threshold = Some(count()?).filter(|n| *n > 0).unwrap_or(1),
                     "UnhealthyThreshold" => c.unhealthy_threshold = Some(count()?).filter(|n| *n > 0).unwrap_or(3),
+                    "HealthCheckGrace" => c.grace = span(DEFAULT_GRACE)?,
                     _ => return Err(RuleError::UnknownKey(other.to_string())),
                 }
             }
@@ -187,11 +194,13 @@ pub struct HealthTracker {
     fails: u32,
     /// The last verdict of the check (Healthy or Unhealthy), kept between thresholds.
     verdict: Option<Health>,
+    /// Whether the check has passed enough since the unit became active (the grace is over).
+    been_healthy: bool,
 }
 
 impl HealthTracker {
     pub fn new(spec: HealthSpec) -> Self {
-        HealthTracker { spec, active_since: None, passes: 0, fails: 0, verdict: None }
+        HealthTracker { spec, active_since: None, passes: 0, fails: 0, verdict: None, been_healthy: false }
     }
 
     pub fn spec(&self) -> &HealthSpec {
@@ -224,6 +233,7 @@ impl HealthTracker {
             self.fails = 0;
             if self.passes >= c.healthy_threshold {
                 self.verdict = Some(Health::Healthy);
+                self.been_healthy = true;
             }
         } else {
             self.fails = self.fails.saturating_add(1);
@@ -238,7 +248,9 @@ impl HealthTracker {
     pub fn health(&self, now: u64) -> Option<Health> {
         let since = self.active_since?;
         let long_enough = now.saturating_sub(since) >= self.spec.min_healthy.as_millis() as u64;
+        let in_grace = |c: &HealthCheck| !self.been_healthy && now.saturating_sub(since) < c.grace.as_millis() as u64;
         Some(match (&self.spec.check, self.verdict) {
+            (Some(c), Some(Health::Unhealthy)) if in_grace(c) => Health::Starting,
             (_, Some(Health::Unhealthy)) => Health::Unhealthy,
             (None, _) | (Some(_), Some(Health::Healthy)) if long_enough => Health::Healthy,
             _ => Health::Starting,
@@ -248,6 +260,10 @@ impl HealthTracker {
     /// When the health may change by time alone (`MinHealthyTime` passing), if it may.
     pub fn changes_at(&self) -> Option<u64> {
         let since = self.active_since?;
+        // Failing within its grace: unhealthy when the grace ends.
+        if let (Some(c), Some(Health::Unhealthy), false) = (&self.spec.check, self.verdict, self.been_healthy) {
+            return Some(since + c.grace.as_millis() as u64);
+        }
         let at = since + self.spec.min_healthy.as_millis() as u64;
         (!self.spec.min_healthy.is_zero()).then_some(at)
     }
@@ -276,7 +292,7 @@ mod tests {
         let c = s.check.expect("a check");
         assert_eq!(c.probe, Probe::Exec(vec!["/usr/bin/test".into(), "-f".into(), "/run/ok".into()]));
         assert_eq!((c.interval, c.timeout), (Duration::from_secs(2), DEFAULT_TIMEOUT));
-        assert_eq!((c.healthy_threshold, c.unhealthy_threshold), (1, 3));
+        assert_eq!((c.healthy_threshold, c.unhealthy_threshold, c.grace), (1, 3, DEFAULT_GRACE));
         assert_eq!(s.min_healthy, Duration::from_secs(60));
         let s = spec(&[("HealthCheck", "http://127.0.0.1:8080/healthz"), ("UnhealthyThreshold", "2")]).expect("valid");
         assert_eq!(
@@ -351,5 +367,30 @@ mod tests {
         assert_eq!(t.health(5), Some(Health::Unhealthy), "one pass of two");
         t.checked(true);
         assert_eq!(t.health(6), Some(Health::Healthy), "recovered");
+    }
+
+    /// A service still starting fails its check without being unhealthy, until it has passed
+    /// once or its grace is over (then it is, and the agent is told when to look again).
+    #[test]
+    fn failures_before_the_first_pass_are_forgiven_for_the_grace() {
+        let s = spec(&[("HealthCheck", "/bin/true"), ("UnhealthyThreshold", "2"), ("HealthCheckGrace", "5s")])
+            .expect("valid");
+        let mut slow = HealthTracker::new(s.clone());
+        slow.active(true, 0);
+        slow.checked(false);
+        slow.checked(false);
+        assert_eq!(slow.health(1000), Some(Health::Starting), "failing while it starts");
+        assert_eq!(slow.changes_at(), Some(5000));
+        assert_eq!(slow.health(5000), Some(Health::Unhealthy), "its grace is over");
+        let mut started = HealthTracker::new(s);
+        started.active(true, 0);
+        started.checked(false);
+        started.checked(false);
+        started.checked(true);
+        assert_eq!(started.health(2000), Some(Health::Healthy));
+        started.checked(false);
+        started.checked(false);
+        assert_eq!(started.health(3000), Some(Health::Unhealthy), "once healthy, no grace");
+        assert_eq!(started.changes_at(), None);
     }
 }

@@ -349,7 +349,13 @@ impl Rules {
         let mut checked = file.clone();
         for o in checked.options.iter_mut().filter(|o| o.section == SECTION) {
             if o.value.contains("%i") || o.value.contains("%I") {
-                o.value.clear();
+                if crate::health::KEYS.contains(&o.name.as_str()) {
+                    // A check's settings follow the check: clearing `HealthCheck=http://...:808%i/`
+                    // would refuse the settings after it. Checked with a stand-in instance.
+                    o.value = o.value.replace("%i", "1").replace("%I", "1");
+                } else {
+                    o.value.clear();
+                }
             }
         }
         Rules::parse(template, &checked)
@@ -565,6 +571,11 @@ mod tests {
         assert!(matches!(Rules::parse_template(&t, &unknown), Err(RuleError::UnknownKey(_))));
         let broken = UnitFile::parse("[X-Fleet]\nMachineID=%i\nMemoryMax=lots\n").expect("file");
         assert!(matches!(Rules::parse_template(&t, &broken), Err(RuleError::BadValue { .. })));
+        // A check naming its instance's port, with settings after it (examples/web@.service).
+        let web = UnitName::parse("web@.service").expect("name");
+        let checked =
+            UnitFile::parse("[X-Fleet]\nHealthCheck=http://127.0.0.1:808%i/\nHealthCheckInterval=1s\n").expect("file");
+        assert!(Rules::parse_template(&web, &checked).is_ok(), "{:?}", Rules::parse_template(&web, &checked));
     }
 
     #[test]
