@@ -217,7 +217,8 @@ async fn a_wait_stopped_by_the_caller_is_not_asked_again() {
         .with_state(asked.clone());
     let c = client(&serve(app).await);
     let mut seen = 0;
-    let wait = c.wait(&["a.service".to_string()], Until::Active, 0, None, |_| {
+    let names = ["a.service".to_string()];
+    let wait = c.wait(&names, Until::Active, 0, None, |_| {
         seen += 1;
         ControlFlow::Break(())
     });
