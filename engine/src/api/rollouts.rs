@@ -94,8 +94,8 @@ pub(crate) fn parse_rollout(body: &[u8]) -> Result<(UnitName, UnitFile, RolloutS
     }
     .map_err(|e| ApiError::bad_request(e.to_string()))?;
     let max_parallel = req.max_parallel.unwrap_or(1);
-    if max_parallel == 0 {
-        return Err(ApiError::bad_request("maxParallel must be at least 1"));
+    if max_parallel == 0 || max_parallel as usize > rollout::MAX_STEP {
+        return Err(ApiError::bad_request(format!("maxParallel must be from 1 to {}", rollout::MAX_STEP)));
     }
     let deadline_secs = req.deadline_secs.unwrap_or(DEFAULT_DEADLINE_SECS);
     if deadline_secs == 0 {

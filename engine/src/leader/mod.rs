@@ -6,7 +6,7 @@
 //! create revision, so a deposed leader's late writes are refused by etcd itself.
 
 use fleet_store::etcd::{is_transient, Client};
-use fleet_store::kv::{EtcdStore, StoreError};
+use fleet_store::kv::{CmpOp, Compare, EtcdStore, StoreError};
 use fleet_store::retry::RetryPolicy;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -14,6 +14,9 @@ use tokio::sync::watch;
 
 mod fence;
 mod pass;
+
+/// How often a campaign that has not returned asks the election who leads.
+const CAMPAIGN_CHECK: Duration = Duration::from_secs(5);
 pub mod rolling;
 pub use fence::{fence_of, fenced_txn, FenceError};
 pub use pass::{Fences, Planner, FENCE_MARGIN};
@@ -180,16 +183,40 @@ impl Leader {
 
         let mut ec = self.election.election_client();
         let campaign = ec.campaign(self.planner.keys.leader(), self.engine_id.clone(), lease);
-        let won = tokio::select! {
-            r = campaign => r?,
-            _ = lost_rx.changed() => return Err(LeadError::Deposed("lease lost while campaigning".into())),
-        };
-        let Some(leader_key) = won.leader().cloned() else {
-            return Err(LeadError::Deposed("campaign returned no leader key".into()));
+        tokio::pin!(campaign);
+        // etcd's campaign waits, on the server, for the deletion of every older candidate key;
+        // that wait has been seen never to end (a bench run: this engine's key the only one, and
+        // the engine idle for ten minutes), and others report the same of etcd's election. So
+        // the election is also asked who leads: the key with the oldest create revision, which
+        // is exactly what the campaign waits for. Ours: we lead, fenced by that key.
+        let mut ask = tokio::time::interval(CAMPAIGN_CHECK);
+        ask.tick().await;
+        let fence = loop {
+            tokio::select! {
+                r = &mut campaign => {
+                    let won = r?;
+                    let Some(leader_key) = won.leader().cloned() else {
+                        return Err(LeadError::Deposed("campaign returned no leader key".into()));
+                    };
+                    break fence_of(&leader_key);
+                }
+                _ = lost_rx.changed() => return Err(LeadError::Deposed("lease lost while campaigning".into())),
+                _ = ask.tick() => {
+                    let mut ec = self.client.election_client();
+                    let asked = tokio::time::timeout(CAMPAIGN_CHECK, ec.leader(self.planner.keys.leader())).await;
+                    let ours = match asked {
+                        Ok(Ok(resp)) => resp.kv().filter(|kv| kv.lease() == lease).map(|kv| (kv.key().to_vec(), kv.create_revision())),
+                        _ => None,
+                    };
+                    if let Some((key, rev)) = ours {
+                        tracing::warn!(engine = %self.engine_id, "etcd's campaign has not returned, but the election names this engine: leading");
+                        break Compare::create_revision(key, CmpOp::Equal, rev);
+                    }
+                }
+            }
         };
         tracing::info!(engine = %self.engine_id, "leading");
         self.set_leader(true, self.engine_id.clone());
-        let fence = fence_of(&leader_key);
 
         self.planner.lead(fence, &mut lost_rx).await
     }

@@ -150,7 +150,7 @@ impl<S: Store> Planner<S> {
             s.planning = true;
         }
         // A pass over a large cluster is CPU work: off the async workers.
-        let (outcome, why_ops, orphans, view_rev, view_units) = tokio::task::block_in_place(|| {
+        let (outcome, why_ops, rollout_writes, orphans, view_rev, view_units) = tokio::task::block_in_place(|| {
             plan.refresh();
             let v = plan.view();
             {
@@ -173,7 +173,8 @@ impl<S: Store> Planner<S> {
                 });
                 // Rollouts' steps first (their unit records are scheduled by the next pass), then
                 // failing units' records: a move's event reads why from them.
-                let (mut why_ops, rollout_wake) = super::rolling::steps(v, &self.keys, now);
+                let (rollout_writes, rollout_wake) = super::rolling::steps(v, &self.keys, now);
+                let mut why_ops = Vec::new();
                 for (u, rec) in &out.reschedules {
                     match rec {
                         Some(rec) => {
@@ -212,7 +213,7 @@ impl<S: Store> Planner<S> {
                 if let Some(at) = rollout_wake {
                     out.wake_at = Some(out.wake_at.map_or(at, |w| w.min(at)));
                 }
-                (out, why_ops, v.orphan_bodies(), v.revision, v.units.len())
+                (out, why_ops, rollout_writes, v.orphan_bodies(), v.revision, v.units.len())
             }
         });
         if let Ok(mut w) = self.wake.lock() {
@@ -252,6 +253,18 @@ impl<S: Store> Planner<S> {
             plan_ms = planned.as_millis() as u64,
             "planned"
         );
+        // Rollouts' steps, each in one transaction guarded by what it read: one refused (a user
+        // acted meanwhile) is taken again from the view that shows it.
+        let mut last_rev = 0;
+        for w in rollout_writes {
+            match self.fenced(fence, w.guards, w.ops).await {
+                Ok(rev) => last_rev = last_rev.max(rev),
+                Err(LeadError::GuardFailed) => {
+                    tracing::debug!(service = %w.service, "rollout changed meanwhile; stepping again");
+                }
+                Err(e) => return Err(e),
+            }
+        }
         // Removals first, in order, so a unit leaves its old machine's schedule before it appears
         // on a new one (an exclusive unit must never be scheduled twice); then the new entries,
         // several transactions in flight, since a large placement is otherwise bound by one
@@ -277,7 +290,7 @@ impl<S: Store> Planner<S> {
             let value = encode(entry).map_err(|e| LeadError::Deposed(e.to_string()))?;
             puts.push(Op::put(self.keys.schedule(machine, unit), value, 0));
         }
-        let mut last_rev = 0;
+        // (`last_rev` holds the rollouts' writes already.)
         for chunk in ops.chunks(MAX_OPS_PER_TXN) {
             last_rev = last_rev.max(self.fenced(fence, vec![], chunk.to_vec()).await?);
         }

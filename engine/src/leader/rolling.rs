@@ -9,7 +9,7 @@ use fleet_model::health::HealthSpec;
 use fleet_model::rollout::{self, Instance};
 use fleet_model::schema::encode;
 use fleet_model::{DesiredState, Keys, UnitName, UnitRecord};
-use fleet_store::kv::Op;
+use fleet_store::kv::{CmpOp, Compare, Op};
 use std::collections::BTreeMap;
 
 /// The launched units a rollout of `service` goes over: a template's instances, or the unit.
@@ -35,41 +35,56 @@ pub fn instances_of(v: &ClusterView, service: &UnitName) -> BTreeMap<String, Ins
         .collect()
 }
 
+/// One rollout's step as one transaction: its writes, guarded by what they replace being what the
+/// step read (a user's `pause` or `fleetctl stop` meanwhile is never overwritten by a step taken
+/// from an older view; the step is taken again from the newer one).
+pub struct StepWrite {
+    pub service: UnitName,
+    pub guards: Vec<Compare>,
+    pub ops: Vec<Op>,
+}
+
 /// One step of every rollout under way: the writes, and when a step is next due without any
 /// change.
-pub fn steps(v: &ClusterView, keys: &Keys, now: u64) -> (Vec<Op>, Option<u64>) {
-    let mut ops = Vec::new();
+pub fn steps(v: &ClusterView, keys: &Keys, now: u64) -> (Vec<StepWrite>, Option<u64>) {
+    let mut writes = Vec::new();
     let mut wake: Option<u64> = None;
     for (service, record) in v.rollouts.iter().filter(|(_, r)| !r.phase.is_over()) {
         let step = rollout::step(record, &instances_of(v, service), now);
+        let mut w = StepWrite { service: service.clone(), guards: Vec::new(), ops: Vec::new() };
         for (name, version) in &step.set {
             let Some(unit) = UnitName::parse(name).ok().and_then(|n| v.units.get(&n)) else { continue };
-            push_version(&mut ops, keys, unit, version);
+            set_version(&mut w, keys, unit, version);
         }
         // The template too, so that instances started later run the version rolled out.
         if let Some(template) = v.units.get(service).filter(|t| t.name.is_template()) {
             if template.hash != step.record.target() {
-                push_version(&mut ops, keys, template, step.record.target());
+                set_version(&mut w, keys, template, step.record.target());
             }
         }
         if step.record != *record {
             if step.record.note != record.note || step.record.phase != record.phase {
                 tracing::info!(%service, phase = step.record.phase.as_str(), note = %step.record.note, "rollout");
             }
-            if let Ok(value) = encode(&step.record) {
-                ops.push(Op::put(keys.rollout(service), value, 0));
+            if let (Ok(old), Ok(value)) = (encode(record), encode(&step.record)) {
+                w.guards.push(Compare::value(keys.rollout(service), CmpOp::Equal, old));
+                w.ops.push(Op::put(keys.rollout(service), value, 0));
             }
+        }
+        if !w.ops.is_empty() {
+            writes.push(w);
         }
         if let Some(at) = step.wake_at {
             wake = Some(wake.map_or(at, |w| w.min(at)));
         }
     }
-    (ops, wake)
+    (writes, wake)
 }
 
-fn push_version(ops: &mut Vec<Op>, keys: &Keys, unit: &UnitRecord, version: &str) {
+fn set_version(w: &mut StepWrite, keys: &Keys, unit: &UnitRecord, version: &str) {
     let rec = UnitRecord { hash: version.to_string(), ..unit.clone() };
-    if let Ok(value) = encode(&rec) {
-        ops.push(Op::put(keys.unit(&unit.name), value, 0));
+    if let (Ok(old), Ok(value)) = (encode(unit), encode(&rec)) {
+        w.guards.push(Compare::value(keys.unit(&unit.name), CmpOp::Equal, old));
+        w.ops.push(Op::put(keys.unit(&unit.name), value, 0));
     }
 }

@@ -200,7 +200,7 @@ async fn start_engine(cfg: &SimConfig, config: &Path, name: &str, port: u16, lea
         .args(["--engine-id", name])
         .args(["--election-ttl-secs", &cfg.election_ttl_secs.to_string()])
         .args(if lead { &[][..] } else { &["--no-lead"][..] })
-        .env("RUST_LOG", std::env::var("FLEET_SIM_ENGINE_LOG").unwrap_or_else(|_| "warn".into()))
+        .env("RUST_LOG", std::env::var("FLEET_SIM_ENGINE_LOG").unwrap_or_else(|_| "info".into()))
         .stdout(std::process::Stdio::null())
         .stderr(log)
         .spawn()

@@ -14,6 +14,10 @@
 //! and the rollout waits for a promote. Pure: time (unix seconds) is given, never read.
 
 use crate::health::Health;
+
+/// Instances one step sets at most (each is a guarded write of one transaction, which etcd
+/// bounds); more wait for the next step.
+pub const MAX_STEP: usize = 100;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -330,6 +334,7 @@ pub fn step(record: &RolloutRecord, instances: &BTreeMap<String, Instance>, now:
         if canaries_waiting {
             begin.truncate((r.spec.canaries as usize).saturating_sub(at_target));
         }
+        begin.truncate(MAX_STEP);
         for name in &begin {
             set.push(((*name).clone(), target.clone()));
             r.instances.insert((*name).clone(), InstanceProgress { began: now, ..Default::default() });
