@@ -478,10 +478,13 @@ impl Cluster {
                     log.listed(revision, &time);
                 }
                 log.record(happened, &time);
-                plan_tx.send_if_modified(|g| std::mem::replace(g, generation) != generation);
+                // The revision first: a leader woken by a new plan generation must find the view's
+                // revision already there (it plans only from a listed view, revision > 0; woken
+                // by the first listing with the revision not yet sent, it waited for good).
                 if rev_tx.send(rev).is_err() {
                     return;
                 }
+                plan_tx.send_if_modified(|g| std::mem::replace(g, generation) != generation);
             }
         });
         Cluster { view, revision: rev_rx, plan: plan_rx, kick, plan_feed, keys: keys_for_plans, events }

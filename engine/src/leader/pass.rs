@@ -102,7 +102,10 @@ impl<S: Store> Planner<S> {
         );
         loop {
             revisions.borrow_and_update();
-            if self.cluster.revision() > 0 {
+            // Only a listed view is planned from (revision > 0). Until then any news wakes the
+            // loop: an engine may lead before its view has listed the cluster.
+            let listed = self.cluster.revision() > 0;
+            if listed {
                 self.pass(&fence, &mut plan).await?;
             }
             let next_fence = self.fences.lock().ok().and_then(|f| f.next_expiry);
@@ -137,6 +140,9 @@ impl<S: Store> Planner<S> {
                             return Err(LeadError::Deposed("cluster view closed".into()));
                         }
                         tokio::task::block_in_place(|| plan.refresh());
+                        if !listed {
+                            break;
+                        }
                     }
                 }
             }
