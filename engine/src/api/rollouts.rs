@@ -8,10 +8,6 @@ use fleet_model::rollout::{self, Action, RolloutRecord, RolloutSpec};
 /// A replaced instance's time to become healthy, unless the request says.
 const DEFAULT_DEADLINE_SECS: u64 = 300;
 
-fn now_unix() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
-
 /// A rollout as the API shows it, its instances as the view has them.
 fn show(v: &ClusterView, service: &UnitName, r: &RolloutRecord) -> wire::Rollout {
     let instances = crate::leader::rolling::instances_of(v, service)
@@ -163,7 +159,7 @@ pub(crate) async fn create_rollout(
             Compare::mod_revision(key.clone(), CmpOp::Equal, e.mod_revision)
         }
     };
-    let mut record = RolloutRecord::new(service.as_str(), &version, &previous, spec, now_unix());
+    let mut record = RolloutRecord::new(service.as_str(), &version, &previous, spec, crate::leader::unix_now());
     record.note = "asked for".into();
     let value = encode(&record).map_err(|e| ApiError::internal(e.to_string()))?;
     let txn = StoreTxn {

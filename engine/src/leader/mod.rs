@@ -19,6 +19,7 @@ mod pass;
 const CAMPAIGN_CHECK: Duration = Duration::from_secs(5);
 pub mod rolling;
 pub use fence::{fence_of, fenced_txn, FenceError};
+pub(crate) use pass::unix_now;
 pub use pass::{Fences, Planner, FENCE_MARGIN};
 
 /// One attempt at a fenced write.

@@ -82,9 +82,9 @@ impl Fences {
     }
 }
 
-/// The wall clock in unix seconds: failures and moves are recorded in etcd for whichever engine
-/// leads next, so they need a clock all engines share.
-fn unix_now() -> u64 {
+/// The wall clock in unix seconds: failures, moves and rollouts are recorded in etcd for whichever
+/// engine leads next (or serves the API), so they need a clock all engines share.
+pub(crate) fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
