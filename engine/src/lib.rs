@@ -27,6 +27,7 @@ pub mod listen;
 pub mod metrics;
 pub mod openapi;
 pub mod pki;
+pub mod provisioning;
 pub mod routes;
 pub mod scheduler;
 pub mod ui;

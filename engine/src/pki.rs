@@ -131,6 +131,12 @@ impl Ca {
         Ok(ca)
     }
 
+    /// The CA's private key (PEM): only for a member's provisioning config, which holds it
+    /// because that machine admits others.
+    pub fn key_pem(&self) -> String {
+        self.key.serialize_pem()
+    }
+
     pub fn cert_pem(&self) -> String {
         self.cert.pem()
     }

@@ -8,6 +8,7 @@
 
 pub mod boot;
 pub mod fleetlock;
+pub mod provision;
 pub mod release;
 pub mod slots;
 pub mod update_agent;

@@ -90,10 +90,38 @@ enum Cmd {
     TakeRebootSlot(SlotArgs),
     /// Give the reboot slot back (FleetLock steady-state), once the new boot is healthy.
     ReleaseRebootSlot(SlotArgs),
+    /// First-boot provisioning (docs/host-image.md, "From zero to a cluster").
+    #[command(subcommand)]
+    Provision(ProvisionCmd),
     /// The ESP's entries in boot order.
     Status {
         #[arg(long)]
         esp: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ProvisionCmd {
+    /// Find this machine's provisioning config (fw_cfg, config drive, kernel command line), check
+    /// it and apply it to var, once (fleet-provision.service, before etcd and fleet start).
+    Apply {
+        #[arg(long, default_value = "/var")]
+        var: PathBuf,
+    },
+    /// Check a provisioning config and show what it would write.
+    Check { file: PathBuf },
+    /// Join the cluster as the config says (fleet-join.service): `fleet-agent join`, tried again
+    /// until an engine admits the machine or the time is up.
+    Join {
+        #[arg(long, default_value = "/etc/fleet")]
+        config_dir: PathBuf,
+        #[arg(long, default_value = "15m", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
+    /// At every boot (fleet-host-units.service): the config's hostname and host units.
+    HostUnits {
+        #[arg(long, default_value = "/etc/fleet")]
+        config_dir: PathBuf,
     },
 }
 
@@ -155,6 +183,63 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn provision(cmd: ProvisionCmd) -> anyhow::Result<()> {
+    use fleet_host_image::provision as p;
+    match cmd {
+        ProvisionCmd::Apply { var } => {
+            if let Some(r) = p::record(&var) {
+                println!(
+                    "fleet-provision: provisioned already ({} from {}, {}): not applied again",
+                    r.role_name(),
+                    r.source,
+                    r.applied
+                );
+                return Ok(());
+            }
+            let Some(found) = p::find(&p::Sources::system())? else {
+                // A machine whose var was prepared by other means (the image lab, a disk made
+                // with `make-disk --var`) has its settings already.
+                if var.join("lib/fleet/etc/agent.toml").exists() {
+                    println!("fleet-provision: no provisioning config; this machine's var holds its settings already");
+                    return Ok(());
+                }
+                return Err(p::ProvisionError::NotFound.into());
+            };
+            let config = p::parse(&found).context("nothing was written; this machine does not join")?;
+            let plan = config.plan();
+            let record = fleet_provision::Record {
+                source: found.source.clone(),
+                sha256: p::sha256_hex(&found.bytes),
+                role: config.role,
+                address: config.address.clone(),
+                applied: p::now_rfc3339(),
+                files: plan.len(),
+            };
+            p::apply(&var, &plan, &record, std::path::Path::new("/etc/passwd"))?;
+            println!(
+                "fleet-provision: {} at {} provisioned from {} (sha256 {}): {} files",
+                record.role_name(),
+                record.address,
+                record.source,
+                record.sha256,
+                record.files
+            );
+        }
+        ProvisionCmd::Check { file } => {
+            let bytes = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let found = p::Found { source: file.display().to_string(), bytes };
+            let config = p::parse(&found)?;
+            println!("{}: a valid {:?} config for {}", file.display(), config.role, config.address);
+            for f in config.plan() {
+                println!("  /var/{} ({:o})", f.path, f.mode);
+            }
+        }
+        ProvisionCmd::Join { config_dir, timeout } => p::join(&config_dir, timeout)?,
+        ProvisionCmd::HostUnits { config_dir } => p::host_units(&config_dir)?,
+    }
+    Ok(())
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -226,6 +311,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             c.call("steady-state", std::time::Duration::from_secs(a.timeout), std::time::Duration::from_secs(a.retry))?;
             println!("reboot slot of group {} released for {}", c.group, c.machine_id);
         }
+        Cmd::Provision(p) => provision(p)?,
         Cmd::Status { esp } => {
             for e in boot::entries(&esp)? {
                 println!("{}", e.file_name());

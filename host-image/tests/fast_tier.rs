@@ -58,6 +58,9 @@ impl Machine {
             "etcd_endpoints = [\"http://127.0.0.1:2379\"]\nlease_ttl_secs = 5\napi_listen = \"off\"\n",
         )
         .expect("agent config");
+        // The image runs etcd where var has its settings (members); here etcd's defaults.
+        std::fs::write(dir.join("var/lib/fleet/etc/etcd.env"), "# a single member on loopback: etcd's defaults\n")
+            .expect("etcd settings");
         Machine { name: name.into(), dir, layout }
     }
 

@@ -126,14 +126,20 @@ pub async fn firmware(machine_dir: &Path, name: &str, uuid: &str) -> Result<()> 
         unbootable = 0;
         let bus = machine_dir.join("bus");
         let _ = std::fs::remove_file(bus.join("system_bus_socket"));
+        // A provisioned machine's kernel command line (`boot-args`: fleet.provision=...) and
+        // config drive (`config-drive/`, given as /run/fleet-config: a container has no block
+        // devices); a machine prepared by the lab has neither, and no etcd of its own.
+        let (args, drive) = boot_args(machine_dir);
         // nspawn wants a tmpfs at /run/systemd/nspawn to boot a directory other than / here.
         let enter = crate::cgroup::enter_script(&crate::cgroup::prepare(name)?);
         let script = format!(
             "{enter}mount -t tmpfs tmpfs /run/systemd/nspawn && mount -t erofs -o ro,loop {slot} {mnt} && \
              exec systemd-nspawn -D {mnt} --volatile=overlay --register=no --keep-unit -M {name} --uuid={uuid} \
              --network-namespace-path=/run/netns/{name} --bind={var}:/var --bind={bus}:/run/dbus \
-             --bind={disk}:/run/fleet-disk --bind-ro={updates}:/run/fleet-updates \
-             --boot --quiet -- systemd.firstboot=off systemd.mask=etcd.service",
+             --bind={disk}:/run/fleet-disk --bind-ro={updates}:/run/fleet-updates {drive}\
+             --boot --quiet -- systemd.firstboot=off {args}",
+            drive = drive,
+            args = args,
             slot = slot.display(),
             mnt = mnt.display(),
             var = var_dir(machine_dir).display(),
@@ -173,6 +179,41 @@ pub async fn firmware(machine_dir: &Path, name: &str, uuid: &str) -> Result<()> 
             return Ok(());
         }
     }
+}
+
+/// The words after nspawn's `--` and the config drive's bind option.
+fn boot_args(machine_dir: &Path) -> (String, String) {
+    let args = match std::fs::read_to_string(machine_dir.join(BOOT_ARGS)) {
+        Ok(words) => words.split_whitespace().collect::<Vec<_>>().join(" "),
+        Err(_) => "systemd.mask=etcd.service".to_string(),
+    };
+    let drive = machine_dir.join(CONFIG_DRIVE);
+    let drive = if drive.is_dir() {
+        format!("--bind-ro={}:{} ", drive.display(), fleet_host_image::provision::CONTAINER_DRIVE)
+    } else {
+        String::new()
+    };
+    (args, drive)
+}
+
+/// A provisioned machine's kernel command line, in its directory.
+pub const BOOT_ARGS: &str = "boot-args";
+/// A provisioned machine's config drive, in its directory.
+pub const CONFIG_DRIVE: &str = "config-drive";
+
+/// A machine booted from nothing but the image and its provisioning config: the factory install
+/// only, an empty var.
+pub fn prepare_blank(machine_dir: &Path, image: &ImageSpec) -> Result<()> {
+    let layout = layout(machine_dir);
+    std::fs::create_dir_all(boot::entries_dir(&layout.esp))?;
+    std::fs::create_dir_all(var_dir(machine_dir))?;
+    std::fs::create_dir_all(updates_dir())?;
+    if boot::entries(&layout.esp)?.is_empty() {
+        let applied = slots::apply(&image.release, &image.public_key, &layout, 'b')
+            .with_context(|| format!("cannot install {} on {}", image.release.display(), machine_dir.display()))?;
+        boot::bless(&layout.esp, &applied.entry.id())?;
+    }
+    Ok(())
 }
 
 /// systemd-bless-boot's part: the entry is blessed once the health check succeeded.

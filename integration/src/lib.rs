@@ -25,6 +25,7 @@ pub mod net;
 pub mod phases;
 pub mod pki;
 pub mod process;
+pub mod provision;
 pub mod runbook;
 pub mod sim;
 pub mod testkit;
@@ -101,6 +102,12 @@ pub struct LabState {
     pub machines: Vec<MachineProc>,
     /// Directory holding the binaries the lab runs (a copy, so rebuilding does not disturb it).
     pub bin_dir: PathBuf,
+    /// Engines running inside provisioned machines (`./lab up --provision`), by API URL.
+    #[serde(default)]
+    pub machine_engines: Vec<String>,
+    /// Helper processes of the lab (the HTTPS server of provisioning configs and releases).
+    #[serde(default)]
+    pub helpers: Vec<u32>,
 }
 
 impl LabState {
@@ -132,7 +139,12 @@ impl LabState {
     }
 
     pub fn api_url(&self) -> Option<&str> {
-        self.engines.first().map(|e| e.api_url.as_str())
+        self.engines.first().map(|e| e.api_url.as_str()).or(self.machine_engines.first().map(String::as_str))
+    }
+
+    /// Every engine's API: the lab's own, then those running inside provisioned machines.
+    pub fn api_urls(&self) -> Vec<String> {
+        self.engines.iter().map(|e| e.api_url.clone()).chain(self.machine_engines.iter().cloned()).collect()
     }
 
     /// The flags that give an engine the lab's etcd, TLS and auth settings.
@@ -171,6 +183,10 @@ pub struct MachineSpec {
     /// starting its agent: a machine that joins by token (`fleet-agent join`).
     #[serde(default)]
     pub joining: bool,
+    /// An image machine booted from nothing but the image and its provisioning config (which
+    /// the lab put in its directory: `boot-args`, `config-drive/`): no identity, no settings.
+    #[serde(default)]
+    pub provisioned: bool,
 }
 
 impl MachineSpec {
@@ -188,6 +204,7 @@ impl MachineSpec {
             etcd_endpoints: vec![etcd_bridge_url()],
             image: None,
             joining: false,
+            provisioned: false,
         }
     }
 }
@@ -413,14 +430,25 @@ pub async fn enable_etcd_auth(endpoints: &[String]) -> Result<()> {
 
 /// Boots a machine: network namespace and address, agent config, then systemd-nspawn.
 pub async fn boot_machine(spec: &MachineSpec, bin_dir: &Path, unit_template: &str) -> Result<MachineProc> {
+    let m = start_machine(spec, bin_dir, unit_template).await?;
+    // An image machine first installs its release and passes through its firmware.
+    let boot_timeout = if spec.image.is_some() { 90 } else { 60 };
+    wait_booted(&m, Duration::from_secs(boot_timeout)).await?;
+    Ok(m)
+}
+
+/// Starts a machine without waiting for it to boot (machines that wait for each other, as etcd
+/// members do, start together).
+pub async fn start_machine(spec: &MachineSpec, bin_dir: &Path, unit_template: &str) -> Result<MachineProc> {
     let dir = lab_dir().join("machines").join(&spec.name);
     // An image machine keeps its disk and /var across power cycles; the others start afresh.
     if spec.image.is_none() {
         let _ = std::fs::remove_dir_all(&dir);
     }
     let etc = if spec.image.is_some() { image::fleet_etc(&dir) } else { dir.join("fleet") };
-    for sub in [dir.join("bus"), etc.clone()] {
-        std::fs::create_dir_all(sub)?;
+    std::fs::create_dir_all(dir.join("bus"))?;
+    if !spec.provisioned {
+        std::fs::create_dir_all(&etc)?;
     }
     net::add_machine_netns(&spec.name, &spec.ip)?;
     if spec.joining && spec.image.is_some() {
@@ -429,12 +457,19 @@ pub async fn boot_machine(spec: &MachineSpec, bin_dir: &Path, unit_template: &st
     // A machine that joins by token has nothing of the cluster yet: /etc/fleet empty and
     // writable, fleet-agent.service installed but not started (as after `apt install
     // fleet-agent`); `fleet-agent join` makes it a member.
-    if !spec.joining {
+    if spec.provisioned && spec.image.is_none() {
+        bail!("machine {}: only an image machine is provisioned", spec.name);
+    }
+    if !spec.joining && !spec.provisioned {
         write_identity(spec, &etc).await?;
     }
     let pid = match &spec.image {
         Some(img) => {
-            image::prepare(&dir, img, ENGINE_PORT)?;
+            if spec.provisioned {
+                image::prepare_blank(&dir, img)?;
+            } else {
+                image::prepare(&dir, img, ENGINE_PORT)?;
+            }
             let cmd = image::firmware_command(bin_dir, &dir, &spec.name, &uuid_of(&spec.machine_id));
             process::spawn_logged(cmd, &dir.join("firmware.log"))?
         }
@@ -475,9 +510,6 @@ pub async fn boot_machine(spec: &MachineSpec, bin_dir: &Path, unit_template: &st
         dir,
         spec: Some(spec.clone()),
     };
-    // An image machine first installs its release and passes through its firmware.
-    let boot_timeout = if spec.image.is_some() { 90 } else { 60 };
-    wait_booted(&m, Duration::from_secs(boot_timeout)).await?;
     Ok(m)
 }
 
@@ -597,6 +629,9 @@ pub fn teardown(state: &LabState) {
     }
     for e in &state.etcd {
         process::stop(e.pid, "etcd", Duration::from_secs(5));
+    }
+    for pid in &state.helpers {
+        process::stop(*pid, "fleet-lab", Duration::from_secs(5));
     }
 }
 

@@ -37,6 +37,27 @@ enum Cmd {
         /// else host-image/.keys/release.pub].
         #[arg(long, requires = "image")]
         image_key: Option<PathBuf>,
+        /// Make the machines from nothing but the image and each one's provisioning config: the
+        /// first three are etcd members with engines, the rest workers; no etcd or engine of the
+        /// lab's (docs/host-image.md, "From zero to a cluster").
+        #[arg(long, requires = "image", conflicts_with_all = ["etcd", "engines", "metadata"])]
+        provision: bool,
+    },
+    /// (internal) The lab's HTTPS server of provisioning configs and releases.
+    #[command(hide = true)]
+    ServeHttps {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        listen: String,
+        #[arg(long)]
+        log: PathBuf,
+        /// Cut off the first whole-file download of each path ending in this...
+        #[arg(long)]
+        cut_suffix: Option<String>,
+        /// ...after this many bytes.
+        #[arg(long, default_value_t = 1 << 20)]
+        cut_after: u64,
     },
     /// (internal) An image machine's boot loader, dm-verity and boot assessment.
     #[command(hide = true)]
@@ -102,7 +123,7 @@ fn main() -> Result<()> {
     }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     match cli.command {
-        Cmd::Up { machines, etcd, engines, metadata, image, image_key } => {
+        Cmd::Up { machines, etcd, engines, metadata, image, image_key, provision } => {
             let image = match image {
                 Some(release) => {
                     let public_key = match image_key {
@@ -122,7 +143,14 @@ fn main() -> Result<()> {
                 }
                 None => None,
             };
-            rt.block_on(up(machines, etcd, engines, &metadata, image.as_ref())).map(|_| ())
+            match (provision, image) {
+                (true, Some(image)) => rt.block_on(up_provisioned(machines, &image)).map(|_| ()),
+                (_, image) => rt.block_on(up(machines, etcd, engines, &metadata, image.as_ref())).map(|_| ()),
+            }
+        }
+        Cmd::ServeHttps { dir, listen, log, cut_suffix, cut_after } => {
+            tracing_subscriber::fmt().with_writer(std::io::stderr).init();
+            rt.block_on(lab::provision::serve(dir, listen, log, cut_suffix, cut_after))
         }
         Cmd::Firmware { dir, name, uuid } => {
             tracing_subscriber::fmt().with_writer(std::io::stderr).init();
@@ -330,6 +358,54 @@ async fn up(
     Ok(state)
 }
 
+/// `up --image REL --provision`: machines from nothing but the image and their configs.
+async fn up_provisioned(machines: u8, image: &lab::image::ImageSpec) -> Result<LabState> {
+    if !(1..=20).contains(&machines) {
+        bail!("--machines must be between 1 and 20 with --provision");
+    }
+    down()?;
+    for left in [lab::image::updates_dir(), lab::lab_dir().join("machines")] {
+        let _ = std::fs::remove_dir_all(&left);
+    }
+    std::fs::create_dir_all(lab::lab_dir())?;
+    let bin_dir = lab::install_binaries(&target_dir()?)?;
+    let mut state = LabState { bin_dir: bin_dir.clone(), ..Default::default() };
+    lab::net::ensure_bridge()?;
+    lab::pki::create().context("cannot create the lab's CA and certificates")?;
+    state.machine_engines = lab::provision::write_configs(machines)?;
+    let mut serve = Command::new(bin_dir.join("fleet-lab"));
+    serve
+        .arg("serve-https")
+        .arg("--dir")
+        .arg(lab::provision::serve_dir())
+        .args(["--listen", &format!("{}:{}", lab::HOST_IP, lab::provision::SERVE_PORT)])
+        .arg("--log")
+        .arg(lab::provision::serve_log())
+        .args(["--cut-suffix", "root.erofs"]);
+    state.helpers.push(process::spawn_logged(serve, &lab::lab_dir().join("serve-https.log"))?);
+    state.save()?;
+    lab::provision::wait_serving(Duration::from_secs(10)).await?;
+    // Every machine starts at once: a member's etcd waits for a majority of its peers.
+    for n in 1..=machines {
+        let mut spec = MachineSpec::numbered(n);
+        spec.image = Some(image.clone());
+        spec.provisioned = true;
+        spec.etcd_endpoints.clear();
+        let dir = lab::lab_dir().join("machines").join(&spec.name);
+        // One worker reads its config from a config drive, the others from the network.
+        let drive = n == machines && n > lab::provision::members_of(machines);
+        lab::provision::give_config(&dir, &spec.name, drive)?;
+        state.machines.push(lab::start_machine(&spec, &bin_dir, "").await?);
+        state.save()?;
+    }
+    for m in &state.machines {
+        lab::wait_booted(m, Duration::from_secs(240)).await?;
+    }
+    wait_machines(&state, machines as usize, Duration::from_secs(180)).await?;
+    print_ps(&state).await;
+    Ok(state)
+}
+
 /// A GET as the lab's administrator.
 async fn api_get(url: &str) -> Option<serde_json::Value> {
     let http = lab::pki::http_as("admin").ok()?;
@@ -375,6 +451,14 @@ async fn print_ps(state: &LabState) {
         };
         println!("engine {} {} {role} socket={}", e.name, e.api_url, lab::engine_socket(&e.name).display());
     }
+    for url in &state.machine_engines {
+        let role = match api_get(&format!("{url}/engine/status")).await {
+            Some(v) if v.get("leader").and_then(|l| l.as_bool()) == Some(true) => "leader",
+            Some(_) => "follower",
+            None => "down",
+        };
+        println!("engine (in a machine) {url} {role}");
+    }
     for m in &state.machines {
         let st = if !process::alive(m.pid) {
             "down"
@@ -399,7 +483,7 @@ fn env() -> Result<()> {
     let state = LabState::load()?.context("lab is not up: run ./lab up")?;
     // Every engine: fleetctl goes to the next when one is down.
     state.api_url().context("lab has no engine")?;
-    let endpoints: Vec<String> = state.engines.iter().map(|e| format!("{:?}", e.api_url)).collect();
+    let endpoints: Vec<String> = state.api_urls().iter().map(|e| format!("{e:?}")).collect();
     let admin = lab::pki::identity("admin");
     // One context in a fleetctl configuration file instead of five variables (docs/fleetctl.md).
     let config = format!(

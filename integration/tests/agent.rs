@@ -45,6 +45,7 @@ async fn agent_runs_its_schedule_and_adopts_units_after_restart() -> anyhow::Res
         capacity: (String::new(), String::new()),
         image: None,
         joining: false,
+        provisioned: false,
         etcd_endpoints: lab
             .etcd
             .iter()

@@ -83,6 +83,116 @@ enum Cmd {
     /// Print the CA's pin (`sha256:<hex>` of its public key), which `fleet-agent join --ca-hash`
     /// checks.
     CaHash,
+    /// Write the provisioning configs of a new cluster (docs/host-image.md, "From zero to a
+    /// cluster"): OUT/NAME.toml per machine, and OUT/ca.pem, ca-hash, admin.pem, admin.key and
+    /// fleetctl.toml for the operator. Members' configs hold the CA key; workers' only its pin.
+    Provision {
+        #[arg(long)]
+        out: PathBuf,
+        /// An etcd member with an engine: NAME=IP (an odd number of them).
+        #[arg(long = "member", required = true, value_parser = name_ip)]
+        members: Vec<(String, IpAddr)>,
+        /// A worker: NAME=IP.
+        #[arg(long = "worker", value_parser = name_ip)]
+        workers: Vec<(String, IpAddr)>,
+        #[arg(long, default_value_t = fleet_provision::ENGINE_PORT)]
+        engine_port: u16,
+        /// How long the configs' join token admits machines.
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        token_ttl: Duration,
+        /// Use the CA in this directory; without it a new CA is made, and its key is written only
+        /// into the members' configs.
+        #[arg(long)]
+        ca_dir: Option<PathBuf>,
+    },
+    /// A member's one-time etcd set-up at first boot (fleet-bootstrap.service): waits for etcd,
+    /// turns on its auth, stores the provisioning config's join tokens.
+    Bootstrap {
+        #[arg(long, default_value = "/etc/fleet/bootstrap.toml")]
+        settings: PathBuf,
+        /// Give up after this long without etcd.
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+}
+
+fn name_ip(s: &str) -> Result<(String, IpAddr), String> {
+    let (name, ip) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected NAME=IP"))?;
+    let ip = ip.parse().map_err(|_| format!("{s:?}: {ip:?} is not an IP address"))?;
+    Ok((name.to_string(), ip))
+}
+
+fn write_file(path: &Path, text: &str, private: bool) -> anyhow::Result<()> {
+    if private {
+        pki::write_private(path, text).with_context(|| format!("cannot write {}", path.display()))
+    } else {
+        std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+    }
+}
+
+fn provision(out: &Path, spec: &fleet_engine::provisioning::ClusterSpec, ca_dir: Option<&Path>) -> anyhow::Result<()> {
+    let ca = match ca_dir {
+        Some(dir) => Ca::load(dir)?,
+        None => Ca::create("fleet cluster CA")?,
+    };
+    let made = fleet_engine::provisioning::cluster_configs(&ca, spec)?;
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    for (name, config) in &made.configs {
+        write_file(&out.join(format!("{name}.toml")), &config.to_toml(), true)?;
+    }
+    write_file(&out.join("ca.pem"), &made.ca_pem, false)?;
+    write_file(&out.join("ca-hash"), &format!("{}\n", made.ca_hash), false)?;
+    write_file(&out.join("admin.pem"), &made.admin.cert_pem, false)?;
+    write_file(&out.join("admin.key"), &made.admin.key_pem, true)?;
+    let endpoints: Vec<String> = made.engines.iter().map(|e| format!("{e:?}")).collect();
+    let context = format!(
+        "current = \"cluster\"\n\n[contexts.cluster]\nendpoints = [{}]\nca_file = \"ca.pem\"\ncert_file = \"admin.pem\"\nkey_file = \"admin.key\"\n",
+        endpoints.join(", ")
+    );
+    write_file(&out.join("fleetctl.toml"), &context, false)?;
+    for (name, config) in &made.configs {
+        println!("{}  {:?} {}", out.join(format!("{name}.toml")).display(), config.role, config.address);
+    }
+    println!("{}  fleetctl's context (FLEETCTL_CONFIG)", out.join("fleetctl.toml").display());
+    Ok(())
+}
+
+async fn bootstrap(settings: &Path, timeout: Duration) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(settings).with_context(|| format!("cannot read {}", settings.display()))?;
+    let b: fleet_provision::BootstrapSettings =
+        toml::from_str(&text).with_context(|| format!("{}: not bootstrap settings", settings.display()))?;
+    let dir = PathBuf::from(&b.pki_dir);
+    let until = std::time::Instant::now() + timeout;
+    let mut wait = Duration::from_millis(500);
+    // etcd answers once a majority of members is up; until then, and while another member
+    // turns auth on, try again.
+    loop {
+        let attempt = async {
+            let mut c = root_client(&dir, b.etcd_endpoints.clone()).await?;
+            pki::etcd_enable_auth(&mut c, &b.etcd_prefix).await.context("enabling etcd auth")?;
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64;
+            for t in &b.tokens {
+                let token = fleet_model::join::JoinToken::parse(&t.token)?;
+                let record =
+                    fleet_engine::provisioning::token_record(&token, t.ttl_secs, t.uses, t.metadata.clone(), now);
+                let stored = fleet_engine::provisioning::add_bootstrap_token(&mut c, &b.etcd_prefix, &record).await?;
+                println!("join token {}: {}", token.id, if stored { "stored" } else { "already there" });
+            }
+            anyhow::Ok(())
+        };
+        match tokio::time::timeout(Duration::from_secs(30), attempt).await {
+            Ok(Ok(())) => {
+                println!("etcd's auth is on and the cluster's join tokens are stored");
+                return Ok(());
+            }
+            Ok(Err(e)) if std::time::Instant::now() + wait < until => eprintln!("bootstrap: not yet: {e:#}"),
+            Err(_) if std::time::Instant::now() + wait < until => eprintln!("bootstrap: etcd did not answer in 30 s"),
+            Ok(Err(e)) => return Err(e.context(format!("gave up after {timeout:?}"))),
+            Err(_) => anyhow::bail!("etcd did not answer; gave up after {timeout:?}"),
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(5));
+    }
 }
 
 fn parse_role(s: &str) -> Result<Role, String> {
@@ -143,6 +253,17 @@ fn main() -> anyhow::Result<()> {
             let mut c = root_client(&cli.dir, etcd_endpoints).await?;
             pki::etcd_remove_machine(&mut c, &machine_id).await.context("removing the machine's etcd user and role")
         })?,
+        Cmd::Provision { out, members, workers, engine_port, token_ttl, ca_dir } => {
+            let spec = fleet_engine::provisioning::ClusterSpec {
+                members,
+                workers,
+                engine_port,
+                token_ttl_secs: token_ttl.as_secs().max(1),
+                admin_name: "admin".into(),
+            };
+            provision(&out, &spec, ca_dir.as_deref())?;
+        }
+        Cmd::Bootstrap { settings, timeout } => rt.block_on(bootstrap(&settings, timeout))?,
         Cmd::CaHash => {
             let path = cli.dir.join("ca.pem");
             let pem = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;

@@ -247,9 +247,8 @@ fn ip(field: &str, text: &str) -> Result<IpAddr, ProvisionError> {
 }
 
 fn https_url(field: &str, url: &str) -> Result<(), ProvisionError> {
-    let rest = url
-        .strip_prefix("https://")
-        .ok_or_else(|| invalid(field, format!("{url:?}: expected an https:// URL")))?;
+    let rest =
+        url.strip_prefix("https://").ok_or_else(|| invalid(field, format!("{url:?}: expected an https:// URL")))?;
     if rest.is_empty() || rest.starts_with('/') || url.chars().any(char::is_whitespace) {
         return Err(invalid(field, format!("{url:?} names no host")));
     }
@@ -285,7 +284,9 @@ impl Config {
         let table: toml::Table = toml::from_str(text).map_err(|e| ProvisionError::Syntax(e.message().to_string()))?;
         match table.get("version") {
             Some(toml::Value::Integer(1)) => {}
-            Some(toml::Value::Integer(v)) => return Err(ProvisionError::Version((*v).clamp(0, u32::MAX as i64) as u32)),
+            Some(toml::Value::Integer(v)) => {
+                return Err(ProvisionError::Version((*v).clamp(0, u32::MAX as i64) as u32))
+            }
             Some(_) => return Err(invalid("version", "expected a number")),
             None => return Err(invalid("version", "missing: the config's version (1)")),
         }
@@ -349,7 +350,8 @@ impl Config {
         for (i, f) in self.files.iter().enumerate() {
             let field = format!("files[{i}].path");
             var_path(&f.path).map_err(|m| invalid(field, format!("{:?}: {m}", f.path)))?;
-            parse_mode(&f.mode).ok_or_else(|| invalid(format!("files[{i}].mode"), format!("{:?} is not an octal mode", f.mode)))?;
+            parse_mode(&f.mode)
+                .ok_or_else(|| invalid(format!("files[{i}].mode"), format!("{:?} is not an octal mode", f.mode)))?;
         }
         for (i, u) in self.units.iter().enumerate() {
             let ok = u.name.rsplit_once('.').is_some_and(|(base, kind)| {
@@ -361,7 +363,10 @@ impl Config {
                 return Err(invalid(format!("units[{i}].name"), format!("{:?} is not a unit name", u.name)));
             }
             if u.name.starts_with("fleet") || u.name.starts_with("etcd") {
-                return Err(invalid(format!("units[{i}].name"), format!("{:?}: the image's own units are not replaced", u.name)));
+                return Err(invalid(
+                    format!("units[{i}].name"),
+                    format!("{:?}: the image's own units are not replaced", u.name),
+                ));
             }
         }
         Ok(())
@@ -540,7 +545,8 @@ impl Config {
             listen = toml_string(&host_port(me, m.engine_port)),
         );
         engine.push_str("\n[auth]\ncertificates = { ");
-        let admins: Vec<String> = m.admins.iter().map(|(cn, role)| format!("{} = {}", toml_string(cn), toml_string(role))).collect();
+        let admins: Vec<String> =
+            m.admins.iter().map(|(cn, role)| format!("{} = {}", toml_string(cn), toml_string(role))).collect();
         engine.push_str(&admins.join(", "));
         engine.push_str(" }\n\n[join]\npki_dir = \"/var/lib/fleet/pki\"\n");
         put(format!("{ETC}/engine.toml"), 0o644, Owner::Root, engine);
@@ -606,6 +612,15 @@ pub struct Record {
     /// RFC 3339 UTC.
     pub applied: String,
     pub files: usize,
+}
+
+impl Record {
+    pub fn role_name(&self) -> &'static str {
+        match self.role {
+            Role::Member => "member",
+            Role::Worker => "worker",
+        }
+    }
 }
 
 #[cfg(test)]

@@ -59,9 +59,8 @@ fn a_member_becomes_etcd_engine_and_bootstrap_settings() {
     let get = |p: &str| plan.iter().find(|f| f.path == p).unwrap_or_else(|| panic!("no {p}"));
     let env = &get("lib/fleet/etc/etcd.env").contents;
     assert!(env.contains("ETCD_NAME=m1\n"));
-    assert!(env.contains(
-        "ETCD_INITIAL_CLUSTER=m1=https://10.0.0.1:2380,m2=https://10.0.0.2:2380,m3=https://10.0.0.3:2380\n"
-    ));
+    assert!(env
+        .contains("ETCD_INITIAL_CLUSTER=m1=https://10.0.0.1:2380,m2=https://10.0.0.2:2380,m3=https://10.0.0.3:2380\n"));
     assert!(env.contains("ETCD_CLIENT_CERT_AUTH=true") && env.contains("ETCD_PEER_CLIENT_CERT_AUTH=true"));
     let key = get("lib/etcd/pki/etcd.key");
     assert_eq!((key.mode, key.owner), (0o600, Owner::Etcd));
