@@ -23,6 +23,8 @@ pub enum Phase {
     Faults,
     /// `image_rollout`, on a lab of image machines.
     Image,
+    /// `provision`, on a lab of image machines made from their provisioning configs.
+    Provision,
     /// `packages` and `install`: the Debian packages `./lab package` built, installed into fresh
     /// Debian trees and machines (docs/install.md run as written).
     Packages,
@@ -34,6 +36,7 @@ pub fn phase_of(package: &str, kind: &str, name: &str) -> Phase {
         (false, _, _) => Phase::Units,
         (true, "test", "faults") => Phase::Faults,
         (true, "test", "image_rollout") => Phase::Image,
+        (true, "test", "provision") => Phase::Provision,
         (true, "test", "packages" | "install") => Phase::Packages,
         (true, _, _) => Phase::Lab,
     }
@@ -123,6 +126,7 @@ mod tests {
         assert_eq!(phase_of(LAB_CRATE, "lib", "fleet_integration"), Phase::Lab);
         assert_eq!(phase_of(LAB_CRATE, "test", "faults"), Phase::Faults);
         assert_eq!(phase_of(LAB_CRATE, "test", "image_rollout"), Phase::Image);
+        assert_eq!(phase_of(LAB_CRATE, "test", "provision"), Phase::Provision);
         assert_eq!(phase_of(LAB_CRATE, "test", "packages"), Phase::Packages);
         assert_eq!(phase_of(LAB_CRATE, "test", "install"), Phase::Packages);
         assert_eq!(phase_of(LAB_CRATE, "test", "e2e"), Phase::Lab);

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 pub fn lab() -> Option<LabState> {
     watch_this_test();
     match LabState::load() {
-        Ok(Some(s)) if !s.etcd.is_empty() => Some(s),
+        Ok(Some(s)) if !s.etcd.is_empty() || !s.machine_engines.is_empty() => Some(s),
         other => {
             if std::env::var("CI").as_deref() == Ok("true") {
                 panic!("CI=true but the lab is not up ({other:?}); run the suite with ./lab test");

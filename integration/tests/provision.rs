@@ -1,0 +1,271 @@
+//! A cluster from nothing but the host image and each machine's provisioning config
+//! (`./lab up --machines 5 --image REL --provision`, a phase of `./lab test`; docs/host-image.md,
+//! "From zero to a cluster"): three etcd members with engines and two workers, no etcd or engine
+//! of the lab's. Four machines fetched their config over HTTPS (a pinned URL on the kernel
+//! command line), one read it from a config drive.
+//!
+//! Checked: they form a TLS etcd cluster with client certificates and auth; every machine joined
+//! by the configs' token and runs units fleetctl starts; the CA key is on members only; a machine
+//! rebooted is not provisioned again; a bad config, a config that does not match its pinned hash,
+//! and a wrong CA hash each stop the machine before it joins, with the reason on its console.
+
+use fleet_integration::testkit::{self, fleetctl, text, wait_for, MachineBus};
+use fleet_integration::{image, provision, LabState, MachineProc, MachineSpec};
+use std::time::Duration;
+
+fn provisioned_lab() -> Option<LabState> {
+    let lab = testkit::lab()?;
+    assert!(
+        !lab.machine_engines.is_empty() && lab.machines.iter().all(|m| m.spec.as_ref().is_some_and(|s| s.provisioned)),
+        "this test needs a provisioned lab: ./lab up --machines 5 --image REL --provision"
+    );
+    Some(lab)
+}
+
+fn endpoints(lab: &LabState) -> String {
+    lab.machine_engines.join(",")
+}
+
+fn record(m: &MachineProc) -> serde_json::Value {
+    let path = image::var_dir(&m.dir).join("lib/fleet/provisioned.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).expect("record is JSON")
+}
+
+fn console(m: &MachineProc) -> String {
+    std::fs::read_to_string(m.dir.join("console.log")).unwrap_or_default()
+}
+
+async fn machine_ids(lab: &LabState) -> Vec<String> {
+    let client = fleet_integration::pki::client_as("admin", &endpoints(lab)).expect("client");
+    client.machines().await.map(|ms| ms.into_iter().map(|m| m.id).collect()).unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_tls_cluster_forms_from_the_image_and_runs_units() {
+    let Some(lab) = provisioned_lab() else { return };
+    let members = provision::members_of(lab.machines.len() as u8) as usize;
+    // Every machine was provisioned once, from where the lab put its config.
+    for (i, m) in lab.machines.iter().enumerate() {
+        let r = record(m);
+        let role = if i < members { "member" } else { "worker" };
+        assert_eq!(r["role"], role, "{}", m.name);
+        let source = r["source"].as_str().unwrap_or_default();
+        let drive = m.dir.join(image::CONFIG_DRIVE).exists();
+        assert!(
+            if drive { source.starts_with("config drive") } else { source.starts_with("fleet.provision=https://") },
+            "{}: provisioned from {source}",
+            m.name
+        );
+        // The CA key is on the members only.
+        let ca_key = image::var_dir(&m.dir).join("lib/fleet/pki/ca.key").exists();
+        assert_eq!(ca_key, i < members, "{}: CA key present = {ca_key}", m.name);
+    }
+    assert!(lab.machines.iter().any(|m| m.dir.join(image::CONFIG_DRIVE).exists()), "one machine used a config drive");
+
+    // etcd: the members' own cluster, TLS with client certificates, auth on.
+    let etcd_urls: Vec<String> = lab.machines[..members].iter().map(|m| format!("https://{}:2379", m.ip)).collect();
+    let mut root = fleet_integration::pki::etcd_as(&etcd_urls, "root").await.expect("etcd as root");
+    let list = root.member_list().await.expect("member list");
+    assert_eq!(list.members().len(), members, "{:?}", list.members());
+    for m in list.members() {
+        assert!(m.peer_urls().iter().all(|u| u.starts_with("https://")), "peer URLs over TLS: {:?}", m.peer_urls());
+    }
+    // A certificate the CA signed but that is no etcd user reads nothing: auth is on.
+    let mut admin = fleet_integration::pki::etcd_as(&etcd_urls, "admin").await.expect("connect");
+    let denied = admin.get("/fleet/", None).await;
+    assert!(denied.is_err(), "an identity without an etcd user read etcd: {denied:?}");
+    // Plain HTTP gets no answer.
+    let plain = etcd_client::Client::connect(
+        [format!("http://{}:2379", lab.machines[0].ip)],
+        Some(
+            etcd_client::ConnectOptions::new()
+                .with_connect_timeout(Duration::from_secs(3))
+                .with_timeout(Duration::from_secs(3)),
+        ),
+    )
+    .await;
+    if let Ok(mut c) = plain {
+        assert!(c.get("/fleet/", None).await.is_err(), "etcd answered over plain HTTP");
+    }
+
+    // Every machine joined; units run across the cluster.
+    let ids = machine_ids(&lab).await;
+    assert_eq!(ids.len(), lab.machines.len(), "{ids:?}");
+    let dir = testkit::scratch("provision").expect("dir");
+    let names: Vec<String> = (0..8).map(|i| format!("prov-{i}.service")).collect();
+    for n in &names {
+        std::fs::write(dir.join(n), "[Service]\nExecStart=/bin/sleep 100000\n").expect("write");
+    }
+    let paths: Vec<String> = names.iter().map(|n| dir.join(n).display().to_string()).collect();
+    let mut args = vec!["start"];
+    args.extend(paths.iter().map(String::as_str));
+    let out = fleetctl(&lab, &endpoints(&lab), &args).expect("fleetctl");
+    assert!(out.status.success(), "{:?}", text(&out));
+    let client = fleet_integration::pki::client_as("admin", &endpoints(&lab)).expect("client");
+    let hosts = wait_for("every unit active", Duration::from_secs(60), || async {
+        let states = client.states(None).await.ok()?;
+        let active: Vec<_> =
+            states.iter().filter(|s| s.name.starts_with("prov-") && s.systemd_active_state == "active").collect();
+        (active.len() == names.len())
+            .then(|| active.iter().map(|s| s.machine_id.clone()).collect::<std::collections::HashSet<_>>())
+    })
+    .await
+    .expect("units active");
+    assert!(hosts.len() >= 3, "units spread over the cluster: {hosts:?}");
+    // And systemd on a worker runs what the API says.
+    let worker = lab.machines.last().expect("a worker");
+    let bus = MachineBus::connect(worker).await.expect("bus");
+    let on_worker = client.states(None).await.expect("states");
+    for s in on_worker.iter().filter(|s| s.machine_id == worker.machine_id && s.name.starts_with("prov-")) {
+        assert_eq!(bus.unit(&s.name).await.expect("unit").active_state, "active", "{}", s.name);
+    }
+    let out = fleetctl(
+        &lab,
+        &endpoints(&lab),
+        &[
+            "destroy",
+            "prov-0.service",
+            "prov-1.service",
+            "prov-2.service",
+            "prov-3.service",
+            "prov-4.service",
+            "prov-5.service",
+            "prov-6.service",
+            "prov-7.service",
+        ],
+    )
+    .expect("fleetctl");
+    assert!(out.status.success(), "{:?}", text(&out));
+}
+
+#[tokio::test]
+async fn a_machine_rebooted_is_not_provisioned_again() {
+    let Some(lab) = provisioned_lab() else { return };
+    let m = lab.machines.last().expect("a worker").clone();
+    let before = record(&m);
+    fleet_integration::stop_machine(&m, Duration::from_secs(20));
+    let spec = m.spec.clone().expect("spec");
+    let again = fleet_integration::boot_machine(&spec, &lab.bin_dir, "").await.expect("boots again");
+    let mut state = LabState::load().expect("state").expect("lab");
+    if let Some(slot) = state.machines.iter_mut().find(|x| x.name == m.name) {
+        *slot = again.clone();
+    }
+    state.save().expect("save");
+    assert_eq!(record(&again), before, "the record is the first boot's");
+    wait_for("the machine back in the cluster", Duration::from_secs(90), || async {
+        machine_ids(&lab).await.contains(&m.machine_id).then_some(())
+    })
+    .await
+    .expect("registered again");
+    // Its console (both boots) shows one provisioning, the first boot's.
+    assert_eq!(console(&again).matches("provisioned from").count(), 1, "{}", console(&again));
+}
+
+/// A worker config like the last machine's, for lab machine `n`, changed by `edit`.
+fn extra_config(lab: &LabState, n: u8, edit: impl FnOnce(&mut fleet_provision::Config)) -> MachineSpec {
+    let last = lab.machines.last().expect("a worker");
+    let text = std::fs::read_to_string(provision::operator_dir().join(format!("{}.toml", last.name))).expect("config");
+    let mut config = fleet_provision::Config::parse(&text).expect("valid");
+    let mut spec = MachineSpec::numbered(n);
+    config.address = spec.ip.clone();
+    config.hostname = Some(spec.name.clone());
+    config.metadata.insert("hostname".into(), spec.name.clone());
+    edit(&mut config);
+    let served = provision::serve_dir().join("provision").join(format!("{}.toml", spec.name));
+    std::fs::write(&served, config.to_toml()).expect("serve");
+    spec.image = last.spec.as_ref().and_then(|s| s.image.clone());
+    spec.provisioned = true;
+    spec.etcd_endpoints.clear();
+    spec
+}
+
+/// Boots an extra machine with `args` on its command line; it is stopped when the test ends.
+async fn boot_extra(lab: &LabState, spec: &MachineSpec, args: String) -> MachineProc {
+    let dir = fleet_integration::lab_dir().join("machines").join(&spec.name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::write(dir.join(image::BOOT_ARGS), args).expect("boot args");
+    let m = fleet_integration::start_machine(spec, &lab.bin_dir, "").await.expect("starts");
+    let mut state = LabState::load().expect("state").expect("lab");
+    state.machines.push(m.clone());
+    state.save().expect("save");
+    fleet_integration::wait_booted(&m, Duration::from_secs(120)).await.expect("boots (degraded)");
+    m
+}
+
+fn forget(m: &MachineProc) {
+    fleet_integration::stop_machine(m, Duration::from_secs(10));
+    if let Ok(Some(mut state)) = LabState::load() {
+        state.machines.retain(|x| x.name != m.name);
+        let _ = state.save();
+    }
+}
+
+async fn assert_stopped_before_joining(lab: &LabState, m: &MachineProc, why: &str) {
+    let bus = MachineBus::connect(m).await.expect("bus");
+    let unit = bus.unit("fleet-provision.service").await.expect("unit");
+    assert_eq!(unit.active_state, "failed", "{}: fleet-provision.service", m.name);
+    for u in ["fleet-agent.service", "etcd.service", "fleet-join.service"] {
+        assert_ne!(bus.unit(u).await.expect("unit").active_state, "active", "{}: {u} started", m.name);
+    }
+    let con = console(m);
+    assert!(con.contains(why), "{}: the console does not say {why:?}:\n{con}", m.name);
+    let var = image::var_dir(&m.dir);
+    assert!(!var.join("lib/fleet/provisioned.json").exists(), "recorded as provisioned");
+    assert!(!var.join("lib/fleet/etc/join.toml").exists(), "something was written");
+    assert!(!machine_ids(lab).await.contains(&m.machine_id), "it joined");
+}
+
+#[tokio::test]
+async fn a_bad_or_tampered_config_stops_the_boot_before_anything_joins() {
+    let Some(lab) = provisioned_lab() else { return };
+    // Invalid: an address that is no address.
+    let spec = extra_config(&lab, 16, |c| c.address = "not-an-address".into());
+    let args = format!("systemd.firstboot=off {}", provision::cmdline_for(&spec.name).expect("cmdline"));
+    let m = boot_extra(&lab, &spec, args).await;
+    assert_stopped_before_joining(&lab, &m, "address: \"not-an-address\" is not an IP address").await;
+    forget(&m);
+
+    // Valid, but not what the command line pinned (changed on the server).
+    let spec = extra_config(&lab, 17, |_| {});
+    let args = format!("systemd.firstboot=off {}", provision::cmdline_for(&spec.name).expect("cmdline"));
+    let served = provision::serve_dir().join("provision").join(format!("{}.toml", spec.name));
+    let text = std::fs::read_to_string(&served).expect("served");
+    std::fs::write(&served, text.replace("role = \"worker\"", "role = \"worker\"\n# changed")).expect("tamper");
+    let m = boot_extra(&lab, &spec, args).await;
+    assert_stopped_before_joining(&lab, &m, "refused: the config's sha256 is").await;
+    forget(&m);
+}
+
+#[tokio::test]
+async fn a_wrong_ca_hash_never_joins() {
+    let Some(lab) = provisioned_lab() else { return };
+    let spec = extra_config(&lab, 18, |c| {
+        c.cluster.ca_hash = format!("sha256:{}", "ab".repeat(32));
+    });
+    let dir = fleet_integration::lab_dir().join("machines").join(&spec.name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::write(
+        dir.join(image::BOOT_ARGS),
+        format!("systemd.firstboot=off {}", provision::cmdline_for(&spec.name).expect("cmdline")),
+    )
+    .expect("args");
+    let m = fleet_integration::start_machine(&spec, &lab.bin_dir, "").await.expect("starts");
+    let mut state = LabState::load().expect("state").expect("lab");
+    state.machines.push(m.clone());
+    state.save().expect("save");
+    // Provisioned (the config is valid), but no engine shows the CA it pins: it never joins.
+    let refused = wait_for("the join refused", Duration::from_secs(90), || async {
+        console(&m).contains("refusing to join").then_some(())
+    })
+    .await;
+    let joined = machine_ids(&lab).await.contains(&m.machine_id);
+    let var = image::var_dir(&m.dir);
+    let wrote_identity = var.join("lib/fleet/etc/pki/machine.key").exists();
+    forget(&m);
+    refused.unwrap_or_else(|e| panic!("{e}"));
+    assert!(!joined, "a machine pinning another CA joined");
+    assert!(!wrote_identity, "it made an identity");
+}
