@@ -7,6 +7,7 @@
 //! the engine or the agent: the image runs them as programs, and talks FleetLock over HTTP.
 
 pub mod boot;
+pub mod channel;
 pub mod fleetlock;
 pub mod provision;
 pub mod release;

@@ -71,6 +71,24 @@ enum Cmd {
     },
     /// A new signing key pair: BASE.key and BASE.pub.
     Keygen { base: PathBuf },
+    /// Publish a release to an update channel: copy it into TREE/releases/<version>/ and write
+    /// TREE/<channel>.json naming it (the next serial, an expiry), signed. Serve TREE over HTTPS.
+    Publish {
+        release: PathBuf,
+        #[arg(long)]
+        tree: PathBuf,
+        #[arg(long, default_value = "stable")]
+        channel: String,
+        /// The release signing key (minisign secret key).
+        #[arg(long)]
+        key: PathBuf,
+        /// Its public key [default: the key's name with .pub].
+        #[arg(long)]
+        public_key: Option<PathBuf>,
+        /// How long machines accept this metadata: publish again before then.
+        #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+        expires_in: std::time::Duration,
+    },
     /// The boot loader's choice among the ESP's entries (counting a try down), for the test tier.
     BootSelect {
         #[arg(long)]
@@ -288,6 +306,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Keygen { base } => {
             let (sk, pk) = release::keygen(&base)?;
             println!("{}\n{}", sk.display(), pk.display());
+        }
+        Cmd::Publish { release, tree, channel, key, public_key, expires_in } => {
+            let public_key = public_key.unwrap_or_else(|| key.with_extension("pub"));
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64;
+            let meta =
+                fleet_host_image::channel::publish(&tree, &channel, &release, &public_key, &key, expires_in, now)?;
+            println!(
+                "{}: channel {} serial {} names release {}, expires {}",
+                tree.join(format!("{channel}.json")).display(),
+                meta.channel,
+                meta.serial,
+                meta.version,
+                humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(meta.expires.max(0) as u64)
+                )
+            );
         }
         Cmd::BootSelect { esp } => match boot::select(&esp)? {
             Some(e) => println!("{}", e.file_name()),

@@ -46,6 +46,19 @@ pub struct AgentSettings {
     /// The command that reboots the machine.
     #[serde(default = "default_reboot")]
     pub reboot_command: Vec<String>,
+    /// An update channel to follow over HTTPS (`https://.../<channel>.json`, as `fleet-update
+    /// publish` writes it): its releases are downloaded into `download_dir`, which is then the
+    /// source, instead of `source`.
+    #[serde(default)]
+    pub channel: Option<String>,
+    /// The CA the channel's server is checked against (PEM); without it, the built-in roots.
+    #[serde(default)]
+    pub channel_ca_file: Option<PathBuf>,
+    #[serde(default = "default_download_dir")]
+    pub download_dir: PathBuf,
+    /// The highest channel serial this machine accepted (no replays below it).
+    #[serde(default = "default_channel_seen")]
+    pub channel_seen: PathBuf,
 }
 
 impl Default for AgentSettings {
@@ -55,12 +68,22 @@ impl Default for AgentSettings {
             check_interval_secs: default_interval(),
             public_key: default_public_key(),
             reboot_command: default_reboot(),
+            channel: None,
+            channel_ca_file: None,
+            download_dir: default_download_dir(),
+            channel_seen: default_channel_seen(),
         }
     }
 }
 
 fn default_source() -> PathBuf {
     PathBuf::from("/var/lib/fleet/updates")
+}
+fn default_download_dir() -> PathBuf {
+    PathBuf::from("/var/lib/fleet/downloads")
+}
+fn default_channel_seen() -> PathBuf {
+    PathBuf::from("/var/lib/fleet/update-channel.json")
 }
 fn default_interval() -> u64 {
     300
@@ -274,11 +297,58 @@ pub struct Agent {
     pub config: UpdateConfig,
     pub host: Host,
     refused: HashSet<String>,
+    /// The channel's last answer, so a refusal repeated every look is logged once.
+    last_channel: Option<String>,
 }
 
 impl Agent {
     pub fn new(config: UpdateConfig, host: Host) -> Agent {
-        Agent { config, host, refused: HashSet::new() }
+        Agent { config, host, refused: HashSet::new(), last_channel: None }
+    }
+
+    /// Where releases are offered: the download directory when following a channel.
+    fn source(&self) -> &Path {
+        match self.config.agent.channel {
+            Some(_) => &self.config.agent.download_dir,
+            None => &self.config.agent.source,
+        }
+    }
+
+    /// One look at the channel, if the machine follows one: its newest release downloaded
+    /// into the source when it is newer than what runs and has not failed here.
+    fn follow_channel(&mut self) {
+        let Some(url) = self.config.agent.channel.clone() else { return };
+        let follow = crate::channel::Follow {
+            url,
+            ca_file: self.config.agent.channel_ca_file.clone(),
+            public_key: self.config.agent.public_key.clone(),
+            download_dir: self.config.agent.download_dir.clone(),
+            seen_file: self.config.agent.channel_seen.clone(),
+        };
+        let Ok((running, entries, _)) = self.observe() else { return };
+        let refused = self.refused.clone();
+        let wanted = |v: &str| {
+            boot::version_cmp(v, &running) == Ordering::Greater
+                && !refused.contains(v)
+                && !entries.iter().any(|e| e.version == v && e.is_bad())
+        };
+        let now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+        let answer = match crate::channel::sync(&follow, now, wanted) {
+            Ok(Some(crate::channel::Synced::Ready { version, serial })) => {
+                format!("channel serial {serial}: release {version} ready")
+            }
+            Ok(None) => "channel: nothing newer".to_string(),
+            Err(e) => format!("channel: {e}"),
+        };
+        if self.last_channel.as_deref() != Some(answer.as_str()) {
+            if answer.contains("refusing") || answer.contains("bad signature") || answer.contains("not valid") {
+                tracing::error!("{answer}");
+            } else {
+                tracing::info!("{answer}");
+            }
+            self.last_channel = Some(answer);
+        }
     }
 
     fn fleetlock(&self) -> Result<Option<fleetlock::Client>, AgentError> {
@@ -313,7 +383,7 @@ impl Agent {
         let esp = &self.config.layout.esp;
         let entries = boot::entries(esp)
             .map_err(|source| AgentError::Io { what: format!("read boot entries under {}", esp.display()), source })?;
-        let source = &self.config.agent.source;
+        let source = self.source();
         let offered = match offered(source) {
             Ok(o) => o,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
@@ -348,6 +418,7 @@ impl Agent {
 
     /// One look at the source, and what it led to.
     pub fn step(&mut self) -> Result<Action, AgentError> {
+        self.follow_channel();
         let (running, entries, offered) = self.observe()?;
         let action = decide(&running, &offered, &entries, &self.refused);
         if let Action::Apply(o) = &action {

@@ -26,6 +26,10 @@ pub fn serve_dir() -> PathBuf {
     lab_dir().join("serve")
 }
 
+/// The channel tree's directory under [`serve_dir`], and the channel the machines follow.
+pub const UPDATES: &str = "updates";
+pub const CHANNEL: &str = "stable";
+
 /// The server's request log: one line per request, `METHOD PATH RANGE STATUS`.
 pub fn serve_log() -> PathBuf {
     lab_dir().join("serve.log")
@@ -76,9 +80,21 @@ pub fn write_configs(machines: u8) -> Result<Vec<String>> {
     for d in [&out, &served] {
         std::fs::create_dir_all(d)?;
     }
+    let ca_pem = std::fs::read_to_string(pki::pki_dir().join("ca.pem"))?;
     for (name, mut config) in made.configs {
         // The lab's tests find machines by their hostname metadata, as on the lab's other machines.
         config.metadata.insert("hostname".into(), name.clone());
+        // Updates from the lab's channel, over HTTPS checked against the lab's CA; the disk is
+        // the lab's files (image.rs), not partitions.
+        config.update = Some(fleet_provision::Update {
+            channel: serve_url(&format!("{UPDATES}/{CHANNEL}.json")),
+            ca: Some(ca_pem.clone()),
+            group: "default".into(),
+            check_interval_secs: 2,
+            slot_a: Some("/run/fleet-disk/root-a.img".into()),
+            slot_b: Some("/run/fleet-disk/root-b.img".into()),
+            esp: Some("/run/fleet-disk/esp".into()),
+        });
         let text = config.to_toml();
         fleet_engine::pki::write_private(&out.join(format!("{name}.toml")), &text)?;
         std::fs::write(served.join(format!("{name}.toml")), &text)?;

@@ -269,3 +269,180 @@ async fn a_wrong_ca_hash_never_joins() {
     assert!(!joined, "a machine pinning another CA joined");
     assert!(!wrote_identity, "it made an identity");
 }
+
+fn releases() -> std::path::PathBuf {
+    std::path::PathBuf::from(
+        std::env::var("FLEET_IMAGE_RELEASES").unwrap_or_else(|_| "/var/tmp/fleet-tier-releases".into()),
+    )
+}
+
+fn publish(version: &str, expires_in: Duration) -> fleet_host_image::channel::ChannelMeta {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs() as i64;
+    fleet_host_image::channel::publish(
+        &provision::serve_dir().join(provision::UPDATES),
+        provision::CHANNEL,
+        &releases().join(version),
+        &releases().join("release.pub"),
+        &releases().join("release.key"),
+        expires_in,
+        now,
+    )
+    .expect("publish")
+}
+
+/// The channel serial machine `m` accepted last.
+fn seen(m: &MachineProc) -> u64 {
+    fleet_host_image::channel::load_seen(&image::var_dir(&m.dir).join("lib/fleet/update-channel.json"))
+        .map_or(0, |s| s.serial)
+}
+
+async fn every_machine_sees(lab: &LabState, serial: u64) {
+    wait_for(&format!("every machine at channel serial {serial}"), Duration::from_secs(60), || async {
+        lab.machines.iter().all(|m| seen(m) == serial).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {:?}", lab.machines.iter().map(seen).collect::<Vec<_>>()));
+}
+
+async fn every_console_says(lab: &LabState, words: &str) {
+    wait_for(&format!("every machine to say {words:?}"), Duration::from_secs(60), || async {
+        lab.machines.iter().all(|m| console(m).contains(words)).then_some(())
+    })
+    .await
+    .expect("refused everywhere");
+}
+
+#[derive(Debug, Default)]
+struct Sample {
+    machines: std::collections::HashSet<String>,
+    units: Vec<(String, String, bool)>,
+    slot_holders: usize,
+}
+
+async fn sample(api: &fleet_client::Client, etcd: &mut etcd_client::Client) -> Option<Sample> {
+    let machines = api.machines().await.ok()?.into_iter().map(|m| m.id).collect();
+    let states = api.states(None).await.ok()?;
+    let units = api
+        .units()
+        .await
+        .ok()?
+        .into_iter()
+        .filter(|u| u.name.starts_with("served-"))
+        .map(|u| {
+            let active = states.iter().any(|s| s.name == u.name && s.systemd_active_state == "active");
+            (u.name, u.machine_id, active)
+        })
+        .collect();
+    let resp =
+        tokio::time::timeout(Duration::from_secs(3), etcd.get("/fleet/reboot-lock/default", None)).await.ok()?.ok()?;
+    let slot_holders = match resp.kvs().first() {
+        Some(kv) => serde_json::from_slice::<serde_json::Value>(kv.value()).ok()?["holders"].as_array()?.len(),
+        None => 0,
+    };
+    Some(Sample { machines, units, slot_holders })
+}
+
+#[tokio::test]
+async fn a_release_published_over_https_rolls_over_every_machine_through_fleetlock() {
+    let Some(lab) = provisioned_lab() else { return };
+    let n = lab.machines.len();
+    let api = fleet_integration::pki::client_as("admin", &endpoints(&lab)).expect("client");
+    let members = provision::members_of(n as u8) as usize;
+    let etcd_urls: Vec<String> = lab.machines[..members].iter().map(|m| format!("https://{}:2379", m.ip)).collect();
+    let mut etcd = fleet_integration::pki::etcd_as(&etcd_urls, "root").await.expect("etcd");
+    let tree = provision::serve_dir().join(provision::UPDATES);
+    let meta_file = |ext: &str| tree.join(format!("{}.json{ext}", provision::CHANNEL));
+
+    // The channel names what runs: every machine accepts it, nothing to do.
+    let first = publish("1", Duration::from_secs(3600));
+    every_machine_sees(&lab, first.serial).await;
+    let old = (std::fs::read(meta_file("")).expect("meta"), std::fs::read(meta_file(".minisig")).expect("sig"));
+    let second = publish("1", Duration::from_secs(3600));
+    every_machine_sees(&lab, second.serial).await;
+
+    // Replayed: the older metadata, validly signed and unexpired, served again.
+    std::fs::write(meta_file(".minisig"), &old.1).expect("replay");
+    std::fs::write(meta_file(""), &old.0).expect("replay");
+    every_console_says(&lab, &format!("serial {}, older than serial {} seen before", first.serial, second.serial))
+        .await;
+
+    // Expired: a newer release named by metadata that expired; nobody takes it.
+    let expired = publish("2", Duration::from_secs(1));
+    assert!(expired.serial > second.serial);
+    let at = humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(expired.expires as u64));
+    every_console_says(&lab, &format!("expired at {at}: refusing it (a frozen or stale server)")).await;
+    for m in &lab.machines {
+        assert!(
+            !image::var_dir(&m.dir).join("lib/fleet/downloads/2").exists(),
+            "{} downloaded 2 from expired metadata",
+            m.name
+        );
+        assert_eq!(seen(m), second.serial, "{} took the expired serial", m.name);
+    }
+
+    // Units on every machine, then release 2 for real.
+    let dir = testkit::scratch("served").expect("dir");
+    let names: Vec<String> = (0..n).map(|i| format!("served-{i}.service")).collect();
+    for name in &names {
+        std::fs::write(dir.join(name), "[Service]\nExecStart=/bin/sleep 100000\n").expect("write");
+    }
+    let paths: Vec<String> = names.iter().map(|u| dir.join(u).display().to_string()).collect();
+    let mut args = vec!["start"];
+    args.extend(paths.iter().map(String::as_str));
+    let out = fleetctl(&lab, &endpoints(&lab), &args).expect("fleetctl");
+    assert!(out.status.success(), "{:?}", text(&out));
+    wait_for("every unit active", Duration::from_secs(60), || async {
+        let s = sample(&api, &mut etcd.clone()).await?;
+        (s.units.len() == n && s.units.iter().all(|u| u.2)).then_some(())
+    })
+    .await
+    .expect("units active");
+
+    publish("2", Duration::from_secs(3600));
+    let blessed = |m: &MachineProc| m.dir.join("disk/esp/loader/entries/fleet-2-b.conf").exists();
+    let until = std::time::Instant::now() + Duration::from_secs(900);
+    let (mut samples, mut max_away, mut max_held) = (0, 0, 0);
+    loop {
+        if let Some(s) = sample(&api, &mut etcd).await {
+            samples += 1;
+            max_held = max_held.max(s.slot_holders);
+            assert!(s.slot_holders <= 1, "more than one reboot slot held: {s:?}");
+            let away = n - s.machines.len();
+            max_away = max_away.max(away);
+            assert!(away <= 1, "more than one machine away at once: {s:?}");
+            if s.slot_holders == 0 && away == 0 {
+                assert!(
+                    s.units.len() == n && s.units.iter().all(|u| u.2),
+                    "with no machine updating, every unit runs: {s:?}"
+                );
+            }
+            if lab.machines.iter().all(blessed) && s.slot_holders == 0 && away == 0 {
+                break;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "not every machine updated in time; boots: {:?}",
+            lab.machines
+                .iter()
+                .map(|m| std::fs::read_to_string(image::boots_log(&m.dir)).unwrap_or_default())
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(
+        samples > 10 && max_away == 1 && max_held == 1,
+        "the rollout was observed ({samples} samples, {max_away} away, {max_held} held)"
+    );
+    for m in &lab.machines {
+        let boots = std::fs::read_to_string(image::boots_log(&m.dir)).expect("boots");
+        assert!(boots.lines().any(|l| l == "fleet-2-b+0-1.conf 2 healthy"), "{}: {boots}", m.name);
+    }
+    // The first download of the image was cut off; it was resumed, not started again.
+    let log = std::fs::read_to_string(provision::serve_log()).expect("server log");
+    assert!(log.lines().any(|l| l.contains("root.erofs") && l.ends_with(" cut")), "{log}");
+    assert!(
+        log.lines().any(|l| l.contains("/root.erofs bytes=") && l.contains(" 206")),
+        "no resumed (ranged) download of root.erofs:\n{log}"
+    );
+}
