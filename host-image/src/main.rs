@@ -216,10 +216,21 @@ fn provision(cmd: ProvisionCmd) -> anyhow::Result<()> {
                 );
                 return Ok(());
             }
-            let Some(found) = p::find(&p::Sources::system())? else {
-                // A machine whose var was prepared by other means (the image lab, a disk made
-                // with `make-disk --var`) has its settings already.
-                if var.join("lib/fleet/etc/agent.toml").exists() {
+            // A machine whose var was prepared by other means (the image lab, a disk made with
+            // `make-disk --var`) has its settings already; one with nothing gives a config
+            // drive a little time to appear (udev names it while this runs).
+            let prepared = var.join("lib/fleet/etc/agent.toml").exists();
+            let patience = if prepared { 0 } else { 20 };
+            let mut found = p::find(&p::Sources::system())?;
+            for _ in 0..patience {
+                if found.is_some() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_secs(1));
+                found = p::find(&p::Sources::system())?;
+            }
+            let Some(found) = found else {
+                if prepared {
                     println!("fleet-provision: no provisioning config; this machine's var holds its settings already");
                     return Ok(());
                 }
