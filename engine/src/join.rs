@@ -45,19 +45,32 @@ impl MachineAccounts for EtcdAccounts {
     fn add(&self, id: &str) -> BoxFuture<'_, Result<(), AccountError>> {
         let id = id.to_string();
         Box::pin(async move {
-            let mut c = self.client.clone();
             let name = crate::pki::machine_identity(&id);
-            let exists = tokio::time::timeout(ETCD_TIMEOUT, c.user_get(name.as_str()))
+            // Transient failures (a member still starting, a dead endpoint picked) are tried
+            // again: a join during a cluster's formation should not need its operator.
+            let exists = ETCD_RETRY
+                .run("look for the machine's etcd user", fleet_store::etcd::is_transient, || {
+                    let (mut c, name) = (self.client.clone(), name.clone());
+                    async move {
+                        match c.user_get(name.as_str()).await {
+                            Ok(_) => Ok(true),
+                            Err(e) if e.to_string().contains("not found") => Ok(false),
+                            Err(e) => Err(e),
+                        }
+                    }
+                })
                 .await
-                .map_err(|_| AccountError::Etcd("timed out".into()))?;
-            match exists {
-                Ok(_) => return Err(AccountError::Exists(id)),
-                Err(e) if e.to_string().contains("not found") => {}
-                Err(e) => return Err(AccountError::Etcd(e.to_string())),
+                .map_err(|e| AccountError::Etcd(e.to_string()))?;
+            if exists {
+                return Err(AccountError::Exists(id));
             }
-            tokio::time::timeout(ETCD_TIMEOUT, crate::pki::etcd_add_machine(&mut c, &self.prefix, &id))
+            // Idempotent: an attempt that made part of the account is completed by the next.
+            ETCD_RETRY
+                .run("make the machine's etcd user and role", transient_pki, || {
+                    let (mut c, id) = (self.client.clone(), id.clone());
+                    async move { crate::pki::etcd_add_machine(&mut c, &self.prefix, &id).await }
+                })
                 .await
-                .map_err(|_| AccountError::Etcd("timed out".into()))?
                 .map_err(|e| AccountError::Etcd(e.to_string()))
         })
     }
@@ -65,18 +78,28 @@ impl MachineAccounts for EtcdAccounts {
     fn remove(&self, id: &str) -> BoxFuture<'_, Result<(), AccountError>> {
         let id = id.to_string();
         Box::pin(async move {
-            let mut c = self.client.clone();
-            tokio::time::timeout(ETCD_TIMEOUT, crate::pki::etcd_remove_machine(&mut c, &id))
+            ETCD_RETRY
+                .run("remove the machine's etcd user and role", transient_pki, || {
+                    let (mut c, id) = (self.client.clone(), id.clone());
+                    async move { crate::pki::etcd_remove_machine(&mut c, &id).await }
+                })
                 .await
-                .map_err(|_| AccountError::Etcd("timed out".into()))?
                 .map_err(|e| AccountError::Etcd(e.to_string()))
         })
     }
 }
 
-/// Each etcd call of a join (one attempt: a join that fails is refused and tried again by the
-/// machine's operator, after it was rolled back).
-const ETCD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+fn transient_pki(e: &PkiError) -> bool {
+    matches!(e, PkiError::Etcd { source, .. } if fleet_store::etcd::is_transient(source))
+}
+
+/// Each etcd call of a join: a few attempts within seconds, each bounded.
+const ETCD_RETRY: fleet_store::retry::RetryPolicy = fleet_store::retry::RetryPolicy {
+    attempts: 6,
+    first_backoff: std::time::Duration::from_millis(200),
+    max_backoff: std::time::Duration::from_secs(2),
+    timeout: std::time::Duration::from_secs(10),
+};
 
 /// In-memory accounts, for the API's unit tests only: which machines have one.
 #[derive(Default)]

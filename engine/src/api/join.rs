@@ -189,6 +189,36 @@ pub(crate) async fn join(State((api, auth)): State<(Api, Arc<Auth>)>, req: axum:
     }
 }
 
+/// Gives a join token's use back after a join that failed past taking it: the machine leaves the
+/// token's `joined` list and the use comes back. Read, changed and written guarded by what was
+/// read, again if another machine used the token meanwhile (a token shared by many machines
+/// joining at once, as a cluster's first boot does).
+pub(crate) async fn give_back(api: &Api, key: &str, machine: &str) {
+    for _ in 0..5 {
+        let Ok(Some(entry)) = api.read_key("read join token", key, false).await else { return };
+        let Ok(mut record) = decode::<JoinTokenRecord>(&entry.value) else { return };
+        let before = record.joined.len();
+        record.joined.retain(|m| m != machine);
+        if record.joined.len() == before {
+            return;
+        }
+        record.uses_left = record.uses_left.saturating_add(1);
+        let Ok(value) = encode(&record) else { return };
+        let txn = StoreTxn {
+            when: vec![Compare::mod_revision(key.to_string(), CmpOp::Equal, entry.mod_revision)],
+            then: vec![Op::put(key.to_string(), value, 0)],
+            ..StoreTxn::default()
+        };
+        match api.txn("give a join token's use back", txn, false).await {
+            Ok(done) if done.succeeded => return,
+            Ok(_) => continue,
+            Err(e) => tracing::warn!(error = %e.message(), %machine, "cannot give a join token's use back yet"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tracing::error!(%machine, key, "gave up giving a join token's use back: the machine needs a new token");
+}
+
 async fn admit_machine(api: &Api, req: wire::JoinRequest) -> Result<wire::Joined, ApiError> {
     let join = joining(api)?.clone();
     let token = JoinToken::parse(&req.token).map_err(|e| ApiError::bad_request(e.to_string()))?;
@@ -235,18 +265,15 @@ async fn admit_machine(api: &Api, req: wire::JoinRequest) -> Result<wire::Joined
         ));
     }
     if let Err(e) = join.accounts.add(&machine).await {
-        // Give the use back, unless the token changed again (revoked, or used by another).
-        let give_back = StoreTxn {
-            when: vec![Compare::mod_revision(key.clone(), CmpOp::Equal, done.revision)],
-            then: match record.as_ref().map(encode) {
-                Some(Ok(before)) => vec![Op::put(key, before, 0)],
-                _ => Vec::new(),
-            },
-            ..StoreTxn::default()
-        };
-        if let Err(undo) = api.txn("give a join token's use back", give_back, false).await {
-            tracing::warn!(error = %undo.message(), token = %token.id, "cannot give a join token's use back");
+        // Nothing of a failed join stays: an account it made part of is removed (not one that
+        // existed before: that machine joined earlier), and the use is given back, so the
+        // machine's next attempt can succeed.
+        if let AccountError::Etcd(_) = e {
+            if let Err(undo) = join.accounts.remove(&machine).await {
+                tracing::warn!(error = %undo, %machine, "cannot remove what a failed join made of the machine's etcd account");
+            }
         }
+        give_back(api, &key, &machine).await;
         return Err(match e {
             AccountError::Exists(_) => ApiError::new(StatusCode::CONFLICT, e.to_string()),
             AccountError::Etcd(_) => {

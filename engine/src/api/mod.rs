@@ -23,7 +23,7 @@ use std::time::Duration;
 
 mod agents;
 mod events;
-mod join;
+pub(crate) mod join;
 mod machines;
 mod rollouts;
 mod states;

@@ -197,3 +197,35 @@ async fn tokens_need_an_admin_and_an_engine_that_admits() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert!(body["error"]["message"].as_str().is_some_and(|m| m.contains("[join]")), "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_join_gives_its_use_back_though_another_machine_joined_meanwhile() {
+    // A cluster's first boot: every machine joins with one token at once. A join that fails
+    // after taking its use must give it back even though another machine took one since (the
+    // give-back once compared the record with the failed join's own write, found it changed,
+    // and left the machine listed as joined: it could never join again).
+    let j = joinable("give-back").await;
+    let (token, _) = j.token(json!({"uses": 3})).await;
+    let (status, _) = j.join(&token, OTHER).await;
+    assert_eq!(status, StatusCode::OK);
+    let id = token.split('.').next().expect("id").to_string();
+    // As the failed join left it: MACHINE took a use, then OTHER joined (above, any order).
+    let mut r = j.record(&token).await;
+    r.joined.insert(0, MACHINE.to_string());
+    r.uses_left -= 1;
+    let key = j.e.keys.join_token(&id);
+    j.e.store
+        .txn(Txn {
+            then: vec![Op::put(key.clone(), fleet_model::schema::encode(&r).expect("encode"), 0)],
+            ..Txn::default()
+        })
+        .await
+        .expect("txn");
+    crate::api::join::give_back(&j.e.api, &key, MACHINE).await;
+    let after = j.record(&token).await;
+    assert_eq!(after.joined, [OTHER.to_string()], "MACHINE no longer listed, OTHER still is");
+    assert_eq!(after.uses_left, 2, "its use is back");
+    // And the machine joins now.
+    let (status, body) = j.join(&token, MACHINE).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
