@@ -89,23 +89,12 @@ pub fn channel_name(url: &str) -> Option<&str> {
     url.rsplit('/').next()?.strip_suffix(".json").filter(|n| !n.is_empty())
 }
 
-/// Signs `bytes` with a minisign secret key file (as `seal` does the manifest).
-pub fn sign(bytes: &[u8], secret_key: &Path, comment: &str) -> Result<String, ReleaseError> {
-    let password = std::env::var("FLEET_UPDATE_KEY_PASSWORD").unwrap_or_default();
-    let sk = minisign::SecretKey::from_file(secret_key, Some(password))
-        .map_err(|e| ReleaseError::Key { path: secret_key.into(), what: e.to_string() })?;
-    let sig = minisign::sign(None, &sk, std::io::Cursor::new(bytes), Some(comment), None)
-        .map_err(|e| ReleaseError::Signature(e.to_string()))?;
-    Ok(sig.into_string())
-}
-
 /// Verifies and parses metadata with the image's public key.
 pub fn verify(bytes: &[u8], signature: &str, public_key: &Path) -> Result<ChannelMeta, Refusal> {
-    let pk = minisign::PublicKey::from_file(public_key)
-        .map_err(|e| Refusal::Signature(format!("public key {}: {e}", public_key.display())))?;
-    let sig = minisign::SignatureBox::from_string(signature).map_err(|e| Refusal::Signature(e.to_string()))?;
-    minisign::verify(&pk, &sig, std::io::Cursor::new(bytes), true, false, false)
-        .map_err(|e| Refusal::Signature(e.to_string()))?;
+    release::verify_bytes(bytes, signature, public_key).map_err(|e| match e {
+        ReleaseError::Signature(m) => Refusal::Signature(m),
+        other => Refusal::Signature(other.to_string()),
+    })?;
     serde_json::from_slice(bytes).map_err(|e| Refusal::Invalid(e.to_string()))
 }
 
@@ -171,7 +160,7 @@ pub fn publish(
     };
     let mut bytes = serde_json::to_vec_pretty(&meta).map_err(|e| PublishError::Invalid(e.to_string()))?;
     bytes.push(b'\n');
-    let sig = sign(&bytes, secret_key, &format!("fleet channel {channel} serial {serial}"))?;
+    let sig = release::sign_bytes(&bytes, secret_key, &format!("fleet channel {channel} serial {serial}"))?;
     // The signature first: a machine fetching in between sees the old metadata with a signature
     // that does not match, refuses it, and tries again at its next look.
     for (name, content) in [(format!("{channel}.json.minisig"), sig.into_bytes()), (format!("{channel}.json"), bytes)] {
@@ -417,7 +406,7 @@ mod tests {
         let (sk, pk) = release::keygen(&dir.join("k")).expect("keys");
         let (_, other_pk) = release::keygen(&dir.join("other")).expect("keys");
         let bytes = serde_json::to_vec(&meta(1, 100)).expect("json");
-        let sig = sign(&bytes, &sk, "test").expect("sign");
+        let sig = release::sign_bytes(&bytes, &sk, "test").expect("sign");
         assert_eq!(verify(&bytes, &sig, &pk).expect("verified"), meta(1, 100));
         assert!(matches!(verify(&bytes, &sig, &other_pk), Err(Refusal::Signature(_))));
         let changed = serde_json::to_vec(&meta(9, 100)).expect("json");

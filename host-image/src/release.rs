@@ -114,15 +114,11 @@ impl Manifest {
 /// Checks the signature of `dir`'s manifest with `public_key` (a minisign public key file) and
 /// returns the manifest; nothing else is trusted before this.
 pub fn verified_manifest(dir: &Path, public_key: &Path) -> Result<Manifest, ReleaseError> {
-    let pk = minisign::PublicKey::from_file(public_key)
-        .map_err(|e| ReleaseError::Key { path: public_key.into(), what: e.to_string() })?;
     let manifest_path = dir.join(MANIFEST);
     let bytes = std::fs::read(&manifest_path).map_err(io(&manifest_path))?;
     let sig_path = dir.join(SIGNATURE);
     let sig_text = std::fs::read_to_string(&sig_path).map_err(io(&sig_path))?;
-    let sig = minisign::SignatureBox::from_string(&sig_text).map_err(|e| ReleaseError::Signature(e.to_string()))?;
-    minisign::verify(&pk, &sig, std::io::Cursor::new(&bytes), true, false, false)
-        .map_err(|e| ReleaseError::Signature(e.to_string()))?;
+    verify_bytes(&bytes, &sig_text, public_key)?;
     let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| ReleaseError::Manifest(e.to_string()))?;
     manifest.check_shape()?;
     Ok(manifest)
@@ -199,19 +195,33 @@ pub fn seal(
     manifest.check_shape()?;
     let mut text = serde_json::to_vec_pretty(&manifest).map_err(|e| ReleaseError::Manifest(e.to_string()))?;
     text.push(b'\n');
-    // An unencrypted key (as `keygen` makes) has the empty password; an encrypted one takes its
-    // password from the environment, never from a prompt (builds are not interactive).
-    let password = std::env::var("FLEET_UPDATE_KEY_PASSWORD").unwrap_or_default();
-    let sk = minisign::SecretKey::from_file(secret_key, Some(password))
-        .map_err(|e| ReleaseError::Key { path: secret_key.into(), what: e.to_string() })?;
-    let comment = format!("fleet release {version}");
-    let sig = minisign::sign(None, &sk, std::io::Cursor::new(&text), Some(&comment), None)
-        .map_err(|e| ReleaseError::Signature(e.to_string()))?;
+    let sig = sign_bytes(&text, secret_key, &format!("fleet release {version}"))?;
     let path = dir.join(MANIFEST);
     std::fs::write(&path, &text).map_err(io(&path))?;
     let path = dir.join(SIGNATURE);
-    std::fs::write(&path, sig.into_string()).map_err(io(&path))?;
+    std::fs::write(&path, sig).map_err(io(&path))?;
     Ok(manifest)
+}
+
+/// Signs `bytes` with a minisign secret key file; the signature file's text. An unencrypted key
+/// (as `keygen` makes) has the empty password; an encrypted one takes its password from
+/// `FLEET_UPDATE_KEY_PASSWORD`, never from a prompt (builds are not interactive).
+pub fn sign_bytes(bytes: &[u8], secret_key: &Path, comment: &str) -> Result<String, ReleaseError> {
+    let password = std::env::var("FLEET_UPDATE_KEY_PASSWORD").unwrap_or_default();
+    let sk = minisign::SecretKey::from_file(secret_key, Some(password))
+        .map_err(|e| ReleaseError::Key { path: secret_key.into(), what: e.to_string() })?;
+    let sig = minisign::sign(None, &sk, std::io::Cursor::new(bytes), Some(comment), None)
+        .map_err(|e| ReleaseError::Signature(e.to_string()))?;
+    Ok(sig.into_string())
+}
+
+/// Checks `signature` (a minisign signature file's text) over `bytes` with `public_key`.
+pub fn verify_bytes(bytes: &[u8], signature: &str, public_key: &Path) -> Result<(), ReleaseError> {
+    let pk = minisign::PublicKey::from_file(public_key)
+        .map_err(|e| ReleaseError::Key { path: public_key.into(), what: e.to_string() })?;
+    let sig = minisign::SignatureBox::from_string(signature).map_err(|e| ReleaseError::Signature(e.to_string()))?;
+    minisign::verify(&pk, &sig, std::io::Cursor::new(bytes), true, false, false)
+        .map_err(|e| ReleaseError::Signature(e.to_string()))
 }
 
 /// A new signing key pair: `<base>.key` (secret, mode 0600) and `<base>.pub`.

@@ -381,3 +381,41 @@ impl Drop for EventFollower {
         let _ = self.child.wait();
     }
 }
+
+/// What a test of rolling reboots sees at one moment: the machines registered, each test unit
+/// (name, machine it is scheduled on, active?) and how many reboot slots are held.
+#[derive(Debug, Default)]
+pub struct RebootSample {
+    pub machines: std::collections::HashSet<String>,
+    pub units: Vec<(String, String, bool)>,
+    pub slot_holders: usize,
+}
+
+/// One sample through the API (machines, units named `unit_prefix*`, their states) and etcd
+/// (the `default` group's FleetLock semaphore); `None` when a call fails or takes over 3 s.
+pub async fn reboot_sample(
+    api: &fleet_client::Client,
+    etcd: &mut etcd_client::Client,
+    unit_prefix: &str,
+) -> Option<RebootSample> {
+    let machines = api.machines().await.ok()?.into_iter().map(|m| m.id).collect();
+    let states = api.states(None).await.ok()?;
+    let units = api
+        .units()
+        .await
+        .ok()?
+        .into_iter()
+        .filter(|u| u.name.starts_with(unit_prefix))
+        .map(|u| {
+            let active = states.iter().any(|s| s.name == u.name && s.systemd_active_state == "active");
+            (u.name, u.machine_id, active)
+        })
+        .collect();
+    let key = format!("{}reboot-lock/default", crate::ETCD_PREFIX);
+    let resp = tokio::time::timeout(Duration::from_secs(3), etcd.get(key, None)).await.ok()?.ok()?;
+    let slot_holders = match resp.kvs().first() {
+        Some(kv) => serde_json::from_slice::<serde_json::Value>(kv.value()).ok()?["holders"].as_array()?.len(),
+        None => 0,
+    };
+    Some(RebootSample { machines, units, slot_holders })
+}

@@ -57,35 +57,8 @@ fn boots(m: &fleet_integration::MachineProc) -> Vec<String> {
     std::fs::read_to_string(image::boots_log(&m.dir)).unwrap_or_default().lines().map(String::from).collect()
 }
 
-#[derive(Debug, Default)]
-struct Sample {
-    machines: HashSet<String>,
-    /// (unit, machine it is scheduled on, active?)
-    units: Vec<(String, String, bool)>,
-    slot_holders: usize,
-}
-
-async fn sample(api: &fleet_client::Client, etcd: &mut etcd_client::Client) -> Option<Sample> {
-    let machines = api.machines().await.ok()?.into_iter().map(|m| m.id).collect();
-    let states = api.states(None).await.ok()?;
-    let units = api
-        .units()
-        .await
-        .ok()?
-        .into_iter()
-        .filter(|u| u.name.starts_with("rollout-"))
-        .map(|u| {
-            let active = states.iter().any(|s| s.name == u.name && s.systemd_active_state == "active");
-            (u.name, u.machine_id, active)
-        })
-        .collect();
-    let key = format!("{}reboot-lock/default", fleet_integration::ETCD_PREFIX);
-    let resp = etcd.get(key, None).await.ok()?;
-    let slot_holders = match resp.kvs().first() {
-        Some(kv) => serde_json::from_slice::<Value>(kv.value()).ok()?["holders"].as_array()?.len(),
-        None => 0,
-    };
-    Some(Sample { machines, units, slot_holders })
+async fn sample(api: &fleet_client::Client, etcd: &mut etcd_client::Client) -> Option<testkit::RebootSample> {
+    testkit::reboot_sample(api, etcd, "rollout-").await
 }
 
 /// Waits (up to 60 s) until every test unit is reported active.

@@ -312,34 +312,8 @@ async fn every_console_says(lab: &LabState, words: &str) {
     .expect("refused everywhere");
 }
 
-#[derive(Debug, Default)]
-struct Sample {
-    machines: std::collections::HashSet<String>,
-    units: Vec<(String, String, bool)>,
-    slot_holders: usize,
-}
-
-async fn sample(api: &fleet_client::Client, etcd: &mut etcd_client::Client) -> Option<Sample> {
-    let machines = api.machines().await.ok()?.into_iter().map(|m| m.id).collect();
-    let states = api.states(None).await.ok()?;
-    let units = api
-        .units()
-        .await
-        .ok()?
-        .into_iter()
-        .filter(|u| u.name.starts_with("served-"))
-        .map(|u| {
-            let active = states.iter().any(|s| s.name == u.name && s.systemd_active_state == "active");
-            (u.name, u.machine_id, active)
-        })
-        .collect();
-    let resp =
-        tokio::time::timeout(Duration::from_secs(3), etcd.get("/fleet/reboot-lock/default", None)).await.ok()?.ok()?;
-    let slot_holders = match resp.kvs().first() {
-        Some(kv) => serde_json::from_slice::<serde_json::Value>(kv.value()).ok()?["holders"].as_array()?.len(),
-        None => 0,
-    };
-    Some(Sample { machines, units, slot_holders })
+async fn sample(api: &fleet_client::Client, etcd: &mut etcd_client::Client) -> Option<testkit::RebootSample> {
+    testkit::reboot_sample(api, etcd, "served-").await
 }
 
 #[tokio::test]
