@@ -27,6 +27,10 @@ pub enum AccountError {
     Exists(String),
     #[error("etcd: {0}")]
     Etcd(String),
+    /// Making the account failed after etcd said there was none: what was made of it is this
+    /// join's to remove (never an account that existed before).
+    #[error("etcd: {0}")]
+    Incomplete(String),
 }
 
 /// The real accounts: etcd's users and roles, through a client holding the `root` identity.
@@ -71,7 +75,7 @@ impl MachineAccounts for EtcdAccounts {
                     async move { crate::pki::etcd_add_machine(&mut c, &self.prefix, &id).await }
                 })
                 .await
-                .map_err(|e| AccountError::Etcd(e.to_string()))
+                .map_err(|e| AccountError::Incomplete(e.to_string()))
         })
     }
 
@@ -93,12 +97,13 @@ fn transient_pki(e: &PkiError) -> bool {
     matches!(e, PkiError::Etcd { source, .. } if fleet_store::etcd::is_transient(source))
 }
 
-/// Each etcd call of a join: a few attempts within seconds, each bounded.
+/// Each etcd call of a join: a few attempts within seconds, each bounded, so a join answers
+/// well within its client's patience (`fleet-agent join` waits 20 s).
 const ETCD_RETRY: fleet_store::retry::RetryPolicy = fleet_store::retry::RetryPolicy {
-    attempts: 6,
+    attempts: 4,
     first_backoff: std::time::Duration::from_millis(200),
-    max_backoff: std::time::Duration::from_secs(2),
-    timeout: std::time::Duration::from_secs(10),
+    max_backoff: std::time::Duration::from_secs(1),
+    timeout: std::time::Duration::from_secs(3),
 };
 
 /// In-memory accounts, for the API's unit tests only: which machines have one.

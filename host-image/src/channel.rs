@@ -73,8 +73,12 @@ pub fn accept(meta: &ChannelMeta, want_channel: &str, seen_serial: Option<u64>, 
             return Err(Refusal::Replayed { serial: meta.serial, seen });
         }
     }
-    let plain =
-        |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
+    let plain = |s: &str| {
+        !s.is_empty()
+            && s != "."
+            && s != ".."
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+    };
     if !plain(&meta.version) || meta.files.iter().any(|f| !plain(&f.name) || f.name.starts_with('.')) {
         return Err(Refusal::Invalid("versions and file names are plain names".into()));
     }
@@ -183,13 +187,36 @@ pub fn load_seen(path: &Path) -> Option<Seen> {
     serde_json::from_slice(&std::fs::read(path).ok()?).ok()
 }
 
+/// The seen serial, failing closed: a file that is there but unreadable stops the channel
+/// (ignoring it would turn the replay protection off) until an operator looks.
+fn read_seen(path: &Path) -> Result<Option<Seen>, SyncError> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| SyncError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("not a seen serial ({e}): remove it to trust the channel afresh"),
+            ),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(SyncError::Io { path: path.to_path_buf(), source: e }),
+    }
+}
+
 fn store_seen(path: &Path, seen: &Seen) -> std::io::Result<()> {
+    use std::io::Write;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_vec(seen).unwrap_or_default())?;
-    std::fs::rename(&tmp, path)
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&serde_json::to_vec(seen).unwrap_or_default())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -245,7 +272,7 @@ pub fn sync(follow: &Follow, now: i64, wanted: impl Fn(&str) -> bool) -> Result<
     let bytes = rt.block_on(get_all(&http, &follow.url))?;
     let sig = rt.block_on(get_all(&http, &format!("{}.minisig", follow.url)))?;
     let meta = verify(&bytes, &String::from_utf8_lossy(&sig), &follow.public_key)?;
-    let seen = load_seen(&follow.seen_file).filter(|s| s.channel == want);
+    let seen = read_seen(&follow.seen_file)?.filter(|s| s.channel == want);
     accept(&meta, &want, seen.as_ref().map(|s| s.serial), now)?;
     if seen.as_ref().is_none_or(|s| s.serial < meta.serial) {
         store_seen(&follow.seen_file, &Seen { channel: want.clone(), serial: meta.serial })
@@ -301,12 +328,19 @@ async fn get_all(http: &reqwest::Client, url: &str) -> Result<Vec<u8>, SyncError
     if !resp.status().is_success() {
         return Err(err(format!("HTTP {}", resp.status())));
     }
-    // Metadata is small; a server sending more is not a channel.
-    let body = resp.bytes().await.map_err(|e| err(e.to_string()))?;
-    if body.len() > 1 << 20 {
-        return Err(err("more than 1 MiB of metadata".into()));
+    // Metadata is small; a server sending more is not a channel (read no more than that).
+    let mut body = Vec::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(60), futures::StreamExt::next(&mut stream))
+        .await
+        .map_err(|_| err("stalled".into()))?
+    {
+        body.extend_from_slice(&chunk.map_err(|e| err(e.to_string()))?);
+        if body.len() > 1 << 20 {
+            return Err(err("more than 1 MiB of metadata".into()));
+        }
     }
-    Ok(body.to_vec())
+    Ok(body)
 }
 
 /// Downloads `url` into `path`, resuming from what is there, then checks size and SHA-256.
@@ -327,10 +361,23 @@ async fn download(http: &reqwest::Client, url: &str, path: &Path, want: &FileEnt
         }
         let resp = req.send().await.map_err(|e| err(e.to_string()))?;
         let append = match resp.status().as_u16() {
-            206 => true,
+            // Only the range asked for is appended.
+            206 => {
+                let range = resp.headers().get("content-range").and_then(|v| v.to_str().ok()).unwrap_or("");
+                if !range.starts_with(&format!("bytes {have}-")) {
+                    let _ = std::fs::remove_file(path);
+                    return Err(err(format!("asked for bytes {have}-, got {range:?}: starting again")));
+                }
+                true
+            }
             200 => false,
+            416 => {
+                let _ = std::fs::remove_file(path);
+                return Err(err("the server refused the range: starting again".into()));
+            }
             s => return Err(err(format!("HTTP {s}"))),
         };
+        let mut written = if append { have } else { 0 };
         let mut f = tokio::fs::OpenOptions::new()
             .create(true)
             .write(true)
@@ -344,6 +391,16 @@ async fn download(http: &reqwest::Client, url: &str, path: &Path, want: &FileEnt
             tokio::time::timeout(Duration::from_secs(60), body.next()).await.map_err(|_| err("stalled".into()))?
         {
             let chunk = chunk.map_err(|e| err(format!("interrupted: {e}")))?;
+            written += chunk.len() as u64;
+            // Never more than the channel said: a server sending on cannot fill var.
+            if written > want.size {
+                drop(f);
+                let _ = std::fs::remove_file(path);
+                return Err(SyncError::File {
+                    name: want.name.clone(),
+                    message: format!("longer than the {} bytes the channel says", want.size),
+                });
+            }
             f.write_all(&chunk).await.map_err(sio(path))?;
         }
         f.sync_all().await.map_err(sio(path))?;

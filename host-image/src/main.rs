@@ -219,7 +219,10 @@ fn provision(cmd: ProvisionCmd) -> anyhow::Result<()> {
             // A machine whose var was prepared by other means (the image lab, a disk made with
             // `make-disk --var`) has its settings already; one with nothing gives a config
             // drive a little time to appear (udev names it while this runs).
-            let prepared = var.join("lib/fleet/etc/agent.toml").exists();
+            // (A provisioning interrupted before its record is not "prepared": it wrote
+            // join.toml, which nothing else writes, and is applied again.)
+            let prepared =
+                var.join("lib/fleet/etc/agent.toml").exists() && !var.join("lib/fleet/etc/join.toml").exists();
             let patience = if prepared { 0 } else { 20 };
             let mut found = p::find(&p::Sources::system())?;
             for _ in 0..patience {

@@ -162,12 +162,15 @@ fn fetch(url: &str, sha256: &str, tls_pin: Option<&str>) -> Result<Vec<u8>, Stri
         None => None,
     };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
-    let mut builder =
-        reqwest::Client::builder().timeout(Duration::from_secs(30)).connect_timeout(Duration::from_secs(10));
-    if pin.is_some() {
-        // The pin replaces the CA check: the server must present exactly that certificate (TLS
-        // proves it holds its key), and nothing is sent but the GET.
-        builder = builder.danger_accept_invalid_certs(true).tls_info(true);
+    let mut builder = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .connect_timeout(Duration::from_secs(10))
+        // The URL is what was pinned: a redirect elsewhere is not followed.
+        .redirect(reqwest::redirect::Policy::none());
+    if let Some(pin) = &pin {
+        // The pin replaces the CA check: the server must present exactly that certificate, and
+        // the handshake's signatures are checked as ever (so it must hold its key).
+        builder = builder.use_preconfigured_tls(pinned_tls(pin)?);
     }
     let client = builder.build().map_err(|e| e.to_string())?;
     let mut last = String::new();
@@ -176,20 +179,14 @@ fn fetch(url: &str, sha256: &str, tls_pin: Option<&str>) -> Result<Vec<u8>, Stri
             std::thread::sleep(Duration::from_secs(1 << attempt.min(4)));
         }
         let got: Result<Vec<u8>, String> = rt.block_on(async {
-            let resp = client.get(url).send().await.map_err(|e| format!("{e}"))?;
-            if let Some(pin) = &pin {
-                let leaf = resp
-                    .extensions()
-                    .get::<reqwest::tls::TlsInfo>()
-                    .and_then(|i| i.peer_certificate())
-                    .ok_or("the server presented no certificate")?;
-                let got = sha256_hex(leaf);
-                if &got != pin {
-                    return Err(format!(
-                        "refused: the server's certificate is sha256:{got}, fleet.provision.tls_pin says sha256:{pin}"
-                    ));
+            let resp = client.get(url).send().await.map_err(|e| {
+                // A certificate that is not the pinned one is refused for good.
+                if format!("{e:?}").contains(PIN_MISMATCH) {
+                    format!("refused: the server's certificate is not the one fleet.provision.tls_pin names: {e}")
+                } else {
+                    e.to_string()
                 }
-            }
+            })?;
             if !resp.status().is_success() {
                 return Err(format!("HTTP {}", resp.status()));
             }
@@ -211,6 +208,66 @@ fn fetch(url: &str, sha256: &str, tls_pin: Option<&str>) -> Result<Vec<u8>, Stri
         }
     }
     Err(format!("gave up after 6 attempts: {last}"))
+}
+
+const PIN_MISMATCH: &str = "not the pinned certificate";
+
+/// A TLS client configuration that accepts exactly the server certificate whose SHA-256 (of its
+/// DER) is `pin`, and checks the handshake's signatures with it as rustls always does.
+fn pinned_tls(pin: &str) -> Result<rustls::ClientConfig, String> {
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = PinnedLeaf { pin: pin.to_string(), provider: provider.clone() };
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(verifier))
+        .with_no_client_auth())
+}
+
+#[derive(Debug)]
+struct PinnedLeaf {
+    pin: String,
+    provider: std::sync::Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for PinnedLeaf {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        if sha256_hex(end_entity.as_ref()) == self.pin {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(PIN_MISMATCH.into()))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
@@ -273,7 +330,15 @@ pub fn apply(var: &Path, plan: &[Planned], record: &Record, passwd: &Path) -> Re
         if let Some(dir) = target.parent() {
             std::fs::create_dir_all(dir).map_err(io(dir))?;
             if let (Owner::Etcd, Some((uid, gid))) = (p.owner, etcd_ids) {
-                std::os::unix::fs::chown(dir, Some(uid), Some(gid)).map_err(io(dir))?;
+                // etcd may write in /var/lib/etcd: a link it left there is not followed.
+                let meta = std::fs::symlink_metadata(dir).map_err(io(dir))?;
+                if !meta.is_dir() {
+                    return Err(ProvisionError::Io {
+                        path: dir.to_path_buf(),
+                        error: std::io::Error::other("not a directory (a symbolic link?): refusing to hand it to etcd"),
+                    });
+                }
+                std::os::unix::fs::lchown(dir, Some(uid), Some(gid)).map_err(io(dir))?;
                 std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io(dir))?;
             }
         }

@@ -236,6 +236,19 @@ async fn a_bad_or_tampered_config_stops_the_boot_before_anything_joins() {
     let m = boot_extra(&lab, &spec, args).await;
     assert_stopped_before_joining(&lab, &m, "refused: the config's sha256 is").await;
     forget(&m);
+
+    // Served by a server whose certificate is not the pinned one.
+    let spec = extra_config(&lab, 19, |_| {});
+    let served = provision::serve_dir().join("provision").join(format!("{}.toml", spec.name));
+    let args = format!(
+        "systemd.firstboot=off fleet.provision={} fleet.provision.sha256={} fleet.provision.tls_pin=sha256:{}",
+        provision::serve_url(&format!("provision/{}.toml", spec.name)),
+        provision::sha256_of(&served).expect("sha"),
+        "0".repeat(64)
+    );
+    let m = boot_extra(&lab, &spec, args).await;
+    assert_stopped_before_joining(&lab, &m, "not the one fleet.provision.tls_pin names").await;
+    forget(&m);
 }
 
 #[tokio::test]

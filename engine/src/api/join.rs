@@ -170,22 +170,28 @@ pub(crate) async fn join(State((api, auth)): State<(Api, Arc<Auth>)>, req: axum:
         Ok(r) => (r.token.split('.').next().unwrap_or_default().to_string(), r.machine_id.clone()),
         Err(_) => (String::new(), String::new()),
     };
-    let outcome = match parsed {
-        Ok(req) => admit_machine(&api, req).await,
-        Err(e) => Err(e),
-    };
-    let status = match &outcome {
-        Ok(_) => StatusCode::OK,
-        Err(e) => e.status(),
-    };
-    auth.audit(&serde_json::json!({
-        "time": rfc3339(now_unix()), "who": format!("join-token:{token_id}"), "from": from,
-        "method": "POST", "path": "/fleet/v1/join", "status": status.as_u16(),
-        "detail": match &outcome { Ok(_) => format!("machine {machine} joined"), Err(e) => format!("machine {machine:?} refused: {}", e.message()) },
-    }));
-    match outcome {
-        Ok(joined) => Json(joined).into_response(),
-        Err(e) => e.into_response(),
+    // A task of its own: a client that gives up (or disconnects) mid-join must not cancel it
+    // between taking the token's use and giving it back.
+    let work = tokio::spawn(async move {
+        let outcome = match parsed {
+            Ok(req) => admit_machine(&api, req).await,
+            Err(e) => Err(e),
+        };
+        let status = match &outcome {
+            Ok(_) => StatusCode::OK,
+            Err(e) => e.status(),
+        };
+        auth.audit(&serde_json::json!({
+            "time": rfc3339(now_unix()), "who": format!("join-token:{token_id}"), "from": from,
+            "method": "POST", "path": "/fleet/v1/join", "status": status.as_u16(),
+            "detail": match &outcome { Ok(_) => format!("machine {machine} joined"), Err(e) => format!("machine {machine:?} refused: {}", e.message()) },
+        }));
+        outcome
+    });
+    match work.await {
+        Ok(Ok(joined)) => Json(joined).into_response(),
+        Ok(Err(e)) => e.into_response(),
+        Err(e) => ApiError::internal(format!("the join failed: {e}")).into_response(),
     }
 }
 
@@ -268,7 +274,7 @@ async fn admit_machine(api: &Api, req: wire::JoinRequest) -> Result<wire::Joined
         // Nothing of a failed join stays: an account it made part of is removed (not one that
         // existed before: that machine joined earlier), and the use is given back, so the
         // machine's next attempt can succeed.
-        if let AccountError::Etcd(_) = e {
+        if let AccountError::Incomplete(_) = e {
             if let Err(undo) = join.accounts.remove(&machine).await {
                 tracing::warn!(error = %undo, %machine, "cannot remove what a failed join made of the machine's etcd account");
             }
@@ -276,7 +282,7 @@ async fn admit_machine(api: &Api, req: wire::JoinRequest) -> Result<wire::Joined
         give_back(api, &key, &machine).await;
         return Err(match e {
             AccountError::Exists(_) => ApiError::new(StatusCode::CONFLICT, e.to_string()),
-            AccountError::Etcd(_) => {
+            AccountError::Etcd(_) | AccountError::Incomplete(_) => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("creating the machine's etcd user: {e}"))
             }
         });

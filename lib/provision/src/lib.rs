@@ -272,9 +272,9 @@ fn metadata_ok(field: &str, m: &BTreeMap<String, String>) -> Result<(), Provisio
     Ok(())
 }
 
+/// A TOML string literal for `s` (toml's own escaping: every control character, DEL too).
 fn toml_string(s: &str) -> String {
-    // serde_json's escaping is valid TOML basic-string escaping for what we write.
-    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
+    toml::Value::String(s.to_string()).to_string()
 }
 
 impl Config {
@@ -330,6 +330,15 @@ impl Config {
         fleet_model::join::JoinToken::parse(&self.cluster.join_token)
             .map_err(|e| invalid("cluster.join_token", e.to_string()))?;
         metadata_ok("metadata", &self.metadata)?;
+        // What the agent would refuse at every start is refused here, before anything is written.
+        if let Some(c) = &self.capacity {
+            if let Some(m) = c.memory.as_deref().filter(|m| fleet_model::rules::parse_bytes(m).is_none()) {
+                return Err(invalid("capacity.memory", format!("{m:?} is not an amount of memory (\"8G\")")));
+            }
+            if let Some(cpu) = c.cpu.as_deref().filter(|c| fleet_model::rules::parse_cpu(c).is_none()) {
+                return Err(invalid("capacity.cpu", format!("{cpu:?} is not an amount of CPU (\"400%\")")));
+            }
+        }
         match (self.role, &self.member) {
             (Role::Member, None) => return Err(invalid("member", "role = \"member\" needs a [member] section")),
             (Role::Worker, Some(_)) => {
@@ -578,22 +587,50 @@ pub fn host_port(addr: &str, port: u16) -> String {
     }
 }
 
+/// Where fleet keeps its own state and settings, relative to /var: a config's `[[files]]` may
+/// not write there (the settings come from the config's own sections, and a file there could
+/// skip the join, the bootstrap or the record, or replace a host unit's checks).
+const OWN: &[&str] = &[
+    ".fleet-provision",
+    "lib/etcd",
+    "lib/fleet/pki",
+    "lib/fleet/downloads",
+    "lib/fleet/updates",
+    "lib/fleet/provisioned.json",
+    "lib/fleet/bootstrapped",
+    "lib/fleet/update-channel.json",
+    "lib/fleet/etc/agent.toml",
+    "lib/fleet/etc/agent.d",
+    "lib/fleet/etc/engine.toml",
+    "lib/fleet/etc/update.toml",
+    "lib/fleet/etc/update-ca.pem",
+    "lib/fleet/etc/etcd.env",
+    "lib/fleet/etc/join.toml",
+    "lib/fleet/etc/bootstrap.toml",
+    "lib/fleet/etc/hostname",
+    "lib/fleet/etc/pki",
+    "lib/fleet/etc/engine-pki",
+    "lib/fleet/etc/units",
+];
+
 /// A config's file path, relative to /var: `/var/...` or `/etc/fleet/...` (var's
-/// `lib/fleet/etc`). Anything else is on the read-only root, or outside.
+/// `lib/fleet/etc`). Anything else is on the read-only root, or outside; fleet's own files are
+/// not a config's to write ([`OWN`]).
 fn var_path(path: &str) -> Result<String, &'static str> {
     if path.split('/').any(|c| c == ".." || c == ".") || path.contains("//") || path.ends_with('/') {
         return Err("no '.', '..', empty or trailing components");
     }
-    if let Some(rest) = path.strip_prefix("/etc/fleet/") {
-        return Ok(format!("{ETC}/{rest}"));
+    let rel = if let Some(rest) = path.strip_prefix("/etc/fleet/") {
+        format!("{ETC}/{rest}")
+    } else if let Some(rest) = path.strip_prefix("/var/") {
+        rest.to_string()
+    } else {
+        return Err("only files under /etc/fleet/ or /var/ can be written: the image's root is read-only");
+    };
+    if OWN.iter().any(|own| rel == *own || rel.starts_with(&format!("{own}/"))) {
+        return Err("fleet's own settings and state come from the config's sections, not from [[files]]");
     }
-    if let Some(rest) = path.strip_prefix("/var/") {
-        if rest == RECORD {
-            return Err("the provisioning record is not a file a config writes");
-        }
-        return Ok(rest.to_string());
-    }
-    Err("only files under /etc/fleet/ or /var/ can be written: the image's root is read-only")
+    Ok(rel)
 }
 
 fn parse_mode(text: &str) -> Option<u32> {

@@ -45,6 +45,12 @@ fn a_worker_becomes_its_agent_and_join_settings_only() {
     let paths: Vec<&str> = plan.iter().map(|p| p.path.as_str()).collect();
     assert_eq!(paths, ["lib/fleet/etc/agent.toml", "lib/fleet/etc/join.toml", "lib/fleet/etc/hostname"]);
     let agent = &plan[0].contents;
+    // Whatever the metadata holds, agent.toml stays TOML (DEL and control characters escaped).
+    let mut odd = c.clone();
+    odd.metadata.insert("note".into(), "a\u{7f}b\u{1}c\"d".into());
+    let text = &odd.plan()[0].contents;
+    let back: toml::Table = toml::from_str(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+    assert_eq!(back["metadata"]["note"].as_str(), Some("a\u{7f}b\u{1}c\"d"));
     assert!(agent.contains("public_ip = \"10.0.0.4\"") && agent.contains("\"rack\" = \"r1\""), "{agent}");
     let join: JoinSettings = toml::from_str(&plan[1].contents).expect("join.toml parses");
     assert_eq!(join.token, "abc123.0123456789abcdef");
@@ -119,7 +125,12 @@ fn files_go_to_var_only_and_host_units_are_kept_there() {
     for (path, why) in [
         ("/etc/passwd", "read-only"),
         ("/var/../etc/shadow", "'..'"),
-        ("/var/lib/fleet/provisioned.json", "record"),
+        ("/var/lib/fleet/provisioned.json", "own settings"),
+        ("/etc/fleet/agent.d/50-join.toml", "own settings"),
+        ("/etc/fleet/units/fleet-agent.service", "own settings"),
+        ("/var/.fleet-provision/0", "own settings"),
+        ("/var/lib/etcd/pki/ca.pem", "own settings"),
+        ("/etc/fleet/join.toml", "own settings"),
         ("relative", "read-only"),
     ] {
         let bad = format!("{}\n[[files]]\npath = \"{path}\"\ncontents = \"x\"\n", worker());
@@ -128,6 +139,8 @@ fn files_go_to_var_only_and_host_units_are_kept_there() {
     }
     let bad_mode = format!("{}\n[[files]]\npath = \"/var/x\"\nmode = \"rw\"\ncontents = \"x\"\n", worker());
     assert!(refusal(&bad_mode).starts_with("files[0].mode:"));
+    let bad_capacity = format!("{}\n[capacity]\nmemory = \"lots\"\n", worker());
+    assert!(refusal(&bad_capacity).starts_with("capacity.memory:"));
     let bad_unit = format!("{}\n[[units]]\nname = \"fleet-agent.service\"\ncontents = \"\"\n", worker());
     assert!(refusal(&bad_unit).starts_with("units[0].name:"));
 }
