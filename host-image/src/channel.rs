@@ -73,12 +73,7 @@ pub fn accept(meta: &ChannelMeta, want_channel: &str, seen_serial: Option<u64>, 
             return Err(Refusal::Replayed { serial: meta.serial, seen });
         }
     }
-    let plain = |s: &str| {
-        !s.is_empty()
-            && s != "."
-            && s != ".."
-            && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
-    };
+    let plain = release::plain;
     if !plain(&meta.version) || meta.files.iter().any(|f| !plain(&f.name) || f.name.starts_with('.')) {
         return Err(Refusal::Invalid("versions and file names are plain names".into()));
     }

@@ -75,7 +75,7 @@ pub fn sha256_file(path: &Path) -> Result<(String, u64), ReleaseError> {
 }
 
 /// A name the manifest may use: one plain file in the release directory.
-fn plain(name: &str) -> bool {
+pub(crate) fn plain(name: &str) -> bool {
     !name.is_empty()
         && name != "."
         && name != ".."

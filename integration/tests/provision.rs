@@ -180,8 +180,8 @@ fn extra_config(lab: &LabState, n: u8, edit: impl FnOnce(&mut fleet_provision::C
     spec
 }
 
-/// Boots an extra machine with `args` on its command line; it is stopped when the test ends.
-async fn boot_extra(lab: &LabState, spec: &MachineSpec, args: String) -> MachineProc {
+/// Starts an extra machine with `args` on its command line (the test stops it with [`forget`]).
+async fn start_extra(lab: &LabState, spec: &MachineSpec, args: String) -> MachineProc {
     let dir = fleet_integration::lab_dir().join("machines").join(&spec.name);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("dir");
@@ -190,6 +190,12 @@ async fn boot_extra(lab: &LabState, spec: &MachineSpec, args: String) -> Machine
     let mut state = LabState::load().expect("state").expect("lab");
     state.machines.push(m.clone());
     state.save().expect("save");
+    m
+}
+
+/// [`start_extra`], then waits until it has booted (degraded: some unit failed).
+async fn boot_extra(lab: &LabState, spec: &MachineSpec, args: String) -> MachineProc {
+    let m = start_extra(lab, spec, args).await;
     fleet_integration::wait_booted(&m, Duration::from_secs(120)).await.expect("boots (degraded)");
     m
 }
@@ -257,18 +263,8 @@ async fn a_wrong_ca_hash_never_joins() {
     let spec = extra_config(&lab, 18, |c| {
         c.cluster.ca_hash = format!("sha256:{}", "ab".repeat(32));
     });
-    let dir = fleet_integration::lab_dir().join("machines").join(&spec.name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("dir");
-    std::fs::write(
-        dir.join(image::BOOT_ARGS),
-        format!("systemd.firstboot=off {}", provision::cmdline_for(&spec.name).expect("cmdline")),
-    )
-    .expect("args");
-    let m = fleet_integration::start_machine(&spec, &lab.bin_dir, "").await.expect("starts");
-    let mut state = LabState::load().expect("state").expect("lab");
-    state.machines.push(m.clone());
-    state.save().expect("save");
+    let args = format!("systemd.firstboot=off {}", provision::cmdline_for(&spec.name).expect("cmdline"));
+    let m = start_extra(&lab, &spec, args).await;
     // Provisioned (the config is valid), but no engine shows the CA it pins: it never joins.
     let refused = wait_for("the join refused", Duration::from_secs(90), || async {
         console(&m).contains("refusing to join").then_some(())
