@@ -10,8 +10,8 @@ use fleet_api::{
     AgentStatus, Changed, CreateUnits, Created, Destroyed, DrainAccepted, ErrorBody as Error, ErrorDetail, Event,
     EventPage, Found, JoinRequest, JoinTokenCreated, JoinTokenInfo, JoinTokenPage, JoinTokenRequest, Joined, Machine,
     MachinePage, MetadataOp, MoveAccepted, MoveRequest, Names, Rollout, RolloutInstance, RolloutList, RolloutRequest,
-    Unit, UnitChange, UnitChanges, UnitError, UnitOption, UnitPage, UnitState, UnitStatePage, UnitStatuses, Until,
-    WaitEvent, WaitRequest,
+    StateStreamHead, Unit, UnitChange, UnitChanges, UnitError, UnitOption, UnitPage, UnitState, UnitStatePage,
+    UnitStatuses, Until, WaitEvent, WaitRequest,
 };
 use utoipa::OpenApi;
 
@@ -104,6 +104,16 @@ fn unit_journal() {}
         ("pageSize" = Option<u16>, Query, description = "1 to 10000")),
     responses((status = 200, body = UnitStatePage), (status = 400, body = Error)))]
 fn list_states() {}
+
+/// Not in the original API: every state (or one unit's, or one machine's) in one streaming answer,
+/// one JSON object a line: first a `StateStreamHead` (how many rows, the longest value of each
+/// field), then each `UnitState` in unit, then machine order. Read from the view a chunk at a
+/// time: the first rows come at once whatever the size, and a long stream does not hold the view.
+#[utoipa::path(get, path = "/fleet/v1/state:stream",
+    params(("unitName" = Option<String>, Query), ("machineID" = Option<String>, Query)),
+    responses((status = 200, content_type = "application/x-ndjson", body = UnitState), (status = 400, body = Error),
+        (status = 503, body = Error)))]
+fn stream_states() {}
 
 #[utoipa::path(get, path = "/fleet/v1/state/{name}", params(("name" = String, Path)),
     responses((status = 200, body = UnitState), (status = 400, body = Error), (status = 404, body = Error)))]
@@ -242,6 +252,7 @@ fn engine_status() {}
         unit_status,
         unit_journal,
         list_states,
+        stream_states,
         get_state,
         list_machines,
         patch_machines,
@@ -270,6 +281,7 @@ fn engine_status() {}
         UnitPage,
         UnitState,
         UnitStatePage,
+        StateStreamHead,
         Machine,
         MachinePage,
         MetadataOp,

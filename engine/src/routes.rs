@@ -75,6 +75,11 @@ pub fn router(api: Api, auth: std::sync::Arc<Auth>) -> Router {
                 .fallback(|req| refuse(req, method_not_allowed("only GET supported against this resource"))),
         )
         .route(
+            "/state:stream",
+            get(stream_states.layer(needs!(Read)))
+                .fallback(|req| refuse(req, method_not_allowed("only GET supported against this resource"))),
+        )
+        .route(
             "/state/{name}",
             get(get_state.layer(needs!(Read)))
                 .fallback(|req| refuse(req, method_not_allowed("only GET supported against this resource"))),

@@ -3,34 +3,116 @@
 use crate::*;
 
 impl Ctl {
+    /// Lists states as the engine streams them: up to [`HOLD_ROWS`] rows are held and printed as
+    /// the original did (columns as wide as the rows printed); a longer listing is printed row by
+    /// row as it arrives, its columns as wide as the stream's head announces (the MACHINE column
+    /// as wide as the cluster's widest machine), so the first row shows at once.
     pub(crate) async fn list_units(&self, f: &ListFlags) -> Result<ExitCode> {
         let fields =
             fields(f, "unit,machine,active,sub", &["active", "hash", "health", "load", "machine", "sub", "unit"])?;
-        let (mut states, machines) =
-            tokio::try_join!(async { Ok::<_, anyhow::Error>(self.api.states(None).await?) }, self.machines())
-                .context("Error retrieving list of units from repository")?;
-        states.sort_by(|a, b| (&a.name, &a.machine_id).cmp(&(&b.name, &b.machine_id)));
-        let rows: Vec<Vec<String>> = states
-            .iter()
-            .map(|s| {
-                fields
-                    .iter()
-                    .map(|c| match c.as_str() {
-                        "unit" => s.name.clone(),
-                        "machine" => machine_legend(&machines, &s.machine_id, f.full),
-                        "active" => s.systemd_active_state.clone(),
-                        "sub" => s.systemd_sub_state.clone(),
-                        "load" => s.systemd_load_state.clone(),
-                        // A unit that declares no health (or is not active) has none: "-".
-                        "health" if s.health.is_empty() => "-".to_string(),
-                        "health" => s.health.clone(),
-                        _ => short_hash(&s.hash, f.full),
-                    })
-                    .collect()
+        let context = "Error retrieving list of units from repository";
+        let machines = self.machines().await.context(context)?;
+        let cells = |s: &fleet_client::UnitState| -> Vec<String> {
+            fields
+                .iter()
+                .map(|c| match c.as_str() {
+                    "unit" => s.name.clone(),
+                    "machine" => machine_legend(&machines, &s.machine_id, f.full),
+                    "active" => s.systemd_active_state.clone(),
+                    "sub" => s.systemd_sub_state.clone(),
+                    "load" => s.systemd_load_state.clone(),
+                    // A unit that declares no health (or is not active) has none: "-".
+                    "health" if s.health.is_empty() => "-".to_string(),
+                    "health" => s.health.clone(),
+                    _ => short_hash(&s.hash, f.full),
+                })
+                .collect()
+        };
+        let header: Vec<String> = fields.iter().map(|f| f.to_uppercase()).collect();
+        let mut held: Vec<Vec<String>> = Vec::new();
+        let mut streaming: Option<(table::Layout, std::io::BufWriter<std::io::Stdout>)> = None;
+        let mut written = 0u64;
+        let mut failed: Option<std::io::Error> = None;
+        self.api
+            .stream_states(None, |line| {
+                use std::io::Write;
+                use std::ops::ControlFlow;
+                match line {
+                    fleet_client::StateLine::Head(h) if !self.json && h.rows > HOLD_ROWS => {
+                        let longest = |k: &str| h.longest.get(k).copied().unwrap_or(0) as usize;
+                        let widths: Vec<usize> = fields
+                            .iter()
+                            .map(|c| {
+                                let values = match c.as_str() {
+                                    "unit" => longest("name"),
+                                    "machine" => widest_machine(&machines, longest("machineID"), f.full),
+                                    "active" => longest("systemdActiveState"),
+                                    "sub" => longest("systemdSubState"),
+                                    "load" => longest("systemdLoadState"),
+                                    "health" => longest("health").max(1),
+                                    _ => short_hash(&"0".repeat(longest("hash")), f.full).len(),
+                                };
+                                if f.no_legend {
+                                    values
+                                } else {
+                                    values.max(c.len())
+                                }
+                            })
+                            .collect();
+                        let layout = table::Layout::new(&widths);
+                        let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout());
+                        if !f.no_legend {
+                            let mut text = String::new();
+                            layout.line(&header, &mut text);
+                            if let Err(e) = out.write_all(text.as_bytes()) {
+                                failed = Some(e);
+                                return ControlFlow::Break(());
+                            }
+                        }
+                        streaming = Some((layout, out));
+                        ControlFlow::Continue(())
+                    }
+                    fleet_client::StateLine::Head(_) => ControlFlow::Continue(()),
+                    fleet_client::StateLine::Row(s) => {
+                        let Some((layout, out)) = streaming.as_mut() else {
+                            held.push(cells(&s));
+                            return ControlFlow::Continue(());
+                        };
+                        let mut text = String::new();
+                        layout.line(&cells(&s), &mut text);
+                        written += 1;
+                        // The first row is shown at once; the rest as the buffer fills.
+                        let r =
+                            out.write_all(text.as_bytes())
+                                .and_then(|_| if written == 1 { out.flush() } else { Ok(()) });
+                        match r {
+                            Ok(()) => ControlFlow::Continue(()),
+                            Err(e) => {
+                                failed = Some(e);
+                                ControlFlow::Break(())
+                            }
+                        }
+                    }
+                }
             })
-            .collect();
-        self.emit(&fields, &rows, f.no_legend)?;
-        Ok(ExitCode::SUCCESS)
+            .await
+            .context(context)?;
+        match (streaming, failed) {
+            // A reader that stopped reading (`| head`) is not an error of the listing.
+            (_, Some(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(ExitCode::SUCCESS),
+            (_, Some(e)) => Err(e).context("cannot write the listing"),
+            (Some((_, mut out)), None) => {
+                use std::io::Write;
+                match out.flush() {
+                    Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("cannot write the listing"),
+                    _ => Ok(ExitCode::SUCCESS),
+                }
+            }
+            (None, None) => {
+                self.emit(&fields, &held, f.no_legend)?;
+                Ok(ExitCode::SUCCESS)
+            }
+        }
     }
 
     pub(crate) async fn list_unit_files(&self, f: &ListFlags) -> Result<ExitCode> {
@@ -149,6 +231,16 @@ impl Ctl {
 pub(crate) fn print_table(fields: &[String], rows: &[Vec<String>], no_legend: bool) {
     let header: Vec<String> = fields.iter().map(|f| f.to_uppercase()).collect();
     print!("{}", table::render((!no_legend).then_some(header.as_slice()), rows));
+}
+
+/// Rows `list-units` holds to print as the original did; a longer listing is printed as it comes.
+const HOLD_ROWS: u64 = 10_000;
+
+/// The widest MACHINE cell any row could have: the cluster's machines, or a machine no longer
+/// listed (an id of `id_len` characters and no address).
+fn widest_machine(machines: &HashMap<String, Machine>, id_len: usize, full: bool) -> usize {
+    let unknown = machine_legend(machines, &"0".repeat(id_len.max(1)), full).chars().count();
+    machines.values().map(|m| m.legend(full).chars().count()).fold(unknown.max(1), usize::max)
 }
 
 pub(crate) fn dash(s: &str) -> String {

@@ -8,25 +8,47 @@ pub fn render(header: Option<&[String]>, rows: &[Vec<String>]) -> String {
     }
     lines.extend(rows.iter().map(|r| r.as_slice()));
     let cols = lines.iter().map(|l| l.len()).max().unwrap_or(0);
-    let mut widths = vec![0usize; cols];
+    let mut longest = vec![0usize; cols];
     for l in &lines {
         for (i, c) in l.iter().enumerate() {
-            widths[i] = widths[i].max(c.chars().count() + 1);
+            longest[i] = longest[i].max(c.chars().count());
         }
     }
+    let layout = Layout::new(&longest);
     let mut out = String::new();
     for l in &lines {
-        for (i, c) in l.iter().enumerate() {
+        layout.line(l, &mut out);
+    }
+    out
+}
+
+/// Column widths known ahead (the longest value of each column), so rows can be written as they
+/// come: a listing too long to hold is printed the way [`render`] would have printed it whole.
+pub struct Layout {
+    /// Each column's cell in characters: its longest value plus one, rounded up to a tab stop.
+    cells: Vec<usize>,
+}
+
+impl Layout {
+    pub fn new(longest: &[usize]) -> Layout {
+        Layout { cells: longest.iter().map(|l| (l + 1).div_ceil(8) * 8).collect() }
+    }
+
+    /// Appends one line: each cell but the last padded with tabs to its column's stop.
+    pub fn line(&self, cells: &[String], out: &mut String) {
+        for (i, c) in cells.iter().enumerate() {
             out.push_str(c);
-            if i + 1 < l.len() {
-                let cell = widths[i].div_ceil(8) * 8;
-                let pad = cell - c.chars().count();
-                out.push_str(&"\t".repeat(pad.div_ceil(8)));
+            if i + 1 < cells.len() {
+                let cell = self.cells.get(i).copied().unwrap_or(8);
+                // A value longer than announced still gets one tab.
+                let pad = cell.saturating_sub(c.chars().count()).max(1);
+                for _ in 0..pad.div_ceil(8) {
+                    out.push('\t');
+                }
             }
         }
         out.push('\n');
     }
-    out
 }
 
 #[cfg(test)]

@@ -198,6 +198,9 @@ fn main() -> Result<()> {
             down()?;
             result.map(|_| ())
         }),
+        Cmd::Bench { machines: Some(m), units: Some(u), render_from: None, .. } if u >= lab::bench::MILLION_FROM => {
+            rt.block_on(lab::bench::million(m, u, &target_dir()?, &repo_dir().join("docs/performance.md")))
+        }
         Cmd::Bench { machines, units, no_lab, render_from: None, .. } => rt.block_on(async {
             // The whole cluster at each size, and the engine alone at the target size (its own
             // placement rate, without agents sharing the two cores).

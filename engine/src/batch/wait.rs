@@ -273,7 +273,10 @@ mod tests {
     #[test]
     fn a_global_unit_is_stopped_once_no_machine_runs_it() {
         let mut v = view_with("g.service", DesiredState::Loaded);
-        v.rules.insert(name("g.service"), Ok(fleet_model::rules::Rules { global: true, ..Default::default() }));
+        v.rules.insert(
+            name("g.service"),
+            Ok(std::sync::Arc::new(fleet_model::rules::Rules { global: true, ..Default::default() })),
+        );
         report(&mut v, "g.service", "m1", DesiredState::Loaded, "inactive");
         report(&mut v, "g.service", "m2", DesiredState::Launched, "active");
         assert!(matches!(check(&v, &name("g.service"), Until::Stopped), Check::Pending { .. }));

@@ -359,7 +359,7 @@ fn left(before: &ClusterView, unit: &UnitName, m: &str) -> String {
 
 /// Why the scheduler chose a machine, as far as the unit's rules tell (fixed words when they
 /// suffice: this runs for every placement).
-fn why_there(rules: Option<&Result<Rules, String>>) -> Cow<'static, str> {
+fn why_there(rules: Option<&Result<std::sync::Arc<Rules>, String>>) -> Cow<'static, str> {
     let Some(Ok(r)) = rules else { return "least loaded machine".into() };
     if r.global {
         return "global unit: runs on every eligible machine".into();

@@ -18,6 +18,8 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
 mod derive;
+mod per_machine;
+pub use per_machine::PerMachine;
 
 /// How often the view is rebuilt from a fresh list, in case a watch event was ever missed.
 pub const RESYNC: Duration = Duration::from_secs(1800);
@@ -40,14 +42,14 @@ pub struct ClusterView {
     /// Metadata set through the API: machine -> key -> value (empty value: key removed).
     pub dynamic_metadata: BTreeMap<String, BTreeMap<String, String>>,
     /// unit -> machine -> entry.
-    pub schedule: BTreeMap<UnitName, BTreeMap<String, ScheduleEntry>>,
+    pub schedule: BTreeMap<UnitName, PerMachine<ScheduleEntry>>,
     /// machine -> how many schedule entries it has (kept with `schedule`: listing machines with
     /// their load must not walk every unit per page).
     pub scheduled_on: HashMap<String, usize>,
     /// unit -> machine -> state.
-    pub states: BTreeMap<UnitName, BTreeMap<String, UnitStateRecord>>,
+    pub states: BTreeMap<UnitName, PerMachine<UnitStateRecord>>,
     /// Parsed `[X-Fleet]` rules of each unit whose body is known (or why they are invalid).
-    pub rules: HashMap<UnitName, Result<Rules, String>>,
+    pub rules: HashMap<UnitName, Result<std::sync::Arc<Rules>, String>>,
     /// Why the leader could not place a unit, as it last recorded.
     pub why: BTreeMap<UnitName, String>,
     /// Machines being drained.
@@ -60,6 +62,8 @@ pub struct ClusterView {
     pub rollouts: BTreeMap<UnitName, RolloutRecord>,
     /// Units whose rules are not parsed yet (their body may not have arrived).
     rules_missing: BTreeSet<UnitName>,
+    /// Rules by body hash, for bodies whose rules do not depend on the unit's name.
+    shared_rules: HashMap<String, Arc<Rules>>,
 }
 
 impl ClusterView {
@@ -244,6 +248,7 @@ impl ClusterView {
                     self.merge_machine(&m);
                 }
                 Some(Key::Body(hash)) => {
+                    self.shared_rules.remove(&hash);
                     self.bodies.remove(&hash);
                 }
                 Some(Key::Machine(id)) => {
@@ -295,9 +300,27 @@ impl ClusterView {
             };
             let Some((text, _)) = self.bodies.get(&rec.hash) else { continue };
             self.rules_missing.remove(&name);
-            let rules = UnitFile::parse(text)
-                .map_err(|e| format!("invalid unit file: {e}"))
-                .and_then(|f| Rules::parse(&name, &f).map_err(|e| e.to_string()));
+            // Units with the same body share their rules (a million instances of one template
+            // would otherwise hold a million equal copies), unless a rule names the unit through
+            // a specifier (`%i`): those are the unit's own.
+            let shared = self.shared_rules.get(&rec.hash).cloned();
+            let rules = match shared {
+                Some(r) => Ok(r),
+                None => {
+                    let parsed = UnitFile::parse(text)
+                        .map_err(|e| format!("invalid unit file: {e}"))
+                        .and_then(|f| Rules::parse(&name, &f).map(|r| (f, r)).map_err(|e| e.to_string()));
+                    parsed.map(|(f, r)| {
+                        let r = Arc::new(r);
+                        let by_name =
+                            f.options.iter().any(|o| o.section == fleet_model::rules::SECTION && o.value.contains('%'));
+                        if !by_name {
+                            self.shared_rules.insert(rec.hash.clone(), r.clone());
+                        }
+                        r
+                    })
+                }
+            };
             self.rules.insert(name, rules);
         }
     }
@@ -326,7 +349,7 @@ impl ClusterView {
 }
 
 /// Removes `unit`'s entry for `machine`; whether there was one.
-fn remove_nested<V>(map: &mut BTreeMap<UnitName, BTreeMap<String, V>>, unit: &UnitName, machine: &str) -> bool {
+fn remove_nested<V>(map: &mut BTreeMap<UnitName, PerMachine<V>>, unit: &UnitName, machine: &str) -> bool {
     let Some(inner) = map.get_mut(unit) else { return false };
     let removed = inner.remove(machine).is_some();
     if inner.is_empty() {

@@ -91,6 +91,20 @@ pub(crate) fn unix_now() -> u64 {
 impl<S: Store> Planner<S> {
     pub(super) async fn lead(&self, fence: Compare, lost: &mut watch::Receiver<bool>) -> Result<(), LeadError> {
         let mut revisions = self.cluster.subscribe_plan();
+        // An engine may lead before its view has listed the cluster. The copy is taken once it
+        // has: a copy taken before would receive the whole listing again through its queue (at
+        // a million units, a second copy of every key in the leader's memory at once).
+        let mut listing = self.cluster.subscribe();
+        while self.cluster.revision() == 0 {
+            tokio::select! {
+                r = listing.changed() => {
+                    if r.is_err() {
+                        return Err(LeadError::Deposed("cluster view closed".into()));
+                    }
+                }
+                _ = lost.changed() => return Err(LeadError::Deposed("leader lease expired".into())),
+            }
+        }
         // Planned on a copy of its own: the shared view keeps following etcd, and the API keeps
         // answering, however long a pass takes.
         let copied = std::time::Instant::now();

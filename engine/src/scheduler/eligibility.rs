@@ -5,7 +5,7 @@ use super::*;
 
 impl<'a> Pass<'a> {
     pub(super) fn rules(&self, u: &UnitName) -> Option<&'a Rules> {
-        self.snap.rules.get(u).and_then(|r| r.as_ref().ok())
+        self.snap.rules.get(u).and_then(|r| r.as_ref().ok()).map(|r| &**r)
     }
 
     pub(super) fn exclusive(&self, u: &UnitName) -> bool {

@@ -32,9 +32,9 @@ use std::ops::Bound::{Excluded, Unbounded};
 /// not be read (such a unit is never placed).
 pub struct Snapshot<'a> {
     pub units: &'a BTreeMap<UnitName, UnitRecord>,
-    pub rules: &'a HashMap<UnitName, Result<Rules, String>>,
+    pub rules: &'a HashMap<UnitName, Result<std::sync::Arc<Rules>, String>>,
     pub machines: &'a BTreeMap<String, MachineRecord>,
-    pub schedule: &'a BTreeMap<UnitName, BTreeMap<String, ScheduleEntry>>,
+    pub schedule: &'a BTreeMap<UnitName, crate::cluster::PerMachine<ScheduleEntry>>,
     pub moves: &'a BTreeMap<UnitName, MoveRequest>,
     /// Machines being drained: they keep nothing and take nothing.
     pub drained: &'a BTreeSet<String>,
@@ -44,7 +44,7 @@ pub struct Snapshot<'a> {
     /// What agents report: unit -> machine -> state. An agent keeps reporting a unit taken off
     /// its machine until systemd has stopped it, so an exclusive unit is not started elsewhere
     /// while it is still stopping (a slow `ExecStop` must not overlap the next instance).
-    pub states: &'a BTreeMap<UnitName, BTreeMap<String, UnitStateRecord>>,
+    pub states: &'a BTreeMap<UnitName, crate::cluster::PerMachine<UnitStateRecord>>,
     /// What the leader recorded of failing units' failures and moves (`reschedule/<unit>`).
     pub reschedules: &'a BTreeMap<UnitName, RescheduleRecord>,
     /// The pass's time, in unix seconds: when failures were seen and moves are due.

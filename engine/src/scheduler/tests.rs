@@ -5,13 +5,13 @@ use fleet_model::UnitFile;
 #[derive(Default, Clone, Debug)]
 struct World {
     units: BTreeMap<UnitName, UnitRecord>,
-    rules: HashMap<UnitName, Result<Rules, String>>,
+    rules: HashMap<UnitName, Result<std::sync::Arc<Rules>, String>>,
     machines: BTreeMap<String, MachineRecord>,
-    schedule: BTreeMap<UnitName, BTreeMap<String, ScheduleEntry>>,
+    schedule: BTreeMap<UnitName, crate::cluster::PerMachine<ScheduleEntry>>,
     moves: BTreeMap<UnitName, MoveRequest>,
     drained: BTreeSet<String>,
     fencing: BTreeSet<String>,
-    states: BTreeMap<UnitName, BTreeMap<String, UnitStateRecord>>,
+    states: BTreeMap<UnitName, crate::cluster::PerMachine<UnitStateRecord>>,
     reschedules: BTreeMap<UnitName, RescheduleRecord>,
     now: u64,
 }
@@ -40,7 +40,7 @@ impl World {
         let text = format!("[Service]\nExecStart=/bin/true\n\n[X-Fleet]\n{xfleet}");
         let file = UnitFile::parse(&text).expect("unit file");
         let name = n(name);
-        self.rules.insert(name.clone(), Rules::parse(&name, &file).map_err(|e| e.to_string()));
+        self.rules.insert(name.clone(), Rules::parse(&name, &file).map(std::sync::Arc::new).map_err(|e| e.to_string()));
         self.units.insert(name.clone(), UnitRecord { name, hash: file.hash(), desired_state: state });
     }
     fn run(&self) -> Outcome {

@@ -4,7 +4,9 @@
 
 mod cli;
 mod lab;
+mod million;
 mod render;
+pub use million::{million, MILLION_FROM};
 
 use crate::sim::{run as run_sim, EngineReport, SimConfig, SimReport};
 use crate::LabState;
@@ -196,7 +198,13 @@ pub async fn bench(
         sims.push(r.secure_sim);
         engines.extend(r.secure_engine);
     }
-    std::fs::write(out, render(&date, &sims, &engines, lab_report.as_ref(), &cli))?;
+    // The million-unit section is written by its own runs; a full bench keeps it.
+    let kept = std::fs::read_to_string(out).ok().and_then(|p| million::kept_section(&p));
+    let mut page = render(&date, &sims, &engines, lab_report.as_ref(), &cli);
+    if let Some(k) = kept {
+        page = format!("{}\n\n{k}\n", page.trim_end());
+    }
+    std::fs::write(out, page)?;
     eprintln!("bench: wrote {}", out.display());
     Ok(())
 }

@@ -34,7 +34,12 @@ pub fn render_from_log(log: &Path, out: &Path) -> Result<()> {
     if date.is_empty() {
         bail!("{} has no measured_at line: from an older run", log.display());
     }
-    std::fs::write(out, render(&date, &sims, &engines, lab.as_ref(), &cli))?;
+    let kept = std::fs::read_to_string(out).ok().and_then(|p| super::million::kept_section(&p));
+    let mut page = render(&date, &sims, &engines, lab.as_ref(), &cli);
+    if let Some(k) = kept {
+        page = format!("{}\n\n{k}\n", page.trim_end());
+    }
+    std::fs::write(out, page)?;
     Ok(())
 }
 

@@ -39,6 +39,24 @@ pub struct EngineReport {
     /// what they cost).
     #[serde(default = "events_default")]
     pub metrics: bool,
+    /// Peak resident memory (MiB) of the leader (its view and its planning copy) and of the API
+    /// replica (its view, and what serving `list-units` took), read after the listing.
+    #[serde(default)]
+    pub leader_peak_rss_mib: f64,
+    #[serde(default)]
+    pub api_peak_rss_mib: f64,
+    /// `fleetctl list-units`: spawned -> its first row printed.
+    #[serde(default)]
+    pub list_units_first_row_secs: f64,
+    /// etcd's database size once every unit is placed and reports a state.
+    #[serde(default)]
+    pub etcd_db_bytes: i64,
+    /// Idle (when measured): etcd writes under the cluster's prefix and both engines' CPU, per
+    /// minute, with nothing changing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_writes_per_min: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_engine_cpu_secs_per_min: Option<f64>,
 }
 
 fn events_default() -> bool {
@@ -127,13 +145,28 @@ pub async fn engine_alone(cfg: SimConfig) -> Result<EngineReport> {
     report_states(&admin, &keys).await?;
     let until = Instant::now() + Duration::from_secs(60);
     loop {
-        (report.list_units_secs, report.list_units_rows) =
-            time_list_units(&cfg, &format!("http://127.0.0.1:{}", cfg.api_port), &token)?;
+        let l = list_units_timed(&cfg, &format!("http://127.0.0.1:{}", cfg.api_port), &token)?;
+        (report.list_units_secs, report.list_units_rows, report.list_units_first_row_secs) =
+            (l.secs, l.rows, l.first_row_secs);
         if report.list_units_rows >= cfg.units || Instant::now() > until {
             break;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    report.etcd_db_bytes = etcd_db_bytes(&admin).await?;
+    if cfg.idle_secs > 0 {
+        // Nothing changes: count writes under the prefix and the engines' CPU over a window.
+        let writes = || observed.borrow().lock().map(|o| o.writes).unwrap_or(0);
+        let cpu = || cpu_secs(engine.0.id()) + cpu_secs(api_engine.0.id());
+        let (w0, c0) = (writes(), cpu());
+        tokio::time::sleep(Duration::from_secs(cfg.idle_secs)).await;
+        let (w1, c1) = (writes(), cpu());
+        let per_min = 60.0 / cfg.idle_secs as f64;
+        report.idle_writes_per_min = Some((w1 - w0) as f64 * per_min);
+        report.idle_engine_cpu_secs_per_min = Some((c1 - c0) * per_min);
+    }
+    report.leader_peak_rss_mib = peak_rss_mib(engine.0.id());
+    report.api_peak_rss_mib = peak_rss_mib(api_engine.0.id());
     tracing::info!(?report, "engine alone");
 
     drop(engine);

@@ -158,6 +158,16 @@ pub fn cpu_secs(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// Peak resident memory of a process in MiB (`VmHWM`: what it needed at its largest), 0 if unknown.
+pub fn peak_rss_mib(pid: u32) -> f64 {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { return 0.0 };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
 /// The simulation's engines' configuration: its etcd identity, and one admin token for the
 /// harness (the API is served on loopback, where tokens are the way in).
 fn engine_config(cfg: &SimConfig, dir: &Path) -> Result<(PathBuf, String)> {
@@ -349,16 +359,54 @@ async fn submit(api: &fleet_client::Client, names: &[String]) -> Result<()> {
 
 /// `fleetctl list-units` against `api` as the simulation's admin: (seconds, rows).
 fn time_list_units(cfg: &SimConfig, api: &str, token: &str) -> Result<(f64, usize)> {
+    let l = list_units_timed(cfg, api, token)?;
+    Ok((l.secs, l.rows))
+}
+
+/// What one `fleetctl list-units` took, read as it printed.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Listing {
+    /// From spawning fleetctl until its first row (after the legend) was printed.
+    pub first_row_secs: f64,
+    /// Until it exited.
+    pub secs: f64,
+    pub rows: usize,
+}
+
+/// Runs `fleetctl list-units` against `api` and reads its output as it comes.
+pub fn list_units_timed(cfg: &SimConfig, api: &str, token: &str) -> Result<Listing> {
+    use std::io::BufRead;
     let t = Instant::now();
-    let out = std::process::Command::new(cfg.bin_dir.join("fleetctl"))
-        .args(["--endpoint", api, "list-units", "--no-legend"])
+    let mut child = std::process::Command::new(cfg.bin_dir.join("fleetctl"))
+        .args(["--endpoint", api, "list-units"])
         .env("FLEETCTL_TOKEN", token)
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .context("fleetctl list-units")?;
+    let stdout = child.stdout.take().context("fleetctl list-units: no stdout")?;
+    let mut listing = Listing::default();
+    let mut lines = std::io::BufReader::with_capacity(1 << 20, stdout).lines();
+    // The legend comes first; the first row is the line after it.
+    let _legend = lines.next();
+    for line in lines {
+        line.context("reading fleetctl list-units")?;
+        if listing.rows == 0 {
+            listing.first_row_secs = t.elapsed().as_secs_f64();
+        }
+        listing.rows += 1;
+    }
+    let out = child.wait_with_output().context("fleetctl list-units")?;
+    listing.secs = t.elapsed().as_secs_f64();
     if !out.status.success() {
         bail!("fleetctl list-units: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
-    Ok((t.elapsed().as_secs_f64(), String::from_utf8_lossy(&out.stdout).lines().count()))
+    Ok(listing)
+}
+
+/// etcd's database size in bytes (the member's file, as `etcdctl endpoint status` shows it).
+pub async fn etcd_db_bytes(client: &Client) -> Result<i64> {
+    Ok(client.maintenance_client().status().await.context("etcd status")?.db_size())
 }
 
 /// Runs one simulation and cleans up its etcd prefix, processes and files.

@@ -153,6 +153,20 @@ pub struct UnitStatePage {
     pub next_page_token: Option<String>,
 }
 
+/// The first line of `GET /state:stream` (not in the original API): how many states the stream
+/// will carry and the longest value of each column among them, taken together with the first
+/// rows, so a client can align a table and print its first row before the last has arrived.
+/// States that change while the stream runs may make later rows differ from these figures.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct StateStreamHead {
+    pub rows: u64,
+    /// Longest value (in characters) of each field of [`UnitState`], by its JSON name.
+    #[serde(default)]
+    pub longest: BTreeMap<String, u64>,
+}
+
 /// One page of `GET /machines`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

@@ -12,12 +12,15 @@
 mod events;
 mod fleetlock;
 mod rollouts;
+mod states;
 mod units;
 
 pub use events::EventQuery;
+pub use fleet_api::StateStreamHead;
 pub use fleet_api::{Event, EventPage};
 pub use fleet_api::{JoinTokenCreated, JoinTokenInfo, JoinTokenRequest};
 pub use fleetlock::FleetLockOp;
+pub use states::{head_of, StateLine};
 
 pub use fleet_api::{AgentStatus, Found, Machine, Unit, UnitError, UnitState, Until, WaitEvent};
 use fleet_api::{ErrorBody, MachinePage, Page, UnitPage, UnitStatePage};
@@ -25,6 +28,9 @@ use reqwest::StatusCode;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
+
+/// Items asked for per page of a listing (the engine allows 1 to 10,000).
+const PAGE_SIZE: &str = "5000";
 
 /// Units named in one batch request (the engine's limit).
 pub const BATCH: usize = fleet_api::MAX_UNITS_PER_REQUEST;
@@ -201,6 +207,9 @@ impl Client {
         let what = format!("GET {path}");
         loop {
             let mut q: Vec<(&str, &str)> = query.to_vec();
+            // Large pages: a listing of 10,000 machines is two requests, not a hundred. fleet's
+            // own server ignores the parameter and pages as it always did.
+            q.push(("pageSize", PAGE_SIZE));
             if let Some(t) = &token {
                 q.push(("nextPageToken", t));
             }

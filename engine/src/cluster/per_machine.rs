@@ -1,0 +1,127 @@
+//! A unit's entries per machine (its schedule entries, its states), as a small sorted vector.
+//!
+//! Nearly every unit has one entry (a global unit has one per machine). A `BTreeMap` allocates a
+//! node of eleven slots even for one entry: at a million units its schedule and states maps took
+//! ~2 KiB a unit, most of the engine's memory, twice in a leader (its view and its planning
+//! copy). This keeps exactly the entries it holds, in machine order, with the part of
+//! `BTreeMap`'s interface the engine uses.
+
+/// Entries by machine id, sorted, holding no spare capacity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PerMachine<T> {
+    entries: Vec<(String, T)>,
+}
+
+impl<T> Default for PerMachine<T> {
+    fn default() -> Self {
+        PerMachine { entries: Vec::new() }
+    }
+}
+
+impl<T> PerMachine<T> {
+    fn find(&self, machine: &str) -> Result<usize, usize> {
+        self.entries.binary_search_by(|(m, _)| m.as_str().cmp(machine))
+    }
+
+    pub fn get(&self, machine: &str) -> Option<&T> {
+        self.find(machine).ok().map(|i| &self.entries[i].1)
+    }
+
+    pub fn get_mut(&mut self, machine: &str) -> Option<&mut T> {
+        self.find(machine).ok().map(|i| &mut self.entries[i].1)
+    }
+
+    pub fn contains_key(&self, machine: &str) -> bool {
+        self.find(machine).is_ok()
+    }
+
+    /// Sets `machine`'s entry; the one it replaced, if any.
+    pub fn insert(&mut self, machine: String, value: T) -> Option<T> {
+        match self.find(&machine) {
+            Ok(i) => Some(std::mem::replace(&mut self.entries[i].1, value)),
+            Err(i) => {
+                // Exactly one more slot: a vector's own growth would reserve four.
+                self.entries.reserve_exact(1);
+                self.entries.insert(i, (machine, value));
+                None
+            }
+        }
+    }
+
+    pub fn remove(&mut self, machine: &str) -> Option<T> {
+        let i = self.find(machine).ok()?;
+        let (_, v) = self.entries.remove(i);
+        self.entries.shrink_to_fit();
+        Some(v)
+    }
+
+    pub fn retain(&mut self, mut keep: impl FnMut(&String, &mut T) -> bool) {
+        self.entries.retain_mut(|(m, v)| keep(m, v));
+        self.entries.shrink_to_fit();
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn iter(&self) -> impl DoubleEndedIterator<Item = (&String, &T)> + ExactSizeIterator {
+        self.entries.iter().map(|(m, v)| (m, v))
+    }
+
+    pub fn keys(&self) -> impl DoubleEndedIterator<Item = &String> + ExactSizeIterator {
+        self.entries.iter().map(|(m, _)| m)
+    }
+
+    pub fn values(&self) -> impl DoubleEndedIterator<Item = &T> + ExactSizeIterator {
+        self.entries.iter().map(|(_, v)| v)
+    }
+
+    pub fn first_key_value(&self) -> Option<(&String, &T)> {
+        self.entries.first().map(|(m, v)| (m, v))
+    }
+}
+
+impl<'a, T> IntoIterator for &'a PerMachine<T> {
+    type Item = (&'a String, &'a T);
+    type IntoIter = std::iter::Map<std::slice::Iter<'a, (String, T)>, fn(&'a (String, T)) -> (&'a String, &'a T)>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.entries.iter().map(|(m, v)| (m, v))
+    }
+}
+
+impl<T> FromIterator<(String, T)> for PerMachine<T> {
+    fn from_iter<I: IntoIterator<Item = (String, T)>>(iter: I) -> Self {
+        let mut out = PerMachine::default();
+        for (m, v) in iter {
+            out.insert(m, v);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_machine_order_and_exact_capacity() {
+        let mut p = PerMachine::default();
+        assert_eq!(p.insert("m2".to_string(), 2), None);
+        assert_eq!(p.insert("m1".to_string(), 1), None);
+        assert_eq!(p.insert("m3".to_string(), 3), None);
+        assert_eq!(p.insert("m2".to_string(), 20), Some(2));
+        assert_eq!(p.keys().map(String::as_str).collect::<Vec<_>>(), ["m1", "m2", "m3"]);
+        assert_eq!(p.get("m2"), Some(&20));
+        assert_eq!(p.entries.capacity(), 3);
+        assert_eq!(p.remove("m1"), Some(1));
+        assert_eq!(p.remove("m1"), None);
+        assert!(!p.contains_key("m1") && p.contains_key("m3"));
+        p.retain(|m, _| m == "m3");
+        assert_eq!(p.iter().collect::<Vec<_>>(), [(&"m3".to_string(), &3)]);
+        assert_eq!(p.entries.capacity(), 1);
+    }
+}

@@ -1,0 +1,269 @@
+//! `./lab bench --machines 10000 --units 1000000`: the million-unit size (issue 19), written as
+//! its own section of docs/performance.md (the rest of the page is left as the last full bench
+//! wrote it, and a full bench keeps this section).
+
+use super::*;
+use std::fmt::Write as _;
+
+const BEGIN: &str = "<!-- million:begin (written by ./lab bench --machines N --units M, M >= 500000) -->";
+const END: &str = "<!-- million:end -->";
+
+/// Sizes from which `./lab bench` measures this way.
+pub const MILLION_FROM: usize = 500_000;
+
+/// The engine alone (with an idle window), then the whole simulated cluster, at this size, on
+/// the bench's own etcd; the section spliced into `out`.
+pub async fn million(machines: usize, units: usize, bin_dir: &Path, out: &Path) -> Result<()> {
+    let date = now_utc();
+    eprintln!("{}", serde_json::to_string(&Measured { measured_at: date.clone() })?);
+    let etcd = BenchEtcd::start()?;
+    crate::wait_etcd(&[etcd.endpoint()], Duration::from_secs(30)).await?;
+    let cfg = |prefix: &str, lease_ttl_secs: i64, faults: bool, idle_secs: u64| SimConfig {
+        etcd_tls: None,
+        etcd_endpoints: vec![etcd.endpoint()],
+        prefix: prefix.into(),
+        machines,
+        units,
+        lease_ttl_secs,
+        election_ttl_secs: 5,
+        bin_dir: bin_dir.to_path_buf(),
+        api_port: 12570,
+        faults,
+        idle_secs,
+        event_history: None,
+        metrics: true,
+    };
+    eprintln!("bench: the engine alone: {machines} machines registered, {units} units");
+    let engine = match crate::sim::engine_alone(cfg("/fleet-bench-million-engine/", 3600, false, 30)).await {
+        Ok(r) => {
+            eprintln!("{}", serde_json::to_string(&r)?);
+            Some(r)
+        }
+        Err(e) => {
+            eprintln!("bench: the engine alone did not finish: {e:#}");
+            None
+        }
+    };
+    eprintln!("bench: {machines} simulated machines, {units} units");
+    let sim = run_sim(cfg("/fleet-bench-million/", 30, true, 30)).await.unwrap_or_else(|e| SimReport {
+        machines,
+        units,
+        error: Some(format!("{e:#}")),
+        ..Default::default()
+    });
+    eprintln!("{}", serde_json::to_string(&sim)?);
+    drop(etcd);
+    splice(out, &section(&date, &sim, engine.as_ref()))?;
+    eprintln!("bench: wrote the million-unit section of {}", out.display());
+    Ok(())
+}
+
+/// The section as it stands in `page`, markers included, if any.
+pub fn kept_section(page: &str) -> Option<String> {
+    let b = page.find(BEGIN)?;
+    let e = page[b..].find(END)? + b + END.len();
+    Some(page[b..e].to_string())
+}
+
+/// Replaces (or appends) the section in the page at `out`.
+fn splice(out: &Path, section: &str) -> Result<()> {
+    let page = std::fs::read_to_string(out).unwrap_or_default();
+    let page = match kept_section(&page) {
+        Some(old) => page.replacen(&old, section.trim_end(), 1),
+        None => format!("{}\n{}\n", page.trim_end(), section.trim_end()),
+    };
+    std::fs::write(out, page).with_context(|| format!("cannot write {}", out.display()))
+}
+
+fn secs(v: Option<f64>) -> String {
+    v.map_or("not measured".into(), |s| format!("{s:.1} s"))
+}
+
+/// The section: what was measured, and every target of issue 19 beside it.
+pub fn section(date: &str, sim: &SimReport, engine: Option<&EngineReport>) -> String {
+    let mut md = String::new();
+    let _ = writeln!(md, "{BEGIN}\n");
+    let _ = writeln!(md, "## {} units on one host\n", sim.units);
+    let _ = writeln!(
+        md,
+        "Measured by `./lab bench --machines {} --units {}` on {date}, on {}. Release build, etcd \
+         **without TLS** (one local member on tmpfs, the large-cluster backend settings, quota 8 GiB, \
+         hourly compaction), the API over plain HTTP on loopback with an admin token. The engine \
+         alone first (machines registered, no agents; then every unit given an `active` state as \
+         its agent would, then `fleetctl list-units`, then 30 s idle), then the whole cluster \
+         simulated (10,000 agents with their own leases and watches, 30 s leases).\n",
+        sim.machines,
+        sim.units,
+        host()
+    );
+    if let Some(e) = engine {
+        let _ = writeln!(
+            md,
+            "| machines | units | submit (s) | leader start -> all placed (s) | placements/s (first to last entry) | \
+             leader peak RSS (MiB) | API replica peak RSS (MiB) | `list-units` first row (s) | `list-units` all (s) | \
+             rows | etcd db (MiB) | idle etcd writes/min | idle engines CPU s/min |"
+        );
+        let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(
+            md,
+            "| {} | {} | {:.1} | {:.1} | {:.0} | {:.0} | {:.0} | {:.3} | {:.2} | {} | {:.0} | {} | {} |\n",
+            e.machines,
+            e.units,
+            e.submit_secs,
+            e.place_secs,
+            e.placements_per_sec,
+            e.leader_peak_rss_mib,
+            e.api_peak_rss_mib,
+            e.list_units_first_row_secs,
+            e.list_units_secs,
+            e.list_units_rows,
+            e.etcd_db_bytes as f64 / 1048576.0,
+            e.idle_writes_per_min.map_or("-".into(), |w| format!("{w:.0}")),
+            e.idle_engine_cpu_secs_per_min.map_or("-".into(), |c| format!("{c:.2}")),
+        );
+    } else {
+        let _ = writeln!(md, "The engine alone did not finish (the run's log says why).\n");
+    }
+    match &sim.error {
+        Some(err) => {
+            let _ = writeln!(md, "The whole simulated cluster did not finish: {err}\n");
+        }
+        None => {
+            let _ = writeln!(
+                md,
+                "The whole simulated cluster: submitted in {:.1} s, all active {:.1} s after the first \
+                 request ({:.0} placements/s, {:.2} etcd transactions and {:.2} keys per unit).\n",
+                sim.submit_secs, sim.converge_secs, sim.placements_per_sec, sim.txns_per_unit, sim.keys_per_unit
+            );
+        }
+    }
+    let _ = writeln!(md, "| target (issue 19) | target | result | |\n|---|---|---|---|");
+    for (measure, target, result, met) in verdicts(sim, engine) {
+        let verdict = match met {
+            Some(true) => "met",
+            Some(false) => "**missed**",
+            None => "**not measured**",
+        };
+        let _ = writeln!(md, "| {measure} | {target} | {result} | {verdict} |");
+    }
+    let _ = writeln!(md, "\n{END}");
+    md
+}
+
+/// Every target of the million-unit size: measure, target, result, met (`None`: not measured).
+pub fn verdicts(sim: &SimReport, engine: Option<&EngineReport>) -> Vec<(String, String, String, Option<bool>)> {
+    let done = sim.error.is_none();
+    let mut v = Vec::new();
+    v.push((
+        format!("{} machines, {} units submitted through the API -> placed and active", sim.machines, sim.units),
+        "<= 120 s".into(),
+        if done { format!("{:.1} s", sim.converge_secs) } else { "did not finish".into() },
+        Some(done && sim.converge_secs <= 120.0),
+    ));
+    v.push((
+        "the same, submitted through fleetctl".into(),
+        "<= 120 s".into(),
+        "not measured at this size".into(),
+        None,
+    ));
+    let rate = engine.map(|e| e.units as f64 / e.place_secs.max(1e-9));
+    v.push((
+        "placements, the engine alone, from the leader's start (its view loaded) to the last".into(),
+        ">= 20,000/s".into(),
+        engine.map_or("did not finish".into(), |e| {
+            format!("{:.0}/s ({:.0}/s first entry to last)", rate.unwrap_or(0.0), e.placements_per_sec)
+        }),
+        Some(rate.is_some_and(|r| r >= 20_000.0)),
+    ));
+    let rss = engine.map(|e| e.leader_peak_rss_mib.max(e.api_peak_rss_mib));
+    v.push((
+        "engine resident memory (peak, leader and API replica)".into(),
+        "<= 2 GiB".into(),
+        rss.map_or("not measured".into(), |r| format!("{r:.0} MiB")),
+        Some(rss.is_some_and(|r| r > 0.0 && r <= 2048.0)),
+    ));
+    v.push((
+        "etcd's database size, compaction and quota".into(),
+        "stated".into(),
+        engine.map_or("not measured".into(), |e| {
+            format!(
+                "{:.0} MiB after placement and states; quota 8 GiB, hourly compaction",
+                e.etcd_db_bytes as f64 / 1048576.0
+            )
+        }),
+        engine.map(|e| e.etcd_db_bytes > 0),
+    ));
+    v.push((
+        "`fleetctl list-units`: first row".into(),
+        "<= 100 ms".into(),
+        engine.map_or("not measured".into(), |e| format!("{:.0} ms", e.list_units_first_row_secs * 1000.0)),
+        Some(engine.is_some_and(|e| e.list_units_rows >= e.units && e.list_units_first_row_secs <= 0.1)),
+    ));
+    v.push((
+        "`fleetctl list-units`: every row".into(),
+        "<= 5 s".into(),
+        engine.map_or("not measured".into(), |e| format!("{:.2} s ({} rows)", e.list_units_secs, e.list_units_rows)),
+        Some(engine.is_some_and(|e| e.list_units_rows >= e.units && e.list_units_secs <= 5.0)),
+    ));
+    v.push((
+        "machine lost (its units) -> active elsewhere".into(),
+        "<= lease TTL (30 s) + 1 s".into(),
+        if done { secs(sim.machine_lost_secs) } else { "not measured: the cluster did not converge".into() },
+        done.then(|| sim.machine_lost_secs.is_some_and(|s| s <= 31.0)),
+    ));
+    v.push((
+        "leader lost -> new leader placing".into(),
+        "<= election TTL (5 s) + 1 s".into(),
+        if done { secs(sim.leader_lost_secs) } else { "not measured: the cluster did not converge".into() },
+        done.then(|| sim.leader_lost_secs.is_some_and(|s| s <= 6.0)),
+    ));
+    v.push((
+        "idle: etcd writes (the engine alone; lease keepalives are not writes)".into(),
+        "0/min".into(),
+        engine.and_then(|e| e.idle_writes_per_min).map_or("not measured".into(), |w| format!("{w:.0}/min")),
+        engine.and_then(|e| e.idle_writes_per_min).map(|w| w == 0.0),
+    ));
+    v.push((
+        "idle: engines' CPU (leader and API replica together)".into(),
+        "<= 0.1 s/min".into(),
+        engine.and_then(|e| e.idle_engine_cpu_secs_per_min).map_or("not measured".into(), |c| format!("{c:.2} s/min")),
+        engine.and_then(|e| e.idle_engine_cpu_secs_per_min).map(|c| c <= 0.1),
+    ));
+    v.push((
+        "all of the above on the default, secure install (etcd TLS + client certificates, API auth)".into(),
+        "yes".into(),
+        "no: measured on plain etcd at this size".into(),
+        Some(false),
+    ));
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_section_replaces_its_old_self_and_nothing_else() {
+        let dir = std::env::temp_dir().join(format!("fl-million-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap_or_default();
+        let page = dir.join("performance.md");
+        std::fs::write(&page, "# Performance\n\nrest\n").unwrap_or_default();
+        let sim = SimReport { machines: 10, units: 20, error: Some("boom".into()), ..Default::default() };
+        splice(&page, &section("d1", &sim, None)).unwrap_or_default();
+        splice(&page, &section("d2", &sim, None)).unwrap_or_default();
+        let text = std::fs::read_to_string(&page).unwrap_or_default();
+        assert!(text.starts_with("# Performance\n\nrest\n"), "{text}");
+        assert_eq!(text.matches(BEGIN).count(), 1, "{text}");
+        assert!(text.contains("on d2") && !text.contains("on d1"), "{text}");
+        assert!(text.contains("did not finish: boom"), "{text}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_run_that_did_not_finish_meets_nothing() {
+        let sim = SimReport { machines: 10, units: 20, error: Some("boom".into()), ..Default::default() };
+        for (measure, _, _, met) in verdicts(&sim, None) {
+            assert_ne!(met, Some(true), "{measure}");
+        }
+    }
+}
