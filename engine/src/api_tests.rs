@@ -314,6 +314,7 @@ async fn each_route_asks_for_the_role_declared_with_it() {
         (delete.clone(), "/v1-alpha/units/a.service/move".into(), Role::Operate),
         (get.clone(), "/fleet/v1/state".into(), Role::Read),
         (get.clone(), "/fleet/v1/state/a.service".into(), Role::Read),
+        (get.clone(), "/fleet/v1/state:stream".into(), Role::Read),
         (get.clone(), "/fleet/v1/machines".into(), Role::Read),
         (patch.clone(), "/fleet/v1/machines".into(), Role::Admin),
         (post.clone(), format!("/fleet/v1/machines/{m}/drain"), Role::Admin),
@@ -528,3 +529,107 @@ async fn unit_listings_filter_on_the_server_in_pages_of_the_size_asked() {
 }
 
 mod join;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn states_stream_in_listing_order_across_chunks_with_a_head_that_sizes_them() {
+    let e = engine().await;
+    // Two machines report 2,101 units: more than two of the stream's chunks.
+    let state = |active: &str| {
+        fleet_model::schema::encode(&fleet_model::UnitStateRecord {
+            hash: "abc".into(),
+            load_state: "loaded".into(),
+            active_state: active.into(),
+            sub_state: "running".into(),
+            applied: DesiredState::Launched,
+            health: None,
+        })
+        .expect("state")
+    };
+    let mut ops = Vec::new();
+    for i in 0..2_101 {
+        let name = UnitName::parse(&format!("u-{i:05}.service")).expect("name");
+        ops.push(Op::put(e.keys.state("m2", &name), state("active"), 0));
+        ops.push(Op::put(e.keys.state("m1", &name), state("deactivating"), 0));
+    }
+    let mut revision = 0;
+    for chunk in ops.chunks(128) {
+        let t = Txn { when: vec![], then: chunk.to_vec(), otherwise: vec![] };
+        revision = e.store.txn(t).await.expect("txn").revision;
+    }
+    assert!(e.api.cluster.caught_up(revision, Duration::from_secs(10)).await, "the view has the states");
+
+    let lines = |bytes: &[u8]| -> Vec<Value> {
+        bytes
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_slice(l).expect("a JSON line"))
+            .collect()
+    };
+    let (status, body) = e.raw(Method::GET, "/fleet/v1/state:stream").await;
+    assert_eq!(status, StatusCode::OK);
+    let all = lines(&body);
+    assert_eq!(all[0]["rows"], 4_202, "head: {}", all[0]);
+    assert_eq!(all[0]["longest"]["systemdActiveState"], "deactivating".len());
+    assert_eq!(all[0]["longest"]["name"], "u-00000.service".len());
+    let rows: Vec<(String, String)> = all[1..]
+        .iter()
+        .map(|r| (r["name"].as_str().unwrap_or("").to_string(), r["machineID"].as_str().unwrap_or("").to_string()))
+        .collect();
+    assert_eq!(rows.len(), 4_202);
+    // The order `list-units` prints: unit, then machine; every state once.
+    let mut sorted = rows.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(rows, sorted);
+    // The same rows as the paged listing.
+    let mut paged = Vec::new();
+    let mut next = String::new();
+    loop {
+        let (status, page) = e.call(Method::GET, &format!("/fleet/v1/state?pageSize=1000{next}"), None).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        for s in page["states"].as_array().into_iter().flatten() {
+            paged.push((
+                s["name"].as_str().unwrap_or("").to_string(),
+                s["machineID"].as_str().unwrap_or("").to_string(),
+            ));
+        }
+        match page["nextPageToken"].as_str() {
+            Some(t) => next = format!("&nextPageToken={t}"),
+            None => break,
+        }
+    }
+    assert_eq!(rows, paged);
+
+    // One unit's states; one machine's.
+    let (_, body) = e.raw(Method::GET, "/fleet/v1/state:stream?unitName=u-00007.service").await;
+    let one = lines(&body);
+    assert_eq!(one[0]["rows"], 2);
+    assert_eq!(one.len(), 3);
+    let (_, body) = e.raw(Method::GET, "/fleet/v1/state:stream?machineID=m2").await;
+    let m2 = lines(&body);
+    assert_eq!(m2[0]["rows"], 2_101);
+    assert!(m2[1..].iter().all(|r| r["machineID"] == "m2" && r["systemdActiveState"] == "active"));
+    // The head's count follows states that go.
+    let gone = UnitName::parse("u-00000.service").expect("name");
+    let t = Txn { when: vec![], then: vec![Op::delete(e.keys.state("m1", &gone))], otherwise: vec![] };
+    let revision = e.store.txn(t).await.expect("txn").revision;
+    assert!(e.api.cluster.caught_up(revision, Duration::from_secs(10)).await);
+    let (_, body) = e.raw(Method::GET, "/fleet/v1/state:stream").await;
+    let after = lines(&body);
+    assert_eq!(after[0]["rows"], 4_201);
+    assert_eq!(after.len(), 4_202);
+    // Not paged.
+    let (status, _) = e.raw(Method::GET, "/fleet/v1/state:stream?pageSize=10").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+impl Engine {
+    /// A request from the unix socket, its answer's bytes as they are (streams).
+    async fn raw(&self, method: Method, path: &str) -> (StatusCode, Vec<u8>) {
+        let mut req = Request::builder().method(method).uri(path).body(Body::empty()).expect("request");
+        req.extensions_mut().insert(Peer::Unix { uid: None });
+        let resp = self.app.clone().oneshot(req).await.expect("router answers");
+        let status = resp.status();
+        (status, axum::body::to_bytes(resp.into_body(), 1 << 26).await.expect("body").to_vec())
+    }
+}

@@ -8,10 +8,13 @@ impl Ctl {
     /// row as it arrives, its columns as wide as the stream's head announces (the MACHINE column
     /// as wide as the cluster's widest machine), so the first row shows at once.
     pub(crate) async fn list_units(&self, f: &ListFlags) -> Result<ExitCode> {
+        use std::io::Write;
         let fields =
             fields(f, "unit,machine,active,sub", &["active", "hash", "health", "load", "machine", "sub", "unit"])?;
         let context = "Error retrieving list of units from repository";
-        let machines = self.machines().await.context(context)?;
+        // The machines and the stream's first lines are asked for at once.
+        let (machines, mut stream) =
+            tokio::try_join!(self.machines(), async { Ok(self.api.open_states(None).await?) }).context(context)?;
         let cells = |s: &fleet_client::UnitState| -> Vec<String> {
             fields
                 .iter()
@@ -32,83 +35,40 @@ impl Ctl {
         let mut held: Vec<Vec<String>> = Vec::new();
         let mut streaming: Option<(table::Layout, std::io::BufWriter<std::io::Stdout>)> = None;
         let mut written = 0u64;
-        let mut failed: Option<std::io::Error> = None;
-        self.api
-            .stream_states(None, |line| {
-                use std::io::Write;
-                use std::ops::ControlFlow;
-                match line {
-                    fleet_client::StateLine::Head(h) if !self.json && h.rows > HOLD_ROWS => {
-                        let longest = |k: &str| h.longest.get(k).copied().unwrap_or(0) as usize;
-                        let widths: Vec<usize> = fields
-                            .iter()
-                            .map(|c| {
-                                let values = match c.as_str() {
-                                    "unit" => longest("name"),
-                                    "machine" => widest_machine(&machines, longest("machineID"), f.full),
-                                    "active" => longest("systemdActiveState"),
-                                    "sub" => longest("systemdSubState"),
-                                    "load" => longest("systemdLoadState"),
-                                    "health" => longest("health").max(1),
-                                    _ => short_hash(&"0".repeat(longest("hash")), f.full).len(),
-                                };
-                                if f.no_legend {
-                                    values
-                                } else {
-                                    values.max(c.len())
-                                }
-                            })
-                            .collect();
-                        let layout = table::Layout::new(&widths);
-                        let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout());
-                        if !f.no_legend {
-                            let mut text = String::new();
-                            layout.line(&header, &mut text);
-                            if let Err(e) = out.write_all(text.as_bytes()) {
-                                failed = Some(e);
-                                return ControlFlow::Break(());
-                            }
-                        }
-                        streaming = Some((layout, out));
-                        ControlFlow::Continue(())
-                    }
-                    fleet_client::StateLine::Head(_) => ControlFlow::Continue(()),
-                    fleet_client::StateLine::Row(s) => {
-                        let Some((layout, out)) = streaming.as_mut() else {
-                            held.push(cells(&s));
-                            return ControlFlow::Continue(());
-                        };
+        while let Some(line) = stream.next().await.context(context)? {
+            let s = match line {
+                fleet_client::StateLine::Head(h) if !self.json && h.rows > HOLD_ROWS => {
+                    let layout = table::Layout::new(&stream_widths(&fields, &h, &machines, f));
+                    let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout());
+                    if !f.no_legend {
                         let mut text = String::new();
-                        layout.line(&cells(&s), &mut text);
-                        written += 1;
-                        // The first row is shown at once; the rest as the buffer fills.
-                        let r =
-                            out.write_all(text.as_bytes())
-                                .and_then(|_| if written == 1 { out.flush() } else { Ok(()) });
-                        match r {
-                            Ok(()) => ControlFlow::Continue(()),
-                            Err(e) => {
-                                failed = Some(e);
-                                ControlFlow::Break(())
-                            }
+                        layout.line(&header, &mut text);
+                        if let Err(e) = out.write_all(text.as_bytes()) {
+                            return written_out(Err(e));
                         }
                     }
+                    streaming = Some((layout, out));
+                    continue;
                 }
-            })
-            .await
-            .context(context)?;
-        match (streaming, failed) {
-            // A reader that stopped reading (`| head`) is not an error of the listing.
-            (_, Some(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(ExitCode::SUCCESS),
-            (_, Some(e)) => Err(e).context("cannot write the listing"),
-            (Some((_, mut out)), None) => {
-                use std::io::Write;
-                match out.flush() {
-                    Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("cannot write the listing"),
-                    _ => Ok(ExitCode::SUCCESS),
-                }
+                fleet_client::StateLine::Head(_) => continue,
+                fleet_client::StateLine::Row(s) => s,
+            };
+            let Some((layout, out)) = streaming.as_mut() else {
+                held.push(cells(&s));
+                continue;
+            };
+            let mut text = String::new();
+            layout.line(&cells(&s), &mut text);
+            written += 1;
+            // The first row is shown at once; the rest as the buffer fills.
+            let r = out.write_all(text.as_bytes()).and_then(|_| if written == 1 { out.flush() } else { Ok(()) });
+            if r.is_err() {
+                return written_out(r);
             }
-            (None, None) => {
+        }
+        match streaming {
+            Some((_, mut out)) => written_out(out.flush()),
+            None => {
                 self.emit(&fields, &held, f.no_legend)?;
                 Ok(ExitCode::SUCCESS)
             }
@@ -234,7 +194,45 @@ pub(crate) fn print_table(fields: &[String], rows: &[Vec<String>], no_legend: bo
 }
 
 /// Rows `list-units` holds to print as the original did; a longer listing is printed as it comes.
-const HOLD_ROWS: u64 = 10_000;
+const HOLD_ROWS: u64 = 5_000;
+
+/// Each column's longest value for a streamed listing, from the stream's head.
+fn stream_widths(
+    fields: &[String],
+    h: &fleet_client::StateStreamHead,
+    machines: &HashMap<String, Machine>,
+    f: &ListFlags,
+) -> Vec<usize> {
+    let longest = |k: &str| h.longest.get(k).copied().unwrap_or(0) as usize;
+    fields
+        .iter()
+        .map(|c| {
+            let values = match c.as_str() {
+                "unit" => longest("name"),
+                "machine" => widest_machine(machines, longest("machineID"), f.full),
+                "active" => longest("systemdActiveState"),
+                "sub" => longest("systemdSubState"),
+                "load" => longest("systemdLoadState"),
+                "health" => longest("health").max(1),
+                _ => short_hash(&"0".repeat(longest("hash")), f.full).len(),
+            };
+            // The legend is part of the table when printed.
+            if f.no_legend {
+                values
+            } else {
+                values.max(c.len())
+            }
+        })
+        .collect()
+}
+
+/// How a streamed listing ends: a reader that stopped reading (`| head`) is not an error.
+fn written_out(r: std::io::Result<()>) -> Result<ExitCode> {
+    match r {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("cannot write the listing"),
+        _ => Ok(ExitCode::SUCCESS),
+    }
+}
 
 /// The widest MACHINE cell any row could have: the cluster's machines, or a machine no longer
 /// listed (an id of `id_len` characters and no address).

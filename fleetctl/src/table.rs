@@ -70,3 +70,41 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod layout_tests {
+    use super::*;
+
+    /// A listing printed row by row from announced widths is the listing printed whole.
+    #[test]
+    fn rows_laid_out_ahead_are_the_bytes_of_the_whole_table() {
+        let header: Vec<String> = ["UNIT", "MACHINE", "ACTIVE", "SUB"].map(String::from).to_vec();
+        let rows: Vec<Vec<String>> = (0..40)
+            .map(|i| {
+                vec![
+                    format!("unit-{}.service", "x".repeat(i % 13)),
+                    format!("{:08x}.../10.0.{}.{}", i, i, i * 7),
+                    ["active", "deactivating", "failed"][i % 3].to_string(),
+                    ["running", "stop-sigterm", "dead"][i % 3].to_string(),
+                ]
+            })
+            .collect();
+        let mut longest = vec![0usize; 4];
+        for r in rows.iter().chain([&header]) {
+            for (l, c) in longest.iter_mut().zip(r) {
+                *l = (*l).max(c.len());
+            }
+        }
+        let layout = Layout::new(&longest);
+        let mut streamed = String::new();
+        layout.line(&header, &mut streamed);
+        for r in &rows {
+            layout.line(r, &mut streamed);
+        }
+        assert_eq!(streamed, render(Some(&header), &rows));
+        // A value longer than announced still leaves a tab before the next column.
+        let mut short = String::new();
+        Layout::new(&[1, 1]).line(&["longer".to_string(), "b".to_string()], &mut short);
+        assert_eq!(short, "longer\tb\n");
+    }
+}

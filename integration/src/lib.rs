@@ -321,7 +321,10 @@ pub fn etcd_command(name: &str, data: &Path, client_urls: &str, advertise: &str,
         .arg(data)
         .args(["--listen-client-urls", client_urls, "--advertise-client-urls", advertise])
         .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+        // As a provisioned member's etcd (lib/provision): quota, hourly compaction, small backend batch.
         .args(["--auto-compaction-retention", "1"])
+        .args(["--quota-backend-bytes", &fleet_provision::ETCD_QUOTA_BYTES.to_string()])
+        .args(crate::bench::LARGE_CLUSTER_ETCD_FLAGS)
         .arg("--client-cert-auth")
         .arg("--trusted-ca-file")
         .arg(&tls.ca_file)

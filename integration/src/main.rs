@@ -187,6 +187,9 @@ fn main() -> Result<()> {
         Cmd::Ps => rt.block_on(ps()),
         Cmd::Env => env(),
         Cmd::Demo => rt.block_on(demo()),
+        Cmd::Bench { units: Some(u), render_from: Some(log), .. } if u >= lab::bench::MILLION_FROM => {
+            lab::bench::million_from_log(&log, &repo_dir().join("docs/performance.md"))
+        }
         Cmd::Bench { render_from: Some(log), .. } => {
             lab::bench::render_from_log(&log, &repo_dir().join("docs/performance.md"))
         }

@@ -36,3 +36,33 @@ async fn thousand_machines_ten_thousand_units_converge_and_survive_faults() {
     // machine records and the leader's keys are shared and not counted.
     assert!(report.own_keys_per_unit <= 3.0, "{} keys of its own written per unit", report.own_keys_per_unit);
 }
+
+/// The engine alone as `./lab bench --machines N --units M` measures it at a million units,
+/// small: every unit placed, `list-units` streaming every row (more than fleetctl holds), its
+/// first row before its last, etcd's size and the engines' memory read, nothing written idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_engine_alone_places_lists_and_idles_as_the_million_bench_measures() {
+    let Some(state) = testkit::lab() else { return };
+    let report = fleet_integration::sim::engine_alone(SimConfig {
+        etcd_tls: Some(fleet_integration::pki::identity("root")),
+        etcd_endpoints: state.etcd_endpoints(),
+        prefix: testkit::unique_prefix("alone-smoke"),
+        machines: 500,
+        units: 20_000,
+        lease_ttl_secs: 3600,
+        election_ttl_secs: 5,
+        bin_dir: state.bin_dir.clone(),
+        api_port: 12580,
+        faults: false,
+        idle_secs: 10,
+        event_history: None,
+        metrics: true,
+    })
+    .await
+    .expect("the engine alone runs");
+    eprintln!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+    assert_eq!(report.list_units_rows, 20_000, "list-units shows every unit");
+    assert!(report.list_units_first_row_secs > 0.0 && report.list_units_first_row_secs <= report.list_units_secs);
+    assert!(report.etcd_db_bytes > 0 && report.leader_peak_rss_mib > 0.0 && report.api_peak_rss_mib > 0.0);
+    assert_eq!(report.idle_writes_per_min, Some(0.0), "an idle engine wrote to etcd");
+}

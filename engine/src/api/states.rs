@@ -113,19 +113,26 @@ impl StateFilter {
             .skip_while(move |(u, m, _)| after.is_some_and(|(au, am)| (*u, *m) <= (au, am)))
     }
 
-    /// How many rows, and the longest value of each column.
+    /// How many rows, and the longest value of each column: kept by the view for a stream of
+    /// every state (no walk over a million), counted for a filtered one.
     fn head(&self, v: &ClusterView) -> wire::StateStreamHead {
-        let mut longest = [0usize; 7];
-        let mut rows = 0u64;
-        for (u, m, s) in self.states(v, None) {
-            rows += 1;
-            // Unit names, machine ids and systemd's states are ASCII: bytes are characters.
-            let health = s.health.map_or(0, |h| h.as_str().len());
-            let lens = [u.as_str().len(), s.hash.len(), m.len(), s.load_state.len(), s.active_state.len()];
-            for (l, n) in longest.iter_mut().zip(lens.into_iter().chain([s.sub_state.len(), health])) {
-                *l = (*l).max(n);
+        let (rows, longest) = match (&self.unit, &self.machine) {
+            (None, None) => (v.state_stats.rows as u64, v.state_stats.longest),
+            _ => {
+                let mut longest = [0usize; 7];
+                let mut rows = 0u64;
+                for (u, m, s) in self.states(v, None) {
+                    rows += 1;
+                    // Unit names, machine ids and systemd's states are ASCII: bytes are characters.
+                    let health = s.health.map_or(0, |h| h.as_str().len());
+                    let lens = [u.as_str().len(), s.hash.len(), m.len(), s.load_state.len(), s.active_state.len()];
+                    for (l, n) in longest.iter_mut().zip(lens.into_iter().chain([s.sub_state.len(), health])) {
+                        *l = (*l).max(n);
+                    }
+                }
+                (rows, longest)
             }
-        }
+        };
         let names =
             ["name", "hash", "machineID", "systemdLoadState", "systemdActiveState", "systemdSubState", "health"];
         wire::StateStreamHead {

@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, watch};
 
 mod derive;
 mod per_machine;
-pub use per_machine::PerMachine;
+pub use per_machine::{MachineSet, PerMachine};
 
 /// How often the view is rebuilt from a fresh list, in case a watch event was ever missed.
 pub const RESYNC: Duration = Duration::from_secs(1800);
@@ -48,6 +48,9 @@ pub struct ClusterView {
     pub scheduled_on: HashMap<String, usize>,
     /// unit -> machine -> state.
     pub states: BTreeMap<UnitName, PerMachine<UnitStateRecord>>,
+    /// How many states there are and the longest value of each of their fields, kept as they
+    /// come, so a stream of every state can announce them without a walk over a million.
+    pub state_stats: StateStats,
     /// Parsed `[X-Fleet]` rules of each unit whose body is known (or why they are invalid).
     pub rules: HashMap<UnitName, Result<std::sync::Arc<Rules>, String>>,
     /// Why the leader could not place a unit, as it last recorded.
@@ -211,7 +214,10 @@ impl ClusterView {
                 },
                 Some(Key::State(m, unit)) => match decode::<UnitStateRecord>(&value) {
                     Ok(s) => {
-                        self.states.entry(unit).or_default().insert(m, s);
+                        self.state_stats.saw(&unit, &m, &s);
+                        if self.states.entry(unit).or_default().insert(m, s).is_none() {
+                            self.state_stats.rows += 1;
+                        }
                     }
                     Err(e) => {
                         tracing::error!(unit = %unit, error = %e, "unreadable unit state; ignoring")
@@ -266,7 +272,9 @@ impl ClusterView {
                     }
                 }
                 Some(Key::State(m, unit)) => {
-                    remove_nested(&mut self.states, &unit, &m);
+                    if remove_nested(&mut self.states, &unit, &m) {
+                        self.state_stats.rows = self.state_stats.rows.saturating_sub(1);
+                    }
                 }
                 Some(Key::Leader(_)) | Some(Key::RebootLock(_)) | None => {}
             },
@@ -345,6 +353,33 @@ impl ClusterView {
             .chain(self.rollouts.values().flat_map(|r| [r.version.as_str(), r.previous.as_str()]))
             .collect();
         self.bodies.iter().filter(|(h, _)| !used.contains(h.as_str())).map(|(h, (_, rev))| (h.clone(), *rev)).collect()
+    }
+}
+
+/// The states' count and, for each field a listing shows, the longest value any state has had
+/// (as long as any present, at least: a long value that went stays counted).
+#[derive(Debug, Default, Clone)]
+pub struct StateStats {
+    pub rows: usize,
+    /// Name, hash, machine id, load, active and sub state, health.
+    pub longest: [usize; 7],
+}
+
+impl StateStats {
+    fn saw(&mut self, unit: &UnitName, machine: &str, s: &UnitStateRecord) {
+        let health = s.health.map_or(0, |h| h.as_str().len());
+        let lens = [
+            unit.as_str().len(),
+            s.hash.len(),
+            machine.len(),
+            s.load_state.len(),
+            s.active_state.len(),
+            s.sub_state.len(),
+            health,
+        ];
+        for (l, n) in self.longest.iter_mut().zip(lens) {
+            *l = (*l).max(n);
+        }
     }
 }
 

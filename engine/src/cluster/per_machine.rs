@@ -125,3 +125,80 @@ mod tests {
         assert_eq!(p.entries.capacity(), 1);
     }
 }
+
+/// A set of machine ids, sorted, holding no spare capacity: where a unit is placed during a
+/// planning pass (a `BTreeSet` of one id allocated a node of eleven slots for each of a million
+/// units).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MachineSet {
+    ids: Vec<String>,
+}
+
+impl MachineSet {
+    pub fn of(machine: &str) -> MachineSet {
+        MachineSet { ids: vec![machine.to_string()] }
+    }
+
+    pub fn contains(&self, machine: &str) -> bool {
+        self.ids.binary_search_by(|m| m.as_str().cmp(machine)).is_ok()
+    }
+
+    /// Adds `machine`; whether it was not there.
+    pub fn insert(&mut self, machine: &str) -> bool {
+        match self.ids.binary_search_by(|m| m.as_str().cmp(machine)) {
+            Ok(_) => false,
+            Err(i) => {
+                self.ids.reserve_exact(1);
+                self.ids.insert(i, machine.to_string());
+                true
+            }
+        }
+    }
+
+    /// Removes `machine`; whether it was there.
+    pub fn remove(&mut self, machine: &str) -> bool {
+        match self.ids.binary_search_by(|m| m.as_str().cmp(machine)) {
+            Ok(i) => {
+                self.ids.remove(i);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn iter(&self) -> std::slice::Iter<'_, String> {
+        self.ids.iter()
+    }
+}
+
+impl<'a> IntoIterator for &'a MachineSet {
+    type Item = &'a String;
+    type IntoIter = std::slice::Iter<'a, String>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.ids.iter()
+    }
+}
+
+#[cfg(test)]
+mod set_tests {
+    use super::*;
+
+    #[test]
+    fn a_machine_set_is_sorted_and_exact() {
+        let mut s = MachineSet::of("m2");
+        assert!(s.insert("m1") && !s.insert("m2") && s.insert("m3"));
+        assert_eq!(s.iter().map(String::as_str).collect::<Vec<_>>(), ["m1", "m2", "m3"]);
+        assert!(s.contains("m3") && !s.contains("m4"));
+        assert!(s.remove("m2") && !s.remove("m2"));
+        assert_eq!(s.len(), 2);
+        assert_eq!(s.ids.capacity(), 3);
+    }
+}

@@ -123,7 +123,7 @@ type LoadKey = (u64, usize, String);
 struct Placement {
     on: BTreeMap<String, BTreeSet<UnitName>>,
     used: HashMap<String, Resources>,
-    at: BTreeMap<UnitName, BTreeSet<String>>,
+    at: BTreeMap<UnitName, crate::cluster::MachineSet>,
     /// Capacity of each live machine.
     capacity: HashMap<String, Resources>,
     /// Live machines in least-loaded order, kept up to date by `add`/`remove` once `index` has
@@ -184,10 +184,10 @@ impl Placement {
         }
         match self.at.get_mut(unit) {
             Some(machines) => {
-                machines.insert(machine.to_string());
+                machines.insert(machine);
             }
             None => {
-                self.at.insert(unit.clone(), BTreeSet::from([machine.to_string()]));
+                self.at.insert(unit.clone(), crate::cluster::MachineSet::of(machine));
             }
         }
         if self.indexed {

@@ -6,7 +6,7 @@ mod cli;
 mod lab;
 mod million;
 mod render;
-pub use million::{million, MILLION_FROM};
+pub use million::{million, render_from_log as million_from_log, MILLION_FROM};
 
 use crate::sim::{run as run_sim, EngineReport, SimConfig, SimReport};
 use crate::LabState;

@@ -143,6 +143,17 @@ pub async fn engine_alone(cfg: SimConfig) -> Result<EngineReport> {
     report.txns_per_unit = (to - from + 1) as f64 / cfg.units as f64;
     // `list-units` lists what machines report: write each placed unit's state as its agent would.
     report_states(&admin, &keys).await?;
+    // Listed once the API replica has taken in those states: a listing while it is still
+    // applying a million of them measures that, not the listing.
+    let written = revision(&admin, &keys).await?;
+    wait_until("the API replica to show every state", Duration::from_secs(120), || async {
+        let status: Option<serde_json::Value> = async {
+            http.get(format!("http://127.0.0.1:{}/engine/status", cfg.api_port)).send().await.ok()?.json().await.ok()
+        }
+        .await;
+        status.and_then(|s| s["revision"].as_i64()).is_some_and(|r| r >= written)
+    })
+    .await?;
     let until = Instant::now() + Duration::from_secs(60);
     loop {
         let l = list_units_timed(&cfg, &format!("http://127.0.0.1:{}", cfg.api_port), &token)?;

@@ -389,8 +389,15 @@ pub fn list_units_timed(cfg: &SimConfig, api: &str, token: &str) -> Result<Listi
     let mut lines = std::io::BufReader::with_capacity(1 << 20, stdout).lines();
     // The legend comes first; the first row is the line after it.
     let _legend = lines.next();
+    let mut previous = String::new();
     for line in lines {
-        line.context("reading fleetctl list-units")?;
+        let line = line.context("reading fleetctl list-units")?;
+        // Each row is a whole table row (UNIT MACHINE ACTIVE SUB), in unit order.
+        let cells: Vec<&str> = line.split('\t').filter(|c| !c.is_empty()).collect();
+        if cells.len() != 4 || cells[0] < previous.as_str() {
+            bail!("fleetctl list-units printed a row out of place after {previous:?}: {line:?}");
+        }
+        previous = cells[0].to_string();
         if listing.rows == 0 {
             listing.first_row_secs = t.elapsed().as_secs_f64();
         }

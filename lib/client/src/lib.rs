@@ -20,7 +20,7 @@ pub use fleet_api::StateStreamHead;
 pub use fleet_api::{Event, EventPage};
 pub use fleet_api::{JoinTokenCreated, JoinTokenInfo, JoinTokenRequest};
 pub use fleetlock::FleetLockOp;
-pub use states::{head_of, StateLine};
+pub use states::{head_of, StateLine, StateStream};
 
 pub use fleet_api::{AgentStatus, Found, Machine, Unit, UnitError, UnitState, Until, WaitEvent};
 use fleet_api::{ErrorBody, MachinePage, Page, UnitPage, UnitStatePage};

@@ -2,6 +2,7 @@
 
 use super::*;
 use fleet_api::StateStreamHead;
+use std::collections::VecDeque;
 
 /// Longest a whole stream of states may take beyond the client's request timeout: a million rows
 /// take seconds; a stream cut off by this is reported, never shown as complete.
@@ -15,59 +16,92 @@ pub enum StateLine {
     Row(UnitState),
 }
 
+/// An open stream of states: [`StateStream::next`] gives the head, then each row as it arrives.
+pub struct StateStream {
+    source: Source,
+    what: String,
+}
+
+enum Source {
+    Streaming {
+        resp: reqwest::Response,
+        buf: Vec<u8>,
+        start: usize,
+        head: bool,
+        ended: bool,
+    },
+    /// From pages (an engine without the stream), already read.
+    Read(VecDeque<StateLine>),
+}
+
 impl Client {
-    /// Every state (or `unit`'s), handed to `each` as it arrives: the head first, then the rows
-    /// in unit, then machine order. An engine without the stream (404: the original fleet, or an
-    /// older engine) is read page by page instead and the same lines are made from the pages.
-    /// `each` may stop the stream (a reader that went away).
-    pub async fn stream_states(
-        &self,
-        unit: Option<&str>,
-        mut each: impl FnMut(StateLine) -> std::ops::ControlFlow<()>,
-    ) -> Result<()> {
+    /// Opens a stream of every state (or `unit`'s): the head first, then the rows in unit, then
+    /// machine order. Against an engine without the stream (404: the original fleet, or an older
+    /// engine) the pages are read instead and the same lines made from them.
+    pub async fn open_states(&self, unit: Option<&str>) -> Result<StateStream> {
         let what = "GET state:stream".to_string();
         let query: Vec<(&str, &str)> = unit.map(|u| ("unitName", u)).into_iter().collect();
         let timeout = self.timeout + STREAM_EXTRA;
-        let mut resp = self
+        let resp = self
             .send(&what, |http, base| http.get(format!("{base}/state:stream")).query(&query).timeout(timeout))
             .await?;
         if resp.status() == StatusCode::NOT_FOUND {
             let mut states = self.states(unit).await?;
             states.sort_by(|a, b| (&a.name, &a.machine_id).cmp(&(&b.name, &b.machine_id)));
-            if each(StateLine::Head(head_of(&states))).is_continue() {
-                let _ = states.into_iter().try_for_each(|s| each(StateLine::Row(s)));
-            }
-            return Ok(());
+            let mut lines = VecDeque::with_capacity(states.len() + 1);
+            lines.push_back(StateLine::Head(head_of(&states)));
+            lines.extend(states.into_iter().map(StateLine::Row));
+            return Ok(StateStream { source: Source::Read(lines), what });
         }
         if !resp.status().is_success() {
             return Err(Self::refusal(resp).await);
         }
-        let decode = |e: serde_json::Error| Error::Decode { what: what.clone(), reason: e.to_string() };
-        let mut buf = Vec::new();
-        let mut head = true;
-        while let Some(chunk) = resp.chunk().await.map_err(|source| Error::Http { what: what.clone(), source })? {
-            buf.extend_from_slice(&chunk);
-            // Lines are parsed where they lie; the unfinished tail waits for the next chunk.
-            let mut start = 0;
-            while let Some(n) = buf[start..].iter().position(|b| *b == b'\n') {
-                let line = &buf[start..start + n];
-                start += n + 1;
-                let flow = if head {
-                    head = false;
-                    each(StateLine::Head(serde_json::from_slice(line).map_err(decode)?))
+        Ok(StateStream {
+            source: Source::Streaming { resp, buf: Vec::new(), start: 0, head: true, ended: false },
+            what,
+        })
+    }
+}
+
+impl StateStream {
+    /// The next line; `None` once the engine has sent the last. A stream cut off before its end
+    /// is an error, never a short listing.
+    pub async fn next(&mut self) -> Result<Option<StateLine>> {
+        let what = &self.what;
+        let (resp, buf, start, head, ended) = match &mut self.source {
+            Source::Read(lines) => return Ok(lines.pop_front()),
+            Source::Streaming { resp, buf, start, head, ended } => (resp, buf, start, head, ended),
+        };
+        loop {
+            if let Some(n) = buf[*start..].iter().position(|b| *b == b'\n') {
+                let line = &buf[*start..*start + n];
+                *start += n + 1;
+                let decode = |e: serde_json::Error| Error::Decode { what: what.clone(), reason: e.to_string() };
+                let parsed = if *head {
+                    *head = false;
+                    StateLine::Head(serde_json::from_slice(line).map_err(decode)?)
                 } else {
-                    each(StateLine::Row(serde_json::from_slice(line).map_err(decode)?))
+                    StateLine::Row(serde_json::from_slice(line).map_err(decode)?)
                 };
-                if flow.is_break() {
-                    return Ok(());
-                }
+                return Ok(Some(parsed));
             }
-            buf.drain(..start);
+            if *ended {
+                if *head || *start < buf.len() {
+                    return Err(Error::Decode {
+                        what: what.clone(),
+                        reason: "the engine ended the answer early".into(),
+                    });
+                }
+                return Ok(None);
+            }
+            // What was read is dropped before reading more; an unfinished line stays.
+            buf.drain(..*start);
+            *start = 0;
+            match resp.chunk().await.map_err(|source| Error::Http { what: what.clone(), source })? {
+                Some(chunk) => buf.extend_from_slice(&chunk),
+                None => *ended = true,
+            }
         }
-        if head || !buf.is_empty() {
-            return Err(Error::Decode { what, reason: "the engine ended the answer early".into() });
-        }
-        Ok(())
     }
 }
 

@@ -21,6 +21,8 @@ pub const ETCD_PEER_PORT: u16 = 2380;
 pub const ENGINE_PORT: u16 = 49153;
 /// The key prefix the cluster's engines and agents use.
 pub const ETCD_PREFIX: &str = "/fleet/";
+/// etcd's database quota on members (8 GiB, etcd's largest advised): a million units took 3 GiB.
+pub const ETCD_QUOTA_BYTES: u64 = 8 << 30;
 /// Where a provisioned machine's record is kept, relative to /var: which config, when.
 pub const RECORD: &str = "lib/fleet/provisioned.json";
 
@@ -524,12 +526,17 @@ impl Config {
              ETCD_LISTEN_CLIENT_URLS=https://{client},https://127.0.0.1:{cport}\nETCD_ADVERTISE_CLIENT_URLS=https://{client}\n\
              ETCD_INITIAL_CLUSTER={cluster}\nETCD_INITIAL_CLUSTER_STATE=new\nETCD_INITIAL_CLUSTER_TOKEN=fleet\n\
              ETCD_CERT_FILE={pki}/etcd.pem\nETCD_KEY_FILE={pki}/etcd.key\nETCD_TRUSTED_CA_FILE={pki}/ca.pem\nETCD_CLIENT_CERT_AUTH=true\n\
-             ETCD_PEER_CERT_FILE={pki}/etcd.pem\nETCD_PEER_KEY_FILE={pki}/etcd.key\nETCD_PEER_TRUSTED_CA_FILE={pki}/ca.pem\nETCD_PEER_CLIENT_CERT_AUTH=true\n",
+             ETCD_PEER_CERT_FILE={pki}/etcd.pem\nETCD_PEER_KEY_FILE={pki}/etcd.key\nETCD_PEER_TRUSTED_CA_FILE={pki}/ca.pem\nETCD_PEER_CLIENT_CERT_AUTH=true\n\
+             # Room for a million units (3 GiB of database, measured: docs/performance.md), old\n\
+             # revisions compacted hourly, and etcd 3.4's write buffer kept small (docs/configuration.md).\n\
+             ETCD_QUOTA_BACKEND_BYTES={quota}\nETCD_AUTO_COMPACTION_MODE=periodic\nETCD_AUTO_COMPACTION_RETENTION=1h\n\
+             ETCD_BACKEND_BATCH_INTERVAL=10ms\nETCD_BACKEND_BATCH_LIMIT=500\n",
             name = m.name,
             peer = host_port(me, ETCD_PEER_PORT),
             client = host_port(me, ETCD_CLIENT_PORT),
             cport = ETCD_CLIENT_PORT,
             cluster = peers.join(","),
+            quota = ETCD_QUOTA_BYTES,
         );
         put(format!("{ETC}/etcd.env"), 0o644, Owner::Root, env);
         put("lib/etcd/pki/ca.pem".into(), 0o644, Owner::Etcd, m.ca_cert.clone());

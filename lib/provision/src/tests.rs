@@ -68,6 +68,11 @@ fn a_member_becomes_etcd_engine_and_bootstrap_settings() {
     assert!(env
         .contains("ETCD_INITIAL_CLUSTER=m1=https://10.0.0.1:2380,m2=https://10.0.0.2:2380,m3=https://10.0.0.3:2380\n"));
     assert!(env.contains("ETCD_CLIENT_CERT_AUTH=true") && env.contains("ETCD_PEER_CLIENT_CERT_AUTH=true"));
+    // Sized for a million units, compacted, etcd 3.4's buffer kept small.
+    assert!(
+        env.contains("ETCD_QUOTA_BACKEND_BYTES=8589934592\n") && env.contains("ETCD_AUTO_COMPACTION_RETENTION=1h\n")
+    );
+    assert!(env.contains("ETCD_BACKEND_BATCH_INTERVAL=10ms\n") && env.contains("ETCD_BACKEND_BATCH_LIMIT=500\n"));
     let key = get("lib/etcd/pki/etcd.key");
     assert_eq!((key.mode, key.owner), (0o600, Owner::Etcd));
     assert_eq!(get("lib/fleet/pki/ca.key").mode, 0o600);
