@@ -146,14 +146,19 @@ pub async fn engine_alone(cfg: SimConfig) -> Result<EngineReport> {
     // Listed once the API replica has taken in those states: a listing while it is still
     // applying a million of them measures that, not the listing.
     let written = revision(&admin, &keys).await?;
-    wait_until("the API replica to show every state", Duration::from_secs(120), || async {
+    // etcd's revision may move on outside the prefix (a shared etcd), which the replica's view
+    // never sees: after a while the listing goes ahead (and is repeated below until complete).
+    let caught_up = wait_until("the API replica to show every state", Duration::from_secs(30), || async {
         let status: Option<serde_json::Value> = async {
             http.get(format!("http://127.0.0.1:{}/engine/status", cfg.api_port)).send().await.ok()?.json().await.ok()
         }
         .await;
         status.and_then(|s| s["revision"].as_i64()).is_some_and(|r| r >= written)
     })
-    .await?;
+    .await;
+    if let Err(e) = caught_up {
+        tracing::warn!(error = %e, "listing before the replica showed etcd's revision");
+    }
     let until = Instant::now() + Duration::from_secs(60);
     loop {
         let l = list_units_timed(&cfg, &format!("http://127.0.0.1:{}", cfg.api_port), &token)?;

@@ -498,8 +498,17 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport> {
     report.txns_per_unit = (to - from + 1) as f64 / cfg.units as f64;
     tracing::info!(secs = report.converge_secs, "converged");
 
-    (report.list_units_secs, report.list_units_rows) =
-        time_list_units(&cfg, &format!("http://127.0.0.1:{}", cfg.api_port), &token)?;
+    // The observer reads etcd; the API replica's view follows its own watch and may still be
+    // taking in the last states: list again until it shows them all (a minute at most).
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        (report.list_units_secs, report.list_units_rows) =
+            time_list_units(&cfg, &format!("http://127.0.0.1:{}", cfg.api_port), &token)?;
+        if report.list_units_rows >= cfg.units || Instant::now() > until {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     if cfg.faults {
         // Idle: nothing changes; count etcd writes and CPU over a window.
         // Writes are counted under this simulation's prefix (etcd's revision is shared with
