@@ -678,7 +678,7 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
         if restarted || self.stopped_for_lease.len() != before {
             self.save_stopped_for_lease().await;
         }
-        let wanted: BTreeSet<&String> = self.schedule.values().map(|e| &e.hash).collect();
-        self.bodies.retain(|h, _| wanted.contains(h));
+        let wanted: BTreeSet<&str> = self.schedule.values().map(|e| e.hash.as_str()).collect();
+        self.bodies.retain(|h, _| wanted.contains(h.as_str()));
     }
 }

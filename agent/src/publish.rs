@@ -24,7 +24,7 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
             if let (Some(Key::State(_, unit)), Ok(rec)) =
                 (self.keys.decode(&kv.key), decode::<UnitStateRecord>(&kv.value))
             {
-                if self.files.get(unit.as_str()) == Some(&rec.hash) {
+                if self.files.get(unit.as_str()).is_some_and(|h| *h == rec.hash) {
                     self.applied.insert(unit.to_string(), rec.applied);
                 }
                 self.published.insert(unit.to_string(), rec);
@@ -83,10 +83,10 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
                         t.health(now)
                     });
                     let rec = UnitStateRecord {
-                        hash: hash.clone(),
-                        load_state: o.load_state,
-                        active_state: o.active_state,
-                        sub_state: o.sub_state,
+                        hash: hash.into(),
+                        load_state: o.load_state.into(),
+                        active_state: o.active_state.into(),
+                        sub_state: o.sub_state.into(),
                         applied: self.applied.get(name).copied().unwrap_or(DesiredState::Loaded),
                         health,
                     };
@@ -98,7 +98,7 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
                 }
                 None if self.refused.contains_key(name) => {
                     let rec = UnitStateRecord {
-                        hash: self.refused.get(name).cloned().unwrap_or_default(),
+                        hash: self.refused.get(name).map(Into::into).unwrap_or_default(),
                         load_state: "refused".into(),
                         active_state: "failed".into(),
                         sub_state: "shadows-system-unit".into(),
@@ -122,9 +122,9 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
                         if let Some(last) = self.published.get(name).filter(|l| l.stopped()) {
                             let rec = UnitStateRecord {
                                 hash: last.hash.clone(),
-                                load_state: o.load_state.clone(),
-                                active_state: o.active_state.clone(),
-                                sub_state: o.sub_state.clone(),
+                                load_state: o.load_state.as_str().into(),
+                                active_state: o.active_state.as_str().into(),
+                                sub_state: o.sub_state.as_str().into(),
                                 applied: DesiredState::Inactive,
                                 health: None,
                             };

@@ -42,12 +42,12 @@ pub fn plan(
     }
     for (name, entry) in schedule {
         let was_launched = applied.get(name) == Some(&DesiredState::Launched);
-        let changed = files.get(name) != Some(&entry.hash);
+        let changed = files.get(name).is_none_or(|h| *h != entry.hash);
         if changed {
             if files.contains_key(name) && was_launched {
                 p.stop.push(name.clone());
             }
-            p.write.push((name.clone(), entry.hash.clone()));
+            p.write.push((name.clone(), entry.hash.to_string()));
         }
         match entry.desired_state {
             DesiredState::Launched if changed || !was_launched => p.start.push(name.clone()),

@@ -66,8 +66,8 @@ impl Running {
         let name = UnitName::parse(unit).expect("name");
         let text = UnitFile::parse(file).expect("unit file").canonical();
         let hash = content_hash(&text);
-        let entry =
-            encode(&ScheduleEntry { hash: hash.clone(), desired_state: DesiredState::Launched }).expect("entry");
+        let entry = encode(&ScheduleEntry { hash: hash.as_str().into(), desired_state: DesiredState::Launched })
+            .expect("entry");
         let txn = Txn {
             then: vec![Op::put(self.keys.body(&hash), text, 0), Op::put(self.keys.schedule(MACHINE, &name), entry, 0)],
             ..Txn::default()
@@ -195,7 +195,7 @@ async fn exclusive_units_stopped_for_a_lease_in_doubt_start_again_after_an_agent
     a.shutdown.send(true).expect("stop the agent");
     let _ = tokio::time::timeout(Duration::from_secs(5), &mut a.agent).await;
     assert_eq!(
-        a.published("x.service").map(|r| (r.active_state, r.applied)),
+        a.published("x.service").map(|r| (r.active_state.to_string(), r.applied)),
         Some(("active".to_string(), DesiredState::Launched)),
         "etcd never heard of the stop"
     );

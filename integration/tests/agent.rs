@@ -81,7 +81,7 @@ async fn agent_runs_its_schedule_and_adopts_units_after_restart() -> anyhow::Res
     let file = UnitFile::parse("[Unit]\nDescription=agent test\n\n[Service]\nExecStart=/bin/sleep infinity\n")?;
     let hash = file.hash();
     etcd.put(keys.body(&hash), file.canonical(), None).await?;
-    let entry = |s| ScheduleEntry { hash: hash.clone(), desired_state: s };
+    let entry = |s| ScheduleEntry { hash: hash.as_str().into(), desired_state: s };
     etcd.put(keys.schedule(&id, &web), encode(&entry(DesiredState::Launched))?, None).await?;
     etcd.put(keys.schedule(&id, &idle), encode(&entry(DesiredState::Loaded))?, None).await?;
 

@@ -18,15 +18,15 @@ pub(crate) fn agents_of(api: &Api, unit: &UnitName, machine: Option<&str>) -> Re
         if !v.units.contains_key(unit) {
             return Err(ApiError::new(StatusCode::NOT_FOUND, "unit does not exist"));
         }
-        let placed: Vec<&String> = v.schedule.get(unit).map(|e| e.keys().collect()).unwrap_or_default();
-        let chosen: Vec<&String> =
-            placed.into_iter().filter(|m| machine.is_none_or(|want| m.starts_with(want))).collect();
+        let placed: Vec<&str> =
+            v.schedule.get(unit).map(|e| e.keys().map(|m| m.as_str()).collect()).unwrap_or_default();
+        let chosen: Vec<&str> = placed.into_iter().filter(|m| machine.is_none_or(|want| m.starts_with(want))).collect();
         if chosen.is_empty() {
             return Err(ApiError::new(StatusCode::CONFLICT, format!("{unit} does not appear to be loaded")));
         }
         Ok(chosen
             .into_iter()
-            .map(|m| (m.clone(), v.machines.get(m).map(|r| r.agent_url.clone()).unwrap_or_default()))
+            .map(|m| (m.to_string(), v.machines.get(m).map(|r| r.agent_url.clone()).unwrap_or_default()))
             .collect())
     })
 }

@@ -181,7 +181,7 @@ pub(crate) fn placement_of(v: &ClusterView, rec: &UnitRecord) -> (DesiredState, 
         None => (DesiredState::Inactive, Some(String::new())),
         Some((m, _)) => {
             let state = v.states.get(&rec.name).and_then(|s| s.get(m)).filter(|s| s.hash == rec.hash);
-            (state.map(|s| s.applied).unwrap_or(DesiredState::Inactive), Some(m.clone()))
+            (state.map(|s| s.applied).unwrap_or(DesiredState::Inactive), Some(m.to_string()))
         }
     }
 }
@@ -190,11 +190,11 @@ pub(crate) fn placement_of(v: &ClusterView, rec: &UnitRecord) -> (DesiredState, 
 pub(crate) fn api_state(unit: &UnitName, machine: &str, s: &fleet_model::UnitStateRecord) -> wire::UnitState {
     wire::UnitState {
         name: unit.to_string(),
-        hash: s.hash.clone(),
+        hash: s.hash.to_string(),
         machine_id: machine.to_string(),
-        systemd_load_state: s.load_state.clone(),
-        systemd_active_state: s.active_state.clone(),
-        systemd_sub_state: s.sub_state.clone(),
+        systemd_load_state: s.load_state.to_string(),
+        systemd_active_state: s.active_state.to_string(),
+        systemd_sub_state: s.sub_state.to_string(),
         health: s.health.map(|h| h.as_str().to_string()).unwrap_or_default(),
     }
 }
@@ -202,8 +202,12 @@ pub(crate) fn api_state(unit: &UnitName, machine: &str, s: &fleet_model::UnitSta
 /// A unit as the API shows it: stored options and desired state, plus where it is scheduled
 /// and how far its machine got (`currentState`).
 pub(crate) fn api_unit(v: &ClusterView, rec: &UnitRecord) -> wire::Unit {
-    let options =
-        v.bodies.get(&rec.hash).and_then(|(text, _)| UnitFile::parse(text).ok()).map(|f| f.options).unwrap_or_default();
+    let options = v
+        .bodies
+        .get(rec.hash.as_str())
+        .and_then(|(text, _)| UnitFile::parse(text).ok())
+        .map(|f| f.options)
+        .unwrap_or_default();
     wire::Unit { options, ..api_unit_basic(v, rec) }
 }
 

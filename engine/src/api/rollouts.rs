@@ -15,7 +15,7 @@ fn show(v: &ClusterView, service: &UnitName, r: &RolloutRecord) -> wire::Rollout
         .map(|(name, i)| {
             let machine = UnitName::parse(&name)
                 .ok()
-                .and_then(|n| v.schedule.get(&n).and_then(|e| e.keys().next().cloned()))
+                .and_then(|n| v.schedule.get(&n).and_then(|e| e.keys().next().map(|m| m.to_string())))
                 .unwrap_or_default();
             let version = if i.version == r.version {
                 "new".to_string()

@@ -17,9 +17,9 @@ pub(crate) async fn list_states(State(api): State<Api>, Query(q): Query<PageQuer
             .flat_map(|(u, per)| {
                 per.iter()
                     .filter(|(m, _)| q.machine_id.as_deref().is_none_or(|id| id == m.as_str()))
-                    .map(move |(m, s)| (u, m, s))
+                    .map(move |(m, s)| (u, m.as_str(), s))
             })
-            .skip_while(|(u, m, _)| cursor.is_some_and(|c| (u.as_str(), m.as_str()) <= c));
+            .skip_while(|(u, m, _)| cursor.is_some_and(|c| (u.as_str(), *m) <= c));
         let (page, next) = paginate(matching, &start, limit, |(u, m, _)| format!("{u}\0{m}"));
         let states: Vec<wire::UnitState> = page.into_iter().map(|(u, m, s)| api_state(u, m, s)).collect();
         (states, next)
@@ -96,7 +96,7 @@ impl StateFilter {
         &'v self,
         v: &'v ClusterView,
         after: Option<&'v (UnitName, String)>,
-    ) -> impl Iterator<Item = (&'v UnitName, &'v String, &'v fleet_model::UnitStateRecord)> + 'v {
+    ) -> impl Iterator<Item = (&'v UnitName, &'v str, &'v fleet_model::UnitStateRecord)> + 'v {
         let from = match (&self.unit, after) {
             (_, Some((u, _))) => Bound::Included(u.as_str()),
             (Some(u), None) => Bound::Included(u.as_str()),
@@ -108,9 +108,9 @@ impl StateFilter {
             .flat_map(move |(u, per)| {
                 per.iter()
                     .filter(move |(m, _)| self.machine.as_deref().is_none_or(|id| id == m.as_str()))
-                    .map(move |(m, s)| (u, m, s))
+                    .map(move |(m, s)| (u, m.as_str(), s))
             })
-            .skip_while(move |(u, m, _)| after.is_some_and(|(au, am)| (*u, *m) <= (au, am)))
+            .skip_while(move |(u, m, _)| after.is_some_and(|(au, am)| (*u, *m) <= (au, am.as_str())))
     }
 
     /// How many rows, and the longest value of each column: kept by the view for a stream of
@@ -157,7 +157,7 @@ impl StateFilter {
             out.push(b'\n');
             n += 1;
             if n == max {
-                last = Some((u.clone(), m.clone()));
+                last = Some((u.clone(), m.to_string()));
                 break;
             }
         }

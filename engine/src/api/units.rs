@@ -149,7 +149,7 @@ pub(crate) async fn put_unit(
         let fresh = |f: &UnitFile, guard: Compare| {
             let rec = UnitRecord {
                 name: name.clone(),
-                hash: f.hash(),
+                hash: f.hash().into(),
                 desired_state: desired.unwrap_or(DesiredState::Inactive),
             };
             (StatusCode::CREATED, rec, Some(f.canonical()), guard)
@@ -252,7 +252,7 @@ pub fn parse_create_units(body: &[u8]) -> Result<Vec<(UnitRecord, UnitFile, Opti
             }
             false => Some(Rules::parse(&name, &f).map_err(|e| at(e.to_string()))?),
         };
-        records.push((UnitRecord { name, hash: f.hash(), desired_state: desired }, f, rules));
+        records.push((UnitRecord { name, hash: f.hash().into(), desired_state: desired }, f, rules));
     }
     Ok(records)
 }
@@ -427,7 +427,7 @@ pub(crate) async fn move_unit(
         if matches!(v.rules.get(&name), Some(Ok(r)) if r.global) {
             return Err(ApiError::bad_request(format!("{name} is global: it runs on every eligible machine")));
         }
-        let Some(from) = v.schedule.get(&name).and_then(|e| e.keys().next()).cloned() else {
+        let Some(from) = v.schedule.get(&name).and_then(|e| e.keys().next()).map(|m| m.to_string()) else {
             return Err(ApiError::new(StatusCode::CONFLICT, format!("{name} is not scheduled to any machine")));
         };
         let to = if req.machine_id.is_empty() {

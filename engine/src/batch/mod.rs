@@ -221,8 +221,8 @@ async fn update_chunk(api: &Api, chunk: &[PutUnit]) -> Result<(Vec<String>, i64)
             let old = old.map_err(|e| ApiError::internal(format!("stored unit {} is unreadable: {e}", c.name)))?;
             let mut new = old.clone();
             if let Some((f, _)) = &c.file {
-                new.hash = f.hash();
-                if new.hash != old.hash && bodies.insert(new.hash.clone()) {
+                new.hash = f.hash().into();
+                if new.hash != old.hash && bodies.insert(new.hash.to_string()) {
                     ops.push(Op::put(api.keys.body(&new.hash), f.canonical(), 0));
                 }
             }

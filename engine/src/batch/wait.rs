@@ -215,17 +215,17 @@ mod tests {
         v.schedule
             .entry(name(unit))
             .or_default()
-            .insert(machine.into(), ScheduleEntry { hash: "h".into(), desired_state: desired });
+            .insert(machine, ScheduleEntry { hash: "h".into(), desired_state: desired });
     }
 
     fn report(v: &mut ClusterView, unit: &str, machine: &str, applied: DesiredState, active: &str) {
         v.states.entry(name(unit)).or_default().insert(
-            machine.into(),
+            machine,
             UnitStateRecord {
                 hash: "h".into(),
                 load_state: "loaded".into(),
                 active_state: active.into(),
-                sub_state: String::new(),
+                sub_state: Default::default(),
                 applied,
                 health: None,
             },

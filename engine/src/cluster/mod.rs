@@ -10,7 +10,9 @@ use fleet_model::reschedule::RescheduleRecord;
 use fleet_model::rollout::RolloutRecord;
 use fleet_model::rules::Rules;
 use fleet_model::schema::{decode, Key, MoveRequest};
-use fleet_model::{Keys, MachineRecord, ScheduleEntry, UnitFile, UnitName, UnitRecord, UnitStateRecord};
+use fleet_model::{
+    Interner, Keys, MachineRecord, ScheduleEntry, Text, UnitFile, UnitName, UnitRecord, UnitStateRecord,
+};
 use fleet_store::etcd::{Change, PrefixUpdate};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
@@ -66,7 +68,12 @@ pub struct ClusterView {
     /// Units whose rules are not parsed yet (their body may not have arrived).
     rules_missing: BTreeSet<UnitName>,
     /// Rules by body hash, for bodies whose rules do not depend on the unit's name.
-    shared_rules: HashMap<String, Arc<Rules>>,
+    shared_rules: HashMap<Text, Arc<Rules>>,
+    /// One copy of each body hash and systemd state string the view holds: a million units'
+    /// records, entries and states otherwise hold three copies of their hash and three state
+    /// words each (see [`fleet_model::text`]). Unit names are shared the same way, through the
+    /// key of `units`.
+    texts: Interner,
 }
 
 impl ClusterView {
@@ -136,7 +143,10 @@ impl ClusterView {
         match change {
             Change::Put { value, mod_revision, .. } => match decoded {
                 Some(Key::Unit(name)) => match decode::<UnitRecord>(&value) {
-                    Ok(rec) => {
+                    Ok(mut rec) => {
+                        let name = self.unit_name(name);
+                        rec.name = name.clone();
+                        self.texts.intern(&mut rec.hash);
                         // Rules depend only on the name and the body: a new desired state keeps them.
                         if self.units.get(&name).is_none_or(|old| old.hash != rec.hash) {
                             self.rules.remove(&name);
@@ -192,10 +202,12 @@ impl ClusterView {
                     }
                 },
                 Some(Key::Schedule(m, unit)) => match decode::<ScheduleEntry>(&value) {
-                    Ok(e) => {
+                    Ok(mut e) => {
+                        let unit = self.unit_name(unit);
+                        self.texts.intern(&mut e.hash);
                         let entries = self.schedule.entry(unit.clone()).or_default();
                         let elsewhere = entries.keys().find(|other| **other != m).cloned();
-                        let was_there = entries.insert(m.clone(), e).is_some();
+                        let was_there = entries.insert(self.texts.text(&m), e).is_some();
                         if !was_there {
                             *self.scheduled_on.entry(m.clone()).or_default() += 1;
                         }
@@ -213,8 +225,13 @@ impl ClusterView {
                     }
                 },
                 Some(Key::State(m, unit)) => match decode::<UnitStateRecord>(&value) {
-                    Ok(s) => {
+                    Ok(mut s) => {
+                        let unit = self.unit_name(unit);
+                        for t in [&mut s.hash, &mut s.load_state, &mut s.active_state, &mut s.sub_state] {
+                            self.texts.intern(t);
+                        }
                         self.state_stats.saw(&unit, &m, &s);
+                        let m = self.texts.text(&m);
                         if self.states.entry(unit).or_default().insert(m, s).is_none() {
                             self.state_stats.rows += 1;
                         }
@@ -254,7 +271,7 @@ impl ClusterView {
                     self.merge_machine(&m);
                 }
                 Some(Key::Body(hash)) => {
-                    self.shared_rules.remove(&hash);
+                    self.shared_rules.remove(hash.as_str());
                     self.bodies.remove(&hash);
                 }
                 Some(Key::Machine(id)) => {
@@ -279,6 +296,15 @@ impl ClusterView {
                 Some(Key::Leader(_)) | Some(Key::RebootLock(_)) | None => {}
             },
         }
+    }
+
+    /// `name` as the view already holds it (the key of `units`, or of `schedule` or `states` for
+    /// a unit whose record is gone), so every map keyed by one unit shares one allocation.
+    fn unit_name(&self, name: UnitName) -> UnitName {
+        let held = self.units.get_key_value(&name).map(|(k, _)| k);
+        let held = held.or_else(|| self.schedule.get_key_value(&name).map(|(k, _)| k));
+        let held = held.or_else(|| self.states.get_key_value(&name).map(|(k, _)| k));
+        held.cloned().unwrap_or(name)
     }
 
     /// Recomputes a live machine's effective metadata: the agent's, overridden by the API's.
@@ -306,12 +332,12 @@ impl ClusterView {
                 self.rules_missing.remove(&name);
                 continue;
             };
-            let Some((text, _)) = self.bodies.get(&rec.hash) else { continue };
+            let Some((text, _)) = self.bodies.get(rec.hash.as_str()) else { continue };
             self.rules_missing.remove(&name);
             // Units with the same body share their rules (a million instances of one template
             // would otherwise hold a million equal copies), unless a rule names the unit through
             // a specifier (`%i`): those are the unit's own.
-            let shared = self.shared_rules.get(&rec.hash).cloned();
+            let shared = self.shared_rules.get(rec.hash.as_str()).cloned();
             let rules = match shared {
                 Some(r) => Ok(r),
                 None => {
@@ -626,6 +652,53 @@ mod tests {
             lease: 0,
             mod_revision: rev,
         }
+    }
+
+    fn put<T: serde::Serialize>(key: String, value: &T, rev: i64) -> Change {
+        Change::Put { key: key.into_bytes(), value: encode(value).expect("encode"), lease: 0, mod_revision: rev }
+    }
+
+    /// What a million units repeat (their body's hash, their machine's id, their state words,
+    /// their own name in every map) the view holds once: equal values decoded from different
+    /// keys end up as one allocation.
+    #[test]
+    fn the_view_holds_repeated_values_once() {
+        let keys = Keys::new("/t/");
+        let mut v = ClusterView::default();
+        let (a, b) = (UnitName::parse("a.service").expect("name"), UnitName::parse("b.service").expect("name"));
+        let state = UnitStateRecord {
+            hash: "h".into(),
+            load_state: "loaded".into(),
+            active_state: "active".into(),
+            sub_state: "running".into(),
+            applied: DesiredState::Launched,
+            health: None,
+        };
+        let entry = ScheduleEntry { hash: "h".into(), desired_state: DesiredState::Launched };
+        let mut changes = vec![unit_put(&keys, "a.service", 2), unit_put(&keys, "b.service", 2)];
+        for u in [&a, &b] {
+            changes.push(put(keys.schedule("m1", u), &entry, 3));
+            changes.push(put(keys.state("m1", u), &state, 4));
+        }
+        v.apply_update(&keys, PrefixUpdate::Changes { revision: 4, changes });
+
+        let (ka, ra) = v.units.get_key_value(&a).expect("a");
+        let (sa, ea) = v.schedule.get_key_value(&a).expect("a scheduled");
+        let (ta, pa) = v.states.get_key_value(&a).expect("a's state");
+        let (sea, seb) = (ea.get("m1").expect("entry"), v.schedule[&b].get("m1").expect("entry"));
+        let (sta, stb) = (pa.get("m1").expect("state"), v.states[&b].get("m1").expect("state"));
+        assert!(ka.shares(&ra.name) && ka.shares(sa) && ka.shares(ta), "one name for every map");
+        let hash = &ra.hash;
+        for other in [&v.units[&b].hash, &sea.hash, &seb.hash, &sta.hash, &stb.hash] {
+            assert!(hash.shares(other), "one copy of the body's hash");
+        }
+        assert!(sta.active_state.shares(&stb.active_state) && sta.sub_state.shares(&stb.sub_state));
+        let m = ea.keys().next().expect("machine");
+        let others = [pa.keys().next(), v.schedule[&b].keys().next(), v.states[&b].keys().next()];
+        assert!(others.iter().all(|o| o.is_some_and(|o| m.shares(o))), "one copy of the machine id");
+        // A copy of the view (the leader's planning copy) shares them too.
+        let copy = v.clone();
+        assert!(copy.units[&a].hash.shares(hash));
     }
 
     fn names(v: &ClusterView) -> Vec<String> {

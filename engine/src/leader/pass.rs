@@ -175,7 +175,9 @@ impl<S: Store> Planner<S> {
             let v = plan.view();
             {
                 let fencing = match self.fences.lock() {
-                    Ok(mut f) => f.update(&v.machines, v.schedule.values().flat_map(|e| e.keys().cloned())),
+                    Ok(mut f) => {
+                        f.update(&v.machines, v.schedule.values().flat_map(|e| e.keys().map(|m| m.to_string())))
+                    }
                     Err(_) => Default::default(),
                 };
                 let now = unix_now();

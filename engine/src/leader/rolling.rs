@@ -24,9 +24,9 @@ pub fn instances_of(v: &ClusterView, service: &UnitName) -> BTreeMap<String, Ins
             let state = machine.and_then(|m| v.states.get(&u.name).and_then(|s| s.get(m)));
             let declares_health = matches!(v.rules.get(&u.name), Some(Ok(r)) if r.health != HealthSpec::default());
             let instance = Instance {
-                version: u.hash.clone(),
-                reported: state.map(|s| s.hash.clone()),
-                active_state: state.map(|s| s.active_state.clone()).unwrap_or_default(),
+                version: u.hash.to_string(),
+                reported: state.map(|s| s.hash.to_string()),
+                active_state: state.map(|s| s.active_state.to_string()).unwrap_or_default(),
                 health: state.and_then(|s| s.health),
                 declares_health,
             };
@@ -82,7 +82,7 @@ pub fn steps(v: &ClusterView, keys: &Keys, now: u64) -> (Vec<StepWrite>, Option<
 }
 
 fn set_version(w: &mut StepWrite, keys: &Keys, unit: &UnitRecord, version: &str) {
-    let rec = UnitRecord { hash: version.to_string(), ..unit.clone() };
+    let rec = UnitRecord { hash: version.into(), ..unit.clone() };
     if let (Ok(old), Ok(value)) = (encode(unit), encode(&rec)) {
         w.guards.push(Compare::value(keys.unit(&unit.name), CmpOp::Equal, old));
         w.ops.push(Op::put(keys.unit(&unit.name), value, 0));

@@ -22,7 +22,7 @@ impl<'a> Pass<'a> {
     /// once its agent reports it stopped, or, were the machine lost meanwhile, once the machine's
     /// fence has passed.
     pub(super) fn remove(&mut self, unit: UnitName, machine: String, reason: Reason) {
-        let entry = self.snap.schedule.get(&unit).and_then(|e| e.get(&machine));
+        let entry = self.snap.schedule.get(&unit).and_then(|e| e.get(machine.as_str()));
         if let Some(entry) = entry.filter(|_| self.exclusive(&unit) && self.wanted_unit(&unit)) {
             if self.snap.machines.contains_key(&machine) && !self.stopped_on(&unit, &machine) {
                 if entry.desired_state != DesiredState::Inactive {
@@ -52,7 +52,7 @@ impl<'a> Pass<'a> {
         }
         let placed = self.p.at.get(unit);
         self.snap.states.get(unit)?.iter().find_map(|(m, s)| {
-            (!s.stopped() && self.snap.machines.contains_key(m) && !placed.is_some_and(|p| p.contains(m)))
+            (!s.stopped() && self.snap.machines.contains_key(m.as_str()) && !placed.is_some_and(|p| p.contains(m)))
                 .then_some(m.as_str())
         })
     }

@@ -10,6 +10,7 @@ impl<'a> Pass<'a> {
             let record = self.snap.units.get(unit);
             let rules = self.snap.rules.get(unit);
             for (machine, entry) in entries {
+                let machine = machine.as_str();
                 let leaving = entry.desired_state == DesiredState::Inactive
                     && self.snap.machines.contains_key(machine)
                     && self.exclusive(unit)
@@ -19,11 +20,11 @@ impl<'a> Pass<'a> {
                     if self.stopped_on(unit, machine) {
                         self.out.decisions.push(Decision::Remove {
                             unit: unit.clone(),
-                            machine: machine.clone(),
+                            machine: machine.to_string(),
                             reason: Reason::Stopped,
                         });
                     } else {
-                        self.leaving.insert(unit.clone(), machine.clone());
+                        self.leaving.insert(unit.clone(), machine.to_string());
                     }
                     continue;
                 }
@@ -37,7 +38,7 @@ impl<'a> Pass<'a> {
                             && self.snap.fencing.contains(machine) =>
                     {
                         // It may still run there: wait until its agent has certainly stopped it.
-                        self.fenced.insert(unit.clone(), machine.clone());
+                        self.fenced.insert(unit.clone(), machine.to_string());
                         continue;
                     }
                     _ if !self.snap.machines.contains_key(machine) => Some(Reason::MachineLost),
@@ -54,7 +55,7 @@ impl<'a> Pass<'a> {
                     }
                 };
                 match reason {
-                    Some(reason) => self.remove(unit.clone(), machine.clone(), reason),
+                    Some(reason) => self.remove(unit.clone(), machine.to_string(), reason),
                     None => self.p.add(unit, machine, self.reserve(unit)),
                 }
             }

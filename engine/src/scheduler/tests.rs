@@ -41,7 +41,7 @@ impl World {
         let file = UnitFile::parse(&text).expect("unit file");
         let name = n(name);
         self.rules.insert(name.clone(), Rules::parse(&name, &file).map(std::sync::Arc::new).map_err(|e| e.to_string()));
-        self.units.insert(name.clone(), UnitRecord { name, hash: file.hash(), desired_state: state });
+        self.units.insert(name.clone(), UnitRecord { name, hash: file.hash().into(), desired_state: state });
     }
     fn run(&self) -> Outcome {
         schedule(&Snapshot {
@@ -85,7 +85,7 @@ impl World {
     fn settle_once(&mut self) -> BTreeMap<String, Vec<String>> {
         let out = self.run();
         self.apply(&out);
-        self.schedule.iter().map(|(u, e)| (u.to_string(), e.keys().cloned().collect())).collect()
+        self.schedule.iter().map(|(u, e)| (u.to_string(), e.keys().map(|m| m.to_string()).collect())).collect()
     }
 
     /// Runs passes until nothing changes (as the event-driven leader does), returning the
@@ -101,7 +101,8 @@ impl World {
             self.apply(&out);
         }
         assert!(last.decisions.is_empty(), "scheduler did not settle: {:?}", last.decisions);
-        let placed = self.schedule.iter().map(|(u, e)| (u.to_string(), e.keys().cloned().collect())).collect();
+        let placed =
+            self.schedule.iter().map(|(u, e)| (u.to_string(), e.keys().map(|m| m.to_string()).collect())).collect();
         (placed, last.unplaceable)
     }
 }
@@ -153,7 +154,7 @@ fn thousands_of_machines_are_levelled_exactly_and_rules_still_hold() {
     let mut per_machine: BTreeMap<String, usize> = BTreeMap::new();
     for ms in w.schedule.values() {
         for m in ms.keys() {
-            *per_machine.entry(m.clone()).or_default() += 1;
+            *per_machine.entry(m.to_string()).or_default() += 1;
         }
     }
     let hog = w.schedule[&n("hog.service")].keys().next().cloned().unwrap_or_default();
@@ -163,7 +164,7 @@ fn thousands_of_machines_are_levelled_exactly_and_rules_still_hold() {
     let on_hog: Vec<&UnitName> = w.schedule.iter().filter(|(_, ms)| ms.contains_key(&hog)).map(|(u, _)| u).collect();
     assert_eq!(on_hog, vec![&n("hog.service")], "a unit conflicting with u* shares its machine");
     let odd = w.schedule[&n("odd.service")].keys().next().cloned().unwrap_or_default();
-    assert_eq!(w.machines[&odd].metadata["rack"], "odd");
+    assert_eq!(w.machines[odd.as_str()].metadata["rack"], "odd");
     assert!(w.run().decisions.is_empty(), "a second pass changes nothing");
 }
 
@@ -427,14 +428,14 @@ fn exclusive_units_wait_for_the_fence_of_a_lost_machine() {
 
 fn reports(w: &mut World, unit: &str, machine: &str, active: &str) {
     let rec = UnitStateRecord {
-        hash: String::new(),
+        hash: Default::default(),
         load_state: "loaded".into(),
         active_state: active.into(),
-        sub_state: String::new(),
+        sub_state: Default::default(),
         applied: DesiredState::Launched,
         health: None,
     };
-    w.states.entry(n(unit)).or_default().insert(machine.into(), rec);
+    w.states.entry(n(unit)).or_default().insert(machine, rec);
 }
 
 #[test]
@@ -699,7 +700,7 @@ fn pass_at(w: &mut World, now: u64, unit: &str) -> (Vec<String>, Outcome) {
     w.now = now;
     let out = w.run();
     w.apply(&out);
-    (w.schedule.get(&n(unit)).map(|e| e.keys().cloned().collect()).unwrap_or_default(), out)
+    (w.schedule.get(&n(unit)).map(|e| e.keys().map(|m| m.to_string()).collect()).unwrap_or_default(), out)
 }
 
 #[test]

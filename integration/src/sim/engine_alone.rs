@@ -213,7 +213,7 @@ pub(super) async fn report_states(admin: &Client, keys: &Keys) -> Result<()> {
         }
     }
     let state = fleet_model::schema::encode(&UnitStateRecord {
-        hash: String::new(),
+        hash: Default::default(),
         load_state: "loaded".into(),
         active_state: "active".into(),
         sub_state: "running".into(),

@@ -15,7 +15,7 @@
 //! <P>leader/...                  election keys     engines; each on its own lease
 //! ```
 
-use crate::{DesiredState, MachineId, UnitName};
+use crate::{DesiredState, MachineId, Text, UnitName};
 use serde::{Deserialize, Serialize};
 
 pub const DEFAULT_PREFIX: &str = "/fleet/";
@@ -172,7 +172,7 @@ impl Keys {
 #[serde(rename_all = "camelCase")]
 pub struct UnitRecord {
     pub name: UnitName,
-    pub hash: String,
+    pub hash: Text,
     pub desired_state: DesiredState,
 }
 
@@ -180,7 +180,7 @@ pub struct UnitRecord {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ScheduleEntry {
-    pub hash: String,
+    pub hash: Text,
     pub desired_state: DesiredState,
 }
 
@@ -200,10 +200,10 @@ pub struct MoveRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct UnitStateRecord {
-    pub hash: String,
-    pub load_state: String,
-    pub active_state: String,
-    pub sub_state: String,
+    pub hash: Text,
+    pub load_state: Text,
+    pub active_state: Text,
+    pub sub_state: Text,
     /// What the agent has applied: `loaded` (file linked) or `launched` (start requested).
     pub applied: DesiredState,
     /// The unit's health, for a unit whose `[X-Fleet]` declares it (`HealthCheck=`,

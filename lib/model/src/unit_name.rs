@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
+use std::sync::Arc;
 
 const MAX_LEN: usize = 256;
 const SUFFIXES: &[&str] = &[
@@ -41,10 +42,12 @@ pub enum UnitNameError {
     InvalidChar(char),
 }
 
-/// A validated unit name. Cheap to clone and ordered like fleet lists units (bytewise).
+/// A validated unit name, ordered like fleet lists units (bytewise). Cheap to clone: clones share
+/// one allocation, so the engine's maps keyed by unit (records, schedule, states, rules) hold a
+/// million names once, not once per map.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
-pub struct UnitName(String);
+pub struct UnitName(Arc<str>);
 
 impl UnitName {
     pub fn parse(name: &str) -> Result<Self, UnitNameError> {
@@ -76,11 +79,16 @@ impl UnitName {
         {
             return Err(UnitNameError::InvalidChar(c));
         }
-        Ok(UnitName(name.to_string()))
+        Ok(UnitName(Arc::from(name)))
     }
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// Whether both are one allocation, not merely equal (see the engine's view).
+    pub fn shares(&self, other: &UnitName) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
     }
 
     /// Text after the last `.`.
@@ -113,7 +121,7 @@ impl UnitName {
 
     /// `foo@.service` for `foo@bar.service`.
     pub fn template(&self) -> Option<UnitName> {
-        self.is_instance().then(|| UnitName(format!("{}@.{}", self.prefix(), self.suffix())))
+        self.is_instance().then(|| UnitName(Arc::from(format!("{}@.{}", self.prefix(), self.suffix()))))
     }
 }
 
@@ -140,7 +148,7 @@ impl TryFrom<String> for UnitName {
 
 impl From<UnitName> for String {
     fn from(n: UnitName) -> String {
-        n.0
+        n.0.to_string()
     }
 }
 

@@ -41,7 +41,7 @@ impl World {
 
     fn unit(&self, unit: &str, body: &str, desired: DesiredState) -> Vec<Op> {
         let file = UnitFile::parse(body).expect("unit file");
-        let rec = UnitRecord { name: name(unit), hash: file.hash(), desired_state: desired };
+        let rec = UnitRecord { name: name(unit), hash: file.hash().into(), desired_state: desired };
         vec![
             Op::put(self.keys.body(&rec.hash), file.canonical(), 0),
             Op::put(self.keys.unit(&rec.name), encode(&rec).expect("encode"), 0),
@@ -67,7 +67,7 @@ impl World {
             hash: "h".into(),
             load_state: "loaded".into(),
             active_state: active.into(),
-            sub_state: format!("{active}-sub"),
+            sub_state: format!("{active}-sub").into(),
             applied: DesiredState::Launched,
             health,
         };
@@ -315,7 +315,7 @@ fn derive_cost() {
         mod_revision: 1,
     });
     for u in &units {
-        let rec = UnitRecord { name: u.clone(), hash: file.hash(), desired_state: DesiredState::Launched };
+        let rec = UnitRecord { name: u.clone(), hash: file.hash().into(), desired_state: DesiredState::Launched };
         puts.push(Change::Put {
             key: keys.unit(u).into(),
             value: encode(&rec).expect("encode"),
@@ -323,7 +323,8 @@ fn derive_cost() {
             mod_revision: 1,
         });
     }
-    let entry = encode(&ScheduleEntry { hash: file.hash(), desired_state: DesiredState::Launched }).expect("encode");
+    let entry =
+        encode(&ScheduleEntry { hash: file.hash().into(), desired_state: DesiredState::Launched }).expect("encode");
     let batches: Vec<PrefixUpdate> = units
         .chunks(1_000)
         .enumerate()

@@ -61,7 +61,7 @@ impl Lab {
         let file = UnitFile::parse(text).expect("unit file");
         let rec = UnitRecord {
             name: UnitName::parse(name).expect("name"),
-            hash: file.hash(),
+            hash: file.hash().into(),
             desired_state: DesiredState::Launched,
         };
         let then = vec![
