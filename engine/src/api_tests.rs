@@ -545,7 +545,9 @@ async fn states_stream_in_listing_order_across_chunks_with_a_head_that_sizes_the
         })
         .expect("state")
     };
-    let mut ops = Vec::new();
+    // m1 is a live machine with an address; m2 reports but has no record (gone).
+    let m1 = fleet_model::MachineRecord { id: "m1".into(), public_ip: "10.0.0.1".into(), ..Default::default() };
+    let mut ops = vec![Op::put(e.keys.machine("m1"), fleet_model::schema::encode(&m1).expect("machine"), 0)];
     for i in 0..2_101 {
         let name = UnitName::parse(&format!("u-{i:05}.service")).expect("name");
         ops.push(Op::put(e.keys.state("m2", &name), state("active"), 0));
@@ -571,6 +573,13 @@ async fn states_stream_in_listing_order_across_chunks_with_a_head_that_sizes_the
     assert_eq!(all[0]["rows"], 4_202, "head: {}", all[0]);
     assert_eq!(all[0]["longest"]["systemdActiveState"], "deactivating".len());
     assert_eq!(all[0]["longest"]["name"], "u-00000.service".len());
+    // Rows carry their machine's address (what list-units shows), so no listing of machines
+    // is needed; a machine without a record has none.
+    assert_eq!((&all[0]["machineIPs"], &all[0]["longest"]["machineIP"]), (&Value::Bool(true), &Value::from(8)));
+    assert!(all[1..].iter().all(|r| match r["machineID"].as_str() {
+        Some("m1") => r["machineIP"] == "10.0.0.1",
+        _ => r.get("machineIP").is_none(),
+    }));
     let rows: Vec<(String, String)> = all[1..]
         .iter()
         .map(|r| (r["name"].as_str().unwrap_or("").to_string(), r["machineID"].as_str().unwrap_or("").to_string()))
@@ -588,6 +597,7 @@ async fn states_stream_in_listing_order_across_chunks_with_a_head_that_sizes_the
         let (status, page) = e.call(Method::GET, &format!("/fleet/v1/state?pageSize=1000{next}"), None).await;
         assert_eq!(status, StatusCode::OK, "{page}");
         for s in page["states"].as_array().into_iter().flatten() {
+            assert!(s.get("machineIP").is_none(), "the original's listing, unchanged: {s}");
             paged.push((
                 s["name"].as_str().unwrap_or("").to_string(),
                 s["machineID"].as_str().unwrap_or("").to_string(),

@@ -12,15 +12,30 @@ impl Ctl {
         let fields =
             fields(f, "unit,machine,active,sub", &["active", "hash", "health", "load", "machine", "sub", "unit"])?;
         let context = "Error retrieving list of units from repository";
-        // The machines and the stream's first lines are asked for at once.
-        let (machines, mut stream) =
-            tokio::try_join!(self.machines(), async { Ok(self.api.open_states(None).await?) }).context(context)?;
+        let mut stream = self.api.open_states(None).await.context(context)?;
+        let head = match stream.next().await.context(context)? {
+            Some(fleet_client::StateLine::Head(h)) => h,
+            _ => anyhow::bail!("{context}: the engine's answer did not begin with its head"),
+        };
+        // Rows carry their machine's address, so the machines need not be listed (10,000 of
+        // them took longer than the stream's first rows); an engine whose rows do not (or the
+        // original's pages) is asked for them.
+        let machines = if head.machine_ips { HashMap::new() } else { self.machines().await.context(context)? };
+        let machine_cell = |s: &fleet_client::UnitState| {
+            if head.machine_ips {
+                Machine { id: s.machine_id.clone(), primary_ip: s.machine_ip.clone(), ..Default::default() }
+                    .legend(f.full)
+            } else {
+                machine_legend(&machines, &s.machine_id, f.full)
+            }
+        };
         let cells = |s: &fleet_client::UnitState| -> Vec<String> {
             fields
                 .iter()
                 .map(|c| match c.as_str() {
                     "unit" => s.name.clone(),
-                    "machine" => machine_legend(&machines, &s.machine_id, f.full),
+                    "machine" if s.machine_id.is_empty() => "-".into(),
+                    "machine" => machine_cell(s),
                     "active" => s.systemd_active_state.clone(),
                     "sub" => s.systemd_sub_state.clone(),
                     "load" => s.systemd_load_state.clone(),
@@ -34,22 +49,21 @@ impl Ctl {
         let header: Vec<String> = fields.iter().map(|f| f.to_uppercase()).collect();
         let mut held: Vec<Vec<String>> = Vec::new();
         let mut streaming: Option<(table::Layout, std::io::BufWriter<std::io::Stdout>)> = None;
+        if !self.json && head.rows > HOLD_ROWS {
+            let layout = table::Layout::new(&stream_widths(&fields, &head, &machines, f));
+            let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout());
+            if !f.no_legend {
+                let mut text = String::new();
+                layout.line(&header, &mut text);
+                if let Err(e) = out.write_all(text.as_bytes()) {
+                    return written_out(Err(e));
+                }
+            }
+            streaming = Some((layout, out));
+        }
         let mut written = 0u64;
         while let Some(line) = stream.next().await.context(context)? {
             let s = match line {
-                fleet_client::StateLine::Head(h) if !self.json && h.rows > HOLD_ROWS => {
-                    let layout = table::Layout::new(&stream_widths(&fields, &h, &machines, f));
-                    let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout());
-                    if !f.no_legend {
-                        let mut text = String::new();
-                        layout.line(&header, &mut text);
-                        if let Err(e) = out.write_all(text.as_bytes()) {
-                            return written_out(Err(e));
-                        }
-                    }
-                    streaming = Some((layout, out));
-                    continue;
-                }
                 fleet_client::StateLine::Head(_) => continue,
                 fleet_client::StateLine::Row(s) => s,
             };
@@ -209,6 +223,15 @@ fn stream_widths(
         .map(|c| {
             let values = match c.as_str() {
                 "unit" => longest("name"),
+                "machine" if h.machine_ips => {
+                    let zeros = |n: usize| "0".repeat(n);
+                    let widest = Machine {
+                        id: zeros(longest("machineID").max(1)),
+                        primary_ip: zeros(longest("machineIP")),
+                        ..Default::default()
+                    };
+                    widest.legend(f.full).chars().count()
+                }
                 "machine" => widest_machine(machines, longest("machineID"), f.full),
                 "active" => longest("systemdActiveState"),
                 "sub" => longest("systemdSubState"),

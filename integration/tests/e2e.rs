@@ -51,6 +51,7 @@ async fn three_units_spread_over_three_machines_then_leave_no_trace() -> anyhow:
     for r in &rows {
         let id = r[1].split('/').next().unwrap_or("");
         let m = lab.machines.iter().find(|m| m.machine_id == id).expect("row names a lab machine");
+        assert_eq!(r[1], format!("{}/{}", m.machine_id, m.ip), "MACHINE shows the machine's address");
         let props = MachineBus::connect(m).await?.unit(r[0]).await?;
         assert_eq!(
             (props.load_state.as_str(), props.active_state.as_str()),

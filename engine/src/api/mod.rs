@@ -196,6 +196,7 @@ pub(crate) fn api_state(unit: &UnitName, machine: &str, s: &fleet_model::UnitSta
         systemd_active_state: s.active_state.to_string(),
         systemd_sub_state: s.sub_state.to_string(),
         health: s.health.map(|h| h.as_str().to_string()).unwrap_or_default(),
+        machine_ip: String::new(),
     }
 }
 

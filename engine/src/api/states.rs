@@ -39,6 +39,8 @@ pub(crate) async fn get_state(State(api): State<Api>, Path(name): Path<String>) 
 /// States per look at the view while streaming: the view's lock is held for one chunk at a time,
 /// so a stream of a million rows never holds the watch back for long.
 const STREAM_CHUNK: usize = 2_000;
+/// The first chunk is small: what a client waits for before it prints its first row.
+const FIRST_CHUNK: usize = 100;
 /// Chunks buffered ahead of a slow client.
 const STREAM_AHEAD: usize = 4;
 
@@ -66,7 +68,8 @@ pub(crate) async fn stream_states(State(api): State<Api>, Query(q): Query<PageQu
                     let _ = serde_json::to_writer(&mut out, &filter.head(v));
                     out.push(b'\n');
                 }
-                let last = filter.chunk(v, after.as_ref(), STREAM_CHUNK, &mut out);
+                let max = if head { FIRST_CHUNK } else { STREAM_CHUNK };
+                let last = filter.chunk(v, after.as_ref(), max, &mut out);
                 (out, last)
             });
             head = false;
@@ -135,10 +138,13 @@ impl StateFilter {
         };
         let names =
             ["name", "hash", "machineID", "systemdLoadState", "systemdActiveState", "systemdSubState", "health"];
-        wire::StateStreamHead {
-            rows,
-            longest: names.iter().map(|n| n.to_string()).zip(longest.map(|l| l as u64)).collect(),
-        }
+        let mut longest: std::collections::BTreeMap<String, u64> =
+            names.iter().map(|n| n.to_string()).zip(longest.map(|l| l as u64)).collect();
+        // Rows carry their machine's address: its longest over the live machines (O(machines),
+        // not O(states)), which bounds every row's.
+        let ip = v.machines.values().map(|m| m.public_ip.chars().count()).max().unwrap_or(0);
+        longest.insert("machineIP".into(), ip as u64);
+        wire::StateStreamHead { rows, longest, machine_ips: true }
     }
 
     /// Writes up to `max` rows after `after` as lines into `out`; the last row written if there
@@ -153,7 +159,9 @@ impl StateFilter {
         let mut n = 0;
         let mut last = None;
         for (u, m, s) in self.states(v, after) {
-            let _ = serde_json::to_writer(&mut *out, &api_state(u, m, s));
+            let mut row = api_state(u, m, s);
+            row.machine_ip = v.machines.get(m).map(|r| r.public_ip.clone()).unwrap_or_default();
+            let _ = serde_json::to_writer(&mut *out, &row);
             out.push(b'\n');
             n += 1;
             if n == max {

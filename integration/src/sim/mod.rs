@@ -397,6 +397,10 @@ pub fn list_units_timed(cfg: &SimConfig, api: &str, token: &str) -> Result<Listi
         if cells.len() != 4 || cells[0] < previous.as_str() {
             bail!("fleetctl list-units printed a row out of place after {previous:?}: {line:?}");
         }
+        // MACHINE is "id.../address": every simulated machine has a 10.x.y.z address.
+        if !cells[1].split_once('/').is_some_and(|(_, ip)| ip.trim().starts_with("10.")) {
+            bail!("fleetctl list-units printed a row without its machine's address: {line:?}");
+        }
         previous = cells[0].to_string();
         if listing.rows == 0 {
             listing.first_row_secs = t.elapsed().as_secs_f64();

@@ -100,6 +100,10 @@ pub struct UnitState {
     /// its clients ignore it.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub health: String,
+    /// The machine's address, in the rows of `GET /state:stream` only (so a listing needs no
+    /// second request for the machines); absent from `GET /state`, as in the original fleet.
+    #[serde(rename = "machineIP", default, skip_serializing_if = "String::is_empty")]
+    pub machine_ip: String,
 }
 
 /// A machine as `GET /machines` shows it.
@@ -165,6 +169,10 @@ pub struct StateStreamHead {
     /// Longest value (in characters) of each field of [`UnitState`], by its JSON name.
     #[serde(default)]
     pub longest: BTreeMap<String, u64>,
+    /// Whether each row carries its machine's address (`machineIP`, its longest in `longest`):
+    /// then a client shows the MACHINE column without listing the machines.
+    #[serde(rename = "machineIPs", default, skip_serializing_if = "std::ops::Not::not")]
+    pub machine_ips: bool,
 }
 
 /// One page of `GET /machines`.

@@ -123,5 +123,5 @@ pub fn head_of(states: &[UnitState]) -> StateStreamHead {
             *l = (*l).max(v.chars().count() as u64);
         }
     }
-    StateStreamHead { rows: states.len() as u64, longest }
+    StateStreamHead { rows: states.len() as u64, longest, machine_ips: false }
 }
