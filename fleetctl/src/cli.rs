@@ -61,6 +61,34 @@ pub(crate) struct Block {
     pub(crate) block_attempts: u32,
 }
 
+/// The units a command acts on: named as arguments, and from a file for more than a command line
+/// holds (a million names are ~20 MB; Linux passes a program at most 2 MB of arguments).
+#[derive(Args, Debug, Clone)]
+pub(crate) struct UnitArgs {
+    /// Units: names, or unit files.
+    pub(crate) units: Vec<String>,
+    /// Also the units named in FILE, one a line (names or unit files; `-`: standard input;
+    /// empty lines and lines starting with `#` are skipped).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) names_from: Option<std::path::PathBuf>,
+}
+
+impl UnitArgs {
+    /// The arguments, then the file's names.
+    pub(crate) fn all(&self) -> anyhow::Result<Vec<String>> {
+        use anyhow::Context;
+        let mut out = self.units.clone();
+        let Some(path) = &self.names_from else { return Ok(out) };
+        let text = if path.as_os_str() == "-" {
+            std::io::read_to_string(std::io::stdin()).context("cannot read unit names from standard input")?
+        } else {
+            std::fs::read_to_string(path).with_context(|| format!("cannot read unit names from {}", path.display()))?
+        };
+        out.extend(text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_string));
+        Ok(out)
+    }
+}
+
 #[derive(Args, Debug, Clone)]
 pub(crate) struct ListFlags {
     /// Columns to show, comma-separated.
@@ -118,7 +146,8 @@ pub(crate) enum Command {
     Submit {
         #[arg(long)]
         replace: bool,
-        units: Vec<String>,
+        #[command(flatten)]
+        units: UnitArgs,
     },
     /// Schedule units to machines without starting them.
     Load {
@@ -126,7 +155,8 @@ pub(crate) enum Command {
         block: Block,
         #[arg(long)]
         replace: bool,
-        units: Vec<String>,
+        #[command(flatten)]
+        units: UnitArgs,
     },
     /// Schedule and start units.
     Start {
@@ -134,25 +164,29 @@ pub(crate) enum Command {
         block: Block,
         #[arg(long)]
         replace: bool,
-        units: Vec<String>,
+        #[command(flatten)]
+        units: UnitArgs,
     },
     /// Stop units, leaving them loaded.
     Stop {
         #[command(flatten)]
         block: Block,
-        units: Vec<String>,
+        #[command(flatten)]
+        units: UnitArgs,
     },
     /// Unschedule units, leaving them submitted.
     Unload {
         #[command(flatten)]
         block: Block,
-        units: Vec<String>,
+        #[command(flatten)]
+        units: UnitArgs,
     },
     /// Remove units from the cluster.
     Destroy {
         #[command(flatten)]
         block: Block,
-        units: Vec<String>,
+        #[command(flatten)]
+        units: UnitArgs,
     },
     /// Print a unit's file.
     Cat { units: Vec<String> },
@@ -274,4 +308,32 @@ pub(crate) enum Command {
     ListMachines(ListFlags),
     /// Print the version.
     Version,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn units_come_from_arguments_then_a_file() {
+        let path = std::env::temp_dir().join(format!("fleetctl-names-{}.txt", std::process::id()));
+        std::fs::write(&path, "# many\n\n  b@1.service \nb@2.service\n").expect("write");
+        let cli = Cli::try_parse_from([
+            "fleetctl",
+            "start",
+            "--no-block",
+            "a.service",
+            "--names-from",
+            &path.to_string_lossy(),
+        ])
+        .expect("parses");
+        let Command::Start { units, block, .. } = cli.command else { panic!("not start") };
+        assert!(block.no_block);
+        assert_eq!(units.all().expect("read"), ["a.service", "b@1.service", "b@2.service"]);
+        let _ = std::fs::remove_file(&path);
+        let missing = UnitArgs { units: vec![], names_from: Some(path.clone()) };
+        let err = format!("{:#}", missing.all().expect_err("no such file"));
+        assert!(err.contains("cannot read unit names from") && err.contains("fleetctl-names-"), "{err}");
+    }
 }

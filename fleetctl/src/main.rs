@@ -92,16 +92,16 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             print!("{}", contexts::list(&given, file.as_ref())?);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Submit { replace, units } => ctl.submit(&units, replace, None).await,
+        Command::Submit { replace, units } => ctl.submit(&units.all()?, replace, None).await,
         Command::Load { block, replace, units } => {
-            ctl.submit(&units, replace, Some((fleet_model::DesiredState::Loaded, block))).await
+            ctl.submit(&units.all()?, replace, Some((fleet_model::DesiredState::Loaded, block))).await
         }
         Command::Start { block, replace, units } => {
-            ctl.submit(&units, replace, Some((fleet_model::DesiredState::Launched, block))).await
+            ctl.submit(&units.all()?, replace, Some((fleet_model::DesiredState::Launched, block))).await
         }
-        Command::Stop { block, units } => ctl.stop(&units, &block).await,
-        Command::Unload { block, units } => ctl.unload(&units, &block).await,
-        Command::Destroy { block, units } => ctl.destroy(&units, &block).await,
+        Command::Stop { block, units } => ctl.stop(&units.all()?, &block).await,
+        Command::Unload { block, units } => ctl.unload(&units.all()?, &block).await,
+        Command::Destroy { block, units } => ctl.destroy(&units.all()?, &block).await,
         Command::Cat { units } => ctl.cat(&units).await,
         Command::Status { units } => ctl.status(&units).await,
         Command::Journal { lines, follow, output, sudo: _, machine, unit } => {

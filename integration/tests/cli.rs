@@ -235,7 +235,9 @@ async fn bulk_commands_make_a_bounded_number_of_requests() {
     let (_, requests) = counted(with("start", &paths)).await;
     assert!(requests <= 3, "a second start of 1,000 running units made {requests} requests");
 
-    let (out, requests) = counted(with("stop", &units)).await;
+    // Named from a file (at scale, more names than a command line holds): the same.
+    c.write("bulk-names.txt", &format!("# the bulk units\n\n{}\n", units.join("\n")));
+    let (out, requests) = counted(vec!["stop".into(), "--names-from".into(), c.path("bulk-names.txt")]).await;
     assert!(out.lines().filter(|l| l.starts_with("Unit bulk@") && l.contains(" loaded on ")).count() == 1000, "{out}");
     assert!((3..=5).contains(&requests), "stop of 1,000 units made {requests} requests");
     let rows = c.rows(&["list-units", "--fields", "unit,active"], "bulk@");
