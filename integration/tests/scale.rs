@@ -43,25 +43,29 @@ async fn thousand_machines_ten_thousand_units_converge_and_survive_faults() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_engine_alone_places_lists_and_idles_as_the_million_bench_measures() {
     let Some(state) = testkit::lab() else { return };
-    let report = fleet_integration::sim::engine_alone(SimConfig {
-        etcd_tls: Some(fleet_integration::pki::identity("root")),
-        etcd_endpoints: state.etcd_endpoints(),
-        prefix: testkit::unique_prefix("alone-smoke"),
-        machines: 500,
-        units: 20_000,
-        lease_ttl_secs: 3600,
-        election_ttl_secs: 5,
-        bin_dir: state.bin_dir.clone(),
-        api_port: 12580,
-        faults: false,
-        idle_secs: 10,
-        event_history: None,
-        metrics: true,
-    })
+    let report = fleet_integration::sim::engine_alone(
+        SimConfig {
+            etcd_tls: Some(fleet_integration::pki::identity("root")),
+            etcd_endpoints: state.etcd_endpoints(),
+            prefix: testkit::unique_prefix("alone-smoke"),
+            machines: 500,
+            units: 20_000,
+            lease_ttl_secs: 3600,
+            election_ttl_secs: 5,
+            bin_dir: state.bin_dir.clone(),
+            api_port: 12580,
+            faults: false,
+            idle_secs: 10,
+            event_history: None,
+            metrics: true,
+        },
+        fleet_integration::sim::Submission::Fleetctl,
+    )
     .await
     .expect("the engine alone runs");
     eprintln!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
     assert_eq!(report.list_units_rows, 20_000, "list-units shows every unit");
+    assert!(report.submitted_by_fleetctl, "units named from a file, started by fleetctl");
     assert!(report.list_units_first_row_secs > 0.0 && report.list_units_first_row_secs <= report.list_units_secs);
     assert!(report.etcd_db_bytes > 0 && report.leader_peak_rss_mib > 0.0 && report.api_peak_rss_mib > 0.0);
     assert_eq!(report.idle_writes_per_min, Some(0.0), "an idle engine wrote to etcd");

@@ -182,7 +182,7 @@ pub async fn bench(
             event_history: if events { None } else { Some(0) },
             metrics,
         };
-        match crate::sim::engine_alone(cfg).await {
+        match crate::sim::engine_alone(cfg, crate::sim::Submission::Api).await {
             Ok(r) => {
                 eprintln!("{}", serde_json::to_string(&r)?);
                 engines.push(r);
@@ -290,16 +290,17 @@ async fn secure_sims(lab: &LabState, (machines, units): (usize, usize)) -> Resul
         let _ = etcd.delete("/fleet-bench-tls/", Some(etcd_client::DeleteOptions::new().with_prefix())).await;
     }
     eprintln!("bench: the engine alone: {machines} machines registered, {units} units, etcd with TLS");
-    let engine = match crate::sim::engine_alone(cfg("/fleet-bench-tls-engine/", false)).await {
-        Ok(r) => {
-            eprintln!("{}", serde_json::to_string(&r)?);
-            Some(r)
-        }
-        Err(e) => {
-            eprintln!("bench: the engine alone with TLS did not finish: {e:#}");
-            None
-        }
-    };
+    let engine =
+        match crate::sim::engine_alone(cfg("/fleet-bench-tls-engine/", false), crate::sim::Submission::Api).await {
+            Ok(r) => {
+                eprintln!("{}", serde_json::to_string(&r)?);
+                Some(r)
+            }
+            Err(e) => {
+                eprintln!("bench: the engine alone with TLS did not finish: {e:#}");
+                None
+            }
+        };
     if let Ok(mut etcd) = crate::etcd_admin(&lab.etcd_endpoints()).await {
         let _ = etcd.delete("/fleet-bench-tls-engine/", Some(etcd_client::DeleteOptions::new().with_prefix())).await;
     }

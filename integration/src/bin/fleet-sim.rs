@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use clap::Parser;
-use fleet_integration::sim::{engine_alone, run, SimConfig};
+use fleet_integration::sim::{engine_alone, run, SimConfig, Submission};
 use std::path::PathBuf;
 
 /// Thousands of simulated machines (real agent code, in-memory systemd) against a real etcd and
@@ -35,6 +35,9 @@ struct Args {
     /// The engine alone: machines registered but no agents; measures placement and list-units.
     #[arg(long)]
     engine_alone: bool,
+    /// With --engine-alone: submit by `fleetctl start --names-from` rather than the API.
+    #[arg(long, requires = "engine_alone")]
+    submit_with_fleetctl: bool,
     /// The engines' `event_history`; 0 switches events off (to measure what they cost).
     #[arg(long)]
     event_history: Option<usize>,
@@ -80,7 +83,8 @@ fn main() -> anyhow::Result<()> {
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     if a.engine_alone {
-        let report = rt.block_on(engine_alone(cfg))?;
+        let submission = if a.submit_with_fleetctl { Submission::Fleetctl } else { Submission::Api };
+        let report = rt.block_on(engine_alone(cfg, submission))?;
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         let report = rt.block_on(run(cfg))?;

@@ -57,6 +57,20 @@ pub struct EngineReport {
     pub idle_writes_per_min: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_engine_cpu_secs_per_min: Option<f64>,
+    /// Whether the units were submitted by `fleetctl start --no-block --names-from` (instances
+    /// of a template file) rather than through the API directly.
+    #[serde(default)]
+    pub submitted_by_fleetctl: bool,
+}
+
+/// How the engine-alone run submits its units.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Submission {
+    /// `POST /units`, 5,000 units a request, two at a time.
+    Api,
+    /// As a user would: `fleetctl start --no-block --names-from FILE`, instances of a template
+    /// file in the directory fleetctl runs in.
+    Fleetctl,
 }
 
 fn events_default() -> bool {
@@ -68,7 +82,7 @@ fn events_default() -> bool {
 /// them) but no agents running, so nothing else competes for etcd or the CPU; `cfg.units` units
 /// stored through an API replica first; then a leader is started and its schedule entries are
 /// counted from etcd until every unit is placed. Then `fleetctl list-units` at that size.
-pub async fn engine_alone(cfg: SimConfig) -> Result<EngineReport> {
+pub async fn engine_alone(cfg: SimConfig, submission: Submission) -> Result<EngineReport> {
     let keys = Keys::new(&cfg.prefix);
     let etcd = EtcdConfig {
         endpoints: cfg.etcd_endpoints.clone(),
@@ -85,6 +99,7 @@ pub async fn engine_alone(cfg: SimConfig) -> Result<EngineReport> {
         etcd_tls: cfg.etcd_tls.is_some(),
         events: cfg.event_history != Some(0),
         metrics: cfg.metrics,
+        submitted_by_fleetctl: submission == Submission::Fleetctl,
         ..Default::default()
     };
 
@@ -118,9 +133,17 @@ pub async fn engine_alone(cfg: SimConfig) -> Result<EngineReport> {
         leader_of(&http, cfg.api_port).await == Some(false)
     })
     .await?;
-    let names: Vec<String> = (0..cfg.units).map(|i| format!("alone-{i:06}.service")).collect();
     let t0 = Instant::now();
-    submit_all(&api, &names).await?;
+    match submission {
+        Submission::Api => {
+            let names: Vec<String> = (0..cfg.units).map(|i| format!("alone-{i:06}.service")).collect();
+            submit_all(&api, &names).await?;
+        }
+        Submission::Fleetctl => {
+            let names: Vec<String> = (0..cfg.units).map(|i| format!("alone@{i:06}.service")).collect();
+            start_with_fleetctl(&cfg, &dir, &token, &names)?;
+        }
+    }
     report.submit_secs = t0.elapsed().as_secs_f64();
 
     let from = revision(&admin, &keys).await? + 1;
@@ -191,6 +214,29 @@ pub async fn engine_alone(cfg: SimConfig) -> Result<EngineReport> {
     let _ = admin.lease_client().revoke(lease).await;
     scratch.done = true;
     Ok(report)
+}
+
+/// `fleetctl start --no-block --names-from names.txt` in `dir`, beside the template
+/// `alone@.service`, as a user starts more units than a command line holds. The names file is
+/// written (and its time counted) before fleetctl starts; what it prints is not read.
+fn start_with_fleetctl(cfg: &SimConfig, dir: &Path, token: &str, names: &[String]) -> Result<()> {
+    std::fs::write(dir.join("alone@.service"), "[Service]\nExecStart=/bin/sleep infinity\n")?;
+    let mut list = names.join("\n");
+    list.push('\n');
+    std::fs::write(dir.join("names.txt"), list)?;
+    let out = std::process::Command::new(cfg.bin_dir.join("fleetctl"))
+        .args(["--endpoint", &format!("http://127.0.0.1:{}", cfg.api_port), "--request-timeout", "120"])
+        .args(["start", "--no-block", "--names-from", "names.txt"])
+        .current_dir(dir)
+        .env("FLEETCTL_TOKEN", token)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .context("fleetctl start")?;
+    if !out.status.success() {
+        bail!("fleetctl start --names-from: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
 }
 
 /// An `active` state for every schedule entry, written as agents would (100 per transaction).

@@ -35,7 +35,7 @@ use tokio::sync::watch;
 pub mod dashboard;
 mod engine_alone;
 mod observe;
-pub use engine_alone::{engine_alone, EngineReport};
+pub use engine_alone::{engine_alone, EngineReport, Submission};
 use observe::*;
 
 #[derive(Debug, Clone)]

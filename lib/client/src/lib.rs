@@ -35,6 +35,10 @@ const PAGE_SIZE: &str = "5000";
 /// Units named in one batch request (the engine's limit).
 pub const BATCH: usize = fleet_api::MAX_UNITS_PER_REQUEST;
 
+/// Batch requests of one command in flight at once: the engine validates one while etcd writes
+/// the other (a million units are 100 requests).
+pub const BATCHES_IN_FLIGHT: usize = 2;
+
 /// How to authenticate, and whom to trust. PEM file paths.
 #[derive(Debug, Clone, Default)]
 pub struct Credentials {

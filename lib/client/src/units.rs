@@ -1,11 +1,12 @@
 //! Units: one at a time (get, move, status, journal) and in batches (get, create, change,
 //! destroy, wait), so what a client pays does not grow with the number of units it names.
 
-use crate::{segment, Client, Error, Result, BATCH};
+use crate::{segment, Client, Error, Result, BATCH, BATCHES_IN_FLIGHT};
 use fleet_api::{
     AgentStatus, Changed, CreateUnits, Created, Destroyed, Found, MoveRequest, Names, Unit, UnitChange, UnitChanges,
     UnitStatuses, Until, WaitEvent, WaitRequest,
 };
+use futures::{StreamExt, TryStreamExt};
 use reqwest::StatusCode;
 use std::collections::HashSet;
 use std::ops::ControlFlow;
@@ -121,18 +122,20 @@ impl Client {
     }
 
     /// POSTs `body` to a batch method (`units:batchGet`, ...) and decodes its answer.
-    async fn batch<T: serde::de::DeserializeOwned>(&self, method: &str, body: &impl serde::Serialize) -> Result<T> {
+    async fn batch<T: serde::de::DeserializeOwned>(&self, method: &str, body: impl serde::Serialize) -> Result<T> {
         let what = format!("POST {method}");
-        let resp = self.send(&what, |http, base| http.post(format!("{base}/{method}")).json(body)).await?;
+        let resp = self.send(&what, |http, base| http.post(format!("{base}/{method}")).json(&body)).await?;
         Self::answer(&what, resp).await
     }
 
     /// The named units, what their machines report, and which do not exist: one request per
-    /// [`BATCH`] names.
+    /// [`BATCH`] names, [`BATCHES_IN_FLIGHT`] at once.
     pub async fn batch_get(&self, names: &[String]) -> Result<Found> {
+        let asks =
+            names.chunks(BATCH).map(|chunk| self.batch::<Found>("units:batchGet", Names { names: chunk.to_vec() }));
+        let found: Vec<Found> = futures::stream::iter(asks).buffered(BATCHES_IN_FLIGHT).try_collect().await?;
         let mut all = Found::default();
-        for chunk in names.chunks(BATCH) {
-            let f: Found = self.batch("units:batchGet", &Names { names: chunk.to_vec() }).await?;
+        for f in found {
             all.units.extend(f.units);
             all.states.extend(f.states);
             all.missing.extend(f.missing);
@@ -143,13 +146,12 @@ impl Client {
     /// Creates new units (refused if one exists with other contents; one that exists with the
     /// same contents counts as created, so a request may be sent again); returns the etcd
     /// revision of the last write (0 if there was nothing to create).
+    /// [`BATCHES_IN_FLIGHT`] requests at once.
     pub async fn create(&self, units: &[Unit]) -> Result<i64> {
-        let mut revision = 0;
-        for chunk in units.chunks(BATCH) {
-            let c: Created = self.batch("units", &CreateUnits { units: chunk.to_vec() }).await?;
-            revision = revision.max(c.revision);
-        }
-        Ok(revision)
+        let asks =
+            units.chunks(BATCH).map(|chunk| self.batch::<Created>("units", CreateUnits { units: chunk.to_vec() }));
+        let created: Vec<Created> = futures::stream::iter(asks).buffered(BATCHES_IN_FLIGHT).try_collect().await?;
+        Ok(created.iter().map(|c| c.revision).max().unwrap_or(0))
     }
 
     /// Sets the desired state (and, where given, new options) of existing units; returns the
@@ -165,7 +167,7 @@ impl Client {
                     options: u.options.clone(),
                 })
                 .collect();
-            let c: Changed = self.batch("units:batchUpdate", &UnitChanges { units }).await?;
+            let c: Changed = self.batch("units:batchUpdate", UnitChanges { units }).await?;
             revision = revision.max(c.revision);
         }
         Ok(revision)
@@ -175,7 +177,7 @@ impl Client {
     pub async fn destroy_many(&self, names: &[String]) -> Result<(Vec<String>, i64)> {
         let (mut gone, mut revision) = (Vec::new(), 0);
         for chunk in names.chunks(BATCH) {
-            let d: Destroyed = self.batch("units:batchDelete", &Names { names: chunk.to_vec() }).await?;
+            let d: Destroyed = self.batch("units:batchDelete", Names { names: chunk.to_vec() }).await?;
             gone.extend(d.destroyed);
             revision = revision.max(d.revision);
         }
