@@ -133,9 +133,19 @@ impl Serialize for Text {
 
 impl<'de> Deserialize<'de> for Text {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        // Borrowed where the input allows (no intermediate `String`), owned otherwise.
-        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        Ok(Text(Arc::from(&*s)))
+        // Straight from the input's text into the `Arc` (a `String` or `Cow` first would copy
+        // every field twice: a snapshot of a million units decodes millions of them).
+        struct Visit;
+        impl serde::de::Visitor<'_> for Visit {
+            type Value = Text;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Text, E> {
+                Ok(Text::from(s))
+            }
+        }
+        d.deserialize_str(Visit)
     }
 }
 
@@ -210,6 +220,9 @@ mod tests {
         assert_eq!(serde_json::to_string(&t).ok(), Some("\"loaded\"".into()));
         let back: Text = serde_json::from_str("\"a\\\"b\"").expect("json");
         assert_eq!(back, "a\"b");
+        let plain: Text = serde_json::from_slice(b"\"active\"").expect("json");
+        assert_eq!(plain, "active");
+        assert!(serde_json::from_str::<Text>("7").is_err(), "not a string");
         let (a, b) = (Text::from("a"), Text::from("b"));
         assert!(a < b);
     }
