@@ -56,8 +56,11 @@ impl Presence {
                     lease_tx.send_replace(Some(lease));
                     self.mark_registered(Some(lease)).await;
                     stopped.clear();
-                    let before = self.cleaned.borrow_and_update().generation;
-                    self.keep_alive(lease, &lease_tx).await;
+                    // The clean-up to wait for is one the agent finishes after it was told the
+                    // lease is lost (or in doubt): one it finished earlier, after a doubt the
+                    // lease recovered from, holds neither this loss's stops nor its relisting.
+                    let doubted = self.keep_alive(lease, &lease_tx).await;
+                    let before = doubted.unwrap_or_else(|| self.cleaned.borrow().generation);
                     lease_tx.send_replace(None);
                     self.mark_registered(None).await;
                     tracing::warn!(machine = %self.id(), "lease lost; stopping units no longer scheduled here before registering again");
@@ -141,7 +144,9 @@ impl Presence {
     /// Returns when the lease is gone. While renewals fail for longer than the TTL the lease is
     /// in doubt: `None` is published (the agent stops its exclusive units), and the lease again
     /// once a renewal succeeds.
-    async fn keep_alive(&self, lease: i64, lease_tx: &watch::Sender<Option<i64>>) {
+    /// Keeps `lease` alive until etcd says it is gone. Returns the agent's clean-up generation
+    /// as it was when the agent was last told the lease is in doubt, if it still is.
+    async fn keep_alive(&self, lease: i64, lease_tx: &watch::Sender<Option<i64>>) -> Option<u64> {
         let ttl = Duration::from_secs(self.ttl as u64);
         let period = ttl / 3;
         let mut last_ok = Instant::now();
@@ -150,9 +155,18 @@ impl Presence {
         // keep it down.
         let mut retry = Duration::from_millis(250);
         let max_retry = (period / 2).max(Duration::from_millis(500));
+        // The generation at the last doubt; `NOT_IN_DOUBT` once renewed (an atomic: the closure
+        // below is held across awaits of a task that may move between threads).
+        const NOT_IN_DOUBT: u64 = u64::MAX;
+        let doubted = std::sync::atomic::AtomicU64::new(NOT_IN_DOUBT);
+        let in_doubt = |d: &std::sync::atomic::AtomicU64| {
+            let g = d.load(std::sync::atomic::Ordering::Relaxed);
+            (g != NOT_IN_DOUBT).then_some(g)
+        };
         let doubt = |last_ok: Instant| {
             if last_ok.elapsed() > ttl && lease_tx.borrow().is_some() {
                 tracing::warn!(lease = format!("{lease:x}"), "lease not renewed for its TTL; it is in doubt");
+                doubted.store(self.cleaned.borrow().generation, std::sync::atomic::Ordering::Relaxed);
                 lease_tx.send_replace(None);
             }
         };
@@ -172,7 +186,7 @@ impl Presence {
                     }
                     doubt(last_ok);
                     if last_ok.elapsed() > ttl && !self.lease_alive(lease).await {
-                        return;
+                        return in_doubt(&doubted);
                     }
                     tokio::time::sleep(jittered(retry)).await;
                     retry = (retry * 2).min(max_retry);
@@ -193,10 +207,11 @@ impl Presence {
                         retry = Duration::from_millis(250);
                         if lease_tx.borrow().is_none() {
                             tracing::info!("lease renewed again");
+                            doubted.store(NOT_IN_DOUBT, std::sync::atomic::Ordering::Relaxed);
                             lease_tx.send_replace(Some(lease));
                         }
                     }
-                    Ok(Ok(Some(_))) => return,
+                    Ok(Ok(Some(_))) => return in_doubt(&doubted),
                     other => {
                         let err = match other {
                             Ok(Err(e)) => e.to_string(),
@@ -215,7 +230,7 @@ impl Presence {
             }
             doubt(last_ok);
             if last_ok.elapsed() > ttl && !self.lease_alive(lease).await {
-                return;
+                return in_doubt(&doubted);
             }
             tokio::time::sleep(jittered(retry)).await;
             retry = (retry * 2).min(max_retry);
