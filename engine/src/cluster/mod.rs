@@ -65,6 +65,9 @@ pub struct ClusterView {
     pub reschedules: BTreeMap<UnitName, RescheduleRecord>,
     /// Rollouts by service (over or not: the last one of each service is kept).
     pub rollouts: BTreeMap<UnitName, RolloutRecord>,
+    /// What changed for placing since the leader last took it: kept on the leader's planning
+    /// copy only (`None` in the shared view).
+    plan_changes: Option<PlanChanges>,
     /// Units whose rules are not parsed yet (their body may not have arrived).
     rules_missing: BTreeSet<UnitName>,
     /// Rules by body hash, for bodies whose rules do not depend on the unit's name.
@@ -76,7 +79,30 @@ pub struct ClusterView {
     texts: Interner,
 }
 
+/// What changed since the leader last planned, as far as placing goes: whether a pass that
+/// only places new units can do (the scheduler's `place_new`), or a whole pass is needed.
+#[derive(Debug, Default, Clone)]
+pub struct PlanChanges {
+    /// Units created since: they had neither a record nor a schedule entry before.
+    pub new_units: Vec<UnitName>,
+    /// Schedule entries written (`Some`) or deleted since: the leader's own writes, mostly.
+    pub scheduled: Vec<(UnitName, Text, Option<ScheduleEntry>)>,
+    /// Machines that joined since (a record where there was none).
+    pub machines_new: Vec<String>,
+    /// Live machines lost since (their record deleted: their lease ended).
+    pub machines_lost: Vec<String>,
+    /// Anything else a placement depends on (a unit changed or destroyed, a machine's record
+    /// changed, a drain, a move, a rollout, a state the pass reads, a new listing).
+    pub other: bool,
+}
+
 impl ClusterView {
+    fn plan_changed(&mut self) {
+        if let Some(c) = self.plan_changes.as_mut() {
+            c.other = true;
+        }
+    }
+
     /// Applies one delivery of the watch: a whole new snapshot, or changes.
     fn apply_update(&mut self, keys: &Keys, update: PrefixUpdate) {
         self.apply_update_observed(keys, update, &mut |_, _| {});
@@ -94,6 +120,8 @@ impl ClusterView {
                 fresh.revision = revision;
                 fresh.plan_generation = self.plan_generation + 1;
                 fresh.parse_missing_rules();
+                // A new listing may hide any change: the next pass is a whole one.
+                fresh.plan_changes = self.plan_changes.take().map(|c| PlanChanges { other: true, ..c });
                 *self = fresh;
             }
             PrefixUpdate::Changes { revision, changes } => {
@@ -122,6 +150,11 @@ impl ClusterView {
             Some(Key::State(..)) | Some(Key::Why(_)) | Some(Key::Leader(_)) | Some(Key::RebootLock(_))
         ) {
             self.plan_generation += 1;
+            // Units created, bodies, schedule entries and machines' records are sorted out
+            // below; everything else calls for a whole pass.
+            if !matches!(decoded, Some(Key::Unit(_) | Key::Body(_) | Key::Schedule(..) | Key::Machine(_)) | None) {
+                self.plan_changed();
+            }
         }
         // Except the state of an exclusive unit on a machine it is leaving (its entry there
         // rewritten inactive) or has left: the leader places it elsewhere once that says stopped.
@@ -129,6 +162,7 @@ impl ClusterView {
         if let Some(Key::State(m, unit)) = &decoded {
             if matches!(self.rules.get(unit), Some(Ok(r)) if r.reschedule.is_on()) || self.rolling(unit) {
                 self.plan_generation += 1;
+                self.plan_changed();
             }
             let exclusive = matches!(self.rules.get(unit), Some(Ok(r)) if r.exclusive);
             let running_there = self
@@ -138,6 +172,7 @@ impl ClusterView {
                 .is_some_and(|e| e.desired_state != fleet_model::DesiredState::Inactive);
             if exclusive && !running_there {
                 self.plan_generation += 1;
+                self.plan_changed();
             }
         }
         match change {
@@ -151,6 +186,13 @@ impl ClusterView {
                         if self.units.get(&name).is_none_or(|old| old.hash != rec.hash) {
                             self.rules.remove(&name);
                             self.rules_missing.insert(name.clone());
+                        }
+                        if self.plan_changes.is_some() {
+                            let created = !self.units.contains_key(&name) && !self.schedule.contains_key(&name);
+                            match self.plan_changes.as_mut() {
+                                Some(c) if created => c.new_units.push(name.clone()),
+                                _ => self.plan_changed(),
+                            }
                         }
                         self.units.insert(name, rec);
                     }
@@ -194,8 +236,16 @@ impl ClusterView {
                 },
                 Some(Key::Machine(id)) => match decode::<MachineRecord>(&value) {
                     Ok(rec) => {
+                        let before = self.plan_changes.as_ref().and_then(|_| self.machines.get(&id).cloned());
                         self.published_machines.insert(id.clone(), rec);
                         self.merge_machine(&id);
+                        // A machine that writes its record again unchanged changes nothing.
+                        if self.plan_changes.is_some() && self.machines.get(&id) != before.as_ref() {
+                            match (before, self.plan_changes.as_mut()) {
+                                (None, Some(c)) => c.machines_new.push(id.clone()),
+                                _ => self.plan_changed(),
+                            }
+                        }
                     }
                     Err(e) => {
                         tracing::error!(machine = %id, error = %e, "unreadable machine record; ignoring")
@@ -207,7 +257,11 @@ impl ClusterView {
                         self.texts.intern(&mut e.hash);
                         let entries = self.schedule.entry(unit.clone()).or_default();
                         let elsewhere = entries.keys().find(|other| **other != m).cloned();
-                        let was_there = entries.insert(self.texts.text(&m), e).is_some();
+                        let machine = self.texts.text(&m);
+                        if let Some(c) = self.plan_changes.as_mut() {
+                            c.scheduled.push((unit.clone(), machine.clone(), Some(e.clone())));
+                        }
+                        let was_there = entries.insert(machine, e).is_some();
                         if !was_there {
                             *self.scheduled_on.entry(m.clone()).or_default() += 1;
                         }
@@ -245,6 +299,7 @@ impl ClusterView {
             },
             Change::Delete { .. } => match decoded {
                 Some(Key::Unit(name)) => {
+                    self.plan_changed();
                     self.units.remove(&name);
                     self.rules.remove(&name);
                     self.rules_missing.remove(&name);
@@ -275,10 +330,18 @@ impl ClusterView {
                     self.bodies.remove(&hash);
                 }
                 Some(Key::Machine(id)) => {
+                    if self.machines.contains_key(&id) {
+                        if let Some(c) = self.plan_changes.as_mut() {
+                            c.machines_lost.push(id.clone());
+                        }
+                    }
                     self.published_machines.remove(&id);
                     self.machines.remove(&id);
                 }
                 Some(Key::Schedule(m, unit)) => {
+                    if let Some(c) = self.plan_changes.as_mut() {
+                        c.scheduled.push((unit.clone(), Text::from(m.as_str()), None));
+                    }
                     if remove_nested(&mut self.schedule, &unit, &m) {
                         if let Some(n) = self.scheduled_on.get_mut(&m) {
                             *n = n.saturating_sub(1);
@@ -469,6 +532,11 @@ impl PlanView {
     pub fn view(&self) -> &ClusterView {
         &self.view
     }
+
+    /// What changed for placing since the last call (or since the copy was taken).
+    pub fn take_changes(&mut self) -> PlanChanges {
+        self.view.plan_changes.replace(PlanChanges::default()).unwrap_or_default()
+    }
 }
 
 impl Drop for PlanView {
@@ -594,6 +662,8 @@ impl Cluster {
             }
             Err(poisoned) => poisoned.into_inner().clone(),
         };
+        let mut view = view;
+        view.plan_changes = Some(PlanChanges::default());
         PlanView { view, feed: self.plan_feed.clone(), keys: self.keys.clone() }
     }
 

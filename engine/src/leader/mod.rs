@@ -40,6 +40,8 @@ pub struct LeaderStatus {
     /// started: what a client needs to see that the API answers while one runs.
     pub planning: bool,
     pub passes: u64,
+    /// How many of those passes looked at every unit; the others placed new units only.
+    pub whole_passes: u64,
 }
 
 pub type SharedStatus = Arc<Mutex<LeaderStatus>>;

@@ -21,6 +21,20 @@ const PUTS_IN_FLIGHT: usize = 8;
 /// A planning pass longer than this is logged as a warning: it delays placements.
 const SLOW_PLAN: Duration = Duration::from_secs(1);
 
+/// The leader's planning copy of the view, and what its last pass left for the next one.
+pub struct Planning {
+    pub view: PlanView,
+    /// Set once a whole pass's decisions are all written, taken by the next pass: see
+    /// [`scheduler::Carried`].
+    carried: Option<scheduler::Carried>,
+}
+
+impl Planning {
+    pub fn new(view: PlanView) -> Self {
+        Planning { view, carried: None }
+    }
+}
+
 /// What a leader plans from and writes to.
 pub struct Planner<S: Store> {
     pub store: S,
@@ -108,9 +122,9 @@ impl<S: Store> Planner<S> {
         // Planned on a copy of its own: the shared view keeps following etcd, and the API keeps
         // answering, however long a pass takes.
         let copied = std::time::Instant::now();
-        let mut plan = tokio::task::block_in_place(|| self.cluster.plan_view());
+        let mut plan = Planning::new(tokio::task::block_in_place(|| self.cluster.plan_view()));
         tracing::info!(
-            units = plan.view().units.len(),
+            units = plan.view.view().units.len(),
             copy_ms = copied.elapsed().as_millis() as u64,
             "planning on a copy of the view"
         );
@@ -153,7 +167,7 @@ impl<S: Store> Planner<S> {
                         if r.is_err() {
                             return Err(LeadError::Deposed("cluster view closed".into()));
                         }
-                        tokio::task::block_in_place(|| plan.refresh());
+                        tokio::task::block_in_place(|| plan.view.refresh());
                         if !listed {
                             break;
                         }
@@ -164,80 +178,98 @@ impl<S: Store> Planner<S> {
     }
 
     /// One planning pass over the current view, then waits until the view shows its writes.
-    pub(super) async fn pass(&self, fence: &Compare, plan: &mut PlanView) -> Result<(), LeadError> {
+    pub(super) async fn pass(&self, fence: &Compare, plan: &mut Planning) -> Result<(), LeadError> {
         let started = std::time::Instant::now();
         if let Ok(mut s) = self.status.lock() {
             s.planning = true;
         }
         // A pass over a large cluster is CPU work: off the async workers.
-        let (outcome, why_ops, rollout_writes, orphans, view_rev, view_units) = tokio::task::block_in_place(|| {
-            plan.refresh();
-            let v = plan.view();
-            {
-                let fencing = match self.fences.lock() {
-                    Ok(mut f) => {
-                        f.update(&v.machines, v.schedule.values().flat_map(|e| e.keys().map(|m| m.to_string())))
-                    }
-                    Err(_) => Default::default(),
-                };
-                let now = unix_now();
-                let out = scheduler::schedule(&Snapshot {
-                    drained: &v.drained,
-                    fencing: &fencing,
-                    units: &v.units,
-                    rules: &v.rules,
-                    machines: &v.machines,
-                    schedule: &v.schedule,
-                    moves: &v.moves,
-                    states: &v.states,
-                    reschedules: &v.reschedules,
-                    now,
-                });
-                // Rollouts' steps first (their unit records are scheduled by the next pass), then
-                // failing units' records: a move's event reads why from them.
-                let (rollout_writes, rollout_wake) = super::rolling::steps(v, &self.keys, now);
-                let mut why_ops = Vec::new();
-                for (u, rec) in &out.reschedules {
-                    match rec {
-                        Some(rec) => {
-                            if let Ok(value) = encode(rec) {
-                                tracing::info!(unit = %u, note = %rec.note, "rescheduling a failing unit");
-                                why_ops.push(Op::put(self.keys.reschedule(u), value, 0));
-                            }
+        let (outcome, carried, whole, why_ops, rollout_writes, orphans, view_rev, view_units) =
+            tokio::task::block_in_place(|| {
+                plan.view.refresh();
+                let changes = plan.view.take_changes();
+                let v = plan.view.view();
+                {
+                    let fencing = match self.fences.lock() {
+                        Ok(mut f) => {
+                            f.update(&v.machines, v.schedule.values().flat_map(|e| e.keys().map(|m| m.to_string())))
                         }
-                        None => why_ops.push(Op::delete(self.keys.reschedule(u))),
+                        Err(_) => Default::default(),
+                    };
+                    let now = unix_now();
+                    // Only new units, machines come or gone since the last pass, and schedule
+                    // entries as it left them (its own writes come back): it need not look at
+                    // every unit. (A machine lost and back in between: a whole pass.)
+                    let back = |m: &String| changes.machines_new.contains(m);
+                    let carried = plan.carried.take().filter(|c| {
+                        !changes.other
+                            && !changes.machines_lost.iter().any(back)
+                            && changes.scheduled.iter().all(|(u, m, e)| c.agrees(&v.units, u, m, e.as_ref()))
+                    });
+                    let snap = Snapshot {
+                        drained: &v.drained,
+                        fencing: &fencing,
+                        units: &v.units,
+                        rules: &v.rules,
+                        machines: &v.machines,
+                        schedule: &v.schedule,
+                        moves: &v.moves,
+                        states: &v.states,
+                        reschedules: &v.reschedules,
+                        now,
+                    };
+                    let whole = carried.is_none();
+                    let (out, carried) = match carried {
+                        Some(c) => scheduler::place_new(&snap, c, &changes),
+                        None => scheduler::schedule_carrying(&snap),
+                    };
+                    // Rollouts' steps first (their unit records are scheduled by the next pass), then
+                    // failing units' records: a move's event reads why from them.
+                    let (rollout_writes, rollout_wake) = super::rolling::steps(v, &self.keys, now);
+                    let mut why_ops = Vec::new();
+                    for (u, rec) in &out.reschedules {
+                        match rec {
+                            Some(rec) => {
+                                if let Ok(value) = encode(rec) {
+                                    tracing::info!(unit = %u, note = %rec.note, "rescheduling a failing unit");
+                                    why_ops.push(Op::put(self.keys.reschedule(u), value, 0));
+                                }
+                            }
+                            None => why_ops.push(Op::delete(self.keys.reschedule(u))),
+                        }
                     }
-                }
-                // Record why units are not placed, and forget the reason once they are.
-                for (u, result) in &out.moves {
-                    match result {
-                        MoveOutcome::Done => why_ops.push(Op::delete(self.keys.moves(u))),
-                        MoveOutcome::Refused(why) => {
-                            let Some(req) = v.moves.get(u) else { continue };
-                            if req.refused != *why {
-                                let refused = MoveRequest { refused: why.clone(), ..req.clone() };
-                                if let Ok(value) = encode(&refused) {
-                                    why_ops.push(Op::put(self.keys.moves(u), value, 0));
+                    // Record why units are not placed, and forget the reason once they are.
+                    for (u, result) in &out.moves {
+                        match result {
+                            MoveOutcome::Done => why_ops.push(Op::delete(self.keys.moves(u))),
+                            MoveOutcome::Refused(why) => {
+                                let Some(req) = v.moves.get(u) else { continue };
+                                if req.refused != *why {
+                                    let refused = MoveRequest { refused: why.clone(), ..req.clone() };
+                                    if let Ok(value) = encode(&refused) {
+                                        why_ops.push(Op::put(self.keys.moves(u), value, 0));
+                                    }
                                 }
                             }
                         }
                     }
-                }
-                for (u, why) in &out.unplaceable {
-                    if v.why.get(u) != Some(why) {
-                        why_ops.push(Op::put(self.keys.why(u), why.as_str(), 0));
+                    for (u, why) in &out.unplaceable {
+                        if v.why.get(u) != Some(why) {
+                            why_ops.push(Op::put(self.keys.why(u), why.as_str(), 0));
+                        }
                     }
+                    for u in v.why.keys().filter(|u| !out.unplaceable.contains_key(*u)) {
+                        why_ops.push(Op::delete(self.keys.why(u)));
+                    }
+                    let mut out = out;
+                    if let Some(at) = rollout_wake {
+                        out.wake_at = Some(out.wake_at.map_or(at, |w| w.min(at)));
+                    }
+                    // Bodies are orphaned by units destroyed or changed, which a whole pass follows.
+                    let orphans = if whole { v.orphan_bodies() } else { Vec::new() };
+                    (out, carried, whole, why_ops, rollout_writes, orphans, v.revision, v.units.len())
                 }
-                for u in v.why.keys().filter(|u| !out.unplaceable.contains_key(*u)) {
-                    why_ops.push(Op::delete(self.keys.why(u)));
-                }
-                let mut out = out;
-                if let Some(at) = rollout_wake {
-                    out.wake_at = Some(out.wake_at.map_or(at, |w| w.min(at)));
-                }
-                (out, why_ops, rollout_writes, v.orphan_bodies(), v.revision, v.units.len())
-            }
-        });
+            });
         if let Ok(mut w) = self.wake.lock() {
             *w = outcome.wake_at.map(|at| {
                 let wait = Duration::from_secs(at.saturating_sub(unix_now()));
@@ -260,6 +292,7 @@ impl<S: Store> Planner<S> {
             s.last_plan_ms = planned.as_millis() as u64;
             s.planning = false;
             s.passes += 1;
+            s.whole_passes += u64::from(whole);
         }
         if planned > SLOW_PLAN {
             tracing::warn!(
@@ -270,6 +303,7 @@ impl<S: Store> Planner<S> {
         }
         tracing::debug!(
             revision = view_rev,
+            whole,
             decisions = outcome.decisions.len(),
             unplaceable = outcome.unplaceable.len(),
             plan_ms = planned.as_millis() as u64,
@@ -327,6 +361,7 @@ impl<S: Store> Planner<S> {
         if !outcome.decisions.is_empty() {
             tracing::info!(
                 decisions = outcome.decisions.len(),
+                whole,
                 plan_ms = planned.as_millis() as u64,
                 write_ms = (started.elapsed() - planned).as_millis() as u64,
                 "schedule written"
@@ -342,6 +377,8 @@ impl<S: Store> Planner<S> {
                 Err(e) => return Err(e),
             }
         }
+        // Every decision is written: the next pass may carry on from this one.
+        plan.carried = carried;
         if last_rev > 0 && !self.cluster.caught_up(last_rev, Duration::from_secs(2)).await {
             tracing::warn!(revision = last_rev, "cluster view is slow to catch up; rewatching");
             self.cluster.kick();

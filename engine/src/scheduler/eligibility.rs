@@ -123,7 +123,6 @@ impl<'a> Pass<'a> {
         let clash = if rules.conflicts.is_empty() && self.conflicting.len() < here_count {
             self.conflicting
                 .iter()
-                .copied()
                 .filter(|o| self.p.at.get(*o).is_some_and(|ms| ms.contains(&machine.id)))
                 .find(clashes)
         } else {

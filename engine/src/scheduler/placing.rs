@@ -84,13 +84,16 @@ impl<'a> Pass<'a> {
         }
     }
 
-    pub(super) fn wanted(&self) -> impl Iterator<Item = (&'a UnitName, &'a UnitRecord)> {
-        self.snap.units.iter().filter(|(_, r)| r.desired_state != DesiredState::Inactive)
+    /// Every unit the user wants to run, in name order: what a whole pass places.
+    pub(super) fn wanted(&self) -> Wanted<'a> {
+        let wanted: fn(&(&'a UnitName, &'a UnitRecord)) -> bool = |(_, r)| r.desired_state != DesiredState::Inactive;
+        self.snap.units.iter().filter(wanted)
     }
 
-    pub(super) fn place_globals(&mut self) {
-        let globals: Vec<&UnitName> = self
-            .wanted()
+    /// Places the global units among `candidates` (wanted units, in name order) on every
+    /// eligible machine that does not have them yet.
+    pub(super) fn place_globals(&mut self, candidates: impl Iterator<Item = (&'a UnitName, &'a UnitRecord)>) {
+        let globals: Vec<&UnitName> = candidates
             .filter(|(n, _)| self.rules(n).is_some_and(|r| r.global) && !n.is_template())
             .map(|(n, _)| n)
             .collect();
@@ -122,21 +125,23 @@ impl<'a> Pass<'a> {
         }
     }
 
-    pub(super) fn place_others(&mut self) {
+    /// Places the units among `candidates` (wanted units, in name order) that are neither
+    /// global nor placed, and says why of those that cannot be.
+    pub(super) fn place_others(&mut self, candidates: impl Iterator<Item = (&'a UnitName, &'a UnitRecord)> + Clone) {
         for (unit, machine) in &self.fenced {
             self.out.unplaceable.insert(
                 unit.clone(),
                 format!("exclusive: waiting until lost machine {} has certainly stopped it", short(machine)),
             );
         }
-        let mut pending: Vec<(UnitName, Option<String>)> = self
-            .wanted()
+        let mut pending: Vec<(UnitName, Option<String>)> = candidates
+            .clone()
             .filter(|(n, _)| {
                 !self.p.at.contains_key(*n) && !self.fenced.contains_key(*n) && self.rules(n).is_some_and(|r| !r.global)
             })
             .map(|(n, _)| (n.clone(), None))
             .collect();
-        for (n, _) in self.wanted() {
+        for (n, _) in candidates {
             if n.is_template() {
                 self.out.unplaceable.insert(
                     n.clone(),

@@ -133,10 +133,26 @@ pub(super) async fn observe_until(
     deadline: Instant,
     done: impl Fn(&Observed) -> bool,
 ) -> Result<bool> {
+    // Progress every 10 s: where a long wait spends its time (placing, or agents starting).
+    let started = Instant::now();
+    let mut told = started;
     loop {
         let seen = observed.borrow_and_update().clone();
-        if done(&seen.lock().unwrap_or_else(|e| e.into_inner())) {
-            return Ok(true);
+        {
+            let o = seen.lock().unwrap_or_else(|e| e.into_inner());
+            if done(&o) {
+                return Ok(true);
+            }
+            if told.elapsed() >= Duration::from_secs(10) {
+                told = Instant::now();
+                tracing::info!(
+                    secs = started.elapsed().as_secs(),
+                    placed = o.placed,
+                    active = o.active_units,
+                    writes = o.writes,
+                    "waiting"
+                );
+            }
         }
         if Instant::now() > deadline {
             return Ok(false);
