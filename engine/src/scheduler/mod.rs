@@ -541,20 +541,17 @@ impl<'a> Pass<'a> {
     /// The outcome, and what a pass placing only new units can carry on from (see [`Carried`]).
     fn finish(self, globals: Vec<UnitName>) -> (Outcome, Option<Carried>) {
         let snap = self.snap;
-        // A removal from a live machine frees room there, and a unit placed before it (a
-        // global one, say) may now fit where it did not: only a whole pass looks again at units
-        // already placed. (A lost machine's units free no room anywhere.)
-        let simple =
-            self.fenced.is_empty()
-                && !self.out.decisions.iter().any(
-                    |d| matches!(d, Decision::Remove { machine, .. } if snap.machines.contains_key(machine.as_str())),
-                )
-                && self.leaving.is_empty()
-                && self.out.wake_at.is_none()
-                && self.out.moves.is_empty()
-                && self.out.reschedules.is_empty()
-                && snap.moves.is_empty()
-                && snap.reschedules.is_empty();
+        // A unit displaced by a `Replaces` frees room after the global units were placed, and
+        // one of them may now fit where it did not: only a whole pass looks at them again.
+        // (Other removals come before global units are placed.)
+        let simple = self.fenced.is_empty()
+            && !self.out.decisions.iter().any(|d| matches!(d, Decision::Remove { reason: Reason::Displaced(_), .. }))
+            && self.leaving.is_empty()
+            && self.out.wake_at.is_none()
+            && self.out.moves.is_empty()
+            && self.out.reschedules.is_empty()
+            && snap.moves.is_empty()
+            && snap.reschedules.is_empty();
         let carried = simple.then(|| Carried {
             unplaceable: self.out.unplaceable.keys().cloned().collect(),
             p: self.p,

@@ -601,6 +601,7 @@ mod properties {
                     3 => x.push_str(&format!("MachineOf=u{}.service\n", i.saturating_sub(1))),
                     4 => x.push_str("SpreadBy=rack\n"),
                     5 => x.push_str("Exclusive=true\n"),
+                    6 => x.push_str(&format!("Replaces=u{}.service\n", i.saturating_sub(2))),
                     _ => {}
                 }
                 if mem > 0 {
@@ -613,7 +614,7 @@ mod properties {
                 } else {
                     format!("u{i}.service")
                 };
-                if global && kind != 2 && kind != 3 && kind != 4 {
+                if global && kind != 2 && kind != 3 && kind != 4 && kind != 6 {
                     x.push_str("Global=true\n");
                 }
                 w = w.unit(&name, &x);
