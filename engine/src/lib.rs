@@ -155,6 +155,7 @@ pub async fn run(mut config: watch::Receiver<EngineConfig>, mut shutdown: watch:
             fences: Default::default(),
             wake: Default::default(),
             metrics,
+            ready: Default::default(),
         },
     };
     let leading = if cfg.lead {

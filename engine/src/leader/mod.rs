@@ -74,6 +74,9 @@ pub struct Leader {
 
 impl Leader {
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        // Ready for when this engine is elected, while it is not.
+        let ready = self.planner.keep_ready();
+        tokio::pin!(ready);
         loop {
             let attempt = async {
                 let result = self.campaign_and_lead().await;
@@ -83,6 +86,7 @@ impl Leader {
             };
             tokio::select! {
                 _ = attempt => {}
+                _ = &mut ready => return,
                 _ = shutdown.changed() => return,
             }
             self.set_leader(false, String::new());

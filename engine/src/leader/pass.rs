@@ -4,7 +4,7 @@
 
 use super::fence::fenced_write;
 use super::{LeadError, SharedStatus};
-use crate::cluster::{Cluster, PlanView};
+use crate::cluster::{Cluster, PlanChanges, PlanView};
 use crate::scheduler::{self, Decision, MoveOutcome, Snapshot};
 use fleet_model::schema::{encode, MoveRequest};
 use fleet_model::Keys;
@@ -27,11 +27,44 @@ pub struct Planning {
     /// Set once a whole pass's decisions are all written, taken by the next pass: see
     /// [`scheduler::Carried`].
     carried: Option<scheduler::Carried>,
+    /// `carried` follows the schedule as others wrote it (kept while this engine did not lead):
+    /// the first pass places the units without an entry on it, and a whole pass follows.
+    followed: bool,
 }
 
 impl Planning {
     pub fn new(view: PlanView) -> Self {
-        Planning { view, carried: None }
+        Planning { view, carried: None, followed: false }
+    }
+}
+
+/// What an engine that does not lead keeps ready for when it is elected: its planning copy and
+/// the schedule as it stands ([`scheduler::Carried::following`]), so that a new leader places
+/// new units without first copying the view and making a whole pass (seconds at a million
+/// units). `leading` keeps the two apart: a copy taken while leading would take the leader's
+/// copy's feed.
+#[derive(Default)]
+pub struct Ready {
+    leading: bool,
+    plan: Option<Planning>,
+}
+
+fn snapshot_of<'a>(
+    v: &'a crate::cluster::ClusterView,
+    fencing: &'a std::collections::BTreeSet<String>,
+    now: u64,
+) -> Snapshot<'a> {
+    Snapshot {
+        drained: &v.drained,
+        fencing,
+        units: &v.units,
+        rules: &v.rules,
+        machines: &v.machines,
+        schedule: &v.schedule,
+        moves: &v.moves,
+        states: &v.states,
+        reschedules: &v.reschedules,
+        now,
     }
 }
 
@@ -47,6 +80,7 @@ pub struct Planner<S: Store> {
     /// When a pass is due although nothing changed: a failed unit's reschedule delay ends.
     pub wake: Mutex<Option<tokio::time::Instant>>,
     pub metrics: std::sync::Arc<crate::metrics::Metrics>,
+    pub ready: Mutex<Ready>,
 }
 
 /// Extra wait, beyond a lost machine's lease TTL, before its exclusive units are placed elsewhere:
@@ -120,11 +154,24 @@ impl<S: Store> Planner<S> {
             }
         }
         // Planned on a copy of its own: the shared view keeps following etcd, and the API keeps
-        // answering, however long a pass takes.
+        // answering, however long a pass takes. Taken while this engine waited to lead, if it was.
         let copied = std::time::Instant::now();
-        let mut plan = Planning::new(tokio::task::block_in_place(|| self.cluster.plan_view()));
+        let prepared = tokio::task::block_in_place(|| match self.ready.lock() {
+            Ok(mut r) => {
+                r.leading = true;
+                r.plan.take()
+            }
+            Err(_) => None,
+        });
+        let _ready = ReadyAgain(&self.ready);
+        let prepared_before = prepared.is_some();
+        let mut plan = match prepared {
+            Some(plan) => plan,
+            None => Planning::new(tokio::task::block_in_place(|| self.cluster.plan_view())),
+        };
         tracing::info!(
             units = plan.view.view().units.len(),
+            prepared_before,
             copy_ms = copied.elapsed().as_millis() as u64,
             "planning on a copy of the view"
         );
@@ -134,7 +181,12 @@ impl<S: Store> Planner<S> {
             // loop: an engine may lead before its view has listed the cluster.
             let listed = self.cluster.revision() > 0;
             if listed {
+                let followed = plan.followed;
                 self.pass(&fence, &mut plan).await?;
+                if followed {
+                    // The units without an entry are placed: now the whole pass.
+                    continue;
+                }
             }
             let next_fence = self.fences.lock().ok().and_then(|f| f.next_expiry);
             let wake = self.wake.lock().ok().and_then(|w| *w);
@@ -201,10 +253,12 @@ impl<S: Store> Planner<S> {
                     // entries as it left them (its own writes come back): it need not look at
                     // every unit. (A machine lost and back in between: a whole pass.)
                     let back = |m: &String| changes.machines_new.contains(m);
+                    let followed = std::mem::take(&mut plan.followed);
                     let carried = plan.carried.take().filter(|c| {
-                        !changes.other
-                            && !changes.machines_lost.iter().any(back)
-                            && changes.scheduled.iter().all(|(u, m, e)| c.agrees(&v.units, u, m, e.as_ref()))
+                        followed
+                            || !changes.other
+                                && !changes.machines_lost.iter().any(back)
+                                && changes.scheduled.iter().all(|(u, m, e)| c.agrees(&v.units, u, m, e.as_ref()))
                     });
                     let snap = Snapshot {
                         drained: &v.drained,
@@ -220,6 +274,13 @@ impl<S: Store> Planner<S> {
                     };
                     let whole = carried.is_none();
                     let (out, carried) = match carried {
+                        Some(mut c) if followed => {
+                            // Elected: the schedule as followed, and the units without an entry
+                            // placed on it; nothing carried (the whole pass comes next).
+                            c.follow(&snap, &changes);
+                            let first = PlanChanges { new_units: scheduler::unscheduled(&snap), ..Default::default() };
+                            (scheduler::place_new(&snap, c, &first).0, None)
+                        }
                         Some(c) => scheduler::place_new(&snap, c, &changes),
                         None => scheduler::schedule_carrying(&snap),
                     };
@@ -258,7 +319,9 @@ impl<S: Store> Planner<S> {
                             why_ops.push(Op::put(self.keys.why(u), why.as_str(), 0));
                         }
                     }
-                    for u in v.why.keys().filter(|u| !out.unplaceable.contains_key(*u)) {
+                    // (The first pass of a new leader looks at the units without an entry only: the whole
+                    // pass after it says which reasons are no longer true.)
+                    for u in v.why.keys().filter(|u| !followed && !out.unplaceable.contains_key(*u)) {
                         why_ops.push(Op::delete(self.keys.why(u)));
                     }
                     let mut out = out;
@@ -387,6 +450,54 @@ impl<S: Store> Planner<S> {
         Ok(())
     }
 
+    /// While this engine does not lead: keeps its planning copy and the schedule as it stands
+    /// ready for when it is elected ([`Ready`]). Runs as long as the view does.
+    pub async fn keep_ready(&self) {
+        let mut received = self.cluster.subscribe();
+        loop {
+            // Ready as soon as the view is listed, then kept up to date with every change.
+            if self.cluster.revision() > 0 {
+                tokio::task::block_in_place(|| self.get_ready());
+            }
+            if received.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// One step of [`Planner::keep_ready`]: the copy and the schedule taken, or brought up to date.
+    fn get_ready(&self) {
+        let Ok(mut ready) = self.ready.lock() else { return };
+        if ready.leading {
+            return;
+        }
+        let fencing = std::collections::BTreeSet::new();
+        match ready.plan.as_mut() {
+            Some(plan) => {
+                plan.view.refresh();
+                let changes = plan.view.take_changes();
+                let v = plan.view.view();
+                if let Some(c) = plan.carried.as_mut() {
+                    c.follow(&snapshot_of(v, &fencing, 0), &changes);
+                }
+            }
+            None => {
+                let started = std::time::Instant::now();
+                let mut plan = Planning::new(self.cluster.plan_view());
+                plan.view.take_changes();
+                let carried = scheduler::Carried::following(&snapshot_of(plan.view.view(), &fencing, 0));
+                plan.carried = Some(carried);
+                plan.followed = true;
+                tracing::info!(
+                    units = plan.view.view().units.len(),
+                    ms = started.elapsed().as_millis() as u64,
+                    "ready to lead: a planning copy and the schedule as it stands"
+                );
+                ready.plan = Some(plan);
+            }
+        }
+    }
+
     /// Runs `ops` only while we still lead (and `extra` holds); returns the write's revision.
     async fn fenced(&self, fence: &Compare, extra: Vec<Compare>, ops: Vec<Op>) -> Result<i64, LeadError> {
         let result = fenced_write(&self.store, self.ttl, fence, extra, ops).await;
@@ -402,3 +513,15 @@ impl<S: Store> Planner<S> {
 
 #[cfg(test)]
 mod tests;
+
+/// Marks the end of a leadership (however `lead` returns): the engine gets ready again.
+struct ReadyAgain<'a>(&'a Mutex<Ready>);
+
+impl Drop for ReadyAgain<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut r) = self.0.lock() {
+            r.leading = false;
+            r.plan = None;
+        }
+    }
+}

@@ -390,6 +390,91 @@ impl Carried {
     }
 }
 
+impl Carried {
+    /// What a pass would carry on from were the schedule as it stands right: every entry on a
+    /// live machine where it is, none of them checked. An engine that does not lead keeps this
+    /// up to date ([`Carried::follow`]) so that, once elected, it places new units at once
+    /// ([`unscheduled`]); its whole pass comes right after.
+    pub fn following(snap: &Snapshot<'_>) -> Carried {
+        let reserve = |u: &UnitName| match snap.rules.get(u) {
+            Some(Ok(r)) => r.reserve,
+            _ => Resources::default(),
+        };
+        let mut p = Placement::new(snap.machines);
+        for (unit, entries) in snap.schedule {
+            for (m, e) in entries {
+                if e.desired_state != DesiredState::Inactive && snap.machines.contains_key(m.as_str()) {
+                    p.add(unit, m, reserve(unit));
+                }
+            }
+        }
+        p.index();
+        let of = |keep: fn(&Rules) -> bool| {
+            let mut v: Vec<UnitName> =
+                snap.rules.iter().filter(|(_, r)| r.as_ref().is_ok_and(|r| keep(r))).map(|(u, _)| u.clone()).collect();
+            v.sort();
+            v
+        };
+        Carried {
+            p,
+            unplaceable: BTreeSet::new(),
+            conflicting: of(|r| !r.conflicts.is_empty()),
+            globals: of(|r| r.global),
+        }
+    }
+
+    /// Follows the schedule as it changed (`changes`, shown by `snap`), as [`Carried::following`]
+    /// would find it.
+    pub fn follow(&mut self, snap: &Snapshot<'_>, changes: &PlanChanges) {
+        let reserve = |u: &UnitName| match snap.rules.get(u) {
+            Some(Ok(r)) => r.reserve,
+            _ => Resources::default(),
+        };
+        for m in &changes.machines_lost {
+            self.p.lose(m);
+        }
+        for m in &changes.machines_new {
+            if let Some(rec) = snap.machines.get(m) {
+                self.p.gain(rec);
+            }
+        }
+        for (unit, m, entry) in &changes.scheduled {
+            let here = self.p.at.get(unit).is_some_and(|s| s.contains(m));
+            let runs_here = entry.as_ref().is_some_and(|e| e.desired_state != DesiredState::Inactive)
+                && snap.machines.contains_key(m.as_str());
+            match (here, runs_here) {
+                (false, true) => self.p.add(unit, m, reserve(unit)),
+                (true, false) => self.p.remove(unit, m, reserve(unit)),
+                _ => {}
+            }
+        }
+        for u in &changes.new_units {
+            let Some(Ok(r)) = snap.rules.get(u) else { continue };
+            for (list, yes) in [(&mut self.globals, r.global), (&mut self.conflicting, !r.conflicts.is_empty())] {
+                if let (true, Err(at)) = (yes, list.binary_search(u)) {
+                    list.insert(at, u.clone());
+                }
+            }
+        }
+    }
+}
+
+/// Units the user wants to run that have no schedule entry anywhere: what a new leader places
+/// before its first whole pass (a unit with an entry, even on a lost machine, waits for it).
+pub fn unscheduled(snap: &Snapshot<'_>) -> Vec<UnitName> {
+    // Both maps are in name order: one walk, no lookup per unit.
+    let mut entries = snap.schedule.keys().peekable();
+    let mut out = Vec::new();
+    for (unit, rec) in snap.units {
+        while entries.next_if(|e| *e < unit).is_some() {}
+        let has_entry = entries.peek().is_some_and(|e| *e == unit);
+        if !has_entry && rec.desired_state != DesiredState::Inactive {
+            out.push(unit.clone());
+        }
+    }
+    out
+}
+
 /// A whole pass: every placement checked, every unit without a machine placed.
 pub fn schedule(snap: &Snapshot<'_>) -> Outcome {
     schedule_carrying(snap).0

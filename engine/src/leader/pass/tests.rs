@@ -37,6 +37,7 @@ async fn cluster() -> Lab {
         fences: Default::default(),
         wake: Default::default(),
         metrics: crate::metrics::Metrics::new(),
+        ready: Default::default(),
     };
     Lab { store, keys, planner, fence, election_lease }
 }
@@ -262,4 +263,42 @@ async fn new_units_and_machines_need_no_whole_pass_and_anything_else_gets_one() 
     c.pass_on(&mut plan).await.expect("pass");
     assert_eq!(c.whole_passes(), 3);
     assert_eq!(c.schedule().await.len(), 9);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_ready_to_lead_places_new_units_before_its_whole_pass() {
+    let c = cluster().await;
+    c.machine("m1", &[]).await;
+    c.machine("m2", &[]).await;
+    for i in 0..4 {
+        c.unit(&format!("a{i}.service"), PLAIN).await;
+    }
+    // Another engine led and placed them.
+    c.pass().await.expect("pass");
+    let placed = c.schedule().await;
+    // This one, not leading, keeps its copy and the schedule as it stands, and follows what
+    // changes (new units).
+    assert!(c.planner.cluster.caught_up(c.store.revision(), Duration::from_secs(5)).await);
+    tokio::task::block_in_place(|| c.planner.get_ready());
+    for i in 0..3 {
+        c.unit(&format!("b{i}.service"), PLAIN).await;
+    }
+    assert!(c.planner.cluster.caught_up(c.store.revision(), Duration::from_secs(5)).await);
+    tokio::task::block_in_place(|| c.planner.get_ready());
+    let mut plan = c.planner.ready.lock().expect("ready").plan.take().expect("a copy kept ready");
+    // Elected: the first pass places the new units, levelled with those the schedule holds, and
+    // moves nothing; the whole pass follows.
+    c.pass_on(&mut plan).await.expect("pass");
+    assert_eq!(c.whole_passes(), 1, "the old leader's pass only");
+    let now = c.schedule().await;
+    assert_eq!(now.len(), 7, "{now:?}");
+    for (u, m) in &placed {
+        assert_eq!(now.get(u), Some(m), "{u} stays where it was");
+    }
+    let on_m1 = now.values().filter(|m| m == &&["m1".to_string()]).count();
+    assert!(on_m1 == 3 || on_m1 == 4, "levelled over both machines: {now:?}");
+    let before = c.store.revision();
+    c.pass_on(&mut plan).await.expect("pass");
+    assert_eq!(c.whole_passes(), 2, "then a whole pass");
+    assert_eq!(c.store.revision(), before, "which finds nothing to change");
 }
