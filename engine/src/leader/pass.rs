@@ -9,15 +9,43 @@ use crate::scheduler::{self, Decision, MoveOutcome, Snapshot};
 use fleet_model::schema::{encode, MoveRequest};
 use fleet_model::Keys;
 use fleet_store::kv::{CmpOp, Compare, Op, Store};
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use std::sync::Mutex;
 use std::time::Duration;
 use tokio::sync::watch;
 
 /// etcd's default limit of operations per transaction is 128; one is left for headroom.
 const MAX_OPS_PER_TXN: usize = 120;
-/// Schedule transactions in flight at once while placing many units.
+/// Schedule transactions in flight at most while placing many units.
 const PUTS_IN_FLIGHT: usize = 8;
+/// A schedule transaction answered slower than this halves the transactions in flight; one
+/// answered in a quarter of it adds one back (see [`Pacing`]).
+const SLOW_WRITE: Duration = Duration::from_millis(500);
+
+/// How many schedule transactions a pass keeps in flight: as many as etcd answers promptly.
+///
+/// A million entries written 8 transactions at a time beside 10,000 agents' states put etcd's
+/// apply seconds behind its log; etcd renews a lease only once it has applied what it committed,
+/// so leases expired, the leader's own election lease among them, half-way through its writes
+/// (docs/performance.md). Slow answers halve the window, prompt ones widen it again by one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Pacing {
+    window: usize,
+}
+
+impl Pacing {
+    fn new() -> Self {
+        Pacing { window: PUTS_IN_FLIGHT }
+    }
+
+    fn answered(&mut self, took: Duration) {
+        if took > SLOW_WRITE {
+            self.window = (self.window / 2).max(1);
+        } else if took < SLOW_WRITE / 4 {
+            self.window = (self.window + 1).min(PUTS_IN_FLIGHT);
+        }
+    }
+}
 /// A planning pass longer than this is logged as a warning: it delays placements.
 const SLOW_PLAN: Duration = Duration::from_secs(1);
 
@@ -47,7 +75,13 @@ impl Planning {
 pub struct Ready {
     leading: bool,
     plan: Option<Planning>,
+    /// When the schedule as it stands was last taken whole (see [`Planner::get_ready`]).
+    taken: Option<std::time::Instant>,
 }
+
+/// How often, at most, an engine that does not lead takes the schedule as it stands whole again
+/// after changes it cannot follow (a unit changed or destroyed, a new listing...): O(units) each.
+const RETAKE_AT_MOST_EVERY: Duration = Duration::from_secs(10);
 
 fn snapshot_of<'a>(
     v: &'a crate::cluster::ClusterView,
@@ -163,11 +197,15 @@ impl<S: Store> Planner<S> {
             }
             Err(_) => None,
         });
-        let _ready = ReadyAgain(&self.ready);
         let prepared_before = prepared.is_some();
-        let mut plan = match prepared {
+        let plan = match prepared {
             Some(plan) => plan,
             None => Planning::new(tokio::task::block_in_place(|| self.cluster.plan_view())),
+        };
+        // However leading ends, the copy stays ready for the next election (see `ReadyAgain`).
+        let mut ready_again = ReadyAgain { ready: &self.ready, plan: Some(plan) };
+        let Some(plan) = ready_again.plan.as_mut() else {
+            return Err(LeadError::Deposed("no planning copy".into()));
         };
         tracing::info!(
             units = plan.view.view().units.len(),
@@ -182,7 +220,7 @@ impl<S: Store> Planner<S> {
             let listed = self.cluster.revision() > 0;
             if listed {
                 let followed = plan.followed;
-                self.pass(&fence, &mut plan).await?;
+                self.pass(&fence, plan).await?;
                 if followed {
                     // The units without an entry are placed: now the whole pass.
                     continue;
@@ -413,12 +451,31 @@ impl<S: Store> Planner<S> {
         for chunk in ops.chunks(MAX_OPS_PER_TXN) {
             last_rev = last_rev.max(self.fenced(fence, vec![], chunk.to_vec()).await?);
         }
-        let chunks: Vec<Vec<Op>> = puts.chunks(MAX_OPS_PER_TXN).map(<[Op]>::to_vec).collect();
-        let writes: Vec<_> = chunks.into_iter().map(|chunk| self.fenced(fence, vec![], chunk)).collect();
         // The first failure ends the pass (the writes still in flight are dropped; they are
         // fenced and idempotent): a leader that cannot write must not spend a TTL per batch.
-        let written: Vec<i64> = futures::stream::iter(writes).buffer_unordered(PUTS_IN_FLIGHT).try_collect().await?;
-        last_rev = written.into_iter().fold(last_rev, i64::max);
+        let mut chunks = puts.chunks(MAX_OPS_PER_TXN).map(<[Op]>::to_vec);
+        let mut in_flight = futures::stream::FuturesUnordered::new();
+        let mut pacing = Pacing::new();
+        loop {
+            while in_flight.len() < pacing.window {
+                let Some(chunk) = chunks.next() else { break };
+                in_flight.push(async move {
+                    let sent = std::time::Instant::now();
+                    (self.fenced(fence, vec![], chunk).await, sent.elapsed())
+                });
+            }
+            let Some((written, took)) = in_flight.next().await else { break };
+            last_rev = last_rev.max(written?);
+            let before = pacing.window;
+            pacing.answered(took);
+            if pacing.window < before {
+                tracing::debug!(
+                    took_ms = took.as_millis() as u64,
+                    window = pacing.window,
+                    "etcd slow: fewer writes in flight"
+                );
+            }
+        }
         let removed = outcome.decisions.iter().filter(|d| matches!(d, Decision::Remove { .. })).count();
         self.metrics.decided(outcome.decisions.len() - removed, removed);
         if !outcome.decisions.is_empty() {
@@ -472,13 +529,30 @@ impl<S: Store> Planner<S> {
             return;
         }
         let fencing = std::collections::BTreeSet::new();
+        let retake = ready.taken.is_none_or(|t| t.elapsed() >= RETAKE_AT_MOST_EVERY);
+        let mut taken = None;
         match ready.plan.as_mut() {
             Some(plan) => {
                 plan.view.refresh();
                 let changes = plan.view.take_changes();
                 let v = plan.view.view();
-                if let Some(c) = plan.carried.as_mut() {
-                    c.follow(&snapshot_of(v, &fencing, 0), &changes);
+                // Following takes in units created, machines joined or lost and schedule entries.
+                // Anything else (a unit's rules changed, a machine back before its entries went,
+                // a new listing) is taken whole again, at most every few seconds; until then an
+                // election makes a whole pass first, as without readiness.
+                let rejoined = changes.machines_new.iter().any(|m| {
+                    changes.machines_lost.contains(m) || v.scheduled_on.get(m.as_str()).is_some_and(|n| *n > 0)
+                });
+                if changes.other || rejoined {
+                    plan.carried = None;
+                }
+                match plan.carried.as_mut() {
+                    Some(c) => c.follow(&snapshot_of(v, &fencing, 0), &changes),
+                    None if retake => {
+                        plan.carried = Some(scheduler::Carried::following(&snapshot_of(v, &fencing, 0)));
+                        taken = Some(std::time::Instant::now());
+                    }
+                    None => {}
                 }
             }
             None => {
@@ -488,6 +562,7 @@ impl<S: Store> Planner<S> {
                 let carried = scheduler::Carried::following(&snapshot_of(plan.view.view(), &fencing, 0));
                 plan.carried = Some(carried);
                 plan.followed = true;
+                taken = Some(std::time::Instant::now());
                 tracing::info!(
                     units = plan.view.view().units.len(),
                     ms = started.elapsed().as_millis() as u64,
@@ -495,6 +570,9 @@ impl<S: Store> Planner<S> {
                 );
                 ready.plan = Some(plan);
             }
+        }
+        if taken.is_some() {
+            ready.taken = taken;
         }
     }
 
@@ -515,13 +593,24 @@ impl<S: Store> Planner<S> {
 mod tests;
 
 /// Marks the end of a leadership (however `lead` returns): the engine gets ready again.
-struct ReadyAgain<'a>(&'a Mutex<Ready>);
+///
+/// The copy it planned on stays ready, rather than a new one taken (a second of CPU at a million
+/// units, when etcd is slow enough to cost a leadership, is what a busy host can least spare). Its
+/// carried placement holds the last pass's decisions, written or not: the next leadership's first
+/// pass places only units without an entry on it, and its whole pass follows at once.
+struct ReadyAgain<'a> {
+    ready: &'a Mutex<Ready>,
+    plan: Option<Planning>,
+}
 
 impl Drop for ReadyAgain<'_> {
     fn drop(&mut self) {
-        if let Ok(mut r) = self.0.lock() {
+        if let Ok(mut r) = self.ready.lock() {
             r.leading = false;
-            r.plan = None;
+            r.plan = self.plan.take().map(|mut plan| {
+                plan.followed = true;
+                plan
+            });
         }
     }
 }

@@ -590,6 +590,9 @@ pub fn place_new(snap: &Snapshot<'_>, carried: Carried, changes: &PlanChanges) -
         rescheduling: Vec::new(),
         avoid: HashMap::new(),
     };
+    // Machines units failed on lately (a new leader's first pass may place a unit whose move the
+    // last leader recorded but did not write).
+    pass.learn_avoided();
     for (unit, machine) in taken_off {
         // An exclusive unit may still run on a machine lost lately: it waits for the fence.
         if pass.exclusive(&unit) && snap.fencing.contains(&machine) {

@@ -174,8 +174,15 @@ pub fn section(date: &str, sim: &SimReport, engine: Option<&EngineReport>) -> St
             let _ = writeln!(
                 md,
                 "The whole simulated cluster: submitted in {:.1} s, all active {:.1} s after the first \
-                 request ({:.0} placements/s, {:.2} etcd transactions and {:.2} keys per unit).\n",
-                sim.submit_secs, sim.converge_secs, sim.placements_per_sec, sim.txns_per_unit, sim.keys_per_unit
+                 request ({:.0} placements/s, {:.2} etcd transactions and {:.2} keys per unit). \
+                 Then, as a user would: `fleetctl start` of 1,000 more units into it returned, all of \
+                 them active, after {}.\n",
+                sim.submit_secs,
+                sim.converge_secs,
+                sim.placements_per_sec,
+                sim.txns_per_unit,
+                sim.keys_per_unit,
+                sim.start_more_secs.map_or("(not measured)".into(), |s| format!("{s:.1} s")),
             );
         }
     }
@@ -237,21 +244,39 @@ const NOTES: &str = "\
   had grown to 3 GiB, above etcd's default 2 GiB quota, at which etcd refuses every write. \
   Provisioned members and the lab's etcd run with an 8 GiB quota and hourly compaction; \
   `etcdctl defrag` gives the space back (docs/configuration.md).
-
-### What bounds it now
-
-- *A planning pass is O(units)*: seconds for a million units, during which the leader places \
-  nothing new. A new leader copies its view and runs a whole pass before placing its first \
-  unit, so leader loss at this size cannot meet election TTL + 1 s until passes are \
-  incremental (only units whose inputs changed), and a cluster that is placing a million units \
-  beside 10,000 agents spends much of its time in passes.
+- *A whole planning pass is O(units)*: 4.4 s over a million placed units on an idle host \
+  (`UNITS=1000000 cargo test --release -p fleet-engine -- --ignored --nocapture steady_pass`), \
+  5-14 s beside the simulated agents, during which the leader places nothing new; and a new \
+  leader copied its view and made one before placing anything. Now the leader's planning copy \
+  records what changed since its last pass, and when that is only units created, machines \
+  joined or lost, and its own writes come back as it wrote them, `scheduler::place_new` carries \
+  on from what the last pass left (`scheduler::Carried`): the new units and the lost machine's \
+  units are placed, with the whole pass's result (a property test checks it against \
+  `schedule()`), in milliseconds (10,000 new units into a million: ~40 ms in the same test). \
+  A lost machine's units: 32.5 and 33.8 s in the runs before -> 26.1 s. And an engine that does \
+  not lead keeps its planning copy and the schedule as it stands ready (`leader::Ready`), so \
+  once elected it places the units without an entry first (0.58 s over 1,000,001 units) and \
+  makes its whole pass after: a new leader placing 8.6 and 12.4 s -> 4.4 s. The standby pays \
+  for it with the leader's memory (its copy of the view).
 - *Writing a million schedule entries* takes 16-22 s for the engine alone and ~55 s beside \
   10,000 agents (8,334 transactions of 120 entries, 8 in flight) on the etcd sharing these two \
   cores.
-- *Runs vary.* Two runs of this code on this host an hour apart (the first with the engine \
-  alone's units submitted through the API) gave 165 s and 194 s to all active, 28.7 s and \
-  32.5 s for a lost machine's units (its lease is 30 s, so the margin is one second), and \
-  10.4 s and 8.6 s for a new leader's first placement.
+- *Whole passes still come* after a unit is changed or destroyed, a drain, a move, a rollout's \
+  step, or a unit displaced by a `Replaces`, and right after a new leader's first pass: each \
+  costs the seconds above, and delays what is submitted meanwhile.
+- *etcd's apply falls behind while the first million entries are written beside 10,000 agents*: \
+  in the runs of 2026-12-02 etcd answered \"waiting for the applied index took too long\", \
+  leases could not be renewed in time, the leader lost its 5 s election lease half-way through \
+  its writes (the standby-ready path then took over: `prepared_before=true` in its log), and \
+  agents listed their schedules again. Placement was done 70-110 s after the submission; the \
+  rest of the time to all active is the agents starting their units and reporting their states \
+  through the same etcd. Pacing the leader's writes by etcd's answer times, rather than 8 \
+  transactions always in flight, is the next thing to try.
+- *Runs vary.* The same host gave 165 s and 194 s to all active in two runs on 2026-12-01 and \
+  278 s and 282 s in three on 2026-12-02 (the last with this code), and the engine alone's \
+  fleetctl submission took 30-49 s; the lease-bound targets held in the run of this table and \
+  missed in the one before it, which lacked the standby's readiness and made its machine-loss \
+  pass a whole one.
 - *The whole simulated cluster* at this size puts 10,000 agents' watches and keepalives, the \
   submission and three million key writes on the same two cores as etcd and both engines.";
 

@@ -141,7 +141,7 @@ pub async fn engine_alone(cfg: SimConfig, submission: Submission) -> Result<Engi
         }
         Submission::Fleetctl => {
             let names: Vec<String> = (0..cfg.units).map(|i| format!("alone@{i:06}.service")).collect();
-            start_with_fleetctl(&cfg, &dir, &token, &names)?;
+            start_with_fleetctl(&cfg, &dir, &token, "alone@.service", &names, false)?;
         }
     }
     report.submit_secs = t0.elapsed().as_secs_f64();
@@ -219,14 +219,24 @@ pub async fn engine_alone(cfg: SimConfig, submission: Submission) -> Result<Engi
 /// `fleetctl start --no-block --names-from names.txt` in `dir`, beside the template
 /// `alone@.service`, as a user starts more units than a command line holds. The names file is
 /// written (and its time counted) before fleetctl starts; what it prints is not read.
-fn start_with_fleetctl(cfg: &SimConfig, dir: &Path, token: &str, names: &[String]) -> Result<()> {
-    std::fs::write(dir.join("alone@.service"), "[Service]\nExecStart=/bin/sleep infinity\n")?;
+/// `fleetctl start --names-from` of `names`, instances of `template` (written to `dir`), as a
+/// user starts them: waiting until they are active (`block`) or not (`--no-block`).
+pub(super) fn start_with_fleetctl(
+    cfg: &SimConfig,
+    dir: &Path,
+    token: &str,
+    template: &str,
+    names: &[String],
+    block: bool,
+) -> Result<()> {
+    std::fs::write(dir.join(template), "[Service]\nExecStart=/bin/sleep infinity\n")?;
     let mut list = names.join("\n");
     list.push('\n');
     std::fs::write(dir.join("names.txt"), list)?;
     let out = std::process::Command::new(cfg.bin_dir.join("fleetctl"))
         .args(["--endpoint", &format!("http://127.0.0.1:{}", cfg.api_port), "--request-timeout", "120"])
-        .args(["start", "--no-block", "--names-from", "names.txt"])
+        .args(["start", "--names-from", "names.txt"])
+        .args(if block { &[][..] } else { &["--no-block"][..] })
         .current_dir(dir)
         .env("FLEETCTL_TOKEN", token)
         .stdout(std::process::Stdio::null())

@@ -85,6 +85,10 @@ pub struct SimReport {
     pub own_keys_per_unit: f64,
     pub list_units_secs: f64,
     pub list_units_rows: usize,
+    /// `fleetctl start` (waiting for them, as it does by default) of 1,000 more units into the
+    /// converged cluster, until it returns with all of them active.
+    #[serde(default)]
+    pub start_more_secs: Option<f64>,
     pub machine_lost_secs: Option<f64>,
     pub leader_lost_secs: Option<f64>,
     pub idle_writes_per_min: Option<f64>,
@@ -514,6 +518,19 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport> {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     if cfg.faults {
+        // What a user of a cluster this size does: start 1,000 more units with fleetctl, which
+        // returns once they are all active.
+        let more: Vec<String> = (0..1_000).map(|i| format!("sim-more@{i}.service")).collect();
+        let t = Instant::now();
+        engine_alone::start_with_fleetctl(&cfg, &dir, &token, "sim-more@.service", &more, true)?;
+        let took = t.elapsed().as_secs_f64();
+        let all_active = |o: &Observed| more.iter().all(|u| o.active.get(u).is_some_and(|m| !m.is_empty()));
+        if !observe_until(&mut observed, Instant::now() + Duration::from_secs(30), all_active).await? {
+            bail!("fleetctl start returned, but its 1,000 units are not all active");
+        }
+        report.start_more_secs = Some(took);
+        tracing::info!(secs = took, "fleetctl start of 1,000 more units");
+
         // Idle: nothing changes; count etcd writes and CPU over a window.
         // Writes are counted under this simulation's prefix (etcd's revision is shared with
         // whatever else uses the same etcd).

@@ -302,3 +302,74 @@ async fn an_engine_ready_to_lead_places_new_units_before_its_whole_pass() {
     assert_eq!(c.whole_passes(), 2, "then a whole pass");
     assert_eq!(c.store.revision(), before, "which finds nothing to change");
 }
+
+#[test]
+fn slow_writes_narrow_the_window_and_prompt_ones_widen_it_again() {
+    let mut p = Pacing::new();
+    assert_eq!(p.window, PUTS_IN_FLIGHT);
+    let slow = SLOW_WRITE + Duration::from_millis(1);
+    let prompt = SLOW_WRITE / 8;
+    let mut seen = Vec::new();
+    for took in [slow, slow, slow, slow, slow, prompt, SLOW_WRITE / 2, prompt, prompt] {
+        p.answered(took);
+        seen.push(p.window);
+    }
+    // Halved down to one, never zero; an answer between a quarter and the limit keeps it.
+    assert_eq!(seen, [4, 2, 1, 1, 1, 2, 2, 3, 4]);
+    for _ in 0..20 {
+        p.answered(prompt);
+    }
+    assert_eq!(p.window, PUTS_IN_FLIGHT, "never more than the most in flight");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_stops_leading_keeps_its_copy_ready_for_the_next_election() {
+    let c = cluster().await;
+    c.machine("m1", &[]).await;
+    c.unit("a.service", PLAIN).await;
+    let mut plan = Planning::new(tokio::task::block_in_place(|| c.planner.cluster.plan_view()));
+    c.pass_on(&mut plan).await.expect("pass");
+    if let Ok(mut r) = c.planner.ready.lock() {
+        r.leading = true;
+    }
+    drop(ReadyAgain { ready: &c.planner.ready, plan: Some(plan) });
+    // Ready again: the same copy, now following the schedule; no copy is taken anew.
+    let mut plan = {
+        let mut r = c.planner.ready.lock().expect("ready");
+        assert!(!r.leading);
+        r.plan.take().expect("the copy kept")
+    };
+    assert!(plan.followed);
+    c.unit("b.service", PLAIN).await;
+    assert!(c.planner.cluster.caught_up(c.store.revision(), Duration::from_secs(5)).await);
+    c.pass_on(&mut plan).await.expect("pass");
+    assert_eq!(c.whole_passes(), 1, "the new unit placed before any second whole pass");
+    assert_eq!(c.schedule().await.get("b.service"), Some(&vec!["m1".to_string()]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_ready_to_lead_does_not_follow_what_it_cannot_and_plans_whole_then() {
+    let c = cluster().await;
+    c.machine("m1", &[]).await;
+    c.machine("m2", &[]).await;
+    for i in 0..4 {
+        c.unit(&format!("a{i}.service"), PLAIN).await;
+    }
+    c.pass().await.expect("pass");
+    assert!(c.planner.cluster.caught_up(c.store.revision(), Duration::from_secs(5)).await);
+    tokio::task::block_in_place(|| c.planner.get_ready());
+    // A unit destroyed: following cannot take that in (its machine has room again), and the
+    // schedule was taken whole a moment ago: nothing is carried until it is taken again.
+    let a0 = UnitName::parse("a0.service").expect("name");
+    c.store.txn(Txn { then: vec![Op::delete(c.keys.unit(&a0))], ..Txn::default() }).await.expect("destroy");
+    c.unit("b0.service", PLAIN).await;
+    assert!(c.planner.cluster.caught_up(c.store.revision(), Duration::from_secs(5)).await);
+    tokio::task::block_in_place(|| c.planner.get_ready());
+    let mut plan = c.planner.ready.lock().expect("ready").plan.take().expect("a copy kept ready");
+    assert!(plan.carried.is_none(), "nothing carried after a change it cannot follow");
+    // Elected: a whole pass first, which removes the destroyed unit's entry and places the new one.
+    c.pass_on(&mut plan).await.expect("pass");
+    assert_eq!(c.whole_passes(), 2);
+    let now = c.schedule().await;
+    assert!(!now.contains_key("a0.service") && now.contains_key("b0.service"), "{now:?}");
+}
