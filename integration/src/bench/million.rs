@@ -244,7 +244,7 @@ const NOTES: &str = "\
   had grown to 3 GiB, above etcd's default 2 GiB quota, at which etcd refuses every write. \
   Provisioned members and the lab's etcd run with an 8 GiB quota and hourly compaction; \
   `etcdctl defrag` gives the space back (docs/configuration.md).
-- *A whole planning pass is O(units)*: 4.4 s over a million placed units on an idle host \
+- *A whole planning pass is O(units)*: 3.7-4.4 s over a million placed units on an idle host \
   (`UNITS=1000000 cargo test --release -p fleet-engine -- --ignored --nocapture steady_pass`), \
   5-14 s beside the simulated agents, during which the leader places nothing new; and a new \
   leader copied its view and made one before placing anything. Now the leader's planning copy \
@@ -252,12 +252,15 @@ const NOTES: &str = "\
   joined or lost, and its own writes come back as it wrote them, `scheduler::place_new` carries \
   on from what the last pass left (`scheduler::Carried`): the new units and the lost machine's \
   units are placed, with the whole pass's result (a property test checks it against \
-  `schedule()`), in milliseconds (10,000 new units into a million: ~40 ms in the same test). \
-  A lost machine's units: 32.5 and 33.8 s in the runs before -> 26.1 s. And an engine that does \
-  not lead keeps its planning copy and the schedule as it stands ready (`leader::Ready`), so \
-  once elected it places the units without an entry first (0.58 s over 1,000,001 units) and \
-  makes its whole pass after: a new leader placing 8.6 and 12.4 s -> 4.4 s. The standby pays \
-  for it with the leader's memory (its copy of the view).
+  `schedule()`): 10,000 new units into a million in 93 ms in the same test, and, in this \
+  table's run, `fleetctl start` of 1,000 more units into the converged cluster returned with all \
+  of them active in 0.66 s. A lost machine's units: 32.5 and 33.8 s in the runs before -> 26.1 \
+  and 27.0 s. And an engine that does not lead keeps its planning copy and the schedule as it \
+  stands ready (`leader::Ready`; a leader that stops leading keeps its own), so once elected it \
+  places the units without an entry first (0.4-0.6 s over a million units) and makes its whole \
+  pass after: a new leader placing 8.6 and 12.4 s -> 4.4 and 4.0 s. The standby pays for it \
+  with the leader's memory (its copy of the view), and takes the schedule whole again (at most \
+  every 10 s) after changes it cannot follow, such as a unit changed or destroyed.
 - *Writing a million schedule entries* takes 16-22 s for the engine alone and ~55 s beside \
   10,000 agents (8,334 transactions of 120 entries, 8 in flight) on the etcd sharing these two \
   cores.
@@ -267,16 +270,20 @@ const NOTES: &str = "\
 - *etcd's apply falls behind while the first million entries are written beside 10,000 agents*: \
   in the runs of 2026-12-02 etcd answered \"waiting for the applied index took too long\", \
   leases could not be renewed in time, the leader lost its 5 s election lease half-way through \
-  its writes (the standby-ready path then took over: `prepared_before=true` in its log), and \
-  agents listed their schedules again. Placement was done 70-110 s after the submission; the \
-  rest of the time to all active is the agents starting their units and reporting their states \
-  through the same etcd. Pacing the leader's writes by etcd's answer times, rather than 8 \
-  transactions always in flight, is the next thing to try.
+  its writes (it was elected again and carried on from its kept copy: `prepared_before=true` \
+  in its log), and agents listed their schedules again. Placement was done 70-110 s after the \
+  submission; the rest of the time to all active is the agents starting their units and \
+  reporting their states through the same etcd. The leader now paces its writes by etcd's \
+  answers (8 transactions in flight at most, halved by an answer over 500 ms); in this table's \
+  run it still lost its lease twice (\"writes failed for a lease TTL\"): what etcd falls behind \
+  on is the agents' states as much as the schedule. Splitting states from the schedule \
+  (another etcd, or fewer state writes per start) is what this size needs next.
 - *Runs vary.* The same host gave 165 s and 194 s to all active in two runs on 2026-12-01 and \
-  278 s and 282 s in three on 2026-12-02 (the last with this code), and the engine alone's \
-  fleetctl submission took 30-49 s; the lease-bound targets held in the run of this table and \
-  missed in the one before it, which lacked the standby's readiness and made its machine-loss \
-  pass a whole one.
+  278, 282 and 292 s in three on 2026-12-02 (the last this table's); a fourth that day never \
+  converged (agents' leases expired under etcd's lag, their units were placed again elsewhere, \
+  and it was stopped after 330 s). The engine alone's fleetctl submission took 30-49 s. The \
+  lease-bound targets held in the two runs with the standby's readiness and missed in the one \
+  without it, whose machine-loss pass was a whole one.
 - *The whole simulated cluster* at this size puts 10,000 agents' watches and keepalives, the \
   submission and three million key writes on the same two cores as etcd and both engines.";
 
