@@ -225,9 +225,10 @@ async fn a_write_fenced_by_a_lost_election_key_is_refused() -> anyhow::Result<()
 }
 
 /// A planning pass never holds what the API needs. Units that declare `Conflicts=` are checked
-/// against every other unit on their machine in each pass, so a few thousand of them on one
-/// machine make a pass take seconds (as a larger cluster does with any rules). While such a pass
-/// runs, a unit is written and read back through the same engine (the read waits for the engine's
+/// against every other unit on their machine in each whole pass, so a few thousand of them on one
+/// machine make such a pass take seconds (as a larger cluster does with any rules). New units
+/// alone are placed without a whole pass, so one is asked for by changing a unit's desired state.
+/// While such a pass runs, a unit is written and read back through the same engine (the read waits for the engine's
 /// view to show the write) and the machines are listed: all three answer before that pass ends.
 /// (The pass used to plan on the shared view under its lock: the watch could not apply the write,
 /// the read waited for the pass, and every read queued behind the waiting watch.)
@@ -256,7 +257,9 @@ async fn the_api_answers_while_a_slow_planning_pass_runs() -> anyhow::Result<()>
     // Add conflicting units until one pass over them takes a second or more.
     let mut total = 0;
     let mut last_plan_ms = 0;
+    let mut round = 0;
     while last_plan_ms < 1000 {
+        round += 1;
         anyhow::ensure!(total < 16_000, "passes stay under 1 s ({last_plan_ms} ms) with {total} units");
         let more = if total == 0 { 2000 } else { total };
         let batch: Vec<_> =
@@ -272,19 +275,31 @@ async fn the_api_answers_while_a_slow_planning_pass_runs() -> anyhow::Result<()>
             async move { (schedule(&mut etcd, &keys).await.len() == want).then_some(()) }
         })
         .await?;
-        let idle = wait_for("no pass under way", T, || async {
+        // New units were placed without a whole pass: ask for one, and time it.
+        let whole = |s: &Option<serde_json::Value>| field(s, "wholePasses").and_then(|v| v.as_u64()).unwrap_or(0);
+        let before = whole(&status(&engine.0).await);
+        let resp = http
+            .put(format!("{api}/fleet/v1/units/slow-0.service"))
+            .json(&serde_json::json!({"desiredState": if round % 2 == 1 { "loaded" } else { "launched" }}))
+            .send()
+            .await?;
+        anyhow::ensure!(resp.status().is_success(), "PUT slow-0: {}", resp.status());
+        let idle = wait_for("a whole pass made, and none under way", Duration::from_secs(120), || async {
             let s = status(&engine.0).await;
-            (field(&s, "planning") == Some(false.into())).then_some(s)
+            (whole(&s) > before && field(&s, "planning") == Some(false.into())).then_some(s)
         })
         .await?;
-        last_plan_ms = field(&idle, "lastPlanMs").and_then(|v| v.as_u64()).unwrap_or(0);
+        last_plan_ms = field(&idle, "lastWholePlanMs").and_then(|v| v.as_u64()).unwrap_or(0);
         eprintln!("{total} units: a pass takes {last_plan_ms} ms");
     }
 
-    // A change that makes the leader plan again, then catch that pass under way.
-    let resp =
-        http.put(format!("{api}/fleet/v1/units/probe-0.service")).json(&unit("probe-0.service", "")).send().await?;
-    anyhow::ensure!(resp.status().is_success(), "PUT probe-0: {}", resp.status());
+    // A change that makes the leader make a whole pass again, then catch that pass under way.
+    let resp = http
+        .put(format!("{api}/fleet/v1/units/slow-1.service"))
+        .json(&serde_json::json!({"desiredState": "loaded"}))
+        .send()
+        .await?;
+    anyhow::ensure!(resp.status().is_success(), "PUT slow-1: {}", resp.status());
     let during = wait_for("a pass under way", T, || async {
         let s = status(&engine.0).await;
         (field(&s, "planning") == Some(true.into())).then_some(s)

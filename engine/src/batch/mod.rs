@@ -119,6 +119,11 @@ pub async fn batch_get(
         let rev = newest_of(&api, &missing).await?;
         if api.cluster.revision() < rev {
             settle(&api, rev).await;
+        }
+        // Read again even when the view needed no waiting: it may have taken the unit in
+        // between the first read and etcd's answer (seen in CI: "missing" for a unit the view
+        // already held).
+        if rev > 0 {
             found = api.cluster.read(|v| find(v, &names));
         }
     }

@@ -42,6 +42,8 @@ pub struct LeaderStatus {
     pub passes: u64,
     /// How many of those passes looked at every unit; the others placed new units only.
     pub whole_passes: u64,
+    /// How long the last of those whole passes took, in milliseconds.
+    pub last_whole_plan_ms: u64,
 }
 
 pub type SharedStatus = Arc<Mutex<LeaderStatus>>;

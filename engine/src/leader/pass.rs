@@ -393,7 +393,10 @@ impl<S: Store> Planner<S> {
             s.last_plan_ms = planned.as_millis() as u64;
             s.planning = false;
             s.passes += 1;
-            s.whole_passes += u64::from(whole);
+            if whole {
+                s.whole_passes += 1;
+                s.last_whole_plan_ms = planned.as_millis() as u64;
+            }
         }
         if planned > SLOW_PLAN {
             tracing::warn!(
