@@ -298,18 +298,7 @@ impl<S: Store> Planner<S> {
                                 && !changes.machines_lost.iter().any(back)
                                 && changes.scheduled.iter().all(|(u, m, e)| c.agrees(&v.units, u, m, e.as_ref()))
                     });
-                    let snap = Snapshot {
-                        drained: &v.drained,
-                        fencing: &fencing,
-                        units: &v.units,
-                        rules: &v.rules,
-                        machines: &v.machines,
-                        schedule: &v.schedule,
-                        moves: &v.moves,
-                        states: &v.states,
-                        reschedules: &v.reschedules,
-                        now,
-                    };
+                    let snap = snapshot_of(v, &fencing, now);
                     let whole = carried.is_none();
                     let (out, carried) = match carried {
                         Some(mut c) if followed => {

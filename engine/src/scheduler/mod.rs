@@ -396,40 +396,38 @@ impl Carried {
     /// up to date ([`Carried::follow`]) so that, once elected, it places new units at once
     /// ([`unscheduled`]); its whole pass comes right after.
     pub fn following(snap: &Snapshot<'_>) -> Carried {
-        let reserve = |u: &UnitName| match snap.rules.get(u) {
-            Some(Ok(r)) => r.reserve,
-            _ => Resources::default(),
-        };
         let mut p = Placement::new(snap.machines);
         for (unit, entries) in snap.schedule {
             for (m, e) in entries {
                 if e.desired_state != DesiredState::Inactive && snap.machines.contains_key(m.as_str()) {
-                    p.add(unit, m, reserve(unit));
+                    p.add(unit, m, reserve_of(snap, unit));
                 }
             }
         }
         p.index();
-        let of = |keep: fn(&Rules) -> bool| {
-            let mut v: Vec<UnitName> =
-                snap.rules.iter().filter(|(_, r)| r.as_ref().is_ok_and(|r| keep(r))).map(|(u, _)| u.clone()).collect();
-            v.sort();
-            v
-        };
         Carried {
             p,
             unplaceable: BTreeSet::new(),
-            conflicting: of(|r| !r.conflicts.is_empty()),
-            globals: of(|r| r.global),
+            conflicting: units_whose(snap, |r| !r.conflicts.is_empty()),
+            globals: units_whose(snap, |r| r.global),
+        }
+    }
+
+    /// Takes note of units whose rules make them global or declare `Conflicts`.
+    fn learn<'u>(&mut self, snap: &Snapshot<'_>, units: impl Iterator<Item = &'u UnitName>) {
+        for u in units {
+            let Some(Ok(r)) = snap.rules.get(u) else { continue };
+            for (list, yes) in [(&mut self.globals, r.global), (&mut self.conflicting, !r.conflicts.is_empty())] {
+                if let (true, Err(at)) = (yes, list.binary_search(u)) {
+                    list.insert(at, u.clone());
+                }
+            }
         }
     }
 
     /// Follows the schedule as it changed (`changes`, shown by `snap`), as [`Carried::following`]
     /// would find it.
     pub fn follow(&mut self, snap: &Snapshot<'_>, changes: &PlanChanges) {
-        let reserve = |u: &UnitName| match snap.rules.get(u) {
-            Some(Ok(r)) => r.reserve,
-            _ => Resources::default(),
-        };
         for m in &changes.machines_lost {
             self.p.lose(m);
         }
@@ -443,20 +441,29 @@ impl Carried {
             let runs_here = entry.as_ref().is_some_and(|e| e.desired_state != DesiredState::Inactive)
                 && snap.machines.contains_key(m.as_str());
             match (here, runs_here) {
-                (false, true) => self.p.add(unit, m, reserve(unit)),
-                (true, false) => self.p.remove(unit, m, reserve(unit)),
+                (false, true) => self.p.add(unit, m, reserve_of(snap, unit)),
+                (true, false) => self.p.remove(unit, m, reserve_of(snap, unit)),
                 _ => {}
             }
         }
-        for u in &changes.new_units {
-            let Some(Ok(r)) = snap.rules.get(u) else { continue };
-            for (list, yes) in [(&mut self.globals, r.global), (&mut self.conflicting, !r.conflicts.is_empty())] {
-                if let (true, Err(at)) = (yes, list.binary_search(u)) {
-                    list.insert(at, u.clone());
-                }
-            }
-        }
+        self.learn(snap, changes.new_units.iter());
     }
+}
+
+/// What `unit` reserves on its machine (nothing while its rules are not read).
+fn reserve_of(snap: &Snapshot<'_>, unit: &UnitName) -> Resources {
+    match snap.rules.get(unit) {
+        Some(Ok(r)) => r.reserve,
+        _ => Resources::default(),
+    }
+}
+
+/// The units whose rules `keep`, by name.
+fn units_whose(snap: &Snapshot<'_>, keep: fn(&Rules) -> bool) -> Vec<UnitName> {
+    let mut v: Vec<UnitName> =
+        snap.rules.iter().filter(|(_, r)| r.as_ref().is_ok_and(|r| keep(r))).map(|(u, _)| u.clone()).collect();
+    v.sort();
+    v
 }
 
 /// Units the user wants to run that have no schedule entry anywhere: what a new leader places
@@ -484,16 +491,8 @@ pub fn schedule(snap: &Snapshot<'_>) -> Outcome {
 /// leaves work that depends on more than new units (exclusive units waiting to stop or for a
 /// fence, move requests, failing units' records, a pass due at a later time).
 pub fn schedule_carrying(snap: &Snapshot<'_>) -> (Outcome, Option<Carried>) {
-    let mut conflicting: Vec<UnitName> = snap
-        .rules
-        .iter()
-        .filter(|(_, r)| r.as_ref().is_ok_and(|r| !r.conflicts.is_empty()))
-        .map(|(u, _)| u.clone())
-        .collect();
-    conflicting.sort();
-    let mut globals: Vec<UnitName> =
-        snap.rules.iter().filter(|(_, r)| r.as_ref().is_ok_and(|r| r.global)).map(|(u, _)| u.clone()).collect();
-    globals.sort();
+    let conflicting = units_whose(snap, |r| !r.conflicts.is_empty());
+    let globals = units_whose(snap, |r| r.global);
     let rescheduling: Vec<&UnitName> =
         snap.rules.iter().filter(|(_, r)| r.as_ref().is_ok_and(|r| r.reschedule.is_on())).map(|(u, _)| u).collect();
     let mut pass = Pass {
@@ -537,8 +536,11 @@ pub fn schedule_carrying(snap: &Snapshot<'_>) -> (Outcome, Option<Carried>) {
 /// (`tests::placing_new_units_on_what_a_pass_left_is_a_whole_pass`) provided nothing else that a
 /// placement depends on changed, and the last pass's decisions were all written: the leader
 /// checks both (`leader::pass`).
-pub fn place_new(snap: &Snapshot<'_>, carried: Carried, changes: &PlanChanges) -> (Outcome, Option<Carried>) {
-    let Carried { mut p, unplaceable, mut conflicting, mut globals } = carried;
+pub fn place_new(snap: &Snapshot<'_>, mut carried: Carried, changes: &PlanChanges) -> (Outcome, Option<Carried>) {
+    // Units whose rules arrived since (with them or after them) may be global or conflict.
+    let unplaceable = std::mem::take(&mut carried.unplaceable);
+    carried.learn(snap, changes.new_units.iter().chain(&unplaceable));
+    let Carried { mut p, conflicting, globals, .. } = carried;
     let mut lost: Vec<&String> = changes.machines_lost.iter().collect();
     lost.sort();
     lost.dedup();
@@ -551,13 +553,6 @@ pub fn place_new(snap: &Snapshot<'_>, carried: Carried, changes: &PlanChanges) -
     for m in &changes.machines_new {
         if let Some(rec) = snap.machines.get(m) {
             p.gain(rec);
-        }
-    }
-    for u in &changes.new_units {
-        if snap.rules.get(u).is_some_and(|r| r.as_ref().is_ok_and(|r| r.global)) {
-            if let Err(at) = globals.binary_search(u) {
-                globals.insert(at, u.clone());
-            }
         }
     }
     let machines_changed = !changes.machines_new.is_empty() || !taken_off.is_empty();
@@ -573,13 +568,6 @@ pub fn place_new(snap: &Snapshot<'_>, carried: Carried, changes: &PlanChanges) -
         .collect();
     candidates.sort_by(|a, b| a.0.cmp(b.0));
     candidates.dedup_by(|a, b| a.0 == b.0);
-    for (u, _) in &candidates {
-        if snap.rules.get(*u).is_some_and(|r| r.as_ref().is_ok_and(|r| !r.conflicts.is_empty())) {
-            if let Err(at) = conflicting.binary_search(u) {
-                conflicting.insert(at, (*u).clone());
-            }
-        }
-    }
     let mut pass = Pass {
         snap,
         p,

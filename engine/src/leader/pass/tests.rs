@@ -87,6 +87,13 @@ impl Lab {
         self.planner.pass(&self.fence, plan).await
     }
 
+    /// Takes or brings up to date what this engine keeps ready to lead, once its view shows
+    /// everything written so far.
+    async fn get_ready(&self) {
+        assert!(self.planner.cluster.caught_up(self.store.revision(), Duration::from_secs(5)).await);
+        tokio::task::block_in_place(|| self.planner.get_ready());
+    }
+
     fn whole_passes(&self) -> u64 {
         self.planner.status.lock().map(|s| s.whole_passes).unwrap_or_default()
     }
@@ -265,26 +272,29 @@ async fn new_units_and_machines_need_no_whole_pass_and_anything_else_gets_one() 
     assert_eq!(c.schedule().await.len(), 9);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_engine_ready_to_lead_places_new_units_before_its_whole_pass() {
+/// Two machines and four units, placed by a pass of another engine's (a planning copy of its own).
+async fn placed_by_another_engine() -> Lab {
     let c = cluster().await;
     c.machine("m1", &[]).await;
     c.machine("m2", &[]).await;
     for i in 0..4 {
         c.unit(&format!("a{i}.service"), PLAIN).await;
     }
-    // Another engine led and placed them.
     c.pass().await.expect("pass");
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_ready_to_lead_places_new_units_before_its_whole_pass() {
+    let c = placed_by_another_engine().await;
     let placed = c.schedule().await;
     // This one, not leading, keeps its copy and the schedule as it stands, and follows what
     // changes (new units).
-    assert!(c.planner.cluster.caught_up(c.store.revision(), Duration::from_secs(5)).await);
-    tokio::task::block_in_place(|| c.planner.get_ready());
+    c.get_ready().await;
     for i in 0..3 {
         c.unit(&format!("b{i}.service"), PLAIN).await;
     }
-    assert!(c.planner.cluster.caught_up(c.store.revision(), Duration::from_secs(5)).await);
-    tokio::task::block_in_place(|| c.planner.get_ready());
+    c.get_ready().await;
     let mut plan = c.planner.ready.lock().expect("ready").plan.take().expect("a copy kept ready");
     // Elected: the first pass places the new units, levelled with those the schedule holds, and
     // moves nothing; the whole pass follows.
@@ -349,22 +359,14 @@ async fn a_leader_that_stops_leading_keeps_its_copy_ready_for_the_next_election(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_engine_ready_to_lead_does_not_follow_what_it_cannot_and_plans_whole_then() {
-    let c = cluster().await;
-    c.machine("m1", &[]).await;
-    c.machine("m2", &[]).await;
-    for i in 0..4 {
-        c.unit(&format!("a{i}.service"), PLAIN).await;
-    }
-    c.pass().await.expect("pass");
-    assert!(c.planner.cluster.caught_up(c.store.revision(), Duration::from_secs(5)).await);
-    tokio::task::block_in_place(|| c.planner.get_ready());
+    let c = placed_by_another_engine().await;
+    c.get_ready().await;
     // A unit destroyed: following cannot take that in (its machine has room again), and the
     // schedule was taken whole a moment ago: nothing is carried until it is taken again.
     let a0 = UnitName::parse("a0.service").expect("name");
     c.store.txn(Txn { then: vec![Op::delete(c.keys.unit(&a0))], ..Txn::default() }).await.expect("destroy");
     c.unit("b0.service", PLAIN).await;
-    assert!(c.planner.cluster.caught_up(c.store.revision(), Duration::from_secs(5)).await);
-    tokio::task::block_in_place(|| c.planner.get_ready());
+    c.get_ready().await;
     let mut plan = c.planner.ready.lock().expect("ready").plan.take().expect("a copy kept ready");
     assert!(plan.carried.is_none(), "nothing carried after a change it cannot follow");
     // Elected: a whole pass first, which removes the destroyed unit's entry and places the new one.
