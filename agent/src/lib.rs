@@ -12,6 +12,7 @@
 
 pub mod config;
 pub mod driver;
+mod files;
 pub mod guard;
 pub mod health;
 pub mod image;
@@ -561,10 +562,10 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
         if let Err(e) = self.systemd.disable(&removed).await {
             tracing::warn!(error = %e, "unlinking unit files failed");
         }
+        for (unit, e) in files::remove(&self.units_dir, &removed).await {
+            tracing::warn!(%unit, error = %e, "cannot remove unit file");
+        }
         for n in &removed {
-            if let Err(e) = tokio::fs::remove_file(self.units_dir.join(n)).await {
-                tracing::warn!(unit = %n, error = %e, "cannot remove unit file");
-            }
             self.files.remove(n);
             self.applied.remove(n);
             self.exclusive.remove(n);
@@ -589,38 +590,47 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
             .collect()
             .await;
         self.bodies.extend(fetched.into_iter().filter_map(|(h, b)| b.map(|b| (h, b))));
+        let mut to_write = Vec::new();
         for (name, hash) in &plan.write {
-            let Some(body) = self.bodies.get(hash).cloned() else {
+            let Some(body) = self.bodies.get(hash) else {
                 self.reconcile_again = true;
                 continue;
             };
-            if content_hash(&body) != *hash {
+            if content_hash(body) != *hash {
                 tracing::error!(unit = %name, hash, "unit body does not match its hash; not running it");
                 continue;
             }
-            if !self.files.contains_key(name) {
-                if let Some(own) = guard::shadowed_system_unit(name, &self.system_unit_dirs, &self.units_dir) {
+            let check_shadowing = !self.files.contains_key(name);
+            to_write.push(files::ToWrite {
+                name: name.clone(),
+                hash: hash.clone(),
+                body: body.clone(),
+                check_shadowing,
+            });
+        }
+        // A write the blocking task never reported (it panicked) is made again.
+        let wanted = to_write.len();
+        let written = files::write(&self.units_dir, &self.system_unit_dirs, to_write).await;
+        if written.len() != wanted {
+            self.reconcile_again = true;
+        }
+        for (f, result) in written {
+            let files::ToWrite { name, hash, body, .. } = f;
+            match result {
+                files::Written::Shadows(own) => {
                     tracing::error!(unit = %name, shadows = %own.display(), "refused: the machine has a unit of this name");
-                    self.refused.insert(name.clone(), hash.clone());
-                    self.unpublished.insert(name.clone());
-                    continue;
+                    self.refused.insert(name.clone(), hash);
+                    self.unpublished.insert(name);
                 }
-            }
-            let path = self.units_dir.join(name);
-            let tmp = self.units_dir.join(format!(".{name}.tmp"));
-            let written = async {
-                tokio::fs::write(&tmp, body.as_bytes()).await?;
-                tokio::fs::rename(&tmp, &path).await
-            };
-            match written.await {
-                Ok(()) => {
-                    if self.files.insert(name.clone(), hash.clone()).is_some() {
+                files::Written::Ok => {
+                    let path = self.units_dir.join(&name);
+                    if self.files.insert(name.clone(), hash).is_some() {
                         // New contents of a unit systemd has loaded: only a reload shows them.
                         self.reload_needed = true;
                     }
-                    self.path_to_unit.insert(systemd::unit_path(name), name.clone());
+                    self.path_to_unit.insert(systemd::unit_path(&name), name.clone());
                     self.applied.insert(name.clone(), DesiredState::Loaded);
-                    self.learn_rules(name, &body, true);
+                    self.learn_rules(&name, &body, true);
                     if fleet_model::UnitFile::parse(&body)
                         .is_ok_and(|f| f.options.iter().any(|o| o.section == "Install"))
                     {
@@ -628,7 +638,7 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
                     }
                     linked.push(path.to_string_lossy().to_string());
                 }
-                Err(e) => tracing::error!(unit = %name, error = %e, "cannot write unit file"),
+                files::Written::Failed(e) => tracing::error!(unit = %name, error = %e, "cannot write unit file"),
             }
         }
         if let Err(e) = self.systemd.link(&linked).await {

@@ -148,6 +148,29 @@ impl Drop for Scratch {
     }
 }
 
+/// The simulated machines' unit files, on tmpfs as a real agent's are (`/run/fleet/units`): on
+/// this host's ext4 a million of them cost the simulation a third of its CPU, which real agents
+/// spend on their own machines. Removed when dropped, kept logs or not (they hold only unit
+/// files, and tmpfs holds them in memory).
+struct MachineDirs(PathBuf);
+
+impl MachineDirs {
+    fn new() -> Result<MachineDirs> {
+        let shm = Path::new("/dev/shm");
+        let base = if shm.is_dir() { shm.to_path_buf() } else { std::env::temp_dir() };
+        let dir = base.join(format!("fl-sim-machines-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        Ok(MachineDirs(dir))
+    }
+}
+
+impl Drop for MachineDirs {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 fn machine_id(i: usize) -> String {
     format!("5eed{:028x}", i)
 }
@@ -442,6 +465,7 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport> {
     admin.kv_client().delete(keys.prefix(), Some(etcd_client::DeleteOptions::new().with_prefix())).await?;
     let (dir, engine_config, token, http) = workspace(&cfg, "fleet-sim")?;
     let mut scratch = Scratch::new(dir.clone());
+    let machine_dirs = MachineDirs::new()?;
     let mut report =
         SimReport { machines: cfg.machines, units: cfg.units, etcd_tls: cfg.etcd_tls.is_some(), ..Default::default() };
 
@@ -459,7 +483,7 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport> {
         .map(|i| {
             let client = pool[i % pool.len()].clone();
             let cfg = &cfg;
-            let dir = &dir;
+            let dir = &machine_dirs.0;
             async move { start_machine(cfg, client, i, dir).await }
         })
         .buffer_unordered(64)
