@@ -55,6 +55,7 @@ impl Browser {
         let mut child = Command::new(exe)
             .args(["--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions"])
             .args(["--disable-dev-shm-usage", "--remote-debugging-port=0", "--hide-scrollbars"])
+            .arg("--ignore-certificate-errors")
             .arg(format!("--user-data-dir={}", profile.display()))
             .arg(format!("--window-size={width},{height}"))
             .arg("about:blank")

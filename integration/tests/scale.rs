@@ -2,7 +2,8 @@
 //! code with the in-memory systemd of `fleet-sim`) and 10,000 units against the lab's real etcd
 //! and a real engine. It checks convergence and correctness, never time: every unit active on
 //! exactly one machine, a lost machine's units active elsewhere, a new leader placing after the
-//! old one is killed, nothing written while idle. `./lab bench` runs the timed, larger sizes.
+//! old one is killed, nothing written while idle; on the default install's settings (etcd and the
+//! API over TLS). `./lab bench` runs the timed, larger sizes.
 
 use fleet_integration::sim::{run, SimConfig};
 use fleet_integration::testkit;
@@ -24,12 +25,18 @@ async fn thousand_machines_ten_thousand_units_converge_and_survive_faults() {
         idle_secs: 10,
         event_history: None,
         metrics: true,
+        // As the million bench's second cluster: the API over TLS (the lab's engine certificate),
+        // the units started by fleetctl.
+        api_tls: Some(fleet_integration::pki::identity("engine")),
+        submission: fleet_integration::sim::Submission::Fleetctl,
     })
     .await
     .expect("simulation runs");
     eprintln!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
     assert_eq!((report.missing, report.duplicates), (0, 0), "{report:?}");
     assert_eq!(report.list_units_rows, 10_000, "list-units shows every unit");
+    assert!(report.submitted_by_fleetctl && report.api_tls && report.etcd_tls, "{report:?}");
+    assert!(report.start_more_secs.is_some(), "fleetctl start of 1,000 more units returned");
     assert!(report.machine_lost_secs.is_some() && report.leader_lost_secs.is_some());
     assert_eq!(report.idle_writes_per_min, Some(0.0), "an idle cluster wrote to etcd");
     // Each unit: its record, its schedule entry, its state (docs/performance-notes.md); bodies,
@@ -58,6 +65,8 @@ async fn the_engine_alone_places_lists_and_idles_as_the_million_bench_measures()
             idle_secs: 10,
             event_history: None,
             metrics: true,
+            api_tls: Some(fleet_integration::pki::identity("engine")),
+            submission: fleet_integration::sim::Submission::Api,
         },
         fleet_integration::sim::Submission::Fleetctl,
     )
@@ -66,6 +75,7 @@ async fn the_engine_alone_places_lists_and_idles_as_the_million_bench_measures()
     eprintln!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
     assert_eq!(report.list_units_rows, 20_000, "list-units shows every unit");
     assert!(report.submitted_by_fleetctl, "units named from a file, started by fleetctl");
+    assert!(report.api_tls && report.etcd_tls, "the default install's TLS");
     assert!(report.list_units_first_row_secs > 0.0 && report.list_units_first_row_secs <= report.list_units_secs);
     assert!(report.etcd_db_bytes > 0 && report.leader_peak_rss_mib > 0.0 && report.api_peak_rss_mib > 0.0);
     assert_eq!(report.idle_writes_per_min, Some(0.0), "an idle engine wrote to etcd");

@@ -10,7 +10,7 @@ pub use million::{million, render_from_log as million_from_log, MILLION_FROM};
 
 use crate::sim::{run as run_sim, EngineReport, SimConfig, SimReport};
 use crate::LabState;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 pub use cli::cli_measures;
 use lab::*;
 use render::*;
@@ -66,32 +66,124 @@ pub const LARGE_CLUSTER_ETCD_FLAGS: [&str; 4] = ["--backend-batch-interval", "10
 struct BenchEtcd {
     child: std::process::Child,
     dir: PathBuf,
+    /// With [`BenchEtcd::start_secure`]: its own CA and the administrator's identity.
+    tls: Option<fleet_store::tls::ClientTls>,
 }
 
 impl BenchEtcd {
     fn start() -> Result<Self> {
+        Self::spawn(None)
+    }
+
+    /// As a default install's etcd: TLS, and only clients with a certificate of its CA (a CA of
+    /// its own, made here; the simulated cluster uses its administrator's identity).
+    fn start_secure() -> Result<Self> {
+        let pki = PathBuf::from("/dev/shm/fl-bench-etcd-pki");
+        let _ = std::fs::remove_dir_all(&pki);
+        let ca = fleet_engine::pki::Ca::load_or_create(&pki).context("bench etcd's CA")?;
+        let local = [std::net::IpAddr::from([127, 0, 0, 1])];
+        let localhost = ["localhost".to_string()];
+        use fleet_engine::pki::{Usage, ENGINE_IDENTITY, ROOT_IDENTITY};
+        ca.issue_to(&pki, "etcd", "etcd", &local, &localhost, Usage::Both).context("bench etcd's certificate")?;
+        ca.issue_to(&pki, "root", ROOT_IDENTITY, &[], &[], Usage::Client).context("bench etcd's client identity")?;
+        // The simulated engines' API certificate (see `BenchEtcd::api_tls`).
+        ca.issue_to(&pki, "engine", ENGINE_IDENTITY, &local, &localhost, Usage::Both)
+            .context("the engines' certificate")?;
+        let file = |name: &str| pki.join(name);
+        Self::spawn(Some(fleet_store::tls::ClientTls {
+            ca_file: file("ca.pem"),
+            cert_file: file("root.pem"),
+            key_file: file("root.key"),
+        }))
+    }
+
+    fn spawn(tls: Option<fleet_store::tls::ClientTls>) -> Result<Self> {
         let dir = PathBuf::from("/dev/shm/fl-bench-etcd");
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
         let log = std::fs::File::create(dir.with_extension("log"))?;
-        let client = format!("http://127.0.0.1:{BENCH_ETCD_PORT}");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let client = format!("{scheme}://127.0.0.1:{BENCH_ETCD_PORT}");
         let peer = format!("http://127.0.0.1:{}", BENCH_ETCD_PORT + 1);
-        let child = std::process::Command::new("etcd")
-            .args(["--name", "flbench", "--data-dir"])
+        let mut cmd = std::process::Command::new("etcd");
+        cmd.args(["--name", "flbench", "--data-dir"])
             .arg(&dir)
             .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
             .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &format!("flbench={peer}")])
             .args(["--quota-backend-bytes", "8589934592", "--auto-compaction-retention", "1"])
-            .args(LARGE_CLUSTER_ETCD_FLAGS)
+            .args(LARGE_CLUSTER_ETCD_FLAGS);
+        if let Some(t) = &tls {
+            let pki = t.ca_file.parent().context("bench etcd's CA directory")?;
+            cmd.arg("--client-cert-auth")
+                .arg("--trusted-ca-file")
+                .arg(&t.ca_file)
+                .arg("--cert-file")
+                .arg(pki.join("etcd.pem"))
+                .arg("--key-file")
+                .arg(pki.join("etcd.key"));
+        }
+        let child = cmd
             .stdout(std::process::Stdio::null())
             .stderr(log)
             .spawn()
             .context("cannot start etcd for the benchmark")?;
-        Ok(BenchEtcd { child, dir })
+        Ok(BenchEtcd { child, dir, tls })
     }
+
+    /// With [`BenchEtcd::start_secure`]: the engines' certificate for serving the API over TLS,
+    /// from the same CA.
+    fn api_tls(&self) -> Option<fleet_store::tls::ClientTls> {
+        let t = self.tls.as_ref()?;
+        let pki = t.ca_file.parent()?;
+        Some(fleet_store::tls::ClientTls {
+            ca_file: t.ca_file.clone(),
+            cert_file: pki.join("engine.pem"),
+            key_file: pki.join("engine.key"),
+        })
+    }
+
     fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{BENCH_ETCD_PORT}")
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{BENCH_ETCD_PORT}")
+    }
+
+    /// A client, with its administrator's identity when secure.
+    async fn client(&self) -> Result<etcd_client::Client> {
+        let cfg = fleet_store::etcd::EtcdConfig {
+            endpoints: vec![self.endpoint()],
+            request_timeout: Duration::from_secs(60),
+            tls: self.tls.as_ref().map(|t| t.etcd_options()).transpose()?,
+        };
+        Ok(fleet_store::etcd::connect(&cfg, fleet_store::retry::RetryPolicy { attempts: 1, ..Default::default() })
+            .await?)
+    }
+
+    /// Waits until it answers a read.
+    async fn ready(&self) -> Result<()> {
+        let until = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let attempt = async { anyhow::Ok(self.client().await?.get("/", None).await?) };
+            match tokio::time::timeout(Duration::from_secs(3), attempt).await {
+                Ok(Ok(_)) => return Ok(()),
+                _ if std::time::Instant::now() > until => {
+                    bail!("the bench's etcd at {} did not become ready in 30 s", self.endpoint())
+                }
+                _ => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
+
+    /// Deletes what a run left under `prefix`, so the next starts from an etcd as small as the
+    /// first did (a failure is only reported: the next run deletes its own prefix anyway).
+    async fn delete_prefix(&self, prefix: &str) {
+        let deleted = async {
+            let opts = etcd_client::DeleteOptions::new().with_prefix();
+            anyhow::Ok(self.client().await?.delete(prefix, Some(opts)).await?)
+        };
+        if let Err(e) = deleted.await {
+            eprintln!("bench: cannot delete {prefix} from the bench's etcd: {e:#}");
+        }
     }
 }
 
@@ -100,6 +192,9 @@ impl Drop for BenchEtcd {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
+        if let Some(pki) = self.tls.as_ref().and_then(|t| t.ca_file.parent()) {
+            let _ = std::fs::remove_dir_all(pki);
+        }
     }
 }
 
@@ -119,7 +214,7 @@ pub async fn bench(
     let date = now_utc();
     eprintln!("{}", serde_json::to_string(&Measured { measured_at: date.clone() })?);
     let etcd = BenchEtcd::start()?;
-    crate::wait_etcd(&[etcd.endpoint()], Duration::from_secs(30)).await?;
+    etcd.ready().await?;
     let mut sims = Vec::new();
     for (i, (machines, units)) in sizes.iter().enumerate() {
         eprintln!("bench: {machines} simulated machines, {units} units");
@@ -139,6 +234,8 @@ pub async fn bench(
             idle_secs: 30,
             event_history: None,
             metrics: true,
+            submission: crate::sim::Submission::Api,
+            api_tls: None,
         })
         .await
         .unwrap_or_else(|e| SimReport {
@@ -181,6 +278,8 @@ pub async fn bench(
             idle_secs: 0,
             event_history: if events { None } else { Some(0) },
             metrics,
+            submission: crate::sim::Submission::Api,
+            api_tls: None,
         };
         match crate::sim::engine_alone(cfg, crate::sim::Submission::Api).await {
             Ok(r) => {
@@ -275,8 +374,11 @@ async fn secure_sims(lab: &LabState, (machines, units): (usize, usize)) -> Resul
         idle_secs: if faults { 30 } else { 0 },
         event_history: None,
         metrics: true,
+        submission: crate::sim::Submission::Api,
+        // The lab's engines' certificate (127.0.0.1 among its addresses).
+        api_tls: Some(crate::pki::identity("engine")),
     };
-    eprintln!("bench: {machines} simulated machines, {units} units, etcd with TLS");
+    eprintln!("bench: {machines} simulated machines, {units} units, etcd and the API with TLS");
     let sim = run_sim(cfg("/fleet-bench-tls/", true)).await.unwrap_or_else(|e| SimReport {
         machines,
         units,

@@ -48,6 +48,14 @@ struct Args {
     /// rows) instead of `--etcd-endpoints`.
     #[arg(long, conflicts_with = "etcd_endpoints")]
     lab_etcd: bool,
+    /// For `https://` endpoints: a directory holding `ca.pem` and the client identity
+    /// `root.pem`/`root.key` (as `./lab bench` makes for its own secure etcd); the engines then
+    /// serve the API over TLS with `engine.pem`/`engine.key` from it.
+    #[arg(long, conflicts_with = "lab_etcd")]
+    etcd_identity: Option<PathBuf>,
+    /// Submit the whole cluster's units by `fleetctl start --names-from` (without: the API).
+    #[arg(long)]
+    fleetctl: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -63,6 +71,13 @@ fn main() -> anyhow::Result<()> {
     let (etcd_tls, etcd_endpoints) = if a.lab_etcd {
         let lab = fleet_integration::LabState::load()?.context("--lab-etcd: the lab is not up (./lab up)")?;
         (Some(fleet_integration::pki::identity("root")), lab.etcd_endpoints())
+    } else if let Some(dir) = &a.etcd_identity {
+        let tls = fleet_store::tls::ClientTls {
+            ca_file: dir.join("ca.pem"),
+            cert_file: dir.join("root.pem"),
+            key_file: dir.join("root.key"),
+        };
+        (Some(tls), a.etcd_endpoints)
     } else {
         (None, a.etcd_endpoints)
     };
@@ -80,6 +95,12 @@ fn main() -> anyhow::Result<()> {
         idle_secs: a.idle_secs,
         event_history: a.event_history,
         metrics: !a.no_metrics,
+        api_tls: a.etcd_identity.as_ref().map(|dir| fleet_store::tls::ClientTls {
+            ca_file: dir.join("ca.pem"),
+            cert_file: dir.join("engine.pem"),
+            key_file: dir.join("engine.key"),
+        }),
+        submission: if a.fleetctl { Submission::Fleetctl } else { Submission::Api },
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     if a.engine_alone {

@@ -23,9 +23,15 @@ async fn until(b: &mut Browser, what: &str, expr: &str, limit: Duration) -> Resu
     Ok(t.elapsed().as_secs_f64())
 }
 
-/// Measures the dashboard of the engine at `api` (plain HTTP on loopback) signed in with `token`;
+/// Measures the dashboard of the engine at `api` (on loopback; `http` trusts its certificate) signed in with `token`;
 /// `None` when chromium is not installed.
-pub async fn measure(api: &str, token: &str, machines: usize, units: usize) -> Result<Option<DashboardReport>> {
+pub async fn measure(
+    api: &str,
+    http: &reqwest::Client,
+    token: &str,
+    machines: usize,
+    units: usize,
+) -> Result<Option<DashboardReport>> {
     if browser::chromium().is_none() {
         tracing::warn!("chromium is not installed: the dashboard is not measured");
         return Ok(None);
@@ -49,7 +55,6 @@ pub async fn measure(api: &str, token: &str, machines: usize, units: usize) -> R
     b.wait_for("every machine and unit listed", &all, Duration::from_secs(300)).await?;
     let all_loaded = t0.elapsed().as_secs_f64();
     // A unit submitted (not started: the simulation's counts stay as they are) shows by itself.
-    let http = reqwest::Client::new();
     let url = format!("{api}/fleet/v1/units/0-dashboard-probe.service");
     let body = serde_json::json!({
         "desiredState": "inactive",

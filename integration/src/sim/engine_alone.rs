@@ -27,6 +27,9 @@ pub struct EngineReport {
     /// Whether etcd was reached over TLS with a client certificate (the default install).
     #[serde(default)]
     pub etcd_tls: bool,
+    /// Whether the API was served over TLS.
+    #[serde(default)]
+    pub api_tls: bool,
     /// CPU seconds both engines (the API replica and the leader) used from the leader's start
     /// until every unit was placed: what events cost shows here with less noise than in rates.
     #[serde(default)]
@@ -97,6 +100,7 @@ pub async fn engine_alone(cfg: SimConfig, submission: Submission) -> Result<Engi
         machines: cfg.machines,
         units: cfg.units,
         etcd_tls: cfg.etcd_tls.is_some(),
+        api_tls: cfg.api_tls.is_some(),
         events: cfg.event_history != Some(0),
         metrics: cfg.metrics,
         submitted_by_fleetctl: submission == Submission::Fleetctl,
@@ -128,9 +132,9 @@ pub async fn engine_alone(cfg: SimConfig, submission: Submission) -> Result<Engi
     }
 
     let api_engine = start_engine(&cfg, &engine_config, "alone-api", cfg.api_port, false).await?;
-    let api = api_client(cfg.api_port, &token)?;
+    let api = api_client(&cfg, cfg.api_port, &token)?;
     wait_until("the API replica to serve", Duration::from_secs(30), || async {
-        leader_of(&http, cfg.api_port).await == Some(false)
+        leader_of(&cfg, &http, cfg.api_port).await == Some(false)
     })
     .await?;
     let t0 = Instant::now();
@@ -173,7 +177,7 @@ pub async fn engine_alone(cfg: SimConfig, submission: Submission) -> Result<Engi
     // never sees: after a while the listing goes ahead (and is repeated below until complete).
     let caught_up = wait_until("the API replica to show every state", Duration::from_secs(30), || async {
         let status: Option<serde_json::Value> = async {
-            http.get(format!("http://127.0.0.1:{}/engine/status", cfg.api_port)).send().await.ok()?.json().await.ok()
+            http.get(format!("{}/engine/status", cfg.api_url(cfg.api_port))).send().await.ok()?.json().await.ok()
         }
         .await;
         status.and_then(|s| s["revision"].as_i64()).is_some_and(|r| r >= written)
@@ -184,7 +188,7 @@ pub async fn engine_alone(cfg: SimConfig, submission: Submission) -> Result<Engi
     }
     let until = Instant::now() + Duration::from_secs(60);
     loop {
-        let l = list_units_timed(&cfg, &format!("http://127.0.0.1:{}", cfg.api_port), &token)?;
+        let l = list_units_timed(&cfg, &cfg.api_url(cfg.api_port), &token)?;
         (report.list_units_secs, report.list_units_rows, report.list_units_first_row_secs) =
             (l.secs, l.rows, l.first_row_secs);
         if report.list_units_rows >= cfg.units || Instant::now() > until {
@@ -234,7 +238,8 @@ pub(super) fn start_with_fleetctl(
     list.push('\n');
     std::fs::write(dir.join("names.txt"), list)?;
     let out = std::process::Command::new(cfg.bin_dir.join("fleetctl"))
-        .args(["--endpoint", &format!("http://127.0.0.1:{}", cfg.api_port), "--request-timeout", "120"])
+        .args(["--endpoint", &cfg.api_url(cfg.api_port), "--request-timeout", "120"])
+        .args(cfg.fleetctl_tls_args())
         .args(["start", "--names-from", "names.txt"])
         .args(if block { &[][..] } else { &["--no-block"][..] })
         .current_dir(dir)

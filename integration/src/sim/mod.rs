@@ -61,6 +61,29 @@ pub struct SimConfig {
     pub event_history: Option<usize>,
     /// Whether the engines record metrics (`false`: `metrics = false`, for comparing their cost).
     pub metrics: bool,
+    /// The API over TLS, as a default install serves it (`listen_tls`): the engines' certificate
+    /// and key, and the CA their clients (fleetctl, the API client) check it with. Without it,
+    /// plain HTTP on loopback. Either way with an admin token.
+    pub api_tls: Option<fleet_store::tls::ClientTls>,
+    /// How the whole cluster's units go in (the engine alone is told apart: see
+    /// [`engine_alone`]).
+    pub submission: Submission,
+}
+
+impl SimConfig {
+    /// The API of the engine serving on `port` on loopback.
+    pub fn api_url(&self, port: u16) -> String {
+        let scheme = if self.api_tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{port}")
+    }
+
+    /// What fleetctl needs to check the API's certificate, if it is served over TLS.
+    pub fn fleetctl_tls_args(&self) -> Vec<String> {
+        match &self.api_tls {
+            Some(t) => vec!["--ca-file".into(), t.ca_file.display().to_string()],
+            None => Vec::new(),
+        }
+    }
 }
 
 /// What one run measured. Times in seconds unless named otherwise.
@@ -100,6 +123,12 @@ pub struct SimReport {
     /// Whether etcd was reached over TLS with a client certificate (the default install).
     #[serde(default)]
     pub etcd_tls: bool,
+    /// Whether the API was served over TLS.
+    #[serde(default)]
+    pub api_tls: bool,
+    /// Whether the units went in by `fleetctl start --no-block --names-from` (else the API).
+    #[serde(default)]
+    pub submitted_by_fleetctl: bool,
     /// The dashboard in a browser at this size (none without chromium).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dashboard: Option<dashboard::DashboardReport>,
@@ -208,6 +237,13 @@ fn engine_config(cfg: &SimConfig, dir: &Path) -> Result<(PathBuf, String)> {
             t.key_file.display().to_string()
         );
     }
+    if let Some(t) = &cfg.api_tls {
+        text += &format!(
+            "tls_cert_file = {:?}\ntls_key_file = {:?}\n",
+            t.cert_file.display().to_string(),
+            t.key_file.display().to_string()
+        );
+    }
     text += &format!(
         "\n[[auth.tokens]]\nname = \"fleet-sim\"\nrole = \"admin\"\nsha256 = \"{}\"\n",
         fleet_engine::pki::token_hash(&token)
@@ -233,7 +269,16 @@ async fn start_engine(cfg: &SimConfig, config: &Path, name: &str, port: u16, lea
         .arg(config)
         .args(["--etcd-endpoints", &cfg.etcd_endpoints.join(",")])
         .args(["--etcd-prefix", &cfg.prefix])
-        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(match &cfg.api_tls {
+            // Its plain API on a socket of its own (the default socket is shared by both).
+            Some(_) => vec![
+                "--listen".to_string(),
+                config.with_file_name(format!("{name}.sock")).display().to_string(),
+                "--listen-tls".to_string(),
+                format!("127.0.0.1:{port}"),
+            ],
+            None => vec!["--listen".to_string(), format!("127.0.0.1:{port}")],
+        })
         .args(["--engine-id", name])
         .args(["--election-ttl-secs", &cfg.election_ttl_secs.to_string()])
         .args(if lead { &[][..] } else { &["--no-lead"][..] })
@@ -246,14 +291,14 @@ async fn start_engine(cfg: &SimConfig, config: &Path, name: &str, port: u16, lea
 }
 
 /// Whether an engine's API answers from its view (it refuses with 503 until the view is listed).
-async fn view_loaded(http: &reqwest::Client, port: u16) -> bool {
-    let url = format!("http://127.0.0.1:{port}/fleet/v1/machines");
+async fn view_loaded(cfg: &SimConfig, http: &reqwest::Client, port: u16) -> bool {
+    let url = format!("{}/fleet/v1/machines", cfg.api_url(port));
     http.get(url).send().await.is_ok_and(|r| r.status().is_success())
 }
 
-async fn leader_of(http: &reqwest::Client, port: u16) -> Option<bool> {
+async fn leader_of(cfg: &SimConfig, http: &reqwest::Client, port: u16) -> Option<bool> {
     let v: serde_json::Value =
-        http.get(format!("http://127.0.0.1:{port}/engine/status")).send().await.ok()?.json().await.ok()?;
+        http.get(format!("{}/engine/status", cfg.api_url(port))).send().await.ok()?.json().await.ok()?;
     v["leader"].as_bool()
 }
 
@@ -337,14 +382,23 @@ fn workspace(cfg: &SimConfig, name: &str) -> Result<(PathBuf, PathBuf, String, r
     let (engine_config, token) = engine_config(cfg, &dir)?;
     let mut auth = reqwest::header::HeaderMap::new();
     auth.insert(reqwest::header::AUTHORIZATION, format!("Bearer {token}").parse()?);
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(120)).default_headers(auth).build()?;
+    let mut http = reqwest::Client::builder().timeout(Duration::from_secs(120)).default_headers(auth);
+    if let Some(t) = &cfg.api_tls {
+        let ca = std::fs::read(&t.ca_file).with_context(|| format!("cannot read {}", t.ca_file.display()))?;
+        http = http.add_root_certificate(reqwest::Certificate::from_pem(&ca)?);
+    }
+    let http = http.build()?;
     Ok((dir, engine_config, token, http))
 }
 
 /// The admin's API client of the engine serving on `port` (a long timeout: 5,000 units a request).
-fn api_client(port: u16, token: &str) -> Result<fleet_client::Client> {
-    let creds = fleet_client::Credentials { token: Some(token.to_string()), ..Default::default() };
-    Ok(fleet_client::Client::new(&format!("http://127.0.0.1:{port}"), Duration::from_secs(120), &creds)?)
+fn api_client(cfg: &SimConfig, port: u16, token: &str) -> Result<fleet_client::Client> {
+    let creds = fleet_client::Credentials {
+        token: Some(token.to_string()),
+        ca_file: cfg.api_tls.as_ref().map(|t| t.ca_file.clone()),
+        ..Default::default()
+    };
+    Ok(fleet_client::Client::new(&cfg.api_url(port), Duration::from_secs(120), &creds)?)
 }
 
 /// Submits `names` in requests of 5,000 units, two at a time.
@@ -405,7 +459,9 @@ pub fn list_units_timed(cfg: &SimConfig, api: &str, token: &str) -> Result<Listi
     use std::io::BufRead;
     let t = Instant::now();
     let mut child = std::process::Command::new(cfg.bin_dir.join("fleetctl"))
-        .args(["--endpoint", api, "list-units"])
+        .args(["--endpoint", api])
+        .args(cfg.fleetctl_tls_args())
+        .arg("list-units")
         .env("FLEETCTL_TOKEN", token)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -472,9 +528,9 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport> {
     // Units go in through an API-only replica and are placed by a leader started once they are
     // all stored, so placement throughput is the engine's own, not the submission rate.
     let api_engine = start_engine(&cfg, &engine_config, "sim-api", cfg.api_port, false).await?;
-    let api = api_client(cfg.api_port, &token)?;
+    let api = api_client(&cfg, cfg.api_port, &token)?;
     wait_until("the API replica to serve", Duration::from_secs(30), || async {
-        leader_of(&http, cfg.api_port).await == Some(false)
+        leader_of(&cfg, &http, cfg.api_port).await == Some(false)
     })
     .await?;
 
@@ -502,9 +558,18 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport> {
 
     let from = revision(&admin, &keys).await? + 1;
     let mut observed = follow(admin.clone(), keys.clone(), from);
-    let names: Vec<String> = (0..cfg.units).map(|i| format!("sim-{i:06}.service")).collect();
+    let names: Vec<String> = match cfg.submission {
+        Submission::Api => (0..cfg.units).map(|i| format!("sim-{i:06}.service")).collect(),
+        Submission::Fleetctl => (0..cfg.units).map(|i| format!("sim@{i:06}.service")).collect(),
+    };
     let t0 = Instant::now();
-    submit_all(&api, &names).await?;
+    match cfg.submission {
+        Submission::Api => submit_all(&api, &names).await?,
+        // Without waiting: the leader starts once they are stored, as with the API.
+        Submission::Fleetctl => engine_alone::start_with_fleetctl(&cfg, &dir, &token, "sim@.service", &names, false)?,
+    }
+    report.submitted_by_fleetctl = cfg.submission == Submission::Fleetctl;
+    report.api_tls = cfg.api_tls.is_some();
     report.submit_secs = t0.elapsed().as_secs_f64();
     let leader_port = cfg.api_port + 1;
     let mut engine = start_engine(&cfg, &engine_config, "sim-e1", leader_port, true).await?;
@@ -534,8 +599,7 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport> {
     // taking in the last states: list again until it shows them all (a minute at most).
     let until = Instant::now() + Duration::from_secs(60);
     loop {
-        (report.list_units_secs, report.list_units_rows) =
-            time_list_units(&cfg, &format!("http://127.0.0.1:{}", cfg.api_port), &token)?;
+        (report.list_units_secs, report.list_units_rows) = time_list_units(&cfg, &cfg.api_url(cfg.api_port), &token)?;
         if report.list_units_rows >= cfg.units || Instant::now() > until {
             break;
         }
@@ -574,8 +638,8 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport> {
 
         // The dashboard in a browser, after the idle window (its probe unit is a change) and
         // before a machine is lost (it counts every machine).
-        let page = format!("http://127.0.0.1:{}", cfg.api_port);
-        match dashboard::measure(&page, &token, cfg.machines, cfg.units).await {
+        let page = cfg.api_url(cfg.api_port);
+        match dashboard::measure(&page, &http, &token, cfg.machines, cfg.units + more.len()).await {
             Ok(d) => report.dashboard = d,
             Err(e) => tracing::warn!(error = %e, "the dashboard could not be measured"),
         }
@@ -604,7 +668,7 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport> {
         // A standby in a real cluster has long had its view; one started a moment ago may still
         // be listing 100,000 units, which is not what this measures.
         wait_until("the standby engine to serve from a loaded view", Duration::from_secs(120), || async {
-            leader_of(&http, standby_port).await == Some(false) && view_loaded(&http, standby_port).await
+            leader_of(&cfg, &http, standby_port).await == Some(false) && view_loaded(&cfg, &http, standby_port).await
         })
         .await?;
         let t = Instant::now();
