@@ -17,10 +17,9 @@ pub async fn million(machines: usize, units: usize, bin_dir: &Path, out: &Path) 
     let date = now_utc();
     eprintln!("{}", serde_json::to_string(&Measured { measured_at: date.clone() })?);
     // The default install's settings: etcd with TLS and client certificates, the API over TLS
-    // with auth.
-    let etcd = BenchEtcd::start_secure()?;
-    etcd.ready().await?;
-    let cfg = |prefix: &str, lease_ttl_secs: i64, faults: bool, idle_secs: u64| SimConfig {
+    // with auth. Each whole cluster gets an etcd of its own: deleting a million units' keys
+    // from one takes etcd longer than a request may (it answered "request timed out").
+    let cfg = |etcd: &BenchEtcd, prefix: &str, lease_ttl_secs: i64, faults: bool, idle_secs: u64| SimConfig {
         etcd_tls: etcd.tls.clone(),
         etcd_endpoints: vec![etcd.endpoint()],
         prefix: prefix.into(),
@@ -37,10 +36,12 @@ pub async fn million(machines: usize, units: usize, bin_dir: &Path, out: &Path) 
         submission: crate::sim::Submission::Api,
         api_tls: etcd.api_tls(),
     };
+    let etcd = BenchEtcd::start_secure()?;
+    etcd.ready().await?;
     eprintln!("bench: the engine alone: {machines} machines registered, {units} units");
     // The engine alone's units go in as a user's would, through fleetctl; the whole cluster's
     // through the API, then, in a cluster of their own, through fleetctl.
-    let alone = cfg("/fleet-bench-million-engine/", 3600, false, 30);
+    let alone = cfg(&etcd, "/fleet-bench-million-engine/", 3600, false, 30);
     let engine = match crate::sim::engine_alone(alone, crate::sim::Submission::Fleetctl).await {
         Ok(r) => {
             eprintln!("{}", serde_json::to_string(&r)?);
@@ -51,7 +52,6 @@ pub async fn million(machines: usize, units: usize, bin_dir: &Path, out: &Path) 
             None
         }
     };
-    etcd.delete_prefix("/fleet-bench-million-engine/").await;
     let failed = |e: anyhow::Error| SimReport {
         machines,
         units,
@@ -61,12 +61,16 @@ pub async fn million(machines: usize, units: usize, bin_dir: &Path, out: &Path) 
         ..Default::default()
     };
     eprintln!("bench: {machines} simulated machines, {units} units, through the API");
-    let sim = run_sim(cfg("/fleet-bench-million/", 30, true, 30)).await.unwrap_or_else(failed);
+    let sim = run_sim(cfg(&etcd, "/fleet-bench-million/", 30, true, 30)).await.unwrap_or_else(failed);
     eprintln!("{}", serde_json::to_string(&sim)?);
-    etcd.delete_prefix("/fleet-bench-million/").await;
+    drop(etcd);
+    let etcd = BenchEtcd::start_secure()?;
+    etcd.ready().await?;
     eprintln!("bench: {machines} simulated machines, {units} units, through fleetctl");
-    let by_fleetctl =
-        SimConfig { submission: crate::sim::Submission::Fleetctl, ..cfg("/fleet-bench-million-cli/", 30, false, 0) };
+    let by_fleetctl = SimConfig {
+        submission: crate::sim::Submission::Fleetctl,
+        ..cfg(&etcd, "/fleet-bench-million-cli/", 30, false, 0)
+    };
     let by_fleetctl =
         run_sim(by_fleetctl).await.unwrap_or_else(|e| SimReport { submitted_by_fleetctl: true, ..failed(e) });
     eprintln!("{}", serde_json::to_string(&by_fleetctl)?);
@@ -312,29 +316,45 @@ const NOTES: &str = "\
   pass after: a new leader placing 8.6 and 12.4 s -> 4.4 and 4.0 s. The standby pays for it \
   with the leader's memory (its copy of the view), and takes the schedule whole again (at most \
   every 10 s) after changes it cannot follow, such as a unit changed or destroyed.
-- *Writing a million schedule entries* takes 16-22 s for the engine alone and ~55 s beside \
-  10,000 agents (8,334 transactions of 120 entries, 8 in flight) on the etcd sharing these two \
-  cores.
+- *The simulated agents were what bounded the whole cluster* (found with `perf` on \
+  2026-12-02): beside etcd and both engines, the `fleet-sim` process took a whole core, 55-75% \
+  of it in the kernel, in tokio's blocking pool handing work to and waking its threads, and in \
+  ext4. Each unit file a real agent writes made three trips to that pool (write, rename, and \
+  the check for a machine unit of the same name, which ran on the async thread itself), and the \
+  simulated machines' unit directories were on this host's ext4, where a real agent's \
+  `/run/fleet/units` is tmpfs. With 400,000 units placed and not yet reported active, etcd also \
+  fell behind (\"waiting for the applied index took too long\"), leases were lost, and agents \
+  listed their schedules again. An agent now writes and removes a pass's files in one blocking \
+  task (`agent/src/files.rs`), and the simulation keeps them on tmpfs: agents report units \
+  active within seconds of their entries, and all active took 190 s -> 105 and 99 s (runs of the \
+  whole cluster alone, plain etcd, by hand), 115 s in this table's run with TLS. What remains of \
+  the simulation's CPU is the files themselves (open, rename, the `statx` calls of the \
+  shadowing check), which real agents spend on their own machines.
+- *Now etcd bounds it*: the leader writes its million entries at 11,000-16,000/s beside the \
+  agents against 83,000/s for the engine alone (its pacing halves what it keeps in flight on \
+  answers over 500 ms), and some lease renewals are still answered \"waiting for the applied \
+  index took too long\". TLS costs ~15 s at this size (99-105 s plain against 115-121 s). \
+  Splitting the agents' states from the schedule (another etcd) is the next step.
+- *Submitted by fleetctl* (`fleetctl start --no-block --names-from`), a million units take 45 s \
+  to store against 26 s through the API in requests of 5,000: fleetctl first looks every name \
+  up (`units:batchGet`, 11 s; it must not recreate a unit that exists nor miss one that failed), \
+  then creates them (27 s), in requests of 10,000, two at a time. With the leader then placing \
+  them, all active took 150 s: missed. This table's fleetctl run was taken with `fleet-sim \
+  --fleetctl --etcd-identity` on a fresh etcd with the same settings as the bench's, because \
+  the bench's own attempt failed before submitting: it deleted the first cluster's keys from \
+  the same etcd, and etcd did not finish that within a request's time. Each whole cluster now \
+  gets an etcd of its own. A leader placing the units as fleetctl stores them (a user's cluster) \
+  was tried too: the submission, the leader's many small passes and the agents together pushed \
+  etcd's apply backlog past its limit and it refused requests (\"too many requests\"); it was \
+  stopped at 390,000 units placed after 3.5 minutes.
 - *Whole passes still come* after a unit is changed or destroyed, a drain, a move, a rollout's \
   step, or a unit displaced by a `Replaces`, and right after a new leader's first pass: each \
   costs the seconds above, and delays what is submitted meanwhile.
-- *etcd's apply falls behind while the first million entries are written beside 10,000 agents*: \
-  in the runs of 2026-12-02 etcd answered \"waiting for the applied index took too long\", \
-  leases could not be renewed in time, the leader lost its 5 s election lease half-way through \
-  its writes (it was elected again and carried on from its kept copy: `prepared_before=true` \
-  in its log), and agents listed their schedules again. Placement was done 70-110 s after the \
-  submission; the rest of the time to all active is the agents starting their units and \
-  reporting their states through the same etcd. The leader now paces its writes by etcd's \
-  answers (8 transactions in flight at most, halved by an answer over 500 ms); in this table's \
-  run it still lost its lease twice (\"writes failed for a lease TTL\"): what etcd falls behind \
-  on is the agents' states as much as the schedule. Splitting states from the schedule \
-  (another etcd, or fewer state writes per start) is what this size needs next.
-- *Runs vary.* The same host gave 165 s and 194 s to all active in two runs on 2026-12-01 and \
-  278, 282 and 292 s in three on 2026-12-02 (the last this table's); a fourth that day never \
-  converged (agents' leases expired under etcd's lag, their units were placed again elsewhere, \
-  and it was stopped after 330 s). The engine alone's fleetctl submission took 30-49 s. The \
-  lease-bound targets held in the two runs with the standby's readiness and missed in the one \
-  without it, whose machine-loss pass was a whole one.
+- *Runs vary.* Before the agents' change the same kind of host gave 165-292 s to all active \
+  (five runs on 2026-12-01 and 02, a sixth never converged); since, 99 and 105 s (plain etcd) \
+  and 121 s and 115 s (TLS, the last this table's). This table's host is an Intel Xeon; the \
+  runs before were on an AMD EPYC of the same size. The engine alone's fleetctl submission \
+  took 30-49 s.
 - *The whole simulated cluster* at this size puts 10,000 agents' watches and keepalives, the \
   submission and three million key writes on the same two cores as etcd and both engines.";
 

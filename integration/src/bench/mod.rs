@@ -173,18 +173,6 @@ impl BenchEtcd {
             }
         }
     }
-
-    /// Deletes what a run left under `prefix`, so the next starts from an etcd as small as the
-    /// first did (a failure is only reported: the next run deletes its own prefix anyway).
-    async fn delete_prefix(&self, prefix: &str) {
-        let deleted = async {
-            let opts = etcd_client::DeleteOptions::new().with_prefix();
-            anyhow::Ok(self.client().await?.delete(prefix, Some(opts)).await?)
-        };
-        if let Err(e) = deleted.await {
-            eprintln!("bench: cannot delete {prefix} from the bench's etcd: {e:#}");
-        }
-    }
 }
 
 impl Drop for BenchEtcd {

@@ -254,6 +254,23 @@ pub(super) fn start_with_fleetctl(
     Ok(())
 }
 
+/// [`start_with_fleetctl`] off the async threads: the simulated agents share them, and a
+/// blocking wait for fleetctl would stall a worker while they start the units.
+pub(super) async fn start_with_fleetctl_async(
+    cfg: &SimConfig,
+    dir: &Path,
+    token: &str,
+    template: &str,
+    names: &[String],
+    block: bool,
+) -> Result<()> {
+    let (cfg, dir, token, template, names) =
+        (cfg.clone(), dir.to_path_buf(), token.to_string(), template.to_string(), names.to_vec());
+    tokio::task::spawn_blocking(move || start_with_fleetctl(&cfg, &dir, &token, &template, &names, block))
+        .await
+        .context("fleetctl start")?
+}
+
 /// An `active` state for every schedule entry, written as agents would (100 per transaction).
 pub(super) async fn report_states(admin: &Client, keys: &Keys) -> Result<()> {
     let mut placed = Vec::new();

@@ -562,16 +562,21 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport> {
         Submission::Api => (0..cfg.units).map(|i| format!("sim-{i:06}.service")).collect(),
         Submission::Fleetctl => (0..cfg.units).map(|i| format!("sim@{i:06}.service")).collect(),
     };
+    // The units are all stored before the leader starts, so that placement throughput is the
+    // engine's own. (A leader placing them as fleetctl stores them was tried at a million
+    // units: the submission, the leader's many small passes and the agents together pushed
+    // etcd past its apply backlog, and it refused requests with "too many requests".)
+    let leader_port = cfg.api_port + 1;
     let t0 = Instant::now();
     match cfg.submission {
         Submission::Api => submit_all(&api, &names).await?,
-        // Without waiting: the leader starts once they are stored, as with the API.
-        Submission::Fleetctl => engine_alone::start_with_fleetctl(&cfg, &dir, &token, "sim@.service", &names, false)?,
+        Submission::Fleetctl => {
+            engine_alone::start_with_fleetctl_async(&cfg, &dir, &token, "sim@.service", &names, false).await?
+        }
     }
     report.submitted_by_fleetctl = cfg.submission == Submission::Fleetctl;
     report.api_tls = cfg.api_tls.is_some();
     report.submit_secs = t0.elapsed().as_secs_f64();
-    let leader_port = cfg.api_port + 1;
     let mut engine = start_engine(&cfg, &engine_config, "sim-e1", leader_port, true).await?;
     if !observe_until(&mut observed, t0 + Duration::from_secs(600), |o| o.all_active(cfg.units)).await? {
         let o = observed.borrow().clone();
@@ -610,7 +615,7 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport> {
         // returns once they are all active.
         let more: Vec<String> = (0..1_000).map(|i| format!("sim-more@{i}.service")).collect();
         let t = Instant::now();
-        engine_alone::start_with_fleetctl(&cfg, &dir, &token, "sim-more@.service", &more, true)?;
+        engine_alone::start_with_fleetctl_async(&cfg, &dir, &token, "sim-more@.service", &more, true).await?;
         let took = t.elapsed().as_secs_f64();
         let all_active = |o: &Observed| more.iter().all(|u| o.active.get(u).is_some_and(|m| !m.is_empty()));
         if !observe_until(&mut observed, Instant::now() + Duration::from_secs(30), all_active).await? {
