@@ -35,21 +35,30 @@ pub(crate) async fn write(dir: &Path, system_dirs: &[PathBuf], files: Vec<ToWrit
         return Vec::new();
     }
     let (dir, system_dirs) = (dir.to_path_buf(), system_dirs.to_vec());
-    let task = tokio::task::spawn_blocking(move || {
+    // If the task panicked its files are unknown: none is reported, so none is recorded as
+    // written, and the caller makes the pass again.
+    in_blocking_pool(move || {
         files
             .into_iter()
             .map(|f| {
                 let done = write_one(&dir, &system_dirs, &f);
                 (f, done)
             })
-            .collect::<Vec<_>>()
-    });
-    task.await.unwrap_or_else(|e| {
-        // The task panicked: its files are unknown, and the pass is made again (they are not
-        // recorded as written).
-        tracing::error!(error = %e, "writing unit files failed");
-        Vec::new()
+            .collect()
     })
+    .await
+    .unwrap_or_default()
+}
+
+/// Runs `f` on tokio's blocking pool (one hand-off for a whole batch); `None` if it panicked.
+async fn in_blocking_pool<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(done) => Some(done),
+        Err(e) => {
+            tracing::error!(error = %e, "a unit file task failed");
+            None
+        }
+    }
 }
 
 fn write_one(dir: &Path, system_dirs: &[PathBuf], f: &ToWrite) -> Written {
@@ -72,9 +81,9 @@ pub(crate) async fn remove(dir: &Path, names: &[String]) -> Vec<(String, std::io
     if names.is_empty() {
         return Vec::new();
     }
-    let (dir, names) = (dir.to_path_buf(), names.to_vec());
-    let task = tokio::task::spawn_blocking(move || {
-        names
+    let (dir, batch) = (dir.to_path_buf(), names.to_vec());
+    let removed = in_blocking_pool(move || {
+        batch
             .into_iter()
             .filter_map(|n| match std::fs::remove_file(dir.join(&n)) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => Some((n, e)),
@@ -82,7 +91,9 @@ pub(crate) async fn remove(dir: &Path, names: &[String]) -> Vec<(String, std::io
             })
             .collect()
     });
-    task.await.unwrap_or_else(|e| vec![(String::new(), std::io::Error::other(e.to_string()))])
+    removed.await.unwrap_or_else(|| {
+        names.iter().map(|n| (n.clone(), std::io::Error::other("the removal task failed"))).collect()
+    })
 }
 
 #[cfg(test)]

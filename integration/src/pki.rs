@@ -68,7 +68,12 @@ pub fn allow_joins(etcd_for_machines: &[String]) -> Result<()> {
 
 /// The files of identity `name` (`root`, `engine`, `admin`, `machine-<name>`).
 pub fn identity(name: &str) -> ClientTls {
-    let dir = pki_dir();
+    identity_in(&pki_dir(), name)
+}
+
+/// The files of identity `name` in a CA directory laid out as the lab's (`ca.pem`,
+/// `<name>.pem`, `<name>.key`), such as the one `./lab bench` makes for its own etcd.
+pub fn identity_in(dir: &Path, name: &str) -> ClientTls {
     ClientTls {
         ca_file: dir.join("ca.pem"),
         cert_file: dir.join(format!("{name}.pem")),

@@ -89,12 +89,7 @@ impl BenchEtcd {
         // The simulated engines' API certificate (see `BenchEtcd::api_tls`).
         ca.issue_to(&pki, "engine", ENGINE_IDENTITY, &local, &localhost, Usage::Both)
             .context("the engines' certificate")?;
-        let file = |name: &str| pki.join(name);
-        Self::spawn(Some(fleet_store::tls::ClientTls {
-            ca_file: file("ca.pem"),
-            cert_file: file("root.pem"),
-            key_file: file("root.key"),
-        }))
+        Self::spawn(Some(crate::pki::identity_in(&pki, "root")))
     }
 
     fn spawn(tls: Option<fleet_store::tls::ClientTls>) -> Result<Self> {
@@ -134,13 +129,7 @@ impl BenchEtcd {
     /// With [`BenchEtcd::start_secure`]: the engines' certificate for serving the API over TLS,
     /// from the same CA.
     fn api_tls(&self) -> Option<fleet_store::tls::ClientTls> {
-        let t = self.tls.as_ref()?;
-        let pki = t.ca_file.parent()?;
-        Some(fleet_store::tls::ClientTls {
-            ca_file: t.ca_file.clone(),
-            cert_file: pki.join("engine.pem"),
-            key_file: pki.join("engine.key"),
-        })
+        Some(crate::pki::identity_in(self.tls.as_ref()?.ca_file.parent()?, "engine"))
     }
 
     fn endpoint(&self) -> String {

@@ -72,12 +72,7 @@ fn main() -> anyhow::Result<()> {
         let lab = fleet_integration::LabState::load()?.context("--lab-etcd: the lab is not up (./lab up)")?;
         (Some(fleet_integration::pki::identity("root")), lab.etcd_endpoints())
     } else if let Some(dir) = &a.etcd_identity {
-        let tls = fleet_store::tls::ClientTls {
-            ca_file: dir.join("ca.pem"),
-            cert_file: dir.join("root.pem"),
-            key_file: dir.join("root.key"),
-        };
-        (Some(tls), a.etcd_endpoints)
+        (Some(fleet_integration::pki::identity_in(dir, "root")), a.etcd_endpoints)
     } else {
         (None, a.etcd_endpoints)
     };
@@ -95,11 +90,7 @@ fn main() -> anyhow::Result<()> {
         idle_secs: a.idle_secs,
         event_history: a.event_history,
         metrics: !a.no_metrics,
-        api_tls: a.etcd_identity.as_ref().map(|dir| fleet_store::tls::ClientTls {
-            ca_file: dir.join("ca.pem"),
-            cert_file: dir.join("engine.pem"),
-            key_file: dir.join("engine.key"),
-        }),
+        api_tls: a.etcd_identity.as_ref().map(|dir| fleet_integration::pki::identity_in(dir, "engine")),
         submission: if a.fleetctl { Submission::Fleetctl } else { Submission::Api },
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;

@@ -145,7 +145,7 @@ pub async fn engine_alone(cfg: SimConfig, submission: Submission) -> Result<Engi
         }
         Submission::Fleetctl => {
             let names: Vec<String> = (0..cfg.units).map(|i| format!("alone@{i:06}.service")).collect();
-            start_with_fleetctl(&cfg, &dir, &token, "alone@.service", &names, false)?;
+            start_with_fleetctl(&cfg, &dir, &token, "alone@.service", &names, false).await?;
         }
     }
     report.submit_secs = t0.elapsed().as_secs_f64();
@@ -220,12 +220,11 @@ pub async fn engine_alone(cfg: SimConfig, submission: Submission) -> Result<Engi
     Ok(report)
 }
 
-/// `fleetctl start --no-block --names-from names.txt` in `dir`, beside the template
-/// `alone@.service`, as a user starts more units than a command line holds. The names file is
-/// written (and its time counted) before fleetctl starts; what it prints is not read.
-/// `fleetctl start --names-from` of `names`, instances of `template` (written to `dir`), as a
-/// user starts them: waiting until they are active (`block`) or not (`--no-block`).
-pub(super) fn start_with_fleetctl(
+/// `fleetctl start --names-from names.txt` of `names`, instances of `template` (both written to
+/// `dir`, and their time counted), as a user starts more units than a command line holds:
+/// waiting until they are active (`block`) or not (`--no-block`); what it prints is not read.
+/// Awaited as a child process, so the simulated agents sharing the async threads keep running.
+pub(super) async fn start_with_fleetctl(
     cfg: &SimConfig,
     dir: &Path,
     token: &str,
@@ -233,11 +232,11 @@ pub(super) fn start_with_fleetctl(
     names: &[String],
     block: bool,
 ) -> Result<()> {
-    std::fs::write(dir.join(template), "[Service]\nExecStart=/bin/sleep infinity\n")?;
+    tokio::fs::write(dir.join(template), "[Service]\nExecStart=/bin/sleep infinity\n").await?;
     let mut list = names.join("\n");
     list.push('\n');
-    std::fs::write(dir.join("names.txt"), list)?;
-    let out = std::process::Command::new(cfg.bin_dir.join("fleetctl"))
+    tokio::fs::write(dir.join("names.txt"), list).await?;
+    let out = tokio::process::Command::new(cfg.bin_dir.join("fleetctl"))
         .args(["--endpoint", &cfg.api_url(cfg.api_port), "--request-timeout", "120"])
         .args(cfg.fleetctl_tls_args())
         .args(["start", "--names-from", "names.txt"])
@@ -247,28 +246,12 @@ pub(super) fn start_with_fleetctl(
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .output()
+        .await
         .context("fleetctl start")?;
     if !out.status.success() {
         bail!("fleetctl start --names-from: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(())
-}
-
-/// [`start_with_fleetctl`] off the async threads: the simulated agents share them, and a
-/// blocking wait for fleetctl would stall a worker while they start the units.
-pub(super) async fn start_with_fleetctl_async(
-    cfg: &SimConfig,
-    dir: &Path,
-    token: &str,
-    template: &str,
-    names: &[String],
-    block: bool,
-) -> Result<()> {
-    let (cfg, dir, token, template, names) =
-        (cfg.clone(), dir.to_path_buf(), token.to_string(), template.to_string(), names.to_vec());
-    tokio::task::spawn_blocking(move || start_with_fleetctl(&cfg, &dir, &token, &template, &names, block))
-        .await
-        .context("fleetctl start")?
 }
 
 /// An `active` state for every schedule entry, written as agents would (100 per transaction).

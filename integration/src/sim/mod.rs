@@ -178,8 +178,8 @@ impl Drop for Scratch {
 }
 
 /// The simulated machines' unit files, on tmpfs as a real agent's are (`/run/fleet/units`): on
-/// this host's ext4 a million of them cost the simulation a third of its CPU, which real agents
-/// spend on their own machines. Removed when dropped, kept logs or not (they hold only unit
+/// this host's ext4 a million of them took a fifth of the simulation's CPU samples (`perf`),
+/// which real agents spend on their own machines. Removed when dropped, kept logs or not (they hold only unit
 /// files, and tmpfs holds them in memory).
 struct MachineDirs(PathBuf);
 
@@ -571,7 +571,7 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport> {
     match cfg.submission {
         Submission::Api => submit_all(&api, &names).await?,
         Submission::Fleetctl => {
-            engine_alone::start_with_fleetctl_async(&cfg, &dir, &token, "sim@.service", &names, false).await?
+            engine_alone::start_with_fleetctl(&cfg, &dir, &token, "sim@.service", &names, false).await?
         }
     }
     report.submitted_by_fleetctl = cfg.submission == Submission::Fleetctl;
@@ -615,7 +615,7 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport> {
         // returns once they are all active.
         let more: Vec<String> = (0..1_000).map(|i| format!("sim-more@{i}.service")).collect();
         let t = Instant::now();
-        engine_alone::start_with_fleetctl_async(&cfg, &dir, &token, "sim-more@.service", &more, true).await?;
+        engine_alone::start_with_fleetctl(&cfg, &dir, &token, "sim-more@.service", &more, true).await?;
         let took = t.elapsed().as_secs_f64();
         let all_active = |o: &Observed| more.iter().all(|u| o.active.get(u).is_some_and(|m| !m.is_empty()));
         if !observe_until(&mut observed, Instant::now() + Duration::from_secs(30), all_active).await? {
