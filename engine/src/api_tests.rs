@@ -212,6 +212,60 @@ async fn a_batch_with_one_existing_unit_writes_none_and_names_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_existing_creates_what_is_new_and_answers_what_exists_untouched() {
+    let e = engine().await;
+    let other = json!([{"section": "Service", "name": "ExecStart", "value": "/bin/true"}]);
+    let (status, _) = e
+        .call(Method::PUT, "/fleet/v1/units/b1.service", Some(json!({"desiredState": "inactive", "options": other})))
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    // 300 units: more than one transaction (etcd takes at most 128 operations in one).
+    let units: Vec<Value> = (0..300)
+        .map(|i| json!({"name": format!("b{i}.service"), "desiredState": "launched", "options": unit("")["options"]}))
+        .collect();
+    let body = json!({"units": units, "keepExisting": true});
+    let (status, body) = e.call(Method::POST, "/fleet/v1/units", Some(body)).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["created"], 299, "{body}");
+    let existing = body["existing"].as_array().cloned().unwrap_or_default();
+    assert_eq!(existing.len(), 1, "{body}");
+    assert_eq!(existing[0]["name"], "b1.service");
+    assert_eq!(existing[0]["desiredState"], "inactive", "answered as stored");
+    assert_eq!(existing[0]["options"], other, "with its own unit file");
+    assert_eq!(e.stored("b1.service").map(|r| r.desired_state), Some(DesiredState::Inactive), "left alone");
+    assert_eq!(e.stored("b299.service").map(|r| r.desired_state), Some(DesiredState::Launched));
+    assert_eq!(e.count("units/").await, 300);
+    // The same request again creates nothing and answers every unit.
+    let (status, body) =
+        e.call(Method::POST, "/fleet/v1/units", Some(json!({"units": units, "keepExisting": true}))).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["created"], 0, "{body}");
+    assert_eq!(body["existing"].as_array().map(Vec::len), Some(300));
+}
+
+#[test]
+fn new_units_are_packed_into_transactions_etcd_accepts() {
+    let ops = |c: &[(usize, &str)]| c.len() + c.iter().map(|u| u.1).collect::<std::collections::HashSet<_>>().len();
+    // Instances of one template share a body: 119 units and it in a transaction.
+    let same: Vec<(usize, &str)> = (0..1000).map(|i| (i, "h")).collect();
+    let chunks = crate::api::txn_chunks(&same, |u| u.1);
+    assert_eq!(chunks.iter().map(|c| c.len()).collect::<Vec<_>>(), [119, 119, 119, 119, 119, 119, 119, 119, 48]);
+    // Every body different: 60 units and their 60 bodies.
+    let hashes: Vec<String> = (0..200).map(|i| format!("h{i}")).collect();
+    let distinct: Vec<(usize, &str)> = hashes.iter().enumerate().map(|(i, h)| (i, h.as_str())).collect();
+    let chunks = crate::api::txn_chunks(&distinct, |u| u.1);
+    assert_eq!(chunks.iter().map(|c| c.len()).collect::<Vec<_>>(), [60, 60, 60, 20]);
+    // Mixed: never more than 120 writes, nothing lost or repeated, in order.
+    let mixed: Vec<(usize, &str)> =
+        (0..5000).map(|i| (i, hashes[(i * 7919) % (1 + i % 150).min(199)].as_str())).collect();
+    let chunks = crate::api::txn_chunks(&mixed, |u| u.1);
+    assert!(chunks.iter().all(|c| !c.is_empty() && ops(c) <= 120), "a transaction over 120 writes");
+    let joined: Vec<usize> = chunks.iter().flat_map(|c| c.iter().map(|u| u.0)).collect();
+    assert_eq!(joined, (0..5000).collect::<Vec<_>>());
+    assert!(crate::api::txn_chunks(&[] as &[(usize, &str)], |u| u.1).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_delete_reports_what_it_destroyed_and_what_was_missing() {
     let e = engine().await;
     for n in ["d1.service", "d2.service"] {

@@ -68,7 +68,7 @@ pub fn api_put_unit(data: &[u8]) {
 /// the limits, with no name twice.
 pub fn api_create_units(data: &[u8]) {
     match api::parse_create_units(data) {
-        Ok(units) => {
+        Ok(api::NewUnits { units, .. }) => {
             assert!(!units.is_empty() && units.len() <= api::MAX_UNITS_PER_REQUEST);
             let names: std::collections::BTreeSet<_> = units.iter().map(|(r, _, _)| r.name.clone()).collect();
             assert_eq!(names.len(), units.len(), "a name twice");

@@ -19,15 +19,26 @@ pub struct Known {
 }
 
 impl Known {
+    fn of(units: Vec<Unit>, states: Vec<UnitState>) -> Known {
+        let mut by_unit: HashMap<String, Vec<UnitState>> = HashMap::new();
+        for s in states {
+            by_unit.entry(s.name.clone()).or_default().push(s);
+        }
+        Known { units: units.into_iter().map(|u| (u.name.clone(), u)).collect(), states: by_unit }
+    }
+
+    fn merge(&mut self, other: Known) {
+        self.units.extend(other.units);
+        self.states.extend(other.states);
+    }
+
     fn failed(&self, name: &str) -> bool {
         self.states.get(name).is_some_and(|s| s.iter().any(|s| s.systemd_active_state == "failed"))
     }
 }
 
-/// What `submit` does with one named unit.
+/// What `submit` does with a named unit the cluster holds.
 enum Plan {
-    /// Create it with these options.
-    Create(Vec<fleet_model::UnitOption>),
     /// Give it these options (`--replace`).
     Replace(Vec<fleet_model::UnitOption>),
     /// It exists; leave its contents alone.
@@ -48,15 +59,45 @@ fn names_of(args: &[String]) -> Result<Vec<(String, String)>> {
     Ok(out)
 }
 
+/// The contents a named unit gets should it be new, as the original fleetctl found them: its
+/// own file (`is_file`: `arg` is one), else its template's, the cluster's (in `known`) or a local
+/// file of the template's name beside the argument. Each local template is read once
+/// (`templates`), however many instances name it. An error says why none was found.
+fn new_unit_options(
+    arg: &str,
+    name: &str,
+    is_file: bool,
+    known: &Known,
+    templates: &mut HashMap<PathBuf, Result<Vec<fleet_model::UnitOption>, Option<String>>>,
+) -> Result<Vec<fleet_model::UnitOption>> {
+    let local = Path::new(arg);
+    if is_file {
+        return Ok(read_unit_file(local)?.options);
+    }
+    let parsed = UnitName::parse(name)?;
+    let template =
+        parsed.template().with_context(|| format!("unable to find Unit({name}) in Registry or on filesystem"))?;
+    if let Some(t) = known.units.get(template.as_str()) {
+        return Ok(t.options.clone());
+    }
+    let tpath = local.parent().map(|d| d.join(template.as_str())).unwrap_or_else(|| PathBuf::from(template.as_str()));
+    // `Err(None)`: no such file.
+    let read = templates.entry(tpath).or_insert_with_key(|tpath| match tpath.is_file() {
+        true => read_unit_file(tpath).map(|f| f.options).map_err(|e| Some(format!("{e:#}"))),
+        false => Err(None),
+    });
+    match read {
+        Ok(options) => Ok(options.clone()),
+        Err(Some(e)) => Err(anyhow::Error::msg(e.clone())),
+        Err(None) => bail!("unable to find Unit({name}) or template Unit({template}) in Registry or on filesystem"),
+    }
+}
+
 impl Ctl {
     /// The named units as the cluster holds them, in one request.
     pub async fn lookup(&self, names: &[String]) -> Result<Known> {
         let found = self.api.batch_get(names).await?;
-        let mut states: HashMap<String, Vec<UnitState>> = HashMap::new();
-        for s in found.states {
-            states.entry(s.name.clone()).or_default().push(s);
-        }
-        Ok(Known { units: found.units.into_iter().map(|u| (u.name.clone(), u)).collect(), states })
+        Ok(Known::of(found.units, found.states))
     }
 
     /// Finds or creates each unit (from the cluster, a local file, or a template), then sets the
@@ -73,36 +114,70 @@ impl Ctl {
         }
         let named = names_of(args)?;
         let state = target.as_ref().map(|t| t.0);
+        // Whether each argument is a unit file: one look at the filesystem per argument.
+        let is_file: Vec<bool> = named.iter().map(|(arg, _)| Path::new(arg).is_file()).collect();
         // An instance not given as a file comes from its template: the cluster's if it has one,
-        // else a local file of the template's name beside the argument.
-        let mut wanted: Vec<String> = named.iter().map(|(_, n)| n.clone()).collect();
-        for (arg, name) in &named {
-            if !Path::new(arg).is_file() {
-                if let Some(t) = UnitName::parse(name).ok().and_then(|n| n.template()) {
-                    wanted.push(t.to_string());
-                }
-            }
-        }
-        wanted.sort();
-        wanted.dedup();
-        let known = self.lookup(&wanted).await.context("Error creating units")?;
+        // else a local file of the template's name beside the argument. The templates are
+        // looked up first (few, however many instances).
+        let mut templates: Vec<String> = named
+            .iter()
+            .zip(&is_file)
+            .filter(|(_, f)| !**f)
+            .filter_map(|((_, name), _)| UnitName::parse(name).ok().and_then(|n| n.template()))
+            .map(|t| t.to_string())
+            .collect();
+        templates.sort();
+        templates.dedup();
+        let mut known = match templates.is_empty() {
+            true => Known { units: HashMap::new(), states: HashMap::new() },
+            false => self.lookup(&templates).await.context("Error creating units")?,
+        };
 
-        let mut create = Vec::new();
-        let mut changes: Vec<Unit> = Vec::new();
-        for (arg, name) in &named {
-            match self.plan(arg, name, replace, state, &known).context("Error creating units")? {
-                Plan::Create(options) => create.push(Unit {
+        // Each unit's contents should it be new; a unit without (no file, no template) must
+        // exist, and is looked up to know it does.
+        let mut local_templates = HashMap::new();
+        let mut new_units = Vec::new();
+        let mut unresolved: Vec<(&str, anyhow::Error)> = Vec::new();
+        for ((arg, name), file) in named.iter().zip(&is_file) {
+            match new_unit_options(arg, name, *file, &known, &mut local_templates) {
+                Ok(options) => new_units.push(Unit {
                     name: name.clone(),
                     options,
                     desired_state: state.unwrap_or(DesiredState::Inactive).to_string(),
                     ..Default::default()
                 }),
+                Err(e) => unresolved.push((name, e)),
+            }
+        }
+        if !unresolved.is_empty() {
+            let names: Vec<String> = unresolved.iter().map(|(n, _)| n.to_string()).collect();
+            let found = self.lookup(&names).await.context("Error creating units")?;
+            if let Some((_, e)) = unresolved.into_iter().find(|(n, _)| !found.units.contains_key(*n)) {
+                return Err(e.context("Error creating units"));
+            }
+            known.merge(found);
+        }
+
+        // One request per 10,000 units creates the new ones and answers those that exist.
+        let answer = self.api.create_or_find(&new_units).await.context("Error creating units")?;
+        let revision = answer.revision;
+        let existing: HashSet<String> = answer.existing.iter().map(|u| u.name.clone()).collect();
+        known.merge(Known::of(answer.existing, answer.states));
+        // Looked up once per unit below: by name, not by scanning (a million units in one command).
+        let created: HashMap<&str, &Unit> =
+            new_units.iter().filter(|u| !existing.contains(&u.name)).map(|u| (u.name.as_str(), u)).collect();
+        let mut changes: Vec<Unit> = Vec::new();
+        for ((arg, name), file) in named.iter().zip(&is_file) {
+            if created.contains_key(name.as_str()) {
+                continue;
+            }
+            let Some(unit) = known.units.get(name) else { continue };
+            match self.plan(arg, name, *file, unit, replace, state).context("Error creating units")? {
                 Plan::Replace(options) => changes.push(Unit { name: name.clone(), options, ..Default::default() }),
                 Plan::Keep => {}
             }
         }
-        let revision = self.api.create(&create).await.context("Error creating units")?;
-        for u in &create {
+        for u in new_units.iter().filter(|u| created.contains_key(u.name.as_str())) {
             println!("Unit {} inactive", u.name);
         }
         let Some((state, block)) = target else {
@@ -110,15 +185,14 @@ impl Ctl {
             return Ok(ExitCode::SUCCESS);
         };
         let verb = if state == DesiredState::Launched { "start" } else { "load" };
-        // Looked up once per unit below: by name, not by scanning (10,000 units in one command).
-        let created: HashMap<&str, &Unit> = create.iter().map(|u| (u.name.as_str(), u)).collect();
         let replaced: HashMap<String, usize> = changes.iter().enumerate().map(|(i, c)| (c.name.clone(), i)).collect();
         let mut again = Vec::new();
         let mut waiting = Vec::new();
         let mut triggered = Vec::new();
         for (_, name) in &named {
-            let global = match known.units.get(name) {
-                Some(unit) => {
+            let global = match (created.get(name.as_str()), known.units.get(name)) {
+                (Some(u), _) => u.is_global(),
+                (None, Some(unit)) => {
                     if state == DesiredState::Launched
                         && unit.desired() == Some(DesiredState::Launched)
                         && !unit.is_global()
@@ -141,10 +215,7 @@ impl Ctl {
                     }
                     unit.is_global()
                 }
-                None => match created.get(name.as_str()) {
-                    Some(u) => u.is_global(),
-                    None => continue,
-                },
+                (None, None) => continue,
             };
             if global {
                 triggered.push(format!("Triggered global unit {name} {verb}"));
@@ -174,57 +245,48 @@ impl Ctl {
         self.wait_all(&waiting, state, state == DesiredState::Launched, &block, revision).await
     }
 
-    /// What to do with one named unit, as the original fleetctl decided: a unit in the cluster
-    /// is kept unless its local file differs and `--replace` allows replacing it in its state.
-    fn plan(&self, arg: &str, name: &str, replace: bool, target: Option<DesiredState>, known: &Known) -> Result<Plan> {
-        let local = Path::new(arg);
-        if let Some(unit) = known.units.get(name) {
-            if !local.is_file() {
-                return Ok(Plan::Keep);
-            }
-            let file = read_unit_file(local)?;
-            let stored = UnitFile::from_options(unit.options.clone());
-            if file.hash() == stored.hash() {
-                if replace {
-                    println!("Found same Unit({name}) in Registry, nothing to do");
-                }
-                return Ok(Plan::Keep);
-            }
-            if !replace {
-                eprintln!(
-                    "WARNING: Unit {name} in registry differs from local unit file {arg}. Add --replace to override."
-                );
-                return Ok(Plan::Keep);
-            }
-            let allowed = match target {
-                None => unit.desired() == Some(DesiredState::Inactive),
-                Some(DesiredState::Loaded) => unit.desired() != Some(DesiredState::Launched),
-                _ => true,
-            };
-            if !allowed {
-                eprintln!(
-                    "Warning: can not replace Unit({name}) in state '{}', use the appropriate command",
-                    unit.desired_state
-                );
-                return Ok(Plan::Keep);
-            }
-            return Ok(Plan::Replace(file.options));
+    /// What to do with a named unit the cluster holds, as the original fleetctl decided: it is
+    /// kept unless its local file (`is_file`: `arg` is one) differs and `--replace` allows
+    /// replacing it in its state.
+    fn plan(
+        &self,
+        arg: &str,
+        name: &str,
+        is_file: bool,
+        unit: &Unit,
+        replace: bool,
+        target: Option<DesiredState>,
+    ) -> Result<Plan> {
+        if !is_file {
+            return Ok(Plan::Keep);
         }
-        if local.is_file() {
-            return Ok(Plan::Create(read_unit_file(local)?.options));
+        let file = read_unit_file(Path::new(arg))?;
+        let stored = UnitFile::from_options(unit.options.clone());
+        if file.hash() == stored.hash() {
+            if replace {
+                println!("Found same Unit({name}) in Registry, nothing to do");
+            }
+            return Ok(Plan::Keep);
         }
-        let parsed = UnitName::parse(name)?;
-        let template =
-            parsed.template().with_context(|| format!("unable to find Unit({name}) in Registry or on filesystem"))?;
-        if let Some(t) = known.units.get(template.as_str()) {
-            return Ok(Plan::Create(t.options.clone()));
+        if !replace {
+            eprintln!(
+                "WARNING: Unit {name} in registry differs from local unit file {arg}. Add --replace to override."
+            );
+            return Ok(Plan::Keep);
         }
-        let tpath =
-            local.parent().map(|d| d.join(template.as_str())).unwrap_or_else(|| PathBuf::from(template.as_str()));
-        if !tpath.is_file() {
-            bail!("unable to find Unit({name}) or template Unit({template}) in Registry or on filesystem");
+        let allowed = match target {
+            None => unit.desired() == Some(DesiredState::Inactive),
+            Some(DesiredState::Loaded) => unit.desired() != Some(DesiredState::Launched),
+            _ => true,
+        };
+        if !allowed {
+            eprintln!(
+                "Warning: can not replace Unit({name}) in state '{}', use the appropriate command",
+                unit.desired_state
+            );
+            return Ok(Plan::Keep);
         }
-        Ok(Plan::Create(read_unit_file(&tpath)?.options))
+        Ok(Plan::Replace(file.options))
     }
 
     /// Waits until every unit reports `state` (and systemd `active` when `active` is set), printing

@@ -121,7 +121,8 @@ fn main() -> Result<()> {
             .with_writer(std::io::stderr)
             .init();
     }
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    // The bench runs its simulations in this process.
+    let rt = fleet_integration::sim::runtime(Some(2))?;
     match cli.command {
         Cmd::Up { machines, etcd, engines, metadata, image, image_key, provision } => {
             let image = match image {

@@ -213,7 +213,7 @@ pub(crate) async fn put_unit(
 
 /// Decodes and validates a `POST /units` body: every unit, before anything is written (the
 /// fuzz target `api_create_units` drives this with arbitrary input).
-pub fn parse_create_units(body: &[u8]) -> Result<Vec<(UnitRecord, UnitFile, Option<Rules>)>, ApiError> {
+pub fn parse_create_units(body: &[u8]) -> Result<NewUnits, ApiError> {
     let req: wire::CreateUnits =
         serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("unable to decode body: {e}")))?;
     if req.units.is_empty() {
@@ -254,20 +254,54 @@ pub fn parse_create_units(body: &[u8]) -> Result<Vec<(UnitRecord, UnitFile, Opti
         };
         records.push((UnitRecord { name, hash: f.hash().into(), desired_state: desired }, f, rules));
     }
-    Ok(records)
+    Ok(NewUnits { units: records, keep_existing: req.keep_existing })
+}
+
+/// A validated `POST /units` body.
+pub struct NewUnits {
+    /// Each unit's record, unit file and rules (none for a template).
+    pub units: Vec<(UnitRecord, UnitFile, Option<Rules>)>,
+    /// Whether units that exist are answered rather than refused.
+    pub keep_existing: bool,
+}
+
+/// Operations in one transaction's `then` (etcd refuses more than 128 by default).
+const OPS_PER_TXN: usize = 120;
+
+/// Cuts new units into transactions of at most [`OPS_PER_TXN`] writes: each unit's record and,
+/// once a transaction, each distinct body. Instances of one template share their body, so a
+/// transaction carries 119 of them (at most 60 with every body different); what a million
+/// units cost etcd is mostly per transaction.
+pub(crate) fn txn_chunks<T>(units: &[T], hash: impl Fn(&T) -> &str) -> Vec<&[T]> {
+    let mut chunks = Vec::new();
+    let (mut start, mut bodies) = (0, std::collections::HashSet::new());
+    for (i, u) in units.iter().enumerate() {
+        let new_body = !bodies.contains(hash(u));
+        if i - start + bodies.len() + 1 + usize::from(new_body) > OPS_PER_TXN {
+            chunks.push(&units[start..i]);
+            start = i;
+            bodies.clear();
+        }
+        bodies.insert(hash(u));
+    }
+    if start < units.len() {
+        chunks.push(&units[start..]);
+    }
+    chunks
 }
 
 /// Not in the original API: creates many new units in one request, as many small transactions
 /// (each unit with its body, guarded so an existing unit is never overwritten). Everything is
 /// validated before anything is written; a unit that already exists is refused with 409 and the
-/// units of that transaction are not written (those of earlier transactions are).
+/// units of that transaction are not written (those of earlier transactions are), unless the
+/// request says `keepExisting`: then existing units are left alone and answered.
 pub(crate) async fn create_units(
     State(api): State<Api>,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, BatchError> {
     check_json(&headers)?;
-    let units = parse_create_units(&body)?;
+    let NewUnits { units, keep_existing } = parse_create_units(&body)?;
     let mut records = Vec::with_capacity(units.len());
     for (i, (record, f, rules)) in units.into_iter().enumerate() {
         if let Some(rules) = &rules {
@@ -279,7 +313,9 @@ pub(crate) async fn create_units(
     fresh(&api).await?;
     tracing::debug!(units = records.len(), "creating units");
     let mut last_rev = 0;
-    for chunk in records.chunks(UNITS_PER_TXN) {
+    // With `keepExisting`: the units found to exist, and the newest revision they were written at.
+    let (mut kept, mut kept_rev) = (Vec::new(), 0);
+    for chunk in txn_chunks(&records, |(r, _)| r.hash.as_str()) {
         let mut chunk: Vec<&(UnitRecord, String)> = chunk.iter().collect();
         // A unit that exists with the same contents and desired state counts as created, so a
         // client may retry a request whose answer it did not get.
@@ -290,13 +326,23 @@ pub(crate) async fn create_units(
                     chunk.clear();
                     break;
                 }
+                Err(existing) if keep_existing => {
+                    for e in &existing {
+                        kept_rev = kept_rev.max(e.revision);
+                        kept.push(e.name.clone());
+                    }
+                    chunk.retain(|(r, _)| !existing.iter().any(|e| e.name == r.name.as_str()));
+                    if chunk.is_empty() {
+                        break;
+                    }
+                }
                 Err(existing) => {
                     let differing: Vec<String> = existing
                         .iter()
-                        .filter(|(name, stored)| {
-                            chunk.iter().any(|(r, _)| r.name.as_str() == name.as_str() && Some(r) != stored.as_ref())
+                        .filter(|e| {
+                            chunk.iter().any(|(r, _)| r.name.as_str() == e.name && Some(r) != e.stored.as_ref())
                         })
-                        .map(|(n, _)| n.clone())
+                        .map(|e| e.name.clone())
                         .collect();
                     // Earlier transactions of the request stay written: say so, and which.
                     let what = match last_rev {
@@ -308,7 +354,7 @@ pub(crate) async fn create_units(
                         .map(|name| wire::UnitError { name, error: "exists with other contents or state".into() })
                         .collect();
                     refuse_batch(StatusCode::CONFLICT, &what, refused)?;
-                    chunk.retain(|(r, _)| !existing.iter().any(|(n, _)| n.as_str() == r.name.as_str()));
+                    chunk.retain(|(r, _)| !existing.iter().any(|e| e.name == r.name.as_str()));
                     if chunk.is_empty() {
                         break;
                     }
@@ -319,9 +365,37 @@ pub(crate) async fn create_units(
             return Err(ApiError::new(StatusCode::CONFLICT, "units changed concurrently; try again").into());
         }
     }
-    tracing::debug!(units = records.len(), revision = last_rev, "units created; settling");
+    tracing::debug!(units = records.len(), kept = kept.len(), revision = last_rev, "units created; settling");
     api.wrote(last_rev);
-    Ok((StatusCode::CREATED, Json(wire::Created { created: records.len(), revision: last_rev })).into_response())
+    let mut answer = wire::Created { created: records.len() - kept.len(), revision: last_rev, ..Default::default() };
+    if !kept.is_empty() {
+        // The existing units as this replica's view holds them, once it has caught up with
+        // their last writes (they may have been written through another replica).
+        if api.cluster.revision() < kept_rev {
+            settle(&api, kept_rev).await;
+        }
+        let names: Vec<UnitName> = kept.iter().filter_map(|n| UnitName::parse(n).ok()).collect();
+        let found = api.cluster.read(|v| find(v, &names));
+        if !found.missing.is_empty() {
+            // Destroyed between its transaction and this read: neither created nor there.
+            let refused = found
+                .missing
+                .into_iter()
+                .map(|name| wire::UnitError { name, error: "destroyed while being created; try again".into() })
+                .collect();
+            refuse_batch(StatusCode::CONFLICT, "units changed concurrently; try again", refused)?;
+        }
+        (answer.existing, answer.states) = (found.units, found.states);
+    }
+    Ok((StatusCode::CREATED, Json(answer)).into_response())
+}
+
+/// A unit found to exist by a guarded create: its name, what is stored for it (`None` if it
+/// cannot be decoded) and the revision it was last written at.
+pub(crate) struct Existing {
+    pub(crate) name: String,
+    pub(crate) stored: Option<UnitRecord>,
+    pub(crate) revision: i64,
 }
 
 /// Writes units that must not exist yet, in one transaction. `Ok(revision)`, or the units of
@@ -329,7 +403,7 @@ pub(crate) async fn create_units(
 pub(crate) async fn write_new_units(
     api: &Api,
     chunk: &[&(UnitRecord, String)],
-) -> Result<Result<i64, Vec<(String, Option<UnitRecord>)>>, ApiError> {
+) -> Result<Result<i64, Vec<Existing>>, ApiError> {
     let mut guards = Vec::new();
     let mut ops = Vec::new();
     let mut bodies = std::collections::HashSet::new();
@@ -350,7 +424,13 @@ pub(crate) async fn write_new_units(
     let existing = chunk
         .iter()
         .zip(got(&done))
-        .filter_map(|((rec, _), e)| e.map(|e| (rec.name.to_string(), decode::<UnitRecord>(&e.value).ok())))
+        .filter_map(|((rec, _), e)| {
+            e.map(|e| Existing {
+                name: rec.name.to_string(),
+                stored: decode::<UnitRecord>(&e.value).ok(),
+                revision: e.mod_revision,
+            })
+        })
         .collect();
     Ok(Err(existing))
 }
@@ -465,4 +545,20 @@ pub(crate) async fn delete_unit(State(api): State<Api>, Path(name): Path<String>
         return Err(ApiError::new(StatusCode::NOT_FOUND, "unit does not exist"));
     }
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// The named units in `v`, their states, and which it does not hold.
+pub(crate) fn find(v: &ClusterView, names: &[UnitName]) -> wire::Found {
+    let mut found = wire::Found { units: Vec::new(), states: Vec::new(), missing: Vec::new() };
+    for name in names {
+        let Some(rec) = v.units.get(name) else {
+            found.missing.push(name.to_string());
+            continue;
+        };
+        found.units.push(api_unit(v, rec));
+        for (m, s) in v.states.get(name).into_iter().flatten() {
+            found.states.push(api_state(name, m, s));
+        }
+    }
+    found
 }

@@ -8,7 +8,7 @@
 //! committed. Per-unit refusals are listed in the error body's `units`.
 
 use crate::api::{
-    api_unit, check_json, check_put, check_replace_cycles, fresh, got, placement_of, settle, Api, ApiError, PutUnit,
+    check_json, check_put, check_replace_cycles, find, fresh, got, placement_of, settle, Api, ApiError, PutUnit,
     MAX_UNITS_PER_REQUEST, UNITS_PER_TXN,
 };
 use crate::auth::{AuditDetail, Caller, Role};
@@ -60,21 +60,6 @@ pub fn parse_names(names: &[String]) -> Result<Vec<UnitName>, BatchError> {
     }
     refuse(StatusCode::BAD_REQUEST, "invalid unit names", bad)?;
     Ok(out)
-}
-
-fn find(v: &ClusterView, names: &[UnitName]) -> Found {
-    let mut found = Found { units: Vec::new(), states: Vec::new(), missing: Vec::new() };
-    for name in names {
-        let Some(rec) = v.units.get(name) else {
-            found.missing.push(name.to_string());
-            continue;
-        };
-        found.units.push(api_unit(v, rec));
-        for (m, s) in v.states.get(name).into_iter().flatten() {
-            found.states.push(crate::api::api_state(name, m, s));
-        }
-    }
-    found
 }
 
 /// The newest revision at which any of `names` was written, as etcd has it now (0 when none of

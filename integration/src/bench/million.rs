@@ -335,18 +335,44 @@ const NOTES: &str = "\
   answers over 500 ms), and some lease renewals are still answered \"waiting for the applied \
   index took too long\". TLS costs ~15 s at this size (99-105 s plain against 115-121 s). \
   Splitting the agents' states from the schedule (another etcd) is the next step.
-- *Submitted by fleetctl* (`fleetctl start --no-block --names-from`), a million units take 45 s \
-  to store against 26 s through the API in requests of 5,000: fleetctl first looks every name \
-  up (`units:batchGet`, 11 s; it must not recreate a unit that exists nor miss one that failed), \
-  then creates them (27 s), in requests of 10,000, two at a time. With the leader then placing \
-  them, all active took 150 s: missed. This table's fleetctl run was taken with `fleet-sim \
-  --fleetctl --etcd-identity` on a fresh etcd with the same settings as the bench's, because \
-  the bench's own attempt failed before submitting: it deleted the first cluster's keys from \
-  the same etcd, and etcd did not finish that within a request's time. Each whole cluster now \
-  gets an etcd of its own. A leader placing the units as fleetctl stores them (a user's cluster) \
-  was tried too: the submission, the leader's many small passes and the agents together pushed \
-  etcd's apply backlog past its limit and it refused requests (\"too many requests\"); it was \
-  stopped at 390,000 units placed after 3.5 minutes.
+- *Submitted by fleetctl* (`fleetctl start --no-block --names-from`), a million units took 45 s \
+  to store in this table's run against 26 s through the API in requests of 5,000: fleetctl \
+  first looked every name up (`units:batchGet`, 11 s; it must not recreate a unit that exists \
+  nor miss one that failed), then created them (27 s), in requests of 10,000, two at a time, \
+  and read the template file once per instance. With the leader then placing them, all active \
+  took 150 s: missed. This table's fleetctl run was taken with `fleet-sim --fleetctl \
+  --etcd-identity` on a fresh etcd with the same settings as the bench's, because the bench's \
+  own attempt failed before submitting: it deleted the first cluster's keys from the same etcd, \
+  and etcd did not finish that within a request's time. Each whole cluster now gets an etcd of \
+  its own. A leader placing the units as fleetctl stores them (a user's cluster) was tried too: \
+  the submission, the leader's many small passes and the agents together pushed etcd's apply \
+  backlog past its limit and it refused requests (\"too many requests\"); it was stopped at \
+  390,000 units placed after 3.5 minutes. *Since this table's run* fleetctl no longer looks \
+  the units up: `POST /units` with `keepExisting` creates those that do not exist and answers \
+  those that do (which fleetctl then treats as before: kept, warned about, replaced, set to \
+  the new state or started again), only the templates are looked up, and a local template is \
+  read once. The engine packs a request's new units into transactions of up to 120 writes \
+  (119 instances of one template and their shared body, where it wrote 60 units each): 0.0083 \
+  etcd transactions per unit. Measured by hand with `fleet-sim --engine-alone` on an AMD EPYC \
+  host of this size (secure settings, fresh etcd each): a million units stored in 29.0 s by \
+  fleetctl and 22.5 s through the API (the engine alone's fleetctl submission took 30-49 s \
+  before on the Xeon host), and placed at 73,000 and 60,000 a second.
+- *On a slower host one etcd does not hold the whole cluster* (by hand, 2026-12-02, the AMD \
+  EPYC host above, secure settings): in five runs of the whole simulated cluster, by the API \
+  and by fleetctl, etcd's apply fell behind its log 4-20 s after the leader started placing: \
+  lease renewals were refused (\"waiting for the applied index took too long\", 12,000-20,000 \
+  refusals a run), the leader lost its 5 s election lease (\"writes failed for a lease TTL\"), \
+  agents' leases expired and their machines' units were moved, and placement stopped between \
+  240,000 and 400,000 units; no run converged. Neither running etcd at a higher priority \
+  (`renice -n -10`, as etcd's tuning guide advises for a shared host) nor a leader that pauses \
+  between its transactions once one takes over 250 ms changed that (one run each; the pause \
+  was not kept). The simulation's own blocking pool is now a few long-lived threads (10,000 \
+  agents' file batches had it start and stop threads): agents then reported units active as \
+  fast as they were placed (123,000 of 123,000 at 30 s, where 10,000 of 107,000 were before), \
+  which did not save etcd either. At this size the agents' one state key per unit (a million \
+  puts, each sent to both engines' watches) is what etcd's single apply loop and its watch \
+  fan-out carry beside the schedule; the next step is to move the states off the schedule's \
+  etcd (another etcd, or one key per machine), which is not built.
 - *Whole passes still come* after a unit is changed or destroyed, a drain, a move, a rollout's \
   step, or a unit displaced by a `Replaces`, and right after a new leader's first pass: each \
   costs the seconds above, and delays what is submitted meanwhile.

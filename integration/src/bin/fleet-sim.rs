@@ -93,7 +93,7 @@ fn main() -> anyhow::Result<()> {
         api_tls: a.etcd_identity.as_ref().map(|dir| fleet_integration::pki::identity_in(dir, "engine")),
         submission: if a.fleetctl { Submission::Fleetctl } else { Submission::Api },
     };
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = fleet_integration::sim::runtime(None)?;
     if a.engine_alone {
         let submission = if a.submit_with_fleetctl { Submission::Fleetctl } else { Submission::Api };
         let report = rt.block_on(engine_alone(cfg, submission))?;

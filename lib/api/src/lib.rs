@@ -310,18 +310,32 @@ pub struct UnitStatuses {
 /// optionally `desiredState`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase")]
 pub struct CreateUnits {
     pub units: Vec<Unit>,
+    /// Units that exist already are left as they are and answered in `existing` (with what
+    /// their machines report in `states`), rather than refused: one request both creates what
+    /// is new and says what is not, as `fleetctl start` needs (without, a unit that exists with
+    /// other contents or desired state is a 409).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub keep_existing: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Created {
+    /// Units written by this request (with `keepExisting`, those not in `existing`).
     pub created: usize,
     /// etcd revision of the last write; `units:wait` may be asked to start from it.
     #[serde(default)]
     #[cfg_attr(feature = "openapi", schema(required = true))]
     pub revision: i64,
+    /// With `keepExisting`: the units that existed, as `GET /units/{name}` shows them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub existing: Vec<Unit>,
+    /// With `keepExisting`: what the machines of the units in `existing` report.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub states: Vec<UnitState>,
 }
 
 /// Names of units to read, destroy or wait for.

@@ -22,7 +22,7 @@ pub use fleet_api::{JoinTokenCreated, JoinTokenInfo, JoinTokenRequest};
 pub use fleetlock::FleetLockOp;
 pub use states::{head_of, StateLine, StateStream};
 
-pub use fleet_api::{AgentStatus, Found, Machine, Unit, UnitError, UnitState, Until, WaitEvent};
+pub use fleet_api::{AgentStatus, Created, Found, Machine, Unit, UnitError, UnitState, Until, WaitEvent};
 use fleet_api::{ErrorBody, MachinePage, Page, UnitPage, UnitStatePage};
 use reqwest::StatusCode;
 use std::path::PathBuf;

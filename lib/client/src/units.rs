@@ -148,10 +148,29 @@ impl Client {
     /// revision of the last write (0 if there was nothing to create).
     /// [`BATCHES_IN_FLIGHT`] requests at once.
     pub async fn create(&self, units: &[Unit]) -> Result<i64> {
-        let asks =
-            units.chunks(BATCH).map(|chunk| self.batch::<Created>("units", CreateUnits { units: chunk.to_vec() }));
-        let created: Vec<Created> = futures::stream::iter(asks).buffered(BATCHES_IN_FLIGHT).try_collect().await?;
-        Ok(created.iter().map(|c| c.revision).max().unwrap_or(0))
+        Ok(self.create_units(units, false).await?.revision)
+    }
+
+    /// Creates the units that do not exist and answers those that do (as `GET /units/{name}`
+    /// shows them, with their states), leaving them as they are: one request per [`BATCH`]
+    /// units, rather than looking every name up first. `revision` is that of the last write.
+    pub async fn create_or_find(&self, units: &[Unit]) -> Result<Created> {
+        self.create_units(units, true).await
+    }
+
+    async fn create_units(&self, units: &[Unit], keep_existing: bool) -> Result<Created> {
+        let asks = units
+            .chunks(BATCH)
+            .map(|chunk| self.batch::<Created>("units", CreateUnits { units: chunk.to_vec(), keep_existing }));
+        let answers: Vec<Created> = futures::stream::iter(asks).buffered(BATCHES_IN_FLIGHT).try_collect().await?;
+        let mut all = Created::default();
+        for a in answers {
+            all.created += a.created;
+            all.revision = all.revision.max(a.revision);
+            all.existing.extend(a.existing);
+            all.states.extend(a.states);
+        }
+        Ok(all)
     }
 
     /// Sets the desired state (and, where given, new options) of existing units; returns the
