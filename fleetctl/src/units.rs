@@ -164,15 +164,22 @@ impl Ctl {
         let existing: HashSet<String> = answer.existing.iter().map(|u| u.name.clone()).collect();
         known.merge(Known::of(answer.existing, answer.states));
         // Looked up once per unit below: by name, not by scanning (a million units in one command).
+        let sent: HashMap<&str, &Unit> = new_units.iter().map(|u| (u.name.as_str(), u)).collect();
         let created: HashMap<&str, &Unit> =
-            new_units.iter().filter(|u| !existing.contains(&u.name)).map(|u| (u.name.as_str(), u)).collect();
+            sent.iter().filter(|(n, _)| !existing.contains(**n)).map(|(n, u)| (*n, *u)).collect();
         let mut changes: Vec<Unit> = Vec::new();
         for ((arg, name), file) in named.iter().zip(&is_file) {
             if created.contains_key(name.as_str()) {
                 continue;
             }
             let Some(unit) = known.units.get(name) else { continue };
-            match self.plan(arg, name, *file, unit, replace, state).context("Error creating units")? {
+            // The local file as read above; read here only if that failed, to say why.
+            let local = match (*file, sent.get(name.as_str())) {
+                (false, _) => None,
+                (true, Some(u)) => Some(UnitFile::from_options(u.options.clone())),
+                (true, None) => Some(read_unit_file(Path::new(arg)).context("Error creating units")?),
+            };
+            match self.plan(arg, name, local, unit, replace, state) {
                 Plan::Replace(options) => changes.push(Unit { name: name.clone(), options, ..Default::default() }),
                 Plan::Keep => {}
             }
@@ -246,33 +253,32 @@ impl Ctl {
     }
 
     /// What to do with a named unit the cluster holds, as the original fleetctl decided: it is
-    /// kept unless its local file (`is_file`: `arg` is one) differs and `--replace` allows
+    /// kept unless its local file (`local`, read from `arg`) differs and `--replace` allows
     /// replacing it in its state.
     fn plan(
         &self,
         arg: &str,
         name: &str,
-        is_file: bool,
+        local: Option<UnitFile>,
         unit: &Unit,
         replace: bool,
         target: Option<DesiredState>,
-    ) -> Result<Plan> {
-        if !is_file {
-            return Ok(Plan::Keep);
-        }
-        let file = read_unit_file(Path::new(arg))?;
+    ) -> Plan {
+        let Some(file) = local else {
+            return Plan::Keep;
+        };
         let stored = UnitFile::from_options(unit.options.clone());
         if file.hash() == stored.hash() {
             if replace {
                 println!("Found same Unit({name}) in Registry, nothing to do");
             }
-            return Ok(Plan::Keep);
+            return Plan::Keep;
         }
         if !replace {
             eprintln!(
                 "WARNING: Unit {name} in registry differs from local unit file {arg}. Add --replace to override."
             );
-            return Ok(Plan::Keep);
+            return Plan::Keep;
         }
         let allowed = match target {
             None => unit.desired() == Some(DesiredState::Inactive),
@@ -284,9 +290,9 @@ impl Ctl {
                 "Warning: can not replace Unit({name}) in state '{}', use the appropriate command",
                 unit.desired_state
             );
-            return Ok(Plan::Keep);
+            return Plan::Keep;
         }
-        Ok(Plan::Replace(file.options))
+        Plan::Replace(file.options)
     }
 
     /// Waits until every unit reports `state` (and systemd `active` when `active` is set), printing

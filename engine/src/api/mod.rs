@@ -16,7 +16,9 @@ use fleet_api as wire;
 use fleet_model::rules::Rules;
 use fleet_model::schema::{decode, encode};
 use fleet_model::{DesiredState, Keys, UnitFile, UnitName, UnitOption, UnitRecord};
-use fleet_store::kv::{AnyStore, CmpOp, Compare, Entry, Op, OpResult, Store, StoreError, Txn as StoreTxn, TxnResult};
+use fleet_store::kv::{
+    AnyStore, CmpOp, Compare, Entry, Op, OpResult, Store, StoreError, Txn as StoreTxn, TxnResult, TXN_OPS,
+};
 use serde::Deserialize;
 use std::ops::Bound;
 use std::time::Duration;

@@ -265,10 +265,7 @@ pub struct NewUnits {
     pub keep_existing: bool,
 }
 
-/// Operations in one transaction's `then` (etcd refuses more than 128 by default).
-const OPS_PER_TXN: usize = 120;
-
-/// Cuts new units into transactions of at most [`OPS_PER_TXN`] writes: each unit's record and,
+/// Cuts new units into transactions of at most [`TXN_OPS`] writes: each unit's record and,
 /// once a transaction, each distinct body. Instances of one template share their body, so a
 /// transaction carries 119 of them (at most 60 with every body different); what a million
 /// units cost etcd is mostly per transaction.
@@ -277,7 +274,7 @@ pub(crate) fn txn_chunks<T>(units: &[T], hash: impl Fn(&T) -> &str) -> Vec<&[T]>
     let (mut start, mut bodies) = (0, std::collections::HashSet::new());
     for (i, u) in units.iter().enumerate() {
         let new_body = !bodies.contains(hash(u));
-        if i - start + bodies.len() + 1 + usize::from(new_body) > OPS_PER_TXN {
+        if i - start + bodies.len() + 1 + usize::from(new_body) > TXN_OPS {
             chunks.push(&units[start..i]);
             start = i;
             bodies.clear();
@@ -327,11 +324,11 @@ pub(crate) async fn create_units(
                     break;
                 }
                 Err(existing) if keep_existing => {
-                    for e in &existing {
+                    chunk.retain(|(r, _)| !existing.iter().any(|e| e.name == r.name));
+                    for e in existing {
                         kept_rev = kept_rev.max(e.revision);
-                        kept.push(e.name.clone());
+                        kept.push(e.name);
                     }
-                    chunk.retain(|(r, _)| !existing.iter().any(|e| e.name == r.name.as_str()));
                     if chunk.is_empty() {
                         break;
                     }
@@ -339,10 +336,8 @@ pub(crate) async fn create_units(
                 Err(existing) => {
                     let differing: Vec<String> = existing
                         .iter()
-                        .filter(|e| {
-                            chunk.iter().any(|(r, _)| r.name.as_str() == e.name && Some(r) != e.stored.as_ref())
-                        })
-                        .map(|e| e.name.clone())
+                        .filter(|e| chunk.iter().any(|(r, _)| r.name == e.name && Some(r) != e.stored.as_ref()))
+                        .map(|e| e.name.to_string())
                         .collect();
                     // Earlier transactions of the request stay written: say so, and which.
                     let what = match last_rev {
@@ -354,7 +349,7 @@ pub(crate) async fn create_units(
                         .map(|name| wire::UnitError { name, error: "exists with other contents or state".into() })
                         .collect();
                     refuse_batch(StatusCode::CONFLICT, &what, refused)?;
-                    chunk.retain(|(r, _)| !existing.iter().any(|e| e.name == r.name.as_str()));
+                    chunk.retain(|(r, _)| !existing.iter().any(|e| e.name == r.name));
                     if chunk.is_empty() {
                         break;
                     }
@@ -374,8 +369,7 @@ pub(crate) async fn create_units(
         if api.cluster.revision() < kept_rev {
             settle(&api, kept_rev).await;
         }
-        let names: Vec<UnitName> = kept.iter().filter_map(|n| UnitName::parse(n).ok()).collect();
-        let found = api.cluster.read(|v| find(v, &names));
+        let found = api.cluster.read(|v| find(v, &kept));
         if !found.missing.is_empty() {
             // Destroyed between its transaction and this read: neither created nor there.
             let refused = found
@@ -393,7 +387,7 @@ pub(crate) async fn create_units(
 /// A unit found to exist by a guarded create: its name, what is stored for it (`None` if it
 /// cannot be decoded) and the revision it was last written at.
 pub(crate) struct Existing {
-    pub(crate) name: String,
+    pub(crate) name: UnitName,
     pub(crate) stored: Option<UnitRecord>,
     pub(crate) revision: i64,
 }
@@ -426,7 +420,7 @@ pub(crate) async fn write_new_units(
         .zip(got(&done))
         .filter_map(|((rec, _), e)| {
             e.map(|e| Existing {
-                name: rec.name.to_string(),
+                name: rec.name.clone(),
                 stored: decode::<UnitRecord>(&e.value).ok(),
                 revision: e.mod_revision,
             })

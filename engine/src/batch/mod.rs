@@ -24,7 +24,7 @@ pub use fleet_api::{
 };
 use fleet_model::schema::{decode, encode, is_stopped};
 use fleet_model::{DesiredState, UnitName, UnitRecord};
-use fleet_store::kv::{CmpOp, Compare, Op, OpResult, Txn};
+use fleet_store::kv::{CmpOp, Compare, Op, OpResult, Txn, TXN_OPS};
 use serde::Deserialize;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -69,16 +69,13 @@ pub fn parse_names(names: &[String]) -> Result<Vec<UnitName>, BatchError> {
 /// a `fleetctl start` of new units wait 6 s whenever anything else had written to etcd).
 async fn newest_of(api: &Api, names: &[&UnitName]) -> Result<i64, ApiError> {
     let mut newest = 0;
-    for chunk in names.chunks(GETS_PER_TXN) {
+    for chunk in names.chunks(TXN_OPS) {
         let then = chunk.iter().map(|n| Op::Get(api.keys.unit(n).into_bytes())).collect();
         let done = api.txn("look units up", Txn { then, ..Txn::default() }, false).await?;
         newest = got(&done).flatten().map(|e| e.mod_revision).fold(newest, i64::max);
     }
     Ok(newest)
 }
-
-/// Reads per etcd transaction (under etcd's 128 operations).
-const GETS_PER_TXN: usize = 120;
 
 /// The units a `{"names": [...]}` request names, once this replica's view shows its own writes.
 async fn named_units(api: &Api, headers: &HeaderMap, body: &[u8]) -> Result<Vec<UnitName>, BatchError> {

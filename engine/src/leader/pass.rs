@@ -8,14 +8,12 @@ use crate::cluster::{Cluster, PlanChanges, PlanView};
 use crate::scheduler::{self, Decision, MoveOutcome, Snapshot};
 use fleet_model::schema::{encode, MoveRequest};
 use fleet_model::Keys;
-use fleet_store::kv::{CmpOp, Compare, Op, Store};
+use fleet_store::kv::{CmpOp, Compare, Op, Store, TXN_OPS};
 use futures::StreamExt;
 use std::sync::Mutex;
 use std::time::Duration;
 use tokio::sync::watch;
 
-/// etcd's default limit of operations per transaction is 128; one is left for headroom.
-const MAX_OPS_PER_TXN: usize = 120;
 /// Schedule transactions in flight at most while placing many units.
 const PUTS_IN_FLIGHT: usize = 8;
 /// A schedule transaction answered slower than this halves the transactions in flight; one
@@ -440,12 +438,12 @@ impl<S: Store> Planner<S> {
             puts.push(Op::put(self.keys.schedule(machine, unit), value, 0));
         }
         // (`last_rev` holds the rollouts' writes already.)
-        for chunk in ops.chunks(MAX_OPS_PER_TXN) {
+        for chunk in ops.chunks(TXN_OPS) {
             last_rev = last_rev.max(self.fenced(fence, vec![], chunk.to_vec()).await?);
         }
         // The first failure ends the pass (the writes still in flight are dropped; they are
         // fenced and idempotent): a leader that cannot write must not spend a TTL per batch.
-        let mut chunks = puts.chunks(MAX_OPS_PER_TXN).map(<[Op]>::to_vec);
+        let mut chunks = puts.chunks(TXN_OPS).map(<[Op]>::to_vec);
         let mut in_flight = futures::stream::FuturesUnordered::new();
         let mut pacing = Pacing::new();
         loop {

@@ -2,9 +2,6 @@
 
 use super::*;
 
-/// etcd refuses transactions with more operations than this in a list (`--max-txn-ops`).
-pub(super) const MAX_TXN_OPS: usize = 128;
-
 /// A watch's buffer in [`MemStore`]: a watcher that falls this far behind is dropped, as etcd
 /// cancels a watcher too slow to keep up.
 pub(super) const MEM_WATCH_BUFFER: usize = 1024;
@@ -274,7 +271,7 @@ impl Store for MemStore {
         }
         // etcd's default `--max-txn-ops`: more operations in any of a transaction's lists are
         // refused, so a caller that packs transactions too full fails here as on etcd.
-        if [txn.when.len(), txn.then.len(), txn.otherwise.len()].into_iter().any(|n| n > MAX_TXN_OPS) {
+        if [txn.when.len(), txn.then.len(), txn.otherwise.len()].into_iter().any(|n| n > ETCD_MAX_TXN_OPS) {
             return Err(StoreError::Other("etcdserver: too many operations in txn request".into()));
         }
         m.check_leases(&txn)?;

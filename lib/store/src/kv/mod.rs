@@ -115,6 +115,14 @@ pub struct TxnResult {
     pub results: Vec<OpResult>,
 }
 
+/// etcd's default `--max-txn-ops`: a transaction with more operations than this in one of its
+/// lists (guards, then, otherwise) is refused.
+pub const ETCD_MAX_TXN_OPS: usize = 128;
+
+/// Operations fleet puts in one list of a transaction: etcd's limit, with room to spare for a
+/// guard or a body added to a batch.
+pub const TXN_OPS: usize = 120;
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
     /// Worth trying again: the store (or the way to it) failed for a while.
