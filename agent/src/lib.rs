@@ -29,7 +29,7 @@ use crate::driver::{for_each, UnitDriver};
 use crate::systemd::{Systemd, UnitChange};
 use fleet_model::schema::{decode, Key};
 use fleet_model::unit_file::content_hash;
-use fleet_model::{DesiredState, Keys, ScheduleEntry, UnitName, UnitStateRecord};
+use fleet_model::{DesiredState, Keys, ScheduleEntry, StatePages, UnitName, UnitStateRecord};
 use fleet_store::etcd::{Change, PrefixUpdate};
 use fleet_store::kv::{follow, snapshot_of, EtcdStore, Store, StoreError};
 use fleet_store::retry::RetryPolicy;
@@ -71,8 +71,11 @@ pub struct Agent<D: UnitDriver = Systemd, S: Store = EtcdStore> {
     /// Bodies read from etcd, by hash, while units scheduled here use them.
     bodies: HashMap<String, String>,
     applied: BTreeMap<String, DesiredState>,
-    /// What is in etcd under `states/<machine>/`.
-    published: HashMap<String, UnitStateRecord>,
+    /// What is in etcd under `states/<machine>/`, page by page.
+    published: StatePages,
+    /// States an earlier version of the agent published one key per unit: republished into
+    /// pages, and their keys deleted, by the first publication.
+    legacy: HashMap<String, UnitStateRecord>,
     /// Units whose state must be (re)published once a lease is available.
     unpublished: BTreeSet<String>,
     /// A systemd call failed in the last pass: run another one shortly.
@@ -142,7 +145,8 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
             files: BTreeMap::new(),
             bodies: HashMap::new(),
             applied: BTreeMap::new(),
-            published: HashMap::new(),
+            published: StatePages::default(),
+            legacy: HashMap::new(),
             unpublished: BTreeSet::new(),
             transient_since: HashMap::new(),
             reconcile_again: false,
@@ -268,6 +272,7 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
                     if lease.is_some() && lease != self.lease {
                         // A new lease starts empty: everything must be published again.
                         self.published.clear();
+                        self.legacy.clear();
                         self.unpublished.extend(self.files.keys().cloned());
                     }
                     let was = self.lease;
@@ -404,7 +409,7 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
             UnitChange::Path(p) => self.path_to_unit.get(&p).cloned(),
         };
         if let Some(n) = name {
-            if self.files.contains_key(&n) || self.published.contains_key(&n) {
+            if self.files.contains_key(&n) || self.published.contains_key(&n) || self.legacy.contains_key(&n) {
                 self.unpublished.insert(n);
             }
         }

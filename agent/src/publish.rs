@@ -5,8 +5,8 @@ use crate::driver::UnitDriver;
 use crate::systemd::ObservedUnit;
 use crate::{Agent, AgentError, TRANSIENT_GRACE};
 use fleet_model::schema::{decode, encode, is_stopped, Key};
-use fleet_model::{DesiredState, UnitName, UnitStateRecord};
-use fleet_store::kv::{Op, Store, StoreError, Txn};
+use fleet_model::{DesiredState, StatePage, StatePages, UnitName, UnitStateRecord};
+use fleet_store::kv::{Op, Store, StoreError, Txn, TXN_OPS};
 use fleet_store::retry::RetryPolicy;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -20,18 +20,36 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
             .run("read published states", StoreError::is_transient, || self.store.range(prefix.as_bytes()))
             .await
             .map_err(|e| AgentError::Etcd(e.to_string()))?;
+        let mut pages = Vec::new();
         for kv in &entries {
-            if let (Some(Key::State(_, unit)), Ok(rec)) =
-                (self.keys.decode(&kv.key), decode::<UnitStateRecord>(&kv.value))
-            {
-                if self.files.get(unit.as_str()).is_some_and(|h| *h == rec.hash) {
-                    self.applied.insert(unit.to_string(), rec.applied);
+            match self.keys.decode(&kv.key) {
+                Some(Key::StatePage(_, n)) => match decode::<StatePage>(&kv.value) {
+                    Ok(page) => pages.push((n, page)),
+                    // Rewritten from what systemd says: its units are all republished below.
+                    Err(e) => tracing::warn!(page = n, error = %e, "unreadable state page; publishing it again"),
+                },
+                Some(Key::State(_, unit)) => {
+                    if let Ok(rec) = decode::<UnitStateRecord>(&kv.value) {
+                        self.legacy.insert(unit.to_string(), rec);
+                    }
                 }
-                self.published.insert(unit.to_string(), rec);
+                _ => {}
             }
         }
+        self.published = StatePages::from_pages(pages);
+        let earlier: Vec<(String, UnitStateRecord)> = self
+            .published
+            .units()
+            .filter_map(|u| self.published.get(u).map(|r| (u.clone(), r.clone())))
+            .chain(self.legacy.iter().map(|(u, r)| (u.clone(), r.clone())))
+            .collect();
+        for (unit, rec) in earlier {
+            if self.files.get(unit.as_str()).is_some_and(|h| *h == rec.hash) {
+                self.applied.insert(unit.clone(), rec.applied);
+            }
+            self.unpublished.insert(unit);
+        }
         // Whatever was published is republished (or deleted) under the current lease.
-        self.unpublished.extend(self.published.keys().cloned());
         self.unpublished.extend(self.files.keys().cloned());
         Ok(())
     }
@@ -44,14 +62,14 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
         let names: Vec<String> = self.unpublished.iter().cloned().collect();
         let observed = self.systemd.observe(&names).await?;
         let mut deferred = BTreeSet::new();
-        let mut ops = Vec::new();
         let mut next: Vec<(String, Option<UnitStateRecord>)> = Vec::new();
         let now = self.now_ms();
         for name in &names {
-            let Ok(unit) = UnitName::parse(name) else {
+            if UnitName::parse(name).is_err() {
                 continue;
-            };
-            let key = self.keys.state(&self.machine, &unit);
+            }
+            // What this machine last said about the unit: its page, or an earlier version's key.
+            let last = self.published.get(name).or_else(|| self.legacy.get(name));
             match self.files.get(name) {
                 Some(hash) => {
                     let o = observed.get(name).cloned().unwrap_or_else(|| ObservedUnit {
@@ -91,8 +109,6 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
                         health,
                     };
                     if self.published.get(name) != Some(&rec) {
-                        let value = encode(&rec).map_err(|e| AgentError::Etcd(e.to_string()))?;
-                        ops.push(Op::put(key, value, lease));
                         next.push((name.clone(), Some(rec)));
                     }
                 }
@@ -106,12 +122,10 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
                         health: None,
                     };
                     if self.published.get(name) != Some(&rec) {
-                        let value = encode(&rec).map_err(|e| AgentError::Etcd(e.to_string()))?;
-                        ops.push(Op::put(key, value, lease));
                         next.push((name.clone(), Some(rec)));
                     }
                 }
-                None if self.published.contains_key(name) => {
+                None if last.is_some() => {
                     // Taken off this machine: its last state stays until systemd has stopped it
                     // (the end of its stop job brings it back here), so a unit is never reported
                     // gone while it still runs, and an exclusive one is not started elsewhere
@@ -119,7 +133,7 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
                     if let Some(o) = observed.get(name).filter(|o| !is_stopped(&o.active_state)) {
                         // Reported stopped, yet running again (started by a socket, a timer, a
                         // dependency): say so.
-                        if let Some(last) = self.published.get(name).filter(|l| l.stopped()) {
+                        if let Some(last) = last.filter(|l| l.stopped()) {
                             let rec = UnitStateRecord {
                                 hash: last.hash.clone(),
                                 load_state: o.load_state.as_str().into(),
@@ -128,27 +142,76 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
                                 applied: DesiredState::Inactive,
                                 health: None,
                             };
-                            let value = encode(&rec).map_err(|e| AgentError::Etcd(e.to_string()))?;
-                            ops.push(Op::put(key, value, lease));
                             next.push((name.clone(), Some(rec)));
+                        } else if let Some(last) = last.filter(|_| !self.published.contains_key(name)) {
+                            // Still stopping, known only by an earlier version's key: it moves
+                            // into a page as it is (that key is deleted below).
+                            next.push((name.clone(), Some(last.clone())));
                         }
                         continue;
                     }
-                    ops.push(Op::delete(key));
                     next.push((name.clone(), None));
                 }
                 None => {}
             }
         }
-        for (chunk_ops, chunk_next) in ops.chunks(100).zip(next.chunks(100)) {
-            let txn = Txn { then: chunk_ops.to_vec(), ..Txn::default() };
+        self.write_pages(lease, &next, &deferred).await?;
+        self.unpublished = deferred;
+        Ok(())
+    }
+
+    /// Writes the pages `next` changes, then deletes an earlier version's per-unit keys (except
+    /// those of units still `deferred`), in transactions etcd accepts. A page rewritten in the
+    /// same transaction as the old key it supersedes is seen first, so the engine never sees the
+    /// unit without a state.
+    async fn write_pages(
+        &mut self,
+        lease: i64,
+        next: &[(String, Option<UnitStateRecord>)],
+        deferred: &BTreeSet<String>,
+    ) -> Result<(), AgentError> {
+        enum Write {
+            Page(u32, Option<StatePage>),
+            Legacy(String),
+        }
+        let mut writes = Vec::new();
+        for (n, contents) in self.published.plan(next) {
+            let key = self.keys.state_page(&self.machine, n);
+            let op = match &contents {
+                Some(page) => Op::put(key, encode(page).map_err(|e| AgentError::Etcd(e.to_string()))?, lease),
+                None => Op::delete(key),
+            };
+            writes.push((op, Write::Page(n, contents)));
+        }
+        for name in self.legacy.keys().filter(|n| !deferred.contains(*n)) {
+            let Ok(unit) = UnitName::parse(name) else { continue };
+            writes.push((Op::delete(self.keys.state(&self.machine, &unit)), Write::Legacy(name.clone())));
+        }
+        let mut writes = writes.into_iter().peekable();
+        while writes.peek().is_some() {
+            // Pages are up to ~40 KiB: a transaction stays well under etcd's 1.5 MiB request limit.
+            let (mut ops, mut done, mut bytes) = (Vec::new(), Vec::new(), 0);
+            while let Some((op, _)) = writes.peek() {
+                let size = op_size(op);
+                if !ops.is_empty() && (ops.len() >= TXN_OPS || bytes + size > TXN_BYTES) {
+                    break;
+                }
+                bytes += size;
+                if let Some((op, w)) = writes.next() {
+                    ops.push(op);
+                    done.push(w);
+                }
+            }
+            let txn = Txn { then: ops, ..Txn::default() };
             match tokio::time::timeout(Duration::from_secs(5), self.store.txn(txn)).await {
                 Ok(Ok(_)) => {
-                    for (name, rec) in chunk_next {
-                        match rec {
-                            Some(r) => self.published.insert(name.clone(), r.clone()),
-                            None => self.published.remove(name),
-                        };
+                    for w in done {
+                        match w {
+                            Write::Page(n, contents) => self.published.written(n, contents),
+                            Write::Legacy(name) => {
+                                self.legacy.remove(&name);
+                            }
+                        }
                     }
                 }
                 Ok(Err(e)) => {
@@ -158,7 +221,17 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
                 Err(_) => return Err(AgentError::Etcd("publishing unit states timed out".into())),
             }
         }
-        self.unpublished = deferred;
         Ok(())
+    }
+}
+
+/// Bytes of state one transaction carries at most.
+const TXN_BYTES: usize = 1 << 20;
+
+fn op_size(op: &Op) -> usize {
+    match op {
+        Op::Put { key, value, .. } => key.len() + value.len(),
+        Op::Get(key) | Op::Delete(key) => key.len(),
+        Op::Txn(_) => 0,
     }
 }

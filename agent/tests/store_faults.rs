@@ -9,7 +9,7 @@ use fleet_agent::Agent;
 use fleet_model::health::Health;
 use fleet_model::schema::{decode, encode};
 use fleet_model::unit_file::content_hash;
-use fleet_model::{DesiredState, Keys, ScheduleEntry, UnitFile, UnitName, UnitStateRecord};
+use fleet_model::{DesiredState, Keys, ScheduleEntry, StatePage, UnitFile, UnitName, UnitStateRecord};
 use fleet_store::kv::{MemStore, Op, Store, Txn};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -81,10 +81,12 @@ impl Running {
         self.store.txn(txn).await.expect("unschedule");
     }
 
-    /// What the agent published for `unit`.
+    /// What the agent published for `unit`, in whichever page holds it.
     fn published(&self, unit: &str) -> Option<UnitStateRecord> {
-        let name = UnitName::parse(unit).ok()?;
-        decode(&self.store.peek(self.keys.state(MACHINE, &name).as_bytes())?).ok()
+        (0..4).find_map(|n| {
+            let page: StatePage = decode(&self.store.peek(self.keys.state_page(MACHINE, n).as_bytes())?).ok()?;
+            page.get(unit).cloned()
+        })
     }
 
     /// Waits (up to 10 s) until `unit` is published in `active_state`.
@@ -218,6 +220,48 @@ async fn a_scheduled_unit_is_started_and_its_state_published() {
     assert_eq!(a.systemd.active_count(), 1);
     a.unschedule("web.service").await;
     a.until_gone("web.service", 0).await.expect("an unscheduled unit is stopped and its state removed");
+}
+
+/// An agent upgraded from one that wrote a key per unit state: what that one published moves
+/// into pages (a unit still stopping keeps its state), and the old keys are deleted.
+#[tokio::test]
+async fn states_an_earlier_version_published_per_unit_move_into_pages() {
+    let store = MemStore::new();
+    let dir = std::env::temp_dir().join(format!("fleet-agent-test-{}-legacy", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let systemd = SimulatedSystemd::new(Duration::from_millis(1));
+    let keys = Keys::new("/fleet/");
+    let old = |active: &str| UnitStateRecord {
+        hash: "old".into(),
+        load_state: "loaded".into(),
+        active_state: active.into(),
+        sub_state: "dead".into(),
+        applied: DesiredState::Launched,
+        health: None,
+    };
+    let legacy = |u: &str| keys.state(MACHINE, &UnitName::parse(u).expect("name"));
+    let txn = Txn {
+        then: vec![
+            Op::put(legacy("gone.service"), encode(&old("inactive")).expect("state"), 0),
+            Op::put(legacy("web.service"), encode(&old("active")).expect("state"), 0),
+        ],
+        ..Txn::default()
+    };
+    store.txn(txn).await.expect("earlier states");
+    let a = run_agent(store, dir, systemd).await;
+    a.schedule("web.service").await;
+    a.until_published("web.service", "active").await.expect("published into a page");
+    for _ in 0..500 {
+        if a.store.peek(legacy("web.service").as_bytes()).is_none()
+            && a.store.peek(legacy("gone.service").as_bytes()).is_none()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(a.store.peek(legacy("web.service").as_bytes()), None, "the old key of a republished unit stays");
+    assert_eq!(a.store.peek(legacy("gone.service").as_bytes()), None, "the old key of a stopped unit stays");
+    assert_eq!(a.published("gone.service"), None, "a stopped unit no longer here is published again");
 }
 
 #[tokio::test]

@@ -23,8 +23,12 @@ async fn state_of(
     machine: &str,
     unit: &UnitName,
 ) -> Option<UnitStateRecord> {
-    let resp = etcd.get(keys.state(machine, unit), None).await.ok()?;
-    resp.kvs().first().and_then(|kv| decode(kv.value()).ok())
+    let opts = GetOptions::new().with_prefix();
+    let resp = etcd.get(keys.states_of(machine), Some(opts)).await.ok()?;
+    resp.kvs().iter().find_map(|kv| {
+        let page: fleet_model::StatePage = decode(kv.value()).ok()?;
+        page.get(unit.as_str()).cloned()
+    })
 }
 
 #[tokio::test]
@@ -111,7 +115,7 @@ async fn agent_runs_its_schedule_and_adopts_units_after_restart() -> anyhow::Res
         (st.load_state.as_str(), st.sub_state.as_str(), st.applied, st.hash.as_str()),
         ("loaded", "running", DesiredState::Launched, hash.as_str())
     );
-    let lease_of_state = etcd.get(keys.state(&id, &web), None).await?.kvs().first().map(|kv| kv.lease());
+    let lease_of_state = etcd.get(keys.state_page(&id, 0), None).await?.kvs().first().map(|kv| kv.lease());
     assert_eq!(lease_of_state, Some(rec.0), "states share the machine's one lease");
 
     // Restart the agent: the unit keeps running with the same MainPID, the lease is kept.

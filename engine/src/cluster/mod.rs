@@ -10,6 +10,7 @@ use fleet_model::reschedule::RescheduleRecord;
 use fleet_model::rollout::RolloutRecord;
 use fleet_model::rules::Rules;
 use fleet_model::schema::{decode, Key, MoveRequest};
+use fleet_model::state_page::{PageFollower, StateChange};
 use fleet_model::{
     Interner, Keys, MachineRecord, ScheduleEntry, Text, UnitFile, UnitName, UnitRecord, UnitStateRecord,
 };
@@ -77,6 +78,9 @@ pub struct ClusterView {
     /// words each (see [`fleet_model::text`]). Unit names are shared the same way, through the
     /// key of `units`.
     texts: Interner,
+    /// Which units each machine's state pages hold, so a page rewritten for one unit is applied
+    /// as that one unit's change (`fleet_model::state_page`).
+    state_pages: PageFollower,
 }
 
 /// What changed since the leader last planned, as far as placing goes: whether a pass that
@@ -139,6 +143,45 @@ impl ClusterView {
         let decoded = match &change {
             Change::Put { key, .. } | Change::Delete { key, .. } => keys.decode(key),
         };
+        match (decoded, change) {
+            // A page of a machine's states: applied as the changes of the units it changed.
+            (Some(Key::StatePage(m, page)), change) => {
+                let (changes, lease, revision) = match &change {
+                    Change::Put { value, lease, mod_revision, .. } => {
+                        let units = &self.units;
+                        let share = |u: UnitName| units.get_key_value(&u).map(|(k, _)| k.clone()).unwrap_or(u);
+                        match self.state_pages.put(&m, page, value, share) {
+                            Ok(c) => (c, *lease, *mod_revision),
+                            Err(e) => {
+                                tracing::error!(machine = %m, page, error = %e, "unreadable state page; ignoring");
+                                return;
+                            }
+                        }
+                    }
+                    Change::Delete { mod_revision, .. } => (self.state_pages.delete(&m, page), 0, *mod_revision),
+                };
+                for c in changes {
+                    let (unit, change) = match c {
+                        StateChange::Put(unit, raw) => {
+                            let key = keys.state(&m, &unit).into_bytes();
+                            (unit, Change::Put { key, value: raw.to_vec(), lease, mod_revision: revision })
+                        }
+                        StateChange::Removed(unit) => (
+                            unit.clone(),
+                            Change::Delete { key: keys.state(&m, &unit).into_bytes(), mod_revision: revision },
+                        ),
+                    };
+                    self.apply_decoded(Some(Key::State(m.clone(), unit)), change, observe);
+                }
+            }
+            // An agent moving its states into pages deletes the key it wrote per unit before:
+            // not the unit's state going.
+            (Some(Key::State(m, unit)), Change::Delete { .. }) if self.state_pages.holds(&m, unit.as_str()) => {}
+            (decoded, change) => self.apply_decoded(decoded, change, observe),
+        }
+    }
+
+    fn apply_decoded(&mut self, decoded: Option<Key>, change: Change, observe: &mut Observer<'_>) {
         // A placement is shown to the observer once written, with what the write found (one
         // lookup of the unit's entries serves both: placements come by the hundred thousand).
         let placement = matches!((&decoded, &change), (Some(Key::Schedule(..)), Change::Put { .. }));
@@ -147,7 +190,11 @@ impl ClusterView {
         }
         if !matches!(
             decoded,
-            Some(Key::State(..)) | Some(Key::Why(_)) | Some(Key::Leader(_)) | Some(Key::RebootLock(_))
+            Some(Key::State(..))
+                | Some(Key::StatePage(..))
+                | Some(Key::Why(_))
+                | Some(Key::Leader(_))
+                | Some(Key::RebootLock(_))
         ) {
             self.plan_generation += 1;
             // Units created, bodies, schedule entries and machines' records are sorted out
@@ -294,8 +341,8 @@ impl ClusterView {
                         tracing::error!(unit = %unit, error = %e, "unreadable unit state; ignoring")
                     }
                 },
-                // Only events need these (crate::events).
-                Some(Key::Leader(_)) | Some(Key::RebootLock(_)) | None => {}
+                // Only events need these (crate::events); pages come as their units' states.
+                Some(Key::Leader(_)) | Some(Key::RebootLock(_)) | Some(Key::StatePage(..)) | None => {}
             },
             Change::Delete { .. } => match decoded {
                 Some(Key::Unit(name)) => {
@@ -356,7 +403,7 @@ impl ClusterView {
                         self.state_stats.rows = self.state_stats.rows.saturating_sub(1);
                     }
                 }
-                Some(Key::Leader(_)) | Some(Key::RebootLock(_)) | None => {}
+                Some(Key::Leader(_)) | Some(Key::RebootLock(_)) | Some(Key::StatePage(..)) | None => {}
             },
         }
     }

@@ -5,8 +5,7 @@ use super::*;
 use crate::sim::cpu_secs;
 use crate::{process, LabState, MachineProc};
 use anyhow::{bail, Context, Result};
-use fleet_model::schema::{decode, Key};
-use fleet_model::{Keys, UnitStateRecord};
+use fleet_model::Keys;
 use futures::StreamExt;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -42,14 +41,14 @@ pub(super) async fn watch_active(
     let shared = active.clone();
     let task = tokio::spawn(async move {
         let _keep = wc;
+        let mut pages = fleet_model::state_page::PageFollower::default();
         while let Ok(Some(resp)) = stream.message().await {
             let mut a = shared.lock().unwrap_or_else(|e| e.into_inner());
             for ev in resp.events() {
                 let Some(kv) = ev.kv() else { continue };
-                if let Some(Key::State(m, u)) = keys.decode(kv.key()) {
-                    let up = ev.event_type() == etcd_client::EventType::Put
-                        && decode::<UnitStateRecord>(kv.value()).is_ok_and(|s| s.active_state == "active");
-                    let set = a.entry(u.to_string()).or_default();
+                let put = ev.event_type() == etcd_client::EventType::Put;
+                for (u, m, up) in crate::sim::observe::activity(&mut pages, keys.decode(kv.key()), put, kv.value()) {
+                    let set = a.entry(u).or_default();
                     if up {
                         set.insert(m);
                     } else {

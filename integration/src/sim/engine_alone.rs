@@ -254,7 +254,7 @@ pub(super) async fn start_with_fleetctl(
     Ok(())
 }
 
-/// An `active` state for every schedule entry, written as agents would (100 per transaction).
+/// An `active` state for every schedule entry, written as agents would (each machine's in pages).
 pub(super) async fn report_states(admin: &Client, keys: &Keys) -> Result<()> {
     let mut placed = Vec::new();
     let mut from = keys.schedules();
@@ -273,22 +273,28 @@ pub(super) async fn report_states(admin: &Client, keys: &Keys) -> Result<()> {
             _ => break,
         }
     }
-    let state = fleet_model::schema::encode(&UnitStateRecord {
+    let state = UnitStateRecord {
         hash: Default::default(),
         load_state: "loaded".into(),
         active_state: "active".into(),
         sub_state: "running".into(),
         applied: fleet_model::DesiredState::Launched,
         health: None,
-    })?;
-    let txns: Vec<etcd_client::Txn> = placed
-        .chunks(100)
-        .map(|c| {
-            let ops: Vec<etcd_client::TxnOp> =
-                c.iter().map(|(m, u)| etcd_client::TxnOp::put(keys.state(m, u), state.clone(), None)).collect();
-            etcd_client::Txn::new().and_then(ops)
-        })
-        .collect();
+    };
+    let mut by_machine: std::collections::BTreeMap<String, Vec<(String, Option<UnitStateRecord>)>> = Default::default();
+    for (m, u) in placed {
+        by_machine.entry(m).or_default().push((u.to_string(), Some(state.clone())));
+    }
+    let mut pages = Vec::new();
+    for (m, units) in by_machine {
+        for (n, page) in fleet_model::StatePages::default().plan(&units) {
+            if let Some(page) = page {
+                pages.push(etcd_client::TxnOp::put(keys.state_page(&m, n), fleet_model::schema::encode(&page)?, None));
+            }
+        }
+    }
+    // Pages are up to ~40 KiB: 20 stay well under etcd's request size limit.
+    let txns: Vec<etcd_client::Txn> = pages.chunks(20).map(|c| etcd_client::Txn::new().and_then(c.to_vec())).collect();
     let results: Vec<Result<etcd_client::TxnResponse, etcd_client::Error>> = futures::stream::iter(txns)
         .map(|t| {
             let admin = admin.clone();

@@ -34,7 +34,7 @@ use tokio::sync::watch;
 
 pub mod dashboard;
 mod engine_alone;
-mod observe;
+pub(crate) mod observe;
 pub use engine_alone::{engine_alone, EngineReport, Submission};
 use observe::*;
 

@@ -3,6 +3,7 @@
 
 use anyhow::{bail, Result};
 use fleet_model::schema::{decode, Key};
+use fleet_model::state_page::{PageFollower, StateChange};
 use fleet_model::{Keys, UnitStateRecord};
 use fleet_store::etcd::Client;
 use std::collections::{HashMap, HashSet};
@@ -24,6 +25,40 @@ pub(super) struct Observed {
     pub(super) own_puts: u64,
     /// Puts and deletes under the prefix.
     pub(super) writes: u64,
+    /// Which units each machine's state pages hold.
+    pub(super) pages: PageFollower,
+}
+
+/// Whether each unit a state key's event concerns is now active on its machine: (unit, machine,
+/// active). Reads pages (what agents write) and per-unit keys (what agents before pages wrote).
+pub(crate) fn activity(
+    pages: &mut PageFollower,
+    key: Option<Key>,
+    put: bool,
+    value: &[u8],
+) -> Vec<(String, String, bool)> {
+    let active = |raw: &[u8]| decode::<UnitStateRecord>(raw).is_ok_and(|s| s.active_state == "active");
+    match key {
+        Some(Key::State(m, u)) => vec![(u.to_string(), m, put && active(value))],
+        Some(Key::StatePage(m, n)) => {
+            let changes = if put {
+                pages.put(&m, n, value, |u| u).unwrap_or_else(|e| {
+                    tracing::warn!(machine = %m, page = n, error = %e, "unreadable state page");
+                    Vec::new()
+                })
+            } else {
+                pages.delete(&m, n)
+            };
+            changes
+                .into_iter()
+                .map(|c| match c {
+                    StateChange::Put(u, raw) => (u.to_string(), m.clone(), active(raw)),
+                    StateChange::Removed(u) => (u.to_string(), m.clone(), false),
+                })
+                .collect()
+        }
+        _ => Vec::new(),
+    }
 }
 
 impl Observed {
@@ -97,7 +132,10 @@ pub(super) fn follow(
                         let decoded = keys.decode(kv.key());
                         if put {
                             o.puts += 1;
-                            if matches!(decoded, Some(Key::Unit(_) | Key::Schedule(..) | Key::State(..))) {
+                            if matches!(
+                                decoded,
+                                Some(Key::Unit(_) | Key::Schedule(..) | Key::State(..) | Key::StatePage(..))
+                            ) {
                                 o.own_puts += 1;
                             }
                         }
@@ -107,10 +145,10 @@ pub(super) fn follow(
                                 o.first_placed.get_or_insert(now);
                                 o.last_placed = Some(now);
                             }
-                            Some(Key::State(m, u)) => {
-                                let active = put
-                                    && decode::<UnitStateRecord>(kv.value()).is_ok_and(|s| s.active_state == "active");
-                                o.set_active(u.to_string(), m, active);
+                            key @ Some(Key::State(..) | Key::StatePage(..)) => {
+                                for (u, m, active) in activity(&mut o.pages, key, put, kv.value()) {
+                                    o.set_active(u, m, active);
+                                }
                             }
                             _ => {}
                         }

@@ -16,12 +16,14 @@ pub mod reschedule;
 pub mod rollout;
 pub mod rules;
 pub mod schema;
+pub mod state_page;
 pub mod text;
 pub mod unit_file;
 pub mod unit_name;
 
 pub use machine::{MachineId, MachineRecord};
 pub use schema::{Keys, ScheduleEntry, UnitRecord, UnitStateRecord};
+pub use state_page::{StatePage, StatePages};
 pub use text::{Interner, Text};
 pub use unit_file::{UnitFile, UnitOption};
 pub use unit_name::UnitName;

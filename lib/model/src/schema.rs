@@ -5,7 +5,8 @@
 //! <P>bodies/<hash>               canonical text    API; shared by every unit with that hash
 //! <P>machines/<id>               MachineRecord     agent; on the agent's lease
 //! <P>schedule/<id>/<name>        ScheduleEntry     engine leader; fenced by its election key
-//! <P>states/<id>/<name>          UnitStateRecord   agent; on the agent's lease
+//! <P>states/<id>/<page>          StatePage         agent; on the agent's lease (units' states, see state_page)
+//! <P>states/<id>/<name>          UnitStateRecord   agents before state pages; still read, never written
 //! <P>why/<name>                  text              engine leader; why a unit is not placed
 //! <P>moves/<name>                MoveRequest       API (a user's move); leader deletes or refuses it
 //! <P>reschedule/<name>           RescheduleRecord  engine leader; a failing unit's failures and moves
@@ -28,7 +29,11 @@ pub enum Key {
     Body(String),
     Machine(MachineId),
     Schedule(MachineId, UnitName),
+    /// One unit's state, as agents before state pages wrote it (engines still read it, so
+    /// agents can be upgraded after the engines).
     State(MachineId, UnitName),
+    /// A page of a machine's unit states (`crate::state_page`).
+    StatePage(MachineId, u32),
     /// Why the leader could not place a unit.
     Why(UnitName),
     /// A user's request to move a unit.
@@ -98,6 +103,11 @@ impl Keys {
     pub fn states_of(&self, machine: &str) -> String {
         format!("{}states/{machine}/", self.prefix)
     }
+    /// A page of one machine's unit states; page numbers are digits, never a unit's name (which
+    /// has a type suffix), so both kinds of key share the machine's prefix.
+    pub fn state_page(&self, machine: &str, page: u32) -> String {
+        format!("{}states/{}/{}", self.prefix, machine, page)
+    }
     pub fn state(&self, machine: &str, unit: &UnitName) -> String {
         format!("{}states/{machine}/{unit}", self.prefix)
     }
@@ -159,6 +169,9 @@ impl Keys {
             "machines" if !rest.contains('/') => Some(Key::Machine(rest.to_string())),
             "schedule" | "states" => {
                 let (m, u) = rest.split_once('/')?;
+                if kind == "states" && !u.is_empty() && u.bytes().all(|b| b.is_ascii_digit()) {
+                    return u.parse().ok().map(|page| Key::StatePage(m.to_string(), page));
+                }
                 let u = UnitName::parse(u).ok()?;
                 Some(if kind == "schedule" { Key::Schedule(m.to_string(), u) } else { Key::State(m.to_string(), u) })
             }
@@ -270,6 +283,9 @@ mod tests {
         assert_eq!(k.decode(k.schedule(m, &n("x.service")).as_bytes()), Some(Key::Schedule(m.into(), n("x.service"))));
         assert_eq!(k.decode(k.state(m, &n("x.service")).as_bytes()), Some(Key::State(m.into(), n("x.service"))));
         assert!(k.schedule(m, &n("x.service")).starts_with(&k.schedule_of(m)));
+        assert_eq!(k.decode(k.state_page(m, 12).as_bytes()), Some(Key::StatePage(m.into(), 12)));
+        assert!(k.state_page(m, 0).starts_with(&k.states_of(m)));
+        assert_eq!(k.decode(format!("{}99999999999", k.states_of(m)).as_bytes()), None);
         assert_eq!(k.decode(k.why(&n("x.service")).as_bytes()), Some(Key::Why(n("x.service"))));
         assert_eq!(k.decode(k.moves(&n("x.service")).as_bytes()), Some(Key::Move(n("x.service"))));
         assert_eq!(k.decode(k.metadata(m, "rack").as_bytes()), Some(Key::Metadata(m.into(), "rack".into())));

@@ -74,6 +74,35 @@ impl World {
         Op::put(self.keys.state(m, &name(unit)), encode(&s).expect("encode"), 0)
     }
 
+    /// `m`'s state page `n` holding `units` (name, active state), as an agent writes it.
+    fn page(&self, m: &str, n: u32, units: &[(&str, &str)]) -> Op {
+        let page: fleet_model::StatePage = units
+            .iter()
+            .map(|(u, active)| {
+                let s = UnitStateRecord {
+                    hash: "h".into(),
+                    load_state: "loaded".into(),
+                    active_state: (*active).into(),
+                    sub_state: format!("{active}-sub").into(),
+                    applied: DesiredState::Launched,
+                    health: None,
+                };
+                (u.to_string(), s)
+            })
+            .collect();
+        Op::put(self.keys.state_page(m, n), encode(&page).expect("encode"), 0)
+    }
+
+    /// The view's state of each unit on `m`: (unit, active state).
+    fn states_on(&self, m: &str) -> Vec<(String, String)> {
+        self.cluster.read(|v| {
+            v.states
+                .iter()
+                .filter_map(|(u, per)| per.get(m).map(|s| (u.to_string(), s.active_state.to_string())))
+                .collect()
+        })
+    }
+
     fn read(&self, since: Option<EventId>) -> Vec<Event> {
         self.cluster.events().read(since, &Filter::default(), 1000, None).events
     }
@@ -417,6 +446,53 @@ async fn a_move_for_failing_says_so() {
             ),
             ("unit-reschedule".to_string(), String::new(), "failed on 00000000; moved to b0000000".into()),
             ("unit-moved".to_string(), M2.to_string(), format!("it failed on machine {M1} (RescheduleAttempts)")),
+        ]
+    );
+}
+
+/// Agents publish a machine's states in pages: a page is told unit by unit, only for the units
+/// whose state it changed; an agent moving an older per-unit key into a page is no stop; a page
+/// going with its machine's lease is no stop either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_pages_are_told_unit_by_unit() {
+    let w = world().await;
+    w.write(vec![w.machine(M1)]).await;
+    // An agent before pages wrote a's state in a key of its own.
+    w.write(vec![w.state(M1, "a.service", "active")]).await;
+    // Upgraded, it writes a page with a (unchanged) and b, and deletes a's old key.
+    w.write(vec![
+        w.page(M1, 0, &[("a.service", "active"), ("b.service", "active")]),
+        Op::delete(w.keys.state(M1, &name("a.service"))),
+    ])
+    .await;
+    assert_eq!(w.states_on(M1), vec![("a.service".into(), "active".into()), ("b.service".into(), "active".into())]);
+    // b fails, c starts on a second page; a is written again unchanged.
+    w.write(vec![
+        w.page(M1, 0, &[("a.service", "active"), ("b.service", "failed")]),
+        w.page(M1, 1, &[("c.service", "active")]),
+    ])
+    .await;
+    // a's state removed from its page (its agent stopped it): a stop.
+    w.write(vec![w.page(M1, 0, &[("b.service", "failed")])]).await;
+    assert_eq!(w.states_on(M1), vec![("b.service".into(), "failed".into()), ("c.service".into(), "active".into())]);
+    // The machine lost: its pages go with its lease.
+    w.write(vec![
+        Op::delete(w.keys.state_page(M1, 0)),
+        Op::delete(w.keys.state_page(M1, 1)),
+        Op::delete(w.keys.machine(M1)),
+    ])
+    .await;
+    assert_eq!(w.states_on(M1), vec![]);
+    assert_eq!(
+        w.seen(),
+        vec![
+            ev("machine-joined", "", M1, ""),
+            ev("unit-started", "a.service", M1, ""),
+            ev("unit-started", "b.service", M1, ""),
+            ev("unit-failed", "b.service", M1, ""),
+            ev("unit-started", "c.service", M1, ""),
+            ev("unit-stopped", "a.service", M1, ""),
+            ev("machine-lost", "", M1, ""),
         ]
     );
 }

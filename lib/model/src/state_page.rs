@@ -1,0 +1,350 @@
+//! How an agent groups its units' states into a few etcd keys: pages of up to [`PAGE_UNITS`]
+//! units under `states/<machine>/<page>`, each a JSON object from unit name to
+//! [`UnitStateRecord`].
+//!
+//! One key per unit state made a million units a million keys that every start rewrote: etcd's
+//! single apply loop, its write buffer (copied for every lease renewal) and its watchers carried a
+//! key per unit beside the schedule's, and fell behind at 10,000 machines / 1,000,000 units on two
+//! cores. A page holds the states of one machine's units together, so a machine starting its
+//! hundred units writes one key, not a hundred. A page is bounded so one changed unit never
+//! rewrites a machine's whole state (and a value stays far below etcd's request size limit).
+//!
+//! A unit keeps its page while it stays on the machine, so a page's other units are untouched by
+//! its coming and going; new units fill the lowest page with room.
+
+use crate::{UnitName, UnitStateRecord};
+use serde_json::value::RawValue;
+use std::collections::{BTreeMap, HashMap};
+
+/// Units per page: about 40 KiB of JSON at most, one key for a machine of typical size.
+pub const PAGE_UNITS: usize = 250;
+
+/// A page's contents: unit name -> state, encoded as a JSON object.
+pub type StatePage = BTreeMap<String, UnitStateRecord>;
+
+/// What one agent has published, page by page.
+#[derive(Debug, Default, Clone)]
+pub struct StatePages {
+    pages: BTreeMap<u32, StatePage>,
+    page_of: HashMap<String, u32>,
+}
+
+impl StatePages {
+    /// Pages as read back from etcd (an earlier run's): units keep the pages they are in.
+    pub fn from_pages(pages: impl IntoIterator<Item = (u32, StatePage)>) -> Self {
+        let mut out = StatePages::default();
+        for (n, page) in pages {
+            for unit in page.keys() {
+                out.page_of.insert(unit.clone(), n);
+            }
+            out.pages.insert(n, page);
+        }
+        out
+    }
+
+    pub fn get(&self, unit: &str) -> Option<&UnitStateRecord> {
+        let page = self.page_of.get(unit)?;
+        self.pages.get(page)?.get(unit)
+    }
+
+    pub fn contains_key(&self, unit: &str) -> bool {
+        self.page_of.contains_key(unit)
+    }
+
+    pub fn len(&self) -> usize {
+        self.page_of.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.page_of.is_empty()
+    }
+
+    pub fn units(&self) -> impl Iterator<Item = &String> {
+        self.page_of.keys()
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &UnitStateRecord> {
+        self.pages.values().flat_map(|p| p.values())
+    }
+
+    /// Everything forgotten: a new lease starts with nothing published.
+    pub fn clear(&mut self) {
+        self.pages.clear();
+        self.page_of.clear();
+    }
+
+    /// The pages `changes` rewrite (`Some`: a state to publish, `None`: the unit's state removed),
+    /// with their new contents; `None` for a page left empty (to delete). Nothing is changed here:
+    /// once a page is written, [`StatePages::written`] records it.
+    pub fn plan(&self, changes: &[(String, Option<UnitStateRecord>)]) -> BTreeMap<u32, Option<StatePage>> {
+        let mut dirty: BTreeMap<u32, StatePage> = BTreeMap::new();
+        // How full each page will be: new units go where there is room after this plan's moves.
+        let mut fill: BTreeMap<u32, usize> = self.pages.iter().map(|(n, p)| (*n, p.len())).collect();
+        for (unit, _) in changes.iter().filter(|(_, s)| s.is_none()) {
+            if let Some(f) = self.page_of.get(unit).and_then(|n| fill.get_mut(n)) {
+                *f = f.saturating_sub(1);
+            }
+        }
+        let mut placed: HashMap<&str, u32> = HashMap::new();
+        for (unit, state) in changes {
+            let page = match (self.page_of.get(unit).or_else(|| placed.get(unit.as_str())), state) {
+                (Some(n), _) => *n,
+                (None, None) => continue,
+                (None, Some(_)) => {
+                    let n = lowest_with_room(&fill);
+                    *fill.entry(n).or_default() += 1;
+                    placed.insert(unit, n);
+                    n
+                }
+            };
+            let contents = dirty.entry(page).or_insert_with(|| self.pages.get(&page).cloned().unwrap_or_default());
+            match state {
+                Some(s) => {
+                    contents.insert(unit.clone(), s.clone());
+                }
+                None => {
+                    contents.remove(unit);
+                }
+            }
+        }
+        dirty.into_iter().map(|(n, p)| (n, if p.is_empty() { None } else { Some(p) })).collect()
+    }
+
+    /// Records that `page` now holds `contents` (`None`: deleted) in etcd.
+    pub fn written(&mut self, page: u32, contents: Option<StatePage>) {
+        if let Some(old) = self.pages.remove(&page) {
+            for unit in old.keys() {
+                if self.page_of.get(unit) == Some(&page) {
+                    self.page_of.remove(unit);
+                }
+            }
+        }
+        if let Some(p) = contents {
+            for unit in p.keys() {
+                self.page_of.insert(unit.clone(), page);
+            }
+            self.pages.insert(page, p);
+        }
+    }
+}
+
+/// What a reader of etcd's events makes of state pages: which units' states a page's new value
+/// changes or removes. Each unit's record is handed out as the raw JSON inside the page, and
+/// units whose record did not change are left out, so a page rewritten for one unit costs its
+/// reader one record, not a page of them.
+#[derive(Debug, Default, Clone)]
+pub struct PageFollower {
+    /// machine -> page -> its units (sorted) with a hash of each one's record.
+    pages: HashMap<String, BTreeMap<u32, Vec<(UnitName, u64)>>>,
+}
+
+/// One unit's state as a page changed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateChange<'v> {
+    /// The unit's record, as raw JSON (a [`UnitStateRecord`]).
+    Put(UnitName, &'v [u8]),
+    Removed(UnitName),
+}
+
+impl PageFollower {
+    /// `machine`'s page `page` now holds `value`. `share` lets the caller hand back a unit name
+    /// it already holds (one allocation per name). An unreadable page changes nothing.
+    pub fn put<'v>(
+        &mut self,
+        machine: &str,
+        page: u32,
+        value: &'v [u8],
+        share: impl Fn(UnitName) -> UnitName,
+    ) -> Result<Vec<StateChange<'v>>, serde_json::Error> {
+        let records: BTreeMap<std::borrow::Cow<'v, str>, &'v RawValue> = serde_json::from_slice(value)?;
+        let old = self.pages.entry(machine.to_string()).or_default().remove(&page).unwrap_or_default();
+        let mut changes = Vec::new();
+        let mut now = Vec::with_capacity(records.len());
+        let mut old_iter = old.into_iter().peekable();
+        for (name, raw) in records {
+            // Both sides are sorted by name: one merge finds what is new, changed and gone.
+            while let Some((gone, _)) = old_iter.next_if(|(o, _)| o.as_str() < name.as_ref()) {
+                changes.push(StateChange::Removed(gone));
+            }
+            let hash = hash_of(raw.get().as_bytes());
+            let unit = match old_iter.next_if(|(o, _)| o.as_str() == name.as_ref()) {
+                Some((unit, h)) if h == hash => {
+                    now.push((unit, hash));
+                    continue;
+                }
+                Some((unit, _)) => unit,
+                None => match UnitName::parse(&name) {
+                    Ok(u) => share(u),
+                    Err(_) => continue,
+                },
+            };
+            changes.push(StateChange::Put(unit.clone(), raw.get().as_bytes()));
+            now.push((unit, hash));
+        }
+        changes.extend(old_iter.map(|(gone, _)| StateChange::Removed(gone)));
+        if !now.is_empty() {
+            self.pages.entry(machine.to_string()).or_default().insert(page, now);
+        } else {
+            self.forget_empty(machine);
+        }
+        Ok(changes)
+    }
+
+    /// `machine`'s page `page` was deleted (by its agent, or with its lease).
+    pub fn delete(&mut self, machine: &str, page: u32) -> Vec<StateChange<'static>> {
+        let old = self.pages.get_mut(machine).and_then(|p| p.remove(&page)).unwrap_or_default();
+        self.forget_empty(machine);
+        old.into_iter().map(|(u, _)| StateChange::Removed(u)).collect()
+    }
+
+    /// Whether one of `machine`'s pages holds `unit` (so an older per-unit key's deletion is
+    /// an agent moving it into a page, not the unit's state going).
+    pub fn holds(&self, machine: &str, unit: &str) -> bool {
+        self.pages
+            .get(machine)
+            .is_some_and(|p| p.values().any(|units| units.binary_search_by(|(u, _)| u.as_str().cmp(unit)).is_ok()))
+    }
+
+    fn forget_empty(&mut self, machine: &str) {
+        if self.pages.get(machine).is_some_and(|p| p.is_empty()) {
+            self.pages.remove(machine);
+        }
+    }
+}
+
+fn hash_of(bytes: &[u8]) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    BuildHasherDefault::<DefaultHasher>::default().hash_one(bytes)
+}
+
+fn lowest_with_room(fill: &BTreeMap<u32, usize>) -> u32 {
+    let mut n = 0;
+    loop {
+        match fill.get(&n) {
+            Some(f) if *f >= PAGE_UNITS => n += 1,
+            _ => return n,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::DesiredState;
+
+    fn state(active: &str) -> UnitStateRecord {
+        UnitStateRecord {
+            hash: "h".into(),
+            load_state: "loaded".into(),
+            active_state: active.into(),
+            sub_state: "running".into(),
+            applied: DesiredState::Launched,
+            health: None,
+        }
+    }
+
+    fn write_all(p: &mut StatePages, plan: BTreeMap<u32, Option<StatePage>>) {
+        for (n, c) in plan {
+            p.written(n, c);
+        }
+    }
+
+    #[test]
+    fn a_machines_units_share_pages_of_bounded_size() {
+        let mut p = StatePages::default();
+        let changes: Vec<_> =
+            (0..PAGE_UNITS * 2 + 3).map(|i| (format!("u{i}.service"), Some(state("active")))).collect();
+        let plan = p.plan(&changes);
+        assert_eq!(plan.keys().copied().collect::<Vec<_>>(), vec![0, 1, 2], "three pages for {} units", changes.len());
+        assert!(plan.values().all(|c| c.as_ref().is_some_and(|c| c.len() <= PAGE_UNITS)));
+        write_all(&mut p, plan);
+        assert_eq!(p.len(), changes.len());
+        assert_eq!(p.get("u7.service").map(|s| s.active_state.as_str()), Some("active"));
+
+        // One unit changing rewrites its page only, with the page's other units as they were.
+        let plan = p.plan(&[("u7.service".into(), Some(state("failed")))]);
+        assert_eq!(plan.len(), 1);
+        let (n, c) = plan.iter().next().map(|(n, c)| (*n, c.clone())).unwrap_or_default();
+        assert_eq!(n, 0);
+        let c = c.unwrap_or_default();
+        assert_eq!(c.len(), PAGE_UNITS);
+        assert_eq!(c.get("u7.service").map(|s| s.active_state.as_str()), Some("failed"));
+        write_all(&mut p, plan);
+    }
+
+    #[test]
+    fn units_leaving_free_room_and_an_empty_page_is_deleted() {
+        let mut p = StatePages::default();
+        let changes: Vec<_> = (0..PAGE_UNITS + 1).map(|i| (format!("u{i}.service"), Some(state("active")))).collect();
+        let plan = p.plan(&changes);
+        write_all(&mut p, plan);
+        // The one unit on page 1 leaves: page 1 is deleted.
+        let last = format!("u{PAGE_UNITS}.service");
+        let plan = p.plan(&[(last.clone(), None)]);
+        assert_eq!(plan.get(&1), Some(&None));
+        write_all(&mut p, plan);
+        assert!(!p.contains_key(&last));
+        // A unit of page 0 leaves, a new one comes: it takes the room on page 0, nothing else moves.
+        let plan = p.plan(&[("u3.service".into(), None), ("new.service".into(), Some(state("active")))]);
+        assert_eq!(plan.keys().copied().collect::<Vec<_>>(), vec![0]);
+        write_all(&mut p, plan);
+        assert!(p.get("new.service").is_some() && p.get("u3.service").is_none());
+        assert_eq!(p.len(), PAGE_UNITS);
+        // Removing what was never published writes nothing.
+        assert!(p.plan(&[("never.service".into(), None)]).is_empty());
+    }
+
+    fn changes(c: Vec<StateChange<'_>>) -> Vec<(String, Option<String>)> {
+        c.into_iter()
+            .map(|c| match c {
+                StateChange::Put(u, raw) => {
+                    let s: UnitStateRecord = serde_json::from_slice(raw).unwrap_or_default();
+                    (u.to_string(), Some(s.active_state.to_string()))
+                }
+                StateChange::Removed(u) => (u.to_string(), None),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_reader_sees_only_the_units_a_page_changed() {
+        let page = |units: &[(&str, &str)]| {
+            let p: StatePage = units.iter().map(|(u, a)| (u.to_string(), state(a))).collect();
+            serde_json::to_vec(&p).unwrap_or_default()
+        };
+        let mut f = PageFollower::default();
+        let v = page(&[("a.service", "active"), ("b\\x2d1.service", "activating"), ("c.service", "active")]);
+        let c = changes(f.put("m1", 0, &v, |u| u).unwrap_or_default());
+        assert_eq!(c.len(), 3, "{c:?}");
+        assert!(f.holds("m1", "b\\x2d1.service") && !f.holds("m2", "a.service"));
+        // b changes, c goes, d comes; a is as it was.
+        let v = page(&[("a.service", "active"), ("b\\x2d1.service", "active"), ("d.service", "failed")]);
+        let c = changes(f.put("m1", 0, &v, |u| u).unwrap_or_default());
+        assert_eq!(
+            c,
+            vec![
+                ("b\\x2d1.service".to_string(), Some("active".to_string())),
+                ("c.service".to_string(), None),
+                ("d.service".to_string(), Some("failed".to_string())),
+            ]
+        );
+        assert!(!f.holds("m1", "c.service"));
+        // Unreadable: an error, and what the page held is kept.
+        assert!(f.put("m1", 0, b"{not json", |u| u).is_err());
+        assert!(f.holds("m1", "a.service"));
+        // Deleted with its lease: every unit it held is removed.
+        let c = changes(f.delete("m1", 0));
+        assert_eq!(c.iter().filter(|(_, s)| s.is_none()).count(), 3);
+        assert!(!f.holds("m1", "a.service"));
+        assert!(f.delete("m1", 0).is_empty());
+    }
+
+    #[test]
+    fn pages_read_back_keep_their_units_where_they_are() {
+        let page: StatePage = [("a.service".to_string(), state("active"))].into_iter().collect();
+        let p = StatePages::from_pages([(4, page)]);
+        let plan = p.plan(&[("a.service".into(), Some(state("failed")))]);
+        assert_eq!(plan.keys().copied().collect::<Vec<_>>(), vec![4]);
+        assert_eq!(p.values().count(), 1);
+    }
+}
