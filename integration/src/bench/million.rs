@@ -373,6 +373,18 @@ const NOTES: &str = "\
   puts, each sent to both engines' watches) is what etcd's single apply loop and its watch \
   fan-out carry beside the schedule; the next step is to move the states off the schedule's \
   etcd (another etcd, or one key per machine), which is not built.
+- *A machine's states in pages* (2026-12-03): agents now publish their units' states in one key \
+  per 250 units of a machine (`states/<machine>/<page>`, docs/registry.md) instead of one key per \
+  unit, and readers take from a rewritten page only the units it changed. The first whole run \
+  after that change on the same AMD EPYC host (by hand, `fleet-sim` through the API, secure \
+  settings, fresh etcd) converged: all active 175.5 s after the first request (submission \
+  20.9 s), 2.05 keys written per unit (a unit's record, its schedule entry, and its share of \
+  page writes; three and more before), 0.070 etcd transactions per unit, `list-units` of a \
+  million 0.97 s. It still misses 120 s on this host, and etcd still fell behind for a while: \
+  placement stalled at 388,000 for 20 s, 12,376 renewals were refused and agents lost their \
+  lease 9,530 times and registered again. One run; machine and leader loss \
+  were not measured in it. What is left on one etcd is the schedule's million keys and the \
+  keepalives; sharding by machine group (designed in the issue's notes) is not built.
 - *Whole passes still come* after a unit is changed or destroyed, a drain, a move, a rollout's \
   step, or a unit displaced by a `Replaces`, and right after a new leader's first pass: each \
   costs the seconds above, and delays what is submitted meanwhile.
