@@ -29,7 +29,7 @@ use crate::driver::{for_each, UnitDriver};
 use crate::systemd::{Systemd, UnitChange};
 use fleet_model::schema::{decode, Key};
 use fleet_model::unit_file::content_hash;
-use fleet_model::{DesiredState, Keys, ScheduleEntry, StatePages, UnitName, UnitStateRecord};
+use fleet_model::{DesiredState, Keys, ScheduleEntry, SchedulePage, StatePages, UnitName, UnitStateRecord};
 use fleet_store::etcd::{Change, PrefixUpdate};
 use fleet_store::kv::{follow, snapshot_of, EtcdStore, Store, StoreError};
 use fleet_store::retry::RetryPolicy;
@@ -64,8 +64,14 @@ pub struct Agent<D: UnitDriver = Systemd, S: Store = EtcdStore> {
     machine: String,
     systemd: D,
     units_dir: PathBuf,
-    /// This machine's schedule, as last seen in etcd.
+    /// This machine's schedule, as last seen in etcd: its pages' entries and its per-unit keys'.
     schedule: BTreeMap<String, ScheduleEntry>,
+    /// The schedule's pages (`schedule/<machine>/<page>`), as the leader writes them for an
+    /// agent that says it reads them (`MachineRecord::schedule_pages`).
+    schedule_pages: BTreeMap<u32, SchedulePage>,
+    /// Entries written one key per unit (by a leader before pages, or before this agent said
+    /// it reads them); a leader moves them into pages.
+    schedule_keys: BTreeMap<String, ScheduleEntry>,
     /// Unit files on disk: name -> content hash.
     files: BTreeMap<String, String>,
     /// Bodies read from etcd, by hash, while units scheduled here use them.
@@ -142,6 +148,8 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
             systemd,
             units_dir,
             schedule: BTreeMap::new(),
+            schedule_pages: BTreeMap::new(),
+            schedule_keys: BTreeMap::new(),
             files: BTreeMap::new(),
             bodies: HashMap::new(),
             applied: BTreeMap::new(),
@@ -416,40 +424,51 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
     }
 
     fn apply_schedule_update(&mut self, update: PrefixUpdate) {
-        let apply = |sched: &mut BTreeMap<String, ScheduleEntry>, c: Change| match c {
-            Change::Put { key, value, .. } => {
-                if let Some(Key::Schedule(_, unit)) = self.keys.decode(&key) {
-                    match decode::<ScheduleEntry>(&value) {
+        let changes = match update {
+            PrefixUpdate::Snapshot { puts, .. } => {
+                self.schedule_pages.clear();
+                self.schedule_keys.clear();
+                self.schedule_seen = true;
+                puts
+            }
+            PrefixUpdate::Changes { changes, .. } => changes,
+        };
+        for c in changes {
+            match c {
+                Change::Put { key, value, .. } => match self.keys.decode(&key) {
+                    Some(Key::SchedulePage(_, n)) => match decode::<SchedulePage>(&value) {
+                        Ok(page) => {
+                            self.schedule_pages.insert(n, page);
+                        }
+                        Err(e) => tracing::error!(page = n, error = %e, "unreadable schedule page; ignoring"),
+                    },
+                    Some(Key::Schedule(_, unit)) => match decode::<ScheduleEntry>(&value) {
                         Ok(e) => {
-                            sched.insert(unit.to_string(), e);
+                            self.schedule_keys.insert(unit.to_string(), e);
                         }
                         Err(e) => {
                             tracing::error!(unit = %unit, error = %e, "unreadable schedule entry; ignoring")
                         }
+                    },
+                    _ => {}
+                },
+                Change::Delete { key, .. } => match self.keys.decode(&key) {
+                    Some(Key::SchedulePage(_, n)) => {
+                        self.schedule_pages.remove(&n);
                     }
-                }
-            }
-            Change::Delete { key, .. } => {
-                if let Some(Key::Schedule(_, unit)) = self.keys.decode(&key) {
-                    sched.remove(unit.as_str());
-                }
-            }
-        };
-        match update {
-            PrefixUpdate::Snapshot { puts, .. } => {
-                let mut fresh = BTreeMap::new();
-                for c in puts {
-                    apply(&mut fresh, c);
-                }
-                self.schedule = fresh;
-                self.schedule_seen = true;
-            }
-            PrefixUpdate::Changes { changes, .. } => {
-                for c in changes {
-                    apply(&mut self.schedule, c);
-                }
+                    Some(Key::Schedule(_, unit)) => {
+                        self.schedule_keys.remove(unit.as_str());
+                    }
+                    _ => {}
+                },
             }
         }
+        // A unit moved from its own key into a page is in both for a moment: the same entry.
+        let mut schedule = self.schedule_keys.clone();
+        for page in self.schedule_pages.values() {
+            schedule.extend(page.iter().map(|(u, e)| (u.clone(), e.clone())));
+        }
+        self.schedule = schedule;
     }
 
     /// An earlier run stopped these exclusive units for a lease in doubt: whatever it published

@@ -199,6 +199,7 @@ async fn run(cfg: AgentConfig, args: Args) -> anyhow::Result<()> {
         agent_url: String::new(),
         lease_ttl: cfg.lease_ttl_secs,
         stopped_while_cut_off: Vec::new(),
+        schedule_pages: true,
     };
     let mut record = record;
     if let Some(addr) = cfg.api_address() {

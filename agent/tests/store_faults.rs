@@ -312,3 +312,46 @@ async fn a_store_down_for_a_while_delays_but_loses_nothing() {
     a.store.set_unavailable(false);
     a.until_published("web.service", "active").await.expect("published once the store is back");
 }
+
+/// The leader writes the schedule of an agent that reads pages a page at a time, and moves
+/// entries it wrote one key each into a page (the page first, the keys deleted after): the
+/// agent runs what the pages say, a unit moving from its key into a page keeps running, and a
+/// unit left out of a rewritten page is stopped.
+#[tokio::test]
+async fn a_schedule_in_pages_is_run_and_entries_moving_into_them_keep_running() {
+    let a = start("schedule-pages").await;
+    let file = "[Service]\nExecStart=/bin/sleep 1000\n";
+    let text = UnitFile::parse(file).expect("unit file").canonical();
+    let hash = content_hash(&text);
+    let entry = ScheduleEntry { hash: hash.as_str().into(), desired_state: DesiredState::Launched };
+    let page = |units: &[&str]| {
+        let p: fleet_model::SchedulePage = units.iter().map(|u| (u.to_string(), entry.clone())).collect();
+        encode(&p).expect("page")
+    };
+    // One unit as an earlier leader wrote it (its own key), two in page 0.
+    a.schedule("old.service").await;
+    let txn = Txn {
+        then: vec![Op::put(a.keys.schedule_page(MACHINE, 0), page(&["a.service", "b.service"]), 0)],
+        ..Txn::default()
+    };
+    a.store.txn(txn).await.expect("page");
+    for u in ["old.service", "a.service", "b.service"] {
+        a.until_published(u, "active").await.expect("started from its page or key");
+    }
+    assert_eq!(a.systemd.active_count(), 3);
+    // old.service moves into page 1: the page is written, then its key deleted.
+    let txn =
+        Txn { then: vec![Op::put(a.keys.schedule_page(MACHINE, 1), page(&["old.service"]), 0)], ..Txn::default() };
+    a.store.txn(txn).await.expect("page 1");
+    a.unschedule("old.service").await;
+    // b.service leaves page 0.
+    let txn = Txn { then: vec![Op::put(a.keys.schedule_page(MACHINE, 0), page(&["a.service"]), 0)], ..Txn::default() };
+    a.store.txn(txn).await.expect("page 0 rewritten");
+    a.until_gone("b.service", 2).await.expect("a unit left out of its page is stopped");
+    assert!(a.published("old.service").is_some_and(|s| s.active_state == "active"), "moved into a page, still running");
+    assert!(a.published("a.service").is_some_and(|s| s.active_state == "active"));
+    // Page 1 deleted: its unit is stopped.
+    let txn = Txn { then: vec![Op::delete(a.keys.schedule_page(MACHINE, 1))], ..Txn::default() };
+    a.store.txn(txn).await.expect("page 1 deleted");
+    a.until_gone("old.service", 1).await.expect("a unit whose page is deleted is stopped");
+}

@@ -61,11 +61,15 @@ async fn schedule(etcd: &mut etcd_client::Client, keys: &Keys) -> BTreeMap<Strin
     let Ok(resp) = etcd.get(keys.schedules(), Some(GetOptions::new().with_prefix())).await else {
         return BTreeMap::new();
     };
+    // Machines whose agent reads pages get theirs in pages, the others a key per unit.
     resp.kvs()
         .iter()
-        .filter_map(|kv| match keys.decode(kv.key()) {
-            Some(Key::Schedule(m, u)) if decode::<ScheduleEntry>(kv.value()).is_ok() => Some((u.to_string(), m)),
-            _ => None,
+        .flat_map(|kv| match keys.decode(kv.key()) {
+            Some(Key::Schedule(m, u)) if decode::<ScheduleEntry>(kv.value()).is_ok() => vec![(u.to_string(), m)],
+            Some(Key::SchedulePage(m, _)) => decode::<fleet_model::SchedulePage>(kv.value())
+                .map(|p| p.into_keys().map(|u| (u, m.clone())).collect())
+                .unwrap_or_default(),
+            _ => Vec::new(),
         })
         .collect()
 }

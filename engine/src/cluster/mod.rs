@@ -6,11 +6,11 @@
 
 use crate::events::EventLog;
 use derive::Deriver;
+use fleet_model::pages::{PageChange, PageFollower};
 use fleet_model::reschedule::RescheduleRecord;
 use fleet_model::rollout::RolloutRecord;
 use fleet_model::rules::Rules;
 use fleet_model::schema::{decode, Key, MoveRequest};
-use fleet_model::state_page::{PageFollower, StateChange};
 use fleet_model::{
     Interner, Keys, MachineRecord, ScheduleEntry, Text, UnitFile, UnitName, UnitRecord, UnitStateRecord,
 };
@@ -79,8 +79,11 @@ pub struct ClusterView {
     /// key of `units`.
     texts: Interner,
     /// Which units each machine's state pages hold, so a page rewritten for one unit is applied
-    /// as that one unit's change (`fleet_model::state_page`).
+    /// as that one unit's change (`fleet_model::pages`).
     state_pages: PageFollower,
+    /// Which units each machine's schedule pages hold (the same, for the schedule); the leader
+    /// also reads from it which page each unit is in and when each page was written.
+    schedule_pages: PageFollower,
 }
 
 /// What changed since the leader last planned, as far as placing goes: whether a pass that
@@ -144,41 +147,71 @@ impl ClusterView {
             Change::Put { key, .. } | Change::Delete { key, .. } => keys.decode(key),
         };
         match (decoded, change) {
-            // A page of a machine's states: applied as the changes of the units it changed.
+            // A page of a machine's states or schedule: applied as the changes of the units it
+            // changed.
             (Some(Key::StatePage(m, page)), change) => {
-                let (changes, lease, revision) = match &change {
-                    Change::Put { value, lease, mod_revision, .. } => {
-                        let units = &self.units;
-                        let share = |u: UnitName| units.get_key_value(&u).map(|(k, _)| k.clone()).unwrap_or(u);
-                        match self.state_pages.put(&m, page, value, share) {
-                            Ok(c) => (c, *lease, *mod_revision),
-                            Err(e) => {
-                                tracing::error!(machine = %m, page, error = %e, "unreadable state page; ignoring");
-                                return;
-                            }
-                        }
-                    }
-                    Change::Delete { mod_revision, .. } => (self.state_pages.delete(&m, page), 0, *mod_revision),
-                };
-                // Passed on already decoded: nothing after this reads a change's key bytes, so
-                // none are formatted (a million units' states pass here).
-                for c in changes {
-                    let (unit, change) = match c {
-                        StateChange::Put(unit, raw) => {
-                            (unit, Change::Put { key: Vec::new(), value: raw.to_vec(), lease, mod_revision: revision })
-                        }
-                        StateChange::Removed(unit) => {
-                            (unit, Change::Delete { key: Vec::new(), mod_revision: revision })
-                        }
-                    };
-                    self.apply_decoded(Some(Key::State(m.clone(), unit)), change, observe);
-                }
+                self.apply_page(m, page, change, false, observe);
             }
-            // An agent moving its states into pages deletes the key it wrote per unit before:
-            // not the unit's state going.
+            (Some(Key::SchedulePage(m, page)), change) => {
+                self.apply_page(m, page, change, true, observe);
+            }
+            // An agent moving its states into pages deletes the key it wrote per unit before (and
+            // a leader moving a machine's schedule into pages its per-unit entries): not the
+            // unit's state or entry going.
             (Some(Key::State(m, unit)), Change::Delete { .. }) if self.state_pages.holds(&m, unit.as_str()) => {}
+            (Some(Key::Schedule(m, unit)), Change::Delete { .. }) if self.schedule_pages.holds(&m, unit.as_str()) => {}
             (decoded, change) => self.apply_decoded(decoded, change, observe),
         }
+    }
+
+    /// One page of `m`'s states (or schedule), as the changes of the units it changed.
+    fn apply_page(&mut self, m: String, page: u32, change: Change, schedule: bool, observe: &mut Observer<'_>) {
+        let follower = if schedule { &mut self.schedule_pages } else { &mut self.state_pages };
+        let (changes, lease, revision) = match &change {
+            Change::Put { value, lease, mod_revision, .. } => {
+                let units = &self.units;
+                let share = |u: UnitName| units.get_key_value(&u).map(|(k, _)| k.clone()).unwrap_or(u);
+                match follower.put(&m, page, *mod_revision, value, share) {
+                    Ok(c) => (c, *lease, *mod_revision),
+                    Err(e) => {
+                        tracing::error!(machine = %m, page, schedule, error = %e, "unreadable page; ignoring");
+                        return;
+                    }
+                }
+            }
+            Change::Delete { mod_revision, .. } => (follower.delete(&m, page), 0, *mod_revision),
+        };
+        // Passed on already decoded: nothing after this reads a change's key bytes, so none are
+        // formatted (a million units' states and entries pass here).
+        for c in changes {
+            let (unit, change) = match c {
+                PageChange::Put(unit, raw) => {
+                    (unit, Change::Put { key: Vec::new(), value: raw.to_vec(), lease, mod_revision: revision })
+                }
+                PageChange::Removed(unit) => (unit, Change::Delete { key: Vec::new(), mod_revision: revision }),
+            };
+            let key = if schedule { Key::Schedule(m.clone(), unit) } else { Key::State(m.clone(), unit) };
+            self.apply_decoded(Some(key), change, observe);
+        }
+    }
+
+    /// Which page of `machine`'s schedule each unit is in, and when each page was written.
+    pub fn schedule_pages_of(
+        &self,
+        machine: &str,
+    ) -> impl Iterator<Item = (u32, i64, impl Iterator<Item = &UnitName>)> {
+        self.schedule_pages.pages_of(machine)
+    }
+
+    /// Whether `unit`'s entry on `machine` is in one of the machine's schedule pages (rather
+    /// than a key of its own).
+    pub fn in_schedule_page(&self, machine: &str, unit: &str) -> bool {
+        self.schedule_pages.holds(machine, unit)
+    }
+
+    /// How many of `machine`'s entries are keys of their own (written before its agent read pages).
+    pub fn schedule_keys_on(&self, machine: &str) -> usize {
+        self.scheduled_on.get(machine).copied().unwrap_or(0).saturating_sub(self.schedule_pages.units_on(machine))
     }
 
     fn apply_decoded(&mut self, decoded: Option<Key>, change: Change, observe: &mut Observer<'_>) {
@@ -192,6 +225,7 @@ impl ClusterView {
             decoded,
             Some(Key::State(..))
                 | Some(Key::StatePage(..))
+                | Some(Key::SchedulePage(..))
                 | Some(Key::Why(_))
                 | Some(Key::Leader(_))
                 | Some(Key::RebootLock(_))
@@ -342,7 +376,11 @@ impl ClusterView {
                     }
                 },
                 // Only events need these (crate::events); pages come as their units' states.
-                Some(Key::Leader(_)) | Some(Key::RebootLock(_)) | Some(Key::StatePage(..)) | None => {}
+                Some(Key::Leader(_))
+                | Some(Key::RebootLock(_))
+                | Some(Key::StatePage(..))
+                | Some(Key::SchedulePage(..))
+                | None => {}
             },
             Change::Delete { .. } => match decoded {
                 Some(Key::Unit(name)) => {
@@ -403,7 +441,11 @@ impl ClusterView {
                         self.state_stats.rows = self.state_stats.rows.saturating_sub(1);
                     }
                 }
-                Some(Key::Leader(_)) | Some(Key::RebootLock(_)) | Some(Key::StatePage(..)) | None => {}
+                Some(Key::Leader(_))
+                | Some(Key::RebootLock(_))
+                | Some(Key::StatePage(..))
+                | Some(Key::SchedulePage(..))
+                | None => {}
             },
         }
     }

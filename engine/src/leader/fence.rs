@@ -2,7 +2,7 @@
 //! itself refuses a deposed leader's late writes; sent again while a failure may pass.
 
 use super::{LeadError, FENCED_WRITE_TIMEOUT};
-use fleet_store::kv::{CmpOp, Compare, Op, Store, StoreError, Txn};
+use fleet_store::kv::{CmpOp, Compare, Op, OpResult, Store, StoreError, Target, Txn};
 use fleet_store::retry::{RetryError, RetryPolicy};
 use std::time::Duration;
 
@@ -19,7 +19,6 @@ pub(super) async fn fenced_write<S: Store>(
     extra: Vec<Compare>,
     ops: Vec<Op>,
 ) -> Result<i64, LeadError> {
-    let guarded = !extra.is_empty();
     // Attempts short enough that a request hung on a frozen member is tried again within the
     // TTL, on another member.
     let ttl = Duration::from_secs(ttl.max(1) as u64);
@@ -32,12 +31,12 @@ pub(super) async fn fenced_write<S: Store>(
     let retryable = |e: &FenceError| match e {
         FenceError::Store(e) => e.is_transient(),
         FenceError::TimedOut => true,
-        FenceError::Refused => false,
+        FenceError::Refused | FenceError::GuardRefused => false,
     };
     let attempts = policy.run("fenced write", retryable, || fenced_txn(store, fence, extra.clone(), ops.clone()));
     match tokio::time::timeout(ttl, attempts).await {
         Ok(Ok(rev)) => Ok(rev),
-        Ok(Err(RetryError::Failed { source: FenceError::Refused, .. })) if guarded => Err(LeadError::GuardFailed),
+        Ok(Err(RetryError::Failed { source: FenceError::GuardRefused, .. })) => Err(LeadError::GuardFailed),
         Ok(Err(RetryError::Failed { source: FenceError::Refused, .. })) => {
             Err(LeadError::Deposed("fenced write refused: another engine leads".into()))
         }
@@ -59,6 +58,9 @@ pub enum FenceError {
     /// of it was written.
     #[error("fenced write refused")]
     Refused,
+    /// The fence held but an extra guard did not: the leader still leads.
+    #[error("fenced write refused by its guard")]
+    GuardRefused,
     #[error("fenced write timed out")]
     TimedOut,
     #[error(transparent)]
@@ -76,12 +78,19 @@ pub async fn fenced_txn<S: Store>(
     let guarded = !extra.is_empty();
     when.extend(extra);
     let ops_count = ops.len();
-    let txn = Txn { when, then: ops, otherwise: Vec::new() };
+    // Refused with guards: the election key read back says whether it was the fence or a guard.
+    let otherwise = if guarded { vec![Op::Get(fence.key.clone())] } else { Vec::new() };
+    let txn = Txn { when, then: ops, otherwise };
     let resp = tokio::time::timeout(FENCED_WRITE_TIMEOUT, store.txn(txn)).await.map_err(|_| FenceError::TimedOut)??;
     if !resp.succeeded {
-        if !guarded {
-            tracing::warn!(ops = ops_count, "fenced write refused: another engine leads; nothing of it was written");
+        let fence_holds = match (resp.results.first(), &fence.target) {
+            (Some(OpResult::Get(Some(e))), Target::CreateRevision(rev)) => guarded && e.create_revision == *rev,
+            _ => false,
+        };
+        if fence_holds {
+            return Err(FenceError::GuardRefused);
         }
+        tracing::warn!(ops = ops_count, "fenced write refused: another engine leads; nothing of it was written");
         return Err(FenceError::Refused);
     }
     Ok(resp.revision)

@@ -14,6 +14,7 @@ use tokio::sync::watch;
 
 mod fence;
 mod pass;
+mod schedule_write;
 
 /// How often a campaign that has not returned asks the election who leads.
 const CAMPAIGN_CHECK: Duration = Duration::from_secs(5);

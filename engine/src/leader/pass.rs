@@ -3,6 +3,7 @@
 //! an engine, the in-memory store in the unit tests below. Campaigning is in the parent module.
 
 use super::fence::fenced_write;
+use super::schedule_write::{self, ScheduleWrites};
 use super::{LeadError, SharedStatus};
 use crate::cluster::{Cluster, PlanChanges, PlanView};
 use crate::scheduler::{self, Decision, MoveOutcome, Snapshot};
@@ -10,6 +11,7 @@ use fleet_model::schema::{encode, MoveRequest};
 use fleet_model::Keys;
 use fleet_store::kv::{CmpOp, Compare, Op, Store, TXN_OPS};
 use futures::StreamExt;
+use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -272,7 +274,7 @@ impl<S: Store> Planner<S> {
             s.planning = true;
         }
         // A pass over a large cluster is CPU work: off the async workers.
-        let (outcome, carried, whole, why_ops, rollout_writes, orphans, view_rev, view_units) =
+        let (outcome, carried, whole, why_ops, rollout_writes, orphans, view_rev, view_units, writes) =
             tokio::task::block_in_place(|| {
                 plan.view.refresh();
                 let changes = plan.view.take_changes();
@@ -355,9 +357,11 @@ impl<S: Store> Planner<S> {
                     }
                     // Bodies are orphaned by units destroyed or changed, which a whole pass follows.
                     let orphans = if whole { v.orphan_bodies() } else { Vec::new() };
-                    (out, carried, whole, why_ops, rollout_writes, orphans, v.revision, v.units.len())
+                    let writes = ScheduleWrites::plan(&self.keys, v, &out.decisions);
+                    (out, carried, whole, why_ops, rollout_writes, orphans, v.revision, v.units.len(), writes)
                 }
             });
+        let writes = writes.map_err(|e| LeadError::Deposed(format!("cannot encode the schedule: {e}")))?;
         if let Ok(mut w) = self.wake.lock() {
             *w = outcome.wake_at.map(|at| {
                 let wait = Duration::from_secs(at.saturating_sub(unix_now()));
@@ -412,50 +416,58 @@ impl<S: Store> Planner<S> {
                 Err(e) => return Err(e),
             }
         }
-        // Removals first, in order, so a unit leaves its old machine's schedule before it appears
-        // on a new one (an exclusive unit must never be scheduled twice); then the new entries,
-        // several transactions in flight, since a large placement is otherwise bound by one
-        // etcd round trip per transaction.
-        let mut ops = why_ops;
-        let mut placed = Vec::new();
-        for d in &outcome.decisions {
-            match d {
-                Decision::Put { unit, machine, entry } => placed.push((machine, unit, entry)),
-                Decision::Remove { unit, machine, reason } => {
-                    tracing::debug!(%unit, %machine, ?reason, "unschedule");
-                    ops.push(Op::delete(self.keys.schedule(machine, unit)));
-                }
-            }
-        }
-        // New entries grouped by machine: each agent then sees its share of a large placement in
-        // one watch response and starts and reports it as one batch (one state transaction per
-        // machine rather than one per unit, which at 100,000 units overran etcd's apply).
-        placed.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
-        let mut puts = Vec::with_capacity(placed.len());
-        for (machine, unit, entry) in placed {
-            tracing::debug!(%unit, %machine, state = %entry.desired_state, "schedule");
-            let value = encode(entry).map_err(|e| LeadError::Deposed(e.to_string()))?;
-            puts.push(Op::put(self.keys.schedule(machine, unit), value, 0));
-        }
-        // (`last_rev` holds the rollouts' writes already.)
-        for chunk in ops.chunks(TXN_OPS) {
+        // Why units are not placed, then the schedule: removals first, in order, so a unit leaves
+        // its old machine's schedule before it appears on a new one (an exclusive unit must never
+        // be scheduled twice); then the new entries, several transactions in flight, since a
+        // large placement is otherwise bound by one etcd round trip per transaction
+        // (`schedule_write`: pages for agents that read them, keys for the others).
+        for chunk in why_ops.chunks(TXN_OPS) {
             last_rev = last_rev.max(self.fenced(fence, vec![], chunk.to_vec()).await?);
         }
+        let ScheduleWrites { removals, puts, moved, .. } = writes;
+        // Each page written whole was guarded by the revision the view had it at: one refused
+        // means the view was behind; the pass ends and the next one plans from a view that shows
+        // what it missed (its whole pass, as nothing is carried).
+        let mut written: HashMap<Vec<u8>, i64> = HashMap::new();
+        for chunk in schedule_write::chunks(removals) {
+            let guards = chunk.iter().filter_map(|w| w.guard(&written)).collect();
+            let keys: Vec<(Vec<u8>, bool)> =
+                chunk.iter().map(|w| (w.key().to_vec(), matches!(w.op, Op::Delete(_)))).collect();
+            let rev = match self.fenced(fence, guards, chunk.into_iter().map(|w| w.op).collect()).await {
+                Err(LeadError::GuardFailed) => return self.stale_view(last_rev).await,
+                r => r?,
+            };
+            last_rev = last_rev.max(rev);
+            // What a later write of the same page must find: this revision, or no page at all.
+            for (k, deleted) in keys {
+                written.insert(k, if deleted { 0 } else { rev });
+            }
+        }
         // The first failure ends the pass (the writes still in flight are dropped; they are
-        // fenced and idempotent): a leader that cannot write must not spend a TTL per batch.
-        let mut chunks = puts.chunks(TXN_OPS).map(<[Op]>::to_vec);
+        // fenced and guarded): a leader that cannot write must not spend a TTL per batch.
+        let mut chunks = schedule_write::chunks(puts).into_iter();
         let mut in_flight = futures::stream::FuturesUnordered::new();
         let mut pacing = Pacing::new();
+        let written = &written;
         loop {
             while in_flight.len() < pacing.window {
                 let Some(chunk) = chunks.next() else { break };
                 in_flight.push(async move {
                     let sent = std::time::Instant::now();
-                    (self.fenced(fence, vec![], chunk).await, sent.elapsed())
+                    let guards = chunk.iter().filter_map(|w| w.guard(written)).collect();
+                    let ops = chunk.into_iter().map(|w| w.op).collect();
+                    (self.fenced(fence, guards, ops).await, sent.elapsed())
                 });
             }
-            let Some((written, took)) = in_flight.next().await else { break };
-            last_rev = last_rev.max(written?);
+            let Some((result, took)) = in_flight.next().await else { break };
+            let rev = match result {
+                Err(LeadError::GuardFailed) => {
+                    drop(in_flight);
+                    return self.stale_view(last_rev).await;
+                }
+                r => r?,
+            };
+            last_rev = last_rev.max(rev);
             let before = pacing.window;
             pacing.answered(took);
             if pacing.window < before {
@@ -465,6 +477,10 @@ impl<S: Store> Planner<S> {
                     "etcd slow: fewer writes in flight"
                 );
             }
+        }
+        // Entries moved into pages: their own keys go once the pages are written.
+        for chunk in schedule_write::chunks(moved) {
+            last_rev = last_rev.max(self.fenced(fence, vec![], chunk.into_iter().map(|w| w.op).collect()).await?);
         }
         let removed = outcome.decisions.iter().filter(|d| matches!(d, Decision::Remove { .. })).count();
         self.metrics.decided(outcome.decisions.len() - removed, removed);
@@ -567,6 +583,19 @@ impl<S: Store> Planner<S> {
     }
 
     /// Runs `ops` only while we still lead (and `extra` holds); returns the write's revision.
+    /// A page written whole found etcd ahead of the view it was planned from: nothing of that
+    /// transaction was written. The view catches up, and a pass soon after plans again from it.
+    async fn stale_view(&self, last_rev: i64) -> Result<(), LeadError> {
+        tracing::warn!(revision = last_rev, "a schedule page changed since the view showed it; planning again");
+        if let Ok(mut w) = self.wake.lock() {
+            *w = Some(tokio::time::Instant::now() + Duration::from_millis(100));
+        }
+        if last_rev > 0 {
+            self.cluster.caught_up(last_rev, Duration::from_secs(2)).await;
+        }
+        Ok(())
+    }
+
     async fn fenced(&self, fence: &Compare, extra: Vec<Compare>, ops: Vec<Op>) -> Result<i64, LeadError> {
         let result = fenced_write(&self.store, self.ttl, fence, extra, ops).await;
         let outcome = match &result {

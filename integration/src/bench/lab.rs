@@ -41,7 +41,7 @@ pub(super) async fn watch_active(
     let shared = active.clone();
     let task = tokio::spawn(async move {
         let _keep = wc;
-        let mut pages = fleet_model::state_page::PageFollower::default();
+        let mut pages = fleet_model::pages::PageFollower::default();
         while let Ok(Some(resp)) = stream.message().await {
             let mut a = shared.lock().unwrap_or_else(|e| e.into_inner());
             for ev in resp.events() {

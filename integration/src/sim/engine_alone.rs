@@ -116,6 +116,7 @@ pub async fn engine_alone(cfg: SimConfig, submission: Submission) -> Result<Engi
                 metadata: [("sim".to_string(), "yes".to_string())].into(),
                 version: env!("CARGO_PKG_VERSION").into(),
                 lease_ttl: 3600,
+                schedule_pages: true,
                 ..Default::default()
             };
             Ok((keys.machine(&record.id), fleet_model::schema::encode(&record)?))
@@ -261,11 +262,17 @@ pub(super) async fn report_states(admin: &Client, keys: &Keys) -> Result<()> {
     // The prefix's range end: its last byte ('/') plus one.
     let end = etcd_client::GetOptions::new().with_range(format!("{}0", keys.schedules().trim_end_matches('/')));
     loop {
-        let opts = end.clone().with_keys_only().with_limit(5_000);
+        // Pages of a hundred entries are ~15 KiB: a response of 500 keys stays a few MiB.
+        let opts = end.clone().with_limit(500);
         let resp = admin.kv_client().get(from.clone(), Some(opts)).await?;
         for kv in resp.kvs() {
-            if let Some(Key::Schedule(m, u)) = keys.decode(kv.key()) {
-                placed.push((m, u));
+            match keys.decode(kv.key()) {
+                Some(Key::Schedule(m, u)) => placed.push((m, u.to_string())),
+                Some(Key::SchedulePage(m, _)) => {
+                    let page: fleet_model::SchedulePage = fleet_model::schema::decode(kv.value())?;
+                    placed.extend(page.into_keys().map(|u| (m.clone(), u)));
+                }
+                _ => {}
             }
         }
         match resp.kvs().last() {
@@ -283,7 +290,7 @@ pub(super) async fn report_states(admin: &Client, keys: &Keys) -> Result<()> {
     };
     let mut by_machine: std::collections::BTreeMap<String, Vec<(String, Option<UnitStateRecord>)>> = Default::default();
     for (m, u) in placed {
-        by_machine.entry(m).or_default().push((u.to_string(), Some(state.clone())));
+        by_machine.entry(m).or_default().push((u, Some(state.clone())));
     }
     let mut pages = Vec::new();
     for (m, units) in by_machine {

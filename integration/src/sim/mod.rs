@@ -334,6 +334,7 @@ async fn start_machine(cfg: &SimConfig, client: Client, i: usize, dir: &Path) ->
         metadata: [("sim".to_string(), "yes".to_string())].into(),
         version: env!("CARGO_PKG_VERSION").into(),
         lease_ttl: cfg.lease_ttl_secs,
+        schedule_pages: true,
         ..Default::default()
     };
     let (_record_tx, record_rx) = watch::channel(record);

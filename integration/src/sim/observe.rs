@@ -2,8 +2,8 @@
 //! and active units as they happen.
 
 use anyhow::{bail, Result};
+use fleet_model::pages::{PageChange, PageFollower};
 use fleet_model::schema::{decode, Key};
-use fleet_model::state_page::{PageFollower, StateChange};
 use fleet_model::{Keys, UnitStateRecord};
 use fleet_store::etcd::Client;
 use std::collections::{HashMap, HashSet};
@@ -27,6 +27,8 @@ pub(super) struct Observed {
     pub(super) writes: u64,
     /// Which units each machine's state pages hold.
     pub(super) pages: PageFollower,
+    /// Which units each machine's schedule pages hold.
+    pub(super) schedule_pages: PageFollower,
 }
 
 /// Whether each unit a state key's event concerns is now active on its machine: (unit, machine,
@@ -42,7 +44,7 @@ pub(crate) fn activity(
         Some(Key::State(m, u)) => vec![(u.to_string(), m, put && active(value))],
         Some(Key::StatePage(m, n)) => {
             let changes = if put {
-                pages.put(&m, n, value, |u| u).unwrap_or_else(|e| {
+                pages.put(&m, n, 0, value, |u| u).unwrap_or_else(|e| {
                     tracing::warn!(machine = %m, page = n, error = %e, "unreadable state page");
                     Vec::new()
                 })
@@ -52,12 +54,34 @@ pub(crate) fn activity(
             changes
                 .into_iter()
                 .map(|c| match c {
-                    StateChange::Put(u, raw) => (u.to_string(), m.clone(), active(raw)),
-                    StateChange::Removed(u) => (u.to_string(), m.clone(), false),
+                    PageChange::Put(u, raw) => (u.to_string(), m.clone(), active(raw)),
+                    PageChange::Removed(u) => (u.to_string(), m.clone(), false),
                 })
                 .collect()
         }
         _ => Vec::new(),
+    }
+}
+
+/// How many units a schedule key's event newly places on its machine: a per-unit key created, or
+/// units a machine's schedule page holds that it did not before.
+pub(crate) fn placements(pages: &mut PageFollower, key: Option<Key>, put: bool, version: i64, value: &[u8]) -> usize {
+    match key {
+        Some(Key::Schedule(..)) => usize::from(put && version == 1),
+        Some(Key::SchedulePage(m, n)) if put => {
+            let before: std::collections::BTreeSet<String> =
+                pages.pages_of(&m).filter(|(p, _, _)| *p == n).flat_map(|(_, _, u)| u.map(|u| u.to_string())).collect();
+            let changes = pages.put(&m, n, 0, value, |u| u).unwrap_or_else(|e| {
+                tracing::warn!(machine = %m, page = n, error = %e, "unreadable schedule page");
+                Vec::new()
+            });
+            changes.iter().filter(|c| matches!(c, PageChange::Put(u, _) if !before.contains(u.as_str()))).count()
+        }
+        Some(Key::SchedulePage(m, n)) => {
+            pages.delete(&m, n);
+            0
+        }
+        _ => 0,
     }
 }
 
@@ -134,16 +158,25 @@ pub(super) fn follow(
                             o.puts += 1;
                             if matches!(
                                 decoded,
-                                Some(Key::Unit(_) | Key::Schedule(..) | Key::State(..) | Key::StatePage(..))
+                                Some(
+                                    Key::Unit(_)
+                                        | Key::Schedule(..)
+                                        | Key::SchedulePage(..)
+                                        | Key::State(..)
+                                        | Key::StatePage(..)
+                                )
                             ) {
                                 o.own_puts += 1;
                             }
                         }
                         match decoded {
-                            Some(Key::Schedule(_, _)) if put && kv.version() == 1 => {
-                                o.placed += 1;
-                                o.first_placed.get_or_insert(now);
-                                o.last_placed = Some(now);
+                            key @ Some(Key::Schedule(..) | Key::SchedulePage(..)) => {
+                                let n = placements(&mut o.schedule_pages, key, put, kv.version(), kv.value());
+                                if n > 0 {
+                                    o.placed += n;
+                                    o.first_placed.get_or_insert(now);
+                                    o.last_placed = Some(now);
+                                }
                             }
                             key @ Some(Key::State(..) | Key::StatePage(..)) => {
                                 for (u, m, active) in activity(&mut o.pages, key, put, kv.value()) {

@@ -296,10 +296,18 @@ async fn fence_schedule(mut etcd: etcd_client::Client) -> Option<(BTreeMap<Strin
         .ok()?;
     let mut placed: BTreeMap<String, Vec<(String, i64)>> = BTreeMap::new();
     for kv in resp.kvs() {
-        if let Some(fleet_model::schema::Key::Schedule(m, u)) = keys.decode(kv.key()) {
-            if u.as_str().starts_with("fl-fence-") {
-                placed.entry(u.to_string()).or_default().push((m, kv.mod_revision()));
+        // A key per unit, or a page of a machine's units (each unit at the page's revision).
+        let units: Vec<(String, String)> = match keys.decode(kv.key()) {
+            Some(fleet_model::schema::Key::Schedule(m, u)) => vec![(m, u.to_string())],
+            Some(fleet_model::schema::Key::SchedulePage(m, _)) => {
+                fleet_model::schema::decode::<fleet_model::SchedulePage>(kv.value())
+                    .map(|p| p.into_keys().map(|u| (m.clone(), u)).collect())
+                    .unwrap_or_default()
             }
+            _ => Vec::new(),
+        };
+        for (m, u) in units.into_iter().filter(|(_, u)| u.starts_with("fl-fence-")) {
+            placed.entry(u).or_default().push((m, kv.mod_revision()));
         }
     }
     Some((placed, resp.header().map(|h| h.revision()).unwrap_or(0)))

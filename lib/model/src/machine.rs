@@ -83,6 +83,10 @@ pub struct MachineRecord {
     /// etcd), told when it registers again: it could not write while cut off.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stopped_while_cut_off: Vec<String>,
+    /// The agent reads its schedule in pages (`schedule/<id>/<page>`, `crate::pages`); an agent
+    /// of an earlier version leaves this out and is given a key per unit.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub schedule_pages: bool,
 }
 
 impl MachineRecord {

@@ -4,8 +4,9 @@
 //! <P>units/<name>                UnitRecord        API; no lease
 //! <P>bodies/<hash>               canonical text    API; shared by every unit with that hash
 //! <P>machines/<id>               MachineRecord     agent; on the agent's lease
-//! <P>schedule/<id>/<name>        ScheduleEntry     engine leader; fenced by its election key
-//! <P>states/<id>/<page>          StatePage         agent; on the agent's lease (units' states, see state_page)
+//! <P>schedule/<id>/<page>        SchedulePage      engine leader; fenced; machines whose agent reads pages
+//! <P>schedule/<id>/<name>        ScheduleEntry     engine leader; fenced; machines whose agent does not
+//! <P>states/<id>/<page>          StatePage         agent; on the agent's lease (units' states, see pages)
 //! <P>states/<id>/<name>          UnitStateRecord   agents before state pages; still read, never written
 //! <P>why/<name>                  text              engine leader; why a unit is not placed
 //! <P>moves/<name>                MoveRequest       API (a user's move); leader deletes or refuses it
@@ -28,11 +29,14 @@ pub enum Key {
     Unit(UnitName),
     Body(String),
     Machine(MachineId),
+    /// One unit's schedule entry, as leaders write it for agents that do not read pages.
     Schedule(MachineId, UnitName),
+    /// A page of a machine's schedule (`crate::pages`).
+    SchedulePage(MachineId, u32),
     /// One unit's state, as agents before state pages wrote it (engines still read it, so
     /// agents can be upgraded after the engines).
     State(MachineId, UnitName),
-    /// A page of a machine's unit states (`crate::state_page`).
+    /// A page of a machine's unit states (`crate::pages`).
     StatePage(MachineId, u32),
     /// Why the leader could not place a unit.
     Why(UnitName),
@@ -96,6 +100,10 @@ impl Keys {
     }
     pub fn schedule(&self, machine: &str, unit: &UnitName) -> String {
         format!("{}schedule/{machine}/{unit}", self.prefix)
+    }
+    /// A page of one machine's schedule (digits, like [`Keys::state_page`]).
+    pub fn schedule_page(&self, machine: &str, page: u32) -> String {
+        format!("{}schedule/{}/{}", self.prefix, machine, page)
     }
     pub fn states(&self) -> String {
         format!("{}states/", self.prefix)
@@ -169,8 +177,13 @@ impl Keys {
             "machines" if !rest.contains('/') => Some(Key::Machine(rest.to_string())),
             "schedule" | "states" => {
                 let (m, u) = rest.split_once('/')?;
-                if kind == "states" && !u.is_empty() && u.bytes().all(|b| b.is_ascii_digit()) {
-                    return u.parse().ok().map(|page| Key::StatePage(m.to_string(), page));
+                if !u.is_empty() && u.bytes().all(|b| b.is_ascii_digit()) {
+                    let page = u.parse().ok()?;
+                    return Some(if kind == "states" {
+                        Key::StatePage(m.to_string(), page)
+                    } else {
+                        Key::SchedulePage(m.to_string(), page)
+                    });
                 }
                 let u = UnitName::parse(u).ok()?;
                 Some(if kind == "schedule" { Key::Schedule(m.to_string(), u) } else { Key::State(m.to_string(), u) })
@@ -285,6 +298,9 @@ mod tests {
         assert!(k.schedule(m, &n("x.service")).starts_with(&k.schedule_of(m)));
         assert_eq!(k.decode(k.state_page(m, 12).as_bytes()), Some(Key::StatePage(m.into(), 12)));
         assert!(k.state_page(m, 0).starts_with(&k.states_of(m)));
+        assert_eq!(k.decode(k.schedule_page(m, 3).as_bytes()), Some(Key::SchedulePage(m.into(), 3)));
+        assert!(k.schedule_page(m, 0).starts_with(&k.schedule_of(m)));
+        assert_eq!(k.decode(format!("{}99999999999", k.schedule_of(m)).as_bytes()), None);
         assert_eq!(k.decode(format!("{}99999999999", k.states_of(m)).as_bytes()), None);
         assert_eq!(k.decode(k.why(&n("x.service")).as_bytes()), Some(Key::Why(n("x.service"))));
         assert_eq!(k.decode(k.moves(&n("x.service")).as_bytes()), Some(Key::Move(n("x.service"))));

@@ -3,10 +3,10 @@
 //! is fed from the same store, as an engine's is from etcd.
 
 use super::*;
-use fleet_model::schema::{decode, ScheduleEntry};
+use fleet_model::schema::{decode, Key, ScheduleEntry};
 use fleet_model::{DesiredState, MachineRecord, UnitFile, UnitName, UnitRecord};
 use fleet_store::kv::{MemStore, Txn};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 const PLAIN: &str = "[Service]\nExecStart=/bin/sleep infinity\n";
 const WANTS_DB: &str = "[Service]\nExecStart=/bin/sleep infinity\n\n[X-Fleet]\nMachineMetadata=role=db\n";
@@ -45,11 +45,17 @@ async fn cluster() -> Lab {
 impl Lab {
     /// A machine as its agent registers it: on a lease of its own. Returns the lease.
     async fn machine(&self, id: &str, metadata: &[(&str, &str)]) -> i64 {
+        self.machine_reading(id, metadata, true).await
+    }
+
+    /// A machine whose agent reads its schedule in pages or not (an earlier version's agent).
+    async fn machine_reading(&self, id: &str, metadata: &[(&str, &str)], pages: bool) -> i64 {
         let lease = self.store.grant(10).await.expect("lease");
         let rec = MachineRecord {
             id: id.into(),
             metadata: metadata.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             lease_ttl: 10,
+            schedule_pages: pages,
             ..MachineRecord::default()
         };
         let put = Op::put(self.keys.machine(id), encode(&rec).expect("encode"), lease);
@@ -98,19 +104,48 @@ impl Lab {
         self.planner.status.lock().map(|s| s.whole_passes).unwrap_or_default()
     }
 
-    /// unit -> machines it is scheduled on, as stored.
+    /// unit -> machines it is scheduled on, as stored (in pages or a key per unit).
     async fn schedule(&self) -> BTreeMap<String, Vec<String>> {
-        let (entries, _) = self.store.range(self.keys.schedules().as_bytes()).await.expect("range");
         let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for e in entries {
-            let key = String::from_utf8_lossy(&e.key).into_owned();
-            let rest = key.strip_prefix(&self.keys.schedules()).unwrap_or_default();
-            let (machine, unit) = rest.split_once('/').expect("schedule/<machine>/<unit>");
-            let entry: ScheduleEntry = decode(&e.value).expect("schedule entry");
+        for (key, machine, unit, entry) in self.schedule_keys().await {
             assert_eq!(entry.desired_state, DesiredState::Launched, "{key}");
-            out.entry(unit.to_string()).or_default().push(machine.to_string());
+            out.entry(unit).or_default().push(machine);
         }
         out
+    }
+
+    /// Every entry stored: (its key, machine, unit, entry).
+    async fn schedule_keys(&self) -> Vec<(String, String, String, ScheduleEntry)> {
+        let (entries, _) = self.store.range(self.keys.schedules().as_bytes()).await.expect("range");
+        let mut out = Vec::new();
+        for e in entries {
+            let key = String::from_utf8_lossy(&e.key).into_owned();
+            match self.keys.decode(&e.key) {
+                Some(Key::Schedule(m, u)) => out.push((key, m, u.to_string(), decode(&e.value).expect("entry"))),
+                Some(Key::SchedulePage(m, _)) => {
+                    let page: fleet_model::SchedulePage = decode(&e.value).expect("schedule page");
+                    assert!(!page.is_empty() && page.len() <= fleet_model::pages::PAGE_UNITS, "{key}: {page:?}");
+                    out.extend(page.into_iter().map(|(u, entry)| (key.clone(), m.clone(), u, entry)));
+                }
+                other => panic!("{key} is not a schedule key: {other:?}"),
+            }
+        }
+        out
+    }
+
+    /// Takes `unit`'s entry out of the stored schedule, as no leader would.
+    async fn unschedule_by_hand(&self, unit: &str) {
+        let (key, _, _, _) = self.schedule_keys().await.into_iter().find(|e| e.2 == unit).expect("scheduled");
+        let op = match self.keys.decode(key.as_bytes()) {
+            Some(Key::SchedulePage(..)) => {
+                let mut page: fleet_model::SchedulePage =
+                    decode(&self.store.peek(key.as_bytes()).expect("page")).expect("page");
+                page.remove(unit);
+                Op::put(key, encode(&page).expect("encode"), 0)
+            }
+            _ => Op::delete(key),
+        };
+        self.store.txn(Txn { then: vec![op], ..Txn::default() }).await.expect("unschedule");
     }
 
     fn why(&self, unit: &str) -> Option<String> {
@@ -250,9 +285,7 @@ async fn new_units_and_machines_need_no_whole_pass_and_anything_else_gets_one() 
     assert_eq!(placed.len(), 9, "{placed:?}");
     assert!(placed.values().all(|m| m.len() == 1 && m[0] != "m1"), "{placed:?}");
     // A schedule entry the leader did not write (deleted by hand): a whole pass puts it back.
-    let a0 = UnitName::parse("a0.service").expect("name");
-    let on = c.schedule().await["a0.service"][0].clone();
-    c.store.txn(Txn { then: vec![Op::delete(c.keys.schedule(&on, &a0))], ..Txn::default() }).await.expect("delete");
+    c.unschedule_by_hand("a0.service").await;
     c.pass_on(&mut plan).await.expect("pass");
     assert_eq!(c.whole_passes(), 2);
     assert_eq!(c.schedule().await.get("a0.service").map(Vec::len), Some(1));
@@ -374,4 +407,115 @@ async fn an_engine_ready_to_lead_does_not_follow_what_it_cannot_and_plans_whole_
     assert_eq!(c.whole_passes(), 2);
     let now = c.schedule().await;
     assert!(!now.contains_key("a0.service") && now.contains_key("b0.service"), "{now:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn machines_reading_pages_get_a_key_per_page_and_earlier_agents_a_key_per_unit() {
+    let c = cluster().await;
+    let m1 = c.machine("m1", &[]).await;
+    c.machine_reading("m2", &[], false).await;
+    for i in 0..300 {
+        c.unit(&format!("u{i:03}.service"), PLAIN).await;
+    }
+    c.pass().await.expect("pass");
+    let stored = c.schedule_keys().await;
+    assert_eq!(stored.len(), 300, "every unit placed once");
+    let keys_of = |m: &str| stored.iter().filter(|e| e.1 == m).map(|e| e.0.clone()).collect::<BTreeSet<_>>();
+    // 150 units each: m1's in one page, m2's one key each.
+    assert_eq!(keys_of("m1"), BTreeSet::from([c.keys.schedule_page("m1", 0)]));
+    assert_eq!(keys_of("m2").len(), 150);
+    // Units destroyed leave their page (the page rewritten without them) or their key.
+    let gone: Vec<&(String, String, String, ScheduleEntry)> =
+        ["m1", "m2"].iter().flat_map(|m| stored.iter().filter(move |e| e.1 == *m).take(2)).collect();
+    let then = gone.iter().map(|e| Op::delete(c.keys.unit(&UnitName::parse(&e.2).expect("name")))).collect();
+    c.store.txn(Txn { then, ..Txn::default() }).await.expect("destroy");
+    c.pass().await.expect("pass");
+    let left = c.schedule().await;
+    assert_eq!(left.len(), 296);
+    assert!(gone.iter().all(|e| !left.contains_key(&e.2)), "{gone:?}");
+    // The view shows each unit's entry where it was written, whichever way.
+    let in_view = c.planner.cluster.read(|v| v.schedule.values().map(|e| e.len()).sum::<usize>());
+    assert_eq!(in_view, 296);
+    // A machine lost: its page goes with its units, which move to the other machine's keys.
+    c.store.expire_lease(m1);
+    c.pass().await.expect("pass");
+    let stored = c.schedule_keys().await;
+    assert_eq!(stored.len(), 296);
+    assert!(stored.iter().all(|e| e.1 == "m2" && e.0 != c.keys.schedule_page("m1", 0)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_starts_reading_pages_has_its_entries_moved_into_them() {
+    let c = cluster().await;
+    c.machine_reading("m1", &[], false).await;
+    for i in 0..5 {
+        c.unit(&format!("u{i}.service"), PLAIN).await;
+    }
+    c.pass().await.expect("pass");
+    assert_eq!(c.schedule_keys().await.len(), 5);
+    let events = || {
+        let read = c.planner.cluster.events().read(None, &crate::events::Filter::default(), 1000, None);
+        read.events.into_iter().map(|e| (e.kind, e.unit)).collect::<Vec<_>>()
+    };
+    let events_before = events().len();
+    // The agent is upgraded: it registers again, saying it reads pages.
+    c.machine("m1", &[]).await;
+    c.pass().await.expect("pass");
+    let stored = c.schedule_keys().await;
+    assert_eq!(stored.len(), 5, "{stored:?}");
+    assert!(stored.iter().all(|e| e.0 == c.keys.schedule_page("m1", 0)), "every entry in the page: {stored:?}");
+    // Nothing was unscheduled on the way: the view kept every entry, and no event says otherwise.
+    assert!(c.planner.cluster.caught_up(c.store.revision(), Duration::from_secs(5)).await);
+    let in_view = c.planner.cluster.read(|v| v.schedule.values().map(|e| e.len()).sum::<usize>());
+    assert_eq!(in_view, 5);
+    let after = events();
+    assert!(after.len() > events_before || after.len() == events_before);
+    let since: Vec<_> = after[events_before..].iter().filter(|(kind, _)| kind.contains("unit")).collect();
+    assert!(since.is_empty(), "moving entries into a page is no unit event: {since:?}");
+    // And a pass after writes nothing more.
+    let before = c.store.revision();
+    c.pass().await.expect("pass");
+    assert_eq!(c.store.revision(), before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_changed_since_the_view_showed_it_is_not_overwritten() {
+    let c = cluster().await;
+    c.machine("m1", &[]).await;
+    c.unit("a.service", PLAIN).await;
+    c.pass().await.expect("pass");
+    c.unit("b.service", PLAIN).await;
+    assert!(c.planner.cluster.caught_up(c.store.revision(), Duration::from_secs(5)).await);
+    // Planned on the view as it is: page 0 holds a; b goes there too.
+    let b = UnitName::parse("b.service").expect("name");
+    let entry = ScheduleEntry {
+        hash: UnitFile::parse(PLAIN).expect("unit").hash().into(),
+        desired_state: DesiredState::Launched,
+    };
+    let decisions = vec![Decision::Put { unit: b.clone(), machine: "m1".into(), entry }];
+    let writes = c.planner.cluster.read(|v| ScheduleWrites::plan(&c.keys, v, &decisions)).expect("plan");
+    assert_eq!(writes.puts.len(), 1);
+    // Meanwhile page 0 is written by someone else (the view has not seen it when the write goes).
+    // (x is a unit of the cluster's: the leader's next pass keeps it where it is.)
+    c.unit("x.service", PLAIN).await;
+    let hash = UnitFile::parse(PLAIN).expect("unit").hash();
+    let other = format!(
+        r#"{{"a.service":{{"hash":"{hash}","desiredState":"launched"}},"x.service":{{"hash":"{hash}","desiredState":"launched"}}}}"#
+    );
+    let other = other.as_bytes();
+    let page = c.keys.schedule_page("m1", 0);
+    c.store.txn(Txn { then: vec![Op::put(page.clone(), other.to_vec(), 0)], ..Txn::default() }).await.expect("put");
+    let guards: Vec<Compare> = writes.puts.iter().filter_map(|w| w.guard(&HashMap::new())).collect();
+    assert_eq!(guards.len(), 1);
+    let ops = writes.puts.iter().map(|w| w.op.clone()).collect();
+    let result = c.planner.fenced(&c.fence, guards, ops).await;
+    assert!(matches!(result, Err(LeadError::GuardFailed)), "{result:?}");
+    assert_eq!(c.store.peek(page.as_bytes()).as_deref(), Some(other), "the page as the other write left it");
+    // The next pass plans from a view that shows it: b is added, x kept.
+    c.pass().await.expect("pass");
+    let placed = c.schedule().await;
+    assert!(
+        ["a.service", "b.service", "x.service"].iter().all(|u| placed.get(*u) == Some(&vec!["m1".to_string()])),
+        "{placed:?}"
+    );
 }

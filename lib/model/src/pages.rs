@@ -1,38 +1,57 @@
-//! How an agent groups its units' states into a few etcd keys: pages of up to [`PAGE_UNITS`]
-//! units under `states/<machine>/<page>`, each a JSON object from unit name to
-//! [`UnitStateRecord`].
+//! How a machine's units are grouped into a few etcd keys: pages of up to [`PAGE_UNITS`] units,
+//! each a JSON object from unit name to record. Agents publish their units' states this way
+//! (`states/<machine>/<page>`, [`StatePage`]) and the leader writes each machine's schedule this
+//! way (`schedule/<machine>/<page>`, [`SchedulePage`]), for machines whose agent reads it.
 //!
-//! One key per unit state made a million units a million keys that every start rewrote: etcd's
-//! single apply loop, its write buffer (copied for every lease renewal) and its watchers carried a
-//! key per unit beside the schedule's, and fell behind at 10,000 machines / 1,000,000 units on two
-//! cores. A page holds the states of one machine's units together, so a machine starting its
-//! hundred units writes one key, not a hundred. A page is bounded so one changed unit never
-//! rewrites a machine's whole state (and a value stays far below etcd's request size limit).
+//! One key per unit made a million units a million keys that every placement and every start
+//! rewrote: etcd's single apply loop, its write buffer (copied for every lease renewal) and its
+//! watchers carried them and fell behind at 10,000 machines / 1,000,000 units on two cores. A
+//! page holds one machine's units together, so a machine given or starting its hundred units is
+//! one key written, not a hundred. A page is bounded so one changed unit never rewrites a
+//! machine's whole share (and a value stays far below etcd's request size limit).
 //!
 //! A unit keeps its page while it stays on the machine, so a page's other units are untouched by
 //! its coming and going; new units fill the lowest page with room.
 
-use crate::{UnitName, UnitStateRecord};
+use crate::{ScheduleEntry, UnitName, UnitStateRecord};
 use serde_json::value::RawValue;
 use std::collections::{BTreeMap, HashMap};
 
 /// Units per page: about 40 KiB of JSON at most, one key for a machine of typical size.
 pub const PAGE_UNITS: usize = 250;
 
-/// A page's contents: unit name -> state, encoded as a JSON object.
-pub type StatePage = BTreeMap<String, UnitStateRecord>;
+/// A page's contents: unit name -> record, encoded as a JSON object.
+pub type Page<R> = BTreeMap<String, R>;
+
+/// A page of one machine's unit states, as its agent publishes them.
+pub type StatePage = Page<UnitStateRecord>;
+
+/// A page of one machine's schedule, as the leader writes it.
+pub type SchedulePage = Page<ScheduleEntry>;
 
 /// What one agent has published, page by page.
-#[derive(Debug, Default, Clone)]
-pub struct StatePages {
-    pages: BTreeMap<u32, StatePage>,
+pub type StatePages = Pages<UnitStateRecord>;
+
+/// One machine's schedule as the leader writes it, page by page.
+pub type SchedulePages = Pages<ScheduleEntry>;
+
+/// One machine's pages as written, and which page each unit is in.
+#[derive(Debug, Clone)]
+pub struct Pages<R> {
+    pages: BTreeMap<u32, Page<R>>,
     page_of: HashMap<String, u32>,
 }
 
-impl StatePages {
+impl<R> Default for Pages<R> {
+    fn default() -> Self {
+        Pages { pages: BTreeMap::new(), page_of: HashMap::new() }
+    }
+}
+
+impl<R: Clone> Pages<R> {
     /// Pages as read back from etcd (an earlier run's): units keep the pages they are in.
-    pub fn from_pages(pages: impl IntoIterator<Item = (u32, StatePage)>) -> Self {
-        let mut out = StatePages::default();
+    pub fn from_pages(pages: impl IntoIterator<Item = (u32, Page<R>)>) -> Self {
+        let mut out = Pages::default();
         for (n, page) in pages {
             for unit in page.keys() {
                 out.page_of.insert(unit.clone(), n);
@@ -42,7 +61,7 @@ impl StatePages {
         out
     }
 
-    pub fn get(&self, unit: &str) -> Option<&UnitStateRecord> {
+    pub fn get(&self, unit: &str) -> Option<&R> {
         let page = self.page_of.get(unit)?;
         self.pages.get(page)?.get(unit)
     }
@@ -63,7 +82,7 @@ impl StatePages {
         self.page_of.keys()
     }
 
-    pub fn values(&self) -> impl Iterator<Item = &UnitStateRecord> {
+    pub fn values(&self) -> impl Iterator<Item = &R> {
         self.pages.values().flat_map(|p| p.values())
     }
 
@@ -73,11 +92,11 @@ impl StatePages {
         self.page_of.clear();
     }
 
-    /// The pages `changes` rewrite (`Some`: a state to publish, `None`: the unit's state removed),
+    /// The pages `changes` rewrite (`Some`: a record to write, `None`: the unit's record removed),
     /// with their new contents; `None` for a page left empty (to delete). Nothing is changed here:
     /// once a page is written, [`StatePages::written`] records it.
-    pub fn plan(&self, changes: &[(String, Option<UnitStateRecord>)]) -> BTreeMap<u32, Option<StatePage>> {
-        let mut dirty: BTreeMap<u32, StatePage> = BTreeMap::new();
+    pub fn plan(&self, changes: &[(String, Option<R>)]) -> BTreeMap<u32, Option<Page<R>>> {
+        let mut dirty: BTreeMap<u32, Page<R>> = BTreeMap::new();
         // How full each page will be: new units go where there is room after this plan's moves.
         let mut fill: BTreeMap<u32, usize> = self.pages.iter().map(|(n, p)| (*n, p.len())).collect();
         for (unit, _) in changes.iter().filter(|(_, s)| s.is_none()) {
@@ -111,7 +130,7 @@ impl StatePages {
     }
 
     /// Records that `page` now holds `contents` (`None`: deleted) in etcd.
-    pub fn written(&mut self, page: u32, contents: Option<StatePage>) {
+    pub fn written(&mut self, page: u32, contents: Option<Page<R>>) {
         if let Some(old) = self.pages.remove(&page) {
             for unit in old.keys() {
                 if self.page_of.get(unit) == Some(&page) {
@@ -128,43 +147,53 @@ impl StatePages {
     }
 }
 
-/// What a reader of etcd's events makes of state pages: which units' states a page's new value
+/// What a reader of etcd's events makes of pages: which units' records a page's new value
 /// changes or removes. Each unit's record is handed out as the raw JSON inside the page, and
 /// units whose record did not change are left out, so a page rewritten for one unit costs its
 /// reader one record, not a page of them.
 #[derive(Debug, Default, Clone)]
 pub struct PageFollower {
-    /// machine -> page -> its units (sorted) with a hash of each one's record.
-    pages: HashMap<String, BTreeMap<u32, Vec<(UnitName, u64)>>>,
+    /// machine -> page -> its units.
+    pages: HashMap<String, BTreeMap<u32, FollowedPage>>,
 }
 
-/// One unit's state as a page changed it.
+/// A page as last seen: the revision it was written at, and its units (sorted) with a hash of
+/// each one's record.
+#[derive(Debug, Default, Clone)]
+struct FollowedPage {
+    revision: i64,
+    units: Vec<(UnitName, u64)>,
+}
+
+/// One unit's record as a page changed it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StateChange<'v> {
-    /// The unit's record, as raw JSON (a [`UnitStateRecord`]).
+pub enum PageChange<'v> {
+    /// The unit's record, as raw JSON (a [`UnitStateRecord`] or a [`ScheduleEntry`]).
     Put(UnitName, &'v [u8]),
     Removed(UnitName),
 }
 
 impl PageFollower {
-    /// `machine`'s page `page` now holds `value`. `share` lets the caller hand back a unit name
-    /// it already holds (one allocation per name). An unreadable page changes nothing.
+    /// `machine`'s page `page` now holds `value`, written at `revision`. `share` lets the caller
+    /// hand back a unit name it already holds (one allocation per name). An unreadable page
+    /// changes nothing.
     pub fn put<'v>(
         &mut self,
         machine: &str,
         page: u32,
+        revision: i64,
         value: &'v [u8],
         share: impl Fn(UnitName) -> UnitName,
-    ) -> Result<Vec<StateChange<'v>>, serde_json::Error> {
+    ) -> Result<Vec<PageChange<'v>>, serde_json::Error> {
         let records: BTreeMap<std::borrow::Cow<'v, str>, &'v RawValue> = serde_json::from_slice(value)?;
-        let old = self.pages.entry(machine.to_string()).or_default().remove(&page).unwrap_or_default();
+        let old = self.pages.entry(machine.to_string()).or_default().remove(&page).unwrap_or_default().units;
         let mut changes = Vec::new();
         let mut now = Vec::with_capacity(records.len());
         let mut old_iter = old.into_iter().peekable();
         for (name, raw) in records {
             // Both sides are sorted by name: one merge finds what is new, changed and gone.
             while let Some((gone, _)) = old_iter.next_if(|(o, _)| o.as_str() < name.as_ref()) {
-                changes.push(StateChange::Removed(gone));
+                changes.push(PageChange::Removed(gone));
             }
             let hash = hash_of(raw.get().as_bytes());
             let unit = match old_iter.next_if(|(o, _)| o.as_str() == name.as_ref()) {
@@ -178,12 +207,12 @@ impl PageFollower {
                     Err(_) => continue,
                 },
             };
-            changes.push(StateChange::Put(unit.clone(), raw.get().as_bytes()));
+            changes.push(PageChange::Put(unit.clone(), raw.get().as_bytes()));
             now.push((unit, hash));
         }
-        changes.extend(old_iter.map(|(gone, _)| StateChange::Removed(gone)));
+        changes.extend(old_iter.map(|(gone, _)| PageChange::Removed(gone)));
         if !now.is_empty() {
-            self.pages.entry(machine.to_string()).or_default().insert(page, now);
+            self.pages.entry(machine.to_string()).or_default().insert(page, FollowedPage { revision, units: now });
         } else {
             self.forget_empty(machine);
         }
@@ -191,10 +220,20 @@ impl PageFollower {
     }
 
     /// `machine`'s page `page` was deleted (by its agent, or with its lease).
-    pub fn delete(&mut self, machine: &str, page: u32) -> Vec<StateChange<'static>> {
+    pub fn delete(&mut self, machine: &str, page: u32) -> Vec<PageChange<'static>> {
         let old = self.pages.get_mut(machine).and_then(|p| p.remove(&page)).unwrap_or_default();
         self.forget_empty(machine);
-        old.into_iter().map(|(u, _)| StateChange::Removed(u)).collect()
+        old.units.into_iter().map(|(u, _)| PageChange::Removed(u)).collect()
+    }
+
+    /// `machine`'s pages: number, the revision it was last written at, and its units (sorted).
+    pub fn pages_of(&self, machine: &str) -> impl Iterator<Item = (u32, i64, impl Iterator<Item = &UnitName>)> {
+        self.pages.get(machine).into_iter().flatten().map(|(n, p)| (*n, p.revision, p.units.iter().map(|(u, _)| u)))
+    }
+
+    /// How many units `machine`'s pages hold.
+    pub fn units_on(&self, machine: &str) -> usize {
+        self.pages.get(machine).map_or(0, |p| p.values().map(|p| p.units.len()).sum())
     }
 
     /// Whether one of `machine`'s pages holds `unit` (so an older per-unit key's deletion is
@@ -202,7 +241,7 @@ impl PageFollower {
     pub fn holds(&self, machine: &str, unit: &str) -> bool {
         self.pages
             .get(machine)
-            .is_some_and(|p| p.values().any(|units| units.binary_search_by(|(u, _)| u.as_str().cmp(unit)).is_ok()))
+            .is_some_and(|p| p.values().any(|p| p.units.binary_search_by(|(u, _)| u.as_str().cmp(unit)).is_ok()))
     }
 
     fn forget_empty(&mut self, machine: &str) {
@@ -294,14 +333,14 @@ mod tests {
         assert!(p.plan(&[("never.service".into(), None)]).is_empty());
     }
 
-    fn changes(c: Vec<StateChange<'_>>) -> Vec<(String, Option<String>)> {
+    fn changes(c: Vec<PageChange<'_>>) -> Vec<(String, Option<String>)> {
         c.into_iter()
             .map(|c| match c {
-                StateChange::Put(u, raw) => {
+                PageChange::Put(u, raw) => {
                     let s: UnitStateRecord = serde_json::from_slice(raw).unwrap_or_default();
                     (u.to_string(), Some(s.active_state.to_string()))
                 }
-                StateChange::Removed(u) => (u.to_string(), None),
+                PageChange::Removed(u) => (u.to_string(), None),
             })
             .collect()
     }
@@ -314,12 +353,12 @@ mod tests {
         };
         let mut f = PageFollower::default();
         let v = page(&[("a.service", "active"), ("b\\x2d1.service", "activating"), ("c.service", "active")]);
-        let c = changes(f.put("m1", 0, &v, |u| u).unwrap_or_default());
+        let c = changes(f.put("m1", 0, 7, &v, |u| u).unwrap_or_default());
         assert_eq!(c.len(), 3, "{c:?}");
         assert!(f.holds("m1", "b\\x2d1.service") && !f.holds("m2", "a.service"));
         // b changes, c goes, d comes; a is as it was.
         let v = page(&[("a.service", "active"), ("b\\x2d1.service", "active"), ("d.service", "failed")]);
-        let c = changes(f.put("m1", 0, &v, |u| u).unwrap_or_default());
+        let c = changes(f.put("m1", 0, 7, &v, |u| u).unwrap_or_default());
         assert_eq!(
             c,
             vec![
@@ -330,7 +369,7 @@ mod tests {
         );
         assert!(!f.holds("m1", "c.service"));
         // Unreadable: an error, and what the page held is kept.
-        assert!(f.put("m1", 0, b"{not json", |u| u).is_err());
+        assert!(f.put("m1", 0, 8, b"{not json", |u| u).is_err());
         assert!(f.holds("m1", "a.service"));
         // Deleted with its lease: every unit it held is removed.
         let c = changes(f.delete("m1", 0));
