@@ -195,6 +195,12 @@ impl ClusterView {
         }
     }
 
+    /// Schedule entries whose machine has not reported the unit's state yet (about: a unit
+    /// reported elsewhere counts as reported): starts the agents still have to make.
+    pub fn pending_starts(&self) -> usize {
+        self.scheduled_on.values().sum::<usize>().saturating_sub(self.state_stats.rows)
+    }
+
     /// Which page of `machine`'s schedule each unit is in, and when each page was written.
     pub fn schedule_pages_of(
         &self,
@@ -793,6 +799,25 @@ impl Cluster {
     pub async fn caught_up(&self, revision: i64, timeout: Duration) -> bool {
         let mut rx = self.revision.clone();
         tokio::time::timeout(timeout, rx.wait_for(|r| *r >= revision)).await.map(|r| r.is_ok()).unwrap_or(false)
+    }
+
+    /// Waits until the view shows `revision`, for as long as it keeps moving towards it: true
+    /// once it does, false if it stood still for `stuck` (a watch stuck on a dead member) or
+    /// `limit` passed. A view merely busy taking in a large write is waited for, not relisted
+    /// (a relisting at a million units costs etcd and the engine far more than the wait).
+    pub async fn follows_to(&self, revision: i64, stuck: Duration, limit: Duration) -> bool {
+        let until = tokio::time::Instant::now() + limit;
+        let mut last = self.revision();
+        loop {
+            if self.caught_up(revision, stuck).await {
+                return true;
+            }
+            let now = self.revision();
+            if now == last || tokio::time::Instant::now() >= until {
+                return false;
+            }
+            last = now;
+        }
     }
 }
 

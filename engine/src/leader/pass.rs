@@ -9,7 +9,7 @@ use crate::cluster::{Cluster, PlanChanges, PlanView};
 use crate::scheduler::{self, Decision, MoveOutcome, Snapshot};
 use fleet_model::schema::{encode, MoveRequest};
 use fleet_model::Keys;
-use fleet_store::kv::{CmpOp, Compare, Op, Store, TXN_OPS};
+use fleet_store::kv::{CmpOp, Compare, Op, OpResult, Store, Txn, TXN_OPS};
 use futures::StreamExt;
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -46,6 +46,22 @@ impl Pacing {
         }
     }
 }
+/// How far (in etcd revisions) the leader's own view may trail its last schedule write before
+/// it waits for the view to catch up: a burst etcd commits at once still has to reach every
+/// watcher, and at a million units a burst faster than that delivery left etcd's watchers, and
+/// then its lease renewals, minutes behind (docs/performance.md).
+const VIEW_LAG: i64 = 32;
+
+/// Units placed and not yet reported by their machines beyond which the leader holds the rest
+/// of a large placement back (while the agents make progress): ten thousand agents handed a
+/// million units in ten seconds all start and report them at once, and on a small etcd that
+/// burst of state writes cost their leases (docs/performance.md). Far above what a user's
+/// placement of thousands of units reaches.
+const PENDING_STARTS: usize = 50_000;
+
+/// Committed entries etcd may have yet to apply when the leader sends another schedule write.
+const APPLY_BACKLOG: u64 = 8;
+
 /// A planning pass longer than this is logged as a warning: it delays placements.
 const SLOW_PLAN: Duration = Duration::from_secs(1);
 
@@ -433,8 +449,12 @@ impl<S: Store> Planner<S> {
             let guards = chunk.iter().filter_map(|w| w.guard(&written)).collect();
             let keys: Vec<(Vec<u8>, bool)> =
                 chunk.iter().map(|w| (w.key().to_vec(), matches!(w.op, Op::Delete(_)))).collect();
-            let rev = match self.fenced(fence, guards, chunk.into_iter().map(|w| w.op).collect()).await {
-                Err(LeadError::GuardFailed) => return self.stale_view(last_rev).await,
+            let ops: Vec<Op> = chunk.into_iter().map(|w| w.op).collect();
+            let rev = match self.fenced(fence, guards, ops.clone()).await {
+                Err(LeadError::GuardFailed) => match self.already_written(&ops).await {
+                    Some(rev) => rev,
+                    None => return self.stale_view(last_rev).await,
+                },
                 r => r?,
             };
             last_rev = last_rev.max(rev);
@@ -450,13 +470,38 @@ impl<S: Store> Planner<S> {
         let mut pacing = Pacing::new();
         let written = &written;
         loop {
-            while in_flight.len() < pacing.window {
+            // Written no faster than etcd delivers: while this engine's own watch is more than
+            // VIEW_LAG revisions behind the last write, what was written is still on its way to
+            // every watcher (agents and engines alike), and more would only lengthen the queue.
+            if last_rev > 0 && last_rev - self.cluster.revision() > VIEW_LAG && in_flight.is_empty() {
+                let behind = last_rev - VIEW_LAG;
+                if !self.cluster.follows_to(behind, Duration::from_secs(2), Duration::from_secs(30)).await {
+                    tracing::debug!(revision = last_rev, view = self.cluster.revision(), "view far behind; writing on");
+                }
+            }
+            // Nor faster than the agents start what they were given (see PENDING_STARTS).
+            if in_flight.is_empty() {
+                self.agents_catch_up().await;
+            }
+            while in_flight.len() < pacing.window
+                && !(last_rev > 0 && last_rev - self.cluster.revision() > VIEW_LAG && !in_flight.is_empty())
+            {
+                // Nor faster than etcd applies: a backlog of committed, unapplied entries makes
+                // etcd refuse every lease renewal meanwhile (agents' and this engine's own).
+                if !in_flight.is_empty() && (self.pending_starts() > PENDING_STARTS || self.apply_backlog_high().await)
+                {
+                    break;
+                }
                 let Some(chunk) = chunks.next() else { break };
                 in_flight.push(async move {
                     let sent = std::time::Instant::now();
                     let guards = chunk.iter().filter_map(|w| w.guard(written)).collect();
-                    let ops = chunk.into_iter().map(|w| w.op).collect();
-                    (self.fenced(fence, guards, ops).await, sent.elapsed())
+                    let ops: Vec<Op> = chunk.into_iter().map(|w| w.op).collect();
+                    let result = match self.fenced(fence, guards, ops.clone()).await {
+                        Err(LeadError::GuardFailed) => self.already_written(&ops).await.ok_or(LeadError::GuardFailed),
+                        r => r,
+                    };
+                    (result, sent.elapsed())
                 });
             }
             let Some((result, took)) = in_flight.next().await else { break };
@@ -505,7 +550,7 @@ impl<S: Store> Planner<S> {
         }
         // Every decision is written: the next pass may carry on from this one.
         plan.carried = carried;
-        if last_rev > 0 && !self.cluster.caught_up(last_rev, Duration::from_secs(2)).await {
+        if last_rev > 0 && !self.cluster.follows_to(last_rev, Duration::from_secs(2), Duration::from_secs(60)).await {
             tracing::warn!(revision = last_rev, "cluster view is slow to catch up; rewatching");
             self.cluster.kick();
             self.cluster.caught_up(last_rev, Duration::from_secs(10)).await;
@@ -583,6 +628,80 @@ impl<S: Store> Planner<S> {
     }
 
     /// Runs `ops` only while we still lead (and `extra` holds); returns the write's revision.
+    fn pending_starts(&self) -> usize {
+        self.cluster.read(|v| v.pending_starts())
+    }
+
+    /// Waits while more than [`PENDING_STARTS`] units are placed and not yet reported by their
+    /// machines, for as long as that number keeps going down (agents that report nothing, say
+    /// cut off from etcd, must not stop placement: it goes on once they make no progress for
+    /// two seconds).
+    async fn agents_catch_up(&self) {
+        let mut pending = self.pending_starts();
+        if pending <= PENDING_STARTS {
+            return;
+        }
+        let started = tokio::time::Instant::now();
+        let mut progress = started;
+        let mut changes = self.cluster.subscribe();
+        while pending > PENDING_STARTS && progress.elapsed() < Duration::from_secs(2) {
+            let _ = tokio::time::timeout(Duration::from_millis(200), changes.changed()).await;
+            let now = self.pending_starts();
+            if now < pending {
+                progress = tokio::time::Instant::now();
+            }
+            pending = now;
+        }
+        tracing::debug!(pending, waited_ms = started.elapsed().as_millis() as u64, "waited for agents to start units");
+    }
+
+    /// Whether etcd's apply trails its commits by more than [`APPLY_BACKLOG`] entries; waits
+    /// (up to a second) for it to come down first. A store that cannot tell is taken as keeping up.
+    async fn apply_backlog_high(&self) -> bool {
+        let until = tokio::time::Instant::now() + Duration::from_secs(1);
+        loop {
+            let backlog = match tokio::time::timeout(Duration::from_secs(1), self.store.apply_backlog()).await {
+                Ok(Ok(b)) => b,
+                _ => return false,
+            };
+            if backlog <= APPLY_BACKLOG {
+                return false;
+            }
+            if tokio::time::Instant::now() >= until {
+                tracing::debug!(backlog, "etcd's apply trails its commits: fewer writes in flight");
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Whether a refused write of pages is in fact in etcd already: an attempt whose answer was
+    /// lost (timed out under load) and that the retry then found written, by itself. Its
+    /// revision if every page is as the write has it.
+    async fn already_written(&self, ops: &[Op]) -> Option<i64> {
+        let keys: Vec<&[u8]> = ops
+            .iter()
+            .map(|op| match op {
+                Op::Put { key, .. } | Op::Delete(key) | Op::Get(key) => key.as_slice(),
+                Op::Txn(_) => &[],
+            })
+            .collect();
+        let read = Txn { then: keys.iter().map(|k| Op::Get(k.to_vec())).collect(), ..Txn::default() };
+        let got = tokio::time::timeout(Duration::from_secs(5), self.store.txn(read)).await.ok()?.ok()?;
+        let mut revision = 0;
+        for (op, result) in ops.iter().zip(&got.results) {
+            match (op, result) {
+                (Op::Put { value, .. }, OpResult::Get(Some(e))) if e.value == *value => {
+                    revision = revision.max(e.mod_revision)
+                }
+                (Op::Delete(_), OpResult::Get(None)) => {}
+                _ => return None,
+            }
+        }
+        tracing::info!(revision, "a schedule write retried after its answer was lost had gone through");
+        Some(revision.max(1))
+    }
+
     /// A page written whole found etcd ahead of the view it was planned from: nothing of that
     /// transaction was written. The view catches up, and a pass soon after plans again from it.
     async fn stale_view(&self, last_rev: i64) -> Result<(), LeadError> {

@@ -14,14 +14,15 @@
 
 use crate::cluster::ClusterView;
 use crate::scheduler::Decision;
-use fleet_model::pages::SchedulePages;
+use fleet_model::pages::{SchedulePages, SCHEDULE_PAGE_UNITS};
 use fleet_model::schema::encode;
 use fleet_model::{Keys, ScheduleEntry, SchedulePage, UnitName};
 use fleet_store::kv::{CmpOp, Compare, Op, TXN_OPS};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-/// A transaction's size at most: etcd refuses requests over 1.5 MiB by default.
-const TXN_BYTES: usize = 1 << 20;
+/// A transaction's size at most: far below etcd's 1.5 MiB request limit, and small enough that
+/// other writers' requests (agents' states) are not queued behind a long apply.
+const TXN_BYTES: usize = 512 << 10;
 
 /// One write of a pass.
 #[derive(Debug, Clone)]
@@ -118,7 +119,7 @@ impl ScheduleWrites {
             revisions.insert(n, revision);
             pages.push((n, units.filter_map(|u| Some((u.to_string(), entry_of(u)?))).collect()));
         }
-        let mut current = SchedulePages::from_pages(pages);
+        let mut current = SchedulePages::from_pages_of(SCHEDULE_PAGE_UNITS, pages);
 
         let mut removed_from_pages = Vec::new();
         let mut put_in_pages = Vec::new();

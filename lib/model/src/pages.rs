@@ -17,8 +17,14 @@ use crate::{ScheduleEntry, UnitName, UnitStateRecord};
 use serde_json::value::RawValue;
 use std::collections::{BTreeMap, HashMap};
 
-/// Units per page: about 40 KiB of JSON at most, one key for a machine of typical size.
+/// Units per state page: about 40 KiB of JSON at most, one key for a machine of typical size.
 pub const PAGE_UNITS: usize = 250;
+
+/// Units per schedule page: about 7 KiB of JSON at most. Smaller than a state page because the
+/// leader may give a machine one unit at a time (a user's `fleetctl start` of a few units into a
+/// large cluster), and each time rewrites that unit's page whole; a machine of a hundred units is
+/// two pages.
+pub const SCHEDULE_PAGE_UNITS: usize = 64;
 
 /// A page's contents: unit name -> record, encoded as a JSON object.
 pub type Page<R> = BTreeMap<String, R>;
@@ -40,18 +46,25 @@ pub type SchedulePages = Pages<ScheduleEntry>;
 pub struct Pages<R> {
     pages: BTreeMap<u32, Page<R>>,
     page_of: HashMap<String, u32>,
+    /// Units per page at most.
+    limit: usize,
 }
 
 impl<R> Default for Pages<R> {
     fn default() -> Self {
-        Pages { pages: BTreeMap::new(), page_of: HashMap::new() }
+        Pages { pages: BTreeMap::new(), page_of: HashMap::new(), limit: PAGE_UNITS }
     }
 }
 
 impl<R: Clone> Pages<R> {
     /// Pages as read back from etcd (an earlier run's): units keep the pages they are in.
     pub fn from_pages(pages: impl IntoIterator<Item = (u32, Page<R>)>) -> Self {
-        let mut out = Pages::default();
+        Self::from_pages_of(PAGE_UNITS, pages)
+    }
+
+    /// As [`Pages::from_pages`], new units filling pages up to `limit` units.
+    pub fn from_pages_of(limit: usize, pages: impl IntoIterator<Item = (u32, Page<R>)>) -> Self {
+        let mut out = Pages { limit: limit.max(1), ..Pages::default() };
         for (n, page) in pages {
             for unit in page.keys() {
                 out.page_of.insert(unit.clone(), n);
@@ -110,7 +123,7 @@ impl<R: Clone> Pages<R> {
                 (Some(n), _) => *n,
                 (None, None) => continue,
                 (None, Some(_)) => {
-                    let n = lowest_with_room(&fill);
+                    let n = lowest_with_room(&fill, self.limit);
                     *fill.entry(n).or_default() += 1;
                     placed.insert(unit, n);
                     n
@@ -256,11 +269,11 @@ fn hash_of(bytes: &[u8]) -> u64 {
     BuildHasherDefault::<DefaultHasher>::default().hash_one(bytes)
 }
 
-fn lowest_with_room(fill: &BTreeMap<u32, usize>) -> u32 {
+fn lowest_with_room(fill: &BTreeMap<u32, usize>, limit: usize) -> u32 {
     let mut n = 0;
     loop {
         match fill.get(&n) {
-            Some(f) if *f >= PAGE_UNITS => n += 1,
+            Some(f) if *f >= limit => n += 1,
             _ => return n,
         }
     }
@@ -376,6 +389,15 @@ mod tests {
         assert_eq!(c.iter().filter(|(_, s)| s.is_none()).count(), 3);
         assert!(!f.holds("m1", "a.service"));
         assert!(f.delete("m1", 0).is_empty());
+    }
+
+    #[test]
+    fn schedule_pages_are_smaller() {
+        let p: Pages<UnitStateRecord> = Pages::from_pages_of(SCHEDULE_PAGE_UNITS, []);
+        let changes: Vec<_> = (0..100).map(|i| (format!("u{i}.service"), Some(state("active")))).collect();
+        let plan = p.plan(&changes);
+        let sizes: Vec<usize> = plan.values().map(|c| c.as_ref().map_or(0, |c| c.len())).collect();
+        assert_eq!(sizes, vec![SCHEDULE_PAGE_UNITS, 100 - SCHEDULE_PAGE_UNITS]);
     }
 
     #[test]

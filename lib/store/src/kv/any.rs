@@ -61,4 +61,7 @@ impl Store for AnyStore {
     async fn revoke(&self, lease: i64) -> Result<(), StoreError> {
         each!(self, s => s.revoke(lease))
     }
+    async fn apply_backlog(&self) -> Result<u64, StoreError> {
+        each!(self, s => s.apply_backlog())
+    }
 }

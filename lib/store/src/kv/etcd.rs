@@ -107,6 +107,11 @@ fn etcd_txn_result(resp: &etcd_client::TxnResponse, revision: i64) -> TxnResult 
 pub const RANGE_PAGE: i64 = 1000;
 
 impl Store for EtcdStore {
+    async fn apply_backlog(&self) -> Result<u64, StoreError> {
+        let status = self.client.maintenance_client().status().await.map_err(from_etcd)?;
+        Ok(status.raft_index().saturating_sub(status.raft_applied_index()))
+    }
+
     /// In pages of [`RANGE_PAGE`] keys, every page read at the revision of the first: one
     /// consistent listing however many keys the prefix holds, each answer far below gRPC's
     /// message limit.

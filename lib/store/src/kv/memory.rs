@@ -25,6 +25,7 @@ struct Mem {
     watchers: Vec<(Vec<u8>, WatchSender)>,
     unavailable: bool,
     refuse_txns: usize,
+    lose_answers: usize,
     delay: Duration,
     requests: u64,
 }
@@ -55,6 +56,13 @@ impl MemStore {
     /// The next `n` transactions fail as unavailable without being applied.
     pub fn refuse_next_txns(&self, n: usize) {
         self.lock().refuse_txns = n;
+    }
+
+    /// The next `n` transactions that write are applied, but answered as unavailable: an answer
+    /// lost on the way back (a client's timeout under load), so the client tries a write that
+    /// went through again.
+    pub fn lose_next_answers(&self, n: usize) {
+        self.lock().lose_answers = n;
     }
 
     /// Every request waits this long before it is answered.
@@ -283,6 +291,10 @@ impl Store for MemStore {
             fix_revisions(&mut result, m.revision);
         } else {
             m.commit(revision, events);
+            if m.lose_answers > 0 {
+                m.lose_answers -= 1;
+                return Err(StoreError::Unavailable("injected: answer lost".into()));
+            }
         }
         Ok(result)
     }

@@ -184,6 +184,12 @@ pub trait Store: Clone + Send + Sync + 'static {
     fn time_to_live(&self, lease: i64) -> impl Future<Output = Result<Option<i64>, StoreError>> + Send;
     /// Ends a lease now, with its keys.
     fn revoke(&self, lease: i64) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// How many committed entries the answering member has yet to apply. etcd renews a lease
+    /// only once it has applied what it committed, so a writer of large batches that keeps
+    /// this high costs every machine its lease; 0 for stores that apply as they commit.
+    fn apply_backlog(&self) -> impl Future<Output = Result<u64, StoreError>> + Send {
+        async { Ok(0) }
+    }
 }
 
 /// The first key after every key starting with `prefix` (etcd's range end for a prefix).
