@@ -507,7 +507,13 @@ impl<S: Store> Planner<S> {
             let Some((result, took)) = in_flight.next().await else { break };
             let rev = match result {
                 Err(LeadError::GuardFailed) => {
-                    drop(in_flight);
+                    // What is still in flight may be written all the same: the next pass must
+                    // plan from a view that shows it (or it could place a unit a second time).
+                    while let Some((result, _)) = in_flight.next().await {
+                        if let Ok(rev) = result {
+                            last_rev = last_rev.max(rev);
+                        }
+                    }
                     return self.stale_view(last_rev).await;
                 }
                 r => r?,
@@ -644,7 +650,11 @@ impl<S: Store> Planner<S> {
         let started = tokio::time::Instant::now();
         let mut progress = started;
         let mut changes = self.cluster.subscribe();
-        while pending > PENDING_STARTS && progress.elapsed() < Duration::from_secs(2) {
+        // At most 10 s per wait: meanwhile nothing else is decided (a lost machine's units).
+        while pending > PENDING_STARTS
+            && progress.elapsed() < Duration::from_secs(2)
+            && started.elapsed() < Duration::from_secs(10)
+        {
             let _ = tokio::time::timeout(Duration::from_millis(200), changes.changed()).await;
             let now = self.pending_starts();
             if now < pending {
@@ -710,7 +720,7 @@ impl<S: Store> Planner<S> {
             *w = Some(tokio::time::Instant::now() + Duration::from_millis(100));
         }
         if last_rev > 0 {
-            self.cluster.caught_up(last_rev, Duration::from_secs(2)).await;
+            self.cluster.follows_to(last_rev, Duration::from_secs(2), Duration::from_secs(30)).await;
         }
         Ok(())
     }

@@ -126,7 +126,13 @@ impl ScheduleWrites {
         for (unit, entry) in changes {
             let in_page = current.contains_key(unit.as_str());
             match entry {
-                None if in_page => removed_from_pages.push((unit.to_string(), None)),
+                None if in_page => {
+                    removed_from_pages.push((unit.to_string(), None));
+                    // And its own key, should one be left (its move into the page cut short by a
+                    // pass that ended early): the agent reads both, and a key left behind would
+                    // keep the unit there. Deleting a key that is not there writes nothing.
+                    self.removals.push(Write::plain(Op::delete(keys.schedule(machine, unit))));
+                }
                 None => self.removals.push(Write::plain(Op::delete(keys.schedule(machine, unit)))),
                 Some(e) if pages_here || in_page => {
                     put_in_pages.push((unit.to_string(), Some((*e).clone())));

@@ -479,6 +479,15 @@ async fn an_agent_that_starts_reading_pages_has_its_entries_moved_into_them() {
     let before = c.store.revision();
     c.pass().await.expect("pass");
     assert_eq!(c.store.revision(), before);
+    // A key left behind by a move cut short (the pass ended before deleting it) goes with the
+    // unit: the agent reads both, and the key would keep the unit on the machine.
+    let u0 = UnitName::parse("u0.service").expect("name");
+    let left = Op::put(c.keys.schedule("m1", &u0), encode(&stored[0].3).expect("encode"), 0);
+    c.store.txn(Txn { then: vec![left], ..Txn::default() }).await.expect("leftover key");
+    c.store.txn(Txn { then: vec![Op::delete(c.keys.unit(&u0))], ..Txn::default() }).await.expect("destroy");
+    c.pass().await.expect("pass");
+    assert_eq!(c.store.peek(c.keys.schedule("m1", &u0).as_bytes()), None, "the leftover key is deleted");
+    assert!(!c.schedule().await.contains_key("u0.service"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
