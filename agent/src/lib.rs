@@ -84,6 +84,12 @@ pub struct Agent<D: UnitDriver = Systemd, S: Store = EtcdStore> {
     legacy: HashMap<String, UnitStateRecord>,
     /// Units whose state must be (re)published once a lease is available.
     unpublished: BTreeSet<String>,
+    /// The mod revision of each state page as this agent last wrote or read it: every write of
+    /// a page is guarded by it, so a write that arrives late (sent before a newer one, its
+    /// answer lost to a timeout) cannot overwrite the newer state.
+    page_revisions: HashMap<u32, i64>,
+    /// A write failed, timed out or found a page changed: read the pages back before the next.
+    reread_pages: bool,
     /// A systemd call failed in the last pass: run another one shortly.
     reconcile_again: bool,
     /// The next pass reloads systemd (unit files changed, or a start failed).
@@ -156,6 +162,8 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
             published: StatePages::default(),
             legacy: HashMap::new(),
             unpublished: BTreeSet::new(),
+            page_revisions: HashMap::new(),
+            reread_pages: false,
             transient_since: HashMap::new(),
             reconcile_again: false,
             reload_needed: false,

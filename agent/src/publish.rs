@@ -6,9 +6,9 @@ use crate::systemd::ObservedUnit;
 use crate::{Agent, AgentError, TRANSIENT_GRACE};
 use fleet_model::schema::{decode, encode, is_stopped, Key};
 use fleet_model::{DesiredState, StatePage, StatePages, UnitName, UnitStateRecord};
-use fleet_store::kv::{Op, Store, StoreError, Txn, TXN_OPS};
+use fleet_store::kv::{CmpOp, Compare, Op, Store, StoreError, Txn, TXN_OPS};
 use fleet_store::retry::RetryPolicy;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 impl<D: UnitDriver, S: Store> Agent<D, S> {
@@ -21,12 +21,19 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
             .await
             .map_err(|e| AgentError::Etcd(e.to_string()))?;
         let mut pages = Vec::new();
+        self.page_revisions.clear();
         for kv in &entries {
             match self.keys.decode(&kv.key) {
                 Some(Key::StatePage(_, n)) => match decode::<StatePage>(&kv.value) {
-                    Ok(page) => pages.push((n, page)),
+                    Ok(page) => {
+                        self.page_revisions.insert(n, kv.mod_revision);
+                        pages.push((n, page))
+                    }
                     // Rewritten from what systemd says: its units are all republished below.
-                    Err(e) => tracing::warn!(page = n, error = %e, "unreadable state page; publishing it again"),
+                    Err(e) => {
+                        self.page_revisions.insert(n, kv.mod_revision);
+                        tracing::warn!(page = n, error = %e, "unreadable state page; publishing it again")
+                    }
                 },
                 Some(Key::State(_, unit)) => {
                     if let Ok(rec) = decode::<UnitStateRecord>(&kv.value) {
@@ -54,11 +61,51 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
         Ok(())
     }
 
+    /// After a write whose outcome is unknown (timed out, failed) or that found a page changed
+    /// behind it: reads the pages back, with their revisions, and takes them as published,
+    /// except pages on another lease (an earlier one: they are written again on this one). Every
+    /// unit whose published state this changes is looked at again.
+    async fn reread_pages(&mut self, lease: i64) -> Result<(), AgentError> {
+        let prefix = self.keys.states_of(&self.machine);
+        let (entries, _) = match tokio::time::timeout(Duration::from_secs(5), self.store.range(prefix.as_bytes())).await {
+            Ok(Ok(got)) => got,
+            Ok(Err(e)) => return Err(AgentError::Etcd(e.to_string())),
+            Err(_) => return Err(AgentError::Etcd("reading the published states back timed out".into())),
+        };
+        let mut pages = Vec::new();
+        let mut revisions = HashMap::new();
+        for kv in &entries {
+            if let Some(Key::StatePage(_, n)) = self.keys.decode(&kv.key) {
+                revisions.insert(n, kv.mod_revision);
+                if kv.lease == lease {
+                    if let Ok(page) = decode::<StatePage>(&kv.value) {
+                        pages.push((n, page));
+                    }
+                }
+            }
+        }
+        let read = StatePages::from_pages(pages);
+        let changed: Vec<String> = read
+            .units()
+            .chain(self.published.units())
+            .filter(|u| read.get(u) != self.published.get(u))
+            .cloned()
+            .collect();
+        self.unpublished.extend(changed);
+        self.published = read;
+        self.page_revisions = revisions;
+        self.reread_pages = false;
+        Ok(())
+    }
+
     /// Publishes the state of every unit in `unpublished`, in transactions on the lease.
     pub(crate) async fn publish(&mut self) -> Result<(), AgentError> {
         let Some(lease) = self.lease else {
             return Err(AgentError::Etcd("no lease".into()));
         };
+        if self.reread_pages {
+            self.reread_pages(lease).await?;
+        }
         let names: Vec<String> = self.unpublished.iter().cloned().collect();
         let observed = self.systemd.observe(&names).await?;
         let mut deferred = BTreeSet::new();
@@ -188,6 +235,8 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
             writes.push((Op::delete(self.keys.state(&self.machine, &unit)), Write::Legacy(name.clone())));
         }
         let mut writes = writes.into_iter().peekable();
+        // Until a transaction is known to be written, its pages are in doubt.
+        self.reread_pages = true;
         while writes.peek().is_some() {
             // Pages are up to ~40 KiB: a transaction stays well under etcd's 1.5 MiB request limit.
             let (mut ops, mut done, mut bytes) = (Vec::new(), Vec::new(), 0);
@@ -202,12 +251,35 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
                     done.push(w);
                 }
             }
-            let txn = Txn { then: ops, ..Txn::default() };
+            // Each page as last seen (absent: not there): a page changed since (a late write of
+            // this agent's, or anyone's) refuses the whole transaction, and the pages are read back.
+            let when = done
+                .iter()
+                .filter_map(|w| match w {
+                    Write::Page(n, _) => Some(Compare::mod_revision(
+                        self.keys.state_page(&self.machine, *n),
+                        CmpOp::Equal,
+                        self.page_revisions.get(n).copied().unwrap_or(0),
+                    )),
+                    Write::Legacy(_) => None,
+                })
+                .collect();
+            let txn = Txn { when, then: ops, ..Txn::default() };
             match tokio::time::timeout(Duration::from_secs(5), self.store.txn(txn)).await {
-                Ok(Ok(_)) => {
+                Ok(Ok(r)) if !r.succeeded => {
+                    tracing::info!("a state page changed since this agent last wrote it; reading them back");
+                    return Err(AgentError::Etcd("state pages changed behind the agent".into()));
+                }
+                Ok(Ok(r)) => {
                     for w in done {
                         match w {
-                            Write::Page(n, contents) => self.published.written(n, contents),
+                            Write::Page(n, contents) => {
+                                match contents.is_some() {
+                                    true => self.page_revisions.insert(n, r.revision),
+                                    false => self.page_revisions.remove(&n),
+                                };
+                                self.published.written(n, contents)
+                            }
                             Write::Legacy(name) => {
                                 self.legacy.remove(&name);
                             }
@@ -221,6 +293,7 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
                 Err(_) => return Err(AgentError::Etcd("publishing unit states timed out".into())),
             }
         }
+        self.reread_pages = false;
         Ok(())
     }
 }

@@ -355,3 +355,34 @@ async fn a_schedule_in_pages_is_run_and_entries_moving_into_them_keep_running() 
     a.store.txn(txn).await.expect("page 1 deleted");
     a.until_gone("old.service", 1).await.expect("a unit whose page is deleted is stopped");
 }
+
+#[tokio::test]
+async fn a_state_write_that_arrives_late_does_not_overwrite_a_newer_one() {
+    let a = start("late-write").await;
+    a.store.record_txns();
+    a.schedule("x.service").await;
+    a.until_published("x.service", "active").await.expect("x");
+    a.schedule("y.service").await;
+    a.until_published("y.service", "active").await.expect("y");
+    let page = a.keys.state_page(MACHINE, 0);
+    let writes_page = |t: &Txn| t.then.iter().any(|op| matches!(op, Op::Put { key, .. } if *key == page.as_bytes()));
+    // The agent's last write of its page so far (x and y)...
+    let late = a.store.recorded_txns().into_iter().filter(writes_page).last().expect("a page write");
+    a.schedule("z.service").await;
+    a.until_published("z.service", "active").await.expect("z");
+    // ...reaches etcd again after a newer one, as a request does whose client timed out.
+    let r = a.store.txn(late).await.expect("txn");
+    assert!(!r.succeeded, "a late write of an older page must be refused");
+    assert!(a.published("z.service").is_some_and(|s| s.active_state == "active"), "the newer state stays");
+
+    // A page changed behind the agent's back (by anyone) is read back before the agent writes
+    // it again, and what it lost is published again.
+    let only_x: StatePage = [("x.service".to_string(), a.published("x.service").expect("x"))].into_iter().collect();
+    let txn = Txn { then: vec![Op::put(page.clone(), encode(&only_x).expect("page"), 0)], ..Txn::default() };
+    a.store.txn(txn).await.expect("overwrite");
+    a.schedule("w.service").await;
+    a.until_published("w.service", "active").await.expect("w published after reading its page back");
+    for u in ["x.service", "y.service", "z.service"] {
+        a.until_published(u, "active").await.expect("republished");
+    }
+}

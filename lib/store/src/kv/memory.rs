@@ -28,6 +28,8 @@ struct Mem {
     lose_answers: usize,
     delay: Duration,
     requests: u64,
+    /// Transactions as received, while `record_txns` is on.
+    recorded: Option<Vec<Txn>>,
 }
 
 impl Default for MemStore {
@@ -63,6 +65,17 @@ impl MemStore {
     /// went through again.
     pub fn lose_next_answers(&self, n: usize) {
         self.lock().lose_answers = n;
+    }
+
+    /// From now on keeps every transaction it receives, so a test can send one again: a request
+    /// that reaches etcd late (after its client timed out and wrote something newer).
+    pub fn record_txns(&self) {
+        self.lock().recorded.get_or_insert_with(Vec::new);
+    }
+
+    /// The transactions received since `record_txns`, oldest first.
+    pub fn recorded_txns(&self) -> Vec<Txn> {
+        self.lock().recorded.clone().unwrap_or_default()
     }
 
     /// Every request waits this long before it is answered.
@@ -273,6 +286,9 @@ impl Store for MemStore {
     async fn txn(&self, txn: Txn) -> Result<TxnResult, StoreError> {
         self.enter().await?;
         let mut m = self.lock();
+        if let Some(r) = m.recorded.as_mut() {
+            r.push(txn.clone());
+        }
         if m.refuse_txns > 0 {
             m.refuse_txns -= 1;
             return Err(StoreError::Unavailable("injected: transaction refused".into()));
