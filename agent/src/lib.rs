@@ -288,6 +288,9 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
                     if lease.is_some() && lease != self.lease {
                         // A new lease starts empty: everything must be published again.
                         self.published.clear();
+                        // Gone with the lease that held them, most likely (if not, the first
+                        // write finds them and reads them back).
+                        self.page_revisions.clear();
                         self.legacy.clear();
                         self.unpublished.extend(self.files.keys().cloned());
                     }

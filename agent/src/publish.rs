@@ -67,7 +67,8 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
     /// unit whose published state this changes is looked at again.
     async fn reread_pages(&mut self, lease: i64) -> Result<(), AgentError> {
         let prefix = self.keys.states_of(&self.machine);
-        let (entries, _) = match tokio::time::timeout(Duration::from_secs(5), self.store.range(prefix.as_bytes())).await {
+        let (entries, _) = match tokio::time::timeout(Duration::from_secs(5), self.store.range(prefix.as_bytes())).await
+        {
             Ok(Ok(got)) => got,
             Ok(Err(e)) => return Err(AgentError::Etcd(e.to_string())),
             Err(_) => return Err(AgentError::Etcd("reading the published states back timed out".into())),

@@ -468,6 +468,9 @@ impl<S: Store> Planner<S> {
         let mut chunks = schedule_write::chunks(puts).into_iter();
         let mut in_flight = futures::stream::FuturesUnordered::new();
         let mut pacing = Pacing::new();
+        // Set (to the count of placed units not yet reported) when agents reported nothing
+        // through a whole wait.
+        let mut agents_silent: Option<usize> = None;
         let written = &written;
         loop {
             // Written no faster than etcd delivers: while this engine's own watch is more than
@@ -479,17 +482,20 @@ impl<S: Store> Planner<S> {
                     tracing::debug!(revision = last_rev, view = self.cluster.revision(), "view far behind; writing on");
                 }
             }
-            // Nor faster than the agents start what they were given (see PENDING_STARTS).
-            if in_flight.is_empty() {
-                self.agents_catch_up().await;
+            // Nor faster than the agents start what they were given (see PENDING_STARTS), as long
+            // as they report anything: once a wait saw none, no agent holds the rest of the pass
+            // back until the count goes down again (machines registered with no agent running,
+            // as in the engine-alone bench, waited 2 s per transaction).
+            if in_flight.is_empty() && !agents_silent.is_some_and(|at| self.pending_starts() >= at) {
+                agents_silent = self.agents_catch_up().await;
             }
             while in_flight.len() < pacing.window
                 && !(last_rev > 0 && last_rev - self.cluster.revision() > VIEW_LAG && !in_flight.is_empty())
             {
                 // Nor faster than etcd applies: a backlog of committed, unapplied entries makes
                 // etcd refuse every lease renewal meanwhile (agents' and this engine's own).
-                if !in_flight.is_empty() && (self.pending_starts() > PENDING_STARTS || self.apply_backlog_high().await)
-                {
+                let waiting_for_agents = agents_silent.is_none() && self.pending_starts() > PENDING_STARTS;
+                if !in_flight.is_empty() && (waiting_for_agents || self.apply_backlog_high().await) {
                     break;
                 }
                 let Some(chunk) = chunks.next() else { break };
@@ -642,13 +648,15 @@ impl<S: Store> Planner<S> {
     /// machines, for as long as that number keeps going down (agents that report nothing, say
     /// cut off from etcd, must not stop placement: it goes on once they make no progress for
     /// two seconds).
-    async fn agents_catch_up(&self) {
+    /// Returns the count still pending if no agent reported anything while it waited.
+    async fn agents_catch_up(&self) -> Option<usize> {
         let mut pending = self.pending_starts();
         if pending <= PENDING_STARTS {
-            return;
+            return None;
         }
         let started = tokio::time::Instant::now();
         let mut progress = started;
+        let mut any = false;
         let mut changes = self.cluster.subscribe();
         // At most 10 s per wait: meanwhile nothing else is decided (a lost machine's units).
         while pending > PENDING_STARTS
@@ -659,10 +667,12 @@ impl<S: Store> Planner<S> {
             let now = self.pending_starts();
             if now < pending {
                 progress = tokio::time::Instant::now();
+                any = true;
             }
             pending = now;
         }
         tracing::debug!(pending, waited_ms = started.elapsed().as_millis() as u64, "waited for agents to start units");
+        (!any && pending > PENDING_STARTS).then_some(pending)
     }
 
     /// Whether etcd's apply trails its commits by more than [`APPLY_BACKLOG`] entries; waits

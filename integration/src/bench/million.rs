@@ -385,6 +385,40 @@ const NOTES: &str = "\
   lease 9,530 times and registered again. One run; machine and leader loss \
   were not measured in it. What is left on one etcd is the schedule's million keys and the \
   keepalives; sharding by machine group (designed in the issue's notes) is not built.
+- *A machine's schedule in pages, placed no faster than agents start* (2026-12-03, the same AMD \
+  EPYC host, by hand, `fleet-sim --machines 10000 --units 1000000 --lease-ttl-secs 30`, secure \
+  settings, a fresh etcd on tmpfs): the leader now writes each machine's schedule entries in \
+  pages of up to 64 units (`schedule/<machine>/<page>`, docs/registry.md) for agents that say \
+  they read them, a key per unit for earlier agents. A million placements are then ~16,000 page \
+  writes rather than a million keys: 1.05 keys written per unit (2.05 with state pages alone, \
+  3.02 before), 0.031 etcd transactions per unit (0.070). Written as fast as etcd answered, the \
+  leader's million entries went out in 10-14 s; the 10,000 agents then all started their hundred \
+  units and published their states at once, etcd's apply fell behind (lease renewals refused, \
+  \"waiting for the applied index took too long\"), machines were lost and moved, and the run \
+  did not converge within 250 s (three runs; part of that was memory: killed simulations had \
+  left their machines' unit files, 4 GiB each, in /dev/shm, see below). So the leader now holds \
+  the rest of a large placement back while more than 50,000 placed units are not yet reported by \
+  their machines (for as long as that number keeps going down: agents that report nothing cannot \
+  stop placement), while etcd's apply trails its commits by more than 8 entries (etcd's status), \
+  and while its own view trails its last write by more than 32 revisions; a view that is busy \
+  taking in a large write is waited for rather than relisted (the relisting cost etcd and the \
+  engine more than the wait); a page write retried after a lost answer that finds itself already \
+  written is taken as written (its guard otherwise fails and the leader plans everything again: \
+  7-23 s at a million). The first run after that: **all 1,000,000 active 117.6 s after the first \
+  request** (submission 20.4 s; the leader's placement paced over 78 s; one election lease \
+  renewal retried, no leadership lost), `fleetctl start` of 1,000 more 5.2 s, a lost machine's \
+  units active elsewhere 28.5 s later (30 s leases), a new leader placing 4.6 s after the old \
+  one was killed, `list-units` of a million 2.6 s, the dashboard's first rows 0.44 s, idle etcd \
+  writes 0/min, idle engines' CPU 0.34 s/min beside the simulated agents (the engine alone's \
+  idle row is the target's measure). The same with the units submitted by `fleetctl start \
+  --no-block --names-from`: submission 34.7 s, all active 159.3 s after fleetctl started: the \
+  fleetctl target is still missed on this host. One run each; the table above (Xeon, 2026-12-02) \
+  is not replaced: `./lab bench --machines 10000 --units 1000000` was not rerun.
+- *Leftovers of killed simulations fill memory*: `fleet-sim` keeps its machines' unit files in \
+  `/dev/shm/fl-sim-machines-<pid>` (about 4 GiB at a million units) and removes them when it \
+  ends; a simulation killed by a signal leaves them, and two or three of those (plus etcd's data \
+  on the same tmpfs) took the host's memory: etcd was killed by the OOM killer in one run. \
+  Remove `/dev/shm/fl-sim-machines-*` after killing a simulation.
 - *Whole passes still come* after a unit is changed or destroyed, a drain, a move, a rollout's \
   step, or a unit displaced by a `Replaces`, and right after a new leader's first pass: each \
   costs the seconds above, and delays what is submitted meanwhile.
