@@ -486,7 +486,7 @@ impl<S: Store> Planner<S> {
             // as they report anything: once a wait saw none, no agent holds the rest of the pass
             // back until the count goes down again (machines registered with no agent running,
             // as in the engine-alone bench, waited 2 s per transaction).
-            if in_flight.is_empty() && !agents_silent.is_some_and(|at| self.pending_starts() >= at) {
+            if in_flight.is_empty() && agents_silent.is_none_or(|at| self.pending_starts() < at) {
                 agents_silent = self.agents_catch_up().await;
             }
             while in_flight.len() < pacing.window
