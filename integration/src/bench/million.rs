@@ -412,21 +412,44 @@ const NOTES: &str = "\
   writes 0/min, idle engines' CPU 0.34 s/min beside the simulated agents (the engine alone's \
   idle row is the target's measure). The same with the units submitted by `fleetctl start \
   --no-block --names-from`: submission 34.7 s, all active 159.3 s after fleetctl started: the \
-  fleetctl target is still missed on this host. One run each; the table above (Xeon, 2026-12-02) \
-  is not replaced: `./lab bench --machines 10000 --units 1000000` was not rerun.
+  fleetctl target is still missed on this host. One run each, by hand; the table above is the \
+  bench's run after it (next note).
 - *Leftovers of killed simulations fill memory*: `fleet-sim` keeps its machines' unit files in \
   `/dev/shm/fl-sim-machines-<pid>` (about 4 GiB at a million units) and removes them when it \
   ends; a simulation killed by a signal leaves them, and two or three of those (plus etcd's data \
   on the same tmpfs) took the host's memory: etcd was killed by the OOM killer in one run. \
   Remove `/dev/shm/fl-sim-machines-*` after killing a simulation.
+- *This table's run* (2026-12-03, the AMD EPYC host, `./lab bench --machines 10000 --units \
+  1000000` after the schedule pages and the pacing) missed both convergence targets that the \
+  run by hand before it met once: 144.6 s through the API (117.6 s by hand) and 146.9 s \
+  through fleetctl (159.3 s by hand). Two runs by hand through fleetctl before it show why. In the first, etcd answered \
+  the leader's renewals \"waiting for the applied index took too long\" while the agents started \
+  their units, the leader lost its 5 s election lease six times, and each new term began with a \
+  planning pass of 2-11 s over the units still unplaced (during which the cluster idled); and 95 \
+  units of one machine stayed `activating` for good: most likely (no other way was found) an \
+  agent's state write that timed out reached etcd after the newer one it sent next. Agents now \
+  guard each state page write by the page's revision, and read their pages back after a write \
+  whose outcome they do not know (docs/registry.md). In the second, the simulated agents ran at \
+  nice 10 (etcd, the engines and fleetctl at 0): the leader kept its lease throughout, yet all \
+  active took 177.7 s (submission 38.4 s): the agents' work only came later. The CPU of that run: \
+  simulated agents 141 s, etcd 137 s, the leader 40 s, the API replica 35 s, fleetctl 14 s, two \
+  cores busy from the first request to the last unit: on this host the whole cluster's cost has \
+  to shrink (the agents' unit files and state pages, etcd's TLS and watch deliveries to three \
+  followers of everything), not move. The bench also found the pacing holding the engine alone \
+  (machines registered, no agents) to 2,500 placements/s, 2 s per transaction waiting for agents \
+  that do not exist: fixed before this table's run (once a wait sees no agent report anything, the \
+  rest of the pass goes on without waiting until the count goes down again). The engine alone's \
+  idle CPU in the table (3.06 s/min) was measured while its leader was still taking in the \
+  million states written just before; beside the agents the same engines idled at 0.20 s/min. \
+  The idle window now starts once the leader's view shows etcd's revision (not yet measured).
 - *Whole passes still come* after a unit is changed or destroyed, a drain, a move, a rollout's \
   step, or a unit displaced by a `Replaces`, and right after a new leader's first pass: each \
   costs the seconds above, and delays what is submitted meanwhile.
 - *Runs vary.* Before the agents' change the same kind of host gave 165-292 s to all active \
   (five runs on 2026-12-01 and 02, a sixth never converged); since, 99 and 105 s (plain etcd) \
-  and 121 s and 115 s (TLS, the last this table's). This table's host is an Intel Xeon; the \
-  runs before were on an AMD EPYC of the same size. The engine alone's fleetctl submission \
-  took 30-49 s.
+  and 121 s and 115 s (TLS, the last the bench's table of 2026-12-02, on an Intel Xeon host); \
+  on the AMD EPYC host after the schedule pages: 117.6 s by hand, 144.6 s in this table's run. \
+  The engine alone's fleetctl submission took 30-49 s.
 - *The whole simulated cluster* at this size puts 10,000 agents' watches and keepalives, the \
   submission and three million key writes on the same two cores as etcd and both engines.";
 

@@ -199,6 +199,21 @@ pub async fn engine_alone(cfg: SimConfig, submission: Submission) -> Result<Engi
     }
     report.etcd_db_bytes = etcd_db_bytes(&admin).await?;
     if cfg.idle_secs > 0 {
+        // Idle once both engines have taken in the states: the leader's view (and its planning
+        // copy) may still be applying them after the replica's listing, which is their cost,
+        // not the idle cluster's.
+        let leader_port = cfg.api_port + 1;
+        let settled = wait_until("the leader to show every state", Duration::from_secs(60), || async {
+            let status: Option<serde_json::Value> = async {
+                http.get(format!("{}/engine/status", cfg.api_url(leader_port))).send().await.ok()?.json().await.ok()
+            }
+            .await;
+            status.and_then(|s| s["revision"].as_i64()).is_some_and(|r| r >= written)
+        })
+        .await;
+        if let Err(e) = settled {
+            tracing::warn!(error = %e, "idle window measured before the leader showed etcd's revision");
+        }
         // Nothing changes: count writes under the prefix and the engines' CPU over a window.
         let writes = || observed.borrow().lock().map(|o| o.writes).unwrap_or(0);
         let cpu = || cpu_secs(engine.0.id()) + cpu_secs(api_engine.0.id());
