@@ -367,7 +367,7 @@ async fn a_state_write_that_arrives_late_does_not_overwrite_a_newer_one() {
     let page = a.keys.state_page(MACHINE, 0);
     let writes_page = |t: &Txn| t.then.iter().any(|op| matches!(op, Op::Put { key, .. } if *key == page.as_bytes()));
     // The agent's last write of its page so far (x and y)...
-    let late = a.store.recorded_txns().into_iter().filter(writes_page).next_back().expect("a page write");
+    let late = a.store.recorded_txns().into_iter().rfind(writes_page).expect("a page write");
     a.schedule("z.service").await;
     a.until_published("z.service", "active").await.expect("z");
     // ...reaches etcd again after a newer one, as a request does whose client timed out.
