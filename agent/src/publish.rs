@@ -24,17 +24,14 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
         self.page_revisions.clear();
         for kv in &entries {
             match self.keys.decode(&kv.key) {
-                Some(Key::StatePage(_, n)) => match decode::<StatePage>(&kv.value) {
-                    Ok(page) => {
-                        self.page_revisions.insert(n, kv.mod_revision);
-                        pages.push((n, page))
+                Some(Key::StatePage(_, n)) => {
+                    self.page_revisions.insert(n, kv.mod_revision);
+                    match decode::<StatePage>(&kv.value) {
+                        Ok(page) => pages.push((n, page)),
+                        // Rewritten from what systemd says: its units are all republished below.
+                        Err(e) => tracing::warn!(page = n, error = %e, "unreadable state page; publishing it again"),
                     }
-                    // Rewritten from what systemd says: its units are all republished below.
-                    Err(e) => {
-                        self.page_revisions.insert(n, kv.mod_revision);
-                        tracing::warn!(page = n, error = %e, "unreadable state page; publishing it again")
-                    }
-                },
+                }
                 Some(Key::State(_, unit)) => {
                     if let Ok(rec) = decode::<UnitStateRecord>(&kv.value) {
                         self.legacy.insert(unit.to_string(), rec);

@@ -86,6 +86,11 @@ impl Lab {
         self.planner.pass(&self.fence, &mut plan).await
     }
 
+    /// A planning copy of the view, as a new leader takes it.
+    fn planning(&self) -> Planning {
+        Planning::new(tokio::task::block_in_place(|| self.planner.cluster.plan_view()))
+    }
+
     /// One pass on `plan`, a planning copy kept from pass to pass as a leader keeps it.
     async fn pass_on(&self, plan: &mut Planning) -> Result<(), LeadError> {
         let now = self.store.revision();
@@ -257,7 +262,7 @@ async fn new_units_and_machines_need_no_whole_pass_and_anything_else_gets_one() 
     for i in 0..4 {
         c.unit(&format!("a{i}.service"), PLAIN).await;
     }
-    let mut plan = Planning::new(tokio::task::block_in_place(|| c.planner.cluster.plan_view()));
+    let mut plan = c.planning();
     c.pass_on(&mut plan).await.expect("pass");
     assert_eq!(c.whole_passes(), 1);
     // Only new units (and the leader's own writes come back): placed on what the pass left,
@@ -373,7 +378,7 @@ async fn a_leader_that_stops_leading_keeps_its_copy_ready_for_the_next_election(
     let c = cluster().await;
     c.machine("m1", &[]).await;
     c.unit("a.service", PLAIN).await;
-    let mut plan = Planning::new(tokio::task::block_in_place(|| c.planner.cluster.plan_view()));
+    let mut plan = c.planning();
     c.pass_on(&mut plan).await.expect("pass");
     if let Ok(mut r) = c.planner.ready.lock() {
         r.leading = true;
@@ -540,7 +545,7 @@ async fn a_page_write_whose_answer_was_lost_is_not_taken_for_a_stale_view() {
     for i in 0..200 {
         c.unit(&format!("u{i:03}.service"), PLAIN).await;
     }
-    let mut plan = Planning::new(tokio::task::block_in_place(|| c.planner.cluster.plan_view()));
+    let mut plan = c.planning();
     c.pass_on(&mut plan).await.expect("pass");
     assert_eq!(c.whole_passes(), 1);
     // New units; the first schedule write goes through but its answer is lost: the retry finds
