@@ -40,7 +40,7 @@ pub struct AgentConfig {
     /// Certificate common names the agent API accepts (with TLS on).
     pub api_allowed_clients: Vec<String>,
     /// Where the agent serves unit status and journal lines to the engines: `host:port`, empty
-    /// for `<public_ip>:49154`, or `off`.
+    /// for `<public_ip>:`[`DEFAULT_API_PORT`], or `off`.
     pub api_listen: String,
     /// A plain-HTTP listener on a loopback address (`127.0.0.1:9101`) serving only `/metrics`,
     /// for a Prometheus agent on the machine; empty: none.
@@ -49,6 +49,12 @@ pub struct AgentConfig {
     /// `[X-Fleet]`). Unset: not advertised, such reservations are not limited here.
     pub capacity: CapacityConfig,
 }
+
+/// The agent API's port when `api_listen` is empty. Below Linux's ephemeral range (32768-60999):
+/// it was 49154, inside it, and an outgoing connection from the machine (`fleet-agent join`'s
+/// own request to the engine, in CI) took it as its local port, which kept the agent from
+/// listening for the minute that connection spent in TIME_WAIT.
+pub const DEFAULT_API_PORT: u16 = 29154;
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -147,7 +153,7 @@ impl AgentConfig {
         match self.api_listen.trim() {
             "off" => None,
             "" if self.public_ip.is_empty() => None,
-            "" => Some(format!("{}:49154", self.public_ip)),
+            "" => Some(format!("{}:{DEFAULT_API_PORT}", self.public_ip)),
             a => Some(a.to_string()),
         }
     }
@@ -232,6 +238,21 @@ mod tests {
             restart_only_changes(&running, &cold),
             vec!["api_allowed_clients", "etcd_cert_file", "etcd_request_timeout_ms", "lease_ttl_secs"]
         );
+    }
+
+    /// The default agent API port is one no outgoing connection of this machine can be given
+    /// (the kernel hands those out from `ip_local_port_range`).
+    #[test]
+    fn the_default_api_port_is_outside_the_ephemeral_range() {
+        let range =
+            std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_else(|_| "32768 60999".into());
+        let bounds: Vec<u16> = range.split_whitespace().filter_map(|p| p.parse().ok()).collect();
+        assert_eq!(bounds.len(), 2, "ip_local_port_range: {range:?}");
+        let cfg = AgentConfig { public_ip: "10.0.0.9".into(), ..AgentConfig::default() };
+        let addr = cfg.api_address().expect("an address by default");
+        let port: u16 = addr.rsplit(':').next().and_then(|p| p.parse().ok()).expect("a port");
+        assert!(port < bounds[0] || port > bounds[1], "{addr} is in the ephemeral range {range:?}");
+        assert_eq!(addr, format!("10.0.0.9:{DEFAULT_API_PORT}"));
     }
 
     #[test]

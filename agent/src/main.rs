@@ -180,8 +180,7 @@ async fn run(cfg: AgentConfig, args: Args) -> anyhow::Result<()> {
     let unit_api = fleet_agent::unit_api::UnitApi { units_dir: cfg.units_dir.clone(), metrics: metrics.clone() };
     if !cfg.metrics_listen.is_empty() {
         let addr = cfg.metrics_listen.clone();
-        let listener =
-            tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+        let listener = fleet_listen::bind(&addr, fleet_listen::BIND_PATIENCE, Duration::from_secs(1)).await?;
         tracing::info!(%addr, "serving metrics on loopback");
         let app = fleet_agent::unit_api::metrics_router(unit_api.clone());
         tokio::spawn(async move {
@@ -203,8 +202,7 @@ async fn run(cfg: AgentConfig, args: Args) -> anyhow::Result<()> {
     };
     let mut record = record;
     if let Some(addr) = cfg.api_address() {
-        let listener =
-            tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+        let listener = fleet_listen::bind(&addr, fleet_listen::BIND_PATIENCE, Duration::from_secs(1)).await?;
         let local = listener.local_addr().context("agent API address")?;
         let host = if local.ip().is_unspecified() && !cfg.public_ip.is_empty() {
             cfg.public_ip.clone()

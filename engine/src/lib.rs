@@ -109,15 +109,14 @@ pub async fn run(mut config: watch::Receiver<EngineConfig>, mut shutdown: watch:
             tracing::info!(socket = %path, "serving the fleet API");
             servers.push(listen::serve_unix(listener, app.clone(), shutdown.clone()));
         } else {
-            let listener =
-                tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+            let listener = fleet_listen::bind(addr, fleet_listen::BIND_PATIENCE, Duration::from_secs(1)).await?;
             tracing::info!(%addr, "serving the fleet API");
             servers.push(listen::serve_tcp(listener, app.clone(), shutdown.clone()));
         }
     }
     if !cfg.metrics_listen.is_empty() {
         let addr = &cfg.metrics_listen;
-        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+        let listener = fleet_listen::bind(addr, fleet_listen::BIND_PATIENCE, Duration::from_secs(1)).await?;
         tracing::info!(%addr, "serving metrics on loopback");
         servers.push(listen::serve_tcp(listener, routes::metrics_router(api.clone()), shutdown.clone()));
     }
@@ -126,8 +125,7 @@ pub async fn run(mut config: watch::Receiver<EngineConfig>, mut shutdown: watch:
         let tls: listen::TlsConfig = Arc::new(std::sync::RwLock::new(api_tls(&cfg)?));
         tls_reloadable = Some(tls.clone());
         for addr in &cfg.listen_tls {
-            let listener =
-                tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+            let listener = fleet_listen::bind(addr, fleet_listen::BIND_PATIENCE, Duration::from_secs(1)).await?;
             tracing::info!(%addr, client_certificates = !cfg.tls_client_ca_file.is_empty(), "serving the fleet API over TLS");
             servers.push(listen::serve_tls(listener, app.clone(), tls.clone(), shutdown.clone()));
         }

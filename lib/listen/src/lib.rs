@@ -24,6 +24,37 @@ pub fn tls_config(config: impl Into<Arc<rustls::ServerConfig>>) -> TlsConfig {
     Arc::new(RwLock::new(config.into()))
 }
 
+/// How long [`bind`] keeps trying an address something else holds.
+///
+/// A TCP connection this machine closed keeps its local port for 60 s (TIME_WAIT), and a
+/// socket that did not ask for address reuse (an outgoing connection) blocks a listener on
+/// that port for as long: a port in the ephemeral range can be taken by any outgoing
+/// connection (`fleet-agent join`'s own request to an engine once held the agent's port). A
+/// daemon that gave up at once would leave its machine out for a minute of restarts.
+pub const BIND_PATIENCE: Duration = Duration::from_secs(75);
+
+/// Listens on `addr` (`host:port`), trying again every `every` while the address is in use,
+/// for at most `patience`; any other failure, or an address still in use then, is returned
+/// at once with the address named.
+pub async fn bind(addr: &str, patience: Duration, every: Duration) -> std::io::Result<tokio::net::TcpListener> {
+    let started = tokio::time::Instant::now();
+    loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => return Ok(l),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && started.elapsed() + every <= patience => {
+                tracing::warn!(%addr, error = %e, "address in use (a connection may still hold the port); trying again");
+                tokio::time::sleep(every).await;
+            }
+            Err(e) => {
+                return Err(std::io::Error::new(
+                    e.kind(),
+                    format!("cannot listen on {addr} (tried for {:?}): {e}", started.elapsed()),
+                ))
+            }
+        }
+    }
+}
+
 async fn stopped(mut stop: watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }

@@ -55,3 +55,43 @@ async fn serves_with_the_peer_then_the_replaced_configuration_then_stops() {
     served.await.expect("task").expect("stopped cleanly");
     assert!(trusting(&second_der).get(&url).send().await.is_err(), "still listening after stop");
 }
+
+/// A socket bound to a port without listening (what an outgoing connection or one in
+/// TIME_WAIT is): a listener without SO_REUSEADDR on the other side cannot have it.
+fn hold_port() -> (tokio::net::TcpSocket, String) {
+    let s = tokio::net::TcpSocket::new_v4().expect("socket");
+    s.bind("127.0.0.1:0".parse().expect("address")).expect("bind");
+    let addr = s.local_addr().expect("address").to_string();
+    (s, addr)
+}
+
+#[tokio::test]
+async fn bind_waits_for_a_port_that_a_connection_still_holds() {
+    let (held, addr) = hold_port();
+    assert!(tokio::net::TcpListener::bind(&addr).await.is_err(), "the port is not held: the test shows nothing");
+    let release = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        drop(held);
+    });
+    let l = bind(&addr, Duration::from_secs(10), Duration::from_millis(50)).await.expect("bound once released");
+    assert_eq!(l.local_addr().expect("address").to_string(), addr);
+    release.await.expect("released");
+}
+
+#[tokio::test]
+async fn bind_gives_up_after_its_patience_naming_the_address() {
+    let (_held, addr) = hold_port();
+    let started = std::time::Instant::now();
+    let e = bind(&addr, Duration::from_millis(300), Duration::from_millis(50)).await.expect_err("still held");
+    assert!(started.elapsed() >= Duration::from_millis(250), "gave up after {:?}", started.elapsed());
+    assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse);
+    assert!(e.to_string().contains(&addr), "{e}");
+}
+
+#[tokio::test]
+async fn bind_reports_other_failures_at_once() {
+    let started = std::time::Instant::now();
+    let e = bind("192.0.2.1:1", Duration::from_secs(10), Duration::from_millis(50)).await.expect_err("not ours");
+    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    assert!(e.to_string().contains("192.0.2.1:1"), "{e}");
+}
