@@ -184,9 +184,12 @@ impl Ctl {
                 Plan::Keep => {}
             }
         }
-        for u in new_units.iter().filter(|u| created.contains_key(u.name.as_str())) {
-            println!("Unit {} inactive", u.name);
-        }
+        print_lines(
+            new_units
+                .iter()
+                .filter(|u| created.contains_key(u.name.as_str()))
+                .map(|u| format!("Unit {} inactive", u.name)),
+        )?;
         let Some((state, block)) = target else {
             self.api.update(&changes).await.context("Error creating units")?;
             return Ok(ExitCode::SUCCESS);
@@ -234,9 +237,7 @@ impl Ctl {
         }
         let revision =
             revision.max(self.api.update(&changes).await.with_context(|| format!("cannot set units to {state}"))?);
-        for line in &triggered {
-            println!("{line}");
-        }
+        print_lines(&triggered)?;
         if !again.is_empty() {
             for name in &again {
                 eprintln!("Unit {name} has failed; starting it again");
@@ -404,9 +405,7 @@ impl Ctl {
             println!("Triggered global unit {} stop", u.name);
         }
         if block.no_block {
-            for n in &waiting {
-                println!("Triggered unit {n} stop");
-            }
+            print_lines(waiting.iter().map(|n| format!("Triggered unit {n} stop")))?;
         } else {
             // Until systemd says each has stopped, not only that its agent asked it to.
             let code = self.wait_until(&waiting, Until::Stopped, DesiredState::Loaded, block, revision).await?;
@@ -441,9 +440,7 @@ impl Ctl {
             println!("Triggered global unit {n} unload");
         }
         if block.no_block {
-            for n in &waiting {
-                println!("Triggered unit {n} unload");
-            }
+            print_lines(waiting.iter().map(|n| format!("Triggered unit {n} unload")))?;
         } else {
             let code = self.wait_all(&waiting, DesiredState::Inactive, false, block, revision).await?;
             if code != ExitCode::SUCCESS {
@@ -468,9 +465,7 @@ impl Ctl {
         };
         let destroyed: HashSet<String> = destroyed.into_iter().collect();
         let in_order: Vec<String> = names.into_iter().filter(|n| destroyed.contains(n)).collect();
-        for n in &in_order {
-            println!("Destroyed {n}");
-        }
+        print_lines(in_order.iter().map(|n| format!("Destroyed {n}")))?;
         if in_order.is_empty() {
             eprintln!("Units not found in registry");
             return Ok(ExitCode::SUCCESS);
@@ -527,9 +522,7 @@ impl Ctl {
             println!("Triggered global unit {n} restart");
         }
         if block.no_block {
-            for n in &start {
-                println!("Triggered unit {n} start");
-            }
+            print_lines(start.iter().map(|n| format!("Triggered unit {n} start")))?;
             return Ok(ExitCode::SUCCESS);
         }
         self.wait_all(&start, DesiredState::Launched, true, block, revision).await
@@ -557,4 +550,15 @@ impl Ctl {
 /// A change of one unit's desired state, for `units:batchUpdate`.
 fn change(name: String, state: DesiredState) -> Unit {
     Unit { name, desired_state: state.to_string(), ..Default::default() }
+}
+
+/// Prints one line per unit through one buffer: a million units' lines were as many `write`
+/// calls (standard output is line-buffered), seconds of a `--names-from` command's time.
+fn print_lines<L: std::fmt::Display>(lines: impl IntoIterator<Item = L>) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
+    for line in lines {
+        writeln!(out, "{line}").context("writing to standard output")?;
+    }
+    out.flush().context("writing to standard output")
 }
