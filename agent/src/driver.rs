@@ -65,6 +65,8 @@ where
 pub struct SimulatedSystemd {
     state: Arc<Mutex<SimState>>,
     start_delay: Duration,
+    /// Where linked files are read: the agent's in-memory files, or (`None`) the filesystem.
+    files: Option<crate::files::MemoryUnitFiles>,
 }
 
 #[derive(Default)]
@@ -81,7 +83,16 @@ fn observed(load: &str, active: &str, sub: &str) -> ObservedUnit {
 
 impl SimulatedSystemd {
     pub fn new(start_delay: Duration) -> Self {
-        SimulatedSystemd { state: Arc::default(), start_delay }
+        SimulatedSystemd { state: Arc::default(), start_delay, files: None }
+    }
+
+    /// Reads the files it is told to link from `files` (an agent's [`MemoryUnitFiles`]) rather
+    /// than from disk.
+    ///
+    /// [`MemoryUnitFiles`]: crate::files::MemoryUnitFiles
+    pub fn with_files(mut self, files: crate::files::MemoryUnitFiles) -> Self {
+        self.files = Some(files);
+        self
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut SimState) -> T) -> T {
@@ -128,7 +139,11 @@ impl UnitDriver for SimulatedSystemd {
         for p in paths {
             let path = std::path::Path::new(p);
             let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-            let fails = std::fs::read_to_string(path).map(|t| t.contains("ExecStart=/bin/false")).unwrap_or(false);
+            let text = match &self.files {
+                Some(files) => files.text(path),
+                None => std::fs::read_to_string(path).ok(),
+            };
+            let fails = text.is_some_and(|t| t.contains("ExecStart=/bin/false"));
             self.with(|s| s.linked.insert(name, fails));
         }
         Ok(())

@@ -12,7 +12,7 @@
 
 pub mod config;
 pub mod driver;
-mod files;
+pub mod files;
 pub mod guard;
 pub mod health;
 pub mod image;
@@ -26,6 +26,7 @@ pub mod unit_api;
 
 use crate::config::AgentConfig;
 use crate::driver::{for_each, UnitDriver};
+use crate::files::{DiskUnitFiles, UnitFiles};
 use crate::systemd::{Systemd, UnitChange};
 use fleet_model::schema::{decode, Key};
 use fleet_model::unit_file::content_hash;
@@ -57,13 +58,16 @@ pub enum AgentError {
 }
 
 /// The agent, over a service manager (the real [`Systemd`] unless a benchmark or a unit test says
-/// otherwise) and a store (etcd, or the in-memory one in unit tests).
-pub struct Agent<D: UnitDriver = Systemd, S: Store = EtcdStore> {
+/// otherwise), a store (etcd, or the in-memory one in unit tests) and its unit files (a directory,
+/// or memory in benchmarks).
+pub struct Agent<D: UnitDriver = Systemd, S: Store = EtcdStore, F: UnitFiles = DiskUnitFiles> {
     store: S,
     keys: Keys,
     machine: String,
     systemd: D,
+    /// Where the agent's own small files are (its lease, the units stopped for a lease).
     units_dir: PathBuf,
+    unit_files: F,
     /// This machine's schedule, as last seen in etcd: its pages' entries and its per-unit keys'.
     schedule: BTreeMap<String, ScheduleEntry>,
     /// The schedule's pages (`schedule/<machine>/<page>`), as the leader writes them for an
@@ -107,8 +111,6 @@ pub struct Agent<D: UnitDriver = Systemd, S: Store = EtcdStore> {
     stop_units_on_exit: bool,
     /// Units refused because they would replace one of the machine's own (name -> content hash).
     refused: BTreeMap<String, String>,
-    /// Where the machine's own unit files are (see [`guard`]).
-    system_unit_dirs: Vec<PathBuf>,
     /// Exclusive units stopped while the lease was in doubt, told at the next registration.
     stopped_while_cut_off: Vec<String>,
     /// Exclusive units this agent stopped for a lease in doubt and has not started again. Kept
@@ -141,8 +143,21 @@ fn rules_of(name: &str, text: &str) -> Option<fleet_model::rules::Rules> {
     fleet_model::rules::Rules::parse(&unit, &file).ok()
 }
 
-impl<D: UnitDriver, S: Store> Agent<D, S> {
+impl<D: UnitDriver, S: Store> Agent<D, S, DiskUnitFiles> {
+    /// An agent whose unit files are in `cfg.units_dir`.
     pub async fn new(cfg: &AgentConfig, store: S, machine: String, systemd: D) -> Result<Self, AgentError> {
+        Self::with_files(cfg, store, machine, systemd, DiskUnitFiles::new(cfg.units_dir.clone())).await
+    }
+}
+
+impl<D: UnitDriver, S: Store, F: UnitFiles> Agent<D, S, F> {
+    pub async fn with_files(
+        cfg: &AgentConfig,
+        store: S,
+        machine: String,
+        systemd: D,
+        unit_files: F,
+    ) -> Result<Self, AgentError> {
         let units_dir = cfg.units_dir.clone();
         tokio::fs::create_dir_all(&units_dir)
             .await
@@ -153,6 +168,7 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
             machine,
             systemd,
             units_dir,
+            unit_files,
             schedule: BTreeMap::new(),
             schedule_pages: BTreeMap::new(),
             schedule_keys: BTreeMap::new(),
@@ -174,7 +190,6 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
             cleanup_needed: false,
             stop_units_on_exit: cfg.stop_units_on_exit,
             refused: BTreeMap::new(),
-            system_unit_dirs: guard::SYSTEM_UNIT_DIRS.iter().map(PathBuf::from).collect(),
             stopped_while_cut_off: Vec::new(),
             stopped_for_lease: BTreeSet::new(),
             metrics: None,
@@ -196,16 +211,13 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
     }
 
     async fn read_files(&mut self) -> Result<(), AgentError> {
-        let err = |source| AgentError::UnitsDir { path: self.units_dir.clone(), source };
-        let mut dir = tokio::fs::read_dir(&self.units_dir).await.map_err(err)?;
-        while let Some(entry) =
-            dir.next_entry().await.map_err(|source| AgentError::UnitsDir { path: self.units_dir.clone(), source })?
-        {
-            let name = entry.file_name().to_string_lossy().to_string();
-            if UnitName::parse(&name).is_err() {
-                continue;
-            }
-            match tokio::fs::read_to_string(entry.path()).await {
+        let found = self
+            .unit_files
+            .read_all()
+            .await
+            .map_err(|source| AgentError::UnitsDir { path: self.units_dir.clone(), source })?;
+        for (name, text) in found {
+            match text {
                 Ok(text) => {
                     self.learn_rules(&name, &text, false);
                     self.path_to_unit.insert(systemd::unit_path(&name), name.clone());
@@ -597,7 +609,7 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
         if let Err(e) = self.systemd.disable(&removed).await {
             tracing::warn!(error = %e, "unlinking unit files failed");
         }
-        for (unit, e) in files::remove(&self.units_dir, &removed).await {
+        for (unit, e) in self.unit_files.remove(&removed).await {
             tracing::warn!(%unit, error = %e, "cannot remove unit file");
         }
         for n in &removed {
@@ -645,7 +657,7 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
         }
         // A write the blocking task never reported (it panicked) is made again.
         let wanted = to_write.len();
-        let written = files::write(&self.units_dir, &self.system_unit_dirs, to_write).await;
+        let written = self.unit_files.write(to_write).await;
         if written.len() != wanted {
             self.reconcile_again = true;
         }
@@ -658,7 +670,7 @@ impl<D: UnitDriver, S: Store> Agent<D, S> {
                     self.unpublished.insert(name);
                 }
                 files::Written::Ok => {
-                    let path = self.units_dir.join(&name);
+                    let path = self.unit_files.path(&name);
                     if self.files.insert(name.clone(), hash).is_some() {
                         // New contents of a unit systemd has loaded: only a reload shows them.
                         self.reload_needed = true;

@@ -2,6 +2,7 @@
 //! and on start what an earlier run of it published.
 
 use crate::driver::UnitDriver;
+use crate::files::UnitFiles;
 use crate::systemd::ObservedUnit;
 use crate::{Agent, AgentError, TRANSIENT_GRACE};
 use fleet_model::schema::{decode, encode, is_stopped, Key};
@@ -11,7 +12,7 @@ use fleet_store::retry::RetryPolicy;
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
-impl<D: UnitDriver, S: Store> Agent<D, S> {
+impl<D: UnitDriver, S: Store, F: UnitFiles> Agent<D, S, F> {
     /// Learns what an earlier run of this agent applied, so a failed unit it had launched is not
     /// started again just because the agent restarted.
     pub(crate) async fn read_published(&mut self) -> Result<(), AgentError> {

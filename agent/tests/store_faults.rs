@@ -5,6 +5,7 @@
 
 use fleet_agent::config::AgentConfig;
 use fleet_agent::driver::SimulatedSystemd;
+use fleet_agent::files::MemoryUnitFiles;
 use fleet_agent::Agent;
 use fleet_model::health::Health;
 use fleet_model::schema::{decode, encode};
@@ -53,6 +54,24 @@ async fn run_agent(store: MemStore, dir: PathBuf, systemd: SimulatedSystemd) -> 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let agent = tokio::spawn(agent.run(lease_rx, cleaned_tx, shutdown_rx));
     Running { store, keys, systemd, shutdown: shutdown_tx, lease: lease_tx, agent, dir }
+}
+
+/// An agent whose unit files are in memory, read from there by the simulated service manager
+/// (what `fleet-sim` runs): nothing is written to `dir`'s units.
+async fn run_agent_in_memory(store: MemStore, dir: PathBuf) -> (Running, MemoryUnitFiles) {
+    let keys = Keys::new("/fleet/");
+    let cfg = AgentConfig { etcd_prefix: "/fleet/".into(), units_dir: dir.join("units"), ..AgentConfig::default() };
+    let files = MemoryUnitFiles::new(cfg.units_dir.clone());
+    let systemd = SimulatedSystemd::new(Duration::from_millis(1)).with_files(files.clone());
+    let agent = Agent::with_files(&cfg, store.clone(), MACHINE.to_string(), systemd.clone(), files.clone())
+        .await
+        .expect("agent");
+    let lease = store.grant(60).await.expect("lease");
+    let (lease_tx, lease_rx) = watch::channel(Some(lease));
+    let (cleaned_tx, _cleaned_rx) = watch::channel(fleet_agent::presence::Cleaned::default());
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let agent = tokio::spawn(agent.run(lease_rx, cleaned_tx, shutdown_rx));
+    (Running { store, keys, systemd, shutdown: shutdown_tx, lease: lease_tx, agent, dir }, files)
 }
 
 impl Running {
@@ -385,4 +404,25 @@ async fn a_state_write_that_arrives_late_does_not_overwrite_a_newer_one() {
     for u in ["x.service", "y.service", "z.service"] {
         a.until_published(u, "active").await.expect("republished");
     }
+}
+
+/// The benchmarks' agents keep their unit files in memory: units run from there (a unit whose
+/// file says `/bin/false` fails, so the service manager read that file), nothing is written to
+/// the units directory, and a unit taken off the machine leaves no file behind.
+#[tokio::test]
+async fn unit_files_in_memory_are_run_and_removed() {
+    let store = MemStore::new();
+    let dir = std::env::temp_dir().join(format!("fleet-agent-test-{}-in-memory", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (a, files) = run_agent_in_memory(store, dir.clone()).await;
+    a.schedule("ok.service").await;
+    a.schedule_file("bad.service", "[Service]\nExecStart=/bin/false\n").await;
+    a.until_published("ok.service", "active").await.expect("ok active");
+    a.until_published("bad.service", "failed").await.expect("bad failed: its file was read from memory");
+    let units = dir.join("units");
+    assert!(files.text(&units.join("ok.service")).is_some_and(|t| t.contains("sleep 1000")));
+    assert!(!units.join("ok.service").exists(), "a unit file was written to disk");
+    a.unschedule("ok.service").await;
+    a.until_gone("ok.service", 0).await.expect("ok gone");
+    assert!(files.text(&units.join("ok.service")).is_none(), "the unit's file is still there");
 }

@@ -2,7 +2,8 @@
 //!
 //! Each simulated machine is the real agent code ([`fleet_agent::Agent`] and its
 //! [`Presence`]) with its own etcd lease and its own schedule watch, exactly as a real agent uses
-//! etcd; only the service manager is the in-memory [`SimulatedSystemd`]. The engine is the real
+//! etcd; only the service manager is the in-memory [`SimulatedSystemd`], and the unit files it
+//! reads are in memory ([`MemoryUnitFiles`]). The engine is the real
 //! `fleet-engine` binary. Agents share a small pool of etcd connections (as many machines'
 //! connections would share etcd's gRPC server), which keeps the host's socket count sane.
 
@@ -11,6 +12,8 @@ use anyhow::{bail, Context, Result};
 use fleet_agent::config::AgentConfig;
 
 use fleet_agent::driver::SimulatedSystemd;
+
+use fleet_agent::files::MemoryUnitFiles;
 
 use fleet_agent::presence::Presence;
 
@@ -177,10 +180,9 @@ impl Drop for Scratch {
     }
 }
 
-/// The simulated machines' unit files, on tmpfs as a real agent's are (`/run/fleet/units`): on
-/// this host's ext4 a million of them took a fifth of the simulation's CPU samples (`perf`),
-/// which real agents spend on their own machines. Removed when dropped, kept logs or not (they hold only unit
-/// files, and tmpfs holds them in memory).
+/// The simulated machines' directories (`units_dir`: each agent's lease file; their unit files
+/// are in memory, see `start_machine`), on tmpfs as a real agent's are (`/run/fleet`). Removed
+/// when dropped, kept logs or not.
 struct MachineDirs(PathBuf);
 
 impl MachineDirs {
@@ -351,8 +353,13 @@ async fn start_machine(cfg: &SimConfig, client: Client, i: usize, dir: &Path) ->
         metrics: None,
     };
     let (shutdown, shutdown_rx) = watch::channel(false);
-    let driver = SimulatedSystemd::new(Duration::from_millis(4));
-    let agent = Agent::new(&agent_cfg, fleet_store::kv::EtcdStore::new(client), id.clone(), driver).await?;
+    // Unit files in memory, read from there by the simulated systemd: a million small files on
+    // one host's tmpfs cost the simulation ~45 CPU-seconds in the kernel (`perf`), which real
+    // agents spend on their own machines.
+    let files = MemoryUnitFiles::new(units_dir.clone());
+    let driver = SimulatedSystemd::new(Duration::from_millis(4)).with_files(files.clone());
+    let store = fleet_store::kv::EtcdStore::new(client);
+    let agent = Agent::with_files(&agent_cfg, store, id.clone(), driver, files).await?;
     let presence_task = tokio::spawn(async move {
         let _keep = _record_tx;
         presence.run(lease_tx).await
