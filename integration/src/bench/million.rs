@@ -414,13 +414,13 @@ const NOTES: &str = "\
   --no-block --names-from`: submission 34.7 s, all active 159.3 s after fleetctl started: the \
   fleetctl target is still missed on this host. One run each, by hand; the table above is the \
   bench's run after it (next note).
-- *Leftovers of killed simulations fill memory*: `fleet-sim` keeps its machines' unit files in \
-  `/dev/shm/fl-sim-machines-<pid>` (about 4 GiB at a million units) and removes them when it \
-  ends; a simulation killed by a signal leaves them, and two or three of those (plus etcd's data \
+- *Leftovers of killed simulations fill memory*: `fleet-sim` kept its machines' unit files in \
+  `/dev/shm/fl-sim-machines-<pid>` (about 4 GiB at a million units; in memory since, see below) \
+  and removes them when it ends; a simulation killed by a signal left them, and two or three of those (plus etcd's data \
   on the same tmpfs) took the host's memory: etcd was killed by the OOM killer in one run. \
   Remove `/dev/shm/fl-sim-machines-*` after killing a simulation.
-- *This table's run* (2026-12-03, the AMD EPYC host, `./lab bench --machines 10000 --units \
-  1000000` after the schedule pages and the pacing) missed both convergence targets that the \
+- *The bench's run before this table's* (2026-12-03 10:14, the AMD EPYC host, after the \
+  schedule pages and the pacing) missed both convergence targets that the \
   run by hand before it met once: 144.6 s through the API (117.6 s by hand) and 146.9 s \
   through fleetctl (159.3 s by hand). Two runs by hand through fleetctl before it show why. In the first, etcd answered \
   the leader's renewals \"waiting for the applied index took too long\" while the agents started \
@@ -437,18 +437,33 @@ const NOTES: &str = "\
   to shrink (the agents' unit files and state pages, etcd's TLS and watch deliveries to three \
   followers of everything), not move. The bench also found the pacing holding the engine alone \
   (machines registered, no agents) to 2,500 placements/s, 2 s per transaction waiting for agents \
-  that do not exist: fixed before this table's run (once a wait sees no agent report anything, the \
+  that do not exist: fixed before that run (once a wait sees no agent report anything, the \
   rest of the pass goes on without waiting until the count goes down again). The engine alone's \
   idle CPU in the table (3.06 s/min) was measured while its leader was still taking in the \
   million states written just before; beside the agents the same engines idled at 0.20 s/min. \
-  The idle window now starts once the leader's view shows etcd's revision (not yet measured).
+  The idle window now starts once the leader's view shows etcd's revision.
+- *The simulation's own cost* (2026-12-03, `perf` over a whole run through the API, the AMD \
+  EPYC host): of both cores' samples, `fleet-sim` took 39% (23% in the kernel, mostly writing \
+  its million small unit files into tmpfs (page allocation, zeroing, copying) and walking \
+  paths (the shadowing check's `statx` calls), 9% in glibc's allocator), etcd 33%, the leader \
+  14%, the API replica 9%. During placement the simulation alone took more than a core: the \
+  leader's pacing waits for agents to report, so the agents' cost set the placement's pace. \
+  The agent's unit files are now behind a trait (`fleet_agent::files::UnitFiles`: a directory \
+  in the daemon; `MemoryUnitFiles`, read by the simulated systemd, in `fleet-sim` only, as \
+  systemd itself is simulated there), and `fleet-sim` allocates with mimalloc as the engine \
+  does. The simulation's CPU over a run fell from ~141 to ~42 s, and by hand (secure settings, \
+  fresh etcd on tmpfs) all active took **90.2 s** through the API (submission 28.7 s) and \
+  **89.0 s** through fleetctl (submission 31.7 s), against 147 and 147-178 s before. Real \
+  agents write their files on their own machines; what the simulation no longer pays is what \
+  ten thousand machines' kernels would.
 - *Whole passes still come* after a unit is changed or destroyed, a drain, a move, a rollout's \
   step, or a unit displaced by a `Replaces`, and right after a new leader's first pass: each \
   costs the seconds above, and delays what is submitted meanwhile.
 - *Runs vary.* Before the agents' change the same kind of host gave 165-292 s to all active \
   (five runs on 2026-12-01 and 02, a sixth never converged); since, 99 and 105 s (plain etcd) \
   and 121 s and 115 s (TLS, the last the bench's table of 2026-12-02, on an Intel Xeon host); \
-  on the AMD EPYC host after the schedule pages: 117.6 s by hand, 144.6 s in this table's run. \
+  on the AMD EPYC host after the schedule pages: 117.6 s by hand, 144.6 s in the bench's run; \
+  with the simulation's files in memory 89-90 s by hand. \
   The engine alone's fleetctl submission took 30-49 s.
 - *The whole simulated cluster* at this size puts 10,000 agents' watches and keepalives, the \
   submission and three million key writes on the same two cores as etcd and both engines.";
