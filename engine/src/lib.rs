@@ -154,6 +154,7 @@ pub async fn run(mut config: watch::Receiver<EngineConfig>, mut shutdown: watch:
             wake: Default::default(),
             metrics,
             ready: Default::default(),
+            max_pending_starts: leader::PENDING_STARTS,
         },
     };
     let leading = if cfg.lead {

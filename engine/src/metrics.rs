@@ -69,6 +69,8 @@ pub struct Metrics {
     pub api_request_duration: HistogramFamily<RouteLabels>,
     pub leader: Gauge,
     pub leadership_changes: Counter,
+    /// Times the leader held a placement back for machines to report what it gave them.
+    pub waits_for_agents: Counter,
     pub plan_duration: Histogram,
     pub decisions: Family<DecisionLabels, Counter>,
     pub unplaceable: Gauge,
@@ -116,6 +118,12 @@ impl Metrics {
             "engine_leadership_changes",
             "Times this engine started or stopped leading",
             leadership_changes.clone(),
+        );
+        let waits_for_agents = Counter::default();
+        registry.register(
+            "schedule_waits_for_agents",
+            "Times the leader held the rest of a placement back until machines reported the units it gave them",
+            waits_for_agents.clone(),
         );
         let plan_duration = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
         registry.register_with_unit(
@@ -180,6 +188,7 @@ impl Metrics {
             api_request_duration,
             leader,
             leadership_changes,
+            waits_for_agents,
             plan_duration,
             decisions,
             unplaceable,

@@ -57,7 +57,7 @@ const VIEW_LAG: i64 = 32;
 /// million units in ten seconds all start and report them at once, and on a small etcd that
 /// burst of state writes cost their leases (docs/performance.md). Far above what a user's
 /// placement of thousands of units reaches.
-const PENDING_STARTS: usize = 50_000;
+pub const PENDING_STARTS: usize = 50_000;
 
 /// Committed entries etcd may have yet to apply when the leader sends another schedule write.
 const APPLY_BACKLOG: u64 = 8;
@@ -131,6 +131,8 @@ pub struct Planner<S: Store> {
     pub wake: Mutex<Option<tokio::time::Instant>>,
     pub metrics: std::sync::Arc<crate::metrics::Metrics>,
     pub ready: Mutex<Ready>,
+    /// [`PENDING_STARTS`], but for tests, which place thousands of units, not a million.
+    pub max_pending_starts: usize,
 }
 
 /// Extra wait, beyond a lost machine's lease TTL, before its exclusive units are placed elsewhere:
@@ -494,7 +496,7 @@ impl<S: Store> Planner<S> {
             {
                 // Nor faster than etcd applies: a backlog of committed, unapplied entries makes
                 // etcd refuse every lease renewal meanwhile (agents' and this engine's own).
-                let waiting_for_agents = agents_silent.is_none() && self.pending_starts() > PENDING_STARTS;
+                let waiting_for_agents = agents_silent.is_none() && self.pending_starts() > self.max_pending_starts;
                 if !in_flight.is_empty() && (waiting_for_agents || self.apply_backlog_high().await) {
                     break;
                 }
@@ -644,22 +646,23 @@ impl<S: Store> Planner<S> {
         self.cluster.read(|v| v.pending_starts())
     }
 
-    /// Waits while more than [`PENDING_STARTS`] units are placed and not yet reported by their
+    /// Waits while more than [`PENDING_STARTS`] (`max_pending_starts`) units are placed and not yet reported by their
     /// machines, for as long as that number keeps going down (agents that report nothing, say
     /// cut off from etcd, must not stop placement: it goes on once they make no progress for
     /// two seconds).
     /// Returns the count still pending if no agent reported anything while it waited.
     async fn agents_catch_up(&self) -> Option<usize> {
         let mut pending = self.pending_starts();
-        if pending <= PENDING_STARTS {
+        if pending <= self.max_pending_starts {
             return None;
         }
+        self.metrics.waits_for_agents.inc();
         let started = tokio::time::Instant::now();
         let mut progress = started;
         let mut any = false;
         let mut changes = self.cluster.subscribe();
         // At most 10 s per wait: meanwhile nothing else is decided (a lost machine's units).
-        while pending > PENDING_STARTS
+        while pending > self.max_pending_starts
             && progress.elapsed() < Duration::from_secs(2)
             && started.elapsed() < Duration::from_secs(10)
         {
@@ -672,7 +675,7 @@ impl<S: Store> Planner<S> {
             pending = now;
         }
         tracing::debug!(pending, waited_ms = started.elapsed().as_millis() as u64, "waited for agents to start units");
-        (!any && pending > PENDING_STARTS).then_some(pending)
+        (!any && pending > self.max_pending_starts).then_some(pending)
     }
 
     /// Whether etcd's apply trails its commits by more than [`APPLY_BACKLOG`] entries; waits
