@@ -7,6 +7,11 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+/// mimalloc, as `fleet-sim` and the engine: `./lab bench` runs its simulated machines in this
+/// process, and they should cost what they cost in `fleet-sim`.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "lab", about = "A real multi-machine fleet cluster on this host")]
 struct Cli {
