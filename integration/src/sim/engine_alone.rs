@@ -199,20 +199,45 @@ pub async fn engine_alone(cfg: SimConfig, submission: Submission) -> Result<Engi
     }
     report.etcd_db_bytes = etcd_db_bytes(&admin).await?;
     if cfg.idle_secs > 0 {
-        // Idle once both engines have taken in the states: the leader's view (and its planning
-        // copy) may still be applying them after the replica's listing, which is their cost,
-        // not the idle cluster's.
+        // Idle once the leader has taken in the states and finished the passes they (and its
+        // election) started: its view may still be applying them after the replica's listing,
+        // and the whole pass that follows an election's first placement runs over a million
+        // units (4-16 s) — their cost, not the idle cluster's. Settled: the view at the
+        // revision written, no pass under way and none ended for `QUIET`.
+        const QUIET: Duration = Duration::from_secs(3);
         let leader_port = cfg.api_port + 1;
-        let settled = wait_until("the leader to show every state", Duration::from_secs(60), || async {
-            let status: Option<serde_json::Value> = async {
-                http.get(format!("{}/engine/status", cfg.api_url(leader_port))).send().await.ok()?.json().await.ok()
+        let last_passes: std::cell::Cell<Option<(u64, Instant)>> = Default::default();
+        let settled = wait_until("the leader to settle", Duration::from_secs(120), || {
+            let status = async {
+                let status: serde_json::Value = http
+                    .get(format!("{}/engine/status", cfg.api_url(leader_port)))
+                    .send()
+                    .await
+                    .ok()?
+                    .json()
+                    .await
+                    .ok()?;
+                Some((status["revision"].as_i64()?, status["planning"].as_bool()?, status["passes"].as_u64()?))
+            };
+            let last_passes = &last_passes;
+            async move {
+                let Some((revision, planning, passes)) = status.await else { return false };
+                if revision < written || planning {
+                    last_passes.set(None);
+                    return false;
+                }
+                match last_passes.get() {
+                    Some((seen, since)) if seen == passes => since.elapsed() >= QUIET,
+                    _ => {
+                        last_passes.set(Some((passes, Instant::now())));
+                        false
+                    }
+                }
             }
-            .await;
-            status.and_then(|s| s["revision"].as_i64()).is_some_and(|r| r >= written)
         })
         .await;
         if let Err(e) = settled {
-            tracing::warn!(error = %e, "idle window measured before the leader showed etcd's revision");
+            tracing::warn!(error = %e, "idle window measured before the leader settled");
         }
         // Nothing changes: count writes under the prefix and the engines' CPU over a window.
         let writes = || observed.borrow().lock().map(|o| o.writes).unwrap_or(0);

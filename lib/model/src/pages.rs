@@ -188,8 +188,13 @@ pub enum PageChange<'v> {
 
 impl PageFollower {
     /// `machine`'s page `page` now holds `value`, written at `revision`. `share` lets the caller
-    /// hand back a unit name it already holds (one allocation per name). An unreadable page
-    /// changes nothing.
+    /// hand back a unit name it already holds (one allocation per name).
+    ///
+    /// An unreadable page changes no unit (an error says so) but is known at its new revision:
+    /// the leader rewrites a page whole, guarded by the revision it last saw, and a guard on the
+    /// revision before the unreadable value would refuse every write to that page — and every
+    /// placement sharing its transaction — for good. At its new revision the page's next write
+    /// replaces the unreadable value with what the view holds.
     pub fn put<'v>(
         &mut self,
         machine: &str,
@@ -198,7 +203,13 @@ impl PageFollower {
         value: &'v [u8],
         share: impl Fn(UnitName) -> UnitName,
     ) -> Result<Vec<PageChange<'v>>, serde_json::Error> {
-        let records: BTreeMap<std::borrow::Cow<'v, str>, &'v RawValue> = serde_json::from_slice(value)?;
+        let records: BTreeMap<std::borrow::Cow<'v, str>, &'v RawValue> = match serde_json::from_slice(value) {
+            Ok(r) => r,
+            Err(e) => {
+                self.pages.entry(machine.to_string()).or_default().entry(page).or_default().revision = revision;
+                return Err(e);
+            }
+        };
         let old = self.pages.entry(machine.to_string()).or_default().remove(&page).unwrap_or_default().units;
         let mut changes = Vec::new();
         let mut now = Vec::with_capacity(records.len());
@@ -381,9 +392,16 @@ mod tests {
             ]
         );
         assert!(!f.holds("m1", "c.service"));
-        // Unreadable: an error, and what the page held is kept.
+        // Unreadable: an error, what the page held is kept, and the page is known at the
+        // revision of the unreadable value (a page written whole is guarded by it).
         assert!(f.put("m1", 0, 8, b"{not json", |u| u).is_err());
         assert!(f.holds("m1", "a.service"));
+        let revisions = |f: &PageFollower, m| f.pages_of(m).map(|(n, r, _)| (n, r)).collect::<Vec<_>>();
+        assert_eq!(revisions(&f, "m1"), vec![(0, 8)]);
+        // Also a page not seen before: known, holding nothing.
+        assert!(f.put("m1", 3, 9, b"[]", |u| u).is_err());
+        assert_eq!(revisions(&f, "m1"), vec![(0, 8), (3, 9)]);
+        assert_eq!(f.pages_of("m1").map(|(_, _, u)| u.count()).sum::<usize>(), 3);
         // Deleted with its lease: every unit it held is removed.
         let c = changes(f.delete("m1", 0));
         assert_eq!(c.iter().filter(|(_, s)| s.is_none()).count(), 3);

@@ -539,6 +539,25 @@ async fn a_page_changed_since_the_view_showed_it_is_not_overwritten() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_schedule_page_is_replaced_by_the_next_write_of_it() {
+    let c = cluster().await;
+    c.machine("m1", &[]).await;
+    c.unit("a.service", PLAIN).await;
+    c.pass().await.expect("pass");
+    // Page 0 (holding a) overwritten by hand with something no one can read.
+    let page = c.keys.schedule_page("m1", 0);
+    let garbage = Op::put(page.clone(), b"{not json".to_vec(), 0);
+    c.store.txn(Txn { then: vec![garbage], ..Txn::default() }).await.expect("put");
+    // The next unit for that machine goes into page 0, guarded by the revision of the unreadable
+    // value: the write goes through, and the page holds what the view held (a) and b.
+    c.unit("b.service", PLAIN).await;
+    c.pass().await.expect("a pass after an unreadable page");
+    let placed = c.schedule().await;
+    assert!(["a.service", "b.service"].iter().all(|u| placed.get(*u) == Some(&vec!["m1".to_string()])), "{placed:?}");
+    assert!(c.store.peek(page.as_bytes()).is_some_and(|v| v.as_slice() != b"{not json"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_page_write_whose_answer_was_lost_is_not_taken_for_a_stale_view() {
     let c = cluster().await;
     c.machine("m1", &[]).await;
