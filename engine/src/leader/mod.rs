@@ -45,6 +45,11 @@ pub struct LeaderStatus {
     pub whole_passes: u64,
     /// How long the last of those whole passes took, in milliseconds.
     pub last_whole_plan_ms: u64,
+    /// The revision the leader's planning copy shows. The copy takes in what the view received
+    /// when a pass starts and between passes: after a large change (a million states reported
+    /// during a pass) it trails `revision` while it catches up, and that is CPU the leader
+    /// spends before it is idle.
+    pub plan_revision: i64,
 }
 
 pub type SharedStatus = Arc<Mutex<LeaderStatus>>;

@@ -276,6 +276,7 @@ impl<S: Store> Planner<S> {
                             return Err(LeadError::Deposed("cluster view closed".into()));
                         }
                         tokio::task::block_in_place(|| plan.view.refresh());
+                        self.planned_up_to(plan.view.view().revision);
                         if !listed {
                             break;
                         }
@@ -398,6 +399,7 @@ impl<S: Store> Planner<S> {
         }
         let planned = started.elapsed();
         self.metrics.planned(planned, outcome.unplaceable.len());
+        self.planned_up_to(view_rev);
         if let Ok(mut s) = self.status.lock() {
             s.last_plan_ms = planned.as_millis() as u64;
             s.planning = false;
@@ -570,6 +572,13 @@ impl<S: Store> Planner<S> {
             self.cluster.caught_up(last_rev, Duration::from_secs(10)).await;
         }
         Ok(())
+    }
+
+    /// The planning copy shows `revision` (see [`super::LeaderStatus::plan_revision`]).
+    fn planned_up_to(&self, revision: i64) {
+        if let Ok(mut s) = self.status.lock() {
+            s.plan_revision = revision;
+        }
     }
 
     /// While this engine does not lead: keeps its planning copy and the schedule as it stands

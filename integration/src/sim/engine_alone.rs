@@ -201,8 +201,9 @@ pub async fn engine_alone(cfg: SimConfig, submission: Submission) -> Result<Engi
     if cfg.idle_secs > 0 {
         // Idle once the leader has taken in the states and finished the passes they (and its
         // election) started: its view may still be applying them after the replica's listing,
-        // and the whole pass that follows an election's first placement runs over a million
-        // units (4-16 s) — their cost, not the idle cluster's. Settled: the view at the
+        // the whole pass that follows an election's first placement runs over a million units
+        // (4-16 s), and its planning copy takes in the states written meanwhile after it (~4 s)
+        // — their cost, not the idle cluster's. Settled: the view and the planning copy at the
         // revision written, no pass under way and none ended for `QUIET`.
         const QUIET: Duration = Duration::from_secs(3);
         let leader_port = cfg.api_port + 1;
@@ -217,7 +218,8 @@ pub async fn engine_alone(cfg: SimConfig, submission: Submission) -> Result<Engi
                     .json()
                     .await
                     .ok()?;
-                Some((status["revision"].as_i64()?, status["planning"].as_bool()?, status["passes"].as_u64()?))
+                let revision = status["revision"].as_i64()?.min(status["planRevision"].as_i64()?);
+                Some((revision, status["planning"].as_bool()?, status["passes"].as_u64()?))
             };
             let last_passes = &last_passes;
             async move {

@@ -539,6 +539,21 @@ async fn a_page_changed_since_the_view_showed_it_is_not_overwritten() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_shows_the_revision_the_planning_copy_has_taken_in() {
+    let c = cluster().await;
+    let plan_revision = || c.planner.status.lock().map(|s| s.plan_revision).unwrap_or_default();
+    c.machine("m1", &[]).await;
+    c.unit("a.service", PLAIN).await;
+    let before = c.store.revision();
+    c.pass().await.expect("pass");
+    assert!(plan_revision() >= before, "{} < {before}", plan_revision());
+    c.unit("b.service", PLAIN).await;
+    let before = c.store.revision();
+    c.pass().await.expect("pass");
+    assert!(plan_revision() >= before, "{} < {before}", plan_revision());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreadable_schedule_page_is_replaced_by_the_next_write_of_it() {
     let c = cluster().await;
     c.machine("m1", &[]).await;
