@@ -539,13 +539,31 @@ const NOTES: &str = "\
   (`fleet-sim` had mimalloc): it now has mimalloc too, and this table is the run after that. \
   The engine alone idled at 1.12 s/min in that run, with the idle window taken after its \
   leader's view showed every state: still missed, cause not found yet.
-- *This table's run* (13:07, `fleet-lab` with mimalloc): through the API 114.8 s (met), through \
+- *The run after* (13:07, `fleet-lab` with mimalloc): through the API 114.8 s (met), through \
   fleetctl 146.3 s (missed; submission 48.2 s, machines up 39.7 s), the engine alone idle 3.28 \
   s/min (missed). Both bench runs were slower than the same simulations run by hand as \
   `fleet-sim` processes (90.2 and 89.0 s), the fleetctl cluster most, and it is the bench's \
   third simulation in one process: bringing its machines up took 36-40 s against 22-28 s for \
-  the first. Not yet explained; one guess, untested, is the memory the earlier simulations in \
-  the same process still hold.
+  the first.
+- *Each simulation in a process and on an etcd of its own* (2026-12-03): the bench now runs \
+  each of its three simulations as a `fleet-sim` child (the command run by hand) and reads its \
+  report from the child's output. The first run so (15:06) met fleetctl (107.9 s) but the API \
+  cluster took 135.2 s: it shared its etcd with the engine alone before it, which leaves a \
+  million deleted units' keys in etcd's history (compacted hourly; the database was 490 MiB). \
+  Every simulation now starts on a fresh etcd, as by hand: this table's run.
+- *The engine alone's idle CPU was the tail of its work*: `perf` on both engines of an engine \
+  alone at a million units, idle for a minute after everything settled, took 35 samples at \
+  999 Hz (0.05 s/min; /proc agreed). What the bench's window had caught was earlier work \
+  ending: the whole pass that follows a new leader's first placement (4-16 s at a million units, \
+  run while the bench writes the million states) and, after it, the leader's planning copy \
+  taking in those states (~4 s of a core). `/engine/status` now shows `planRevision` (what the \
+  planning copy has taken in), and the idle window starts once the leader's view and planning \
+  copy show the last state written, no pass is under way and none has ended for 3 s (waiting at \
+  most 120 s, so an engine that never settles is still measured).
+- *This table's run* (15:34): every target met: through the API 78.6 s, through fleetctl \
+  107.6 s (submission 45.3 s), the engine alone idle 0.06 s/min. `fleetctl start` of 1,000 more \
+  units into the converged cluster took 8.7 s here (4.1 s and 0.66 s in earlier runs; not a \
+  target, not looked into).
 - *Whole passes still come* after a unit is changed or destroyed, a drain, a move, a rollout's \
   step, or a unit displaced by a `Replaces`, and right after a new leader's first pass: each \
   costs the seconds above, and delays what is submitted meanwhile.
@@ -553,8 +571,9 @@ const NOTES: &str = "\
   (five runs on 2026-12-01 and 02, a sixth never converged); since, 99 and 105 s (plain etcd) \
   and 121 s and 115 s (TLS, the last the bench's table of 2026-12-02, on an Intel Xeon host); \
   on the AMD EPYC host after the schedule pages: 117.6 s by hand, 144.6 s in the bench's run; \
-  with the simulation's files in memory 89-90 s by hand. \
-  The engine alone's fleetctl submission took 30-49 s.
+  with the simulation's files in memory 89-90 s by hand, 92.6-114.8 s in the bench in one \
+  process, 78.6 s with each simulation in its own process on its own etcd (135.2 s on an etcd \
+  the engine alone had used). The engine alone's fleetctl submission took 25-49 s.
 - *The whole simulated cluster* at this size puts 10,000 agents' watches and keepalives, the \
   submission and three million key writes on the same two cores as etcd and both engines.";
 
