@@ -612,7 +612,7 @@ pub fn stop_machine(m: &MachineProc, grace: Duration) {
 pub fn install_binaries(target_dir: &Path) -> Result<PathBuf> {
     let bin = lab_dir().join("bin");
     std::fs::create_dir_all(&bin)?;
-    for b in ["fleet-agent", "fleet-engine", "fleet-image", "fleetctl", "fleet-lab"] {
+    for b in ["fleet-agent", "fleet-engine", "fleet-image", "fleetctl", "fleet-lab", "fleet-sim"] {
         let src = target_dir.join(b);
         let tmp = bin.join(format!(".{b}.tmp"));
         std::fs::copy(&src, &tmp)

@@ -45,13 +45,15 @@ async fn thousand_machines_ten_thousand_units_converge_and_survive_faults() {
 }
 
 /// The engine alone as `./lab bench --machines N --units M` measures it at a million units,
-/// small: every unit placed, `list-units` streaming every row (more than fleetctl holds), its
-/// first row before its last, etcd's size and the engines' memory read, nothing written idle.
+/// small and the same way (a `fleet-sim` process of its own, its report read from its output):
+/// every unit placed, `list-units` streaming every row (more than fleetctl holds), its first row
+/// before its last, etcd's size and the engines' memory read, the idle window taken once the
+/// leader settled, nothing written idle.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_engine_alone_places_lists_and_idles_as_the_million_bench_measures() {
     let Some(state) = testkit::lab() else { return };
-    let report = fleet_integration::sim::engine_alone(
-        SimConfig {
+    let report: fleet_integration::sim::EngineReport = fleet_integration::sim::in_child(
+        &SimConfig {
             etcd_tls: Some(fleet_integration::pki::identity("root")),
             etcd_endpoints: state.etcd_endpoints(),
             prefix: testkit::unique_prefix("alone-smoke"),
@@ -68,7 +70,7 @@ async fn the_engine_alone_places_lists_and_idles_as_the_million_bench_measures()
             api_tls: Some(fleet_integration::pki::identity("engine")),
             submission: fleet_integration::sim::Submission::Api,
         },
-        fleet_integration::sim::Submission::Fleetctl,
+        fleet_integration::sim::Simulation::EngineAlone,
     )
     .await
     .expect("the engine alone runs");

@@ -42,7 +42,7 @@ pub async fn million(machines: usize, units: usize, bin_dir: &Path, out: &Path) 
     // The engine alone's units go in as a user's would, through fleetctl; the whole cluster's
     // through the API, then, in a cluster of their own, through fleetctl.
     let alone = cfg(&etcd, "/fleet-bench-million-engine/", 3600, false, 30);
-    let engine = match in_child::<EngineReport>(&alone, Child::EngineAlone).await {
+    let engine = match crate::sim::in_child::<EngineReport>(&alone, crate::sim::Simulation::EngineAlone).await {
         Ok(r) => {
             eprintln!("{}", serde_json::to_string(&r)?);
             Some(r)
@@ -67,7 +67,9 @@ pub async fn million(machines: usize, units: usize, bin_dir: &Path, out: &Path) 
     let etcd = BenchEtcd::start_secure()?;
     etcd.ready().await?;
     eprintln!("bench: {machines} simulated machines, {units} units, through the API");
-    let sim = in_child(&cfg(&etcd, "/fleet-bench-million/", 30, true, 30), Child::Cluster).await.unwrap_or_else(failed);
+    let sim = crate::sim::in_child(&cfg(&etcd, "/fleet-bench-million/", 30, true, 30), crate::sim::Simulation::Cluster)
+        .await
+        .unwrap_or_else(failed);
     eprintln!("{}", serde_json::to_string(&sim)?);
     drop(etcd);
     let etcd = BenchEtcd::start_secure()?;
@@ -77,7 +79,7 @@ pub async fn million(machines: usize, units: usize, bin_dir: &Path, out: &Path) 
         submission: crate::sim::Submission::Fleetctl,
         ..cfg(&etcd, "/fleet-bench-million-cli/", 30, false, 0)
     };
-    let by_fleetctl = in_child(&by_fleetctl, Child::Cluster)
+    let by_fleetctl = crate::sim::in_child(&by_fleetctl, crate::sim::Simulation::Cluster)
         .await
         .unwrap_or_else(|e| SimReport { submitted_by_fleetctl: true, ..failed(e) });
     eprintln!("{}", serde_json::to_string(&by_fleetctl)?);
@@ -85,75 +87,6 @@ pub async fn million(machines: usize, units: usize, bin_dir: &Path, out: &Path) 
     splice(out, &section(&date, &sim, Some(&by_fleetctl), engine.as_ref()))?;
     eprintln!("bench: wrote the million-unit section of {}", out.display());
     Ok(())
-}
-
-/// Which simulation a `fleet-sim` child runs.
-#[derive(Clone, Copy)]
-enum Child {
-    /// `--engine-alone`, its units submitted by fleetctl.
-    EngineAlone,
-    /// The whole cluster, submitted as `cfg.submission` says.
-    Cluster,
-}
-
-/// Runs one simulation in a `fleet-sim` process of its own (from `cfg.bin_dir`), as it is run by
-/// hand, and reads its report from the child's output. In one process the third of three
-/// million-unit simulations was consistently slower than the same run by hand (machines up in
-/// 36-40 s against 22-28 s): each now starts from a fresh process, and what one leaves behind
-/// (memory, threads, tasks still winding down) cannot weigh on the next.
-async fn in_child<R: serde::de::DeserializeOwned>(cfg: &SimConfig, what: Child) -> Result<R> {
-    let mut cmd = tokio::process::Command::new(cfg.bin_dir.join("fleet-sim"));
-    cmd.arg("--etcd-endpoints")
-        .arg(cfg.etcd_endpoints.join(","))
-        .args(["--prefix", &cfg.prefix])
-        .args(["--machines", &cfg.machines.to_string(), "--units", &cfg.units.to_string()])
-        .args(["--lease-ttl-secs", &cfg.lease_ttl_secs.to_string()])
-        .args(["--election-ttl-secs", &cfg.election_ttl_secs.to_string()])
-        .arg("--bin-dir")
-        .arg(&cfg.bin_dir)
-        .args(["--api-port", &cfg.api_port.to_string(), "--idle-secs", &cfg.idle_secs.to_string()]);
-    // fleet-sim serves the API over TLS with `engine.pem` from the same directory as the etcd
-    // identity: the bench's own PKI holds both.
-    match (&cfg.etcd_tls, &cfg.api_tls) {
-        (Some(etcd), Some(api)) if etcd.ca_file.parent() == api.ca_file.parent() => {
-            cmd.arg("--etcd-identity").arg(etcd.ca_file.parent().context("the bench etcd's PKI directory")?);
-        }
-        (None, None) => {}
-        _ => bail!("fleet-sim takes etcd's and the API's identities from one directory"),
-    }
-    if let Some(n) = cfg.event_history {
-        cmd.args(["--event-history", &n.to_string()]);
-    }
-    if !cfg.metrics {
-        cmd.arg("--no-metrics");
-    }
-    match what {
-        Child::EngineAlone => {
-            cmd.args(["--engine-alone", "--submit-with-fleetctl"]);
-        }
-        Child::Cluster => {
-            if cfg.faults {
-                cmd.arg("--faults");
-            }
-            if matches!(cfg.submission, crate::sim::Submission::Fleetctl) {
-                cmd.arg("--fleetctl");
-            }
-        }
-    }
-    // Its log goes where the bench's goes; its report (JSON) comes on stdout. (Not `output()`:
-    // tokio's captures stderr too, whatever was set.)
-    let child = cmd
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("cannot run {}", cfg.bin_dir.join("fleet-sim").display()))?;
-    let out = child.wait_with_output().await.context("fleet-sim's report")?;
-    if !out.status.success() {
-        bail!("fleet-sim exited with {} (its log above says why)", out.status);
-    }
-    serde_json::from_slice(&out.stdout).context("fleet-sim's report")
 }
 
 /// The section as it stands in `page`, markers included, if any.

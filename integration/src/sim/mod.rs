@@ -35,9 +35,11 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
+mod child;
 pub mod dashboard;
 mod engine_alone;
 pub(crate) mod observe;
+pub use child::{in_child, Simulation};
 pub use engine_alone::{engine_alone, EngineReport, Submission};
 use observe::*;
 
