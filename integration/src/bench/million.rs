@@ -493,10 +493,22 @@ const NOTES: &str = "\
   planning copy has taken in), and the idle window starts once the leader's view and planning \
   copy show the last state written, no pass is under way and none has ended for 3 s (waiting at \
   most 120 s, so an engine that never settles is still measured).
-- *This table's run* (15:34): every target met: through the API 78.6 s, through fleetctl \
-  107.6 s (submission 45.3 s), the engine alone idle 0.06 s/min. `fleetctl start` of 1,000 more \
-  units into the converged cluster took 8.7 s here (4.1 s and 0.66 s in earlier runs; not a \
-  target, not looked into).
+- *The next runs, each simulation in a process of its own on its own etcd* (2026-12-03): at \
+  15:34 every target was met (through the API 78.6 s, through fleetctl 107.6 s with submission \
+  45.3 s, the engine alone idle 0.06 s/min); at 15:45 all but fleetctl (API 103.1 s, fleetctl \
+  128.9 s, idle 0.08 s/min); this table's run (16:09, after the change below) all but fleetctl, \
+  by 1.2 s. Through fleetctl: 107.6, 107.9, 128.9 and 121.2 s in four runs; through the API \
+  78.6, 103.1 and 88.0 s. The fleetctl cluster's machines also came up slower in every run \
+  (30-34 s against 19-23 s for the API cluster before it, in fresh processes and etcds alike; \
+  not explained). `fleetctl start` of 1,000 more units into the converged cluster took 4.1-8.7 \
+  s in these runs (0.66 s once before; not a target, not looked into).
+- *fleetctl's own cost at a million units* (by hand, `perf` during an engine-alone submission): \
+  fleetctl took ~10 CPU-s, much of it in its first seconds (84% of a core, 68 points of it in \
+  the kernel, zeroing fresh pages above all): it builds every unit's request (the template's options copied \
+  into each instance) before sending the first. It now allocates with mimalloc as the engine \
+  does (10.4 -> 7.2 CPU-s in one run each, submission 42.9 -> 28.5 s), which still builds them \
+  all first. Next: build and send the requests a batch at a time, so the engine stores the \
+  first units while fleetctl prepares the rest (and fleetctl's memory stays one batch).
 - *Whole passes still come* after a unit is changed or destroyed, a drain, a move, a rollout's \
   step, or a unit displaced by a `Replaces`, and right after a new leader's first pass: each \
   costs the seconds above, and delays what is submitted meanwhile.
