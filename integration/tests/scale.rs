@@ -70,7 +70,7 @@ async fn the_engine_alone_places_lists_and_idles_as_the_million_bench_measures()
             api_tls: Some(fleet_integration::pki::identity("engine")),
             submission: fleet_integration::sim::Submission::Api,
         },
-        fleet_integration::sim::Simulation::EngineAlone,
+        fleet_integration::sim::Simulation::EngineAlone(fleet_integration::sim::Submission::Fleetctl),
     )
     .await
     .expect("the engine alone runs");

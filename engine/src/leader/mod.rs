@@ -48,7 +48,7 @@ pub struct LeaderStatus {
     /// The revision the leader's planning copy shows. The copy takes in what the view received
     /// when a pass starts and between passes: after a large change (a million states reported
     /// during a pass) it trails `revision` while it catches up, and that is CPU the leader
-    /// spends before it is idle.
+    /// spends before it is idle. Set while leading only (0 on an engine that has not led).
     pub plan_revision: i64,
 }
 

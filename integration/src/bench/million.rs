@@ -42,7 +42,12 @@ pub async fn million(machines: usize, units: usize, bin_dir: &Path, out: &Path) 
     // The engine alone's units go in as a user's would, through fleetctl; the whole cluster's
     // through the API, then, in a cluster of their own, through fleetctl.
     let alone = cfg(&etcd, "/fleet-bench-million-engine/", 3600, false, 30);
-    let engine = match crate::sim::in_child::<EngineReport>(&alone, crate::sim::Simulation::EngineAlone).await {
+    let engine = match crate::sim::in_child::<EngineReport>(
+        &alone,
+        crate::sim::Simulation::EngineAlone(crate::sim::Submission::Fleetctl),
+    )
+    .await
+    {
         Ok(r) => {
             eprintln!("{}", serde_json::to_string(&r)?);
             Some(r)

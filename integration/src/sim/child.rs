@@ -5,10 +5,10 @@ use super::SimConfig;
 use anyhow::{bail, Context, Result};
 
 /// Which simulation a `fleet-sim` child runs.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 pub enum Simulation {
-    /// `--engine-alone`, its units submitted by fleetctl.
-    EngineAlone,
+    /// `--engine-alone`, its units submitted this way.
+    EngineAlone(super::Submission),
     /// The whole cluster, submitted as `cfg.submission` says.
     Cluster,
 }
@@ -53,8 +53,11 @@ pub async fn in_child<R: serde::de::DeserializeOwned>(cfg: &SimConfig, what: Sim
         cmd.arg("--no-metrics");
     }
     match what {
-        Simulation::EngineAlone => {
-            cmd.args(["--engine-alone", "--submit-with-fleetctl"]);
+        Simulation::EngineAlone(submission) => {
+            cmd.arg("--engine-alone");
+            if matches!(submission, super::Submission::Fleetctl) {
+                cmd.arg("--submit-with-fleetctl");
+            }
         }
         Simulation::Cluster => {
             if cfg.faults {

@@ -204,10 +204,12 @@ pub async fn engine_alone(cfg: SimConfig, submission: Submission) -> Result<Engi
         // the whole pass that follows an election's first placement runs over a million units
         // (4-16 s), and its planning copy takes in the states written meanwhile after it (~4 s)
         // — their cost, not the idle cluster's. Settled: the view and the planning copy at the
-        // revision written, no pass under way and none ended for `QUIET`.
+        // revision written, no pass under way, and neither a pass ended nor a write seen for
+        // `QUIET`.
         const QUIET: Duration = Duration::from_secs(3);
         let leader_port = cfg.api_port + 1;
-        let last_passes: std::cell::Cell<Option<(u64, Instant)>> = Default::default();
+        // (passes ended, the view's revision) when first seen so, and since when.
+        let last_passes: std::cell::Cell<Option<((u64, i64), Instant)>> = Default::default();
         let settled = wait_until("the leader to settle", Duration::from_secs(120), || {
             let status = async {
                 let status: serde_json::Value = http
@@ -218,20 +220,23 @@ pub async fn engine_alone(cfg: SimConfig, submission: Submission) -> Result<Engi
                     .json()
                     .await
                     .ok()?;
-                let revision = status["revision"].as_i64()?.min(status["planRevision"].as_i64()?);
-                Some((revision, status["planning"].as_bool()?, status["passes"].as_u64()?))
+                let view = status["revision"].as_i64()?;
+                let revision = view.min(status["planRevision"].as_i64()?);
+                Some((revision, status["planning"].as_bool()?, (status["passes"].as_u64()?, view)))
             };
             let last_passes = &last_passes;
             async move {
-                let Some((revision, planning, passes)) = status.await else { return false };
+                let Some((revision, planning, seen_now)) = status.await else { return false };
                 if revision < written || planning {
                     last_passes.set(None);
                     return false;
                 }
+                // A pass counts as ended once it has planned; its writes come after, and move
+                // the view's revision: both must stay put.
                 match last_passes.get() {
-                    Some((seen, since)) if seen == passes => since.elapsed() >= QUIET,
+                    Some((seen, since)) if seen == seen_now => since.elapsed() >= QUIET,
                     _ => {
-                        last_passes.set(Some((passes, Instant::now())));
+                        last_passes.set(Some((seen_now, Instant::now())));
                         false
                     }
                 }

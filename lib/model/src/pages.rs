@@ -171,7 +171,7 @@ pub struct PageFollower {
 }
 
 /// A page as last seen: the revision it was written at, and its units (sorted) with a hash of
-/// each one's record.
+/// each one's record (after an unreadable value, the units it held before that value).
 #[derive(Debug, Default, Clone)]
 struct FollowedPage {
     revision: i64,
@@ -235,11 +235,9 @@ impl PageFollower {
             now.push((unit, hash));
         }
         changes.extend(old_iter.map(|(gone, _)| PageChange::Removed(gone)));
-        if !now.is_empty() {
-            self.pages.entry(machine.to_string()).or_default().insert(page, FollowedPage { revision, units: now });
-        } else {
-            self.forget_empty(machine);
-        }
+        // Kept even with no units (`{}`, or only names that do not parse: neither is written by
+        // fleet): the page exists at this revision, and a write of it must be guarded so.
+        self.pages.entry(machine.to_string()).or_default().insert(page, FollowedPage { revision, units: now });
         Ok(changes)
     }
 
@@ -250,7 +248,8 @@ impl PageFollower {
         old.units.into_iter().map(|(u, _)| PageChange::Removed(u)).collect()
     }
 
-    /// `machine`'s pages: number, the revision it was last written at, and its units (sorted).
+    /// `machine`'s pages: number, the revision it was last written at, and its units (sorted;
+    /// after an unreadable value, those it held before).
     pub fn pages_of(&self, machine: &str) -> impl Iterator<Item = (u32, i64, impl Iterator<Item = &UnitName>)> {
         self.pages.get(machine).into_iter().flatten().map(|(n, p)| (*n, p.revision, p.units.iter().map(|(u, _)| u)))
     }
@@ -402,6 +401,11 @@ mod tests {
         assert!(f.put("m1", 3, 9, b"[]", |u| u).is_err());
         assert_eq!(revisions(&f, "m1"), vec![(0, 8), (3, 9)]);
         assert_eq!(f.pages_of("m1").map(|(_, _, u)| u.count()).sum::<usize>(), 3);
+        // A readable page holding no unit fleet can name is known at its revision too.
+        assert_eq!(changes(f.put("m1", 4, 10, br#"{"not a unit name":{}}"#, |u| u).unwrap_or_default()), vec![]);
+        assert_eq!(revisions(&f, "m1"), vec![(0, 8), (3, 9), (4, 10)]);
+        f.delete("m1", 3);
+        f.delete("m1", 4);
         // Deleted with its lease: every unit it held is removed.
         let c = changes(f.delete("m1", 0));
         assert_eq!(c.iter().filter(|(_, s)| s.is_none()).count(), 3);

@@ -554,7 +554,7 @@ async fn the_status_shows_the_revision_the_planning_copy_has_taken_in() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unreadable_schedule_page_is_replaced_by_the_next_write_of_it() {
+async fn an_unreadable_or_empty_schedule_page_is_replaced_by_the_next_write_of_it() {
     let c = cluster().await;
     c.machine("m1", &[]).await;
     c.unit("a.service", PLAIN).await;
@@ -570,6 +570,17 @@ async fn an_unreadable_schedule_page_is_replaced_by_the_next_write_of_it() {
     let placed = c.schedule().await;
     assert!(["a.service", "b.service"].iter().all(|u| placed.get(*u) == Some(&vec!["m1".to_string()])), "{placed:?}");
     assert!(c.store.peek(page.as_bytes()).is_some_and(|v| v.as_slice() != b"{not json"));
+    // A readable page naming no unit (written by hand): its units are gone from it, and are
+    // placed again with the next one, into that page, guarded by its revision.
+    let emptied = Op::put(page.clone(), b"{}".to_vec(), 0);
+    c.store.txn(Txn { then: vec![emptied], ..Txn::default() }).await.expect("put");
+    c.unit("c.service", PLAIN).await;
+    c.pass().await.expect("a pass after an empty page");
+    let placed = c.schedule().await;
+    assert!(
+        ["a.service", "b.service", "c.service"].iter().all(|u| placed.get(*u) == Some(&vec!["m1".to_string()])),
+        "{placed:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
