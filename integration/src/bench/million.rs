@@ -505,7 +505,8 @@ const NOTES: &str = "\
   by 1.2 s. Through fleetctl: 107.6, 107.9, 128.9 and 121.2 s in four runs; through the API \
   78.6, 103.1 and 88.0 s. The fleetctl cluster's machines also came up slower in every run \
   (30-34 s against 19-23 s for the API cluster before it, in fresh processes and etcds alike; \
-  not explained). `fleetctl start` of 1,000 more units into the converged cluster took 4.1-8.7 \
+  a run by hand after, `fleet-sim --fleetctl` with nothing before it, brought them up in 23.2 s \
+  and converged in 102.8 s: the bench's third place is the likely difference, not confirmed). `fleetctl start` of 1,000 more units into the converged cluster took 4.1-8.7 \
   s in these runs (0.66 s once before; not a target, not looked into).
 - *fleetctl's own cost at a million units* (by hand, `perf` during an engine-alone submission): \
   fleetctl took ~10 CPU-s, much of it in its first seconds (84% of a core, 68 points of it in \
