@@ -399,8 +399,8 @@ impl<S: Store> Planner<S> {
         }
         let planned = started.elapsed();
         self.metrics.planned(planned, outcome.unplaceable.len());
-        self.planned_up_to(view_rev);
         if let Ok(mut s) = self.status.lock() {
+            s.plan_revision = view_rev;
             s.last_plan_ms = planned.as_millis() as u64;
             s.planning = false;
             s.passes += 1;

@@ -34,11 +34,7 @@ pub async fn in_child<R: serde::de::DeserializeOwned>(cfg: &SimConfig, what: Sim
     match (&cfg.etcd_tls, &cfg.api_tls) {
         (Some(etcd), Some(api)) => {
             let dir = etcd.ca_file.parent().context("the etcd identity's directory")?;
-            let (root, engine) = (crate::pki::identity_in(dir, "root"), crate::pki::identity_in(dir, "engine"));
-            let same = |a: &fleet_store::tls::ClientTls, b: &fleet_store::tls::ClientTls| {
-                (&a.ca_file, &a.cert_file, &a.key_file) == (&b.ca_file, &b.cert_file, &b.key_file)
-            };
-            if !same(etcd, &root) || !same(api, &engine) {
+            if *etcd != crate::pki::identity_in(dir, "root") || *api != crate::pki::identity_in(dir, "engine") {
                 bail!("fleet-sim takes the identities root (etcd) and engine (the API) from {}", dir.display());
             }
             cmd.arg("--etcd-identity").arg(dir);

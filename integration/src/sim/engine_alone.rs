@@ -177,10 +177,7 @@ pub async fn engine_alone(cfg: SimConfig, submission: Submission) -> Result<Engi
     // etcd's revision may move on outside the prefix (a shared etcd), which the replica's view
     // never sees: after a while the listing goes ahead (and is repeated below until complete).
     let caught_up = wait_until("the API replica to show every state", Duration::from_secs(30), || async {
-        let status: Option<serde_json::Value> = async {
-            http.get(format!("{}/engine/status", cfg.api_url(cfg.api_port))).send().await.ok()?.json().await.ok()
-        }
-        .await;
+        let status = engine_status(&cfg, &http, cfg.api_port).await;
         status.and_then(|s| s["revision"].as_i64()).is_some_and(|r| r >= written)
     })
     .await;
@@ -212,14 +209,7 @@ pub async fn engine_alone(cfg: SimConfig, submission: Submission) -> Result<Engi
         let last_passes: std::cell::Cell<Option<((u64, i64), Instant)>> = Default::default();
         let settled = wait_until("the leader to settle", Duration::from_secs(120), || {
             let status = async {
-                let status: serde_json::Value = http
-                    .get(format!("{}/engine/status", cfg.api_url(leader_port)))
-                    .send()
-                    .await
-                    .ok()?
-                    .json()
-                    .await
-                    .ok()?;
+                let status = engine_status(&cfg, &http, leader_port).await?;
                 let view = status["revision"].as_i64()?;
                 let revision = view.min(status["planRevision"].as_i64()?);
                 Some((revision, status["planning"].as_bool()?, (status["passes"].as_u64()?, view)))

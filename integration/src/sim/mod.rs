@@ -300,10 +300,13 @@ async fn view_loaded(cfg: &SimConfig, http: &reqwest::Client, port: u16) -> bool
     http.get(url).send().await.is_ok_and(|r| r.status().is_success())
 }
 
+/// `/engine/status` of the engine serving on `port`, if it answers.
+async fn engine_status(cfg: &SimConfig, http: &reqwest::Client, port: u16) -> Option<serde_json::Value> {
+    http.get(format!("{}/engine/status", cfg.api_url(port))).send().await.ok()?.json().await.ok()
+}
+
 async fn leader_of(cfg: &SimConfig, http: &reqwest::Client, port: u16) -> Option<bool> {
-    let v: serde_json::Value =
-        http.get(format!("{}/engine/status", cfg.api_url(port))).send().await.ok()?.json().await.ok()?;
-    v["leader"].as_bool()
+    engine_status(cfg, http, port).await?["leader"].as_bool()
 }
 
 async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<()>

@@ -203,14 +203,15 @@ impl PageFollower {
         value: &'v [u8],
         share: impl Fn(UnitName) -> UnitName,
     ) -> Result<Vec<PageChange<'v>>, serde_json::Error> {
+        let followed = self.pages.entry(machine.to_string()).or_default();
         let records: BTreeMap<std::borrow::Cow<'v, str>, &'v RawValue> = match serde_json::from_slice(value) {
             Ok(r) => r,
             Err(e) => {
-                self.pages.entry(machine.to_string()).or_default().entry(page).or_default().revision = revision;
+                followed.entry(page).or_default().revision = revision;
                 return Err(e);
             }
         };
-        let old = self.pages.entry(machine.to_string()).or_default().remove(&page).unwrap_or_default().units;
+        let old = followed.remove(&page).unwrap_or_default().units;
         let mut changes = Vec::new();
         let mut now = Vec::with_capacity(records.len());
         let mut old_iter = old.into_iter().peekable();
@@ -237,7 +238,7 @@ impl PageFollower {
         changes.extend(old_iter.map(|(gone, _)| PageChange::Removed(gone)));
         // Kept even with no units (`{}`, or only names that do not parse: neither is written by
         // fleet): the page exists at this revision, and a write of it must be guarded so.
-        self.pages.entry(machine.to_string()).or_default().insert(page, FollowedPage { revision, units: now });
+        followed.insert(page, FollowedPage { revision, units: now });
         Ok(changes)
     }
 
