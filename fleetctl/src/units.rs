@@ -4,13 +4,15 @@
 
 use crate::{deadline, read_unit_file, unit_name_of, Block, Ctl, Progress};
 use anyhow::{bail, Context, Result};
-use fleet_client::{Unit, UnitState, Until, WaitEvent};
+use fleet_client::{NewUnit, Unit, UnitState, Until, WaitEvent};
 use fleet_model::DesiredState;
 use fleet_model::{UnitFile, UnitName};
 use std::collections::{HashMap, HashSet};
+use std::ffi::OsString;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 /// What the cluster holds of the units a command names, from one lookup.
 pub struct Known {
@@ -45,51 +47,78 @@ enum Plan {
     Keep,
 }
 
-/// Unit names of the arguments, each once, in order.
-fn names_of(args: &[String]) -> Result<Vec<(String, String)>> {
+/// Unit names of the arguments, each once, in order, beside the argument each came from.
+fn names_of(args: &[String]) -> Result<Vec<(&str, String)>> {
     let mut seen = HashSet::new();
     let mut out = Vec::new();
     for arg in args {
         let name = unit_name_of(arg);
         UnitName::parse(&name).with_context(|| format!("invalid unit name {name:?}"))?;
         if seen.insert(name.clone()) {
-            out.push((arg.clone(), name));
+            out.push((arg.as_str(), name));
         }
     }
     Ok(out)
 }
 
-/// The contents a named unit gets should it be new, as the original fleetctl found them: its
-/// own file (`is_file`: `arg` is one), else its template's, the cluster's (in `known`) or a local
-/// file of the template's name beside the argument. Each local template is read once
-/// (`templates`), however many instances name it. An error says why none was found.
-fn new_unit_options(
-    arg: &str,
-    name: &str,
-    is_file: bool,
-    known: &Known,
-    templates: &mut HashMap<PathBuf, Result<Vec<fleet_model::UnitOption>, Option<String>>>,
-) -> Result<Vec<fleet_model::UnitOption>> {
-    let local = Path::new(arg);
-    if is_file {
-        return Ok(read_unit_file(local)?.options);
-    }
-    let parsed = UnitName::parse(name)?;
-    let template =
-        parsed.template().with_context(|| format!("unable to find Unit({name}) in Registry or on filesystem"))?;
-    if let Some(t) = known.units.get(template.as_str()) {
-        return Ok(t.options.clone());
-    }
-    let tpath = local.parent().map(|d| d.join(template.as_str())).unwrap_or_else(|| PathBuf::from(template.as_str()));
-    // `Err(None)`: no such file.
-    let read = templates.entry(tpath).or_insert_with_key(|tpath| match tpath.is_file() {
-        true => read_unit_file(tpath).map(|f| f.options).map_err(|e| Some(format!("{e:#}"))),
-        false => Err(None),
-    });
-    match read {
-        Ok(options) => Ok(options.clone()),
-        Err(Some(e)) => Err(anyhow::Error::msg(e.clone())),
-        Err(None) => bail!("unable to find Unit({name}) or template Unit({template}) in Registry or on filesystem"),
+/// Whether each argument is a unit file (relative to `dir`, where fleetctl runs), as
+/// `Path::is_file` says, without asking the filesystem about each of a million bare names
+/// (seconds of path walks): a name without a directory can only be a file if `dir`, read once,
+/// holds an entry of that name.
+fn unit_files(dir: &Path, named: &[(&str, String)]) -> Vec<bool> {
+    let here: Option<HashSet<OsString>> =
+        std::fs::read_dir(dir).ok().map(|d| d.filter_map(|e| e.ok().map(|e| e.file_name())).collect());
+    named
+        .iter()
+        .map(|(arg, _)| {
+            let path = Path::new(arg);
+            let bare = path.parent().is_some_and(|d| d.as_os_str().is_empty());
+            match &here {
+                Some(here) if bare && !here.contains(path.as_os_str()) => false,
+                _ => dir.join(path).is_file(),
+            }
+        })
+        .collect()
+}
+
+/// A unit's options, shared by every instance of one template.
+type Options = Arc<[fleet_model::UnitOption]>;
+
+/// Where new units' contents come from, each template's read or copied once however many
+/// instances name it: the templates the cluster holds, and local template files by path
+/// (`Err(None)`: no such file).
+#[derive(Default)]
+struct Templates {
+    cluster: HashMap<String, Options>,
+    local: HashMap<PathBuf, Result<Options, Option<String>>>,
+}
+
+impl Templates {
+    /// The contents a named unit gets should it be new, as the original fleetctl found them: its
+    /// own file (`is_file`: `arg` is one), else its template's, the cluster's or a local file of
+    /// the template's name beside the argument. An error says why none was found.
+    fn options_of(&mut self, arg: &str, name: &str, is_file: bool) -> Result<Options> {
+        let local = Path::new(arg);
+        if is_file {
+            return Ok(read_unit_file(local)?.options.into());
+        }
+        let parsed = UnitName::parse(name)?;
+        let template =
+            parsed.template().with_context(|| format!("unable to find Unit({name}) in Registry or on filesystem"))?;
+        if let Some(t) = self.cluster.get(template.as_str()) {
+            return Ok(t.clone());
+        }
+        let tpath =
+            local.parent().map(|d| d.join(template.as_str())).unwrap_or_else(|| PathBuf::from(template.as_str()));
+        let read = self.local.entry(tpath).or_insert_with_key(|tpath| match tpath.is_file() {
+            true => read_unit_file(tpath).map(|f| f.options.into()).map_err(|e| Some(format!("{e:#}"))),
+            false => Err(None),
+        });
+        match read {
+            Ok(options) => Ok(options.clone()),
+            Err(Some(e)) => Err(anyhow::Error::msg(e.clone())),
+            Err(None) => bail!("unable to find Unit({name}) or template Unit({template}) in Registry or on filesystem"),
+        }
     }
 }
 
@@ -114,8 +143,7 @@ impl Ctl {
         }
         let named = names_of(args)?;
         let state = target.as_ref().map(|t| t.0);
-        // Whether each argument is a unit file: one look at the filesystem per argument.
-        let is_file: Vec<bool> = named.iter().map(|(arg, _)| Path::new(arg).is_file()).collect();
+        let is_file = unit_files(Path::new("."), &named);
         // An instance not given as a file comes from its template: the cluster's if it has one,
         // else a local file of the template's name beside the argument. The templates are
         // looked up first (few, however many instances).
@@ -132,21 +160,23 @@ impl Ctl {
             true => Known { units: HashMap::new(), states: HashMap::new() },
             false => self.lookup(&templates).await.context("Error creating units")?,
         };
+        let mut sources = Templates {
+            cluster: known.units.iter().map(|(n, u)| (n.clone(), u.options.clone().into())).collect(),
+            ..Default::default()
+        };
 
-        // Each unit's contents should it be new; a unit without (no file, no template) must
-        // exist, and is looked up to know it does.
-        let mut local_templates = HashMap::new();
-        let mut new_units = Vec::new();
+        // Each unit's contents should it be new (by position in `named`); a unit without (no
+        // file, no template) must exist, and is looked up to know it does. The instances of a
+        // template share its options: a million of them are a million pointers, not copies.
+        let mut new: Vec<Option<Options>> = Vec::with_capacity(named.len());
         let mut unresolved: Vec<(&str, anyhow::Error)> = Vec::new();
         for ((arg, name), file) in named.iter().zip(&is_file) {
-            match new_unit_options(arg, name, *file, &known, &mut local_templates) {
-                Ok(options) => new_units.push(Unit {
-                    name: name.clone(),
-                    options,
-                    desired_state: state.unwrap_or(DesiredState::Inactive).to_string(),
-                    ..Default::default()
-                }),
-                Err(e) => unresolved.push((name, e)),
+            match sources.options_of(arg, name, *file) {
+                Ok(options) => new.push(Some(options)),
+                Err(e) => {
+                    new.push(None);
+                    unresolved.push((name, e));
+                }
             }
         }
         if !unresolved.is_empty() {
@@ -158,25 +188,32 @@ impl Ctl {
             known.merge(found);
         }
 
-        // One request per 10,000 units creates the new ones and answers those that exist.
-        let answer = self.api.create_or_find(&new_units).await.context("Error creating units")?;
+        // One request per 10,000 units creates the new ones and answers those that exist, each
+        // batch encoded from the shared options as its request goes out.
+        let desired = state.unwrap_or(DesiredState::Inactive).to_string();
+        let sending: Vec<NewUnit> = named
+            .iter()
+            .zip(&new)
+            .filter_map(|((_, name), o)| o.as_deref().map(|options| NewUnit { name, options, desired_state: &desired }))
+            .collect();
+        let answer = self.api.create_or_find(&sending).await.context("Error creating units")?;
+        drop(sending);
         let revision = answer.revision;
         let existing: HashSet<String> = answer.existing.iter().map(|u| u.name.clone()).collect();
         known.merge(Known::of(answer.existing, answer.states));
-        // Looked up once per unit below: by name, not by scanning (a million units in one command).
-        let sent: HashMap<&str, &Unit> = new_units.iter().map(|u| (u.name.as_str(), u)).collect();
-        let created: HashMap<&str, &Unit> =
-            sent.iter().filter(|(n, _)| !existing.contains(**n)).map(|(n, u)| (*n, *u)).collect();
+        // What this command created: sent, and not answered as existing.
+        let created: Vec<bool> =
+            named.iter().zip(&new).map(|((_, name), o)| o.is_some() && !existing.contains(name)).collect();
         let mut changes: Vec<Unit> = Vec::new();
-        for ((arg, name), file) in named.iter().zip(&is_file) {
-            if created.contains_key(name.as_str()) {
+        for (i, ((arg, name), file)) in named.iter().zip(&is_file).enumerate() {
+            if created[i] {
                 continue;
             }
             let Some(unit) = known.units.get(name) else { continue };
             // The local file as read above; read here only if that failed, to say why.
-            let local = match (*file, sent.get(name.as_str())) {
+            let local = match (*file, &new[i]) {
                 (false, _) => None,
-                (true, Some(u)) => Some(UnitFile::from_options(u.options.clone())),
+                (true, Some(options)) => Some(UnitFile::from_options(options.to_vec())),
                 (true, None) => Some(read_unit_file(Path::new(arg)).context("Error creating units")?),
             };
             match self.plan(arg, name, local, unit, replace, state) {
@@ -185,10 +222,7 @@ impl Ctl {
             }
         }
         print_lines(
-            new_units
-                .iter()
-                .filter(|u| created.contains_key(u.name.as_str()))
-                .map(|u| format!("Unit {} inactive", u.name)),
+            named.iter().zip(&created).filter(|(_, c)| **c).map(|((_, name), _)| format!("Unit {name} inactive")),
         )?;
         let Some((state, block)) = target else {
             self.api.update(&changes).await.context("Error creating units")?;
@@ -199,9 +233,9 @@ impl Ctl {
         let mut again = Vec::new();
         let mut waiting = Vec::new();
         let mut triggered = Vec::new();
-        for (_, name) in &named {
-            let global = match (created.get(name.as_str()), known.units.get(name)) {
-                (Some(u), _) => u.is_global(),
+        for (i, (_, name)) in named.iter().enumerate() {
+            let global = match (created[i].then_some(&new[i]).and_then(|o| o.as_deref()), known.units.get(name)) {
+                (Some(options), _) => fleet_api::is_global(name, options),
                 (None, Some(unit)) => {
                     if state == DesiredState::Launched
                         && unit.desired() == Some(DesiredState::Launched)
@@ -561,4 +595,43 @@ fn print_lines<L: std::fmt::Display>(lines: impl IntoIterator<Item = L>) -> Resu
         writeln!(out, "{line}").context("writing to standard output")?;
     }
     out.flush().context("writing to standard output")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A bare name is a file only if the directory holds a file of that name (not a directory
+    /// of it); a path with a directory is looked at as given; a name given twice counts once.
+    #[test]
+    fn unit_files_are_the_arguments_that_are_files() {
+        let dir = std::env::temp_dir().join(format!("fleetctl-unit-files-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("sub")).expect("scratch directory");
+        std::fs::create_dir_all(dir.join("d.service")).expect("scratch directory");
+        std::fs::write(dir.join("a.service"), "[Service]\nExecStart=/bin/true\n").expect("unit file");
+        std::fs::write(dir.join("sub/b.service"), "[Service]\nExecStart=/bin/true\n").expect("unit file");
+        let abs = dir.join("a.service").display().to_string();
+        let args: Vec<String> =
+            ["a.service", "c.service", "d.service", "sub/b.service", "sub/a.service", abs.as_str(), "a.service"]
+                .map(String::from)
+                .to_vec();
+        let named = names_of(&args).expect("valid names");
+        let files = unit_files(&dir, &named);
+        let _ = std::fs::remove_dir_all(&dir);
+        // `abs` and the second `a.service` share a unit name with the first: counted once.
+        assert_eq!(
+            named.iter().map(|(a, _)| *a).collect::<Vec<_>>(),
+            ["a.service", "c.service", "d.service", "sub/b.service"]
+        );
+        assert_eq!(files, [true, false, false, true]);
+        let one = |arg: &str| unit_files(&dir, &names_of(&[arg.to_string()]).expect("valid"));
+        std::fs::create_dir_all(dir.join("sub")).expect("scratch directory");
+        std::fs::write(dir.join("a.service"), "").expect("unit file");
+        assert_eq!(one(&abs), [true]);
+        assert_eq!(one("sub/a.service"), [false]);
+        let _ = std::fs::remove_dir_all(&dir);
+        // A directory that cannot be read: each argument is looked at.
+        assert_eq!(one("a.service"), [false]);
+    }
 }

@@ -67,9 +67,18 @@ impl Unit {
 
     /// A `Global=true` unit runs on every eligible machine and is never waited for.
     pub fn is_global(&self) -> bool {
-        let Ok(name) = UnitName::parse(&self.name) else { return false };
-        fleet_model::rules::Rules::parse(&name, &UnitFile::from_options(self.options.clone())).is_ok_and(|r| r.global)
+        is_global(&self.name, &self.options)
     }
+}
+
+/// Whether the unit `name` with `options` is `Global=true`. The rules are read only when its
+/// `[X-Fleet]` section names `Global`: `fleetctl start` of a million units asks this of each.
+pub fn is_global(name: &str, options: &[UnitOption]) -> bool {
+    if !options.iter().any(|o| o.section == fleet_model::rules::SECTION && o.name == "Global") {
+        return false;
+    }
+    let Ok(name) = UnitName::parse(name) else { return false };
+    fleet_model::rules::Rules::parse(&name, &UnitFile::from_options(options.to_vec())).is_ok_and(|r| r.global)
 }
 
 /// What one machine's systemd reports for a unit (`GET /state`).
@@ -516,5 +525,23 @@ mod tests {
             serde_json::to_value(&e).ok(),
             Some(json!({"error": {"code": 404, "message": "unit does not exist"}}))
         );
+    }
+
+    /// Only `Global=` in `[X-Fleet]` makes a unit global, as its rules read it.
+    #[test]
+    fn a_unit_is_global_only_by_its_x_fleet_global_rule() {
+        let opt = |section: &str, name: &str, value: &str| UnitOption {
+            section: section.into(),
+            name: name.into(),
+            value: value.into(),
+        };
+        let exec = opt("Service", "ExecStart", "/bin/true");
+        let unit = |options: Vec<UnitOption>| Unit { name: "a.service".into(), options, ..Default::default() };
+        assert!(unit(vec![exec.clone(), opt("X-Fleet", "Global", "true")]).is_global());
+        assert!(!unit(vec![exec.clone(), opt("X-Fleet", "Global", "false")]).is_global());
+        assert!(!unit(vec![exec.clone(), opt("Service", "Global", "true")]).is_global());
+        // Rules that cannot be read make no unit global.
+        assert!(!unit(vec![opt("X-Fleet", "Global", "true"), opt("X-Fleet", "MachineID", "abc")]).is_global());
+        assert!(!unit(vec![exec]).is_global());
     }
 }

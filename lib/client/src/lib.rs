@@ -21,6 +21,7 @@ pub use fleet_api::{Event, EventPage};
 pub use fleet_api::{JoinTokenCreated, JoinTokenInfo, JoinTokenRequest};
 pub use fleetlock::FleetLockOp;
 pub use states::{head_of, StateLine, StateStream};
+pub use units::NewUnit;
 
 pub use fleet_api::{AgentStatus, Created, Found, Machine, Unit, UnitError, UnitState, Until, WaitEvent};
 use fleet_api::{ErrorBody, MachinePage, Page, UnitPage, UnitStatePage};

@@ -225,3 +225,37 @@ async fn a_wait_stopped_by_the_caller_is_not_asked_again() {
     let left = tokio::time::timeout(Duration::from_secs(10), wait).await.expect("the wait ends").expect("wait");
     assert_eq!((left, seen, asked.load(Ordering::Relaxed)), (vec!["a.service".to_string()], 1, 1));
 }
+
+/// The borrowed bodies decode on the engine's side as the owned ones they stand for: a field
+/// renamed or skipped differently in one would be lost on the wire.
+#[test]
+fn borrowed_bodies_are_the_api_types_on_the_wire() {
+    let options = vec![fleet_model::UnitOption {
+        section: "Service".into(),
+        name: "ExecStart".into(),
+        value: "/bin/true".into(),
+    }];
+    let owned = fleet_api::Unit {
+        name: "a@1.service".into(),
+        options: options.clone(),
+        desired_state: "launched".into(),
+        ..Default::default()
+    };
+    let bare = fleet_api::Unit { name: "b.service".into(), ..Default::default() };
+    let new = [
+        units::NewUnit { name: "a@1.service", options: &options, desired_state: "launched" },
+        units::NewUnit::from(&bare),
+    ];
+    for keep_existing in [false, true] {
+        let sent = serde_json::to_value(units::CreateUnitsOf { units: &new, keep_existing }).expect("encodes");
+        let got: fleet_api::CreateUnits = serde_json::from_value(sent.clone()).expect("decodes");
+        assert_eq!(got, fleet_api::CreateUnits { units: vec![owned.clone(), bare.clone()], keep_existing });
+        let owned_sent =
+            serde_json::to_value(fleet_api::CreateUnits { units: vec![owned.clone(), bare.clone()], keep_existing })
+                .expect("encodes");
+        assert_eq!(sent, owned_sent);
+    }
+    let names = vec!["a.service".to_string(), "b.service".to_string()];
+    let sent = serde_json::to_value(units::NamesOf { names: &names }).expect("encodes");
+    assert_eq!(sent, serde_json::to_value(fleet_api::Names { names }).expect("encodes"));
+}

@@ -3,11 +3,13 @@
 
 use crate::{segment, Client, Error, Result, BATCH, BATCHES_IN_FLIGHT};
 use fleet_api::{
-    AgentStatus, Changed, CreateUnits, Created, Destroyed, Found, MoveRequest, Names, Unit, UnitChange, UnitChanges,
-    UnitStatuses, Until, WaitEvent, WaitRequest,
+    AgentStatus, Changed, Created, Destroyed, Found, MoveRequest, Unit, UnitChange, UnitChanges, UnitStatuses, Until,
+    WaitEvent, WaitRequest,
 };
+use fleet_model::UnitOption;
 use futures::{StreamExt, TryStreamExt};
 use reqwest::StatusCode;
+use serde::Serialize;
 use std::collections::HashSet;
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
@@ -22,6 +24,41 @@ enum Waited {
 
 /// How long one `units:wait` request waits at most before the client asks again.
 const WAIT_WINDOW: Duration = Duration::from_secs(30);
+
+/// A unit to create, borrowing its parts, sent as a [`Unit`] is: `fleetctl start` of a million
+/// instances of one template sends the template's options a million times without holding a
+/// copy of them per instance.
+#[derive(Debug, Clone, Copy, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NewUnit<'a> {
+    pub name: &'a str,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    pub options: &'a [UnitOption],
+    #[serde(skip_serializing_if = "str::is_empty")]
+    pub desired_state: &'a str,
+}
+
+impl<'a> From<&'a Unit> for NewUnit<'a> {
+    fn from(u: &'a Unit) -> Self {
+        NewUnit { name: &u.name, options: &u.options, desired_state: &u.desired_state }
+    }
+}
+
+/// [`fleet_api::CreateUnits`] as sent: one batch of the caller's units, borrowed rather than
+/// copied.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct CreateUnitsOf<'a, U> {
+    pub(crate) units: &'a [U],
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) keep_existing: bool,
+}
+
+/// [`fleet_api::Names`] as sent: one batch of the caller's names, borrowed.
+#[derive(Serialize)]
+pub(crate) struct NamesOf<'a> {
+    pub(crate) names: &'a [String],
+}
 
 impl Client {
     /// One unit, or `None` if it does not exist.
@@ -131,8 +168,7 @@ impl Client {
     /// The named units, what their machines report, and which do not exist: one request per
     /// [`BATCH`] names, [`BATCHES_IN_FLIGHT`] at once.
     pub async fn batch_get(&self, names: &[String]) -> Result<Found> {
-        let asks =
-            names.chunks(BATCH).map(|chunk| self.batch::<Found>("units:batchGet", Names { names: chunk.to_vec() }));
+        let asks = names.chunks(BATCH).map(|names| self.batch::<Found>("units:batchGet", NamesOf { names }));
         let found: Vec<Found> = futures::stream::iter(asks).buffered(BATCHES_IN_FLIGHT).try_collect().await?;
         let mut all = Found::default();
         for f in found {
@@ -147,21 +183,21 @@ impl Client {
     /// same contents counts as created, so a request may be sent again); returns the etcd
     /// revision of the last write (0 if there was nothing to create).
     /// [`BATCHES_IN_FLIGHT`] requests at once.
-    pub async fn create(&self, units: &[Unit]) -> Result<i64> {
+    pub async fn create<U: Serialize + Sync>(&self, units: &[U]) -> Result<i64> {
         Ok(self.create_units(units, false).await?.revision)
     }
 
     /// Creates the units that do not exist and answers those that do (as `GET /units/{name}`
     /// shows them, with their states), leaving them as they are: one request per [`BATCH`]
     /// units, rather than looking every name up first. `revision` is that of the last write.
-    pub async fn create_or_find(&self, units: &[Unit]) -> Result<Created> {
+    /// Units are [`Unit`]s or [`NewUnit`]s; each batch is encoded as its request goes out.
+    pub async fn create_or_find<U: Serialize + Sync>(&self, units: &[U]) -> Result<Created> {
         self.create_units(units, true).await
     }
 
-    async fn create_units(&self, units: &[Unit], keep_existing: bool) -> Result<Created> {
-        let asks = units
-            .chunks(BATCH)
-            .map(|chunk| self.batch::<Created>("units", CreateUnits { units: chunk.to_vec(), keep_existing }));
+    async fn create_units<U: Serialize + Sync>(&self, units: &[U], keep_existing: bool) -> Result<Created> {
+        let asks =
+            units.chunks(BATCH).map(|units| self.batch::<Created>("units", CreateUnitsOf { units, keep_existing }));
         let answers: Vec<Created> = futures::stream::iter(asks).buffered(BATCHES_IN_FLIGHT).try_collect().await?;
         let mut all = Created::default();
         for a in answers {
@@ -196,7 +232,7 @@ impl Client {
     pub async fn destroy_many(&self, names: &[String]) -> Result<(Vec<String>, i64)> {
         let (mut gone, mut revision) = (Vec::new(), 0);
         for chunk in names.chunks(BATCH) {
-            let d: Destroyed = self.batch("units:batchDelete", Names { names: chunk.to_vec() }).await?;
+            let d: Destroyed = self.batch("units:batchDelete", NamesOf { names: chunk }).await?;
             gone.extend(d.destroyed);
             revision = revision.max(d.revision);
         }
