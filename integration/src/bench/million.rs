@@ -506,15 +506,42 @@ const NOTES: &str = "\
   78.6, 103.1 and 88.0 s. The fleetctl cluster's machines also came up slower in every run \
   (30-34 s against 19-23 s for the API cluster before it, in fresh processes and etcds alike; \
   a run by hand after, `fleet-sim --fleetctl` with nothing before it, brought them up in 23.2 s \
-  and converged in 102.8 s: the bench's third place is the likely difference, not confirmed). `fleetctl start` of 1,000 more units into the converged cluster took 4.1-8.7 \
+  and converged in 102.8 s; the bench's third place was suspected, and ruled out later, see below). `fleetctl start` of 1,000 more units into the converged cluster took 4.1-8.7 \
   s in these runs (0.66 s once before; not a target, not looked into).
 - *fleetctl's own cost at a million units* (by hand, `perf` during an engine-alone submission): \
   fleetctl took ~10 CPU-s, much of it in its first seconds (84% of a core, 68 points of it in \
   the kernel, zeroing fresh pages above all): it builds every unit's request (the template's options copied \
   into each instance) before sending the first. It now allocates with mimalloc as the engine \
   does (10.4 -> 7.2 CPU-s in one run each, submission 42.9 -> 28.5 s), which still builds them \
-  all first. Next: build and send the requests a batch at a time, so the engine stores the \
-  first units while fleetctl prepares the rest (and fleetctl's memory stays one batch).
+  all first. Now the instances of a template share its options (a pointer each, not a copy), \
+  each batch of 10,000 is encoded from borrowed units as its request goes out (the client \
+  copied every batch before), and whether an argument is a unit file is answered by one read of \
+  the working directory rather than a `stat` per name (a million path walks). The engine alone's \
+  submission by fleetctl stayed where it was (30.3 and 31.6 s in two bench runs on the Intel \
+  Xeon host, 29.3 s on the AMD EPYC one): what bounds it is the engine and etcd storing the \
+  units, not fleetctl.
+- *Where the whole cluster's time went on the Intel Xeon host* (2026-12-03 18:32-19:50, a \
+  slower host than the AMD EPYC one of the runs above): the bench's first run there missed \
+  both (API 133.4 s, fleetctl 139.0 s; in it the fleetctl cluster ran before the API's, to see \
+  whether the third place was what slowed the fleetctl cluster's machines: both clusters' \
+  machines came up in 33-35 s, so it was not the place). etcd's own profile (`--enable-pprof`, \
+  by hand, 40 s windows): 10-15% of its CPU in `http2.(*priorityNode).walkReadyInOrder`: over \
+  TLS, etcd 3.4 serves gRPC through Go's HTTP/2 server, whose write scheduler walks and sorts \
+  every open stream of a connection for each frame it sends, and the simulation put 125 \
+  machines (250 streams, a watch and a keepalive each) on a connection. A real agent has a \
+  connection of its own; the simulated ones now share one per 10 machines: that function fell \
+  to 4%, etcd's CPU over the same window of placement from 85% to 58% of a core, and the API \
+  cluster by hand 138.0 -> 113.7 s. Go's garbage collector is most of the rest of etcd's CPU \
+  (`GOGC=200` on etcd: 109.2 s, one run, within the noise; not kept). A leader started before \
+  the submission (so it places as units arrive, as in a user's cluster) was tried again: etcd \
+  refused ~290,000 requests (\"waiting for the applied index took too long\") and the \
+  submission had not finished after 2.5 minutes; stopped. The leader is still started once the \
+  units are stored, and spends 10-25 s listing them before its first placement: that, and \
+  etcd's apply falling behind while agents start their units (thousands of refused lease \
+  renewals a run), are what is left between these runs and 120 s on this host. The bench's \
+  runs after these changes on the same host: 19:22, API 126.7 s and fleetctl 113.1 s (met); \
+  this table's (19:43), API 133.1 s and fleetctl 157.2 s (submission 47.2 s; placement \
+  11,300/s against 17,200/s in the run before). On this host neither target is reliably met.
 - *Whole passes still come* after a unit is changed or destroyed, a drain, a move, a rollout's \
   step, or a unit displaced by a `Replaces`, and right after a new leader's first pass: each \
   costs the seconds above, and delays what is submitted meanwhile.
