@@ -120,6 +120,8 @@ impl ClusterView {
     fn apply_update_observed(&mut self, keys: &Keys, update: PrefixUpdate, observe: &mut Observer<'_>) {
         match update {
             PrefixUpdate::Snapshot { revision, puts } => {
+                let applying = std::time::Instant::now();
+                let keys_listed = puts.len();
                 let mut fresh = ClusterView::default();
                 for c in puts {
                     fresh.apply(keys, c, &mut |_, _| {});
@@ -130,6 +132,12 @@ impl ClusterView {
                 // A new listing may hide any change: the next pass is a whole one.
                 fresh.plan_changes = self.plan_changes.take().map(|c| PlanChanges { other: true, ..c });
                 *self = fresh;
+                tracing::info!(
+                    keys = keys_listed,
+                    units = self.units.len(),
+                    ms = applying.elapsed().as_millis() as u64,
+                    "listing applied"
+                );
             }
             PrefixUpdate::Changes { revision, changes } => {
                 for c in changes {

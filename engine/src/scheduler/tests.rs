@@ -782,7 +782,9 @@ fn steady_pass_over_100k_placed_units() {
     for i in 0..units {
         add(&mut w, i);
     }
+    let t = std::time::Instant::now();
     let (first, _) = schedule_carrying(&w.snapshot());
+    eprintln!("first pass placing {units} new units on {machines} machines: {:?}", t.elapsed());
     w.apply(&first);
     let t = std::time::Instant::now();
     let mut again = (Outcome::default(), None);

@@ -294,8 +294,8 @@ const NOTES: &str = "\
   keyed by it (record, schedule, states, rules), and body hashes, machine ids and systemd's \
   state words are interned by the view (`fleet_model::Text`), which the leader's planning copy \
   shares rather than copies: 2.1 -> 1.4 GiB in the leader, 1.1 -> 0.65 GiB in the API replica \
-  (this table; the run before was on another host of this kind, an Intel Xeon, so its times \
-  are not comparable with these, its memory is). The sharing lasts until the view is listed \
+  (the bench's run of 2026-12-03 15:34 on an AMD EPYC host; memory is comparable across \
+  these hosts, times are not). The sharing lasts until the view is listed \
   again (every 30 minutes, or after a compaction or a lost watch): the planning copy then \
   applies the new listing apart, and holds its own names and hashes again (~0.1 GiB more at a \
   million units) until leadership changes; taking a new copy of the view then would keep it.
@@ -341,7 +341,7 @@ const NOTES: &str = "\
   listed their schedules again. An agent now writes and removes a pass's files in one blocking \
   task (`agent/src/files.rs`), and the simulation keeps them on tmpfs: agents report units \
   active within seconds of their entries, and all active took 190 s -> 105 and 99 s (runs of the \
-  whole cluster alone, plain etcd, by hand), 115 s in this table's run with TLS. What remains of \
+  whole cluster alone, plain etcd, by hand), 115 s in the bench's run of 2026-12-02 with TLS. What remains of \
   the simulation's CPU is the files themselves (open, rename, the `statx` calls of the \
   shadowing check), which real agents spend on their own machines.
 - *Now etcd bounds it*: the leader writes its million entries at 11,000-16,000/s beside the \
@@ -350,7 +350,7 @@ const NOTES: &str = "\
   index took too long\". TLS costs ~15 s at this size (99-105 s plain against 115-121 s). \
   Splitting the agents' states from the schedule (another etcd) is the next step.
 - *Submitted by fleetctl* (`fleetctl start --no-block --names-from`), a million units took 45 s \
-  to store in this table's run against 26 s through the API in requests of 5,000: fleetctl \
+  to store in the bench's run of 2026-12-02 against 26 s through the API in requests of 5,000: fleetctl \
   first looked every name up (`units:batchGet`, 11 s; it must not recreate a unit that exists \
   nor miss one that failed), then created them (27 s), in requests of 10,000, two at a time, \
   and read the template file once per instance. With the leader then placing them, all active \
@@ -361,7 +361,7 @@ const NOTES: &str = "\
   its own. A leader placing the units as fleetctl stores them (a user's cluster) was tried too: \
   the submission, the leader's many small passes and the agents together pushed etcd's apply \
   backlog past its limit and it refused requests (\"too many requests\"); it was stopped at \
-  390,000 units placed after 3.5 minutes. *Since this table's run* fleetctl no longer looks \
+  390,000 units placed after 3.5 minutes. *Since that run* fleetctl no longer looks \
   the units up: `POST /units` with `keepExisting` creates those that do not exist and answers \
   those that do (which fleetctl then treats as before: kept, warned about, replaced, set to \
   the new state or started again), only the templates are looked up, and a local template is \
@@ -433,7 +433,7 @@ const NOTES: &str = "\
   and removes them when it ends; a simulation killed by a signal left them, and two or three of those (plus etcd's data \
   on the same tmpfs) took the host's memory: etcd was killed by the OOM killer in one run. \
   Remove `/dev/shm/fl-sim-machines-*` after killing a simulation.
-- *The bench's run before this table's* (2026-12-03 10:14, the AMD EPYC host, after the \
+- *A bench run* (2026-12-03 10:14, the AMD EPYC host, after the \
   schedule pages and the pacing) missed both convergence targets that the \
   run by hand before it met once: 144.6 s through the API (117.6 s by hand) and 146.9 s \
   through fleetctl (159.3 s by hand). Two runs by hand through fleetctl before it show why. In the first, etcd answered \
@@ -474,7 +474,7 @@ const NOTES: &str = "\
   fleetctl 156.2 s (missed: submission 55.2 s against 31.7 s by hand, 35.7 s to bring the \
   machines up against 22 s, then a 10 s stall in placement at 457,600 units). `./lab bench` \
   runs its simulations inside `fleet-lab`, which still allocated with glibc's allocator \
-  (`fleet-sim` had mimalloc): it now has mimalloc too, and this table is the run after that. \
+  (`fleet-sim` had mimalloc): it now has mimalloc too (the run after, next). \
   The engine alone idled at 1.12 s/min in that run, with the idle window taken after its \
   leader's view showed every state: still missed, cause not found yet.
 - *The run after* (13:07, `fleet-lab` with mimalloc): through the API 114.8 s (met), through \
@@ -488,7 +488,7 @@ const NOTES: &str = "\
   report from the child's output. The first run so (15:06) met fleetctl (107.9 s) but the API \
   cluster took 135.2 s: it shared its etcd with the engine alone before it, which leaves a \
   million deleted units' keys in etcd's history (compacted hourly; the database was 490 MiB). \
-  Every simulation now starts on a fresh etcd, as by hand: this table's run.
+  Every simulation now starts on a fresh etcd, as by hand.
 - *The engine alone's idle CPU was the tail of its work*: `perf` on both engines of an engine \
   alone at a million units, idle for a minute after everything settled, took 35 samples at \
   999 Hz (0.05 s/min; /proc agreed). What the bench's window had caught was earlier work \
@@ -501,7 +501,7 @@ const NOTES: &str = "\
 - *The next runs, each simulation in a process of its own on its own etcd* (2026-12-03): at \
   15:34 every target was met (through the API 78.6 s, through fleetctl 107.6 s with submission \
   45.3 s, the engine alone idle 0.06 s/min); at 15:45 all but fleetctl (API 103.1 s, fleetctl \
-  128.9 s, idle 0.08 s/min); this table's run (16:09, after the change below) all but fleetctl, \
+  128.9 s, idle 0.08 s/min); at 16:09 (after the change below) all but fleetctl, \
   by 1.2 s. Through fleetctl: 107.6, 107.9, 128.9 and 121.2 s in four runs; through the API \
   78.6, 103.1 and 88.0 s. The fleetctl cluster's machines also came up slower in every run \
   (30-34 s against 19-23 s for the API cluster before it, in fresh processes and etcds alike; \
@@ -540,8 +540,26 @@ const NOTES: &str = "\
   etcd's apply falling behind while agents start their units (thousands of refused lease \
   renewals a run), are what is left between these runs and 120 s on this host. The bench's \
   runs after these changes on the same host: 19:22, API 126.7 s and fleetctl 113.1 s (met); \
-  this table's (19:43), API 133.1 s and fleetctl 157.2 s (submission 47.2 s; placement \
+  19:43, API 133.1 s and fleetctl 157.2 s (submission 47.2 s; placement \
   11,300/s against 17,200/s in the run before). On this host neither target is reliably met.
+- *A leader's start, and rules no unit has* (2026-12-04, the same Intel Xeon host): the \
+  leader's log at a million units (whole cluster, by hand) showed 10.2 s listing, 3.5 s \
+  applying the listing to its view, 0.7 s copying it and 8.1 s in its first pass before its \
+  first write. `perf` of that pass (`steady_pass`, all units new): a fifth of it walked each \
+  candidate machine's units for a `Replaces` rule that no unit had, and `Conflicts` compared \
+  names against empty lists. Both now return at once when the unit has no such rule: a first \
+  pass over a million new units 6.55 -> 4.29 s, a whole pass over placed ones 3.95 -> 3.48 s, \
+  10,000 new units into a million 101 -> 43 ms (`steady_pass`, one run each). Listing a \
+  prefix now moves each key and value out of etcd's answer instead of copying it, and the \
+  engine logs what its listing and applying took (`listed prefix`, `listing applied`, \
+  docs/reliability.md). The engine alone placed a million in 21.6 s from its start where it \
+  took 29.5 s (by hand). The simulation's observer watched every key of the cluster (the \
+  agents' records and leases too) to count what was written; it now watches the schedule and \
+  the states, and counts the rest from the keys' versions after the run (one listing of keys \
+  only). This table's run (00:28) is the first bench run on this host to meet both: through \
+  the API 106.3 s (submission 38.9 s, machines up 23.7 s), through fleetctl 115.3 s \
+  (submission 34.3 s, machines up 26.0 s); one run each, with 7,354 lease renewals \
+  refused by etcd over both (\"waiting for the applied index took too long\") while the agents started their units.
 - *Whole passes still come* after a unit is changed or destroyed, a drain, a move, a rollout's \
   step, or a unit displaced by a `Replaces`, and right after a new leader's first pass: each \
   costs the seconds above, and delays what is submitted meanwhile.
@@ -551,7 +569,9 @@ const NOTES: &str = "\
   on the AMD EPYC host after the schedule pages: 117.6 s by hand, 144.6 s in the bench's run; \
   with the simulation's files in memory 89-90 s by hand, 92.6-114.8 s in the bench in one \
   process, 78.6 s with each simulation in its own process on its own etcd (135.2 s on an etcd \
-  the engine alone had used). The engine alone's fleetctl submission took 25-49 s.
+  the engine alone had used); on the Intel Xeon host 113.7-133.4 s, and 106.3 s (API) \
+  and 115.3 s (fleetctl) after the changes of 2026-12-04. The engine alone's fleetctl \
+  submission took 25-49 s.
 - *The whole simulated cluster* at this size puts 10,000 agents' watches and keepalives, the \
   submission and three million key writes on the same two cores as etcd and both engines.";
 

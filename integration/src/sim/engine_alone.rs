@@ -152,7 +152,7 @@ pub async fn engine_alone(cfg: SimConfig, submission: Submission) -> Result<Engi
     report.submit_secs = t0.elapsed().as_secs_f64();
 
     let from = revision(&admin, &keys).await? + 1;
-    let mut observed = follow(admin.clone(), keys.clone(), from);
+    let mut observed = follow(admin.clone(), keys.clone(), from, Watched::All);
     let t = Instant::now();
     let api_cpu_before = cpu_secs(api_engine.0.id());
     let engine = start_engine(&cfg, &engine_config, "alone-e1", cfg.api_port + 1, true).await?;

@@ -114,22 +114,53 @@ impl Observed {
     }
 }
 
-/// Follows every write under the prefix from revision `from`. The watch is reopened where it
-/// left off if etcd ends it (it may, under the load these runs make): an observer that silently
-/// stopped would read as a cluster that never converges.
+/// What the observer watches.
+pub(super) enum Watched {
+    /// Every write under the cluster's prefix.
+    All,
+    /// Schedules and states only: what placements and active units are counted from. The
+    /// whole cluster's observer watches no more, so that it does not cost etcd a third copy
+    /// of every unit record sent over TLS (beside the API replica's and the leader's) while the
+    /// units are submitted; the other keys written are counted at the end ([`puts_outside`]).
+    Placement,
+}
+
+/// Follows writes under the prefix (or, with [`Watched::Placement`], its schedules and states)
+/// from revision `from`. Each watch is reopened where it left off if etcd ends it (it may, under
+/// the load these runs make): an observer that silently stopped would read as a cluster that
+/// never converges.
 pub(super) fn follow(
     client: Client,
     keys: Keys,
     from: i64,
+    watched: Watched,
 ) -> watch::Receiver<std::sync::Arc<std::sync::Mutex<Observed>>> {
     let observed = std::sync::Arc::new(std::sync::Mutex::new(Observed::default()));
     let (tx, rx) = watch::channel(observed.clone());
+    let prefixes = match watched {
+        Watched::All => vec![keys.prefix().to_string()],
+        Watched::Placement => vec![keys.schedules(), keys.states()],
+    };
+    for prefix in prefixes {
+        follow_one(client.clone(), keys.clone(), from, prefix, observed.clone(), tx.clone());
+    }
+    rx
+}
+
+fn follow_one(
+    client: Client,
+    keys: Keys,
+    from: i64,
+    prefix: String,
+    observed: std::sync::Arc<std::sync::Mutex<Observed>>,
+    tx: watch::Sender<std::sync::Arc<std::sync::Mutex<Observed>>>,
+) {
     tokio::spawn(async move {
         let mut next = from;
         while !tx.is_closed() {
             let mut wc = fleet_store::etcd::watch_client(&client);
             let opts = etcd_client::WatchOptions::new().with_prefix().with_start_revision(next);
-            let mut stream = match wc.watch(keys.prefix().to_string(), Some(opts)).await {
+            let mut stream = match wc.watch(prefix.clone(), Some(opts)).await {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::warn!(error = %e, "observer: cannot watch; retrying");
@@ -194,7 +225,40 @@ pub(super) fn follow(
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     });
-    rx
+}
+
+/// Keys written under the prefix since revision `from` outside schedules and states (unit
+/// records, bodies, machines...), as (all such puts, puts of unit records), from each key's
+/// version: a key created since counts every version, a key created before and written since
+/// counts once (a lower bound). For an observer that watched [`Watched::Placement`] only.
+pub(super) async fn puts_outside(client: &Client, keys: &Keys, from: i64) -> Result<(u64, u64)> {
+    let (schedules, states) = (keys.schedules(), keys.states());
+    let end = fleet_store::kv::prefix_end(keys.prefix().as_bytes());
+    let mut kv = client.kv_client().max_decoding_message_size(fleet_store::etcd::MAX_WATCH_RESPONSE);
+    let mut at = keys.prefix().as_bytes().to_vec();
+    let (mut puts, mut records) = (0, 0);
+    loop {
+        let opts = etcd_client::GetOptions::new().with_range(end.clone()).with_keys_only().with_limit(100_000);
+        let resp = kv.get(at.clone(), Some(opts)).await?;
+        for k in resp.kvs() {
+            let key = k.key();
+            if k.mod_revision() < from || key.starts_with(schedules.as_bytes()) || key.starts_with(states.as_bytes()) {
+                continue;
+            }
+            let n = if k.create_revision() >= from { k.version() as u64 } else { 1 };
+            puts += n;
+            if matches!(keys.decode(key), Some(Key::Unit(_))) {
+                records += n;
+            }
+        }
+        match resp.kvs().last() {
+            Some(last) if resp.more() => {
+                at = last.key().to_vec();
+                at.push(0);
+            }
+            _ => return Ok((puts, records)),
+        }
+    }
 }
 
 /// Waits until `done` holds for what the observer has seen: false if `deadline` passes first, an

@@ -401,11 +401,13 @@ impl Rules {
 
     /// True if this unit's `Conflicts` patterns match `other` (never itself).
     pub fn conflicts_with(&self, me: &str, other: &str) -> bool {
-        me != other && self.conflicts.iter().any(|p| p.matches(other))
+        // The empty list first: most units declare none, and names compared are long and alike.
+        !self.conflicts.is_empty() && me != other && self.conflicts.iter().any(|p| p.matches(other))
     }
 
+    /// True if this unit's `Replaces` patterns match `other` (never itself).
     pub fn replaces_unit(&self, me: &str, other: &str) -> bool {
-        me != other && self.replaces.iter().any(|p| p.matches(other))
+        !self.replaces.is_empty() && me != other && self.replaces.iter().any(|p| p.matches(other))
     }
 
     /// Whether a machine with this id and metadata satisfies the machine-local rules.
