@@ -103,6 +103,8 @@ pub struct Agent<D: UnitDriver = Systemd, S: Store = EtcdStore, F: UnitFiles = D
     lease: Option<i64>,
     path_to_unit: HashMap<String, String>,
     schedule_seen: bool,
+    /// Pages of a schedule listing came and its snapshot has not yet.
+    schedule_listing: bool,
     /// Units whose `[X-Fleet]` says `Exclusive=true`: stopped while the lease is in doubt.
     exclusive: BTreeSet<String>,
     /// The lease was lost or is in doubt: relist the schedule and stop what is no longer ours
@@ -186,6 +188,7 @@ impl<D: UnitDriver, S: Store, F: UnitFiles> Agent<D, S, F> {
             lease: None,
             path_to_unit: HashMap::new(),
             schedule_seen: false,
+            schedule_listing: false,
             exclusive: BTreeSet::new(),
             cleanup_needed: false,
             stop_units_on_exit: cfg.stop_units_on_exit,
@@ -448,9 +451,21 @@ impl<D: UnitDriver, S: Store, F: UnitFiles> Agent<D, S, F> {
 
     fn apply_schedule_update(&mut self, update: PrefixUpdate) {
         let changes = match update {
+            // The agent's follower is not paged; pages are taken as meant all the same: the
+            // snapshot after them ends their listing rather than replacing it.
+            PrefixUpdate::Page { first, puts } => {
+                if first || !self.schedule_listing {
+                    self.schedule_pages.clear();
+                    self.schedule_keys.clear();
+                }
+                self.schedule_listing = true;
+                puts
+            }
             PrefixUpdate::Snapshot { puts, .. } => {
-                self.schedule_pages.clear();
-                self.schedule_keys.clear();
+                if !std::mem::take(&mut self.schedule_listing) {
+                    self.schedule_pages.clear();
+                    self.schedule_keys.clear();
+                }
                 self.schedule_seen = true;
                 puts
             }

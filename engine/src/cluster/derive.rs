@@ -31,6 +31,8 @@ pub struct Deriver {
     /// operations: a move may delete the old entry before it writes the new one).
     pending: Vec<(i64, Happened)>,
     scratch: Vec<Happened>,
+    /// Pages of a listing came and its snapshot has not yet.
+    listing: bool,
 }
 
 #[derive(serde::Deserialize, Default)]
@@ -40,12 +42,33 @@ struct Semaphore {
 }
 
 impl Deriver {
-    /// Starts over from a whole listing: remembers leader and slots, reports nothing.
+    /// Starts over from a whole listing: remembers leader and slots, reports nothing. After
+    /// pages ([`Deriver::page`]), `puts` is the listing's end.
     pub fn snapshot(&mut self, keys: &Keys, puts: &[Change]) {
+        if !std::mem::take(&mut self.listing) {
+            self.forget();
+        }
+        self.take_in(keys, puts);
+        self.leader = self.current_leader();
+    }
+
+    /// A page of a listing under way (the first starts it over).
+    pub fn page(&mut self, keys: &Keys, puts: &[Change], first: bool) {
+        if first || !self.listing {
+            self.forget();
+        }
+        self.listing = true;
+        self.take_in(keys, puts);
+    }
+
+    fn forget(&mut self) {
         self.candidates.clear();
         self.slots.clear();
         self.pending.clear();
         self.leaving.clear();
+    }
+
+    fn take_in(&mut self, keys: &Keys, puts: &[Change]) {
         for c in puts {
             if let Change::Put { key, value, mod_revision, .. } = c {
                 match keys.decode(key) {
@@ -60,7 +83,6 @@ impl Deriver {
                 }
             }
         }
-        self.leader = self.current_leader();
     }
 
     fn current_leader(&self) -> Option<String> {

@@ -69,6 +69,9 @@ pub struct ClusterView {
     /// What changed for placing since the leader last took it: kept on the leader's planning
     /// copy only (`None` in the shared view).
     plan_changes: Option<PlanChanges>,
+    /// The view a listing under way builds from its pages (`PrefixUpdate::Page`); it replaces
+    /// this one when the listing ends.
+    listing: Option<Box<Listing>>,
     /// Units whose rules are not parsed yet (their body may not have arrived).
     rules_missing: BTreeSet<UnitName>,
     /// Rules by body hash, for bodies whose rules do not depend on the unit's name.
@@ -103,6 +106,15 @@ pub struct PlanChanges {
     pub other: bool,
 }
 
+/// A listing under way: the view its pages built so far.
+#[derive(Debug, Default, Clone)]
+struct Listing {
+    view: ClusterView,
+    /// Keys taken in, and the time spent taking them in (logged when the listing ends).
+    keys: usize,
+    applying: Duration,
+}
+
 impl ClusterView {
     fn plan_changed(&mut self) {
         if let Some(c) = self.plan_changes.as_mut() {
@@ -119,10 +131,25 @@ impl ClusterView {
     /// together with the view just before it: how events are derived.
     fn apply_update_observed(&mut self, keys: &Keys, update: PrefixUpdate, observe: &mut Observer<'_>) {
         match update {
+            // A page of a listing: taken into the view it builds (this one stays as it is, for
+            // readers, until the listing ends), while etcd reads the next page.
+            PrefixUpdate::Page { first, puts } => {
+                let applying = std::time::Instant::now();
+                let listing = match self.listing.as_mut() {
+                    Some(l) if !first => l,
+                    _ => self.listing.insert(Box::default()),
+                };
+                listing.keys += puts.len();
+                for c in puts {
+                    listing.view.apply(keys, c, &mut |_, _| {});
+                }
+                listing.applying += applying.elapsed();
+            }
             PrefixUpdate::Snapshot { revision, puts } => {
                 let applying = std::time::Instant::now();
-                let keys_listed = puts.len();
-                let mut fresh = ClusterView::default();
+                let Listing { view: mut fresh, keys: mut keys_listed, applying: before } =
+                    self.listing.take().map(|l| *l).unwrap_or_default();
+                keys_listed += puts.len();
                 for c in puts {
                     fresh.apply(keys, c, &mut |_, _| {});
                 }
@@ -135,7 +162,7 @@ impl ClusterView {
                 tracing::info!(
                     keys = keys_listed,
                     units = self.units.len(),
-                    ms = applying.elapsed().as_millis() as u64,
+                    ms = (before + applying.elapsed()).as_millis() as u64,
                     "listing applied"
                 );
             }
@@ -655,7 +682,7 @@ impl Cluster {
     pub fn follow(client: fleet_store::etcd::Client, keys: Keys, history: usize) -> Self {
         let (tx, rx) = mpsc::channel(256);
         let kick = Arc::new(tokio::sync::Notify::new());
-        tokio::spawn(fleet_store::etcd::follow_prefix_kickable(
+        tokio::spawn(fleet_store::etcd::follow_prefix_paged(
             client,
             keys.prefix().to_string(),
             tx,
@@ -718,6 +745,10 @@ impl Cluster {
                         return Some((v.revision, v.plan_generation, None, Vec::new()));
                     };
                     let listed = match &update {
+                        PrefixUpdate::Page { first, puts } => {
+                            deriver.page(&keys, puts, *first);
+                            None
+                        }
                         PrefixUpdate::Snapshot { revision, puts } => {
                             deriver.snapshot(&keys, puts);
                             Some(*revision)
@@ -897,6 +928,34 @@ mod tests {
         v.units.keys().map(|u| u.to_string()).collect()
     }
 
+    /// A listing taken in page by page (while etcd reads the next) builds the view one snapshot
+    /// would; readers see the view as it was until the listing ends; and a listing started
+    /// again (its first attempt failed after a page) forgets the failed attempt's pages.
+    #[test]
+    fn a_listing_in_pages_replaces_the_view_at_its_end_as_one_snapshot_would() {
+        let keys = Keys::new("/t/");
+        let units = |names: &[&str]| names.iter().map(|n| unit_put(&keys, n, 5)).collect::<Vec<_>>();
+        let mut whole = ClusterView::default();
+        whole.apply_update(
+            &keys,
+            PrefixUpdate::Snapshot { revision: 9, puts: units(&["x.service", "y.service", "z.service"]) },
+        );
+
+        let mut v = ClusterView::default();
+        v.apply_update(&keys, PrefixUpdate::Snapshot { revision: 1, puts: units(&["a.service"]) });
+        let generation = v.plan_generation;
+        v.apply_update(&keys, PrefixUpdate::Page { first: true, puts: units(&["stale.service"]) });
+        v.apply_update(&keys, PrefixUpdate::Page { first: true, puts: units(&["x.service"]) });
+        v.apply_update(&keys, PrefixUpdate::Page { first: false, puts: units(&["y.service"]) });
+        assert_eq!(names(&v), vec!["a.service"], "the view changed before its listing ended");
+        assert_eq!((v.revision, v.plan_generation), (1, generation));
+        v.apply_update(&keys, PrefixUpdate::Snapshot { revision: 9, puts: units(&["z.service"]) });
+        assert_eq!(names(&v), names(&whole));
+        assert_eq!(v.revision, 9);
+        assert!(v.plan_generation > generation, "a new listing is a new plan generation");
+        assert!(v.listing.is_none());
+    }
+
     /// The leader's planning copy sees exactly what the shared view sees, in order, once it
     /// refreshes; and while the copy is held (a pass under way) the shared view keeps applying
     /// the watch, so a read waiting for a revision is not held up.
@@ -925,10 +984,15 @@ mod tests {
         plan.refresh();
         assert_eq!(names(plan.view()), vec!["a.service", "b.service", "c.service"]);
         assert_eq!(plan.view().revision, 3);
-        // A snapshot (after a compaction) replaces both alike.
-        tx.send(PrefixUpdate::Snapshot { revision: 9, puts: vec![unit_put(&keys, "z.service", 9)] })
-            .await
-            .expect("send");
+        // A listing (after a compaction) replaces both alike, in pages as etcd's follower sends
+        // it: a first attempt that failed after one page, then the whole listing again.
+        for page in [
+            PrefixUpdate::Page { first: true, puts: vec![unit_put(&keys, "w.service", 8)] },
+            PrefixUpdate::Page { first: true, puts: vec![unit_put(&keys, "z.service", 9)] },
+            PrefixUpdate::Snapshot { revision: 9, puts: Vec::new() },
+        ] {
+            tx.send(page).await.expect("send");
+        }
         assert!(cluster.caught_up(9, Duration::from_secs(5)).await);
         plan.refresh();
         assert_eq!(names(plan.view()), cluster.read(names));

@@ -80,6 +80,12 @@ pub enum PrefixUpdate {
     /// The whole prefix as of `revision`; replaces everything delivered before. Sent first, and
     /// again whenever the watch fell behind etcd's compaction and history was lost.
     Snapshot { revision: i64, puts: Vec<Change> },
+    /// A page of a listing still under way, sent only to followers that ask for pages
+    /// ([`follow_prefix_paged`]), so they take in a large listing while the rest of it is read.
+    /// The `Snapshot` that ends the listing completes it: that listing is every page from the
+    /// last one marked `first`, then the snapshot's own `puts`. A listing that fails part way
+    /// and is read again starts again with a `first` page.
+    Page { first: bool, puts: Vec<Change> },
     /// Changes up to and including `revision`.
     Changes { revision: i64, changes: Vec<Change> },
 }
@@ -127,19 +133,32 @@ fn next_page(keys: usize, bytes: usize) -> i64 {
 /// Lists every key under `prefix` as one consistent snapshot (all pages read at the revision of
 /// the first), in pages of about [`LIST_PAGE_BYTES`].
 pub async fn list_prefix(client: &Client, prefix: &str) -> Result<PrefixUpdate, etcd_client::Error> {
+    let (revision, puts) = list_prefix_paged(client, prefix, None).await?;
+    Ok(PrefixUpdate::Snapshot { revision, puts })
+}
+
+/// [`list_prefix`]; with `pages`, each page goes there as a [`PrefixUpdate::Page`] as soon as it
+/// is read, and what is returned (the listing's revision and keys) holds none of them.
+async fn list_prefix_paged(
+    client: &Client,
+    prefix: &str,
+    pages: Option<&mpsc::Sender<PrefixUpdate>>,
+) -> Result<(i64, Vec<Change>), etcd_client::Error> {
+    let listing = std::time::Instant::now();
     let end = prefix_end(prefix.as_bytes());
     let mut kv = client.kv_client().max_decoding_message_size(MAX_WATCH_RESPONSE);
     let mut from = prefix.as_bytes().to_vec();
     let mut revision = 0;
     let mut puts = Vec::new();
-    let mut bytes = 0usize;
+    let (mut keys, mut bytes) = (0usize, 0usize);
     loop {
-        let mut opts = GetOptions::new().with_range(end.clone()).with_limit(next_page(puts.len(), bytes));
+        let mut opts = GetOptions::new().with_range(end.clone()).with_limit(next_page(keys, bytes));
         if revision > 0 {
             opts = opts.with_revision(revision);
         }
         let mut resp = kv.get(from.clone(), Some(opts)).await?;
-        if revision == 0 {
+        let first = revision == 0;
+        if first {
             revision = resp.header().map(|h| h.revision()).unwrap_or(0);
         }
         let more = resp.more();
@@ -147,15 +166,30 @@ pub async fn list_prefix(client: &Client, prefix: &str) -> Result<PrefixUpdate, 
         for kv in resp.take_kvs() {
             let (lease, mod_revision) = (kv.lease(), kv.mod_revision());
             let (key, value) = kv.into_key_value();
+            keys += 1;
             bytes += key.len() + value.len();
             puts.push(Change::Put { key, value, lease, mod_revision });
         }
-        match puts.last() {
+        let next = match puts.last() {
             Some(Change::Put { key, .. }) if more => {
-                from = key.clone();
-                from.push(0);
+                let mut next = key.clone();
+                next.push(0);
+                Some(next)
             }
-            _ => return Ok(PrefixUpdate::Snapshot { revision, puts }),
+            _ => None,
+        };
+        if let Some(tx) = pages {
+            // A follower gone: the snapshot cannot be delivered either, and its follow ends.
+            if tx.send(PrefixUpdate::Page { first, puts: std::mem::take(&mut puts) }).await.is_err() {
+                return Ok((revision, Vec::new()));
+            }
+        }
+        match next {
+            Some(next) => from = next,
+            None => {
+                tracing::info!(%prefix, keys, ms = listing.elapsed().as_millis() as u64, "listed");
+                return Ok((revision, puts));
+            }
         }
     }
 }
@@ -178,17 +212,29 @@ pub fn watch_client(client: &Client) -> etcd_client::WatchClient {
 /// With `resync`, the prefix is also relisted that often as a safety net against a missed event
 /// (engines use it; agents do not, so an idle agent has no timers).
 pub async fn follow_prefix(client: Client, prefix: String, tx: mpsc::Sender<PrefixUpdate>, resync: Option<Duration>) {
-    follow_prefix_kickable(client, prefix, tx, resync, None).await
+    follow(client, prefix, tx, resync, None, false).await
 }
 
 /// [`follow_prefix`], restarting the watch (from the last revision seen) whenever `kick` is
-/// notified.
-pub async fn follow_prefix_kickable(
+/// notified, and delivering each listing page by page ([`PrefixUpdate::Page`]): a follower
+/// that takes in a million keys does so while etcd reads the next page, rather than after.
+pub async fn follow_prefix_paged(
     client: Client,
     prefix: String,
     tx: mpsc::Sender<PrefixUpdate>,
     resync: Option<Duration>,
     kick: Option<std::sync::Arc<tokio::sync::Notify>>,
+) {
+    follow(client, prefix, tx, resync, kick, true).await
+}
+
+async fn follow(
+    client: Client,
+    prefix: String,
+    tx: mpsc::Sender<PrefixUpdate>,
+    resync: Option<Duration>,
+    kick: Option<std::sync::Arc<tokio::sync::Notify>>,
+    paged: bool,
 ) {
     // Each page of a listing is bounded by the client's request timeout; the whole listing (a
     // few hundred pages at 100,000 units, seconds on a busy etcd) must not be, or a large view
@@ -203,25 +249,17 @@ pub async fn follow_prefix_kickable(
         let start = match revision {
             Some(r) => r + 1,
             None => {
-                let listing = std::time::Instant::now();
-                let got = policy.run("list prefix", is_transient, || list_prefix(&client, &prefix)).await;
-                let snapshot = match got {
-                    Ok(r) => {
-                        if let PrefixUpdate::Snapshot { puts, .. } = &r {
-                            tracing::info!(%prefix, keys = puts.len(), ms = listing.elapsed().as_millis() as u64, "listed");
-                        }
-                        r
-                    }
+                let pages = paged.then_some(&tx);
+                let got = policy.run("list prefix", is_transient, || list_prefix_paged(&client, &prefix, pages)).await;
+                let (rev, puts) = match got {
+                    Ok(r) => r,
                     Err(e) => {
                         tracing::warn!(%prefix, error = %e, "cannot list prefix");
                         tokio::time::sleep(backoff).await;
                         continue;
                     }
                 };
-                let rev = match &snapshot {
-                    PrefixUpdate::Snapshot { revision, .. } | PrefixUpdate::Changes { revision, .. } => *revision,
-                };
-                if tx.send(snapshot).await.is_err() {
+                if tx.send(PrefixUpdate::Snapshot { revision: rev, puts }).await.is_err() {
                     return;
                 }
                 revision = Some(rev);
