@@ -32,6 +32,7 @@ use fleet_model::schema::MoveRequest;
 use fleet_model::{DesiredState, MachineRecord, ScheduleEntry, UnitName, UnitRecord, UnitStateRecord};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Bound::{Excluded, Unbounded};
+use std::sync::Arc;
 
 /// What the scheduler sees. `rules` holds each unit's parsed `[X-Fleet]` rules, or why they could
 /// not be read (such a unit is never placed).
@@ -121,16 +122,23 @@ enum Fail {
 }
 
 /// A live machine's place in the least-loaded order: (utilisation in per mille, unit count, id).
-type LoadKey = (u64, usize, String);
+///
+/// The id is shared with `Placement::capacity`: a key is made twice for every unit placed.
+type LoadKey = (u64, usize, Arc<str>);
+
+/// A map the pass looks up a million times and never walks in order: hashed with foldhash,
+/// not SipHash (an ordered map of unit names compared long, alike names at every level).
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// Units on machines as the pass goes.
 #[derive(Default)]
 struct Placement {
-    on: BTreeMap<String, BTreeSet<UnitName>>,
-    used: HashMap<String, Resources>,
-    at: BTreeMap<UnitName, crate::cluster::MachineSet>,
-    /// Capacity of each live machine.
-    capacity: HashMap<String, Resources>,
+    /// The units on each machine, in name order (conflicts and replacements walk them).
+    on: FastMap<String, BTreeSet<UnitName>>,
+    used: FastMap<String, Resources>,
+    at: FastMap<UnitName, crate::cluster::MachineSet>,
+    /// Capacity of each live machine, and its id as load keys hold it.
+    capacity: FastMap<String, (Resources, Arc<str>)>,
     /// Live machines in least-loaded order, kept up to date by `add`/`remove` once `index` has
     /// built it, so placing a unit without machine-wide preferences costs O(log machines)
     /// instead of a scan of every machine.
@@ -144,7 +152,7 @@ impl Placement {
     fn new(machines: &BTreeMap<String, MachineRecord>) -> Self {
         let mut p = Placement::default();
         for m in machines.values() {
-            p.capacity.insert(m.id.clone(), m.capacity);
+            p.capacity.insert(m.id.clone(), (m.capacity, m.id.as_str().into()));
         }
         p
     }
@@ -156,10 +164,10 @@ impl Placement {
     }
 
     fn load_key(&self, machine: &str) -> Option<LoadKey> {
-        let cap = self.capacity.get(machine)?;
+        let (cap, id) = self.capacity.get(machine)?;
         let used = self.used.get(machine).copied().unwrap_or_default();
         let frac = |used: u64, cap: u64| used.saturating_mul(1000).checked_div(cap).unwrap_or(0);
-        Some((frac(used.memory, cap.memory).max(frac(used.cpu, cap.cpu)), self.count(machine), machine.to_string()))
+        Some((frac(used.memory, cap.memory).max(frac(used.cpu, cap.cpu)), self.count(machine), id.clone()))
     }
 
     fn reindex(&mut self, before: Option<LoadKey>, machine: &str) {
@@ -223,7 +231,7 @@ impl Placement {
     /// A machine that joined: it takes units from now on.
     fn gain(&mut self, machine: &MachineRecord) {
         let before = self.load_key(&machine.id);
-        self.capacity.insert(machine.id.clone(), machine.capacity);
+        self.capacity.insert(machine.id.clone(), (machine.capacity, machine.id.as_str().into()));
         if self.indexed {
             self.reindex(before, &machine.id);
         }

@@ -209,7 +209,7 @@ impl<'a> Pass<'a> {
                 };
                 let Some(key) = next else { break };
                 if allowed(&key.2) {
-                    if let Some(m) = self.snap.machines.get(&key.2) {
+                    if let Some(m) = self.snap.machines.get(&*key.2) {
                         if self.eligible_replacing(unit, rules, m).is_ok() {
                             return Ok(m);
                         }
