@@ -556,10 +556,22 @@ const NOTES: &str = "\
   took 29.5 s (by hand). The simulation's observer watched every key of the cluster (the \
   agents' records and leases too) to count what was written; it now watches the schedule and \
   the states, and counts the rest from the keys' versions after the run (one listing of keys \
-  only). This table's run (00:28) is the first bench run on this host to meet both: through \
+  only). The bench's run at 00:28 was the first on this host to meet both: through \
   the API 106.3 s (submission 38.9 s, machines up 23.7 s), through fleetctl 115.3 s \
   (submission 34.3 s, machines up 26.0 s); one run each, with 7,354 lease renewals \
   refused by etcd over both (\"waiting for the applied index took too long\") while the agents started their units.
+- *A listing taken in as it is read, and the pass's maps hashed* (2026-12-04, the same host): \
+  the engine's view now takes each page of a listing in while etcd reads the next \
+  (`follow_prefix_paged`, `PrefixUpdate::Page`; readers see the old view until the listing \
+  ends, and a listing retried after a failed page starts over), where it waited for all of \
+  them: a leader's view ready 7.2 -> 5.2 s after it leads, the engine alone's million placed \
+  20.2 -> 18.0 s from its start (by hand; 21.5 s in this table's bench run: runs vary). And the pass's maps that are only looked up (where \
+  each unit is, each machine's units, load and capacity) are hashed with foldhash rather than \
+  ordered by name, and a machine's place in the load order shares its id rather than copying \
+  it twice per unit placed: a first pass over a million new units 4.16 -> 3.85 s \
+  (`steady_pass`). This table's run (04:59) is the bench's after both: through the API \
+  91.9 s, through fleetctl 85.0 s (submission 28.5 s); a new leader placing 5.8 s after the \
+  old one was killed (5.0 and 4.3 s in the two runs before: within the target, closer to it).
 - *Whole passes still come* after a unit is changed or destroyed, a drain, a move, a rollout's \
   step, or a unit displaced by a `Replaces`, and right after a new leader's first pass: each \
   costs the seconds above, and delays what is submitted meanwhile.
@@ -570,7 +582,7 @@ const NOTES: &str = "\
   with the simulation's files in memory 89-90 s by hand, 92.6-114.8 s in the bench in one \
   process, 78.6 s with each simulation in its own process on its own etcd (135.2 s on an etcd \
   the engine alone had used); on the Intel Xeon host 113.7-133.4 s, and 106.3 s (API) \
-  and 115.3 s (fleetctl) after the changes of 2026-12-04. The engine alone's fleetctl \
+  and 115.3 s (fleetctl), then 91.9 and 85.0 s, after the changes of 2026-12-04. The engine alone's fleetctl \
   submission took 25-49 s.
 - *The whole simulated cluster* at this size puts 10,000 agents' watches and keepalives, the \
   submission and three million key writes on the same two cores as etcd and both engines.";
