@@ -182,6 +182,18 @@ impl Fences {
     }
 }
 
+/// Frees `value` on a blocking thread rather than here. What a pass sets aside at a million
+/// units (its placement of every unit) takes 0.4 s to free: a new leader's first placement, and
+/// any pass, would wait for it (docs/performance.md).
+fn free_later<T: Send + 'static>(value: T) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => {
+            runtime.spawn_blocking(move || drop(value));
+        }
+        Err(_) => drop(value),
+    }
+}
+
 /// The wall clock in unix seconds: failures, moves and rollouts are recorded in etcd for whichever
 /// engine leads next (or serves the API), so they need a clock all engines share.
 pub(crate) fn unix_now() -> u64 {
@@ -300,9 +312,7 @@ impl<S: Store> Planner<S> {
                 let v = plan.view.view();
                 {
                     let fencing = match self.fences.lock() {
-                        Ok(mut f) => {
-                            f.update(&v.machines, v.schedule.values().flat_map(|e| e.keys().map(|m| m.to_string())))
-                        }
+                        Ok(mut f) => f.update(&v.machines, v.scheduled_on.keys().cloned()),
                         Err(_) => Default::default(),
                     };
                     let now = unix_now();
@@ -311,11 +321,17 @@ impl<S: Store> Planner<S> {
                     // every unit. (A machine lost and back in between: a whole pass.)
                     let back = |m: &String| changes.machines_new.contains(m);
                     let followed = std::mem::take(&mut plan.followed);
-                    let carried = plan.carried.take().filter(|c| {
-                        followed
+                    let carried = plan.carried.take().and_then(|c| {
+                        let holds = followed
                             || !changes.other
                                 && !changes.machines_lost.iter().any(back)
-                                && changes.scheduled.iter().all(|(u, m, e)| c.agrees(&v.units, u, m, e.as_ref()))
+                                && changes.scheduled.iter().all(|(u, m, e)| c.agrees(&v.units, u, m, e.as_ref()));
+                        if holds {
+                            Some(c)
+                        } else {
+                            free_later(c);
+                            None
+                        }
                     });
                     let snap = snapshot_of(v, &fencing, now);
                     let whole = carried.is_none();
@@ -325,7 +341,9 @@ impl<S: Store> Planner<S> {
                             // placed on it; nothing carried (the whole pass comes next).
                             c.follow(&snap, &changes);
                             let first = PlanChanges { new_units: scheduler::unscheduled(&snap), ..Default::default() };
-                            (scheduler::place_new(&snap, c, &first).0, None)
+                            let (out, left) = scheduler::place_new(&snap, c, &first);
+                            free_later(left);
+                            (out, None)
                         }
                         Some(c) => scheduler::place_new(&snap, c, &changes),
                         None => scheduler::schedule_carrying(&snap),
@@ -618,7 +636,7 @@ impl<S: Store> Planner<S> {
                     changes.machines_lost.contains(m) || v.scheduled_on.get(m.as_str()).is_some_and(|n| *n > 0)
                 });
                 if changes.other || rejoined {
-                    plan.carried = None;
+                    free_later(plan.carried.take());
                 }
                 match plan.carried.as_mut() {
                     Some(c) => c.follow(&snapshot_of(v, &fencing, 0), &changes),

@@ -804,6 +804,23 @@ fn steady_pass_over_100k_placed_units() {
     eprintln!("{} new units placed on what it left: {:?}", new.len(), t.elapsed());
     drop(carried);
     assert_eq!(placed.decisions.len(), new.len());
+    w.apply(&placed);
+    // A standby elected: the schedule as followed, then the units without an entry placed (what
+    // a new leader does before anything else; it bounds how soon it places after an election).
+    let t = std::time::Instant::now();
+    let following = Carried::following(&w.snapshot());
+    eprintln!("the schedule as it stands taken whole (an engine that does not lead): {:?}", t.elapsed());
+    add(&mut w, units * 2);
+    let t = std::time::Instant::now();
+    let snap = w.snapshot();
+    let first = crate::cluster::PlanChanges { new_units: unscheduled(&snap), ..Default::default() };
+    eprintln!("  of which finding the units without an entry: {:?}", t.elapsed());
+    let (elected, left) = place_new(&snap, following, &first);
+    eprintln!("a new leader's first pass, one unit without an entry: {:?}", t.elapsed());
+    let t = std::time::Instant::now();
+    drop(left);
+    eprintln!("  dropping what it leaves: {:?}", t.elapsed());
+    assert_eq!(elected.decisions.len(), 1);
 }
 
 /// One pass at `now`, applied; where `unit` is then.
