@@ -155,6 +155,7 @@ pub async fn run(mut config: watch::Receiver<EngineConfig>, mut shutdown: watch:
             metrics,
             ready: Default::default(),
             max_pending_starts: leader::PENDING_STARTS,
+            bulk_arrival: leader::BULK_ARRIVAL,
         },
     };
     let leading = if cfg.lead {

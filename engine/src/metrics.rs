@@ -71,6 +71,8 @@ pub struct Metrics {
     pub leadership_changes: Counter,
     /// Times the leader held a placement back for machines to report what it gave them.
     pub waits_for_agents: Counter,
+    /// Times the leader waited for a bulk submission to end before placing its units.
+    pub bulk_holds: Counter,
     pub plan_duration: Histogram,
     pub decisions: Family<DecisionLabels, Counter>,
     pub unplaceable: Gauge,
@@ -124,6 +126,12 @@ impl Metrics {
             "schedule_waits_for_agents",
             "Times the leader held the rest of a placement back until machines reported the units it gave them",
             waits_for_agents.clone(),
+        );
+        let bulk_holds = Counter::default();
+        registry.register(
+            "schedule_bulk_holds",
+            "Times the leader waited for units arriving in bulk to stop arriving before placing them",
+            bulk_holds.clone(),
         );
         let plan_duration = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
         registry.register_with_unit(
@@ -189,6 +197,7 @@ impl Metrics {
             leader,
             leadership_changes,
             waits_for_agents,
+            bulk_holds,
             plan_duration,
             decisions,
             unplaceable,

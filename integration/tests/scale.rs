@@ -26,16 +26,17 @@ async fn thousand_machines_ten_thousand_units_converge_and_survive_faults() {
         event_history: None,
         metrics: true,
         // As the million bench's second cluster: the API over TLS (the lab's engine certificate),
-        // the units started by fleetctl.
+        // the units started by fleetctl while the leader runs.
         api_tls: Some(fleet_integration::pki::identity("engine")),
         submission: fleet_integration::sim::Submission::Fleetctl,
+        leader_first: true,
     })
     .await
     .expect("simulation runs");
     eprintln!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
     assert_eq!((report.missing, report.duplicates), (0, 0), "{report:?}");
     assert_eq!(report.list_units_rows, 10_000, "list-units shows every unit");
-    assert!(report.submitted_by_fleetctl && report.api_tls && report.etcd_tls, "{report:?}");
+    assert!(report.submitted_by_fleetctl && report.api_tls && report.etcd_tls && report.leader_first, "{report:?}");
     assert!(report.start_more_secs.is_some(), "fleetctl start of 1,000 more units returned");
     assert!(report.machine_lost_secs.is_some() && report.leader_lost_secs.is_some());
     assert_eq!(report.idle_writes_per_min, Some(0.0), "an idle cluster wrote to etcd");
@@ -72,6 +73,7 @@ async fn the_engine_alone_places_lists_and_idles_as_the_million_bench_measures()
             metrics: true,
             api_tls: Some(fleet_integration::pki::identity("engine")),
             submission: fleet_integration::sim::Submission::Api,
+            leader_first: false,
         },
         fleet_integration::sim::Simulation::EngineAlone(fleet_integration::sim::Submission::Fleetctl),
     )

@@ -21,7 +21,7 @@ const CAMPAIGN_CHECK: Duration = Duration::from_secs(5);
 pub mod rolling;
 pub use fence::{fence_of, fenced_txn, FenceError};
 pub(crate) use pass::unix_now;
-pub use pass::{Fences, Planner, FENCE_MARGIN, PENDING_STARTS};
+pub use pass::{Fences, Planner, BULK_ARRIVAL, FENCE_MARGIN, PENDING_STARTS};
 
 /// One attempt at a fenced write.
 const FENCED_WRITE_TIMEOUT: Duration = Duration::from_secs(10);

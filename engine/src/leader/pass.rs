@@ -59,6 +59,15 @@ const VIEW_LAG: i64 = 32;
 /// placement of thousands of units reaches.
 pub const PENDING_STARTS: usize = 50_000;
 
+/// Units arrived since the leader's last pass beyond which it waits for a submission to end
+/// before placing (see [`Planner::hold_for_submission`]): the largest single request (fleetctl
+/// sends 10,000 units per request), so a user's start in one request is placed at once.
+pub const BULK_ARRIVAL: usize = 10_000;
+/// A bulk submission is taken as ended once no unit arrived for this long...
+const BULK_QUIET: Duration = Duration::from_secs(1);
+/// ...or, should units keep arriving, placing starts after this long all the same.
+const BULK_HOLD_AT_MOST: Duration = Duration::from_secs(60);
+
 /// Committed entries etcd may have yet to apply when the leader sends another schedule write.
 const APPLY_BACKLOG: u64 = 8;
 
@@ -133,6 +142,8 @@ pub struct Planner<S: Store> {
     pub ready: Mutex<Ready>,
     /// [`PENDING_STARTS`], but for tests, which place thousands of units, not a million.
     pub max_pending_starts: usize,
+    /// [`BULK_ARRIVAL`], but for tests.
+    pub bulk_arrival: usize,
 }
 
 /// Extra wait, beyond a lost machine's lease TTL, before its exclusive units are placed elsewhere:
@@ -243,6 +254,9 @@ impl<S: Store> Planner<S> {
             copy_ms = copied.elapsed().as_millis() as u64,
             "planning on a copy of the view"
         );
+        // Units in the view when the last pass started: how many arrived since tells a bulk
+        // submission streaming in (see `hold_for_submission`).
+        let mut units_at_pass = self.units_in_view();
         loop {
             revisions.borrow_and_update();
             // Only a listed view is planned from (revision > 0). Until then any news wakes the
@@ -250,6 +264,10 @@ impl<S: Store> Planner<S> {
             let listed = self.cluster.revision() > 0;
             if listed {
                 let followed = plan.followed;
+                if !followed {
+                    self.hold_for_submission(plan, units_at_pass, lost).await?;
+                }
+                units_at_pass = self.units_in_view();
                 self.pass(&fence, plan).await?;
                 if followed {
                     // The units without an entry are placed: now the whole pass.
@@ -296,6 +314,53 @@ impl<S: Store> Planner<S> {
                 }
             }
         }
+    }
+
+    fn units_in_view(&self) -> usize {
+        self.cluster.read(|v| v.units.len())
+    }
+
+    /// Waits while units arrive in bulk (more than [`BULK_ARRIVAL`] since the last pass), until
+    /// none arrived for [`BULK_QUIET`] or [`BULK_HOLD_AT_MOST`] passed: a million units placed
+    /// as they are stored had the submission, the leader's writes and the agents' starts compete
+    /// for etcd's apply, which fell minutes behind and refused requests by the hundred thousand
+    /// (docs/performance.md). Held, the submission ends first and the placement follows, paced.
+    /// A user's `fleetctl start` of thousands of units is one request and is not held.
+    async fn hold_for_submission(
+        &self,
+        plan: &mut Planning,
+        units_at_pass: usize,
+        lost: &mut watch::Receiver<bool>,
+    ) -> Result<(), LeadError> {
+        let mut seen = self.units_in_view();
+        if seen.saturating_sub(units_at_pass) <= self.bulk_arrival {
+            return Ok(());
+        }
+        self.metrics.bulk_holds.inc();
+        let held = tokio::time::Instant::now();
+        let mut last_arrival = held;
+        tracing::info!(
+            arrived = seen.saturating_sub(units_at_pass),
+            "units arriving in bulk: placing them once they stop"
+        );
+        while last_arrival.elapsed() < BULK_QUIET && held.elapsed() < BULK_HOLD_AT_MOST {
+            tokio::select! {
+                _ = tokio::time::sleep(BULK_QUIET / 10) => {}
+                _ = lost.changed() => return Err(LeadError::Deposed("leader lease expired".into())),
+            }
+            // The copy takes in what arrives meanwhile: its queue stays short.
+            tokio::task::block_in_place(|| plan.view.refresh());
+            let now = self.units_in_view();
+            if now != seen {
+                (seen, last_arrival) = (now, tokio::time::Instant::now());
+            }
+        }
+        tracing::info!(
+            units = seen.saturating_sub(units_at_pass),
+            held_ms = held.elapsed().as_millis() as u64,
+            "placing the units that arrived in bulk"
+        );
+        Ok(())
     }
 
     /// One planning pass over the current view, then waits until the view shows its writes.

@@ -212,6 +212,7 @@ pub async fn bench(
             event_history: None,
             metrics: true,
             submission: crate::sim::Submission::Api,
+            leader_first: false,
             api_tls: None,
         })
         .await
@@ -256,6 +257,7 @@ pub async fn bench(
             event_history: if events { None } else { Some(0) },
             metrics,
             submission: crate::sim::Submission::Api,
+            leader_first: false,
             api_tls: None,
         };
         match crate::sim::engine_alone(cfg, crate::sim::Submission::Api).await {
@@ -352,6 +354,7 @@ async fn secure_sims(lab: &LabState, (machines, units): (usize, usize)) -> Resul
         event_history: None,
         metrics: true,
         submission: crate::sim::Submission::Api,
+        leader_first: false,
         // The lab's engines' certificate (127.0.0.1 among its addresses).
         api_tls: Some(crate::pki::identity("engine")),
     };

@@ -61,6 +61,10 @@ struct Args {
     /// Submit the whole cluster's units by `fleetctl start --names-from` (without: the API).
     #[arg(long)]
     fleetctl: bool,
+    /// Start the leader before the whole cluster's units are submitted, as in a user's cluster
+    /// (without: once they are all stored).
+    #[arg(long)]
+    leader_first: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -97,6 +101,7 @@ fn main() -> anyhow::Result<()> {
         metrics: !a.no_metrics,
         api_tls: a.etcd_identity.as_ref().map(|dir| fleet_integration::pki::identity_in(dir, "engine")),
         submission: if a.fleetctl { Submission::Fleetctl } else { Submission::Api },
+        leader_first: a.leader_first,
     };
     let rt = fleet_integration::sim::runtime(None)?;
     if a.engine_alone {

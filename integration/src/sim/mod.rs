@@ -73,6 +73,9 @@ pub struct SimConfig {
     /// How the whole cluster's units go in (the engine alone is told apart: see
     /// [`engine_alone`]).
     pub submission: Submission,
+    /// The leader runs while the whole cluster's units are submitted, as in a user's cluster.
+    /// Without: it starts once they are all stored, so placement throughput is its own.
+    pub leader_first: bool,
 }
 
 impl SimConfig {
@@ -141,6 +144,10 @@ pub struct SimReport {
     /// Whether the units went in by `fleetctl start --no-block --names-from` (else the API).
     #[serde(default)]
     pub submitted_by_fleetctl: bool,
+    /// Whether the leader ran while the units were submitted (else it started once they were
+    /// stored).
+    #[serde(default)]
+    pub leader_first: bool,
     /// The dashboard in a browser at this size (none without chromium).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dashboard: Option<dashboard::DashboardReport>,
@@ -601,6 +608,18 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport> {
     // units: the submission, the leader's many small passes and the agents together pushed
     // etcd past its apply backlog, and it refused requests with "too many requests".)
     let leader_port = cfg.api_port + 1;
+    let early_leader = match cfg.leader_first {
+        true => {
+            let e = start_engine(&cfg, &engine_config, "sim-e1", leader_port, true).await?;
+            wait_until("the leader to lead", Duration::from_secs(30), || async {
+                leader_of(&cfg, &http, leader_port).await == Some(true)
+            })
+            .await?;
+            Some(e)
+        }
+        false => None,
+    };
+    report.leader_first = cfg.leader_first;
     let t0 = Instant::now();
     match cfg.submission {
         Submission::Api => submit_all(&api, &names).await?,
@@ -611,7 +630,10 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport> {
     report.submitted_by_fleetctl = cfg.submission == Submission::Fleetctl;
     report.api_tls = cfg.api_tls.is_some();
     report.submit_secs = t0.elapsed().as_secs_f64();
-    let mut engine = start_engine(&cfg, &engine_config, "sim-e1", leader_port, true).await?;
+    let mut engine = match early_leader {
+        Some(e) => e,
+        None => start_engine(&cfg, &engine_config, "sim-e1", leader_port, true).await?,
+    };
     if !observe_until(&mut observed, t0 + Duration::from_secs(600), |o| o.all_active(cfg.units)).await? {
         let o = observed.borrow().clone();
         let o = o.lock().unwrap_or_else(|e| e.into_inner());

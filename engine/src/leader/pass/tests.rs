@@ -39,6 +39,7 @@ async fn cluster() -> Lab {
         metrics: crate::metrics::Metrics::new(),
         ready: Default::default(),
         max_pending_starts: PENDING_STARTS,
+        bulk_arrival: BULK_ARRIVAL,
     };
     Lab { store, keys, planner, fence, election_lease }
 }
@@ -702,4 +703,66 @@ async fn a_large_placement_to_silent_machines_waits_once() {
     c.pass().await.expect("pass");
     assert_eq!(c.schedule().await.len(), 12_000);
     assert_eq!(waits_for_agents(&c), 1, "held back more than once for machines that report nothing");
+}
+
+impl Lab {
+    /// Units as one API request stores them: every record and the shared body in one transaction.
+    async fn units_at_once(&self, names: impl Iterator<Item = String>) {
+        let file = UnitFile::parse(PLAIN).expect("unit file");
+        let hash: fleet_model::Text = file.hash().into();
+        let mut then = vec![Op::put(self.keys.body(&hash), file.canonical(), 0)];
+        for name in names {
+            let rec = UnitRecord {
+                name: UnitName::parse(&name).expect("name"),
+                hash: hash.clone(),
+                desired_state: DesiredState::Launched,
+            };
+            then.push(Op::put(self.keys.unit(&rec.name), encode(&rec).expect("encode"), 0));
+        }
+        self.store.txn(Txn { then, ..Txn::default() }).await.expect("submit");
+    }
+}
+
+/// Units arriving in bulk (more than `bulk_arrival` since the last pass, then more in request
+/// after request) are placed once they stop arriving, not as each request is stored; a request
+/// within the limit is placed at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_places_a_bulk_submission_once_it_stops_arriving() {
+    let mut c = cluster().await;
+    c.planner.bulk_arrival = 50;
+    c.machine("m1", &[]).await;
+    c.machine("m2", &[]).await;
+    let (_lost_tx, mut lost) = watch::channel(false);
+    let leading = c.planner.lead(c.fence.clone(), &mut lost);
+    let submitting = async {
+        // A user's start within the limit: placed without waiting for anything.
+        c.units_at_once((0..20).map(|i| format!("user{i:02}.service"))).await;
+        let until = tokio::time::Instant::now() + Duration::from_secs(10);
+        while c.schedule().await.len() < 20 {
+            assert!(tokio::time::Instant::now() < until, "a small start was not placed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // A bulk submission: 100 units, then 10 more every 100 ms for 2 s.
+        c.units_at_once((0..100).map(|i| format!("bulk{i:03}.service"))).await;
+        for batch in 0..20 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            c.units_at_once((0..10).map(|i| format!("more{batch:02}-{i}.service"))).await;
+            assert_eq!(c.schedule().await.len(), 20, "placed while units were still arriving (batch {batch})");
+        }
+        let until = tokio::time::Instant::now() + Duration::from_secs(10);
+        while c.schedule().await.len() < 320 {
+            assert!(tokio::time::Instant::now() < until, "the bulk submission was not placed once it ended");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::select! {
+        r = leading => panic!("the leader stopped: {r:?}"),
+        _ = submitting => {}
+    }
+    let placed = c.schedule().await;
+    assert_eq!(placed.len(), 320);
+    assert!(placed.values().all(|m| m.len() == 1));
+    let metrics = c.planner.metrics.render();
+    let holds = metrics.lines().find_map(|l| l.strip_prefix("fleet_schedule_bulk_holds_total "));
+    assert_eq!(holds.map(str::trim), Some("1"), "one hold, for the bulk submission only: {metrics}");
 }
