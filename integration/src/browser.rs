@@ -49,9 +49,7 @@ impl Browser {
     /// no browser knows (the API's TLS is tested elsewhere).
     pub async fn start(width: u32, height: u32) -> Result<Browser> {
         let exe = chromium().context("chromium is not installed (apt install chromium)")?;
-        let profile = std::env::temp_dir().join(format!("fl-chromium-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&profile);
-        std::fs::create_dir_all(&profile)?;
+        let profile = crate::process::scratch_dir(&std::env::temp_dir(), "fl-chromium")?;
         let mut child = Command::new(exe)
             .args(["--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions"])
             .args(["--disable-dev-shm-usage", "--remote-debugging-port=0", "--hide-scrollbars"])

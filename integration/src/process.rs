@@ -83,3 +83,51 @@ pub fn children(pid: u32) -> Vec<u32> {
         .map(|s| s.split_whitespace().filter_map(|c| c.parse().ok()).collect())
         .unwrap_or_default()
 }
+
+/// A scratch directory `<base>/<name>-<this process's PID>`, made empty. Directories of the same
+/// name left by processes that are gone (a test or a simulation killed before it cleaned up, at
+/// a million units gigabytes in /dev/shm) are removed first.
+pub fn scratch_dir(base: &Path, name: &str) -> Result<std::path::PathBuf> {
+    let prefix = format!("{name}-");
+    if let Ok(entries) = std::fs::read_dir(base) {
+        for e in entries.flatten() {
+            let file_name = e.file_name();
+            let Some(pid) =
+                file_name.to_str().and_then(|n| n.strip_prefix(&prefix)).and_then(|p| p.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    let dir = base.join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    Ok(dir)
+}
+
+#[cfg(test)]
+mod scratch_tests {
+    use super::*;
+
+    #[test]
+    fn a_scratch_directory_sweeps_what_gone_processes_left_and_keeps_live_ones() {
+        let base = std::env::temp_dir().join(format!("fl-scratch-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(&base).expect("base");
+        // PID 1 runs; a PID above the kernel's largest never does.
+        let gone = base.join("work-4194305");
+        let live = base.join("work-1");
+        let other = base.join("other-4194305");
+        for d in [&gone, &live, &other] {
+            std::fs::create_dir_all(d.join("inside")).expect("leftover");
+        }
+        let mine = scratch_dir(&base, "work").expect("scratch");
+        assert_eq!(mine, base.join(format!("work-{}", std::process::id())));
+        assert!(mine.is_dir() && !gone.exists(), "the gone process's directory is swept");
+        assert!(live.exists() && other.exists(), "a live process's and other names' are kept");
+        let _ = std::fs::remove_dir_all(&base);
+    }
+}

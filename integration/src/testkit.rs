@@ -219,10 +219,7 @@ pub fn text(o: &Output) -> (String, String) {
 
 /// A scratch directory for unit files.
 pub fn scratch(test: &str) -> Result<PathBuf> {
-    let d = std::env::temp_dir().join(format!("fleet-{test}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d)?;
-    Ok(d)
+    crate::process::scratch_dir(&std::env::temp_dir(), &format!("fleet-{test}"))
 }
 
 /// A connection to one machine's systemd, from the host.

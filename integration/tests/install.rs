@@ -148,9 +148,7 @@ fn version_of(deb: &Path) -> String {
 
 /// Makes the five machines' trees and boots them on the lab's bridge.
 fn cluster(debs: &[PathBuf]) -> Cluster {
-    let dir = std::env::temp_dir().join(format!("fleet-install-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let dir = fleet_integration::process::scratch_dir(&std::env::temp_dir(), "fleet-install").expect("scratch dir");
     let upgrades: Vec<PathBuf> = debs
         .iter()
         .filter(|d| {

@@ -19,8 +19,7 @@ fn inside(root: &Path, args: &[&str]) -> String {
 fn the_packages_install_into_a_fresh_debian_and_leave_nothing_when_purged() {
     let Some(debs) = built_debs() else { return };
     let version = env!("CARGO_PKG_VERSION");
-    let dir = std::env::temp_dir().join(format!("fleet-packages-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = fleet_integration::process::scratch_dir(&std::env::temp_dir(), "fleet-packages").expect("scratch dir");
     let root = dir.join("root");
     fresh_tree(&root, BASE_PACKAGES).expect("a fresh Debian tree");
     std::fs::create_dir_all(root.join("debs")).expect("debs dir");

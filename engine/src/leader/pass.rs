@@ -59,10 +59,13 @@ const VIEW_LAG: i64 = 32;
 /// placement of thousands of units reaches.
 pub const PENDING_STARTS: usize = 50_000;
 
-/// Units arrived since the leader's last pass beyond which it waits for a submission to end
+/// Units arrived within [`BULK_WINDOW`] beyond which the leader waits for a submission to end
 /// before placing (see [`Planner::hold_for_submission`]): the largest single request (fleetctl
 /// sends 10,000 units per request), so a user's start in one request is placed at once.
 pub const BULK_ARRIVAL: usize = 10_000;
+/// Arrivals are counted over this long, however many passes it saw: fleetctl's requests of
+/// 10,000 units each came one per pass, and a count since the last pass never held them.
+const BULK_WINDOW: Duration = Duration::from_secs(5);
 /// A bulk submission is taken as ended once no unit arrived for this long...
 const BULK_QUIET: Duration = Duration::from_secs(1);
 /// ...or, should units keep arriving, placing starts after this long all the same.
@@ -193,6 +196,33 @@ impl Fences {
     }
 }
 
+/// Units in the view when recent passes started, to count what arrived within [`BULK_WINDOW`].
+#[derive(Debug, Default)]
+struct Arrivals {
+    samples: std::collections::VecDeque<(tokio::time::Instant, usize)>,
+}
+
+impl Arrivals {
+    fn record(&mut self, at: tokio::time::Instant, units: usize) {
+        self.samples.push_back((at, units));
+        self.forget(at);
+    }
+
+    /// Keeps one sample taken at least a window before `now` (the baseline), and those since.
+    fn forget(&mut self, now: tokio::time::Instant) {
+        while self.samples.get(1).is_some_and(|(t, _)| now.duration_since(*t) >= BULK_WINDOW) {
+            self.samples.pop_front();
+        }
+    }
+
+    /// The count to measure arrivals from: at the start of the window before `now`, or of the
+    /// earliest pass within it.
+    fn baseline(&mut self, now: tokio::time::Instant) -> usize {
+        self.forget(now);
+        self.samples.front().map_or(0, |(_, n)| *n)
+    }
+}
+
 /// Frees `value` on a blocking thread rather than here. What a pass sets aside at a million
 /// units (its placement of every unit) takes 0.4 s to free: a new leader's first placement, and
 /// any pass, would wait for it (docs/performance.md).
@@ -254,9 +284,10 @@ impl<S: Store> Planner<S> {
             copy_ms = copied.elapsed().as_millis() as u64,
             "planning on a copy of the view"
         );
-        // Units in the view when the last pass started: how many arrived since tells a bulk
+        // Units in the view when recent passes started: how many arrived lately tells a bulk
         // submission streaming in (see `hold_for_submission`).
-        let mut units_at_pass = self.units_in_view();
+        let mut arrivals = Arrivals::default();
+        arrivals.record(tokio::time::Instant::now(), self.units_in_view());
         loop {
             revisions.borrow_and_update();
             // Only a listed view is planned from (revision > 0). Until then any news wakes the
@@ -265,9 +296,9 @@ impl<S: Store> Planner<S> {
             if listed {
                 let followed = plan.followed;
                 if !followed {
-                    self.hold_for_submission(plan, units_at_pass, lost).await?;
+                    self.hold_for_submission(plan, &mut arrivals, lost).await?;
                 }
-                units_at_pass = self.units_in_view();
+                arrivals.record(tokio::time::Instant::now(), self.units_in_view());
                 self.pass(&fence, plan).await?;
                 if followed {
                     // The units without an entry are placed: now the whole pass.
@@ -320,7 +351,7 @@ impl<S: Store> Planner<S> {
         self.cluster.read(|v| v.units.len())
     }
 
-    /// Waits while units arrive in bulk (more than [`BULK_ARRIVAL`] since the last pass), until
+    /// Waits while units arrive in bulk (more than [`BULK_ARRIVAL`] within [`BULK_WINDOW`]), until
     /// none arrived for [`BULK_QUIET`] or [`BULK_HOLD_AT_MOST`] passed: a million units placed
     /// as they are stored had the submission, the leader's writes and the agents' starts compete
     /// for etcd's apply, which fell minutes behind and refused requests by the hundred thousand
@@ -329,20 +360,18 @@ impl<S: Store> Planner<S> {
     async fn hold_for_submission(
         &self,
         plan: &mut Planning,
-        units_at_pass: usize,
+        arrivals: &mut Arrivals,
         lost: &mut watch::Receiver<bool>,
     ) -> Result<(), LeadError> {
         let mut seen = self.units_in_view();
-        if seen.saturating_sub(units_at_pass) <= self.bulk_arrival {
+        let since = arrivals.baseline(tokio::time::Instant::now());
+        if seen.saturating_sub(since) <= self.bulk_arrival {
             return Ok(());
         }
         self.metrics.bulk_holds.inc();
         let held = tokio::time::Instant::now();
         let mut last_arrival = held;
-        tracing::info!(
-            arrived = seen.saturating_sub(units_at_pass),
-            "units arriving in bulk: placing them once they stop"
-        );
+        tracing::info!(arrived = seen.saturating_sub(since), "units arriving in bulk: placing them once they stop");
         while last_arrival.elapsed() < BULK_QUIET && held.elapsed() < BULK_HOLD_AT_MOST {
             tokio::select! {
                 _ = tokio::time::sleep(BULK_QUIET / 10) => {}
@@ -356,10 +385,12 @@ impl<S: Store> Planner<S> {
             }
         }
         tracing::info!(
-            units = seen.saturating_sub(units_at_pass),
+            units = seen.saturating_sub(since),
             held_ms = held.elapsed().as_millis() as u64,
             "placing the units that arrived in bulk"
         );
+        // What was held is placed now: arrivals count afresh from here.
+        arrivals.samples.clear();
         Ok(())
     }
 

@@ -19,6 +19,25 @@ pub enum Simulation {
 /// 36-40 s against 22-28 s): each now starts from a fresh process, and what one leaves behind
 /// (memory, threads, tasks still winding down) cannot weigh on the next.
 pub async fn in_child<R: serde::de::DeserializeOwned>(cfg: &SimConfig, what: Simulation) -> Result<R> {
+    let mut cmd = command(cfg, what)?;
+    // Its log goes where the bench's goes; its report (JSON) comes on stdout. (Not `output()`:
+    // tokio's captures stderr too, whatever was set.)
+    let child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("cannot run {}", cfg.bin_dir.join("fleet-sim").display()))?;
+    let out = child.wait_with_output().await.context("fleet-sim's report")?;
+    if !out.status.success() {
+        bail!("fleet-sim exited with {} (its log above says why)", out.status);
+    }
+    serde_json::from_slice(&out.stdout).context("fleet-sim's report")
+}
+
+/// The `fleet-sim` command line that runs `what` as `cfg` says.
+fn command(cfg: &SimConfig, what: Simulation) -> Result<tokio::process::Command> {
     let mut cmd = tokio::process::Command::new(cfg.bin_dir.join("fleet-sim"));
     cmd.arg("--etcd-endpoints")
         .arg(cfg.etcd_endpoints.join(","))
@@ -62,20 +81,62 @@ pub async fn in_child<R: serde::de::DeserializeOwned>(cfg: &SimConfig, what: Sim
             if matches!(cfg.submission, super::Submission::Fleetctl) {
                 cmd.arg("--fleetctl");
             }
+            if cfg.leader_first {
+                cmd.arg("--leader-first");
+            }
         }
     }
-    // Its log goes where the bench's goes; its report (JSON) comes on stdout. (Not `output()`:
-    // tokio's captures stderr too, whatever was set.)
-    let child = cmd
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("cannot run {}", cfg.bin_dir.join("fleet-sim").display()))?;
-    let out = child.wait_with_output().await.context("fleet-sim's report")?;
-    if !out.status.success() {
-        bail!("fleet-sim exited with {} (its log above says why)", out.status);
+    Ok(cmd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sim::Submission;
+
+    /// Every setting of a whole cluster reaches the child: one that did not (the leader started
+    /// before the submission) made a bench run measure what its configuration did not say.
+    #[test]
+    fn a_child_is_told_every_setting_of_its_cluster() {
+        let cfg = SimConfig {
+            etcd_endpoints: vec!["http://127.0.0.1:1".into()],
+            etcd_tls: None,
+            prefix: "/p/".into(),
+            machines: 3,
+            units: 7,
+            lease_ttl_secs: 11,
+            election_ttl_secs: 4,
+            bin_dir: "/bin-dir".into(),
+            api_port: 1234,
+            faults: true,
+            idle_secs: 9,
+            event_history: Some(0),
+            metrics: false,
+            api_tls: None,
+            submission: Submission::Fleetctl,
+            leader_first: true,
+        };
+        let cmd = command(&cfg, Simulation::Cluster).expect("command");
+        let args: Vec<String> = cmd.as_std().get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        let line = args.join(" ");
+        for expected in [
+            "--prefix /p/",
+            "--machines 3 --units 7",
+            "--lease-ttl-secs 11",
+            "--election-ttl-secs 4",
+            "--api-port 1234",
+            "--idle-secs 9",
+            "--event-history 0",
+            "--no-metrics",
+            "--faults",
+            "--fleetctl",
+            "--leader-first",
+        ] {
+            assert!(line.contains(expected), "{expected:?} missing from {line}");
+        }
+        let plain = SimConfig { leader_first: false, submission: Submission::Api, faults: false, ..cfg };
+        let cmd = command(&plain, Simulation::Cluster).expect("command");
+        let line: Vec<String> = cmd.as_std().get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        assert!(!line.iter().any(|a| a == "--leader-first" || a == "--fleetctl" || a == "--faults"), "{line:?}");
     }
-    serde_json::from_slice(&out.stdout).context("fleet-sim's report")
 }

@@ -205,10 +205,7 @@ impl MachineDirs {
     fn new() -> Result<MachineDirs> {
         let shm = Path::new("/dev/shm");
         let base = if shm.is_dir() { shm.to_path_buf() } else { std::env::temp_dir() };
-        let dir = base.join(format!("fl-sim-machines-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        Ok(MachineDirs(dir))
+        Ok(MachineDirs(crate::process::scratch_dir(&base, "fl-sim-machines")?))
     }
 }
 
@@ -403,9 +400,7 @@ impl SimMachine {
 /// A scratch directory named `name`, the engines' configuration in it (with an admin token), and
 /// an HTTP client carrying that token.
 fn workspace(cfg: &SimConfig, name: &str) -> Result<(PathBuf, PathBuf, String, reqwest::Client)> {
-    let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
+    let dir = crate::process::scratch_dir(&std::env::temp_dir(), name)?;
     let (engine_config, token) = engine_config(cfg, &dir)?;
     let mut auth = reqwest::header::HeaderMap::new();
     auth.insert(reqwest::header::AUTHORIZATION, format!("Bearer {token}").parse()?);

@@ -723,9 +723,9 @@ impl Lab {
     }
 }
 
-/// Units arriving in bulk (more than `bulk_arrival` since the last pass, then more in request
-/// after request) are placed once they stop arriving, not as each request is stored; a request
-/// within the limit is placed at once.
+/// Units arriving in bulk (more than `bulk_arrival` within a few seconds, in one request or in
+/// requests each within the limit) are placed once they stop arriving, not as each request is
+/// stored; a request within the limit is placed at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_places_a_bulk_submission_once_it_stops_arriving() {
     let mut c = cluster().await;
@@ -754,15 +754,34 @@ async fn a_leader_places_a_bulk_submission_once_it_stops_arriving() {
             assert!(tokio::time::Instant::now() < until, "the bulk submission was not placed once it ended");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        // Another, in requests within the limit each (as fleetctl sends 10,000 a request), one
+        // after the other: held once more than the limit arrived within the window.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let mut placed_early = 0;
+        for batch in 0..20 {
+            c.units_at_once((0..40).map(|i| format!("req{batch:02}-{i:02}.service"))).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let placed = c.schedule().await.len();
+            match batch {
+                0..=3 => placed_early = placed,
+                _ => assert_eq!(placed, placed_early, "placed while requests kept arriving (request {batch})"),
+            }
+        }
+        assert!(placed_early < 320 + 800, "nothing held");
+        let until = tokio::time::Instant::now() + Duration::from_secs(10);
+        while c.schedule().await.len() < 1120 {
+            assert!(tokio::time::Instant::now() < until, "the requests were not placed once they ended");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     };
     tokio::select! {
         r = leading => panic!("the leader stopped: {r:?}"),
         _ = submitting => {}
     }
     let placed = c.schedule().await;
-    assert_eq!(placed.len(), 320);
+    assert_eq!(placed.len(), 1120);
     assert!(placed.values().all(|m| m.len() == 1));
     let metrics = c.planner.metrics.render();
     let holds = metrics.lines().find_map(|l| l.strip_prefix("fleet_schedule_bulk_holds_total "));
-    assert_eq!(holds.map(str::trim), Some("1"), "one hold, for the bulk submission only: {metrics}");
+    assert_eq!(holds.map(str::trim), Some("2"), "one hold per bulk submission, none for the small start: {metrics}");
 }
