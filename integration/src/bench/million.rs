@@ -601,7 +601,10 @@ const NOTES: &str = "\
   active 120.5 s. Counted since its last pass (more than 10,000) in the bench's run of \
   11:05: through the API 106.4 s (submission 40.0 s), through fleetctl 145.5 s (submission \
   58.7 s): fleetctl's requests of 10,000 came one per pass, and none was held. Arrivals are \
-  now counted over 5 s, however many passes that saw. RESULT_OF_THIS_RUN
+  now counted over 5 s, however many passes that saw. This table's run (11:26) is the \
+  bench's first with the leader up throughout both whole clusters: through the API 93.6 s \
+  (submission 36.2 s), through fleetctl 91.3 s (submission 39.3 s), a new leader placing \
+  5.0 s after the old one was killed. One run.
 - *Whole passes still come* after a unit is changed or destroyed, a drain, a move, a rollout's \
   step, or a unit displaced by a `Replaces`, and right after a new leader's first pass: each \
   costs the seconds above, and delays what is submitted meanwhile.
@@ -614,7 +617,7 @@ const NOTES: &str = "\
   the engine alone had used); on the Intel Xeon host 113.7-133.4 s, and 106.3 s (API) \
   and 115.3 s (fleetctl), then 91.9 and 85.0 s, after the changes of 2026-12-04; 90.0 and \
   119.2 s, then 87.9 and 103.9 s; with the leader up during the submission 106.4 and \
-  145.5 s, then RESULT_RUNS. The engine alone's fleetctl \
+  145.5 s, then 93.6 and 91.3 s. The engine alone's fleetctl \
   submission took 25-49 s.
 - *The whole simulated cluster* at this size puts 10,000 agents' watches and keepalives, the \
   submission and three million key writes on the same two cores as etcd and both engines.";
