@@ -190,11 +190,24 @@ impl Placement {
                 self.on.insert(machine.to_string(), BTreeSet::from([unit.clone()]));
             }
         }
+        self.reserve_on(machine, reserve);
+        self.note_at(unit, machine);
+        if self.indexed {
+            self.reindex(before, machine);
+        }
+    }
+
+    /// What `unit` reserves, counted against `machine` (`add` without the unit lists).
+    fn reserve_on(&mut self, machine: &str, reserve: Resources) {
         if reserve != Resources::default() {
             let u = self.used.entry(machine.to_string()).or_default();
             u.memory += reserve.memory;
             u.cpu += reserve.cpu;
         }
+    }
+
+    /// That `unit` is on `machine`, in the map of where each unit is.
+    fn note_at(&mut self, unit: &UnitName, machine: &str) {
         match self.at.get_mut(unit) {
             Some(machines) => {
                 machines.insert(machine);
@@ -202,9 +215,6 @@ impl Placement {
             None => {
                 self.at.insert(unit.clone(), crate::cluster::MachineSet::of(machine));
             }
-        }
-        if self.indexed {
-            self.reindex(before, machine);
         }
     }
 
@@ -418,19 +428,8 @@ impl Carried {
                     continue;
                 }
                 on.entry(m.as_str()).or_default().push(unit.clone());
-                if reserve != Resources::default() {
-                    let u = p.used.entry(m.to_string()).or_default();
-                    u.memory += reserve.memory;
-                    u.cpu += reserve.cpu;
-                }
-                match p.at.get_mut(unit) {
-                    Some(machines) => {
-                        machines.insert(m);
-                    }
-                    None => {
-                        p.at.insert(unit.clone(), crate::cluster::MachineSet::of(m));
-                    }
-                }
+                p.reserve_on(m, reserve);
+                p.note_at(unit, m);
             }
         }
         p.on = on.into_iter().map(|(m, units)| (m.to_string(), units.into_iter().collect())).collect();
