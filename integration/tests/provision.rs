@@ -286,7 +286,14 @@ fn releases() -> std::path::PathBuf {
 }
 
 fn publish(version: &str, expires_in: Duration) -> fleet_host_image::channel::ChannelMeta {
+    publish_issued(version, expires_in, Duration::ZERO)
+}
+
+/// Publishes metadata issued `ago` in the past: with `ago` longer than `expires_in` it is
+/// expired the moment it is served, so no machine can fetch it while it is still valid.
+fn publish_issued(version: &str, expires_in: Duration, ago: Duration) -> fleet_host_image::channel::ChannelMeta {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs() as i64;
+    let now = now - ago.as_secs() as i64;
     fleet_host_image::channel::publish(
         &provision::serve_dir().join(provision::UPDATES),
         provision::CHANNEL,
@@ -342,6 +349,7 @@ async fn a_release_published_over_https_rolls_over_every_machine_through_fleetlo
     let old = (std::fs::read(meta_file("")).expect("meta"), std::fs::read(meta_file(".minisig")).expect("sig"));
     let second = publish("1", Duration::from_secs(3600));
     every_machine_sees(&lab, second.serial).await;
+    let current = (std::fs::read(meta_file("")).expect("meta"), std::fs::read(meta_file(".minisig")).expect("sig"));
 
     // Replayed: the older metadata, validly signed and unexpired, served again.
     std::fs::write(meta_file(".minisig"), &old.1).expect("replay");
@@ -349,8 +357,14 @@ async fn a_release_published_over_https_rolls_over_every_machine_through_fleetlo
     every_console_says(&lab, &format!("serial {}, older than serial {} seen before", first.serial, second.serial))
         .await;
 
-    // Expired: a newer release named by metadata that expired; nobody takes it.
-    let expired = publish("2", Duration::from_secs(1));
+    // Expired: a newer release named by metadata that expired; nobody takes it. Issued an hour
+    // ago so it is expired from its first byte: metadata valid for a second could be fetched
+    // (and rightly taken) within that second by a machine looking just then.
+    // The current metadata back first: the serial is the served one's plus one, and the clock's
+    // an hour ago is below it.
+    std::fs::write(meta_file(".minisig"), &current.1).expect("restore");
+    std::fs::write(meta_file(""), &current.0).expect("restore");
+    let expired = publish_issued("2", Duration::from_secs(60), Duration::from_secs(3600));
     assert!(expired.serial > second.serial);
     let at = humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(expired.expires as u64));
     every_console_says(&lab, &format!("expired at {at}: refusing it (a frozen or stale server)")).await;
