@@ -64,6 +64,10 @@ pub struct EngineReport {
     /// of a template file) rather than through the API directly.
     #[serde(default)]
     pub submitted_by_fleetctl: bool,
+    /// The round of the bench's turns this run was taken in: runs of different kinds in one
+    /// round ran minutes apart at most, so their CPU is compared round by round.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub round: Option<usize>,
 }
 
 /// How the engine-alone run submits its units.
