@@ -94,6 +94,7 @@ impl Deriver {
     pub fn seen(&mut self, view: &ClusterView, seen: Seen<'_>) {
         match seen {
             Seen::Change(key, change) => self.change(view, key, change),
+            Seen::Unit { name, record, revision } => self.unit(view, name, record, revision),
             Seen::Scheduled { machine, unit, revision, was_there, elsewhere } => {
                 self.scheduled(view, machine, unit, revision, was_there, elsewhere)
             }
@@ -135,6 +136,27 @@ impl Deriver {
         self.pending.push((revision, h));
     }
 
+    /// A unit's record written, decoded once by the view (the view is the one just before).
+    fn unit(&mut self, before: &ClusterView, name: &UnitName, rec: &UnitRecord, revision: i64) {
+        match before.units.get(name) {
+            None => self.pending.push((
+                revision,
+                Happened::new(EventKind::UnitSubmitted).unit(name).state(rec.desired_state.to_string()),
+            )),
+            Some(old) => {
+                if old.hash != rec.hash {
+                    self.pending.push((revision, Happened::new(EventKind::UnitReplaced).unit(name)));
+                }
+                if old.desired_state != rec.desired_state {
+                    self.pending.push((
+                        revision,
+                        Happened::new(EventKind::UnitDesiredState).unit(name).state(rec.desired_state.to_string()),
+                    ));
+                }
+            }
+        }
+    }
+
     /// Derives what `change` (whose key decodes to `key`) means, given the view as it was just
     /// before it.
     fn change(&mut self, before: &ClusterView, key: Option<&Key>, change: &Change) {
@@ -147,25 +169,9 @@ impl Deriver {
         // below only loses the (empty) buffer.
         let mut out = std::mem::take(&mut self.scratch);
         match (decoded, value) {
-            (Key::Unit(name), Some(v)) => {
-                let Ok(rec) = decode::<UnitRecord>(v) else { return };
-                match before.units.get(name) {
-                    None => out
-                        .push(Happened::new(EventKind::UnitSubmitted).unit(name).state(rec.desired_state.to_string())),
-                    Some(old) => {
-                        if old.hash != rec.hash {
-                            out.push(Happened::new(EventKind::UnitReplaced).unit(name));
-                        }
-                        if old.desired_state != rec.desired_state {
-                            out.push(
-                                Happened::new(EventKind::UnitDesiredState)
-                                    .unit(name)
-                                    .state(rec.desired_state.to_string()),
-                            );
-                        }
-                    }
-                }
-            }
+            // A readable record comes as `Seen::Unit` (see `Deriver::unit`); an unreadable one
+            // tells nothing.
+            (Key::Unit(_), Some(_)) => {}
             (Key::Unit(name), None) if before.units.contains_key(name) => {
                 self.leaving.remove(name);
                 out.push(Happened::new(EventKind::UnitDestroyed).unit(name));

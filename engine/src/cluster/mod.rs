@@ -259,8 +259,18 @@ impl ClusterView {
         // A placement is shown to the observer once written, with what the write found (one
         // lookup of the unit's entries serves both: placements come by the hundred thousand).
         let placement = matches!((&decoded, &change), (Some(Key::Schedule(..)), Change::Put { .. }));
-        if !placement {
-            observe(self, Seen::Change(decoded.as_ref(), &change));
+        // A unit's record is decoded once for the observer and the view (units come by the
+        // hundred thousand; decoding it twice was a fifth of what events cost).
+        let mut unit_record = match (&decoded, &change) {
+            (Some(Key::Unit(_)), Change::Put { value, .. }) => Some(decode::<UnitRecord>(value)),
+            _ => None,
+        };
+        match (&decoded, &unit_record, &change) {
+            (Some(Key::Unit(name)), Some(Ok(record)), Change::Put { mod_revision, .. }) => {
+                observe(self, Seen::Unit { name, record, revision: *mod_revision })
+            }
+            _ if !placement => observe(self, Seen::Change(decoded.as_ref(), &change)),
+            _ => {}
         }
         if !matches!(
             decoded,
@@ -299,7 +309,7 @@ impl ClusterView {
         }
         match change {
             Change::Put { value, mod_revision, .. } => match decoded {
-                Some(Key::Unit(name)) => match decode::<UnitRecord>(&value) {
+                Some(Key::Unit(name)) => match unit_record.take().unwrap_or_else(|| decode::<UnitRecord>(&value)) {
                     Ok(mut rec) => {
                         let name = self.unit_name(name);
                         rec.name = name.clone();
@@ -616,6 +626,8 @@ fn remove_nested<V>(map: &mut BTreeMap<UnitName, PerMachine<V>>, unit: &UnitName
 pub(crate) enum Seen<'a> {
     /// A change (its key decoded), with the view just before it.
     Change(Option<&'a Key>, &'a Change),
+    /// A unit's record written (and readable), with the view just before it.
+    Unit { name: &'a UnitName, record: &'a UnitRecord, revision: i64 },
     /// A schedule entry written, with the view just after it (the write changes nothing else
     /// the deriver reads) and what the write found: whether `machine` had an entry for the unit
     /// already, and another machine that has one.

@@ -315,8 +315,8 @@ async fn units_stopped_while_a_machine_was_cut_off_are_told_when_it_returns() {
     assert!(w.read(None).last().is_some_and(|e| e.reason.contains("cut off")));
 }
 
-/// What deriving costs per placement, on the view alone (no store, no tasks): 100,000 schedule
-/// entries applied in batches of 1,000 with and without the deriver. A measurement, not a
+/// What deriving costs per unit, on the view alone (no store, no tasks): 100,000 units submitted
+/// and then their schedule entries, applied in batches of 1,000, with and without the deriver. A measurement, not a
 /// check: `cargo test --release -p fleet-engine derive_cost -- --ignored --nocapture`.
 #[test]
 #[ignore]
@@ -343,22 +343,35 @@ fn derive_cost() {
         lease: 0,
         mod_revision: 1,
     });
-    for u in &units {
-        let rec = UnitRecord { name: u.clone(), hash: file.hash().into(), desired_state: DesiredState::Launched };
-        puts.push(Change::Put {
-            key: keys.unit(u).into(),
-            value: encode(&rec).expect("encode"),
-            lease: 0,
-            mod_revision: 1,
-        });
-    }
+    // The units are submitted after the listing, 1,000 a transaction, then placed.
+    let submissions: Vec<PrefixUpdate> = units
+        .chunks(1_000)
+        .enumerate()
+        .map(|(b, chunk)| PrefixUpdate::Changes {
+            revision: 2 + b as i64,
+            changes: chunk
+                .iter()
+                .map(|u| {
+                    let rec =
+                        UnitRecord { name: u.clone(), hash: file.hash().into(), desired_state: DesiredState::Launched };
+                    Change::Put {
+                        key: keys.unit(u).into(),
+                        value: encode(&rec).expect("encode"),
+                        lease: 0,
+                        mod_revision: 2 + b as i64,
+                    }
+                })
+                .collect(),
+        })
+        .collect();
+    let first = 2 + submissions.len() as i64;
     let entry =
         encode(&ScheduleEntry { hash: file.hash().into(), desired_state: DesiredState::Launched }).expect("encode");
     let batches: Vec<PrefixUpdate> = units
         .chunks(1_000)
         .enumerate()
         .map(|(b, chunk)| PrefixUpdate::Changes {
-            revision: 2 + b as i64,
+            revision: first + b as i64,
             changes: chunk
                 .iter()
                 .enumerate()
@@ -366,7 +379,7 @@ fn derive_cost() {
                     key: keys.schedule(&machines[(b * 1000 + i) % machines.len()], u).into(),
                     value: entry.clone(),
                     lease: 0,
-                    mod_revision: 2 + b as i64,
+                    mod_revision: first + b as i64,
                 })
                 .collect(),
         })
@@ -376,7 +389,7 @@ fn derive_cost() {
         view.apply_update(&keys, PrefixUpdate::Snapshot { revision: 1, puts: puts.clone() });
         let mut deriver = super::Deriver::default();
         let log = crate::events::EventLog::new(if derive { crate::events::DEFAULT_HISTORY } else { 0 });
-        let batches = batches.clone();
+        let batches: Vec<PrefixUpdate> = submissions.iter().chain(&batches).cloned().collect();
         let started = std::time::Instant::now();
         let (mut in_change, mut in_finish, mut in_record) = Default::default();
         for update in batches {
@@ -399,7 +412,7 @@ fn derive_cost() {
         let (c, f, r): (std::time::Duration, std::time::Duration, std::time::Duration) =
             (in_change, in_finish, in_record);
         println!(
-            "derive {derive}: {:?} for {} placements (change {c:?}, finish {f:?}, record {r:?})",
+            "derive {derive}: {:?} for {} submissions and placements (change {c:?}, finish {f:?}, record {r:?})",
             started.elapsed(),
             units.len()
         );
@@ -495,4 +508,26 @@ async fn state_pages_are_told_unit_by_unit() {
             ev("machine-lost", "", M1, ""),
         ]
     );
+}
+
+/// A unit's record is read once for the view and its events: a new body is a replacement, a new
+/// desired state with it both, and a record that cannot be read tells nothing and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_units_record_rewritten_is_told_as_what_changed() {
+    let w = world().await;
+    w.write(w.unit("r.service", "[Service]\nExecStart=/bin/true\n", DesiredState::Launched)).await;
+    w.write(w.unit("r.service", "[Service]\nExecStart=/bin/false\n", DesiredState::Launched)).await;
+    w.write(w.unit("r.service", "[Service]\nExecStart=/bin/sleep 1\n", DesiredState::Loaded)).await;
+    w.write(vec![Op::put(w.keys.unit(&name("r.service")), b"{not json".to_vec(), 0)]).await;
+    assert_eq!(
+        w.seen(),
+        vec![
+            ev("unit-submitted", "r.service", "", ""),
+            ev("unit-replaced", "r.service", "", ""),
+            ev("unit-replaced", "r.service", "", ""),
+            ev("unit-desired-state", "r.service", "", ""),
+        ]
+    );
+    let kept = w.cluster.read(|v| v.units.get(&name("r.service")).map(|u| u.desired_state));
+    assert_eq!(kept, Some(DesiredState::Loaded), "the unreadable record left the unit as it was");
 }
