@@ -95,6 +95,7 @@ impl Deriver {
         match seen {
             Seen::Change(key, change) => self.change(view, key, change),
             Seen::Unit { name, record, revision } => self.unit(view, name, record, revision),
+            Seen::State { machine, unit, record, revision } => self.state(view, machine, unit, record, revision),
             Seen::Scheduled { machine, unit, revision, was_there, elsewhere } => {
                 self.scheduled(view, machine, unit, revision, was_there, elsewhere)
             }
@@ -157,6 +158,30 @@ impl Deriver {
         }
     }
 
+    /// A unit's state on `m` written, decoded once by the view (the view is the one just before).
+    fn state(&mut self, before: &ClusterView, m: &str, unit: &UnitName, state: &UnitStateRecord, revision: i64) {
+        let before_here = before.states.get(unit).and_then(|s| s.get(m));
+        let prev = before_here.map(|s| s.active_state.as_str());
+        if prev != Some(state.active_state.as_str()) {
+            let kind = match state.active_state.as_str() {
+                "active" => Some(EventKind::UnitStarted),
+                "failed" => Some(EventKind::UnitFailed),
+                s if is_stopped(s) && prev.is_some_and(|p| !is_stopped(p)) => Some(EventKind::UnitStopped),
+                _ => None,
+            };
+            if let Some(kind) = kind {
+                let h = Happened::new(kind).unit(unit).machine(m).state(state.sub_state.clone());
+                self.pending.push((revision, h));
+            }
+        }
+        // Health is told when it changes to a value (a unit that stops loses it silently: its
+        // stop says so).
+        if let Some(h) = state.health.filter(|h| before_here.and_then(|s| s.health) != Some(*h)) {
+            let h = Happened::new(EventKind::UnitHealth).unit(unit).machine(m).state(h.as_str());
+            self.pending.push((revision, h));
+        }
+    }
+
     /// Derives what `change` (whose key decodes to `key`) means, given the view as it was just
     /// before it.
     fn change(&mut self, before: &ClusterView, key: Option<&Key>, change: &Change) {
@@ -194,27 +219,8 @@ impl Deriver {
                 }
                 out.push(Happened::new(EventKind::UnitUnscheduled).unit(unit).machine(m).reason(why));
             }
-            (Key::State(m, unit), Some(v)) => {
-                let Ok(state) = decode::<UnitStateRecord>(v) else { return };
-                let before_here = before.states.get(unit).and_then(|s| s.get(m));
-                let prev = before_here.map(|s| s.active_state.as_str());
-                if prev != Some(state.active_state.as_str()) {
-                    let kind = match state.active_state.as_str() {
-                        "active" => Some(EventKind::UnitStarted),
-                        "failed" => Some(EventKind::UnitFailed),
-                        s if is_stopped(s) && prev.is_some_and(|p| !is_stopped(p)) => Some(EventKind::UnitStopped),
-                        _ => None,
-                    };
-                    if let Some(kind) = kind {
-                        out.push(Happened::new(kind).unit(unit).machine(m).state(state.sub_state.clone()));
-                    }
-                }
-                // Health is told when it changes to a value (a unit that stops loses it silently:
-                // its stop says so).
-                if let Some(h) = state.health.filter(|h| before_here.and_then(|s| s.health) != Some(*h)) {
-                    out.push(Happened::new(EventKind::UnitHealth).unit(unit).machine(m).state(h.as_str()));
-                }
-            }
+            // A readable state comes as `Seen::State` (see `Deriver::state`).
+            (Key::State(..), Some(_)) => {}
             // An agent removes a unit's state once systemd stopped it on a machine it was taken
             // off (a lost machine's states go with its lease: not a stop, see `finish`).
             (Key::State(m, unit), None) => {
