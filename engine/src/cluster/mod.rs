@@ -259,25 +259,12 @@ impl ClusterView {
         // A placement is shown to the observer once written, with what the write found (one
         // lookup of the unit's entries serves both: placements come by the hundred thousand).
         let placement = matches!((&decoded, &change), (Some(Key::Schedule(..)), Change::Put { .. }));
-        // A unit's record and a unit's state are decoded once for the observer and the view
-        // (they come by the hundred thousand; decoding records twice was a fifth of what events
+        // A unit's record or state written is shown below, once the view decoded it (they come
+        // by the hundred thousand; the deriver decoding records again was a fifth of what events
         // cost).
-        let (mut unit_record, mut state_record) = match (&decoded, &change) {
-            (Some(Key::Unit(_)), Change::Put { value, .. }) => (Some(decode::<UnitRecord>(value)), None),
-            (Some(Key::State(..)), Change::Put { value, .. }) => (None, Some(decode::<UnitStateRecord>(value))),
-            _ => (None, None),
-        };
-        match (&decoded, &unit_record, &state_record, &change) {
-            (Some(Key::Unit(name)), Some(Ok(record)), _, Change::Put { mod_revision, .. }) => {
-                observe(self, Seen::Unit { name, record, revision: *mod_revision })
-            }
-            (Some(Key::State(machine, unit)), _, Some(Ok(record)), Change::Put { mod_revision, .. }) => {
-                observe(self, Seen::State { machine, unit, record, revision: *mod_revision })
-            }
-            // Unreadable: nothing to tell (the view logs it below).
-            (Some(Key::Unit(_) | Key::State(..)), _, _, Change::Put { .. }) => {}
-            _ if !placement => observe(self, Seen::Change(decoded.as_ref(), &change)),
-            _ => {}
+        let decoded_below = matches!((&decoded, &change), (Some(Key::Unit(_) | Key::State(..)), Change::Put { .. }));
+        if !placement && !decoded_below {
+            observe(self, Seen::Change(decoded.as_ref(), &change));
         }
         if !matches!(
             decoded,
@@ -316,8 +303,9 @@ impl ClusterView {
         }
         match change {
             Change::Put { value, mod_revision, .. } => match decoded {
-                Some(Key::Unit(name)) => match unit_record.take().unwrap_or_else(|| decode::<UnitRecord>(&value)) {
+                Some(Key::Unit(name)) => match decode::<UnitRecord>(&value) {
                     Ok(mut rec) => {
+                        observe(self, Seen::Unit { name: &name, record: &rec, revision: mod_revision });
                         let name = self.unit_name(name);
                         rec.name = name.clone();
                         self.texts.intern(&mut rec.hash);
@@ -417,8 +405,9 @@ impl ClusterView {
                         tracing::error!(unit = %unit, error = %e, "unreadable schedule entry; ignoring")
                     }
                 },
-                Some(Key::State(m, unit)) => match state_record.take().unwrap_or_else(|| decode(&value)) {
+                Some(Key::State(m, unit)) => match decode::<UnitStateRecord>(&value) {
                     Ok(mut s) => {
+                        observe(self, Seen::State { machine: &m, unit: &unit, record: &s, revision: mod_revision });
                         let unit = self.unit_name(unit);
                         for t in [&mut s.hash, &mut s.load_state, &mut s.active_state, &mut s.sub_state] {
                             self.texts.intern(t);

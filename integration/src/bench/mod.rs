@@ -236,7 +236,8 @@ pub async fn bench(
     const KINDS: [(bool, bool); 3] = [(true, true), (false, true), (true, false)];
     for turn in 0..=3 * ENGINE_ALONE_ROUNDS {
         let warm_up = turn == 0;
-        let (round, place) = ((turn.max(1) - 1) / 3, (turn.max(1) - 1) % 3);
+        let counted = turn.saturating_sub(1);
+        let (round, place) = (counted / 3, counted % 3);
         let (events, metrics) = if warm_up { KINDS[0] } else { KINDS[(place + round) % 3] };
         let on = |b: bool| if b { "on" } else { "off" };
         eprintln!(
