@@ -193,8 +193,8 @@ impl EventLog {
         }
         let id = id.max(EventId { revision: h.last.revision + 1, n: 0 });
         let gap = Happened::new(EventKind::Gap).reason(
-            "the engine relisted the cluster after etcd compacted the history its watch needed; \
-             events in between are lost",
+            "the engine relisted the cluster (etcd compacted the history its watch needed, or its \
+             count of keys differed from etcd's); events in between are lost",
         );
         Self::push(&mut h, id, time.into(), gap);
         h.last = EventId { revision: id.revision, n: u32::MAX };

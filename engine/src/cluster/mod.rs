@@ -24,8 +24,13 @@ mod derive;
 mod per_machine;
 pub use per_machine::{MachineSet, PerMachine};
 
-/// How often the view is rebuilt from a fresh list, in case a watch event was ever missed.
-pub const RESYNC: Duration = Duration::from_secs(1800);
+/// How often the view's keys are counted against etcd's at the revision it reached, in case a
+/// watch event was ever missed (a difference relists it). The view was relisted outright every
+/// 30 minutes: at a million units each time cost the engines ~21 CPU-seconds and the leader
+/// 1.7 GiB more memory for a while, and etcd a gigabyte read. etcd counting those two million
+/// keys takes 0.3-0.7 s of its CPU, and the engine nothing to speak of (measured by hand,
+/// `fleet-sim --engine-alone`, docs/performance.md).
+pub const VERIFY: Duration = Duration::from_secs(600);
 
 #[derive(Debug, Default, Clone)]
 pub struct ClusterView {
@@ -696,7 +701,7 @@ impl Cluster {
             client,
             keys.prefix().to_string(),
             tx,
-            Some(RESYNC),
+            Some(VERIFY),
             Some(kick.clone()),
         ));
         Self::fed_by(rx, keys, kick, history)
@@ -705,7 +710,8 @@ impl Cluster {
     /// Follows `keys.prefix()` on any store with [`fleet_store::kv::follow`]: a snapshot, then
     /// each revision's changes, resumed after a lost watch. The API's unit tests feed their view
     /// this way from the in-memory store. Engines follow etcd with [`Cluster::follow`], which
-    /// also restarts a watch stuck on a dead member when kicked and relists now and then.
+    /// also restarts a watch stuck on a dead member when kicked and checks its count of keys now
+    /// and then.
     pub fn follow_store<S: fleet_store::kv::Store>(store: S, keys: Keys) -> Self {
         Self::follow_store_keeping(store, keys, crate::events::DEFAULT_HISTORY)
     }

@@ -305,7 +305,8 @@ const NOTES: &str = "\
   shares rather than copies: 2.1 -> 1.4 GiB in the leader, 1.1 -> 0.65 GiB in the API replica \
   (the bench's run of 2026-12-03 15:34 on an AMD EPYC host; memory is comparable across \
   these hosts, times are not). The sharing lasts until the view is listed \
-  again (every 30 minutes, or after a compaction or a lost watch): the planning copy then \
+  again (once etcd compacted history its watch still needed, or a check found it missed a \
+  change; see *The view relisted every 30 minutes* below): the planning copy then \
   applies the new listing apart, and holds its own names and hashes again (~0.1 GiB more at a \
   million units) until leadership changes; taking a new copy of the view then would keep it.
 - *`list-units`* now streams (`GET /fleet/v1/state:stream`): one request instead of 10,000 \
@@ -605,6 +606,19 @@ const NOTES: &str = "\
   bench's first with the leader up throughout both whole clusters: through the API 93.6 s \
   (submission 36.2 s), through fleetctl 91.3 s (submission 39.3 s), a new leader placing \
   5.0 s after the old one was killed. One run.
+- *The view relisted every 30 minutes* (found 2026-12-04): as a safety net against a missed \
+  watch event each engine listed the whole cluster again every 30 minutes. At a million units \
+  that is two million keys: ~21 CPU-seconds between the leader (its view and its planning \
+  copy, which then no longer shares the view's names) and the API replica, the leader's \
+  memory 1.5 -> 3.2 GiB for a while (over the 2 GiB target), and a gigabyte read from etcd. \
+  The bench's idle windows (30 s) never caught it, but averaged over the half hour it is \
+  0.7 s/min, seven times the idle target. By hand, with the interval set to 40 s: the engines' \
+  idle CPU 32 s/min, the leader's peak 3,189 MiB. Now an engine asks etcd every 10 minutes \
+  to count the cluster's keys at the revision its view reached and relists only if that \
+  differs from the keys it holds (`fleet_store::etcd::follow_prefix_paged`; \
+  `integration/tests/watch.rs` checks that creations, overwrites, ranged and leased deletions \
+  never make it relist). The same run with a check every 40 s: the engines' idle CPU \
+  0.035 s/min, the leader's peak 1,469 MiB; each count took etcd 0.3-0.7 CPU-seconds.
 - *Whole passes still come* after a unit is changed or destroyed, a drain, a move, a rollout's \
   step, or a unit displaced by a `Replaces`, and right after a new leader's first pass: each \
   costs the seconds above, and delays what is submitted meanwhile.

@@ -133,17 +133,18 @@ fn next_page(keys: usize, bytes: usize) -> i64 {
 /// Lists every key under `prefix` as one consistent snapshot (all pages read at the revision of
 /// the first), in pages of about [`LIST_PAGE_BYTES`].
 pub async fn list_prefix(client: &Client, prefix: &str) -> Result<PrefixUpdate, etcd_client::Error> {
-    let (revision, puts) = list_prefix_paged(client, prefix, None).await?;
+    let (revision, puts, _) = list_prefix_paged(client, prefix, None).await?;
     Ok(PrefixUpdate::Snapshot { revision, puts })
 }
 
 /// [`list_prefix`]; with `pages`, each page goes there as a [`PrefixUpdate::Page`] as soon as it
-/// is read, and what is returned (the listing's revision and keys) holds none of them.
+/// is read, and what is returned (the listing's revision and keys) holds none of them. The
+/// number of keys listed comes last, pages or not.
 async fn list_prefix_paged(
     client: &Client,
     prefix: &str,
     pages: Option<&mpsc::Sender<PrefixUpdate>>,
-) -> Result<(i64, Vec<Change>), etcd_client::Error> {
+) -> Result<(i64, Vec<Change>, usize), etcd_client::Error> {
     let listing = std::time::Instant::now();
     let end = prefix_end(prefix.as_bytes());
     let mut kv = client.kv_client().max_decoding_message_size(MAX_WATCH_RESPONSE);
@@ -181,14 +182,14 @@ async fn list_prefix_paged(
         if let Some(tx) = pages {
             // A follower gone: the snapshot cannot be delivered either, and its follow ends.
             if tx.send(PrefixUpdate::Page { first, puts: std::mem::take(&mut puts) }).await.is_err() {
-                return Ok((revision, Vec::new()));
+                return Ok((revision, Vec::new(), keys));
             }
         }
         match next {
             Some(next) => from = next,
             None => {
                 tracing::info!(%prefix, keys, ms = listing.elapsed().as_millis() as u64, "listed");
-                return Ok((revision, puts));
+                return Ok((revision, puts, keys));
             }
         }
     }
@@ -209,10 +210,12 @@ pub fn watch_client(client: &Client) -> etcd_client::WatchClient {
 /// revision; reconnects with backoff from the last revision seen, and relists after compaction.
 /// This is the only way fleet processes read etcd continuously, so no one polls.
 ///
-/// With `resync`, the prefix is also relisted that often as a safety net against a missed event
+/// With `verify`, the follower checks that often that it holds as many keys as etcd has under
+/// the prefix at the revision it reached, and relists if not: a safety net against a missed
+/// event that costs etcd a count, where relisting costs it and the follower the whole prefix
 /// (engines use it; agents do not, so an idle agent has no timers).
-pub async fn follow_prefix(client: Client, prefix: String, tx: mpsc::Sender<PrefixUpdate>, resync: Option<Duration>) {
-    follow(client, prefix, tx, resync, None, false).await
+pub async fn follow_prefix(client: Client, prefix: String, tx: mpsc::Sender<PrefixUpdate>, verify: Option<Duration>) {
+    follow(client, prefix, tx, verify, None, false).await
 }
 
 /// [`follow_prefix`], restarting the watch (from the last revision seen) whenever `kick` is
@@ -222,17 +225,75 @@ pub async fn follow_prefix_paged(
     client: Client,
     prefix: String,
     tx: mpsc::Sender<PrefixUpdate>,
-    resync: Option<Duration>,
+    verify: Option<Duration>,
     kick: Option<std::sync::Arc<tokio::sync::Notify>>,
 ) {
-    follow(client, prefix, tx, resync, kick, true).await
+    follow(client, prefix, tx, verify, kick, true).await
+}
+
+/// How long a follower waits for etcd to count its prefix; a check not answered in time is
+/// skipped until the next one.
+const VERIFY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The keys a follower holds, kept from its listing and the watch's creations and deletions, to
+/// be compared with etcd's count at the same revision.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct KeyCount(i64);
+
+impl KeyCount {
+    fn listed(keys: usize) -> Self {
+        KeyCount(keys as i64)
+    }
+
+    /// A put whose key is at its first version created the key (again, after a deletion); any
+    /// other put changed a key already counted.
+    fn put(&mut self, version: i64) {
+        if version == 1 {
+            self.0 += 1;
+        }
+    }
+
+    fn delete(&mut self) {
+        self.0 -= 1;
+    }
+
+    /// Whether etcd's count at the revision this follower reached says it missed something.
+    fn differs_from(self, etcd: i64) -> bool {
+        self.0 != etcd
+    }
+}
+
+/// What a check of a follower against etcd found.
+enum Verified {
+    Same,
+    /// etcd holds `etcd` keys where the follower holds `ours`: relist.
+    Differs {
+        ours: i64,
+        etcd: i64,
+    },
+    /// Not answered (a busy etcd, or the revision compacted away): asked again next time.
+    Unknown,
+}
+
+async fn verify_count(client: &Client, prefix: &str, revision: i64, ours: KeyCount) -> Verified {
+    let opts = GetOptions::new().with_range(prefix_end(prefix.as_bytes())).with_count_only().with_revision(revision);
+    let mut kv = client.kv_client();
+    match tokio::time::timeout(VERIFY_TIMEOUT, kv.get(prefix, Some(opts))).await {
+        Ok(Ok(resp)) if ours.differs_from(resp.count()) => Verified::Differs { ours: ours.0, etcd: resp.count() },
+        Ok(Ok(_)) => Verified::Same,
+        Ok(Err(e)) => {
+            tracing::debug!(%prefix, revision, error = %e, "cannot count the prefix; checking again later");
+            Verified::Unknown
+        }
+        Err(_) => Verified::Unknown,
+    }
 }
 
 async fn follow(
     client: Client,
     prefix: String,
     tx: mpsc::Sender<PrefixUpdate>,
-    resync: Option<Duration>,
+    verify: Option<Duration>,
     kick: Option<std::sync::Arc<tokio::sync::Notify>>,
     paged: bool,
 ) {
@@ -241,6 +302,9 @@ async fn follow(
     // is retried from scratch forever.
     let policy = RetryPolicy { attempts: u32::MAX, timeout: Duration::from_secs(300), ..RetryPolicy::default() };
     let mut revision: Option<i64> = None;
+    let mut held = KeyCount::default();
+    // Kept across rewatches: a watch restarted often (kicks, a flaky member) still gets checked.
+    let mut verify_at = verify.map(|d| tokio::time::Instant::now() + d);
     let mut backoff = Duration::from_millis(100);
     loop {
         if tx.is_closed() {
@@ -251,7 +315,7 @@ async fn follow(
             None => {
                 let pages = paged.then_some(&tx);
                 let got = policy.run("list prefix", is_transient, || list_prefix_paged(&client, &prefix, pages)).await;
-                let (rev, puts) = match got {
+                let (rev, puts, keys) = match got {
                     Ok(r) => r,
                     Err(e) => {
                         tracing::warn!(%prefix, error = %e, "cannot list prefix");
@@ -263,6 +327,8 @@ async fn follow(
                     return;
                 }
                 revision = Some(rev);
+                held = KeyCount::listed(keys);
+                verify_at = verify.map(|d| tokio::time::Instant::now() + d);
                 rev + 1
             }
         };
@@ -277,10 +343,9 @@ async fn follow(
                 continue;
             }
         };
-        let resync_at = resync.map(|d| tokio::time::Instant::now() + d);
         loop {
             let due = async {
-                match resync_at {
+                match verify_at {
                     Some(t) => tokio::time::sleep_until(t).await,
                     None => std::future::pending().await,
                 }
@@ -289,9 +354,18 @@ async fn follow(
                 m = stream.message() => m,
                 _ = tx.closed() => return,
                 _ = due => {
-                    tracing::debug!(%prefix, "periodic resync");
-                    revision = None;
-                    break;
+                    verify_at = verify.map(|d| tokio::time::Instant::now() + d);
+                    let at = revision.unwrap_or(0);
+                    match verify_count(&client, &prefix, at, held).await {
+                        Verified::Differs { ours, etcd } => {
+                            tracing::warn!(%prefix, revision = at, ours, etcd, "this follower's keys differ from etcd's: a change was missed; relisting");
+                            revision = None;
+                            break;
+                        }
+                        Verified::Same => tracing::debug!(%prefix, revision = at, keys = held.0, "checked against etcd's count"),
+                        Verified::Unknown => {}
+                    }
+                    continue;
                 }
                 _ = async {
                     match &kick {
@@ -330,13 +404,17 @@ async fn follow(
                         .filter_map(|ev| {
                             let kv = ev.kv()?;
                             Some(match ev.event_type() {
-                                EventType::Put => Change::Put {
-                                    key: kv.key().to_vec(),
-                                    value: kv.value().to_vec(),
-                                    lease: kv.lease(),
-                                    mod_revision: kv.mod_revision(),
-                                },
+                                EventType::Put => {
+                                    held.put(kv.version());
+                                    Change::Put {
+                                        key: kv.key().to_vec(),
+                                        value: kv.value().to_vec(),
+                                        lease: kv.lease(),
+                                        mod_revision: kv.mod_revision(),
+                                    }
+                                }
                                 EventType::Delete => {
+                                    held.delete();
                                     Change::Delete { key: kv.key().to_vec(), mod_revision: kv.mod_revision() }
                                 }
                             })
@@ -364,6 +442,24 @@ async fn follow(
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(MAX_REWATCH_BACKOFF);
+    }
+}
+
+#[cfg(test)]
+mod count_tests {
+    use super::KeyCount;
+
+    #[test]
+    fn a_follower_counts_creations_and_deletions_not_overwrites() {
+        let mut held = KeyCount::listed(3);
+        held.put(1); // created
+        held.put(2); // overwritten
+        held.put(7); // overwritten
+        held.delete();
+        held.put(1); // created again after its deletion
+        assert!(!held.differs_from(4));
+        assert!(held.differs_from(3), "a missed deletion or creation is a difference");
+        assert!(held.differs_from(5));
     }
 }
 
