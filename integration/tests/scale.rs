@@ -39,6 +39,9 @@ async fn thousand_machines_ten_thousand_units_converge_and_survive_faults() {
     assert!(report.submitted_by_fleetctl && report.api_tls && report.etcd_tls && report.leader_first, "{report:?}");
     assert!(report.start_more_secs.is_some(), "fleetctl start of 1,000 more units returned");
     assert!(report.machine_lost_secs.is_some() && report.leader_lost_secs.is_some());
+    // The standby was seen leading, and not after the unit it placed was active.
+    let elected = report.leader_elected_secs.expect("the standby was seen leading");
+    assert!(report.leader_lost_secs.is_some_and(|all| elected <= all), "{report:?}");
     assert_eq!(report.idle_writes_per_min, Some(0.0), "an idle cluster wrote to etcd");
     // Each unit: its record, its schedule entry, its state (docs/performance-notes.md); bodies,
     // machine records and the leader's keys are shared and not counted.

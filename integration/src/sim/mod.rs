@@ -129,6 +129,10 @@ pub struct SimReport {
     pub start_more_secs: Option<f64>,
     pub machine_lost_secs: Option<f64>,
     pub leader_lost_secs: Option<f64>,
+    /// Of `leader_lost_secs`, until the standby said it leads: most of it is the old leader's
+    /// election lease running out, the rest the new leader's placement and the agent's start.
+    #[serde(default)]
+    pub leader_elected_secs: Option<f64>,
     pub idle_writes_per_min: Option<f64>,
     pub idle_engine_cpu_secs_per_min: Option<f64>,
     pub idle_sim_cpu_secs_per_min: Option<f64>,
@@ -735,13 +739,21 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport> {
         let _ = engine.0.kill();
         let _ = engine.0.wait();
         submit(&api, &["sim-after-failover.service".to_string()]).await?;
-        wait_until("a unit placed by the new leader", Duration::from_secs(60), || async {
-            let o = observed.borrow().clone();
-            let o = o.lock().unwrap_or_else(|e| e.into_inner());
-            o.active.get("sim-after-failover.service").is_some_and(|m| !m.is_empty())
+        let elected: std::cell::Cell<Option<f64>> = Default::default();
+        wait_until("a unit placed by the new leader", Duration::from_secs(60), || {
+            let (elected, observed, http, cfg) = (&elected, &observed, &http, &cfg);
+            async move {
+                if elected.get().is_none() && leader_of(cfg, http, standby_port).await == Some(true) {
+                    elected.set(Some(t.elapsed().as_secs_f64()));
+                }
+                let o = observed.borrow().clone();
+                let o = o.lock().unwrap_or_else(|e| e.into_inner());
+                o.active.get("sim-after-failover.service").is_some_and(|m| !m.is_empty())
+            }
         })
         .await?;
         report.leader_lost_secs = Some(t.elapsed().as_secs_f64());
+        report.leader_elected_secs = elected.get();
     }
 
     {
