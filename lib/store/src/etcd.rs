@@ -263,29 +263,18 @@ impl KeyCount {
     }
 }
 
-/// What a check of a follower against etcd found.
-enum Verified {
-    Same,
-    /// etcd holds `etcd` keys where the follower holds `ours`: relist.
-    Differs {
-        ours: i64,
-        etcd: i64,
-    },
-    /// Not answered (a busy etcd, or the revision compacted away): asked again next time.
-    Unknown,
-}
-
-async fn verify_count(client: &Client, prefix: &str, revision: i64, ours: KeyCount) -> Verified {
+/// etcd's count of the keys under `prefix` at `revision`; `None` when not answered (a busy etcd,
+/// or the revision compacted away): the follower asks again next time.
+async fn count_at(client: &Client, prefix: &str, revision: i64) -> Option<i64> {
     let opts = GetOptions::new().with_range(prefix_end(prefix.as_bytes())).with_count_only().with_revision(revision);
     let mut kv = client.kv_client();
     match tokio::time::timeout(VERIFY_TIMEOUT, kv.get(prefix, Some(opts))).await {
-        Ok(Ok(resp)) if ours.differs_from(resp.count()) => Verified::Differs { ours: ours.0, etcd: resp.count() },
-        Ok(Ok(_)) => Verified::Same,
+        Ok(Ok(resp)) => Some(resp.count()),
         Ok(Err(e)) => {
             tracing::debug!(%prefix, revision, error = %e, "cannot count the prefix; checking again later");
-            Verified::Unknown
+            None
         }
-        Err(_) => Verified::Unknown,
+        Err(_) => None,
     }
 }
 
@@ -356,14 +345,14 @@ async fn follow(
                 _ = due => {
                     verify_at = verify.map(|d| tokio::time::Instant::now() + d);
                     let at = revision.unwrap_or(0);
-                    match verify_count(&client, &prefix, at, held).await {
-                        Verified::Differs { ours, etcd } => {
-                            tracing::warn!(%prefix, revision = at, ours, etcd, "this follower's keys differ from etcd's: a change was missed; relisting");
+                    match count_at(&client, &prefix, at).await {
+                        Some(etcd) if held.differs_from(etcd) => {
+                            tracing::warn!(%prefix, revision = at, ours = held.0, etcd, "this follower's keys differ from etcd's: a change was missed; relisting");
                             revision = None;
                             break;
                         }
-                        Verified::Same => tracing::debug!(%prefix, revision = at, keys = held.0, "checked against etcd's count"),
-                        Verified::Unknown => {}
+                        Some(_) => tracing::debug!(%prefix, revision = at, keys = held.0, "checked against etcd's count"),
+                        None => {}
                     }
                     continue;
                 }

@@ -209,7 +209,7 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 /// nothing repeated), and a watch that fell behind compaction starts again with a new snapshot.
 /// On etcd, listings are read in pages at one revision (`EtcdStore::range`); the engine's
 /// whole-cluster view still follows with `etcd::follow_prefix` (one update per watch message,
-/// a kick to rewatch, a periodic resync), which this does not do yet.
+/// a kick to rewatch, a periodic check of its count of keys), which this does not do yet.
 pub async fn follow<S: Store>(store: S, prefix: String, tx: mpsc::Sender<PrefixUpdate>) {
     const MAX_BACKOFF: Duration = Duration::from_secs(1);
     let mut revision: Option<i64> = None;
