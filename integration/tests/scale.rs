@@ -43,6 +43,7 @@ async fn thousand_machines_ten_thousand_units_converge_and_survive_faults() {
     let elected = report.leader_elected_secs.expect("the standby was seen leading");
     assert!(report.leader_lost_secs.is_some_and(|all| elected <= all), "{report:?}");
     assert_eq!(report.idle_writes_per_min, Some(0.0), "an idle cluster wrote to etcd");
+    assert_eq!(report.idle_events, Some(Default::default()), "an idle cluster told its users something happened");
     // Each unit: its record, its schedule entry, its state (docs/performance-notes.md); bodies,
     // machine records and the leader's keys are shared and not counted.
     assert!(report.own_keys_per_unit <= 3.0, "{} keys of its own written per unit", report.own_keys_per_unit);
@@ -89,4 +90,5 @@ async fn the_engine_alone_places_lists_and_idles_as_the_million_bench_measures()
     assert!(report.list_units_first_row_secs > 0.0 && report.list_units_first_row_secs <= report.list_units_secs);
     assert!(report.etcd_db_bytes > 0 && report.leader_peak_rss_mib > 0.0 && report.api_peak_rss_mib > 0.0);
     assert_eq!(report.idle_writes_per_min, Some(0.0), "an idle engine wrote to etcd");
+    assert_eq!(report.idle_events, Some(Default::default()), "an idle engine told its users something happened");
 }

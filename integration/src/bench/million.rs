@@ -408,7 +408,7 @@ const NOTES: &str = "\
   placement stalled at 388,000 for 20 s, 12,376 renewals were refused and agents lost their \
   lease 9,530 times and registered again. One run; machine and leader loss \
   were not measured in it. What is left on one etcd is the schedule's million keys and the \
-  keepalives; sharding by machine group (designed in the issue's notes) is not built.
+  keepalives; sharding by machine group (designed in docs/sharding.md) is not built.
 - *A machine's schedule in pages, placed no faster than agents start* (2026-12-03, the same AMD \
   EPYC host, by hand, `fleet-sim --machines 10000 --units 1000000 --lease-ttl-secs 30`, secure \
   settings, a fresh etcd on tmpfs): the leader now writes each machine's schedule entries in \
@@ -644,6 +644,18 @@ const NOTES: &str = "\
 - *The whole simulated cluster* at this size puts 10,000 agents' watches and keepalives, the \
   submission and three million key writes on the same two cores as etcd and both engines.";
 
+/// What `fleetctl events --follow` told over an idle window.
+fn told(events: Option<&std::collections::BTreeMap<String, usize>>) -> String {
+    match events {
+        None => "events not watched".into(),
+        Some(e) if e.is_empty() => "`fleetctl events --follow` told nothing".into(),
+        Some(e) => {
+            let kinds: Vec<String> = e.iter().map(|(kind, n)| format!("{n} {kind}")).collect();
+            format!("`fleetctl events --follow` told {}", kinds.join(", "))
+        }
+    }
+}
+
 /// Every target of the million-unit size: measure, target, result, met (`None`: not measured).
 pub fn verdicts(
     sim: &SimReport,
@@ -733,7 +745,9 @@ pub fn verdicts(
     v.push((
         "idle: etcd writes (the engine alone; lease keepalives are not writes)".into(),
         "0/min".into(),
-        engine.and_then(|e| e.idle_writes_per_min).map_or("not measured".into(), |w| format!("{w:.0}/min")),
+        engine.and_then(|e| e.idle_writes_per_min).map_or("not measured".into(), |w| {
+            format!("{w:.0}/min; {}", told(engine.and_then(|e| e.idle_events.as_ref())))
+        }),
         engine.and_then(|e| e.idle_writes_per_min).map(|w| w == 0.0),
     ));
     v.push((

@@ -60,6 +60,9 @@ pub struct EngineReport {
     pub idle_writes_per_min: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_engine_cpu_secs_per_min: Option<f64>,
+    /// What `fleetctl events --follow` printed over the idle window, by kind (none expected).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_events: Option<std::collections::BTreeMap<String, usize>>,
     /// Whether the units were submitted by `fleetctl start --no-block --names-from` (instances
     /// of a template file) rather than through the API directly.
     #[serde(default)]
@@ -243,9 +246,11 @@ pub async fn engine_alone(cfg: SimConfig, submission: Submission) -> Result<Engi
         // Nothing changes: count writes under the prefix and the engines' CPU over a window.
         let writes = || observed.borrow().lock().map(|o| o.writes).unwrap_or(0);
         let cpu = || cpu_secs(engine.0.id()) + cpu_secs(api_engine.0.id());
+        let told = super::events::EventWatch::start(&cfg, &cfg.api_url(cfg.api_port), &token).await?;
         let (w0, c0) = (writes(), cpu());
         tokio::time::sleep(Duration::from_secs(cfg.idle_secs)).await;
         let (w1, c1) = (writes(), cpu());
+        report.idle_events = Some(told.stop().await?);
         let per_min = 60.0 / cfg.idle_secs as f64;
         report.idle_writes_per_min = Some((w1 - w0) as f64 * per_min);
         report.idle_engine_cpu_secs_per_min = Some((c1 - c0) * per_min);

@@ -38,6 +38,7 @@ use tokio::sync::watch;
 mod child;
 pub mod dashboard;
 mod engine_alone;
+mod events;
 pub(crate) mod observe;
 pub use child::{in_child, Simulation};
 pub use engine_alone::{engine_alone, EngineReport, Submission};
@@ -136,6 +137,9 @@ pub struct SimReport {
     pub idle_writes_per_min: Option<f64>,
     pub idle_engine_cpu_secs_per_min: Option<f64>,
     pub idle_sim_cpu_secs_per_min: Option<f64>,
+    /// What `fleetctl events --follow` printed over the idle window, by kind (none expected).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_events: Option<std::collections::BTreeMap<String, usize>>,
     /// Units active on two machines at the end (must be 0), and units never active (must be 0).
     pub duplicates: usize,
     pub missing: usize,
@@ -692,9 +696,11 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport> {
             n
         };
         let engines_cpu = || cpu_secs(engine.0.id()) + cpu_secs(api_engine.0.id());
+        let told = events::EventWatch::start(&cfg, &cfg.api_url(cfg.api_port), &token).await?;
         let (rev0, e0, s0) = (writes(), engines_cpu(), cpu_secs(std::process::id()));
         tokio::time::sleep(Duration::from_secs(cfg.idle_secs)).await;
         let (rev1, e1, s1) = (writes(), engines_cpu(), cpu_secs(std::process::id()));
+        report.idle_events = Some(told.stop().await?);
         let per_min = 60.0 / cfg.idle_secs as f64;
         report.idle_writes_per_min = Some((rev1 - rev0) as f64 * per_min);
         report.idle_engine_cpu_secs_per_min = Some((e1 - e0) * per_min);
