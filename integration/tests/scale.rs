@@ -8,9 +8,15 @@
 use fleet_integration::sim::{run, SimConfig};
 use fleet_integration::testkit;
 
+/// One simulation at a time: run side by side on two cores, each slowed the other until the
+/// engine alone's leader had not settled when its idle window began, and what an idle window
+/// sees (writes, events) must be the idle cluster's.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousand_machines_ten_thousand_units_converge_and_survive_faults() {
     let Some(state) = testkit::lab() else { return };
+    let _alone = ONE_AT_A_TIME.lock().await;
     let report = run(SimConfig {
         etcd_tls: Some(fleet_integration::pki::identity("root")),
         etcd_endpoints: state.etcd_endpoints(),
@@ -60,6 +66,7 @@ async fn thousand_machines_ten_thousand_units_converge_and_survive_faults() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_engine_alone_places_lists_and_idles_as_the_million_bench_measures() {
     let Some(state) = testkit::lab() else { return };
+    let _alone = ONE_AT_A_TIME.lock().await;
     let report: fleet_integration::sim::EngineReport = fleet_integration::sim::in_child(
         &SimConfig {
             etcd_tls: Some(fleet_integration::pki::identity("root")),
