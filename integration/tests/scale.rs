@@ -56,6 +56,11 @@ async fn thousand_machines_ten_thousand_units_converge_and_survive_faults() {
     // At least its record: counted from key versions at the end, as the observer watches only
     // schedules and states (a record uncounted would show as far under one key per unit).
     assert!(report.own_keys_per_unit >= 1.0, "{} keys of its own written per unit", report.own_keys_per_unit);
+    // Every machine holds units here (ten each): each had its schedule and its states written
+    // at least once, each write a value of some bytes.
+    for (kind, w) in [("schedule", report.schedule_writes), ("state", report.state_writes)] {
+        assert!(w.puts >= 1000 && w.bytes > w.puts * 20, "{kind} writes: {w:?}");
+    }
 }
 
 /// The engine alone as `./lab bench --machines N --units M` measures it at a million units,

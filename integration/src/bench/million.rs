@@ -234,7 +234,7 @@ pub fn section(date: &str, sim: &SimReport, by_fleetctl: Option<&SimReport>, eng
             let _ = writeln!(
                 md,
                 "The whole simulated cluster: submitted in {:.1} s, all active {:.1} s after the first \
-                 request ({:.0} placements/s, {:.2} etcd transactions and {:.2} keys per unit). \
+                 request ({:.0} placements/s, {:.2} etcd transactions and {:.2} keys per unit; {}). \
                  Then, as a user would: `fleetctl start` of 1,000 more units into it returned, all of \
                  them active, after {}.\n",
                 sim.submit_secs,
@@ -242,6 +242,7 @@ pub fn section(date: &str, sim: &SimReport, by_fleetctl: Option<&SimReport>, eng
                 sim.placements_per_sec,
                 sim.txns_per_unit,
                 sim.keys_per_unit,
+                pages_written(sim),
                 sim.start_more_secs.map_or("(not measured)".into(), |s| format!("{s:.1} s")),
             );
         }
@@ -251,8 +252,11 @@ pub fn section(date: &str, sim: &SimReport, by_fleetctl: Option<&SimReport>, eng
             let _ = writeln!(
                 md,
                 "The whole simulated cluster again, its units submitted by fleetctl: submitted in {:.1} s, \
-                 all active {:.1} s after fleetctl started ({:.0} placements/s).\n",
-                f.submit_secs, f.converge_secs, f.placements_per_sec,
+                 all active {:.1} s after fleetctl started ({:.0} placements/s; {}).\n",
+                f.submit_secs,
+                f.converge_secs,
+                f.placements_per_sec,
+                pages_written(f),
             );
         }
         Some(f) => {
@@ -643,6 +647,20 @@ const NOTES: &str = "\
   docs/reliability.md). The engine alone's fleetctl submission took 25-49 s.
 - *The whole simulated cluster* at this size puts 10,000 agents' watches and keepalives, the \
   submission and three million key writes on the same two cores as etcd and both engines.";
+
+/// The schedule and state pages a whole cluster's run wrote, and their bytes: what etcd applied
+/// and sent to each of their watchers beside the unit records.
+fn pages_written(sim: &SimReport) -> String {
+    let mib = |b: u64| b as f64 / 1048576.0;
+    format!(
+        "schedules: {} writes, {:.0} MiB; the agents' states: {} writes ({:.1} a machine), {:.0} MiB",
+        sim.schedule_writes.puts,
+        mib(sim.schedule_writes.bytes),
+        sim.state_writes.puts,
+        sim.state_writes.puts as f64 / sim.machines.max(1) as f64,
+        mib(sim.state_writes.bytes),
+    )
+}
 
 /// What `fleetctl events --follow` told over an idle window.
 fn told(events: Option<&std::collections::BTreeMap<String, usize>>) -> String {

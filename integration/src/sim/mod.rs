@@ -42,6 +42,7 @@ mod events;
 pub(crate) mod observe;
 pub use child::{in_child, Simulation};
 pub use engine_alone::{engine_alone, EngineReport, Submission};
+pub use observe::Written;
 use observe::*;
 
 #[derive(Debug, Clone)]
@@ -122,6 +123,12 @@ pub struct SimReport {
     /// docs/performance-notes.md says three. The rest are shared (bodies, machines, the leader's).
     #[serde(default)]
     pub own_keys_per_unit: f64,
+    /// Of those, the schedules' and the states' writes with their values' bytes, from
+    /// submission to convergence: what the agents' reports cost etcd beside the placement.
+    #[serde(default)]
+    pub schedule_writes: Written,
+    #[serde(default)]
+    pub state_writes: Written,
     pub list_units_secs: f64,
     pub list_units_rows: usize,
     /// `fleetctl start` (waiting for them, as it does by default) of 1,000 more units into the
@@ -657,6 +664,8 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport> {
         report.placements_per_sec = o.placement_rate();
         report.keys_per_unit = (o.puts + others) as f64 / cfg.units as f64;
         report.own_keys_per_unit = (o.own_puts + records) as f64 / cfg.units as f64;
+        report.schedule_writes = o.schedule_writes;
+        report.state_writes = o.state_writes;
     }
     report.txns_per_unit = (to - from + 1) as f64 / cfg.units as f64;
     tracing::info!(secs = report.converge_secs, "converged");

@@ -25,10 +25,28 @@ pub(super) struct Observed {
     pub(super) own_puts: u64,
     /// Puts and deletes under the prefix.
     pub(super) writes: u64,
+    /// Puts of schedule keys (pages, or per-unit entries) and of state keys, and their values'
+    /// bytes: what etcd applied, stored and sent to every watcher of them for each kind.
+    pub(super) schedule_writes: Written,
+    pub(super) state_writes: Written,
     /// Which units each machine's state pages hold.
     pub(super) pages: PageFollower,
     /// Which units each machine's schedule pages hold.
     pub(super) schedule_pages: PageFollower,
+}
+
+/// Puts of one kind of key, and their values' bytes.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct Written {
+    pub puts: u64,
+    pub bytes: u64,
+}
+
+impl Written {
+    fn add(&mut self, value: &[u8]) {
+        self.puts += 1;
+        self.bytes += value.len() as u64;
+    }
 }
 
 /// Whether each unit a state key's event concerns is now active on its machine: (unit, machine,
@@ -199,6 +217,11 @@ fn follow_one(
                             ) {
                                 o.own_puts += 1;
                             }
+                        }
+                        match decoded {
+                            Some(Key::Schedule(..) | Key::SchedulePage(..)) if put => o.schedule_writes.add(kv.value()),
+                            Some(Key::State(..) | Key::StatePage(..)) if put => o.state_writes.add(kv.value()),
+                            _ => {}
                         }
                         match decoded {
                             key @ Some(Key::Schedule(..) | Key::SchedulePage(..)) => {
