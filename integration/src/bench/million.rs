@@ -623,6 +623,14 @@ const NOTES: &str = "\
   `integration/tests/watch.rs` checks that creations, overwrites, ranged and leased deletions \
   never make it relist). The same run with a check every 40 s: the engines' idle CPU \
   0.035 s/min, the leader's peak 1,469 MiB; each count took etcd 0.3-0.7 CPU-seconds.
+- *Idle for 35 minutes, watched as an operator would* (2026-12-04, by hand on the Intel Xeon \
+  host: `fleet-sim --engine-alone --machines 10000 --units 1000000 --idle-secs 2100`, plain \
+  etcd on tmpfs, the count check at its 10 minutes): over three count checks of each engine, \
+  0 etcd writes, both engines' CPU 0.025 s/min, the leader's peak 1,460 MiB, and `fleetctl \
+  events --follow`, started before the window and stopped after it, told nothing: no engine \
+  relisted (a relist tells its readers a `gap`). Every simulation now watches its idle window \
+  so (`idle_events` in its report, the idle rows here); the smoke tests fail on any event, and \
+  did with the count check forced to relist every 5 s.
 - *Whole passes still come* after a unit is changed or destroyed, a drain, a move, a rollout's \
   step, or a unit displaced by a `Replaces`, and right after a new leader's first pass: each \
   costs the seconds above, and delays what is submitted meanwhile.
