@@ -8,9 +8,10 @@
 use fleet_integration::sim::{run, SimConfig};
 use fleet_integration::testkit;
 
-/// One simulation at a time: run side by side on two cores, each slowed the other until the
-/// engine alone's leader had not settled when its idle window began, and what an idle window
-/// sees (writes, events) must be the idle cluster's.
+/// One simulation at a time, also in a bare `cargo test` (`./lab test` runs one test at a time
+/// anyway): side by side on two cores, each slowed the other until the engine alone's leader had
+/// not settled when its idle window began, and what an idle window sees (writes, events) must be
+/// the idle cluster's.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -56,8 +57,8 @@ async fn thousand_machines_ten_thousand_units_converge_and_survive_faults() {
     // At least its record: counted from key versions at the end, as the observer watches only
     // schedules and states (a record uncounted would show as far under one key per unit).
     assert!(report.own_keys_per_unit >= 1.0, "{} keys of its own written per unit", report.own_keys_per_unit);
-    // Every machine holds units here (ten each): each had its schedule and its states written
-    // at least once, each write a value of some bytes.
+    // Every machine holds units here (ten each), so at least as many schedule and state writes
+    // as machines, each a value of some bytes (per machine: the observer counts totals).
     for (kind, w) in [("schedule", report.schedule_writes), ("state", report.state_writes)] {
         assert!(w.puts >= 1000 && w.bytes > w.puts * 20, "{kind} writes: {w:?}");
     }

@@ -246,11 +246,15 @@ pub async fn engine_alone(cfg: SimConfig, submission: Submission) -> Result<Engi
         // Nothing changes: count writes under the prefix and the engines' CPU over a window.
         let writes = || observed.borrow().lock().map(|o| o.writes).unwrap_or(0);
         let cpu = || cpu_secs(engine.0.id()) + cpu_secs(api_engine.0.id());
-        let told = super::events::EventWatch::start(&cfg, &cfg.api_url(cfg.api_port), &token).await?;
-        let (w0, c0) = (writes(), cpu());
-        tokio::time::sleep(Duration::from_secs(cfg.idle_secs)).await;
-        let (w1, c1) = (writes(), cpu());
-        report.idle_events = Some(told.stop().await?);
+        let apis = [cfg.api_url(cfg.api_port), cfg.api_url(leader_port)];
+        let since = revision(&admin, &keys).await?;
+        let window = async {
+            let before = (writes(), cpu());
+            tokio::time::sleep(Duration::from_secs(cfg.idle_secs)).await;
+            (before, (writes(), cpu()))
+        };
+        let (((w0, c0), (w1, c1)), told) = super::events::told_over(&cfg, &apis, &token, since, window).await;
+        report.idle_events = told;
         let per_min = 60.0 / cfg.idle_secs as f64;
         report.idle_writes_per_min = Some((w1 - w0) as f64 * per_min);
         report.idle_engine_cpu_secs_per_min = Some((c1 - c0) * per_min);

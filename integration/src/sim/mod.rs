@@ -705,11 +705,15 @@ pub async fn run(cfg: SimConfig) -> Result<SimReport> {
             n
         };
         let engines_cpu = || cpu_secs(engine.0.id()) + cpu_secs(api_engine.0.id());
-        let told = events::EventWatch::start(&cfg, &cfg.api_url(cfg.api_port), &token).await?;
-        let (rev0, e0, s0) = (writes(), engines_cpu(), cpu_secs(std::process::id()));
-        tokio::time::sleep(Duration::from_secs(cfg.idle_secs)).await;
-        let (rev1, e1, s1) = (writes(), engines_cpu(), cpu_secs(std::process::id()));
-        report.idle_events = Some(told.stop().await?);
+        let apis = [cfg.api_url(cfg.api_port), cfg.api_url(leader_port)];
+        let since = revision(&admin, &keys).await?;
+        let window = async {
+            let before = (writes(), engines_cpu(), cpu_secs(std::process::id()));
+            tokio::time::sleep(Duration::from_secs(cfg.idle_secs)).await;
+            (before, (writes(), engines_cpu(), cpu_secs(std::process::id())))
+        };
+        let (((rev0, e0, s0), (rev1, e1, s1)), told) = events::told_over(&cfg, &apis, &token, since, window).await;
+        report.idle_events = told;
         let per_min = 60.0 / cfg.idle_secs as f64;
         report.idle_writes_per_min = Some((rev1 - rev0) as f64 * per_min);
         report.idle_engine_cpu_secs_per_min = Some((e1 - e0) * per_min);
