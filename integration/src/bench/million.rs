@@ -679,7 +679,7 @@ fn pages_written(sim: &SimReport) -> String {
 }
 
 /// What `fleetctl events --follow` told over an idle window.
-fn told(events: Option<&std::collections::BTreeMap<String, usize>>) -> String {
+fn told(events: Option<&crate::sim::Told>) -> String {
     match events {
         None => "events not watched".into(),
         Some(e) if e.is_empty() => "`fleetctl events --follow` told nothing".into(),

@@ -62,7 +62,7 @@ pub struct EngineReport {
     pub idle_engine_cpu_secs_per_min: Option<f64>,
     /// What `fleetctl events --follow` printed over the idle window, by kind (none expected).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub idle_events: Option<std::collections::BTreeMap<String, usize>>,
+    pub idle_events: Option<Told>,
     /// Whether the units were submitted by `fleetctl start --no-block --names-from` (instances
     /// of a template file) rather than through the API directly.
     #[serde(default)]

@@ -42,6 +42,7 @@ mod events;
 pub(crate) mod observe;
 pub use child::{in_child, Simulation};
 pub use engine_alone::{engine_alone, EngineReport, Submission};
+pub use events::Told;
 pub use observe::Written;
 use observe::*;
 
@@ -146,7 +147,7 @@ pub struct SimReport {
     pub idle_sim_cpu_secs_per_min: Option<f64>,
     /// What `fleetctl events --follow` printed over the idle window, by kind (none expected).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub idle_events: Option<std::collections::BTreeMap<String, usize>>,
+    pub idle_events: Option<Told>,
     /// Units active on two machines at the end (must be 0), and units never active (must be 0).
     pub duplicates: usize,
     pub missing: usize,

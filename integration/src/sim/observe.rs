@@ -219,12 +219,10 @@ fn follow_one(
                             }
                         }
                         match decoded {
-                            Some(Key::Schedule(..) | Key::SchedulePage(..)) if put => o.schedule_writes.add(kv.value()),
-                            Some(Key::State(..) | Key::StatePage(..)) if put => o.state_writes.add(kv.value()),
-                            _ => {}
-                        }
-                        match decoded {
                             key @ Some(Key::Schedule(..) | Key::SchedulePage(..)) => {
+                                if put {
+                                    o.schedule_writes.add(kv.value());
+                                }
                                 let n = placements(&mut o.schedule_pages, key, put, kv.version(), kv.value());
                                 if n > 0 {
                                     o.placed += n;
@@ -233,6 +231,9 @@ fn follow_one(
                                 }
                             }
                             key @ Some(Key::State(..) | Key::StatePage(..)) => {
+                                if put {
+                                    o.state_writes.add(kv.value());
+                                }
                                 for (u, m, active) in activity(&mut o.pages, key, put, kv.value()) {
                                     o.set_active(u, m, active);
                                 }
